@@ -1,0 +1,27 @@
+"""Constants shared across the library, in one place.
+
+Everything tunable that is not a per-run hyper-parameter lives here, so that no module hard-codes
+a number that another module must agree with.
+"""
+
+from __future__ import annotations
+
+# A block is `block_size` consecutive positions; the last one is the landmark (shared/method.md s.2).
+# 63 regular tokens + 1 landmark: a power of two, which the fused GPU kernel requires.
+DEFAULT_BLOCK_SIZE: int = 64
+
+# The paper's from-scratch setting: 50 regular tokens + 1 landmark.
+PAPER_BLOCK_SIZE: int = 51
+
+# The blockwise CPU implementation processes queries in tiles of whole blocks. A tile holds
+# (rows x visible keys) scores per (batch, head); the number of rows is chosen so that a tile holds
+# at most this many scores per (batch, head), but never fewer than one block of rows. Memory is
+# therefore O(len x max(block, TILE_SCORES / len)) instead of O(len^2).
+BLOCKWISE_TILE_SCORES: int = 1 << 20
+
+# The fused Triton kernel: supported block sizes (the tile is one block) and head dimensions.
+TRITON_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128)
+TRITON_MAX_HEAD_DIM: int = 128
+
+# Names accepted by `landmark_attention(..., impl=...)`.
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton")
