@@ -17,7 +17,7 @@ PAPER_BLOCK_SIZE: int = 51
 # (rows x visible keys) scores per (batch, head); the number of rows is chosen so that a tile holds
 # at most this many scores per (batch, head), but never fewer than one block of rows. Memory is
 # therefore O(len x max(block, TILE_SCORES / len)) instead of O(len^2).
-BLOCKWISE_TILE_SCORES: int = 1 << 20
+BLOCKWISE_TILE_SCORES: int = 1 << 18
 
 # The fused Triton kernel: supported block sizes (the tile is one block) and head dimensions.
 TRITON_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128)

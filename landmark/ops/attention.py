@@ -130,7 +130,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float 
             f"q_len ({q_len}) must be <= k_len ({k_len}): the queries are the last q_len key positions"
         )
     if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int (positions per block, landmark included); got {block_size!r}")
+        raise TypeError(
+            f"block_size must be an int (positions per block, landmark included); got {block_size!r}"
+        )
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2 (at least one token plus the landmark); got {block_size}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
@@ -161,7 +163,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("landmark::blockwise_forward", mutates_args=())
-def _blockwise_forward_op(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+def _blockwise_forward_op(
+    q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float
+) -> tuple[Tensor, Tensor]:
     return blockwise_forward(q, k, v, block_size, scale)
 
 
@@ -173,7 +177,9 @@ def _blockwise_backward_op(
 
 
 @torch.library.custom_op("landmark::triton_forward", mutates_args=())
-def _triton_forward_op(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+def _triton_forward_op(
+    q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float
+) -> tuple[Tensor, Tensor]:
     from landmark.ops.triton import triton_forward
 
     return triton_forward(q, k, v, block_size, scale)

@@ -10,15 +10,20 @@ form with per-(row, block) statistics::
     LSE_i = logsumexp(group logits)                                (saved for the backward pass)
     A_ij  = E_ij * c_g,  c_g = exp(s_{i,l_g} - LSE_i) / r_g  (earlier)  or  exp(m_c - LSE_i)  (current)
 
+This is the online-softmax ("flash") formulation with tile = block, except that a tile sees all of
+its landmark scores at once, so the running maximum is replaced by an exact one.
+
 The backward pass recomputes the tile from (q, k, v, LSE) instead of saving any len x len tensor.
 With ``dA = dO V^T`` and ``w_g = sum_{j in g} A_ij dA_ij`` (so ``D_i = sum_g w_g = dO_i . out_i``)::
 
-    ds_ij     = A_ij (dA_ij - D_i)                  j in the current block
-    ds_ij     = A_ij (dA_ij - w_g / P_g)            j a regular token of earlier block g, P_g = c_g r_g
+    ds_ij      = A_ij (dA_ij - D_i)                 j in the current block
+    ds_ij      = A_ij (dA_ij - w_g / P_g)           j a regular token of earlier block g, P_g = c_g r_g
     ds_{i,l_g} = w_g - P_g D_i                      the landmark of earlier block g
 
-Memory is O(len x tile_rows) with ``tile_rows = max(block_size, TILE_SCORES / len)`` rounded to blocks.
-Half-precision inputs are computed in float32.
+Memory is O(len x tile_rows) with ``tile_rows = max(block_size, TILE_SCORES / len)`` rounded to whole
+blocks; the two tile-sized buffers are allocated once per call and reused (fresh large allocations
+cost page faults that are as expensive as the arithmetic on a CPU). Half-precision inputs are
+computed in float32.
 """
 
 from __future__ import annotations
@@ -28,22 +33,26 @@ import math
 import torch
 from torch import Tensor
 
-from landmark.config import BLOCKWISE_TILE_SCORES
+from landmark import config
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the arithmetic runs in: float32 for float16/bfloat16, else the input dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _tiles(q_len: int, k_len: int, block_size: int, tile_scores: int) -> list[tuple[int, int]]:
-    """Split query rows into tiles whose key positions start and end on block boundaries.
+def query_tiles(q_len: int, k_len: int, block_size: int, tile_scores: int) -> list[tuple[int, int]]:
+    """Split the query rows into tiles that end on block boundaries of the key sequence.
 
-    Returns a list of (row_start, row_end). Query row r sits at key position ``k_len - q_len + r``.
+    Query row ``r`` sits at key position ``k_len - q_len + r``. A tile spans a whole number of blocks
+    (the first and last may be partial), at least one, and about ``tile_scores / k_len`` rows.
+
+    Returns:
+        [(row_start, row_end), ...] covering ``range(q_len)`` in order.
     """
     offset = k_len - q_len
     k_len_padded = -(-k_len // block_size) * block_size
-    blocks_per_tile = max(1, tile_scores // (block_size * k_len_padded))
-    span = blocks_per_tile * block_size
+    span = max(1, tile_scores // (block_size * k_len_padded)) * block_size
     tiles = []
     pos = offset
     while pos < k_len:
@@ -54,89 +63,133 @@ def _tiles(q_len: int, k_len: int, block_size: int, tile_scores: int) -> list[tu
 
 
 class _Tile:
-    """Recomputable state of one query tile: the weights A and the per-block statistics."""
+    """One query tile: its geometry and, after ``weights()``, the attention weights A in ``scores``.
 
-    def __init__(
-        self,
-        q_tile: Tensor,  # (B, Hkv, G, rows, D)
-        k: Tensor,  # (B, Hkv, Tk_padded, D)
-        row_pos: Tensor,  # (rows,) key position of each query row
-        block_size: int,
-        scale: float,
-        lse: Tensor | None,  # (B, Hkv, G, rows) if known (backward), else None
-    ):
-        batch, kv_heads, group, rows, head_dim = q_tile.shape
+    Shapes: ``rows`` query rows (per query head), ``n_blocks`` key blocks of ``block_size``;
+    per-(row, block) tensors are (B, Hkv, G, rows, n_blocks).
+    """
+
+    def __init__(self, row_start: int, row_end: int, offset: int, block_size: int, device: torch.device):
         bs = block_size
-        first_block = int(row_pos[0]) // bs
-        n_key_blocks = int(row_pos[-1]) // bs + 1
-        keys = n_key_blocks * bs
-        self.rows, self.keys = rows, keys
-
-        # s = q k^T * scale, viewed as (B, Hkv, G, rows, key_blocks, block_size).
-        q2 = q_tile.reshape(batch, kv_heads, group * rows, head_dim)
-        s = torch.matmul(q2, k[:, :, :keys].transpose(-1, -2)).mul_(scale)
-        s = s.view(batch, kv_heads, group, rows, n_key_blocks, bs)
-        self.landmark_scores = s[..., bs - 1].clone()  # (B, Hkv, G, rows, nb)
-
-        # Visible regular tokens: causal and not a landmark. Blocks before the tile's first block are
-        # fully visible to every row, so only their landmark column is masked; the rest gets a mask.
-        s[..., :first_block, bs - 1] = float("-inf")
-        k_pos = torch.arange(first_block * bs, keys, device=s.device)
-        hidden = (k_pos[None, :] > row_pos[:, None]) | (k_pos[None, :] % bs == bs - 1)  # (rows, keys')
-        diag = s.view(batch, kv_heads, group, rows, keys)[..., first_block * bs :]
-        diag.masked_fill_(hidden, float("-inf"))
-
-        m = s.amax(dim=-1)  # (B, Hkv, G, rows, nb): in-block max, -inf for an empty block
-        m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
-        e = s.sub_(m.unsqueeze(-1)).exp_()  # E, in place
-        r = e.sum(dim=-1)  # (B, Hkv, G, rows, nb)
-
+        self.r0, self.r1, self.rows = row_start, row_end, row_end - row_start
+        first_pos, last_pos = offset + row_start, offset + row_end - 1
+        self.first_block = first_pos // bs
+        self.n_blocks = last_pos // bs + 1
+        self.keys = self.n_blocks * bs
+        row_pos = torch.arange(first_pos, last_pos + 1, device=device)  # (rows,)
+        # Keys from the tile's first block on need a per-row mask: future positions and landmarks.
+        k_pos = torch.arange(self.first_block * bs, self.keys, device=device)
+        self.hidden = (k_pos[None, :] > row_pos[:, None]) | (k_pos[None, :] % bs == bs - 1)  # (rows, keys')
         q_block = torch.div(row_pos, bs, rounding_mode="floor")[:, None]  # (rows, 1)
-        k_block = torch.arange(n_key_blocks, device=s.device)[None, :]  # (1, nb)
-        self.earlier = k_block < q_block  # (rows, nb)
-        self.current = k_block == q_block  # (rows, nb)
-        neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-        if lse is None:
-            current_lse = torch.where(r > 0, m + torch.log(r), neg_inf)
-            group_logits = torch.where(
-                self.earlier, self.landmark_scores, torch.where(self.current, current_lse, neg_inf)
-            )
-            lse = torch.logsumexp(group_logits, dim=-1)  # (B, Hkv, G, rows)
-        self_lse = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-        lse_b = self_lse.unsqueeze(-1)
-        zero = torch.zeros((), dtype=s.dtype, device=s.device)
-        coef_earlier = torch.exp(self.landmark_scores - lse_b) / r.clamp_min(torch.finfo(r.dtype).tiny)
-        coef_current = torch.exp(m - lse_b)
-        block_coef = torch.where(self.earlier, coef_earlier, torch.where(self.current, coef_current, zero))
-        self.block_coef, self.r = block_coef, r
-        self.weights = e.mul_(block_coef.unsqueeze(-1))  # A, (B, Hkv, G, rows, nb, bs)
-        self.lse = lse
+        k_block = torch.arange(self.n_blocks, device=device)[None, :]  # (1, n_blocks)
+        self.earlier = k_block < q_block  # (rows, n_blocks): blocks reached through their landmark
+        self.current = k_block == q_block  # (rows, n_blocks): the query's own block
 
 
-def blockwise_forward(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+def _tile_weights(
+    s: Tensor, tile: _Tile, block_size: int, lse: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Turn raw scores into landmark attention weights, in place.
+
+    Args:
+        s: (B, Hkv, G, rows, n_blocks, block_size) scaled scores q k^T; overwritten with the weights A.
+        lse: (B, Hkv, G, rows) group log-sum-exp if already known (backward), else None.
+
+    Returns:
+        (A, lse, block_coef, r): A is ``s``; block_coef and r are (B, Hkv, G, rows, n_blocks) with
+        ``A = E * block_coef`` and ``r`` the in-block sums of E, so a block's total weight is their product.
+    """
+    bs = block_size
+    landmark_scores = s[..., bs - 1].clone()  # (B, Hkv, G, rows, n_blocks)
+    # Blocks before the tile are fully visible: only their landmark column leaves the in-block softmax.
+    s[..., : tile.first_block, bs - 1] = float("-inf")
+    flat = s.view(*s.shape[:4], tile.keys)
+    flat[..., tile.first_block * bs :].masked_fill_(tile.hidden, float("-inf"))
+
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    neg_inf = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
+    m = s.amax(dim=-1)  # in-block max, -inf for a block with nothing visible
+    m = torch.where(torch.isfinite(m), m, zero)
+    e = s.sub_(m.unsqueeze(-1)).exp_()  # E
+    r = e.sum(dim=-1)
+    if lse is None:
+        current_lse = torch.where(r > 0, m + torch.log(r), neg_inf)
+        group_logits = torch.where(
+            tile.earlier, landmark_scores, torch.where(tile.current, current_lse, neg_inf)
+        )
+        lse = torch.logsumexp(group_logits, dim=-1)  # (B, Hkv, G, rows)
+    lse_b = torch.where(torch.isfinite(lse), lse, zero).unsqueeze(-1)
+    coef_earlier = torch.exp(landmark_scores - lse_b) / r.clamp_min(torch.finfo(r.dtype).tiny)
+    coef_current = torch.exp(m - lse_b)
+    block_coef = torch.where(tile.earlier, coef_earlier, torch.where(tile.current, coef_current, zero))
+    return e.mul_(block_coef.unsqueeze(-1)), lse, block_coef, r
+
+
+def _scores(qg: Tensor, kp: Tensor, tile: _Tile, scale: float, buf: Tensor, block_size: int) -> Tensor:
+    """(B, Hkv, G, rows, n_blocks, block_size) scaled scores of a tile, written into ``buf``."""
+    batch, kv_heads, group, _, head_dim = qg.shape
+    q2 = qg[:, :, :, tile.r0 : tile.r1].reshape(batch * kv_heads, group * tile.rows, head_dim)
+    k2 = kp[:, :, : tile.keys].reshape(batch * kv_heads, tile.keys, head_dim)
+    s = buf[: q2.shape[0] * q2.shape[1] * tile.keys].view(q2.shape[0], q2.shape[1], tile.keys)
+    torch.bmm(q2, k2.transpose(1, 2), out=s).mul_(scale)
+    return s.view(batch, kv_heads, group, tile.rows, tile.n_blocks, block_size)
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cast to the compute dtype, group query heads by kv head, pad keys to whole blocks.
+
+    Returns q (B, Hkv, G, Tq, D) and k, v (B, Hkv, Tk_padded, D), all contiguous.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    dtype = compute_dtype(q.dtype)
+    pad = math.ceil(k_len / block_size) * block_size - k_len
+    qg = q.to(dtype).reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim).contiguous()
+    kp = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad)).contiguous()
+    vp = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad)).contiguous()
+    return qg, kp, vp
+
+
+def _workspace(qg: Tensor, tiles: list[_Tile]) -> Tensor:
+    batch, kv_heads, group = qg.shape[:3]
+    size = max(batch * kv_heads * group * t.rows * t.keys for t in tiles)
+    return torch.empty(size, dtype=qg.dtype, device=qg.device)
+
+
+def _plan(q: Tensor, k: Tensor, block_size: int) -> list[_Tile]:
+    q_len, k_len = q.shape[2], k.shape[2]
+    offset = k_len - q_len
+    return [
+        _Tile(r0, r1, offset, block_size, q.device)
+        for r0, r1 in query_tiles(q_len, k_len, block_size, config.BLOCKWISE_TILE_SCORES)
+    ]
+
+
+def blockwise_forward(
+    q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float
+) -> tuple[Tensor, Tensor]:
     """Forward pass. Shapes as in ``landmark_attention``.
 
     Returns:
         out: (batch, heads, q_len, head_dim) in the input dtype.
-        lse: (batch, heads, q_len) log-sum-exp of each query's softmax group, in the compute dtype.
+        lse: (batch, heads, q_len), log-sum-exp of each query's softmax group, float32 (float64 for
+            float64 inputs).
     """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     group = heads // kv_heads
-    dtype = _compute_dtype(q.dtype)
-    qg, kp, vp = _prepare(q, k, v, block_size, dtype)  # (B,Hkv,G,Tq,D), (B,Hkv,Tkp,D) x2
-    out = torch.empty(batch, kv_heads, group, q_len, head_dim, dtype=dtype, device=q.device)
-    lse = torch.empty(batch, kv_heads, group, q_len, dtype=dtype, device=q.device)
-    offset = k_len - q_len
-    for r0, r1 in _tiles(q_len, k_len, block_size, BLOCKWISE_TILE_SCORES):
-        row_pos = torch.arange(offset + r0, offset + r1, device=q.device)
-        tile = _Tile(qg[:, :, :, r0:r1], kp, row_pos, block_size, scale, None)
-        a = tile.weights.view(batch, kv_heads, group * (r1 - r0), tile.keys)
-        o = torch.matmul(a, vp[:, :, : tile.keys])  # (B, Hkv, G*rows, D)
-        out[:, :, :, r0:r1] = o.view(batch, kv_heads, group, r1 - r0, head_dim)
-        lse[:, :, :, r0:r1] = tile.lse
-    out = out.view(batch, heads, q_len, head_dim).to(q.dtype)
-    return out, lse.view(batch, heads, q_len)
+    qg, kp, vp = _prepare(q, k, v, block_size)  # (B,Hkv,G,Tq,D), (B,Hkv,Tkp,D) x2
+    tiles = _plan(q, k, block_size)
+    buf = _workspace(qg, tiles)
+    out = torch.empty_like(qg)
+    lse = torch.empty(qg.shape[:4], dtype=qg.dtype, device=q.device)
+    for tile in tiles:
+        s = _scores(qg, kp, tile, scale, buf, block_size)
+        a, lse[..., tile.r0 : tile.r1], _, _ = _tile_weights(s, tile, block_size, None)
+        a2 = a.view(batch * kv_heads, group * tile.rows, tile.keys)
+        o = torch.bmm(a2, vp[:, :, : tile.keys].reshape(batch * kv_heads, tile.keys, head_dim))
+        out[:, :, :, tile.r0 : tile.r1] = o.view(batch, kv_heads, group, tile.rows, head_dim)
+    return out.view(batch, heads, q_len, head_dim).to(q.dtype), lse.view(batch, heads, q_len)
 
 
 def blockwise_backward(
@@ -150,53 +203,39 @@ def blockwise_backward(
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
     bs = block_size
-    dtype = _compute_dtype(q.dtype)
-    qg, kp, vp = _prepare(q, k, v, block_size, dtype)
+    qg, kp, vp = _prepare(q, k, v, block_size)
+    dtype = qg.dtype
     dog = grad_out.to(dtype).reshape(batch, kv_heads, group, q_len, head_dim)
     lse = lse.to(dtype).reshape(batch, kv_heads, group, q_len)
+    tiles = _plan(q, k, block_size)
+    buf_s, buf_ds = _workspace(qg, tiles), _workspace(qg, tiles)
     dq = torch.empty_like(qg)
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
-    offset = k_len - q_len
-    for r0, r1 in _tiles(q_len, k_len, block_size, BLOCKWISE_TILE_SCORES):
-        rows = r1 - r0
-        row_pos = torch.arange(offset + r0, offset + r1, device=q.device)
-        tile = _Tile(qg[:, :, :, r0:r1], kp, row_pos, block_size, scale, lse[..., r0:r1])
-        keys = tile.keys
-        a = tile.weights  # (B, Hkv, G, rows, nb, bs)
-        do_t = dog[:, :, :, r0:r1].reshape(batch, kv_heads, group * rows, head_dim)
-        da = torch.matmul(do_t, vp[:, :, :keys].transpose(-1, -2))  # (B, Hkv, G*rows, keys)
-        da = da.view_as(a)
-        w = (a * da).sum(dim=-1)  # (B, Hkv, G, rows, nb)
-        d_row = w.sum(dim=-1, keepdim=True)  # D_i = dO_i . out_i, (B, Hkv, G, rows, 1)
-        p_block = tile.block_coef * tile.r  # weight of each block (the landmark's group probability)
-        u = torch.where(
-            tile.earlier, w / p_block.clamp_min(torch.finfo(dtype).tiny), d_row.expand_as(w)
-        )  # (B, Hkv, G, rows, nb)
-        ds = da.sub_(u.unsqueeze(-1)).mul_(a)  # ds for regular tokens; 0 on landmark columns
-        zero = torch.zeros((), dtype=dtype, device=q.device)
-        ds[..., bs - 1] = torch.where(tile.earlier, w - p_block * d_row, zero)
-        ds2 = ds.view(batch, kv_heads, group * rows, keys)
-        a2 = a.view(batch, kv_heads, group * rows, keys)
-        q2 = qg[:, :, :, r0:r1].reshape(batch, kv_heads, group * rows, head_dim)
-        dq[:, :, :, r0:r1] = torch.matmul(ds2, kp[:, :, :keys]).view(batch, kv_heads, group, rows, head_dim)
-        dk[:, :, :keys] += torch.matmul(ds2.transpose(-1, -2), q2)
-        dv[:, :, :keys] += torch.matmul(a2.transpose(-1, -2), do_t)
+    bh = batch * kv_heads
+    tiny = torch.finfo(dtype).tiny
+    for tile in tiles:
+        rows, keys = tile.rows, tile.keys
+        s = _scores(qg, kp, tile, scale, buf_s, block_size)
+        a, _, block_coef, r = _tile_weights(s, tile, block_size, lse[..., tile.r0 : tile.r1])
+        do2 = dog[:, :, :, tile.r0 : tile.r1].reshape(bh, group * rows, head_dim)
+        v2 = vp[:, :, :keys].reshape(bh, keys, head_dim)
+        k2 = kp[:, :, :keys].reshape(bh, keys, head_dim)
+        ds = buf_ds[: bh * group * rows * keys].view(bh, group * rows, keys)
+        torch.bmm(do2, v2.transpose(1, 2), out=ds)  # dA
+        ds = ds.view_as(a).mul_(a)  # A * dA
+        w = ds.sum(dim=-1)  # (B, Hkv, G, rows, n_blocks)
+        d_row = w.sum(dim=-1, keepdim=True)  # D_i = dO_i . out_i
+        p_block = block_coef * r  # total weight of each block
+        u = torch.where(tile.earlier, w / p_block.clamp_min(tiny), d_row)
+        ds.addcmul_(a, u.unsqueeze(-1), value=-1)  # A (dA - u); 0 on landmark columns
+        ds[..., bs - 1] = torch.where(tile.earlier, w - p_block * d_row, torch.zeros((), dtype=dtype))
+        ds2, a2 = ds.view(bh, group * rows, keys), a.view(bh, group * rows, keys)
+        q2 = qg[:, :, :, tile.r0 : tile.r1].reshape(bh, group * rows, head_dim)
+        dq[:, :, :, tile.r0 : tile.r1] = torch.bmm(ds2, k2).view(batch, kv_heads, group, rows, head_dim)
+        dk[:, :, :keys].view(bh, keys, head_dim).baddbmm_(ds2.transpose(1, 2), q2)
+        dv[:, :, :keys].view(bh, keys, head_dim).baddbmm_(a2.transpose(1, 2), do2)
     dq = dq.mul_(scale).view(batch, heads, q_len, head_dim).to(q.dtype)
     dk = dk[:, :, :k_len].mul_(scale).to(k.dtype)
     dv = dv[:, :, :k_len].to(v.dtype)
     return dq, dk, dv
-
-
-def _prepare(q: Tensor, k: Tensor, v: Tensor, block_size: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Cast to the compute dtype, group query heads by kv head, pad keys to whole blocks.
-
-    Returns q (B, Hkv, G, Tq, D) and k, v (B, Hkv, Tk_padded, D).
-    """
-    batch, heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    pad = math.ceil(k_len / block_size) * block_size - k_len
-    qg = q.to(dtype).reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim)
-    kp = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad))
-    vp = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad))
-    return qg, kp, vp

@@ -18,14 +18,6 @@ import torch
 from torch import Tensor
 
 
-def _safe_softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last dim where a row of all ``-inf`` gives zeros instead of NaN."""
-    m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(scores - m)
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-
-
 def landmark_weights(
     q: Tensor, k: Tensor, block_size: int, scale: float | None = None, *, upcast: bool = True
 ) -> Tensor:
@@ -45,36 +37,35 @@ def landmark_weights(
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    if scale is None:
-        scale = head_dim**-0.5
+    scale = head_dim**-0.5 if scale is None else scale
     dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
-    k = k.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Tk, D)
-    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    n_blocks = -(-k_len // block_size)
+    keys = n_blocks * block_size  # keys padded to whole blocks; the padding is never visible (future)
+    k = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, keys - k_len))
+    k = k.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, keys, D)
+    scores = (q.to(dtype) @ k.transpose(-1, -2)) * scale  # (B, H, Tq, keys)
 
-    dev = q.device
-    q_pos = torch.arange(k_len - q_len, k_len, device=dev)[:, None]  # (Tq, 1)
-    k_pos = torch.arange(k_len, device=dev)[None, :]  # (1, Tk)
+    q_pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(keys, device=q.device)[None, :]  # (1, keys)
     q_block, k_block = q_pos // block_size, k_pos // block_size
     k_is_landmark = k_pos % block_size == block_size - 1
     current = (k_block == q_block) & (k_pos <= q_pos) & ~k_is_landmark  # own block, visible
     earlier = k_block < q_block  # every position of an earlier (hence complete) block
-    group = current | (earlier & k_is_landmark)  # the one softmax group
+    group = current | (earlier & k_is_landmark)  # the one softmax group: never empty
     members = earlier & ~k_is_landmark  # regular tokens of earlier blocks
 
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
-    p_group = _safe_softmax(torch.where(group, scores, neg_inf))  # (B, H, Tq, Tk)
-
-    # In-block softmax of every earlier block, on a padded (n_blocks, block_size) view of the keys.
-    n_blocks = -(-k_len // block_size)
-    pad = n_blocks * block_size - k_len
-    in_block = torch.where(members, scores, neg_inf)
-    in_block = torch.nn.functional.pad(in_block, (0, pad), value=float("-inf"))
-    in_block = _safe_softmax(in_block.view(batch, heads, q_len, n_blocks, block_size))
-    p_landmark = torch.nn.functional.pad(p_group, (0, pad))
-    p_landmark = p_landmark.view(batch, heads, q_len, n_blocks, block_size)[..., -1:]  # (..., nb, 1)
-    from_blocks = (in_block * p_landmark).view(batch, heads, q_len, n_blocks * block_size)[..., :k_len]
-
-    return torch.where(current, p_group, from_blocks)
+    # Masked entries get the most negative finite value rather than -inf, so that a row with nothing
+    # visible (only ever an in-block row of a block that is not earlier) is uniform, not NaN; such a
+    # row is then multiplied by its landmark's group weight, which is 0.
+    hidden = torch.finfo(dtype).min
+    p_group = torch.softmax(scores.masked_fill(~group, hidden), dim=-1)  # (B, H, Tq, keys)
+    in_block = torch.softmax(
+        scores.masked_fill(~members, hidden).view(batch, heads, q_len, n_blocks, block_size), dim=-1
+    )  # (B, H, Tq, n_blocks, block_size): softmax inside every block
+    p_landmark = p_group.view(batch, heads, q_len, n_blocks, block_size)[..., -1:]  # (..., n_blocks, 1)
+    from_blocks = (in_block * p_landmark).view(batch, heads, q_len, keys)
+    weights = torch.where(current, p_group, from_blocks)
+    return weights[..., :k_len]
 
 
 def landmark_attention_reference(

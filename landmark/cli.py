@@ -1,0 +1,111 @@
+"""The ``landmark`` command line (also ``python -m landmark``).
+
+Each sub-command lives in a small function ``cmd_<name>(args)`` registered in ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from landmark import __version__
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run landmark attention on random inputs: exactness against the reference, time, a weight map."""
+    import torch
+
+    from landmark import landmark_attention, landmark_weights
+
+    torch.manual_seed(args.seed)
+    bs = args.block_size
+    print(f"landmark attention demo: block_size={bs} ({bs - 1} tokens + 1 landmark), heads={args.heads}")
+
+    # 1. A picture of the weights: 3 blocks of 4, one head.
+    q = torch.randn(1, 1, 12, 8, dtype=torch.float64)
+    k = torch.randn(1, 1, 12, 8, dtype=torch.float64)
+    w = landmark_weights(q, k, 4)[0, 0]
+    shades = " .:-=+*#%@"
+    print("\nweights of 12 queries (rows) over 12 keys (cols), block_size 4; L = landmark column")
+    print("      " + "".join("L" if j % 4 == 3 else str(j % 10) for j in range(12)))
+    for i in range(12):
+        row = "".join(shades[min(int(x * (len(shades) - 1) + 0.999), len(shades) - 1)] for x in w[i].tolist())
+        print(f"  {i:2d}  {row}   (sum {w[i].sum().item():.3f})")
+
+    # 2. Exactness and speed at the requested lengths.
+    print(f"\n{'seq':>7} {'blockwise fwd+bwd':>18} {'max |blockwise - reference|':>28}")
+    for seq in args.seqs:
+        shape = (1, args.heads, seq, args.head_dim)
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        t0 = time.perf_counter()
+        out = landmark_attention(q, k, v, bs, impl="blockwise")
+        out.sum().backward()
+        elapsed = time.perf_counter() - t0
+        if seq <= args.max_reference_seq:
+            ref = landmark_attention(q.detach(), k.detach(), v.detach(), bs, impl="reference")
+            diff = f"{(ref - out.detach()).abs().max().item():.2e}"
+        else:
+            diff = f"(reference skipped above {args.max_reference_seq})"
+        print(f"{seq:>7} {elapsed * 1000:>15.1f} ms {diff:>28}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions and which attention implementation ``auto`` picks here."""
+    import torch
+
+    print(f"landmark-attention {__version__}")
+    cuda, threads = torch.cuda.is_available(), torch.get_num_threads()
+    print(f"torch {torch.__version__}, CUDA available: {cuda}, threads: {threads}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed (the fused GPU kernel is unavailable; blockwise is used)")
+    from landmark.ops.attention import triton_unsupported_reason
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = triton_unsupported_reason(torch.empty(1, 1, 1, 64, device=device), 64)
+    print(f"impl='auto' on {device} with block_size 64: {'triton' if reason is None else 'blockwise'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="landmark", description="Landmark Attention: random-access, effectively unlimited context."
+    )
+    parser.add_argument("--version", action="version", version=f"landmark-attention {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the landmark attention op on random inputs and show what it does")
+    p.add_argument(
+        "--seqs", type=int, nargs="+", default=[512, 2048], help="sequence lengths (default: 512 2048)"
+    )
+    p.add_argument("--block-size", type=int, default=64, help="positions per block, landmark included")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument(
+        "--max-reference-seq", type=int, default=2048, help="compare with the dense reference up to here"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="versions and the implementation chosen on this machine")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

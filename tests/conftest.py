@@ -1,0 +1,33 @@
+"""Shared test set-up.
+
+* Triton kernels run through the interpreter on a machine without CUDA: TRITON_INTERPRET must be set
+  before triton is first imported, so it is set here, at collection time.
+* ``poison_empty``: makes ``torch.empty``/``torch.empty_like`` return NaN-filled tensors, so that an
+  implementation that reads memory it never wrote shows up as NaN in the results.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
