@@ -45,11 +45,11 @@ def max_errors(results, expected):
     return [(a - b).abs().max().item() for a, b in zip(results, expected)]
 
 
-@pytest.fixture(params=["one-block-tiles", "default-tiles"])
+@pytest.fixture(params=["one-block-tiles", "default-tiles", "one-tile"])
 def tile_budget(request, monkeypatch):
-    """Run each case with the smallest tiles (one block of rows: many tiles) and the default."""
-    if request.param == "one-block-tiles":
-        monkeypatch.setattr(config, "BLOCKWISE_TILE_SCORES", 1)
+    """Run each case with tiles of one block of rows, the default, and all rows in a single tile."""
+    rows = {"one-block-tiles": 1, "default-tiles": config.BLOCKWISE_TILE_ROWS, "one-tile": 1 << 30}
+    monkeypatch.setattr(config, "BLOCKWISE_TILE_ROWS", rows[request.param])
     return request.param
 
 

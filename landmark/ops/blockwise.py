@@ -20,10 +20,10 @@ With ``dA = dO V^T`` and ``w_g = sum_{j in g} A_ij dA_ij`` (so ``D_i = sum_g w_g
     ds_ij      = A_ij (dA_ij - w_g / P_g)           j a regular token of earlier block g, P_g = c_g r_g
     ds_{i,l_g} = w_g - P_g D_i                      the landmark of earlier block g
 
-Memory is O(len x tile_rows) with ``tile_rows = max(block_size, TILE_SCORES / len)`` rounded to whole
-blocks; the two tile-sized buffers are allocated once per call and reused (fresh large allocations
-cost page faults that are as expensive as the arithmetic on a CPU). Half-precision inputs are
-computed in float32.
+Memory is O(len x tile_rows), a tile being ``max(1, BLOCKWISE_TILE_ROWS // block_size)`` blocks of
+query rows (``landmark.config``). The two tile-sized buffers are allocated once per call and reused:
+fresh large allocations cost page faults as expensive as the arithmetic on a CPU. Half-precision
+inputs are computed in float32.
 """
 
 from __future__ import annotations
@@ -41,18 +41,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def query_tiles(q_len: int, k_len: int, block_size: int, tile_scores: int) -> list[tuple[int, int]]:
+def query_tiles(q_len: int, k_len: int, block_size: int, tile_rows: int) -> list[tuple[int, int]]:
     """Split the query rows into tiles that end on block boundaries of the key sequence.
 
     Query row ``r`` sits at key position ``k_len - q_len + r``. A tile spans a whole number of blocks
-    (the first and last may be partial), at least one, and about ``tile_scores / k_len`` rows.
+    (the first and last may be partial): ``max(1, tile_rows // block_size)`` of them.
 
     Returns:
         [(row_start, row_end), ...] covering ``range(q_len)`` in order.
     """
     offset = k_len - q_len
-    k_len_padded = -(-k_len // block_size) * block_size
-    span = max(1, tile_scores // (block_size * k_len_padded)) * block_size
+    span = max(1, tile_rows // block_size) * block_size
     tiles = []
     pos = offset
     while pos < k_len:
@@ -161,7 +160,7 @@ def _plan(q: Tensor, k: Tensor, block_size: int) -> list[_Tile]:
     offset = k_len - q_len
     return [
         _Tile(r0, r1, offset, block_size, q.device)
-        for r0, r1 in query_tiles(q_len, k_len, block_size, config.BLOCKWISE_TILE_SCORES)
+        for r0, r1 in query_tiles(q_len, k_len, block_size, config.BLOCKWISE_TILE_ROWS)
     ]
 
 
