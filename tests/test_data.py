@@ -30,6 +30,7 @@ from landmark.data import (
 )
 from landmark.data import dataset as dataset_module
 from landmark.data.books import BOOKS_ARCHIVE, cache_root
+from landmark.data.corpus import document_family, split_documents
 from landmark.data.dataset import split_pieces, token_dtype
 
 IGN = -100
@@ -442,3 +443,35 @@ def test_bundled_books_extract_once_atomically(tmp_path, monkeypatch):
     assert bundled_books(archive=archive) == books and (books / "a.txt").read_text() == "changed\n"
     with pytest.raises(FileNotFoundError, match="not found"):
         bundled_books(tmp_path / "other", archive=tmp_path / "missing.tar.xz")
+
+
+def test_bundled_validation_split_holds_long_books_and_addresses():
+    """The stratified rule on the bundled books (names and sizes read from the archive, nothing extracted)."""
+    with tarfile.open(BOOKS_ARCHIVE, "r:xz") as tar:
+        docs = [
+            Document(m.name.removeprefix("books/"), Path(m.name), m.size, 0)
+            for m in tar.getmembers()
+            if m.isfile() and m.size > 0
+        ]
+    docs.sort(key=lambda d: d.name)
+    splits = split_documents(docs)
+    val = {d.name: d.size for d in splits["validation"]}
+    assert len(val) == 16 and len(splits["train"]) == 268  # 5.6% of the documents
+    assert "moby_dick.txt" in val and "kjv_bible.txt" not in val
+    assert {"shakespeare_hamlet.txt", "milton_comus.txt"} <= set(val)
+    assert sum(n.startswith("sotu/") for n in val) == 12
+    assert sum(val.values()) > 2_400_000  # about 600k BPE tokens; far more than 250k
+    assert split_documents(list(reversed(docs)))["validation"] == splits["validation"]  # order-free
+
+
+def test_split_is_stratified_by_family_and_length(tmp_path):
+    def doc(name: str, size: int) -> Document:
+        return Document(name, tmp_path / name, size, 0)
+
+    docs = [doc(f"play_{i:02d}.txt", 1000 + i) for i in range(40)]  # family "play", longest is play_39
+    docs += [doc(f"speeches/s{i:02d}.txt", 10 + i) for i in range(20)]  # family "speeches/"
+    docs += [doc("bible.txt", 10**6), doc("novel.txt", 10**5)]  # singletons, pooled
+    assert document_family("speeches/s01.txt") == "speeches/" and document_family("play_01.txt") == "play"
+    val = [d.name for d in split_documents(sorted(docs, key=lambda d: d.name), 0.05)["validation"]]
+    # play: n=40, m=2 -> ranks 1, 20 (play_38, play_19); speeches: m=1 -> rank 1; pool: novel.
+    assert val == ["novel.txt", "play_19.txt", "play_38.txt", "speeches/s18.txt"]
