@@ -2,6 +2,8 @@
 
 * Triton kernels run through the interpreter on a machine without CUDA: TRITON_INTERPRET must be set
   before triton is first imported, so it is set here, at collection time.
+* torch.compile's on-disk caches go to a fresh folder per test session: a cached graph compiled
+  against an older signature of one of our custom ops would otherwise be replayed.
 * ``poison_empty``: makes ``torch.empty``/``torch.empty_like`` return NaN-filled tensors, so that an
   implementation that reads memory it never wrote shows up as NaN in the results.
 """
@@ -9,12 +11,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="landmark-tests-inductor-")
 
 
 @pytest.fixture

@@ -74,19 +74,28 @@ def test_blockwise_equals_reference_fp32(case):
         assert err < 2e-5 * max(1.0, t.abs().max().item()), f"{name}: max abs error {err:.3e}"
 
 
-@pytest.mark.parametrize("magnitude", [30.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_large_magnitude_scores(magnitude, dtype):
-    """q, k scaled by 30: scores in the thousands; per-group maxima must keep everything finite."""
-    case = (1, 2, 1, 75, 75, 16, 16)
-    qkv64, grad64 = make_inputs(case, magnitude=magnitude)
-    truth = run(lambda q, k, v: landmark_attention(q, k, v, 16, impl="reference"), qkv64, grad64)
-    qkv, grad = make_inputs(case, dtype, magnitude=magnitude)
-    got = run(lambda q, k, v: landmark_attention(q, k, v, 16, impl="blockwise"), qkv, grad)
-    tol = 1e-10 if dtype == torch.float64 else 1e-3
-    for name, err, g, t in zip(("out", "dq", "dk", "dv"), max_errors(got, truth), got, truth):
+@pytest.mark.parametrize(
+    "case", [(1, 2, 1, 75, 75, 16, 16), (2, 4, 2, 130, 130, 32, 64)], ids=["bs16", "bs64"]
+)
+def test_large_magnitude_scores(case, dtype):
+    """q, k scaled by 30: scores in the thousands; per-group maxima must keep everything finite.
+
+    fp64 must match tightly; fp32 must be within 2x of the dense reference computed in fp32 (rounding
+    scores of ~1000 to fp32 costs ~1e-4 relative in the weights, for every implementation).
+    """
+    bs = case[-1]
+    qkv64, grad64 = make_inputs(case, magnitude=30.0)
+    truth = run(lambda q, k, v: landmark_attention(q, k, v, bs, impl="reference"), qkv64, grad64)
+    qkv, grad = make_inputs(case, dtype, magnitude=30.0)
+    got = run(lambda q, k, v: landmark_attention(q, k, v, bs, impl="blockwise"), qkv, grad)
+    same_dtype = run(lambda q, k, v: landmark_attention(q, k, v, bs, impl="reference"), qkv, grad)
+    for name, err, base, g in zip(
+        ("out", "dq", "dk", "dv"), max_errors(got, truth), max_errors(same_dtype, truth), got
+    ):
         assert torch.isfinite(g).all(), f"{name} is not finite"
-        assert err < tol * max(1.0, t.abs().max().item()), f"{name}: max abs error {err:.3e}"
+        bound = 1e-10 if dtype == torch.float64 else 2 * base + 1e-6
+        assert err <= bound, f"{name}: max abs error {err:.3e}, bound {bound:.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

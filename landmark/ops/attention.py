@@ -8,8 +8,9 @@ so they compose with ``torch.compile`` and with autograd:
 * ``landmark::blockwise_forward`` / ``landmark::blockwise_backward``
 * ``landmark::triton_forward`` / ``landmark::triton_backward``
 
-Both forwards return ``(out, lse)``, ``lse`` being the log-sum-exp of each query's softmax group;
-both backwards take it and recompute the rest.
+Both forwards return ``(out, lse)``, ``lse`` being the log-sum-exp of each query's softmax group.
+Both backwards recompute what they need from (q, k, v) tile by tile; the Triton backward also reads
+``out`` and ``lse``.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def landmark_attention(
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLEMENTATIONS))}; got {impl!r}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if impl == "auto":
-        impl = "triton" if triton_unsupported_reason(q, block_size) is None else "blockwise"
+    if impl == "auto":  # the interpreter (TRITON_INTERPRET=1) is for tests: auto never picks it on a CPU
+        impl = "triton" if q.is_cuda and triton_unsupported_reason(q, block_size) is None else "blockwise"
     if impl == "reference":
         return landmark_attention_reference(q, k, v, block_size, scale)
     if impl == "triton":
@@ -171,9 +172,9 @@ def _blockwise_forward_op(
 
 @torch.library.custom_op("landmark::blockwise_backward", mutates_args=())
 def _blockwise_backward_op(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, block_size: int, scale: float
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return blockwise_backward(grad_out, q, k, v, lse, block_size, scale)
+    return blockwise_backward(grad_out, q, k, v, block_size, scale)
 
 
 @torch.library.custom_op("landmark::triton_forward", mutates_args=())
@@ -217,8 +218,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _blockwise_autograd(ctx, grad_out: Tensor, _grad_lse: Tensor):
-    q, k, v, _out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.landmark.blockwise_backward(grad_out, q, k, v, lse, ctx.block_size, ctx.scale)
+    q, k, v, _out, _lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.landmark.blockwise_backward(grad_out, q, k, v, ctx.block_size, ctx.scale)
     return dq, dk, dv, None, None
 
 

@@ -7,13 +7,17 @@ form with per-(row, block) statistics::
     m_g   = max of the visible regular scores of block g          (in-block max)
     E_ij  = exp(s_ij - m_g),   r_g = sum_j E_ij                    (in-block softmax numerator, sum)
     group logits: s_{i,l_g} for earlier blocks g, m_c + log r_c for the current block c
-    LSE_i = logsumexp(group logits)                                (saved for the backward pass)
+    LSE_i = logsumexp(group logits)
     A_ij  = E_ij * c_g,  c_g = exp(s_{i,l_g} - LSE_i) / r_g  (earlier)  or  exp(m_c - LSE_i)  (current)
+
+(evaluated relative to the group's maximum, see ``_tile_weights``).
 
 This is the online-softmax ("flash") formulation with tile = block, except that a tile sees all of
 its landmark scores at once, so the running maximum is replaced by an exact one.
 
-The backward pass recomputes the tile from (q, k, v, LSE) instead of saving any len x len tensor.
+The backward pass recomputes the tile from (q, k, v) instead of saving any len x len tensor,
+including the group statistics (a reduction over the per-block statistics, so nearly free), so the
+weights it differentiates are exactly those of the forward.
 With ``dA = dO V^T`` and ``w_g = sum_{j in g} A_ij dA_ij`` (so ``D_i = sum_g w_g = dO_i . out_i``)::
 
     ds_ij      = A_ij (dA_ij - D_i)                 j in the current block
@@ -85,18 +89,22 @@ class _Tile:
         self.current = k_block == q_block  # (rows, n_blocks): the query's own block
 
 
-def _tile_weights(
-    s: Tensor, tile: _Tile, block_size: int, lse: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tile_weights(s: Tensor, tile: _Tile, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Turn raw scores into landmark attention weights, in place.
 
     Args:
         s: (B, Hkv, G, rows, n_blocks, block_size) scaled scores q k^T; overwritten with the weights A.
-        lse: (B, Hkv, G, rows) group log-sum-exp if already known (backward), else None.
 
     Returns:
-        (A, lse, block_coef, r): A is ``s``; block_coef and r are (B, Hkv, G, rows, n_blocks) with
-        ``A = E * block_coef`` and ``r`` the in-block sums of E, so a block's total weight is their product.
+        (A, lse, block_coef, r): A is ``s``; lse is (B, Hkv, G, rows); block_coef and r are
+        (B, Hkv, G, rows, n_blocks) with ``A = E * block_coef`` and ``r`` the in-block sums of E, so a
+        block's total weight is their product.
+
+    The group softmax is evaluated relative to its maximum ``g`` (never through an absolute LSE, which
+    for scores in the thousands would cost an fp32 ulp of ~1e-4 relative on every weight)::
+
+        term_g = exp(s_{l_g} - g) (earlier)   or   r_c exp(m_c - g) (current);   Z = sum_g term_g
+        block_coef_g = term_g / (Z r_g),       lse = g + log Z
     """
     bs = block_size
     landmark_scores = s[..., bs - 1].clone()  # (B, Hkv, G, rows, n_blocks)
@@ -111,16 +119,16 @@ def _tile_weights(
     m = torch.where(torch.isfinite(m), m, zero)
     e = s.sub_(m.unsqueeze(-1)).exp_()  # E
     r = e.sum(dim=-1)
-    if lse is None:
-        current_lse = torch.where(r > 0, m + torch.log(r), neg_inf)
-        group_logits = torch.where(
-            tile.earlier, landmark_scores, torch.where(tile.current, current_lse, neg_inf)
-        )
-        lse = torch.logsumexp(group_logits, dim=-1)  # (B, Hkv, G, rows)
-    lse_b = torch.where(torch.isfinite(lse), lse, zero).unsqueeze(-1)
-    coef_earlier = torch.exp(landmark_scores - lse_b) / r.clamp_min(torch.finfo(r.dtype).tiny)
-    coef_current = torch.exp(m - lse_b)
-    block_coef = torch.where(tile.earlier, coef_earlier, torch.where(tile.current, coef_current, zero))
+
+    in_group = tile.earlier | (tile.current & (r > 0))  # (rows, n_blocks) broadcast over (B, Hkv, G)
+    group_logit = torch.where(tile.earlier, landmark_scores, torch.where(in_group, m, neg_inf))
+    g = group_logit.amax(dim=-1, keepdim=True)
+    g = torch.where(torch.isfinite(g), g, zero)  # a row with an empty group gets zero weights
+    term = torch.exp(group_logit - g)  # 0 outside the group
+    term = torch.where(tile.earlier, term, term * r)
+    z = term.sum(dim=-1, keepdim=True)  # (B, Hkv, G, rows, 1)
+    block_coef = term / (z * r).clamp_min(torch.finfo(r.dtype).tiny)
+    lse = (g + torch.log(z)).squeeze(-1)
     return e.mul_(block_coef.unsqueeze(-1)), lse, block_coef, r
 
 
@@ -184,7 +192,7 @@ def blockwise_forward(
     lse = torch.empty(qg.shape[:4], dtype=qg.dtype, device=q.device)
     for tile in tiles:
         s = _scores(qg, kp, tile, scale, buf, block_size)
-        a, lse[..., tile.r0 : tile.r1], _, _ = _tile_weights(s, tile, block_size, None)
+        a, lse[..., tile.r0 : tile.r1], _, _ = _tile_weights(s, tile, block_size)
         a2 = a.view(batch * kv_heads, group * tile.rows, tile.keys)
         o = torch.bmm(a2, vp[:, :, : tile.keys].reshape(batch * kv_heads, tile.keys, head_dim))
         out[:, :, :, tile.r0 : tile.r1] = o.view(batch, kv_heads, group, tile.rows, head_dim)
@@ -192,9 +200,9 @@ def blockwise_forward(
 
 
 def blockwise_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, block_size: int, scale: float
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward pass by recomputation. ``lse`` is the forward's second output.
+    """Backward pass by recomputation.
 
     Returns (dq, dk, dv) with the shapes and dtypes of (q, k, v).
     """
@@ -205,7 +213,6 @@ def blockwise_backward(
     qg, kp, vp = _prepare(q, k, v, block_size)
     dtype = qg.dtype
     dog = grad_out.to(dtype).reshape(batch, kv_heads, group, q_len, head_dim)
-    lse = lse.to(dtype).reshape(batch, kv_heads, group, q_len)
     tiles = _plan(q, k, block_size)
     buf_s, buf_ds = _workspace(qg, tiles), _workspace(qg, tiles)
     dq = torch.empty_like(qg)
@@ -216,7 +223,7 @@ def blockwise_backward(
     for tile in tiles:
         rows, keys = tile.rows, tile.keys
         s = _scores(qg, kp, tile, scale, buf_s, block_size)
-        a, _, block_coef, r = _tile_weights(s, tile, block_size, lse[..., tile.r0 : tile.r1])
+        a, _, block_coef, r = _tile_weights(s, tile, block_size)
         do2 = dog[:, :, :, tile.r0 : tile.r1].reshape(bh, group * rows, head_dim)
         v2 = vp[:, :, :keys].reshape(bh, keys, head_dim)
         k2 = kp[:, :, :keys].reshape(bh, keys, head_dim)
