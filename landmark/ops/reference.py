@@ -18,6 +18,38 @@ import torch
 from torch import Tensor
 
 
+def grouped_softmax(scores: Tensor, current: Tensor, earlier: Tensor) -> Tensor:
+    """The grouped softmax over keys laid out as blocks: the one definition every path shares.
+
+    Args:
+        scores: (..., n_blocks, block_size) scores of each query against each key, a block's landmark
+            at index ``block_size - 1``.
+        current: (..., n_blocks, block_size) bool, broadcastable: the regular tokens of the query's own
+            block that it can see. They join the softmax group directly.
+        earlier: (..., n_blocks) bool, broadcastable: the blocks reached through their landmark. The
+            landmark's score joins the group; the weight it wins is split among the block's regular
+            tokens by a softmax inside the block.
+
+    Returns:
+        (..., n_blocks, block_size) weights; each row sums to 1 over all blocks (0 if the group is
+        empty); landmark columns are 0.
+    """
+    block_size = scores.shape[-1]
+    is_landmark = torch.arange(block_size, device=scores.device) == block_size - 1
+    earlier = earlier.unsqueeze(-1)  # (..., n_blocks, 1)
+    members = earlier & ~is_landmark  # regular tokens of earlier blocks
+    group = (current & ~is_landmark) | (earlier & is_landmark)
+    # Masked entries get the most negative finite value rather than -inf, so that a row with nothing
+    # visible is uniform, not NaN; such a row is then multiplied by zero.
+    hidden = torch.finfo(scores.dtype).min
+    flat = scores.masked_fill(~group, hidden).flatten(-2)  # (..., n_blocks * block_size)
+    p_group = torch.softmax(flat, dim=-1).view_as(scores)
+    p_group = p_group * group.flatten(-2).any(-1)[..., None, None]  # an empty group gets zero weights
+    in_block = torch.softmax(scores.masked_fill(~members, hidden), dim=-1)  # softmax inside every block
+    from_landmarks = in_block * p_group[..., -1:] * members  # the landmark's share, split over its block
+    return torch.where(current & ~is_landmark, p_group, from_landmarks)
+
+
 def landmark_weights(
     q: Tensor, k: Tensor, block_size: int, scale: float | None = None, *, upcast: bool = True
 ) -> Tensor:
@@ -47,25 +79,15 @@ def landmark_weights(
 
     q_pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(keys, device=q.device)[None, :]  # (1, keys)
-    q_block, k_block = q_pos // block_size, k_pos // block_size
-    k_is_landmark = k_pos % block_size == block_size - 1
-    current = (k_block == q_block) & (k_pos <= q_pos) & ~k_is_landmark  # own block, visible
-    earlier = k_block < q_block  # every position of an earlier (hence complete) block
-    group = current | (earlier & k_is_landmark)  # the one softmax group: never empty
-    members = earlier & ~k_is_landmark  # regular tokens of earlier blocks
-
-    # Masked entries get the most negative finite value rather than -inf, so that a row with nothing
-    # visible (only ever an in-block row of a block that is not earlier) is uniform, not NaN; such a
-    # row is then multiplied by its landmark's group weight, which is 0.
-    hidden = torch.finfo(dtype).min
-    p_group = torch.softmax(scores.masked_fill(~group, hidden), dim=-1)  # (B, H, Tq, keys)
-    in_block = torch.softmax(
-        scores.masked_fill(~members, hidden).view(batch, heads, q_len, n_blocks, block_size), dim=-1
-    )  # (B, H, Tq, n_blocks, block_size): softmax inside every block
-    p_landmark = p_group.view(batch, heads, q_len, n_blocks, block_size)[..., -1:]  # (..., n_blocks, 1)
-    from_blocks = (in_block * p_landmark).view(batch, heads, q_len, keys)
-    weights = torch.where(current, p_group, from_blocks)
-    return weights[..., :k_len]
+    q_block = q_pos // block_size  # (Tq, 1)
+    current = (k_pos // block_size == q_block) & (k_pos <= q_pos)  # own block, visible: (Tq, keys)
+    earlier = torch.arange(n_blocks, device=q.device)[None, :] < q_block  # (Tq, n_blocks)
+    weights = grouped_softmax(
+        scores.view(batch, heads, q_len, n_blocks, block_size),
+        current.view(q_len, n_blocks, block_size),
+        earlier,
+    )
+    return weights.view(batch, heads, q_len, keys)[..., :k_len]
 
 
 def landmark_attention_reference(
