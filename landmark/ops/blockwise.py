@@ -69,7 +69,7 @@ class _Tile:
     """One query tile: its geometry and, after ``weights()``, the attention weights A in ``scores``.
 
     Shapes: ``rows`` query rows (per query head), ``n_blocks`` key blocks of ``block_size``;
-    per-(row, block) tensors are (B, Hkv, G, rows, n_blocks).
+    per-(row, block) tensors are (B*Hkv, G, rows, n_blocks).
     """
 
     def __init__(self, row_start: int, row_end: int, offset: int, block_size: int, device: torch.device):
@@ -93,11 +93,11 @@ def _tile_weights(s: Tensor, tile: _Tile, block_size: int) -> tuple[Tensor, Tens
     """Turn raw scores into landmark attention weights, in place.
 
     Args:
-        s: (B, Hkv, G, rows, n_blocks, block_size) scaled scores q k^T; overwritten with the weights A.
+        s: (BH, G, rows, n_blocks, block_size) scaled scores q k^T; overwritten with the weights A.
 
     Returns:
-        (A, lse, block_coef, r): A is ``s``; lse is (B, Hkv, G, rows); block_coef and r are
-        (B, Hkv, G, rows, n_blocks) with ``A = E * block_coef`` and ``r`` the in-block sums of E, so a
+        (A, lse, block_coef, r): A is ``s``; lse is (BH, G, rows); block_coef and r are
+        (BH, G, rows, n_blocks) with ``A = E * block_coef`` and ``r`` the in-block sums of E, so a
         block's total weight is their product.
 
     The group softmax is evaluated relative to its maximum ``g`` (never through an absolute LSE, which
@@ -107,10 +107,10 @@ def _tile_weights(s: Tensor, tile: _Tile, block_size: int) -> tuple[Tensor, Tens
         block_coef_g = term_g / (Z r_g),       lse = g + log Z
     """
     bs = block_size
-    landmark_scores = s[..., bs - 1].clone()  # (B, Hkv, G, rows, n_blocks)
+    landmark_scores = s[..., bs - 1].clone()  # (BH, G, rows, n_blocks)
     # Blocks before the tile are fully visible: only their landmark column leaves the in-block softmax.
     s[..., : tile.first_block, bs - 1] = float("-inf")
-    flat = s.view(*s.shape[:4], tile.keys)
+    flat = s.view(*s.shape[:-2], tile.keys)
     flat[..., tile.first_block * bs :].masked_fill_(tile.hidden, float("-inf"))
 
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
@@ -120,56 +120,51 @@ def _tile_weights(s: Tensor, tile: _Tile, block_size: int) -> tuple[Tensor, Tens
     e = s.sub_(m.unsqueeze(-1)).exp_()  # E
     r = e.sum(dim=-1)
 
-    in_group = tile.earlier | (tile.current & (r > 0))  # (rows, n_blocks) broadcast over (B, Hkv, G)
+    in_group = tile.earlier | (tile.current & (r > 0))  # (rows, n_blocks) broadcast over (BH, G)
     group_logit = torch.where(tile.earlier, landmark_scores, torch.where(in_group, m, neg_inf))
     g = group_logit.amax(dim=-1, keepdim=True)
     g = torch.where(torch.isfinite(g), g, zero)  # a row with an empty group gets zero weights
     term = torch.exp(group_logit - g)  # 0 outside the group
     term = torch.where(tile.earlier, term, term * r)
-    z = term.sum(dim=-1, keepdim=True)  # (B, Hkv, G, rows, 1)
+    z = term.sum(dim=-1, keepdim=True)  # (BH, G, rows, 1)
     block_coef = term / (z * r).clamp_min(torch.finfo(r.dtype).tiny)
     lse = (g + torch.log(z)).squeeze(-1)
     return e.mul_(block_coef.unsqueeze(-1)), lse, block_coef, r
 
 
 def _scores(qg: Tensor, kp: Tensor, tile: _Tile, scale: float, buf: Tensor, block_size: int) -> Tensor:
-    """(B, Hkv, G, rows, n_blocks, block_size) scaled scores of a tile, written into ``buf``."""
-    batch, kv_heads, group, _, head_dim = qg.shape
-    q2 = qg[:, :, :, tile.r0 : tile.r1].reshape(batch * kv_heads, group * tile.rows, head_dim)
-    k2 = kp[:, :, : tile.keys].reshape(batch * kv_heads, tile.keys, head_dim)
-    s = buf[: q2.shape[0] * q2.shape[1] * tile.keys].view(q2.shape[0], q2.shape[1], tile.keys)
-    torch.bmm(q2, k2.transpose(1, 2), out=s).mul_(scale)
-    return s.view(batch, kv_heads, group, tile.rows, tile.n_blocks, block_size)
+    """(BH, G, rows, n_blocks, block_size) scaled scores of a tile, written into ``buf``."""
+    bh, group, _, head_dim = qg.shape
+    q2 = qg[:, :, tile.r0 : tile.r1].reshape(bh, group * tile.rows, head_dim)
+    s = buf[: bh * group * tile.rows * tile.keys].view(bh, group * tile.rows, tile.keys)
+    torch.bmm(q2, kp[:, : tile.keys].transpose(1, 2), out=s).mul_(scale)
+    return s.view(bh, group, tile.rows, tile.n_blocks, block_size)
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Cast to the compute dtype, group query heads by kv head, pad keys to whole blocks.
 
-    Returns q (B, Hkv, G, Tq, D) and k, v (B, Hkv, Tk_padded, D), all contiguous.
+    Returns q (B*Hkv, G, Tq, D) and k, v (B*Hkv, Tk_padded, D), all contiguous.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     dtype = compute_dtype(q.dtype)
     pad = math.ceil(k_len / block_size) * block_size - k_len
-    qg = q.to(dtype).reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim).contiguous()
-    kp = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad)).contiguous()
-    vp = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad)).contiguous()
-    return qg, kp, vp
+    qg = q.to(dtype).reshape(batch * kv_heads, heads // kv_heads, q_len, head_dim).contiguous()
+    kp = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad)).reshape(batch * kv_heads, -1, head_dim)
+    vp = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad)).reshape(batch * kv_heads, -1, head_dim)
+    return qg, kp.contiguous(), vp.contiguous()
 
 
-def _workspace(qg: Tensor, tiles: list[_Tile]) -> Tensor:
-    batch, kv_heads, group = qg.shape[:3]
-    size = max(batch * kv_heads * group * t.rows * t.keys for t in tiles)
-    return torch.empty(size, dtype=qg.dtype, device=qg.device)
-
-
-def _plan(q: Tensor, k: Tensor, block_size: int) -> list[_Tile]:
+def _plan(q: Tensor, k: Tensor, block_size: int) -> tuple[list[_Tile], int]:
+    """The query tiles and the size of a tile's score buffer."""
     q_len, k_len = q.shape[2], k.shape[2]
     offset = k_len - q_len
-    return [
+    tiles = [
         _Tile(r0, r1, offset, block_size, q.device)
         for r0, r1 in query_tiles(q_len, k_len, block_size, config.BLOCKWISE_TILE_ROWS)
     ]
+    return tiles, q.shape[0] * q.shape[1] * max(t.rows * t.keys for t in tiles)
 
 
 def blockwise_forward(
@@ -183,19 +178,18 @@ def blockwise_forward(
             float64 inputs).
     """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    qg, kp, vp = _prepare(q, k, v, block_size)  # (B,Hkv,G,Tq,D), (B,Hkv,Tkp,D) x2
-    tiles = _plan(q, k, block_size)
-    buf = _workspace(qg, tiles)
+    qg, kp, vp = _prepare(q, k, v, block_size)  # (BH, G, Tq, D), (BH, Tkp, D) x2
+    bh, group = qg.shape[:2]
+    tiles, work = _plan(q, k, block_size)
+    buf = torch.empty(work, dtype=qg.dtype, device=q.device)
     out = torch.empty_like(qg)
-    lse = torch.empty(qg.shape[:4], dtype=qg.dtype, device=q.device)
+    lse = torch.empty(qg.shape[:3], dtype=qg.dtype, device=q.device)
     for tile in tiles:
+        rows = slice(tile.r0, tile.r1)
         s = _scores(qg, kp, tile, scale, buf, block_size)
-        a, lse[..., tile.r0 : tile.r1], _, _ = _tile_weights(s, tile, block_size)
-        a2 = a.view(batch * kv_heads, group * tile.rows, tile.keys)
-        o = torch.bmm(a2, vp[:, :, : tile.keys].reshape(batch * kv_heads, tile.keys, head_dim))
-        out[:, :, :, tile.r0 : tile.r1] = o.view(batch, kv_heads, group, tile.rows, head_dim)
+        a, lse[:, :, rows], _, _ = _tile_weights(s, tile, block_size)
+        a2 = a.view(bh, group * tile.rows, tile.keys)
+        out[:, :, rows] = torch.bmm(a2, vp[:, : tile.keys]).view(bh, group, tile.rows, head_dim)
     return out.view(batch, heads, q_len, head_dim).to(q.dtype), lse.view(batch, heads, q_len)
 
 
@@ -207,41 +201,40 @@ def blockwise_backward(
     Returns (dq, dk, dv) with the shapes and dtypes of (q, k, v).
     """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    k_len = k.shape[2]
     bs = block_size
     qg, kp, vp = _prepare(q, k, v, block_size)
+    bh, group = qg.shape[:2]
     dtype = qg.dtype
-    dog = grad_out.to(dtype).reshape(batch, kv_heads, group, q_len, head_dim)
-    tiles = _plan(q, k, block_size)
-    buf_s, buf_ds = _workspace(qg, tiles), _workspace(qg, tiles)
+    dog = grad_out.to(dtype).reshape(bh, group, q_len, head_dim)
+    tiles, work = _plan(q, k, block_size)
+    buf_s = torch.empty(work, dtype=dtype, device=q.device)
+    buf_ds = torch.empty(work, dtype=dtype, device=q.device)
     dq = torch.empty_like(qg)
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
-    bh = batch * kv_heads
     tiny = torch.finfo(dtype).tiny
+    zero = torch.zeros((), dtype=dtype, device=q.device)
     for tile in tiles:
-        rows, keys = tile.rows, tile.keys
+        rows, keys, n = slice(tile.r0, tile.r1), tile.keys, tile.rows
         s = _scores(qg, kp, tile, scale, buf_s, block_size)
         a, _, block_coef, r = _tile_weights(s, tile, block_size)
-        do2 = dog[:, :, :, tile.r0 : tile.r1].reshape(bh, group * rows, head_dim)
-        v2 = vp[:, :, :keys].reshape(bh, keys, head_dim)
-        k2 = kp[:, :, :keys].reshape(bh, keys, head_dim)
-        ds = buf_ds[: bh * group * rows * keys].view(bh, group * rows, keys)
-        torch.bmm(do2, v2.transpose(1, 2), out=ds)  # dA
+        do2 = dog[:, :, rows].reshape(bh, group * n, head_dim)
+        ds = buf_ds[: a.numel()].view(bh, group * n, keys)
+        torch.bmm(do2, vp[:, :keys].transpose(1, 2), out=ds)  # dA
         ds = ds.view_as(a).mul_(a)  # A * dA
-        w = ds.sum(dim=-1)  # (B, Hkv, G, rows, n_blocks)
+        w = ds.sum(dim=-1)  # (BH, G, rows, n_blocks)
         d_row = w.sum(dim=-1, keepdim=True)  # D_i = dO_i . out_i
         p_block = block_coef * r  # total weight of each block
         u = torch.where(tile.earlier, w / p_block.clamp_min(tiny), d_row)
         ds.addcmul_(a, u.unsqueeze(-1), value=-1)  # A (dA - u); 0 on landmark columns
-        ds[..., bs - 1] = torch.where(tile.earlier, w - p_block * d_row, torch.zeros((), dtype=dtype))
-        ds2, a2 = ds.view(bh, group * rows, keys), a.view(bh, group * rows, keys)
-        q2 = qg[:, :, :, tile.r0 : tile.r1].reshape(bh, group * rows, head_dim)
-        dq[:, :, :, tile.r0 : tile.r1] = torch.bmm(ds2, k2).view(batch, kv_heads, group, rows, head_dim)
-        dk[:, :, :keys].view(bh, keys, head_dim).baddbmm_(ds2.transpose(1, 2), q2)
-        dv[:, :, :keys].view(bh, keys, head_dim).baddbmm_(a2.transpose(1, 2), do2)
+        ds[..., bs - 1] = torch.where(tile.earlier, w - p_block * d_row, zero)
+        ds2, a2 = ds.view(bh, group * n, keys), a.view(bh, group * n, keys)
+        q2 = qg[:, :, rows].reshape(bh, group * n, head_dim)
+        dq[:, :, rows] = torch.bmm(ds2, kp[:, :keys]).view(bh, group, n, head_dim)
+        dk[:, :keys].baddbmm_(ds2.transpose(1, 2), q2)
+        dv[:, :keys].baddbmm_(a2.transpose(1, 2), do2)
     dq = dq.mul_(scale).view(batch, heads, q_len, head_dim).to(q.dtype)
-    dk = dk[:, :, :k_len].mul_(scale).to(k.dtype)
-    dv = dv[:, :, :k_len].to(v.dtype)
+    dk = dk.view(k.shape[0], k.shape[1], -1, head_dim)[:, :, :k_len].mul_(scale).to(k.dtype)
+    dv = dv.view(k.shape[0], k.shape[1], -1, head_dim)[:, :, :k_len].to(v.dtype)
     return dq, dk, dv
