@@ -1,6 +1,8 @@
 """The ``landmark`` command line (also ``python -m landmark``).
 
 Each sub-command lives in a small function ``cmd_<name>(args)`` registered in ``build_parser``.
+A mistake the user can fix (config, corpus, checkpoint, missing file) is printed as one line
+``error: ...`` with exit status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +75,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model from a TOML config (also under torchrun: one process per rank)."""
+    from landmark.train import shutdown_distributed, train
+    from landmark.train_config import load_config
+
+    cfg = load_config(args.config, args.set)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Train/load the tokenizer and tokenise a corpus into cached token arrays; print where."""
+    from landmark.data import bundled_books, prepare_data
+
+    corpus = bundled_books() if args.corpus == "bundled" else args.corpus
+    data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
+    print(f"prepared data in {data.folder}")
+    print(f"  tokenizer: {data.folder / 'tokenizer.json'} ({data.tokenizer!r})")
+    for name, split in data.splits.items():
+        print(f"  {name}: {len(split):,} tokens, {len(split.documents)} documents -> {name}.bin")
+    return 0
+
+
+def cmd_plot_metrics(args: argparse.Namespace) -> int:
+    """Plot training and validation loss of one or more runs into a PNG."""
+    from landmark.plot import plot_metrics
+
+    out = plot_metrics(args.runs, args.out, x=args.x, labels=args.labels, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="landmark", description="Landmark Attention: random-access, effectively unlimited context."
@@ -95,6 +132,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions and the implementation chosen on this machine")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "train",
+        help="train a language model (landmark, full or xl) from a TOML config",
+        description="Train from a TOML config ([model], [data], [train]; see docs/training.md). "
+        "Many processes: torchrun --standalone --nproc_per_node N -m landmark train CONFIG",
+    )
+    p.add_argument("config", help="TOML config file, e.g. configs/small-landmark.toml")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (a TOML literal), e.g. --set train.lr=3e-4; repeatable",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="tokenise a corpus into cached token arrays and say where")
+    p.add_argument("--corpus", default="bundled", help='a folder of .txt documents, or "bundled" (default)')
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"])
+    p.add_argument("--vocab-size", type=int, default=8192, help="bpe: vocabulary size (default 8192)")
+    p.add_argument("--gpt2-dir", default=None, help="gpt2: folder of encoder.json and vocab.bpe")
+    p.add_argument("--out", default=None, help="output folder (default: under the cache)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("plot-metrics", help="plot training/validation loss of runs into a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
+    p.add_argument("--out", default="loss.png", help="the PNG to write (default loss.png)")
+    p.add_argument("--x", default="step", choices=["step", "tokens", "minutes"], help="horizontal axis")
+    p.add_argument("--labels", nargs="+", default=None, help="legend label per run (default: folder names)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot_metrics)
     return parser
 
 
@@ -104,7 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    from landmark.checkpoint import CheckpointError
+    from landmark.data import CorpusError
+    from landmark.train_config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, CorpusError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

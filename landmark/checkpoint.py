@@ -1,0 +1,204 @@
+"""Checkpoints of a training run, written atomically, and :func:`load_model` for inference code.
+
+A run folder holds ``checkpoints/step_XXXXXXXX/`` folders, each complete::
+
+    model.safetensors   the weights (float32, the tied embedding stored once)
+    config.json         the resolved run config: model, data (tokenizer path, landmark_id, ...), train
+    tokenizer.json      the tokenizer, so that the checkpoint is self-contained
+    state.pt            optimizer state, step, tokens seen, elapsed time, RNG states (torch.save)
+
+A checkpoint is written into a hidden temporary folder beside the others and renamed into place when
+every file is on disk, so a crash (``kill -9`` included) never leaves a partial ``step_*`` folder; the
+latest checkpoint is the ``step_*`` folder with the highest step. Left-over temporary folders are
+removed by :func:`clean_partial`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from landmark.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from landmark.model import GPT, ModelConfig
+
+FORMAT = "landmark-checkpoint-v1"
+CHECKPOINTS = "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the one-line message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder and its config (the state is loaded on demand by :meth:`load_state`)."""
+
+    path: Path
+    step: int
+    config: dict[str, Any]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.config["model"])
+
+    def load_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """The training state written with the checkpoint (optimizer, step, RNG, counters)."""
+        return torch.load(self.path / STATE_FILE, map_location=map_location, weights_only=True)
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Copy the saved weights into ``model`` (strict: the parameter names and shapes must match)."""
+        state = load_file(str(self.path / WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.path} does not fit the model: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: GPT,
+    config: dict[str, Any],
+    tokenizer: Tokenizer,
+    state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically and prune older checkpoints.
+
+    Args:
+        run_dir: the run folder.
+        step: optimizer steps done.
+        model: the model (unwrapped from DistributedDataParallel).
+        config: the resolved run config (JSON-serialisable), written as config.json with ``step``.
+        tokenizer: written as tokenizer.json.
+        state: anything ``torch.load(weights_only=True)`` can read back (tensors, numbers, dicts, lists).
+        keep: keep only the newest ``keep`` checkpoints (0 = all).
+
+    Returns:
+        The checkpoint folder. When it already exists (the same step saved twice) it is left as it is.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    if not final.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+        try:
+            weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "step": str(step)})
+            meta = {"format": FORMAT, "step": step, **config}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+            torch.save(state, tmp / STATE_FILE)
+            for f in tmp.iterdir():
+                _fsync(f)
+            os.rename(tmp, final)
+            _fsync(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def clean_partial(run_dir: str | Path) -> None:
+    """Remove temporary folders that an interrupted :func:`save_checkpoint` left behind."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".step_"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint folder, or the latest checkpoint of a run folder.
+
+    Raises:
+        CheckpointError: nothing usable at ``path``.
+    """
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(
+                f"{path} is neither a checkpoint folder nor a run folder with checkpoints/step_*: "
+                "pass the run's out_dir or one of its checkpoints/step_* folders"
+            )
+        path = latest
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({err})") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {config.get('format')!r})")
+    return Checkpoint(path, int(config["step"]), config)
+
+
+def model_config_diff(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """``["n_layer: 6 (checkpoint) != 4 (config)", ...]`` for every field that differs."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    return [f"{k}: {a[k]!r} (checkpoint) != {b[k]!r} (config)" for k in a if a[k] != b[k]]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """Load a trained model for inference or evaluation.
+
+    Args:
+        path: a checkpoint folder (``<run>/checkpoints/step_*``) or a run folder (its latest checkpoint).
+        device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer, config)``: the GPT in eval mode with the saved weights, its tokenizer
+        (``tokenizer.landmark_id == model.config.landmark_id``), and the resolved run config
+        (``config["model"]``, ``config["data"]``, ``config["train"]``, ``config["step"]``).
+
+    Raises:
+        CheckpointError: ``path`` holds no usable checkpoint.
+    """
+    ckpt = open_checkpoint(path)
+    model = GPT(ckpt.model_config)
+    ckpt.load_weights(model)
+    tokenizer = Tokenizer.load(ckpt.path)
+    if tokenizer.landmark_id != model.config.landmark_id and model.config.attention == "landmark":
+        raise CheckpointError(f"{ckpt.path}: tokenizer.json does not match config.json (landmark_id)")
+    return model.to(device).eval(), tokenizer, ckpt.config

@@ -1,0 +1,265 @@
+"""The configuration of a training run: a TOML file with sections ``[model]``, ``[data]`` and ``[train]``.
+
+``[model]`` takes the fields of :class:`landmark.model.ModelConfig`, except ``landmark_id``, which comes
+from the tokenizer; ``vocab_size`` defaults to the tokenizer's (set it only to pad the embedding).
+``[data]`` and ``[train]`` take the fields of :class:`DataConfig` and :class:`TrainConfig` below; each
+field's comment is its documentation (``docs/training.md`` lists them all). A key that is absent keeps
+its default, so ``[train]\\nlr = 1e-3`` is a complete file.
+
+Overrides ``section.key=value`` (the ``--set`` option of ``landmark train``) are applied after the file;
+the value is a TOML literal (``3e-4``, ``true``, ``[0.9, 0.95]``, ``"runs/a"``), and a value that is not
+one is taken as a string (``--set train.out_dir=runs/a`` works without quotes).
+
+Every mistake raises :class:`ConfigError` with one line that names the key and says what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from landmark.model import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SECTIONS = ("model", "data", "train")
+DERIVED_MODEL_KEYS = ("landmark_id",)  # set from the tokenizer, never from the file
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the one-line message names the key and what to fix."""
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "bundled"  # "bundled" (the shipped books) or a folder of .txt documents (or PG-19 layout)
+    tokenizer: str = "bpe"  # "bpe" (trained on the train split) | "gpt2" (encoder.json + vocab.bpe)
+    vocab_size: int = 8192  # bpe: vocabulary size, the two special tokens included
+    gpt2_dir: str = ""  # gpt2: folder of encoder.json and vocab.bpe; "" = <cache>/gpt2
+    prepared_dir: str = ""  # where the tokenizer and token arrays go; "" = <cache>/prepared/<corpus>-...
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"  # run folder: config.json, metrics.jsonl, checkpoints/
+    batch_size: int = 8  # windows per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    lr: float = 2e-3  # peak learning rate (the paper: 2e-3)
+    min_lr: float = 2e-4  # the cosine decays to this
+    warmup_steps: int = 20  # linear warmup from 0 over this many steps
+    max_steps: int = 1000  # stop after this many optimizer steps
+    schedule_steps: int = 0  # length of the warmup + cosine schedule; 0 = max_steps
+    max_minutes: float = 0.0  # also stop after this much training time (0 = no limit); see docs
+    weight_decay: float = 0.1  # AdamW decay of matrix weights (norm gains are never decayed)
+    decay_embedding: bool = True  # decay the tied embedding / output matrix too
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (the paper's)
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    bf16: bool = False  # bfloat16 autocast for the forward pass (CPU and CUDA); weights stay fp32
+    seed: int = 0  # initialisation and data order; same seed, same losses
+    log_every: int = 10  # write a metrics.jsonl line every this many steps
+    eval_every: int = 100  # validation loss every this many steps (and at the start and end; 0 = never)
+    eval_batches: int = 8  # fixed validation batches (the same windows at every evaluation)
+    eval_batch_size: int = 0  # windows per validation batch; 0 = batch_size
+    ckpt_every: int = 200  # checkpoint every this many steps (and at the end; 0 = only at the end)
+    keep_checkpoints: int = 2  # keep the newest this many checkpoints (0 = keep all)
+    device: str = "auto"  # "auto" (cuda if available, else cpu) | "cpu" | "cuda"
+    threads: int = 0  # torch CPU threads per process; 0 = torch's default
+    progress: bool = True  # show a tqdm progress bar (process 0 only)
+
+
+@dataclass
+class RunConfig:
+    """A parsed configuration. ``model`` holds only the keys the file sets (the rest default in
+    :class:`ModelConfig`; ``vocab_size`` and ``landmark_id`` are filled in from the tokenizer)."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+
+    def model_config(self, vocab_size: int, landmark_id: int) -> ModelConfig:
+        """The ModelConfig for a tokenizer of ``vocab_size`` tokens with landmark token ``landmark_id``."""
+        values = {"vocab_size": vocab_size, **self.model, "landmark_id": landmark_id}
+        if values["vocab_size"] < vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({values['vocab_size']}) is smaller than the tokenizer's ({vocab_size}): "
+                "remove model.vocab_size or make it at least that"
+            )
+        try:
+            return ModelConfig(**values)
+        except ValueError as err:
+            raise ConfigError(f"[model]: {err}") from None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in fields(cls)}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` converted to the type of ``default`` (int -> float allowed), else ConfigError."""
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = (
+            isinstance(value, list)
+            and len(value) == len(default)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        )
+        value = [float(v) for v in value] if ok else value
+    else:  # pragma: no cover - every field has one of the types above
+        ok = True
+    if not ok:
+        kind = "a list of 2 numbers" if isinstance(default, list) else f"a {type(default).__name__}"
+        raise ConfigError(f"{where} must be {kind} (like {default!r}); got {value!r}")
+    return value
+
+
+def _model_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(ModelConfig)}
+
+
+def _set(cfg: RunConfig, section: str, key: str, value: Any, source: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section [{section}] in {source}; valid sections: {', '.join(SECTIONS)}")
+    if section == "model":
+        defaults = _model_defaults()
+        if key in DERIVED_MODEL_KEYS:
+            raise ConfigError(f"model.{key} in {source} is set from the tokenizer: remove it")
+        if key not in defaults:
+            valid = ", ".join(k for k in defaults if k not in DERIVED_MODEL_KEYS)
+            raise ConfigError(f"unknown key model.{key} in {source}; valid [model] keys: {valid}")
+        cfg.model[key] = _coerce(section, key, value, defaults[key])
+        return
+    target = getattr(cfg, section)
+    known = _field_types(type(target))
+    if key not in known:
+        valid = ", ".join(known)
+        raise ConfigError(f"unknown key {section}.{key} in {source}; valid [{section}] keys: {valid}")
+    setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train", "lr", 3e-4)``; the value is a TOML literal, else a string."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a TOML config (``None``: all defaults) and apply ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: a missing or malformed file, an unknown section or key, a value of the wrong type,
+            or an inconsistent model (e.g. block_size not dividing seq_len).
+    """
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass a TOML file such as configs/tiny.toml")
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"{path}: top-level key {section!r} must be a section; "
+                    f"valid sections: {', '.join(SECTIONS)}"
+                )
+            for key, value in table.items():
+                _set(cfg, section, key, value, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _set(cfg, section, key, value, "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check what can be checked before the tokenizer exists; raise ConfigError otherwise."""
+    d, t = cfg.data, cfg.train
+    if d.tokenizer not in ("bpe", "gpt2"):
+        raise ConfigError(f"data.tokenizer must be 'bpe' or 'gpt2'; got {d.tokenizer!r}")
+    checks = [
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.max_steps >= 1, "train.max_steps must be >= 1"),
+        (t.schedule_steps >= 0, "train.schedule_steps must be >= 0 (0 = max_steps)"),
+        (t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)"),
+        (t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0"),
+        (all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)"),
+        (t.seed >= 0, "train.seed must be >= 0"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every and train.ckpt_every must be >= 0"),
+        (t.eval_batches >= 1 and t.eval_batch_size >= 0, "train.eval_batches must be >= 1"),
+        (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)"),
+        (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda; got {t.device!r}"),
+        (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
+        (bool(t.out_dir), "train.out_dir must name a folder"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    # The model, with placeholder tokenizer values: catches block_size/seq_len and the like now,
+    # before any data is prepared or any file written.
+    cfg.model_config(vocab_size=max(cfg.model.get("vocab_size", 0), 1 << 20), landmark_id=0)
+
+
+def config_field_docs() -> dict[str, list[tuple[str, Any, str]]]:
+    """(key, default, comment) of every config key by section, read from this file and model.py."""
+    import inspect
+
+    from landmark import model as model_module
+
+    out: dict[str, list[tuple[str, Any, str]]] = {}
+    for section, cls, module_source in [
+        ("model", ModelConfig, inspect.getsource(model_module)),
+        ("data", DataConfig, inspect.getsource(sys.modules[__name__])),
+        ("train", TrainConfig, inspect.getsource(sys.modules[__name__])),
+    ]:
+        comments = {}
+        in_class = False
+        for line in module_source.splitlines():
+            if line.startswith(f"class {cls.__name__}"):
+                in_class = True
+            elif in_class and line and not line.startswith(" "):
+                break
+            elif in_class and ":" in line and "#" in line:
+                name = line.strip().split(":", 1)[0]
+                comments[name] = line.split("#", 1)[1].strip()
+        rows = []
+        for f in fields(cls):
+            if f.name in DERIVED_MODEL_KEYS:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, default, comments.get(f.name, "")))
+        out[section] = rows
+    return out
