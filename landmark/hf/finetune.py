@@ -1,0 +1,251 @@
+"""Landmark fine-tuning of a Hugging Face causal LM with the transformers Trainer.
+
+One function, :func:`finetune`, behind ``landmark hf finetune``. It works the same in one process and
+under ``torchrun`` (the Trainer picks DDP, or FSDP with ``fsdp=True``; gloo on CPU, NCCL on CUDA):
+
+1. load the model (a landmark model via :func:`landmark.hf.load_pretrained`, else any supported causal
+   LM, converted with :func:`landmark.hf.convert`);
+2. tokenize the corpus once (cached, :func:`landmark.hf.data.tokenize_corpus`) and cut it into windows
+   of ``max_length`` positions, landmarks included (:class:`landmark.hf.LandmarkCollator`);
+3. optionally wrap the model with LoRA (peft): adapters on the attention projections, plus the
+   ``<landmark>`` embedding row as trainable tokens (the row is new, so it must learn);
+4. train with the Trainer (AdamW, cosine schedule with warm-up; the loss is the landmark loss through
+   ``shift_labels``), optionally evaluate on validation windows before and after;
+5. save with ``save_pretrained`` (LoRA merged into the weights; the adapter is also kept in
+   ``<out>/lora-adapter``), so that :func:`landmark.hf.load_pretrained` restores the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from landmark.config import DEFAULT_BLOCK_SIZE
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections: where landmarks act
+SUMMARY_FILE = "landmark-finetune.json"  # written next to the saved model: settings and losses
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of :func:`finetune` (the ``landmark hf finetune`` options)."""
+
+    model: str  # folder of a causal LM (a landmark model, or a supported model to convert)
+    out: str  # where the fine-tuned model and tokenizer are saved (save_pretrained)
+    corpus: str | None = None  # corpus folder (see landmark.data.read_corpus); None = the bundled books
+    block_size: int | None = None  # positions per block, landmark included; None = the model's, else 64
+    max_length: int = 512  # positions per training window, landmarks included (the paper: 512)
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # windows per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 2e-5  # peak learning rate (full fine-tuning; LoRA usually wants ~1e-4..2e-4)
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to 0 at `steps`
+    weight_decay: float = 0.0
+    lora_r: int = 0  # LoRA rank; 0 = full fine-tuning
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    fsdp: bool = False  # shard with FSDP (under torchrun) instead of DDP
+    bf16: bool = False  # bfloat16 mixed precision
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    eval_windows: int = 0  # validation windows evaluated before and after training (0: none)
+    max_windows: int | None = None  # use at most this many training windows (None: the whole split)
+    seed: int = 0
+
+
+def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[Any, Any]:
+    """A landmark model and tokenizer from ``path``: loaded as is if it is one, else converted.
+
+    Args:
+        path: a local model folder.
+        block_size: None keeps a landmark model's block size (or uses 64 to convert); an explicit value
+            converts with it (re-setting it on a landmark model).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from landmark.hf.convert import convert, load_pretrained
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "landmark_token_id", None) is not None:
+        model, tokenizer = load_pretrained(path)
+        if block_size is not None and block_size != model.config.landmark_block_size:
+            model, tokenizer = convert(model, tokenizer, block_size)
+        return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return convert(model, tokenizer, block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` with landmarks on ``cfg.corpus`` and save it to ``cfg.out``.
+
+    Returns:
+        A summary (also written to ``<out>/landmark-finetune.json``): the settings, the train loss,
+        eval losses before/after when ``eval_windows > 0``, time, parameter counts.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    from landmark.hf.collator import LandmarkCollator, regular_tokens_per_window
+    from landmark.hf.data import TokenWindows, tokenize_corpus
+
+    out = Path(cfg.out)
+    use_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+    block_size = int(model.config.landmark_block_size)
+    if cfg.max_length < 2:
+        raise ValueError(f"max_length must be >= 2; got {cfg.max_length}")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.max_length > max_positions:
+        raise ValueError(
+            f"max_length {cfg.max_length} exceeds the model's max_position_embeddings {max_positions}"
+        )
+    if cfg.fsdp and use_cpu:
+        raise ValueError(
+            "--fsdp needs CUDA devices: accelerate enables FSDP only for GPU-class devices and would "
+            "silently fall back to DDP on CPU processes (torch's own FSDP2 does run on CPU with gloo; see "
+            "docs/huggingface.md); use DDP (the default under torchrun) on CPU"
+        )
+    if cfg.lora_r and cfg.fsdp:
+        raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=0.95,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,  # the collator needs the raw "input_ids" windows
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu and distributed else None,
+        fsdp=cfg.fsdp,
+        fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
+        bf16=cfg.bf16,
+        **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    main = args.process_index == 0
+    raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
+    with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
+        train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=main)
+        eval_tokens = (
+            tokenize_corpus(tokenizer, cfg.corpus, "validation", progress=main) if cfg.eval_windows else None
+        )
+    train_set = TokenWindows(train_tokens, raw_tokens, limit=cfg.max_windows)
+    eval_set = (
+        TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
+    )
+
+    if cfg.lora_r:
+        model = _with_lora(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if main:
+        print(
+            f"landmark fine-tuning: {type(model).__name__} from {cfg.model}, block_size {block_size} "
+            f"(landmark id {model.config.landmark_token_id}), windows of {cfg.max_length} positions "
+            f"({raw_tokens - 1} tokens + landmarks), {len(train_set)} training windows of "
+            f"{len(train_tokens):,} tokens; {args.world_size} process(es), "
+            f"{'FSDP' if cfg.fsdp else 'DDP' if args.world_size > 1 else 'single'}, "
+            f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora_r else 'full fine-tuning'}: "
+            f"{trainable:,} of {total:,} parameters trainable",
+            flush=True,
+        )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=LandmarkCollator(tokenizer, block_size, cfg.max_length),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+    )
+    if cfg.fsdp and trainer.accelerator.distributed_type.value != "FSDP":
+        raise RuntimeError(
+            f"FSDP was requested but accelerate set up {trainer.accelerator.distributed_type.value}"
+        )
+    summary: dict[str, Any] = {"config": asdict(cfg), "block_size": block_size, "world_size": args.world_size}
+    if eval_set is not None:
+        summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    start = time.perf_counter()
+    result = trainer.train()
+    summary["train_seconds"] = round(time.perf_counter() - start, 1)
+    summary["train_loss"] = result.training_loss
+    summary["distributed_type"] = str(trainer.accelerator.distributed_type.value)
+    summary["sharded_parameters"] = any(
+        type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()
+    )
+    if eval_set is not None:
+        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    summary["trainable_parameters"], summary["parameters"] = trainable, total
+    _save(trainer, tokenizer, out, lora=bool(cfg.lora_r))
+    if main:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        line = (
+            f"saved to {out} (load with landmark.hf.load_pretrained); train loss {summary['train_loss']:.4f}"
+        )
+        if eval_set is not None:
+            before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+            line += f"; eval loss {before:.4f} -> {after:.4f}"
+            line += f" (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})"
+        print(line, flush=True)
+    return summary
+
+
+def _checkpointing_args(arguments_class: type, enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing settings under the name this transformers version uses."""
+    if not enabled:
+        return {}
+    name = "activation" if "activation_checkpointing" in arguments_class.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": True, f"{name}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def _fsdp_config(model: Any) -> dict[str, Any]:
+    """FSDP2, each decoder layer one unit, a full (single-file) state dict when saving."""
+    layer = type(model.model.layers[0]).__name__
+    return {"version": 2, "transformer_layer_cls_to_wrap": [layer], "state_dict_type": "FULL_STATE_DICT"}
+
+
+def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(LORA_TARGETS),
+        trainable_token_indices={"embed_tokens": [int(model.config.landmark_token_id)]},
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _save(trainer: Any, tokenizer: Any, out: Path, lora: bool) -> None:
+    """save_pretrained the model (LoRA merged) and the tokenizer into ``out``, from the main process."""
+    if not lora:
+        trainer.save_model(str(out))  # gathers FSDP shards; writes on the main process only
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(out)
+        return
+    if trainer.is_world_process_zero():
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        peft_model.save_pretrained(out / "lora-adapter")
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
