@@ -1,0 +1,20 @@
+"""Random-access inference: block memory, top-k retrieval through landmarks, long-context generation."""
+
+from landmark.inference.generate import generate, sample_next
+from landmark.inference.memory import BlockMemory, MemoryFullError
+from landmark.inference.retrieval import GRANULARITIES, RetrievalConfig, retrieval_attention, select_blocks
+from landmark.inference.session import DEFAULT_CHUNK_LEN, InferenceSession, chunked_logits
+
+__all__ = [
+    "DEFAULT_CHUNK_LEN",
+    "GRANULARITIES",
+    "BlockMemory",
+    "InferenceSession",
+    "MemoryFullError",
+    "RetrievalConfig",
+    "chunked_logits",
+    "generate",
+    "retrieval_attention",
+    "sample_next",
+    "select_blocks",
+]

@@ -1,0 +1,141 @@
+"""Block memory: the keys and values of every complete earlier block, per layer.
+
+For each batch row the memory holds ``count[b]`` complete blocks in chronological order (logical index
+0 = oldest). Per block it keeps the landmark key apart from the block's contents:
+
+* ``landmark_keys``: (B, Hkv, capacity, D), on the model's device: scored against every query;
+* ``keys``, ``values``: (B, Hkv, capacity, block_size - 1, D), the regular tokens, on ``storage_device``
+  (CPU RAM while the model runs on CUDA, for example); only the blocks that retrieval selects are
+  copied to the model's device.
+
+Keys are stored BEFORE rotary embedding so that retrieved blocks can be re-positioned.
+
+Capacity is unlimited by default (storage doubles as needed). With ``max_blocks`` set, a full row
+evicts its oldest block first-in-first-out when ``evict`` is true, and raises ``MemoryFullError``
+otherwise. Storage is a ring buffer per row: logical block ``i`` lives at physical slot
+``(start[b] + i) % capacity``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class MemoryFullError(ValueError):
+    """Raised when a block does not fit a capped memory that may not evict."""
+
+
+class BlockMemory:
+    """Complete blocks of one attention layer for a batch of independent streams."""
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        block_size: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        storage_device: torch.device | str | None = None,
+        max_blocks: int | None = None,
+        evict: bool = True,
+    ):
+        if max_blocks is not None and max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
+        self.batch, self.kv_heads, self.block_size, self.head_dim = batch, kv_heads, block_size, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
+        self.max_blocks, self.evict = max_blocks, evict
+        self.count = [0] * batch  # blocks held per row
+        self.start = [0] * batch  # ring-buffer start per row
+        self.capacity = 0
+        self.landmark_keys = self.keys = self.values = None
+        self._allocate(min(16, max_blocks or 16))
+
+    def _allocate(self, capacity: int) -> None:
+        """Grow the storage to ``capacity`` blocks, keeping every row's blocks in logical order."""
+        b, h, d, n = self.batch, self.kv_heads, self.head_dim, self.block_size - 1
+        lk = torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
+        keys = torch.zeros(b, h, capacity, n, d, dtype=self.dtype, device=self.storage_device)
+        values = torch.zeros_like(keys)
+        if self.capacity:
+            for row in range(b):
+                idx = self.physical(row, torch.arange(self.count[row]))
+                lk[row, :, : self.count[row]] = self.landmark_keys[row, :, idx.to(self.device)]
+                keys[row, :, : self.count[row]] = self.keys[row, :, idx.to(self.storage_device)]
+                values[row, :, : self.count[row]] = self.values[row, :, idx.to(self.storage_device)]
+            self.start = [0] * b
+        self.landmark_keys, self.keys, self.values, self.capacity = lk, keys, values, capacity
+
+    def physical(self, row: int, logical: Tensor) -> Tensor:
+        """Physical slots of logical block indices of one row."""
+        return (logical + self.start[row]) % self.capacity
+
+    def physical_index(self, logical: Tensor) -> Tensor:
+        """(B, ...) logical indices -> physical slots, per row."""
+        start = torch.tensor(self.start, device=logical.device).view(-1, *([1] * (logical.dim() - 1)))
+        return (logical + start) % self.capacity
+
+    def append(self, row: int, keys: Tensor, values: Tensor) -> None:
+        """Add complete blocks to one row.
+
+        Args:
+            keys: (Hkv, m, block_size, D) un-rotated keys of m blocks, the landmark's key last.
+            values: (Hkv, m, block_size, D); the landmark's value is not stored (it carries no weight).
+        """
+        for i in range(keys.shape[1]):
+            self._append_one(row, keys[:, i], values[:, i])
+
+    def _append_one(self, row: int, keys: Tensor, values: Tensor) -> None:
+        if self.max_blocks is not None and self.count[row] == self.max_blocks:
+            if not self.evict:
+                raise MemoryFullError(
+                    f"the block memory is full ({self.max_blocks} blocks = "
+                    f"{self.max_blocks * self.block_size} positions) and eviction is off: raise max_blocks, "
+                    "allow eviction, or shorten the input"
+                )
+            self.start[row] = (self.start[row] + 1) % self.capacity  # drop the oldest block
+            self.count[row] -= 1
+        if self.count[row] == self.capacity:
+            self._allocate(min(2 * self.capacity, self.max_blocks or 2 * self.capacity))
+        slot = (self.start[row] + self.count[row]) % self.capacity
+        self.landmark_keys[row, :, slot] = keys[:, -1].to(self.device, self.dtype)
+        self.keys[row, :, slot] = keys[:, :-1].to(self.storage_device, self.dtype)
+        self.values[row, :, slot] = values[:, :-1].to(self.storage_device, self.dtype)
+        self.count[row] += 1
+
+    def landmarks(self) -> Tensor:
+        """(B, Hkv, N, D) landmark keys in logical order, N = max count (rows with fewer are padded)."""
+        n = max(self.count)
+        logical = torch.arange(n, device=self.device).expand(self.batch, n)
+        idx = self.physical_index(logical)  # (B, N)
+        return self.landmark_keys.gather(
+            2, idx[:, None, :, None].expand(-1, self.kv_heads, -1, self.head_dim)
+        )
+
+    def gather(self, logical: Tensor) -> tuple[Tensor, Tensor]:
+        """Contents of selected blocks, moved to the model's device.
+
+        Args:
+            logical: (B, U) logical block indices (each must be < count of its row).
+
+        Returns:
+            keys, values: (B, Hkv, U, block_size - 1, D) on the model's device.
+        """
+        idx = self.physical_index(logical).to(self.storage_device)
+        rows = torch.arange(self.batch, device=self.storage_device)[:, None]
+        keys = self.keys[rows, :, idx]  # (B, U, Hkv, n, D)
+        values = self.values[rows, :, idx]
+        return keys.transpose(1, 2).to(self.device), values.transpose(1, 2).to(self.device)
+
+    def landmarks_at(self, logical: Tensor) -> Tensor:
+        """(B, U) logical indices -> (B, Hkv, U, D) landmark keys."""
+        idx = self.physical_index(logical.to(self.device))
+        rows = torch.arange(self.batch, device=self.device)[:, None]
+        return self.landmark_keys[rows, :, idx].transpose(1, 2)
+
+    def nbytes_per_block(self) -> int:
+        """Bytes of keys and values of one block's regular tokens, all kv heads."""
+        return 2 * self.kv_heads * (self.block_size - 1) * self.head_dim * self.keys.element_size()

@@ -1,0 +1,240 @@
+"""Inference over inputs of any length: chunked processing with block memory and top-k retrieval.
+
+``InferenceSession`` holds, per layer, a ``BlockMemory`` of complete blocks and the incomplete tail
+block, for a batch of independent streams. ``feed`` runs new stream positions (landmarks included)
+through the model chunk by chunk and returns their logits. The helpers below insert landmarks
+automatically:
+
+* ``chunked_logits(model, tokens)``: logits for every token of arbitrarily long inputs (all chunks,
+  not only the last), optionally the loss;
+* ``generate`` (in ``landmark.inference.generate``): prompt prefill in chunks, then token-by-token
+  decoding with retrieval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from landmark.data.landmarks import insert_landmarks
+from landmark.inference.memory import BlockMemory
+from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention
+from landmark.model import GPT
+
+DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
+
+
+@dataclass
+class SessionStats:
+    """Totals over a session (for benchmarks and the inference report)."""
+
+    steps: int = 0
+    positions: int = 0
+    layer: StepStats = field(default_factory=StepStats)
+
+
+class InferenceSession:
+    """A landmark model plus the per-layer memories of a batch of streams.
+
+    Args:
+        model: a ``GPT`` with ``attention="landmark"``.
+        batch_size: number of independent streams.
+        k: blocks retrieved per selection unit (>= 1).
+        granularity: ``"token_head"`` (default), ``"token"`` or ``"head"``.
+        chunk_len: positions per chunk when feeding long inputs (>= block_size).
+        memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
+        max_blocks: cap on blocks per stream (None: unlimited); ``evict`` chooses FIFO eviction or an
+            error when it is reached.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        batch_size: int = 1,
+        *,
+        k: int = 4,
+        granularity: str = "token_head",
+        chunk_len: int = DEFAULT_CHUNK_LEN,
+        memory_device: torch.device | str | None = None,
+        max_blocks: int | None = None,
+        evict: bool = True,
+        row_group: int = 64,
+    ):
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "attention", None) != "landmark":
+            kind = getattr(cfg, "attention", type(model).__name__)
+            raise ValueError(
+                f"retrieval inference needs a model trained with landmark attention; this one uses {kind!r}"
+            )
+        if chunk_len < cfg.block_size:
+            raise ValueError(
+                f"chunk_len ({chunk_len}) must be at least one block (block_size = {cfg.block_size})"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.model, self.config = model, cfg
+        self.retrieval = RetrievalConfig(k=k, granularity=granularity, row_group=row_group)
+        self.chunk_len, self.batch_size = chunk_len, batch_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        bs, hkv, d = cfg.block_size, cfg.n_kv_head, cfg.head_dim
+        self.memories = [
+            BlockMemory(
+                batch_size,
+                hkv,
+                bs,
+                d,
+                dtype=self.dtype,
+                device=self.device,
+                storage_device=memory_device,
+                max_blocks=max_blocks,
+                evict=evict,
+            )
+            for _ in range(cfg.n_layer)
+        ]
+        self.tail_k = [
+            torch.zeros(batch_size, hkv, bs, d, dtype=self.dtype, device=self.device)
+            for _ in range(cfg.n_layer)
+        ]
+        self.tail_v = [torch.zeros_like(t) for t in self.tail_k]
+        self.tail_len = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.length = torch.zeros(batch_size, dtype=torch.long)  # stream positions so far, per row
+        self.stats = SessionStats()
+
+    @torch.no_grad()
+    def feed(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Run new stream positions through the model.
+
+        Args:
+            ids: (B, C) token ids continuing each stream, landmarks included at stream positions
+                ``p % block_size == block_size - 1``; right-padded where lengths differ.
+            lengths: (B,) real positions per row (default: all C).
+
+        Returns:
+            (B, C, vocab) logits (padding positions are garbage).
+        """
+        ids = ids.to(self.device)
+        if ids.dim() != 2 or ids.shape[0] != self.batch_size:
+            raise ValueError(f"ids must have shape ({self.batch_size}, length); got {tuple(ids.shape)}")
+        lengths = torch.full((self.batch_size,), ids.shape[1]) if lengths is None else lengths.cpu().long()
+        self._check_landmarks(ids, lengths)
+        outs = []
+        for c0 in range(0, ids.shape[1], self.chunk_len):
+            c1 = min(ids.shape[1], c0 + self.chunk_len)
+            outs.append(self._step(ids[:, c0:c1], (lengths - c0).clamp(0, c1 - c0)))
+        return torch.cat(outs, dim=1)
+
+    def _check_landmarks(self, ids: Tensor, lengths: Tensor) -> None:
+        bs, lm = self.config.block_size, self.config.landmark_id
+        pos = self.length[:, None] + torch.arange(ids.shape[1])[None, :]
+        real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        should = (pos % bs == bs - 1).to(ids.device)
+        is_lm = ids == lm
+        bad = real.to(ids.device) & (should != is_lm)
+        if bad.any():
+            b, t = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"row {b}, stream position {int(pos[b, t])}: landmarks must sit exactly at positions "
+                f"p % {bs} == {bs - 1} (use insert_landmarks); found token {int(ids[b, t])}"
+            )
+
+    def _step(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        model, cfg = self.model, self.config
+        lengths = lengths.to(self.device)
+        h = model.embed(ids)  # (B, C, E)
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = attn.project(block.norm1(h))  # (B, H, C, D), (B, Hkv, C, D) x2, un-rotated
+            local_k, local_v, local_len = self._local(layer, k, v, lengths)
+            y = retrieval_attention(
+                q, local_k, local_v, local_len, self.tail_len, lengths, self.memories[layer], self.retrieval,
+                cfg.block_size, cfg.rope_base, cfg.head_dim**-0.5, self.stats.layer,
+            )  # fmt: skip
+            h = h + attn.merge(y)
+            h = h + block.mlp(block.norm2(h))
+            self._commit(layer, local_k, local_v, local_len)
+        self.tail_len = local_len % cfg.block_size
+        self.length += lengths.cpu()
+        self.stats.steps += 1
+        self.stats.positions += int(lengths.sum())
+        return model.logits(h)
+
+    def _local(self, layer: int, k: Tensor, v: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tail block + new positions per row: (B, Hkv, T, D) keys and values, (B,) real lengths."""
+        bs = self.config.block_size
+        local_len = self.tail_len + lengths
+        t = int(local_len.max())
+        j = torch.arange(t, device=self.device)[None, :]
+        src = torch.where(j < self.tail_len[:, None], j, bs + j - self.tail_len[:, None])
+        src = src.clamp(0, bs + k.shape[2] - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        local_k = torch.cat((self.tail_k[layer], k), dim=2).gather(2, src)
+        local_v = torch.cat((self.tail_v[layer], v), dim=2).gather(2, src)
+        return local_k, local_v, local_len
+
+    def _commit(self, layer: int, local_k: Tensor, local_v: Tensor, local_len: Tensor) -> None:
+        """Move the complete blocks of the local context to memory; keep the rest as the new tail."""
+        bs = self.config.block_size
+        for b, n in enumerate(local_len.tolist()):
+            full = n // bs
+            if full:
+                kb = local_k[b, :, : full * bs].unflatten(1, (full, bs))  # (Hkv, full, bs, D)
+                vb = local_v[b, :, : full * bs].unflatten(1, (full, bs))
+                self.memories[layer].append(b, kb, vb)
+            rest = n - full * bs
+            self.tail_k[layer][b, :, :rest] = local_k[b, :, full * bs : n]
+            self.tail_v[layer][b, :, :rest] = local_v[b, :, full * bs : n]
+
+
+@torch.no_grad()
+def chunked_logits(
+    model: GPT,
+    tokens: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    targets: bool = False,
+    **session_kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """Logits for every token of (arbitrarily long) inputs, processed in chunks with retrieval.
+
+    Args:
+        tokens: (B, n) regular tokens (no landmarks; they are inserted here), right-padded.
+        lengths: (B,) real tokens per row (default: all n).
+        targets: also return the mean next-token loss over real positions (the last token of each row
+            has no target).
+        **session_kwargs: ``InferenceSession`` options (k, granularity, chunk_len, memory_device, ...).
+
+    Returns:
+        logits (B, n, vocab) at the regular tokens (logits[:, t] predicts token t + 1), and the loss or
+        None.
+    """
+    batch, n = tokens.shape
+    lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
+    bs, lm = model.config.block_size, model.config.landmark_id
+    stream = rows_with_landmarks(tokens, lengths, bs, lm)  # (B, n') right-padded
+    stream_len = lengths + lengths // (bs - 1)
+    session = InferenceSession(model, batch, **session_kwargs)
+    logits_stream = session.feed(stream, stream_len)
+    regular = torch.arange(stream.shape[1]) % bs != bs - 1
+    logits = logits_stream[:, regular][:, :n]
+    loss = None
+    if targets:
+        tgt = tokens[:, 1:].to(logits.device)
+        valid = (torch.arange(n - 1)[None, :] < (lengths - 1)[:, None]).to(logits.device)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, reduction="none")
+        loss = (ce * valid).sum() / valid.sum().clamp_min(1)
+    return logits, loss
+
+
+def rows_with_landmarks(tokens: Tensor, lengths: Tensor, block_size: int, landmark_id: int) -> Tensor:
+    """(B, n) right-padded tokens -> (B, n') streams with landmarks, right-padded, row by row."""
+    rows = [
+        insert_landmarks(tokens[b, : int(lengths[b])], block_size, landmark_id)
+        for b in range(tokens.shape[0])
+    ]
+    width = max(r.shape[0] for r in rows)
+    out = torch.full((tokens.shape[0], width), landmark_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, : r.shape[0]] = r
+    return out

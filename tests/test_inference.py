@@ -1,0 +1,202 @@
+"""Retrieval inference: chunked equals full pass, decoding equals prefill, selection, memory, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from landmark.data.landmarks import insert_landmarks
+from landmark.inference import (
+    BlockMemory,
+    InferenceSession,
+    MemoryFullError,
+    RetrievalConfig,
+    chunked_logits,
+    generate,
+    retrieval_attention,
+    select_blocks,
+)
+from landmark.model import GPT, ModelConfig
+
+BS, LM = 8, 49
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, seq_len=64, block_size=BS)
+    kw.update(landmark_id=LM, attn_impl="reference")
+    kw.update(overrides)
+    return GPT(ModelConfig(**kw)).eval()
+
+
+def full_pass(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits at the regular positions of one landmark-attention pass over the whole stream."""
+    stream = insert_landmarks(tokens, model.config.block_size, model.config.landmark_id)
+    with torch.no_grad():
+        logits = model(stream).logits
+    return logits[:, torch.arange(stream.shape[1]) % model.config.block_size != model.config.block_size - 1]
+
+
+@pytest.mark.parametrize("granularity", ["token_head", "token", "head"])
+@pytest.mark.parametrize("chunk_len", [8, 19, 40, 500])
+def test_chunked_equals_full_pass_when_k_covers_memory(chunk_len, granularity):
+    model = tiny_model()
+    tokens = torch.randint(0, 48, (2, 75), generator=torch.Generator().manual_seed(1))
+    logits, _ = chunked_logits(model, tokens, k=64, chunk_len=chunk_len, granularity=granularity)
+    assert logits.shape == (2, 75, 50)
+    assert (logits - full_pass(model, tokens)).abs().max() < 1e-5
+
+
+def test_chunked_ragged_batch_rows_match_their_own_full_pass():
+    model = tiny_model()
+    tokens = torch.randint(0, 48, (3, 61), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([61, 20, 7])
+    logits, _ = chunked_logits(model, tokens, lengths, k=64, chunk_len=16)
+    for b, n in enumerate(lengths.tolist()):
+        ref = full_pass(model, tokens[b : b + 1, :n])[0]
+        assert (logits[b, :n] - ref).abs().max() < 1e-5, f"row {b}"
+
+
+def test_memory_on_another_device_and_small_k_stay_finite():
+    model = tiny_model()
+    tokens = torch.randint(0, 48, (2, 120), generator=torch.Generator().manual_seed(3))
+    for gran in ("token_head", "token", "head"):
+        logits, loss = chunked_logits(
+            model, tokens, k=2, chunk_len=16, granularity=gran, memory_device="cpu", targets=True
+        )
+        assert torch.isfinite(logits).all() and torch.isfinite(loss)
+    # With k = 2 < blocks in memory, retrieval drops blocks: the result must differ from the full pass.
+    assert (logits - full_pass(model, tokens)).abs().max() > 1e-4
+
+
+def test_token_by_token_equals_chunked_prefill():
+    model = tiny_model()
+    tokens = torch.randint(0, 48, (1, 50), generator=torch.Generator().manual_seed(4))
+    stream = insert_landmarks(tokens, BS, LM)
+    for k in (2, 64):
+        prefill = InferenceSession(model, 1, k=k, chunk_len=BS)  # chunk = one block
+        one_by_one = InferenceSession(model, 1, k=k, chunk_len=BS)
+        a = torch.cat([prefill.feed(stream[:, i : i + BS]) for i in range(0, stream.shape[1], BS)], dim=1)
+        b = torch.cat([one_by_one.feed(stream[:, i : i + 1]) for i in range(stream.shape[1])], dim=1)
+        if k == 64:  # every block retrieved: both equal the full pass, hence each other
+            assert (a - b).abs().max() < 1e-5
+        # the first block has no memory at all: identical in both modes whatever k is
+        assert (a[:, :BS] - b[:, :BS]).abs().max() < 1e-5
+    # decoding through generate() reproduces the teacher-forced argmax of a full pass
+    out = generate(model, [tokens[0, :30].tolist()], 20, k=64, chunk_len=16)[0]
+    seq = torch.tensor([tokens[0, :30].tolist() + out])
+    assert full_pass(model, seq)[0, 29:-1].argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("granularity", ["token_head", "token", "head"])
+def test_selection_returns_k_distinct_blocks_per_unit(granularity):
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 4, 6, 10, generator=g)
+    n_blocks = torch.tensor([10, 3])
+    rows_ok = torch.ones(2, 6, dtype=torch.bool)
+    idx, valid = select_blocks(scores, n_blocks, rows_ok, 4, granularity)
+    assert idx.shape == (2, 4, 6, 4)
+    for b, n in enumerate(n_blocks.tolist()):
+        k_eff = min(4, n)
+        assert (valid[b].sum(-1) == k_eff).all()
+        for h in range(4):
+            for c in range(6):
+                picked = idx[b, h, c][valid[b, h, c]]
+                assert len(set(picked.tolist())) == k_eff and (picked < n).all()
+                assert picked.tolist() == sorted(picked.tolist())  # chronological
+    if granularity == "token":
+        assert (idx == idx[:, :1]).all()  # shared across heads
+    if granularity == "head":
+        assert (idx == idx[:, :, :1]).all()  # shared across the step's rows
+    if granularity == "token_head":  # the best-scoring blocks
+        best = scores[0].topk(4, dim=-1).indices.sort(-1).values
+        assert (idx[0] == best).all()
+
+
+@pytest.mark.parametrize("granularity", ["token_head", "token", "head"])
+def test_planted_block_is_retrieved(granularity):
+    """Block 5 of 12 in memory has a landmark key aligned with the query and values of 100: the output
+    must be ~100. With a huge RoPE base only the first rotary pair (dims 0 and d/2) turns with position;
+    the query is zero there, so the alignment survives the positions."""
+    bs, d = 4, 8
+    g = torch.Generator().manual_seed(6)
+    memory = BlockMemory(1, 1, bs, d, dtype=torch.float32, device="cpu")
+    q = torch.randn(1, 1, 1, d, generator=g)
+    q[..., [0, d // 2]] = 0.0
+    for i in range(12):
+        keys = torch.randn(1, 1, bs, d, generator=g) * 0.1
+        values = torch.zeros(1, 1, bs, d)
+        if i == 5:
+            keys[0, 0, -1] = q[0, 0, 0] * 10  # the landmark key points at the query
+            values[:] = 100.0
+        memory.append(0, keys, values)
+    local_k = torch.randn(1, 1, 1, d, generator=g) * 0.1
+    local_v = torch.zeros(1, 1, 1, d)
+    one, zero = torch.tensor([1]), torch.tensor([0])
+    out = retrieval_attention(
+        q,
+        local_k,
+        local_v,
+        one,
+        zero,
+        one,
+        memory,
+        RetrievalConfig(k=2, granularity=granularity),
+        bs,
+        1e30,
+        1.0,
+    )
+    assert out.min() > 99.0
+
+
+def test_memory_cap_evicts_oldest_or_refuses():
+    memory = BlockMemory(1, 1, 4, 2, dtype=torch.float32, device="cpu", max_blocks=3)
+    for i in range(5):
+        memory.append(0, torch.full((1, 1, 4, 2), float(i)), torch.full((1, 1, 4, 2), float(i)))
+    assert memory.count == [3]
+    assert memory.landmarks()[0, 0, :, 0].tolist() == [2.0, 3.0, 4.0]  # FIFO: oldest evicted
+    keys, _values = memory.gather(torch.tensor([[0, 2]]))
+    assert keys.shape == (1, 1, 2, 3, 2) and keys[0, 0, :, 0, 0].tolist() == [2.0, 4.0]
+    strict = BlockMemory(1, 1, 4, 2, dtype=torch.float32, device="cpu", max_blocks=2, evict=False)
+    strict.append(0, torch.zeros(1, 2, 4, 2), torch.zeros(1, 2, 4, 2))
+    with pytest.raises(MemoryFullError, match="memory is full"):
+        strict.append(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
+
+
+def test_generate_batch_never_samples_landmarks():
+    model = tiny_model()
+    real_logits = model.logits
+    model.logits = lambda h: real_logits(h).index_add(
+        -1, torch.tensor([LM]), torch.full((*h.shape[:2], 1), 50.0)
+    )
+    prompts = [[1, 2, 3], list(range(20, 45))]
+    streamed: list[tuple[int, int]] = []
+    out = generate(model, prompts, 30, k=2, chunk_len=16, temperature=1.0, top_p=0.9, seed=0,
+                   on_token=lambda b, t: streamed.append((b, t)))  # fmt: skip
+    assert [len(o) for o in out] == [30, 30]
+    assert all(LM not in o for o in out)
+    assert sorted(streamed) == sorted((b, t) for b, o in enumerate(out) for t in o)
+
+
+def test_bad_input_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"k \(blocks retrieved per query\) must be an integer >= 1"):
+        InferenceSession(model, k=0)
+    with pytest.raises(ValueError, match=r"chunk_len \(5\) must be at least one block \(block_size = 8\)"):
+        InferenceSession(model, chunk_len=5)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        InferenceSession(model, granularity="layer")
+    full = GPT(
+        ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, seq_len=32, attention="full")
+    )
+    with pytest.raises(
+        ValueError, match="needs a model trained with landmark attention; this one uses 'full'"
+    ):
+        InferenceSession(full)
+    with pytest.raises(MemoryFullError, match="memory is full"):
+        chunked_logits(model, torch.randint(0, 48, (1, 100)), k=2, chunk_len=16, max_blocks=4, evict=False)
+    session = InferenceSession(model)
+    with pytest.raises(ValueError, match="landmarks must sit exactly at positions p % 8 == 7"):
+        session.feed(torch.randint(0, 48, (1, 10)))
+    with pytest.raises(ValueError, match="must not contain the landmark token"):
+        generate(model, [[1, LM, 2]], 3)
