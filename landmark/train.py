@@ -46,6 +46,7 @@ from landmark.checkpoint import (
     save_checkpoint,
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
+from landmark.data.passkey import PasskeyMixSampler
 from landmark.model import GPT, IGNORE_INDEX, ModelConfig
 from landmark.train_config import ConfigError, RunConfig
 
@@ -273,6 +274,8 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
     mc = cfg.model_config(tok.vocab_size, tok.landmark_id)
     train_split, val_split = data.splits["train"].tokens, data.splits["validation"].tokens
     sampler = _sampler(train_split, mc, t.batch_size, t.seed, d.rank, "train")
+    if cfg.data.passkey_fraction > 0:  # the passkey recipe: mix synthetic retrieval samples into training
+        sampler = PasskeyMixSampler(sampler, tok, cfg.data.passkey_fraction, seed=t.seed, rank=d.rank)
     eval_sampler = _sampler(val_split, mc, t.eval_batch_size or t.batch_size, EVAL_SEED, 0, "validation")
     eval_batches = [eval_sampler.batch(i) for i in range(t.eval_batches)]
 

@@ -44,6 +44,7 @@ class DataConfig:
     vocab_size: int = 8192  # bpe: vocabulary size, the two special tokens included
     gpt2_dir: str = ""  # gpt2: folder of encoder.json and vocab.bpe; "" = <cache>/gpt2
     prepared_dir: str = ""  # where the tokenizer and token arrays go; "" = <cache>/prepared/<corpus>-...
+    passkey_fraction: float = 0.0  # share of training windows replaced by synthetic passkey samples (0 = off)
 
 
 @dataclass
@@ -224,6 +225,7 @@ def validate(cfg: RunConfig) -> None:
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda; got {t.device!r}"),
         (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
         (bool(t.out_dir), "train.out_dir must name a folder"),
+        (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,0 +1,126 @@
+"""The passkey retrieval task (shared/method.md section 6): prompts for evaluation, samples for training.
+
+A prompt is the instruction, repeated filler, the key sentence at a chosen depth, more filler, and the
+question; the answer is the key::
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will
+    quiz you about the important information there. The grass is green. The sky is blue. ... The pass
+    key is 48213. Remember it. 48213 is the pass key. ... What is the pass key? The pass key is 48213.
+
+Lengths are counted in tokens of the model's tokenizer (landmarks not included). Each piece is encoded
+once with a leading space, so a prompt is a concatenation of token lists and has exactly the length
+asked for (the last filler sentence before the question may be cut).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from landmark.data.landmarks import landmark_example
+from landmark.data.tokenizer import Tokenizer
+from landmark.data.windows import Batch, WindowSampler
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+KEY_RANGE = (10000, 100000)  # five-digit keys
+
+
+def first_integer(text: str) -> int | None:
+    """The first integer in ``text`` (what the model answered), or None."""
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
+
+
+@dataclass
+class PasskeyPrompts:
+    """Token-level passkey prompts for one tokenizer."""
+
+    tokenizer: Tokenizer
+
+    def __post_init__(self) -> None:
+        enc = self.tokenizer.encode
+        self.instruction = enc(INSTRUCTION)
+        self.filler = enc(" " + FILLER)
+        self.question = enc(" " + QUESTION)
+
+    def key_sentence(self, key: int) -> list[int]:
+        return self.tokenizer.encode(" " + KEY_SENTENCE.format(key=key))
+
+    def answer(self, key: int) -> list[int]:
+        """The expected continuation: `` 48213.``"""
+        return self.tokenizer.encode(f" {key}.")
+
+    def min_length(self, key: int = 99999) -> int:
+        return len(self.instruction) + len(self.key_sentence(key)) + len(self.question)
+
+    def prompt(self, length: int, depth: float, key: int) -> list[int]:
+        """A prompt of exactly ``length`` tokens with the key sentence at ``depth`` (0 = right after the
+        instruction, 1 = right before the question), snapped to a filler sentence boundary."""
+        return self._compose(length, depth, key)[0]
+
+    def _compose(self, length: int, depth: float, key: int) -> tuple[list[int], int]:
+        """(prompt, number of filler tokens before the key sentence)."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1]; got {depth}")
+        key_ids = self.key_sentence(key)
+        n_filler = length - len(self.instruction) - len(key_ids) - len(self.question)
+        if n_filler < 0:
+            raise ValueError(f"length {length} is too short for a passkey prompt (minimum {self.min_length(key)})")
+        unit = len(self.filler)
+        filler = (self.filler * (n_filler // unit + 1))[:n_filler]
+        cut = min(n_filler, round(depth * n_filler / unit) * unit)
+        return self.instruction + filler[:cut] + key_ids + filler[cut:] + self.question, cut
+
+    def training_sample(self, rng: np.random.Generator, n_tokens: int, min_gap: int) -> list[int]:
+        """``n_tokens`` tokens ending with the answer; at least ``min_gap`` filler tokens separate the key
+        sentence from the question (so that, in training, the key lies in an earlier block)."""
+        key = int(rng.integers(*KEY_RANGE))
+        answer = self.answer(key)
+        length = n_tokens - len(answer)
+        n_filler = length - len(self.instruction) - len(self.key_sentence(key)) - len(self.question)
+        if n_filler < min_gap:
+            raise ValueError(f"{n_filler} filler tokens cannot keep the key {min_gap} tokens from the question")
+        depth = rng.integers(0, n_filler - min_gap + 1) / n_filler
+        prompt, before = self._compose(length, depth, key)
+        if n_filler - before < min_gap:  # snapping to a sentence boundary moved the key too late
+            prompt, _ = self._compose(length, 0.0, key)
+        return prompt + answer
+
+
+class PasskeyMixSampler:
+    """A training sampler that replaces a seeded fraction of each batch's windows with passkey samples.
+
+    ``batch(step)`` stays a pure function of (seed, rank, step), so resuming is exact.
+    """
+
+    def __init__(self, base: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0, rank: int = 0):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
+        self.base, self.fraction, self.seed, self.rank = base, fraction, seed, rank
+        self.prompts = PasskeyPrompts(tokenizer)
+        layout = base.layout
+        self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
+        # the key must end in an earlier block than the question: at least one block of regular tokens
+        self.min_gap = layout.block_size - 1 if layout.landmarks else 1
+
+    def batch(self, step: int) -> Batch:
+        batch = self.base.batch(step)
+        rng = np.random.default_rng([self.seed, self.rank, step, 7919])
+        layout = self.base.layout
+        for row in np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction):
+            raw = torch.tensor(self.prompts.training_sample(rng, self.n_raw, self.min_gap), dtype=torch.long)
+            if layout.landmarks:
+                inp, tgt = landmark_example(raw, layout.block_size, layout.landmark_id, layout.ignore_index)
+            else:
+                inp, tgt = raw[:-1], raw[1:]
+            batch.input_ids[row], batch.targets[row] = inp, tgt
+        return batch
