@@ -17,63 +17,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import BS, converted, make_model, make_tokenizer  # noqa: E402
+
 import landmark.hf as lhf  # noqa: E402
 from landmark import landmark_attention  # noqa: E402
 from landmark.data import insert_landmarks  # noqa: E402
-
-TEXT = (
-    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
-    "purse, and nothing particular to interest me on shore, I thought I would sail about a little and "
-    "see the watery part of the world. "
-)
-BS = 8  # block size of the tiny models: 7 tokens + 1 landmark
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([TEXT] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
-
-
-def make_model(arch: str = "llama", tie: bool = False, vocab: int = 320, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-    )
-    common.update(overrides)
-    if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    elif arch == "mistral":
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **common))
-    elif arch == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        raise ValueError(arch)
-    return model.eval()
-
-
-def converted(arch: str = "llama", tie: bool = False, block_size: int = BS, **overrides):
-    tok = make_tokenizer()
-    model = make_model(arch, tie=tie, vocab=len(tok), **overrides)
-    return lhf.convert(model, tok, block_size=block_size)
 
 
 def rope(x: torch.Tensor, theta: float, positions: torch.Tensor) -> torch.Tensor:

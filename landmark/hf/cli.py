@@ -14,12 +14,30 @@ transformers is imported only when a sub-command runs, so ``landmark --help`` wo
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import fields
 
 from landmark.config import DEFAULT_BLOCK_SIZE
 
 
+def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print a ValueError or ImportError (bad option, unsupported model, missing extra) as one line, exit 2."""
+
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except (ValueError, ImportError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_user_errors
 def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
     from landmark.hf.smollm2 import prepare_smollm2
 
@@ -28,6 +46,7 @@ def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def cmd_convert(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def cmd_finetune(args: argparse.Namespace) -> int:
     from landmark.hf.finetune import FinetuneConfig, finetune
     from landmark.hf.smollm2 import default_smollm2_dir, is_prepared
@@ -64,6 +84,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def cmd_generate(args: argparse.Namespace) -> int:
     from landmark.hf.convert import load_pretrained
     from landmark.hf.generate import generate

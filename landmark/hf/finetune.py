@@ -98,15 +98,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     use_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
-    model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
-    block_size = int(model.config.landmark_block_size)
     if cfg.max_length < 2:
         raise ValueError(f"max_length must be >= 2; got {cfg.max_length}")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and cfg.max_length > max_positions:
-        raise ValueError(
-            f"max_length {cfg.max_length} exceeds the model's max_position_embeddings {max_positions}"
-        )
     if cfg.fsdp and use_cpu:
         raise ValueError(
             "--fsdp needs CUDA devices: accelerate enables FSDP only for GPU-class devices and would "
@@ -115,7 +108,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     if cfg.lora_r and cfg.fsdp:
         raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
-
+    model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+    block_size = int(model.config.landmark_block_size)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.max_length > max_positions:
+        raise ValueError(
+            f"max_length {cfg.max_length} exceeds the model's max_position_embeddings {max_positions}"
+        )
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=cfg.steps,

@@ -1,0 +1,227 @@
+"""Tests of `landmark hf finetune` (single process, LoRA, torchrun DDP), FSDP2 on CPU, and SmolLM2 (slow).
+
+The tiny tests run on a random 2-layer Llama and a small corpus in tmp_path; the token cache goes to
+tmp_path through LANDMARK_CACHE. Nothing is downloaded (HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from hf_helpers import write_tiny
+
+import landmark.hf as lhf
+from landmark.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--block-size", "8", "--max-length", "64", "--steps", "6", "--batch-size", "2", "--lr", "1e-3"]
+TINY_ARGS += ["--warmup-steps", "1", "--logging-steps", "2", "--eval-windows", "4"]
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return write_tiny(tmp_path)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "landmark-finetune.json").read_text())
+
+
+def test_finetune_full(tiny, tmp_path):
+    model_dir, corpus = tiny
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "hf",
+                "finetune",
+                "--model",
+                str(model_dir),
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(out),
+                *TINY_ARGS,
+            ]
+        )
+        == 0
+    )
+    s = summary(out)
+    assert s["world_size"] == 1 and s["block_size"] == 8
+    assert s["eval_loss_after"] < s["eval_loss_before"]
+    model, tok = lhf.load_pretrained(out)
+    assert model.config.landmark_block_size == 8
+    _, new = lhf.generate(model.eval(), tok, "Call me", max_new_tokens=4)
+    assert len(new) >= 1
+
+
+def test_finetune_lora_merges_and_trains_the_landmark_row(tiny, tmp_path):
+    model_dir, corpus = tiny
+    out = tmp_path / "out"
+    args = [
+        "hf",
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        *TINY_ARGS,
+    ]
+    assert main([*args, "--lora-r", "4"]) == 0
+    s = summary(out)
+    assert 0 < s["trainable_parameters"] < s["parameters"] / 10
+    assert (out / "lora-adapter" / "adapter_config.json").is_file()
+    model, _ = lhf.load_pretrained(out)
+    emb = model.get_input_embeddings().weight.detach()
+    lid = model.config.landmark_token_id
+    keep = torch.ones(emb.shape[0], dtype=torch.bool)
+    keep[lid] = False
+    # the landmark row started as the mean of the other rows; LoRA's trainable token moved it
+    assert (emb[lid] - emb[keep].mean(0)).abs().max() > 1e-4
+    # merged: no LoRA modules left
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_finetune_fsdp_refused_on_cpu(tiny, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for CPU processes")
+    model_dir, corpus = tiny
+    args = [
+        "hf",
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, *TINY_ARGS, "--fsdp"]) == 2
+    assert "error: --fsdp needs CUDA" in capsys.readouterr().err
+
+
+def torchrun(args: list[str], env_extra: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_finetune_ddp_two_cpu_processes(tiny, tmp_path):
+    model_dir, corpus = tiny
+    out = tmp_path / "out"
+    args = [
+        "-m",
+        "landmark",
+        "hf",
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+    ]
+    torchrun([*args, *TINY_ARGS], {"LANDMARK_CACHE": str(tmp_path / "cache")})
+    s = summary(out)
+    assert s["world_size"] == 2 and s["distributed_type"] == "MULTI_CPU"  # DDP over gloo
+    assert s["eval_loss_after"] < s["eval_loss_before"]
+    model, _ = lhf.load_pretrained(out)
+    assert model.config.landmark_token_id is not None
+
+
+FSDP2_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from hf_helpers import BS, converted
+import landmark.hf as lhf
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model, tok = converted()
+model.train()
+rows = [torch.arange(1, 60) + 3 * r for r in range(4)]
+batch = lhf.LandmarkCollator(tok, BS, 32)(rows)
+full = model(**batch)
+full.loss.backward()
+ref_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+model.zero_grad()
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+half = {{k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}}
+loss = model(**half).loss
+loss.backward()  # FSDP averages gradients over ranks; both halves hold the same number of targets
+grad = model.model.layers[0].self_attn.q_proj.weight.grad.full_tensor()
+losses = [torch.zeros(()) for _ in range(2)]
+dist.all_gather(losses, loss.detach())
+if rank == 0:
+    assert abs(sum(losses).item() / 2 - full.loss.item()) < 1e-5, (losses, full.loss)
+    assert torch.allclose(grad, ref_grad, atol=1e-6), (grad - ref_grad).abs().max()
+    print("FSDP2 OK")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_on_cpu_with_gloo(tmp_path):
+    """torch's FSDP2 shards a converted model over 2 CPU processes (gloo): same loss and gradients as one
+    process on the whole batch. (The Trainer cannot use it on CPU: accelerate enables FSDP on GPUs only.)"""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(textwrap.dedent(FSDP2_SCRIPT.format(tests=str(REPO / "tests"))))
+    proc = torchrun([str(script)], {})
+    assert "FSDP2 OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_prepare_finetune_save_load_generate(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct: GGUF -> safetensors, a few landmark fine-tuning steps on the bundled books,
+    save, reload, generate. About 3 minutes on 2 CPU cores."""
+    from landmark.hf.smollm2 import is_prepared, prepare_smollm2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lines: list[str] = []
+    base = prepare_smollm2(tmp_path / "smollm2", log=lines.append)
+    assert is_prepared(base)
+    prepare_smollm2(base, log=lines.append)  # idempotent
+    assert "already prepared" in lines[-1]
+    out = tmp_path / "ft"
+    args = ["hf", "finetune", "--model", str(base), "--out", str(out), "--max-length", "256", "--steps", "3"]
+    args += [
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-4",
+        "--warmup-steps",
+        "1",
+        "--logging-steps",
+        "1",
+        "--eval-windows",
+        "4",
+    ]
+    assert main(args) == 0
+    s = summary(out)
+    assert s["block_size"] == 64 and s["parameters"] > 100e6
+    model, tok = lhf.load_pretrained(out)
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert model.config.landmark_token_id == 49152 == tok.convert_tokens_to_ids("<landmark>")
+    text, new = lhf.generate(model.eval(), tok, "The capital of France is", max_new_tokens=5)
+    assert len(new) >= 1 and isinstance(text, str)
