@@ -24,7 +24,7 @@ from landmark.config import DEFAULT_BLOCK_SIZE
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Print a ValueError or ImportError (bad option, unsupported model, missing extra) as one line, exit 2."""
+    """Print a ValueError or ImportError (bad option, unsupported model, missing extra) in one line."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
