@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from landmark import __version__
+from landmark.eval.cli import add_eval_parser
 from landmark.hf.cli import add_hf_parser
 
 
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot_metrics)
 
     add_hf_parser(sub)  # `landmark hf ...`: Hugging Face models (landmark/hf/cli.py)
+    add_eval_parser(sub)  # `landmark eval ...`: perplexity and passkey (landmark/eval/cli.py)
     return parser
 
 

@@ -248,17 +248,21 @@ class GPT(nn.Module):
         """Final norm and the tied output layer: (B, T, n_embd) -> (B, T, vocab_size)."""
         return F.linear(self.norm(h), self.embed.weight)
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        """input_ids, targets: (B, T) int64 with T <= seq_len (landmarks already inserted for "landmark").
-
-        Targets equal to IGNORE_INDEX (landmark positions) are not scored.
-        """
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, n_embd) outputs of the last block (before the final norm)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}")
         h = self.embed(input_ids)
         for block in self.blocks:
             h = block(h)
-        logits = self.logits(h)
+        return h
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        """input_ids, targets: (B, T) int64 with T <= seq_len (landmarks already inserted for "landmark").
+
+        Targets equal to IGNORE_INDEX (landmark positions) are not scored.
+        """
+        logits = self.logits(self.hidden_states(input_ids))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -74,7 +74,9 @@ class PasskeyPrompts:
         key_ids = self.key_sentence(key)
         n_filler = length - len(self.instruction) - len(key_ids) - len(self.question)
         if n_filler < 0:
-            raise ValueError(f"length {length} is too short for a passkey prompt (minimum {self.min_length(key)})")
+            raise ValueError(
+                f"length {length} is too short for a passkey prompt (minimum {self.min_length(key)})"
+            )
         unit = len(self.filler)
         filler = (self.filler * (n_filler // unit + 1))[:n_filler]
         cut = min(n_filler, round(depth * n_filler / unit) * unit)
@@ -88,7 +90,9 @@ class PasskeyPrompts:
         length = n_tokens - len(answer)
         n_filler = length - len(self.instruction) - len(self.key_sentence(key)) - len(self.question)
         if n_filler < min_gap:
-            raise ValueError(f"{n_filler} filler tokens cannot keep the key {min_gap} tokens from the question")
+            raise ValueError(
+                f"{n_filler} filler tokens cannot keep the key {min_gap} tokens from the question"
+            )
         depth = rng.integers(0, n_filler - min_gap + 1) / n_filler
         prompt, before = self._compose(length, depth, key)
         if n_filler - before < min_gap:  # snapping to a sentence boundary moved the key too late
@@ -102,7 +106,9 @@ class PasskeyMixSampler:
     ``batch(step)`` stays a pure function of (seed, rank, step), so resuming is exact.
     """
 
-    def __init__(self, base: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0, rank: int = 0):
+    def __init__(
+        self, base: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0, rank: int = 0
+    ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
         self.base, self.fraction, self.seed, self.rank = base, fraction, seed, rank
@@ -111,6 +117,12 @@ class PasskeyMixSampler:
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
         # the key must end in an earlier block than the question: at least one block of regular tokens
         self.min_gap = layout.block_size - 1 if layout.landmarks else 1
+        need = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
+        if self.n_raw < need:
+            raise ValueError(
+                f"passkey samples need windows of at least {need} tokens with this tokenizer; the window holds "
+                f"{self.n_raw}: use a longer seq_len or passkey_fraction = 0"
+            )
 
     def batch(self, step: int) -> Batch:
         batch = self.base.batch(step)

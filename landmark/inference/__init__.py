@@ -3,7 +3,7 @@
 from landmark.inference.generate import generate, sample_next
 from landmark.inference.memory import BlockMemory, MemoryFullError
 from landmark.inference.retrieval import GRANULARITIES, RetrievalConfig, retrieval_attention, select_blocks
-from landmark.inference.session import DEFAULT_CHUNK_LEN, InferenceSession, chunked_logits
+from landmark.inference.session import DEFAULT_CHUNK_LEN, InferenceSession, chunked_logits, chunked_nll
 
 __all__ = [
     "DEFAULT_CHUNK_LEN",
@@ -13,6 +13,7 @@ __all__ = [
     "MemoryFullError",
     "RetrievalConfig",
     "chunked_logits",
+    "chunked_nll",
     "generate",
     "retrieval_attention",
     "sample_next",

@@ -13,6 +13,7 @@ automatically:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -115,16 +116,20 @@ class InferenceSession:
         Returns:
             (B, C, vocab) logits (padding positions are garbage).
         """
+        return torch.cat([logits for _, logits in self.iter_feed(ids, lengths)], dim=1)
+
+    @torch.no_grad()
+    def iter_feed(self, ids: Tensor, lengths: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Like ``feed``, but yields ``(c0, logits)`` chunk by chunk (logits of positions c0..c0+len-1),
+        so that long inputs never hold all their logits at once."""
         ids = ids.to(self.device)
         if ids.dim() != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must have shape ({self.batch_size}, length); got {tuple(ids.shape)}")
         lengths = torch.full((self.batch_size,), ids.shape[1]) if lengths is None else lengths.cpu().long()
         self._check_landmarks(ids, lengths)
-        outs = []
         for c0 in range(0, ids.shape[1], self.chunk_len):
             c1 = min(ids.shape[1], c0 + self.chunk_len)
-            outs.append(self._step(ids[:, c0:c1], (lengths - c0).clamp(0, c1 - c0)))
-        return torch.cat(outs, dim=1)
+            yield c0, self._step(ids[:, c0:c1], (lengths - c0).clamp(0, c1 - c0))
 
     def _check_landmarks(self, ids: Tensor, lengths: Tensor) -> None:
         bs, lm = self.config.block_size, self.config.landmark_id
@@ -238,3 +243,43 @@ def rows_with_landmarks(tokens: Tensor, lengths: Tensor, block_size: int, landma
     for b, r in enumerate(rows):
         out[b, : r.shape[0]] = r
     return out
+
+
+@torch.no_grad()
+def chunked_nll(
+    model: GPT, tokens: Tensor, lengths: Tensor | None = None, **session_kwargs
+) -> tuple[Tensor, Tensor]:
+    """Next-token negative log-likelihood of long inputs, processed in chunks with retrieval.
+
+    Memory stays O(chunk x vocab): logits are consumed chunk by chunk. Landmarks are inserted here
+    and are not scored; the token before a landmark is scored on the token after it.
+
+    Args:
+        tokens: (B, n) regular tokens, right-padded; lengths: (B,) real tokens (default n).
+
+    Returns:
+        (nll_sum, count): (B,) float64 sums of -log p(token t+1 | tokens <= t) and (B,) numbers of
+        scored tokens (length - 1 per row).
+    """
+    from landmark.data.landmarks import landmark_targets
+
+    batch, n = tokens.shape
+    lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
+    bs, lm = model.config.block_size, model.config.landmark_id
+    stream = rows_with_landmarks(tokens, lengths, bs, lm)
+    stream_len = lengths + lengths // (bs - 1)
+    targets = landmark_targets(stream, bs)  # next regular token; -100 at landmarks and the very end
+    real = torch.arange(stream.shape[1])[None, :] < stream_len[:, None]
+    targets = torch.where(real, targets, torch.full_like(targets, -100))
+    # the last regular token of a shorter row would be scored on its padding: never score past the end
+    last = torch.arange(stream.shape[1])[None, :] >= (stream_len - 1 - (stream_len % bs == 0).long())[:, None]
+    targets = torch.where(last, torch.full_like(targets, -100), targets)
+    session = InferenceSession(model, batch, **session_kwargs)
+    nll = torch.zeros(batch, dtype=torch.float64)
+    for c0, logits in session.iter_feed(stream, stream_len):
+        tgt = targets[:, c0 : c0 + logits.shape[1]].to(logits.device)
+        ce = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), tgt.clamp_min(0), reduction="none"
+        )  # (B, c)
+        nll += (ce * (tgt != -100)).sum(1).double().cpu()
+    return nll, (lengths - 1).clamp_min(0)

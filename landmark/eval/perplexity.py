@@ -1,0 +1,159 @@
+"""Perplexity against context length (shared/method.md section 6).
+
+Non-overlapping windows of each evaluation length are cut from a corpus split (raw tokens; the
+landmark model inserts its own landmarks, which are never scored). Every window is evaluated from a
+fresh state (memory reset per window); every model scores the same tokens (tokens 1..L-1 of each
+window, each from all the tokens before it in the window):
+
+* ``landmark`` models: chunked inference with top-k retrieval (``chunked_nll``), once per requested
+  k and granularity;
+* ``full`` models: one causal pass over the whole window (beyond the training length for long windows,
+  which is the point of the comparison);
+* ``xl`` models: their segment recurrence over the window (each segment sees the previous one's cache).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from landmark.eval.common import CellCache, ModelUnderTest, weights_fingerprint
+from landmark.inference import chunked_nll
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One line of the table: a model, and for landmark models a retrieval setting."""
+
+    model: str
+    kind: str
+    k: int | None = None
+    granularity: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind != "landmark":
+            return f"{self.model} ({self.kind})"
+        return f"{self.model} (landmark, k={self.k}, {self.granularity})"
+
+
+def eval_windows(tokens: np.ndarray, length: int, max_tokens: int) -> np.ndarray:
+    """(W, length) non-overlapping windows from the start of ``tokens``, W = max(1, max_tokens // length)."""
+    n = min(len(tokens) // length, max(1, max_tokens // length))
+    if n < 1:
+        raise ValueError(f"the split holds {len(tokens)} tokens, fewer than one window of {length}")
+    return np.asarray(tokens[: n * length], dtype=np.int64).reshape(n, length)
+
+
+@torch.no_grad()
+def _plain_nll(m: ModelUnderTest, windows: torch.Tensor, slice_len: int = 1024) -> torch.Tensor:
+    """(W, L) windows -> (W,) NLL sums of a full or xl model over tokens 1..L-1 (logits in slices)."""
+    h = m.model.hidden_states(windows)
+    total = torch.zeros(windows.shape[0], dtype=torch.float64)
+    for s in range(0, windows.shape[1] - 1, slice_len):
+        e = min(windows.shape[1] - 1, s + slice_len)
+        logits = m.model.logits(h[:, s:e]).float()
+        ce = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), windows[:, s + 1 : e + 1], reduction="none"
+        )
+        total += ce.sum(1).double()
+    return total
+
+
+def evaluate_perplexity(
+    models: list[ModelUnderTest],
+    tokens: np.ndarray,
+    lengths: list[int],
+    ks: list[int],
+    granularities: list[str],
+    cache: CellCache,
+    *,
+    max_tokens: int = 16384,
+    batch_size: int = 4,
+    chunk_len: int = 256,
+    split: str = "validation",
+    progress: bool = True,
+) -> list[dict]:
+    """Perplexity of every (setting, length) cell; finished cells are read from ``cache``.
+
+    Returns:
+        One dict per cell: setting label, model, kind, k, granularity, length, windows, tokens scored,
+        nll, ppl, seconds.
+    """
+    settings: list[tuple[ModelUnderTest, Setting]] = []
+    for m in models:
+        if m.kind == "landmark":
+            settings += [(m, Setting(m.name, m.kind, k, g)) for k in ks for g in granularities]
+        else:
+            settings.append((m, Setting(m.name, m.kind)))
+    cells = [(m, s, n) for m, s in settings for n in lengths]
+    fingerprints = {m.name: weights_fingerprint(m.model) for m in models}
+    results = []
+    bar = tqdm(cells, desc="perplexity", unit="cell", disable=not progress)
+    for m, s, n in bar:
+        bar.set_postfix_str(f"{s.label} @ {n}")
+        key = {
+            "eval": "ppl", "weights": fingerprints[m.name], "kind": s.kind, "k": s.k,
+            "granularity": s.granularity, "length": n, "max_tokens": max_tokens, "chunk_len": chunk_len,
+            "split": split, "tokens": len(tokens),
+        }  # fmt: skip
+        cached = cache.get(key)
+        if cached is None:
+            t0 = time.perf_counter()
+            windows = torch.from_numpy(eval_windows(tokens, n, max_tokens))
+            nll, count = 0.0, 0
+            for b in range(0, windows.shape[0], batch_size):
+                w = windows[b : b + batch_size]
+                if s.kind == "landmark":
+                    sums, counts = chunked_nll(
+                        m.model, w, k=s.k, granularity=s.granularity, chunk_len=chunk_len
+                    )
+                    nll, count = nll + float(sums.sum()), count + int(counts.sum())
+                else:
+                    nll, count = nll + float(_plain_nll(m, w).sum()), count + w.shape[0] * (n - 1)
+            cached = {"windows": int(windows.shape[0]), "tokens": count, "nll": nll / count,
+                      "ppl": math.exp(nll / count), "seconds": time.perf_counter() - t0}  # fmt: skip
+            cache.put(key, cached)
+        results.append({"setting": s.label, "model": s.model, "kind": s.kind, "k": s.k,
+                        "granularity": s.granularity, "length": n, **cached})  # fmt: skip
+    return results
+
+
+def perplexity_table(results: list[dict]) -> str:
+    """Markdown: one row per setting, one column per length."""
+    lengths = sorted({r["length"] for r in results})
+    labels = list(dict.fromkeys(r["setting"] for r in results))
+    cell = {(r["setting"], r["length"]): r for r in results}
+    lines = ["| model / setting | " + " | ".join(str(n) for n in lengths) + " |"]
+    lines.append("|---|" + "---:|" * len(lengths))
+    for label in labels:
+        vals = [f"{cell[(label, n)]['ppl']:.2f}" if (label, n) in cell else "" for n in lengths]
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def plot_perplexity(results: list[dict], path) -> None:
+    """PNG: perplexity against context length, one line per setting, log-scaled x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["setting"] for r in results):
+        rows = sorted((r for r in results if r["setting"] == label), key=lambda r: r["length"])
+        ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Perplexity against context length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

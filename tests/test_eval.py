@@ -1,0 +1,165 @@
+"""Evaluation commands: perplexity vs length and passkey, end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from landmark.cli import main
+from landmark.data import Tokenizer, prepare_data
+from landmark.data.passkey import PasskeyMixSampler, PasskeyPrompts, first_integer
+from landmark.data.windows import WindowSampler
+from landmark.eval.perplexity import eval_windows
+from landmark.train import train
+from landmark.train_config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """A synthetic corpus and three tiny checkpoints (landmark, full, xl), 2 training steps each."""
+    from tests.test_train import write_corpus
+
+    root = tmp_path_factory.mktemp("eval")
+    corpus = write_corpus(root / "corpus")
+    prepared = root / "prepared"
+    prepare_data(corpus, prepared, "bpe", 512, progress=False)
+    out = {"prepared": prepared}
+    for kind in ("landmark", "full", "xl"):
+        cfg = load_config(TINY, [
+            f"data.corpus={json.dumps(str(corpus))}", f"data.prepared_dir={json.dumps(str(prepared))}",
+            f"train.out_dir={json.dumps(str(root / kind))}", f'model.attention="{kind}"', "train.max_steps=2",
+            "train.threads=1", "train.progress=false", "train.eval_every=0",
+        ])  # fmt: skip
+        train(cfg)
+        out[kind] = root / kind
+    return out
+
+
+def test_eval_ppl_end_to_end_and_cache(runs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ppl"
+    args = ["eval", "ppl", "--data", str(runs["prepared"]), "--lengths", "64", "256", "--max-tokens", "512",
+            "--k", "1", "4", "--out", str(out)]  # fmt: skip
+    for kind in ("landmark", "full", "xl"):
+        args += ["--model", f"{kind}={runs[kind]}"]
+    assert main(args) == 0
+    table = (out / "perplexity.md").read_text()
+    for label in (
+        "landmark (landmark, k=1, token_head)",
+        "landmark (landmark, k=4, token_head)",
+        "full (full)",
+        "xl (xl)",
+    ):
+        assert label in table
+    results = json.loads((out / "perplexity.json").read_text())["results"]
+    assert len(results) == 4 * 2 and all(np.isfinite(r["ppl"]) and r["ppl"] > 1 for r in results)
+    assert (out / "perplexity.png").stat().st_size > 1000
+    # a rerun reads every cell from the cache: no model is run again
+    import landmark.eval.perplexity as ppl
+
+    monkeypatch.setattr(ppl, "chunked_nll", lambda *a, **k: pytest.fail("recomputed a cached cell"))
+    monkeypatch.setattr(ppl, "_plain_nll", lambda *a, **k: pytest.fail("recomputed a cached cell"))
+    assert main(args) == 0
+
+
+def test_eval_passkey_end_to_end(runs, tmp_path):
+    out = tmp_path / "pk"
+    args = [
+        "eval",
+        "passkey",
+        "--lengths",
+        "250",
+        "400",
+        "--depths",
+        "0",
+        "1",
+        "--trials",
+        "2",
+        "--out",
+        str(out),
+    ]
+    for kind in ("landmark", "full"):
+        args += ["--model", f"{kind}={runs[kind]}"]
+    assert main(args) == 0
+    results = json.loads((out / "passkey.json").read_text())["results"]
+    assert len(results) == 2 * 2 * 2
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 2 for r in results)
+    assert "| landmark (landmark) | 400 |" in (out / "passkey.md").read_text()
+    assert (out / "passkey.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lengths"], "--lengths is empty"),
+        (["--lengths", "8"], r"--lengths: \[8\] shorter than one block \(16 tokens\)"),
+        (["--lengths", "64", "--k", "0"], "--k must be >= 1"),
+    ],
+)
+def test_eval_bad_arguments(runs, tmp_path, capsys, extra, message):
+    import re
+
+    code = main(["eval", "ppl", "--model", f"lm={runs['landmark']}", "--data", str(runs["prepared"]),
+                 "--out", str(tmp_path), *extra])  # fmt: skip
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_eval_missing_checkpoint_and_no_model(tmp_path, capsys):
+    assert main(["eval", "passkey", "--model", f"x={tmp_path / 'nope'}", "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["eval", "passkey", "--out", str(tmp_path)]) == 2
+    assert "give at least one --model" in capsys.readouterr().err
+
+
+def test_passkey_prompts_exact_length_and_depth():
+    tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
+    prompts = PasskeyPrompts(tok)
+    for length in (prompts.min_length(), 200, 1000):
+        for depth in (0.0, 0.5, 1.0):
+            p = prompts.prompt(length, depth, 48213)
+            assert len(p) == length
+            text = tok.decode(p)
+            assert "The pass key is 48213. Remember it. 48213 is the pass key." in text
+            assert text.endswith("What is the pass key? The pass key is")
+    early, late = (tok.decode(prompts.prompt(1000, d, 48213)).index("48213") for d in (0.0, 1.0))
+    assert early < 300 < late
+    with pytest.raises(ValueError, match="too short for a passkey prompt"):
+        prompts.prompt(10, 0.5, 48213)
+    assert first_integer(" 48213. And") == 48213 and first_integer("no digits") is None
+
+
+def test_passkey_mix_sampler_is_reproducible_and_keeps_the_key_in_an_earlier_block():
+    tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
+    tokens = np.array(tok.encode("the sea and the ship. " * 500), dtype=np.uint16)
+    base = WindowSampler(tokens, 256, 6, landmark_id=tok.landmark_id, block_size=16, seed=3)
+    mix = PasskeyMixSampler(base, tok, 0.5, seed=3)
+    a, b = mix.batch(7), mix.batch(7)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+    question = PasskeyPrompts(tok).question
+    n_passkey = 0
+    for row in a.input_ids:
+        raw = row[row != tok.landmark_id].tolist()
+        text = tok.decode(raw)
+        if "pass key is" not in text:
+            continue
+        n_passkey += 1
+        pos = row.tolist()
+        q_start = next(i for i in range(len(pos)) if pos[i : i + 3] == question[:3] and i > 60)
+        key_pos = next(
+            i for i in range(len(pos)) if tok.decode(pos[i : i + 4]).strip().startswith("The pass")
+        )
+        assert key_pos // 16 < q_start // 16, "the key must sit in an earlier block than the question"
+    assert n_passkey >= 1
+
+
+def test_eval_windows_non_overlapping():
+    tokens = np.arange(1000)
+    w = eval_windows(tokens, 300, 700)
+    assert w.shape == (2, 300) and w[1, 0] == 300
