@@ -120,8 +120,8 @@ class PasskeyMixSampler:
         need = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
         if self.n_raw < need:
             raise ValueError(
-                f"passkey samples need windows of at least {need} tokens with this tokenizer; the window holds "
-                f"{self.n_raw}: use a longer seq_len or passkey_fraction = 0"
+                f"passkey samples need windows of at least {need} tokens with this tokenizer; the window "
+                f"holds {self.n_raw}: use a longer seq_len or passkey_fraction = 0"
             )
 
     def batch(self, step: int) -> Batch:
