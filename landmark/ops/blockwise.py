@@ -132,25 +132,26 @@ def _tile_weights(s: Tensor, tile: _Tile, block_size: int) -> tuple[Tensor, Tens
     return e.mul_(block_coef.unsqueeze(-1)), lse, block_coef, r
 
 
-def _scores(qg: Tensor, kp: Tensor, tile: _Tile, scale: float, buf: Tensor, block_size: int) -> Tensor:
-    """(BH, G, rows, n_blocks, block_size) scaled scores of a tile, written into ``buf``."""
+def _scores(qg: Tensor, kp: Tensor, tile: _Tile, buf: Tensor, block_size: int) -> Tensor:
+    """(BH, G, rows, n_blocks, block_size) scores of a tile (``qg`` is pre-scaled), written into ``buf``."""
     bh, group, _, head_dim = qg.shape
     q2 = qg[:, :, tile.r0 : tile.r1].reshape(bh, group * tile.rows, head_dim)
     s = buf[: bh * group * tile.rows * tile.keys].view(bh, group * tile.rows, tile.keys)
-    torch.bmm(q2, kp[:, : tile.keys].transpose(1, 2), out=s).mul_(scale)
+    torch.bmm(q2, kp[:, : tile.keys].transpose(1, 2), out=s)
     return s.view(bh, group, tile.rows, tile.n_blocks, block_size)
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Cast to the compute dtype, group query heads by kv head, pad keys to whole blocks.
+def _prepare(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Cast to the compute dtype, group query heads by kv head, pad keys to whole blocks; scale q once
+    (cheaper than scaling every tile of scores).
 
-    Returns q (B*Hkv, G, Tq, D) and k, v (B*Hkv, Tk_padded, D), all contiguous.
+    Returns q * scale (B*Hkv, G, Tq, D) and k, v (B*Hkv, Tk_padded, D), all contiguous.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     dtype = compute_dtype(q.dtype)
     pad = math.ceil(k_len / block_size) * block_size - k_len
-    qg = q.to(dtype).reshape(batch * kv_heads, heads // kv_heads, q_len, head_dim).contiguous()
+    qg = q.to(dtype).reshape(batch * kv_heads, heads // kv_heads, q_len, head_dim) * scale
     kp = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad)).reshape(batch * kv_heads, -1, head_dim)
     vp = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad)).reshape(batch * kv_heads, -1, head_dim)
     return qg, kp.contiguous(), vp.contiguous()
@@ -178,7 +179,7 @@ def blockwise_forward(
             float64 inputs).
     """
     batch, heads, q_len, head_dim = q.shape
-    qg, kp, vp = _prepare(q, k, v, block_size)  # (BH, G, Tq, D), (BH, Tkp, D) x2
+    qg, kp, vp = _prepare(q, k, v, block_size, scale)  # (BH, G, Tq, D), (BH, Tkp, D) x2
     bh, group = qg.shape[:2]
     tiles, work = _plan(q, k, block_size)
     buf = torch.empty(work, dtype=qg.dtype, device=q.device)
@@ -186,7 +187,7 @@ def blockwise_forward(
     lse = torch.empty(qg.shape[:3], dtype=qg.dtype, device=q.device)
     for tile in tiles:
         rows = slice(tile.r0, tile.r1)
-        s = _scores(qg, kp, tile, scale, buf, block_size)
+        s = _scores(qg, kp, tile, buf, block_size)
         a, lse[:, :, rows], _, _ = _tile_weights(s, tile, block_size)
         a2 = a.view(bh, group * tile.rows, tile.keys)
         out[:, :, rows] = torch.bmm(a2, vp[:, : tile.keys]).view(bh, group, tile.rows, head_dim)
@@ -203,7 +204,7 @@ def blockwise_backward(
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     bs = block_size
-    qg, kp, vp = _prepare(q, k, v, block_size)
+    qg, kp, vp = _prepare(q, k, v, block_size, scale)
     bh, group = qg.shape[:2]
     dtype = qg.dtype
     dog = grad_out.to(dtype).reshape(bh, group, q_len, head_dim)
@@ -217,7 +218,7 @@ def blockwise_backward(
     zero = torch.zeros((), dtype=dtype, device=q.device)
     for tile in tiles:
         rows, keys, n = slice(tile.r0, tile.r1), tile.keys, tile.rows
-        s = _scores(qg, kp, tile, scale, buf_s, block_size)
+        s = _scores(qg, kp, tile, buf_s, block_size)
         a, _, block_coef, r = _tile_weights(s, tile, block_size)
         do2 = dog[:, :, rows].reshape(bh, group * n, head_dim)
         ds = buf_ds[: a.numel()].view(bh, group * n, keys)
@@ -235,6 +236,6 @@ def blockwise_backward(
         dk[:, :keys].baddbmm_(ds2.transpose(1, 2), q2)
         dv[:, :keys].baddbmm_(a2.transpose(1, 2), do2)
     dq = dq.mul_(scale).view(batch, heads, q_len, head_dim).to(q.dtype)
-    dk = dk.view(k.shape[0], k.shape[1], -1, head_dim)[:, :, :k_len].mul_(scale).to(k.dtype)
+    dk = dk.view(k.shape[0], k.shape[1], -1, head_dim)[:, :, :k_len].to(k.dtype)  # q was pre-scaled
     dv = dv.view(k.shape[0], k.shape[1], -1, head_dim)[:, :, :k_len].to(v.dtype)
     return dq, dk, dv
