@@ -194,7 +194,9 @@ def _autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, bf16: bool, d: _Dist) -> float:
-    """Mean loss over ``batches`` (each of the same shape); the processes share the batches."""
+    """Mean loss of ``model`` (not wrapped in DDP) over ``batches`` (each of the same shape).
+
+    Under DDP, process ``r`` evaluates batches ``r, r + world, ...`` and the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(d.rank, len(batches), d.world):
@@ -390,7 +392,7 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
     bar = tqdm(total=t.max_steps, initial=step, disable=not show, unit="step", dynamic_ncols=True)
     val_loss = None
     if step == 0 and t.eval_every:
-        val_loss = evaluate(model, eval_batches, device, t.bf16, d)
+        val_loss = evaluate(raw_model, eval_batches, device, t.bf16, d)
         lr0 = lr_at(0, t.lr, t.min_lr, t.warmup_steps, total_steps)
         log({"step": 0, "lr": lr0, "tokens": 0, "elapsed_s": 0.0, "val_loss": val_loss})
         if show:
@@ -458,7 +460,7 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
             last_loss, loss_acc = row["loss"], [0.0, 0]
             interval_tokens, interval_time = 0, 0.0
             if evaluate_now:
-                val_loss = row["val_loss"] = evaluate(model, eval_batches, device, t.bf16, d)
+                val_loss = row["val_loss"] = evaluate(raw_model, eval_batches, device, t.bf16, d)
                 if show:
                     bar.write(f"step {step}: loss {row['loss']:.4f}, val_loss {val_loss:.4f}")
             log(row)

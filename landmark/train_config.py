@@ -57,7 +57,7 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warmup from 0 over this many steps
     max_steps: int = 1000  # stop after this many optimizer steps
     schedule_steps: int = 0  # length of the warmup + cosine schedule; 0 = max_steps
-    max_minutes: float = 0.0  # also stop after this much training time (0 = no limit); see docs
+    max_minutes: float = 0.0  # also stop after this many minutes of wall time, evaluation included (0 = off)
     weight_decay: float = 0.1  # AdamW decay of matrix weights (norm gains are never decayed)
     decay_embedding: bool = True  # decay the tied embedding / output matrix too
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas (the paper's)
