@@ -163,3 +163,25 @@ def test_eval_windows_non_overlapping():
     tokens = np.arange(1000)
     w = eval_windows(tokens, 300, 700)
     assert w.shape == (2, 300) and w[1, 0] == 300
+
+
+def test_quickstart_main_job_on_a_given_checkpoint(runs, tmp_path, monkeypatch, capsys):
+    """The README's main job, end to end, at toy sizes (the bundled books tokenised with the tiny BPE)."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "qs"
+    args = [
+        "quickstart",
+        "--checkpoint",
+        str(runs["landmark"]),
+        "--out",
+        str(out),
+        "--ppl-lengths",
+        "64",
+        "256",
+    ]
+    code = main([*args, "--ppl-tokens", "512", "--passkey-lengths", "250", "400", "--trials", "1"])
+    assert code == 0
+    report = (out / "report.md").read_text()
+    assert "## Perplexity" in report and "## Passkey retrieval" in report
+    assert (out / "perplexity.png").is_file() and (out / "passkey.png").is_file()
+    assert "report written to" in capsys.readouterr().out
