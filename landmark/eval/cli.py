@@ -23,8 +23,6 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         CellCache,
         check_lengths,
         load_models,
-        write_json_atomic,
-        write_text_atomic,
     )
     from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
 
@@ -51,13 +49,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         models, tokens, args.lengths, args.k, args.granularity, CellCache(out),
         max_tokens=args.max_tokens, batch_size=args.batch_size, chunk_len=args.chunk_len, split=args.split,
     )  # fmt: skip
-    table = perplexity_table(results)
-    write_text_atomic(out / "perplexity.md", f"# Perplexity against context length\n\n{table}\n")
-    write_json_atomic(out / "perplexity.json", {"args": vars(args) | {"func": None}, "results": results})
-    plot_perplexity(results, out / "perplexity.png")
-    print(table)
-    print(f"\nwrote {out / 'perplexity.md'}, {out / 'perplexity.json'}, {out / 'perplexity.png'}")
-    return 0
+    return _write(out, "perplexity", "Perplexity against context length", perplexity_table(results),
+                  results, args, plot_perplexity)  # fmt: skip
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
@@ -65,8 +58,6 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         CellCache,
         check_lengths,
         load_models,
-        write_json_atomic,
-        write_text_atomic,
     )
     from landmark.eval.passkey import evaluate_passkey, passkey_table, plot_passkey
 
@@ -83,12 +74,20 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table = passkey_table(results)
-    write_text_atomic(out / "passkey.md", f"# Passkey retrieval accuracy\n\n{table}\n")
-    write_json_atomic(out / "passkey.json", {"args": vars(args) | {"func": None}, "results": results})
-    plot_passkey(results, out / "passkey.png")
+    return _write(
+        out, "passkey", "Passkey retrieval accuracy", passkey_table(results), results, args, plot_passkey
+    )
+
+
+def _write(out: Path, name: str, title: str, table: str, results: list[dict], args, plot) -> int:
+    """``<name>.md`` (the table), ``<name>.json`` (arguments and every cell), ``<name>.png``; print them."""
+    from landmark.eval.common import write_json_atomic, write_text_atomic
+
+    write_text_atomic(out / f"{name}.md", f"# {title}\n\n{table}\n")
+    write_json_atomic(out / f"{name}.json", {"args": vars(args) | {"func": None}, "results": results})
+    plot(results, out / f"{name}.png")
     print(table)
-    print(f"\nwrote {out / 'passkey.md'}, {out / 'passkey.json'}, {out / 'passkey.png'}")
+    print(f"\nwrote {out / f'{name}.md'}, {out / f'{name}.json'}, {out / f'{name}.png'}")
     return 0
 
 
