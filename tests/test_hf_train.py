@@ -119,7 +119,7 @@ def torchrun(args: list[str], env_extra: dict[str, str], timeout: int = 300) -> 
     env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -140,8 +140,8 @@ def test_finetune_ddp_two_cpu_processes(tiny, tmp_path):
     ]
     torchrun([*args, *TINY_ARGS], {"LANDMARK_CACHE": str(tmp_path / "cache")})
     s = summary(out)
-    assert s["world_size"] == 2 and s["distributed_type"] == "MULTI_CPU"  # DDP over gloo
-    assert s["eval_loss_after"] < s["eval_loss_before"]
+    assert s["world_size"] == 2 and s["distributed_type"] == "MULTI_CPU", s  # DDP over gloo
+    assert s["eval_loss_after"] < s["eval_loss_before"], s
     model, _ = lhf.load_pretrained(out)
     assert model.config.landmark_token_id is not None
 

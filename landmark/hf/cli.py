@@ -30,8 +30,12 @@ def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
-        except (ValueError, ImportError) as err:
+        except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
+            return 2
+        except ImportError as err:
+            hint = "the hf commands need the hf extra: pip install -c constraints.txt -e '.[hf]'"
+            print(f"error: {err} ({hint})", file=sys.stderr)
             return 2
 
     return run
