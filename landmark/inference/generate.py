@@ -104,6 +104,9 @@ def generate(
         done |= (nxt == eot_id) if eot_id is not None else torch.zeros_like(done)
         if bool(done.all()):
             break
-        logits = session.feed(ids, step_len)
+        width = (
+            2 if bool(needs_landmark[step_len > 0].any()) else 1
+        )  # one query row unless a landmark follows
+        logits = session.feed(ids[:, :width], step_len)
         pending = logits[:, 0]
     return out

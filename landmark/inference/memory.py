@@ -14,12 +14,22 @@ Capacity is unlimited by default (storage doubles as needed). With ``max_blocks`
 evicts its oldest block first-in-first-out when ``evict`` is true, and raises ``MemoryFullError``
 otherwise. Storage is a ring buffer per row: logical block ``i`` lives at physical slot
 ``(start[b] + i) % capacity``.
+
+Optionally (``index``, a ``landmark.inference.search.LandmarkIndex``) the memory also keeps a
+nearest-neighbour index over the landmark keys up to date: every append adds the new landmark keys to
+it and tells it how many of the row's blocks have been evicted so far (blocks are numbered by
+``sequence = evicted[b] + logical index``, which never changes while a block is held).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from landmark.inference.search import LandmarkIndex
 
 
 class MemoryFullError(ValueError):
@@ -41,6 +51,7 @@ class BlockMemory:
         storage_device: torch.device | str | None = None,
         max_blocks: int | None = None,
         evict: bool = True,
+        index: LandmarkIndex | None = None,
     ):
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
@@ -50,6 +61,8 @@ class BlockMemory:
         self.max_blocks, self.evict = max_blocks, evict
         self.count = [0] * batch  # blocks held per row
         self.start = [0] * batch  # ring-buffer start per row
+        self.evicted = [0] * batch  # blocks evicted so far per row (sequence number of logical block 0)
+        self.index = index
         self.capacity = 0
         self.landmark_keys = self.keys = self.values = None
         self._allocate(min(16, max_blocks or 16))
@@ -69,6 +82,12 @@ class BlockMemory:
             self.start = [0] * b
         self.landmark_keys, self.keys, self.values, self.capacity = lk, keys, values, capacity
 
+    def reserve(self, blocks: int) -> None:
+        """Make room for ``blocks`` blocks per row at once (avoids repeated doubling for a long input)."""
+        blocks = min(blocks, self.max_blocks or blocks)
+        if blocks > self.capacity:
+            self._allocate(blocks)
+
     def physical(self, row: int, logical: Tensor) -> Tensor:
         """Physical slots of logical block indices of one row."""
         return (logical + self.start[row]) % self.capacity
@@ -87,6 +106,9 @@ class BlockMemory:
         """
         for i in range(keys.shape[1]):
             self._append_one(row, keys[:, i], values[:, i])
+        if self.index is not None and keys.shape[1]:
+            self.index.add(row, keys[:, :, -1])
+            self.index.forget(row, self.evicted[row], lambda: self.row_landmarks(row))
 
     def _append_one(self, row: int, keys: Tensor, values: Tensor) -> None:
         if self.max_blocks is not None and self.count[row] == self.max_blocks:
@@ -98,6 +120,7 @@ class BlockMemory:
                 )
             self.start[row] = (self.start[row] + 1) % self.capacity  # drop the oldest block
             self.count[row] -= 1
+            self.evicted[row] += 1
         if self.count[row] == self.capacity:
             self._allocate(min(2 * self.capacity, self.max_blocks or 2 * self.capacity))
         slot = (self.start[row] + self.count[row]) % self.capacity
@@ -109,11 +132,18 @@ class BlockMemory:
     def landmarks(self) -> Tensor:
         """(B, Hkv, N, D) landmark keys in logical order, N = max count (rows with fewer are padded)."""
         n = max(self.count)
+        if not any(self.start):  # no row has wrapped around: logical order is storage order
+            return self.landmark_keys[:, :, :n]
         logical = torch.arange(n, device=self.device).expand(self.batch, n)
         idx = self.physical_index(logical)  # (B, N)
         return self.landmark_keys.gather(
             2, idx[:, None, :, None].expand(-1, self.kv_heads, -1, self.head_dim)
         )
+
+    def row_landmarks(self, row: int) -> Tensor:
+        """(Hkv, count[row], D) landmark keys of one row in logical order."""
+        idx = self.physical(row, torch.arange(self.count[row], device=self.device))
+        return self.landmark_keys[row][:, idx]
 
     def gather(self, logical: Tensor) -> tuple[Tensor, Tensor]:
         """Contents of selected blocks, moved to the model's device.
@@ -129,6 +159,26 @@ class BlockMemory:
         keys = self.keys[rows, :, idx]  # (B, U, Hkv, n, D)
         values = self.values[rows, :, idx]
         return keys.transpose(1, 2).to(self.device), values.transpose(1, 2).to(self.device)
+
+    def gather_per_head(self, logical: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Blocks chosen separately for every kv head, moved to the model's device (the decode path).
+
+        Args:
+            logical: (B, Hkv, M) logical block indices (each < count of its row; pad with 0).
+
+        Returns:
+            keys, values: (B, Hkv, M, block_size - 1, D) the regular tokens; landmark_keys:
+            (B, Hkv, M, D). Only these blocks of these heads are read and moved.
+        """
+        b, h, m = logical.shape
+        row_head = torch.arange(b * h, device=logical.device).view(b, h, 1) * self.capacity
+        flat = (row_head + self.physical_index(logical)).view(-1)  # index into (B * Hkv * capacity)
+        n, d = self.block_size - 1, self.head_dim
+        sto = flat.to(self.storage_device)
+        keys = self.keys.view(-1, n, d).index_select(0, sto).to(self.device).view(b, h, m, n, d)
+        values = self.values.view(-1, n, d).index_select(0, sto).to(self.device).view(b, h, m, n, d)
+        landmark_keys = self.landmark_keys.view(-1, d).index_select(0, flat.to(self.device))
+        return keys, values, landmark_keys.view(b, h, m, d)
 
     def landmarks_at(self, logical: Tensor) -> Tensor:
         """(B, U) logical indices -> (B, Hkv, U, D) landmark keys."""

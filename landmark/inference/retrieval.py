@@ -24,23 +24,40 @@ query (chronological order) sits at slot ``s``, shifted one slot right if it is 
 most recent. When memory holds at most k blocks every block is selected and lands exactly where it
 would be in one full pass (up to a constant shift, which RoPE ignores).
 
-Retrieved blocks are gathered once per step by block index (the union of the selections of a group
-of query rows) and scored with batched matmuls; a query's per-slot rotation is applied to the query,
-not to a per-query copy of the keys, so no (rows, k, block, head_dim) tensor is ever formed.
+Two ways to fetch the selected blocks, chosen by the number of query rows of the step:
+
+* chunks (more than ``DECODE_ROWS`` rows): retrieved blocks are gathered once per group of query rows
+  by block index (the union of the group's selections, all kv heads) and scored with batched matmuls;
+  a query's per-slot rotation is applied to the query, not to a per-query copy of the keys, so no
+  (rows, k, block, head_dim) tensor is ever formed;
+* decoding (one token, or a token and its landmark): every (query row, head) reads exactly its own k
+  blocks of its own kv head, and the landmark scan rotates the query instead of the N landmark keys
+  (slot 0 for the old blocks, one rotation per recent slot), so a step reads the N landmark keys once,
+  k blocks per head and the local context, and does a fixed number of tensor operations.
+
+Both compute the same attention (tests check decoding against chunked prefill).
+
+Landmark search (``RetrievalConfig.search``): ``"exact"`` (default) scores every landmark in memory;
+``"faiss"`` asks an inner-product index over the landmark keys for candidates (see
+``landmark.inference.search``) and scores only those exactly.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from landmark.inference.memory import BlockMemory
+from landmark.inference.search import search_candidates
 from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
 
 GRANULARITIES = ("token_head", "token", "head")
+SEARCHES = ("exact", "faiss")
+DECODE_ROWS = 2  # steps with at most this many query rows take the decode path (a token + its landmark)
 
 
 @dataclass
@@ -48,6 +65,8 @@ class RetrievalConfig:
     k: int = 4  # blocks retrieved per selection unit
     granularity: str = "token_head"  # "token_head" | "token" | "head"
     row_group: int = 64  # query rows whose retrieved blocks are gathered together (bounds memory)
+    search: str = "exact"  # landmark search: "exact" scan of every landmark | "faiss" index (optional extra)
+    candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -56,14 +75,32 @@ class RetrievalConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}; got {self.granularity!r}")
         if self.row_group < 1:
             raise ValueError(f"row_group must be >= 1; got {self.row_group}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}; got {self.search!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
+            raise ValueError(f"candidates must be an integer >= 0 (0: 2 * k + 8); got {self.candidates!r}")
+
+    @property
+    def n_candidates(self) -> int:
+        """Old-block candidates that the index returns per query row and head."""
+        return self.candidates or 2 * self.k + 8
 
 
 @dataclass
 class StepStats:
-    """What one layer step read (for benchmarks): landmark keys scored and distinct blocks fetched."""
+    """What the layer steps read (for benchmarks), summed over steps and layers.
+
+    ``landmarks_scored``: landmark keys scored (per batch row; each one all kv heads' keys).
+    ``blocks_fetched``: distinct memory blocks gathered (per batch row).
+    ``block_heads_fetched``: (block, kv head) pairs whose keys and values were read: the unit of the
+    bytes read from memory (the chunk path reads a union block for every kv head; the decode path
+    reads each head's own selections).
+    ``local_positions``: positions of local context (tail + new) attended to (per batch row).
+    """
 
     landmarks_scored: int = 0
     blocks_fetched: int = 0
+    block_heads_fetched: int = 0
     local_positions: int = 0
 
 
@@ -74,9 +111,9 @@ def _rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
 
 
 def _grouped(q: Tensor, kv_heads: int) -> Tensor:
-    """(B, H, T, D) -> (B, Hkv, G, T, D)."""
-    b, h, t, d = q.shape
-    return q.view(b, kv_heads, h // kv_heads, t, d)
+    """(B, H, ...) -> (B, Hkv, G, ...): query heads grouped by the kv head they share."""
+    b, h = q.shape[:2]
+    return q.view(b, kv_heads, h // kv_heads, *q.shape[2:])
 
 
 def select_blocks(
@@ -132,6 +169,7 @@ def retrieval_attention(
     rope_base: float,
     scale: float,
     stats: StepStats | None = None,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
     """Landmark attention of new queries over retrieved memory blocks and the local context.
 
@@ -142,6 +180,8 @@ def retrieval_attention(
             position 0 is a block boundary.
         q_start: (B,) local position of each row's first query (= its tail length).
         memory: the layer's block memory (None or empty: local attention only).
+        plan: for a decode step (at most ``DECODE_ROWS`` rows), the layer-independent part, shared by
+            the layers of one step (built here when None).
 
     Returns:
         (B, H, C, D) attention outputs; padding rows are zero.
@@ -151,6 +191,12 @@ def retrieval_attention(
     bs = block_size
     dev = q.device
     n_blocks = torch.tensor(memory.count if memory is not None else [0] * batch, device=dev)
+    if rows <= DECODE_ROWS:
+        if plan is None:
+            plan = decode_plan(
+                n_blocks, local_len, q_start, q_len, rows, t_local, retrieval, bs, head_dim, rope_base
+            )
+        return _decode_step(q, local_k, local_v, memory, retrieval, plan, bs, rope_base, scale, stats)
     k_eff = torch.clamp(n_blocks, max=retrieval.k)
     base = (k_eff + 1) * bs  # (B,) position of local position 0
     q_local = q_start[:, None] + torch.arange(rows, device=dev)[None, :]  # (B, C) local positions
@@ -181,18 +227,26 @@ def retrieval_attention(
         weights = grouped_softmax(local_scores, local_current, local_earlier)
         return _apply(weights, lv, kv_heads)
 
-    # 1-2. Score every landmark in memory, with the scoring positions, and select.
-    landmark_keys = memory.landmarks()  # (B, Hkv, N, D)
-    n_max = landmark_keys.shape[2]
-    logical = torch.arange(n_max, device=dev)[None, :]
-    age = n_blocks[:, None] - 1 - logical  # 0 = most recent
-    score_slot = torch.where(age < k_eff[:, None], k_eff[:, None] - age, torch.zeros_like(age))
-    lm_rot = _rope(landmark_keys, score_slot * bs + bs - 1, rope_base)
-    lm_scores = torch.einsum("bkgcd,bknd->bkgcn", _grouped(q_rot, kv_heads), lm_rot) * scale
-    lm_scores = lm_scores.reshape(batch, heads, rows, n_max)
-    selected, sel_valid = select_blocks(lm_scores, n_blocks, row_valid, retrieval.k, retrieval.granularity)
+    # 1-2. Score every landmark in memory (or the index's candidates) with the scoring positions; select.
+    if retrieval.search == "faiss":
+        selected, sel_valid, scored = _search_select(
+            q, q_pos, row_valid, memory, n_blocks, k_eff, retrieval, bs, rope_base, scale
+        )
+    else:
+        landmark_keys = memory.landmarks()  # (B, Hkv, N, D)
+        n_max = landmark_keys.shape[2]
+        logical = torch.arange(n_max, device=dev)[None, :]
+        age = n_blocks[:, None] - 1 - logical  # 0 = most recent
+        score_slot = torch.where(age < k_eff[:, None], k_eff[:, None] - age, torch.zeros_like(age))
+        lm_rot = _rope(landmark_keys, score_slot * bs + bs - 1, rope_base)
+        lm_scores = torch.einsum("bkgcd,bknd->bkgcn", _grouped(q_rot, kv_heads), lm_rot) * scale
+        lm_scores = lm_scores.reshape(batch, heads, rows, n_max)
+        selected, sel_valid = select_blocks(
+            lm_scores, n_blocks, row_valid, retrieval.k, retrieval.granularity
+        )
+        scored = int(n_blocks.sum())
     if stats is not None:
-        stats.landmarks_scored += int(n_blocks.sum())
+        stats.landmarks_scored += scored
     # Attention slot of each selection: its chronological rank, +1 if among the k_eff most recent.
     rank = torch.arange(selected.shape[-1], device=dev)
     recent = selected >= (n_blocks - k_eff)[:, None, None, None]
@@ -205,6 +259,7 @@ def retrieval_attention(
         union, union_ok = _union(selected[:, :, sl], sel_valid[:, :, sl])  # (B, U)
         if stats is not None:
             stats.blocks_fetched += int(union_ok.sum())
+            stats.block_heads_fetched += int(union_ok.sum()) * kv_heads
         # slot of union block u for each query row (-1: not selected by that row/head)
         match = (selected[:, :, sl, :, None] == union[:, None, None, None, :]) & sel_valid[:, :, sl, :, None]
         match = match & union_ok[:, None, None, None, :]
@@ -257,3 +312,251 @@ def _apply(weights: Tensor, values: Tensor, kv_heads: int) -> Tensor:
     b, h, c = weights.shape[:3]
     w = weights.reshape(b, kv_heads, h // kv_heads, c, -1)
     return torch.einsum("bkgct,bktd->bkgcd", w, values.to(w.dtype)).reshape(b, h, c, -1)
+
+
+@dataclass
+class DecodePlan:
+    """What a decode step (at most ``DECODE_ROWS`` query rows) computes once for all layers.
+
+    Every layer of a step sees the same stream lengths, tail lengths and memory counts, so positions,
+    rotation angles, masks and the recent blocks' indices are shared; only q, k, v and the selection
+    differ per layer. ``decode_plan`` builds one; ``retrieval_attention`` builds one itself when not
+    given (a session passes the same plan to every layer).
+    """
+
+    n_blocks: Tensor  # (B,) blocks in memory per row
+    k_eff: Tensor  # (B,) min(k, n_blocks)
+    n_max: int  # max(n_blocks)
+    k_max: int  # max(k_eff)
+    cos_q: Tensor  # (B, 1, C, J, D/2) query angles: attention slots j = 0..k_max, then landmark slots
+    sin_q: Tensor
+    cos_local: Tensor  # (B, 1, T', D/2) local key angles (T' = local context padded to whole blocks)
+    sin_local: Tensor
+    cos_block: Tensor  # (bs, D/2) in-block offsets of retrieved keys
+    sin_block: Tensor
+    pad: int  # padding that makes the local context whole blocks
+    local_current: Tensor  # (B, 1, C, nb, bs) own-block local keys each query sees
+    local_earlier: Tensor  # (B, 1, C, nb) complete local blocks reached through their landmark
+    row_valid: Tensor  # (B, C) real query rows
+    q_pos: Tensor  # (B, C) query positions
+    recent: Tensor  # (B, k_max) logical index of the block at landmark slot s = 1..k_max (0 if none)
+    recent_ok: Tensor  # (B, k_max) whether the row has a block at that slot
+    recent_column: Tensor  # (B, k_max) score column to overwrite (n_max: a spare column)
+    local_positions: int  # local context positions attended to, summed over rows
+    recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
+    rank: Tensor  # (k_max,) 0, 1, ..., k_max - 1
+    uniform: bool  # every row holds n_max >= k blocks and every query row is real (no masking needed)
+
+
+def decode_plan(
+    n_blocks: Tensor,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    rows: int,
+    local_width: int,
+    retrieval: RetrievalConfig,
+    block_size: int,
+    head_dim: int,
+    rope_base: float,
+) -> DecodePlan:
+    """The layer-independent part of a decode step.
+
+    Args:
+        n_blocks: (B,) blocks in memory per row; local_len, q_start, q_len: (B,) as in
+            ``retrieval_attention``; rows: C, the query rows of the step (<= ``DECODE_ROWS``);
+            local_width: T, the length of the local context tensors (>= max(local_len)).
+    """
+    bs, dev = block_size, n_blocks.device
+    n_max = int(n_blocks.max())
+    k_max = min(retrieval.k, n_max)
+    k_eff = torch.clamp(n_blocks, max=retrieval.k)
+    base = (k_eff + 1) * bs  # (B,) position of local position 0
+    q_local = q_start[:, None] + torch.arange(rows, device=dev)  # (B, C)
+    row_valid = torch.arange(rows, device=dev)[None, :] < q_len[:, None]
+    q_pos = base[:, None] + q_local
+    # Every position used is below (k + 3) * bs: one table of angles, indexed.
+    cos_t, sin_t = _rope_table((retrieval.k + 4) * bs, head_dim, rope_base, dev)
+    j = torch.arange(k_max + 1, device=dev)
+    pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
+    t_local = local_width
+    nb_local = -(-t_local // bs)
+    key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
+    kpos = base[:, None] + key_local_pos  # (B, T')
+    key_real = key_local_pos[None, :] < local_len[:, None]
+    visible = key_real[:, None, :] & (key_local_pos[None, None, :] <= q_local[:, :, None])  # (B, C, T')
+    q_block = torch.div(q_local, bs, rounding_mode="floor")
+    same_block = (key_local_pos // bs)[None, None, :] == q_block[:, :, None]
+    local_current = (visible & same_block & row_valid[:, :, None]).view(
+        n_blocks.shape[0], 1, rows, nb_local, bs
+    )
+    local_earlier = torch.arange(nb_local, device=dev)[None, None, :] < q_block[:, :, None]
+    s = j[1:]
+    recent = n_blocks[:, None] - 1 - k_eff[:, None] + s  # (B, k_max)
+    ok = s <= k_eff[:, None]
+    return DecodePlan(
+        n_blocks=n_blocks,
+        k_eff=k_eff,
+        n_max=n_max,
+        k_max=k_max,
+        cos_q=cos_t[pos][:, None],
+        sin_q=sin_t[pos][:, None],
+        cos_local=cos_t[kpos][:, None],
+        sin_local=sin_t[kpos][:, None],
+        cos_block=cos_t[:bs],
+        sin_block=sin_t[:bs],
+        pad=nb_local * bs - t_local,
+        local_current=local_current,
+        local_earlier=(local_earlier & row_valid[:, :, None])[:, None],
+        row_valid=row_valid,
+        q_pos=q_pos,
+        recent=torch.where(ok, recent, 0),
+        recent_ok=ok,
+        recent_column=torch.where(ok, recent, n_max),
+        local_positions=int(local_len.sum()),
+        recent_from=(n_blocks - k_eff)[:, None, None, None],
+        rank=j[:-1],
+        uniform=bool((n_blocks == n_max).all() and (q_len == rows).all()) and n_max >= retrieval.k,
+    )
+
+
+def _decode_step(
+    q: Tensor,
+    local_k: Tensor,
+    local_v: Tensor,
+    memory: BlockMemory | None,
+    retrieval: RetrievalConfig,
+    plan: DecodePlan,
+    bs: int,
+    rope_base: float,
+    scale: float,
+    stats: StepStats | None,
+) -> Tensor:
+    """``retrieval_attention`` for a step of at most ``DECODE_ROWS`` query rows (decoding).
+
+    The same attention as the chunk path, with a small, fixed number of tensor operations:
+
+    * one rotation of the queries to every position they need: ``q_pos - j * bs`` (attention to a
+      block at slot j; j = 0 is the query's own position, for the local context) and
+      ``q_pos - s * bs - (bs - 1)`` (the landmark of slot s, for scoring);
+    * the landmark scan reads the N un-rotated landmark keys once: old blocks (slot 0) with one
+      matmul, the ``k_eff`` recent ones re-scored at their slots;
+    * every (query row, head) reads exactly its own k blocks of its kv head (no union, no slot loop).
+
+    Shapes as in ``retrieval_attention``; returns (B, H, C, D).
+    """
+    batch, heads, rows, dim = q.shape
+    kv_heads = local_k.shape[1]
+    k_max, n_max = plan.k_max, plan.n_max
+    q_all = apply_rope(q[:, :, :, None].expand(-1, -1, -1, plan.cos_q.shape[3], -1), plan.cos_q, plan.sin_q)
+    q_att, q_lm = q_all[:, :, :, : k_max + 1], q_all[:, :, :, k_max + 1 :]  # (B, H, C, k+1, D) each
+
+    # Local context (tail + new positions), padded to whole blocks: (B, H, C, nb, bs) scores.
+    lk = apply_rope(torch.nn.functional.pad(local_k, (0, 0, 0, plan.pad)), plan.cos_local, plan.sin_local)
+    lv = torch.nn.functional.pad(local_v, (0, 0, 0, plan.pad))
+    local_scores = _grouped(q_att[:, :, :, 0], kv_heads) @ lk[:, :, None].transpose(-1, -2)
+    local_scores = local_scores.view(batch, heads, rows, -1, bs) * scale
+    if stats is not None:
+        stats.local_positions += plan.local_positions
+    if memory is None or n_max == 0:
+        return _apply(grouped_softmax(local_scores, plan.local_current, plan.local_earlier), lv, kv_heads)
+
+    # Landmark scores and selection.
+    if retrieval.search == "faiss":
+        selected, sel_valid, scored = _search_select(
+            q, plan.q_pos, plan.row_valid, memory, plan.n_blocks, plan.k_eff, retrieval, bs, rope_base, scale
+        )
+    else:
+        landmark_keys = memory.landmarks()  # (B, Hkv, N, D), un-rotated
+        scores = _grouped(q_lm[:, :, :, 0], kv_heads) @ landmark_keys[:, :, None].transpose(-1, -2)
+        # the most recent blocks, re-scored at their own slots s = 1..k_eff
+        lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
+        rec = (_grouped(q_lm[:, :, :, 1:], kv_heads) * lm_recent[:, :, None, None]).sum(
+            -1
+        )  # (B, Hkv, G, C, k)
+        column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
+        scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
+        scores = scores.reshape(batch, heads, rows, n_max) * scale
+        if plan.uniform and retrieval.granularity == "token_head":  # nothing to mask: top-k, in order
+            selected = scores.topk(k_max, dim=-1).indices.sort(dim=-1).values
+            sel_valid = torch.ones_like(selected, dtype=torch.bool)
+        else:
+            selected, sel_valid = select_blocks(
+                scores, plan.n_blocks, plan.row_valid, retrieval.k, retrieval.granularity
+            )
+        scored = int(plan.n_blocks.sum())
+    sel_valid = sel_valid & plan.row_valid[:, None, :, None]
+    k_sel = selected.shape[-1]
+    slot = plan.rank[:k_sel] + (selected >= plan.recent_from).long()  # (B, H, C, k), +1 if recent
+
+    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
+    keys, values, landmark_keys = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
+    keys = torch.cat((keys, landmark_keys[:, :, :, None]), dim=3)  # (B, Hkv, M, bs, D), landmark last
+    keys = apply_rope(keys, plan.cos_block, plan.sin_block)  # in-block offsets; the slot is on the query
+    q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
+    mem_scores = (keys @ q_sel.reshape(batch, kv_heads, -1, dim, 1)).view(batch, heads, rows, k_sel, bs)
+    if stats is not None:
+        stats.landmarks_scored += scored
+        stats.block_heads_fetched += int(sel_valid.sum())
+
+    scores = torch.cat((mem_scores * scale, local_scores), dim=3)  # (B, H, C, k + nb, bs)
+    no_current = plan.local_current.new_zeros(batch, 1, rows, k_sel, bs)
+    current = torch.cat((no_current, plan.local_current), dim=3)
+    earlier = torch.cat((sel_valid, plan.local_earlier.expand(-1, heads, -1, -1)), dim=3)
+    weights = grouped_softmax(scores, current, earlier)  # (B, H, C, k + nb, bs)
+    w_mem = weights[:, :, :, :k_sel, : bs - 1].reshape(batch, kv_heads, -1, 1, bs - 1)  # (B, Hkv, M, 1, bs-1)
+    out = (w_mem @ values.to(w_mem.dtype)).view(batch, heads, rows, k_sel, dim).sum(3)
+    return out + _apply(weights[:, :, :, k_sel:], lv, kv_heads)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(n: int, dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (n, dim / 2) of positions 0..n-1 (entry p equals ``rope_angles`` of position p)."""
+    return rope_angles(torch.arange(n, device=device), dim, base)
+
+
+def _search_select(
+    q: Tensor,
+    q_pos: Tensor,
+    row_valid: Tensor,
+    memory: BlockMemory,
+    n_blocks: Tensor,
+    k_eff: Tensor,
+    retrieval: RetrievalConfig,
+    bs: int,
+    rope_base: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, int]:
+    """Selection through the FAISS index: candidates from the index + the recent blocks, scored exactly.
+
+    Returns:
+        selected, valid: as ``select_blocks`` (logical indices); the number of landmarks scored.
+    """
+    if memory.index is None:
+        raise ValueError('search="faiss" needs a BlockMemory with a LandmarkIndex (see InferenceSession)')
+    batch, heads, rows, _ = q.shape
+    kv_heads, dev = memory.kv_heads, q.device
+    n_old = n_blocks - k_eff
+    q_old = _grouped(_rope(q, q_pos - (bs - 1), rope_base), kv_heads)  # (B, Hkv, G, C, D)
+    found = search_candidates(memory.index, q_old, row_valid, n_old, retrieval.n_candidates)
+    # Candidate set per batch row: the index's hits among old blocks, then the k_eff recent blocks.
+    cands = [
+        torch.cat((f, torch.arange(int(n_old[b]), int(n_blocks[b]), device=dev))) for b, f in enumerate(found)
+    ]
+    width = max(len(c) for c in cands)
+    cand = torch.zeros(batch, width, dtype=torch.long, device=dev)
+    for b, c in enumerate(cands):
+        cand[b, : len(c)] = c
+    n_cand = torch.tensor([len(c) for c in cands], device=dev)
+    # Exact scores of the candidates at their scoring slots (0 for old blocks, 1..k_eff for recent ones).
+    lm = memory.landmarks_at(cand)  # (B, Hkv, M, D)
+    age = n_blocks[:, None] - 1 - cand
+    score_slot = torch.where(age < k_eff[:, None], k_eff[:, None] - age, torch.zeros_like(age))
+    lm_rot = _rope(lm, score_slot * bs + bs - 1, rope_base)
+    q_rot = _rope(q, q_pos, rope_base)
+    scores = torch.einsum("bkgcd,bknd->bkgcn", _grouped(q_rot, kv_heads), lm_rot) * scale
+    scores = scores.reshape(batch, heads, rows, width)
+    # Candidates are in chronological order, so indices into them sort like logical indices.
+    picked, valid = select_blocks(scores, n_cand, row_valid, retrieval.k, retrieval.granularity)
+    index = cand[:, None, None, :].expand(-1, heads, rows, -1).gather(-1, picked)
+    return torch.where(valid, index, torch.zeros_like(index)), valid, int(n_cand.sum())

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from landmark.data.landmarks import insert_landmarks
 from landmark.inference.memory import BlockMemory
-from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention
+from landmark.inference.retrieval import (
+    DECODE_ROWS,
+    RetrievalConfig,
+    StepStats,
+    decode_plan,
+    retrieval_attention,
+)
+from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, LandmarkIndex
 from landmark.model import GPT
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
@@ -48,6 +55,11 @@ class InferenceSession:
         memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
         max_blocks: cap on blocks per stream (None: unlimited); ``evict`` chooses FIFO eviction or an
             error when it is reached.
+        search: ``"exact"`` (default) scores every landmark in memory; ``"faiss"`` keeps a FAISS
+            inner-product index over the landmark keys per layer and scores only its ``candidates``
+            (per query row and head; 0: 2 * k + 8) plus the recent blocks exactly (optional extra
+            ``faiss``). The index is exact (flat) below ``approx_min_blocks`` blocks per stream and
+            HNSW from there on (see ``landmark.inference.search``).
     """
 
     def __init__(
@@ -62,6 +74,9 @@ class InferenceSession:
         max_blocks: int | None = None,
         evict: bool = True,
         row_group: int = 64,
+        search: str = "exact",
+        candidates: int = 0,
+        approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
     ):
         cfg = getattr(model, "config", None)
         if getattr(cfg, "attention", None) != "landmark":
@@ -76,7 +91,9 @@ class InferenceSession:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.model, self.config = model, cfg
-        self.retrieval = RetrievalConfig(k=k, granularity=granularity, row_group=row_group)
+        self.retrieval = RetrievalConfig(
+            k=k, granularity=granularity, row_group=row_group, search=search, candidates=candidates
+        )
         self.chunk_len, self.batch_size = chunk_len, batch_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -92,6 +109,9 @@ class InferenceSession:
                 storage_device=memory_device,
                 max_blocks=max_blocks,
                 evict=evict,
+                index=LandmarkIndex(batch_size, hkv, d, approx_min_blocks=approx_min_blocks)
+                if search == "faiss"
+                else None,
             )
             for _ in range(cfg.n_layer)
         ]
@@ -149,13 +169,21 @@ class InferenceSession:
         model, cfg = self.model, self.config
         lengths = lengths.to(self.device)
         h = model.embed(ids)  # (B, C, E)
+        plan = None
+        if ids.shape[1] <= DECODE_ROWS:  # decoding: positions and masks are the same in every layer
+            n_blocks = torch.tensor(self.memories[0].count, device=self.device)
+            local_len = self.tail_len + lengths
+            plan = decode_plan(
+                n_blocks, local_len, self.tail_len, lengths, ids.shape[1], int(local_len.max()),
+                self.retrieval, cfg.block_size, cfg.head_dim, cfg.rope_base,
+            )  # fmt: skip
         for layer, block in enumerate(model.blocks):
             attn = block.attn
             q, k, v = attn.project(block.norm1(h))  # (B, H, C, D), (B, Hkv, C, D) x2, un-rotated
             local_k, local_v, local_len = self._local(layer, k, v, lengths)
             y = retrieval_attention(
                 q, local_k, local_v, local_len, self.tail_len, lengths, self.memories[layer], self.retrieval,
-                cfg.block_size, cfg.rope_base, cfg.head_dim**-0.5, self.stats.layer,
+                cfg.block_size, cfg.rope_base, cfg.head_dim**-0.5, self.stats.layer, plan,
             )  # fmt: skip
             h = h + attn.merge(y)
             h = h + block.mlp(block.norm2(h))

@@ -1,0 +1,292 @@
+"""Benchmark: decoding cost per generated token, landmark retrieval (k blocks) vs a full key/value cache.
+
+For each context length (tokens already in the context) it measures, for
+
+* ``landmark``: the small preset with landmark attention, ``InferenceSession`` with top-k retrieval
+  (k = 4, granularity token_head), decoding exactly as ``generate`` does (the landmark is fed with the
+  token that completes a block, so about one step in 63 has two query rows);
+* ``full``: the same-size model with ordinary attention, ``FullCacheDecoder`` (preallocated rotated K/V
+  cache, one SDPA over every cached position per layer and token),
+
+the time per generated token (CPU time of the process and wall time; the machine may be shared, so
+CPU time with one thread is the steadier number), the bytes of keys/values the step must READ per token
+(summed over layers: landmark keys scored + the retrieved blocks' keys and values + the local context,
+versus every cached key and value), computed from sizes and cross-checked with the session's
+``StepStats`` counters, and the peak resident memory of the process.
+
+Weights are random (decode cost does not depend on them). To reach long contexts without an hour of
+prefill, the memories and caches are filled with random keys/values of the right shapes and layout
+(``--fill random``; decode cost does not depend on the values either: only the selected blocks'
+indices change, not how many are read). At ``--prefill-context`` (default 4096) each model is also
+prefilled for real from random tokens, to show the same per-token cost.
+
+Each measurement runs in a fresh subprocess (peak memory of one cannot leak into another); ratios
+full / landmark are computed from measurements of the same invocation.
+
+Usage:
+    python benchmarks/decode.py                                  # 4k 16k 64k 256k; table + JSON
+    python benchmarks/decode.py --contexts 4096 16384 --tokens 32 --out /tmp/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("landmark", "full")
+SMALL = dict(vocab_size=8192, n_layer=6, n_embd=256, n_head=8, n_kv_head=8, seq_len=512)  # configs/small-*
+BLOCK = 64
+
+
+def build(kind: str):
+    import torch
+
+    from landmark.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    if kind == "landmark":
+        cfg = ModelConfig(
+            **SMALL, attention="landmark", block_size=BLOCK, landmark_id=SMALL["vocab_size"] - 1
+        )
+    else:
+        cfg = ModelConfig(**SMALL, attention="full")
+    return GPT(cfg).eval()
+
+
+def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict:
+    """Decode ``args.tokens`` tokens after ``context`` tokens of context; return the measurements."""
+    import torch
+
+    from landmark.data.landmarks import insert_landmarks
+    from landmark.inference import InferenceSession
+    from landmark.inference.full_cache import FullCacheDecoder
+
+    torch.set_num_threads(args.threads)
+    model = build(kind)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    elem = 4  # float32
+    per_layer_kv = cfg.n_kv_head * cfg.head_dim * elem  # bytes of one position's key (or value), one layer
+    t0 = time.perf_counter()
+    tok = 1
+    if kind == "landmark":
+        bs, lm = cfg.block_size, cfg.landmark_id
+        session = InferenceSession(model, 1, k=args.k, granularity=args.granularity, chunk_len=args.chunk_len)
+        n_blocks, tail = divmod(context, bs - 1)
+        if fill == "random":
+            for memory in session.memories:
+                memory.reserve(n_blocks + args.tokens // (bs - 1) + 2)
+                for b0 in range(0, n_blocks, 1024):  # in slices, to bound the temporary
+                    m = min(1024, n_blocks - b0)
+                    shape = (cfg.n_kv_head, m, bs, cfg.head_dim)
+                    memory.append(0, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+            for layer in range(cfg.n_layer):
+                session.tail_k[layer][:, :, :tail].normal_(generator=gen)
+                session.tail_v[layer][:, :, :tail].normal_(generator=gen)
+            session.tail_len[:] = tail
+            session.length[:] = n_blocks * bs + tail
+        else:
+            prompt = torch.randint(0, lm, (1, context), generator=gen)
+            logits = session.feed(insert_landmarks(prompt, bs, lm))
+            tok = int(logits[0, -1].argmax())
+
+        def step(tok: int) -> int:
+            # as generate(): a token that completes a block is fed together with the landmark
+            if int(session.length[0]) % bs == bs - 2:
+                ids = torch.tensor([[tok, lm]])
+            else:
+                ids = torch.tensor([[tok]])
+            out = session.feed(ids)[0, 0]
+            out[lm] = float("-inf")
+            return int(out.argmax())
+
+        state_bytes = sum(
+            m.keys.numel() * m.keys.element_size() * 2 + m.landmark_keys.numel() * elem
+            for m in session.memories
+        )
+    else:
+        decoder = FullCacheDecoder(model, 1, max_len=context + args.warmup + args.tokens + 1)
+        if fill == "random":
+            decoder.fill_random(context, gen)
+        else:
+            prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=gen)
+            for c0 in range(0, context, 512):
+                logits = decoder.feed(prompt[:, c0 : c0 + 512])
+            tok = int(logits[0, -1].argmax())
+
+        def step(tok: int) -> int:
+            return int(decoder.feed(torch.tensor([[tok]]))[0, 0].argmax())
+
+        state_bytes = decoder.nbytes()
+    fill_s = time.perf_counter() - t0
+
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            tok = step(tok)
+        if kind == "landmark":
+            before = dict(vars(session.stats.layer))
+            start_len = int(session.length[0])
+        else:
+            start_len = decoder.length
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(args.tokens):
+            tok = step(tok)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+
+    n = args.tokens
+    result = {
+        "model": kind,
+        "context": context,
+        "fill": fill,
+        "tokens": n,
+        "cpu_ms_per_token": cpu / n * 1e3,
+        "wall_ms_per_token": wall / n * 1e3,
+        "setup_s": fill_s,
+        "state_bytes": state_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if kind == "landmark":
+        after = vars(session.stats.layer)
+        d = {key: after[key] - before[key] for key in after}
+        end_len = int(session.length[0])
+        # from the counters: landmark keys scored, (block, kv head) pairs read, local positions
+        block_bytes = (bs - 1) * cfg.head_dim * elem * 2
+        counted = (
+            d["landmarks_scored"] * per_layer_kv
+            + d["block_heads_fetched"] * block_bytes
+            + d["local_positions"] * per_layer_kv * 2
+        ) / n
+        # from sizes: every step reads all N landmark keys, k blocks per head and the local context
+        steps = []
+        for p in range(start_len, end_len):
+            if p % bs == bs - 1:
+                continue  # a landmark, fed with the token before it
+            rows = 2 if p % bs == bs - 2 else 1
+            blocks = p // bs  # blocks in memory when the step runs
+            k_eff = min(args.k, blocks)
+            local = p % bs + rows
+            # each query row of each head reads its own k_eff blocks (keys and values) of its kv head
+            steps.append(
+                blocks * per_layer_kv + rows * cfg.n_head * k_eff * block_bytes + local * per_layer_kv * 2
+            )
+        sized = sum(steps) * cfg.n_layer / n
+        result.update(kv_bytes_per_token=sized, kv_bytes_per_token_counted=counted, counters=d)
+    else:
+        # every step reads every cached key and value (the context, the tokens before it, itself)
+        sized = sum((start_len + i + 1) * per_layer_kv * 2 for i in range(n)) * cfg.n_layer / n
+        result.update(kv_bytes_per_token=sized)
+    return result
+
+
+def run_one(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, str(context), fill]
+    cmd += ["--tokens", str(args.tokens), "--warmup", str(args.warmup), "--k", str(args.k)]
+    cmd += [
+        "--threads",
+        str(args.threads),
+        "--granularity",
+        args.granularity,
+        "--chunk-len",
+        str(args.chunk_len),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {
+            "model": kind,
+            "context": context,
+            "fill": fill,
+            "error": proc.stderr.strip().splitlines()[-1:],
+        }
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mib(x: float) -> str:
+    return f"{x / 2**20:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
+    parser.add_argument(
+        "--prefill-context", type=int, default=4096, help="also prefill this context for real"
+    )
+    parser.add_argument("--tokens", type=int, default=64, help="generated tokens measured per run")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--granularity", default="token_head")
+    parser.add_argument("--chunk-len", type=int, default=256)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)"
+    )
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "CONTEXT", "FILL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, context, fill = args.worker
+        print(json.dumps(worker(kind, int(context), fill, args)))
+        return
+
+    runs = [(c, "random") for c in args.contexts]
+    if args.prefill_context:
+        runs.append((args.prefill_context, "prefill"))
+    results = []
+    header = (
+        f"{'context':>8} {'fill':>8} | {'landmark ms/tok':>15} {'full ms/tok':>11} {'speed-up':>8} | "
+        f"{'landmark KV MiB/tok':>19} {'full KV MiB/tok':>15} {'fewer':>6} | {'peak RSS MiB lm/full':>20}"
+    )
+    print(header)
+    print("-" * len(header))
+    for context, fill in runs:
+        row = {m: run_one(m, context, fill, args) for m in MODELS}
+        lm, full = row["landmark"], row["full"]
+        entry = {"context": context, "fill": fill, "landmark": lm, "full": full}
+        if "error" in lm or "error" in full:
+            print(f"{context:>8} {fill:>8} | error: {lm.get('error') or full.get('error')}")
+        else:
+            entry["speedup_cpu"] = full["cpu_ms_per_token"] / lm["cpu_ms_per_token"]
+            entry["speedup_wall"] = full["wall_ms_per_token"] / lm["wall_ms_per_token"]
+            entry["kv_bytes_ratio"] = full["kv_bytes_per_token"] / lm["kv_bytes_per_token"]
+            print(
+                f"{context:>8} {fill:>8} | {lm['cpu_ms_per_token']:>15.2f} {full['cpu_ms_per_token']:>11.2f} "
+                f"{entry['speedup_cpu']:>7.1f}x | {mib(lm['kv_bytes_per_token']):>19} "
+                f"{mib(full['kv_bytes_per_token']):>15} {entry['kv_bytes_ratio']:>5.0f}x | "
+                f"{mib(lm['peak_rss_bytes']):>9}/{mib(full['peak_rss_bytes'])}"
+            )
+        results.append(entry)
+    print(
+        "ms/tok: CPU time per generated token (one thread); KV MiB/tok: keys/values read per token, "
+        "all layers; landmark bytes from sizes, counters agree:",
+        all(
+            abs(r["landmark"]["kv_bytes_per_token"] - r["landmark"]["kv_bytes_per_token_counted"])
+            <= 1e-6 * r["landmark"]["kv_bytes_per_token"]
+            for r in results
+            if "error" not in r["landmark"]
+        ),
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "model": {**SMALL, "block_size": BLOCK},
+        "k": args.k,
+        "granularity": args.granularity,
+        "threads": args.threads,
+        "tokens": args.tokens,
+    }
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
