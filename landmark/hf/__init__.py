@@ -13,7 +13,21 @@ peft, safetensors, gguf). See docs/huggingface.md. The usual path::
     ...  # fine-tune (landmark.hf.finetune, or `landmark hf finetune`)
     model.save_pretrained(out); tokenizer.save_pretrained(out)
     model, tokenizer = landmark.hf.load_pretrained(out)
+
+Long inputs with top-k block retrieval (shared/method.md s.4)::
+
+    from landmark.inference import RetrievalConfig
+
+    text, ids = landmark.hf.generate(model, tokenizer, long_prompt, retrieval=RetrievalConfig(k=4))
+    cache = landmark.hf.LandmarkRetrievalCache(model, RetrievalConfig(k=4), memory_device="cpu")
+    model(input_ids_with_landmarks, cache=cache)  # or model.generate(..., cache=cache, logits_processor=
+                                                  #    [landmark.hf.LandmarkLogitsProcessor.for_model(model)])
+
+``LandmarkRetrievalCache`` and ``LandmarkLogitsProcessor`` import transformers; they are loaded on first
+use, so that ``import landmark.hf`` stays light.
 """
+
+from typing import Any
 
 from landmark.hf.attention import landmark_attention_forward, landmark_attention_mask, register
 from landmark.hf.collator import IGNORE_INDEX, LandmarkCollator, landmark_loss, regular_tokens_per_window
@@ -31,6 +45,8 @@ __all__ = [
     "LANDMARK_TOKEN",
     "SUPPORTED_ARCHITECTURES",
     "LandmarkCollator",
+    "LandmarkLogitsProcessor",
+    "LandmarkRetrievalCache",
     "convert",
     "generate",
     "landmark_attention_forward",
@@ -41,3 +57,12 @@ __all__ = [
     "register",
     "regular_tokens_per_window",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy attributes: the retrieval cache and logits processor (they import transformers)."""
+    if name in ("LandmarkRetrievalCache", "LandmarkLogitsProcessor"):
+        from landmark.hf import retrieval
+
+        return getattr(retrieval, name)
+    raise AttributeError(f"module 'landmark.hf' has no attribute {name!r}")

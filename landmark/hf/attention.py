@@ -12,6 +12,11 @@ entries under the name ``"landmark"``:
 The block size is read from ``module.config.landmark_block_size`` at every call, so any module of a
 converted model (see :func:`landmark.hf.convert`) carries what the function needs.
 
+With a :class:`landmark.hf.LandmarkRetrievalCache` the call goes to the cache instead (top-k block
+retrieval): the cache's ``update`` runs just before the attention function, and announces the exact
+key tensor it returned with :func:`route_attention`; the function hands a call with that key tensor, in
+that layer, to the cache. Any other cache (or none) keeps the behaviour described below.
+
 Sequence layout the function relies on: key position ``p`` is a landmark iff
 ``p % block_size == block_size - 1``, counted from the first position of the sequence, and the
 queries are the last ``q_len`` of the ``k_len`` keys. A full forward and a decode step with a
@@ -22,6 +27,7 @@ not, and are refused with an error where they can be recognised.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -30,6 +36,40 @@ from torch import Tensor, nn
 from landmark.ops.attention import landmark_attention
 
 ATTN_IMPLEMENTATION = "landmark"  # the name under which the functions are registered
+# (layer index, key tensor, handler) announced by a cache's update for the attention call that follows it
+_route = threading.local()
+
+AttentionHandler = Callable[..., Tensor]  # (module, query, key, value, scaling, position_ids) -> (B, H, T, D)
+
+
+def route_attention(layer_idx: int, key: Tensor, handler: AttentionHandler) -> None:
+    """Send the next landmark attention call of layer ``layer_idx`` whose key IS ``key`` to ``handler``.
+
+    A cache calls this from ``update``; :func:`landmark_attention_forward` then returns
+    ``handler(module, query, key, value, scaling, position_ids)`` (transposed to (B, T, H, D)) instead
+    of attending over ``key`` itself. The identity check ties the route to exactly that call. A route
+    still pending when the cache announces the next one means the attention function was bypassed (a
+    model not using ``attn_implementation="landmark"``): that raises instead of silently attending to
+    the new positions only.
+    """
+    pending = getattr(_route, "value", None)
+    if pending is not None:
+        _route.value = None
+        raise RuntimeError(
+            f"layer {pending[0]}'s attention did not go through the {ATTN_IMPLEMENTATION!r} attention "
+            "function: a LandmarkRetrievalCache needs model.config._attn_implementation == 'landmark' "
+            "(load the model with landmark.hf.load_pretrained)"
+        )
+    _route.value = (layer_idx, key, handler)
+
+
+def _take_route(module: nn.Module, key: Tensor) -> AttentionHandler | None:
+    """The handler announced for this call (and forget it), or None."""
+    pending = getattr(_route, "value", None)
+    if pending is None or pending[1] is not key or pending[0] != getattr(module, "layer_idx", None):
+        return None
+    _route.value = None
+    return pending[2]
 
 
 def landmark_attention_forward(
@@ -80,6 +120,11 @@ def landmark_attention_forward(
     if dropout and module.training:
         raise ValueError(f"landmark attention does not implement attention dropout; got dropout={dropout}")
     position_ids = kwargs.get("position_ids")
+    handler = _take_route(module, key)
+    if handler is not None:  # a LandmarkRetrievalCache: top-k retrieval over its block memory
+        query, key, value = _common_dtype(query, key, value)
+        out = handler(module, query, key, value, scaling, position_ids)  # (B, H, Tq, D)
+        return out.transpose(1, 2).contiguous(), None
     if position_ids is not None and getattr(module, "layer_idx", 0) == 0:
         _check_positions(position_ids, query.shape[2], key.shape[2])
     query, key, value = _common_dtype(query, key, value)

@@ -154,6 +154,10 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--eval-windows", type=int, default=0, help="validation windows scored before and after")
     p.add_argument("--max-windows", type=int, default=None, help="use at most this many training windows")
+    p.add_argument(
+        "--passkey-fraction", type=float, default=0.0, help="share of windows replaced by passkey samples"
+    )
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_finetune)
 

@@ -57,6 +57,8 @@ class FinetuneConfig:
     logging_steps: int = 10
     eval_windows: int = 0  # validation windows evaluated before and after training (0: none)
     max_windows: int | None = None  # use at most this many training windows (None: the whole split)
+    passkey_fraction: float = 0.0  # share of training windows replaced by in-window passkey samples
+    max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
 
 
@@ -148,6 +150,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             tokenize_corpus(tokenizer, cfg.corpus, "validation", progress=main) if cfg.eval_windows else None
         )
     train_set = TokenWindows(train_tokens, raw_tokens, limit=cfg.max_windows)
+    if cfg.passkey_fraction:
+        from landmark.hf.passkey import PasskeyMixWindows
+
+        train_set = PasskeyMixWindows(
+            train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed
+        )
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
     )
@@ -173,6 +181,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         data_collator=LandmarkCollator(tokenizer, block_size, cfg.max_length),
         train_dataset=train_set,
         eval_dataset=eval_set,
+        callbacks=[_time_limit(cfg.max_minutes)] if cfg.max_minutes else None,
     )
     if cfg.fsdp and trainer.accelerator.distributed_type.value != "FSDP":
         raise RuntimeError(
@@ -185,6 +194,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result = trainer.train()
     summary["train_seconds"] = round(time.perf_counter() - start, 1)
     summary["train_loss"] = result.training_loss
+    summary["steps_done"] = trainer.state.global_step
+    summary["tokens_seen"] = (
+        trainer.state.global_step * cfg.batch_size * cfg.grad_accum * args.world_size * (raw_tokens - 1)
+    )  # regular tokens fed (landmarks not counted), windows being full
     summary["distributed_type"] = str(trainer.accelerator.distributed_type.value)
     summary["sharded_parameters"] = any(
         type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()
@@ -204,6 +217,26 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             line += f" (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})"
         print(line, flush=True)
     return summary
+
+
+def _time_limit(minutes: float) -> Any:
+    """A Trainer callback that stops training once ``minutes`` of wall time have passed since it began."""
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            return control
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.start > 60 * minutes:
+                control.should_training_stop = True
+            return control
+
+    return TimeLimit()
 
 
 def _checkpointing_args(arguments_class: type, enabled: bool) -> dict[str, Any]:

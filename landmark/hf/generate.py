@@ -1,8 +1,12 @@
-"""Generation from a converted model with landmarks inserted into the token stream (no retrieval yet).
+"""Generation from a converted model with landmarks inserted into the token stream.
 
-Every earlier position stays in a ``DynamicCache`` and every query attends over all of them through
-the grouped softmax: exact, but each step reads the whole context. Top-k block retrieval (shared/
-method.md s.4) will replace the cache; see docs/huggingface.md, "TODO(retrieval)".
+Two caches:
+
+* ``retrieval=None``: every earlier position stays in a ``DynamicCache`` and every query attends over
+  all of them through the grouped softmax: exact, but each step reads the whole context.
+* ``retrieval=RetrievalConfig(k=...)``: a :class:`landmark.hf.LandmarkRetrievalCache`: the prompt is
+  processed in chunks, complete blocks go to a block memory, and every query attends to its top-k
+  retrieved blocks plus its local context (shared/method.md s.4).
 
 Landmarks are fed, never sampled: when the next position is a landmark position, the landmark is fed
 together with the next regular token. The next token is always predicted from a regular token's
@@ -29,6 +33,9 @@ def generate(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     seed: int | None = None,
+    *,
+    retrieval: Any = None,
+    **cache_kwargs: Any,
 ) -> tuple[str, Tensor]:
     """Continue ``prompt`` by ``max_new_tokens`` regular tokens (batch size 1).
 
@@ -39,6 +46,11 @@ def generate(
         max_new_tokens: regular tokens to generate; stops early at the tokenizer's eos token.
         temperature: 0 for greedy decoding, else sampling at this temperature.
         seed: seeds the sampling generator.
+        retrieval: None for exact attention over the whole context (``DynamicCache``), or a
+            :class:`landmark.inference.RetrievalConfig` for top-k block retrieval through a
+            :class:`landmark.hf.LandmarkRetrievalCache`.
+        **cache_kwargs: with ``retrieval``, options of :class:`landmark.hf.LandmarkRetrievalCache`
+            (``chunk_len``, ``memory_device``, ``max_blocks``, ``evict``).
 
     Returns:
         ``(text, ids)``: the decoded new tokens, and (num_new,) int64 ids of the new regular tokens.
@@ -54,17 +66,25 @@ def generate(
         raw = torch.as_tensor(prompt, dtype=torch.long).flatten()
     if raw.numel() == 0:
         raise ValueError("the prompt is empty")
+    if retrieval is None and cache_kwargs:
+        raise ValueError(f"{sorted(cache_kwargs)} are options of the retrieval cache: pass retrieval=...")
     ids = insert_landmarks(raw, block_size, landmark_id)
     if ids[-1] == landmark_id:  # a complete last block: its landmark goes in with the next token
         ids = ids[:-1]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos = tokenizer.eos_token_id
-    cache = DynamicCache(config=model.config)
+    if retrieval is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        from landmark.hf.retrieval import LandmarkRetrievalCache
+
+        cache = LandmarkRetrievalCache(model, retrieval, **cache_kwargs)
     step_input = ids.to(device)[None]  # (1, n)
     position = 0  # positions already in the cache
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits[0, -1].float()  # (vocab,)
+        out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1].float()  # (vocab,)
         position += step_input.shape[1]
         logits[landmark_id] = float("-inf")  # never sample a landmark
         if temperature > 0:
@@ -77,5 +97,5 @@ def generate(
             break
         feed = [landmark_id, token] if position % block_size == block_size - 1 else [token]
         step_input = torch.tensor([feed], dtype=torch.long, device=device)
-    out = torch.tensor(new, dtype=torch.long)
-    return tokenizer.decode(out.tolist(), skip_special_tokens=True), out
+    out_ids = torch.tensor(new, dtype=torch.long)
+    return tokenizer.decode(out_ids.tolist(), skip_special_tokens=True), out_ids

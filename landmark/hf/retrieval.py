@@ -1,0 +1,383 @@
+"""Long-context inference for converted Hugging Face models: block memory + top-k landmark retrieval.
+
+:class:`LandmarkRetrievalCache` is a transformers ``Cache``: pass it to ``model(...)`` or to
+``model.generate(...)`` instead of a ``DynamicCache``. Per layer it keeps what shared/method.md s.4
+asks for, through the project's one implementation of each piece (:mod:`landmark.inference`):
+
+* a :class:`~landmark.inference.BlockMemory` of the complete blocks (keys stored before RoPE; block
+  contents on ``memory_device``, e.g. CPU RAM, the landmark keys next to the queries; optional
+  ``max_blocks`` cap with FIFO eviction);
+* the incomplete tail block;
+* top-k retrieval (:func:`~landmark.inference.retrieval_attention` with
+  :func:`~landmark.inference.select_blocks` and the "stingy" position mapping), configured by a
+  :class:`~landmark.inference.RetrievalConfig` (k, granularity, search).
+
+How it plugs in. transformers' attention modules apply RoPE, call ``cache.update(k, v, layer_idx)``,
+then the attention function registered as ``"landmark"``
+(:func:`landmark.hf.attention.landmark_attention_forward`).
+``update`` stores nothing yet: it returns the new keys and values unchanged and asks the attention
+function (:func:`landmark.hf.attention.route_attention`) to hand exactly this layer call to the cache.
+The cache then
+
+1. un-rotates the queries and keys (the inverse rotation at their ``position_ids``, with the model's
+   ``rope_theta``; transformers uses the rotate-half layout, the same as :func:`landmark.model.apply_rope`),
+   which is exact up to float rounding for the plain RoPE of LLaMA-family models (``rope_type ==
+   "default"``; other RoPE variants are refused);
+2. processes the new positions in chunks of ``chunk_len`` (a whole prompt given to one forward, as
+   ``model.generate`` does, is processed chunk by chunk inside each layer, which computes the same as
+   feeding the chunks one forward at a time);
+3. calls :func:`~landmark.inference.retrieval_attention` (``rope_base = rope_theta``) over the retrieved
+   blocks, the tail and the chunk, and moves the chunk's complete blocks into the memory.
+
+Positions. The model is given the true stream positions (``position_ids`` = ``0, 1, 2, ...`` counted
+from the start of the stream, landmarks included; ``get_seq_length`` returns the stream length). The
+re-placing of retrieved blocks in a short prefix happens inside ``retrieval_attention``, on un-rotated
+queries and keys, so positions beyond ``max_position_embeddings`` never reach the model's RoPE
+during attention. Every row of a batch must have the same length (no padding).
+
+Landmarks. The caller feeds them at positions ``p % block_size == block_size - 1``, as in training.
+:func:`landmark.hf.generate` does it; with ``model.generate``, insert them into the prompt and add
+:class:`LandmarkLogitsProcessor`, which makes the landmark the "generated" token at every landmark
+position and then continues from the output of the token before it (the landmark's own output is
+discarded, as in training, where landmarks are not targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import Cache, LogitsProcessor
+from transformers.cache_utils import CacheLayerMixin
+
+from landmark.hf.attention import ATTN_IMPLEMENTATION, route_attention
+from landmark.inference.memory import BlockMemory
+from landmark.inference.retrieval import (
+    DECODE_ROWS,
+    RetrievalConfig,
+    StepStats,
+    decode_plan,
+    retrieval_attention,
+)
+from landmark.inference.session import DEFAULT_CHUNK_LEN
+from landmark.model import apply_rope, rope_angles
+
+
+def rope_theta(config: Any) -> float:
+    """The base of a config's plain RoPE; ValueError for any other RoPE variant (scaled, partial, ...).
+
+    Retrieval re-positions blocks by rotating un-rotated keys again: only the plain rotation
+    ``angle = position * theta ** (-2i / head_dim)`` over the whole head can be undone and redone.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", scaling.get("rope_type", scaling.get("type"))))
+    if rope_type not in (None, "default"):
+        raise ValueError(
+            f"retrieval needs plain RoPE (rope_type 'default'); this model uses rope_type {rope_type!r}, "
+            "whose positions cannot be re-mapped by rotating keys again. Use a model without RoPE scaling"
+        )
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ValueError(f"retrieval needs RoPE over the whole head; partial_rotary_factor is {partial}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the config holds no rope_theta: retrieval needs a RoPE model")
+    return float(theta)
+
+
+def unrotate(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """Undo the rotary embedding of ``x`` (B, heads, T, D) applied at ``positions`` (B or 1, T).
+
+    The inverse rotation (angle ``-position * inv_freq``) in the rotate-half layout of transformers'
+    ``apply_rotary_pos_emb`` and :func:`landmark.model.apply_rope`; computed in float32, returned in
+    ``x.dtype``.
+    """
+    cos, sin = rope_angles(positions, x.shape[-1], base)  # (B, T, D/2)
+    return apply_rope(x, cos[:, None], -sin[:, None])
+
+
+class _RetrievalLayer(CacheLayerMixin):
+    """One layer's state: block memory, tail block, stream length. Filled by the attention call."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory: BlockMemory | None = None
+        self.tail_k: Tensor | None = None  # (B, Hkv, block_size, D) un-rotated; the first tail_len are real
+        self.tail_v: Tensor | None = None
+        self.tail_len = 0  # positions of the incomplete last block (every row the same)
+        self.length = 0  # stream positions seen (every row the same)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Return the new keys and values unchanged; the attention call stores them (see the module)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.memory = self.tail_k = self.tail_v = None
+        self.tail_len = self.length = 0
+        self.is_initialized = False
+
+    def offload(self) -> None:  # block contents already live on ``memory_device``
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LandmarkRetrievalCache cannot be cropped (its memory is append-only)")
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise NotImplementedError("LandmarkRetrievalCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            raise NotImplementedError("LandmarkRetrievalCache cannot expand a filled cache")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise NotImplementedError("LandmarkRetrievalCache cannot select batch rows")
+
+
+class LandmarkRetrievalCache(Cache):
+    """A transformers ``Cache`` that answers every query with top-k block retrieval through the landmarks.
+
+    Args:
+        model: a converted model (:func:`landmark.hf.convert` / :func:`landmark.hf.load_pretrained`),
+            or its config.
+        retrieval: k, granularity, search (default ``RetrievalConfig()``: k = 4, per token and head).
+        chunk_len: positions of a long input processed at once (the paper: 250 tokens); at least one
+            block.
+        memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
+        max_blocks: cap on the blocks kept per stream and layer (None: unlimited); ``evict`` chooses
+            FIFO eviction of the oldest block or an error (:class:`landmark.inference.MemoryFullError`).
+
+    Attributes:
+        stats: :class:`landmark.inference.retrieval.StepStats`, what the attention read (summed over
+            layers and steps): landmarks scored, blocks fetched, local positions.
+
+    Raises:
+        ValueError: the model is not a landmark model or does not use the ``"landmark"`` attention;
+            its RoPE is not plain (see :func:`rope_theta`); ``chunk_len`` shorter than a block; a bad
+            retrieval setting (k < 1, unknown granularity, ...).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        retrieval: RetrievalConfig | None = None,
+        *,
+        chunk_len: int = DEFAULT_CHUNK_LEN,
+        memory_device: torch.device | str | None = None,
+        max_blocks: int | None = None,
+        evict: bool = True,
+    ) -> None:
+        config = getattr(model, "config", model)
+        block_size = getattr(config, "landmark_block_size", None)
+        if block_size is None:
+            raise ValueError(
+                "LandmarkRetrievalCache needs a landmark model: convert it with landmark.hf.convert"
+            )
+        if getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"LandmarkRetrievalCache works through the {ATTN_IMPLEMENTATION!r} attention; this model "
+                f"uses {getattr(config, '_attn_implementation', None)!r} (load it with "
+                "landmark.hf.load_pretrained)"
+            )
+        self.rope_base = rope_theta(config)
+        self.block_size = int(block_size)
+        if chunk_len < self.block_size:
+            raise ValueError(f"chunk_len ({chunk_len}) must be at least one block ({self.block_size})")
+        if max_blocks is not None and max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
+        self.retrieval = retrieval if retrieval is not None else RetrievalConfig()
+        if not isinstance(self.retrieval, RetrievalConfig):
+            raise ValueError(f"retrieval must be a landmark.inference.RetrievalConfig; got {retrieval!r}")
+        self.chunk_len, self.memory_device = chunk_len, memory_device
+        self.max_blocks, self.evict = max_blocks, evict
+        self.stats = StepStats()
+        self._plan_key: tuple | None = None
+        self._plan = None
+        super().__init__(layers=[_RetrievalLayer() for _ in range(config.num_hidden_layers)])
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        """Called by the attention module after RoPE: route this layer's attention call to :meth:`attend`.
+
+        Args:
+            key_states, value_states: (B, Hkv, T, D) the new positions (keys rotated).
+
+        Returns:
+            The same tensors: the landmark attention function recognises them and calls :meth:`attend`.
+        """
+        self.layers[layer_idx].update(key_states, value_states)
+        route_attention(layer_idx, key_states, self.attend)
+        return key_states, value_states
+
+    def attend(
+        self,
+        module: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        scaling: float | None,
+        position_ids: Tensor | None,
+    ) -> Tensor:
+        """Retrieval attention of one layer for the new positions, and their insertion into the memory.
+
+        Args:
+            module: the attention module (``module.layer_idx``).
+            query: (B, H, T, D) rotated at ``position_ids``; key, value: (B, Hkv, T, D), keys rotated.
+            scaling: the score scale (default ``D ** -0.5``).
+            position_ids: (B or 1, T) must be the stream positions ``length .. length + T - 1``.
+
+        Returns:
+            (B, H, T, D) attention outputs.
+        """
+        layer_idx = int(module.layer_idx)
+        layer = self.layers[layer_idx]
+        batch, _, t, head_dim = query.shape
+        positions = torch.arange(layer.length, layer.length + t, device=query.device)[None]  # (1, T)
+        if position_ids is not None and (
+            position_ids.shape[-1] != t or not bool((position_ids == positions).all())
+        ):
+            raise ValueError(
+                f"LandmarkRetrievalCache needs the stream positions {layer.length}..{layer.length + t - 1} "
+                f"(every row the same, no padding); got position_ids starting at "
+                f"{position_ids.reshape(-1, position_ids.shape[-1])[:, 0].tolist()[:8]}"
+            )
+        self._ensure_state(layer, batch, key)
+        q = unrotate(query, positions, self.rope_base)  # (B, H, T, D)
+        k = unrotate(key, positions, self.rope_base)  # (B, Hkv, T, D)
+        scale = scaling if scaling is not None else head_dim**-0.5
+        layer.memory.reserve((layer.length + t) // self.block_size)
+        outs = [
+            self._attend_chunk(layer_idx, q[:, :, c0 : c0 + self.chunk_len], k, value, c0, scale)
+            for c0 in range(0, t, self.chunk_len)
+        ]
+        return torch.cat(outs, dim=2)
+
+    def _attend_chunk(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, c0: int, scale: float) -> Tensor:
+        """retrieval_attention of the chunk ``c0 : c0 + q.shape[2]`` of k/v; commit its complete blocks."""
+        layer, bs = self.layers[layer_idx], self.block_size
+        batch, c = q.shape[0], q.shape[2]
+        dev = q.device
+        n = layer.tail_len + c  # local context: the tail block, then the chunk
+        tail, new = slice(0, layer.tail_len), slice(c0, c0 + c)
+        local_k = torch.cat((layer.tail_k[:, :, tail], k[:, :, new]), dim=2)  # (B, Hkv, n, D)
+        local_v = torch.cat((layer.tail_v[:, :, tail], v[:, :, new]), dim=2)
+        local_len = torch.full((batch,), n, dtype=torch.long, device=dev)
+        q_start = torch.full((batch,), layer.tail_len, dtype=torch.long, device=dev)
+        q_len = torch.full((batch,), c, dtype=torch.long, device=dev)
+        plan = None
+        if c <= DECODE_ROWS:  # the same for every layer of a decode step: build it once
+            key = (tuple(layer.memory.count), layer.tail_len, c, layer.length)
+            if key != self._plan_key:
+                n_blocks = torch.tensor(layer.memory.count, device=dev)
+                self._plan = decode_plan(
+                    n_blocks, local_len, q_start, q_len, c, n, self.retrieval, bs, q.shape[-1], self.rope_base
+                )
+                self._plan_key = key
+            plan = self._plan
+        out = retrieval_attention(
+            q, local_k, local_v, local_len, q_start, q_len, layer.memory, self.retrieval,
+            bs, self.rope_base, scale, self.stats, plan,
+        )  # fmt: skip
+        full = n // bs
+        if full:
+            kb = local_k[:, :, : full * bs].unflatten(2, (full, bs))  # (B, Hkv, full, bs, D)
+            vb = local_v[:, :, : full * bs].unflatten(2, (full, bs))
+            for row in range(batch):
+                layer.memory.append(row, kb[row], vb[row])
+        rest = n - full * bs
+        layer.tail_k[:, :, :rest] = local_k[:, :, full * bs :]
+        layer.tail_v[:, :, :rest] = local_v[:, :, full * bs :]
+        layer.tail_len = rest
+        layer.length += c
+        return out
+
+    def _ensure_state(self, layer: _RetrievalLayer, batch: int, key: Tensor) -> None:
+        """Create the layer's memory and tail at its first call; check the batch size afterwards."""
+        if layer.memory is not None:
+            if layer.memory.batch != batch:
+                raise ValueError(f"this cache holds {layer.memory.batch} rows; got a batch of {batch}")
+            return
+        kv_heads, head_dim = key.shape[1], key.shape[3]
+        index = None
+        if self.retrieval.search == "faiss":
+            from landmark.inference.search import LandmarkIndex
+
+            index = LandmarkIndex(batch, kv_heads, head_dim)
+        layer.memory = BlockMemory(
+            batch, kv_heads, self.block_size, head_dim, dtype=key.dtype, device=key.device,
+            storage_device=self.memory_device, max_blocks=self.max_blocks, evict=self.evict, index=index,
+        )  # fmt: skip
+        layer.tail_k = key.new_zeros(batch, kv_heads, self.block_size, head_dim)
+        layer.tail_v = torch.zeros_like(layer.tail_k)
+
+    def reset(self) -> None:
+        """Forget every stream (the cache can then serve a new batch)."""
+        super().reset()
+        self.stats = StepStats()
+        self._plan_key = self._plan = None
+
+
+class LandmarkLogitsProcessor(LogitsProcessor):
+    """Landmarks in ``model.generate``: forced at landmark positions, never sampled elsewhere.
+
+    When the next stream position is a landmark position (``p % block_size == block_size - 1``,
+    ``p = input_ids.shape[1]``; the prompt must hold its landmarks, see
+    :func:`landmark.data.insert_landmarks`), every row's scores become "the landmark, surely", and the
+    current scores (the prediction of the token that follows the landmark) are kept. At the next step,
+    whose scores come from the landmark's own output, the kept scores are returned instead: the token
+    after a landmark is predicted by the token before it, as in training. Everywhere else the landmark
+    id is masked out.
+
+    One processor serves one ``generate`` call (it holds the kept scores); rows must have equal lengths.
+    Generated sequences include the landmarks (``decode(..., skip_special_tokens=True)`` drops them) and
+    ``max_new_tokens`` counts them.
+    """
+
+    def __init__(self, block_size: int, landmark_id: int) -> None:
+        self.block_size, self.landmark_id = int(block_size), int(landmark_id)
+        self._kept: Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: Any) -> LandmarkLogitsProcessor:
+        """The processor for a converted model (its block size and landmark id)."""
+        from landmark.hf.convert import landmark_token_id
+
+        return cls(int(model.config.landmark_block_size), landmark_token_id(model))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        bs, lm = self.block_size, self.landmark_id
+        position = input_ids.shape[1]  # stream position of the token chosen now
+        if self._kept is not None and position % bs == 0 and bool((input_ids[:, -1] == lm).all()):
+            scores, self._kept = self._kept, None  # the landmark was fed: continue from the token before it
+        scores = scores.clone()
+        scores[:, lm] = float("-inf")
+        if position % bs == bs - 1:
+            self._kept = scores
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, lm] = 0.0
+            return forced
+        return scores
