@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from landmark import __version__
 from landmark.eval.cli import add_eval_parser
 from landmark.hf.cli import add_hf_parser
+from landmark.inference.cli import add_generate_parser
 from landmark.quickstart import add_quickstart_parser
 
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_hf_parser(sub)  # `landmark hf ...`: Hugging Face models (landmark/hf/cli.py)
     add_eval_parser(sub)  # `landmark eval ...`: perplexity and passkey (landmark/eval/cli.py)
     add_quickstart_parser(sub)  # `landmark quickstart`: the main job (landmark/quickstart.py)
+    add_generate_parser(sub)  # `landmark generate`: retrieval generation (landmark/inference/cli.py)
     return parser
 
 

@@ -379,3 +379,67 @@ def test_faiss_index_follows_fifo_eviction():
             got = torch.from_numpy(got - memory.evicted[0]).sort(-1).values
             assert (got == want).all()
     assert memory.evicted[0] == 60 and max(sizes) <= 20  # rebuilt: stale entries never pile up
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """A randomly initialised landmark checkpoint and a full-attention one, saved with the training
+    checkpoint code, with a small trained BPE tokenizer."""
+    from landmark.checkpoint import save_checkpoint
+    from landmark.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("runs")
+    text = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 20
+    tokenizer = Tokenizer.train(text, vocab_size=300)
+    runs = {}
+    for attention in ("landmark", "full"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=16, seq_len=32,
+            block_size=8,
+            attention=attention, landmark_id=tokenizer.landmark_id if attention == "landmark" else -1,
+        )  # fmt: skip
+        run = root / attention
+        save_checkpoint(run, 1, GPT(cfg), {"model": cfg.to_dict(), "data": {}, "train": {}}, tokenizer, {})
+        runs[attention] = run
+    return runs, tokenizer
+
+
+def test_generate_cli_streams_one_prompt_and_prints_a_batch(tiny_checkpoints, capsys):
+    from landmark.checkpoint import load_model
+    from landmark.cli import main
+
+    runs, tokenizer = tiny_checkpoints
+    prompt = "The sky is blue. " * 12  # longer than a block: chunks and memory are used
+    args = ["generate", "--checkpoint", str(runs["landmark"]), "--max-new-tokens", "24", "--k", "2"]
+    assert main([*args, "--prompt", prompt, "--temperature", "0", "--no-stop", "--chunk-len", "16"]) == 0
+    streamed = capsys.readouterr().out
+    model, _, _ = load_model(runs["landmark"])
+    want = generate(model, [tokenizer.encode(prompt)], 24, k=2, chunk_len=16)[0]
+    assert streamed == tokenizer.decode(want) + "\n"
+
+    assert main([*args, "--prompt", "Here we go.", "--prompt", prompt, "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "=== [0] 'Here we go.'" in out and "=== [1]" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--k", "0"], "error: --k must be >= 1"),
+        (["--chunk-len", "4"], r"error: --chunk-len \(4\) must be at least one block \(8\)"),
+        (["--max-blocks", "0"], "error: --max-blocks must be >= 1"),
+        (["--checkpoint", "{full}"], "error: .* holds a model with attention='full'"),
+        (["--checkpoint", "{missing}"], "error: .* is neither a checkpoint folder nor a run folder"),
+    ],
+)
+def test_generate_cli_errors(tiny_checkpoints, tmp_path, capsys, extra, message):
+    import re
+
+    from landmark.cli import main
+
+    runs, _ = tiny_checkpoints
+    extra = [e.format(full=runs["full"], missing=tmp_path / "nothing") for e in extra]
+    assert main(["generate", "--checkpoint", str(runs["landmark"]), "--prompt", "hi", *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err

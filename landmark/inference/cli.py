@@ -1,0 +1,169 @@
+"""``landmark generate``: long-context generation from a trained landmark checkpoint, with retrieval.
+
+One prompt: the text is streamed as it is generated (decoded incrementally). Several prompts
+(``--prompt`` repeated, or ``--prompt-file`` with ``--batch-lines``): generated together as a batch
+of rows of different lengths, each row printed when done. Mistakes the user can fix are one line
+``error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from landmark.inference.retrieval import GRANULARITIES, SEARCHES
+from landmark.inference.session import DEFAULT_CHUNK_LEN
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``landmark generate`` on the main parser's sub-commands."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a landmark checkpoint with top-k block retrieval (any prompt length)",
+        description="Generate from a trained landmark model: the prompt is read in chunks into a block "
+        "memory, then every new token retrieves the top-k blocks through their landmarks. "
+        "See docs/inference.md.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="RUN_DIR", help="a run folder or checkpoints/step_*"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="the prompt; repeat for a batch")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file ('-': stdin)")
+    p.add_argument(
+        "--batch-lines",
+        action="store_true",
+        help="with --prompt-file: one prompt per non-empty line",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--k", type=int, default=4, help="blocks retrieved per query and head (default 4)")
+    p.add_argument(
+        "--chunk-len", type=int, default=DEFAULT_CHUNK_LEN, help="positions per prompt chunk (>= block_size)"
+    )
+    p.add_argument("--granularity", choices=GRANULARITIES, default="token_head")
+    p.add_argument(
+        "--search", choices=SEARCHES, default="exact", help="landmark search (faiss: optional extra)"
+    )
+    p.add_argument(
+        "--memory-device", default=None, help="where block contents live, e.g. cpu (default: model's)"
+    )
+    p.add_argument(
+        "--max-blocks", type=int, default=None, help="cap on memory blocks per row (FIFO eviction)"
+    )
+    p.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.set_defaults(func=cmd_generate)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return list(args.prompt)
+    if args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ValueError(f"--prompt-file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+    if args.batch_lines:
+        return [line for line in text.splitlines() if line.strip()]
+    return [text]
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1; got {args.k}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(
+            f"need --temperature >= 0 and 0 < --top-p <= 1; got {args.temperature}, {args.top_p}"
+        )
+    if args.max_blocks is not None and args.max_blocks < 1:
+        raise ValueError(f"--max-blocks must be >= 1; got {args.max_blocks}")
+    if args.batch_lines and args.prompt_file is None:
+        raise ValueError("--batch-lines goes with --prompt-file")
+    if args.search == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                '--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"'
+            ) from None
+
+
+class _Stream:
+    """Print one row's text as tokens arrive: decode everything so far, print what is new (a token
+    that ends inside a multi-byte character waits for the next one)."""
+
+    def __init__(self, tokenizer, out, skip: int | None) -> None:
+        self.tokenizer, self.out, self.skip = tokenizer, out, skip
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        if token == self.skip:  # end of text: not printed
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.printed :] + "\n")
+        self.out.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Load a checkpoint, generate from the prompt(s), print the text."""
+    import torch
+
+    from landmark.checkpoint import CheckpointError, load_model
+    from landmark.inference.generate import generate
+
+    try:
+        _check(args)
+        prompts = _prompts(args)
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("the prompt is empty")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, _ = load_model(args.checkpoint, device=device)
+        cfg = model.config
+        if cfg.attention != "landmark":
+            raise ValueError(
+                f"{args.checkpoint} holds a model with attention={cfg.attention!r}; `landmark generate` "
+                "needs a landmark-attention model (retrieval goes through its landmarks)"
+            )
+        if args.chunk_len < cfg.block_size:
+            raise ValueError(f"--chunk-len ({args.chunk_len}) must be at least one block ({cfg.block_size})")
+        ids = [tokenizer.encode(p) for p in prompts]
+        if any(not i for i in ids):
+            raise ValueError("a prompt encodes to no tokens")
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    single, eot = len(ids) == 1, None if args.no_stop else tokenizer.eot_id
+    stream = _Stream(tokenizer, sys.stdout, eot) if single else None
+    out = generate(
+        model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        eot_id=eot, seed=args.seed, on_token=stream,
+        k=args.k, granularity=args.granularity, chunk_len=args.chunk_len, memory_device=args.memory_device,
+        max_blocks=args.max_blocks, search=args.search,
+    )  # fmt: skip
+    if single:
+        stream.finish()
+        return 0
+    for row, (prompt, tokens) in enumerate(zip(prompts, out)):
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        print(f"=== [{row}] {short!r} ({len(ids[row])} prompt tokens, {len(tokens)} generated)")
+        print(tokenizer.decode([t for t in tokens if t != eot]))
+    return 0
