@@ -22,6 +22,15 @@ from landmark.model import GPT, ModelConfig
 BS, LM = 8, 49
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run tiny tensors: one intra-op thread is fastest (and steadiest on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     kw = dict(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, seq_len=64, block_size=BS)
