@@ -94,6 +94,8 @@ class BlockMemory:
 
     def physical_index(self, logical: Tensor) -> Tensor:
         """(B, ...) logical indices -> physical slots, per row."""
+        if not any(self.start):  # no row has wrapped around
+            return logical
         start = torch.tensor(self.start, device=logical.device).view(-1, *([1] * (logical.dim() - 1)))
         return (logical + start) % self.capacity
 

@@ -190,6 +190,8 @@ def retrieval_attention(
     kv_heads, t_local = local_k.shape[1], local_k.shape[2]
     bs = block_size
     dev = q.device
+    if rows <= DECODE_ROWS and plan is not None:
+        return _decode_step(q, local_k, local_v, memory, retrieval, plan, bs, rope_base, scale, stats)
     n_blocks = torch.tensor(memory.count if memory is not None else [0] * batch, device=dev)
     if rows <= DECODE_ROWS:
         if plan is None:
@@ -345,7 +347,10 @@ class DecodePlan:
     local_positions: int  # local context positions attended to, summed over rows
     recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
     rank: Tensor  # (k_max,) 0, 1, ..., k_max - 1
+    blocks_total: int  # sum(n_blocks)
     uniform: bool  # every row holds n_max >= k blocks and every query row is real (no masking needed)
+    current: Tensor  # (B, 1, C, k_max + nb, bs) group membership when every selection is real
+    earlier: Tensor  # (B, 1, C, k_max + nb) blocks reached through their landmark, ditto
 
 
 def decode_plan(
@@ -394,6 +399,10 @@ def decode_plan(
     s = j[1:]
     recent = n_blocks[:, None] - 1 - k_eff[:, None] + s  # (B, k_max)
     ok = s <= k_eff[:, None]
+    local_earlier = (local_earlier & row_valid[:, :, None])[:, None]
+    batch = n_blocks.shape[0]
+    no_current = local_current.new_zeros(batch, 1, rows, k_max, bs)
+    all_earlier = local_earlier.new_ones(batch, 1, rows, k_max)
     return DecodePlan(
         n_blocks=n_blocks,
         k_eff=k_eff,
@@ -407,7 +416,7 @@ def decode_plan(
         sin_block=sin_t[:bs],
         pad=nb_local * bs - t_local,
         local_current=local_current,
-        local_earlier=(local_earlier & row_valid[:, :, None])[:, None],
+        local_earlier=local_earlier,
         row_valid=row_valid,
         q_pos=q_pos,
         recent=torch.where(ok, recent, 0),
@@ -416,7 +425,10 @@ def decode_plan(
         local_positions=int(local_len.sum()),
         recent_from=(n_blocks - k_eff)[:, None, None, None],
         rank=j[:-1],
+        blocks_total=int(n_blocks.sum()),
         uniform=bool((n_blocks == n_max).all() and (q_len == rows).all()) and n_max >= retrieval.k,
+        current=torch.cat((no_current, local_current), dim=3),
+        earlier=torch.cat((all_earlier, local_earlier), dim=3),
     )
 
 
@@ -448,20 +460,23 @@ def _decode_step(
     batch, heads, rows, dim = q.shape
     kv_heads = local_k.shape[1]
     k_max, n_max = plan.k_max, plan.n_max
-    q_all = apply_rope(q[:, :, :, None].expand(-1, -1, -1, plan.cos_q.shape[3], -1), plan.cos_q, plan.sin_q)
+    # The scale goes on the queries once (RoPE is linear), so every score below comes out scaled.
+    q_all = (q * scale)[:, :, :, None].expand(-1, -1, -1, plan.cos_q.shape[3], -1)
+    q_all = apply_rope(q_all, plan.cos_q, plan.sin_q)
     q_att, q_lm = q_all[:, :, :, : k_max + 1], q_all[:, :, :, k_max + 1 :]  # (B, H, C, k+1, D) each
 
     # Local context (tail + new positions), padded to whole blocks: (B, H, C, nb, bs) scores.
     lk = apply_rope(torch.nn.functional.pad(local_k, (0, 0, 0, plan.pad)), plan.cos_local, plan.sin_local)
     lv = torch.nn.functional.pad(local_v, (0, 0, 0, plan.pad))
     local_scores = _grouped(q_att[:, :, :, 0], kv_heads) @ lk[:, :, None].transpose(-1, -2)
-    local_scores = local_scores.view(batch, heads, rows, -1, bs) * scale
+    local_scores = local_scores.view(batch, heads, rows, -1, bs)
     if stats is not None:
         stats.local_positions += plan.local_positions
     if memory is None or n_max == 0:
         return _apply(grouped_softmax(local_scores, plan.local_current, plan.local_earlier), lv, kv_heads)
 
     # Landmark scores and selection.
+    uniform = plan.uniform and not any(memory.start)  # same count per row, no ring-buffer wrap-around
     if retrieval.search == "faiss":
         selected, sel_valid, scored = _search_select(
             q, plan.q_pos, plan.row_valid, memory, plan.n_blocks, plan.k_eff, retrieval, bs, rope_base, scale
@@ -470,22 +485,24 @@ def _decode_step(
         landmark_keys = memory.landmarks()  # (B, Hkv, N, D), un-rotated
         scores = _grouped(q_lm[:, :, :, 0], kv_heads) @ landmark_keys[:, :, None].transpose(-1, -2)
         # the most recent blocks, re-scored at their own slots s = 1..k_eff
-        lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
-        rec = (_grouped(q_lm[:, :, :, 1:], kv_heads) * lm_recent[:, :, None, None]).sum(
-            -1
-        )  # (B, Hkv, G, C, k)
-        column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
-        scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
-        scores = scores.reshape(batch, heads, rows, n_max) * scale
+        if uniform:  # they are the last k columns, in slot order
+            rec = _grouped(q_lm[:, :, :, 1:], kv_heads) * landmark_keys[:, :, None, None, n_max - k_max :]
+            scores[..., n_max - k_max :] = rec.sum(-1)
+        else:
+            lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
+            rec = (_grouped(q_lm[:, :, :, 1:], kv_heads) * lm_recent[:, :, None, None]).sum(
+                -1
+            )  # (B, Hkv, G, C, k)
+            column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
+            scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
+        scores = scores.reshape(batch, heads, rows, n_max)
         if plan.uniform and retrieval.granularity == "token_head":  # nothing to mask: top-k, in order
-            selected = scores.topk(k_max, dim=-1).indices.sort(dim=-1).values
-            sel_valid = torch.ones_like(selected, dtype=torch.bool)
+            selected, sel_valid = scores.topk(k_max, dim=-1).indices.sort(dim=-1).values, None
         else:
             selected, sel_valid = select_blocks(
                 scores, plan.n_blocks, plan.row_valid, retrieval.k, retrieval.granularity
             )
-        scored = int(plan.n_blocks.sum())
-    sel_valid = sel_valid & plan.row_valid[:, None, :, None]
+        scored = plan.blocks_total
     k_sel = selected.shape[-1]
     slot = plan.rank[:k_sel] + (selected >= plan.recent_from).long()  # (B, H, C, k), +1 if recent
 
@@ -495,14 +512,20 @@ def _decode_step(
     keys = apply_rope(keys, plan.cos_block, plan.sin_block)  # in-block offsets; the slot is on the query
     q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
     mem_scores = (keys @ q_sel.reshape(batch, kv_heads, -1, dim, 1)).view(batch, heads, rows, k_sel, bs)
+    scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)
+    if sel_valid is None:  # every selection is real: the step's masks are shared by all layers
+        current, earlier = plan.current, plan.earlier
+        fetched = selected.numel()
+    else:
+        sel_valid = sel_valid & plan.row_valid[:, None, :, None]
+        no_current = plan.local_current.new_zeros(batch, 1, rows, k_sel, bs)
+        current = torch.cat((no_current, plan.local_current), dim=3)
+        earlier = torch.cat((sel_valid, plan.local_earlier.expand(-1, heads, -1, -1)), dim=3)
+        fetched = int(sel_valid.sum())
     if stats is not None:
         stats.landmarks_scored += scored
-        stats.block_heads_fetched += int(sel_valid.sum())
+        stats.block_heads_fetched += fetched
 
-    scores = torch.cat((mem_scores * scale, local_scores), dim=3)  # (B, H, C, k + nb, bs)
-    no_current = plan.local_current.new_zeros(batch, 1, rows, k_sel, bs)
-    current = torch.cat((no_current, plan.local_current), dim=3)
-    earlier = torch.cat((sel_valid, plan.local_earlier.expand(-1, heads, -1, -1)), dim=3)
     weights = grouped_softmax(scores, current, earlier)  # (B, H, C, k + nb, bs)
     w_mem = weights[:, :, :, :k_sel, : bs - 1].reshape(batch, kv_heads, -1, 1, bs - 1)  # (B, Hkv, M, 1, bs-1)
     out = (w_mem @ values.to(w_mem.dtype)).view(batch, heads, rows, k_sel, dim).sum(3)

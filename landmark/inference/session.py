@@ -169,7 +169,10 @@ class InferenceSession:
         model, cfg = self.model, self.config
         lengths = lengths.to(self.device)
         h = model.embed(ids)  # (B, C, E)
-        plan = None
+        plan = same_tail = None
+        tails = self.tail_len.tolist()
+        if len(set(tails)) == 1 and bool((lengths == ids.shape[1]).all()):
+            same_tail = tails[0]
         if ids.shape[1] <= DECODE_ROWS:  # decoding: positions and masks are the same in every layer
             n_blocks = torch.tensor(self.memories[0].count, device=self.device)
             local_len = self.tail_len + lengths
@@ -180,24 +183,32 @@ class InferenceSession:
         for layer, block in enumerate(model.blocks):
             attn = block.attn
             q, k, v = attn.project(block.norm1(h))  # (B, H, C, D), (B, Hkv, C, D) x2, un-rotated
-            local_k, local_v, local_len = self._local(layer, k, v, lengths)
+            local_k, local_v, local_len = self._local(layer, k, v, lengths, same_tail)
             y = retrieval_attention(
                 q, local_k, local_v, local_len, self.tail_len, lengths, self.memories[layer], self.retrieval,
                 cfg.block_size, cfg.rope_base, cfg.head_dim**-0.5, self.stats.layer, plan,
             )  # fmt: skip
             h = h + attn.merge(y)
             h = h + block.mlp(block.norm2(h))
-            self._commit(layer, local_k, local_v, local_len)
+            self._commit(layer, local_k, local_v, local_len, same_tail)
         self.tail_len = local_len % cfg.block_size
         self.length += lengths.cpu()
         self.stats.steps += 1
         self.stats.positions += int(lengths.sum())
         return model.logits(h)
 
-    def _local(self, layer: int, k: Tensor, v: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Tail block + new positions per row: (B, Hkv, T, D) keys and values, (B,) real lengths."""
+    def _local(
+        self, layer: int, k: Tensor, v: Tensor, lengths: Tensor, same_tail: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Tail block + new positions per row: (B, Hkv, T, D) keys and values, (B,) real lengths.
+
+        ``same_tail``: every row has this tail length and all C new positions real (a shortcut)."""
         bs = self.config.block_size
         local_len = self.tail_len + lengths
+        if same_tail is not None:
+            local_k = torch.cat((self.tail_k[layer][:, :, :same_tail], k), dim=2)
+            local_v = torch.cat((self.tail_v[layer][:, :, :same_tail], v), dim=2)
+            return local_k, local_v, local_len
         t = int(local_len.max())
         j = torch.arange(t, device=self.device)[None, :]
         src = torch.where(j < self.tail_len[:, None], j, bs + j - self.tail_len[:, None])
@@ -206,9 +217,15 @@ class InferenceSession:
         local_v = torch.cat((self.tail_v[layer], v), dim=2).gather(2, src)
         return local_k, local_v, local_len
 
-    def _commit(self, layer: int, local_k: Tensor, local_v: Tensor, local_len: Tensor) -> None:
+    def _commit(
+        self, layer: int, local_k: Tensor, local_v: Tensor, local_len: Tensor, same_tail: int | None = None
+    ) -> None:
         """Move the complete blocks of the local context to memory; keep the rest as the new tail."""
         bs = self.config.block_size
+        if same_tail is not None and local_k.shape[2] < bs:  # no block completes: extend the tails
+            self.tail_k[layer][:, :, same_tail : local_k.shape[2]] = local_k[:, :, same_tail:]
+            self.tail_v[layer][:, :, same_tail : local_k.shape[2]] = local_v[:, :, same_tail:]
+            return
         for b, n in enumerate(local_len.tolist()):
             full = n // bs
             if full:
