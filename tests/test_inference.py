@@ -452,3 +452,18 @@ def test_generate_cli_errors(tiny_checkpoints, tmp_path, capsys, extra, message)
     assert main(["generate", "--checkpoint", str(runs["landmark"]), "--prompt", "hi", *extra]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err
+
+
+def test_faiss_index_turns_approximate_at_the_threshold_keeping_its_entries():
+    _faiss()
+    from landmark.inference.search import LandmarkIndex
+
+    index = LandmarkIndex(1, 2, 8, approx_min_blocks=50)
+    keys = torch.randn(2, 80, 8, generator=torch.Generator().manual_seed(17))
+    index.add(0, keys[:, :30])
+    assert not index.approximate(0)
+    index.add(0, keys[:, 30:])
+    assert index.approximate(0) and index.size(0) == 80
+    q = torch.randn(5, 8, generator=torch.Generator().manual_seed(18))
+    found = torch.from_numpy(index.search(0, 1, q.numpy(), 0, 80, 3))
+    assert (found == (q @ keys[1].T).topk(3).indices).float().mean() >= 0.8  # HNSW: approximate

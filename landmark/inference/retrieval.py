@@ -91,7 +91,8 @@ class StepStats:
     """What the layer steps read (for benchmarks), summed over steps and layers.
 
     ``landmarks_scored``: landmark keys scored (per batch row; each one all kv heads' keys).
-    ``blocks_fetched``: distinct memory blocks gathered (per batch row).
+    ``blocks_fetched``: distinct memory blocks gathered by the chunk path (per batch row; the decode
+    path gathers per head and counts only ``block_heads_fetched``).
     ``block_heads_fetched``: (block, kv head) pairs whose keys and values were read: the unit of the
     bytes read from memory (the chunk path reads a union block for every kv head; the decode path
     reads each head's own selections).

@@ -21,9 +21,9 @@ scored exactly.
 * FIFO eviction marks entries stale (they fall out of the id range); once the stale entries outnumber
   the live ones, the row's indexes are rebuilt from the live keys (amortised O(1) per block).
 
-``search_select`` then selects as the exact path does, over a candidate set: per batch row, the union
-of every query's search hits among the old blocks (``candidates`` per query row and head) plus the
-``k_eff`` recent blocks, all scored exactly. Granularities:
+``retrieval._search_select`` then selects as the exact path does, over a candidate set: per batch row,
+the union of every query's search hits among the old blocks (``candidates`` per query row and head)
+plus the ``k_eff`` recent blocks, all scored exactly. Granularities:
 
 * ``"token_head"``: top-k of the exact scores over the candidates. A block is missed only if the index
   misses it for every query of the step; this is the recall that the tests and docs report.
