@@ -21,6 +21,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +55,17 @@ def build(kind: str, batch_size: int, seed: int):
         raw = torch.randint(0, vocab - 1, (batch_size, mc.seq_len + 1), generator=g)
         ids, targets = raw[:, :-1], raw[:, 1:]
     return model, optimizer, ids, targets, mc, cfg.train.grad_clip
+
+
+def _git_version() -> str:
+    """``git describe --always --dirty`` of the repository ("dirty": uncommitted changes were measured)."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, ids, targets, grad_clip: float, bf16: bool):
@@ -128,8 +141,9 @@ def main() -> None:
             f"{res['text_tokens_per_s']:>11,.0f} {ratio:>8}"
         )
     out = {
-        "command": "python benchmarks/train_throughput.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "git": _git_version(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "batch_size": args.batch_size,
