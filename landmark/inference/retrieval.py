@@ -343,7 +343,6 @@ class DecodePlan:
     row_valid: Tensor  # (B, C) real query rows
     q_pos: Tensor  # (B, C) query positions
     recent: Tensor  # (B, k_max) logical index of the block at landmark slot s = 1..k_max (0 if none)
-    recent_ok: Tensor  # (B, k_max) whether the row has a block at that slot
     recent_column: Tensor  # (B, k_max) score column to overwrite (n_max: a spare column)
     local_positions: int  # local context positions attended to, summed over rows
     recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
@@ -381,12 +380,12 @@ def decode_plan(
     q_local = q_start[:, None] + torch.arange(rows, device=dev)  # (B, C)
     row_valid = torch.arange(rows, device=dev)[None, :] < q_len[:, None]
     q_pos = base[:, None] + q_local
-    # Every position used is below (k + 3) * bs: one table of angles, indexed.
-    cos_t, sin_t = _rope_table((retrieval.k + 4) * bs, head_dim, rope_base, dev)
-    j = torch.arange(k_max + 1, device=dev)
-    pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
     t_local = local_width
     nb_local = -(-t_local // bs)
+    # Every position used is below (k + 1 + nb_local) * bs: one table of angles, indexed.
+    cos_t, sin_t = _rope_table((retrieval.k + 2 + nb_local) * bs, head_dim, rope_base, dev)
+    j = torch.arange(k_max + 1, device=dev)
+    pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
     key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
     kpos = base[:, None] + key_local_pos  # (B, T')
     key_real = key_local_pos[None, :] < local_len[:, None]
@@ -421,7 +420,6 @@ def decode_plan(
         row_valid=row_valid,
         q_pos=q_pos,
         recent=torch.where(ok, recent, 0),
-        recent_ok=ok,
         recent_column=torch.where(ok, recent, n_max),
         local_positions=int(local_len.sum()),
         recent_from=(n_blocks - k_eff)[:, None, None, None],
