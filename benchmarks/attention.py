@@ -57,6 +57,8 @@ def worker(impl: str, seq: int, args: argparse.Namespace) -> dict:
 
     from landmark import landmark_attention
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     shape = (1, args.heads, seq, args.head_dim)
@@ -128,6 +130,7 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--out", default="benchmarks/results/attention_cpu.json")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -144,7 +147,7 @@ def main() -> int:
 
     passthrough = [
         "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--block-size", str(args.block_size),
-        "--dtype", args.dtype, "--repeats", str(args.repeats),
+        "--dtype", args.dtype, "--repeats", str(args.repeats), "--threads", str(args.threads),
     ]  # fmt: skip
     results = []
     for seq in args.seqs:
@@ -200,6 +203,7 @@ def main() -> int:
         "block_size": args.block_size,
         "dtype": args.dtype,
         "repeats": args.repeats,
+        "threads": args.threads or "default",
         "exactness_max_abs_diff": err,
     }
     out = Path(args.out)
