@@ -48,12 +48,18 @@ def route_attention(layer_idx: int, key: Tensor, handler: AttentionHandler) -> N
     A cache calls this from ``update``; :func:`landmark_attention_forward` then returns
     ``handler(module, query, key, value, scaling, position_ids)`` (transposed to (B, T, H, D)) instead
     of attending over ``key`` itself. The identity check ties the route to exactly that call. A route
-    still pending when the cache announces the next one means the attention function was bypassed (a
-    model not using ``attn_implementation="landmark"``): that raises instead of silently attending to
-    the new positions only.
+    of the same cache still pending when it announces one for a later layer means the attention
+    function was bypassed (a model not using ``attn_implementation="landmark"``): that raises instead
+    of silently attending to the new positions only. (A route left over by an interrupted forward is
+    simply replaced.)
     """
     pending = getattr(_route, "value", None)
-    if pending is not None:
+    owner = getattr(handler, "__self__", handler)
+    if (
+        pending is not None
+        and getattr(pending[2], "__self__", pending[2]) is owner
+        and layer_idx > pending[0]
+    ):
         _route.value = None
         raise RuntimeError(
             f"layer {pending[0]}'s attention did not go through the {ATTN_IMPLEMENTATION!r} attention "

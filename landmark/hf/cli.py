@@ -95,6 +95,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _offline()
     model, tokenizer = load_pretrained(args.model)
+    options = {}
+    if args.k:
+        from landmark.inference import RetrievalConfig
+
+        options = dict(
+            retrieval=RetrievalConfig(k=args.k, granularity=args.granularity),
+            chunk_len=args.chunk_len,
+            memory_device=args.memory_device,
+        )
     text, _ = generate(
         model.eval(),
         tokenizer,
@@ -102,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        **options,
     )
     print(args.prompt + text)
     return 0
@@ -162,13 +172,18 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
-        "generate", help="continue a prompt with a landmark model (full cache, no retrieval yet)"
+        "generate",
+        help="continue a prompt with a landmark model (whole context, or top-k retrieval with --k)",
     )
     p.add_argument("--model", required=True, help="a folder saved by `landmark hf finetune` or `convert`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=0, help="top-k block retrieval with k blocks (0: whole context)")
+    p.add_argument("--granularity", default="token_head", choices=("token_head", "token", "head"))
+    p.add_argument("--chunk-len", type=int, default=256, help="prompt chunk with retrieval (positions)")
+    p.add_argument("--memory-device", default=None, help="where retrieval keeps block contents, e.g. cpu")
     p.set_defaults(func=cmd_generate)
     return hf
 

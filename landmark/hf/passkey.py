@@ -107,6 +107,7 @@ def passkey_trial(
     retrieval: Any = None,
     max_new_tokens: int = 8,
     prompts: PasskeyPrompts | None = None,
+    **cache_kwargs: Any,
 ) -> PasskeyResult:
     """Build a passkey prompt of ``length`` tokens, decode greedily, score the first integer.
 
@@ -116,6 +117,9 @@ def passkey_trial(
         retrieval: for a landmark model, a :class:`landmark.inference.RetrievalConfig` (top-k retrieval
             through a :class:`landmark.hf.LandmarkRetrievalCache`) or None (the whole context).
         max_new_tokens: tokens generated (a five-digit key is 1-3 tokens).
+        prompts: the prompt builder (made from the tokenizer when None).
+        **cache_kwargs: with ``retrieval``, options of :class:`landmark.hf.LandmarkRetrievalCache`
+            (``chunk_len``, ``memory_device``, ...); ignored otherwise.
     """
     from landmark.hf.generate import generate
 
@@ -123,7 +127,8 @@ def passkey_trial(
     ids = torch.tensor(prompts.prompt(length, depth, key), dtype=torch.long)
     start = time.perf_counter()
     if getattr(model.config, "landmark_token_id", None) is not None:
-        answer, _ = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, retrieval=retrieval)
+        options = cache_kwargs if retrieval is not None else {}
+        answer, _ = generate(model, tokenizer, ids, max_new_tokens, retrieval=retrieval, **options)
     else:
         answer = _greedy(model, tokenizer, ids, max_new_tokens)
     seconds = time.perf_counter() - start
