@@ -97,6 +97,39 @@ def test_finetune_lora_merges_and_trains_the_landmark_row(tiny, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
+def test_finetune_passkey_mix_and_time_limit(tiny, tmp_path):
+    """--passkey-fraction 1 trains on passkey samples only; --max-minutes stops after the first step."""
+    model_dir, corpus = tiny
+    out = tmp_path / "out"
+    args = ["hf", "finetune", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out)]
+    args += ["--block-size", "8", "--max-length", "240", "--steps", "6", "--batch-size", "1"]
+    assert main([*args, "--passkey-fraction", "1", "--max-minutes", "0.00001"]) == 0
+    s = summary(out)
+    assert s["steps_done"] == 1 and s["tokens_seen"] == 240 - 240 // 8
+    assert s["config"]["passkey_fraction"] == 1.0
+
+
+def test_passkey_mix_windows(tiny):
+    from hf_helpers import make_tokenizer
+
+    from landmark.data.passkey import first_integer
+    from landmark.hf.passkey import PasskeyMixWindows
+
+    tok = make_tokenizer()
+    base = [{"input_ids": torch.zeros(205, dtype=torch.long)}] * 40
+    mix = PasskeyMixWindows(base, tok, raw_tokens=205, block_size=8, fraction=0.5, seed=3)
+    passkey = [i for i in range(40) if mix.is_passkey(i)]
+    corpus_window = next(i for i in range(40) if i not in passkey)
+    assert 5 < len(passkey) < 35 and mix[corpus_window]["input_ids"].eq(0).all()
+    sample = mix[passkey[0]]["input_ids"]
+    assert sample.shape == (205,) and torch.equal(sample, mix[passkey[0]]["input_ids"])  # seeded
+    text = tok.decode(sample)
+    key = first_integer(text.split("The pass key is")[1])
+    assert text.endswith(f"What is the pass key? The pass key is {key}.")
+    with pytest.raises(ValueError, match="at least"):
+        PasskeyMixWindows(base, tok, raw_tokens=150, block_size=8, fraction=0.5)
+
+
 def test_finetune_fsdp_refused_on_cpu(tiny, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("the refusal is for CPU processes")
