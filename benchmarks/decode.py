@@ -5,6 +5,8 @@ For each context length (tokens already in the context) it measures, for
 * ``landmark``: the small preset with landmark attention, ``InferenceSession`` with top-k retrieval
   (k = 4, granularity token_head), decoding exactly as ``generate`` does (the landmark is fed with the
   token that completes a block, so about one step in 63 has two query rows);
+* ``compiled``: the same with ``compile=True`` (the decode steps' retrieval attention through
+  ``torch.compile``; warmed up over two blocks first so that compilation is not measured);
 * ``full``: the same-size model with ordinary attention, ``FullCacheDecoder`` (preallocated rotated K/V
   cache, one SDPA over every cached position per layer and token),
 
@@ -39,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = ("landmark", "full")
+MODELS = ("landmark", "compiled", "full")  # compiled: landmark with RetrievalConfig.compile
 SMALL = dict(vocab_size=8192, n_layer=6, n_embd=256, n_head=8, n_kv_head=8, seq_len=512)  # configs/small-*
 BLOCK = 64
 
@@ -68,20 +70,28 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
     from landmark.inference.full_cache import FullCacheDecoder
 
     torch.set_num_threads(args.threads)
-    model = build(kind)
+    landmark = kind in ("landmark", "compiled")
+    model = build("landmark" if landmark else "full")
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     elem = 4  # float32
     per_layer_kv = cfg.n_kv_head * cfg.head_dim * elem  # bytes of one position's key (or value), one layer
     t0 = time.perf_counter()
     tok = 1
-    if kind == "landmark":
+    if landmark:
         bs, lm = cfg.block_size, cfg.landmark_id
-        session = InferenceSession(model, 1, k=args.k, granularity=args.granularity, chunk_len=args.chunk_len)
+        session = InferenceSession(
+            model,
+            1,
+            k=args.k,
+            granularity=args.granularity,
+            chunk_len=args.chunk_len,
+            compile=kind == "compiled",
+        )
         n_blocks, tail = divmod(context, bs - 1)
         if fill == "random":
             for memory in session.memories:
-                memory.reserve(n_blocks + args.tokens // (bs - 1) + 2)
+                memory.reserve(n_blocks + (args.tokens + 2 * BLOCK + args.warmup) // (bs - 1) + 2)
                 for b0 in range(0, n_blocks, 1024):  # in slices, to bound the temporary
                     m = min(1024, n_blocks - b0)
                     shape = (cfg.n_kv_head, m, bs, cfg.head_dim)
@@ -126,10 +136,15 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         state_bytes = decoder.nbytes()
     fill_s = time.perf_counter() - t0
 
+    # compiled: warm up over more than a block, so that the two-row step (a token and its landmark) and
+    # the growing local context have been compiled before the measurement
+    warmup = max(args.warmup, 2 * BLOCK) if kind == "compiled" else args.warmup
     with torch.no_grad():
-        for _ in range(args.warmup):
+        w0 = time.perf_counter()
+        for _ in range(warmup):
             tok = step(tok)
-        if kind == "landmark":
+        warmup_s = time.perf_counter() - w0
+        if landmark:
             before = dict(vars(session.stats.layer))
             start_len = int(session.length[0])
         else:
@@ -148,10 +163,12 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         "cpu_ms_per_token": cpu / n * 1e3,
         "wall_ms_per_token": wall / n * 1e3,
         "setup_s": fill_s,
+        "warmup_tokens": warmup,
+        "warmup_s": warmup_s,
         "state_bytes": state_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    if kind == "landmark":
+    if landmark:
         after = vars(session.stats.layer)
         d = {key: after[key] - before[key] for key in after}
         end_len = int(session.length[0])
@@ -243,37 +260,42 @@ def main() -> None:
         runs.append((args.prefill_context, "prefill"))
     results = []
     header = (
-        f"{'context':>8} {'fill':>8} | {'landmark ms/tok':>15} {'full ms/tok':>11} {'speed-up':>8} "
-        f"{'above floor':>11} | "
+        f"{'context':>8} {'fill':>8} | {'landmark ms/tok':>15} {'compiled':>8} {'full ms/tok':>11} "
+        f"{'speed-up':>8} {'compiled':>8} {'above floor':>11} | "
         f"{'landmark KV MiB/tok':>19} {'full KV MiB/tok':>15} {'fewer':>6} | {'peak RSS MiB lm/full':>20}"
     )
     print(header)
     print("-" * len(header))
     for context, fill in runs:
         row = {m: run_one(m, context, fill, args) for m in MODELS}
-        lm, full = row["landmark"], row["full"]
-        entry = {"context": context, "fill": fill, "landmark": lm, "full": full}
-        if "error" in lm or "error" in full:
-            print(f"{context:>8} {fill:>8} | error: {lm.get('error') or full.get('error')}")
+        lm, comp, full = row["landmark"], row["compiled"], row["full"]
+        entry = {"context": context, "fill": fill, "landmark": lm, "compiled": comp, "full": full}
+        if "error" in lm or "error" in full or "error" in comp:
+            err = lm.get("error") or comp.get("error") or full.get("error")
+            print(f"{context:>8} {fill:>8} | error: {err}")
         else:
             entry["speedup_cpu"] = full["cpu_ms_per_token"] / lm["cpu_ms_per_token"]
             entry["speedup_wall"] = full["wall_ms_per_token"] / lm["wall_ms_per_token"]
+            entry["compiled_speedup_cpu"] = full["cpu_ms_per_token"] / comp["cpu_ms_per_token"]
+            entry["compiled_speedup_wall"] = full["wall_ms_per_token"] / comp["wall_ms_per_token"]
             entry["kv_bytes_ratio"] = full["kv_bytes_per_token"] / lm["kv_bytes_per_token"]
             base = floor.get("cpu_ms_per_token", 0.0)  # attention + retrieval cost above the shared floor
             entry["attention_speedup_cpu"] = (full["cpu_ms_per_token"] - base) / max(
-                lm["cpu_ms_per_token"] - base, 1e-9
+                comp["cpu_ms_per_token"] - base, 1e-9
             )
             print(
-                f"{context:>8} {fill:>8} | {lm['cpu_ms_per_token']:>15.2f} {full['cpu_ms_per_token']:>11.2f} "
-                f"{entry['speedup_cpu']:>7.1f}x {entry['attention_speedup_cpu']:>10.1f}x | "
+                f"{context:>8} {fill:>8} | {lm['cpu_ms_per_token']:>15.2f} {comp['cpu_ms_per_token']:>8.2f} "
+                f"{full['cpu_ms_per_token']:>11.2f} {entry['speedup_cpu']:>7.1f}x "
+                f"{entry['compiled_speedup_cpu']:>7.1f}x {entry['attention_speedup_cpu']:>10.1f}x | "
                 f"{mib(lm['kv_bytes_per_token']):>19} "
                 f"{mib(full['kv_bytes_per_token']):>15} {entry['kv_bytes_ratio']:>5.0f}x | "
                 f"{mib(lm['peak_rss_bytes']):>9}/{mib(full['peak_rss_bytes'])}"
             )
         results.append(entry)
     print(
-        "ms/tok: CPU time per generated token (one thread); above floor: speed-up of the time above "
-        "the floor; KV MiB/tok: keys/values read per token, all layers; landmark bytes from sizes, "
+        "ms/tok: CPU time per generated token (one thread); compiled: landmark with compile=True; "
+        "above floor: speed-up (compiled) of the time above the floor; "
+        "KV MiB/tok: keys/values read per token, all layers; landmark bytes from sizes, "
         "counters agree:",
         all(
             abs(r["landmark"]["kv_bytes_per_token"] - r["landmark"]["kv_bytes_per_token_counted"])

@@ -242,6 +242,26 @@ def test_decode_path_equals_chunk_path(granularity, wrapped):
     assert (decode - chunk[:, :, :1]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_uniform_decode_path_equals_chunk_path(compile, rows):
+    """Every row holds the same number (> k) of blocks: the decode path's fast selection (eager or
+    compiled, one query row or a token and its landmark) equals the chunk path."""
+    bs, d, heads, kv_heads = 8, 16, 4, 2
+    g = torch.Generator().manual_seed(11)
+    memory = _random_memory(2, kv_heads, [13, 13], bs, d, seed=12)
+    tail = torch.tensor([6, 2])
+    local_k, local_v = torch.randn(2, 2, kv_heads, bs + 2, d, generator=g)
+    q = torch.randn(2, heads, 3, d, generator=g)
+    n = torch.tensor([rows, rows])
+    args = (memory, RetrievalConfig(k=3, compile=compile), bs, 10000.0, d**-0.5)
+    chunk_args = (memory, RetrievalConfig(k=3), bs, 10000.0, d**-0.5)
+    for tail_now in (tail, tail + 1 - rows + 1):  # the second: row 0 ends on its landmark when rows = 2
+        decode = retrieval_attention(q[:, :, :rows], local_k, local_v, tail_now + rows, tail_now, n, *args)
+        chunk = retrieval_attention(q, local_k, local_v, tail_now + rows, tail_now, n, *chunk_args)
+        assert (decode - chunk[:, :, :rows]).abs().max() < 1e-5
+
+
 def test_decode_ragged_batch_equals_full_pass():
     """Rows of different lengths decoded together, token by token, every block retrieved."""
     model = tiny_model()

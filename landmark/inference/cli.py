@@ -54,6 +54,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-blocks", type=int, default=None, help="cap on memory blocks per row (FIFO eviction)"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode steps' retrieval attention (compiles for 10-30 s first, then faster)",
+    )
     p.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=cmd_generate)
@@ -157,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         eot_id=eot, seed=args.seed, on_token=stream,
         k=args.k, granularity=args.granularity, chunk_len=args.chunk_len, memory_device=args.memory_device,
-        max_blocks=args.max_blocks, search=args.search,
+        max_blocks=args.max_blocks, search=args.search, compile=args.compile,
     )  # fmt: skip
     if single:
         stream.finish()

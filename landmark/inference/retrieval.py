@@ -67,6 +67,7 @@ class RetrievalConfig:
     row_group: int = 64  # query rows whose retrieved blocks are gathered together (bounds memory)
     search: str = "exact"  # landmark search: "exact" scan of every landmark | "faiss" index (optional extra)
     candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
+    compile: bool = False  # decode steps through torch.compile'd stages (fewer, fused operations)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -79,6 +80,8 @@ class RetrievalConfig:
             raise ValueError(f"search must be one of {SEARCHES}; got {self.search!r}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
             raise ValueError(f"candidates must be an integer >= 0 (0: 2 * k + 8); got {self.candidates!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False; got {self.compile!r}")
 
     @property
     def n_candidates(self) -> int:
@@ -445,30 +448,27 @@ def _decode_step(
 ) -> Tensor:
     """``retrieval_attention`` for a step of at most ``DECODE_ROWS`` query rows (decoding).
 
-    The same attention as the chunk path, with a small, fixed number of tensor operations:
+    The same attention as the chunk path, with a small, fixed number of tensor operations, in three
+    stages (pure tensor functions, compiled with ``torch.compile`` when ``retrieval.compile``):
 
-    * one rotation of the queries to every position they need: ``q_pos - j * bs`` (attention to a
-      block at slot j; j = 0 is the query's own position, for the local context) and
-      ``q_pos - s * bs - (bs - 1)`` (the landmark of slot s, for scoring);
-    * the landmark scan reads the N un-rotated landmark keys once: old blocks (slot 0) with one
-      matmul, the ``k_eff`` recent ones re-scored at their slots;
-    * every (query row, head) reads exactly its own k blocks of its kv head (no union, no slot loop).
+    * ``_decode_local``: one rotation of the queries to every position they need: ``q_pos - j * bs``
+      (attention to a block at slot j; j = 0 is the query's own position, for the local context) and
+      ``q_pos - s * bs - (bs - 1)`` (the landmark of slot s, for scoring); the local context's scores;
+    * selection: the landmark scan reads the N un-rotated landmark keys once: old blocks (slot 0) with
+      one matmul, the ``k_eff`` recent ones re-scored at their slots (``_decode_select`` when every row
+      holds the same number >= k of blocks and the granularity is per token and head);
+    * ``_decode_attend``: every (query row, head) reads exactly its own k blocks of its kv head (no
+      union, no slot loop), one grouped softmax with the local context.
 
     Shapes as in ``retrieval_attention``; returns (B, H, C, D).
     """
-    batch, heads, rows, dim = q.shape
+    batch, heads, rows, _ = q.shape
     kv_heads = local_k.shape[1]
     k_max, n_max = plan.k_max, plan.n_max
-    # The scale goes on the queries once (RoPE is linear), so every score below comes out scaled.
-    q_all = (q * scale)[:, :, :, None].expand(-1, -1, -1, plan.cos_q.shape[3], -1)
-    q_all = apply_rope(q_all, plan.cos_q, plan.sin_q)
-    q_att, q_lm = q_all[:, :, :, : k_max + 1], q_all[:, :, :, k_max + 1 :]  # (B, H, C, k+1, D) each
-
-    # Local context (tail + new positions), padded to whole blocks: (B, H, C, nb, bs) scores.
-    lk = apply_rope(torch.nn.functional.pad(local_k, (0, 0, 0, plan.pad)), plan.cos_local, plan.sin_local)
-    lv = torch.nn.functional.pad(local_v, (0, 0, 0, plan.pad))
-    local_scores = _grouped(q_att[:, :, :, 0], kv_heads) @ lk[:, :, None].transpose(-1, -2)
-    local_scores = local_scores.view(batch, heads, rows, -1, bs)
+    stage = _compiled if retrieval.compile else _eager
+    q_att, q_lm, local_scores, lv = stage("local")(
+        q, local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local, k_max, bs, scale
+    )
     if stats is not None:
         stats.local_positions += plan.local_positions
     if memory is None or n_max == 0:
@@ -476,42 +476,32 @@ def _decode_step(
 
     # Landmark scores and selection.
     uniform = plan.uniform and not any(memory.start)  # same count per row, no ring-buffer wrap-around
+    sel_valid = None
     if retrieval.search == "faiss":
         selected, sel_valid, scored = _search_select(
             q, plan.q_pos, plan.row_valid, memory, plan.n_blocks, plan.k_eff, retrieval, bs, rope_base, scale
         )
+    elif uniform and retrieval.granularity == "token_head":  # nothing to mask: top-k, in order
+        selected = stage("select")(q_lm, memory.landmarks(), k_max)
+        scored = plan.blocks_total
     else:
         landmark_keys = memory.landmarks()  # (B, Hkv, N, D), un-rotated
         scores = _grouped(q_lm[:, :, :, 0], kv_heads) @ landmark_keys[:, :, None].transpose(-1, -2)
         # the most recent blocks, re-scored at their own slots s = 1..k_eff
-        if uniform:  # they are the last k columns, in slot order
-            rec = _grouped(q_lm[:, :, :, 1:], kv_heads) * landmark_keys[:, :, None, None, n_max - k_max :]
-            scores[..., n_max - k_max :] = rec.sum(-1)
-        else:
-            lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
-            rec = (_grouped(q_lm[:, :, :, 1:], kv_heads) * lm_recent[:, :, None, None]).sum(
-                -1
-            )  # (B, Hkv, G, C, k)
-            column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
-            scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
+        lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
+        rec = (_grouped(q_lm[:, :, :, 1:], kv_heads) * lm_recent[:, :, None, None]).sum(-1)  # (B,Hkv,G,C,k)
+        column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
+        scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
         scores = scores.reshape(batch, heads, rows, n_max)
-        if plan.uniform and retrieval.granularity == "token_head":  # nothing to mask: top-k, in order
-            selected, sel_valid = scores.topk(k_max, dim=-1).indices.sort(dim=-1).values, None
+        if plan.uniform and retrieval.granularity == "token_head":
+            selected = scores.topk(k_max, dim=-1).indices.sort(dim=-1).values
         else:
             selected, sel_valid = select_blocks(
                 scores, plan.n_blocks, plan.row_valid, retrieval.k, retrieval.granularity
             )
         scored = plan.blocks_total
     k_sel = selected.shape[-1]
-    slot = plan.rank[:k_sel] + (selected >= plan.recent_from).long()  # (B, H, C, k), +1 if recent
 
-    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
-    keys, values, landmark_keys = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
-    keys = torch.cat((keys, landmark_keys[:, :, :, None]), dim=3)  # (B, Hkv, M, bs, D), landmark last
-    keys = apply_rope(keys, plan.cos_block, plan.sin_block)  # in-block offsets; the slot is on the query
-    q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
-    mem_scores = (keys @ q_sel.reshape(batch, kv_heads, -1, dim, 1)).view(batch, heads, rows, k_sel, bs)
-    scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)
     if sel_valid is None:  # every selection is real: the step's masks are shared by all layers
         current, earlier = plan.current, plan.earlier
         fetched = selected.numel()
@@ -525,10 +515,120 @@ def _decode_step(
         stats.landmarks_scored += scored
         stats.block_heads_fetched += fetched
 
+    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
+    keys, values, landmark_keys = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
+    return stage("attend")(
+        q_att, selected, plan.recent_from, keys, values, landmark_keys, plan.cos_block, plan.sin_block,
+        local_scores, lv, current, earlier,
+    )  # fmt: skip
+
+
+def _decode_local(
+    q: Tensor,
+    local_k: Tensor,
+    local_v: Tensor,
+    cos_q: Tensor,
+    sin_q: Tensor,
+    cos_local: Tensor,
+    sin_local: Tensor,
+    k_max: int,
+    bs: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rotated queries and the local context's scores of a decode step.
+
+    Returns:
+        q_att: (B, H, C, k_max + 1, D) scaled queries rotated to ``q_pos - j * bs`` (j = 0..k_max);
+        q_lm: (B, H, C, k_max + 1, D) rotated to ``q_pos - s * bs - (bs - 1)`` (s = 0..k_max);
+        local_scores: (B, H, C, nb, bs) against the local context padded to whole blocks;
+        lv: (B, Hkv, nb * bs, D) the local values, padded likewise.
+    """
+    batch, heads, rows, _ = q.shape
+    kv_heads, t_local = local_k.shape[1], local_k.shape[2]
+    pad = (bs - t_local % bs) % bs
+    # The scale goes on the queries once (RoPE is linear), so every score below comes out scaled.
+    q_all = apply_rope((q * scale)[:, :, :, None], cos_q, sin_q)  # (B, H, C, J, D)
+    q_att, q_lm = q_all[:, :, :, : k_max + 1], q_all[:, :, :, k_max + 1 :]
+    lk = apply_rope(torch.nn.functional.pad(local_k, (0, 0, 0, pad)), cos_local, sin_local)
+    lv = torch.nn.functional.pad(local_v, (0, 0, 0, pad))
+    local_scores = _grouped(q_att[:, :, :, 0], kv_heads) @ lk[:, :, None].transpose(-1, -2)
+    return q_att, q_lm, local_scores.reshape(batch, heads, rows, -1, bs), lv
+
+
+def _decode_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> Tensor:
+    """Top-k blocks per query row and head when every row holds the same number N >= k of blocks.
+
+    Args:
+        q_lm: (B, H, C, k + 1, D) queries rotated to the landmark slots 0..k (``_decode_local``).
+        landmark_keys: (B, Hkv, N, D) un-rotated landmark keys in logical order; the last k are the
+            most recent blocks, at slots 1..k in that order; all older ones are at slot 0.
+
+    Returns:
+        (B, H, C, k) logical block indices in ascending order.
+    """
+    batch, heads, rows, _, _ = q_lm.shape
+    kv_heads, n = landmark_keys.shape[1], landmark_keys.shape[2]
+    old = _grouped(q_lm[:, :, :, 0], kv_heads) @ landmark_keys[:, :, None, : n - k].transpose(-1, -2)
+    recent = (_grouped(q_lm[:, :, :, 1:], kv_heads) * landmark_keys[:, :, None, None, n - k :]).sum(-1)
+    scores = torch.cat((old, recent), dim=-1).reshape(batch, heads, rows, n)
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def _decode_attend(
+    q_att: Tensor,
+    selected: Tensor,
+    recent_from: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    landmark_keys: Tensor,
+    cos_block: Tensor,
+    sin_block: Tensor,
+    local_scores: Tensor,
+    lv: Tensor,
+    current: Tensor,
+    earlier: Tensor,
+) -> Tensor:
+    """One grouped softmax over each (query row, head)'s own k retrieved blocks and the local context.
+
+    Args:
+        q_att: (B, H, C, k_max + 1, D) from ``_decode_local``; selected: (B, H, C, k) logical indices,
+            ascending; recent_from: (B, 1, 1, 1) first logical index among the k_eff most recent blocks
+            (those sit one slot further right).
+        keys, values: (B, Hkv, M, bs - 1, D) the selected blocks' regular tokens (M = G * C * k, in the
+            order of ``selected``), landmark_keys: (B, Hkv, M, D); un-rotated.
+        cos_block, sin_block: (bs, D / 2) angles of the in-block offsets.
+        local_scores, lv: from ``_decode_local``; current: (B, 1|H, C, k + nb, bs), earlier:
+            (B, 1|H, C, k + nb) group membership (``grouped_softmax``).
+
+    Returns:
+        (B, H, C, D).
+    """
+    batch, heads, rows, k_sel = selected.shape
+    kv_heads, dim, bs = keys.shape[1], keys.shape[-1], keys.shape[-2] + 1
+    rank = torch.arange(k_sel, device=selected.device)
+    slot = rank + (selected >= recent_from).long()  # attention slot: chronological rank, +1 if recent
+    keys = torch.cat((keys, landmark_keys[:, :, :, None]), dim=3)  # (B, Hkv, M, bs, D), landmark last
+    keys = apply_rope(keys, cos_block, sin_block)  # in-block offsets; the slot is on the query
+    q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
+    mem_scores = (keys @ q_sel.reshape(batch, kv_heads, -1, dim, 1)).view(batch, heads, rows, k_sel, bs)
+    scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)
     weights = grouped_softmax(scores, current, earlier)  # (B, H, C, k + nb, bs)
     w_mem = weights[:, :, :, :k_sel, : bs - 1].reshape(batch, kv_heads, -1, 1, bs - 1)  # (B, Hkv, M, 1, bs-1)
     out = (w_mem @ values.to(w_mem.dtype)).view(batch, heads, rows, k_sel, dim).sum(3)
     return out + _apply(weights[:, :, :, k_sel:], lv, kv_heads)
+
+
+_STAGES = {"local": _decode_local, "select": _decode_select, "attend": _decode_attend}
+
+
+def _eager(name: str):
+    return _STAGES[name]
+
+
+@functools.cache
+def _compiled(name: str):
+    """The decode stage ``name`` compiled once per process (dynamic shapes: memory size, local length)."""
+    return torch.compile(_STAGES[name], dynamic=True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -60,6 +60,9 @@ class InferenceSession:
             (per query row and head; 0: 2 * k + 8) plus the recent blocks exactly (optional extra
             ``faiss``). The index is exact (flat) below ``approx_min_blocks`` blocks per stream and
             HNSW from there on (see ``landmark.inference.search``).
+        compile: run the decode steps' retrieval attention through ``torch.compile`` (dynamic shapes;
+            the first steps compile, about 10-30 s on a CPU, then each step does far fewer operations).
+            Prefill chunks stay eager. Needs a C++ compiler on CPU (inductor).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class InferenceSession:
         search: str = "exact",
         candidates: int = 0,
         approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
+        compile: bool = False,
     ):
         cfg = getattr(model, "config", None)
         if getattr(cfg, "attention", None) != "landmark":
@@ -92,7 +96,12 @@ class InferenceSession:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.model, self.config = model, cfg
         self.retrieval = RetrievalConfig(
-            k=k, granularity=granularity, row_group=row_group, search=search, candidates=candidates
+            k=k,
+            granularity=granularity,
+            row_group=row_group,
+            search=search,
+            candidates=candidates,
+            compile=compile,
         )
         self.chunk_len, self.batch_size = chunk_len, batch_size
         param = next(model.parameters())
