@@ -118,6 +118,6 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=4, help="blocks retrieved per token and head (default 4)")
     p.add_argument("--ppl-lengths", type=int, nargs=2, default=[512, 4096], metavar="N")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens evaluated per length (default 8192)")
-    p.add_argument("--passkey-lengths", type=int, nargs=2, default=[2048, 8192], metavar="N")
+    p.add_argument("--passkey-lengths", type=int, nargs=2, default=[1024, 4096], metavar="N")
     p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth) cell (default 4)")
     p.set_defaults(func=cmd_quickstart)
