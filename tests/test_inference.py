@@ -256,7 +256,7 @@ def test_uniform_decode_path_equals_chunk_path(compile, rows):
     n = torch.tensor([rows, rows])
     args = (memory, RetrievalConfig(k=3, compile=compile), bs, 10000.0, d**-0.5)
     chunk_args = (memory, RetrievalConfig(k=3), bs, 10000.0, d**-0.5)
-    for tail_now in (tail, tail + 1 - rows + 1):  # the second: row 0 ends on its landmark when rows = 2
+    for tail_now in (tail, tail + 2 - rows):  # row 0 ends on its landmark (position 7) in one of them
         decode = retrieval_attention(q[:, :, :rows], local_k, local_v, tail_now + rows, tail_now, n, *args)
         chunk = retrieval_attention(q, local_k, local_v, tail_now + rows, tail_now, n, *chunk_args)
         assert (decode - chunk[:, :, :rows]).abs().max() < 1e-5

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.inference.retrieval import GRANULARITIES
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -181,7 +182,7 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=0, help="top-k block retrieval with k blocks (0: whole context)")
-    p.add_argument("--granularity", default="token_head", choices=("token_head", "token", "head"))
+    p.add_argument("--granularity", default="token_head", choices=GRANULARITIES)
     p.add_argument("--chunk-len", type=int, default=256, help="prompt chunk with retrieval (positions)")
     p.add_argument("--memory-device", default=None, help="where retrieval keeps block contents, e.g. cpu")
     p.set_defaults(func=cmd_generate)

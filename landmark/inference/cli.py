@@ -57,7 +57,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode steps' retrieval attention (compiles for 10-30 s first, then faster)",
+        help="torch.compile the decode steps' retrieval attention (measured slower on CPU; see docs)",
     )
     p.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")

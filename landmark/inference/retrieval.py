@@ -67,7 +67,7 @@ class RetrievalConfig:
     row_group: int = 64  # query rows whose retrieved blocks are gathered together (bounds memory)
     search: str = "exact"  # landmark search: "exact" scan of every landmark | "faiss" index (optional extra)
     candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
-    compile: bool = False  # decode steps through torch.compile'd stages (fewer, fused operations)
+    compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -349,7 +349,6 @@ class DecodePlan:
     recent_column: Tensor  # (B, k_max) score column to overwrite (n_max: a spare column)
     local_positions: int  # local context positions attended to, summed over rows
     recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
-    rank: Tensor  # (k_max,) 0, 1, ..., k_max - 1
     blocks_total: int  # sum(n_blocks)
     uniform: bool  # every row holds n_max >= k blocks and every query row is real (no masking needed)
     current: Tensor  # (B, 1, C, k_max + nb, bs) group membership when every selection is real
@@ -426,7 +425,6 @@ def decode_plan(
         recent_column=torch.where(ok, recent, n_max),
         local_positions=int(local_len.sum()),
         recent_from=(n_blocks - k_eff)[:, None, None, None],
-        rank=j[:-1],
         blocks_total=int(n_blocks.sum()),
         uniform=bool((n_blocks == n_max).all() and (q_len == rows).all()) and n_max >= retrieval.k,
         current=torch.cat((no_current, local_current), dim=3),

@@ -61,8 +61,8 @@ class InferenceSession:
             ``faiss``). The index is exact (flat) below ``approx_min_blocks`` blocks per stream and
             HNSW from there on (see ``landmark.inference.search``).
         compile: run the decode steps' retrieval attention through ``torch.compile`` (dynamic shapes;
-            the first steps compile, about 10-30 s on a CPU, then each step does far fewer operations).
-            Prefill chunks stay eager. Needs a C++ compiler on CPU (inductor).
+            the first steps compile, 10-80 s on a CPU). Prefill chunks stay eager. Needs a C++ compiler
+            on CPU (inductor). On the project's CPU it measured slower than eager (docs/inference.md).
     """
 
     def __init__(
