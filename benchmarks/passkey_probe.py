@@ -1,0 +1,92 @@
+"""Has a checkpoint learned the passkey task in distribution? A teacher-forced probe on training samples.
+
+For ``--samples`` passkey samples exactly like the training recipe's (``PasskeyPrompts.training_sample``:
+the key in an earlier block than the question, landmarks inserted as in training), one forward pass
+gives the loss per token at the three places a key appears: its first mention (unpredictable: the
+floor is ln 10 per digit), its second mention inside the key sentence ("... Remember it. 48213 is the
+pass key.", a copy a few tokens back) and the answer after the question (a copy from an earlier
+block, through a landmark). A model that has learned the task has a near-zero answer loss. Cheap (a
+few seconds on a CPU), so run it before spending an hour on long-context evaluations.
+
+Usage:
+    python benchmarks/passkey_probe.py runs/passkey-landmark [--samples 16] [--length 449]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from landmark.checkpoint import load_model
+from landmark.data.landmarks import landmark_example
+from landmark.data.passkey import PasskeyPrompts, first_integer
+
+
+def _key_spans(tokens: list[int], key_ids: list[int]) -> list[int]:
+    """Start indices of every occurrence of ``key_ids`` in ``tokens``."""
+    n = len(key_ids)
+    return [i for i in range(len(tokens) - n + 1) if tokens[i : i + n] == key_ids]
+
+
+@torch.no_grad()
+def probe(path: str, samples: int, length: int, seed: int) -> dict:
+    model, tokenizer, _ = load_model(path)
+    cfg = model.config
+    prompts = PasskeyPrompts(tokenizer)
+    landmarks = cfg.attention == "landmark"
+    min_gap = cfg.block_size - 1 if landmarks else 1
+    rng = np.random.default_rng(seed)
+    losses: dict[str, list[float]] = {"first mention": [], "second mention": [], "answer": []}
+    exact = 0
+    for _ in range(samples):
+        raw = prompts.training_sample(rng, length, min_gap)
+        key = first_integer(tokenizer.decode(raw).rsplit("The pass key is", 1)[1])
+        digits = tokenizer.encode(f" {key}")  # the key's tokens, as in all three places
+        starts = _key_spans(raw, digits)
+        if len(starts) != 3:  # first, second mention, answer: tokenisation differs (rare): skip
+            continue
+        raw_t = torch.tensor(raw, dtype=torch.long)
+        if landmarks:
+            inp, tgt = landmark_example(raw_t, cfg.block_size, cfg.landmark_id, -100)
+            regular = (tgt != -100).nonzero().flatten()  # stream positions predicting raw[1:], in order
+        else:
+            inp, tgt = raw_t[:-1], raw_t[1:]
+            regular = torch.arange(len(tgt))
+        logits = model(inp[None]).logits[0]
+        ce = torch.nn.functional.cross_entropy(logits, tgt.clamp_min(0), reduction="none")
+        pred = logits.argmax(-1)
+        for name, start in zip(losses, starts):
+            at = regular[start - 1 : start - 1 + len(digits)]  # positions predicting the key's tokens
+            losses[name].append(float(ce[at].mean()))
+            if name == "answer":
+                exact += bool((pred[at] == tgt[at]).all())
+    n = len(losses["answer"])
+    return {
+        "checkpoint": path,
+        "samples": n,
+        "length": length,
+        "loss_per_key_token": {name: float(np.mean(v)) for name, v in losses.items()},
+        "answer_exact": exact,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run folder or checkpoint folder")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--length", type=int, default=449, help="raw tokens per sample (<= seq_len - landmarks)")
+    p.add_argument("--seed", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    r = probe(args.checkpoint, args.samples, args.length, args.seed)
+    for name, v in r["loss_per_key_token"].items():
+        print(f"{name:>15}: {v:.2f} nats per key token")
+    print(f"answers exactly right (teacher-forced argmax): {r['answer_exact']}/{r['samples']}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
