@@ -118,7 +118,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             return int(out.argmax())
 
         state_bytes = sum(
-            m.keys.numel() * m.keys.element_size() * 2 + m.landmark_keys.numel() * elem
+            (m.keys.numel() + m.values.numel() + m.landmark_keys.numel()) * elem
             for m in session.memories
         )
     else:
@@ -174,7 +174,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         d = {key: after[key] - before[key] for key in after}
         end_len = int(session.length[0])
         # from the counters: landmark keys scored, (block, kv head) pairs read, local positions
-        block_bytes = (bs - 1) * cfg.head_dim * elem * 2
+        block_bytes = (2 * bs - 1) * cfg.head_dim * elem  # a block's stored keys (landmark too), values
         counted = (
             d["landmarks_scored"] * per_layer_kv
             + d["block_heads_fetched"] * block_bytes

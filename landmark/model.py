@@ -12,8 +12,8 @@
 Architecture: token embedding (tied with the output layer), ``n_layer`` pre-norm blocks
 (RMSNorm -> attention -> residual, RMSNorm -> GELU MLP -> residual), final RMSNorm; no biases; rotary
 position embeddings computed in float32; grouped-query attention when ``n_kv_head < n_head``.
-Keys are produced before RoPE by ``Attention.project`` so that inference can store them un-rotated
-and re-position retrieved blocks.
+Keys are produced before RoPE by ``Attention.project`` so that inference can store them without
+absolute positions and re-position retrieved blocks.
 """
 
 from __future__ import annotations

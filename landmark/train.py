@@ -278,9 +278,12 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
     sampler = _sampler(train_split, mc, t.batch_size, t.seed, d.rank, "train")
     if cfg.data.passkey_fraction > 0:  # the passkey recipe: mix synthetic retrieval samples into training
         try:
-            sampler = PasskeyMixSampler(sampler, tok, cfg.data.passkey_fraction, seed=t.seed, rank=d.rank)
+            pairs = cfg.data.passkey_pairs
+            sampler = PasskeyMixSampler(
+                sampler, tok, cfg.data.passkey_fraction, seed=t.seed, rank=d.rank, pairs=pairs
+            )
         except ValueError as err:
-            raise ConfigError(f"data.passkey_fraction: {err}") from None
+            raise ConfigError(f"data.passkey_fraction, data.passkey_pairs: {err}") from None
     eval_sampler = _sampler(val_split, mc, t.eval_batch_size or t.batch_size, EVAL_SEED, 0, "validation")
     eval_batches = [eval_sampler.batch(i) for i in range(t.eval_batches)]
 

@@ -45,6 +45,7 @@ class DataConfig:
     gpt2_dir: str = ""  # gpt2: folder of encoder.json and vocab.bpe; "" = <cache>/gpt2
     prepared_dir: str = ""  # where the tokenizer and token arrays go; "" = <cache>/prepared/<corpus>-...
     passkey_fraction: float = 0.0  # share of training windows replaced by synthetic passkey samples (0 = off)
+    passkey_pairs: int = 1  # key/question pairs per passkey window (each question asks for the latest key)
 
 
 @dataclass
@@ -226,6 +227,7 @@ def validate(cfg: RunConfig) -> None:
         (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
         (bool(t.out_dir), "train.out_dir must name a folder"),
         (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]"),
+        (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -185,3 +185,45 @@ def test_quickstart_main_job_on_a_given_checkpoint(runs, tmp_path, monkeypatch, 
     assert "## Perplexity" in report and "## Passkey retrieval" in report
     assert (out / "perplexity.png").is_file() and (out / "passkey.png").is_file()
     assert "report written to" in capsys.readouterr().out
+
+
+def test_passkey_training_window_with_several_pairs():
+    """Each question asks for the latest key, which lies at least min_gap tokens before it; the window
+    has exactly the length asked for and ends with the last answer."""
+    import re
+
+    tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
+    prompts = PasskeyPrompts(tok)
+    question = tok.decode(prompts.question)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        window = prompts.training_window(rng, 700, 40, pairs=3)
+        assert len(window) == 700
+        text = tok.decode(window)
+        keys = re.findall(r"The pass key is (\d+)\. Remember it\.", text)
+        answers = [int(a) for a in re.findall(re.escape(question.strip()) + r" (\d+)\.", text)]
+        assert len(keys) == 3 and [int(k) for k in keys] == answers
+        assert text.endswith(f"The pass key is {answers[-1]}.")
+        # the key sentence ends at least min_gap tokens before its question starts
+        q_ids = prompts.question
+        q_starts = [i for i in range(len(window)) if window[i : i + len(q_ids)] == q_ids]
+        for key, q_start in zip(keys, q_starts):
+            sentence = prompts.key_sentence(int(key))
+            k_end = next(i for i in range(len(window)) if window[i : i + len(sentence)] == sentence)
+            assert q_start - (k_end + len(sentence)) >= 40
+    with pytest.raises(ValueError, match="cannot hold 9 passkey pairs"):
+        prompts.training_window(np.random.default_rng(0), 300, 40, pairs=9)
+    with pytest.raises(ValueError, match="pairs must be >= 1"):
+        prompts.training_window(np.random.default_rng(0), 300, 40, pairs=0)
+
+
+def test_passkey_mix_sampler_pairs_need_room():
+    tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
+    tokens = np.array(tok.encode("the sea and the ship. " * 500), dtype=np.uint16)
+    base = WindowSampler(tokens, 320, 2, landmark_id=tok.landmark_id, block_size=16, seed=3)
+    mix = PasskeyMixSampler(base, tok, 1.0, seed=3, pairs=2)
+    batch = mix.batch(0)
+    for row in batch.input_ids:
+        assert tok.decode(row[row != tok.landmark_id].tolist()).count("What is the pass key?") == 2
+    with pytest.raises(ValueError, match="8 passkey pair"):
+        PasskeyMixSampler(base, tok, 1.0, pairs=8)

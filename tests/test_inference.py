@@ -130,7 +130,7 @@ def test_planted_block_is_retrieved(granularity):
     the query is zero there, so the alignment survives the positions."""
     bs, d = 4, 8
     g = torch.Generator().manual_seed(6)
-    memory = BlockMemory(1, 1, bs, d, dtype=torch.float32, device="cpu")
+    memory = BlockMemory(1, 1, bs, d, rope_base=1e30, dtype=torch.float32, device="cpu")
     q = torch.randn(1, 1, 1, d, generator=g)
     q[..., [0, d // 2]] = 0.0
     for i in range(12):
@@ -160,14 +160,22 @@ def test_planted_block_is_retrieved(granularity):
 
 
 def test_memory_cap_evicts_oldest_or_refuses():
-    memory = BlockMemory(1, 1, 4, 2, dtype=torch.float32, device="cpu", max_blocks=3)
+    memory = BlockMemory(1, 1, 4, 2, rope_base=1e4, dtype=torch.float32, device="cpu", max_blocks=3)
     for i in range(5):
         memory.append(0, torch.full((1, 1, 4, 2), float(i)), torch.full((1, 1, 4, 2), float(i)))
     assert memory.count == [3]
     assert memory.landmarks()[0, 0, :, 0].tolist() == [2.0, 3.0, 4.0]  # FIFO: oldest evicted
-    keys, _values = memory.gather(torch.tensor([[0, 2]]))
-    assert keys.shape == (1, 1, 2, 3, 2) and keys[0, 0, :, 0, 0].tolist() == [2.0, 4.0]
-    strict = BlockMemory(1, 1, 4, 2, dtype=torch.float32, device="cpu", max_blocks=2, evict=False)
+    keys, values = memory.gather_per_head(torch.tensor([[[0, 2]]]))
+    assert keys.shape == (1, 1, 2, 4, 2) and values.shape == (1, 1, 2, 3, 2)
+    assert values[0, 0, :, 0, 0].tolist() == [2.0, 4.0]
+    # keys are stored rotated by their in-block offset; raw_keys undoes it
+    raw = memory.raw_keys(keys)
+    assert torch.allclose(raw[0, 0, 0], torch.full((4, 2), 2.0), atol=1e-6)
+    assert torch.allclose(raw[0, 0, 1], torch.full((4, 2), 4.0), atol=1e-6)
+    assert not torch.allclose(keys[0, 0, 0, 1:], raw[0, 0, 0, 1:])
+    strict = BlockMemory(
+        1, 1, 4, 2, rope_base=1e4, dtype=torch.float32, device="cpu", max_blocks=2, evict=False
+    )
     strict.append(0, torch.zeros(1, 2, 4, 2), torch.zeros(1, 2, 4, 2))
     with pytest.raises(MemoryFullError, match="memory is full"):
         strict.append(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
@@ -214,7 +222,7 @@ def test_bad_input_errors():
 
 def _random_memory(batch, kv_heads, n_blocks, bs, d, seed, **kw):
     g = torch.Generator().manual_seed(seed)
-    memory = BlockMemory(batch, kv_heads, bs, d, dtype=torch.float32, device="cpu", **kw)
+    memory = BlockMemory(batch, kv_heads, bs, d, rope_base=10000.0, dtype=torch.float32, device="cpu", **kw)
     for b, n in enumerate(n_blocks):
         for _ in range(n):
             memory.append(

@@ -99,6 +99,48 @@ class PasskeyPrompts:
             prompt, _ = self._compose(length, 0.0, key)
         return prompt + answer
 
+    def training_window(
+        self, rng: np.random.Generator, n_tokens: int, min_gap: int, pairs: int = 1
+    ) -> list[int]:
+        """``n_tokens`` tokens holding ``pairs`` key/question pairs, each with its own random key::
+
+            instruction, filler, [key sentence, >= min_gap filler, question, answer, filler] x pairs
+
+        Every question asks for the most recent key, which lies at least ``min_gap`` tokens back (in an
+        earlier block in training); the window ends with the last answer. ``pairs = 1`` is
+        :meth:`training_sample`. More pairs per window give more retrieval targets per training token
+        (one answer of about 3 tokens per pair, against hundreds of filler tokens that are easy to learn).
+        """
+        if pairs < 1:
+            raise ValueError(f"pairs must be >= 1; got {pairs}")
+        if pairs == 1:
+            return self.training_sample(rng, n_tokens, min_gap)
+        keys = [int(k) for k in rng.integers(*KEY_RANGE, size=pairs)]
+        fixed = len(self.instruction) + sum(
+            len(self.key_sentence(k)) + len(self.question) + len(self.answer(k)) for k in keys
+        )
+        spare = n_tokens - fixed - pairs * min_gap
+        if spare < 0:
+            raise ValueError(
+                f"{n_tokens} tokens cannot hold {pairs} passkey pairs with {min_gap} filler tokens between "
+                f"each key and its question (need {n_tokens - spare})"
+            )
+        # 2 * pairs filler runs: one before each key sentence, one between each key and its question;
+        # the spare tokens are split among them at uniformly random cut points.
+        cuts = np.sort(rng.integers(0, spare + 1, size=2 * pairs - 1))
+        extra = np.diff(np.concatenate([[0], cuts, [spare]]))
+        unit = len(self.filler)
+
+        def filler(n: int) -> list[int]:  # starts at a sentence boundary, may end inside a sentence
+            return (self.filler * (n // unit + 1))[:n]
+
+        out = list(self.instruction)
+        for i, key in enumerate(keys):
+            out += filler(int(extra[2 * i])) + self.key_sentence(key)
+            out += filler(min_gap + int(extra[2 * i + 1])) + self.question + self.answer(key)
+        assert len(out) == n_tokens
+        return out
+
 
 class PasskeyMixSampler:
     """A training sampler that replaces a seeded fraction of each batch's windows with passkey samples.
@@ -107,21 +149,31 @@ class PasskeyMixSampler:
     """
 
     def __init__(
-        self, base: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0, rank: int = 0
+        self,
+        base: WindowSampler,
+        tokenizer: Tokenizer,
+        fraction: float,
+        seed: int = 0,
+        rank: int = 0,
+        pairs: int = 1,
     ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
-        self.base, self.fraction, self.seed, self.rank = base, fraction, seed, rank
+        if pairs < 1:
+            raise ValueError(f"passkey_pairs must be >= 1; got {pairs}")
+        self.base, self.fraction, self.seed, self.rank, self.pairs = base, fraction, seed, rank, pairs
         self.prompts = PasskeyPrompts(tokenizer)
         layout = base.layout
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
         # the key must end in an earlier block than the question: at least one block of regular tokens
         self.min_gap = layout.block_size - 1 if layout.landmarks else 1
-        need = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
+        one = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
+        need = one + (pairs - 1) * (one - len(self.prompts.instruction))
         if self.n_raw < need:
             raise ValueError(
-                f"passkey samples need windows of at least {need} tokens with this tokenizer; the window "
-                f"holds {self.n_raw}: use a longer seq_len or passkey_fraction = 0"
+                f"{pairs} passkey pair(s) per window need windows of at least {need} tokens with this "
+                f"tokenizer; the window holds {self.n_raw}: use a longer seq_len, fewer passkey_pairs "
+                "or passkey_fraction = 0"
             )
 
     def batch(self, step: int) -> Batch:
@@ -129,7 +181,8 @@ class PasskeyMixSampler:
         rng = np.random.default_rng([self.seed, self.rank, step, 7919])
         layout = self.base.layout
         for row in np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction):
-            raw = torch.tensor(self.prompts.training_sample(rng, self.n_raw, self.min_gap), dtype=torch.long)
+            raw = self.prompts.training_window(rng, self.n_raw, self.min_gap, self.pairs)
+            raw = torch.tensor(raw, dtype=torch.long)
             if layout.landmarks:
                 inp, tgt = landmark_example(raw, layout.block_size, layout.landmark_id, layout.ignore_index)
             else:

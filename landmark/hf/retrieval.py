@@ -4,7 +4,7 @@
 ``model.generate(...)`` instead of a ``DynamicCache``. Per layer it keeps what shared/method.md s.4
 asks for, through the project's one implementation of each piece (:mod:`landmark.inference`):
 
-* a :class:`~landmark.inference.BlockMemory` of the complete blocks (keys stored before RoPE; block
+* a :class:`~landmark.inference.BlockMemory` of the complete blocks (keys without absolute positions; block
   contents on ``memory_device``, e.g. CPU RAM, the landmark keys next to the queries; optional
   ``max_blocks`` cap with FIFO eviction);
 * the incomplete tail block;
@@ -328,8 +328,9 @@ class LandmarkRetrievalCache(Cache):
 
             index = LandmarkIndex(batch, kv_heads, head_dim)
         layer.memory = BlockMemory(
-            batch, kv_heads, self.block_size, head_dim, dtype=key.dtype, device=key.device,
-            storage_device=self.memory_device, max_blocks=self.max_blocks, evict=self.evict, index=index,
+            batch, kv_heads, self.block_size, head_dim, rope_base=self.rope_base, dtype=key.dtype,
+            device=key.device, storage_device=self.memory_device, max_blocks=self.max_blocks,
+            evict=self.evict, index=index,
         )  # fmt: skip
         layer.tail_k = key.new_zeros(batch, kv_heads, self.block_size, head_dim)
         layer.tail_v = torch.zeros_like(layer.tail_k)

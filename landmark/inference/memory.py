@@ -3,12 +3,18 @@
 For each batch row the memory holds ``count[b]`` complete blocks in chronological order (logical index
 0 = oldest). Per block it keeps the landmark key apart from the block's contents:
 
-* ``landmark_keys``: (B, Hkv, capacity, D), on the model's device: scored against every query;
-* ``keys``, ``values``: (B, Hkv, capacity, block_size - 1, D), the regular tokens, on ``storage_device``
-  (CPU RAM while the model runs on CUDA, for example); only the blocks that retrieval selects are
-  copied to the model's device.
+* ``landmark_keys``: (B, Hkv, capacity, D), un-rotated, on the model's device: scored against every
+  query (the scan rotates the query, not the N landmark keys);
+* ``keys``: (B, Hkv, capacity, block_size, D) and ``values``: (B, Hkv, capacity, block_size - 1, D),
+  the block's contents, on ``storage_device`` (CPU RAM while the model runs on CUDA, for example);
+  only the blocks that retrieval selects are copied to the model's device.
 
-Keys are stored BEFORE rotary embedding so that retrieved blocks can be re-positioned.
+Keys carry no position: a block's key at offset ``j`` inside the block (its landmark at
+``block_size - 1``) is stored rotated by RoPE for position ``j`` only, which is the same wherever the
+block is later placed. Retrieval places a block at slot ``s`` (positions ``s * bs + j``) by rotating
+the query by ``-s * bs`` instead (RoPE is relative: ``R(a) q . R(b) k = q . R(b - a) k``), so a
+retrieved block is used as it is stored, with no copy or rotation of its keys. ``raw_keys`` undoes
+the offsets (for inspection and tests).
 
 Capacity is unlimited by default (storage doubles as needed). With ``max_blocks`` set, a full row
 evicts its oldest block first-in-first-out when ``evict`` is true, and raises ``MemoryFullError``
@@ -28,6 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from landmark.model import apply_rope, rope_angles
+
 if TYPE_CHECKING:
     from landmark.inference.search import LandmarkIndex
 
@@ -46,6 +54,7 @@ class BlockMemory:
         block_size: int,
         head_dim: int,
         *,
+        rope_base: float,
         dtype: torch.dtype,
         device: torch.device | str,
         storage_device: torch.device | str | None = None,
@@ -58,6 +67,9 @@ class BlockMemory:
         self.batch, self.kv_heads, self.block_size, self.head_dim = batch, kv_heads, block_size, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
+        self.rope_base = rope_base
+        # RoPE angles of the in-block offsets 0..block_size-1: (block_size, D/2)
+        self._cos, self._sin = rope_angles(torch.arange(block_size), head_dim, rope_base)
         self.max_blocks, self.evict = max_blocks, evict
         self.count = [0] * batch  # blocks held per row
         self.start = [0] * batch  # ring-buffer start per row
@@ -71,8 +83,8 @@ class BlockMemory:
         """Grow the storage to ``capacity`` blocks, keeping every row's blocks in logical order."""
         b, h, d, n = self.batch, self.kv_heads, self.head_dim, self.block_size - 1
         lk = torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
-        keys = torch.zeros(b, h, capacity, n, d, dtype=self.dtype, device=self.storage_device)
-        values = torch.zeros_like(keys)
+        keys = torch.zeros(b, h, capacity, n + 1, d, dtype=self.dtype, device=self.storage_device)
+        values = torch.zeros(b, h, capacity, n, d, dtype=self.dtype, device=self.storage_device)
         if self.capacity:
             for row in range(b):
                 idx = self.physical(row, torch.arange(self.count[row]))
@@ -127,7 +139,8 @@ class BlockMemory:
             self._allocate(min(2 * self.capacity, self.max_blocks or 2 * self.capacity))
         slot = (self.start[row] + self.count[row]) % self.capacity
         self.landmark_keys[row, :, slot] = keys[:, -1].to(self.device, self.dtype)
-        self.keys[row, :, slot] = keys[:, :-1].to(self.storage_device, self.dtype)
+        cos, sin = self._cos.to(keys.device, keys.dtype), self._sin.to(keys.device, keys.dtype)
+        self.keys[row, :, slot] = apply_rope(keys, cos, sin).to(self.storage_device, self.dtype)
         self.values[row, :, slot] = values[:, :-1].to(self.storage_device, self.dtype)
         self.count[row] += 1
 
@@ -147,21 +160,6 @@ class BlockMemory:
         idx = self.physical(row, torch.arange(self.count[row], device=self.device))
         return self.landmark_keys[row][:, idx]
 
-    def gather(self, logical: Tensor) -> tuple[Tensor, Tensor]:
-        """Contents of selected blocks, moved to the model's device.
-
-        Args:
-            logical: (B, U) logical block indices (each must be < count of its row).
-
-        Returns:
-            keys, values: (B, Hkv, U, block_size - 1, D) on the model's device.
-        """
-        idx = self.physical_index(logical).to(self.storage_device)
-        rows = torch.arange(self.batch, device=self.storage_device)[:, None]
-        keys = self.keys[rows, :, idx]  # (B, U, Hkv, n, D)
-        values = self.values[rows, :, idx]
-        return keys.transpose(1, 2).to(self.device), values.transpose(1, 2).to(self.device)
-
     def gather_per_head(self, logical: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Blocks chosen separately for every kv head, moved to the model's device (the decode path).
 
@@ -169,18 +167,23 @@ class BlockMemory:
             logical: (B, Hkv, M) logical block indices (each < count of its row; pad with 0).
 
         Returns:
-            keys, values: (B, Hkv, M, block_size - 1, D) the regular tokens; landmark_keys:
-            (B, Hkv, M, D). Only these blocks of these heads are read and moved.
+            keys: (B, Hkv, M, block_size, D), rotated by their in-block offsets, the landmark's last;
+            values: (B, Hkv, M, block_size - 1, D) of the regular tokens. Only these blocks of these
+            heads are read and moved.
         """
         b, h, m = logical.shape
         row_head = torch.arange(b * h, device=logical.device).view(b, h, 1) * self.capacity
         flat = (row_head + self.physical_index(logical)).view(-1)  # index into (B * Hkv * capacity)
-        n, d = self.block_size - 1, self.head_dim
+        n, d = self.block_size, self.head_dim
         sto = flat.to(self.storage_device)
         keys = self.keys.view(-1, n, d).index_select(0, sto).to(self.device).view(b, h, m, n, d)
-        values = self.values.view(-1, n, d).index_select(0, sto).to(self.device).view(b, h, m, n, d)
-        landmark_keys = self.landmark_keys.view(-1, d).index_select(0, flat.to(self.device))
-        return keys, values, landmark_keys.view(b, h, m, d)
+        values = self.values.view(-1, n - 1, d).index_select(0, sto).to(self.device).view(b, h, m, n - 1, d)
+        return keys, values
+
+    def raw_keys(self, keys: Tensor) -> Tensor:
+        """Stored (offset-rotated) block keys (..., block_size, D) -> the un-rotated keys."""
+        cos, sin = self._cos.to(keys.device, keys.dtype), self._sin.to(keys.device, keys.dtype)
+        return apply_rope(keys, cos, -sin)
 
     def landmarks_at(self, logical: Tensor) -> Tensor:
         """(B, U) logical indices -> (B, Hkv, U, D) landmark keys."""
@@ -189,5 +192,6 @@ class BlockMemory:
         return self.landmark_keys[rows, :, idx].transpose(1, 2)
 
     def nbytes_per_block(self) -> int:
-        """Bytes of keys and values of one block's regular tokens, all kv heads."""
-        return 2 * self.kv_heads * (self.block_size - 1) * self.head_dim * self.keys.element_size()
+        """Bytes of one block's stored keys (landmark's included) and values, all kv heads: what
+        retrieving it for every kv head reads."""
+        return (2 * self.block_size - 1) * self.kv_heads * self.head_dim * self.keys.element_size()

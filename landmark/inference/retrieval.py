@@ -26,16 +26,15 @@ would be in one full pass (up to a constant shift, which RoPE ignores).
 
 Two ways to fetch the selected blocks, chosen by the number of query rows of the step:
 
-* chunks (more than ``DECODE_ROWS`` rows): retrieved blocks are gathered once per group of query rows
-  by block index (the union of the group's selections, all kv heads) and scored with batched matmuls;
-  a query's per-slot rotation is applied to the query, not to a per-query copy of the keys, so no
-  (rows, k, block, head_dim) tensor is ever formed;
-* decoding (one token, or a token and its landmark): every (query row, head) reads exactly its own k
-  blocks of its own kv head, and the landmark scan rotates the query instead of the N landmark keys
-  (slot 0 for the old blocks, one rotation per recent slot), so a step reads the N landmark keys once,
-  k blocks per head and the local context, and does a fixed number of tensor operations.
-
-Both compute the same attention (tests check decoding against chunked prefill).
+Every (query row, head) reads exactly its own k blocks of its own kv head, gathered by block index
+(no union of blocks, no per-slot loop), and the landmark scan rotates the query instead of the N
+landmark keys (slot 0 for the old blocks, one rotation per recent slot), so a step reads the N
+landmark keys once, k blocks per query row and head, and the local context, with a fixed number of
+tensor operations. A chunk (prefill) runs this for groups of ``RetrievalConfig.row_group`` query rows
+at a time, so the gathered blocks take O(row_group x heads x k x block x head_dim) memory whatever the
+chunk length; a decode step (one token, or a token and its landmark) is one group, and its
+layer-independent part (``DecodePlan``) is built once for all layers. Tests check decoding against
+chunked prefill and chunked prefill against one full pass.
 
 Landmark search (``RetrievalConfig.search``): ``"exact"`` (default) scores every landmark in memory;
 ``"faiss"`` asks an inner-product index over the landmark keys for candidates (see
@@ -94,16 +93,12 @@ class StepStats:
     """What the layer steps read (for benchmarks), summed over steps and layers.
 
     ``landmarks_scored``: landmark keys scored (per batch row; each one all kv heads' keys).
-    ``blocks_fetched``: distinct memory blocks gathered by the chunk path (per batch row; the decode
-    path gathers per head and counts only ``block_heads_fetched``).
     ``block_heads_fetched``: (block, kv head) pairs whose keys and values were read: the unit of the
-    bytes read from memory (the chunk path reads a union block for every kv head; the decode path
-    reads each head's own selections).
+    bytes read from memory (every query row and head reads its own selections).
     ``local_positions``: positions of local context (tail + new) attended to (per batch row).
     """
 
     landmarks_scored: int = 0
-    blocks_fetched: int = 0
     block_heads_fetched: int = 0
     local_positions: int = 0
 
@@ -191,126 +186,55 @@ def retrieval_attention(
         (B, H, C, D) attention outputs; padding rows are zero.
     """
     batch, heads, rows, head_dim = q.shape
-    kv_heads, t_local = local_k.shape[1], local_k.shape[2]
-    bs = block_size
-    dev = q.device
-    if rows <= DECODE_ROWS and plan is not None:
-        return _decode_step(q, local_k, local_v, memory, retrieval, plan, bs, rope_base, scale, stats)
-    n_blocks = torch.tensor(memory.count if memory is not None else [0] * batch, device=dev)
-    if rows <= DECODE_ROWS:
+    if memory is not None and memory.rope_base != rope_base:
+        raise ValueError(
+            f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
+        )
+    if rows <= DECODE_ROWS or plan is not None:
         if plan is None:
-            plan = decode_plan(
-                n_blocks, local_len, q_start, q_len, rows, t_local, retrieval, bs, head_dim, rope_base
-            )
-        return _decode_step(q, local_k, local_v, memory, retrieval, plan, bs, rope_base, scale, stats)
-    k_eff = torch.clamp(n_blocks, max=retrieval.k)
-    base = (k_eff + 1) * bs  # (B,) position of local position 0
-    q_local = q_start[:, None] + torch.arange(rows, device=dev)[None, :]  # (B, C) local positions
-    row_valid = torch.arange(rows, device=dev)[None, :] < q_len[:, None]  # (B, C)
-    q_pos = base[:, None] + q_local  # (B, C) absolute positions of the queries
-
-    # Local context, padded to whole blocks: (B, H, C, nb_local, bs) scores.
-    nb_local = -(-t_local // bs)
-    pad = nb_local * bs - t_local
-    key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
-    lk = torch.nn.functional.pad(local_k, (0, 0, 0, pad))
-    lv = torch.nn.functional.pad(local_v, (0, 0, 0, pad))
-    lk_rot = _rope(lk, base[:, None] + key_local_pos[None, :], rope_base)
-    q_rot = _rope(q, q_pos, rope_base)  # (B, H, C, D)
-    local_scores = torch.einsum("bkgcd,bktd->bkgct", _grouped(q_rot, kv_heads), lk_rot) * scale
-    local_scores = local_scores.reshape(batch, heads, rows, nb_local, bs)
-    key_real = key_local_pos[None, :] < local_len[:, None]  # (B, T')
-    visible = key_real[:, None, :] & (key_local_pos[None, None, :] <= q_local[:, :, None])  # (B, C, T')
-    q_block = torch.div(q_local, bs, rounding_mode="floor")  # (B, C)
-    same_block = (key_local_pos // bs)[None, None, :] == q_block[:, :, None]
-    local_current = (visible & same_block & row_valid[:, :, None]).view(batch, 1, rows, nb_local, bs)
-    local_earlier = torch.arange(nb_local, device=dev)[None, None, :] < q_block[:, :, None]  # complete
-    local_earlier = (local_earlier & row_valid[:, :, None])[:, None]  # (B, 1, C, nb_local)
-
+            plan = _plan(q_start, q_len, rows, local_k, local_len, memory, retrieval, block_size, rope_base)
+        if stats is not None:
+            stats.local_positions += plan.local_positions
+        return _retrieve_and_attend(
+            q, local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
+        )
+    # A chunk: the same computation for groups of ``row_group`` query rows (the memory does not change
+    # within a chunk; the group's rows see the whole local context up to their own positions).
     if stats is not None:
         stats.local_positions += int(local_len.sum())
-    if memory is None or int(n_blocks.max()) == 0:
-        weights = grouped_softmax(local_scores, local_current, local_earlier)
-        return _apply(weights, lv, kv_heads)
-
-    # 1-2. Score every landmark in memory (or the index's candidates) with the scoring positions; select.
-    if retrieval.search == "faiss":
-        selected, sel_valid, scored = _search_select(
-            q, q_pos, row_valid, memory, n_blocks, k_eff, retrieval, bs, rope_base, scale
-        )
-    else:
-        landmark_keys = memory.landmarks()  # (B, Hkv, N, D)
-        n_max = landmark_keys.shape[2]
-        logical = torch.arange(n_max, device=dev)[None, :]
-        age = n_blocks[:, None] - 1 - logical  # 0 = most recent
-        score_slot = torch.where(age < k_eff[:, None], k_eff[:, None] - age, torch.zeros_like(age))
-        lm_rot = _rope(landmark_keys, score_slot * bs + bs - 1, rope_base)
-        lm_scores = torch.einsum("bkgcd,bknd->bkgcn", _grouped(q_rot, kv_heads), lm_rot) * scale
-        lm_scores = lm_scores.reshape(batch, heads, rows, n_max)
-        selected, sel_valid = select_blocks(
-            lm_scores, n_blocks, row_valid, retrieval.k, retrieval.granularity
-        )
-        scored = int(n_blocks.sum())
-    if stats is not None:
-        stats.landmarks_scored += scored
-    # Attention slot of each selection: its chronological rank, +1 if among the k_eff most recent.
-    rank = torch.arange(selected.shape[-1], device=dev)
-    recent = selected >= (n_blocks - k_eff)[:, None, None, None]
-    slot = rank + recent.long()  # (B, H, C, k_max)
-
-    out = torch.zeros(batch, heads, rows, head_dim, dtype=q.dtype, device=dev)
+    out = q.new_zeros(batch, heads, rows, head_dim)
     for r0 in range(0, rows, retrieval.row_group):
         r1 = min(rows, r0 + retrieval.row_group)
-        sl = slice(r0, r1)
-        union, union_ok = _union(selected[:, :, sl], sel_valid[:, :, sl])  # (B, U)
-        if stats is not None:
-            stats.blocks_fetched += int(union_ok.sum())
-            stats.block_heads_fetched += int(union_ok.sum()) * kv_heads
-        # slot of union block u for each query row (-1: not selected by that row/head)
-        match = (selected[:, :, sl, :, None] == union[:, None, None, None, :]) & sel_valid[:, :, sl, :, None]
-        match = match & union_ok[:, None, None, None, :]
-        slot_map = ((slot[:, :, sl, :, None] + 1) * match).sum(-2) - 1  # (B, H, c, U)
-
-        mem_k, mem_v = memory.gather(union)  # (B, Hkv, U, bs-1, D)
-        mem_k = torch.cat((mem_k, memory.landmarks_at(union)[:, :, :, None]), dim=3)  # landmark last
-        mem_v = torch.nn.functional.pad(mem_v, (0, 0, 0, 1))  # (B, Hkv, U, bs, D), landmark value 0
-        n_union = union.shape[1]
-        offsets = torch.arange(bs, device=dev).repeat(n_union)  # in-block offset of each key
-        mem_k = _rope(
-            mem_k.reshape(batch, kv_heads, n_union * bs, head_dim), offsets.expand(batch, -1), rope_base
+        group_len = (q_len - r0).clamp(0, r1 - r0)
+        if not bool((group_len > 0).any()):
+            break
+        plan = _plan(
+            q_start + r0, group_len, r1 - r0, local_k, local_len, memory, retrieval, block_size, rope_base
         )
-        mem_scores = torch.zeros(batch, heads, r1 - r0, n_union, bs, dtype=q.dtype, device=dev)
-        for j in range(int(slot_map.max()) + 1):  # rotate the queries once per slot
-            qj = _rope(q[:, :, sl], q_pos[:, sl] - j * bs, rope_base)
-            sj = torch.einsum("bkgcd,bktd->bkgct", _grouped(qj, kv_heads), mem_k) * scale
-            sj = sj.reshape(batch, heads, r1 - r0, n_union, bs)
-            mem_scores = torch.where((slot_map == j)[..., None], sj, mem_scores)
-
-        scores = torch.cat((mem_scores, local_scores[:, :, sl]), dim=3)
-        current = torch.cat(
-            (
-                torch.zeros(batch, 1, r1 - r0, n_union, bs, dtype=torch.bool, device=dev),
-                local_current[:, :, sl],
-            ),
-            dim=3,
+        out[:, :, r0:r1] = _retrieve_and_attend(
+            q[:, :, r0:r1], local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
-        earlier = torch.cat(((slot_map >= 0), local_earlier[:, :, sl].expand(-1, heads, -1, -1)), dim=3)
-        weights = grouped_softmax(scores, current, earlier)  # (B, H, c, U + nb_local, bs)
-        values = torch.cat((mem_v, lv.view(batch, kv_heads, nb_local, bs, head_dim)), dim=2)
-        out[:, :, sl] = _apply(weights, values.reshape(batch, kv_heads, -1, head_dim), kv_heads)
     return out
 
 
-def _union(selected: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per batch row, the distinct selected blocks: (B, U) indices (padded with 0) and a validity mask."""
-    rows = [torch.unique(selected[b][valid[b]]) for b in range(selected.shape[0])]
-    width = max(1, max(len(r) for r in rows))
-    union = torch.zeros(len(rows), width, dtype=torch.long, device=selected.device)
-    ok = torch.zeros(len(rows), width, dtype=torch.bool, device=selected.device)
-    for b, r in enumerate(rows):
-        union[b, : len(r)] = r
-        ok[b, : len(r)] = True
-    return union, ok
+def _plan(
+    q_start: Tensor,
+    q_len: Tensor,
+    rows: int,
+    local_k: Tensor,
+    local_len: Tensor,
+    memory: BlockMemory | None,
+    retrieval: RetrievalConfig,
+    block_size: int,
+    rope_base: float,
+) -> DecodePlan:
+    """The layer-independent part of a step of ``rows`` query rows (``decode_plan``)."""
+    count = memory.count if memory is not None else [0] * q_start.shape[0]
+    n_blocks = torch.tensor(count, device=q_start.device)
+    return decode_plan(
+        n_blocks, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, local_k.shape[-1],
+        rope_base,
+    )  # fmt: skip
 
 
 def _apply(weights: Tensor, values: Tensor, kv_heads: int) -> Tensor:
@@ -338,8 +262,6 @@ class DecodePlan:
     sin_q: Tensor
     cos_local: Tensor  # (B, 1, T', D/2) local key angles (T' = local context padded to whole blocks)
     sin_local: Tensor
-    cos_block: Tensor  # (bs, D/2) in-block offsets of retrieved keys
-    sin_block: Tensor
     pad: int  # padding that makes the local context whole blocks
     local_current: Tensor  # (B, 1, C, nb, bs) own-block local keys each query sees
     local_earlier: Tensor  # (B, 1, C, nb) complete local blocks reached through their landmark
@@ -414,8 +336,6 @@ def decode_plan(
         sin_q=sin_t[pos][:, None],
         cos_local=cos_t[kpos][:, None],
         sin_local=sin_t[kpos][:, None],
-        cos_block=cos_t[:bs],
-        sin_block=sin_t[:bs],
         pad=nb_local * bs - t_local,
         local_current=local_current,
         local_earlier=local_earlier,
@@ -432,7 +352,7 @@ def decode_plan(
     )
 
 
-def _decode_step(
+def _retrieve_and_attend(
     q: Tensor,
     local_k: Tensor,
     local_v: Tensor,
@@ -467,8 +387,6 @@ def _decode_step(
     q_att, q_lm, local_scores, lv = stage("local")(
         q, local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local, k_max, bs, scale
     )
-    if stats is not None:
-        stats.local_positions += plan.local_positions
     if memory is None or n_max == 0:
         return _apply(grouped_softmax(local_scores, plan.local_current, plan.local_earlier), lv, kv_heads)
 
@@ -514,11 +432,10 @@ def _decode_step(
         stats.block_heads_fetched += fetched
 
     # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
-    keys, values, landmark_keys = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
+    keys, values = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
     return stage("attend")(
-        q_att, selected, plan.recent_from, keys, values, landmark_keys, plan.cos_block, plan.sin_block,
-        local_scores, lv, current, earlier,
-    )  # fmt: skip
+        q_att, selected, plan.recent_from, keys, values, local_scores, lv, current, earlier
+    )
 
 
 def _decode_local(
@@ -578,9 +495,6 @@ def _decode_attend(
     recent_from: Tensor,
     keys: Tensor,
     values: Tensor,
-    landmark_keys: Tensor,
-    cos_block: Tensor,
-    sin_block: Tensor,
     local_scores: Tensor,
     lv: Tensor,
     current: Tensor,
@@ -592,9 +506,9 @@ def _decode_attend(
         q_att: (B, H, C, k_max + 1, D) from ``_decode_local``; selected: (B, H, C, k) logical indices,
             ascending; recent_from: (B, 1, 1, 1) first logical index among the k_eff most recent blocks
             (those sit one slot further right).
-        keys, values: (B, Hkv, M, bs - 1, D) the selected blocks' regular tokens (M = G * C * k, in the
-            order of ``selected``), landmark_keys: (B, Hkv, M, D); un-rotated.
-        cos_block, sin_block: (bs, D / 2) angles of the in-block offsets.
+        keys: (B, Hkv, M, bs, D) the selected blocks' keys as stored (rotated by their in-block
+            offsets, the landmark's last; M = G * C * k, in the order of ``selected``); values:
+            (B, Hkv, M, bs - 1, D) of their regular tokens.
         local_scores, lv: from ``_decode_local``; current: (B, 1|H, C, k + nb, bs), earlier:
             (B, 1|H, C, k + nb) group membership (``grouped_softmax``).
 
@@ -602,11 +516,10 @@ def _decode_attend(
         (B, H, C, D).
     """
     batch, heads, rows, k_sel = selected.shape
-    kv_heads, dim, bs = keys.shape[1], keys.shape[-1], keys.shape[-2] + 1
+    kv_heads, dim, bs = keys.shape[1], keys.shape[-1], keys.shape[-2]
     rank = torch.arange(k_sel, device=selected.device)
     slot = rank + (selected >= recent_from).long()  # attention slot: chronological rank, +1 if recent
-    keys = torch.cat((keys, landmark_keys[:, :, :, None]), dim=3)  # (B, Hkv, M, bs, D), landmark last
-    keys = apply_rope(keys, cos_block, sin_block)  # in-block offsets; the slot is on the query
+    # the keys carry their in-block offsets; the slot's position is on the query
     q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
     mem_scores = (keys @ q_sel.reshape(batch, kv_heads, -1, dim, 1)).view(batch, heads, rows, k_sel, bs)
     scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)

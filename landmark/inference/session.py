@@ -113,6 +113,7 @@ class InferenceSession:
                 hkv,
                 bs,
                 d,
+                rope_base=cfg.rope_base,
                 dtype=self.dtype,
                 device=self.device,
                 storage_device=memory_device,
