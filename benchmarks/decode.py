@@ -118,8 +118,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             return int(out.argmax())
 
         state_bytes = sum(
-            (m.keys.numel() + m.values.numel() + m.landmark_keys.numel()) * elem
-            for m in session.memories
+            (m.keys.numel() + m.values.numel() + m.landmark_keys.numel()) * elem for m in session.memories
         )
     else:
         decoder = FullCacheDecoder(model, 1, max_len=context + args.warmup + args.tokens + 1)
