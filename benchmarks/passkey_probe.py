@@ -5,8 +5,11 @@ the key in an earlier block than the question, landmarks inserted as in training
 gives the loss per token at the three places a key appears: its first mention (unpredictable: the
 floor is ln 10 per digit), its second mention inside the key sentence ("... Remember it. 48213 is the
 pass key.", a copy a few tokens back) and the answer after the question (a copy from an earlier
-block, through a landmark). A model that has learned the task has a near-zero answer loss. Cheap (a
-few seconds on a CPU), so run it before spending an hour on long-context evaluations.
+block, through a landmark). A model that has learned the task has a near-zero answer loss. A fourth
+number, "answer, key adjacent", asks the question right after the key sentence (the key then mostly
+in the question's own block, reached without a landmark): low there but high for the far answer
+means the copy is learned but not the retrieval through landmarks. Cheap (a few seconds on a CPU), so
+run it before spending an hour on long-context evaluations.
 
 Usage:
     python benchmarks/passkey_probe.py runs/passkey-landmark [--samples 16] [--length 449]
@@ -39,15 +42,21 @@ def probe(path: str, samples: int, length: int, seed: int) -> dict:
     landmarks = cfg.attention == "landmark"
     min_gap = cfg.block_size - 1 if landmarks else 1
     rng = np.random.default_rng(seed)
-    losses: dict[str, list[float]] = {"first mention": [], "second mention": [], "answer": []}
+    names = ("first mention", "second mention", "answer", "answer, key adjacent")
+    losses: dict[str, list[float]] = {name: [] for name in names}
     exact = 0
-    for _ in range(samples):
-        raw = prompts.training_sample(rng, length, min_gap)
+    for i in range(2 * samples):
+        adjacent = i >= samples  # the second half: the question right after the key sentence
+        raw = prompts.training_window(rng, length, min_gap, pairs=1, near=1.0 if adjacent else 0.0)
         key = first_integer(tokenizer.decode(raw).rsplit("The pass key is", 1)[1])
         digits = tokenizer.encode(f" {key}")  # the key's tokens, as in all three places
         starts = _key_spans(raw, digits)
         if len(starts) != 3:  # first, second mention, answer: tokenisation differs (rare): skip
             continue
+        if adjacent:
+            starts, keep = starts[2:], names[3:]
+        else:
+            keep = names[:3]
         raw_t = torch.tensor(raw, dtype=torch.long)
         if landmarks:
             inp, tgt = landmark_example(raw_t, cfg.block_size, cfg.landmark_id, -100)
@@ -58,7 +67,7 @@ def probe(path: str, samples: int, length: int, seed: int) -> dict:
         logits = model(inp[None]).logits[0]
         ce = torch.nn.functional.cross_entropy(logits, tgt.clamp_min(0), reduction="none")
         pred = logits.argmax(-1)
-        for name, start in zip(losses, starts):
+        for name, start in zip(keep, starts):
             at = regular[start - 1 : start - 1 + len(digits)]  # positions predicting the key's tokens
             losses[name].append(float(ce[at].mean()))
             if name == "answer":
@@ -83,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(1)
     r = probe(args.checkpoint, args.samples, args.length, args.seed)
     for name, v in r["loss_per_key_token"].items():
-        print(f"{name:>15}: {v:.2f} nats per key token")
+        print(f"{name:>20}: {v:.2f} nats per key token")
     print(f"answers exactly right (teacher-forced argmax): {r['answer_exact']}/{r['samples']}")
     print(json.dumps(r))
 

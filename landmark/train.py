@@ -280,7 +280,13 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
         try:
             pairs = cfg.data.passkey_pairs
             sampler = PasskeyMixSampler(
-                sampler, tok, cfg.data.passkey_fraction, seed=t.seed, rank=d.rank, pairs=pairs
+                sampler,
+                tok,
+                cfg.data.passkey_fraction,
+                seed=t.seed,
+                rank=d.rank,
+                pairs=pairs,
+                near=cfg.data.passkey_near,
             )
         except ValueError as err:
             raise ConfigError(f"data.passkey_fraction, data.passkey_pairs: {err}") from None

@@ -46,6 +46,7 @@ class DataConfig:
     prepared_dir: str = ""  # where the tokenizer and token arrays go; "" = <cache>/prepared/<corpus>-...
     passkey_fraction: float = 0.0  # share of training windows replaced by synthetic passkey samples (0 = off)
     passkey_pairs: int = 1  # key/question pairs per passkey window (each question asks for the latest key)
+    passkey_near: float = 0.0  # share of passkey pairs whose question follows its key directly (local copy)
 
 
 @dataclass
@@ -228,6 +229,7 @@ def validate(cfg: RunConfig) -> None:
         (bool(t.out_dir), "train.out_dir must name a folder"),
         (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]"),
         (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1"),
+        (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -211,6 +211,13 @@ def test_passkey_training_window_with_several_pairs():
             sentence = prompts.key_sentence(int(key))
             k_end = next(i for i in range(len(window)) if window[i : i + len(sentence)] == sentence)
             assert q_start - (k_end + len(sentence)) >= 40
+    # near = 1: every question follows its key sentence directly
+    window = prompts.training_window(np.random.default_rng(0), 700, 40, pairs=3, near=1.0)
+    text = tok.decode(window)
+    assert len(window) == 700
+    assert len(re.findall(r"is the pass key\. What is the pass key\?", text)) == 3
+    with pytest.raises(ValueError, match="near must be in"):
+        prompts.training_window(np.random.default_rng(0), 700, 40, pairs=3, near=2.0)
     with pytest.raises(ValueError, match="cannot hold 9 passkey pairs"):
         prompts.training_window(np.random.default_rng(0), 300, 40, pairs=9)
     with pytest.raises(ValueError, match="pairs must be >= 1"):

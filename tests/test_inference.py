@@ -495,3 +495,12 @@ def test_faiss_index_turns_approximate_at_the_threshold_keeping_its_entries():
     q = torch.randn(5, 8, generator=torch.Generator().manual_seed(18))
     found = torch.from_numpy(index.search(0, 1, q.numpy(), 0, 80, 3))
     assert (found == (q @ keys[1].T).topk(3).indices).float().mean() >= 0.8  # HNSW: approximate
+
+
+def test_memory_rope_base_must_match_attention():
+    """Stored keys carry their in-block RoPE offsets: attention with another base would be silently wrong."""
+    memory = _random_memory(1, 1, [3], 4, 8, seed=1)  # rope_base 10000
+    q, local = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    one, zero = torch.tensor([1]), torch.tensor([0])
+    with pytest.raises(ValueError, match=r"rope_base 10000\.0; attention uses 500000\.0"):
+        retrieval_attention(q, local, local, one, zero, one, memory, RetrievalConfig(k=2), 4, 500000.0, 1.0)

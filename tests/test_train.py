@@ -365,3 +365,10 @@ def test_prepare_command_says_where(env, tmp_path, capsys):
     assert main(["prepare", "--corpus", str(env["corpus"]), "--vocab-size", "300", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"prepared data in {out}" in text and "train:" in text and (out / "train.bin").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    """Every shipped config parses and validates (keys, values, model shape)."""
+    cfg = load_config(path)
+    assert cfg.train.out_dir

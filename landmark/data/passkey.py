@@ -100,7 +100,7 @@ class PasskeyPrompts:
         return prompt + answer
 
     def training_window(
-        self, rng: np.random.Generator, n_tokens: int, min_gap: int, pairs: int = 1
+        self, rng: np.random.Generator, n_tokens: int, min_gap: int, pairs: int = 1, near: float = 0.0
     ) -> list[int]:
         """``n_tokens`` tokens holding ``pairs`` key/question pairs, each with its own random key::
 
@@ -110,10 +110,17 @@ class PasskeyPrompts:
         earlier block in training); the window ends with the last answer. ``pairs = 1`` is
         :meth:`training_sample`. More pairs per window give more retrieval targets per training token
         (one answer of about 3 tokens per pair, against hundreds of filler tokens that are easy to learn).
+
+        ``near``: the probability that a pair's question follows its key sentence directly (no filler in
+        between, so the key usually sits in the question's own block): the copy can then be learned
+        with ordinary attention, the easy half of the task, while the other pairs teach it through the
+        landmarks. ``near = 0`` keeps every key at least ``min_gap`` tokens back.
         """
         if pairs < 1:
             raise ValueError(f"pairs must be >= 1; got {pairs}")
-        if pairs == 1:
+        if not 0.0 <= near <= 1.0:
+            raise ValueError(f"near must be in [0, 1]; got {near}")
+        if pairs == 1 and near == 0.0:
             return self.training_sample(rng, n_tokens, min_gap)
         keys = [int(k) for k in rng.integers(*KEY_RANGE, size=pairs)]
         fixed = len(self.instruction) + sum(
@@ -136,8 +143,12 @@ class PasskeyPrompts:
 
         out = list(self.instruction)
         for i, key in enumerate(keys):
-            out += filler(int(extra[2 * i])) + self.key_sentence(key)
-            out += filler(min_gap + int(extra[2 * i + 1])) + self.question + self.answer(key)
+            gap = min_gap + int(extra[2 * i + 1])
+            before = int(extra[2 * i])
+            if near and rng.random() < near:  # the gap's filler moves before the key sentence
+                before, gap = before + gap, 0
+            out += filler(before) + self.key_sentence(key)
+            out += filler(gap) + self.question + self.answer(key)
         assert len(out) == n_tokens
         return out
 
@@ -156,12 +167,16 @@ class PasskeyMixSampler:
         seed: int = 0,
         rank: int = 0,
         pairs: int = 1,
+        near: float = 0.0,
     ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
         if pairs < 1:
             raise ValueError(f"passkey_pairs must be >= 1; got {pairs}")
+        if not 0.0 <= near <= 1.0:
+            raise ValueError(f"passkey_near must be in [0, 1]; got {near}")
         self.base, self.fraction, self.seed, self.rank, self.pairs = base, fraction, seed, rank, pairs
+        self.near = near
         self.prompts = PasskeyPrompts(tokenizer)
         layout = base.layout
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
@@ -181,7 +196,7 @@ class PasskeyMixSampler:
         rng = np.random.default_rng([self.seed, self.rank, step, 7919])
         layout = self.base.layout
         for row in np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction):
-            raw = self.prompts.training_window(rng, self.n_raw, self.min_gap, self.pairs)
+            raw = self.prompts.training_window(rng, self.n_raw, self.min_gap, self.pairs, self.near)
             raw = torch.tensor(raw, dtype=torch.long)
             if layout.landmarks:
                 inp, tgt = landmark_example(raw, layout.block_size, layout.landmark_id, layout.ignore_index)
