@@ -364,10 +364,11 @@ def _retrieve_and_attend(
     scale: float,
     stats: StepStats | None,
 ) -> Tensor:
-    """``retrieval_attention`` for a step of at most ``DECODE_ROWS`` query rows (decoding).
+    """``retrieval_attention`` for one group of query rows (a decode step, or ``row_group`` rows of a
+    prefill chunk), described by ``plan``.
 
-    The same attention as the chunk path, with a small, fixed number of tensor operations, in three
-    stages (pure tensor functions, compiled with ``torch.compile`` when ``retrieval.compile``):
+    A small, fixed number of tensor operations, in three stages (pure tensor functions; decode steps
+    run them through ``torch.compile`` when ``retrieval.compile``):
 
     * ``_decode_local``: one rotation of the queries to every position they need: ``q_pos - j * bs``
       (attention to a block at slot j; j = 0 is the query's own position, for the local context) and
@@ -383,7 +384,7 @@ def _retrieve_and_attend(
     batch, heads, rows, _ = q.shape
     kv_heads = local_k.shape[1]
     k_max, n_max = plan.k_max, plan.n_max
-    stage = _compiled if retrieval.compile else _eager
+    stage = _compiled if retrieval.compile and rows <= DECODE_ROWS else _eager  # prefill stays eager
     q_att, q_lm, local_scores, lv = stage("local")(
         q, local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local, k_max, bs, scale
     )
