@@ -173,7 +173,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         d = {key: after[key] - before[key] for key in after}
         end_len = int(session.length[0])
         # from the counters: landmark keys scored, (block, kv head) pairs read, local positions
-        block_bytes = (2 * bs - 1) * cfg.head_dim * elem  # a block's stored keys (landmark too), values
+        block_bytes = session.memories[0].nbytes_per_block() // cfg.n_kv_head  # one block, one kv head
         counted = (
             d["landmarks_scored"] * per_layer_kv
             + d["block_heads_fetched"] * block_bytes

@@ -68,8 +68,8 @@ class BlockMemory:
         self.dtype, self.device = dtype, torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
         self.rope_base = rope_base
-        # RoPE angles of the in-block offsets 0..block_size-1: (block_size, D/2)
-        self._cos, self._sin = rope_angles(torch.arange(block_size), head_dim, rope_base)
+        # RoPE angles (float32) of the in-block offsets 0..block_size-1: (block_size, D/2)
+        self._cos, self._sin = rope_angles(torch.arange(block_size, device=self.device), head_dim, rope_base)
         self.max_blocks, self.evict = max_blocks, evict
         self.count = [0] * batch  # blocks held per row
         self.start = [0] * batch  # ring-buffer start per row
@@ -118,13 +118,15 @@ class BlockMemory:
             keys: (Hkv, m, block_size, D) un-rotated keys of m blocks, the landmark's key last.
             values: (Hkv, m, block_size, D); the landmark's value is not stored (it carries no weight).
         """
+        stored = apply_rope(keys, self._cos.to(keys.device), self._sin.to(keys.device))  # in-block offsets
         for i in range(keys.shape[1]):
-            self._append_one(row, keys[:, i], values[:, i])
+            self._append_one(row, keys[:, i, -1], stored[:, i], values[:, i])
         if self.index is not None and keys.shape[1]:
             self.index.add(row, keys[:, :, -1])
             self.index.forget(row, self.evicted[row], lambda: self.row_landmarks(row))
 
-    def _append_one(self, row: int, keys: Tensor, values: Tensor) -> None:
+    def _append_one(self, row: int, landmark_key: Tensor, keys: Tensor, values: Tensor) -> None:
+        """landmark_key: (Hkv, D) un-rotated; keys: (Hkv, block_size, D) offset-rotated; values: likewise."""
         if self.max_blocks is not None and self.count[row] == self.max_blocks:
             if not self.evict:
                 raise MemoryFullError(
@@ -138,9 +140,8 @@ class BlockMemory:
         if self.count[row] == self.capacity:
             self._allocate(min(2 * self.capacity, self.max_blocks or 2 * self.capacity))
         slot = (self.start[row] + self.count[row]) % self.capacity
-        self.landmark_keys[row, :, slot] = keys[:, -1].to(self.device, self.dtype)
-        cos, sin = self._cos.to(keys.device, keys.dtype), self._sin.to(keys.device, keys.dtype)
-        self.keys[row, :, slot] = apply_rope(keys, cos, sin).to(self.storage_device, self.dtype)
+        self.landmark_keys[row, :, slot] = landmark_key.to(self.device, self.dtype)
+        self.keys[row, :, slot] = keys.to(self.storage_device, self.dtype)
         self.values[row, :, slot] = values[:, :-1].to(self.storage_device, self.dtype)
         self.count[row] += 1
 
@@ -160,8 +161,8 @@ class BlockMemory:
         idx = self.physical(row, torch.arange(self.count[row], device=self.device))
         return self.landmark_keys[row][:, idx]
 
-    def gather_per_head(self, logical: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Blocks chosen separately for every kv head, moved to the model's device (the decode path).
+    def gather_per_head(self, logical: Tensor) -> tuple[Tensor, Tensor]:
+        """Blocks chosen separately for every kv head, moved to the model's device.
 
         Args:
             logical: (B, Hkv, M) logical block indices (each < count of its row; pad with 0).
@@ -182,8 +183,7 @@ class BlockMemory:
 
     def raw_keys(self, keys: Tensor) -> Tensor:
         """Stored (offset-rotated) block keys (..., block_size, D) -> the un-rotated keys."""
-        cos, sin = self._cos.to(keys.device, keys.dtype), self._sin.to(keys.device, keys.dtype)
-        return apply_rope(keys, cos, -sin)
+        return apply_rope(keys, self._cos.to(keys.device), -self._sin.to(keys.device))
 
     def landmarks_at(self, logical: Tensor) -> Tensor:
         """(B, U) logical indices -> (B, Hkv, U, D) landmark keys."""

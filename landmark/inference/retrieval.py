@@ -24,17 +24,16 @@ query (chronological order) sits at slot ``s``, shifted one slot right if it is 
 most recent. When memory holds at most k blocks every block is selected and lands exactly where it
 would be in one full pass (up to a constant shift, which RoPE ignores).
 
-Two ways to fetch the selected blocks, chosen by the number of query rows of the step:
-
-Every (query row, head) reads exactly its own k blocks of its own kv head, gathered by block index
-(no union of blocks, no per-slot loop), and the landmark scan rotates the query instead of the N
-landmark keys (slot 0 for the old blocks, one rotation per recent slot), so a step reads the N
-landmark keys once, k blocks per query row and head, and the local context, with a fixed number of
-tensor operations. A chunk (prefill) runs this for groups of ``RetrievalConfig.row_group`` query rows
-at a time, so the gathered blocks take O(row_group x heads x k x block x head_dim) memory whatever the
-chunk length; a decode step (one token, or a token and its landmark) is one group, and its
-layer-independent part (``DecodePlan``) is built once for all layers. Tests check decoding against
-chunked prefill and chunked prefill against one full pass.
+Fetching the selected blocks: every (query row, head) reads exactly its own k blocks of its own kv
+head, gathered by block index (no union of blocks, no per-slot loop), and the landmark scan rotates
+the query instead of the N landmark keys (slot 0 for the old blocks, one rotation per recent slot),
+so a step reads the N landmark keys once, k blocks per query row and head, and the local context,
+with a fixed number of tensor operations. A chunk (prefill) runs this for groups of
+``RetrievalConfig.row_group`` query rows at a time, so the gathered blocks take
+O(row_group x heads x k x block x head_dim) memory whatever the chunk length; a decode step (one
+token, or a token and its landmark) is one group, and its layer-independent part (``DecodePlan``) is
+built once for all layers. Tests check decoding against chunked prefill and chunked prefill against
+one full pass.
 
 Landmark search (``RetrievalConfig.search``): ``"exact"`` (default) scores every landmark in memory;
 ``"faiss"`` asks an inner-product index over the landmark keys for candidates (see
@@ -179,8 +178,8 @@ def retrieval_attention(
             position 0 is a block boundary.
         q_start: (B,) local position of each row's first query (= its tail length).
         memory: the layer's block memory (None or empty: local attention only).
-        plan: for a decode step (at most ``DECODE_ROWS`` rows), the layer-independent part, shared by
-            the layers of one step (built here when None).
+        plan: the layer-independent part of a decode step (at most ``DECODE_ROWS`` rows), shared by
+            the layers of one step; None: built here, per group of ``retrieval.row_group`` rows.
 
     Returns:
         (B, H, C, D) attention outputs; padding rows are zero.
@@ -190,16 +189,15 @@ def retrieval_attention(
         raise ValueError(
             f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
         )
-    if rows <= DECODE_ROWS or plan is not None:
-        if plan is None:
-            plan = _plan(q_start, q_len, rows, local_k, local_len, memory, retrieval, block_size, rope_base)
+    if plan is not None:
         if stats is not None:
             stats.local_positions += plan.local_positions
         return _retrieve_and_attend(
             q, local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
-    # A chunk: the same computation for groups of ``row_group`` query rows (the memory does not change
-    # within a chunk; the group's rows see the whole local context up to their own positions).
+    # Groups of ``row_group`` query rows (a decode step is one group). The memory does not change within
+    # a step, and each group's rows see the whole local context up to their own positions.
+    n_blocks = torch.tensor(memory.count if memory is not None else [0] * batch, device=q.device)
     if stats is not None:
         stats.local_positions += int(local_len.sum())
     out = q.new_zeros(batch, heads, rows, head_dim)
@@ -208,33 +206,14 @@ def retrieval_attention(
         group_len = (q_len - r0).clamp(0, r1 - r0)
         if not bool((group_len > 0).any()):
             break
-        plan = _plan(
-            q_start + r0, group_len, r1 - r0, local_k, local_len, memory, retrieval, block_size, rope_base
-        )
+        plan = decode_plan(
+            n_blocks, local_len, q_start + r0, group_len, r1 - r0, local_k.shape[2], retrieval, block_size,
+            head_dim, rope_base,
+        )  # fmt: skip
         out[:, :, r0:r1] = _retrieve_and_attend(
             q[:, :, r0:r1], local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
     return out
-
-
-def _plan(
-    q_start: Tensor,
-    q_len: Tensor,
-    rows: int,
-    local_k: Tensor,
-    local_len: Tensor,
-    memory: BlockMemory | None,
-    retrieval: RetrievalConfig,
-    block_size: int,
-    rope_base: float,
-) -> DecodePlan:
-    """The layer-independent part of a step of ``rows`` query rows (``decode_plan``)."""
-    count = memory.count if memory is not None else [0] * q_start.shape[0]
-    n_blocks = torch.tensor(count, device=q_start.device)
-    return decode_plan(
-        n_blocks, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, local_k.shape[-1],
-        rope_base,
-    )  # fmt: skip
 
 
 def _apply(weights: Tensor, values: Tensor, kv_heads: int) -> Tensor:
