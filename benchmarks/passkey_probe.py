@@ -8,11 +8,14 @@ pass key.", a copy a few tokens back) and the answer after the question (a copy 
 block, through a landmark). A model that has learned the task has a near-zero answer loss. A fourth
 number, "answer, key adjacent", asks the question right after the key sentence (the key then mostly
 in the question's own block, reached without a landmark): low there but high for the far answer
-means the copy is learned but not the retrieval through landmarks. Cheap (a few seconds on a CPU), so
-run it before spending an hour on long-context evaluations.
+means the copy is learned but not the retrieval through landmarks. Finally, "by distance" gives the
+answer loss against the number of filler tokens between the key sentence and the question (``--gaps``):
+a model that finds the key by its content has a flat curve; one that learned "copy from so many tokens
+back" has a dip at the distance it was trained on. Cheap (seconds on a CPU), so run it before spending
+an hour on long-context evaluations.
 
 Usage:
-    python benchmarks/passkey_probe.py runs/passkey-landmark [--samples 16] [--length 449]
+    python benchmarks/passkey_probe.py runs/passkey-landmark [--samples 16] [--length 449] [--gaps 0 8 64]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from landmark.checkpoint import load_model
 from landmark.data.landmarks import landmark_example
-from landmark.data.passkey import PasskeyPrompts, first_integer
+from landmark.data.passkey import KEY_RANGE, PasskeyPrompts, first_integer
 
 
 def _key_spans(tokens: list[int], key_ids: list[int]) -> list[int]:
@@ -35,7 +38,7 @@ def _key_spans(tokens: list[int], key_ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def probe(path: str, samples: int, length: int, seed: int) -> dict:
+def probe(path: str, samples: int, length: int, seed: int, gaps: list[int]) -> dict:
     model, tokenizer, _ = load_model(path)
     cfg = model.config
     prompts = PasskeyPrompts(tokenizer)
@@ -73,13 +76,51 @@ def probe(path: str, samples: int, length: int, seed: int) -> dict:
             if name == "answer":
                 exact += bool((pred[at] == tgt[at]).all())
     n = len(losses["answer"])
+    by_gap = {gap: _answer_loss_at_gap(model, prompts, rng, length, gap, samples) for gap in gaps}
     return {
         "checkpoint": path,
         "samples": n,
         "length": length,
         "loss_per_key_token": {name: float(np.mean(v)) for name, v in losses.items()},
         "answer_exact": exact,
+        "answer_loss_by_gap": by_gap,
     }
+
+
+def _answer_loss_at_gap(
+    model: torch.nn.Module,
+    prompts: PasskeyPrompts,
+    rng: np.random.Generator,
+    length: int,
+    gap: int,
+    samples: int,
+) -> float:
+    """Mean answer loss per key token over ``samples`` prompts of ``length`` tokens whose question follows
+    the key sentence after exactly ``gap`` filler tokens (the key sentence's place in its block varies
+    with the key's length only; the question and answer end the window, as in training)."""
+    cfg, tok = model.config, prompts.tokenizer
+    unit = len(prompts.filler)
+    out = []
+    for _ in range(samples):
+        key = int(rng.integers(*KEY_RANGE))
+        sentence, answer = prompts.key_sentence(key), prompts.answer(key)
+        before = length - len(prompts.instruction) - len(sentence) - gap - len(prompts.question) - len(answer)
+        if before < 0:
+            raise ValueError(f"--gaps: {gap} filler tokens do not fit a {length}-token sample")
+        filler = prompts.filler * (max(before, gap) // unit + 1)
+        raw = prompts.instruction + filler[:before] + sentence + filler[:gap] + prompts.question + answer
+        raw_t = torch.tensor(raw, dtype=torch.long)
+        if cfg.attention == "landmark":
+            inp, tgt = landmark_example(raw_t, cfg.block_size, cfg.landmark_id, -100)
+            regular = (tgt != -100).nonzero().flatten()
+        else:
+            inp, tgt = raw_t[:-1], raw_t[1:]
+            regular = torch.arange(len(tgt))
+        n_key = len(tok.encode(f" {key}"))
+        at = regular[len(raw) - len(answer) - 1 : len(raw) - len(answer) - 1 + n_key]
+        ce = torch.nn.functional.cross_entropy(model(inp[None]).logits[0], tgt.clamp_min(0), reduction="none")
+        out.append(float(ce[at].mean()))
+    return float(np.mean(out))
 
 
 def main() -> None:
@@ -88,12 +129,18 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--length", type=int, default=449, help="raw tokens per sample (<= seq_len - landmarks)")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument(
+        "--gaps", type=int, nargs="*", default=[0, 4, 16, 48, 96, 192, 320],
+        help="filler tokens between key sentence and question for the 'by distance' lines (none: skip)",
+    )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(1)
-    r = probe(args.checkpoint, args.samples, args.length, args.seed)
+    r = probe(args.checkpoint, args.samples, args.length, args.seed, args.gaps)
     for name, v in r["loss_per_key_token"].items():
         print(f"{name:>20}: {v:.2f} nats per key token")
     print(f"answers exactly right (teacher-forced argmax): {r['answer_exact']}/{r['samples']}")
+    for gap, v in r["answer_loss_by_gap"].items():
+        print(f"{'answer, ' + str(gap) + ' filler tokens':>28}: {v:.2f} nats per key token")
     print(json.dumps(r))
 
 

@@ -287,6 +287,7 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
                 rank=d.rank,
                 pairs=pairs,
                 near=cfg.data.passkey_near,
+                near_gap=cfg.data.passkey_near_gap,
             )
         except ValueError as err:
             raise ConfigError(f"data.passkey_fraction, data.passkey_pairs: {err}") from None

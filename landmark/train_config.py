@@ -47,6 +47,7 @@ class DataConfig:
     passkey_fraction: float = 0.0  # share of training windows replaced by synthetic passkey samples (0 = off)
     passkey_pairs: int = 1  # key/question pairs per passkey window (each question asks for the latest key)
     passkey_near: float = 0.0  # share of passkey pairs whose question follows its key directly (local copy)
+    passkey_near_gap: int = 0  # near pairs: random 0..this many filler tokens between key and question
 
 
 @dataclass
@@ -230,6 +231,7 @@ def validate(cfg: RunConfig) -> None:
         (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]"),
         (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1"),
         (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]"),
+        (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -218,6 +218,22 @@ def test_passkey_training_window_with_several_pairs():
     assert len(re.findall(r"is the pass key\. What is the pass key\?", text)) == 3
     with pytest.raises(ValueError, match="near must be in"):
         prompts.training_window(np.random.default_rng(0), 700, 40, pairs=3, near=2.0)
+    # near_gap: near questions follow their key after 0..near_gap filler tokens, at varying distances
+    gaps = set()
+    for seed in range(20):
+        window = prompts.training_window(np.random.default_rng(seed), 400, 40, pairs=1, near=1.0, near_gap=12)
+        assert len(window) == 400
+        key = re.findall(r"The pass key is (\d+)\. Remember it\.", tok.decode(window))[0]
+        sentence = prompts.key_sentence(int(key))
+        k_end = next(i for i in range(len(window)) if window[i : i + len(sentence)] == sentence) + len(
+            sentence
+        )
+        q_start = next(i for i in range(k_end, len(window)) if window[i : i + len(q_ids)] == q_ids)
+        assert 0 <= q_start - k_end <= 12
+        gaps.add(q_start - k_end)
+    assert len(gaps) >= 5  # not one fixed distance
+    with pytest.raises(ValueError, match="near_gap must be >= 0"):
+        prompts.training_window(np.random.default_rng(0), 700, 40, near=0.5, near_gap=-1)
     with pytest.raises(ValueError, match="cannot hold 9 passkey pairs"):
         prompts.training_window(np.random.default_rng(0), 300, 40, pairs=9)
     with pytest.raises(ValueError, match="pairs must be >= 1"):

@@ -138,6 +138,7 @@ def test_tiny_preset_and_overrides_parse():
         (["model.block_size=48"], r"block_size \(48\) must divide seq_len \(128\)"),
         (["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         (["data.tokenizer=word"], r"data\.tokenizer must be 'bpe' or 'gpt2'"),
+        (["data.passkey_near_gap=-1"], r"data\.passkey_near_gap must be >= 0"),
         (["lr=1"], r"must look like section\.key=value"),
     ],
 )

@@ -100,7 +100,13 @@ class PasskeyPrompts:
         return prompt + answer
 
     def training_window(
-        self, rng: np.random.Generator, n_tokens: int, min_gap: int, pairs: int = 1, near: float = 0.0
+        self,
+        rng: np.random.Generator,
+        n_tokens: int,
+        min_gap: int,
+        pairs: int = 1,
+        near: float = 0.0,
+        near_gap: int = 0,
     ) -> list[int]:
         """``n_tokens`` tokens holding ``pairs`` key/question pairs, each with its own random key::
 
@@ -115,11 +121,19 @@ class PasskeyPrompts:
         between, so the key usually sits in the question's own block): the copy can then be learned
         with ordinary attention, the easy half of the task, while the other pairs teach it through the
         landmarks. ``near = 0`` keeps every key at least ``min_gap`` tokens back.
+
+        ``near_gap``: a near pair's question follows its key sentence after a uniformly random number of
+        filler tokens in ``[0, near_gap]`` (not snapped to sentence boundaries) instead of directly. With
+        ``near_gap = 0`` the key sits at a fixed distance from the answer, and a model can learn the copy
+        as "attend so many tokens back", which does not carry over to keys further away; random gaps
+        leave only the key's content to find it by.
         """
         if pairs < 1:
             raise ValueError(f"pairs must be >= 1; got {pairs}")
         if not 0.0 <= near <= 1.0:
             raise ValueError(f"near must be in [0, 1]; got {near}")
+        if near_gap < 0:
+            raise ValueError(f"near_gap must be >= 0 filler tokens; got {near_gap}")
         if pairs == 1 and near == 0.0:
             return self.training_sample(rng, n_tokens, min_gap)
         keys = [int(k) for k in rng.integers(*KEY_RANGE, size=pairs)]
@@ -146,7 +160,8 @@ class PasskeyPrompts:
             gap = min_gap + int(extra[2 * i + 1])
             before = int(extra[2 * i])
             if near and rng.random() < near:  # the gap's filler moves before the key sentence
-                before, gap = before + gap, 0
+                short = min(gap, int(rng.integers(0, near_gap + 1)))  # all but a short gap
+                before, gap = before + gap - short, short
             out += filler(before) + self.key_sentence(key)
             out += filler(gap) + self.question + self.answer(key)
         assert len(out) == n_tokens
@@ -168,6 +183,7 @@ class PasskeyMixSampler:
         rank: int = 0,
         pairs: int = 1,
         near: float = 0.0,
+        near_gap: int = 0,
     ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
@@ -175,8 +191,10 @@ class PasskeyMixSampler:
             raise ValueError(f"passkey_pairs must be >= 1; got {pairs}")
         if not 0.0 <= near <= 1.0:
             raise ValueError(f"passkey_near must be in [0, 1]; got {near}")
+        if near_gap < 0:
+            raise ValueError(f"passkey_near_gap must be >= 0; got {near_gap}")
         self.base, self.fraction, self.seed, self.rank, self.pairs = base, fraction, seed, rank, pairs
-        self.near = near
+        self.near, self.near_gap = near, near_gap
         self.prompts = PasskeyPrompts(tokenizer)
         layout = base.layout
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
@@ -196,7 +214,9 @@ class PasskeyMixSampler:
         rng = np.random.default_rng([self.seed, self.rank, step, 7919])
         layout = self.base.layout
         for row in np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction):
-            raw = self.prompts.training_window(rng, self.n_raw, self.min_gap, self.pairs, self.near)
+            raw = self.prompts.training_window(
+                rng, self.n_raw, self.min_gap, self.pairs, self.near, self.near_gap
+            )
             raw = torch.tensor(raw, dtype=torch.long)
             if layout.landmarks:
                 inp, tgt = landmark_example(raw, layout.block_size, layout.landmark_id, layout.ignore_index)
