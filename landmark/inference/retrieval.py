@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from landmark.inference import decode_kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.search import search_candidates
 from landmark.model import apply_rope, rope_angles
@@ -66,6 +67,7 @@ class RetrievalConfig:
     search: str = "exact"  # landmark search: "exact" scan of every landmark | "faiss" index (optional extra)
     candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
     compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
+    decode_kernel: str = "auto"  # decode steps: "auto" (C++ kernel where it applies) | "cpp" | "torch"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -80,6 +82,21 @@ class RetrievalConfig:
             raise ValueError(f"candidates must be an integer >= 0 (0: 2 * k + 8); got {self.candidates!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False; got {self.compile!r}")
+        if self.decode_kernel not in decode_kernel.KERNELS:
+            raise ValueError(
+                f"decode_kernel must be one of {decode_kernel.KERNELS}; got {self.decode_kernel!r}"
+            )
+
+    def kernel_for(self, rows: int, q_len: Tensor, dtype: torch.dtype, memory: BlockMemory | None):
+        """The compiled C++ decode kernel if a step of ``rows`` query rows (``q_len`` (B,) real ones, of
+        ``dtype``) over ``memory`` takes it, else None (see ``landmark.inference.decode_kernel``)."""
+        if self.decode_kernel == "torch" or rows > DECODE_ROWS:
+            return None
+        if not decode_kernel.kernel_applies(
+            rows, q_len, dtype, memory, self.k, self.granularity, self.search, self.compile
+        ):
+            return None
+        return decode_kernel.kernel_module(required=self.decode_kernel == "cpp")
 
     @property
     def n_candidates(self) -> int:
@@ -144,14 +161,34 @@ def select_blocks(
                 -1, -1, rows, -1
             )
         pick = pick.masked_fill(~block_ok[:, None, None, :], float("-inf"))
-    top = pick.topk(k_max, dim=-1).indices  # (B, H, C, k_max)
-    k_eff = torch.clamp(n_blocks, max=k)  # (B,)
-    valid = torch.arange(k_max, device=scores.device) < k_eff[:, None, None, None]
-    # topk returns the best first; the first k_eff are real. Sort those chronologically, invalid last.
-    top = torch.where(valid, top, torch.full_like(top, n))
-    top = top.sort(dim=-1).values
-    valid = top < n
+    # ascending; real blocks (finite) always win over masked ones (-inf), which have the highest indices
+    top = top_k_blocks(pick, k_max)  # (B, H, C, k_max)
+    valid = top < n_blocks[:, None, None, None]
     return torch.where(valid, top, torch.zeros_like(top)), valid
+
+
+def top_k_blocks(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores along the last dimension, in ascending (chronological) order.
+
+    Ties are broken deterministically: among equal scores the later (more recent) block wins. They are
+    common: in the first layer every landmark key is the same (it depends on the landmark's embedding
+    only), so all blocks at slot 0 score alike. ``torch.topk`` alone breaks ties in an unspecified
+    order that changes with the size; the C++ decode kernel applies the same rule as here.
+
+    Args:
+        scores: (..., N) with N >= k.
+
+    Returns:
+        (..., k) int64.
+    """
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value
+    above = scores > kth
+    tied = scores == kth
+    need = k - above.sum(-1, keepdim=True)  # how many of the tied entries are taken
+    from_end = tied.flip(-1).cumsum(-1).flip(-1)  # tied entries at this index or later
+    chosen = above | (tied & (from_end <= need))  # exactly k per row
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    return torch.where(chosen, index, -1).topk(k, dim=-1).values.flip(-1)
 
 
 def retrieval_attention(
@@ -189,6 +226,16 @@ def retrieval_attention(
         raise ValueError(
             f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
         )
+    kernel = retrieval.kernel_for(rows, q_len, q.dtype, memory)
+    if kernel is not None:  # a decode step through the fused C++ kernel: the same result
+        if stats is not None:
+            stats.local_positions += int(local_len.sum())
+            stats.landmarks_scored += sum(memory.count)
+            stats.block_heads_fetched += q.shape[0] * heads * rows * retrieval.k
+        return decode_kernel.decode_step(
+            q, local_k, local_v, local_len, q_start, q_len, memory, retrieval.k, block_size, rope_base, scale,
+            kernel,
+        )  # fmt: skip
     if plan is not None:
         if stats is not None:
             stats.local_positions += plan.local_positions
@@ -214,6 +261,23 @@ def retrieval_attention(
             q[:, :, r0:r1], local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
     return out
+
+
+def _landmark_scores(q: Tensor, landmark_keys: Tensor) -> Tensor:
+    """Scores of queries (B, Hkv, G, C, D) against landmark keys (B, Hkv, N, D): (B, Hkv, G, C, N).
+
+    Computed in float64 and rounded to the query dtype, so that equal keys get exactly equal scores
+    whatever the summation order of the product (a float32 matrix product rounds equal rows
+    differently): ties, which are the rule in the first layer (every landmark key is the same there),
+    are then broken by ``top_k_blocks``'s rule alone, as in the C++ decode kernel.
+    """
+    return (q.double() @ landmark_keys[:, :, None].double().transpose(-1, -2)).to(q.dtype)
+
+
+def _landmark_scores_at_slots(q: Tensor, landmark_keys: Tensor) -> Tensor:
+    """Queries rotated per slot (B, Hkv, G, C, k, D) against one landmark key per slot (B, Hkv, k, D):
+    (B, Hkv, G, C, k), in float64 like ``_landmark_scores``."""
+    return (q.double() * landmark_keys[:, :, None, None].double()).sum(-1).to(q.dtype)
 
 
 def _apply(weights: Tensor, values: Tensor, kv_heads: int) -> Tensor:
@@ -286,7 +350,7 @@ def decode_plan(
     t_local = local_width
     nb_local = -(-t_local // bs)
     # Every position used is below (k + 1 + nb_local) * bs: one table of angles, indexed.
-    cos_t, sin_t = _rope_table((retrieval.k + 2 + nb_local) * bs, head_dim, rope_base, dev)
+    cos_t, sin_t = decode_kernel.rope_table((retrieval.k + 2 + nb_local) * bs, head_dim, rope_base, dev)
     j = torch.arange(k_max + 1, device=dev)
     pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
     key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
@@ -382,15 +446,15 @@ def _retrieve_and_attend(
         scored = plan.blocks_total
     else:
         landmark_keys = memory.landmarks()  # (B, Hkv, N, D), un-rotated
-        scores = _grouped(q_lm[:, :, :, 0], kv_heads) @ landmark_keys[:, :, None].transpose(-1, -2)
+        scores = _landmark_scores(_grouped(q_lm[:, :, :, 0], kv_heads), landmark_keys)
         # the most recent blocks, re-scored at their own slots s = 1..k_eff
         lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
-        rec = (_grouped(q_lm[:, :, :, 1:], kv_heads) * lm_recent[:, :, None, None]).sum(-1)  # (B,Hkv,G,C,k)
+        rec = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), lm_recent)  # (B,Hkv,G,C,k)
         column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
         scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
         scores = scores.reshape(batch, heads, rows, n_max)
         if plan.uniform and retrieval.granularity == "token_head":
-            selected = scores.topk(k_max, dim=-1).indices.sort(dim=-1).values
+            selected = top_k_blocks(scores, k_max)
         else:
             selected, sel_valid = select_blocks(
                 scores, plan.n_blocks, plan.row_valid, retrieval.k, retrieval.granularity
@@ -463,10 +527,10 @@ def _decode_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> Tensor:
     """
     batch, heads, rows, _, _ = q_lm.shape
     kv_heads, n = landmark_keys.shape[1], landmark_keys.shape[2]
-    old = _grouped(q_lm[:, :, :, 0], kv_heads) @ landmark_keys[:, :, None, : n - k].transpose(-1, -2)
-    recent = (_grouped(q_lm[:, :, :, 1:], kv_heads) * landmark_keys[:, :, None, None, n - k :]).sum(-1)
+    old = _landmark_scores(_grouped(q_lm[:, :, :, 0], kv_heads), landmark_keys[:, :, : n - k])
+    recent = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), landmark_keys[:, :, n - k :])
     scores = torch.cat((old, recent), dim=-1).reshape(batch, heads, rows, n)
-    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    return top_k_blocks(scores, k)
 
 
 def _decode_attend(
@@ -520,12 +584,6 @@ def _eager(name: str):
 def _compiled(name: str):
     """The decode stage ``name`` compiled once per process (dynamic shapes: memory size, local length)."""
     return torch.compile(_STAGES[name], dynamic=True)
-
-
-@functools.lru_cache(maxsize=32)
-def _rope_table(n: int, dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin (n, dim / 2) of positions 0..n-1 (entry p equals ``rope_angles`` of position p)."""
-    return rope_angles(torch.arange(n, device=device), dim, base)
 
 
 def _search_select(

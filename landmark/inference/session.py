@@ -63,6 +63,10 @@ class InferenceSession:
         compile: run the decode steps' retrieval attention through ``torch.compile`` (dynamic shapes;
             the first steps compile, 10-80 s on a CPU). Prefill chunks stay eager. Needs a C++ compiler
             on CPU (inductor). On the project's CPU it measured slower than eager (docs/inference.md).
+        decode_kernel: ``"auto"`` (default) runs decode steps through a fused C++ kernel where it
+            applies (CPU, float32, token_head, exact search, equal block counts; compiled on first use,
+            about a minute, cached), ``"cpp"`` requires it, ``"torch"`` never uses it
+            (``landmark.inference.decode_kernel``).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class InferenceSession:
         candidates: int = 0,
         approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
         compile: bool = False,
+        decode_kernel: str = "auto",
     ):
         cfg = getattr(model, "config", None)
         if getattr(cfg, "attention", None) != "landmark":
@@ -102,6 +107,7 @@ class InferenceSession:
             search=search,
             candidates=candidates,
             compile=compile,
+            decode_kernel=decode_kernel,
         )
         self.chunk_len, self.batch_size = chunk_len, batch_size
         param = next(model.parameters())
@@ -183,7 +189,8 @@ class InferenceSession:
         tails = self.tail_len.tolist()
         if len(set(tails)) == 1 and bool((lengths == ids.shape[1]).all()):
             same_tail = tails[0]
-        if ids.shape[1] <= DECODE_ROWS:  # decoding: positions and masks are the same in every layer
+        fused = self.retrieval.kernel_for(ids.shape[1], lengths, self.dtype, self.memories[0]) is not None
+        if ids.shape[1] <= DECODE_ROWS and not fused:  # decoding: positions and masks shared by all layers
             n_blocks = torch.tensor(self.memories[0].count, device=self.device)
             local_len = self.tail_len + lengths
             plan = decode_plan(

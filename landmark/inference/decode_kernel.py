@@ -1,0 +1,153 @@
+"""A fused C++ kernel for decode steps on the CPU (``csrc/decode.cpp``), compiled on first use.
+
+A decode step of ``retrieval_attention`` in eager PyTorch runs about 150 small tensor operations per
+layer (rotations, the landmark scan, top-k, gathering the k blocks of every head, the grouped
+softmax); on a CPU each costs microseconds of dispatch, which is most of the step. The kernel does the
+same computation in one call per layer and reads the selected blocks where they are stored (no
+gather copy). It is used for decode steps (at most ``DECODE_ROWS`` query rows) when:
+
+* model and block memory are on the CPU, in float32;
+* every batch row holds the same number ``n >= k`` of blocks and no row's ring buffer has wrapped
+  (no eviction yet), every query row is real;
+* granularity ``"token_head"``, exact landmark search, ``compile`` off.
+
+Anything else takes the eager path, which stays the reference: tests check the kernel against it
+(outputs and selections, odd sizes, GQA, batches, two-row steps). ``RetrievalConfig.decode_kernel``
+chooses: ``"auto"`` (default: the kernel when it applies and compiles), ``"cpp"`` (the same, but an
+error if it cannot be compiled), ``"torch"`` (never). The build uses ``torch.utils.cpp_extension``
+(a C++ compiler and ninja; about a minute, once, cached under ``TORCH_EXTENSIONS_DIR``); if it fails,
+``"auto"`` warns once and uses the eager path. ``LANDMARK_DECODE_KERNEL=0`` in the environment turns
+the kernel off everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from landmark.model import rope_angles
+
+if TYPE_CHECKING:
+    from landmark.inference.memory import BlockMemory
+
+KERNELS = ("auto", "cpp", "torch")
+_SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+
+
+class KernelUnavailableError(RuntimeError):
+    """The C++ decode kernel could not be built here."""
+
+
+@functools.cache
+def _build():
+    """The compiled extension module, or the exception that prevented it."""
+    if os.environ.get("LANDMARK_DECODE_KERNEL", "1") == "0":
+        return KernelUnavailableError("LANDMARK_DECODE_KERNEL=0 in the environment")
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="landmark_decode_v1",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=off"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: the eager path still works
+        return KernelUnavailableError(f"{type(err).__name__}: {err}")
+
+
+def kernel_module(required: bool = False):
+    """The compiled module; None if it cannot be built (a warning, once), or an error if ``required``."""
+    mod = _build()
+    if isinstance(mod, Exception):
+        if required:
+            raise KernelUnavailableError(
+                f'decode_kernel="cpp" but the C++ decode kernel could not be built: {mod}'
+            ) from mod
+        _warn_once(str(mod))
+        return None
+    return mod
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"landmark: C++ decode kernel unavailable, using the eager path ({reason})", stacklevel=3)
+
+
+def kernel_applies(
+    rows: int,
+    q_len: Tensor,
+    dtype: torch.dtype,
+    memory: BlockMemory | None,
+    k: int,
+    granularity: str,
+    search: str,
+    compile: bool,
+) -> bool:
+    """Whether a decode step of ``rows`` query rows (``q_len`` (B,) real ones, queries of ``dtype``) over
+    this memory can take the kernel."""
+    if memory is None or granularity != "token_head" or search != "exact" or compile:
+        return False
+    if dtype != torch.float32 or memory.dtype != torch.float32:
+        return False
+    if memory.device.type != "cpu" or memory.storage_device.type != "cpu" or q_len.device.type != "cpu":
+        return False
+    counts = memory.count
+    if counts[0] < k or any(c != counts[0] for c in counts) or any(memory.start):
+        return False
+    return bool((q_len == rows).all())
+
+
+def decode_step(
+    q: Tensor,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    memory: BlockMemory,
+    k: int,
+    block_size: int,
+    rope_base: float,
+    scale: float,
+    module=None,
+) -> Tensor:
+    """``retrieval_attention`` of a decode step through the kernel; arguments as there, (B, H, C, D) out.
+
+    The caller checks ``kernel_applies`` first and passes the module from ``kernel_module``.
+    """
+    mod = module if module is not None else kernel_module(required=True)
+    rows = q.shape[2]
+    q_local = (q_start[:, None] + torch.arange(rows, device=q.device)).contiguous()
+    # the eager path's table (decode_plan): same size, so the same cos/sin values bit for bit
+    nb_local = -(-local_k.shape[2] // block_size)
+    cos_table, sin_table = rope_table((k + 2 + nb_local) * block_size, q.shape[-1], rope_base, q.device)
+    return mod.decode_step(
+        q.contiguous(),
+        q_local,
+        q_len.contiguous(),
+        local_k.contiguous(),
+        local_v.contiguous(),
+        local_len.contiguous(),
+        memory.landmark_keys,
+        memory.keys,
+        memory.values,
+        cos_table,
+        sin_table,
+        memory.count[0],
+        k,
+        scale,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def rope_table(n: int, dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (n, dim / 2) of positions 0..n-1 (entry p equals ``rope_angles`` of position p); the
+    decode kernel and the eager decode path index the same table."""
+    return rope_angles(torch.arange(n, device=device), dim, base)
