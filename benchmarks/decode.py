@@ -4,7 +4,9 @@ For each context length (tokens already in the context) it measures, for
 
 * ``landmark``: the small preset with landmark attention, ``InferenceSession`` with top-k retrieval
   (k = 4, granularity token_head), decoding exactly as ``generate`` does (the landmark is fed with the
-  token that completes a block, so about one step in 63 has two query rows);
+  token that completes a block, so about one step in 63 has two query rows), decode steps through the
+  fused C++ kernel (``decode_kernel="auto"``, the default; the JSON records whether it was used);
+* ``eager``: the same with ``decode_kernel="torch"`` (the eager PyTorch decode path);
 * ``compiled`` (with ``--compiled``): the same with ``compile=True`` (the decode steps' retrieval
   attention through ``torch.compile``; warmed up over two blocks first so that compilation is not measured);
 * ``full``: the same-size model with ordinary attention, ``FullCacheDecoder`` (preallocated rotated K/V
@@ -42,7 +44,7 @@ import time
 from math import nan
 from pathlib import Path
 
-MODELS = ("landmark", "full")  # plus "compiled" (landmark with RetrievalConfig.compile) with --compiled
+MODELS = ("landmark", "eager", "full")  # plus "compiled" (landmark with RetrievalConfig.compile): --compiled
 SMALL = dict(vocab_size=8192, n_layer=6, n_embd=256, n_head=8, n_kv_head=8, seq_len=512)  # configs/small-*
 BLOCK = 64
 
@@ -71,7 +73,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
     from landmark.inference.full_cache import FullCacheDecoder
 
     torch.set_num_threads(args.threads)
-    landmark = kind in ("landmark", "compiled")
+    landmark = kind in ("landmark", "eager", "compiled")
     model = build("landmark" if landmark else "full")
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
@@ -88,6 +90,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             granularity=args.granularity,
             chunk_len=args.chunk_len,
             compile=kind == "compiled",
+            decode_kernel="auto" if kind == "landmark" else "torch",
         )
         n_blocks, tail = divmod(context, bs - 1)
         if fill == "random":
@@ -193,7 +196,15 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
                 blocks * per_layer_kv + rows * cfg.n_head * k_eff * block_bytes + local * per_layer_kv * 2
             )
         sized = sum(steps) * cfg.n_layer / n
-        result.update(kv_bytes_per_token=sized, kv_bytes_per_token_counted=counted, counters=d)
+        kernel = session.retrieval.kernel_for(
+            1, torch.ones(1, dtype=torch.long), torch.float32, session.memories[0]
+        )
+        result.update(
+            kv_bytes_per_token=sized,
+            kv_bytes_per_token_counted=counted,
+            counters=d,
+            decode_kernel=kernel is not None,
+        )
     else:
         # every step reads every cached key and value (the context, the tokens before it, itself)
         sized = sum((start_len + i + 1) * per_layer_kv * 2 for i in range(n)) * cfg.n_layer / n
@@ -263,22 +274,31 @@ def main() -> None:
         runs.append((args.prefill_context, "prefill"))
     results = []
     header = (
-        f"{'context':>8} {'fill':>8} | {'landmark ms/tok':>15} {'compiled':>8} {'full ms/tok':>11} "
-        f"{'speed-up':>8} {'compiled':>8} {'above floor':>11} | "
+        f"{'context':>8} {'fill':>8} | {'landmark ms/tok':>15} {'eager':>6} {'compiled':>8} "
+        f"{'full ms/tok':>11} "
+        f"{'speed-up':>8} {'eager':>6} {'compiled':>8} {'above floor':>11} | "
         f"{'landmark KV MiB/tok':>19} {'full KV MiB/tok':>15} {'fewer':>6} | {'peak RSS MiB lm/full':>20}"
     )
     print(header)
     print("-" * len(header))
     for context, fill in runs:
         row = {m: run_one(m, context, fill, args) for m in MODELS + (("compiled",) if args.compiled else ())}
-        lm, comp, full = row["landmark"], row.get("compiled", {}), row["full"]
-        entry = {"context": context, "fill": fill, "landmark": lm, "compiled": comp, "full": full}
-        if "error" in lm or "error" in full or "error" in comp:
-            err = lm.get("error") or comp.get("error") or full.get("error")
+        lm, eager, comp, full = row["landmark"], row["eager"], row.get("compiled", {}), row["full"]
+        entry = {
+            "context": context,
+            "fill": fill,
+            "landmark": lm,
+            "eager": eager,
+            "compiled": comp,
+            "full": full,
+        }
+        if "error" in lm or "error" in full or "error" in comp or "error" in eager:
+            err = lm.get("error") or eager.get("error") or comp.get("error") or full.get("error")
             print(f"{context:>8} {fill:>8} | error: {err}")
         else:
             entry["speedup_cpu"] = full["cpu_ms_per_token"] / lm["cpu_ms_per_token"]
             entry["speedup_wall"] = full["wall_ms_per_token"] / lm["wall_ms_per_token"]
+            entry["eager_speedup_cpu"] = full["cpu_ms_per_token"] / eager["cpu_ms_per_token"]
             if comp:
                 entry["compiled_speedup_cpu"] = full["cpu_ms_per_token"] / comp["cpu_ms_per_token"]
                 entry["compiled_speedup_wall"] = full["wall_ms_per_token"] / comp["wall_ms_per_token"]
@@ -288,9 +308,10 @@ def main() -> None:
                 lm["cpu_ms_per_token"] - base, 1e-9
             )
             print(
-                f"{context:>8} {fill:>8} | {lm['cpu_ms_per_token']:>15.2f} "
+                f"{context:>8} {fill:>8} | {lm['cpu_ms_per_token']:>15.2f} {eager['cpu_ms_per_token']:>6.2f} "
                 f"{comp.get('cpu_ms_per_token', nan):>8.2f} "
                 f"{full['cpu_ms_per_token']:>11.2f} {entry['speedup_cpu']:>7.1f}x "
+                f"{entry['eager_speedup_cpu']:>5.1f}x "
                 f"{entry.get('compiled_speedup_cpu', nan):>7.1f}x {entry['attention_speedup_cpu']:>10.1f}x | "
                 f"{mib(lm['kv_bytes_per_token']):>19} "
                 f"{mib(full['kv_bytes_per_token']):>15} {entry['kv_bytes_ratio']:>5.0f}x | "
@@ -298,8 +319,10 @@ def main() -> None:
             )
         results.append(entry)
     print(
-        "ms/tok: CPU time per generated token (one thread); compiled: landmark with compile=True; "
-        "above floor: speed-up (eager) of the time above the floor; "
+        "ms/tok: CPU time per generated token (one thread); landmark: decode steps through the C++ kernel "
+        f"(used: {all(r['landmark'].get('decode_kernel', False) for r in results)}); "
+        "eager: decode_kernel='torch'; "
+        "compiled: landmark with compile=True; above floor: speed-up of the landmark time above the floor; "
         "KV MiB/tok: keys/values read per token, all layers; landmark bytes from sizes, "
         "counters agree:",
         all(
