@@ -25,8 +25,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -104,33 +105,46 @@ def kernel_applies(
     return bool((q_len == rows).all())
 
 
-def decode_step(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    local_len: Tensor,
+@dataclass
+class KernelPlan:
+    """What a decode step through the kernel computes once for all layers (``kernel_plan``)."""
+
+    module: Any  # the compiled extension
+    q_local: Tensor  # (B, C) local position of each query row
+    cos_table: Tensor  # (P, D/2): the eager decode path's angle table, same size, same values
+    sin_table: Tensor
+    k: int
+    local_positions: int  # local context positions attended to, summed over rows (for StepStats)
+
+
+def kernel_plan(
+    module: Any,
     q_start: Tensor,
-    q_len: Tensor,
-    memory: BlockMemory,
+    rows: int,
+    local_len: Tensor,
     k: int,
     block_size: int,
+    head_dim: int,
     rope_base: float,
-    scale: float,
-    module=None,
-) -> Tensor:
+) -> KernelPlan:
+    """The layer-independent part of a decode step: q_start, local_len (B,) as in ``retrieval_attention``."""
+    q_local = (q_start[:, None] + torch.arange(rows, device=q_start.device)).contiguous()
+    nb_local = -(-int(local_len.max()) // block_size)  # as decode_plan, so the table is the same
+    cos_table, sin_table = rope_table((k + 2 + nb_local) * block_size, head_dim, rope_base, q_start.device)
+    return KernelPlan(module, q_local, cos_table, sin_table, k, int(local_len.sum()))
+
+
+def decode_step(
+    q: Tensor, local_k: Tensor, local_v: Tensor, local_len: Tensor, q_len: Tensor, memory: BlockMemory,
+    plan: KernelPlan, scale: float,
+) -> Tensor:  # fmt: skip
     """``retrieval_attention`` of a decode step through the kernel; arguments as there, (B, H, C, D) out.
 
-    The caller checks ``kernel_applies`` first and passes the module from ``kernel_module``.
+    The caller has checked ``kernel_applies`` and built ``plan`` (``kernel_plan``).
     """
-    mod = module if module is not None else kernel_module(required=True)
-    rows = q.shape[2]
-    q_local = (q_start[:, None] + torch.arange(rows, device=q.device)).contiguous()
-    # the eager path's table (decode_plan): same size, so the same cos/sin values bit for bit
-    nb_local = -(-local_k.shape[2] // block_size)
-    cos_table, sin_table = rope_table((k + 2 + nb_local) * block_size, q.shape[-1], rope_base, q.device)
-    return mod.decode_step(
+    return plan.module.decode_step(
         q.contiguous(),
-        q_local,
+        plan.q_local,
         q_len.contiguous(),
         local_k.contiguous(),
         local_v.contiguous(),
@@ -138,10 +152,10 @@ def decode_step(
         memory.landmark_keys,
         memory.keys,
         memory.values,
-        cos_table,
-        sin_table,
+        plan.cos_table,
+        plan.sin_table,
         memory.count[0],
-        k,
+        plan.k,
         scale,
     )
 

@@ -204,7 +204,7 @@ def retrieval_attention(
     rope_base: float,
     scale: float,
     stats: StepStats | None = None,
-    plan: DecodePlan | None = None,
+    plan: DecodePlan | decode_kernel.KernelPlan | None = None,
 ) -> Tensor:
     """Landmark attention of new queries over retrieved memory blocks and the local context.
 
@@ -216,7 +216,8 @@ def retrieval_attention(
         q_start: (B,) local position of each row's first query (= its tail length).
         memory: the layer's block memory (None or empty: local attention only).
         plan: the layer-independent part of a decode step (at most ``DECODE_ROWS`` rows), shared by
-            the layers of one step; None: built here, per group of ``retrieval.row_group`` rows.
+            the layers of one step: a ``DecodePlan``, or a ``decode_kernel.KernelPlan`` for a step
+            that takes the fused kernel (``retrieval.kernel_for``); None: chosen and built here.
 
     Returns:
         (B, H, C, D) attention outputs; padding rows are zero.
@@ -226,16 +227,16 @@ def retrieval_attention(
         raise ValueError(
             f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
         )
-    kernel = retrieval.kernel_for(rows, q_len, q.dtype, memory)
-    if kernel is not None:  # a decode step through the fused C++ kernel: the same result
+    if plan is None and (kernel := retrieval.kernel_for(rows, q_len, q.dtype, memory)) is not None:
+        plan = decode_kernel.kernel_plan(
+            kernel, q_start, rows, local_len, retrieval.k, block_size, head_dim, rope_base
+        )
+    if isinstance(plan, decode_kernel.KernelPlan):  # a decode step through the fused C++ kernel
         if stats is not None:
-            stats.local_positions += int(local_len.sum())
+            stats.local_positions += plan.local_positions
             stats.landmarks_scored += sum(memory.count)
-            stats.block_heads_fetched += q.shape[0] * heads * rows * retrieval.k
-        return decode_kernel.decode_step(
-            q, local_k, local_v, local_len, q_start, q_len, memory, retrieval.k, block_size, rope_base, scale,
-            kernel,
-        )  # fmt: skip
+            stats.block_heads_fetched += batch * heads * rows * retrieval.k
+        return decode_kernel.decode_step(q, local_k, local_v, local_len, q_len, memory, plan, scale)
     if plan is not None:
         if stats is not None:
             stats.local_positions += plan.local_positions

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from landmark.data.landmarks import insert_landmarks
+from landmark.inference import decode_kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.retrieval import (
     DECODE_ROWS,
@@ -169,6 +170,12 @@ class InferenceSession:
 
     def _check_landmarks(self, ids: Tensor, lengths: Tensor) -> None:
         bs, lm = self.config.block_size, self.config.landmark_id
+        if ids.shape[1] <= DECODE_ROWS:  # a decode step: in Python, cheaper than tensor operations
+            for b, (row, n, start) in enumerate(zip(ids.tolist(), lengths.tolist(), self.length.tolist())):
+                for t, token in enumerate(row[:n]):
+                    if ((start + t) % bs == bs - 1) != (token == lm):
+                        self._landmark_error(b, start + t, token)
+            return
         pos = self.length[:, None] + torch.arange(ids.shape[1])[None, :]
         real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
         should = (pos % bs == bs - 1).to(ids.device)
@@ -176,10 +183,14 @@ class InferenceSession:
         bad = real.to(ids.device) & (should != is_lm)
         if bad.any():
             b, t = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(
-                f"row {b}, stream position {int(pos[b, t])}: landmarks must sit exactly at positions "
-                f"p % {bs} == {bs - 1} (use insert_landmarks); found token {int(ids[b, t])}"
-            )
+            self._landmark_error(b, int(pos[b, t]), int(ids[b, t]))
+
+    def _landmark_error(self, row: int, position: int, token: int) -> None:
+        bs = self.config.block_size
+        raise ValueError(
+            f"row {row}, stream position {position}: landmarks must sit exactly at positions "
+            f"p % {bs} == {bs - 1} (use insert_landmarks); found token {token}"
+        )
 
     def _step(self, ids: Tensor, lengths: Tensor) -> Tensor:
         model, cfg = self.model, self.config
@@ -189,8 +200,14 @@ class InferenceSession:
         tails = self.tail_len.tolist()
         if len(set(tails)) == 1 and bool((lengths == ids.shape[1]).all()):
             same_tail = tails[0]
-        fused = self.retrieval.kernel_for(ids.shape[1], lengths, self.dtype, self.memories[0]) is not None
-        if ids.shape[1] <= DECODE_ROWS and not fused:  # decoding: positions and masks shared by all layers
+        kernel = self.retrieval.kernel_for(ids.shape[1], lengths, self.dtype, self.memories[0])
+        if kernel is not None:  # a decode step through the fused kernel: its plan serves every layer
+            local_len = self.tail_len + lengths
+            plan = decode_kernel.kernel_plan(
+                kernel, self.tail_len, ids.shape[1], local_len, self.retrieval.k, cfg.block_size,
+                cfg.head_dim, cfg.rope_base,
+            )  # fmt: skip
+        elif ids.shape[1] <= DECODE_ROWS:  # decoding: positions and masks are the same in every layer
             n_blocks = torch.tensor(self.memories[0].count, device=self.device)
             local_len = self.tail_len + lengths
             plan = decode_plan(
