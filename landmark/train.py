@@ -276,7 +276,7 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
     mc = cfg.model_config(tok.vocab_size, tok.landmark_id)
     train_split, val_split = data.splits["train"].tokens, data.splits["validation"].tokens
     sampler = _sampler(train_split, mc, t.batch_size, t.seed, d.rank, "train")
-    if cfg.data.passkey_fraction > 0:  # the passkey recipe: mix synthetic retrieval samples into training
+    if cfg.data.passkey_fraction > 0 or cfg.data.repeat_fraction > 0:  # synthetic retrieval samples
         try:
             pairs = cfg.data.passkey_pairs
             sampler = PasskeyMixSampler(
@@ -288,9 +288,12 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
                 pairs=pairs,
                 near=cfg.data.passkey_near,
                 near_gap=cfg.data.passkey_near_gap,
+                repeat_fraction=cfg.data.repeat_fraction,
             )
         except ValueError as err:
-            raise ConfigError(f"data.passkey_fraction, data.passkey_pairs: {err}") from None
+            raise ConfigError(
+                f"data.passkey_fraction, data.passkey_pairs, data.repeat_fraction: {err}"
+            ) from None
     eval_sampler = _sampler(val_split, mc, t.eval_batch_size or t.batch_size, EVAL_SEED, 0, "validation")
     eval_batches = [eval_sampler.batch(i) for i in range(t.eval_batches)]
 

@@ -48,6 +48,7 @@ class DataConfig:
     passkey_pairs: int = 1  # key/question pairs per passkey window (each question asks for the latest key)
     passkey_near: float = 0.0  # share of passkey pairs whose question follows its key directly (local copy)
     passkey_near_gap: int = 0  # near pairs: random 0..this many filler tokens between key and question
+    repeat_fraction: float = 0.0  # share of training windows in which a 16-64 token span of the window recurs
 
 
 @dataclass
@@ -232,6 +233,10 @@ def validate(cfg: RunConfig) -> None:
         (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1"),
         (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]"),
         (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)"),
+        (
+            0 <= d.repeat_fraction <= 1 - d.passkey_fraction,
+            "data.repeat_fraction must be in [0, 1 - data.passkey_fraction]",
+        ),
     ]
     for ok, message in checks:
         if not ok:

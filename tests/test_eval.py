@@ -240,6 +240,51 @@ def test_passkey_training_window_with_several_pairs():
         prompts.training_window(np.random.default_rng(0), 300, 40, pairs=0)
 
 
+def _has_repeat(row: list[int], m: int) -> bool:
+    seen = set()
+    for i in range(len(row) - m + 1):
+        gram = tuple(row[i : i + m])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def test_repeat_span_copies_a_span_later_in_the_window():
+    from landmark.data.passkey import REPEAT_SPAN, repeat_span
+
+    raw = np.arange(1000, 1300)  # no repeats of its own
+    for seed in range(20):
+        out = repeat_span(raw, np.random.default_rng(seed))
+        assert out.shape == raw.shape and _has_repeat(out.tolist(), REPEAT_SPAN[0])
+        changed = np.flatnonzero(out != raw)
+        assert REPEAT_SPAN[0] <= len(changed) <= REPEAT_SPAN[1] and changed[0] > 0
+    with pytest.raises(ValueError, match="cannot repeat a span"):
+        repeat_span(np.arange(20), np.random.default_rng(0))
+
+
+def test_passkey_mix_sampler_repeat_windows():
+    """repeat_fraction turns other rows into repeat windows without touching the passkey rows."""
+    tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
+    tokens = np.array(
+        tok.encode(" ".join(f"word{i % 997} thing{i % 13}" for i in range(3000))), dtype=np.uint16
+    )
+    base = WindowSampler(tokens, 320, 8, landmark_id=tok.landmark_id, block_size=16, seed=3)
+    plain = PasskeyMixSampler(base, tok, 0.5, seed=3)
+    mixed = PasskeyMixSampler(base, tok, 0.5, seed=3, repeat_fraction=0.5)
+    for step in range(3):
+        a, b = plain.batch(step), mixed.batch(step)
+        for row in range(8):
+            ids_a = a.input_ids[row][a.input_ids[row] != tok.landmark_id].tolist()
+            ids_b = b.input_ids[row][b.input_ids[row] != tok.landmark_id].tolist()
+            if "What is the pass key?" in tok.decode(ids_a):
+                assert ids_a == ids_b  # the passkey rows are the same draw
+            else:  # every other row repeats a span (the base text itself has none of 16 tokens)
+                assert not _has_repeat(ids_a, 16) and _has_repeat(ids_b, 16)
+    with pytest.raises(ValueError, match="repeat_fraction must be in"):
+        PasskeyMixSampler(base, tok, 0.5, repeat_fraction=0.6)
+
+
 def test_passkey_mix_sampler_pairs_need_room():
     tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
     tokens = np.array(tok.encode("the sea and the ship. " * 500), dtype=np.uint16)

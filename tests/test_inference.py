@@ -217,12 +217,12 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="landmarks must sit exactly at positions p % 8 == 7"):
         session.feed(torch.randint(0, 48, (1, 10)))
     session.feed(torch.randint(0, 48, (1, 6)))  # decode-sized steps take a separate check
-    with pytest.raises(ValueError, match="row 0, stream position 7: .* found token 3"):
+    with pytest.raises(ValueError, match=r"row 0, stream position 7: .* found token 3"):
         session.feed(torch.tensor([[4, 3]]))
-    with pytest.raises(ValueError, match="row 0, stream position 6: .* found token 49"):
+    with pytest.raises(ValueError, match=r"row 0, stream position 6: .* found token 49"):
         session.feed(torch.tensor([[LM]]))
     session.feed(torch.tensor([[5]]))
-    with pytest.raises(ValueError, match="row 0, stream position 7: .* found token 5"):
+    with pytest.raises(ValueError, match=r"row 0, stream position 7: .* found token 5"):
         session.feed(torch.tensor([[5]]))
     with pytest.raises(ValueError, match="must not contain the landmark token"):
         generate(model, [[1, LM, 2]], 3)

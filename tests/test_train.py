@@ -139,6 +139,7 @@ def test_tiny_preset_and_overrides_parse():
         (["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         (["data.tokenizer=word"], r"data\.tokenizer must be 'bpe' or 'gpt2'"),
         (["data.passkey_near_gap=-1"], r"data\.passkey_near_gap must be >= 0"),
+        (["data.repeat_fraction=1.5"], r"data\.repeat_fraction must be in \[0, 1 - data\.passkey_fraction\]"),
         (["lr=1"], r"must look like section\.key=value"),
     ],
 )

@@ -168,10 +168,38 @@ class PasskeyPrompts:
         return out
 
 
-class PasskeyMixSampler:
-    """A training sampler that replaces a seeded fraction of each batch's windows with passkey samples.
+REPEAT_SPAN = (16, 64)  # tokens of the span that a repeat window copies (inclusive range)
 
-    ``batch(step)`` stays a pure function of (seed, rank, step), so resuming is exact.
+
+def repeat_span(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A corpus window in which a span of its own text comes back later: ``raw`` with
+    ``raw[b : b + m] = raw[a : a + m]`` for a random span length ``m`` in ``REPEAT_SPAN`` and random
+    ``a < b - m + 1`` (the copy starts after the original ends, from right after it to the window's end).
+
+    Every token of the copy but the first is predictable by finding the original and reading on: dense
+    copy targets (up to 63 per window, against about 3 for a passkey answer) at distances from zero to
+    the whole window, most of them in an earlier block, reached through its landmark. The text around
+    stays natural.
+    """
+    n = len(raw)
+    m = int(rng.integers(REPEAT_SPAN[0], REPEAT_SPAN[1] + 1))
+    if n < 2 * m + 1:
+        raise ValueError(f"a window of {n} tokens cannot repeat a span of {m} tokens")
+    a = int(rng.integers(0, n - 2 * m + 1))
+    b = int(rng.integers(a + m, n - m + 1))
+    out = np.array(raw, copy=True)
+    out[b : b + m] = raw[a : a + m]
+    return out
+
+
+class PasskeyMixSampler:
+    """A training sampler that replaces a seeded fraction of each batch's windows with passkey samples,
+    and optionally a second fraction with repeat windows (``repeat_span``: corpus text in which a span
+    of the window comes back later).
+
+    ``batch(step)`` stays a pure function of (seed, rank, step), so resuming is exact. The repeat
+    windows are drawn from a separate random stream, so ``repeat_fraction = 0`` gives exactly the
+    batches of earlier versions.
     """
 
     def __init__(
@@ -184,9 +212,15 @@ class PasskeyMixSampler:
         pairs: int = 1,
         near: float = 0.0,
         near_gap: int = 0,
+        repeat_fraction: float = 0.0,
     ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
+        if not 0.0 <= repeat_fraction <= 1.0 - fraction:
+            raise ValueError(
+                f"repeat_fraction must be in [0, 1 - passkey_fraction = {1.0 - fraction:g}]; "
+                f"got {repeat_fraction}"
+            )
         if pairs < 1:
             raise ValueError(f"passkey_pairs must be >= 1; got {pairs}")
         if not 0.0 <= near <= 1.0:
@@ -194,7 +228,7 @@ class PasskeyMixSampler:
         if near_gap < 0:
             raise ValueError(f"passkey_near_gap must be >= 0; got {near_gap}")
         self.base, self.fraction, self.seed, self.rank, self.pairs = base, fraction, seed, rank, pairs
-        self.near, self.near_gap = near, near_gap
+        self.near, self.near_gap, self.repeat_fraction = near, near_gap, repeat_fraction
         self.prompts = PasskeyPrompts(tokenizer)
         layout = base.layout
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
@@ -202,7 +236,7 @@ class PasskeyMixSampler:
         self.min_gap = layout.block_size - 1 if layout.landmarks else 1
         one = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
         need = one + (pairs - 1) * (one - len(self.prompts.instruction))
-        if self.n_raw < need:
+        if fraction > 0 and self.n_raw < need:
             raise ValueError(
                 f"{pairs} passkey pair(s) per window need windows of at least {need} tokens with this "
                 f"tokenizer; the window holds {self.n_raw}: use a longer seq_len, fewer passkey_pairs "
@@ -212,15 +246,28 @@ class PasskeyMixSampler:
     def batch(self, step: int) -> Batch:
         batch = self.base.batch(step)
         rng = np.random.default_rng([self.seed, self.rank, step, 7919])
-        layout = self.base.layout
-        for row in np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction):
+        passkey_rows = np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction)
+        if self.repeat_fraction:  # among the other rows, a share becomes repeat windows (own stream)
+            rrng = np.random.default_rng([self.seed, self.rank, step, 104729])
+            chosen = rrng.random(batch.input_ids.shape[0]) < self.repeat_fraction / (1.0 - self.fraction)
+            starts = self.base.starts(step)
+            for row in np.flatnonzero(chosen):
+                if row in passkey_rows:
+                    continue
+                raw = np.asarray(self.base.tokens[starts[row] : starts[row] + self.n_raw], dtype=np.int64)
+                self._put(batch, row, torch.from_numpy(repeat_span(raw, rrng)))
+        for row in passkey_rows:
             raw = self.prompts.training_window(
                 rng, self.n_raw, self.min_gap, self.pairs, self.near, self.near_gap
             )
-            raw = torch.tensor(raw, dtype=torch.long)
-            if layout.landmarks:
-                inp, tgt = landmark_example(raw, layout.block_size, layout.landmark_id, layout.ignore_index)
-            else:
-                inp, tgt = raw[:-1], raw[1:]
-            batch.input_ids[row], batch.targets[row] = inp, tgt
+            self._put(batch, row, torch.tensor(raw, dtype=torch.long))
         return batch
+
+    def _put(self, batch: Batch, row: int, raw: torch.Tensor) -> None:
+        """Replace one row of the batch by the window of raw tokens ``raw`` (``n_raw`` of them)."""
+        layout = self.base.layout
+        if layout.landmarks:
+            inp, tgt = landmark_example(raw, layout.block_size, layout.landmark_id, layout.ignore_index)
+        else:
+            inp, tgt = raw[:-1], raw[1:]
+        batch.input_ids[row], batch.targets[row] = inp, tgt
