@@ -30,6 +30,7 @@ full / landmark are computed from measurements of the same invocation.
 Usage:
     python benchmarks/decode.py                                  # 4k 16k 64k 256k; table + JSON
     python benchmarks/decode.py --contexts 4096 16384 --tokens 32 --out /tmp/decode.json
+    python benchmarks/decode.py --worker landmark 65536 random --tokens 200 --profile   # one cell, profiled
 """
 
 from __future__ import annotations
@@ -156,6 +157,16 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         for _ in range(args.tokens):
             tok = step(tok)
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        if args.profile:  # where the time goes: cProfile of as many more steps, to stderr
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.tokens):
+                tok = step(tok)
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(12)
 
     n = args.tokens
     result = {
@@ -256,6 +267,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--compiled", action="store_true", help="also measure the landmark model with compile=True"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="with --worker: print a cProfile of the decode steps (stderr)"
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "CONTEXT", "FILL"), help=argparse.SUPPRESS)
