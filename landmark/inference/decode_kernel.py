@@ -54,13 +54,28 @@ def _build():
         from torch.utils.cpp_extension import load
 
         return load(
-            name="landmark_decode_v1",
+            name=f"landmark_decode_v1_{_cpu_tag()}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off"],
             verbose=False,
         )
     except Exception as err:  # no compiler, no ninja, a failed build: the eager path still works
         return KernelUnavailableError(f"{type(err).__name__}: {err}")
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction sets: the build uses ``-march=native``, so a cached build
+    must not be loaded on a machine with other instruction sets (a shared home directory)."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
 def kernel_module(required: bool = False):
@@ -128,7 +143,7 @@ def kernel_plan(
     rope_base: float,
 ) -> KernelPlan:
     """The layer-independent part of a decode step: q_start, local_len (B,) as in ``retrieval_attention``."""
-    q_local = (q_start[:, None] + torch.arange(rows, device=q_start.device)).contiguous()
+    q_local = (q_start.long()[:, None] + torch.arange(rows, device=q_start.device)).contiguous()
     nb_local = -(-int(local_len.max()) // block_size)  # as decode_plan, so the table is the same
     cos_table, sin_table = rope_table((k + 2 + nb_local) * block_size, head_dim, rope_base, q_start.device)
     return KernelPlan(module, q_local, cos_table, sin_table, k, int(local_len.sum()))
@@ -145,10 +160,10 @@ def decode_step(
     return plan.module.decode_step(
         q.contiguous(),
         plan.q_local,
-        q_len.contiguous(),
+        q_len.long().contiguous(),
         local_k.contiguous(),
         local_v.contiguous(),
-        local_len.contiguous(),
+        local_len.long().contiguous(),
         memory.landmark_keys,
         memory.keys,
         memory.values,
