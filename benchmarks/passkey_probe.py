@@ -11,7 +11,9 @@ in the question's own block, reached without a landmark): low there but high for
 means the copy is learned but not the retrieval through landmarks. Finally, "by distance" gives the
 answer loss against the number of filler tokens between the key sentence and the question (``--gaps``):
 a model that finds the key by its content has a flat curve; one that learned "copy from so many tokens
-back" has a dip at the distance it was trained on. Cheap (seconds on a CPU), so run it before spending
+back" has a dip at the distance it was trained on. "repeat" does the same for plain text: a 32-token span
+of a bundled book copied again ``gap`` tokens after its end (the loss on the copy's tokens after its
+first), the skill ``data.repeat_fraction`` trains. Cheap (seconds on a CPU), so run it before spending
 an hour on long-context evaluations.
 
 Usage:
@@ -77,6 +79,8 @@ def probe(path: str, samples: int, length: int, seed: int, gaps: list[int]) -> d
                 exact += bool((pred[at] == tgt[at]).all())
     n = len(losses["answer"])
     by_gap = {gap: _answer_loss_at_gap(model, prompts, rng, length, gap, samples) for gap in gaps}
+    text = _book_tokens(tokenizer, samples * length)
+    repeat = {gap: _repeat_loss_at_gap(model, text, rng, length, gap, samples) for gap in gaps}
     return {
         "checkpoint": path,
         "samples": n,
@@ -84,7 +88,52 @@ def probe(path: str, samples: int, length: int, seed: int, gaps: list[int]) -> d
         "loss_per_key_token": {name: float(np.mean(v)) for name, v in losses.items()},
         "answer_exact": exact,
         "answer_loss_by_gap": by_gap,
+        "repeat_loss_by_gap": repeat,
     }
+
+
+REPEAT = 32  # tokens of the repeated span in the "repeat" lines
+
+
+def _book_tokens(tokenizer, n: int) -> list[int]:
+    """About ``n`` tokens from the start of a bundled book (Moby-Dick)."""
+    from landmark.data.books import bundled_books
+
+    book = next(bundled_books().rglob("moby_dick.txt"))
+    text = book.read_text(encoding="utf-8", errors="replace")[: 8 * n]
+    return tokenizer.encode(text)[:n]
+
+
+def _forward_loss(model: torch.nn.Module, raw: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-raw-token losses (len(raw) - 1,) of predicting raw[1:], landmarks inserted as in training."""
+    cfg = model.config
+    raw_t = torch.tensor(raw, dtype=torch.long)
+    if cfg.attention == "landmark":
+        inp, tgt = landmark_example(raw_t, cfg.block_size, cfg.landmark_id, -100)
+        regular = (tgt != -100).nonzero().flatten()
+    else:
+        inp, tgt = raw_t[:-1], raw_t[1:]
+        regular = torch.arange(len(tgt))
+    ce = torch.nn.functional.cross_entropy(model(inp[None]).logits[0], tgt.clamp_min(0), reduction="none")
+    return ce[regular], regular
+
+
+def _repeat_loss_at_gap(
+    model: torch.nn.Module, text: list[int], rng: np.random.Generator, length: int, gap: int, samples: int
+) -> float:
+    """Mean loss on the tokens 2..REPEAT of a span copied ``gap`` tokens after its end (the copy ends the
+    window, as a passkey answer does), over ``samples`` windows of book text."""
+    out = []
+    for i in range(samples):
+        window = list(text[i * length : (i + 1) * length])
+        b = length - REPEAT  # the copy ends the window
+        a = b - gap - REPEAT
+        if a < 0:
+            raise ValueError(f"--gaps: a {REPEAT}-token span {gap} tokens back does not fit {length} tokens")
+        window[b:] = window[a : a + REPEAT]
+        ce, _ = _forward_loss(model, window)
+        out.append(float(ce[b : b + REPEAT - 1].mean()))  # ce[t] predicts window[t + 1]
+    return float(np.mean(out))
 
 
 def _answer_loss_at_gap(
@@ -98,7 +147,7 @@ def _answer_loss_at_gap(
     """Mean answer loss per key token over ``samples`` prompts of ``length`` tokens whose question follows
     the key sentence after exactly ``gap`` filler tokens (the key sentence's place in its block varies
     with the key's length only; the question and answer end the window, as in training)."""
-    cfg, tok = model.config, prompts.tokenizer
+    tok = prompts.tokenizer
     unit = len(prompts.filler)
     out = []
     for _ in range(samples):
@@ -109,16 +158,9 @@ def _answer_loss_at_gap(
             raise ValueError(f"--gaps: {gap} filler tokens do not fit a {length}-token sample")
         filler = prompts.filler * (max(before, gap) // unit + 1)
         raw = prompts.instruction + filler[:before] + sentence + filler[:gap] + prompts.question + answer
-        raw_t = torch.tensor(raw, dtype=torch.long)
-        if cfg.attention == "landmark":
-            inp, tgt = landmark_example(raw_t, cfg.block_size, cfg.landmark_id, -100)
-            regular = (tgt != -100).nonzero().flatten()
-        else:
-            inp, tgt = raw_t[:-1], raw_t[1:]
-            regular = torch.arange(len(tgt))
         n_key = len(tok.encode(f" {key}"))
-        at = regular[len(raw) - len(answer) - 1 : len(raw) - len(answer) - 1 + n_key]
-        ce = torch.nn.functional.cross_entropy(model(inp[None]).logits[0], tgt.clamp_min(0), reduction="none")
+        ce, _ = _forward_loss(model, raw)
+        at = slice(len(raw) - len(answer) - 1, len(raw) - len(answer) - 1 + n_key)  # predicting the key
         out.append(float(ce[at].mean()))
     return float(np.mean(out))
 
@@ -141,6 +183,8 @@ def main() -> None:
     print(f"answers exactly right (teacher-forced argmax): {r['answer_exact']}/{r['samples']}")
     for gap, v in r["answer_loss_by_gap"].items():
         print(f"{'answer, ' + str(gap) + ' filler tokens':>28}: {v:.2f} nats per key token")
+    for gap, v in r["repeat_loss_by_gap"].items():
+        print(f"{'repeat, ' + str(gap) + ' tokens back':>28}: {v:.2f} nats per copied token")
     print(json.dumps(r))
 
 
