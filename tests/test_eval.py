@@ -295,3 +295,35 @@ def test_passkey_mix_sampler_pairs_need_room():
         assert tok.decode(row[row != tok.landmark_id].tolist()).count("What is the pass key?") == 2
     with pytest.raises(ValueError, match="8 passkey pair"):
         PasskeyMixSampler(base, tok, 1.0, pairs=8)
+
+
+def test_passkey_probe_runs_on_the_shipped_checkpoint():
+    """benchmarks/passkey_probe.py: every line of its report, finite, on the shipped checkpoint."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("passkey_probe", repo / "benchmarks" / "passkey_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    r = probe.probe(
+        str(repo / "checkpoints" / "passkey-landmark"), samples=2, length=449, seed=0, gaps=[0, 96]
+    )
+    assert set(r["loss_per_key_token"]) == {
+        "first mention",
+        "second mention",
+        "answer",
+        "answer, key adjacent",
+    }
+    assert set(r["answer_loss_by_gap"]) == {0, 96} and set(r["repeat_loss_by_gap"]) == {0, 96}
+    values = [
+        *r["loss_per_key_token"].values(),
+        *r["answer_loss_by_gap"].values(),
+        *r["repeat_loss_by_gap"].values(),
+    ]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    with pytest.raises(ValueError, match="--gaps: 2000 filler tokens do not fit a 449-token sample"):
+        probe.probe(
+            str(repo / "checkpoints" / "passkey-landmark"), samples=1, length=449, seed=0, gaps=[2000]
+        )
