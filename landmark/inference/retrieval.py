@@ -181,6 +181,19 @@ def top_k_blocks(scores: Tensor, k: int) -> Tensor:
     Returns:
         (..., k) int64.
     """
+    n = scores.shape[-1]
+    values, index = scores.topk(min(k + 1, n), dim=-1)
+    top = index[..., :k]
+    if n > k:  # the rule matters only where the k-th and (k+1)-th scores are equal: redo those rows
+        tied_rows = (values[..., k - 1] == values[..., k]).nonzero(as_tuple=True)
+        if tied_rows[0].numel():
+            top = top.clone()
+            top[tied_rows] = _top_k_recent_first(scores[tied_rows], k)
+    return top.sort(dim=-1).values
+
+
+def _top_k_recent_first(scores: Tensor, k: int) -> Tensor:
+    """``top_k_blocks``'s rule for rows (R, N) whose k-th score is tied: (R, k) indices, any order."""
     kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value
     above = scores > kth
     tied = scores == kth
@@ -188,7 +201,7 @@ def top_k_blocks(scores: Tensor, k: int) -> Tensor:
     from_end = tied.flip(-1).cumsum(-1).flip(-1)  # tied entries at this index or later
     chosen = above | (tied & (from_end <= need))  # exactly k per row
     index = torch.arange(scores.shape[-1], device=scores.device)
-    return torch.where(chosen, index, -1).topk(k, dim=-1).values.flip(-1)
+    return torch.where(chosen, index, -1).topk(k, dim=-1).values
 
 
 def retrieval_attention(
