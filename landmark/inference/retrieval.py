@@ -280,10 +280,11 @@ def retrieval_attention(
 def _landmark_scores(q: Tensor, landmark_keys: Tensor) -> Tensor:
     """Scores of queries (B, Hkv, G, C, D) against landmark keys (B, Hkv, N, D): (B, Hkv, G, C, N).
 
-    Computed in float64 and rounded to the query dtype, so that equal keys get exactly equal scores
-    whatever the summation order of the product (a float32 matrix product rounds equal rows
-    differently): ties, which are the rule in the first layer (every landmark key is the same there),
-    are then broken by ``top_k_blocks``'s rule alone, as in the C++ decode kernel.
+    Computed in float64 and rounded to the query dtype, so that equal keys get equal scores whatever the
+    summation order of the product (a float32 matrix product rounds equal rows differently; float64
+    sums of equal rows differ at most in their last bits, which the rounding removes except at a
+    rounding boundary): ties, the rule in the first layer (every landmark key is the same there), are
+    then broken by ``top_k_blocks``'s rule, as in the C++ decode kernel.
     """
     return (q.double() @ landmark_keys[:, :, None].double().transpose(-1, -2)).to(q.dtype)
 
