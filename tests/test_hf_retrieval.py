@@ -79,6 +79,29 @@ def test_small_k_retrieves_fewer_blocks():
     assert cache.stats.landmarks_scored > 0 and cache.stats.block_heads_fetched > 0
 
 
+def test_stepwise_decoding_with_the_decode_kernel_equals_eager():
+    """With k = 2 (fewer blocks than memory holds) token-by-token feeding takes the C++ decode kernel
+    (CPU, float32): the same logits as the eager path, GQA and a batch of two."""
+    import landmark.inference.decode_kernel as dk
+
+    model, _ = converted()
+    ids = stream(2, 70, model=model)
+    logits, calls = {}, []
+    original = dk.decode_step
+    for kernel in ("torch", "cpp"):
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dk, "decode_step", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+            cache = LandmarkRetrievalCache(model, RetrievalConfig(k=2, decode_kernel=kernel), chunk_len=16)
+            model(ids[:, :40], cache=cache)
+            logits[kernel] = torch.cat(
+                [model(ids[:, i : i + 1], cache=cache).logits for i in range(40, 80)], 1
+            )
+        if kernel == "torch":
+            assert not calls
+    assert len(calls) >= 30 * 2  # decode steps with at least 2 blocks in memory, both layers
+    torch.testing.assert_close(logits["cpp"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("prompt_len", [40, 42], ids=["mid-block", "block-end"])
 def test_generate_with_retrieval_equals_dynamic_cache(prompt_len):
     model, tok = converted()
