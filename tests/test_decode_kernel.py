@@ -153,3 +153,18 @@ def test_unbuildable_kernel_falls_back_or_fails_clearly(monkeypatch):
     assert any("no compiler (simulated)" in str(w.message) for w in caught)
     with pytest.raises(dk.KernelUnavailableError, match='decode_kernel="cpp" but the C\\+\\+ decode kernel'):
         RetrievalConfig(k=4, decode_kernel="cpp").kernel_for(1, rows1, torch.float32, memory)
+
+
+def test_kernel_survives_nan_landmark_keys():
+    """A NaN landmark score never leaves a selection slot empty (no out-of-range block read, even with
+    fewer finite scores than k): such blocks count as -inf; their contents are finite, so is the output."""
+    memory = random_memory(1, 2, 8, 8, 5, seed=5)
+    memory.landmark_keys[0, :, 1:4] = float("nan")  # 2 finite landmark scores, k = 4
+    q = torch.randn(1, 4, 1, 8)
+    lk, lv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    retrieval = RetrievalConfig(k=4, decode_kernel="cpp")
+    q_len = torch.ones(1).long()
+    out = retrieval_attention(
+        q, lk, lv, torch.tensor([3]), torch.tensor([2]), q_len, memory, retrieval, 8, BASE, 0.3
+    )
+    assert torch.isfinite(out).all()

@@ -136,7 +136,8 @@ torch::Tensor decode_step(torch::Tensor q, torch::Tensor q_local, torch::Tensor 
           // equal scores the more recent block wins (retrieval.top_k_blocks, the eager path's rule)
           for (int64_t i = n_blocks - 1; i >= 0; --i) {
             const int64_t slot = i < n_old ? 0 : i - n_old + 1;
-            const float s = landmark_dot(q_lm.data() + slot * D, lm + i * D, D);
+            float s = landmark_dot(q_lm.data() + slot * D, lm + i * D, D);
+            if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();  // every slot still gets a block
             if (best_idx[k - 1] >= 0 && !(s > best[k - 1])) continue;
             int64_t p = k - 1;
             while (p > 0 && (best_idx[p - 1] < 0 || s > best[p - 1])) {
