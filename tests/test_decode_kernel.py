@@ -5,40 +5,29 @@ from __future__ import annotations
 import shutil
 import warnings
 
+import inference_helpers
 import pytest
 import torch
 
 from landmark.data.landmarks import insert_landmarks
-from landmark.inference import BlockMemory, InferenceSession, RetrievalConfig, retrieval_attention
+from landmark.inference import InferenceSession, RetrievalConfig, retrieval_attention
 from landmark.inference import decode_kernel as dk
 from landmark.inference.retrieval import StepStats, top_k_blocks
 from landmark.model import GPT, ModelConfig
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the kernel"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("c++") is None and shutil.which("g++") is None,
+        reason="no C++ compiler to build the kernel",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 BASE = 10000.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_memory(
-    batch: int, kv_heads: int, bs: int, dim: int, n: int, seed: int, same_landmarks: bool = False
-):
-    g = torch.Generator().manual_seed(seed)
-    memory = BlockMemory(batch, kv_heads, bs, dim, rope_base=BASE, dtype=torch.float32, device="cpu")
-    for b in range(batch):
-        keys = torch.randn(kv_heads, n, bs, dim, generator=g)
-        if same_landmarks:  # every block's landmark key alike, as in a model's first layer
-            keys[:, :, -1] = keys[:, :1, -1]
-        memory.append(b, keys, torch.randn(kv_heads, n, bs, dim, generator=g))
-    return memory
+def random_memory(batch, kv_heads, bs, dim, n, seed, same_landmarks=False):
+    """``n`` random blocks in every row."""
+    return inference_helpers.random_memory(batch, kv_heads, [n] * batch, bs, dim, seed, same_landmarks)
 
 
 def both(q, lk, lv, local_len, q_start, q_len, memory, k, bs, dim):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from inference_helpers import random_memory
 
 from landmark.data.landmarks import insert_landmarks
 from landmark.inference import (
@@ -22,13 +23,7 @@ from landmark.model import GPT, ModelConfig
 BS, LM = 8, 49
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny tensors: one intra-op thread is fastest (and steadiest on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
@@ -228,17 +223,6 @@ def test_bad_input_errors():
         generate(model, [[1, LM, 2]], 3)
 
 
-def _random_memory(batch, kv_heads, n_blocks, bs, d, seed, **kw):
-    g = torch.Generator().manual_seed(seed)
-    memory = BlockMemory(batch, kv_heads, bs, d, rope_base=10000.0, dtype=torch.float32, device="cpu", **kw)
-    for b, n in enumerate(n_blocks):
-        for _ in range(n):
-            memory.append(
-                b, torch.randn(kv_heads, 1, bs, d, generator=g), torch.randn(kv_heads, 1, bs, d, generator=g)
-            )
-    return memory
-
-
 @pytest.mark.parametrize("granularity", ["token_head", "token", "head"])
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_decode_path_equals_chunk_path(granularity, wrapped):
@@ -246,7 +230,7 @@ def test_decode_path_equals_chunk_path(granularity, wrapped):
     bs, d, heads, kv_heads = 8, 16, 4, 2
     g = torch.Generator().manual_seed(7)
     kw = dict(max_blocks=9) if wrapped else {}  # a capped memory wraps its ring buffer
-    memory = _random_memory(2, kv_heads, [14, 5], bs, d, seed=8, **kw)
+    memory = random_memory(2, kv_heads, [14, 5], bs, d, seed=8, **kw)
     tail = torch.tensor([3, 7])  # row 1's query is a landmark (position 7 of its block)
     local_k, local_v = torch.randn(2, 2, kv_heads, bs + 2, d, generator=g)
     q = torch.randn(2, heads, 3, d, generator=g)
@@ -265,7 +249,7 @@ def test_uniform_decode_path_equals_chunk_path(compile, rows):
     compiled, one query row or a token and its landmark) equals the chunk path."""
     bs, d, heads, kv_heads = 8, 16, 4, 2
     g = torch.Generator().manual_seed(11)
-    memory = _random_memory(2, kv_heads, [13, 13], bs, d, seed=12)
+    memory = random_memory(2, kv_heads, [13, 13], bs, d, seed=12)
     tail = torch.tensor([6, 2])
     local_k, local_v = torch.randn(2, 2, kv_heads, bs + 2, d, generator=g)
     q = torch.randn(2, heads, 3, d, generator=g)
@@ -362,7 +346,7 @@ def test_faiss_search_equals_exact_scan_with_a_flat_index(granularity, rows):
 
     bs, d, heads, kv_heads = 8, 16, 4, 2
     index = LandmarkIndex(2, kv_heads, d)
-    memory = _random_memory(2, kv_heads, [14, 5], bs, d, seed=15, index=index)
+    memory = random_memory(2, kv_heads, [14, 5], bs, d, seed=15, index=index)
     g = torch.Generator().manual_seed(16)
     tail = torch.tensor([2, 4])
     local_k, local_v = torch.randn(2, 2, kv_heads, bs + rows, d, generator=g)
@@ -410,7 +394,7 @@ def test_faiss_index_follows_fifo_eviction():
 
     bs, d = 4, 8
     index = LandmarkIndex(1, 2, d, min_rebuild=4)
-    memory = _random_memory(1, 2, [10], bs, d, seed=13, max_blocks=10, index=index)
+    memory = random_memory(1, 2, [10], bs, d, seed=13, max_blocks=10, index=index)
     g = torch.Generator().manual_seed(14)
     sizes = set()
     for _ in range(60):
@@ -507,7 +491,7 @@ def test_faiss_index_turns_approximate_at_the_threshold_keeping_its_entries():
 
 def test_memory_rope_base_must_match_attention():
     """Stored keys carry their in-block RoPE offsets: attention with another base would be silently wrong."""
-    memory = _random_memory(1, 1, [3], 4, 8, seed=1)  # rope_base 10000
+    memory = random_memory(1, 1, [3], 4, 8, seed=1)  # rope_base 10000
     q, local = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     one, zero = torch.tensor([1]), torch.tensor([0])
     with pytest.raises(ValueError, match=r"rope_base 10000\.0; attention uses 500000\.0"):

@@ -52,13 +52,12 @@ from transformers import Cache, LogitsProcessor
 from transformers.cache_utils import CacheLayerMixin
 
 from landmark.hf.attention import ATTN_IMPLEMENTATION, route_attention
-from landmark.inference import decode_kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.retrieval import (
     DECODE_ROWS,
     RetrievalConfig,
     StepStats,
-    decode_plan,
+    decode_step_plan,
     retrieval_attention,
 )
 from landmark.inference.session import DEFAULT_CHUNK_LEN
@@ -293,25 +292,10 @@ class LandmarkRetrievalCache(Cache):
         if c <= DECODE_ROWS:  # the same for every layer of a decode step: build it once
             key = (tuple(layer.memory.count), layer.tail_len, c, layer.length)
             if key != self._plan_key:
-                kernel = self.retrieval.kernel_for(c, q_len, q.dtype, layer.memory)
-                if kernel is not None:  # the fused C++ decode kernel (CPU, float32; see decode_kernel)
-                    self._plan = decode_kernel.kernel_plan(
-                        kernel, q_start, c, local_len, self.retrieval.k, bs, q.shape[-1], self.rope_base
-                    )
-                else:
-                    n_blocks = torch.tensor(layer.memory.count, device=dev)
-                    self._plan = decode_plan(
-                        n_blocks,
-                        local_len,
-                        q_start,
-                        q_len,
-                        c,
-                        n,
-                        self.retrieval,
-                        bs,
-                        q.shape[-1],
-                        self.rope_base,
-                    )
+                self._plan = decode_step_plan(
+                    layer.memory, local_len, q_start, q_len, c, n, self.retrieval, q.dtype, bs, q.shape[-1],
+                    self.rope_base,
+                )  # fmt: skip
                 self._plan_key = key
             plan = self._plan
         out = retrieval_attention(

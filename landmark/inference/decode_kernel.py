@@ -137,15 +137,16 @@ def kernel_plan(
     q_start: Tensor,
     rows: int,
     local_len: Tensor,
+    local_width: int,
     k: int,
     block_size: int,
     head_dim: int,
     rope_base: float,
 ) -> KernelPlan:
-    """The layer-independent part of a decode step: q_start, local_len (B,) as in ``retrieval_attention``."""
+    """The layer-independent part of a decode step: q_start, local_len (B,) as in ``retrieval_attention``;
+    local_width: the length of the local context tensors (>= max(local_len))."""
     q_local = (q_start.long()[:, None] + torch.arange(rows, device=q_start.device)).contiguous()
-    nb_local = -(-int(local_len.max()) // block_size)  # as decode_plan, so the table is the same
-    cos_table, sin_table = rope_table((k + 2 + nb_local) * block_size, head_dim, rope_base, q_start.device)
+    cos_table, sin_table = step_rope_table(k, local_width, block_size, head_dim, rope_base, q_start.device)
     return KernelPlan(module, q_local, cos_table, sin_table, k, int(local_len.sum()))
 
 
@@ -175,8 +176,16 @@ def decode_step(
     )
 
 
+def step_rope_table(
+    k: int, local_width: int, block_size: int, head_dim: int, base: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The angle table of a step whose local context is ``local_width`` positions: every position it
+    uses is below (k + 2 + local blocks) * block_size. The eager decode path and the kernel index the
+    same table (same size, so the same cos/sin values bit for bit)."""
+    return _rope_table((k + 2 + -(-local_width // block_size)) * block_size, head_dim, base, device)
+
+
 @functools.lru_cache(maxsize=32)
-def rope_table(n: int, dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin (n, dim / 2) of positions 0..n-1 (entry p equals ``rope_angles`` of position p); the
-    decode kernel and the eager decode path index the same table."""
+def _rope_table(n: int, dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (n, dim / 2) of positions 0..n-1 (entry p equals ``rope_angles`` of position p)."""
     return rope_angles(torch.arange(n, device=device), dim, base)

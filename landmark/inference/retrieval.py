@@ -240,10 +240,11 @@ def retrieval_attention(
         raise ValueError(
             f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
         )
-    if plan is None and (kernel := retrieval.kernel_for(rows, q_len, q.dtype, memory)) is not None:
-        plan = decode_kernel.kernel_plan(
-            kernel, q_start, rows, local_len, retrieval.k, block_size, head_dim, rope_base
-        )
+    if plan is None and rows <= DECODE_ROWS and bool((q_len > 0).any()):
+        plan = decode_step_plan(
+            memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, q.dtype, block_size,
+            head_dim, rope_base,
+        )  # fmt: skip
     if isinstance(plan, decode_kernel.KernelPlan):  # a decode step through the fused C++ kernel
         if stats is not None:
             stats.local_positions += plan.local_positions
@@ -256,8 +257,8 @@ def retrieval_attention(
         return _retrieve_and_attend(
             q, local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
-    # Groups of ``row_group`` query rows (a decode step is one group). The memory does not change within
-    # a step, and each group's rows see the whole local context up to their own positions.
+    # A chunk: groups of ``row_group`` query rows, each run like a decode step. The memory does not change
+    # within a step, and each group's rows see the whole local context up to their own positions.
     n_blocks = torch.tensor(memory.count if memory is not None else [0] * batch, device=q.device)
     if stats is not None:
         stats.local_positions += int(local_len.sum())
@@ -335,6 +336,34 @@ class DecodePlan:
     earlier: Tensor  # (B, 1, C, k_max + nb) blocks reached through their landmark, ditto
 
 
+def decode_step_plan(
+    memory: BlockMemory | None,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    rows: int,
+    local_width: int,
+    retrieval: RetrievalConfig,
+    dtype: torch.dtype,
+    block_size: int,
+    head_dim: int,
+    rope_base: float,
+) -> DecodePlan | decode_kernel.KernelPlan:
+    """The layer-independent part of a decode step (at most ``DECODE_ROWS`` query rows), shared by its
+    layers: the fused kernel's plan where the kernel applies (``RetrievalConfig.kernel_for``), else a
+    ``DecodePlan``. Arguments as in ``decode_plan``; dtype: the queries' dtype."""
+    kernel = retrieval.kernel_for(rows, q_len, dtype, memory)
+    if kernel is not None:
+        return decode_kernel.kernel_plan(
+            kernel, q_start, rows, local_len, local_width, retrieval.k, block_size, head_dim, rope_base
+        )
+    count = memory.count if memory is not None else [0] * q_start.shape[0]
+    n_blocks = torch.tensor(count, device=q_start.device)
+    return decode_plan(
+        n_blocks, local_len, q_start, q_len, rows, local_width, retrieval, block_size, head_dim, rope_base
+    )
+
+
 def decode_plan(
     n_blocks: Tensor,
     local_len: Tensor,
@@ -364,8 +393,7 @@ def decode_plan(
     q_pos = base[:, None] + q_local
     t_local = local_width
     nb_local = -(-t_local // bs)
-    # Every position used is below (k + 1 + nb_local) * bs: one table of angles, indexed.
-    cos_t, sin_t = decode_kernel.rope_table((retrieval.k + 2 + nb_local) * bs, head_dim, rope_base, dev)
+    cos_t, sin_t = decode_kernel.step_rope_table(retrieval.k, t_local, bs, head_dim, rope_base, dev)
     j = torch.arange(k_max + 1, device=dev)
     pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
     key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)

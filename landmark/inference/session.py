@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 
 from landmark.data.landmarks import insert_landmarks
-from landmark.inference import decode_kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.retrieval import (
     DECODE_ROWS,
     RetrievalConfig,
     StepStats,
-    decode_plan,
+    decode_step_plan,
     retrieval_attention,
 )
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, LandmarkIndex
@@ -200,19 +199,11 @@ class InferenceSession:
         tails = self.tail_len.tolist()
         if len(set(tails)) == 1 and bool((lengths == ids.shape[1]).all()):
             same_tail = tails[0]
-        kernel = self.retrieval.kernel_for(ids.shape[1], lengths, self.dtype, self.memories[0])
-        if kernel is not None:  # a decode step through the fused kernel: its plan serves every layer
+        if ids.shape[1] <= DECODE_ROWS:  # decoding: one plan (kernel or eager) serves every layer
             local_len = self.tail_len + lengths
-            plan = decode_kernel.kernel_plan(
-                kernel, self.tail_len, ids.shape[1], local_len, self.retrieval.k, cfg.block_size,
-                cfg.head_dim, cfg.rope_base,
-            )  # fmt: skip
-        elif ids.shape[1] <= DECODE_ROWS:  # decoding: positions and masks are the same in every layer
-            n_blocks = torch.tensor(self.memories[0].count, device=self.device)
-            local_len = self.tail_len + lengths
-            plan = decode_plan(
-                n_blocks, local_len, self.tail_len, lengths, ids.shape[1], int(local_len.max()),
-                self.retrieval, cfg.block_size, cfg.head_dim, cfg.rope_base,
+            plan = decode_step_plan(
+                self.memories[0], local_len, self.tail_len, lengths, ids.shape[1], int(local_len.max()),
+                self.retrieval, self.dtype, cfg.block_size, cfg.head_dim, cfg.rope_base,
             )  # fmt: skip
         for layer, block in enumerate(model.blocks):
             attn = block.attn
