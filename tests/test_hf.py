@@ -367,3 +367,43 @@ def test_generate_inserts_landmarks():
             logits[lid] = -math.inf
             assert int(logits.argmax()) == token
             seq.append(token)
+
+
+@pytest.mark.parametrize("landmarks", [True, False])
+@pytest.mark.parametrize("prompt_len", [9, 13, 14])
+def test_passkey_probe_answer_loss_equals_step_by_step_log_probs(landmarks, prompt_len):
+    """benchmarks/hf_passkey_probe.py scores the answer tokens where greedy decoding would predict them.
+
+    The answer (4 tokens, the first 3 scored) crosses a block boundary for these prompt lengths; the
+    reference predicts each answer token from a full forward over the prompt and the answer tokens before
+    it, landmarks inserted as in generation (a trailing landmark dropped: the regular token before it
+    predicts the next token).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "hf_passkey_probe", repo / "benchmarks" / "hf_passkey_probe.py"
+    )
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model, tok = converted() if landmarks else (make_model(vocab=len(make_tokenizer())), make_tokenizer())
+    g = torch.Generator().manual_seed(prompt_len)
+    vocab = len(make_tokenizer())
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+    answer = torch.randint(0, vocab, (4,), generator=g).tolist()
+    loss, exact = probe.answer_loss(model, tok, prompt, answer, key_tokens=3)
+    logps, argmax_ok = [], []
+    with torch.no_grad():
+        for i in range(3):
+            ids = torch.tensor(prompt + answer[:i])
+            if landmarks:
+                lid = model.config.landmark_token_id
+                ids = insert_landmarks(ids, BS, lid)
+                ids = ids[:-1] if ids[-1] == lid else ids
+            logits = model(ids[None]).logits[0, -1].double()
+            logps.append(torch.log_softmax(logits, -1)[answer[i]].item())
+            argmax_ok.append(int(logits.argmax()) == answer[i])
+    assert abs(loss - (-sum(logps) / 3)) < 1e-4
+    assert exact == all(argmax_ok)
