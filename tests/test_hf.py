@@ -407,3 +407,30 @@ def test_passkey_probe_answer_loss_equals_step_by_step_log_probs(landmarks, prom
             argmax_ok.append(int(logits.argmax()) == answer[i])
     assert abs(loss - (-sum(logps) / 3)) < 1e-4
     assert exact == all(argmax_ok)
+
+
+@pytest.mark.parametrize("landmarks", [True, False])
+def test_heldout_loss_script_equals_the_models_own_loss(landmarks):
+    """benchmarks/hf_heldout_loss.py: its per-token mean over windows equals the model's loss on them."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "hf_heldout_loss", repo / "benchmarks" / "hf_heldout_loss.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, tok = converted() if landmarks else (make_model(vocab=len(make_tokenizer())), make_tokenizer())
+    g = torch.Generator().manual_seed(3)
+    max_length = 24
+    windows = [torch.randint(0, len(make_tokenizer()), (22,), generator=g) for _ in range(3)]
+    got = script.heldout_loss(model, tok, windows, max_length)
+    with torch.no_grad():
+        if landmarks:
+            batch = lhf.LandmarkCollator(tok, BS, max_length)([{"input_ids": w} for w in windows])
+            expected = model(**batch).loss.item()  # all windows full: the per-token mean over the batch
+        else:
+            ids = torch.stack(windows)
+            expected = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(got - expected) < 1e-5
