@@ -78,3 +78,14 @@ def write_tiny(folder: Path, tie: bool = False) -> tuple[Path, Path]:
     for i in range(6):
         (corpus / f"doc_{i}.txt").write_text(TEXT * (20 + 5 * i), encoding="utf-8")
     return folder / "model", corpus
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

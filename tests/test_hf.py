@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import BS, converted, make_model, make_tokenizer  # noqa: E402
+from hf_helpers import BS, benchmark_module, converted, make_model, make_tokenizer  # noqa: E402
 
 import landmark.hf as lhf  # noqa: E402
 from landmark import landmark_attention  # noqa: E402
@@ -379,15 +379,7 @@ def test_passkey_probe_answer_loss_equals_step_by_step_log_probs(landmarks, prom
     it, landmarks inserted as in generation (a trailing landmark dropped: the regular token before it
     predicts the next token).
     """
-    import importlib.util
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "hf_passkey_probe", repo / "benchmarks" / "hf_passkey_probe.py"
-    )
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = benchmark_module("hf_passkey_probe")
     model, tok = converted() if landmarks else (make_model(vocab=len(make_tokenizer())), make_tokenizer())
     g = torch.Generator().manual_seed(prompt_len)
     vocab = len(make_tokenizer())
@@ -412,15 +404,7 @@ def test_passkey_probe_answer_loss_equals_step_by_step_log_probs(landmarks, prom
 @pytest.mark.parametrize("landmarks", [True, False])
 def test_heldout_loss_script_equals_the_models_own_loss(landmarks):
     """benchmarks/hf_heldout_loss.py: its per-token mean over windows equals the model's loss on them."""
-    import importlib.util
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "hf_heldout_loss", repo / "benchmarks" / "hf_heldout_loss.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_module("hf_heldout_loss")
     model, tok = converted() if landmarks else (make_model(vocab=len(make_tokenizer())), make_tokenizer())
     g = torch.Generator().manual_seed(3)
     max_length = 24
