@@ -180,7 +180,8 @@ def markdown(report: dict) -> str:
     lines.append(
         "Cells: correct / trials (mean wall seconds per trial: prefill + "
         f"{s['max_new_tokens']} greedy tokens). "
-        f"Depths {s['depths']}; landmark: k = {s['k']}, granularity {s['granularity']}, chunks of "
+        f"Depths {sorted({t['depth'] for t in report['trials']})}; "
+        f"landmark: k = {s['k']}, granularity {s['granularity']}, chunks of "
         f"{s['chunk_len']}, memory on {s['memory_device'] or 'the model device'}; {s['threads']} threads."
     )
     limits = [r.get("time_limit") for r in [s, *s.get("resumed_with", [])]]
