@@ -85,8 +85,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
             return 2
     names = {f.name for f in fields(FinetuneConfig)}
-    finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    finished = False
+    try:
+        finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
+        finished = True
+    finally:
+        _close_process_group(wait=finished)
     return 0
+
+
+def _close_process_group(wait: bool) -> None:
+    """Under torchrun: destroy the process group the Trainer created (after a barrier when ``wait``).
+
+    A process that exits with the group still alive can abort in the communication threads' teardown
+    ("terminate called without an active exception", seen with gloo on CPU), failing the whole run
+    after the model was saved. No barrier after an error: the other processes may never reach it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 @_user_errors
