@@ -62,9 +62,8 @@ def answer_loss(
         inputs, targets = landmark_example(raw, int(model.config.landmark_block_size), int(landmark_id))
     with torch.no_grad():
         logits = model(input_ids=inputs[None]).logits[0].float()  # (T, vocab)
-    scored = (
-        (targets != -100).nonzero().flatten()[-len(answer) :][:key_tokens]
-    )  # positions predicting the key
+    scored = (targets != -100).nonzero().flatten()  # positions predicting a regular token
+    scored = scored[-len(answer) :][:key_tokens]  # ... the key's tokens after the question
     losses = torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="none")
     exact = bool((logits[scored].argmax(-1) == targets[scored]).all())
     return float(losses.mean()), exact
