@@ -33,16 +33,17 @@ def heldout_loss(model, tokenizer, windows: list, max_length: int) -> float:
     """Mean loss per regular token over ``windows`` (each (raw_tokens,) int64 regular tokens)."""
     import torch
 
-    landmark_id = getattr(model.config, "landmark_token_id", None)
+    from landmark.hf.collator import LandmarkCollator
+
+    block_size = getattr(model.config, "landmark_block_size", None)
+    collate = LandmarkCollator(tokenizer, int(block_size), max_length) if block_size is not None else None
     total, count = 0.0, 0
     with torch.no_grad():
         for raw in windows:
-            if landmark_id is None:
+            if collate is None:
                 inputs, targets = raw[:-1], raw[1:]  # (n,)
             else:
-                from landmark.hf.collator import LandmarkCollator
-
-                batch = LandmarkCollator(tokenizer, int(model.config.landmark_block_size), max_length)([raw])
+                batch = collate([raw])
                 inputs, targets = batch["input_ids"][0], batch["shift_labels"][0]
             logits = model(input_ids=inputs[None]).logits[0].float()  # (T, vocab)
             loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")

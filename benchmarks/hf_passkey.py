@@ -191,14 +191,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--base and --landmark, as ``load`` reads them (also used by hf_passkey_probe.py)."""
     from landmark.hf.smollm2 import default_smollm2_dir
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=str(default_smollm2_dir()), help="the original model folder")
     p.add_argument(
         "--landmark", required=True, help="the landmark fine-tuned model (landmark hf finetune --out)"
     )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
     p.add_argument("--models", nargs="+", choices=MODELS, default=["base", "landmark"])
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 8192, 16384, 32768])
     p.add_argument("--depths", nargs="+", type=float, default=[0.5])

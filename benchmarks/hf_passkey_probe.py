@@ -41,9 +41,7 @@ def _hf_passkey():
     return module
 
 
-def answer_loss(
-    model, tokenizer, prompt: list[int], answer: list[int], key_tokens: int
-) -> tuple[float, bool]:
+def answer_loss(model, prompt: list[int], answer: list[int], key_tokens: int) -> tuple[float, bool]:
     """(mean loss per token over the first ``key_tokens`` answer tokens, all of them argmax).
 
     Args:
@@ -88,9 +86,7 @@ def run(args: argparse.Namespace) -> dict:
                     answer = prompts.answer(key)  # " 48213."
                     key_ids = prompts.tokenizer.encode(f" {key}")
                     key_tokens = len(key_ids) if answer[: len(key_ids)] == key_ids else len(answer)
-                    loss, exact = answer_loss(
-                        model, tokenizer, prompts.prompt(length, depth, key), answer, key_tokens
-                    )
+                    loss, exact = answer_loss(model, prompts.prompt(length, depth, key), answer, key_tokens)
                     cell.append({"key": key, "loss": loss, "exact": exact})
                 row = {
                     "model": kind,
@@ -139,13 +135,8 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    from landmark.hf.smollm2 import default_smollm2_dir
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=str(default_smollm2_dir()), help="the original model folder")
-    p.add_argument(
-        "--landmark", required=True, help="the landmark fine-tuned model (landmark hf finetune --out)"
-    )
+    _hf_passkey().add_model_arguments(p)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--lengths", nargs="+", type=int, default=[512, 2048])
     p.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.5, 0.75])

@@ -380,12 +380,12 @@ def test_passkey_probe_answer_loss_equals_step_by_step_log_probs(landmarks, prom
     predicts the next token).
     """
     probe = benchmark_module("hf_passkey_probe")
-    model, tok = converted() if landmarks else (make_model(vocab=len(make_tokenizer())), make_tokenizer())
-    g = torch.Generator().manual_seed(prompt_len)
     vocab = len(make_tokenizer())
+    model = converted()[0] if landmarks else make_model(vocab=vocab)
+    g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
     answer = torch.randint(0, vocab, (4,), generator=g).tolist()
-    loss, exact = probe.answer_loss(model, tok, prompt, answer, key_tokens=3)
+    loss, exact = probe.answer_loss(model, prompt, answer, key_tokens=3)
     logps, argmax_ok = [], []
     with torch.no_grad():
         for i in range(3):
