@@ -5,11 +5,11 @@ For each context length (tokens already in the context) it measures, for
 * ``landmark``: the small preset with landmark attention, ``InferenceSession`` with top-k retrieval
   (k = 4, granularity token_head), decoding exactly as ``generate`` does (the landmark is fed with the
   token that completes a block, so about one step in 63 has two query rows), decode steps through the
-  fused C++ kernel (``decode_kernel="auto"``, the default; the JSON records whether it was used);
-* ``eager``: the same with ``decode_kernel="torch"`` (the eager PyTorch decode path);
+  fused C++ kernel (``kernel="auto"``, the default; the JSON records whether it was used);
+* ``eager``: the same with ``kernel="torch"`` (the eager PyTorch decode path);
 * ``compiled`` (with ``--compiled``): the same with ``compile=True`` (the decode steps' retrieval
   attention through ``torch.compile``; warmed up over two blocks first so that compilation is not measured);
-* ``full``: the same-size model with ordinary attention, ``FullCacheDecoder`` (preallocated rotated K/V
+* ``full``: the same-size model with ordinary attention, ``FullCache`` (preallocated rotated K/V
   cache, one SDPA over every cached position per layer and token),
 
 the time per generated token (CPU time of the process and wall time; the machine may be shared, so
@@ -70,8 +70,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
     import torch
 
     from landmark.data.landmarks import insert_landmarks
-    from landmark.inference import InferenceSession
-    from landmark.inference.full_cache import FullCacheDecoder
+    from landmark.inference import FullCache, InferenceSession
 
     torch.set_num_threads(args.threads)
     landmark = kind in ("landmark", "eager", "compiled")
@@ -91,7 +90,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             granularity=args.granularity,
             chunk_len=args.chunk_len,
             compile=kind == "compiled",
-            decode_kernel="auto" if kind == "landmark" else "torch",
+            kernel="auto" if kind == "landmark" else "torch",
         )
         n_blocks, tail = divmod(context, bs - 1)
         if fill == "random":
@@ -101,23 +100,24 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
                     m = min(1024, n_blocks - b0)
                     shape = (cfg.n_kv_head, m, bs, cfg.head_dim)
                     memory.append(0, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
-            for layer in range(cfg.n_layer):
-                session.tail_k[layer][:, :, :tail].normal_(generator=gen)
-                session.tail_v[layer][:, :, :tail].normal_(generator=gen)
-            session.tail_len[:] = tail
-            session.length[:] = n_blocks * bs + tail
+            for state in session.cache.layers:
+                state.tail_k[:, :, :tail].normal_(generator=gen)
+                state.tail_v[:, :, :tail].normal_(generator=gen)
+                state.tail_len[:] = tail
+                state.length[:] = n_blocks * bs + tail
         else:
-            prompt = torch.randint(0, lm, (1, context), generator=gen)
-            logits = session.feed(insert_landmarks(prompt, bs, lm))
-            tok = int(logits[0, -1].argmax())
+            prompt = insert_landmarks(torch.randint(0, lm, (1, context), generator=gen), bs, lm)
+            if int(prompt[0, -1]) == lm:  # as generate(): a final landmark goes in with the next token
+                prompt = prompt[:, :-1]
+            tok = int(session.read(prompt)[0].argmax())
 
         def step(tok: int) -> int:
-            # as generate(): a token that completes a block is fed together with the landmark
-            if int(session.length[0]) % bs == bs - 2:
-                ids = torch.tensor([[tok, lm]])
+            # as generate(): when the next position is a landmark's, the landmark goes in first
+            if int(session.length[0]) % bs == bs - 1:
+                ids = torch.tensor([[lm, tok]])
             else:
                 ids = torch.tensor([[tok]])
-            out = session.feed(ids)[0, 0]
+            out = session.read(ids)[0]
             out[lm] = float("-inf")
             return int(out.argmax())
 
@@ -125,17 +125,18 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             (m.keys.numel() + m.values.numel() + m.landmark_keys.numel()) * elem for m in session.memories
         )
     else:
-        decoder = FullCacheDecoder(model, 1, max_len=context + args.warmup + args.tokens + 1)
+        decoder = FullCache.for_model(model, 1, max_len=context + args.warmup + args.tokens + 1)
         if fill == "random":
             decoder.fill_random(context, gen)
         else:
             prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=gen)
             for c0 in range(0, context, 512):
-                logits = decoder.feed(prompt[:, c0 : c0 + 512])
+                chunk = prompt[:, c0 : c0 + 512]
+                logits = model(chunk, cache=decoder, logits_at=torch.tensor([chunk.shape[1] - 1])).logits
             tok = int(logits[0, -1].argmax())
 
         def step(tok: int) -> int:
-            return int(decoder.feed(torch.tensor([[tok]]))[0, 0].argmax())
+            return int(model(torch.tensor([[tok]]), cache=decoder).logits[0, 0].argmax())
 
         state_bytes = decoder.nbytes()
     fill_s = time.perf_counter() - t0
@@ -197,24 +198,22 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         steps = []
         for p in range(start_len, end_len):
             if p % bs == bs - 1:
-                continue  # a landmark, fed with the token before it
-            rows = 2 if p % bs == bs - 2 else 1
-            blocks = p // bs  # blocks in memory when the step runs
+                continue  # a landmark, fed with the token after it
+            rows = 2 if p % bs == 0 and p > start_len else 1  # [landmark, token] or [token]
+            blocks = (p - rows + 1) // bs  # blocks in memory when the step runs
             k_eff = min(args.k, blocks)
-            local = p % bs + rows
+            local = (p - rows + 1) % bs + rows
             # each query row of each head reads its own k_eff blocks (keys and values) of its kv head
             steps.append(
                 blocks * per_layer_kv + rows * cfg.n_head * k_eff * block_bytes + local * per_layer_kv * 2
             )
         sized = sum(steps) * cfg.n_layer / n
-        kernel = session.retrieval.kernel_for(
-            1, torch.ones(1, dtype=torch.long), torch.float32, session.memories[0]
-        )
+        kernel = session.retrieval.kernel_for(torch.float32, torch.device("cpu"), session.memories[0])
         result.update(
             kv_bytes_per_token=sized,
             kv_bytes_per_token_counted=counted,
             counters=d,
-            decode_kernel=kernel is not None,
+            kernel=kernel is not None,
         )
     else:
         # every step reads every cached key and value (the context, the tokens before it, itself)
@@ -334,8 +333,8 @@ def main() -> None:
         results.append(entry)
     print(
         "ms/tok: CPU time per generated token (one thread); landmark: decode steps through the C++ kernel "
-        f"(used: {all(r['landmark'].get('decode_kernel', False) for r in results)}); "
-        "eager: decode_kernel='torch'; "
+        f"(used: {all(r['landmark'].get('kernel', False) for r in results)}); "
+        "eager: kernel='torch'; "
         "compiled: landmark with compile=True; above floor: speed-up of the landmark time above the floor; "
         "KV MiB/tok: keys/values read per token, all layers; landmark bytes from sizes, "
         "counters agree:",

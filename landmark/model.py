@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,18 @@ from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.ops import landmark_attention
 
 ATTENTION_KINDS = ("landmark", "full", "xl")
+
+
+class Cache(Protocol):
+    """What a layer hands its new positions to at inference (``landmark.inference.RetrievalCache``,
+    ``landmark.inference.FullCache``): un-rotated q (B, H, T, D), k, v (B, Hkv, T, D), real positions
+    per row (B,) -> attention outputs (B, H, T, D)."""
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None = None
+    ) -> Tensor: ...
+
+
 IGNORE_INDEX = -100  # targets with this value are not scored (landmark positions)
 
 
@@ -116,9 +129,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) self-attention of one of the three kinds."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer_idx = cfg, layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -137,10 +150,18 @@ class Attention(nn.Module):
         batch, _, length, _ = y.shape
         return self.dropout(self.out_proj(y.transpose(1, 2).reshape(batch, length, -1)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, T, n_embd), a training window starting at position 0. Returns (B, T, n_embd)."""
+    def forward(self, x: Tensor, cache: Cache | None = None, lengths: Tensor | None = None) -> Tensor:
+        """x: (B, T, n_embd) -> (B, T, n_embd).
+
+        Without a cache, x is a training window starting at position 0. With one, x holds the next
+        positions of each stream (``lengths`` (B,) real ones, right padding) and the cache attends:
+        ``cache.attend(layer, q, k, v, lengths)`` with un-rotated q, k, v (a
+        ``landmark.inference.RetrievalCache`` for landmark models, a ``FullCache`` for the baseline).
+        """
         cfg = self.cfg
         q, k, v = self.project(x)
+        if cache is not None:
+            return self.merge(cache.attend(self.layer_idx, q, k, v, lengths))
         if cfg.attention == "xl":
             return self.merge(self._xl(q, k, v))
         cos, sin = rope_angles(torch.arange(x.shape[1], device=x.device), self.head_dim, cfg.rope_base)
@@ -203,15 +224,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.n_embd)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_idx)
         self.norm2 = nn.RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, cache: Cache | None = None, lengths: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache, lengths)
         return x + self.mlp(self.norm2(x))
 
 
@@ -229,7 +250,7 @@ class GPT(nn.Module):
         cfg.validate()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
@@ -248,21 +269,48 @@ class GPT(nn.Module):
         """Final norm and the tied output layer: (B, T, n_embd) -> (B, T, vocab_size)."""
         return F.linear(self.norm(h), self.embed.weight)
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, n_embd) outputs of the last block (before the final norm)."""
+    def hidden_states(
+        self, input_ids: Tensor, cache: Cache | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        """(B, T) token ids -> (B, T, n_embd) outputs of the last block (before the final norm).
+
+        ``cache``, ``lengths``: the ids continue the streams held by the cache (see ``forward``).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}")
+        if cache is not None and self.config.attention == "xl":
+            raise ValueError("xl models read long inputs segment by segment (landmark.eval); no cache")
         h = self.embed(input_ids)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, cache, lengths)
         return h
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        """input_ids, targets: (B, T) int64 with T <= seq_len (landmarks already inserted for "landmark").
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: Cache | None = None,
+        lengths: Tensor | None = None,
+        logits_at: Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits (and the loss) of a training window, or of the next positions of cached streams.
 
-        Targets equal to IGNORE_INDEX (landmark positions) are not scored.
+        Args:
+            input_ids: (B, T) int64; without a cache T <= seq_len and the window starts at position 0
+                (landmarks already inserted for "landmark").
+            targets: (B, T); entries equal to IGNORE_INDEX (landmark positions) are not scored.
+            cache: continue the streams it holds: a ``landmark.inference.RetrievalCache`` (landmark
+                models: top-k block retrieval) or a ``landmark.inference.FullCache`` (full attention
+                over every earlier position); the new positions join it.
+            lengths: (B,) real positions per row of ``input_ids`` (right padding), with a cache.
+            logits_at: (B,) one position per row: return only its logits, (B, 1, vocab) (reading a
+                long prompt needs the last position's only; the others cost a vocab-size projection).
         """
-        logits = self.logits(self.hidden_states(input_ids))
+        h = self.hidden_states(input_ids, cache, lengths)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at.to(h.device)][:, None]
+        logits = self.logits(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

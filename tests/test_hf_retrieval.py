@@ -46,7 +46,8 @@ def test_chunked_prefill_equals_full_forward(arch, granularity):
         ours = model(ids, cache=cache).logits
     torch.testing.assert_close(ours, full, atol=2e-5, rtol=1e-4)
     assert cache.get_seq_length() == ids.shape[1]
-    assert cache.layers[0].memory.count == [14, 14] and cache.layers[0].tail_len == 114 - 14 * BS
+    state = cache.stream.layers[0]
+    assert state.memory.count == [14, 14] and state.tail_len.tolist() == [114 - 14 * BS] * 2
 
 
 @pytest.mark.parametrize("step", [1, 2, 5], ids=["tokens", "pairs", "fives"])
@@ -61,7 +62,7 @@ def test_stepwise_feeding_equals_full_forward(step):
             [model(ids[:, i : i + step], cache=cache).logits for i in range(0, ids.shape[1], step)], dim=1
         )
     torch.testing.assert_close(ours, full, atol=2e-5, rtol=1e-4)
-    assert cache.layers[1].memory.storage_device == torch.device("cpu")
+    assert cache.stream.layers[1].memory.storage_device == torch.device("cpu")
 
 
 def test_small_k_retrieves_fewer_blocks():
@@ -79,26 +80,26 @@ def test_small_k_retrieves_fewer_blocks():
     assert cache.stats.landmarks_scored > 0 and cache.stats.block_heads_fetched > 0
 
 
-def test_stepwise_decoding_with_the_decode_kernel_equals_eager():
-    """With k = 2 (fewer blocks than memory holds) token-by-token feeding takes the C++ decode kernel
-    (CPU, float32): the same logits as the eager path, GQA and a batch of two."""
-    import landmark.inference.decode_kernel as dk
+def test_prefill_and_decoding_with_the_kernel_equal_eager():
+    """With k = 2 (fewer blocks than memory holds) a chunked prompt and token-by-token feeding take the
+    fused C++ kernel (CPU, float32): the same logits as the eager path, GQA and a batch of two."""
+    import landmark.inference.kernel as kn
 
     model, _ = converted()
     ids = stream(2, 70, model=model)
     logits, calls = {}, []
-    original = dk.decode_step
+    original = kn.retrieval_step
     for kernel in ("torch", "cpp"):
         with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(dk, "decode_step", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-            cache = LandmarkRetrievalCache(model, RetrievalConfig(k=2, decode_kernel=kernel), chunk_len=16)
-            model(ids[:, :40], cache=cache)
+            mp.setattr(kn, "retrieval_step", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+            cache = LandmarkRetrievalCache(model, RetrievalConfig(k=2, kernel=kernel), chunk_len=16)
+            prompt = model(ids[:, :40], cache=cache).logits
             logits[kernel] = torch.cat(
-                [model(ids[:, i : i + 1], cache=cache).logits for i in range(40, 80)], 1
+                [prompt] + [model(ids[:, i : i + 1], cache=cache).logits for i in range(40, 80)], 1
             )
         if kernel == "torch":
             assert not calls
-    assert len(calls) >= 30 * 2  # decode steps with at least 2 blocks in memory, both layers
+    assert len(calls) >= (3 + 40) * 2  # prompt chunks and decode steps, both layers
     torch.testing.assert_close(logits["cpp"], logits["torch"], atol=1e-4, rtol=1e-4)
 
 
@@ -170,7 +171,7 @@ def test_max_blocks_evicts_or_raises():
     with torch.no_grad():
         cache = LandmarkRetrievalCache(model, RetrievalConfig(k=2), chunk_len=16, max_blocks=3)
         model(ids, cache=cache)
-        assert cache.layers[0].memory.count == [3] and cache.layers[0].memory.evicted == [7]
+        assert cache.stream.layers[0].memory.count == [3] and cache.stream.layers[0].memory.evicted == [7]
         strict = LandmarkRetrievalCache(model, RetrievalConfig(k=2), chunk_len=16, max_blocks=3, evict=False)
         with pytest.raises(MemoryFullError, match="full"):
             model(ids, cache=strict)
@@ -194,7 +195,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="'landmark' attention"):
         LandmarkRetrievalCache(plain, ALL)
     with pytest.raises(ValueError, match="retrieval cache"):
-        lhf.generate(model, None, torch.arange(5), chunk_len=16)
+        lhf.generate(model, None, torch.arange(5), memory_device="cpu")
 
 
 def test_wrong_positions_and_bypassed_attention_are_refused():

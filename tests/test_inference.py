@@ -161,13 +161,13 @@ def test_memory_cap_evicts_oldest_or_refuses():
     assert memory.count == [3]
     assert memory.landmarks()[0, 0, :, 0].tolist() == [2.0, 3.0, 4.0]  # FIFO: oldest evicted
     keys, values = memory.gather_per_head(torch.tensor([[[0, 2]]]))
-    assert keys.shape == (1, 1, 2, 4, 2) and values.shape == (1, 1, 2, 3, 2)
+    assert keys.shape == (1, 1, 2, 2, 4) and values.shape == (1, 1, 2, 3, 2)  # keys: key-major
     assert values[0, 0, :, 0, 0].tolist() == [2.0, 4.0]
     # keys are stored rotated by their in-block offset; raw_keys undoes it
     raw = memory.raw_keys(keys)
     assert torch.allclose(raw[0, 0, 0], torch.full((4, 2), 2.0), atol=1e-6)
     assert torch.allclose(raw[0, 0, 1], torch.full((4, 2), 4.0), atol=1e-6)
-    assert not torch.allclose(keys[0, 0, 0, 1:], raw[0, 0, 0, 1:])
+    assert not torch.allclose(keys[0, 0, 0].T[1:], raw[0, 0, 0, 1:])
     strict = BlockMemory(
         1, 1, 4, 2, rope_base=1e4, dtype=torch.float32, device="cpu", max_blocks=2, evict=False
     )
@@ -283,8 +283,9 @@ def test_decode_ragged_batch_equals_full_pass():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_full_cache_decoder_equals_forward(kv_heads):
-    from landmark.inference.full_cache import FullCacheDecoder
+def test_full_cache_equals_forward(kv_heads):
+    """GPT.forward with a FullCache, token by token or a prompt then tokens, equals one forward pass."""
+    from landmark.inference import FullCache
 
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -294,16 +295,15 @@ def test_full_cache_decoder_equals_forward(kv_heads):
     tokens = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         ref = model(tokens).logits
-    decoder = FullCacheDecoder(model, 2, max_len=40)
-    one_by_one = torch.cat([decoder.feed(tokens[:, t : t + 1]) for t in range(40)], dim=1)
-    assert (one_by_one - ref).abs().max() < 1e-5
-    decoder = FullCacheDecoder(model, 2, max_len=40)
-    mixed = torch.cat(
-        [decoder.feed(tokens[:, :25])] + [decoder.feed(tokens[:, t : t + 1]) for t in range(25, 40)], 1
-    )
-    assert (mixed - ref).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="the cache holds 40 positions"):
-        decoder.feed(tokens[:, :1])
+        cache = FullCache.for_model(model, 2, max_len=40)
+        one_by_one = torch.cat([model(tokens[:, t : t + 1], cache=cache).logits for t in range(40)], dim=1)
+        assert (one_by_one - ref).abs().max() < 1e-5
+        cache = FullCache.for_model(model, 2, max_len=40)
+        steps = [model(tokens[:, :25], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(25, 40)]
+        assert (torch.cat(steps, 1) - ref).abs().max() < 1e-5
+        with pytest.raises(ValueError, match="the cache holds 40 positions"):
+            model(tokens[:, :1], cache=cache)
 
 
 def _faiss():

@@ -4,14 +4,14 @@ Two caches:
 
 * ``retrieval=None``: every earlier position stays in a ``DynamicCache`` and every query attends over
   all of them through the grouped softmax: exact, but each step reads the whole context.
-* ``retrieval=RetrievalConfig(k=...)``: a :class:`landmark.hf.LandmarkRetrievalCache`: the prompt is
-  processed in chunks, complete blocks go to a block memory, and every query attends to its top-k
-  retrieved blocks plus its local context (shared/method.md s.4).
+* ``retrieval=RetrievalConfig(k=...)``: a :class:`landmark.hf.LandmarkRetrievalCache`: complete blocks
+  go to a block memory, and every query attends to its top-k retrieved blocks plus its local context
+  (shared/method.md s.4).
 
-Landmarks are fed, never sampled: when the next position is a landmark position, the landmark is fed
-together with the next regular token. The next token is always predicted from a regular token's
-output, as in training, where the token before a landmark predicts the token after it and the
-landmark's own output is not scored.
+The loop, the sampling and the landmark rule are the library's one implementation
+(:func:`landmark.inference.generate.generate_with`, shared with the library's ``GPT``); this module only
+provides the reader: the prompt goes through the model ``chunk_len`` positions per forward call with
+``logits_to_keep=1``, so reading a long prompt holds one chunk's activations and one row of logits.
 """
 
 from __future__ import annotations
@@ -21,8 +21,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from landmark.data.landmarks import insert_landmarks
 from landmark.hf.convert import landmark_token_id
+from landmark.inference.cache import DEFAULT_CHUNK_LEN
+from landmark.inference.generate import Sampling, TokenCallback, generate_with
+
+
+def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN):
+    """A reader for :func:`generate_with`: feeds (B, C) ids (every row the same length) through
+    ``model`` with ``cache``, ``chunk_len`` positions per forward, and returns (B, vocab) logits of
+    the last position."""
+    device = model.get_input_embeddings().weight.device
+
+    def read(ids: Tensor, lengths: Tensor) -> Tensor:
+        if bool((lengths != lengths[0]).any()):
+            raise ValueError("Hugging Face models read rows of equal length only (no padding)")
+        n = int(lengths[0])
+        logits = None
+        for c0 in range(0, n, chunk_len):
+            chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
+            logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1]
+
+    return read
 
 
 @torch.no_grad()
@@ -34,7 +54,10 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     *,
+    top_p: float = 1.0,
     retrieval: Any = None,
+    on_token: TokenCallback | None = None,
+    chunk_len: int = DEFAULT_CHUNK_LEN,
     **cache_kwargs: Any,
 ) -> tuple[str, Tensor]:
     """Continue ``prompt`` by ``max_new_tokens`` regular tokens (batch size 1).
@@ -43,59 +66,43 @@ def generate(
         model: a converted model (:func:`landmark.hf.convert` or :func:`landmark.hf.load_pretrained`).
         tokenizer: its tokenizer.
         prompt: text (tokenized with the tokenizer's special tokens, e.g. BOS) or (n,) raw token ids.
-        max_new_tokens: regular tokens to generate; stops early at the tokenizer's eos token.
-        temperature: 0 for greedy decoding, else sampling at this temperature.
+        max_new_tokens: regular tokens to generate (>= 1); stops early at the tokenizer's eos token.
+        temperature: 0 for greedy decoding, else sampling at this temperature; ``top_p``: nucleus mass.
         seed: seeds the sampling generator.
         retrieval: None for exact attention over the whole context (``DynamicCache``), or a
             :class:`landmark.inference.RetrievalConfig` for top-k block retrieval through a
             :class:`landmark.hf.LandmarkRetrievalCache`.
+        on_token: called as ``on_token(0, token)`` for every generated token (streaming).
+        chunk_len: prompt positions per forward call (and the retrieval cache's chunk).
         **cache_kwargs: with ``retrieval``, options of :class:`landmark.hf.LandmarkRetrievalCache`
-            (``chunk_len``, ``memory_device``, ``max_blocks``, ``evict``).
+            (``memory_device``, ``max_blocks``, ``evict``).
 
     Returns:
         ``(text, ids)``: the decoded new tokens, and (num_new,) int64 ids of the new regular tokens.
     """
     from transformers import DynamicCache
 
-    block_size = int(model.config.landmark_block_size)
-    landmark_id = landmark_token_id(model)
-    device = model.get_input_embeddings().weight.device
+    sampling = Sampling(temperature, top_p, seed)
     if isinstance(prompt, str):
-        raw = torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)
+        raw = list(tokenizer(prompt).input_ids)
     else:
-        raw = torch.as_tensor(prompt, dtype=torch.long).flatten()
-    if raw.numel() == 0:
+        raw = torch.as_tensor(prompt, dtype=torch.long).flatten().tolist()
+    if not raw:
         raise ValueError("the prompt is empty")
     if retrieval is None and cache_kwargs:
         raise ValueError(f"{sorted(cache_kwargs)} are options of the retrieval cache: pass retrieval=...")
-    ids = insert_landmarks(raw, block_size, landmark_id)
-    if ids[-1] == landmark_id:  # a complete last block: its landmark goes in with the next token
-        ids = ids[:-1]
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = tokenizer.eos_token_id
     if retrieval is None:
         cache = DynamicCache(config=model.config)
     else:
         from landmark.hf.retrieval import LandmarkRetrievalCache
 
-        cache = LandmarkRetrievalCache(model, retrieval, **cache_kwargs)
-    step_input = ids.to(device)[None]  # (1, n)
-    position = 0  # positions already in the cache
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[0, -1].float()  # (vocab,)
-        position += step_input.shape[1]
-        logits[landmark_id] = float("-inf")  # never sample a landmark
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        else:
-            token = int(logits.argmax())
-        new.append(token)
-        if eos is not None and token == eos:
-            break
-        feed = [landmark_id, token] if position % block_size == block_size - 1 else [token]
-        step_input = torch.tensor([feed], dtype=torch.long, device=device)
+        cache = LandmarkRetrievalCache(model, retrieval, chunk_len=chunk_len, **cache_kwargs)
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    new = generate_with(
+        hf_reader(model, cache, chunk_len), [raw], max_new_tokens,
+        block_size=int(model.config.landmark_block_size), landmark_id=landmark_token_id(model),
+        sampling=sampling, stop_ids=() if eos is None else (eos,), on_token=on_token,
+    )[0]  # fmt: skip
     out_ids = torch.tensor(new, dtype=torch.long)
-    return tokenizer.decode(out_ids.tolist(), skip_special_tokens=True), out_ids
+    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""
+    return text, out_ids

@@ -136,18 +136,16 @@ def passkey_trial(
 
 
 def _greedy(model: Any, tokenizer: Any, ids: torch.Tensor, max_new_tokens: int) -> str:
-    """Greedy decoding of a plain causal LM: prefill (last logits only), then one token a step."""
+    """Greedy decoding of a plain causal LM with its own attention (a ``DynamicCache``), through the
+    library's one generation loop."""
     from transformers import DynamicCache
 
-    device = model.get_input_embeddings().weight.device
-    cache = DynamicCache(config=model.config)
-    step = ids.to(device)[None]  # (1, n)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-        token = int(logits.argmax())
-        new.append(token)
-        if token == tokenizer.eos_token_id:
-            break
-        step = torch.tensor([[token]], device=device)
+    from landmark.hf.generate import hf_reader
+    from landmark.inference.generate import generate_with
+
+    eos = tokenizer.eos_token_id
+    new = generate_with(
+        hf_reader(model, DynamicCache(config=model.config)), [ids.tolist()], max_new_tokens,
+        block_size=0, landmark_id=None, stop_ids=() if eos is None else (eos,),
+    )[0]  # fmt: skip
     return tokenizer.decode(new, skip_special_tokens=True)

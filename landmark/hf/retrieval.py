@@ -52,15 +52,9 @@ from transformers import Cache, LogitsProcessor
 from transformers.cache_utils import CacheLayerMixin
 
 from landmark.hf.attention import ATTN_IMPLEMENTATION, route_attention
-from landmark.inference.memory import BlockMemory
-from landmark.inference.retrieval import (
-    DECODE_ROWS,
-    RetrievalConfig,
-    StepStats,
-    decode_step_plan,
-    retrieval_attention,
-)
-from landmark.inference.session import DEFAULT_CHUNK_LEN
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
+from landmark.inference.retrieval import RetrievalConfig
+from landmark.inference.session import retrieval_config
 from landmark.model import apply_rope, rope_angles
 
 
@@ -99,19 +93,15 @@ def unrotate(x: Tensor, positions: Tensor, base: float) -> Tensor:
 
 
 class _RetrievalLayer(CacheLayerMixin):
-    """One layer's state: block memory, tail block, stream length. Filled by the attention call."""
+    """transformers' view of one layer: its state lives in the shared ``RetrievalCache``."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self) -> None:
+    def __init__(self, stream: RetrievalCache, layer_idx: int) -> None:
         super().__init__()
-        self.memory: BlockMemory | None = None
-        self.tail_k: Tensor | None = None  # (B, Hkv, block_size, D) un-rotated; the first tail_len are real
-        self.tail_v: Tensor | None = None
-        self.tail_len = 0  # positions of the incomplete last block (every row the same)
-        self.length = 0  # stream positions seen (every row the same)
+        self.stream, self.layer_idx = stream, layer_idx
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -124,17 +114,16 @@ class _RetrievalLayer(CacheLayerMixin):
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.length
+        length = self.stream.seq_length(self.layer_idx)
+        return int(length[0]) if length.numel() else 0
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.memory = self.tail_k = self.tail_v = None
-        self.tail_len = self.length = 0
         self.is_initialized = False
 
     def offload(self) -> None:  # block contents already live on ``memory_device``
@@ -150,7 +139,7 @@ class _RetrievalLayer(CacheLayerMixin):
         raise NotImplementedError("LandmarkRetrievalCache does not support beam search")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.length:
+        if self.get_seq_length():
             raise NotImplementedError("LandmarkRetrievalCache cannot expand a filled cache")
 
     def batch_select_indices(self, indices: Tensor) -> None:
@@ -160,10 +149,16 @@ class _RetrievalLayer(CacheLayerMixin):
 class LandmarkRetrievalCache(Cache):
     """A transformers ``Cache`` that answers every query with top-k block retrieval through the landmarks.
 
+    A thin adapter: the stream state (block memories, tails, lengths) and the attention are the
+    library's one implementation, :class:`landmark.inference.RetrievalCache`, which the library's own
+    ``GPT`` uses too; this class un-rotates what transformers' attention modules computed and hands it
+    over.
+
     Args:
         model: a converted model (:func:`landmark.hf.convert` / :func:`landmark.hf.load_pretrained`),
             or its config.
-        retrieval: k, granularity, search (default ``RetrievalConfig()``: k = 4, per token and head).
+        retrieval: k, granularity, search, kernel (default ``RetrievalConfig()``: k = 4, per token and
+            head); or its fields as keywords (``k=4``).
         chunk_len: positions of a long input processed at once (the paper: 250 tokens); at least one
             block.
         memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
@@ -171,6 +166,7 @@ class LandmarkRetrievalCache(Cache):
             FIFO eviction of the oldest block or an error (:class:`landmark.inference.MemoryFullError`).
 
     Attributes:
+        stream: the :class:`landmark.inference.RetrievalCache` holding the state.
         stats: :class:`landmark.inference.retrieval.StepStats`, what the attention read (summed over
             layers and steps): landmarks scored, blocks fetched, local positions.
 
@@ -189,6 +185,7 @@ class LandmarkRetrievalCache(Cache):
         memory_device: torch.device | str | None = None,
         max_blocks: int | None = None,
         evict: bool = True,
+        **retrieval_fields: Any,
     ) -> None:
         config = getattr(model, "config", model)
         block_size = getattr(config, "landmark_block_size", None)
@@ -204,19 +201,17 @@ class LandmarkRetrievalCache(Cache):
             )
         self.rope_base = rope_theta(config)
         self.block_size = int(block_size)
-        if chunk_len < self.block_size:
-            raise ValueError(f"chunk_len ({chunk_len}) must be at least one block ({self.block_size})")
-        if max_blocks is not None and max_blocks < 1:
-            raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
-        self.retrieval = retrieval if retrieval is not None else RetrievalConfig()
-        if not isinstance(self.retrieval, RetrievalConfig):
-            raise ValueError(f"retrieval must be a landmark.inference.RetrievalConfig; got {retrieval!r}")
-        self.chunk_len, self.memory_device = chunk_len, memory_device
-        self.max_blocks, self.evict = max_blocks, evict
-        self.stats = StepStats()
-        self._plan_key: tuple | None = None
-        self._plan = None
-        super().__init__(layers=[_RetrievalLayer() for _ in range(config.num_hidden_layers)])
+        self.retrieval = retrieval_config(retrieval, **retrieval_fields)
+        self.stream = RetrievalCache(
+            config.num_hidden_layers, block_size=self.block_size, rope_base=self.rope_base,
+            retrieval=self.retrieval, chunk_len=chunk_len, memory_device=memory_device,
+            max_blocks=max_blocks, evict=evict,
+        )  # fmt: skip
+        super().__init__(layers=[_RetrievalLayer(self.stream, i) for i in range(config.num_hidden_layers)])
+
+    @property
+    def stats(self):
+        return self.stream.stats
 
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
@@ -254,92 +249,25 @@ class LandmarkRetrievalCache(Cache):
             (B, H, T, D) attention outputs.
         """
         layer_idx = int(module.layer_idx)
-        layer = self.layers[layer_idx]
-        batch, _, t, head_dim = query.shape
-        positions = torch.arange(layer.length, layer.length + t, device=query.device)[None]  # (1, T)
+        t = query.shape[2]
+        length = self.layers[layer_idx].get_seq_length()
+        positions = torch.arange(length, length + t, device=query.device)[None]  # (1, T)
         if position_ids is not None and (
             position_ids.shape[-1] != t or not bool((position_ids == positions).all())
         ):
             raise ValueError(
-                f"LandmarkRetrievalCache needs the stream positions {layer.length}..{layer.length + t - 1} "
+                f"LandmarkRetrievalCache needs the stream positions {length}..{length + t - 1} "
                 f"(every row the same, no padding); got position_ids starting at "
                 f"{position_ids.reshape(-1, position_ids.shape[-1])[:, 0].tolist()[:8]}"
             )
-        self._ensure_state(layer, batch, key)
         q = unrotate(query, positions, self.rope_base)  # (B, H, T, D)
         k = unrotate(key, positions, self.rope_base)  # (B, Hkv, T, D)
-        scale = scaling if scaling is not None else head_dim**-0.5
-        layer.memory.reserve((layer.length + t) // self.block_size)
-        outs = [
-            self._attend_chunk(layer_idx, q[:, :, c0 : c0 + self.chunk_len], k, value, c0, scale)
-            for c0 in range(0, t, self.chunk_len)
-        ]
-        return torch.cat(outs, dim=2)
-
-    def _attend_chunk(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, c0: int, scale: float) -> Tensor:
-        """retrieval_attention of the chunk ``c0 : c0 + q.shape[2]`` of k/v; commit its complete blocks."""
-        layer, bs = self.layers[layer_idx], self.block_size
-        batch, c = q.shape[0], q.shape[2]
-        dev = q.device
-        n = layer.tail_len + c  # local context: the tail block, then the chunk
-        tail, new = slice(0, layer.tail_len), slice(c0, c0 + c)
-        local_k = torch.cat((layer.tail_k[:, :, tail], k[:, :, new]), dim=2)  # (B, Hkv, n, D)
-        local_v = torch.cat((layer.tail_v[:, :, tail], v[:, :, new]), dim=2)
-        local_len = torch.full((batch,), n, dtype=torch.long, device=dev)
-        q_start = torch.full((batch,), layer.tail_len, dtype=torch.long, device=dev)
-        q_len = torch.full((batch,), c, dtype=torch.long, device=dev)
-        plan = None
-        if c <= DECODE_ROWS:  # the same for every layer of a decode step: build it once
-            key = (tuple(layer.memory.count), layer.tail_len, c, layer.length)
-            if key != self._plan_key:
-                self._plan = decode_step_plan(
-                    layer.memory, local_len, q_start, q_len, c, n, self.retrieval, q.dtype, bs, q.shape[-1],
-                    self.rope_base,
-                )  # fmt: skip
-                self._plan_key = key
-            plan = self._plan
-        out = retrieval_attention(
-            q, local_k, local_v, local_len, q_start, q_len, layer.memory, self.retrieval,
-            bs, self.rope_base, scale, self.stats, plan,
-        )  # fmt: skip
-        full = n // bs
-        if full:
-            kb = local_k[:, :, : full * bs].unflatten(2, (full, bs))  # (B, Hkv, full, bs, D)
-            vb = local_v[:, :, : full * bs].unflatten(2, (full, bs))
-            for row in range(batch):
-                layer.memory.append(row, kb[row], vb[row])
-        rest = n - full * bs
-        layer.tail_k[:, :, :rest] = local_k[:, :, full * bs :]
-        layer.tail_v[:, :, :rest] = local_v[:, :, full * bs :]
-        layer.tail_len = rest
-        layer.length += c
-        return out
-
-    def _ensure_state(self, layer: _RetrievalLayer, batch: int, key: Tensor) -> None:
-        """Create the layer's memory and tail at its first call; check the batch size afterwards."""
-        if layer.memory is not None:
-            if layer.memory.batch != batch:
-                raise ValueError(f"this cache holds {layer.memory.batch} rows; got a batch of {batch}")
-            return
-        kv_heads, head_dim = key.shape[1], key.shape[3]
-        index = None
-        if self.retrieval.search == "faiss":
-            from landmark.inference.search import LandmarkIndex
-
-            index = LandmarkIndex(batch, kv_heads, head_dim)
-        layer.memory = BlockMemory(
-            batch, kv_heads, self.block_size, head_dim, rope_base=self.rope_base, dtype=key.dtype,
-            device=key.device, storage_device=self.memory_device, max_blocks=self.max_blocks,
-            evict=self.evict, index=index,
-        )  # fmt: skip
-        layer.tail_k = key.new_zeros(batch, kv_heads, self.block_size, head_dim)
-        layer.tail_v = torch.zeros_like(layer.tail_k)
+        return self.stream.attend(layer_idx, q, k, value, None, scaling)
 
     def reset(self) -> None:
         """Forget every stream (the cache can then serve a new batch)."""
         super().reset()
-        self.stats = StepStats()
-        self._plan_key = self._plan = None
+        self.stream.reset()
 
 
 class LandmarkLogitsProcessor(LogitsProcessor):

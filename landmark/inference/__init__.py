@@ -1,16 +1,20 @@
 """Random-access inference: block memory, top-k retrieval through landmarks, long-context generation."""
 
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
+from landmark.inference.full_cache import FullCache
 from landmark.inference.generate import generate, sample_next
 from landmark.inference.memory import BlockMemory, MemoryFullError
 from landmark.inference.retrieval import GRANULARITIES, RetrievalConfig, retrieval_attention, select_blocks
-from landmark.inference.session import DEFAULT_CHUNK_LEN, InferenceSession, chunked_logits, chunked_nll
+from landmark.inference.session import InferenceSession, chunked_logits, chunked_nll
 
 __all__ = [
     "DEFAULT_CHUNK_LEN",
     "GRANULARITIES",
     "BlockMemory",
+    "FullCache",
     "InferenceSession",
     "MemoryFullError",
+    "RetrievalCache",
     "RetrievalConfig",
     "chunked_logits",
     "chunked_nll",

@@ -60,10 +60,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch.compile the decode steps' retrieval attention (measured slower on CPU; see docs)",
     )
     p.add_argument(
-        "--decode-kernel",
+        "--kernel",
         choices=("auto", "cpp", "torch"),
         default="auto",
-        help="decode steps: the fused C++ CPU kernel where it applies (auto), always (cpp), never (torch)",
+        help="CPU float32 steps: the fused C++ retrieval kernel where it applies (auto), always (cpp), "
+        "never (torch)",
     )
     p.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
@@ -169,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         eot_id=eot, seed=args.seed, on_token=stream,
         k=args.k, granularity=args.granularity, chunk_len=args.chunk_len, memory_device=args.memory_device,
         max_blocks=args.max_blocks, search=args.search, compile=args.compile,
-        decode_kernel=args.decode_kernel,
+        kernel=args.kernel,
     )  # fmt: skip
     if single:
         stream.finish()

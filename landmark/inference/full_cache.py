@@ -1,10 +1,11 @@
-"""Decoding with a full key/value cache: the baseline that landmark retrieval is measured against.
+"""A full key/value cache: the baseline that landmark retrieval is measured against.
 
-``FullCacheDecoder`` runs a ``GPT`` (any attention kind is accepted for the weights, but the step is
-ordinary causal attention, so it reproduces ``GPT.forward`` only for ``attention="full"``) over a
-preallocated per-layer cache of ROTATED keys and values, ``(B, Hkv, max_len, D)``. Every step attends
-to every cached position, so its cost grows with the context: a generated token reads all cached keys
-and values of every layer. All rows of the batch share one length (no padding).
+``FullCache`` keeps every earlier position of every layer, ROTATED, in preallocated tensors
+``(B, Hkv, max_len, D)``, and answers ``attend`` with ordinary causal attention over all of them, so
+its cost grows with the context: a generated token reads all cached keys and values of every layer.
+Pass it to ``GPT.forward(ids, cache=...)`` of a model with ``attention="full"`` (with any other kind
+the weights load but the attention is not the one they were trained with). All rows of the batch share
+one length (no padding).
 """
 
 from __future__ import annotations
@@ -13,75 +14,87 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from landmark.model import GPT, apply_rope, rope_angles
+from landmark.model import apply_rope, rope_angles
 
 
-class FullCacheDecoder:
-    """A GPT plus preallocated rotated K/V caches for ``max_len`` positions.
+class FullCache:
+    """Rotated K/V of every layer for ``max_len`` positions.
 
     Args:
-        model: a ``GPT`` (``attention="full"`` for results equal to ``GPT.forward``).
-        batch_size: rows decoded together (all of the same length).
-        max_len: cache capacity in positions (prompt + generated tokens).
+        n_layers, batch_size, kv_heads, head_dim: the geometry; dtype, device: of the model.
+        max_len: capacity in positions (prompt + generated tokens).
+        rope_base: the model's RoPE base.
     """
 
-    def __init__(self, model: GPT, batch_size: int = 1, *, max_len: int):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        max_len: int,
+        rope_base: float,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"need max_len >= 1 and batch_size >= 1; got {max_len}, {batch_size}")
-        self.model, self.config = model, model.config
-        param = next(model.parameters())
-        cfg = self.config
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.n_layer)]
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
-        self.device = param.device
+        self.lengths = [0] * n_layers  # positions held per layer (the same after every step)
+        self.max_len, self.rope_base = max_len, rope_base
+
+    @classmethod
+    def for_model(cls, model, batch_size: int = 1, *, max_len: int) -> FullCache:
+        """A cache with the geometry, dtype and device of a ``GPT``."""
+        cfg, param = model.config, next(model.parameters())
+        return cls(
+            cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len=max_len, rope_base=cfg.rope_base,
+            dtype=param.dtype, device=param.device,
+        )  # fmt: skip
+
+    @property
+    def length(self) -> int:
+        """Positions held (by the last layer)."""
+        return self.lengths[-1]
 
     def nbytes(self) -> int:
         """Bytes of the K/V caches (all layers, full capacity)."""
         return sum(k.numel() * k.element_size() * 2 for k in self.keys)
 
-    @torch.no_grad()
-    def feed(self, ids: Tensor) -> Tensor:
-        """Append positions to every row and return their logits.
-
-        Args:
-            ids: (B, T) token ids continuing each row (T = 1 when decoding, a whole prompt to prefill).
-
-        Returns:
-            (B, T, vocab) logits.
-        """
-        batch, t = ids.shape
-        if batch != self.batch_size:
-            raise ValueError(f"ids must have {self.batch_size} rows; got {batch}")
-        start, end = self.length, self.length + t
+    def attend(
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        lengths: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Causal attention of T new positions over every cached one: un-rotated q (B, H, T, D), k, v
+        (B, Hkv, T, D) -> (B, H, T, D); they join the cache."""
+        if lengths is not None and bool((lengths != q.shape[2]).any()):
+            raise ValueError("FullCache rows must all have the same length (no padding)")
+        t, start = q.shape[2], self.lengths[layer]
+        end = start + t
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} positions; {end} needed")
-        cfg, model = self.config, self.model
-        cos, sin = rope_angles(torch.arange(start, end, device=self.device), cfg.head_dim, cfg.rope_base)
+        cos, sin = rope_angles(torch.arange(start, end, device=q.device), q.shape[-1], self.rope_base)
+        self.keys[layer][:, :, start:end] = apply_rope(k, cos, sin)
+        self.values[layer][:, :, start:end] = v
         mask = None
         if t > 1:  # new rows see the whole cache and, causally, each other
             mask = (
-                torch.arange(end, device=self.device)[None, :]
-                <= torch.arange(start, end, device=self.device)[:, None]
+                torch.arange(end, device=q.device)[None, :]
+                <= torch.arange(start, end, device=q.device)[:, None]
             )
-        h = model.embed(ids.to(self.device))  # (B, T, E)
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            q, k, v = attn.project(block.norm1(h))  # (B, H, T, D), (B, Hkv, T, D) x2
-            self.keys[layer][:, :, start:end] = apply_rope(k, cos, sin)
-            self.values[layer][:, :, start:end] = v
-            y = F.scaled_dot_product_attention(
-                apply_rope(q, cos, sin),
-                self.keys[layer][:, :, :end],
-                self.values[layer][:, :, :end],
-                attn_mask=mask,
-                enable_gqa=cfg.n_kv_head != cfg.n_head,
-            )  # (B, H, T, D)
-            h = h + attn.merge(y)
-            h = h + block.mlp(block.norm2(h))
-        self.length = end
-        return model.logits(h)
+        self.lengths[layer] = end
+        return F.scaled_dot_product_attention(
+            apply_rope(q, cos, sin), self.keys[layer][:, :, :end], self.values[layer][:, :, :end],
+            attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+        )  # fmt: skip
 
     def fill_random(self, length: int, generator: torch.Generator | None = None) -> None:
         """Pretend ``length`` positions were prefilled: random keys/values (benchmarks of decode cost,
@@ -91,4 +104,4 @@ class FullCacheDecoder:
         for k, v in zip(self.keys, self.values):
             k[:, :, :length].normal_(generator=generator)
             v[:, :, :length].normal_(generator=generator)
-        self.length = length
+        self.lengths = [length] * len(self.keys)

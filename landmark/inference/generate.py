@@ -1,23 +1,51 @@
-"""Long-context generation: chunked prompt prefill, then token-by-token decoding with retrieval.
+"""Generation with landmarks: one loop and one sampling rule for every model family.
 
-Landmarks are inserted automatically and never sampled: when a generated token fills the last regular
-position of a block, the landmark is fed right after it in the same step. The next token is then
-sampled from the output of the token BEFORE the landmark, which is the position the model was trained
-to predict from (landmark positions are not targets in training, shared/method.md section 3); the
-landmark's own output is discarded, and its key joins the block memory like any other block's.
+A *reader* is anything that continues a batch of streams and returns the logits of each row's last
+real position: ``InferenceSession.read`` for the library's ``GPT``, ``landmark.hf.generate``'s reader
+for Hugging Face models (a ``LandmarkRetrievalCache`` or, for exact attention, a ``DynamicCache``).
+``generate_with`` reads the prompts (landmarks inserted, consumed chunk by chunk: memory stays the
+block memory plus one chunk) and then decodes token by token.
+
+Landmarks are fed, never sampled. A prompt that ends with a complete block keeps its landmark back;
+whenever the next stream position is a landmark position, the landmark is fed together with the next
+regular token (``[landmark, token]``), and the following token is predicted from that token's output.
+So the next token is always predicted by a regular token's output, as in training, where landmark
+positions are not targets (shared/method.md section 3), and the landmark's key joins the memory like
+any other block's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from landmark.inference.session import InferenceSession, rows_with_landmarks
+from landmark.data.landmarks import insert_landmarks
 from landmark.model import GPT
 
 TokenCallback = Callable[[int, int], None]  # (batch row, token id)
+Reader = Callable[[Tensor, Tensor], Tensor]  # (ids (B, C), lengths (B,)) -> (B, vocab) last logits
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``temperature == 0``) or sampled at ``temperature`` from
+    the smallest set of tokens whose probability reaches ``top_p``; ``seed`` seeds the sampler."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
 
 
 def sample_next(
@@ -35,6 +63,90 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prompt_streams(
+    prompts: Sequence[Sequence[int]], block_size: int, landmark_id: int | None
+) -> tuple[Tensor, Tensor]:
+    """B token lists -> (B, n) streams with their landmarks, right-padded, and (B,) lengths; a stream
+    that would end with a landmark keeps it back (it is fed with the first generated token). With
+    ``landmark_id`` None (a model without landmarks) the streams are the prompts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    rows = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
+    if landmark_id is not None:
+        if any(bool((r == landmark_id).any()) for r in rows):
+            raise ValueError(
+                f"prompts must not contain the landmark token id {landmark_id}: landmarks are inserted here"
+            )
+        rows = [insert_landmarks(r, block_size, landmark_id) for r in rows]
+        rows = [r[:-1] if int(r[-1]) == landmark_id else r for r in rows]
+    lengths = torch.tensor([len(r) for r in rows])
+    stream = torch.zeros((len(rows), int(lengths.max())), dtype=torch.long)
+    for b, r in enumerate(rows):
+        stream[b, : len(r)] = r
+    return stream, lengths
+
+
+@torch.no_grad()
+def generate_with(
+    read: Reader,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    block_size: int,
+    landmark_id: int | None,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+    on_token: TokenCallback | None = None,
+) -> list[list[int]]:
+    """The generation loop: read the prompts, then decode token by token.
+
+    Args:
+        read: the model's reader (see the module).
+        block_size, landmark_id: where landmarks go (``landmark_id`` None: a model without landmarks).
+        prompts: B token-id lists (regular tokens, no landmarks), of different lengths if the reader
+            allows it.
+        max_new_tokens: regular tokens to generate per row (>= 1).
+        sampling: greedy or sampled (``Sampling``).
+        stop_ids: a row stops after generating one of these (it is included in the output).
+        on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists.
+
+    Returns:
+        The generated token ids of each row.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    stream, positions = prompt_streams(prompts, block_size, landmark_id)
+    logits = read(stream, positions)  # (B, vocab)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    stop = torch.tensor(list(stop_ids), dtype=torch.long)
+    batch = len(prompts)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        logits = logits.float().cpu()
+        if landmark_id is not None:
+            logits[:, landmark_id] = float("-inf")  # a landmark is never sampled
+        token = sample_next(logits, sampling.temperature, sampling.top_p, generator).cpu()  # (B,)
+        for b in range(batch):
+            if not done[b]:
+                out[b].append(int(token[b]))
+                if on_token is not None:
+                    on_token(b, int(token[b]))
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        landmark_first = torch.zeros(batch, dtype=torch.bool)
+        if landmark_id is not None:  # the next position is a landmark's: feed it first
+            landmark_first = positions % block_size == block_size - 1
+        first = torch.where(landmark_first, landmark_id if landmark_id is not None else 0, token)
+        ids = torch.stack((first, token), dim=1)  # (B, 2)
+        lengths = torch.where(done, 0, 1 + landmark_first.long())
+        width = 2 if bool(landmark_first[lengths > 0].any()) else 1
+        logits = read(ids[:, :width], lengths)
+        positions += lengths
+    return out
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -48,65 +160,31 @@ def generate(
     on_token: TokenCallback | None = None,
     **session_kwargs,
 ) -> list[list[int]]:
-    """Generate continuations of a batch of prompts of any length.
+    """Generate continuations of a batch of prompts of any length with a landmark ``GPT``.
 
     Args:
         prompts: B token-id lists (regular tokens, no landmarks), of different lengths if you like.
-        max_new_tokens: tokens to generate per prompt.
+        max_new_tokens: tokens to generate per prompt (>= 1).
         temperature: 0 for greedy decoding, else the sampling temperature.
         top_p: nucleus sampling mass (1.0 = off).
         eot_id: stop a row when it generates this token (it is included in the output).
+        seed: seeds the sampler.
         on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists
             (for streaming output).
-        **session_kwargs: ``InferenceSession`` options (k, granularity, chunk_len, memory_device, ...).
+        **session_kwargs: ``InferenceSession`` options (retrieval or its fields k, granularity, ...;
+            chunk_len, memory_device, ...).
 
     Returns:
         The generated token ids of each row.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    from landmark.inference.session import InferenceSession
+
+    sampling = Sampling(temperature, top_p, seed)
+    if not prompts:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
-    cfg = model.config
     session = InferenceSession(model, len(prompts), **session_kwargs)
-    bs, lm = cfg.block_size, cfg.landmark_id
-    if any(lm in p for p in prompts):
-        raise ValueError(f"prompts must not contain the landmark token id {lm}: landmarks are inserted here")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-
-    # Prefill: each prompt with its landmarks, right-padded; remember the last regular position's logits.
-    tokens = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    lengths = torch.tensor([len(p) for p in prompts])
-    stream = rows_with_landmarks(tokens, lengths, bs, lm)
-    stream_len = lengths + lengths // (bs - 1)
-    logits = session.feed(stream, stream_len)
-    last_regular = stream_len - 1 - (stream_len % bs == 0).long()  # a stream ending in a landmark
-    pending = logits[torch.arange(len(prompts)), last_regular.to(logits.device)]  # (B, vocab)
-
-    out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        pending[:, lm] = float("-inf")  # a landmark is never sampled
-        nxt = sample_next(pending, temperature, top_p, generator).cpu()  # (B,)
-        pos = session.length.clone()  # stream position each new token takes
-        needs_landmark = pos % bs == bs - 2  # the token fills its block's last regular position
-        ids = torch.stack((nxt, torch.full_like(nxt, lm)), dim=1)  # (B, 2)
-        step_len = torch.where(done, 0, 1 + needs_landmark.long())
-        for b in range(len(prompts)):
-            if not done[b]:
-                out[b].append(int(nxt[b]))
-                if on_token is not None:
-                    on_token(b, int(nxt[b]))
-        done |= (nxt == eot_id) if eot_id is not None else torch.zeros_like(done)
-        if bool(done.all()):
-            break
-        width = (
-            2 if bool(needs_landmark[step_len > 0].any()) else 1
-        )  # one query row unless a landmark follows
-        logits = session.feed(ids[:, :width], step_len)
-        pending = logits[:, 0]
-    return out
+    cfg = model.config
+    return generate_with(
+        session.read, prompts, max_new_tokens, block_size=cfg.block_size, landmark_id=cfg.landmark_id,
+        sampling=sampling, stop_ids=() if eot_id is None else (eot_id,), on_token=on_token,
+    )  # fmt: skip

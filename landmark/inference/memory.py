@@ -5,8 +5,9 @@ For each batch row the memory holds ``count[b]`` complete blocks in chronologica
 
 * ``landmark_keys``: (B, Hkv, capacity, D), un-rotated, on the model's device: scored against every
   query (the scan rotates the query, not the N landmark keys);
-* ``keys``: (B, Hkv, capacity, block_size, D) and ``values``: (B, Hkv, capacity, block_size - 1, D),
-  the block's contents, on ``storage_device`` (CPU RAM while the model runs on CUDA, for example);
+* ``keys``: (B, Hkv, capacity, D, block_size), key-major inside a block (a query's scores against a
+  block are one vector-matrix product), and ``values``: (B, Hkv, capacity, block_size - 1, D), the
+  block's contents, on ``storage_device`` (CPU RAM while the model runs on CUDA, for example);
   only the blocks that retrieval selects are copied to the model's device.
 
 Keys carry no position: a block's key at offset ``j`` inside the block (its landmark at
@@ -83,7 +84,7 @@ class BlockMemory:
         """Grow the storage to ``capacity`` blocks, keeping every row's blocks in logical order."""
         b, h, d, n = self.batch, self.kv_heads, self.head_dim, self.block_size - 1
         lk = torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
-        keys = torch.zeros(b, h, capacity, n + 1, d, dtype=self.dtype, device=self.storage_device)
+        keys = torch.zeros(b, h, capacity, d, n + 1, dtype=self.dtype, device=self.storage_device)
         values = torch.zeros(b, h, capacity, n, d, dtype=self.dtype, device=self.storage_device)
         if self.capacity:
             for row in range(b):
@@ -141,7 +142,7 @@ class BlockMemory:
             self._allocate(min(2 * self.capacity, self.max_blocks or 2 * self.capacity))
         slot = (self.start[row] + self.count[row]) % self.capacity
         self.landmark_keys[row, :, slot] = landmark_key.to(self.device, self.dtype)
-        self.keys[row, :, slot] = keys.to(self.storage_device, self.dtype)
+        self.keys[row, :, slot] = keys.transpose(-1, -2).to(self.storage_device, self.dtype)
         self.values[row, :, slot] = values[:, :-1].to(self.storage_device, self.dtype)
         self.count[row] += 1
 
@@ -168,7 +169,8 @@ class BlockMemory:
             logical: (B, Hkv, M) logical block indices (each < count of its row; pad with 0).
 
         Returns:
-            keys: (B, Hkv, M, block_size, D), rotated by their in-block offsets, the landmark's last;
+            keys: (B, Hkv, M, D, block_size), key-major, rotated by their in-block offsets, the
+            landmark's last;
             values: (B, Hkv, M, block_size - 1, D) of the regular tokens. Only these blocks of these
             heads are read and moved.
         """
@@ -177,12 +179,14 @@ class BlockMemory:
         flat = (row_head + self.physical_index(logical)).view(-1)  # index into (B * Hkv * capacity)
         n, d = self.block_size, self.head_dim
         sto = flat.to(self.storage_device)
-        keys = self.keys.view(-1, n, d).index_select(0, sto).to(self.device).view(b, h, m, n, d)
+        keys = self.keys.view(-1, d, n).index_select(0, sto).to(self.device).view(b, h, m, d, n)
         values = self.values.view(-1, n - 1, d).index_select(0, sto).to(self.device).view(b, h, m, n - 1, d)
         return keys, values
 
     def raw_keys(self, keys: Tensor) -> Tensor:
-        """Stored (offset-rotated) block keys (..., block_size, D) -> the un-rotated keys."""
+        """Stored (offset-rotated, key-major) block keys (..., D, block_size) -> the un-rotated keys
+        (..., block_size, D)."""
+        keys = keys.transpose(-1, -2)
         return apply_rope(keys, self._cos.to(keys.device), -self._sin.to(keys.device))
 
     def landmarks_at(self, logical: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from landmark.inference import decode_kernel
+from landmark.inference import kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.search import search_candidates
 from landmark.model import apply_rope, rope_angles
@@ -67,7 +67,7 @@ class RetrievalConfig:
     search: str = "exact"  # landmark search: "exact" scan of every landmark | "faiss" index (optional extra)
     candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
     compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
-    decode_kernel: str = "auto"  # decode steps: "auto" (C++ kernel where it applies) | "cpp" | "torch"
+    kernel: str = "auto"  # CPU float32 steps: "auto" (fused C++ kernel where it applies) | "cpp" | "torch"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -82,21 +82,17 @@ class RetrievalConfig:
             raise ValueError(f"candidates must be an integer >= 0 (0: 2 * k + 8); got {self.candidates!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False; got {self.compile!r}")
-        if self.decode_kernel not in decode_kernel.KERNELS:
-            raise ValueError(
-                f"decode_kernel must be one of {decode_kernel.KERNELS}; got {self.decode_kernel!r}"
-            )
+        if self.kernel not in kernel.KERNELS:
+            raise ValueError(f"kernel must be one of {kernel.KERNELS}; got {self.kernel!r}")
 
-    def kernel_for(self, rows: int, q_len: Tensor, dtype: torch.dtype, memory: BlockMemory | None):
-        """The compiled C++ decode kernel if a step of ``rows`` query rows (``q_len`` (B,) real ones, of
-        ``dtype``) over ``memory`` takes it, else None (see ``landmark.inference.decode_kernel``)."""
-        if self.decode_kernel == "torch" or rows > DECODE_ROWS:
+    def kernel_for(self, dtype: torch.dtype, device: torch.device, memory: BlockMemory | None):
+        """The compiled C++ kernel if a step with queries of ``dtype`` on ``device`` over ``memory``
+        takes it, else None (see ``landmark.inference.kernel``)."""
+        if self.kernel == "torch":
             return None
-        if not decode_kernel.kernel_applies(
-            rows, q_len, dtype, memory, self.k, self.granularity, self.search, self.compile
-        ):
+        if not kernel.kernel_applies(dtype, device, memory, self.granularity, self.search, self.compile):
             return None
-        return decode_kernel.kernel_module(required=self.decode_kernel == "cpp")
+        return kernel.kernel_module(required=self.kernel == "cpp")
 
     @property
     def n_candidates(self) -> int:
@@ -217,7 +213,7 @@ def retrieval_attention(
     rope_base: float,
     scale: float,
     stats: StepStats | None = None,
-    plan: DecodePlan | decode_kernel.KernelPlan | None = None,
+    plan: DecodePlan | kernel.KernelPlan | None = None,
 ) -> Tensor:
     """Landmark attention of new queries over retrieved memory blocks and the local context.
 
@@ -228,9 +224,9 @@ def retrieval_attention(
             position 0 is a block boundary.
         q_start: (B,) local position of each row's first query (= its tail length).
         memory: the layer's block memory (None or empty: local attention only).
-        plan: the layer-independent part of a decode step (at most ``DECODE_ROWS`` rows), shared by
-            the layers of one step: a ``DecodePlan``, or a ``decode_kernel.KernelPlan`` for a step
-            that takes the fused kernel (``retrieval.kernel_for``); None: chosen and built here.
+        plan: what the layers of one step share: a ``kernel.KernelPlan`` for a step that takes the
+            fused C++ kernel (``retrieval.kernel_for``), a ``DecodePlan`` for an eager decode step (at
+            most ``DECODE_ROWS`` rows); None: chosen and built here.
 
     Returns:
         (B, H, C, D) attention outputs; padding rows are zero.
@@ -240,18 +236,21 @@ def retrieval_attention(
         raise ValueError(
             f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
         )
-    if plan is None and rows <= DECODE_ROWS and bool((q_len > 0).any()):
-        plan = decode_step_plan(
+    if plan is None and bool((q_len > 0).any()):
+        plan = step_plan(
             memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, q.dtype, block_size,
             head_dim, rope_base,
         )  # fmt: skip
-    if isinstance(plan, decode_kernel.KernelPlan):  # a decode step through the fused C++ kernel
+    if isinstance(plan, kernel.KernelPlan):  # one call of the fused C++ kernel
+        out, selected = kernel.retrieval_step(
+            q, local_k, local_v, local_len, q_start, q_len, memory, retrieval.k, scale, plan
+        )
         if stats is not None:
-            stats.local_positions += plan.local_positions
+            stats.local_positions += int(local_len.sum())
             stats.landmarks_scored += sum(memory.count)
-            stats.block_heads_fetched += batch * heads * rows * retrieval.k
-        return decode_kernel.decode_step(q, local_k, local_v, local_len, q_len, memory, plan, scale)
-    if plan is not None:
+            stats.block_heads_fetched += int((selected >= 0).sum())
+        return out
+    if isinstance(plan, DecodePlan):
         if stats is not None:
             stats.local_positions += plan.local_positions
         return _retrieve_and_attend(
@@ -336,7 +335,7 @@ class DecodePlan:
     earlier: Tensor  # (B, 1, C, k_max + nb) blocks reached through their landmark, ditto
 
 
-def decode_step_plan(
+def step_plan(
     memory: BlockMemory | None,
     local_len: Tensor,
     q_start: Tensor,
@@ -348,15 +347,16 @@ def decode_step_plan(
     block_size: int,
     head_dim: int,
     rope_base: float,
-) -> DecodePlan | decode_kernel.KernelPlan:
-    """The layer-independent part of a decode step (at most ``DECODE_ROWS`` query rows), shared by its
-    layers: the fused kernel's plan where the kernel applies (``RetrievalConfig.kernel_for``), else a
-    ``DecodePlan``. Arguments as in ``decode_plan``; dtype: the queries' dtype."""
-    kernel = retrieval.kernel_for(rows, q_len, dtype, memory)
-    if kernel is not None:
-        return decode_kernel.kernel_plan(
-            kernel, q_start, rows, local_len, local_width, retrieval.k, block_size, head_dim, rope_base
-        )
+) -> DecodePlan | kernel.KernelPlan | None:
+    """What the layers of one step share: the fused kernel's plan where the kernel applies
+    (``RetrievalConfig.kernel_for``), else a ``DecodePlan`` for a decode step (at most ``DECODE_ROWS``
+    query rows), else None (an eager prefill chunk plans per row group). Arguments as in
+    ``decode_plan``; dtype: the queries' dtype."""
+    module = retrieval.kernel_for(dtype, q_start.device, memory)
+    if module is not None:
+        return kernel.kernel_plan(module, retrieval.k, local_width, block_size, head_dim, rope_base)
+    if rows > DECODE_ROWS:
+        return None
     count = memory.count if memory is not None else [0] * q_start.shape[0]
     n_blocks = torch.tensor(count, device=q_start.device)
     return decode_plan(
@@ -393,7 +393,7 @@ def decode_plan(
     q_pos = base[:, None] + q_local
     t_local = local_width
     nb_local = -(-t_local // bs)
-    cos_t, sin_t = decode_kernel.step_rope_table(retrieval.k, t_local, bs, head_dim, rope_base, dev)
+    cos_t, sin_t = kernel.rope_table(retrieval.k, t_local, bs, head_dim, rope_base, dev)
     j = torch.arange(k_max + 1, device=dev)
     pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
     key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
@@ -593,8 +593,8 @@ def _decode_attend(
         q_att: (B, H, C, k_max + 1, D) from ``_decode_local``; selected: (B, H, C, k) logical indices,
             ascending; recent_from: (B, 1, 1, 1) first logical index among the k_eff most recent blocks
             (those sit one slot further right).
-        keys: (B, Hkv, M, bs, D) the selected blocks' keys as stored (rotated by their in-block
-            offsets, the landmark's last; M = G * C * k, in the order of ``selected``); values:
+        keys: (B, Hkv, M, D, bs) the selected blocks' keys as stored (key-major, rotated by their
+            in-block offsets, the landmark's last; M = G * C * k, in the order of ``selected``); values:
             (B, Hkv, M, bs - 1, D) of their regular tokens.
         local_scores, lv: from ``_decode_local``; current: (B, 1|H, C, k + nb, bs), earlier:
             (B, 1|H, C, k + nb) group membership (``grouped_softmax``).
@@ -603,12 +603,12 @@ def _decode_attend(
         (B, H, C, D).
     """
     batch, heads, rows, k_sel = selected.shape
-    kv_heads, dim, bs = keys.shape[1], keys.shape[-1], keys.shape[-2]
+    kv_heads, dim, bs = keys.shape[1], keys.shape[-2], keys.shape[-1]
     rank = torch.arange(k_sel, device=selected.device)
     slot = rank + (selected >= recent_from).long()  # attention slot: chronological rank, +1 if recent
     # the keys carry their in-block offsets; the slot's position is on the query
     q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
-    mem_scores = (keys @ q_sel.reshape(batch, kv_heads, -1, dim, 1)).view(batch, heads, rows, k_sel, bs)
+    mem_scores = (q_sel.reshape(batch, kv_heads, -1, 1, dim) @ keys).view(batch, heads, rows, k_sel, bs)
     scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)
     weights = grouped_softmax(scores, current, earlier)  # (B, H, C, k + nb, bs)
     w_mem = weights[:, :, :, :k_sel, : bs - 1].reshape(batch, kv_heads, -1, 1, bs - 1)  # (B, Hkv, M, 1, bs-1)

@@ -1,0 +1,278 @@
+"""The per-layer stream state of retrieval inference, one implementation for every model family.
+
+A ``RetrievalCache`` is what a model's attention layers hand their new queries, keys and values to
+when reading or generating with landmark retrieval (shared/method.md s.4). For each layer it keeps
+
+* a ``BlockMemory`` of the complete blocks (keys without absolute positions, contents optionally on a
+  slower ``memory_device``, an optional cap with FIFO eviction);
+* the incomplete tail block (un-rotated keys and values);
+* how many stream positions the layer has seen, per batch row;
+
+and ``attend(layer, q, k, v)`` runs ``retrieval_attention`` of the new positions over the retrieved
+blocks, the tail and themselves, chunk by chunk (``chunk_len``; a chunk's complete blocks join the
+memory before the next chunk is read), and commits them. What the layers of one step share (rotation
+tables, masks, or the fused kernel's plan) is built once per step and reused by every layer.
+
+Both model families use it: ``landmark.model.GPT.forward(ids, cache=...)`` passes its layers' q, k, v
+to ``attend``; the Hugging Face adapter (``landmark.hf.LandmarkRetrievalCache``, a transformers
+``Cache``) un-rotates what transformers' attention modules computed and calls the same ``attend``.
+Geometry (batch, kv heads, head dim, dtype, device) comes from the first tensors a layer sees.
+
+Rows of a batch are independent streams and may differ in length: ``lengths`` (B,) gives the real new
+positions of each row (right padding). Queries, keys and values are un-rotated: positions are applied
+inside ``retrieval_attention`` (the "stingy" mapping), so they never exceed a few blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from landmark.inference.memory import BlockMemory
+from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention, step_plan
+from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, LandmarkIndex
+
+DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
+
+
+class _Layer:
+    """One layer's state: memory, tail block, tail lengths and stream lengths per row."""
+
+    def __init__(self, memory: BlockMemory, tail_k: Tensor, tail_v: Tensor) -> None:
+        self.memory = memory
+        self.tail_k, self.tail_v = tail_k, tail_v  # (B, Hkv, block_size, D) un-rotated
+        batch = tail_k.shape[0]
+        self.tail_len = torch.zeros(batch, dtype=torch.long, device=tail_k.device)
+        self.length = torch.zeros(batch, dtype=torch.long)  # stream positions seen, per row (CPU)
+
+
+class RetrievalCache:
+    """Block memories and tails of every layer for a batch of independent streams.
+
+    Args:
+        n_layers: attention layers of the model.
+        block_size: positions per block, landmark included.
+        rope_base: the model's RoPE base (retrieval re-applies rotations at the stingy positions).
+        retrieval: k, granularity, search, kernel (default ``RetrievalConfig()``).
+        chunk_len: positions read at once inside ``attend`` (>= block_size).
+        memory_device: where block contents live (default: next to the keys), e.g. ``"cpu"``.
+        max_blocks: cap on blocks per stream and layer (None: unlimited); ``evict`` chooses FIFO
+            eviction or ``MemoryFullError``.
+        approx_min_blocks: with ``search="faiss"``, blocks per stream from which the index is
+            approximate (HNSW) instead of exact.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        *,
+        block_size: int,
+        rope_base: float,
+        retrieval: RetrievalConfig | None = None,
+        chunk_len: int = DEFAULT_CHUNK_LEN,
+        memory_device: torch.device | str | None = None,
+        max_blocks: int | None = None,
+        evict: bool = True,
+        approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
+    ) -> None:
+        retrieval = retrieval if retrieval is not None else RetrievalConfig()
+        if not isinstance(retrieval, RetrievalConfig):
+            raise ValueError(f"retrieval must be a landmark.inference.RetrievalConfig; got {retrieval!r}")
+        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < block_size:
+            raise ValueError(
+                f"chunk_len ({chunk_len}) must be at least one block (block_size = {block_size})"
+            )
+        if max_blocks is not None and max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
+        self.n_layers, self.block_size, self.rope_base = n_layers, block_size, float(rope_base)
+        self.retrieval, self.chunk_len = retrieval, chunk_len
+        self.memory_device, self.max_blocks, self.evict = memory_device, max_blocks, evict
+        self.approx_min_blocks = approx_min_blocks
+        self.layers: list[_Layer | None] = [None] * n_layers
+        self.stats = StepStats()
+        self._plan_key: tuple | None = None
+        self._plan = None
+
+    # -- what the drivers read ---------------------------------------------------------------------
+
+    @property
+    def memories(self) -> list[BlockMemory]:
+        """The layers' block memories (layers that have seen nothing yet are left out)."""
+        return [layer.memory for layer in self.layers if layer is not None]
+
+    def seq_length(self, layer: int = 0) -> Tensor:
+        """(B,) stream positions a layer has seen (zeros before the first step; CPU int64)."""
+        state = self.layers[layer]
+        return state.length.clone() if state is not None else torch.zeros(0, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int | None:
+        state = self.layers[0]
+        return None if state is None else state.tail_k.shape[0]
+
+    # -- the layer call ----------------------------------------------------------------------------
+
+    def attend(
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        lengths: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Retrieval attention of a layer's new positions, which then join its stream state.
+
+        Args:
+            layer: the layer index.
+            q: (B, H, T, D) un-rotated queries of the new positions; k, v: (B, Hkv, T, D) un-rotated.
+            lengths: (B,) real new positions per row (default: all T); the rest is right padding.
+            scale: score scale (default ``D ** -0.5``).
+
+        Returns:
+            (B, H, T, D) attention outputs (padding positions are zero).
+        """
+        batch, _, t, head_dim = q.shape
+        state = self._state(layer, k)
+        if state.tail_k.shape[0] != batch:
+            raise ValueError(f"this cache holds {state.tail_k.shape[0]} streams; got a batch of {batch}")
+        lengths = torch.full((batch,), t) if lengths is None else lengths.cpu().long()
+        scale = scale if scale is not None else head_dim**-0.5
+        state.memory.reserve(int((state.length + lengths).max()) // self.block_size)
+        if t <= self.chunk_len:
+            return self._attend_chunk(layer, state, q, k, v, lengths, scale)
+        out = q.new_zeros(q.shape)
+        for c0 in range(0, t, self.chunk_len):
+            c1 = min(t, c0 + self.chunk_len)
+            part = (lengths - c0).clamp(0, c1 - c0)
+            out[:, :, c0:c1] = self._attend_chunk(
+                layer, state, q[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], part, scale
+            )
+        return out
+
+    def prepare(
+        self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        """Create every layer's (empty) state now rather than at its first ``attend``."""
+        probe = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        for layer in range(self.n_layers):
+            self._state(layer, probe)
+
+    def _state(self, layer: int, k: Tensor) -> _Layer:
+        """The layer's state, created from the first keys it sees (batch, kv heads, head dim, dtype)."""
+        state = self.layers[layer]
+        if state is None:
+            batch, kv_heads, _, head_dim = k.shape
+            index = None
+            if self.retrieval.search == "faiss":
+                index = LandmarkIndex(batch, kv_heads, head_dim, approx_min_blocks=self.approx_min_blocks)
+            memory = BlockMemory(
+                batch, kv_heads, self.block_size, head_dim, rope_base=self.rope_base, dtype=k.dtype,
+                device=k.device, storage_device=self.memory_device, max_blocks=self.max_blocks,
+                evict=self.evict, index=index,
+            )  # fmt: skip
+            tail_k = k.new_zeros(batch, kv_heads, self.block_size, head_dim)
+            state = self.layers[layer] = _Layer(memory, tail_k, torch.zeros_like(tail_k))
+        return state
+
+    def _attend_chunk(
+        self, layer: int, state: _Layer, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float
+    ) -> Tensor:
+        """retrieval_attention of one chunk (at most ``chunk_len`` new positions); commit it."""
+        local_k, local_v, local_len = self._local(state, k, v, lengths)
+        lengths_dev = lengths.to(q.device)
+        plan = self._step_plan(state, q, local_len, lengths_dev, local_k.shape[2])
+        out = retrieval_attention(
+            q, local_k, local_v, local_len, state.tail_len, lengths_dev, state.memory, self.retrieval,
+            self.block_size, self.rope_base, scale, self.stats, plan,
+        )  # fmt: skip
+        self._commit(state, local_k, local_v, local_len)
+        state.length += lengths
+        return out
+
+    def _step_plan(self, state: _Layer, q: Tensor, local_len: Tensor, lengths: Tensor, width: int):
+        """What the layers of one step share, built by the first layer and reused by the others (every
+        layer reads the same chunk with the same tails and memory sizes)."""
+        key = (tuple(state.memory.count), tuple(state.length.tolist()), tuple(lengths.tolist()), width)
+        if key != self._plan_key:
+            self._plan = None
+            if bool((lengths > 0).any()):
+                self._plan = step_plan(
+                    state.memory, local_len, state.tail_len, lengths, q.shape[2], width, self.retrieval,
+                    q.dtype, self.block_size, q.shape[-1], self.rope_base,
+                )  # fmt: skip
+            self._plan_key = key
+        return self._plan
+
+    def _local(self, state: _Layer, k: Tensor, v: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tail block + new positions per row: (B, Hkv, T, D) keys and values, (B,) real lengths."""
+        bs = self.block_size
+        tails = state.tail_len.tolist()
+        local_len = state.tail_len + lengths.to(state.tail_len.device)
+        if len(set(tails)) == 1 and bool((lengths == k.shape[2]).all()):  # one tail length, no padding
+            local_k = torch.cat((state.tail_k[:, :, : tails[0]], k), dim=2)
+            local_v = torch.cat((state.tail_v[:, :, : tails[0]], v), dim=2)
+            return local_k, local_v, local_len
+        t = int(local_len.max())
+        j = torch.arange(t, device=k.device)[None, :]
+        tail_len = state.tail_len[:, None]
+        src = torch.where(j < tail_len, j, bs + j - tail_len)
+        src = src.clamp(0, bs + k.shape[2] - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        local_k = torch.cat((state.tail_k, k), dim=2).gather(2, src)
+        local_v = torch.cat((state.tail_v, v), dim=2).gather(2, src)
+        return local_k, local_v, local_len
+
+    def _commit(self, state: _Layer, local_k: Tensor, local_v: Tensor, local_len: Tensor) -> None:
+        """Move the complete blocks of the local context to memory; keep the rest as the new tail."""
+        bs = self.block_size
+        counts = local_len.tolist()
+        tails = state.tail_len.tolist()
+        if len(set(counts)) == 1 and counts[0] < bs and len(set(tails)) == 1:  # no block completes
+            state.tail_k[:, :, tails[0] : counts[0]] = local_k[:, :, tails[0] : counts[0]]
+            state.tail_v[:, :, tails[0] : counts[0]] = local_v[:, :, tails[0] : counts[0]]
+        else:
+            for b, n in enumerate(counts):
+                full = n // bs
+                if full:
+                    kb = local_k[b, :, : full * bs].unflatten(1, (full, bs))  # (Hkv, full, bs, D)
+                    vb = local_v[b, :, : full * bs].unflatten(1, (full, bs))
+                    state.memory.append(b, kb, vb)
+                rest = n - full * bs
+                state.tail_k[b, :, :rest] = local_k[b, :, full * bs : n]
+                state.tail_v[b, :, :rest] = local_v[b, :, full * bs : n]
+        state.tail_len = local_len % bs
+
+    def reset(self) -> None:
+        """Forget every stream (the cache can then serve a new batch)."""
+        self.layers = [None] * self.n_layers
+        self.stats = StepStats()
+        self._plan_key = self._plan = None
+
+
+def check_landmark_positions(
+    ids: Tensor, lengths: Tensor, start: Tensor, block_size: int, landmark_id: int
+) -> None:
+    """Raise ValueError unless the landmark token sits exactly at the stream positions
+    ``p % block_size == block_size - 1`` of the real positions of ``ids`` (B, C), rows starting at
+    stream positions ``start`` (B,) with ``lengths`` (B,) real positions each."""
+    bs, lm = block_size, landmark_id
+    if ids.shape[1] <= 2:  # a decode step: in Python, cheaper than tensor operations
+        for b, (row, n, s) in enumerate(zip(ids.tolist(), lengths.tolist(), start.tolist())):
+            for t, token in enumerate(row[:n]):
+                if ((s + t) % bs == bs - 1) != (token == lm):
+                    _landmark_error(b, s + t, token, bs)
+        return
+    pos = start.cpu()[:, None] + torch.arange(ids.shape[1])[None, :]
+    real = torch.arange(ids.shape[1])[None, :] < lengths.cpu()[:, None]
+    should = (pos % bs == bs - 1).to(ids.device)
+    bad = real.to(ids.device) & (should != (ids == lm))
+    if bad.any():
+        b, t = (int(x) for x in bad.nonzero()[0])
+        _landmark_error(b, int(pos[b, t]), int(ids[b, t]), bs)
+
+
+def _landmark_error(row: int, position: int, token: int, bs: int) -> None:
+    raise ValueError(
+        f"row {row}, stream position {position}: landmarks must sit exactly at positions "
+        f"p % {bs} == {bs - 1} (use insert_landmarks); found token {token}"
+    )

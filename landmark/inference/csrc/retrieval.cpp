@@ -1,0 +1,443 @@
+// Landmark retrieval attention for one layer and one step (a prefill chunk or a decode step), fused
+// (CPU, float32).
+//
+// The same computation as the eager path of landmark/inference/retrieval.py (the reference), for
+// granularity "token_head": per (batch row, query head, query row) it
+//   1. rotates the scaled query to the positions it needs (RoPE, the "stingy" mapping);
+//   2. scans the landmark keys of the row's memory (the k_eff most recent at their own slots
+//      1..k_eff, all older ones at slot 0) and keeps the top k_eff (ties: the more recent block), in
+//      chronological order; or takes a selection computed elsewhere (other granularities, an index);
+//   3. scores the selected blocks' stored keys (rotated by their in-block offsets) with the query
+//      rotated to the block's attention slot, and the local context (tail + new positions);
+//   4. applies the grouped softmax (own block directly, every other block through its landmark, split
+//      inside the block by a softmax) and sums the values.
+// Blocks are read where they are stored: nothing of size rows x heads x k x block x head_dim is
+// gathered.
+//
+// Work is split in large pieces: one task is (batch row, kv head, tile of query rows); it transposes
+// the row's landmark keys and rotates the local keys once (both key-major), then serves the tile's
+// rows for all the query heads that share the kv head (GQA). Block keys are stored key-major, so a
+// query's scores against a block, a block of landmarks or the local context are one vectorised loop
+// over the keys; the exponentials are vectorised too (fast_exp).
+//
+// Shapes (contiguous): q (B, H, C, D); q_start, q_len, local_len, count, start (B,) int64; local_k,
+// local_v (B, Hkv, T, D) un-rotated; landmark_keys (B, Hkv, cap, D) un-rotated; keys
+// (B, Hkv, cap, D, bs) offset-rotated, key-major inside a block; values (B, Hkv, cap, bs - 1, D);
+// selected_in: empty, or (B, H, C, K) int64 logical indices, valid entries first in ascending order,
+// -1 for none; cos_table, sin_table (P, D / 2).
+// Returns out (B, H, C, D) (padding rows zero) and the selection (B, H, C, K) (-1: none).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTile = 32;  // query rows per task
+constexpr int64_t kLanes = 16;  // floats per vector below
+
+// A vector of kLanes floats (GCC/Clang vector extension: AVX-512 or two AVX2 registers on x86, four
+// NEON registers on ARM); loads and stores are unaligned.
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef double vdouble __attribute__((vector_size(kLanes * sizeof(double))));
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat splat(float x) { return vfloat{} + x; }
+inline vdouble load(const double* p) {
+  vdouble v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// exp(x) to about 2 ulp for x in [-87, 88] (Cephes' expf polynomial, range reduced by ln 2), lane by
+// lane. Below -87 it returns about 1.6e-38 instead of a smaller number.
+inline vfloat exp_v(vfloat x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const vfloat t = x * 1.44269504088896341f + 0.5f;
+  vint n = __builtin_convertvector(t, vint);  // truncation; floor for negative t below
+  vfloat nf = __builtin_convertvector(n, vfloat);
+  const vint above = nf > t;
+  n += above;  // -1 where truncation rounded up
+  nf = __builtin_convertvector(n, vfloat);
+  vfloat r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vint bits = (n + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float exp_s(float x) {  // exp_v for one value (the same result as its lane)
+  return exp_v(splat(x))[0];
+}
+
+inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// out[t] = sum_d q[d] * kt[d * stride + t] for t < n: scores of one query against keys stored
+// key-major (kt is (D, stride)). Every score of the vector part is the same sequence of operations in
+// its own lane (a sum over d in order, four groups of keys at a time to hide the latency), so equal keys
+// get equal scores: the landmark scan relies on it for the top-k tie rule and pads its keys to a
+// multiple of kLanes, so that no score comes from the scalar remainder.
+inline void scores_key_major(const float* q, const float* kt, int64_t stride, int64_t n, int64_t dim, float* out) {
+  int64_t t0 = 0;
+  for (; t0 + 4 * kLanes <= n; t0 += 4 * kLanes) {
+    vfloat a0{}, a1{}, a2{}, a3{};
+    for (int64_t d = 0; d < dim; ++d) {
+      const float* row = kt + d * stride + t0;
+      const float qd = q[d];
+      a0 += qd * load(row);
+      a1 += qd * load(row + kLanes);
+      a2 += qd * load(row + 2 * kLanes);
+      a3 += qd * load(row + 3 * kLanes);
+    }
+    store(out + t0, a0);
+    store(out + t0 + kLanes, a1);
+    store(out + t0 + 2 * kLanes, a2);
+    store(out + t0 + 3 * kLanes, a3);
+  }
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    vfloat acc{};
+    for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(kt + d * stride + t0);
+    store(out + t0, acc);
+  }
+  for (int64_t t = t0; t < n; ++t) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < dim; ++d) acc += q[d] * kt[d * stride + t];
+    out[t] = acc;
+  }
+}
+
+// Landmark scores: out[i] = float(sum_d q[d] * lt[d * stride + i]) for i < n (n a multiple of kLanes),
+// accumulated in double and rounded to float, as retrieval._landmark_scores does: the eager path and
+// the kernel then agree on nearly tied landmarks (keys that differ only by float rounding, as the
+// landmark keys of a first layer do), and equal keys get equal scores (same operations in every lane).
+inline void landmark_scores(const double* q, const double* lt, int64_t stride, int64_t n, int64_t dim, float* out) {
+  for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+    vdouble acc{};
+    for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(lt + d * stride + t0);
+    for (int64_t l = 0; l < kLanes; ++l) out[t0 + l] = static_cast<float>(acc[l]);
+  }
+}
+
+// One landmark score the same way (double, rounded to float), for a landmark key stored row-major.
+inline float landmark_score(const double* q, const float* key, int64_t dim) {
+  double acc = 0.0;
+  for (int64_t d = 0; d < dim; ++d) acc += q[d] * static_cast<double>(key[d]);
+  return static_cast<float>(acc);
+}
+
+// max of s[0..n), n >= 1.
+inline float max_of(const float* s, int64_t n) {
+  float m = std::numeric_limits<float>::lowest();
+  int64_t t0 = 0;
+  if (n >= kLanes) {
+    vfloat mv = load(s);
+    for (t0 = kLanes; t0 + kLanes <= n; t0 += kLanes) {
+      const vfloat x = load(s + t0);
+      mv = x > mv ? x : mv;
+    }
+    for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, mv[l]);
+  }
+  for (int64_t t = t0; t < n; ++t) m = std::max(m, s[t]);
+  return m;
+}
+
+// e[t] = exp(s[t] - mx) for t < n; returns their sum.
+inline float exp_sum(const float* s, int64_t n, float mx, float* e) {
+  vfloat z{};
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    const vfloat x = exp_v(load(s + t0) - mx);
+    store(e + t0, x);
+    z += x;
+  }
+  float sum = 0.f;
+  if (t0 < n) {  // the remainder through one vector: lanes past n are computed but not kept
+    float tmp[kLanes];
+    std::fill(tmp, tmp + kLanes, mx);
+    std::copy(s + t0, s + n, tmp);
+    const vfloat x = exp_v(load(tmp) - mx);
+    for (int64_t t = t0; t < n; ++t) {
+      e[t] = x[t - t0];
+      sum += e[t];
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) sum += z[l];
+  return sum;
+}
+
+// acc += w * sum_t e[t] * v[t] over n rows of v (n, dim): accumulators stay in registers, four rows at
+// a time.
+inline void add_values(const float* e, float w, const float* v, int64_t n, int64_t dim, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + kLanes <= dim; d0 += kLanes) {
+    vfloat a0{}, a1{}, a2{}, a3{};
+    const float* vd = v + d0;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+      a0 += e[t] * load(vd + t * dim);
+      a1 += e[t + 1] * load(vd + (t + 1) * dim);
+      a2 += e[t + 2] * load(vd + (t + 2) * dim);
+      a3 += e[t + 3] * load(vd + (t + 3) * dim);
+    }
+    for (; t < n; ++t) a0 += e[t] * load(vd + t * dim);
+    store(acc + d0, load(acc + d0) + w * ((a0 + a1) + (a2 + a3)));
+  }
+  for (; d0 < dim; ++d0) {
+    float a = 0.f;
+    for (int64_t t = 0; t < n; ++t) a += e[t] * v[t * dim + d0];
+    acc[d0] += w * a;
+  }
+}
+
+// acc += (p / sum_t e_t) * sum_t e_t v[t], e_t = exp(s[t] - max s): a block reached through its landmark
+// (weight p), split among its n regular tokens by a softmax. e is scratch of n floats.
+inline void add_block(const float* s, int64_t n, float p, const float* v, int64_t dim, float* e, float* acc) {
+  const float z = exp_sum(s, n, max_of(s, n), e);
+  add_values(e, p / z, v, n, dim, acc);
+}
+
+// out = x rotated by position pos (pairs (x[i], x[i + D/2]), as landmark.model.apply_rope), with the
+// angles read from the same table as the eager path and without fused multiply-adds, so that the
+// rotations are bit-identical to the eager path's: the landmark scan then resolves nearly tied
+// landmarks (a first layer's) the same way.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void rotate(const float* x, int64_t pos, const float* cos_table, const float* sin_table, int64_t half,
+            float* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const float* cs = cos_table + pos * half;
+  const float* sn = sin_table + pos * half;
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = cs[i], s = sn[i];
+    const float x1 = x[i], x2 = x[i + half];
+    out[i] = x1 * c - x2 * s;
+    out[i + half] = x1 * s + x2 * c;
+  }
+}
+
+// Indices of the k largest scores (NaN counts as -inf), ties to the more recent (larger) index, in
+// ascending order: retrieval.top_k_blocks's rule.
+inline void top_k(const float* scores, int64_t n, int64_t k, float* best, int64_t* idx) {
+  std::fill(best, best + k, -std::numeric_limits<float>::infinity());
+  std::fill(idx, idx + k, int64_t(-1));
+  for (int64_t i = n - 1; i >= 0; --i) {  // from the most recent back; only a larger score displaces
+    float s = scores[i];
+    if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
+    if (idx[k - 1] >= 0 && !(s > best[k - 1])) continue;
+    int64_t p = k - 1;
+    while (p > 0 && (idx[p - 1] < 0 || s > best[p - 1])) {
+      best[p] = best[p - 1];
+      idx[p] = idx[p - 1];
+      --p;
+    }
+    best[p] = s;
+    idx[p] = i;
+  }
+  std::sort(idx, idx + k);
+}
+
+void check(const torch::Tensor& t, int64_t dim, torch::ScalarType type, const char* name) {
+  TORCH_CHECK(t.dim() == dim && t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu(), name,
+              ": expected a contiguous CPU tensor of ", dim, " dimensions and type ", type);
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start, torch::Tensor q_len,
+                                          torch::Tensor local_k, torch::Tensor local_v, torch::Tensor local_len,
+                                          torch::Tensor landmark_keys, torch::Tensor keys, torch::Tensor values,
+                                          torch::Tensor count, torch::Tensor start, torch::Tensor selected_in,
+                                          torch::Tensor cos_table, torch::Tensor sin_table, int64_t k,
+                                          double scale) {
+  check(q, 4, torch::kFloat32, "q");
+  check(local_k, 4, torch::kFloat32, "local_k");
+  check(local_v, 4, torch::kFloat32, "local_v");
+  check(landmark_keys, 4, torch::kFloat32, "landmark_keys");
+  check(keys, 5, torch::kFloat32, "keys");
+  check(values, 5, torch::kFloat32, "values");
+  for (auto* t : {&q_start, &q_len, &local_len, &count, &start}) check(*t, 1, torch::kInt64, "row vector");
+  check(cos_table, 2, torch::kFloat32, "cos_table");
+  check(sin_table, 2, torch::kFloat32, "sin_table");
+  TORCH_CHECK(k >= 1, "k must be >= 1");
+  const int64_t B = q.size(0), H = q.size(1), C = q.size(2), D = q.size(3), half = D / 2;
+  const int64_t Hkv = local_k.size(1), T = local_k.size(2), G = H / Hkv;
+  const int64_t cap = keys.size(2), bs = keys.size(4);
+  TORCH_CHECK(H % Hkv == 0 && local_v.sizes() == local_k.sizes() && local_k.size(3) == D, "local_k/local_v shapes");
+  TORCH_CHECK(landmark_keys.size(2) == cap && values.size(3) == bs - 1 && keys.size(3) == D, "memory shapes");
+  TORCH_CHECK(cos_table.size(1) == half && sin_table.sizes() == cos_table.sizes(), "angle tables");
+  const int64_t* qstart = q_start.data_ptr<int64_t>();
+  const int64_t* qlen = q_len.data_ptr<int64_t>();
+  const int64_t* llen = local_len.data_ptr<int64_t>();
+  const int64_t* cnt = count.data_ptr<int64_t>();
+  const int64_t* first = start.data_ptr<int64_t>();
+  int64_t n_max = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cnt[b] >= 0 && cnt[b] <= cap && llen[b] <= T && qstart[b] + std::min(qlen[b], C) <= llen[b],
+                "row ", b, ": inconsistent count, local_len or q_start");
+    n_max = std::max(n_max, cnt[b]);
+  }
+  const bool given = selected_in.numel() > 0;
+  int64_t K = std::min(k, n_max);
+  if (given) {
+    check(selected_in, 4, torch::kInt64, "selected_in");
+    TORCH_CHECK(selected_in.size(0) == B && selected_in.size(1) == H && selected_in.size(2) == C, "selected_in shape");
+    K = selected_in.size(3);
+    TORCH_CHECK(K <= k, "selected_in holds more than k blocks per query");
+  }
+  const int64_t P = cos_table.size(0);
+  TORCH_CHECK(P >= (std::min(k, n_max) + 2) * bs + T, "angle table too short");
+  auto out = torch::zeros_like(q);
+  auto selected = torch::full({B, H, C, K}, -1, q_start.options());
+  const float* qp = q.data_ptr<float>();
+  const float* lkp = local_k.data_ptr<float>();
+  const float* lvp = local_v.data_ptr<float>();
+  const float* lmp = landmark_keys.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  const int64_t* sel_in = given ? selected_in.data_ptr<int64_t>() : nullptr;
+  const float* cos_t = cos_table.data_ptr<float>();
+  const float* sin_t = sin_table.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  int64_t* sp = selected.data_ptr<int64_t>();
+  const float sc = static_cast<float>(scale);
+  const int64_t n_tiles = (C + kTile - 1) / kTile;
+
+  at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> lt, q_lm64(D);
+    std::vector<float> lkt, lm_scores, mem_scores, loc_scores, e(2 * bs);
+    std::vector<float> qs(D), q_att, q_lm, acc(D), best(std::max<int64_t>(K, 1));
+    std::vector<int64_t> sel(std::max<int64_t>(K, 1));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (Hkv * n_tiles), kv = (task / n_tiles) % Hkv, tile = task % n_tiles;
+      const int64_t c0 = tile * kTile, c1 = std::min({C, c0 + kTile, qlen[b]});
+      if (c0 >= c1) continue;
+      const int64_t n = cnt[b], ke = std::min(k, n), n_old = n - ke, base = (ke + 1) * bs;
+      auto phys = [&](int64_t i) { return (first[b] + i) % cap; };
+      const int64_t bk = b * Hkv + kv;
+      const float* lm = lmp + bk * cap * D;
+      const float* kb = kp + bk * cap * bs * D;
+      const float* vb = vp + bk * cap * (bs - 1) * D;
+      // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them)
+      const int64_t lt_stride = round_up(n_old);
+      if (!given && n_old > 0) {
+        lt.assign(D * lt_stride, 0.0);
+        for (int64_t i = 0; i < n_old; ++i) {
+          const float* src = lm + phys(i) * D;
+          for (int64_t d = 0; d < D; ++d) lt[d * lt_stride + i] = src[d];
+        }
+      }
+      // the local keys any query of the tile sees, rotated to their positions, key-major
+      const int64_t n_local = llen[b], seen = std::min(n_local, qstart[b] + c1);
+      const float* lk = lkp + bk * T * D;
+      const float* lv = lvp + bk * T * D;
+      const int64_t lkt_stride = round_up(seen);
+      lkt.assign(D * lkt_stride, 0.f);
+      {
+        std::vector<float> rot(D);
+        for (int64_t t = 0; t < seen; ++t) {
+          rotate(lk + t * D, base + t, cos_t, sin_t, half, rot.data());
+          for (int64_t d = 0; d < D; ++d) lkt[d * lkt_stride + t] = rot[d];
+        }
+      }
+      q_att.resize((ke + 1) * D);
+      q_lm.resize((ke + 1) * D);
+      lm_scores.resize(std::max<int64_t>(lt_stride + ke, 1));
+      mem_scores.resize(std::max<int64_t>(K, 1) * bs);
+      loc_scores.resize(std::max<int64_t>(lkt_stride, 1));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kv * G + g;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t row = (b * H + h) * C + c;
+          const int64_t ql = qstart[b] + c, q_pos = base + ql, own = (ql / bs) * bs;
+          const float* x = qp + row * D;
+          for (int64_t d = 0; d < D; ++d) qs[d] = x[d] * sc;
+          for (int64_t j = 0; j <= ke; ++j) rotate(qs.data(), q_pos - j * bs, cos_t, sin_t, half, q_att.data() + j * D);
+          // 2. the selection: v blocks, ascending
+          int64_t v = 0;
+          if (given) {
+            const int64_t* s_in = sel_in + row * K;
+            while (v < K && s_in[v] >= 0) {
+              sel[v] = s_in[v];
+              ++v;
+            }
+          } else if (ke > 0) {
+            for (int64_t j = 0; j <= ke; ++j)
+              rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + j * D);
+            std::copy(q_lm.begin(), q_lm.begin() + D, q_lm64.begin());
+            landmark_scores(q_lm64.data(), lt.data(), lt_stride, lt_stride, D, lm_scores.data());
+            for (int64_t i = n_old; i < n; ++i) {
+              const float* slot_q = q_lm.data() + (i - n_old + 1) * D;
+              std::copy(slot_q, slot_q + D, q_lm64.begin());
+              lm_scores[i] = landmark_score(q_lm64.data(), lm + phys(i) * D, D);
+            }
+            top_k(lm_scores.data(), n, ke, best.data(), sel.data());
+            v = ke;
+          }
+          for (int64_t r = 0; r < v; ++r) sp[row * K + r] = sel[r];
+          // 3. scores: the selected blocks at their slots, the local context at the query's position
+          float m = std::numeric_limits<float>::lowest();
+          for (int64_t r = 0; r < v; ++r) {
+            const int64_t slot = r + (sel[r] >= n_old ? 1 : 0);
+            float* s = mem_scores.data() + r * bs;
+            scores_key_major(q_att.data() + slot * D, kb + phys(sel[r]) * D * bs, bs, bs, D, s);
+            m = std::max(m, s[bs - 1]);
+          }
+          const int64_t visible = std::min(n_local, ql + 1);
+          const int64_t own_end = std::min(visible, own + bs - 1);  // the own block's visible regular tokens
+          // (whole vectors: the keys past `visible` are zero padding or not yet visible, never used)
+          scores_key_major(q_att.data(), lkt.data(), lkt_stride, round_up(visible), D, loc_scores.data());
+          for (int64_t t = bs - 1; t < own; t += bs) m = std::max(m, loc_scores[t]);  // earlier local landmarks
+          m = std::max(m, max_of(loc_scores.data() + own, own_end - own));
+          // 4. grouped softmax: the normaliser, then every member's share
+          float* e_own = e.data() + bs;  // scratch: e[0, bs) serves the blocks
+          float z = exp_sum(loc_scores.data() + own, own_end - own, m, e_own);
+          for (int64_t r = 0; r < v; ++r) z += exp_s(mem_scores[r * bs + bs - 1] - m);
+          for (int64_t t = bs - 1; t < own; t += bs) z += exp_s(loc_scores[t] - m);
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t r = 0; r < v; ++r) {
+            const float p = exp_s(mem_scores[r * bs + bs - 1] - m) / z;
+            add_block(mem_scores.data() + r * bs, bs - 1, p, vb + phys(sel[r]) * (bs - 1) * D, D, e.data(), acc.data());
+          }
+          for (int64_t t = bs - 1; t < own; t += bs) {
+            const int64_t s0 = t - (bs - 1);
+            add_block(loc_scores.data() + s0, bs - 1, exp_s(loc_scores[t] - m) / z, lv + s0 * D, D, e.data(),
+                      acc.data());
+          }
+          add_values(e_own, 1.f / z, lv + own * D, own_end - own, D, acc.data());
+          std::copy(acc.begin(), acc.end(), op + row * D);
+        }
+      }
+    }
+  });
+  return {out, selected};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("retrieval_step", &retrieval_step,
+        "Fused landmark retrieval attention of one layer for a prefill chunk or a decode step (CPU, float32)");
+}

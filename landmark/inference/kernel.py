@@ -1,0 +1,187 @@
+"""The fused C++ retrieval kernel for the CPU (``csrc/retrieval.cpp``), compiled on first use.
+
+Retrieval attention in eager PyTorch runs a few hundred tensor operations per layer and step
+(rotations, the landmark scan, top-k, gathering the k blocks of every query row and head, the grouped
+softmax): a decode step spends most of its time dispatching them, and a prefill chunk most of its time
+copying the selected blocks (``index_select``) before scoring them. The kernel does the same
+computation in one call per layer and step, for a decode step (one or two query rows) and a prefill
+chunk alike: per (batch row, kv head, tile of 32 query rows) it scans the landmark keys once for the
+tile, keeps the top k per query row and head, and scores the selected blocks where they are stored
+(no gather copy). Work is split in those large pieces, so a second thread or a busy neighbour costs
+little synchronisation.
+
+It is used when (``kernel_applies``):
+
+* the queries, the local context and the block memory are on the CPU, in float32;
+* the granularity is ``"token_head"`` (every query row and head picks its own blocks) and the landmark
+  search exact; ``compile`` is off.
+
+Any batch (rows of different lengths, different memory sizes, memories that have evicted blocks) is
+handled. Anything else takes the eager path, which stays the reference: tests check the kernel
+against it (outputs to float rounding, the selected blocks on non-tied scores) over odd sizes, GQA,
+ragged batches, both model families. ``RetrievalConfig.kernel`` chooses: ``"auto"`` (default: the
+kernel when it applies and compiles), ``"cpp"`` (the same, but an error if it cannot be compiled),
+``"torch"`` (never). The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a
+minute, once, cached under ``TORCH_EXTENSIONS_DIR``); if it fails, ``"auto"`` warns once and uses the
+eager path. ``LANDMARK_KERNEL=0`` in the environment turns the kernel off everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from landmark.model import rope_angles
+
+if TYPE_CHECKING:
+    from landmark.inference.memory import BlockMemory
+
+KERNELS = ("auto", "cpp", "torch")
+_SOURCE = Path(__file__).with_name("csrc") / "retrieval.cpp"
+_VERSION = 2  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
+
+
+class KernelUnavailableError(RuntimeError):
+    """The C++ retrieval kernel could not be built here."""
+
+
+@functools.cache
+def _build():
+    """The compiled extension module, or the exception that prevented it."""
+    if os.environ.get("LANDMARK_KERNEL", "1") == "0":
+        return KernelUnavailableError("LANDMARK_KERNEL=0 in the environment")
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"landmark_retrieval_v{_VERSION}_{_cpu_tag()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: the eager path still works
+        return KernelUnavailableError(f"{type(err).__name__}: {err}")
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction sets and of the source: the build uses ``-march=native``,
+    so a cached build must not be loaded on a machine with other instruction sets (a shared home
+    directory), nor after the source changed."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    return hashlib.sha1(flags.encode() + _SOURCE.read_bytes()).hexdigest()[:8]
+
+
+def kernel_module(required: bool = False):
+    """The compiled module; None if it cannot be built (a warning, once), or an error if ``required``."""
+    mod = _build()
+    if isinstance(mod, Exception):
+        if required:
+            raise KernelUnavailableError(
+                f'kernel="cpp" but the C++ retrieval kernel could not be built: {mod}'
+            ) from mod
+        _warn_once(str(mod))
+        return None
+    return mod
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(
+        f"landmark: C++ retrieval kernel unavailable, using the eager path ({reason})", stacklevel=3
+    )
+
+
+def kernel_applies(
+    dtype: torch.dtype,
+    device: torch.device,
+    memory: BlockMemory | None,
+    granularity: str,
+    search: str,
+    compile: bool,
+) -> bool:
+    """Whether a step with queries of ``dtype`` on ``device`` over this memory can take the kernel."""
+    if memory is None or granularity != "token_head" or search != "exact" or compile:
+        return False
+    if dtype != torch.float32 or memory.dtype != torch.float32:
+        return False
+    return torch.device(device).type == memory.device.type == memory.storage_device.type == "cpu"
+
+
+@dataclass
+class KernelPlan:
+    """What a step through the kernel shares across its layers: the module and the angle table."""
+
+    module: Any  # the compiled extension
+    cos_table: Tensor  # (P, D/2) RoPE angles of positions 0..P-1, float32
+    sin_table: Tensor
+
+
+def kernel_plan(
+    module: Any, k: int, local_width: int, block_size: int, head_dim: int, base: float
+) -> KernelPlan:
+    """The plan of a step whose local context tensors are ``local_width`` positions long."""
+    cos, sin = rope_table(k, local_width, block_size, head_dim, base, torch.device("cpu"))
+    return KernelPlan(module, cos, sin)
+
+
+def retrieval_step(
+    q: Tensor,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    memory: BlockMemory,
+    k: int,
+    scale: float,
+    plan: KernelPlan,
+) -> tuple[Tensor, Tensor]:
+    """``retrieval_attention`` through the kernel (granularity token_head, exact search).
+
+    Arguments as in ``retrieval_attention``. Returns the (B, H, C, D) outputs and the (B, H, C, k_max)
+    selected logical block indices (ascending; -1 where a row has fewer blocks, and on padding rows).
+    """
+    longs = [t.long().contiguous() for t in (q_start, q_len, local_len)]
+    count = torch.tensor(memory.count, dtype=torch.long)
+    start = torch.tensor(memory.start, dtype=torch.long)
+    out, selected = plan.module.retrieval_step(
+        q.contiguous(), longs[0], longs[1], local_k.contiguous(), local_v.contiguous(), longs[2],
+        memory.landmark_keys, memory.keys, memory.values, count, start, _NO_SELECTION,
+        plan.cos_table, plan.sin_table, k, scale,
+    )  # fmt: skip
+    return out, selected
+
+
+_NO_SELECTION = torch.empty(0, dtype=torch.long)
+
+
+def rope_table(
+    k: int, local_width: int, block_size: int, head_dim: int, base: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """cos, sin (P, D/2) of positions 0..P-1, enough for a step whose local context is ``local_width``
+    positions (every position it uses is below (k + 2) * block_size + local_width); P is rounded up to
+    a power of two so that steps of similar sizes share one table."""
+    need = (k + 2 + -(-local_width // block_size)) * block_size
+    return _rope_table(1 << (need - 1).bit_length(), head_dim, base, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(n: int, dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (n, dim / 2) of positions 0..n-1 (entry p equals ``rope_angles`` of position p)."""
+    cos, sin = rope_angles(torch.arange(n, device=device), dim, base)
+    return cos.contiguous(), sin.contiguous()
