@@ -1,24 +1,32 @@
-"""Benchmark: long-input processing speed, chunked prefill with retrieval vs one full-attention pass.
+"""Benchmark: reading a long input, chunked with retrieval against one full-attention pass.
 
-For each input length it measures the tokens per second of
+For each input length it measures the tokens per CPU second of
 
 * ``landmark``: a TRAINED landmark model (default: the shipped ``checkpoints/passkey-landmark``, 4
-  layers, width 256), ``chunked_nll`` (``InferenceSession``, chunks of 256 positions, top-k retrieval
-  with k = 4, granularity token_head): what ``landmark eval ppl`` and ``landmark eval passkey`` run,
-  and what ``generate`` runs over a prompt;
+  layers, width 256) reading the input through ``InferenceSession`` (chunks of 256 positions, top-k
+  retrieval with k = 4, granularity token_head, the fused C++ kernel where it applies);
 * ``full``: the same-size model with ordinary causal attention over the whole input in one forward
   pass (``F.scaled_dot_product_attention``; its cost does not depend on the weights, which are
   random); its cost grows with the square of the length, the landmark model's linearly (plus a
   landmark scan that grows with the memory).
 
+Both sides compute the same outputs (``--mode``):
+
+* ``read`` (default): what ``generate`` and a passkey trial do with a prompt: run it through the model
+  and produce the next-token logits of its last position (``InferenceSession.read``; the full model's
+  ``forward(..., logits_at=last)``);
+* ``nll``: what ``landmark eval ppl`` does: the logits and the next-token loss of every position
+  (``chunked_nll``; the full model's forward with targets).
+
 The input is the start of a bundled book (Moby-Dick), tokenised with the checkpoint's tokenizer.
 Trained weights matter for retrieval: which blocks the queries of a chunk select (and so how much
-they have in common) depends on them; a random model's queries all select nearly the same blocks.
-Each measurement runs in a fresh subprocess with one thread by default (CPU time is the steady
-number on a shared machine); the ratios are taken between measurements of the same invocation.
+they have in common) depends on them. Each measurement runs in a fresh subprocess with one thread by
+default (CPU time is the steady number on a shared machine); the C++ kernel is built or loaded before
+the clock starts; the ratios are taken between measurements of the same invocation. ``full`` is
+skipped above ``--full-max`` tokens (its time grows with the square of the length).
 
 Usage:
-    python benchmarks/prefill.py                               # 2k 8k 32k; table + JSON
+    python benchmarks/prefill.py                               # 2k 8k 32k 128k; table + JSON
     python benchmarks/prefill.py --lengths 4096 --out /tmp/prefill.json
 """
 
@@ -36,13 +44,25 @@ REPO = Path(__file__).resolve().parents[1]
 BOOK = "moby_dick.txt"  # the bundled book whose start is the input
 
 
+def book_tokens(tokenizer, length: int) -> list[int]:
+    """The first ``length`` tokens of the book (repeated if the book is shorter)."""
+    from landmark.data.books import bundled_books
+
+    text = next(bundled_books().rglob(BOOK)).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text[: 8 * length])
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
 def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
     import dataclasses
 
     import torch
 
     from landmark.checkpoint import load_model
-    from landmark.data.books import bundled_books
+    from landmark.data.landmarks import insert_landmarks
+    from landmark.inference import InferenceSession, kernel
     from landmark.inference.session import chunked_nll
     from landmark.model import GPT
 
@@ -52,17 +72,20 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
     if kind == "full":
         model = GPT(dataclasses.replace(model.config, attention="full", seq_len=max(length, 512)))
     model.eval()
-    book = next(bundled_books().rglob(BOOK))
-    ids = tokenizer.encode(book.read_text(encoding="utf-8")[: 8 * length])[:length]
-    if len(ids) < length:
-        raise ValueError(f"{BOOK} gives only {len(ids)} tokens; asked for {length}")
-    tokens = torch.tensor([ids])
+    kernel.kernel_module()  # built (once per machine) or loaded before the clock starts
+    tokens = torch.tensor([book_tokens(tokenizer, length)])
+    cfg = model.config
     c0, w0 = time.process_time(), time.perf_counter()
     with torch.no_grad():
-        if kind == "landmark":
+        if kind == "landmark" and args.mode == "read":
+            session = InferenceSession(model, 1, k=args.k, chunk_len=args.chunk_len)
+            session.read(insert_landmarks(tokens, cfg.block_size, cfg.landmark_id))
+        elif kind == "landmark":
             chunked_nll(model, tokens, k=args.k, chunk_len=args.chunk_len)
+        elif args.mode == "read":
+            model(tokens, logits_at=torch.tensor([length - 1]))
         else:
-            model(tokens)
+            model(tokens[:, :-1], tokens[:, 1:])
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     return {"model": kind, "length": length, "cpu_s": cpu, "wall_s": wall, "tokens_per_cpu_s": length / cpu}
 
@@ -70,6 +93,7 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
 def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
     cmd += ["--k", str(args.k), "--chunk-len", str(args.chunk_len), "--checkpoint", args.checkpoint]
+    cmd += ["--mode", args.mode]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"model": kind, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -80,7 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
+    parser.add_argument("--mode", choices=("read", "nll"), default="read", help="what both sides compute")
+    parser.add_argument("--full-max", type=int, default=32768, help="longest input for the full model")
     parser.add_argument(
         "--checkpoint",
         default=str(REPO / "checkpoints" / "passkey-landmark"),
@@ -101,7 +127,8 @@ def main() -> None:
     print("-" * len(header))
     results = []
     for length in args.lengths:
-        lm, full = run_one("landmark", length, args), run_one("full", length, args)
+        lm = run_one("landmark", length, args)
+        full = run_one("full", length, args) if length <= args.full_max else {"error": "skipped"}
         entry = {"length": length, "landmark": lm, "full": full}
         if "error" in lm:
             print(f"{length:>7} | landmark error: {lm['error']}")
@@ -113,7 +140,20 @@ def main() -> None:
                 f"{entry['ratio'] if entry['ratio'] is not None else float('nan'):>14.2f}x"
             )
         results.append(entry)
-    print("tok/s: input tokens per CPU second (one thread); full: one causal forward pass of the input")
+    base = next((r for r in results if r["length"] == 8192 and "error" not in r["landmark"]), None)
+    if base is not None:
+        per_token = base["landmark"]["cpu_s"] / 8192
+        for r in results:
+            if "error" not in r["landmark"]:
+                r["landmark_cost_vs_8k"] = r["landmark"]["cpu_s"] / r["length"] / per_token
+        cost = ", ".join(
+            f"{r['length']}: {r['landmark_cost_vs_8k']:.2f}" for r in results if "landmark_cost_vs_8k" in r
+        )
+        print(f"landmark CPU time per token against 8192 tokens: {cost}")
+    print(
+        f"tok/s: input tokens per CPU second ({args.threads} thread(s)); mode {args.mode}; "
+        "full: one causal forward pass of the input"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -123,6 +163,7 @@ def main() -> None:
         "k": args.k,
         "chunk_len": args.chunk_len,
         "threads": args.threads,
+        "mode": args.mode,
     }
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -96,10 +96,11 @@ class BlockMemory:
         self.landmark_keys, self.keys, self.values, self.capacity = lk, keys, values, capacity
 
     def reserve(self, blocks: int) -> None:
-        """Make room for ``blocks`` blocks per row at once (avoids repeated doubling for a long input)."""
+        """Make room for at least ``blocks`` blocks per row. Storage grows geometrically (at least
+        doubling), so that reserving a little more at every step copies the memory O(log n) times."""
         blocks = min(blocks, self.max_blocks or blocks)
         if blocks > self.capacity:
-            self._allocate(blocks)
+            self._allocate(min(max(blocks, 2 * self.capacity), self.max_blocks or 2 * blocks))
 
     def physical(self, row: int, logical: Tensor) -> Tensor:
         """Physical slots of logical block indices of one row."""

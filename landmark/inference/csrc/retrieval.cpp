@@ -18,7 +18,8 @@
 // the row's landmark keys and rotates the local keys once (both key-major), then serves the tile's
 // rows for all the query heads that share the kv head (GQA). Block keys are stored key-major, so a
 // query's scores against a block, a block of landmarks or the local context are one vectorised loop
-// over the keys; the exponentials are vectorised too (fast_exp).
+// over the keys; the exponentials are vectorised too (exp_v). The blocks the tile's queries selected
+// are then visited one by one (keys, later values), each read once for all the queries that chose it.
 //
 // Shapes (contiguous): q (B, H, C, D); q_start, q_len, local_len, count, start (B,) int64; local_k,
 // local_v (B, Hkv, T, D) un-rotated; landmark_keys (B, Hkv, cap, D) un-rotated; keys
@@ -133,7 +134,25 @@ inline void scores_key_major(const float* q, const float* kt, int64_t stride, in
 // the kernel then agree on nearly tied landmarks (keys that differ only by float rounding, as the
 // landmark keys of a first layer do), and equal keys get equal scores (same operations in every lane).
 inline void landmark_scores(const double* q, const double* lt, int64_t stride, int64_t n, int64_t dim, float* out) {
-  for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+  int64_t t0 = 0;
+  for (; t0 + 4 * kLanes <= n; t0 += 4 * kLanes) {  // four groups at a time: independent chains
+    vdouble a0{}, a1{}, a2{}, a3{};
+    for (int64_t d = 0; d < dim; ++d) {
+      const double* row = lt + d * stride + t0;
+      const double qd = q[d];
+      a0 += qd * load(row);
+      a1 += qd * load(row + kLanes);
+      a2 += qd * load(row + 2 * kLanes);
+      a3 += qd * load(row + 3 * kLanes);
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+      out[t0 + l] = static_cast<float>(a0[l]);
+      out[t0 + kLanes + l] = static_cast<float>(a1[l]);
+      out[t0 + 2 * kLanes + l] = static_cast<float>(a2[l]);
+      out[t0 + 3 * kLanes + l] = static_cast<float>(a3[l]);
+    }
+  }
+  for (; t0 < n; t0 += kLanes) {
     vdouble acc{};
     for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(lt + d * stride + t0);
     for (int64_t l = 0; l < kLanes; ++l) out[t0 + l] = static_cast<float>(acc[l]);
@@ -211,13 +230,6 @@ inline void add_values(const float* e, float w, const float* v, int64_t n, int64
   }
 }
 
-// acc += (p / sum_t e_t) * sum_t e_t v[t], e_t = exp(s[t] - max s): a block reached through its landmark
-// (weight p), split among its n regular tokens by a softmax. e is scratch of n floats.
-inline void add_block(const float* s, int64_t n, float p, const float* v, int64_t dim, float* e, float* acc) {
-  const float z = exp_sum(s, n, max_of(s, n), e);
-  add_values(e, p / z, v, n, dim, acc);
-}
-
 // out = x rotated by position pos (pairs (x[i], x[i + D/2]), as landmark.model.apply_rope), with the
 // angles read from the same table as the eager path and without fused multiply-adds, so that the
 // rotations are bit-identical to the eager path's: the landmark scan then resolves nearly tied
@@ -245,10 +257,10 @@ void rotate(const float* x, int64_t pos, const float* cos_table, const float* si
 inline void top_k(const float* scores, int64_t n, int64_t k, float* best, int64_t* idx) {
   std::fill(best, best + k, -std::numeric_limits<float>::infinity());
   std::fill(idx, idx + k, int64_t(-1));
-  for (int64_t i = n - 1; i >= 0; --i) {  // from the most recent back; only a larger score displaces
+  auto offer = [&](int64_t i) {  // only a larger score displaces an entry
     float s = scores[i];
     if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
-    if (idx[k - 1] >= 0 && !(s > best[k - 1])) continue;
+    if (idx[k - 1] >= 0 && !(s > best[k - 1])) return;
     int64_t p = k - 1;
     while (p > 0 && (idx[p - 1] < 0 || s > best[p - 1])) {
       best[p] = best[p - 1];
@@ -257,7 +269,20 @@ inline void top_k(const float* scores, int64_t n, int64_t k, float* best, int64_
     }
     best[p] = s;
     idx[p] = i;
+  };
+  // from the most recent back; once k entries are held, a whole vector of scores none of which beats
+  // the k-th best is skipped at once (NaN compares false, as it would one by one)
+  int64_t i = n - 1;
+  for (; i >= 0 && idx[k - 1] < 0; --i) offer(i);
+  for (; i + 1 >= kLanes; i -= kLanes) {
+    const vfloat x = load(scores + i + 1 - kLanes);
+    const vint beats = x > best[k - 1];
+    bool any = false;
+    for (int64_t l = 0; l < kLanes; ++l) any |= beats[l] != 0;
+    if (!any) continue;
+    for (int64_t j = i; j > i - kLanes; --j) offer(j);
   }
+  for (; i >= 0; --i) offer(i);
   std::sort(idx, idx + k);
 }
 
@@ -329,20 +354,21 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
 
   at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> lt, q_lm64(D);
-    std::vector<float> lkt, lm_scores, mem_scores, loc_scores, e(2 * bs);
-    std::vector<float> qs(D), q_att, q_lm, acc(D), best(std::max<int64_t>(K, 1));
-    std::vector<int64_t> sel(std::max<int64_t>(K, 1));
+    std::vector<float> qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, best(std::max<int64_t>(K, 1));
+    std::vector<int64_t> sel, n_sel;
+    std::vector<std::pair<int64_t, int64_t>> uses;  // (block, query * K + rank), sorted by block
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hkv * n_tiles), kv = (task / n_tiles) % Hkv, tile = task % n_tiles;
       const int64_t c0 = tile * kTile, c1 = std::min({C, c0 + kTile, qlen[b]});
       if (c0 >= c1) continue;
+      const int64_t rows = c1 - c0, Q = G * rows;  // the task's queries: (head g, row c) -> g * rows + c - c0
       const int64_t n = cnt[b], ke = std::min(k, n), n_old = n - ke, base = (ke + 1) * bs;
       auto phys = [&](int64_t i) { return (first[b] + i) % cap; };
       const int64_t bk = b * Hkv + kv;
       const float* lm = lmp + bk * cap * D;
       const float* kb = kp + bk * cap * bs * D;
       const float* vb = vp + bk * cap * (bs - 1) * D;
-      // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them)
+      // the old blocks' landmark keys, key-major, in double (the scan of every query of the tile reads them)
       const int64_t lt_stride = round_up(n_old);
       if (!given && n_old > 0) {
         lt.assign(D * lt_stride, 0.0);
@@ -364,25 +390,30 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
           for (int64_t d = 0; d < D; ++d) lkt[d * lkt_stride + t] = rot[d];
         }
       }
-      q_att.resize((ke + 1) * D);
+      q_att.resize(Q * (ke + 1) * D);
       q_lm.resize((ke + 1) * D);
       lm_scores.resize(std::max<int64_t>(lt_stride + ke, 1));
-      mem_scores.resize(std::max<int64_t>(K, 1) * bs);
-      loc_scores.resize(std::max<int64_t>(lkt_stride, 1));
+      sel.assign(Q * std::max<int64_t>(K, 1), -1);
+      n_sel.assign(Q, 0);
+      mem.resize(Q * std::max<int64_t>(K, 1) * bs);
+      loc_scores.resize(lkt_stride);
+      acc.assign(Q * D, 0.f);
+      uses.clear();
+      // 1. per query: rotations and the selection
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kv * G + g;
         for (int64_t c = c0; c < c1; ++c) {
-          const int64_t row = (b * H + h) * C + c;
-          const int64_t ql = qstart[b] + c, q_pos = base + ql, own = (ql / bs) * bs;
+          const int64_t qi = g * rows + c - c0, row = ((b * H + kv * G + g) * C + c);
+          const int64_t q_pos = base + qstart[b] + c;
           const float* x = qp + row * D;
           for (int64_t d = 0; d < D; ++d) qs[d] = x[d] * sc;
-          for (int64_t j = 0; j <= ke; ++j) rotate(qs.data(), q_pos - j * bs, cos_t, sin_t, half, q_att.data() + j * D);
-          // 2. the selection: v blocks, ascending
+          float* qa = q_att.data() + qi * (ke + 1) * D;
+          for (int64_t j = 0; j <= ke; ++j) rotate(qs.data(), q_pos - j * bs, cos_t, sin_t, half, qa + j * D);
+          int64_t* qsel = sel.data() + qi * K;
           int64_t v = 0;
           if (given) {
             const int64_t* s_in = sel_in + row * K;
             while (v < K && s_in[v] >= 0) {
-              sel[v] = s_in[v];
+              qsel[v] = s_in[v];
               ++v;
             }
           } else if (ke > 0) {
@@ -395,42 +426,65 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
               std::copy(slot_q, slot_q + D, q_lm64.begin());
               lm_scores[i] = landmark_score(q_lm64.data(), lm + phys(i) * D, D);
             }
-            top_k(lm_scores.data(), n, ke, best.data(), sel.data());
+            top_k(lm_scores.data(), n, ke, best.data(), qsel);
             v = ke;
           }
-          for (int64_t r = 0; r < v; ++r) sp[row * K + r] = sel[r];
-          // 3. scores: the selected blocks at their slots, the local context at the query's position
-          float m = std::numeric_limits<float>::lowest();
+          n_sel[qi] = v;
           for (int64_t r = 0; r < v; ++r) {
-            const int64_t slot = r + (sel[r] >= n_old ? 1 : 0);
-            float* s = mem_scores.data() + r * bs;
-            scores_key_major(q_att.data() + slot * D, kb + phys(sel[r]) * D * bs, bs, bs, D, s);
-            m = std::max(m, s[bs - 1]);
+            sp[row * K + r] = qsel[r];
+            uses.emplace_back(qsel[r], qi * K + r);
           }
-          const int64_t visible = std::min(n_local, ql + 1);
-          const int64_t own_end = std::min(visible, own + bs - 1);  // the own block's visible regular tokens
-          // (whole vectors: the keys past `visible` are zero padding or not yet visible, never used)
-          scores_key_major(q_att.data(), lkt.data(), lkt_stride, round_up(visible), D, loc_scores.data());
-          for (int64_t t = bs - 1; t < own; t += bs) m = std::max(m, loc_scores[t]);  // earlier local landmarks
-          m = std::max(m, max_of(loc_scores.data() + own, own_end - own));
-          // 4. grouped softmax: the normaliser, then every member's share
-          float* e_own = e.data() + bs;  // scratch: e[0, bs) serves the blocks
-          float z = exp_sum(loc_scores.data() + own, own_end - own, m, e_own);
-          for (int64_t r = 0; r < v; ++r) z += exp_s(mem_scores[r * bs + bs - 1] - m);
-          for (int64_t t = bs - 1; t < own; t += bs) z += exp_s(loc_scores[t] - m);
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t r = 0; r < v; ++r) {
-            const float p = exp_s(mem_scores[r * bs + bs - 1] - m) / z;
-            add_block(mem_scores.data() + r * bs, bs - 1, p, vb + phys(sel[r]) * (bs - 1) * D, D, e.data(), acc.data());
-          }
-          for (int64_t t = bs - 1; t < own; t += bs) {
-            const int64_t s0 = t - (bs - 1);
-            add_block(loc_scores.data() + s0, bs - 1, exp_s(loc_scores[t] - m) / z, lv + s0 * D, D, e.data(),
-                      acc.data());
-          }
-          add_values(e_own, 1.f / z, lv + own * D, own_end - own, D, acc.data());
-          std::copy(acc.begin(), acc.end(), op + row * D);
         }
+      }
+      // 2. block by block (each block's keys read once for all the queries of the tile that chose it):
+      //    the scores of the selected blocks, each query rotated to the block's attention slot
+      std::sort(uses.begin(), uses.end());
+      for (const auto& [block, use] : uses) {
+        const int64_t qi = use / K, r = use % K, slot = r + (block >= n_old ? 1 : 0);
+        scores_key_major(q_att.data() + (qi * (ke + 1) + slot) * D, kb + phys(block) * D * bs, bs, bs, D,
+                         mem.data() + use * bs);
+      }
+      // 3. per query: the local context's scores, the grouped softmax, the local values; the memory
+      //    blocks' scores become their tokens' weights
+      for (int64_t qi = 0; qi < Q; ++qi) {
+        const int64_t c = c0 + qi % rows, ql = qstart[b] + c, own = (ql / bs) * bs, v = n_sel[qi];
+        float* m_s = mem.data() + qi * K * bs;
+        float m = std::numeric_limits<float>::lowest();
+        for (int64_t r = 0; r < v; ++r) m = std::max(m, m_s[r * bs + bs - 1]);
+        const int64_t visible = std::min(n_local, ql + 1);
+        const int64_t own_end = std::min(visible, own + bs - 1);  // the own block's visible regular tokens
+        // (whole vectors: the keys past `visible` are zero padding or not yet visible, never used)
+        scores_key_major(q_att.data() + qi * (ke + 1) * D, lkt.data(), lkt_stride, round_up(visible), D,
+                         loc_scores.data());
+        for (int64_t t = bs - 1; t < own; t += bs) m = std::max(m, loc_scores[t]);  // earlier local landmarks
+        m = std::max(m, max_of(loc_scores.data() + own, own_end - own));
+        float* e_own = loc_scores.data() + own;  // exponentials in place
+        float z = exp_sum(e_own, own_end - own, m, e_own);
+        for (int64_t r = 0; r < v; ++r) z += exp_s(m_s[r * bs + bs - 1] - m);
+        for (int64_t t = bs - 1; t < own; t += bs) z += exp_s(loc_scores[t] - m);
+        float* a = acc.data() + qi * D;
+        for (int64_t t = bs - 1; t < own; t += bs) {  // earlier local blocks, through their landmarks
+          const int64_t s0 = t - (bs - 1);
+          const float p = exp_s(loc_scores[t] - m) / z;
+          float* s = loc_scores.data() + s0;
+          const float zi = exp_sum(s, bs - 1, max_of(s, bs - 1), s);
+          add_values(s, p / zi, lv + s0 * D, bs - 1, D, a);
+        }
+        add_values(e_own, 1.f / z, lv + own * D, own_end - own, D, a);
+        for (int64_t r = 0; r < v; ++r) {  // memory blocks: weights p / z_i * e_t in place
+          float* s = m_s + r * bs;
+          const float p = exp_s(s[bs - 1] - m) / z;
+          const float zi = exp_sum(s, bs - 1, max_of(s, bs - 1), s);
+          const float w = p / zi;
+          for (int64_t t = 0; t < bs - 1; ++t) s[t] *= w;
+        }
+      }
+      // 4. block by block again: the values (each block's values read once for the tile)
+      for (const auto& [block, use] : uses)
+        add_values(mem.data() + use * bs, 1.f, vb + phys(block) * (bs - 1) * D, bs - 1, D, acc.data() + (use / K) * D);
+      for (int64_t qi = 0; qi < Q; ++qi) {
+        const int64_t g = qi / rows, c = c0 + qi % rows;
+        std::copy(acc.begin() + qi * D, acc.begin() + (qi + 1) * D, op + ((b * H + kv * G + g) * C + c) * D);
       }
     }
   });
