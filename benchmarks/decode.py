@@ -91,6 +91,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             chunk_len=args.chunk_len,
             compile=kind == "compiled",
             kernel="auto" if kind == "landmark" else "torch",
+            threads=args.threads,
         )
         n_blocks, tail = divmod(context, bs - 1)
         if fill == "random":

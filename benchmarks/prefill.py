@@ -78,10 +78,10 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
     c0, w0 = time.process_time(), time.perf_counter()
     with torch.no_grad():
         if kind == "landmark" and args.mode == "read":
-            session = InferenceSession(model, 1, k=args.k, chunk_len=args.chunk_len)
+            session = InferenceSession(model, 1, k=args.k, chunk_len=args.chunk_len, threads=args.threads)
             session.read(insert_landmarks(tokens, cfg.block_size, cfg.landmark_id))
         elif kind == "landmark":
-            chunked_nll(model, tokens, k=args.k, chunk_len=args.chunk_len)
+            chunked_nll(model, tokens, k=args.k, chunk_len=args.chunk_len, threads=args.threads)
         elif args.mode == "read":
             model(tokens, logits_at=torch.tensor([length - 1]))
         else:

@@ -496,3 +496,27 @@ def test_memory_rope_base_must_match_attention():
     one, zero = torch.tensor([1]), torch.tensor([0])
     with pytest.raises(ValueError, match=r"rope_base 10000\.0; attention uses 500000\.0"):
         retrieval_attention(q, local, local, one, zero, one, memory, RetrievalConfig(k=2), 4, 500000.0, 1.0)
+
+
+def test_inference_threads_default_env_and_restore(monkeypatch):
+    """One thread unless LANDMARK_THREADS says otherwise; the caller's setting is restored."""
+    from landmark.inference.threads import inference_threads, using_threads
+
+    monkeypatch.delenv("LANDMARK_THREADS", raising=False)
+    assert inference_threads() == 1
+    monkeypatch.setenv("LANDMARK_THREADS", "2")
+    assert inference_threads() == 2
+    before = torch.get_num_threads()
+    with using_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LANDMARK_THREADS", bad)
+        with pytest.raises(ValueError, match="LANDMARK_THREADS must be an integer >= 1"):
+            inference_threads()
+    monkeypatch.delenv("LANDMARK_THREADS")
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        InferenceSession(tiny_model(), threads=0)
+    session = InferenceSession(tiny_model(), threads=1)
+    session.read(torch.tensor([[3, 4, 5]]))
+    assert torch.get_num_threads() == before

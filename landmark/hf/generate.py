@@ -24,13 +24,16 @@ from torch import Tensor
 from landmark.hf.convert import landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
 from landmark.inference.generate import Sampling, TokenCallback, generate_with
+from landmark.inference.threads import inference_threads, using_threads
 
 
-def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN):
+def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, threads: int | None = None):
     """A reader for :func:`generate_with`: feeds (B, C) ids (every row the same length) through
     ``model`` with ``cache``, ``chunk_len`` positions per forward, and returns (B, vocab) logits of
-    the last position."""
+    the last position; with ``threads`` torch threads (None: ``LANDMARK_THREADS`` or 1, see
+    :mod:`landmark.inference.threads`)."""
     device = model.get_input_embeddings().weight.device
+    threads = inference_threads() if threads is None else threads
 
     def read(ids: Tensor, lengths: Tensor) -> Tensor:
         if bool((lengths != lengths[0]).any()):
@@ -39,7 +42,8 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN):
         logits = None
         for c0 in range(0, n, chunk_len):
             chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
-            logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
+            with using_threads(threads):
+                logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1]
 
     return read

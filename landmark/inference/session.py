@@ -25,6 +25,7 @@ from landmark.data.landmarks import insert_landmarks
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS
+from landmark.inference.threads import inference_threads, using_threads
 from landmark.model import GPT
 
 __all__ = ["DEFAULT_CHUNK_LEN", "InferenceSession", "SessionStats", "chunked_logits", "chunked_nll"]
@@ -68,6 +69,8 @@ class InferenceSession:
         max_blocks: cap on blocks per stream (None: unlimited); ``evict`` chooses FIFO eviction or an
             error when it is reached.
         approx_min_blocks: with ``search="faiss"``, blocks per stream from which the index is HNSW.
+        threads: torch threads while the model runs (None: ``LANDMARK_THREADS`` or 1; see
+            ``landmark.inference.threads`` for why one).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class InferenceSession:
         max_blocks: int | None = None,
         evict: bool = True,
         approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
+        threads: int | None = None,
         **retrieval_fields,
     ):
         cfg = getattr(model, "config", None)
@@ -99,6 +103,9 @@ class InferenceSession:
             approx_min_blocks=approx_min_blocks,
         )  # fmt: skip
         self.chunk_len = chunk_len
+        self.threads = inference_threads() if threads is None else threads
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1; got {threads!r}")
         param = next(model.parameters())
         self.device = param.device
         self.cache.prepare(batch_size, cfg.n_kv_head, cfg.head_dim, param.dtype, param.device)
@@ -170,7 +177,8 @@ class InferenceSession:
     def _forward(self, ids: Tensor, lengths: Tensor, logits_at: Tensor | None = None):
         self.stats.steps += 1
         self.stats.positions += int(lengths.sum())
-        return self.model(ids, cache=self.cache, lengths=lengths, logits_at=logits_at)
+        with using_threads(self.threads):
+            return self.model(ids, cache=self.cache, lengths=lengths, logits_at=logits_at)
 
 
 @torch.no_grad()

@@ -1,0 +1,132 @@
+"""Benchmark: a Hugging Face model reading a long prompt with landmark retrieval, against its own forward.
+
+For each prompt length (regular tokens of a bundled book, tokenized with the model's tokenizer):
+
+* ``base``: the original model (``--base``, default the prepared SmolLM2-135M-Instruct, sdpa
+  attention) runs the prompt in one forward pass and returns the last position's logits
+  (``logits_to_keep=1``): what generation does with a prompt;
+* ``landmark``: the same weights converted to landmark attention (:func:`landmark.hf.convert`; the new
+  landmark embedding row is the mean of the others: reading cost does not depend on whether it was
+  fine-tuned) read the prompt with landmarks inserted, through a
+  :class:`landmark.hf.LandmarkRetrievalCache` (k = 4, token_head, chunks of 256, the fused C++
+  kernel), ``chunk_len`` positions per forward call, last logits only: what
+  :func:`landmark.hf.generate` does.
+
+Beyond the base model's window (8,192 for SmolLM2) its forward still runs: the timing is the point,
+not its output. Each measurement runs in its own process with ``--threads`` torch threads (default
+1), CPU time; ratios are between measurements of one invocation.
+
+Usage::
+
+    landmark hf prepare-smollm2          # once: the offline SmolLM2 weights
+    python benchmarks/hf_prefill.py --lengths 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = Path(__file__).parent / "results"
+
+
+def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from landmark.data.books import bundled_books
+    from landmark.inference import kernel
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(bundled_books().rglob("*.txt"))[:6])
+    ids = tokenizer(text[: 8 * length]).input_ids[:length]
+    if len(ids) < length:
+        raise ValueError(f"the books give only {len(ids)} tokens; asked for {length}")
+    kernel.kernel_module()
+    with torch.no_grad():
+        if kind == "base":
+            c0 = time.process_time()
+            model(input_ids=torch.tensor([ids]), logits_to_keep=1)
+        else:
+            from landmark.hf import LandmarkRetrievalCache, convert
+            from landmark.hf.generate import hf_reader
+            from landmark.inference import RetrievalConfig
+            from landmark.inference.generate import prompt_streams
+
+            model, tokenizer = convert(model, tokenizer)
+            stream, lengths = prompt_streams(
+                [ids], model.config.landmark_block_size, model.config.landmark_token_id
+            )
+            cache = LandmarkRetrievalCache(model, RetrievalConfig(k=args.k), chunk_len=args.chunk_len)
+            c0 = time.process_time()
+            hf_reader(model, cache, args.chunk_len, threads=args.threads)(stream, lengths)
+    cpu = time.process_time() - c0
+    return {"model": kind, "length": length, "cpu_s": cpu, "tokens_per_cpu_s": length / cpu}
+
+
+def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
+    cmd += ["--base", args.base, "--k", str(args.k), "--chunk-len", str(args.chunk_len)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"model": kind, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from landmark.hf.smollm2 import default_smollm2_dir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=str(default_smollm2_dir()), help="the original model folder")
+    p.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384])
+    p.add_argument("--models", nargs="+", choices=("base", "landmark"), default=["base", "landmark"])
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--chunk-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS / "hf_prefill.json"))
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
+        return
+    results = []
+    print(f"{'tokens':>7} | {'base CPU s':>10} {'landmark CPU s':>14} | {'landmark / base time':>20}")
+    for length in args.lengths:
+        row = {"length": length}
+        for kind in args.models:
+            row[kind] = run_one(kind, length, args)
+        base_s = row.get("base", {}).get("cpu_s")
+        lm_s = row.get("landmark", {}).get("cpu_s")
+        row["time_ratio"] = lm_s / base_s if base_s and lm_s else None
+        results.append(row)
+        print(
+            f"{length:>7} | {base_s or float('nan'):>10.1f} {lm_s or float('nan'):>14.1f} | "
+            f"{row['time_ratio'] or float('nan'):>19.2f}x"
+        )
+        for kind in args.models:
+            if "error" in row[kind]:
+                print(f"        {kind} error: {row[kind]['error']}")
+    print(f"CPU seconds to read the prompt ({args.threads} thread(s)); landmark: k = {args.k}, retrieval")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "python benchmarks/hf_prefill.py " + " ".join(sys.argv[1:]),
+        "machine": platform.platform(),
+    }
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
