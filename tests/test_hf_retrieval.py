@@ -213,3 +213,38 @@ def test_wrong_positions_and_bypassed_attention_are_refused():
         finally:
             model.set_attn_implementation("landmark")
         model(ids, cache=LandmarkRetrievalCache(model, ALL))  # the stale route was dropped: works again
+
+
+def test_saved_state_continues_like_the_cache_that_read_the_document(tmp_path):
+    """A document read once and saved: a new cache that loads it answers the question exactly as the
+    cache that read it, and landmark.hf.generate continues a saved state; other weights are refused."""
+    from landmark.hf.generate import hf_reader
+    from landmark.inference.generate import prompt_streams
+
+    model, tok = converted()
+    lid = model.config.landmark_token_id
+    g = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, lid, (70,), generator=g).tolist()  # 70 = 10 blocks of 7: a landmark held back
+    question = torch.randint(0, lid, (9,), generator=g).tolist()
+    path = tmp_path / "doc.safetensors"
+    config = RetrievalConfig(k=2)
+    with torch.no_grad():
+        first = LandmarkRetrievalCache(model, config, chunk_len=16)
+        d_stream, d_len = prompt_streams([doc], BS, lid)
+        hf_reader(model, first, 16)(d_stream, d_len)
+        first.save_state(path, model)
+        second = LandmarkRetrievalCache(model, config, chunk_len=16)
+        second.load_state(path, model)
+        assert second.get_seq_length() == first.get_seq_length() == 70 + 70 // 7 - 1
+        q_stream, q_len = prompt_streams([question], BS, lid, start=[first.get_seq_length()])
+        want = hf_reader(model, first, 16)(q_stream, q_len)
+        got = hf_reader(model, second, 16)(q_stream, q_len)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _, a = lhf.generate(model, tok, torch.tensor(doc), 3, retrieval=config, save_state=tmp_path / "g.st")
+    _, b = lhf.generate(model, tok, torch.tensor(question), 6, retrieval=config, load_state=tmp_path / "g.st")
+    assert len(a) == 3 and len(b) == 6
+    other, _ = converted(seed=1)
+    with pytest.raises(ValueError, match="saved for other weights"):
+        LandmarkRetrievalCache(other, config).load_state(path, other)
+    with pytest.raises(ValueError, match="options of the retrieval cache"):
+        lhf.generate(model, tok, torch.tensor(question), 2, load_state=path)

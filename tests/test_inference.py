@@ -452,6 +452,51 @@ def test_generate_cli_streams_one_prompt_and_prints_a_batch(tiny_checkpoints, ca
     assert "=== [0] 'Here we go.'" in out and "=== [1]" in out
 
 
+def test_generate_cli_reads_a_document_once_and_answers_from_the_saved_state(
+    tiny_checkpoints, tmp_path, capsys
+):
+    from landmark.cli import main
+
+    runs, _ = tiny_checkpoints
+    state = tmp_path / "book.safetensors"
+    args = [
+        "generate",
+        "--checkpoint",
+        str(runs["landmark"]),
+        "--k",
+        "2",
+        "--chunk-len",
+        "16",
+        "--temperature",
+        "0",
+    ]
+    assert (
+        main(
+            [*args, "--prompt", "The sky is blue. " * 12, "--max-new-tokens", "2", "--save-state", str(state)]
+        )
+        == 0
+    )
+    assert state.is_file()
+    capsys.readouterr()
+    question = ["--prompt", "What is blue?", "--max-new-tokens", "8", "--no-stop", "--load-state", str(state)]
+    assert main([*args, *question]) == 0
+    first = capsys.readouterr().out
+    assert main([*args, *question]) == 0
+    assert capsys.readouterr().out == first and first.strip()
+    other = runs["landmark"].parent / "other"
+    import shutil
+
+    shutil.copytree(runs["landmark"], other)
+    from landmark.checkpoint import load_model, save_checkpoint
+
+    model, tok, _ = load_model(other)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(other, 2, model, {"model": model.config.to_dict(), "data": {}, "train": {}}, tok, {})
+    assert main(["generate", "--checkpoint", str(other), "--k", "2", *question]) == 2
+    assert "saved for other weights" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -460,6 +505,11 @@ def test_generate_cli_streams_one_prompt_and_prints_a_batch(tiny_checkpoints, ca
         (["--max-blocks", "0"], "error: --max-blocks must be >= 1"),
         (["--checkpoint", "{full}"], "error: .* holds a model with attention='full'"),
         (["--checkpoint", "{missing}"], "error: .* is neither a checkpoint folder nor a run folder"),
+        (["--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),
+        (["--temperature", "nan"], "error: --temperature must be a finite number >= 0"),
+        (["--top-p", "0"], r"error: --top-p must be in \(0, 1\]"),
+        (["--load-state", "{missing}"], "error: --load-state .* does not exist"),
+        (["--save-state", "{missing}/x/state.st"], "error: --save-state .*: its folder does not exist"),
     ],
 )
 def test_generate_cli_errors(tiny_checkpoints, tmp_path, capsys, extra, message):
@@ -520,3 +570,61 @@ def test_inference_threads_default_env_and_restore(monkeypatch):
     session = InferenceSession(tiny_model(), threads=1)
     session.read(torch.tensor([[3, 4, 5]]))
     assert torch.get_num_threads() == before
+
+
+def test_saved_state_answers_like_the_session_that_read_the_document(tmp_path):
+    """Read a document once, save; a new session that loads it continues exactly like the first one
+    (same logits for the question, same generated tokens), batch of two with different lengths."""
+    from landmark.inference.generate import prompt_streams
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    docs = [
+        torch.randint(0, LM, (90,), generator=g).tolist(),
+        torch.randint(0, LM, (63,), generator=g).tolist(),
+    ]
+    questions = [
+        torch.randint(0, LM, (11,), generator=g).tolist(),
+        torch.randint(0, LM, (5,), generator=g).tolist(),
+    ]
+    path = tmp_path / "doc.safetensors"
+    first = InferenceSession(model, 2, k=2, chunk_len=16)
+    stream, lengths = prompt_streams(docs, BS, LM)
+    first.read(stream, lengths)
+    first.save_state(path)
+    assert not (tmp_path / "doc.safetensors.tmp").exists()
+    second = InferenceSession(model, 2, k=2, chunk_len=16)
+    second.load_state(path)
+    assert torch.equal(second.length, first.length)
+    q_stream, q_lengths = prompt_streams(questions, BS, LM, start=first.length.tolist())
+    assert (second.read(q_stream, q_lengths) - first.read(q_stream, q_lengths)).abs().max() < 1e-6
+    # through generate: the document's state saved once, then questions continue it
+    want = generate(model, docs, 1, k=2, chunk_len=16, save_state=tmp_path / "g.safetensors")
+    assert len(want[0]) == 1
+    a = generate(model, questions, 12, k=2, chunk_len=16, load_state=tmp_path / "g.safetensors")
+    b = generate(model, questions, 12, k=2, chunk_len=16, load_state=tmp_path / "g.safetensors")
+    assert a == b and all(len(row) == 12 for row in a)
+
+
+def test_saved_state_refuses_other_models_and_bad_files(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "doc.safetensors"
+    session = InferenceSession(model, 1, k=2, chunk_len=16)
+    with pytest.raises(ValueError, match="nothing to save"):
+        InferenceSession(model, 1).save_state(path)
+    session.read(insert_landmarks(torch.arange(3, 40)[None], BS, LM))
+    session.save_state(path)
+    with pytest.raises(ValueError, match="saved for other weights"):
+        InferenceSession(tiny_model(seed=1), 1).load_state(path)
+    with pytest.raises(ValueError, match="holds 1 streams; this session has 2"):
+        InferenceSession(model, 2).load_state(path)
+    with pytest.raises(ValueError, match="no saved state"):
+        InferenceSession(model, 1).load_state(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        InferenceSession(model, 1).load_state(junk)
+    used = InferenceSession(model, 1)
+    used.read(torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match="needs a new session"):
+        used.load_state(path)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from landmark.data.tokenizer import Tokenizer
+from landmark.fingerprint import weights_fingerprint
 from landmark.model import ATTENTION_KINDS, GPT
+
+__all__ = ["CellCache", "ModelUnderTest", "weights_fingerprint"]
 
 
 @dataclass
@@ -57,16 +58,6 @@ def load_models(specs: list[str], device: str = "cpu") -> list[ModelUnderTest]:
             )
         out.append(ModelUnderTest(name, path, model.eval(), tokenizer))
     return out
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights: cached results are reused only for the same model."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
-        h.update(str(tuple(p.shape)).encode())
-    return h.hexdigest()[:16]
 
 
 class CellCache:

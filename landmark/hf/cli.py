@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from landmark.config import DEFAULT_BLOCK_SIZE
-from landmark.inference.retrieval import GRANULARITIES
+from landmark.inference.options import add_retrieval_arguments, add_state_arguments
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -115,16 +115,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from landmark.hf.generate import generate
 
     _offline()
-    model, tokenizer = load_pretrained(args.model)
-    options = {}
-    if args.k:
-        from landmark.inference import RetrievalConfig
+    from landmark.inference.options import cache_options, check_retrieval_arguments, retrieval_config
 
+    check_retrieval_arguments(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    model, tokenizer = load_pretrained(args.model)
+    options: dict = {"chunk_len": args.chunk_len}
+    if args.k:
         options = dict(
-            retrieval=RetrievalConfig(k=args.k, granularity=args.granularity),
-            chunk_len=args.chunk_len,
-            memory_device=args.memory_device,
+            retrieval=retrieval_config(args), load_state=args.load_state, save_state=args.save_state
         )
+        options.update(cache_options(args))
     text, _ = generate(
         model.eval(),
         tokenizer,
@@ -201,10 +203,8 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=0, help="top-k block retrieval with k blocks (0: whole context)")
-    p.add_argument("--granularity", default="token_head", choices=GRANULARITIES)
-    p.add_argument("--chunk-len", type=int, default=256, help="prompt chunk with retrieval (positions)")
-    p.add_argument("--memory-device", default=None, help="where retrieval keeps block contents, e.g. cpu")
+    add_retrieval_arguments(p, k_zero="exact landmark attention over the whole context")
+    add_state_arguments(p)
     p.set_defaults(func=cmd_generate)
     return hf
 

@@ -62,6 +62,8 @@ def generate(
     retrieval: Any = None,
     on_token: TokenCallback | None = None,
     chunk_len: int = DEFAULT_CHUNK_LEN,
+    load_state: Any = None,
+    save_state: Any = None,
     **cache_kwargs: Any,
 ) -> tuple[str, Tensor]:
     """Continue ``prompt`` by ``max_new_tokens`` regular tokens (batch size 1).
@@ -78,6 +80,10 @@ def generate(
             :class:`landmark.hf.LandmarkRetrievalCache`.
         on_token: called as ``on_token(0, token)`` for every generated token (streaming).
         chunk_len: prompt positions per forward call (and the retrieval cache's chunk).
+        load_state: with ``retrieval``, a state saved earlier (a long document read once): the prompt
+            continues it (a question about the document).
+        save_state: with ``retrieval``, save the state here once the prompt is read (before any
+            generated token), for later ``load_state`` calls.
         **cache_kwargs: with ``retrieval``, options of :class:`landmark.hf.LandmarkRetrievalCache`
             (``memory_device``, ``max_blocks``, ``evict``).
 
@@ -87,25 +93,32 @@ def generate(
     from transformers import DynamicCache
 
     sampling = Sampling(temperature, top_p, seed)
-    if isinstance(prompt, str):
-        raw = list(tokenizer(prompt).input_ids)
+    if isinstance(prompt, str):  # a continuation of a saved state gets no second BOS
+        raw = list(tokenizer(prompt, add_special_tokens=load_state is None).input_ids)
     else:
         raw = torch.as_tensor(prompt, dtype=torch.long).flatten().tolist()
     if not raw:
         raise ValueError("the prompt is empty")
-    if retrieval is None and cache_kwargs:
-        raise ValueError(f"{sorted(cache_kwargs)} are options of the retrieval cache: pass retrieval=...")
+    if retrieval is None and (cache_kwargs or load_state is not None or save_state is not None):
+        options = sorted(cache_kwargs) + [
+            n for n, v in (("load_state", load_state), ("save_state", save_state)) if v
+        ]
+        raise ValueError(f"{options} are options of the retrieval cache: pass retrieval=...")
     if retrieval is None:
         cache = DynamicCache(config=model.config)
     else:
         from landmark.hf.retrieval import LandmarkRetrievalCache
 
         cache = LandmarkRetrievalCache(model, retrieval, chunk_len=chunk_len, **cache_kwargs)
+        if load_state is not None:
+            cache.load_state(load_state, model)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
+    start = [cache.get_seq_length()] if load_state is not None else None
     new = generate_with(
         hf_reader(model, cache, chunk_len), [raw], max_new_tokens,
         block_size=int(model.config.landmark_block_size), landmark_id=landmark_token_id(model),
-        sampling=sampling, stop_ids=() if eos is None else (eos,), on_token=on_token,
+        sampling=sampling, stop_ids=() if eos is None else (eos,), on_token=on_token, start=start,
+        after_prompt=None if save_state is None else lambda: cache.save_state(save_state, model),
     )[0]  # fmt: skip
     out_ids = torch.tensor(new, dtype=torch.long)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""

@@ -264,6 +264,20 @@ class LandmarkRetrievalCache(Cache):
         k = unrotate(key, positions, self.rope_base)  # (B, Hkv, T, D)
         return self.stream.attend(layer_idx, q, k, value, None, scaling)
 
+    def save_state(self, path: Any, model: Any) -> None:
+        """Save what the cache has read (block memories, tails, positions) to ``path`` (safetensors,
+        atomic), tied to ``model``'s weights: see :meth:`landmark.inference.RetrievalCache.save`."""
+        from landmark.fingerprint import weights_fingerprint
+
+        self.stream.save(path, weights_fingerprint(model))
+
+    def load_state(self, path: Any, model: Any) -> None:
+        """Continue from a state saved by :meth:`save_state` for the same weights (this cache must be new)."""
+        from landmark.fingerprint import weights_fingerprint
+
+        device = model.get_input_embeddings().weight.device
+        self.stream.load(path, weights_fingerprint(model), device)
+
     def reset(self) -> None:
         """Forget every stream (the cache can then serve a new batch)."""
         super().reset()

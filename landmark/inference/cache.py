@@ -25,6 +25,8 @@ inside ``retrieval_attention`` (the "stingy" mapping), so they never exceed a fe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,7 @@ from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_a
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, LandmarkIndex
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
+STATE_FORMAT = "landmark-stream-state-v1"  # the metadata "format" of a saved state (RetrievalCache.save)
 
 
 class _Layer:
@@ -241,6 +244,104 @@ class RetrievalCache:
                 state.tail_k[b, :, :rest] = local_k[b, :, full * bs : n]
                 state.tail_v[b, :, :rest] = local_v[b, :, full * bs : n]
         state.tail_len = local_len % bs
+
+    # -- read once, ask many: the state on disk -----------------------------------------------------
+
+    def save(self, path: str | Path, model_id: str) -> None:
+        """Write every layer's state (block memory in logical order, tail, lengths) to ``path``
+        (safetensors, written to a temporary file and renamed: never half-written).
+
+        Args:
+            model_id: identifies the weights (``landmark.fingerprint.weights_fingerprint``); ``load``
+                refuses a state saved for other weights.
+        """
+        from safetensors.torch import save_file
+
+        states = self._filled_states("save")
+        first = states[0]
+        if len({tuple(st.length.tolist()) for st in states}) != 1:
+            raise ValueError("the layers are in the middle of a step: save between steps")
+        tensors: dict[str, Tensor] = {}
+        for i, st in enumerate(states):
+            lk, keys, values = st.memory.logical_blocks()
+            tensors.update(
+                {f"layer{i}.landmark_keys": lk, f"layer{i}.keys": keys, f"layer{i}.values": values}
+            )
+            tensors[f"layer{i}.tail_k"] = st.tail_k.cpu()
+            tensors[f"layer{i}.tail_v"] = st.tail_v.cpu()
+            tensors[f"layer{i}.count"] = torch.tensor(st.memory.count, dtype=torch.long)
+            tensors[f"layer{i}.tail_len"] = st.tail_len.cpu()
+        tensors["length"] = first.length.clone()
+        meta = {
+            "format": STATE_FORMAT,
+            "model": model_id,
+            **{key: str(value) for key, value in self._geometry(first).items()},
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def load(self, path: str | Path, model_id: str, device: torch.device | str | None = None) -> None:
+        """Restore a state written by ``save`` into this (empty) cache.
+
+        Raises:
+            ValueError: the file is missing or not a saved state, or it was saved for other weights or
+                another block size, RoPE base, layer count or geometry (the message says which).
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no saved state at {path}")
+        if any(st is not None for st in self.layers):
+            raise ValueError("load needs an empty cache (a new session)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != STATE_FORMAT:
+                    raise ValueError(
+                        f"{path} is not a saved landmark stream state (format {meta.get('format')!r})"
+                    )
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        if meta.get("model") != model_id:
+            raise ValueError(
+                f"{path} was saved for other weights (fingerprint {meta.get('model')}; this model's is "
+                f"{model_id}): read the document again with this model"
+            )
+        tail = tensors["layer0.tail_k"]
+        want = {"n_layers": self.n_layers, "block_size": self.block_size, "rope_base": self.rope_base}
+        for key, value in want.items():
+            if meta.get(key) != str(value):
+                raise ValueError(f"{path} was saved with {key} = {meta.get(key)}; this model has {value}")
+        device = device if device is not None else "cpu"
+        self.prepare(tail.shape[0], tail.shape[1], tail.shape[3], tail.dtype, device)
+        for i, st in enumerate(self.layers):
+            st.memory.restore(
+                tensors[f"layer{i}.count"].tolist(), tensors[f"layer{i}.landmark_keys"],
+                tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"],
+            )  # fmt: skip
+            st.tail_k.copy_(tensors[f"layer{i}.tail_k"])
+            st.tail_v.copy_(tensors[f"layer{i}.tail_v"])
+            st.tail_len = tensors[f"layer{i}.tail_len"].to(st.tail_len.device)
+            st.length = tensors["length"].clone()
+
+    def _filled_states(self, what: str) -> list[_Layer]:
+        if any(st is None for st in self.layers) or not any(
+            bool((st.length > 0).any()) for st in self.layers
+        ):
+            raise ValueError(f"nothing to {what}: the cache has not read anything yet")
+        return self.layers  # type: ignore[return-value]
+
+    def _geometry(self, state: _Layer) -> dict:
+        batch, kv_heads, _, head_dim = state.tail_k.shape
+        return {
+            "n_layers": self.n_layers, "block_size": self.block_size, "rope_base": self.rope_base,
+            "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(state.tail_k.dtype),
+        }  # fmt: skip
 
     def reset(self) -> None:
         """Forget every stream (the cache can then serve a new batch)."""

@@ -9,11 +9,17 @@ of rows of different lengths, each row printed when done. Mistakes the user can 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from landmark.inference.retrieval import GRANULARITIES, SEARCHES
-from landmark.inference.session import DEFAULT_CHUNK_LEN
+from landmark.inference.options import (
+    add_retrieval_arguments,
+    add_state_arguments,
+    cache_options,
+    check_retrieval_arguments,
+    retrieval_config,
+)
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,31 +46,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--k", type=int, default=4, help="blocks retrieved per query and head (default 4)")
-    p.add_argument(
-        "--chunk-len", type=int, default=DEFAULT_CHUNK_LEN, help="positions per prompt chunk (>= block_size)"
-    )
-    p.add_argument("--granularity", choices=GRANULARITIES, default="token_head")
-    p.add_argument(
-        "--search", choices=SEARCHES, default="exact", help="landmark search (faiss: optional extra)"
-    )
-    p.add_argument(
-        "--memory-device", default=None, help="where block contents live, e.g. cpu (default: model's)"
-    )
-    p.add_argument(
-        "--max-blocks", type=int, default=None, help="cap on memory blocks per row (FIFO eviction)"
-    )
+    add_retrieval_arguments(p)
+    add_state_arguments(p)
     p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the decode steps' retrieval attention (measured slower on CPU; see docs)",
-    )
-    p.add_argument(
-        "--kernel",
-        choices=("auto", "cpp", "torch"),
-        default="auto",
-        help="CPU float32 steps: the fused C++ retrieval kernel where it applies (auto), always (cpp), "
-        "never (torch)",
     )
     p.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
@@ -87,25 +74,15 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1; got {args.k}")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError(
-            f"need --temperature >= 0 and 0 < --top-p <= 1; got {args.temperature}, {args.top_p}"
-        )
-    if args.max_blocks is not None and args.max_blocks < 1:
-        raise ValueError(f"--max-blocks must be >= 1; got {args.max_blocks}")
+    check_retrieval_arguments(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
     if args.batch_lines and args.prompt_file is None:
         raise ValueError("--batch-lines goes with --prompt-file")
-    if args.search == "faiss":
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                '--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"'
-            ) from None
 
 
 class _Stream:
@@ -165,13 +142,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     single, eot = len(ids) == 1, None if args.no_stop else tokenizer.eot_id
     stream = _Stream(tokenizer, sys.stdout, eot) if single else None
-    out = generate(
-        model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        eot_id=eot, seed=args.seed, on_token=stream,
-        k=args.k, granularity=args.granularity, chunk_len=args.chunk_len, memory_device=args.memory_device,
-        max_blocks=args.max_blocks, search=args.search, compile=args.compile,
-        kernel=args.kernel,
-    )  # fmt: skip
+    try:
+        out = generate(
+            model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            eot_id=eot, seed=args.seed, on_token=stream, retrieval=retrieval_config(args),
+            load_state=args.load_state, save_state=args.save_state, **cache_options(args),
+        )  # fmt: skip
+    except ValueError as err:  # a saved state of another model or batch size, found when loading it
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if single:
         stream.finish()
         return 0

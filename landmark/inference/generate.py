@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from landmark.data.landmarks import insert_landmarks
 from landmark.model import GPT
 
 TokenCallback = Callable[[int, int], None]  # (batch row, token id)
@@ -63,26 +63,45 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def with_landmarks(tokens: Sequence[int], start: int, block_size: int, landmark_id: int) -> list[int]:
+    """Regular tokens continuing a stream at position ``start``, with the landmarks inserted at the stream
+    positions ``p % block_size == block_size - 1`` (a landmark due at ``start`` comes first)."""
+    out, pos = [], start
+    for token in tokens:
+        if pos % block_size == block_size - 1:
+            out.append(landmark_id)
+            pos += 1
+        out.append(int(token))
+        pos += 1
+    return out
+
+
 def prompt_streams(
-    prompts: Sequence[Sequence[int]], block_size: int, landmark_id: int | None
+    prompts: Sequence[Sequence[int]],
+    block_size: int,
+    landmark_id: int | None,
+    start: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """B token lists -> (B, n) streams with their landmarks, right-padded, and (B,) lengths; a stream
-    that would end with a landmark keeps it back (it is fed with the first generated token). With
-    ``landmark_id`` None (a model without landmarks) the streams are the prompts."""
+    """B token lists -> (B, n) streams with their landmarks, right-padded, and (B,) lengths.
+
+    Row b continues a stream at position ``start[b]`` (default 0). A stream that would end with a
+    landmark keeps it back (it is fed with the first generated token). With ``landmark_id`` None (a
+    model without landmarks) the streams are the prompts.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    rows = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
+    start = [0] * len(prompts) if start is None else [int(x) for x in start]
+    rows = [[int(t) for t in p] for p in prompts]
     if landmark_id is not None:
-        if any(bool((r == landmark_id).any()) for r in rows):
+        if any(landmark_id in r for r in rows):
             raise ValueError(
                 f"prompts must not contain the landmark token id {landmark_id}: landmarks are inserted here"
             )
-        rows = [insert_landmarks(r, block_size, landmark_id) for r in rows]
-        rows = [r[:-1] if int(r[-1]) == landmark_id else r for r in rows]
+        rows = [with_landmarks(r, s, block_size, landmark_id) for r, s in zip(rows, start)]
     lengths = torch.tensor([len(r) for r in rows])
     stream = torch.zeros((len(rows), int(lengths.max())), dtype=torch.long)
     for b, r in enumerate(rows):
-        stream[b, : len(r)] = r
+        stream[b, : len(r)] = torch.tensor(r, dtype=torch.long)
     return stream, lengths
 
 
@@ -97,6 +116,8 @@ def generate_with(
     sampling: Sampling = Sampling(),
     stop_ids: Sequence[int] = (),
     on_token: TokenCallback | None = None,
+    start: Sequence[int] | None = None,
+    after_prompt: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """The generation loop: read the prompts, then decode token by token.
 
@@ -109,14 +130,19 @@ def generate_with(
         sampling: greedy or sampled (``Sampling``).
         stop_ids: a row stops after generating one of these (it is included in the output).
         on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists.
+        start: (B,) stream positions the prompts continue (a state read earlier); default 0.
+        after_prompt: called once the prompts are read, before the first token (saving the state).
 
     Returns:
         The generated token ids of each row.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-    stream, positions = prompt_streams(prompts, block_size, landmark_id)
-    logits = read(stream, positions)  # (B, vocab)
+    stream, lengths = prompt_streams(prompts, block_size, landmark_id, start)
+    logits = read(stream, lengths)  # (B, vocab)
+    positions = lengths + (torch.tensor(list(start), dtype=torch.long) if start is not None else 0)
+    if after_prompt is not None:
+        after_prompt()
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     stop = torch.tensor(list(stop_ids), dtype=torch.long)
     batch = len(prompts)
@@ -158,6 +184,8 @@ def generate(
     eot_id: int | None = None,
     seed: int | None = None,
     on_token: TokenCallback | None = None,
+    load_state: str | Path | None = None,
+    save_state: str | Path | None = None,
     **session_kwargs,
 ) -> list[list[int]]:
     """Generate continuations of a batch of prompts of any length with a landmark ``GPT``.
@@ -171,6 +199,10 @@ def generate(
         seed: seeds the sampler.
         on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists
             (for streaming output).
+        load_state: a state saved earlier (``InferenceSession.save_state``, e.g. a long document
+            read once): the prompts continue it (a question about the document).
+        save_state: once the prompts are read, save the state here (before any generated token), so
+            that later calls can ``load_state`` it instead of reading the prompts again.
         **session_kwargs: ``InferenceSession`` options (retrieval or its fields k, granularity, ...;
             chunk_len, memory_device, ...).
 
@@ -183,8 +215,12 @@ def generate(
     if not prompts:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     session = InferenceSession(model, len(prompts), **session_kwargs)
+    if load_state is not None:
+        session.load_state(load_state)
     cfg = model.config
     return generate_with(
         session.read, prompts, max_new_tokens, block_size=cfg.block_size, landmark_id=cfg.landmark_id,
         sampling=sampling, stop_ids=() if eot_id is None else (eot_id,), on_token=on_token,
+        start=session.length.tolist(),
+        after_prompt=None if save_state is None else lambda: session.save_state(save_state),
     )  # fmt: skip

@@ -196,6 +196,41 @@ class BlockMemory:
         rows = torch.arange(self.batch, device=self.device)[:, None]
         return self.landmark_keys[rows, :, idx].transpose(1, 2)
 
+    def logical_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every row's blocks in logical order, padded to max(count) blocks (for saving):
+        landmark keys (B, Hkv, N, D) un-rotated, keys (B, Hkv, N, D, block_size) as stored, values
+        (B, Hkv, N, block_size - 1, D); on the CPU."""
+        n = max(self.count)
+        logical = torch.arange(n).expand(self.batch, n)
+        idx = self.physical_index(logical) if n else logical  # (B, N)
+        rows = torch.arange(self.batch)[:, None]
+        pick = lambda t: t[rows, :, idx.to(t.device)].transpose(1, 2).cpu()  # noqa: E731
+        return pick(self.landmark_keys), pick(self.keys), pick(self.values)
+
+    def restore(self, count: list[int], landmark_keys: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Replace the content of an empty memory with saved blocks (``logical_blocks``'s layout,
+        ``count[b]`` real blocks in row b). Block numbering restarts at 0 (``evicted``); the FAISS
+        index, if any, is built from the restored landmark keys."""
+        if len(count) != self.batch or any(c > landmark_keys.shape[2] for c in count):
+            raise ValueError("saved block counts do not match the saved blocks")
+        if self.max_blocks is not None and max(count, default=0) > self.max_blocks:
+            raise ValueError(
+                f"the saved state holds {max(count)} blocks per row; max_blocks is {self.max_blocks}"
+            )
+        if any(self.count):
+            raise ValueError("restore needs an empty memory")
+        self.start, self.evicted = [0] * self.batch, [0] * self.batch
+        self.reserve(max(max(count, default=0), 1))
+        n = landmark_keys.shape[2]
+        self.landmark_keys[:, :, :n] = landmark_keys.to(self.device, self.dtype)
+        self.keys[:, :, :n] = keys.to(self.storage_device, self.dtype)
+        self.values[:, :, :n] = values.to(self.storage_device, self.dtype)
+        self.count = list(count)
+        if self.index is not None:
+            for row, c in enumerate(count):
+                if c:
+                    self.index.add(row, self.landmark_keys[row, :, :c])
+
     def nbytes_per_block(self) -> int:
         """Bytes of one block's stored keys (landmark's included) and values, all kv heads: what
         retrieving it for every kv head reads."""

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from landmark.data.landmarks import insert_landmarks
+from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS
@@ -110,6 +112,7 @@ class InferenceSession:
         self.device = param.device
         self.cache.prepare(batch_size, cfg.n_kv_head, cfg.head_dim, param.dtype, param.device)
         self.stats = SessionStats(layer=self.cache.stats)
+        self._fingerprint: str | None = None
 
     @property
     def memories(self):
@@ -165,6 +168,43 @@ class InferenceSession:
             logits = self._forward(ids[:, c0:c1], part, at).logits[:, 0]  # (B, vocab)
             out = logits if out is None else torch.where(here.to(logits.device)[:, None], logits, out)
         return out
+
+    def save_state(self, path: str | Path) -> None:
+        """Save what the streams have read (block memories, tails, positions) to ``path``
+        (safetensors, atomic): a long document read once can be asked many questions
+        (``load_state`` in a new session of the same model)."""
+        self.cache.save(path, self._model_id())
+
+    def load_state(self, path: str | Path) -> None:
+        """Continue the streams saved in ``path`` (this session must not have read anything yet).
+
+        Raises:
+            ValueError: a state of other weights, another block size or batch size, or not a state.
+        """
+        if bool((self.length > 0).any()):
+            raise ValueError("load_state needs a new session (this one has read something already)")
+        old = self.cache
+        fresh = RetrievalCache(
+            self.config.n_layer, block_size=old.block_size, rope_base=old.rope_base, retrieval=self.retrieval,
+            chunk_len=old.chunk_len, memory_device=old.memory_device, max_blocks=old.max_blocks,
+            evict=old.evict, approx_min_blocks=old.approx_min_blocks,
+        )  # fmt: skip
+        fresh.load(path, self._model_id(), self.device)
+        state = fresh.layers[0]
+        if state.tail_k.shape[0] != self.batch_size:
+            raise ValueError(
+                f"{path} holds {state.tail_k.shape[0]} streams; this session has {self.batch_size}"
+            )
+        dtype = next(self.model.parameters()).dtype
+        if state.tail_k.dtype != dtype:
+            raise ValueError(f"{path} was saved in {state.tail_k.dtype}; the model runs in {dtype}")
+        self.cache = fresh
+        self.stats.layer = fresh.stats
+
+    def _model_id(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
 
     def _check(self, ids: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
         ids = ids.to(self.device)
