@@ -129,36 +129,6 @@ inline void scores_key_major(const float* q, const float* kt, int64_t stride, in
   }
 }
 
-// Landmark scores: out[i] = float(sum_d q[d] * lt[d * stride + i]) for i < n (n a multiple of kLanes),
-// accumulated in double and rounded to float, as retrieval._landmark_scores does: the eager path and
-// the kernel then agree on nearly tied landmarks (keys that differ only by float rounding, as the
-// landmark keys of a first layer do), and equal keys get equal scores (same operations in every lane).
-inline void landmark_scores(const double* q, const double* lt, int64_t stride, int64_t n, int64_t dim, float* out) {
-  int64_t t0 = 0;
-  for (; t0 + 4 * kLanes <= n; t0 += 4 * kLanes) {  // four groups at a time: independent chains
-    vdouble a0{}, a1{}, a2{}, a3{};
-    for (int64_t d = 0; d < dim; ++d) {
-      const double* row = lt + d * stride + t0;
-      const double qd = q[d];
-      a0 += qd * load(row);
-      a1 += qd * load(row + kLanes);
-      a2 += qd * load(row + 2 * kLanes);
-      a3 += qd * load(row + 3 * kLanes);
-    }
-    for (int64_t l = 0; l < kLanes; ++l) {
-      out[t0 + l] = static_cast<float>(a0[l]);
-      out[t0 + kLanes + l] = static_cast<float>(a1[l]);
-      out[t0 + 2 * kLanes + l] = static_cast<float>(a2[l]);
-      out[t0 + 3 * kLanes + l] = static_cast<float>(a3[l]);
-    }
-  }
-  for (; t0 < n; t0 += kLanes) {
-    vdouble acc{};
-    for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(lt + d * stride + t0);
-    for (int64_t l = 0; l < kLanes; ++l) out[t0 + l] = static_cast<float>(acc[l]);
-  }
-}
-
 // One landmark score the same way (double, rounded to float), for a landmark key stored row-major.
 inline float landmark_score(const double* q, const float* key, int64_t dim) {
   double acc = 0.0;
@@ -286,6 +256,54 @@ inline void top_k(const float* scores, int64_t n, int64_t k, float* best, int64_
   std::sort(idx, idx + k);
 }
 
+// The old blocks' landmark scores as the eager path defines them (retrieval._landmark_scores: summed in
+// double, rounded to float), but computed in float first: out[i] for i < n_old is the exact score of
+// every block that can be among the top k, -inf for the others. The float scan (sum over d in order,
+// one lane per key) errs by at most bound = 2 (D + 1) 2^-24 sum_d |q_d| max|key|; every block whose
+// exact score reaches the k-th best has a float score within 2 bound (+ the float rounding of the k-th
+// score) of the k-th best float score, so only those candidates are scored again in double. The top-k
+// of the result equals the top-k of the exact scores, ties included (equal keys: equal float scores,
+// all candidates or none). lt: (D, stride) float keys, key-major; key(i): block i's key, row-major.
+template <typename KeyOf>
+void old_landmark_scores(const float* q, const double* q64, const float* lt, int64_t stride, int64_t n_old,
+                         int64_t k, int64_t dim, float max_key, KeyOf key, float* scan, float* best,
+                         int64_t* idx, float* out) {
+  scores_key_major(q, lt, stride, stride, dim, scan);  // whole vectors: the padding lanes are unused
+  float q_abs = 0.f;
+  for (int64_t d = 0; d < dim; ++d) q_abs += std::fabs(q[d]);
+  const int64_t kk = std::min(k, n_old);
+  top_k(scan, n_old, kk, best, idx);  // best[kk - 1]: the kk-th best float score
+  float threshold = best[kk - 1];
+  bool finite = std::isfinite(threshold);
+  for (int64_t i = 0; i < n_old && finite; ++i) finite = !std::isnan(scan[i]);
+  if (!finite) {  // NaN or infinite scores: score every block exactly
+    for (int64_t i = 0; i < n_old; ++i) out[i] = landmark_score(q64, key(i), dim);
+    return;
+  }
+  const float bound = 2.f * static_cast<float>(dim + 1) * 5.9604645e-8f * q_abs * max_key;
+  threshold -= 2.f * bound + 2.f * std::fabs(threshold) * 1.1920929e-7f;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  // groups of four vectors of keys (the keys are padded to whole vectors): a group with a candidate is
+  // scored again in double, vectorised, four independent chains; the others are skipped
+  for (int64_t i0 = 0; i0 < n_old; i0 += 4 * kLanes) {
+    const int64_t groups = std::min<int64_t>(4, (stride - i0) / kLanes);
+    bool any = false;
+    for (int64_t j = 0; j < groups * kLanes && i0 + j < n_old; ++j) any |= scan[i0 + j] >= threshold;
+    if (!any) {
+      for (int64_t j = 0; j < groups * kLanes && i0 + j < n_old; ++j) out[i0 + j] = minus_inf;
+      continue;
+    }
+    vdouble acc[4] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      const float* row = lt + d * stride + i0;
+      const double qd = q64[d];
+      for (int64_t g = 0; g < groups; ++g) acc[g] += qd * __builtin_convertvector(load(row + g * kLanes), vdouble);
+    }
+    for (int64_t j = 0; j < groups * kLanes && i0 + j < n_old; ++j)
+      out[i0 + j] = scan[i0 + j] >= threshold ? static_cast<float>(acc[j / kLanes][j % kLanes]) : minus_inf;
+  }
+}
+
 void check(const torch::Tensor& t, int64_t dim, torch::ScalarType type, const char* name) {
   TORCH_CHECK(t.dim() == dim && t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu(), name,
               ": expected a contiguous CPU tensor of ", dim, " dimensions and type ", type);
@@ -353,8 +371,8 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
   const int64_t n_tiles = (C + kTile - 1) / kTile;
 
   at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> lt, q_lm64(D);
-    std::vector<float> qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, best(std::max<int64_t>(K, 1));
+    std::vector<double> q_lm64(D);
+    std::vector<float> lt, scan, qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, best(std::max<int64_t>(K, 1));
     std::vector<int64_t> sel, n_sel;
     std::vector<std::pair<int64_t, int64_t>> uses;  // (block, query * K + rank), sorted by block
     for (int64_t task = begin; task < end; ++task) {
@@ -368,13 +386,18 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       const float* lm = lmp + bk * cap * D;
       const float* kb = kp + bk * cap * bs * D;
       const float* vb = vp + bk * cap * (bs - 1) * D;
-      // the old blocks' landmark keys, key-major, in double (the scan of every query of the tile reads them)
+      // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
+      // their largest magnitude (for the float scan's error bound)
       const int64_t lt_stride = round_up(n_old);
+      float max_key = 0.f;
       if (!given && n_old > 0) {
-        lt.assign(D * lt_stride, 0.0);
+        lt.assign(D * lt_stride, 0.f);
         for (int64_t i = 0; i < n_old; ++i) {
           const float* src = lm + phys(i) * D;
-          for (int64_t d = 0; d < D; ++d) lt[d * lt_stride + i] = src[d];
+          for (int64_t d = 0; d < D; ++d) {
+            lt[d * lt_stride + i] = src[d];
+            max_key = std::max(max_key, std::fabs(src[d]));
+          }
         }
       }
       // the local keys any query of the tile sees, rotated to their positions, key-major
@@ -393,6 +416,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       q_att.resize(Q * (ke + 1) * D);
       q_lm.resize((ke + 1) * D);
       lm_scores.resize(std::max<int64_t>(lt_stride + ke, 1));
+      scan.resize(std::max<int64_t>(lt_stride, 1));
       sel.assign(Q * std::max<int64_t>(K, 1), -1);
       n_sel.assign(Q, 0);
       mem.resize(Q * std::max<int64_t>(K, 1) * bs);
@@ -420,7 +444,10 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
             for (int64_t j = 0; j <= ke; ++j)
               rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + j * D);
             std::copy(q_lm.begin(), q_lm.begin() + D, q_lm64.begin());
-            landmark_scores(q_lm64.data(), lt.data(), lt_stride, lt_stride, D, lm_scores.data());
+            if (n_old > 0)
+              old_landmark_scores(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key,
+                                  [&](int64_t i) { return lm + phys(i) * D; }, scan.data(), best.data(),
+                                  qsel, lm_scores.data());
             for (int64_t i = n_old; i < n; ++i) {
               const float* slot_q = q_lm.data() + (i - n_old + 1) * D;
               std::copy(slot_q, slot_q + D, q_lm64.begin());
