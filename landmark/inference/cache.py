@@ -161,6 +161,13 @@ class RetrievalCache:
         for layer in range(self.n_layers):
             self._state(layer, probe)
 
+    def reserve(self, blocks: int) -> None:
+        """Make room for ``blocks`` blocks per stream in every layer that exists (a long input known in
+        advance is then stored in one allocation, without doubling and copying)."""
+        for state in self.layers:
+            if state is not None:
+                state.memory.reserve(blocks)
+
     def _state(self, layer: int, k: Tensor) -> _Layer:
         """The layer's state, created from the first keys it sees (batch, kv heads, head dim, dtype)."""
         state = self.layers[layer]

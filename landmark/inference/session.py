@@ -158,6 +158,7 @@ class InferenceSession:
         Arguments as in ``feed``; the logits of a row without new positions are undefined.
         """
         ids, lengths = self._check(ids, lengths)
+        self.cache.reserve(int((self.length + lengths).max()) // self.config.block_size)  # one allocation
         last = (lengths - 1).clamp_min(0)
         out = None
         for c0 in range(0, ids.shape[1], self.chunk_len):
