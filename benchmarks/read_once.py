@@ -137,7 +137,8 @@ def main() -> None:
     )
     print(
         f"document of {reuse['doc_tokens']} tokens: read again + answer "
-        f"{reuse['read_again_and_answer_s']:.2f} s, load state + answer {reuse['load_and_answer_s']:.2f} s: {reuse['speedup']:.1f}x "
+        f"{reuse['read_again_and_answer_s']:.2f} s, load state + answer {reuse['load_and_answer_s']:.2f} s: "
+        f"{reuse['speedup']:.1f}x "
         f"(state file {reuse['state_bytes'] / mb:.0f} MB)"
     )
     out = Path(args.out)
