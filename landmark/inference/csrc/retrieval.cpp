@@ -256,6 +256,19 @@ inline void top_k(const float* scores, int64_t n, int64_t k, float* best, int64_
   std::sort(idx, idx + k);
 }
 
+// A landmark score in double, rounded to float, with four partial sums (the decode path's scan, where
+// a tile has too few queries to pay for transposing the keys): equal keys get equal scores; it differs
+// from landmark_score only in the last bits of the double sum, i.e. at float rounding boundaries.
+inline float landmark_score4(const double* q, const float* key, int64_t dim) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 4 <= dim; d += 4)
+    for (int64_t l = 0; l < 4; ++l) acc[l] += q[d + l] * static_cast<double>(key[d + l]);
+  double tail = 0.0;
+  for (; d < dim; ++d) tail += q[d] * static_cast<double>(key[d]);
+  return static_cast<float>((acc[0] + acc[2]) + (acc[1] + acc[3]) + tail);
+}
+
 // The old blocks' landmark scores as the eager path defines them (retrieval._landmark_scores: summed in
 // double, rounded to float), but computed in float first: out[i] for i < n_old is the exact score of
 // every block that can be among the top k, -inf for the others. The float scan (sum over d in order,
@@ -389,8 +402,9 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
       // their largest magnitude (for the float scan's error bound)
       const int64_t lt_stride = round_up(n_old);
+      const bool direct = rows <= 2;  // a decode step: score the landmarks where they are stored
       float max_key = 0.f;
-      if (!given && n_old > 0) {
+      if (!given && n_old > 0 && !direct) {
         lt.assign(D * lt_stride, 0.f);
         for (int64_t i = 0; i < n_old; ++i) {
           const float* src = lm + phys(i) * D;
@@ -444,7 +458,9 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
             for (int64_t j = 0; j <= ke; ++j)
               rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + j * D);
             std::copy(q_lm.begin(), q_lm.begin() + D, q_lm64.begin());
-            if (n_old > 0)
+            if (n_old > 0 && direct)
+              for (int64_t i = 0; i < n_old; ++i) lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
+            else if (n_old > 0)
               old_landmark_scores(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key,
                                   [&](int64_t i) { return lm + phys(i) * D; }, scan.data(), best.data(),
                                   qsel, lm_scores.data());
