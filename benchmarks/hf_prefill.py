@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
@@ -116,16 +117,7 @@ def main() -> None:
             if "error" in row[kind]:
                 print(f"        {kind} error: {row[kind]['error']}")
     print(f"CPU seconds to read the prompt ({args.threads} thread(s)); landmark: k = {args.k}, retrieval")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python benchmarks/hf_prefill.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-    }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_results(args.out, {"results": results})
 
 
 if __name__ == "__main__":

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = "moby_dick.txt"  # the bundled book whose start is the input
@@ -171,22 +172,10 @@ def main() -> None:
         f"tok/s: input tokens per CPU second ({args.threads} thread(s)); mode {args.mode}; "
         "full: one causal forward pass of the input"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python benchmarks/prefill.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-        "checkpoint": args.checkpoint,
-        "k": args.k,
-        "chunk_len": args.chunk_len,
-        "threads": args.threads,
-        "mode": args.mode,
-        "repeats": args.repeats,
-    }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_results(
+        args.out, {"results": results}, checkpoint=args.checkpoint, k=args.k, chunk_len=args.chunk_len,
+        threads=args.threads, mode=args.mode, repeats=args.repeats,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,16 +142,7 @@ def main() -> None:
         f"{reuse['speedup']:.1f}x "
         f"(state file {reuse['state_bytes'] / mb:.0f} MB)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python benchmarks/read_once.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-    }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "memory": memory, "reuse": reuse}, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_results(args.out, {"memory": memory, "reuse": reuse})
 
 
 if __name__ == "__main__":

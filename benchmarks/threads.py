@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 NEIGHBOUR = (
@@ -131,16 +132,7 @@ def main() -> None:
         f"wall-clock time; prompt of {args.length} tokens, then {args.tokens} tokens decoded; "
         "default = the library's"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python benchmarks/threads.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-    }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_results(args.out, {"results": results})
 
 
 if __name__ == "__main__":
