@@ -4,7 +4,8 @@ Reading and generating run many short parallel regions per step (matrix products
 retrieval kernel of each layer). With two or more threads every region ends at a barrier that waits
 for its slowest thread; when another CPU-bound process shares the cores, one of our threads is often
 descheduled and the others spin or sleep at the barrier, so a step takes several times longer than
-with one thread (measured on this project's 2-core machine: 2x-14x, docs/inference.md "Threads").
+with one thread (on this project's 2-core machine two threads next to a busy neighbour took 2.2x
+(prompt) and 3.0x (decoding) the time of one thread on the idle machine; docs/inference.md "Threads").
 One thread never waits for another: with a neighbour on the other core it runs as fast as on an idle
 machine, and on an idle machine it gives up at most the speed-up of the second core.
 
