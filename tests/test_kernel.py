@@ -109,6 +109,23 @@ def test_kernel_matches_eager_prefill_chunk(heads, kv_heads, dim, bs, counts, k,
     assert stats["cpp"].block_heads_fetched == stats["torch"].block_heads_fetched
 
 
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_kernel_attends_to_the_eager_selection_of_other_granularities(granularity):
+    """Granularities "token" and "head": the eager path selects, the kernel attends (prefill chunks of
+    several row groups, ragged rows, GQA, a decode step): the same outputs as the eager path."""
+    memory = random_memory(2, 2, 8, 16, [14, 6], seed=9)
+    for rows, row_group in ((70, 32), (2, 64)):
+        tails, q_len = torch.tensor([3, 5]), torch.tensor([rows, max(1, rows - 9)])
+        q, lk, lv, local_len = random_step(2, 6, 2, 16, rows, tails, q_len, rows)
+        out = {}
+        for kernel in ("torch", "cpp"):
+            retrieval = RetrievalConfig(k=3, granularity=granularity, row_group=row_group, kernel=kernel)
+            out[kernel] = retrieval_attention(
+                q, lk, lv, local_len, tails, q_len, memory, retrieval, 8, BASE, 16**-0.5
+            )
+        assert (out["cpp"] - out["torch"]).abs().max() < 2e-5, rows
+
+
 def test_kernel_reads_a_wrapped_ring_buffer():
     """A capped memory that has evicted blocks (logical order != storage order): same as eager."""
     memory = random_memory(2, 2, 8, 16, [12, 9], seed=2, max_blocks=7)
@@ -228,7 +245,9 @@ def test_kernel_only_where_it_applies():
     assert RetrievalConfig(k=7).kernel_for(f32, cpu, memory) is not None  # fewer blocks than k
     assert auto.kernel_for(torch.float64, cpu, memory) is None
     assert auto.kernel_for(torch.bfloat16, cpu, memory) is None  # low precision: the eager path
-    assert RetrievalConfig(k=4, granularity="head").kernel_for(f32, cpu, memory) is None
+    head = RetrievalConfig(k=4, granularity="head")  # the eager path selects, the kernel attends
+    assert head.kernel_for(f32, cpu, memory) is not None and not head.kernel_selects
+    assert RetrievalConfig(k=4).kernel_selects
     assert RetrievalConfig(k=4, kernel="torch").kernel_for(f32, cpu, memory) is None
     assert auto.kernel_for(f32, cpu, None) is None
     with pytest.raises(ValueError, match="kernel must be one of"):

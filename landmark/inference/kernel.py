@@ -12,9 +12,11 @@ little synchronisation.
 
 It is used when (``kernel_applies``):
 
-* the queries, the local context and the block memory are on the CPU, in float32;
-* the granularity is ``"token_head"`` (every query row and head picks its own blocks) and the landmark
-  search exact; ``compile`` is off.
+* the queries, the local context and the block memory are on the CPU, in float32; ``compile`` is off.
+
+For granularity ``"token_head"`` with exact search the kernel also selects the blocks; for the other
+granularities (``"token"``, ``"head"``) and FAISS search the eager path selects them and the kernel
+attends (it reads the given blocks where they are stored, as it reads its own).
 
 Any batch (rows of different lengths, different memory sizes, memories that have evicted blocks) is
 handled. Anything else takes the eager path, which stays the reference: tests check the kernel
@@ -107,15 +109,11 @@ def _warn_once(reason: str) -> None:
 
 
 def kernel_applies(
-    dtype: torch.dtype,
-    device: torch.device,
-    memory: BlockMemory | None,
-    granularity: str,
-    search: str,
-    compile: bool,
+    dtype: torch.dtype, device: torch.device, memory: BlockMemory | None, compile: bool
 ) -> bool:
-    """Whether a step with queries of ``dtype`` on ``device`` over this memory can take the kernel."""
-    if memory is None or granularity != "token_head" or search != "exact" or compile:
+    """Whether a step with queries of ``dtype`` on ``device`` over this memory can take the kernel (the
+    selection too for granularity token_head and exact search; else the eager path selects)."""
+    if memory is None or compile:
         return False
     if dtype != torch.float32 or memory.dtype != torch.float32:
         return False
@@ -129,14 +127,16 @@ class KernelPlan:
     module: Any  # the compiled extension
     cos_table: Tensor  # (P, D/2) RoPE angles of positions 0..P-1, float32
     sin_table: Tensor
+    selects: bool = True  # the kernel selects (token_head, exact search); else it is given a selection
 
 
 def kernel_plan(
-    module: Any, k: int, local_width: int, block_size: int, head_dim: int, base: float
+    module: Any, k: int, local_width: int, block_size: int, head_dim: int, base: float, selects: bool = True
 ) -> KernelPlan:
-    """The plan of a step whose local context tensors are ``local_width`` positions long."""
+    """The plan of a step whose local context tensors are ``local_width`` positions long; ``selects``:
+    whether the kernel selects the blocks itself (else the step passes it a selection)."""
     cos, sin = rope_table(k, local_width, block_size, head_dim, base, torch.device("cpu"))
-    return KernelPlan(module, cos, sin)
+    return KernelPlan(module, cos, sin, selects)
 
 
 def retrieval_step(
@@ -150,18 +150,22 @@ def retrieval_step(
     k: int,
     scale: float,
     plan: KernelPlan,
+    selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``retrieval_attention`` through the kernel (granularity token_head, exact search).
+    """``retrieval_attention`` through the kernel.
 
-    Arguments as in ``retrieval_attention``. Returns the (B, H, C, D) outputs and the (B, H, C, k_max)
-    selected logical block indices (ascending; -1 where a row has fewer blocks, and on padding rows).
+    Arguments as in ``retrieval_attention``; ``selected``: (B, H, C, K <= k) logical block indices made
+    elsewhere (valid first, ascending, -1 for none), or None: the kernel selects (token_head, exact).
+    Returns the (B, H, C, D) outputs and the (B, H, C, K) selected logical block indices (ascending; -1
+    where a row has fewer blocks, and on padding rows).
     """
     longs = [t.long().contiguous() for t in (q_start, q_len, local_len)]
     count = torch.tensor(memory.count, dtype=torch.long)
     start = torch.tensor(memory.start, dtype=torch.long)
     out, selected = plan.module.retrieval_step(
         q.contiguous(), longs[0], longs[1], local_k.contiguous(), local_v.contiguous(), longs[2],
-        memory.landmark_keys, memory.keys, memory.values, count, start, _NO_SELECTION,
+        memory.landmark_keys, memory.keys, memory.values, count, start,
+        _NO_SELECTION if selected is None else selected.long().contiguous(),
         plan.cos_table, plan.sin_table, k, scale,
     )  # fmt: skip
     return out, selected

@@ -90,9 +90,14 @@ class RetrievalConfig:
         takes it, else None (see ``landmark.inference.kernel``)."""
         if self.kernel == "torch":
             return None
-        if not kernel.kernel_applies(dtype, device, memory, self.granularity, self.search, self.compile):
+        if not kernel.kernel_applies(dtype, device, memory, self.compile):
             return None
         return kernel.kernel_module(required=self.kernel == "cpp")
+
+    @property
+    def kernel_selects(self) -> bool:
+        """Whether the fused kernel also selects the blocks (token_head, exact search)."""
+        return self.granularity == "token_head" and self.search == "exact"
 
     @property
     def n_candidates(self) -> int:
@@ -242,8 +247,23 @@ def retrieval_attention(
             head_dim, rope_base,
         )  # fmt: skip
     if isinstance(plan, kernel.KernelPlan):  # one call of the fused C++ kernel
+        given = None
+        if not plan.selects:  # other granularities, FAISS: the eager path selects, the kernel attends
+            given = _selections(
+                q,
+                local_k,
+                local_v,
+                local_len,
+                q_start,
+                q_len,
+                memory,
+                retrieval,
+                block_size,
+                rope_base,
+                scale,
+            )
         out, selected = kernel.retrieval_step(
-            q, local_k, local_v, local_len, q_start, q_len, memory, retrieval.k, scale, plan
+            q, local_k, local_v, local_len, q_start, q_len, memory, retrieval.k, scale, plan, given
         )
         if stats is not None:
             stats.local_positions += int(local_len.sum())
@@ -274,6 +294,52 @@ def retrieval_attention(
         out[:, :, r0:r1] = _retrieve_and_attend(
             q[:, :, r0:r1], local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
+    return out
+
+
+def _selections(
+    q: Tensor,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    memory: BlockMemory,
+    retrieval: RetrievalConfig,
+    block_size: int,
+    rope_base: float,
+    scale: float,
+) -> Tensor:
+    """The eager path's selection for a whole step, in groups of ``row_group`` query rows as it attends:
+    (B, H, C, K) logical indices, valid first, ascending, -1 for none (``kernel.retrieval_step``'s
+    ``selected``). Arguments as in ``retrieval_attention``."""
+    batch, heads, rows, head_dim = q.shape
+    n_blocks = torch.tensor(memory.count, device=q.device)
+    width = min(retrieval.k, int(n_blocks.max()))
+    out = torch.full((batch, heads, rows, width), -1, dtype=torch.long, device=q.device)
+    if width == 0:
+        return out
+    for r0 in range(0, rows, retrieval.row_group):
+        r1 = min(rows, r0 + retrieval.row_group)
+        group_len = (q_len - r0).clamp(0, r1 - r0)
+        if not bool((group_len > 0).any()):
+            break
+        plan = decode_plan(
+            n_blocks, local_len, q_start + r0, group_len, r1 - r0, local_k.shape[2], retrieval, block_size,
+            head_dim, rope_base,
+        )  # fmt: skip
+        _, q_lm, _, _ = _decode_local(
+            q[:, :, r0:r1], local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local,
+            plan.k_max, block_size, scale,
+        )  # fmt: skip
+        selected, valid, _ = _select(
+            q[:, :, r0:r1], q_lm, memory, retrieval, plan, block_size, rope_base, scale
+        )
+        valid = (
+            plan.row_valid[:, None, :, None] if valid is None else valid & plan.row_valid[:, None, :, None]
+        )
+        selected = torch.where(valid, selected, -1)
+        out[:, :, r0:r1, : selected.shape[-1]] = selected
     return out
 
 
@@ -354,7 +420,9 @@ def step_plan(
     ``decode_plan``; dtype: the queries' dtype."""
     module = retrieval.kernel_for(dtype, q_start.device, memory)
     if module is not None:
-        return kernel.kernel_plan(module, retrieval.k, local_width, block_size, head_dim, rope_base)
+        return kernel.kernel_plan(
+            module, retrieval.k, local_width, block_size, head_dim, rope_base, retrieval.kernel_selects
+        )
     if rows > DECODE_ROWS:
         return None
     count = memory.count if memory is not None else [0] * q_start.shape[0]
@@ -477,7 +545,53 @@ def _retrieve_and_attend(
     if memory is None or n_max == 0:
         return _apply(grouped_softmax(local_scores, plan.local_current, plan.local_earlier), lv, kv_heads)
 
-    # Landmark scores and selection.
+    selected, sel_valid, scored = _select(q, q_lm, memory, retrieval, plan, bs, rope_base, scale, stage)
+    k_sel = selected.shape[-1]
+
+    if sel_valid is None:  # every selection is real: the step's masks are shared by all layers
+        current, earlier = plan.current, plan.earlier
+        fetched = selected.numel()
+    else:
+        sel_valid = sel_valid & plan.row_valid[:, None, :, None]
+        no_current = plan.local_current.new_zeros(batch, 1, rows, k_sel, bs)
+        current = torch.cat((no_current, plan.local_current), dim=3)
+        earlier = torch.cat((sel_valid, plan.local_earlier.expand(-1, heads, -1, -1)), dim=3)
+        fetched = int(sel_valid.sum())
+    if stats is not None:
+        stats.landmarks_scored += scored
+        stats.block_heads_fetched += fetched
+
+    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
+    keys, values = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
+    return stage("attend")(
+        q_att, selected, plan.recent_from, keys, values, local_scores, lv, current, earlier
+    )
+
+
+def _select(
+    q: Tensor,
+    q_lm: Tensor,
+    memory: BlockMemory,
+    retrieval: RetrievalConfig,
+    plan: DecodePlan,
+    bs: int,
+    rope_base: float,
+    scale: float,
+    stage=None,
+) -> tuple[Tensor, Tensor | None, int]:
+    """The blocks a group of query rows retrieves (any granularity, exact or FAISS search).
+
+    Args:
+        q: (B, H, C, D) un-rotated queries; q_lm: their rotations to the landmark slots (``_decode_local``).
+
+    Returns:
+        selected: (B, H, C, k) logical indices, ascending, valid first; valid: (B, H, C, k) or None when
+        every selection is real; the number of landmarks scored.
+    """
+    batch, heads, rows, _ = q.shape
+    kv_heads = memory.kv_heads
+    k_max, n_max = plan.k_max, plan.n_max
+    stage = stage or _eager
     uniform = plan.uniform and not any(memory.start)  # same count per row, no ring-buffer wrap-around
     sel_valid = None
     if retrieval.search == "faiss":
@@ -503,26 +617,7 @@ def _retrieve_and_attend(
                 scores, plan.n_blocks, plan.row_valid, retrieval.k, retrieval.granularity
             )
         scored = plan.blocks_total
-    k_sel = selected.shape[-1]
-
-    if sel_valid is None:  # every selection is real: the step's masks are shared by all layers
-        current, earlier = plan.current, plan.earlier
-        fetched = selected.numel()
-    else:
-        sel_valid = sel_valid & plan.row_valid[:, None, :, None]
-        no_current = plan.local_current.new_zeros(batch, 1, rows, k_sel, bs)
-        current = torch.cat((no_current, plan.local_current), dim=3)
-        earlier = torch.cat((sel_valid, plan.local_earlier.expand(-1, heads, -1, -1)), dim=3)
-        fetched = int(sel_valid.sum())
-    if stats is not None:
-        stats.landmarks_scored += scored
-        stats.block_heads_fetched += fetched
-
-    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
-    keys, values = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
-    return stage("attend")(
-        q_att, selected, plan.recent_from, keys, values, local_scores, lv, current, earlier
-    )
+    return selected, sel_valid, scored
 
 
 def _decode_local(
