@@ -38,6 +38,11 @@ one full pass.
 Landmark search (``RetrievalConfig.search``): ``"exact"`` (default) scores every landmark in memory;
 ``"faiss"`` asks an inner-product index over the landmark keys for candidates (see
 ``landmark.inference.search``) and scores only those exactly.
+
+On the CPU in float32 a step goes through the fused C++ kernel instead (``landmark.inference.kernel``):
+it selects (token_head, exact search) or is given the eager path's selection (``_selections``, other
+granularities and FAISS) and attends with the blocks read where they are stored. The eager path above
+is the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -174,7 +179,7 @@ def top_k_blocks(scores: Tensor, k: int) -> Tensor:
     Ties are broken deterministically: among equal scores the later (more recent) block wins. They are
     common: in the first layer every landmark key is the same (it depends on the landmark's embedding
     only), so all blocks at slot 0 score alike. ``torch.topk`` alone breaks ties in an unspecified
-    order that changes with the size; the C++ decode kernel applies the same rule as here.
+    order that changes with the size; the C++ retrieval kernel applies the same rule as here.
 
     Args:
         scores: (..., N) with N >= k.
@@ -350,7 +355,7 @@ def _landmark_scores(q: Tensor, landmark_keys: Tensor) -> Tensor:
     summation order of the product (a float32 matrix product rounds equal rows differently; float64
     sums of equal rows differ at most in their last bits, which the rounding removes except at a
     rounding boundary): ties, the rule in the first layer (every landmark key is the same there), are
-    then broken by ``top_k_blocks``'s rule, as in the C++ decode kernel.
+    then broken by ``top_k_blocks``'s rule, as in the C++ retrieval kernel.
     """
     return (q.double() @ landmark_keys[:, :, None].double().transpose(-1, -2)).to(q.dtype)
 
