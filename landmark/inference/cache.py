@@ -289,12 +289,24 @@ class RetrievalCache:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 
-    def load(self, path: str | Path, model_id: str, device: torch.device | str | None = None) -> None:
-        """Restore a state written by ``save`` into this (empty) cache.
+    def load(
+        self,
+        path: str | Path,
+        model_id: str,
+        device: torch.device | str | None = None,
+        *,
+        batch: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Restore a state written by ``save`` into this cache, which must not have read anything yet;
+        it is changed only once the file has passed every check.
+
+        Args:
+            batch, dtype: when given, the streams and dtype the state must have.
 
         Raises:
             ValueError: the file is missing or not a saved state, or it was saved for other weights or
-                another block size, RoPE base, layer count or geometry (the message says which).
+                another block size, RoPE base, layer count, batch size or dtype (the message says which).
         """
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
@@ -302,8 +314,8 @@ class RetrievalCache:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"no saved state at {path}")
-        if any(st is not None for st in self.layers):
-            raise ValueError("load needs an empty cache (a new session)")
+        if any(st is not None and bool((st.length > 0).any()) for st in self.layers):
+            raise ValueError("load needs a cache that has read nothing yet (a new session)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -324,7 +336,12 @@ class RetrievalCache:
         for key, value in want.items():
             if meta.get(key) != str(value):
                 raise ValueError(f"{path} was saved with {key} = {meta.get(key)}; this model has {value}")
+        if batch is not None and tail.shape[0] != batch:
+            raise ValueError(f"{path} holds {tail.shape[0]} streams; this session has {batch}")
+        if dtype is not None and tail.dtype != dtype:
+            raise ValueError(f"{path} was saved in {tail.dtype}; the model runs in {dtype}")
         device = device if device is not None else "cpu"
+        self.layers = [None] * self.n_layers
         self.prepare(tail.shape[0], tail.shape[1], tail.shape[3], tail.dtype, device)
         for i, st in enumerate(self.layers):
             st.memory.restore(

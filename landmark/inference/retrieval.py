@@ -48,6 +48,7 @@ is the reference it is tested against.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -283,23 +284,44 @@ def retrieval_attention(
         )
     # A chunk: groups of ``row_group`` query rows, each run like a decode step. The memory does not change
     # within a step, and each group's rows see the whole local context up to their own positions.
-    n_blocks = torch.tensor(memory.count if memory is not None else [0] * batch, device=q.device)
     if stats is not None:
         stats.local_positions += int(local_len.sum())
     out = q.new_zeros(batch, heads, rows, head_dim)
-    for r0 in range(0, rows, retrieval.row_group):
-        r1 = min(rows, r0 + retrieval.row_group)
-        group_len = (q_len - r0).clamp(0, r1 - r0)
-        if not bool((group_len > 0).any()):
-            break
-        plan = decode_plan(
-            n_blocks, local_len, q_start + r0, group_len, r1 - r0, local_k.shape[2], retrieval, block_size,
-            head_dim, rope_base,
-        )  # fmt: skip
+    for r0, r1, plan in _row_groups(
+        memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, head_dim, rope_base
+    ):
         out[:, :, r0:r1] = _retrieve_and_attend(
             q[:, :, r0:r1], local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
         )
     return out
+
+
+def _row_groups(
+    memory: BlockMemory | None,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    rows: int,
+    local_width: int,
+    retrieval: RetrievalConfig,
+    block_size: int,
+    head_dim: int,
+    rope_base: float,
+) -> Iterator[tuple[int, int, DecodePlan]]:
+    """The groups of ``row_group`` query rows an eager chunk is processed in: ``(r0, r1, plan)`` for
+    rows r0..r1-1 while any row has real queries there (arguments as in ``retrieval_attention``)."""
+    count = memory.count if memory is not None else [0] * q_start.shape[0]
+    n_blocks = torch.tensor(count, device=q_start.device)
+    for r0 in range(0, rows, retrieval.row_group):
+        r1 = min(rows, r0 + retrieval.row_group)
+        group_len = (q_len - r0).clamp(0, r1 - r0)
+        if not bool((group_len > 0).any()):
+            return
+        plan = decode_plan(
+            n_blocks, local_len, q_start + r0, group_len, r1 - r0, local_width, retrieval, block_size,
+            head_dim, rope_base,
+        )  # fmt: skip
+        yield r0, r1, plan
 
 
 def _selections(
@@ -319,20 +341,13 @@ def _selections(
     (B, H, C, K) logical indices, valid first, ascending, -1 for none (``kernel.retrieval_step``'s
     ``selected``). Arguments as in ``retrieval_attention``."""
     batch, heads, rows, head_dim = q.shape
-    n_blocks = torch.tensor(memory.count, device=q.device)
-    width = min(retrieval.k, int(n_blocks.max()))
+    width = min(retrieval.k, max(memory.count))
     out = torch.full((batch, heads, rows, width), -1, dtype=torch.long, device=q.device)
     if width == 0:
         return out
-    for r0 in range(0, rows, retrieval.row_group):
-        r1 = min(rows, r0 + retrieval.row_group)
-        group_len = (q_len - r0).clamp(0, r1 - r0)
-        if not bool((group_len > 0).any()):
-            break
-        plan = decode_plan(
-            n_blocks, local_len, q_start + r0, group_len, r1 - r0, local_k.shape[2], retrieval, block_size,
-            head_dim, rope_base,
-        )  # fmt: skip
+    for r0, r1, plan in _row_groups(
+        memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, head_dim, rope_base
+    ):
         _, q_lm, _, _ = _decode_local(
             q[:, :, r0:r1], local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local,
             plan.k_max, block_size, scale,

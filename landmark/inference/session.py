@@ -184,23 +184,8 @@ class InferenceSession:
         """
         if bool((self.length > 0).any()):
             raise ValueError("load_state needs a new session (this one has read something already)")
-        old = self.cache
-        fresh = RetrievalCache(
-            self.config.n_layer, block_size=old.block_size, rope_base=old.rope_base, retrieval=self.retrieval,
-            chunk_len=old.chunk_len, memory_device=old.memory_device, max_blocks=old.max_blocks,
-            evict=old.evict, approx_min_blocks=old.approx_min_blocks,
-        )  # fmt: skip
-        fresh.load(path, self._model_id(), self.device)
-        state = fresh.layers[0]
-        if state.tail_k.shape[0] != self.batch_size:
-            raise ValueError(
-                f"{path} holds {state.tail_k.shape[0]} streams; this session has {self.batch_size}"
-            )
         dtype = next(self.model.parameters()).dtype
-        if state.tail_k.dtype != dtype:
-            raise ValueError(f"{path} was saved in {state.tail_k.dtype}; the model runs in {dtype}")
-        self.cache = fresh
-        self.stats.layer = fresh.stats
+        self.cache.load(path, self._model_id(), self.device, batch=self.batch_size, dtype=dtype)
 
     def _model_id(self) -> str:
         if self._fingerprint is None:
