@@ -48,7 +48,11 @@ constexpr int64_t kLanes = 16;  // floats per vector below
 // NEON registers on ARM); loads and stores are unaligned.
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef double vdouble __attribute__((vector_size(kLanes * sizeof(double))));
+// Half as many doubles (the same width in bytes: a double vector of kLanes lanes would be twice the
+// widest register, and GCC then builds its broadcasts and keeps its sums in memory).
+constexpr int64_t kHalf = kLanes / 2;
+typedef double vdouble __attribute__((vector_size(kHalf * sizeof(double))));
+typedef float vfloat_half __attribute__((vector_size(kHalf * sizeof(float))));
 
 inline vfloat load(const float* p) {
   vfloat v;
@@ -57,10 +61,10 @@ inline vfloat load(const float* p) {
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 inline vfloat splat(float x) { return vfloat{} + x; }
-inline vdouble load(const double* p) {
-  vdouble v;
+inline vdouble load_double(const float* p) {  // kHalf floats, as doubles
+  vfloat_half v;
   std::memcpy(&v, p, sizeof(v));
-  return v;
+  return __builtin_convertvector(v, vdouble);
 }
 
 // exp(x) to about 2 ulp for x in [-87, 88] (Cephes' expf polynomial, range reduced by ln 2), lane by
@@ -136,23 +140,32 @@ inline float landmark_score(const double* q, const float* key, int64_t dim) {
   return static_cast<float>(acc);
 }
 
-// max of s[0..n), n >= 1.
+// Lanes l < n of a vector: true (n >= kLanes: all).
+inline vint first_lanes(int64_t n) {
+  vint lane;
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<int32_t>(l);
+  return lane < static_cast<int32_t>(std::min<int64_t>(n, kLanes));
+}
+
+// max of s[0..n), n >= 1. Reads whole vectors: s must be readable up to round_up(n).
 inline float max_of(const float* s, int64_t n) {
-  float m = std::numeric_limits<float>::lowest();
+  vfloat mv = splat(std::numeric_limits<float>::lowest());
   int64_t t0 = 0;
-  if (n >= kLanes) {
-    vfloat mv = load(s);
-    for (t0 = kLanes; t0 + kLanes <= n; t0 += kLanes) {
-      const vfloat x = load(s + t0);
-      mv = x > mv ? x : mv;
-    }
-    for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, mv[l]);
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    const vfloat x = load(s + t0);
+    mv = x > mv ? x : mv;
   }
-  for (int64_t t = t0; t < n; ++t) m = std::max(m, s[t]);
+  if (t0 < n) {
+    const vfloat x = first_lanes(n - t0) ? load(s + t0) : mv;
+    mv = x > mv ? x : mv;
+  }
+  float m = mv[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = std::max(m, mv[l]);
   return m;
 }
 
-// e[t] = exp(s[t] - mx) for t < n; returns their sum.
+// e[t] = exp(s[t] - mx) for t < n; returns their sum. Reads and writes whole vectors (the lanes past n
+// keep their values): s and e must be readable and writable up to round_up(n).
 inline float exp_sum(const float* s, int64_t n, float mx, float* e) {
   vfloat z{};
   int64_t t0 = 0;
@@ -161,17 +174,13 @@ inline float exp_sum(const float* s, int64_t n, float mx, float* e) {
     store(e + t0, x);
     z += x;
   }
-  float sum = 0.f;
-  if (t0 < n) {  // the remainder through one vector: lanes past n are computed but not kept
-    float tmp[kLanes];
-    std::fill(tmp, tmp + kLanes, mx);
-    std::copy(s + t0, s + n, tmp);
-    const vfloat x = exp_v(load(tmp) - mx);
-    for (int64_t t = t0; t < n; ++t) {
-      e[t] = x[t - t0];
-      sum += e[t];
-    }
+  if (t0 < n) {
+    const vint keep = first_lanes(n - t0);
+    const vfloat x = exp_v(load(s + t0) - mx);
+    store(e + t0, keep ? x : load(e + t0));
+    z += keep ? x : vfloat{};
   }
+  float sum = 0.f;
   for (int64_t l = 0; l < kLanes; ++l) sum += z[l];
   return sum;
 }
@@ -276,11 +285,18 @@ inline float landmark_score4(const double* q, const float* key, int64_t dim) {
 // exact score reaches the k-th best has a float score within 2 bound (+ the float rounding of the k-th
 // score) of the k-th best float score, so only those candidates are scored again in double. The top-k
 // of the result equals the top-k of the exact scores, ties included (equal keys: equal float scores,
-// all candidates or none). lt: (D, stride) float keys, key-major; key(i): block i's key, row-major.
+// all candidates or none). Where all the old keys are the same (a first layer's landmarks, whose keys
+// do not depend on the position), they all get the one exact score without a scan.
+// lt: (D, stride) float keys, key-major, stride a multiple of 4 kLanes (zero padding); key(i): block
+// i's key, row-major.
 template <typename KeyOf>
 void old_landmark_scores(const float* q, const double* q64, const float* lt, int64_t stride, int64_t n_old,
-                         int64_t k, int64_t dim, float max_key, KeyOf key, float* scan, float* best,
-                         int64_t* idx, float* out) {
+                         int64_t k, int64_t dim, float max_key, bool same_keys, KeyOf key, float* scan,
+                         float* best, int64_t* idx, float* out) {
+  if (same_keys) {
+    std::fill(out, out + n_old, landmark_score(q64, key(0), dim));
+    return;
+  }
   scores_key_major(q, lt, stride, stride, dim, scan);  // whole vectors: the padding lanes are unused
   float q_abs = 0.f;
   for (int64_t d = 0; d < dim; ++d) q_abs += std::fabs(q[d]);
@@ -296,24 +312,27 @@ void old_landmark_scores(const float* q, const double* q64, const float* lt, int
   const float bound = 2.f * static_cast<float>(dim + 1) * 5.9604645e-8f * q_abs * max_key;
   threshold -= 2.f * bound + 2.f * std::fabs(threshold) * 1.1920929e-7f;
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  // groups of four vectors of keys (the keys are padded to whole vectors): a group with a candidate is
-  // scored again in double, vectorised, four independent chains; the others are skipped
+  // groups of four vectors of keys: a group with a candidate is scored again in double, vectorised,
+  // four independent chains (padding keys included); the others are skipped
   for (int64_t i0 = 0; i0 < n_old; i0 += 4 * kLanes) {
-    const int64_t groups = std::min<int64_t>(4, (stride - i0) / kLanes);
+    const int64_t n_group = std::min<int64_t>(4 * kLanes, n_old - i0);
     bool any = false;
-    for (int64_t j = 0; j < groups * kLanes && i0 + j < n_old; ++j) any |= scan[i0 + j] >= threshold;
+    for (int64_t j = 0; j < n_group; ++j) any |= scan[i0 + j] >= threshold;
     if (!any) {
-      for (int64_t j = 0; j < groups * kLanes && i0 + j < n_old; ++j) out[i0 + j] = minus_inf;
+      std::fill(out + i0, out + i0 + n_group, minus_inf);
       continue;
     }
-    vdouble acc[4] = {};
+    vdouble a[8] = {};  // eight independent chains of kHalf keys (a fixed count: kept in registers)
     for (int64_t d = 0; d < dim; ++d) {
       const float* row = lt + d * stride + i0;
-      const double qd = q64[d];
-      for (int64_t g = 0; g < groups; ++g) acc[g] += qd * __builtin_convertvector(load(row + g * kLanes), vdouble);
+      const vdouble qd = vdouble{} + q64[d];
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < 8; ++j) a[j] += qd * load_double(row + j * kHalf);
     }
-    for (int64_t j = 0; j < groups * kLanes && i0 + j < n_old; ++j)
-      out[i0 + j] = scan[i0 + j] >= threshold ? static_cast<float>(acc[j / kLanes][j % kLanes]) : minus_inf;
+    double exact[4 * kLanes];
+    std::memcpy(exact, a, sizeof(exact));
+    for (int64_t j = 0; j < n_group; ++j)
+      out[i0 + j] = scan[i0 + j] >= threshold ? static_cast<float>(exact[j]) : minus_inf;
   }
 }
 
@@ -388,6 +407,10 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
     std::vector<float> lt, scan, qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, best(std::max<int64_t>(K, 1));
     std::vector<int64_t> sel, n_sel;
     std::vector<std::pair<int64_t, int64_t>> uses;  // (block, query * K + rank), sorted by block
+    std::vector<float> rot(D);
+    int64_t lt_of = -1, lkt_of = -1, rotated = 0;  // whose keys lt and lkt hold (b * Hkv + kv); lkt's count
+    float max_key = 0.f;
+    bool same_keys = false;  // all old landmark keys bitwise equal
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hkv * n_tiles), kv = (task / n_tiles) % Hkv, tile = task % n_tiles;
       const int64_t c0 = tile * kTile, c1 = std::min({C, c0 + kTile, qlen[b]});
@@ -400,32 +423,42 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       const float* kb = kp + bk * cap * bs * D;
       const float* vb = vp + bk * cap * (bs - 1) * D;
       // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
-      // their largest magnitude (for the float scan's error bound)
-      const int64_t lt_stride = round_up(n_old);
+      // their largest magnitude (for the float scan's error bound); made once for consecutive tasks of
+      // one (row, kv head)
+      const int64_t lt_stride = (n_old + 4 * kLanes - 1) / (4 * kLanes) * (4 * kLanes);
       const bool direct = rows <= 2;  // a decode step: score the landmarks where they are stored
-      float max_key = 0.f;
-      if (!given && n_old > 0 && !direct) {
-        lt.assign(D * lt_stride, 0.f);
-        for (int64_t i = 0; i < n_old; ++i) {
-          const float* src = lm + phys(i) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            lt[d * lt_stride + i] = src[d];
-            max_key = std::max(max_key, std::fabs(src[d]));
+      if (!given && n_old > 0 && !direct && lt_of != bk) {
+        lt_of = bk;
+        const float* first_key = lm + phys(0) * D;
+        same_keys = true;
+        for (int64_t i = 1; i < n_old && same_keys; ++i)
+          same_keys = std::memcmp(lm + phys(i) * D, first_key, D * sizeof(float)) == 0;
+        max_key = 0.f;
+        if (!same_keys) {
+          lt.assign(D * lt_stride, 0.f);
+          for (int64_t i = 0; i < n_old; ++i) {
+            const float* src = lm + phys(i) * D;
+            for (int64_t d = 0; d < D; ++d) {
+              lt[d * lt_stride + i] = src[d];
+              max_key = std::max(max_key, std::fabs(src[d]));
+            }
           }
         }
       }
-      // the local keys any query of the tile sees, rotated to their positions, key-major
+      // the local keys any query of the tile sees, rotated to their positions, key-major; consecutive
+      // tasks of one (row, kv head) extend them
       const int64_t n_local = llen[b], seen = std::min(n_local, qstart[b] + c1);
       const float* lk = lkp + bk * T * D;
       const float* lv = lvp + bk * T * D;
-      const int64_t lkt_stride = round_up(seen);
-      lkt.assign(D * lkt_stride, 0.f);
-      {
-        std::vector<float> rot(D);
-        for (int64_t t = 0; t < seen; ++t) {
-          rotate(lk + t * D, base + t, cos_t, sin_t, half, rot.data());
-          for (int64_t d = 0; d < D; ++d) lkt[d * lkt_stride + t] = rot[d];
-        }
+      const int64_t lkt_stride = round_up(n_local);
+      if (lkt_of != bk) {
+        lkt_of = bk;
+        lkt.assign(D * lkt_stride, 0.f);
+        rotated = 0;
+      }
+      for (; rotated < seen; ++rotated) {
+        rotate(lk + rotated * D, base + rotated, cos_t, sin_t, half, rot.data());
+        for (int64_t d = 0; d < D; ++d) lkt[d * lkt_stride + rotated] = rot[d];
       }
       q_att.resize(Q * (ke + 1) * D);
       q_lm.resize((ke + 1) * D);
@@ -433,8 +466,8 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       scan.resize(std::max<int64_t>(lt_stride, 1));
       sel.assign(Q * std::max<int64_t>(K, 1), -1);
       n_sel.assign(Q, 0);
-      mem.resize(Q * std::max<int64_t>(K, 1) * bs);
-      loc_scores.resize(lkt_stride);
+      mem.resize(Q * std::max<int64_t>(K, 1) * bs + kLanes);  // + kLanes: max_of, exp_sum read whole vectors
+      loc_scores.resize(lkt_stride + kLanes);
       acc.assign(Q * D, 0.f);
       uses.clear();
       // 1. per query: rotations and the selection
@@ -461,13 +494,13 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
             if (n_old > 0 && direct)
               for (int64_t i = 0; i < n_old; ++i) lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
             else if (n_old > 0)
-              old_landmark_scores(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key,
+              old_landmark_scores(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key, same_keys,
                                   [&](int64_t i) { return lm + phys(i) * D; }, scan.data(), best.data(),
                                   qsel, lm_scores.data());
             for (int64_t i = n_old; i < n; ++i) {
               const float* slot_q = q_lm.data() + (i - n_old + 1) * D;
               std::copy(slot_q, slot_q + D, q_lm64.begin());
-              lm_scores[i] = landmark_score(q_lm64.data(), lm + phys(i) * D, D);
+              lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
             }
             top_k(lm_scores.data(), n, ke, best.data(), qsel);
             v = ke;
