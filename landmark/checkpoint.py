@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -196,9 +197,51 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         CheckpointError: ``path`` holds no usable checkpoint.
     """
     ckpt = open_checkpoint(path)
-    model = GPT(ckpt.model_config)
-    ckpt.load_weights(model)
-    tokenizer = Tokenizer.load(ckpt.path)
-    if tokenizer.landmark_id != model.config.landmark_id and model.config.attention == "landmark":
-        raise CheckpointError(f"{ckpt.path}: tokenizer.json does not match config.json (landmark_id)")
+    model, tokenizer = _load_parts(ckpt)
+    check_tokenizer(ckpt, model.config, tokenizer)
     return model.to(device).eval(), tokenizer, ckpt.config
+
+
+def _load_parts(ckpt: Checkpoint) -> tuple[GPT, Tokenizer]:
+    """The model with its weights and the tokenizer of ``ckpt``; a damaged or incomplete folder (invalid
+    model settings, a truncated or empty weights file, weights of other shapes, no tokenizer.json) is a
+    one-line CheckpointError instead of the library's own exception."""
+    try:
+        model = GPT(ckpt.model_config)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt.path / CONFIG_FILE}: invalid model settings ({err})") from None
+    try:
+        ckpt.load_weights(model)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        reason = next((line for line in lines if "size mismatch" in line), lines[0])[:200]
+        raise CheckpointError(
+            f"{ckpt.path / WEIGHTS_FILE} cannot be loaded into the model of config.json ({reason}): "
+            "the file is damaged or belongs to another model"
+        ) from None
+    if not (ckpt.path / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{ckpt.path / TOKENIZER_FILE} is missing: the checkpoint is incomplete")
+    try:
+        tokenizer = Tokenizer.load(ckpt.path)
+    except Exception as err:  # the tokenizers library raises a bare Exception for an unreadable file
+        raise CheckpointError(f"{ckpt.path / TOKENIZER_FILE} cannot be read ({err})") from None
+    return model, tokenizer
+
+
+def check_tokenizer(ckpt: Checkpoint, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer.json that is not the one config.json records (fingerprint, landmark id) or that
+    has more tokens than the model's embedding (a larger ``model.vocab_size`` is padding: allowed)."""
+    data = ckpt.config.get("data") or {}
+    recorded = data.get("tokenizer_fingerprint")
+    if recorded is not None and recorded != tokenizer.fingerprint:
+        raise CheckpointError(
+            f"{ckpt.path}: tokenizer.json (fingerprint {tokenizer.fingerprint}) is not the tokenizer the "
+            f"model was trained with (config.json: data.tokenizer_fingerprint {recorded})"
+        )
+    if tokenizer.landmark_id != model_config.landmark_id and model_config.attention == "landmark":
+        raise CheckpointError(f"{ckpt.path}: tokenizer.json does not match config.json (landmark_id)")
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise CheckpointError(
+            f"{ckpt.path}: model.vocab_size {model_config.vocab_size} in config.json is smaller than the "
+            f"tokenizer's {tokenizer.vocab_size} tokens"
+        )
