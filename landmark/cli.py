@@ -187,11 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from landmark.checkpoint import CheckpointError
     from landmark.data import CorpusError
+    from landmark.train import TrainingError
     from landmark.train_config import ConfigError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, CorpusError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, CorpusError, TrainingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -13,23 +13,31 @@ One loop for one process or many (``torchrun``, DistributedDataParallel):
   for every seed), at step 0, every ``eval_every`` steps and at the end;
 * output (process 0 only): ``<out_dir>/config.json``, ``metrics.jsonl`` (one JSON object per logged
   step: step, loss, lr, tokens, tokens_per_s, elapsed_s, grad_norm, and val_loss when evaluated),
-  checkpoints (:mod:`landmark.checkpoint`), and a tqdm progress bar.
+  checkpoints (:mod:`landmark.checkpoint`), and a tqdm progress bar. Process 0 holds the run folder
+  (:class:`RunLock`) for as long as it trains into it, so a second run into the same folder refuses.
 
 ``tokens`` counts model input positions (landmarks included; they are 1 in ``block_size`` positions of
 a landmark window) summed over all processes.
+
+A run is a sequence of named steps (:func:`_train`): data, resume checks, the resolved config, model
+and optimizer, the run folder, the loop (:func:`_loop`, one optimizer step in :func:`_train_step`),
+logging (:func:`_log_line`), checkpoints (:func:`_save_checkpoint`) and the summary. Every check that
+can fail runs before the first byte is written into the run folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from landmark.checkpoint import (
+    Checkpoint,
     CheckpointError,
     clean_partial,
     latest_checkpoint,
@@ -48,12 +57,25 @@ from landmark.checkpoint import (
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
 from landmark.data.passkey import PasskeyMixSampler
 from landmark.model import GPT, IGNORE_INDEX, ModelConfig
-from landmark.train_config import ConfigError, RunConfig
+from landmark.train_config import ConfigError, RunConfig, device_kind, validate
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: run folders are not locked
+    fcntl = None
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "config.json"
 EVAL_SEED = 1234  # the validation windows: fixed, the same for every run seed
 CHECKSUM_ENV = "LANDMARK_WRITE_CHECKSUMS"  # when "1", each process writes param_checksum.rank<r>.txt
+STATE_KEYS = ("step", "tokens", "elapsed_s", "loss_acc", "optimizer", "rng_cpu")  # what state.pt must hold
+
+T = TypeVar("T")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a full disk); the one-line message says what is known
+    and what to do. ``landmark train`` prints it as ``error: ...`` with exit status 2."""
 
 
 @dataclass
@@ -134,26 +156,42 @@ class _Dist:
         return self.world > 1
 
 
-def _setup_distributed(device_kind: str) -> _Dist:
+def _setup_distributed(device_type: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
     d = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return d
 
 
 def _device(cfg: RunConfig, d: _Dist) -> torch.device:
-    kind = cfg.train.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but CUDA is not available: use 'cpu' or 'auto'")
+    """This process's device (``validate`` has checked that CUDA exists when it is asked for)."""
+    if device_kind(cfg.train) == "cuda":
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")
+
+
+def _agree(d: _Dist, fn: Callable[[], T]) -> T:
+    """``fn()`` on this process; under torchrun, when it failed on any process, every process raises,
+    so that none is left waiting in a collective for one that stopped (a collective itself)."""
+    if not d.on:
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # re-raised below, on this process and on all the others
+        error = err
+    messages: list[str | None] = [None] * d.world
+    dist.all_gather_object(messages, None if error is None else str(error).splitlines()[0])
+    if error is not None:
+        raise error
+    failed = next((m for m in messages if m is not None), None)
+    if failed is not None:
+        raise ConfigError(f"another process stopped the run: {failed}")
+    return result
 
 
 def _prepare(cfg: RunConfig, progress: bool) -> PreparedData:
@@ -230,7 +268,133 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-# -------------------------------------------------------------------------------------------- loop
+def _write_error(what: str, out_dir: Path, err: OSError) -> TrainingError:
+    """The one-line error for a write into the run folder that failed (a full disk, a lost mount)."""
+    reason = err.strerror or str(err)
+    if err.errno is not None and err.errno in errno.errorcode:
+        reason += f" ({errno.errorcode[err.errno]})"
+    latest = latest_checkpoint(out_dir)
+    kept = f"the latest complete checkpoint is {latest}" if latest else "no checkpoint was written"
+    return TrainingError(
+        f"could not write {what} into {out_dir}: {reason}; {kept} and was not changed: "
+        "free space (or fix the folder), then continue with --resume"
+    )
+
+
+class RunLock:
+    """An exclusive hold on a run folder for as long as one process trains into it.
+
+    ``fcntl.flock`` on the folder itself: no file is created in it, and the kernel releases the hold when
+    the process ends, ``kill -9`` included, so a killed run never leaves its folder stuck. Only process
+    0 of a torchrun job holds it. Where flock is unavailable (Windows, some network file systems) the
+    folder is not held."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Hold the (existing) folder; raise ConfigError naming it when another process holds it."""
+        if fcntl is None or self.held:
+            return
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(
+                    f"{self.folder} is in use: another training run holds it (train.out_dir): wait for "
+                    "that run to end (then --resume continues it), or choose another train.out_dir"
+                ) from None
+            return  # flock unsupported here: train without the hold
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the folder go (closing the descriptor drops the flock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ------------------------------------------------------------------------------- the run's state
+
+
+@dataclass
+class _Data:
+    """The prepared data of a run and what the loop draws from it."""
+
+    prepared: PreparedData
+    model_config: ModelConfig  # the [model] settings with the tokenizer's vocab_size and landmark_id
+    sampler: Any  # WindowSampler, or PasskeyMixSampler around one: .batch(k) -> Batch
+    eval_batches: list[Batch]
+
+
+@dataclass
+class _Counters:
+    """What a checkpoint saves and a resume restores, besides the weights, optimizer and RNG."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # input positions seen, all processes
+    elapsed: float = 0.0  # wall time of the run (all invocations), evaluation included
+    loss_acc: list = field(default_factory=lambda: [0.0, 0])  # sum and count of losses since the last log
+
+
+@dataclass
+class _Throughput:
+    """Training tokens and seconds (evaluation excluded): of this invocation and of the log interval."""
+
+    run_tokens: int = 0
+    run_time: float = 0.0
+    interval_tokens: int = 0
+    interval_time: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.run_tokens, self.run_time = self.run_tokens + tokens, self.run_time + seconds
+        self.interval_tokens, self.interval_time = self.interval_tokens + tokens, self.interval_time + seconds
+
+    def rate(self) -> float:
+        return self.run_tokens / max(self.run_time, 1e-9)
+
+    def interval_rate(self) -> float:
+        return self.interval_tokens / max(self.interval_time, 1e-9)
+
+    def new_interval(self) -> None:
+        self.interval_tokens, self.interval_time = 0, 0.0
+
+
+@dataclass
+class _Run:
+    """One invocation of a run: what the setup steps build and the loop works with."""
+
+    cfg: RunConfig
+    d: _Dist
+    device: torch.device
+    data: _Data
+    out_dir: Path
+    resolved: dict[str, Any]  # config.json
+    raw_model: GPT
+    optimizer: torch.optim.AdamW
+    counters: _Counters
+    checkpoint: Checkpoint | None  # the one resumed from
+    model: nn.Module | None = None  # raw_model, in DistributedDataParallel under torchrun
+    metrics: IO[str] | None = None  # metrics.jsonl, open on process 0
+
+    @property
+    def show(self) -> bool:
+        return self.d.main and self.cfg.train.progress
+
+    @property
+    def step_tokens(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum * self.data.model_config.seq_len * self.d.world
+
+
+# ------------------------------------------------------------------------------------------- steps
 
 
 def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
@@ -246,8 +410,10 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
 
     Raises:
         ConfigError, CheckpointError, landmark.data.CorpusError: one-line messages; nothing in the
-            run folder is written before these checks pass.
+            run folder is written before these checks pass (another run holding the folder included).
+        TrainingError: a non-finite loss, or a write into the run folder failed (a full disk).
     """
+    validate(cfg)  # the checks of load_config, also for a RunConfig built in Python
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -258,34 +424,62 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
 
 
 def _train(cfg: RunConfig, resume: bool) -> TrainResult:
-    t = cfg.train
-    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    d = _setup_distributed("cuda" if cuda else "cpu")
+    """The steps of a run, in order; under torchrun each setup step ends with every process agreeing
+    that it succeeded (:func:`_agree`)."""
+    d = _setup_distributed(device_kind(cfg.train))
     device = _device(cfg, d)
-    out_dir = Path(t.out_dir)
-    show = d.main and t.progress
+    lock = RunLock(Path(cfg.train.out_dir))
+    run = None
+    try:
+        # Process 0 prepares the data (trains the tokenizer, tokenises) while the others wait.
+        prepared = _agree(
+            d, lambda: _prepare(cfg, progress=d.main and cfg.train.progress) if d.main else None
+        )
+        run = _agree(d, lambda: _setup(cfg, d, device, resume, prepared, lock))
+        _agree(d, lambda: _open_run_folder(run, lock) if d.main else None)
+        run.model = _wrap_ddp(run.raw_model, device, d)
+        _print_header(run)
+        last_loss, val_loss, speed = _loop(run)
+        _summary(run, last_loss, val_loss, speed)
+        return TrainResult(
+            run.out_dir, run.counters.step, run.counters.tokens, last_loss, val_loss, speed.rate()
+        )
+    finally:
+        if run is not None and run.metrics is not None:
+            run.metrics.close()
+        lock.release()
 
-    # 1. Data: process 0 prepares (trains the tokenizer, tokenises) while the others wait, then load.
-    if d.main:
-        data = _prepare(cfg, progress=show)
-    if d.on:
-        dist.barrier()
-    if not d.main:
-        data = _prepare(cfg, progress=False)
-    tok = data.tokenizer
+
+def _setup(
+    cfg: RunConfig, d: _Dist, device: torch.device, resume: bool, prepared: PreparedData | None, lock: RunLock
+) -> _Run:
+    """Everything before the first write into the run folder: the data, the hold on an existing folder,
+    the resume checks, the resolved config, and the model and optimizer (restored when resuming)."""
+    data = _setup_data(cfg, d, prepared or _prepare(cfg, progress=False))
+    out_dir = Path(cfg.train.out_dir)
+    if d.main and out_dir.is_dir():
+        lock.acquire()  # before its checkpoints are read: a run still writing them makes us refuse
+    checkpoint = _resume_checks(out_dir, resume, data)
+    resolved = _resolved_config(cfg, data, d)
+    raw_model, optimizer, counters = _build_model(cfg, data.model_config, device, checkpoint)
+    return _Run(cfg, d, device, data, out_dir, resolved, raw_model, optimizer, counters, checkpoint)
+
+
+def _setup_data(cfg: RunConfig, d: _Dist, prepared: PreparedData) -> _Data:
+    """The model config for the tokenizer, the training sampler of this process (with synthetic passkey
+    and repeat windows when configured) and the fixed validation batches."""
+    t, tok = cfg.train, prepared.tokenizer
     mc = cfg.model_config(tok.vocab_size, tok.landmark_id)
-    train_split, val_split = data.splits["train"].tokens, data.splits["validation"].tokens
-    sampler = _sampler(train_split, mc, t.batch_size, t.seed, d.rank, "train")
+    sampler = _sampler(prepared.splits["train"].tokens, mc, t.batch_size, t.seed, d.rank, "train")
     if cfg.data.passkey_fraction > 0 or cfg.data.repeat_fraction > 0:  # synthetic retrieval samples
         try:
-            pairs = cfg.data.passkey_pairs
             sampler = PasskeyMixSampler(
                 sampler,
                 tok,
                 cfg.data.passkey_fraction,
                 seed=t.seed,
                 rank=d.rank,
-                pairs=pairs,
+                pairs=cfg.data.passkey_pairs,
                 near=cfg.data.passkey_near,
                 near_gap=cfg.data.passkey_near_gap,
                 repeat_fraction=cfg.data.repeat_fraction,
@@ -294,213 +488,365 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
             raise ConfigError(
                 f"data.passkey_fraction, data.passkey_pairs, data.repeat_fraction: {err}"
             ) from None
-    eval_sampler = _sampler(val_split, mc, t.eval_batch_size or t.batch_size, EVAL_SEED, 0, "validation")
-    eval_batches = [eval_sampler.batch(i) for i in range(t.eval_batches)]
+    val_tokens = prepared.splits["validation"].tokens
+    eval_sampler = _sampler(val_tokens, mc, t.eval_batch_size or t.batch_size, EVAL_SEED, 0, "validation")
+    return _Data(prepared, mc, sampler, [eval_sampler.batch(i) for i in range(t.eval_batches)])
 
-    # 2. The run folder: refuse to overwrite a run, or to resume a different model, before writing.
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
+
+def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | None:
+    """The checkpoint to resume from (None: start afresh). Refuses to overwrite a run without
+    ``resume``, and to resume a checkpoint of another model or tokenizer."""
+    latest = latest_checkpoint(out_dir)
+    if latest is not None and not resume:
         raise ConfigError(
-            f"{out_dir} already holds checkpoints ({ckpt.name}): pass --resume to continue that run, "
+            f"{out_dir} already holds checkpoints ({latest.name}): pass --resume to continue that run, "
             "or choose another train.out_dir"
         )
-    checkpoint = open_checkpoint(ckpt) if (resume and ckpt is not None) else None
-    if checkpoint is not None:
-        diff = model_config_diff(checkpoint.model_config, mc)
-        if diff:
-            raise CheckpointError(
-                f"cannot resume {checkpoint.path}: it holds a different model ({'; '.join(diff)}); "
-                "use the run's [model] settings or another train.out_dir"
-            )
-        saved_tok = checkpoint.config["data"].get("tokenizer_fingerprint")
-        if saved_tok != tok.fingerprint:
-            raise CheckpointError(
-                f"cannot resume {checkpoint.path}: it was trained with another tokenizer "
-                f"({saved_tok} != {tok.fingerprint}): use the run's [data] settings"
-            )
+    if latest is None:
+        return None
+    checkpoint = open_checkpoint(latest)
+    try:
+        saved = checkpoint.model_config
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{checkpoint.path / RUN_CONFIG_FILE}: invalid model settings ({err})"
+        ) from None
+    diff = model_config_diff(saved, data.model_config)
+    if diff:
+        raise CheckpointError(
+            f"cannot resume {checkpoint.path}: it holds a different model ({'; '.join(diff)}); "
+            "use the run's [model] settings or another train.out_dir"
+        )
+    saved_tok = (checkpoint.config.get("data") or {}).get("tokenizer_fingerprint")
+    tok = data.prepared.tokenizer
+    if saved_tok != tok.fingerprint:
+        raise CheckpointError(
+            f"cannot resume {checkpoint.path}: it was trained with another tokenizer "
+            f"({saved_tok} != {tok.fingerprint}): use the run's [data] settings"
+        )
+    return checkpoint
 
-    resolved = {
+
+def _resolved_config(cfg: RunConfig, data: _Data, d: _Dist) -> dict[str, Any]:
+    """config.json: the settings as used, with what the data added (tokenizer, ids, token counts)."""
+    mc, tok, folder = data.model_config, data.prepared.tokenizer, data.prepared.folder
+    return {
         "model": mc.to_dict(),
         "data": {
             **asdict(cfg.data),
-            "prepared_dir": str(data.folder),
-            "tokenizer_path": str(data.folder / "tokenizer.json"),
+            "prepared_dir": str(folder),
+            "tokenizer_path": str(folder / "tokenizer.json"),
             "tokenizer_vocab_size": tok.vocab_size,
             "tokenizer_fingerprint": tok.fingerprint,
             "eot_id": tok.eot_id,
             "landmark_id": tok.landmark_id,
             "block_size": mc.block_size,
             "landmarks": mc.attention == "landmark",
-            "train_tokens": len(train_split),
-            "validation_tokens": len(val_split),
+            "train_tokens": len(data.prepared.splits["train"].tokens),
+            "validation_tokens": len(data.prepared.splits["validation"].tokens),
         },
-        "train": asdict(t),
+        "train": asdict(cfg.train),
         "world_size": d.world,
     }
 
-    # 3. Model and optimizer, seeded; restored from the checkpoint when resuming.
-    torch.manual_seed(t.seed)
+
+def _build_model(
+    cfg: RunConfig, mc: ModelConfig, device: torch.device, checkpoint: Checkpoint | None
+) -> tuple[GPT, torch.optim.AdamW, _Counters]:
+    """The seeded model and its optimizer; restored from ``checkpoint`` when resuming."""
+    torch.manual_seed(cfg.train.seed)
     model = GPT(mc).to(device)
     optimizer = make_optimizer(model, cfg)
-    step, tokens, elapsed, loss_acc = 0, 0, 0.0, [0.0, 0]
+    counters = _Counters()
     if checkpoint is not None:
+        counters = _restore(checkpoint, model, optimizer, device)
+    return model, optimizer, counters
+
+
+def _restore(
+    checkpoint: Checkpoint, model: GPT, optimizer: torch.optim.AdamW, device: torch.device
+) -> _Counters:
+    """Load the weights, optimizer state, counters and RNG state of ``checkpoint``; a damaged or
+    incomplete file is a one-line CheckpointError."""
+    where = checkpoint.path
+    try:
         checkpoint.load_weights(model)
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors and torch raise several kinds
+        raise CheckpointError(f"{where}: the weights cannot be loaded ({_first_line(err)})") from None
+    try:
         state = checkpoint.load_state(map_location=device)
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{where}: state.pt lacks {', '.join(missing)}: the checkpoint is damaged")
         optimizer.load_state_dict(state["optimizer"])
-        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
-        loss_acc = list(state["loss_acc"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-    raw_model = model
-    if d.on:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        return _Counters(
+            int(state["step"]), int(state["tokens"]), float(state["elapsed_s"]), list(state["loss_acc"])
         )
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch.load and load_state_dict raise several kinds
+        raise CheckpointError(f"{where}: state.pt cannot be loaded ({_first_line(err)})") from None
 
-    metrics_path = out_dir / METRICS_FILE
-    if d.main:
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message, at most 200 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def _open_run_folder(run: _Run, lock: RunLock) -> None:
+    """Process 0: hold the folder (creating it), remove left-over temporary checkpoints, write
+    config.json and metrics.jsonl without the lines logged after the checkpoint resumed from."""
+    out_dir = run.out_dir
+    if not lock.held:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        if latest_checkpoint(out_dir) != (run.checkpoint.path if run.checkpoint else None):
+            raise ConfigError(f"{out_dir} received checkpoints from another run while this one started")
+    metrics_path = out_dir / METRICS_FILE
+    try:
         clean_partial(out_dir)
-        _write_json(out_dir / RUN_CONFIG_FILE, resolved)
-        kept = _read_metrics(metrics_path, step) if checkpoint is not None else []
+        _write_json(out_dir / RUN_CONFIG_FILE, run.resolved)
+        kept = _read_metrics(metrics_path, run.counters.step) if run.checkpoint is not None else []
         tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, metrics_path)  # drop lines logged after the checkpoint we resume from
-    metrics = open(metrics_path, "a", encoding="utf-8") if d.main else None  # noqa: SIM115
+        os.replace(tmp, metrics_path)
+        run.metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _train
+    except OSError as err:
+        raise _write_error("config.json and metrics.jsonl", out_dir, err) from None
 
-    def log(row: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
 
-    def checkpoint_now() -> None:
-        state = {
-            "step": step,
-            "tokens": tokens,
-            "elapsed_s": elapsed,
-            "loss_acc": loss_acc,
-            "optimizer": optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-        }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        if d.main:
-            save_checkpoint(out_dir, step, raw_model, resolved, tok, state, keep=t.keep_checkpoints)
+def _wrap_ddp(model: GPT, device: torch.device, d: _Dist) -> nn.Module:
+    """The model in DistributedDataParallel under torchrun, else as it is."""
+    if not d.on:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
+
+def _print_header(run: _Run) -> None:
+    """Process 0: the model, the data and the run in three lines."""
+    if not run.d.main:
+        return
+    mc, data = run.data.model_config, run.data.prepared
+    kind = f"{mc.attention}" + (f", block {mc.block_size}" if mc.attention == "landmark" else "")
+    kind += f", segment {mc.xl_segment}" if mc.attention == "xl" else ""
+    resuming = f", resuming at step {run.counters.step} from {run.checkpoint.path}" if run.checkpoint else ""
+    print(
+        f"model: {run.raw_model.num_parameters() / 1e6:.2f}M parameters, {mc.n_layer} layers, width "
+        f"{mc.n_embd}, {mc.n_head} heads, {kind}, seq_len {mc.seq_len}, vocab {mc.vocab_size}\n"
+        f"data: {len(data.splits['train'].tokens):,} train / {len(data.splits['validation'].tokens):,} "
+        f"validation tokens in {data.folder}\n"
+        f"run: {run.out_dir} on {run.device} x {run.d.world} process(es), {run.step_tokens:,} tokens per step"
+        + resuming,
+        flush=True,
+    )
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def _loop(run: _Run) -> tuple[float | None, float | None, _Throughput]:
+    """Optimizer steps until ``train.max_steps`` (or ``train.max_minutes``), logging, evaluating and
+    checkpointing on the way. Returns the last logged training loss, the last validation loss and the
+    throughput of this invocation."""
+    t, c = run.cfg.train, run.counters
     total_steps = t.schedule_steps or t.max_steps
-    step_tokens = t.batch_size * t.grad_accum * mc.seq_len * d.world
-    if d.main:
-        kind = f"{mc.attention}" + (f", block {mc.block_size}" if mc.attention == "landmark" else "")
-        kind += f", segment {mc.xl_segment}" if mc.attention == "xl" else ""
-        print(
-            f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {mc.n_layer} layers, width "
-            f"{mc.n_embd}, {mc.n_head} heads, {kind}, seq_len {mc.seq_len}, vocab {mc.vocab_size}\n"
-            f"data: {len(train_split):,} train / {len(val_split):,} validation tokens in {data.folder}\n"
-            f"run: {out_dir} on {device} x {d.world} process(es), {step_tokens:,} tokens per step"
-            + (f", resuming at step {step} from {checkpoint.path}" if checkpoint is not None else ""),
-            flush=True,
-        )
-
-    bar = tqdm(total=t.max_steps, initial=step, disable=not show, unit="step", dynamic_ncols=True)
-    val_loss = None
-    if step == 0 and t.eval_every:
-        val_loss = evaluate(raw_model, eval_batches, device, t.bf16, d)
-        lr0 = lr_at(0, t.lr, t.min_lr, t.warmup_steps, total_steps)
-        log({"step": 0, "lr": lr0, "tokens": 0, "elapsed_s": 0.0, "val_loss": val_loss})
-        if show:
-            bar.write(f"step 0: val_loss {val_loss:.4f}")
-    clock = time.perf_counter() - elapsed  # elapsed_s = wall time of the run, evaluation included
-    run_tokens, run_time = 0, 0.0  # this invocation's training tokens and time (evaluation excluded)
-    interval_tokens, interval_time = 0, 0.0
-    last_loss = None
-    model.train()
-    while step < t.max_steps:
+    bar = tqdm(total=t.max_steps, initial=c.step, disable=not run.show, unit="step", dynamic_ncols=True)
+    val_loss = _first_evaluation(run, bar, total_steps) if c.step == 0 and t.eval_every else None
+    clock = time.perf_counter() - c.elapsed  # elapsed_s = wall time of the run, evaluation included
+    speed, last_loss = _Throughput(), None
+    run.model.train()
+    while c.step < t.max_steps:
         step_start = time.perf_counter()
-        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(t.grad_accum):
-            batch = sampler.batch(step * t.grad_accum + micro).to(device, non_blocking=True)
-            sync = not d.on or micro == t.grad_accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync(), _autocast(device, t.bf16):
-                loss = model(batch.input_ids, batch.targets).loss / t.grad_accum
-            loss.backward()
-            step_loss += loss.detach().double()
-        grad_norm = None
-        if t.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if d.on:
-            dist.all_reduce(step_loss)
-            step_loss /= d.world
-        loss_value = step_loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"the training loss is {loss_value} at step {step}: lower train.lr")
-        step += 1
-        tokens += step_tokens
-        loss_acc[0] += loss_value
-        loss_acc[1] += 1
-        dt = time.perf_counter() - step_start
-        run_tokens, run_time = run_tokens + step_tokens, run_time + dt
-        interval_tokens, interval_time = interval_tokens + step_tokens, interval_time + dt
-        elapsed = time.perf_counter() - clock
-        if show:
-            rate = run_tokens / max(run_time, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
+        lr = lr_at(c.step, t.lr, t.min_lr, t.warmup_steps, total_steps)
+        loss, grad_norm = _train_step(run, lr)
+        c.step += 1
+        c.tokens += run.step_tokens
+        c.loss_acc[0] += loss
+        c.loss_acc[1] += 1
+        speed.add(run.step_tokens, time.perf_counter() - step_start)
+        c.elapsed = time.perf_counter() - clock
+        if run.show:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed.rate():,.0f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-
-        out_of_time = t.max_minutes > 0 and elapsed >= 60 * t.max_minutes
-        if d.on and t.max_minutes > 0:  # process 0's clock decides, so that all stop together
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.broadcast(flag, 0)
-            out_of_time = bool(flag.item())
-        last = step >= t.max_steps or out_of_time
-        evaluate_now = t.eval_every > 0 and (step % t.eval_every == 0 or last)
-        if step % t.log_every == 0 or evaluate_now or last:
-            row = {
-                "step": step,
-                "loss": loss_acc[0] / loss_acc[1],
-                "lr": lr,
-                "tokens": tokens,
-                "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                "elapsed_s": round(elapsed, 3),
-            }
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
-            last_loss, loss_acc = row["loss"], [0.0, 0]
-            interval_tokens, interval_time = 0, 0.0
-            if evaluate_now:
-                val_loss = row["val_loss"] = evaluate(raw_model, eval_batches, device, t.bf16, d)
-                if show:
-                    bar.write(f"step {step}: loss {row['loss']:.4f}, val_loss {val_loss:.4f}")
-            log(row)
-        if (t.ckpt_every and step % t.ckpt_every == 0) or last:
-            elapsed = time.perf_counter() - clock
-            checkpoint_now()
+        out_of_time = _out_of_time(run)
+        last = c.step >= t.max_steps or out_of_time
+        evaluate_now = t.eval_every > 0 and (c.step % t.eval_every == 0 or last)
+        if c.step % t.log_every == 0 or evaluate_now or last:
+            row = _log_line(run, lr, grad_norm, speed, evaluate_now, bar)
+            last_loss, val_loss = row["loss"], row.get("val_loss", val_loss)
+        if (t.ckpt_every and c.step % t.ckpt_every == 0) or last:
+            c.elapsed = time.perf_counter() - clock
+            _agree(run.d, lambda: _save_checkpoint(run))
         if out_of_time:
-            if show:
-                bar.write(f"stopping at step {step}: train.max_minutes = {t.max_minutes} reached")
+            if run.show:
+                bar.write(f"stopping at step {c.step}: train.max_minutes = {t.max_minutes} reached")
             break
     bar.close()
-    if metrics is not None:
-        metrics.close()
+    return last_loss, val_loss, speed
+
+
+def _first_evaluation(run: _Run, bar: tqdm, total_steps: int) -> float:
+    """The validation loss of the initial weights, logged as step 0."""
+    t = run.cfg.train
+    val_loss = evaluate(run.raw_model, run.data.eval_batches, run.device, t.bf16, run.d)
+    lr0 = lr_at(0, t.lr, t.min_lr, t.warmup_steps, total_steps)
+    _write_metrics(run, {"step": 0, "lr": lr0, "tokens": 0, "elapsed_s": 0.0, "val_loss": val_loss})
+    if run.show:
+        bar.write(f"step 0: val_loss {val_loss:.4f}")
+    return val_loss
+
+
+def _train_step(run: _Run, lr: float) -> tuple[float, float | None]:
+    """One optimizer step at learning rate ``lr``: ``grad_accum`` micro-batches (gradients synchronised
+    once, on the last), the loss checked, clipping, AdamW. Returns the mean loss over all processes and
+    the gradient norm before clipping (None without clipping)."""
+    t, d, device, c = run.cfg.train, run.d, run.device, run.counters
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for micro in range(t.grad_accum):
+        batch = run.data.sampler.batch(c.step * t.grad_accum + micro).to(device, non_blocking=True)
+        sync = not d.on or micro == t.grad_accum - 1
+        with contextlib.nullcontext() if sync else run.model.no_sync(), _autocast(device, t.bf16):
+            loss = run.model(batch.input_ids, batch.targets).loss / t.grad_accum
+        loss.backward()
+        step_loss += loss.detach().double()
+    if d.on:
+        dist.all_reduce(step_loss)
+        step_loss /= d.world
+    loss_value = step_loss.item()
+    if not math.isfinite(loss_value):
+        raise TrainingError(_nonfinite_loss_message(run, loss_value, lr))
+    grad_norm = None
+    if t.grad_clip > 0:
+        grad_norm = nn.utils.clip_grad_norm_(run.raw_model.parameters(), t.grad_clip).item()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
+def _nonfinite_loss_message(run: _Run, loss: float, lr: float) -> str:
+    """What is known when the loss is not finite: the step, the lr, whether the weights the loss came
+    from were finite (and their largest magnitude), and the settings that can cause it."""
+    t = run.cfg.train
+    params = dict(run.raw_model.named_parameters())
+    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        weights = f"{len(bad)} weight tensor(s) were already not finite (e.g. {bad[0]})"
+    else:
+        largest = max(p.detach().abs().max().item() for p in params.values())
+        weights = f"the weights were finite (largest magnitude {largest:.3g}), so the forward pass overflowed"
+    causes = ["a learning rate too high for this model (train.lr, train.warmup_steps)"]
+    if t.bf16:
+        causes.append("bfloat16 overflow (train.bf16)")
+    if t.grad_clip == 0:
+        causes.append("no gradient clipping (train.grad_clip = 0)")
+    return (
+        f"the training loss is {loss} at step {run.counters.step + 1} (lr {lr:.3g}); {weights}; possible "
+        f"causes: {', '.join(causes)}; the checkpoints in {run.out_dir} are intact: change the setting "
+        "and continue with --resume"
+    )
+
+
+def _out_of_time(run: _Run) -> bool:
+    """Whether ``train.max_minutes`` has passed; under torchrun process 0's clock decides for all."""
+    t, d = run.cfg.train, run.d
+    out_of_time = t.max_minutes > 0 and run.counters.elapsed >= 60 * t.max_minutes
+    if d.on and t.max_minutes > 0:
+        flag = torch.tensor([float(out_of_time)], device=run.device)
+        dist.broadcast(flag, 0)
+        out_of_time = bool(flag.item())
+    return out_of_time
+
+
+def _log_line(
+    run: _Run, lr: float, grad_norm: float | None, speed: _Throughput, evaluate_now: bool, bar: tqdm
+) -> dict[str, Any]:
+    """Write this step's metrics.jsonl line (mean loss since the last line; val_loss when
+    ``evaluate_now``) and start a new log interval. Returns the line."""
+    t, c = run.cfg.train, run.counters
+    row = {
+        "step": c.step,
+        "loss": c.loss_acc[0] / c.loss_acc[1],
+        "lr": lr,
+        "tokens": c.tokens,
+        "tokens_per_s": speed.interval_rate(),
+        "elapsed_s": round(c.elapsed, 3),
+    }
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    c.loss_acc = [0.0, 0]
+    speed.new_interval()
+    if evaluate_now:
+        row["val_loss"] = evaluate(run.raw_model, run.data.eval_batches, run.device, t.bf16, run.d)
+        if run.show:
+            bar.write(f"step {c.step}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}")
+    _write_metrics(run, row)
+    return row
+
+
+def _write_metrics(run: _Run, row: dict[str, Any]) -> None:
+    """Append one line to metrics.jsonl (process 0); a failed write is a one-line TrainingError on
+    every process."""
+
+    def append() -> None:
+        if run.metrics is None:
+            return
+        try:
+            run.metrics.write(json.dumps(row) + "\n")
+            run.metrics.flush()
+        except OSError as err:
+            raise _write_error(f"metrics.jsonl (step {row['step']})", run.out_dir, err) from None
+
+    _agree(run.d, append)
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """Process 0: write the checkpoint of the current step (atomically: a failed write leaves the earlier
+    checkpoints as they were, and is a one-line TrainingError)."""
+    if not run.d.main:
+        return
+    c, t = run.counters, run.cfg.train
+    state = {
+        "step": c.step,
+        "tokens": c.tokens,
+        "elapsed_s": c.elapsed,
+        "loss_acc": c.loss_acc,
+        "optimizer": run.optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+    }
+    if run.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    tok = run.data.prepared.tokenizer
+    try:
+        save_checkpoint(run.out_dir, c.step, run.raw_model, run.resolved, tok, state, keep=t.keep_checkpoints)
+    except OSError as err:
+        raise _write_error(f"the checkpoint of step {c.step}", run.out_dir, err) from None
+
+
+def _summary(run: _Run, last_loss: float | None, val_loss: float | None, speed: _Throughput) -> None:
+    """The optional parameter checksums (CHECKSUM_ENV) and, on process 0, the closing line."""
+    c, d = run.counters, run.d
     if os.environ.get(CHECKSUM_ENV) == "1":
-        (out_dir / f"param_checksum.rank{d.rank}.txt").write_text(param_checksum(raw_model) + "\n")
-    rate = run_tokens / max(run_time, 1e-9)
+        (run.out_dir / f"param_checksum.rank{d.rank}.txt").write_text(param_checksum(run.raw_model) + "\n")
     if d.main:
         loss_text = "n/a" if last_loss is None else f"{last_loss:.4f}"
         val_text = "n/a" if val_loss is None else f"{val_loss:.4f}"
         print(
-            f"done: step {step}, {tokens:,} tokens, loss {loss_text}, val_loss {val_text}, "
-            f"{rate:,.0f} tokens/s; latest checkpoint {latest_checkpoint(out_dir)}",
+            f"done: step {c.step}, {c.tokens:,} tokens, loss {loss_text}, val_loss {val_text}, "
+            f"{speed.rate():,.0f} tokens/s; latest checkpoint {latest_checkpoint(run.out_dir)}",
             flush=True,
         )
     if d.on:
         dist.barrier()
-    return TrainResult(out_dir, step, tokens, last_loss, val_loss, rate)
 
 
 def shutdown_distributed() -> None:

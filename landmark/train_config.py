@@ -16,12 +16,14 @@ Every mistake raises :class:`ConfigError` with one line that names the key and s
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from landmark.config import IMPLEMENTATIONS
 from landmark.model import ModelConfig
 
 if sys.version_info >= (3, 11):
@@ -31,6 +33,10 @@ else:  # pragma: no cover - Python 3.10
 
 SECTIONS = ("model", "data", "train")
 DERIVED_MODEL_KEYS = ("landmark_id",)  # set from the tokenizer, never from the file
+MIN_BPE_VOCAB = 258  # a byte-level BPE holds the 256 bytes and the 2 special tokens (Tokenizer.train)
+DEVICES = ("auto", "cpu", "cuda")
+TOKENIZERS = ("bpe", "gpt2")
+MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "seq_len")  # each must be >= 1
 
 
 class ConfigError(ValueError):
@@ -100,6 +106,7 @@ class RunConfig:
                 f"model.vocab_size ({values['vocab_size']}) is smaller than the tokenizer's ({vocab_size}): "
                 "remove model.vocab_size or make it at least that"
             )
+        _check_model_values(values)
         try:
             return ModelConfig(**values)
         except ValueError as err:
@@ -206,44 +213,114 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check what can be checked before the tokenizer exists; raise ConfigError otherwise."""
-    d, t = cfg.data, cfg.train
-    if d.tokenizer not in ("bpe", "gpt2"):
-        raise ConfigError(f"data.tokenizer must be 'bpe' or 'gpt2'; got {d.tokenizer!r}")
-    checks = [
-        (t.batch_size >= 1, "train.batch_size must be >= 1"),
-        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (t.max_steps >= 1, "train.max_steps must be >= 1"),
-        (t.schedule_steps >= 0, "train.schedule_steps must be >= 0 (0 = max_steps)"),
-        (t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr"),
-        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (t.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)"),
-        (t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0"),
-        (all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)"),
-        (t.seed >= 0, "train.seed must be >= 0"),
-        (t.log_every >= 1, "train.log_every must be >= 1"),
-        (t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every and train.ckpt_every must be >= 0"),
-        (t.eval_batches >= 1 and t.eval_batch_size >= 0, "train.eval_batches must be >= 1"),
-        (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)"),
-        (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda; got {t.device!r}"),
-        (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
-        (bool(t.out_dir), "train.out_dir must name a folder"),
-        (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]"),
-        (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1"),
-        (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]"),
-        (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)"),
-        (
-            0 <= d.repeat_fraction <= 1 - d.passkey_fraction,
-            "data.repeat_fraction must be in [0, 1 - data.passkey_fraction]",
-        ),
-    ]
-    for ok, message in checks:
+def _finite(x: float) -> bool:
+    """A real number that is neither infinite nor NaN (a range check alone lets ``inf`` through)."""
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _fail_first(checks: list[tuple[bool, str, Any]]) -> None:
+    """Raise ConfigError ``"<key> must be <expected>; got <value>"`` for the first failed check
+    (``"... and finite"`` when the value is infinite or NaN)."""
+    for ok, expected, value in checks:
         if not ok:
-            raise ConfigError(message)
-    # The model, with placeholder tokenizer values: catches block_size/seq_len and the like now,
-    # before any data is prepared or any file written.
-    cfg.model_config(vocab_size=max(cfg.model.get("vocab_size", 0), 1 << 20), landmark_id=0)
+            finite = "" if not isinstance(value, float) or math.isfinite(value) else " and finite"
+            raise ConfigError(f"{expected}{finite}; got {value!r}")
+
+
+def _check_model_values(values: dict[str, Any]) -> None:
+    """Ranges of the [model] values that ModelConfig itself does not check (sizes, rope_base, dropout,
+    attn_impl); ``values`` holds every key the file set."""
+    m = {**_model_defaults(), **values}
+    rope, dropout, impl = m["rope_base"], m["dropout"], m["attn_impl"]
+    checks = [(m[k] >= 1, f"model.{k} must be >= 1", m[k]) for k in MODEL_SIZES]
+    checks += [
+        (m["vocab_size"] >= 1, "model.vocab_size must be >= 1 (or absent: the tokenizer's)", m["vocab_size"]),
+        (_finite(rope) and rope > 0, "model.rope_base must be > 0", rope),
+        (_finite(dropout) and 0 <= dropout < 1, "model.dropout must be in [0, 1)", dropout),
+        (impl in IMPLEMENTATIONS, f"model.attn_impl must be one of {', '.join(IMPLEMENTATIONS)}", impl),
+    ]
+    _fail_first(checks)
+
+
+def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
+    """(ok, "<key> must be <expected>", value) for every [train] value."""
+    return [
+        (t.batch_size >= 1, "train.batch_size must be >= 1", t.batch_size),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1", t.grad_accum),
+        (t.max_steps >= 1, "train.max_steps must be >= 1", t.max_steps),
+        (t.schedule_steps >= 0, "train.schedule_steps must be >= 0 (0 = max_steps)", t.schedule_steps),
+        (_finite(t.lr) and t.lr > 0, "train.lr must be > 0", t.lr),
+        (_finite(t.min_lr) and 0 <= t.min_lr <= t.lr, "train.min_lr must be in [0, train.lr]", t.min_lr),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0", t.warmup_steps),
+        (_finite(t.max_minutes) and t.max_minutes >= 0, "train.max_minutes must be >= 0", t.max_minutes),
+        (_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay must be >= 0", t.weight_decay),
+        (_finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)", t.grad_clip),
+        (all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)", t.betas),
+        (_finite(t.eps) and t.eps > 0, "train.eps must be > 0", t.eps),
+        (t.seed >= 0, "train.seed must be >= 0", t.seed),
+        (t.log_every >= 1, "train.log_every must be >= 1", t.log_every),
+        (t.eval_every >= 0, "train.eval_every must be >= 0 (0 = never)", t.eval_every),
+        (t.ckpt_every >= 0, "train.ckpt_every must be >= 0 (0 = only at the end)", t.ckpt_every),
+        (t.eval_batches >= 1, "train.eval_batches must be >= 1", t.eval_batches),
+        (t.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = batch_size)", t.eval_batch_size),
+        (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)", t.keep_checkpoints),
+        (t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}", t.device),
+        (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)", t.threads),
+        (bool(t.out_dir), "train.out_dir must name a folder", t.out_dir),
+    ]
+
+
+def _data_checks(d: DataConfig) -> list[tuple[bool, str, Any]]:
+    """(ok, "<key> must be <expected>", value) for every [data] value."""
+    bpe_vocab = d.tokenizer != "bpe" or d.vocab_size >= MIN_BPE_VOCAB
+    vocab_expected = f"data.vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + 2 special tokens)"
+    repeat_expected = "data.repeat_fraction must be in [0, 1 - data.passkey_fraction]"
+    return [
+        (d.tokenizer in TOKENIZERS, "data.tokenizer must be 'bpe' or 'gpt2'", d.tokenizer),
+        (bpe_vocab, vocab_expected, d.vocab_size),
+        (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]", d.passkey_fraction),
+        (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1", d.passkey_pairs),
+        (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]", d.passkey_near),
+        (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)", d.passkey_near_gap),
+        (0 <= d.repeat_fraction <= 1 - d.passkey_fraction, repeat_expected, d.repeat_fraction),
+    ]
+
+
+def device_kind(t: TrainConfig) -> str:
+    """``"cuda"`` or ``"cpu"``: where a run of these settings trains (``auto``: cuda when available)."""
+    import torch
+
+    return "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _check_device(cfg: RunConfig, mc: ModelConfig) -> None:
+    """train.device names a device this machine has, and model.attn_impl can run on it."""
+    import torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but CUDA is not available here: use 'cpu' or 'auto'")
+    if mc.attention == "landmark" and mc.attn_impl == "triton":
+        from landmark.ops.attention import triton_unsupported_reason
+
+        probe = torch.empty((1, 1, 1, mc.head_dim), device=device_kind(cfg.train))
+        reason = triton_unsupported_reason(probe, mc.block_size)
+        if reason is not None:
+            raise ConfigError(
+                f"model.attn_impl = 'triton' cannot run on train.device {cfg.train.device!r} here: {reason}; "
+                "use 'auto' or 'blockwise'"
+            )
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check everything that can be checked before the tokenizer exists; raise ConfigError otherwise.
+
+    :func:`load_config` calls it, and so does :func:`landmark.train.train` (a RunConfig built in Python
+    passes the same checks), for a fresh run and a resume alike, before any data or file is written."""
+    _fail_first(_data_checks(cfg.data) + _train_checks(cfg.train))
+    # The model, with placeholder tokenizer values: catches block_size/seq_len and the like now, before
+    # any data is prepared or any file written. The tokenizer's true size is checked when it exists.
+    mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size", 1 << 20), landmark_id=0)
+    _check_device(cfg, mc)
 
 
 def config_field_docs() -> dict[str, list[tuple[str, Any, str]]]:
