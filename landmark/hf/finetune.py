@@ -12,7 +12,11 @@ under ``torchrun`` (the Trainer picks DDP, or FSDP with ``fsdp=True``; gloo on C
 4. train with the Trainer (AdamW, cosine schedule with warm-up; the loss is the landmark loss through
    ``shift_labels``), optionally evaluate on validation windows before and after;
 5. save with ``save_pretrained`` (LoRA merged into the weights; the adapter is also kept in
-   ``<out>/lora-adapter``), so that :func:`landmark.hf.load_pretrained` restores the model.
+   ``<out>/lora-adapter``), so that :func:`landmark.hf.load_pretrained` restores the model. Everything
+   is written into a staging folder beside ``out`` and renamed into place at the end: an existing
+   ``out`` is refused unless ``overwrite`` and is replaced only by a complete new folder.
+
+Every setting is checked (:meth:`FinetuneConfig.check`) before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ from typing import Any
 import torch
 
 from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.hf.checks import (
+    Rule,
+    check_model_folder,
+    check_options,
+    check_out_folder,
+    check_within_positions,
+    clear_staging,
+    for_option,
+    int_range,
+    loading,
+    publish,
+    read_config,
+    real_range,
+    staging_folder,
+)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections: where landmarks act
 SUMMARY_FILE = "landmark-finetune.json"  # written next to the saved model: settings and losses
@@ -60,6 +79,68 @@ class FinetuneConfig:
     passkey_fraction: float = 0.0  # share of training windows replaced by in-window passkey samples
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
+    overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
+
+    def check(self) -> None:
+        """Refuse bad settings before any work: ranges (nan and inf included), the model folder and its
+        limits, the corpus, the output folder, FSDP on CPU.
+
+        Raises:
+            ValueError: one line naming the option (as on the command line, ``--steps``).
+        """
+        check_options(asdict(self), FINETUNE_RULES)
+        if self.fsdp and not torch.cuda.is_available():
+            raise ValueError(
+                "--fsdp needs CUDA devices: accelerate enables FSDP only for GPU-class devices and would "
+                "silently fall back to DDP on CPU processes (torch's own FSDP2 does run on CPU with gloo; "
+                "see docs/huggingface.md); use DDP (the default under torchrun) on CPU"
+            )
+        if self.lora_r and self.fsdp:
+            raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
+        config = read_config(check_model_folder(self.model, "--model"))
+        check_within_positions(config, {"block_size": self.block_size, "max_length": self.max_length})
+        self._check_corpus()
+        check_out_folder(self.out, self.overwrite, "--out")
+
+    def _check_corpus(self) -> None:
+        """The corpus folder can be read and has the splits the settings use (the bundled books, the
+        default, have them: not extracted here)."""
+        from landmark.data import CorpusError, read_corpus
+
+        if self.corpus is None:
+            return
+        try:
+            corpus = read_corpus(self.corpus)
+        except CorpusError as err:
+            raise ValueError(f"--corpus: {err}") from None
+        needed = ["train"] + (["validation"] if self.eval_windows else [])
+        missing = [split for split in needed if split not in corpus.splits]
+        if missing:
+            raise ValueError(
+                f"--corpus {corpus.root} has no {' or '.join(missing)} split (it has {sorted(corpus.splits)})"
+            )
+
+
+# The numeric settings' ranges (None values, for optional settings, are not checked).
+FINETUNE_RULES: dict[str, Rule] = {
+    "block_size": int_range(2),
+    "max_length": int_range(2),
+    "steps": int_range(1),
+    "batch_size": int_range(1),
+    "grad_accum": int_range(1),
+    "lr": real_range(0, open_low=True),
+    "warmup_steps": int_range(0),
+    "weight_decay": real_range(0),
+    "lora_r": int_range(0),
+    "lora_alpha": int_range(1),
+    "lora_dropout": real_range(0, 1, open_high=True),
+    "logging_steps": int_range(1),
+    "eval_windows": int_range(0),
+    "max_windows": int_range(1),
+    "passkey_fraction": real_range(0, 1),
+    "max_minutes": real_range(0, open_low=True),
+    "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
+}
 
 
 def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[Any, Any]:
@@ -74,14 +155,17 @@ def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[
 
     from landmark.hf.convert import convert, load_pretrained
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    path = check_model_folder(path)
+    with loading(path):
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "landmark_token_id", None) is not None:
         model, tokenizer = load_pretrained(path)
         if block_size is not None and block_size != model.config.landmark_block_size:
             model, tokenizer = convert(model, tokenizer, block_size)
         return model, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with loading(path):
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return convert(model, tokenizer, block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
 
 
@@ -97,28 +181,23 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from landmark.hf.collator import LandmarkCollator, regular_tokens_per_window
     from landmark.hf.data import TokenWindows, tokenize_corpus
 
+    cfg.check()
     out = Path(cfg.out)
     use_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
-    if cfg.max_length < 2:
-        raise ValueError(f"max_length must be >= 2; got {cfg.max_length}")
-    if cfg.fsdp and use_cpu:
-        raise ValueError(
-            "--fsdp needs CUDA devices: accelerate enables FSDP only for GPU-class devices and would "
-            "silently fall back to DDP on CPU processes (torch's own FSDP2 does run on CPU with gloo; see "
-            "docs/huggingface.md); use DDP (the default under torchrun) on CPU"
-        )
-    if cfg.lora_r and cfg.fsdp:
-        raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
-    model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+    try:
+        model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+    except ValueError as err:  # a damaged folder, an unsupported model: name the option
+        raise for_option(err, "--model") from None
     block_size = int(model.config.landmark_block_size)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and cfg.max_length > max_positions:
-        raise ValueError(
-            f"max_length {cfg.max_length} exceeds the model's max_position_embeddings {max_positions}"
-        )
+    raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
+    if cfg.passkey_fraction:
+        from landmark.hf.passkey import check_passkey_windows
+
+        check_passkey_windows(tokenizer, raw_tokens, block_size)
+    staging = staging_folder(out)
     args = TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(staging),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -143,7 +222,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     main = args.process_index == 0
-    raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
+    if main:
+        clear_staging(out)  # what a killed run left
     with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
         train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=main)
         eval_tokens = (
@@ -205,9 +285,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if eval_set is not None:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     summary["trainable_parameters"], summary["parameters"] = trainable, total
-    _save(trainer, tokenizer, out, lora=bool(cfg.lora_r))
+    _save(trainer, tokenizer, staging, lora=bool(cfg.lora_r))
     if main:
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        publish(out)  # only now is an existing `out` (--overwrite) replaced
+    trainer.accelerator.wait_for_everyone()
+    if main:
         line = (
             f"saved to {out} (load with landmark.hf.load_pretrained); train loss {summary['train_loss']:.4f}"
         )

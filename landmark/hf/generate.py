@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from landmark.hf.convert import landmark_token_id
+from landmark.hf.convert import encode_text, landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
 from landmark.inference.generate import Sampling, TokenCallback, generate_with
 from landmark.inference.threads import inference_threads, using_threads
@@ -49,6 +49,39 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
     return read
 
 
+def prompt_ids(model: Any, tokenizer: Any, prompt: str | Tensor, continuation: bool = False) -> list[int]:
+    """The raw token ids of ``prompt``, checked: the HF twin of the native path's prompt handling.
+
+    Text is tokenized with the tokenizer's special tokens (BOS; none for a ``continuation`` of a saved
+    state), special-token strings inside it kept as plain text (:func:`landmark.hf.convert.encode_text`):
+    a ``<landmark>`` typed by a user is never a landmark. Token ids must be a flat sequence of integers
+    within the model's vocabulary, without the landmark id (landmarks are inserted here).
+
+    Raises:
+        ValueError: an empty prompt; ids that are not integers, out of range, or hold the landmark id.
+    """
+    landmark_id = landmark_token_id(model)
+    if isinstance(prompt, str):
+        raw = encode_text(tokenizer, prompt, add_special_tokens=not continuation)
+    else:
+        ids = torch.as_tensor(prompt)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"prompt: token ids must be integers; got dtype {ids.dtype}")
+        raw = ids.flatten().tolist()
+        vocab = int(model.get_input_embeddings().weight.shape[0])
+        bad = [t for t in raw if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab}); got {bad[0]}")
+        if landmark_id in raw:
+            raise ValueError(
+                f"prompt: token ids must not contain the landmark token id {landmark_id} (at index "
+                f"{raw.index(landmark_id)}): pass raw tokens, landmarks are inserted by generate"
+            )
+    if not raw:
+        raise ValueError("prompt: the prompt is empty")
+    return raw
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -71,7 +104,8 @@ def generate(
     Args:
         model: a converted model (:func:`landmark.hf.convert` or :func:`landmark.hf.load_pretrained`).
         tokenizer: its tokenizer.
-        prompt: text (tokenized with the tokenizer's special tokens, e.g. BOS) or (n,) raw token ids.
+        prompt: text (tokenized with the tokenizer's special tokens, e.g. BOS; special-token strings in it
+            are plain text) or (n,) raw token ids (never the landmark id), see :func:`prompt_ids`.
         max_new_tokens: regular tokens to generate (>= 1); stops early at the tokenizer's eos token.
         temperature: 0 for greedy decoding, else sampling at this temperature; ``top_p``: nucleus mass.
         seed: seeds the sampling generator.
@@ -93,12 +127,7 @@ def generate(
     from transformers import DynamicCache
 
     sampling = Sampling(temperature, top_p, seed)
-    if isinstance(prompt, str):  # a continuation of a saved state gets no second BOS
-        raw = list(tokenizer(prompt, add_special_tokens=load_state is None).input_ids)
-    else:
-        raw = torch.as_tensor(prompt, dtype=torch.long).flatten().tolist()
-    if not raw:
-        raise ValueError("the prompt is empty")
+    raw = prompt_ids(model, tokenizer, prompt, continuation=load_state is not None)
     if retrieval is None and (cache_kwargs or load_state is not None or save_state is not None):
         options = sorted(cache_kwargs) + [
             n for n, v in (("load_state", load_state), ("save_state", save_state)) if v

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from landmark.data.passkey import KEY_RANGE, PasskeyPrompts, first_integer
+from landmark.hf.convert import encode_text
 
 
 class HFTokenEncoder:
@@ -32,12 +33,29 @@ class HFTokenEncoder:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``: no special tokens added, special-token strings encoded as text."""
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+        return encode_text(self.tokenizer, text)
 
 
 def hf_passkey_prompts(tokenizer: Any) -> PasskeyPrompts:
     """:class:`~landmark.data.passkey.PasskeyPrompts` over a Hugging Face tokenizer."""
     return PasskeyPrompts(HFTokenEncoder(tokenizer))  # type: ignore[arg-type]
+
+
+def check_passkey_windows(tokenizer: Any, raw_tokens: int, block_size: int) -> PasskeyPrompts:
+    """The prompt builder, once windows of ``raw_tokens`` are known to hold a passkey sample whose key
+    lies at least one block (``block_size - 1`` tokens) before the question.
+
+    Raises:
+        ValueError: the windows are too short (the message names ``--max-length``).
+    """
+    prompts = hf_passkey_prompts(tokenizer)
+    need = prompts.min_length() + len(prompts.answer(KEY_RANGE[1] - 1)) + block_size - 1
+    if raw_tokens < need:
+        raise ValueError(
+            f"passkey samples need windows of at least {need} tokens with this tokenizer and block size; "
+            f"the windows hold {raw_tokens}: use a longer --max-length or --passkey-fraction 0"
+        )
+    return prompts
 
 
 class PasskeyMixWindows(torch.utils.data.Dataset):
@@ -60,14 +78,8 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
         self.base, self.raw_tokens, self.fraction, self.seed = base, raw_tokens, fraction, seed
-        self.prompts = hf_passkey_prompts(tokenizer)
+        self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size)
         self.min_gap = block_size - 1
-        need = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
-        if raw_tokens < need:
-            raise ValueError(
-                f"passkey samples need windows of at least {need} tokens with this tokenizer and block size; "
-                f"the windows hold {raw_tokens}: use a longer max_length or passkey_fraction = 0"
-            )
 
     def __len__(self) -> int:
         return len(self.base)

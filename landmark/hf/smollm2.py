@@ -79,6 +79,24 @@ def is_prepared(folder: str | Path) -> bool:
     return all((Path(folder) / name).is_file() for name in _REQUIRED)
 
 
+def check_destination(out: str | Path | None) -> Path:
+    """The destination folder, if :func:`prepare_smollm2` may use it: missing, empty or already prepared.
+
+    Raises:
+        ValueError: ``out`` is a file, or a non-empty folder that does not hold a prepared model (it is
+            never replaced: it may be someone's files).
+    """
+    out = Path(out) if out is not None else default_smollm2_dir()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_prepared(out):
+        raise ValueError(
+            f"--out {out} already exists, is not empty and holds no prepared {MODEL_NAME}: choose another "
+            "folder or empty it"
+        )
+    return out
+
+
 def prepare_smollm2(
     out: str | Path | None = None, install: bool = True, log: Callable[[str], None] = print
 ) -> Path:
@@ -98,10 +116,12 @@ def prepare_smollm2(
         (``landmark hf finetune --model`` converts it).
 
     Raises:
+        ValueError: ``out`` is a file or a non-empty folder without a prepared model
+            (:func:`check_destination`).
         ImportError: the ``gguf`` package is missing (``pip install -c constraints.txt gguf``).
         RuntimeError: the copied model does not reproduce the GGUF model's logits.
     """
-    out = Path(out) if out is not None else default_smollm2_dir()
+    out = check_destination(out)
     if is_prepared(out):
         log(f"{MODEL_NAME} is already prepared in {out}")
         return out
@@ -134,11 +154,12 @@ def prepare_smollm2(
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder gets the usual permissions
         try:
-            os.rename(tmp, out)
-        except OSError:  # `out` appeared meanwhile (another process) or is an incomplete leftover
+            os.rename(tmp, out)  # onto a missing or empty folder
+        except OSError:  # `out` was filled meanwhile: by another process preparing it, or by someone else
             if not is_prepared(out):
-                shutil.rmtree(out, ignore_errors=True)
-                os.rename(tmp, out)
+                raise ValueError(
+                    f"{out} was filled by something else while preparing; nothing written"
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

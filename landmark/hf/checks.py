@@ -1,0 +1,197 @@
+"""Checked options, input folders and never-half-written output folders for the ``landmark hf`` commands.
+
+* :func:`check_options`: numeric options against their ranges (:func:`int_range`, :func:`real_range`:
+  integers, finite numbers; nan and inf refused), one-line ``ValueError`` exceptions naming the option.
+* :func:`check_model_folder`: a local model folder (``config.json``, weights, a tokenizer) that exists,
+  checked before anything is loaded: nothing is ever downloaded, so a missing folder is a mistake to
+  report in one line (transformers would say "Repo id must be in the form ...").
+* :func:`loading`: turns the errors of ``from_pretrained`` on a damaged folder (truncated weights,
+  invalid JSON, mismatched shapes) into one-line ``ValueError`` exceptions.
+* :func:`check_out_folder`, :func:`staging_folder`, :func:`publish`: a command refuses an existing,
+  non-empty output folder unless told ``overwrite``; it writes into a staging folder beside it and
+  renames that into place at the end, so an interrupted run leaves the old folder intact and a finished
+  one leaves no stale file of the previous run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+STAGING_SUFFIX = ".partial"  # <parent>/.<name>.partial: written while a command runs
+OLD_SUFFIX = ".old"  # <parent>/.<name>.old: the replaced folder, removed once the new one is in place
+
+DEFAULT_NAME = "model folder"  # how messages name a model folder outside the command line
+Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what is expected: "an integer >= 1")
+
+
+def int_range(low: int, high: int | None = None) -> Rule:
+    """An integer in ``[low, high]`` (``high`` None: no upper bound); bools are refused."""
+
+    def ok(value: Any) -> bool:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        return is_int and value >= low and (high is None or value <= high)
+
+    return ok, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+
+def real_range(
+    low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False
+) -> Rule:
+    """A finite number above ``low`` (``open_low``: strictly) and below ``high`` (``open_high``: strictly)."""
+
+    def ok(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > low if open_low else value >= low
+        below = high is None or (value < high if open_high else value <= high)
+        return above and below
+
+    if high is None:
+        return ok, f"a finite number {'>' if open_low else '>='} {low:g}"
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return ok, f"a number in {interval}"
+
+
+def check_options(values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
+    """Check every ``values[name]`` that is not None against ``rules[name]``.
+
+    Raises:
+        ValueError: the first value out of its range, as ``--name must be <expected>; got <value>``.
+    """
+    for name, (ok, expected) in rules.items():
+        value = values.get(name)
+        if value is not None and not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}; got {value!r}")
+
+
+def check_model_folder(path: str | Path, name: str = DEFAULT_NAME, files: bool = True) -> Path:
+    """``path`` as a Path if it looks like a local model folder, else a one-line ``ValueError``.
+
+    Args:
+        path: the folder.
+        name: how the message names it (``"--model"`` on the command line).
+        files: check for weights and tokenizer files too (else only a valid ``config.json``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"{name} {path}: the folder does not exist (a local model folder is expected; nothing is "
+            "downloaded)"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(f"{name} {path} is not a model folder (it has no config.json)")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{name} {path}: config.json is not valid JSON ({_one_line(err)})") from None
+    for kind, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)) if files else ():
+        if not any((path / f).is_file() for f in names):
+            raise ValueError(f"{name} {path} is not a model folder (no {kind}: none of {', '.join(names)})")
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """The ``config.json`` of a folder checked by :func:`check_model_folder`, as a dict."""
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+
+
+def check_within_positions(config: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Each ``values[name]`` (positions; None: unchecked) is at most the model's
+    ``max_position_embeddings`` (when its ``config.json`` has one).
+
+    Raises:
+        ValueError: ``--name must be at most the model's max_position_embeddings (N); got V``.
+    """
+    limit = config.get("max_position_embeddings")
+    for name, value in values.items():
+        if limit is not None and value is not None and value > limit:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be at most the model's max_position_embeddings "
+                f"({limit}); got {value}"
+            )
+
+
+@contextmanager
+def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
+    """Re-raise the errors of loading a damaged model folder as one-line ``ValueError`` exceptions."""
+    from safetensors import SafetensorError  # a dependency of transformers
+
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        raise ValueError(f"{name} {path}: cannot load the model: {_one_line(err)}") from None
+
+
+def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> Path:
+    """``out`` as a Path if a command may write there: missing, an empty folder, or ``overwrite``.
+
+    Raises:
+        ValueError: ``out`` is a file, or a non-empty folder without ``overwrite`` (the message says to
+            pass ``--overwrite``).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name} {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{name} {out} already exists and is not empty: pass --overwrite to replace it, or choose "
+            "another folder"
+        )
+    return out
+
+
+def staging_folder(out: str | Path) -> Path:
+    """The folder a command writes before :func:`publish` renames it to ``out`` (the same for every
+    process of a torchrun job)."""
+    out = Path(out)
+    return out.parent / f".{out.name}{STAGING_SUFFIX}"
+
+
+def clear_staging(out: str | Path) -> Path:
+    """Remove what a killed run left in ``out``'s staging folder; return that folder."""
+    staging = staging_folder(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def publish(out: str | Path) -> Path:
+    """Move ``out``'s staging folder to ``out``, replacing what was there (checked by
+    :func:`check_out_folder`) only once the new folder is complete."""
+    out = Path(out)
+    staging = staging_folder(out)
+    old = out.parent / f".{out.name}{OLD_SUFFIX}"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def for_option(err: ValueError, option: str) -> ValueError:
+    """``err`` reworded for the command line: its "model folder X" becomes "<option> X", or the message
+    is prefixed with "<option>: "."""
+    text = str(err)
+    if text.startswith(DEFAULT_NAME + " "):
+        return ValueError(option + text[len(DEFAULT_NAME) :])
+    return ValueError(f"{option}: {text}")
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

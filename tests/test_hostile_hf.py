@@ -1,0 +1,353 @@
+"""Hostile inputs to the Hugging Face commands (issue 15): every bad value a one-line error, nothing written.
+
+Each refused call of ``landmark hf convert|finetune|prepare-smollm2`` must exit with status 2, print
+exactly one ``error:`` line naming the option, no traceback, and leave every file under the test's
+folders (the token cache included) as it was. ``<landmark>`` in user text is plain text on the HF path,
+as on the native one, and prompt ids holding the landmark id are refused. Tiny models built in-process:
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_helpers import converted, write_tiny
+
+import landmark.hf as lhf
+from landmark.cli import main
+from landmark.hf.convert import encode_text
+from landmark.hf.generate import prompt_ids
+
+# One window of the tiny model: block size 8, 32 positions, a few windows of the small corpus.
+TINY = ["--block-size", "8", "--max-length", "32", "--batch-size", "1", "--warmup-steps", "0"]
+
+# (option, bad value): ranges, nan, inf, of every numeric option of `hf finetune`.
+FINETUNE_BAD = [
+    ("--steps", "0"),
+    ("--steps", "-3"),
+    ("--batch-size", "0"),
+    ("--grad-accum", "0"),
+    ("--max-length", "1"),
+    ("--max-length", "100000"),  # beyond the model's max_position_embeddings (256)
+    ("--block-size", "1"),
+    ("--block-size", "512"),
+    ("--lr", "0"),
+    ("--lr", "nan"),
+    ("--lr", "inf"),
+    ("--lr", "-1e-4"),
+    ("--warmup-steps", "-1"),
+    ("--weight-decay", "nan"),
+    ("--weight-decay", "-0.1"),
+    ("--lora-r", "-1"),
+    ("--lora-alpha", "0"),
+    ("--lora-dropout", "1"),
+    ("--lora-dropout", "nan"),
+    ("--logging-steps", "0"),
+    ("--eval-windows", "-1"),
+    ("--max-windows", "0"),
+    ("--passkey-fraction", "1.5"),
+    ("--passkey-fraction", "nan"),
+    ("--passkey-fraction", "-0.1"),
+    ("--max-minutes", "0"),
+    ("--max-minutes", "inf"),
+    ("--max-minutes", "-1"),
+    ("--seed", "-1"),
+    ("--seed", str(2**32)),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """An unconverted tiny Llama folder and a small corpus (shared, never written by the tests)."""
+    return write_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A test folder; the token cache lives in it, so a refusal that wrote tokens would be seen."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``roots``: path -> (size, mtime in ns)."""
+    seen = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            stat = path.stat()
+            seen[str(path)] = (stat.st_size if path.is_file() else -1, stat.st_mtime_ns)
+    return seen
+
+
+def refused(argv: list[str], capsys, names: str, *roots: Path) -> str:
+    """Run ``landmark <argv>``: exit 2, exactly one ``error:`` line mentioning ``names``, no traceback,
+    nothing under ``roots`` changed. Returns the error line."""
+    before = snapshot(*roots)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusals (a value of the wrong type)
+        code = exit_.code
+    out, err = capsys.readouterr()
+    lines = [line for line in (out + err).splitlines() if "error:" in line]
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1, out + err
+    assert names in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    assert snapshot(*roots) == before
+    return lines[0]
+
+
+def finetune_argv(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "hf",
+        "finetune",
+        "--model",
+        str(model),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        *TINY,
+        *extra,
+    ]
+
+
+# ---- hf finetune -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("option", "value"), FINETUNE_BAD, ids=[f"{o}={v}" for o, v in FINETUNE_BAD])
+def test_finetune_refuses_bad_numbers(tiny, home, capsys, option, value):
+    model, corpus = tiny
+    argv = finetune_argv(model, corpus, home / "out", f"{option}={value}")  # "=": "-1e-4" is a value
+    line = refused(argv, capsys, option, home, model)
+    assert line.startswith("error: ") and "; got " in line
+    assert not (home / "out").exists() and not (home / "cache").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5"])
+def test_finetune_refuses_a_non_integer_steps(tiny, home, capsys, value):
+    model, corpus = tiny
+    refused(finetune_argv(model, corpus, home / "out", "--steps", value), capsys, "--steps", home)
+
+
+def test_finetune_refuses_an_existing_out_without_overwrite(tiny, home, capsys):
+    model, corpus = tiny
+    out = home / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    line = refused(finetune_argv(model, corpus, out, "--steps", "1"), capsys, "--out", home)
+    assert "--overwrite" in line
+    (home / "file").write_text("x", encoding="utf-8")
+    refused(finetune_argv(model, corpus, home / "file", "--steps", "1"), capsys, "--out", home)
+
+
+def damage(folder: Path, kind: str) -> None:
+    """Damage a copy of a model folder in one of several ways."""
+    if kind == "truncated-weights":
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.truncate(1000)
+    elif kind == "empty-weights":
+        (folder / "model.safetensors").write_bytes(b"")
+    elif kind == "no-weights":
+        (folder / "model.safetensors").unlink()
+    elif kind == "no-tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif kind == "bad-json":
+        (folder / "config.json").write_text("{oops", encoding="utf-8")
+    elif kind == "wrong-shapes":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 32}), encoding="utf-8")
+    elif kind == "unknown-architecture":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "nope"}), encoding="utf-8")
+
+
+DAMAGES = ["missing", "a-file", "no-config", "truncated-weights", "empty-weights", "no-weights"]
+DAMAGES += ["no-tokenizer", "bad-json", "wrong-shapes", "unknown-architecture"]
+
+
+def bad_model(tiny_model: Path, home: Path, kind: str) -> Path:
+    """A model folder argument of the given kind of wrongness, under ``home``."""
+    path = home / "models" / kind
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "a-file":
+        path.write_text("not a folder", encoding="utf-8")
+    elif kind == "no-config":
+        path.mkdir()
+        (path / "weights.bin").write_bytes(b"0")
+    elif kind != "missing":
+        shutil.copytree(tiny_model, path)
+        damage(path, kind)
+    return path
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_finetune_refuses_a_missing_or_damaged_model(tiny, home, capsys, kind):
+    model, corpus = tiny
+    path = bad_model(model, home, kind)
+    line = refused(finetune_argv(path, corpus, home / "out", "--steps", "1"), capsys, "--model", home)
+    assert "Repo id" not in line
+    if kind == "missing":
+        assert "does not exist" in line
+    assert not (home / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_finetune_refuses_a_bad_corpus(tiny, home, capsys, kind):
+    model, _ = tiny
+    corpus = home / "corpus"
+    if kind == "empty":
+        corpus.mkdir()
+    refused(finetune_argv(model, corpus, home / "out", "--steps", "1"), capsys, "--corpus", home)
+
+
+def test_finetune_refuses_windows_too_short_for_passkeys(tiny, home, capsys):
+    model, corpus = tiny
+    argv = finetune_argv(model, corpus, home / "out", "--passkey-fraction", "0.5", "--steps", "1")
+    refused(argv, capsys, "--max-length", home)
+
+
+def test_finetune_refuses_fsdp_and_lora_together(tiny, home, capsys):
+    model, corpus = tiny
+    refused(finetune_argv(model, corpus, home / "out", "--fsdp", "--lora-r", "4"), capsys, "--fsdp", home)
+
+
+def test_finetune_overwrite_replaces_out_without_stale_files(tiny, home, capsys):
+    """--overwrite: the new model replaces the folder whole (a stale file of the old one is gone)."""
+    model, corpus = tiny
+    out = home / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old run", encoding="utf-8")
+    argv = finetune_argv(model, corpus, out, "--steps", "1", "--max-windows", "2", "--overwrite")
+    assert main(argv) == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "landmark-finetune.json").read_text())["steps_done"] == 1
+    assert sorted(p.name for p in home.iterdir() if p.name.startswith(".")) == []  # no staging left
+    loaded, _ = lhf.load_pretrained(out)
+    assert loaded.config.landmark_block_size == 8
+
+
+# ---- hf convert and prepare-smollm2 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-4", "1000"])
+def test_convert_refuses_bad_block_size(tiny, home, capsys, value):
+    model, _ = tiny
+    argv = ["hf", "convert", "--model", str(model), "--out", str(home / "out"), "--block-size", value]
+    refused(argv, capsys, "--block-size", home)
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_convert_refuses_a_missing_or_damaged_model(tiny, home, capsys, kind):
+    path = bad_model(tiny[0], home, kind)
+    line = refused(
+        ["hf", "convert", "--model", str(path), "--out", str(home / "out")], capsys, "--model", home
+    )
+    assert "Repo id" not in line and not (home / "out").exists()
+
+
+def test_convert_refuses_an_existing_out_and_overwrites_when_told(tiny, home, capsys):
+    model, _ = tiny
+    out = home / "out"
+    argv = ["hf", "convert", "--model", str(model), "--out", str(out), "--block-size", "8"]
+    assert main(argv) == 0
+    (out / "stale.txt").write_text("old", encoding="utf-8")
+    line = refused(argv, capsys, "--out", home)
+    assert "--overwrite" in line
+    assert main([*argv[:-1], "16", "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "config.json").read_text())["landmark_block_size"] == 16
+    assert [p.name for p in home.iterdir() if p.name.startswith(".")] == []
+
+
+def test_prepare_smollm2_refuses_a_foreign_folder(home, capsys):
+    out = home / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    refused(["hf", "prepare-smollm2", "--out", str(out), "--no-install"], capsys, "--out", home)
+    (home / "file").write_text("x", encoding="utf-8")
+    refused(["hf", "prepare-smollm2", "--out", str(home / "file"), "--no-install"], capsys, "--out", home)
+
+
+# ---- <landmark> in user text, landmark ids in prompts (defect 4) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def landmark_model():
+    model, tok = converted()
+    return model.eval(), tok
+
+
+def test_landmark_string_in_text_is_plain_text(landmark_model):
+    model, tok = landmark_model
+    lid = model.config.landmark_token_id
+    text = "Call me <landmark> Ishmael <|endoftext|>."
+    ids = prompt_ids(model, tok, text)
+    assert lid not in ids and tok.eos_token_id not in ids
+    assert tok.decode(ids) == text  # the strings survive as characters
+    assert encode_text(tok, [text, "<landmark>"])[1] == encode_text(tok, "<landmark>")
+    # generating from the text equals generating from its plain-text ids
+    _, text_ids = lhf.generate(model, tok, text, max_new_tokens=6)
+    _, id_ids = lhf.generate(model, tok, torch.tensor(ids), max_new_tokens=6)
+    assert torch.equal(text_ids, id_ids) and lid not in text_ids.tolist()
+
+
+def test_passkey_and_corpus_tokenisation_keep_the_string_as_text(landmark_model, tmp_path):
+    from landmark.hf.data import tokenize_corpus
+    from landmark.hf.passkey import HFTokenEncoder
+
+    model, tok = landmark_model
+    lid = model.config.landmark_token_id
+    assert lid not in HFTokenEncoder(tok).encode("a <landmark> b")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text("x <landmark> y. " * 50, encoding="utf-8")
+    tokens = tokenize_corpus(tok, corpus, "train", cache=tmp_path / "cache", progress=False)
+    assert lid not in set(tokens.tolist())
+
+
+@pytest.mark.parametrize("kind", ["landmark", "negative", "too-large", "float"])
+def test_prompt_ids_are_checked(landmark_model, kind):
+    model, tok = landmark_model
+    lid = model.config.landmark_token_id
+    ids = {
+        "landmark": torch.tensor([5, 6, lid, 7]),
+        "negative": torch.tensor([5, -1]),
+        "too-large": torch.tensor([5, lid + 1000]),
+        "float": torch.tensor([5.0, 6.0]),
+    }[kind]
+    with pytest.raises(ValueError, match=r"^prompt: ") as info:
+        lhf.generate(model, tok, ids, max_new_tokens=2)
+    if kind == "landmark":
+        assert str(lid) in str(info.value)
+    with pytest.raises(ValueError, match=r"^prompt: "):
+        lhf.generate(model, tok, torch.tensor([], dtype=torch.long), max_new_tokens=2)
+
+
+def test_hf_generate_command_reads_the_string_as_text(landmark_model, home, capsys):
+    model, tok = landmark_model
+    folder = home / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    prompt = "Call me <landmark> Ishmael"
+    argv = ["hf", "generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "3", "--k", "0"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_hf_generate_names_a_missing_model_folder(home, capsys):
+    argv = ["hf", "generate", "--model", str(home / "nope"), "--prompt", "x", "--k", "0"]
+    line = refused(argv, capsys, "does not exist", home)
+    assert "Repo id" not in line
