@@ -158,7 +158,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: nothing usable at ``path``.
     """
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+    if not (_STEP_DIR.match(path.name) or (path / WEIGHTS_FILE).is_file()):  # a run folder
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(
@@ -166,13 +166,19 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 "pass the run's out_dir or one of its checkpoints/step_* folders"
             )
         path = latest
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {' and '.join(missing)} missing")
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({err})") from None
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {config.get('format')!r})")
-    return Checkpoint(path, int(config["step"]), config)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {found!r})")
+    if isinstance(config.get("step"), bool) or not isinstance(config.get("step"), int):
+        raise CheckpointError(f"{path / CONFIG_FILE}: step must be an integer; got {config.get('step')!r}")
+    return Checkpoint(path, config["step"], config)
 
 
 def model_config_diff(saved: ModelConfig, wanted: ModelConfig) -> list[str]:

@@ -46,6 +46,8 @@ from torch import nn
 from tqdm import tqdm
 
 from landmark.checkpoint import (
+    STATE_FILE,
+    WEIGHTS_FILE,
     Checkpoint,
     CheckpointError,
     clean_partial,
@@ -268,16 +270,20 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _latest_text(out_dir: Path) -> str:
+    """``"the latest checkpoint, <path>, is intact"`` or ``"no checkpoint was written yet"``."""
+    latest = latest_checkpoint(out_dir)
+    return f"the latest checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
+
+
 def _write_error(what: str, out_dir: Path, err: OSError) -> TrainingError:
     """The one-line error for a write into the run folder that failed (a full disk, a lost mount)."""
     reason = err.strerror or str(err)
     if err.errno is not None and err.errno in errno.errorcode:
         reason += f" ({errno.errorcode[err.errno]})"
-    latest = latest_checkpoint(out_dir)
-    kept = f"the latest complete checkpoint is {latest}" if latest else "no checkpoint was written"
     return TrainingError(
-        f"could not write {what} into {out_dir}: {reason}; {kept} and was not changed: "
-        "free space (or fix the folder), then continue with --resume"
+        f"could not write {what} into {out_dir}: {reason}; {_latest_text(out_dir)}: free space (or fix "
+        "the folder), then continue with --resume"
     )
 
 
@@ -507,9 +513,9 @@ def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | Non
     checkpoint = open_checkpoint(latest)
     try:
         saved = checkpoint.model_config
-    except (KeyError, TypeError, ValueError) as err:
+    except Exception as err:  # a hand-edited config.json: KeyError, TypeError, ZeroDivisionError, ...
         raise CheckpointError(
-            f"{checkpoint.path / RUN_CONFIG_FILE}: invalid model settings ({err})"
+            f"{checkpoint.path / RUN_CONFIG_FILE}: invalid model settings ({_first_line(err)})"
         ) from None
     diff = model_config_diff(saved, data.model_config)
     if diff:
@@ -517,7 +523,8 @@ def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | Non
             f"cannot resume {checkpoint.path}: it holds a different model ({'; '.join(diff)}); "
             "use the run's [model] settings or another train.out_dir"
         )
-    saved_tok = (checkpoint.config.get("data") or {}).get("tokenizer_fingerprint")
+    saved_data = checkpoint.config.get("data")
+    saved_tok = saved_data.get("tokenizer_fingerprint") if isinstance(saved_data, dict) else None
     tok = data.prepared.tokenizer
     if saved_tok != tok.fingerprint:
         raise CheckpointError(
@@ -574,12 +581,15 @@ def _restore(
     except CheckpointError:
         raise
     except Exception as err:  # safetensors and torch raise several kinds
-        raise CheckpointError(f"{where}: the weights cannot be loaded ({_first_line(err)})") from None
+        raise CheckpointError(
+            f"{where / WEIGHTS_FILE} cannot be loaded into the model ({_first_line(err)}): the file is "
+            "damaged or belongs to another model"
+        ) from None
     try:
         state = checkpoint.load_state(map_location=device)
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
-            raise CheckpointError(f"{where}: state.pt lacks {', '.join(missing)}: the checkpoint is damaged")
+            raise CheckpointError(f"{where / STATE_FILE} lacks {', '.join(missing)}: the file is damaged")
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and "rng_cuda" in state:
@@ -590,13 +600,16 @@ def _restore(
     except CheckpointError:
         raise
     except Exception as err:  # torch.load and load_state_dict raise several kinds
-        raise CheckpointError(f"{where}: state.pt cannot be loaded ({_first_line(err)})") from None
+        raise CheckpointError(
+            f"{where / STATE_FILE} cannot be loaded ({_first_line(err)}): the file is damaged or missing"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message, at most 200 characters."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:200]
+    """The telling line of an exception's message (a ``size mismatch`` line if any, else the first
+    non-empty one), at most 200 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if "size mismatch" in line), lines[0])[:200]
 
 
 def _open_run_folder(run: _Run, lock: RunLock) -> None:
@@ -751,8 +764,8 @@ def _nonfinite_loss_message(run: _Run, loss: float, lr: float) -> str:
         causes.append("no gradient clipping (train.grad_clip = 0)")
     return (
         f"the training loss is {loss} at step {run.counters.step + 1} (lr {lr:.3g}); {weights}; possible "
-        f"causes: {', '.join(causes)}; the checkpoints in {run.out_dir} are intact: change the setting "
-        "and continue with --resume"
+        f"causes: {', '.join(causes)}; {_latest_text(run.out_dir)}: change the setting and continue "
+        "with --resume"
     )
 
 

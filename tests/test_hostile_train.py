@@ -1,0 +1,356 @@
+"""Bad input to `landmark train`, as a hostile user gives it (issue 15, the training part).
+
+Every mistake ends with exit status 2 and exactly one `error:` line on stderr that names the setting or
+file, no traceback, and the disk as it was: a fresh run's folder is not created, and a resumed run's
+folder (and the prepared data) keeps every file, byte and modification time. Two runs into one folder:
+the second refuses while the first holds it, and a run killed with SIGKILL leaves nothing stuck. A full
+disk while checkpointing and a non-finite loss are one-line errors too.
+
+Checks run in-process (`landmark.cli.main`) on the tiny preset and a small synthetic corpus; two cases
+run real processes (a training run held and then killed, and torchrun against a held folder).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from landmark.checkpoint import latest_checkpoint
+from landmark.cli import main
+from landmark.data import prepare_data
+from landmark.train import RunLock, train
+from landmark.train_config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.toml"
+WORDS = "the whale sea ship ahab and of to a in his was white captain boat harpoon deck sail".split()  # noqa: SIM905
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """A synthetic corpus prepared once (BPE 512) and the --set overrides that train on it."""
+    root = tmp_path_factory.mktemp("hostile_train")
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(300)]
+        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepared = root / "prepared"
+    prepare_data(corpus, prepared, "bpe", 512, progress=False)
+    overrides = [
+        f"data.corpus={json.dumps(str(corpus))}",
+        f"data.prepared_dir={json.dumps(str(prepared))}",
+        "train.threads=1",
+        "train.progress=false",
+        "train.eval_every=0",
+    ]
+    return {"root": root, "prepared": prepared, "overrides": overrides}
+
+
+@pytest.fixture(scope="module")
+def finished(env, tmp_path_factory) -> Path:
+    """A finished 2-step run with its checkpoint at step 2 (tests work on copies of it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(
+        load_config(TINY, [*env["overrides"], f"train.out_dir={json.dumps(str(out))}", "train.max_steps=2"])
+    )
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))  # never touch the repository's cache
+
+
+def args_for(env: dict, out: Path, *extra: str, resume: bool = False) -> list[str]:
+    args = ["train", str(TINY)]
+    for o in [*env["overrides"], f"train.out_dir={json.dumps(str(out))}", *extra]:
+        args += ["--set", o]
+    return [*args, "--resume"] if resume else args
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots``: (kind, size, mtime_ns, sha256 of a file's bytes)."""
+    state = {}
+    for root in roots:
+        for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+            st = p.stat()
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+            state[str(p)] = ("file" if p.is_file() else "dir", st.st_size, st.st_mtime_ns, digest)
+    return state
+
+
+def one_error_line(rc: int, err: str, *needles: str) -> None:
+    """Exit status 2, exactly one line on stderr, ``error: `` first, every needle in it, no traceback."""
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+# -------------------------------------------------------------------------------------- bad values
+
+
+BAD_VALUES = [
+    ("train.lr=inf", "train.lr must be > 0 and finite; got inf"),
+    ("train.lr=nan", "train.lr must be > 0 and finite; got nan"),
+    ("train.lr=-0.001", "train.lr must be > 0; got -0.001"),
+    ("train.min_lr=inf", "train.min_lr must be in [0, train.lr] and finite"),
+    ("train.eps=0", "train.eps must be > 0"),
+    ("train.grad_clip=nan", "train.grad_clip must be >= 0"),
+    ("train.weight_decay=inf", "train.weight_decay must be >= 0 and finite"),
+    ("train.max_minutes=inf", "train.max_minutes must be >= 0 and finite"),
+    ("train.betas=[0.9, 1.0]", "train.betas must be two numbers in [0, 1)"),
+    ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
+    ('train.device="tpu"', "train.device must be one of auto, cpu, cuda; got 'tpu'"),
+    ("model.rope_base=-10000.0", "model.rope_base must be > 0; got -10000.0"),
+    ("model.rope_base=0", "model.rope_base must be > 0; got 0.0"),
+    ("model.rope_base=inf", "model.rope_base must be > 0 and finite"),
+    ("model.dropout=1.5", "model.dropout must be in [0, 1); got 1.5"),
+    ("model.dropout=-0.1", "model.dropout must be in [0, 1); got -0.1"),
+    ("model.n_embd=0", "model.n_embd must be >= 1; got 0"),
+    ("model.n_embd=-64", "model.n_embd must be >= 1; got -64"),
+    ("model.n_layer=0", "model.n_layer must be >= 1; got 0"),
+    ("model.n_head=0", "model.n_head must be >= 1; got 0"),
+    ("model.n_kv_head=0", "model.n_kv_head must be >= 1; got 0"),
+    ("model.mlp_ratio=0", "model.mlp_ratio must be >= 1; got 0"),
+    ("model.seq_len=0", "model.seq_len must be >= 1; got 0"),
+    ("model.vocab_size=0", "model.vocab_size must be >= 1"),
+    ("model.n_head=3", "n_head (3) must divide n_embd (64)"),
+    ("model.n_embd=12", "head_dim = n_embd / n_head must be even"),
+    ("model.n_kv_head=3", "n_kv_head (3) must divide n_head (4)"),
+    ("model.block_size=1", "block_size must be >= 2"),
+    ('model.attn_impl="fast"', "model.attn_impl must be one of auto, reference, blockwise, triton"),
+    ("data.vocab_size=100", "data.vocab_size must be >= 258 (256 bytes + 2 special tokens); got 100"),
+    ('data.tokenizer="word"', "data.tokenizer must be 'bpe' or 'gpt2'"),
+    # found only once the tokenizer exists (after the cached data is loaded), still before any write
+    ("model.vocab_size=300", "model.vocab_size (300) is smaller than the tokenizer's"),
+    ("model.seq_len=65536", "train split"),
+]
+
+
+@pytest.mark.parametrize("override, needle", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_value_is_one_line_and_writes_nothing(env, finished, tmp_path, capsys, override, needle):
+    """The same check for a fresh run (no folder is created) and a resume (config.json is not rewritten)."""
+    fresh = tmp_path / "fresh"
+    run_cli_args = args_for(env, fresh, override)
+    one_error_line(main(run_cli_args), capsys.readouterr().err, needle)
+    assert not fresh.exists()
+    resumed = copy_run(finished, tmp_path)
+    before = snapshot(resumed, env["prepared"])
+    one_error_line(main(args_for(env, resumed, override, resume=True)), capsys.readouterr().err, needle)
+    assert snapshot(resumed, env["prepared"]) == before
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ('model.attn_impl="triton"', "model.attn_impl = 'triton' cannot run"),
+        ('train.device="cuda"', "train.device is 'cuda' but CUDA is not available"),
+    ],
+)
+def test_gpu_settings_without_a_gpu(env, tmp_path, capsys, monkeypatch, override, needle):
+    """Triton and CUDA on a machine without a GPU (simulated on a GPU machine; no interpreter)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    one_error_line(main(args_for(env, out, override)), capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
+def test_the_python_api_checks_the_same(env, tmp_path):
+    """train() on a RunConfig changed after load_config: the same checks, nothing written."""
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [*env["overrides"], f"train.out_dir={json.dumps(str(out))}"])
+    cfg.train.lr = float("inf")
+    with pytest.raises(ConfigError, match=r"train\.lr must be > 0 and finite; got inf"):
+        train(cfg)
+    cfg.train.lr, cfg.model["dropout"] = 1e-3, 2.0
+    with pytest.raises(ConfigError, match=r"model\.dropout must be in \[0, 1\); got 2\.0"):
+        train(cfg)
+    assert not out.exists()
+
+
+def test_a_larger_model_vocab_pads_the_embedding(env, tmp_path, capsys):
+    """model.vocab_size above the tokenizer's is padding, and accepted (it was refused by a placeholder)."""
+    out = tmp_path / "run"
+    assert main(args_for(env, out, "model.vocab_size=600", "train.max_steps=1")) == 0, capsys.readouterr().err
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["model"]["vocab_size"] == 600 and resolved["data"]["tokenizer_vocab_size"] < 600
+
+
+# ------------------------------------------------------------------------------- damaged checkpoints
+
+
+def _damage(ckpt: Path, how: str) -> None:
+    weights, state, config = ckpt / "model.safetensors", ckpt / "state.pt", ckpt / "config.json"
+    if how == "empty weights":
+        weights.write_bytes(b"")
+    elif how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "missing weights":
+        weights.unlink()
+    elif how == "missing state":
+        state.unlink()
+    elif how == "truncated state":
+        state.write_bytes(state.read_bytes()[:100])
+    elif how == "config not JSON":
+        config.write_text('{"format": ')
+    else:  # the model settings of config.json changed by hand
+        doc = json.loads(config.read_text())
+        doc["model"].update({"shapes": {"n_embd": 32}, "zero heads": {"n_head": 0}}[how])
+        config.write_text(json.dumps(doc))
+
+
+DAMAGES = [
+    ("empty weights", [], ["step_00000002/model.safetensors cannot be loaded", "damaged"]),
+    ("truncated weights", [], ["step_00000002/model.safetensors cannot be loaded", "damaged"]),
+    ("missing weights", [], ["step_00000002 is incomplete: model.safetensors missing"]),
+    ("missing state", [], ["step_00000002/state.pt cannot be loaded", "missing"]),
+    ("truncated state", [], ["step_00000002/state.pt cannot be loaded", "damaged"]),
+    ("config not JSON", [], ["config.json is not valid JSON"]),
+    ("shapes", ["model.n_embd=32"], ["model.safetensors cannot be loaded", "size mismatch"]),
+    ("zero heads", ["model.n_head=0"], ["model.n_head must be >= 1"]),  # the run's own config: refused first
+    ("zero heads", [], ["config.json: invalid model settings"]),
+]
+
+
+@pytest.mark.parametrize("how, extra, needles", DAMAGES, ids=[f"{d[0]}{d[1]}" for d in DAMAGES])
+def test_damaged_checkpoint_on_resume(env, finished, tmp_path, capsys, how, extra, needles):
+    run = copy_run(finished, tmp_path)
+    _damage(latest_checkpoint(run), how)
+    before = snapshot(run, env["prepared"])
+    rc = main(args_for(env, run, *extra, resume=True))
+    one_error_line(rc, capsys.readouterr().err, *needles)
+    assert snapshot(run, env["prepared"]) == before
+
+
+# ------------------------------------------------------------------------- failures while training
+
+
+def test_full_disk_while_checkpointing(env, tmp_path, capsys, monkeypatch):
+    """The second checkpoint's write fails with ENOSPC: one line; the first checkpoint stays complete and
+    the run continues from it with --resume."""
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    rc = main(args_for(env, out, "train.max_steps=3", "train.ckpt_every=1"))
+    one_error_line(rc, capsys.readouterr().err, "checkpoint of step 2", os.strerror(errno.ENOSPC), "ENOSPC")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]  # no partial folder
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(args_for(env, out, "train.max_steps=3", "train.ckpt_every=1", resume=True)) == 0
+    assert latest_checkpoint(out).name == "step_00000003"
+
+
+def test_non_finite_loss_says_what_is_known(env, tmp_path, capsys):
+    """An absurd learning rate: the loss turns NaN; the message gives the step, the lr and the weights'
+    state, and lists the setting among possible causes (one line)."""
+    out = tmp_path / "run"
+    rc = main(
+        args_for(env, out, "train.lr=1e30", "train.warmup_steps=0", "train.min_lr=0", "train.max_steps=5")
+    )
+    err = capsys.readouterr().err
+    one_error_line(rc, err, "the training loss is nan at step", "(lr ", "train.lr", "possible causes")
+    assert "not finite" in err or "weights were finite" in err
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+
+def test_a_held_folder_is_refused_and_left_alone(env, finished, tmp_path, capsys):
+    """While another holder has the folder, neither --resume nor a fresh run into it may start; once it
+    lets go, --resume works."""
+    run = copy_run(finished, tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    holds = [RunLock(run), RunLock(empty)]
+    for lock in holds:
+        lock.acquire()
+    try:
+        before = snapshot(run, empty)
+        for out, resume in [(run, True), (run, False), (empty, False)]:
+            rc = main(args_for(env, out, resume=resume))
+            one_error_line(rc, capsys.readouterr().err, f"{out} is in use: another training run holds it")
+        assert snapshot(run, empty) == before
+    finally:
+        for lock in holds:
+            lock.release()
+    assert main(args_for(env, run, "train.max_steps=3", resume=True)) == 0
+    assert latest_checkpoint(run).name == "step_00000003"
+
+
+def _subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_a_running_training_holds_its_folder_until_killed(env, tmp_path, capsys):
+    """A real `landmark train` process: a second run into its folder refuses while it trains; after
+    SIGKILL, --resume continues from its last checkpoint (the kernel dropped the hold)."""
+    out = tmp_path / "run"
+    steps = ["train.max_steps=100000", "train.ckpt_every=5", "train.log_every=1"]
+    cmd = [sys.executable, "-m", "landmark", *args_for(env, out, *steps)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_subprocess_env())
+    try:
+        deadline = time.monotonic() + 90
+        while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and latest_checkpoint(out) is not None, "the run did not get going"
+        for resume in (True, False):
+            rc = main(args_for(env, out, "train.max_steps=100000", resume=resume))
+            one_error_line(rc, capsys.readouterr().err, f"{out} is in use")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    step = int(latest_checkpoint(out).name.split("_")[1])
+    assert main(args_for(env, out, f"train.max_steps={step + 1}", "train.log_every=1", resume=True)) == 0
+    assert f"resuming at step {step}" in capsys.readouterr().out
+    assert latest_checkpoint(out).name == f"step_{step + 1:08d}"
+
+
+def test_torchrun_against_a_held_folder_stops_every_process(env, finished, tmp_path):
+    """Only process 0 takes the hold; when it refuses, process 1 must stop too instead of waiting for it."""
+    run = copy_run(finished, tmp_path)
+    lock = RunLock(run)
+    lock.acquire()
+    try:
+        before = snapshot(run)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "landmark", *args_for(env, run, resume=True)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_subprocess_env())
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("is in use" in line for line in errors), proc.stderr[-2000:]
+    assert "another process stopped the run" in errors[0] + errors[1]  # process 1 heard of it
+    assert not re.search(r'File "[^"]*/landmark/[^"]*"', proc.stderr)  # torchrun's own report aside
+    assert snapshot(run) == before
