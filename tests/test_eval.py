@@ -111,6 +111,47 @@ def test_eval_bad_arguments(runs, tmp_path, capsys, extra, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+def _changed_beyond_4k(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose tensors larger than 4 KiB differ from it only after their first 4 KiB."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in other.state_dict().values():
+            flat = t.view(-1)
+            if flat.numel() * flat.element_size() > 4096:
+                flat[4096 // flat.element_size() :] += 0.5
+    return other
+
+
+def test_weights_fingerprint_sees_bytes_beyond_the_first_4k(runs, tmp_path):
+    """Issue 15, defect 2: a fingerprint of each tensor's first 4 KiB gave a model another's cached
+    perplexity. Tensors that differ only beyond it get different fingerprints, so different cells, and
+    `landmark eval ppl` run on both into one --out reports each model's own perplexity."""
+    from landmark.checkpoint import load_model, save_checkpoint
+    from landmark.eval.common import weights_fingerprint
+
+    model, tok, config = load_model(runs["landmark"])
+    other = _changed_beyond_4k(model)
+    changed = 0
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        head = 4096 // a.element_size()
+        assert torch.equal(a.view(-1)[:head], b.view(-1)[:head]), name
+        changed += not torch.equal(a, b)
+    assert changed > 0 and weights_fingerprint(model) != weights_fingerprint(other)
+    second = save_checkpoint(tmp_path / "other", 1, other, config, tok, {})
+
+    out = tmp_path / "ppl"
+    args = ["eval", "ppl", "--data", str(runs["prepared"]), "--lengths", "64", "--max-tokens", "128",
+            "--out", str(out)]  # fmt: skip
+    ppl = []
+    for path in (runs["landmark"], second):
+        assert main([*args, "--model", f"lm={path}"]) == 0
+        ppl.append(json.loads((out / "perplexity.json").read_text())["results"][0]["ppl"])
+    assert len(list((out / "cells").glob("*.json"))) == 2
+    assert abs(ppl[0] - ppl[1]) > 1e-3 * ppl[0], ppl  # the second run did not reuse the first one's cell
+
+
 def test_eval_missing_checkpoint_and_no_model(tmp_path, capsys):
     assert main(["eval", "passkey", "--model", f"x={tmp_path / 'nope'}", "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err

@@ -11,9 +11,13 @@ from typing import Any
 
 from landmark.data.tokenizer import Tokenizer
 from landmark.fingerprint import weights_fingerprint
+from landmark.inference.retrieval import RetrievalConfig
 from landmark.model import ATTENTION_KINDS, GPT
 
 __all__ = ["CellCache", "ModelUnderTest", "weights_fingerprint"]
+
+_RETRIEVAL = RetrievalConfig()
+DEFAULT_OPTIONS = {"kernel": _RETRIEVAL.kernel, "max_blocks": None, "search": _RETRIEVAL.search}
 
 
 @dataclass
@@ -43,18 +47,26 @@ def parse_model_arg(text: str) -> tuple[str, str]:
 
 
 def load_models(specs: list[str], device: str = "cpu") -> list[ModelUnderTest]:
-    """Load every ``NAME=PATH`` checkpoint; a clear error for a missing one or an unknown model kind."""
-    from landmark.checkpoint import load_model
+    """Load every ``NAME=PATH`` checkpoint; a one-line ValueError naming ``--model`` for no model, a name
+    given twice, a missing or damaged checkpoint or an unknown model kind."""
+    from landmark.checkpoint import CheckpointError, load_model
 
     if not specs:
         raise ValueError("give at least one --model NAME=PATH (a training run folder or checkpoint)")
+    named = [parse_model_arg(spec) for spec in specs]
+    names = [name for name, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--model names {twice} more than once: give every checkpoint its own NAME=PATH")
     out = []
-    for spec in specs:
-        name, path = parse_model_arg(spec)
-        model, tokenizer, _ = load_model(path, device=device)
+    for name, path in named:
+        try:
+            model, tokenizer, _ = load_model(path, device=device)
+        except CheckpointError as err:
+            raise ValueError(f"--model {name}: {err}") from None
         if model.config.attention not in ATTENTION_KINDS:
             raise ValueError(
-                f"{path}: unknown model kind {model.config.attention!r}; known: {ATTENTION_KINDS}"
+                f"--model {name}: unknown model kind {model.config.attention!r}; known: {ATTENTION_KINDS}"
             )
         out.append(ModelUnderTest(name, path, model.eval(), tokenizer))
     return out
@@ -79,6 +91,15 @@ class CellCache:
 
     def put(self, key: dict[str, Any], result: dict[str, Any]) -> None:
         write_json_atomic(self._path(key), {"key": key, "result": result})
+
+
+def cache_key_options(options: dict | None, kind: str) -> dict | None:
+    """The session options that change a landmark model's results (all but where memory lives), for
+    a cache key; None for other models and for the defaults (so default cells keep their keys)."""
+    if kind != "landmark" or not options:
+        return None
+    kept = {k: v for k, v in sorted(options.items()) if k != "memory_device"}
+    return None if kept == DEFAULT_OPTIONS else kept
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

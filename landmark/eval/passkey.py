@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from landmark.data.passkey import KEY_RANGE, PasskeyPrompts, first_integer
-from landmark.eval.common import CellCache, ModelUnderTest, weights_fingerprint
+from landmark.eval.common import CellCache, ModelUnderTest, cache_key_options, weights_fingerprint
 from landmark.inference import generate
 
 
@@ -44,6 +44,37 @@ def _teacher_forced_correct(m: ModelUnderTest, prompts: PasskeyPrompts, prompt: 
     return not after[:1].isdigit()
 
 
+def check_passkey_cells(
+    models: list[ModelUnderTest],
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int,
+    option: str = "--lengths",
+) -> None:
+    """One-line ValueErrors, before any work, for cells that cannot be run: ``trials`` < 1, a negative
+    ``seed``, depths outside [0, 1], or a length (``option`` on the command line) too short to hold the
+    prompt of one of its keys."""
+    if trials < 1:
+        raise ValueError(f"--trials must be >= 1; got {trials}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0; got {seed}")
+    bad = [d for d in depths if not 0 <= d <= 1]
+    if not depths or bad:
+        raise ValueError(f"--depths must be a non-empty list of fractions in [0, 1]; got {depths}")
+    if not lengths:
+        raise ValueError(f"{option} is empty: give at least one prompt length in tokens")
+    for m in models:
+        prompts = PasskeyPrompts(m.tokenizer)
+        for n in lengths:
+            keys = {x for d in depths for x in _keys(seed, n, d, trials)}
+            need = max(prompts.min_length(x) for x in keys)
+            if n < need:
+                raise ValueError(
+                    f"{option}: {n} tokens cannot hold a passkey prompt of model {m.name!r} (minimum {need})"
+                )
+
+
 def evaluate_passkey(
     models: list[ModelUnderTest],
     lengths: list[int],
@@ -56,29 +87,27 @@ def evaluate_passkey(
     granularity: str = "token_head",
     chunk_len: int = 256,
     progress: bool = True,
+    options: dict | None = None,
 ) -> list[dict]:
-    """Accuracy of every (model, length, depth) cell; finished cells are read from ``cache``."""
-    if trials < 1:
-        raise ValueError(f"--trials must be >= 1; got {trials}")
-    bad = [d for d in depths if not 0 <= d <= 1]
-    if not depths or bad:
-        raise ValueError(f"--depths must be a non-empty list of fractions in [0, 1]; got {depths}")
+    """Accuracy of every (model, length, depth) cell; finished cells are read from ``cache``.
+
+    ``options``: further ``InferenceSession`` keywords of landmark models (search, kernel, memory_device,
+    max_blocks; see ``landmark.inference.options.session_options``).
+    """
+    check_passkey_cells(models, lengths, depths, trials, seed)
     results = []
     cells = [(m, n, d) for m in models for n in lengths for d in depths]
     bar = tqdm(cells, desc="passkey", unit="cell", disable=not progress)
     for m, n, d in bar:
         bar.set_postfix_str(f"{m.name} @ {n} tokens, depth {d:.2f}")
         prompts = PasskeyPrompts(m.tokenizer)
-        if n < prompts.min_length():
-            raise ValueError(
-                f"--lengths: {n} tokens cannot hold a passkey prompt (minimum {prompts.min_length()})"
-            )
         key = {
             "eval": "passkey", "weights": weights_fingerprint(m.model), "kind": m.kind, "length": n,
             "depth": d, "trials": trials, "seed": seed,
             "k": k if m.kind == "landmark" else None,
             "granularity": granularity if m.kind == "landmark" else None,
             "chunk_len": chunk_len if m.kind == "landmark" else None,
+            "options": cache_key_options(options, m.kind),
         }  # fmt: skip
         cached = cache.get(key)
         if cached is None:
@@ -86,8 +115,9 @@ def evaluate_passkey(
             keys = _keys(seed, n, d, trials)
             texts = [prompts.prompt(n, d, x) for x in keys]
             if m.kind == "landmark":
-                outs = generate(m.model, texts, max_new_tokens=len(prompts.answer(keys[0])) + 2,
-                                k=k, granularity=granularity, chunk_len=chunk_len)  # fmt: skip
+                new = len(prompts.answer(keys[0])) + 2
+                outs = generate(m.model, texts, max_new_tokens=new, k=k, granularity=granularity,
+                                chunk_len=chunk_len, **(options or {}))  # fmt: skip
                 answers = [first_integer(m.tokenizer.decode(o)) for o in outs]
                 correct = [a == x for a, x in zip(answers, keys)]
             else:

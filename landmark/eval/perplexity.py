@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from landmark.eval.common import CellCache, ModelUnderTest, weights_fingerprint
+from landmark.eval.common import CellCache, ModelUnderTest, cache_key_options, weights_fingerprint
 from landmark.inference import chunked_nll
 
 
@@ -78,8 +78,13 @@ def evaluate_perplexity(
     chunk_len: int = 256,
     split: str = "validation",
     progress: bool = True,
+    options: dict | None = None,
 ) -> list[dict]:
     """Perplexity of every (setting, length) cell; finished cells are read from ``cache``.
+
+    Args:
+        options: further ``InferenceSession`` keywords of the landmark settings (search, kernel,
+            memory_device, max_blocks; see ``landmark.inference.options.session_options``).
 
     Returns:
         One dict per cell: setting label, model, kind, k, granularity, length, windows, tokens scored,
@@ -100,7 +105,7 @@ def evaluate_perplexity(
         key = {
             "eval": "ppl", "weights": fingerprints[m.name], "kind": s.kind, "k": s.k,
             "granularity": s.granularity, "length": n, "max_tokens": max_tokens, "chunk_len": chunk_len,
-            "split": split, "tokens": len(tokens),
+            "split": split, "tokens": len(tokens), "options": cache_key_options(options, s.kind),
         }  # fmt: skip
         cached = cache.get(key)
         if cached is None:
@@ -111,7 +116,7 @@ def evaluate_perplexity(
                 w = windows[b : b + batch_size]
                 if s.kind == "landmark":
                     sums, counts = chunked_nll(
-                        m.model, w, k=s.k, granularity=s.granularity, chunk_len=chunk_len
+                        m.model, w, k=s.k, granularity=s.granularity, chunk_len=chunk_len, **(options or {})
                     )
                     nll, count = nll + float(sums.sum()), count + int(counts.sum())
                 else:

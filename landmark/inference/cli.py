@@ -9,15 +9,18 @@ of rows of different lengths, each row printed when done. Mistakes the user can 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from landmark.inference.options import (
     add_retrieval_arguments,
+    add_sampling_arguments,
     add_state_arguments,
     cache_options,
+    check_chunk_len,
+    check_device,
     check_retrieval_arguments,
+    check_sampling_arguments,
     retrieval_config,
 )
 
@@ -42,9 +45,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --prompt-file: one prompt per non-empty line",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
+    add_sampling_arguments(p, max_new_tokens=128, temperature=0.8, top_p=0.95)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     add_retrieval_arguments(p)
     add_state_arguments(p)
@@ -53,7 +54,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch.compile the decode steps' retrieval attention (measured slower on CPU; see docs)",
     )
-    p.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="model device: cpu, cuda or cuda:N (default: cuda if available, else cpu)",
+    )
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=cmd_generate)
 
@@ -67,20 +72,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise ValueError(f"--prompt-file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
     if args.batch_lines:
         return [line for line in text.splitlines() if line.strip()]
     return [text]
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Every option that can be checked without the model (nothing is loaded or written yet)."""
     check_retrieval_arguments(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    check_sampling_arguments(args)
+    check_device(args.device, "--device")
     if args.batch_lines and args.prompt_file is None:
         raise ValueError("--batch-lines goes with --prompt-file")
 
@@ -122,20 +127,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check(args)
         prompts = _prompts(args)
         if not prompts or any(not p for p in prompts):
-            raise ValueError("the prompt is empty")
+            raise ValueError("--prompt/--prompt-file: the prompt is empty")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, _ = load_model(args.checkpoint, device=device)
+        try:
+            model, tokenizer, _ = load_model(args.checkpoint, device=device)
+        except CheckpointError as err:
+            raise CheckpointError(f"--checkpoint {err}") from None
         cfg = model.config
         if cfg.attention != "landmark":
             raise ValueError(
-                f"{args.checkpoint} holds a model with attention={cfg.attention!r}; `landmark generate` "
-                "needs a landmark-attention model (retrieval goes through its landmarks)"
+                f"--checkpoint {args.checkpoint} holds a model with attention={cfg.attention!r}; "
+                "`landmark generate` needs a landmark-attention model (retrieval goes through its landmarks)"
             )
-        if args.chunk_len < cfg.block_size:
-            raise ValueError(f"--chunk-len ({args.chunk_len}) must be at least one block ({cfg.block_size})")
+        check_chunk_len(args, cfg.block_size)
         ids = [tokenizer.encode(p) for p in prompts]
         if any(not i for i in ids):
-            raise ValueError("a prompt encodes to no tokens")
+            raise ValueError("--prompt/--prompt-file: a prompt encodes to no tokens")
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,15 +1,21 @@
 """Command-line options of retrieval inference, declared once for every command that reads with retrieval.
 
 ``add_retrieval_arguments`` adds the group (``--k``, ``--granularity``, ``--search``, ``--kernel``,
-``--chunk-len``, ``--memory-device``, ``--max-blocks``); ``retrieval_config(args)`` and
-``cache_options(args)`` turn the parsed values into a ``RetrievalConfig`` and the cache's keyword
-options; ``add_state_arguments`` adds ``--save-state`` / ``--load-state`` (read a document once, ask
-many questions). Defaults come from ``RetrievalConfig`` and the cache, so they are the same everywhere.
+``--chunk-len``, ``--memory-device``, ``--max-blocks``) to ``landmark generate``, ``landmark hf generate``,
+``landmark eval ppl`` / ``passkey`` and ``landmark quickstart``; with ``multiple=True`` (``eval ppl``)
+``--k`` and ``--granularity`` take several values, one evaluation each. ``check_retrieval_arguments``
+refuses bad values before any work is done (``check_chunk_len`` once the model's block size is known);
+``retrieval_config(args)`` and ``cache_options(args)`` turn the parsed values into a ``RetrievalConfig``
+and the cache's keyword options; ``add_state_arguments`` adds ``--save-state`` / ``--load-state`` (read a
+document once, ask many questions); ``add_sampling_arguments`` / ``check_sampling_arguments`` are the
+generation options of both generate commands, ``check_device`` the device names. Defaults come from
+``RetrievalConfig`` and the cache, so they are the same everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
@@ -17,16 +23,34 @@ from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import GRANULARITIES, SEARCHES, RetrievalConfig
 
 _DEFAULT = RetrievalConfig()
+DEVICE_TYPES = ("cpu", "cuda")  # where a model or block memory may live
+_SEVERAL = "; several values: one evaluation each"
 
 
-def add_retrieval_arguments(parser: argparse.ArgumentParser, *, k_zero: str | None = None) -> None:
-    """The retrieval option group. ``k_zero``: what ``--k 0`` means for this command (None: refused)."""
+def add_retrieval_arguments(
+    parser: argparse.ArgumentParser, *, k_zero: str | None = None, multiple: bool = False
+) -> None:
+    """The retrieval option group.
+
+    Args:
+        k_zero: what ``--k 0`` means for this command (None: refused).
+        multiple: ``--k`` and ``--granularity`` take one or more values (lists), one evaluation each.
+    """
     g = parser.add_argument_group("retrieval (shared/method.md s.4)")
-    k_help = f"blocks retrieved per query and head (default {_DEFAULT.k})"
+    nargs, several = ("+", _SEVERAL) if multiple else (None, "")
+    k_help = f"blocks retrieved per query and head, >= 1 (default {_DEFAULT.k})"
     if k_zero:
         k_help += f"; 0: {k_zero}"
-    g.add_argument("--k", type=int, default=_DEFAULT.k, help=k_help)
-    g.add_argument("--granularity", choices=GRANULARITIES, default=_DEFAULT.granularity)
+    g.add_argument(
+        "--k", type=int, nargs=nargs, default=[_DEFAULT.k] if multiple else _DEFAULT.k, help=k_help + several
+    )
+    g.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        nargs=nargs,
+        default=[_DEFAULT.granularity] if multiple else _DEFAULT.granularity,
+        help=f"who picks the k blocks (default {_DEFAULT.granularity}){several}",
+    )
     g.add_argument(
         "--search", choices=SEARCHES, default=_DEFAULT.search, help="landmark search (faiss: extra)"
     )
@@ -37,13 +61,16 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser, *, k_zero: str | No
         help="CPU float32 steps: the fused C++ kernel where it applies (auto), always (cpp), never (torch)",
     )
     g.add_argument(
-        "--chunk-len", type=int, default=DEFAULT_CHUNK_LEN, help="positions read at once (>= block size)"
+        "--chunk-len",
+        type=int,
+        default=DEFAULT_CHUNK_LEN,
+        help=f"positions read at once, >= the model's block size (default {DEFAULT_CHUNK_LEN})",
     )
     g.add_argument(
         "--memory-device", default=None, help="where block contents live, e.g. cpu (default: model's)"
     )
     g.add_argument(
-        "--max-blocks", type=int, default=None, help="cap on memory blocks per row (FIFO eviction)"
+        "--max-blocks", type=int, default=None, help="cap on memory blocks per row, >= 1 (FIFO eviction)"
     )
     parser.set_defaults(_k_zero=k_zero is not None)
 
@@ -59,14 +86,77 @@ def add_state_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
+    """``--max-new-tokens``, ``--temperature`` and ``--top-p`` with this command's defaults."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"tokens to generate, >= 1 (default {max_new_tokens})",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"finite, >= 0; 0 = greedy (default {temperature})",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=top_p,
+        help=f"nucleus sampling mass in (0, 1], 1 = off (default {top_p})",
+    )
+
+
+def _values(value) -> list:
+    """A parsed option as a list (single-valued options give one element)."""
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def check_distinct(option: str, values: list) -> None:
+    """Refuse a list option that names the same value twice (the same cell would be computed twice)."""
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+        raise ValueError(
+            f"{option} lists {', '.join(map(str, repeated))} more than once; give each value once"
+        )
+
+
+def check_device(value: str | None, option: str = "--device") -> None:
+    """Refuse a device name torch does not know, or a device this machine does not have."""
+    if value is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{option} {value!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{option} {value!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {value}: this torch has no CUDA device (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def check_retrieval_arguments(args: argparse.Namespace) -> None:
     """One-line ValueErrors for values the parser cannot check (before any work is done)."""
-    if args.k < 0 or (args.k == 0 and not getattr(args, "_k_zero", False)):
-        raise ValueError(f"--k must be >= 1; got {args.k}")
+    ks = _values(args.k)
+    k_zero = getattr(args, "_k_zero", False)
+    bad = [k for k in ks if k < 0 or (k == 0 and not k_zero)]
+    if bad:
+        raise ValueError(f"--k must be >= {0 if k_zero else 1}; got {bad[0]}")
+    check_distinct("--k", ks)
+    check_distinct("--granularity", _values(args.granularity))
     if args.max_blocks is not None and args.max_blocks < 1:
         raise ValueError(f"--max-blocks must be >= 1; got {args.max_blocks}")
     if args.chunk_len < 1:
         raise ValueError(f"--chunk-len must be >= 1; got {args.chunk_len}")
+    check_device(args.memory_device, "--memory-device")
     if args.search == "faiss":
         try:
             import faiss  # noqa: F401
@@ -74,22 +164,56 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
             raise ValueError(
                 '--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"'
             ) from None
+    _check_state_arguments(args, ks)
+
+
+def _check_state_arguments(args: argparse.Namespace, ks: list[int]) -> None:
+    """``--load-state`` must exist, ``--save-state`` must have a folder, and both need retrieval."""
     load = getattr(args, "load_state", None)
     if load is not None and not Path(load).is_file():
         raise ValueError(f"--load-state {load} does not exist")
     save = getattr(args, "save_state", None)
     if save is not None and not Path(save).resolve().parent.is_dir():
         raise ValueError(f"--save-state {save}: its folder does not exist")
-    if (load or save) and args.k == 0:
+    if save is not None and Path(save).is_dir():
+        raise ValueError(f"--save-state {save} is a folder: give a file name")
+    if (load or save) and 0 in ks:
         raise ValueError("--save-state/--load-state need retrieval (--k >= 1)")
 
 
-def retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
-    """The ``RetrievalConfig`` of parsed options."""
-    return RetrievalConfig(
+def check_chunk_len(args: argparse.Namespace, block_size: int, model: str = "the model") -> None:
+    """``--chunk-len`` must hold at least one block of the model (known once the model is loaded)."""
+    if args.chunk_len < block_size:
+        raise ValueError(
+            f"--chunk-len ({args.chunk_len}) must be at least one block of {model} ({block_size} positions)"
+        )
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """``--max-new-tokens`` >= 1, a finite ``--temperature`` >= 0, ``--top-p`` in (0, 1]."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}")
+    top_p = getattr(args, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {top_p}")
+
+
+def retrieval_config(args: argparse.Namespace, **override) -> RetrievalConfig:
+    """The ``RetrievalConfig`` of parsed options (``override``: e.g. one k of a list-valued ``--k``)."""
+    values = dict(
         k=args.k, granularity=args.granularity, search=args.search, kernel=args.kernel,
         compile=getattr(args, "compile", False),
     )  # fmt: skip
+    return RetrievalConfig(**(values | override))
+
+
+def session_options(args: argparse.Namespace) -> dict:
+    """The options beside ``--k``, ``--granularity`` and ``--chunk-len`` as ``InferenceSession`` keywords
+    (search, kernel, memory_device, max_blocks): what the evaluations pass on for every setting."""
+    return {"search": args.search, "kernel": args.kernel, "memory_device": args.memory_device,
+            "max_blocks": args.max_blocks}  # fmt: skip
 
 
 def cache_options(args: argparse.Namespace) -> dict:

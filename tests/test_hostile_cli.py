@@ -1,0 +1,318 @@
+"""Bad input to `landmark eval`, `generate`, `hf generate` and `quickstart`, as a hostile user gives it.
+
+Every case must end with exit status 2 and exactly one `error:` line on stderr that names the argument,
+no traceback, and the disk exactly as it was (every file under the test's folders, the data cache
+included, compared by listing, bytes and modification time before and after). Checks run in-process
+(`landmark.cli.main`); two cases run the real command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from landmark.checkpoint import CheckpointError, load_model, save_checkpoint
+from landmark.cli import main
+from landmark.data import prepare_data
+from landmark.data.tokenizer import Tokenizer
+from landmark.model import GPT, ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BS = 16  # block size of the tiny landmark model
+WORDS = ["the", "sea", "ship", "whale", "sailor", "captain", "harbour", "wind", "rope", "deck", "night",
+         "storm", "island", "boat"]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _corpus(folder: Path, seed: int) -> Path:
+    """Six small documents of seeded word salad (the splits come from whole documents)."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    for i in range(6):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "." for _ in range(120)]
+        (folder / f"doc{i}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _save(run: Path, tok: Tokenizer, attention: str = "landmark", vocab: int | None = None) -> Path:
+    """A randomly initialised tiny checkpoint whose config.json records the tokenizer's fingerprint."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=vocab or tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, seq_len=64,
+        block_size=BS, attention=attention, landmark_id=tok.landmark_id if attention == "landmark" else -1,
+    )  # fmt: skip
+    config = {"model": cfg.to_dict(), "data": {"tokenizer_fingerprint": tok.fingerprint}, "train": {}}
+    return save_checkpoint(run, 1, GPT(cfg), config, tok, {})
+
+
+def _damaged(ckpt: Path, root: Path) -> dict[str, Path]:
+    """Copies of a checkpoint folder, each damaged in one way."""
+    out = {}
+    for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer"):
+        out[name] = root / name
+        shutil.copytree(ckpt, out[name])
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (out["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (out["empty"] / "model.safetensors").write_bytes(b"")
+    (out["no_tokenizer"] / "tokenizer.json").unlink()
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["n_embd"] = 32  # the weights have width 16
+    (out["shapes"] / "config.json").write_text(json.dumps(config))
+    (out["bad_json"] / "config.json").write_text('{"format": ')
+    other = Tokenizer.train(["a completely different text " * 30], vocab_size=280)
+    (out["other_tokenizer"] / "tokenizer.json").write_text(other.to_json())
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """Tiny checkpoints (landmark, full, padded vocabulary), damaged copies, two prepared data folders
+    (the models' tokenizer and another one), a file where a folder is expected; the data cache points
+    inside the folder whose every byte the tests compare."""
+    root = tmp_path_factory.mktemp("hostile")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDMARK_CACHE", str(root / "cache"))
+        data = prepare_data(_corpus(root / "corpus", 0), root / "data", "bpe", 300, progress=False)
+        other = prepare_data(_corpus(root / "corpus2", 1), root / "other_data", "bpe", 280, progress=False)
+        tok = data.tokenizer
+        env = {"root": root, "data": root / "data", "other_data": other.folder, "tok": tok}
+        env["lm"] = _save(root / "runs" / "lm", tok)
+        env["full"] = _save(root / "runs" / "full", tok, attention="full")
+        env["padded"] = _save(root / "runs" / "padded", tok, vocab=tok.vocab_size + 37)
+        env["lm_other_tok"] = _save(root / "runs" / "lm_other", other.tokenizer)
+        env.update(_damaged(env["lm"], root / "damaged"))
+        env["file"] = root / "a_file.txt"
+        env["file"].write_text("not a folder\n")
+        env["out"] = root / "out"  # never created by a refused command
+        env["cache"] = root / "cache"
+        env["state"] = root / "state.safetensors"
+        yield env
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file and folder under ``root``: its SHA-256 (files) and modification time."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (digest, p.stat().st_mtime_ns)
+    return out
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    """``landmark ARGV`` in-process: (exit status, stderr); argparse's own errors exit with 2."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def _refused(env: dict, argv: list[str], names: str, capsys, monkeypatch) -> str:
+    """Run a bad command: exit 2, one ``error:`` line naming ``names``, no traceback, disk unchanged."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(env["cache"]))
+    before = _snapshot(env["root"])
+    code, err = _run(argv, capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(errors) == 1, err
+    assert names in errors[0], errors[0]
+    if not errors[0].startswith("usage") and "argument " not in errors[0]:  # ours: nothing else printed
+        assert err.strip().splitlines() == [errors[0]] and errors[0].startswith("error: "), err
+    assert _snapshot(env["root"]) == before, "a refused command changed the disk"
+    return errors[0]
+
+
+def _fill(argv: list[str], env: dict) -> list[str]:
+    """The case's arguments with ``{name}`` replaced by the fixture's paths."""
+    return [a.format(**{k: v for k, v in env.items() if isinstance(v, Path)}) for a in argv]
+
+
+def _case_id(argv: list[str]) -> str:
+    """A short test id: the command and what the case adds to its valid base."""
+    for name, base in (("ppl", PPL), ("passkey", PASSKEY), ("generate", GENERATE), ("quickstart", QUICK)):
+        if argv[: len(base)] == base:
+            return f"{name} " + " ".join(argv[len(base) :])
+    return " ".join(argv).replace("{", "").replace("}", "")
+
+
+PPL = ["eval", "ppl", "--model", "lm={lm}", "--data", "{data}", "--out", "{out}", "--lengths", "64"]
+PASSKEY = ["eval", "passkey", "--model", "lm={lm}", "--out", "{out}", "--lengths", "600", "--depths", "0.5"]
+GENERATE = ["generate", "--checkpoint", "{lm}", "--prompt", "the sea", "--max-new-tokens", "2"]
+QUICK = ["quickstart", "--checkpoint", "{lm}", "--out", "{out}", "--ppl-lengths", "64", "128",
+         "--passkey-lengths", "600", "800"]  # fmt: skip
+
+EVAL_CASES = [
+    # types
+    ([*PPL, "--k", "four"], "argument --k"),
+    ([*PPL, "--lengths", "1e3"], "argument --lengths"),
+    ([*PPL, "--granularity", "row"], "argument --granularity"),
+    ([*PASSKEY, "--depths", "half"], "argument --depths"),
+    # ranges
+    ([*PPL, "--k", "0"], "--k"),
+    ([*PPL, "--k", "-3"], "--k"),
+    ([*PPL, "--batch-size", "0"], "--batch-size"),
+    ([*PPL, "--max-tokens", "0"], "--max-tokens"),
+    ([*PPL, "--chunk-len", "8"], "--chunk-len"),
+    ([*PPL, "--max-blocks", "0"], "--max-blocks"),
+    ([*PPL, "--lengths", "8"], "--lengths"),
+    ([*PPL, "--lengths", "64", "1000000"], "--lengths"),
+    ([*PPL, "--lengths"], "--lengths"),
+    ([*PPL, "--memory-device", "cuda:7"], "--memory-device"),
+    ([*PPL, "--memory-device", "toaster"], "--memory-device"),
+    ([*PASSKEY, "--trials", "0"], "--trials"),
+    ([*PASSKEY, "--depths", "1.5"], "--depths"),
+    ([*PASSKEY, "--depths", "nan"], "--depths"),
+    ([*PASSKEY, "--seed", "-1"], "--seed"),
+    ([*PASSKEY, "--lengths", "20"], "--lengths"),
+    ([*PASSKEY, "--k", "0"], "--k"),
+    # missing and damaged files
+    ([*PPL, "--model", "x={root}/missing"], "--model"),
+    (["eval", "ppl", "--data", "{data}", "--out", "{out}"], "--model"),
+    ([*PPL[:4], "--data", "{root}/missing", "--out", "{out}"], "--data"),
+    ([*PPL, "--split", "nonesuch"], "--split"),
+    *[
+        (["eval", "ppl", "--model", f"lm={{{name}}}", "--data", "{data}", "--out", "{out}"], "--model")
+        for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
+    ],
+    (["eval", "passkey", "--model", "lm={truncated}", "--out", "{out}"], "--model"),
+    # conflicting options
+    ([*PPL, "--model", "lm={full}"], "--model"),  # the name lm twice
+    ([*PPL, "--k", "2", "2"], "--k"),
+    ([*PPL, "--lengths", "64", "64"], "--lengths"),
+    ([*PPL, "--model", "other={lm_other_tok}"], "--model"),  # two tokenizers
+    ([*PPL[:4], "--data", "{other_data}", "--out", "{out}"], "--data"),  # data of another tokenizer
+    ([*PPL[:6], "--out", "{file}"], "--out"),
+    ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"), EVAL_CASES, ids=lambda v: _case_id(v) if isinstance(v, list) else None
+)
+def test_eval_refuses(env, argv, names, capsys, monkeypatch):
+    _refused(env, _fill(argv, env), names, capsys, monkeypatch)
+
+
+GENERATE_CASES = [
+    ([*GENERATE, "--temperature", "nan"], "--temperature"),
+    ([*GENERATE, "--temperature", "-1"], "--temperature"),
+    ([*GENERATE, "--temperature", "hot"], "argument --temperature"),
+    ([*GENERATE, "--top-p", "0"], "--top-p"),
+    ([*GENERATE, "--max-new-tokens", "0"], "--max-new-tokens"),
+    ([*GENERATE, "--device", "cuda"], "--device"),
+    ([*GENERATE, "--device", "quantum"], "--device"),
+    ([*GENERATE, "--k", "0"], "--k"),
+    ([*GENERATE, "--chunk-len", "4"], "--chunk-len"),
+    ([*GENERATE, "--load-state", "{root}/missing.safetensors"], "--load-state"),
+    ([*GENERATE, "--save-state", "{root}/missing/state.safetensors"], "--save-state"),
+    ([*GENERATE, "--save-state", "{root}"], "--save-state"),
+    ([*GENERATE[:3], "--prompt-file", "{root}/missing.txt"], "--prompt-file"),
+    ([*GENERATE[:3], "--prompt", ""], "--prompt"),
+    (["generate", "--checkpoint", "{full}", "--prompt", "the sea"], "--checkpoint"),
+    (["generate", "--checkpoint", "{root}/missing", "--prompt", "the sea"], "--checkpoint"),
+    *[
+        (["generate", "--checkpoint", f"{{{name}}}", "--prompt", "the sea"], "--checkpoint")
+        for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
+    ],
+    ([*GENERATE, "--batch-lines"], "--batch-lines"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--temperature", "-0.5"], "--temperature"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--temperature", "inf"], "--temperature"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--k", "-1"], "--k"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-blocks", "0"], "--max-blocks"),
+    (["hf", "generate", "--model", "{root}/missing", "--prompt", "hi"], "--model"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", ""], "--prompt"),
+    (
+        ["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-new-tokens", "x"],
+        "argument --max-new-tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"), GENERATE_CASES, ids=lambda v: _case_id(v) if isinstance(v, list) else None
+)
+def test_generate_refuses(env, argv, names, capsys, monkeypatch):
+    _refused(env, _fill(argv, env), names, capsys, monkeypatch)
+
+
+QUICKSTART_CASES = [
+    ([*QUICK, "--k", "0"], "--k"),
+    ([*QUICK, "--trials", "0"], "--trials"),
+    ([*QUICK[:5], "--ppl-lengths", "1", "1"], "--ppl-lengths"),
+    ([*QUICK[:5], "--ppl-lengths", "8", "64"], "--ppl-lengths"),
+    ([*QUICK[:5], "--ppl-lengths", "64"], "argument --ppl-lengths"),
+    ([*QUICK, "--passkey-lengths", "5", "400"], "--passkey-lengths"),
+    ([*QUICK, "--ppl-tokens", "0"], "--ppl-tokens"),
+    ([*QUICK, "--train-minutes", "0"], "--train-minutes"),
+    ([*QUICK, "--train-minutes", "nan"], "--train-minutes"),
+    ([*QUICK, "--train"], "--train"),
+    ([*QUICK, "--chunk-len", "8"], "--chunk-len"),
+    ([*QUICK, "--granularity", "row"], "argument --granularity"),
+    (["quickstart", "--checkpoint", "{truncated}", "--out", "{out}"], "--checkpoint"),
+    (["quickstart", "--checkpoint", "{full}", "--out", "{out}"], "--checkpoint"),
+    (["quickstart", "--out", "{file}"], "--out"),
+    (["quickstart", "--out", "{out}", "--ppl-lengths", "1", "1"], "--ppl-lengths"),  # the shipped model
+    (["quickstart", "--out", "{out}", "--trials", "0"], "--trials"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"), QUICKSTART_CASES, ids=lambda v: _case_id(v) if isinstance(v, list) else None
+)
+def test_quickstart_refuses(env, argv, names, capsys, monkeypatch):
+    _refused(env, _fill(argv, env), names, capsys, monkeypatch)
+
+
+def test_the_real_command_exits_2_with_one_line(env):
+    """Two cases through ``python -m landmark`` (the exit status and stderr a shell sees)."""
+    before = _snapshot(env["root"])
+    cases = [
+        (["eval", "ppl", "--model", f"lm={env['truncated']}", "--data", str(env["data"]),
+          "--out", str(env["out"])], "--model"),
+        (["generate", "--checkpoint", str(env["lm"]), "--prompt", "x", "--device", "cuda"], "--device"),
+    ]  # fmt: skip
+    for argv, names in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "landmark", *argv], capture_output=True, text=True, cwd=REPO,
+            env={**os.environ, "LANDMARK_CACHE": str(env["cache"])}, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+        assert proc.stderr.startswith("error: ") and names in proc.stderr
+    assert _snapshot(env["root"]) == before
+
+
+def test_load_model_refuses_another_tokenizer_and_allows_a_padded_vocabulary(env, capsys):
+    """config.json's data.tokenizer_fingerprint is checked (defect 3); a model.vocab_size larger than the
+    tokenizer's is padding and works end to end, a smaller one is refused (defect 5)."""
+    with pytest.raises(CheckpointError, match="tokenizer_fingerprint"):
+        load_model(env["other_tokenizer"])
+    model, tok, _ = load_model(env["padded"])
+    assert model.config.vocab_size == tok.vocab_size + 37
+    out = env["root"].parent / "padded-eval"
+    argv = ["eval", "ppl", "--model", f"p={env['padded']}", "--data", str(env["data"]), "--out", str(out),
+            "--lengths", "64", "--max-tokens", "64"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "perplexity.json").read_text())["results"][0]["ppl"] > 1
+    assert main(["generate", "--checkpoint", str(env["padded"]), "--prompt", "the sea", "--max-new-tokens",
+                 "3", "--temperature", "0"]) == 0  # fmt: skip
+    capsys.readouterr()
+    small = env["root"].parent / "small-vocab"
+    ckpt = _save(small, env["tok"], attention="full", vocab=env["tok"].vocab_size - 1)
+    with pytest.raises(CheckpointError, match="smaller than the tokenizer"):
+        load_model(ckpt)
