@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from landmark import __version__
 from landmark.eval.cli import add_eval_parser
@@ -95,7 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Train/load the tokenizer and tokenise a corpus into cached token arrays; print where."""
     from landmark.data import bundled_books, prepare_data
+    from landmark.train_config import ConfigError, check_tokenizer_options
 
+    names = {"vocab_size": "--vocab-size", "gpt2_dir": "--gpt2-dir"}
+    check_tokenizer_options(args.tokenizer, args.vocab_size, args.gpt2_dir or "", names)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file: pass a folder for the tokenizer and token arrays")
     corpus = bundled_books() if args.corpus == "bundled" else args.corpus
     data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
     print(f"prepared data in {data.folder}")

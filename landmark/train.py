@@ -187,7 +187,7 @@ def _agree(d: _Dist, fn: Callable[[], T]) -> T:
     except Exception as err:  # re-raised below, on this process and on all the others
         error = err
     messages: list[str | None] = [None] * d.world
-    dist.all_gather_object(messages, None if error is None else str(error).splitlines()[0])
+    dist.all_gather_object(messages, None if error is None else _first_line(error))
     if error is not None:
         raise error
     failed = next((m for m in messages if m is not None), None)
@@ -461,7 +461,7 @@ def _setup(
 ) -> _Run:
     """Everything before the first write into the run folder: the data, the hold on an existing folder,
     the resume checks, the resolved config, and the model and optimizer (restored when resuming)."""
-    data = _setup_data(cfg, d, prepared or _prepare(cfg, progress=False))
+    data = _setup_data(cfg, d, prepared if prepared is not None else _prepare(cfg, progress=False))
     out_dir = Path(cfg.train.out_dir)
     if d.main and out_dir.is_dir():
         lock.acquire()  # before its checkpoints are read: a run still writing them makes us refuse

