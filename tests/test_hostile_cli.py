@@ -92,6 +92,9 @@ def env(tmp_path_factory) -> dict:
         env["padded"] = _save(root / "runs" / "padded", tok, vocab=tok.vocab_size + 37)
         env["lm_other_tok"] = _save(root / "runs" / "lm_other", other.tokenizer)
         env.update(_damaged(env["lm"], root / "damaged"))
+        env["hf"] = root / "hf_model"  # a landmark HF folder's config.json, without weights
+        env["hf"].mkdir()
+        (env["hf"] / "config.json").write_text(json.dumps({"model_type": "llama", "landmark_block_size": BS}))
         env["file"] = root / "a_file.txt"
         env["file"].write_text("not a folder\n")
         env["out"] = root / "out"  # never created by a refused command
@@ -235,6 +238,7 @@ GENERATE_CASES = [
     (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--k", "-1"], "--k"),
     (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-blocks", "0"], "--max-blocks"),
     (["hf", "generate", "--model", "{root}/missing", "--prompt", "hi"], "--model"),
+    (["hf", "generate", "--model", "{hf}", "--prompt", "hi", "--k", "2", "--chunk-len", "8"], "--chunk-len"),
     (["hf", "generate", "--model", "{lm}", "--prompt", ""], "--prompt"),
     (
         ["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-new-tokens", "x"],

@@ -134,7 +134,11 @@ def _check_generate(args: argparse.Namespace) -> None:
     """Every ``hf generate`` option that can be checked before the model is loaded."""
     from pathlib import Path
 
-    from landmark.inference.options import check_retrieval_arguments, check_sampling_arguments
+    from landmark.inference.options import (
+        check_chunk_len,
+        check_retrieval_arguments,
+        check_sampling_arguments,
+    )
 
     check_retrieval_arguments(args)
     check_sampling_arguments(args)
@@ -145,6 +149,20 @@ def _check_generate(args: argparse.Namespace) -> None:
             f"--model {args.model}: the folder does not exist (a local model folder is expected; "
             "nothing is downloaded)"
         )
+    block = _saved_block_size(Path(args.model))
+    if args.k and block is not None:
+        check_chunk_len(args, block)
+
+
+def _saved_block_size(folder) -> int | None:
+    """``landmark_block_size`` of ``folder/config.json`` (None where unreadable: loading reports it)."""
+    import json
+
+    try:
+        block = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("landmark_block_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return block if isinstance(block, int) else None
 
 
 @_user_errors
@@ -152,15 +170,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate(args)  # before transformers is imported
     from landmark.hf.convert import load_pretrained
     from landmark.hf.generate import generate
-    from landmark.inference.options import cache_options, check_chunk_len, retrieval_config
+    from landmark.inference.options import cache_options, retrieval_config
 
     _offline()
     try:
         model, tokenizer = load_pretrained(args.model)
     except ValueError as err:
         raise ValueError(f"--model: {err}") from None
-    if args.k:
-        check_chunk_len(args, model.config.landmark_block_size)
     options: dict = {"chunk_len": args.chunk_len}
     if args.k:
         options = dict(
