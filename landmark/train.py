@@ -615,14 +615,13 @@ def _first_line(err: BaseException) -> str:
 def _open_run_folder(run: _Run, lock: RunLock) -> None:
     """Process 0: hold the folder (creating it), remove left-over temporary checkpoints, write
     config.json and metrics.jsonl without the lines logged after the checkpoint resumed from."""
-    out_dir = run.out_dir
-    if not lock.held:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-        if latest_checkpoint(out_dir) != (run.checkpoint.path if run.checkpoint else None):
-            raise ConfigError(f"{out_dir} received checkpoints from another run while this one started")
-    metrics_path = out_dir / METRICS_FILE
+    out_dir, metrics_path = run.out_dir, run.out_dir / METRICS_FILE
     try:
+        if not lock.held:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if latest_checkpoint(out_dir) != (run.checkpoint.path if run.checkpoint else None):
+                raise ConfigError(f"{out_dir} received checkpoints from another run while this one started")
         clean_partial(out_dir)
         _write_json(out_dir / RUN_CONFIG_FILE, run.resolved)
         kept = _read_metrics(metrics_path, run.counters.step) if run.checkpoint is not None else []
@@ -631,7 +630,7 @@ def _open_run_folder(run: _Run, lock: RunLock) -> None:
         os.replace(tmp, metrics_path)
         run.metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _train
     except OSError as err:
-        raise _write_error("config.json and metrics.jsonl", out_dir, err) from None
+        raise _write_error("the run folder, config.json and metrics.jsonl", out_dir, err) from None
 
 
 def _wrap_ddp(model: GPT, device: torch.device, d: _Dist) -> nn.Module:

@@ -267,6 +267,7 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
         (t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}", t.device),
         (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)", t.threads),
         (bool(t.out_dir), "train.out_dir must name a folder", t.out_dir),
+        (not Path(t.out_dir).is_file(), "train.out_dir must be a folder, not an existing file", t.out_dir),
     ]
 
 

@@ -145,6 +145,7 @@ BAD_VALUES = [
     ('model.attn_impl="fast"', "model.attn_impl must be one of auto, reference, blockwise, triton"),
     ("data.vocab_size=100", "data.vocab_size must be >= 258 (256 bytes + 2 special tokens); got 100"),
     ('data.tokenizer="word"', "data.tokenizer must be 'bpe' or 'gpt2'"),
+    (f"train.out_dir={json.dumps(str(TINY))}", "train.out_dir must be a folder, not an existing file"),
     ('data.tokenizer="gpt2"', "data.gpt2_dir: /nonexistent/gpt2 lacks encoder.json and vocab.bpe"),
     # found only once the tokenizer exists (after the cached data is loaded), still before any write
     ("model.vocab_size=300", "model.vocab_size (300) is smaller than the tokenizer's"),
