@@ -12,7 +12,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
     Cached evaluation results and saved stream states are reused only for the same weights; hashing
     only a prefix of each tensor let a checkpoint that differs further on pass for another one. Cost:
-    one pass over the weights (about 1 s per GB on this project's CPU).
+    one pass over the weights, measured on this project's 2-core CPU: 0.025 s for the shipped 21 MB
+    checkpoint (a tenth of loading it), 1.7 s for 537 MB (SmolLM2-135M's size in float32) while other
+    jobs shared the machine; the evaluations compute it once per model and run.
     """
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):

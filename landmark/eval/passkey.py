@@ -96,13 +96,14 @@ def evaluate_passkey(
     """
     check_passkey_cells(models, lengths, depths, trials, seed)
     results = []
+    fingerprints = {m.name: weights_fingerprint(m.model) for m in models}  # once per model, not per cell
     cells = [(m, n, d) for m in models for n in lengths for d in depths]
     bar = tqdm(cells, desc="passkey", unit="cell", disable=not progress)
     for m, n, d in bar:
         bar.set_postfix_str(f"{m.name} @ {n} tokens, depth {d:.2f}")
         prompts = PasskeyPrompts(m.tokenizer)
         key = {
-            "eval": "passkey", "weights": weights_fingerprint(m.model), "kind": m.kind, "length": n,
+            "eval": "passkey", "weights": fingerprints[m.name], "kind": m.kind, "length": n,
             "depth": d, "trials": trials, "seed": seed,
             "k": k if m.kind == "landmark" else None,
             "granularity": granularity if m.kind == "landmark" else None,

@@ -185,7 +185,7 @@ def check_chunk_len(args: argparse.Namespace, block_size: int, model: str = "the
     """``--chunk-len`` must hold at least one block of the model (known once the model is loaded)."""
     if args.chunk_len < block_size:
         raise ValueError(
-            f"--chunk-len ({args.chunk_len}) must be at least one block of {model} ({block_size} positions)"
+            f"--chunk-len ({args.chunk_len}) must be at least one block ({block_size}) of {model}"
         )
 
 
