@@ -255,13 +255,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f"{trainable:,} of {total:,} parameters trainable",
             flush=True,
         )
+    timer = _step_timer()
     trainer = Trainer(
         model=model,
         args=args,
         data_collator=LandmarkCollator(tokenizer, block_size, cfg.max_length),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        callbacks=[_time_limit(cfg.max_minutes)] if cfg.max_minutes else None,
+        callbacks=[timer, *([_time_limit(cfg.max_minutes)] if cfg.max_minutes else [])],
     )
     if cfg.fsdp and trainer.accelerator.distributed_type.value != "FSDP":
         raise RuntimeError(
@@ -275,9 +276,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     summary["train_seconds"] = round(time.perf_counter() - start, 1)
     summary["train_loss"] = result.training_loss
     summary["steps_done"] = trainer.state.global_step
-    summary["tokens_seen"] = (
-        trainer.state.global_step * cfg.batch_size * cfg.grad_accum * args.world_size * (raw_tokens - 1)
-    )  # regular tokens fed (landmarks not counted), windows being full
+    step_tokens = cfg.batch_size * cfg.grad_accum * args.world_size * (raw_tokens - 1)
+    summary["tokens_seen"] = trainer.state.global_step * step_tokens  # regular tokens, windows being full
+    summary["tokens_per_s"] = summary["tokens_seen"] / max(summary["train_seconds"], 1e-9)
+    summary["steady_tokens_per_s"] = timer.steady_rate(step_tokens)  # the first step (compilation) excluded
     summary["distributed_type"] = str(trainer.accelerator.distributed_type.value)
     summary["sharded_parameters"] = any(
         type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()
@@ -294,12 +296,36 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         line = (
             f"saved to {out} (load with landmark.hf.load_pretrained); train loss {summary['train_loss']:.4f}"
         )
+        line += f", {summary['tokens_per_s']:,.0f} tokens/s"
         if eval_set is not None:
             before, after = summary["eval_loss_before"], summary["eval_loss_after"]
             line += f"; eval loss {before:.4f} -> {after:.4f}"
             line += f" (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})"
         print(line, flush=True)
     return summary
+
+
+def _step_timer() -> Any:
+    """A Trainer callback recording when each optimizer step ends; ``steady_rate(tokens_per_step)`` is the
+    throughput from the end of the first step to the end of the last (None with fewer than 2 steps)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+            return control
+
+        def steady_rate(self, tokens_per_step: int) -> float | None:
+            if len(self.ends) < 2:
+                return None
+            return (len(self.ends) - 1) * tokens_per_step / max(self.ends[-1] - self.ends[0], 1e-9)
+
+    return StepTimer()
 
 
 def _time_limit(minutes: float) -> Any:
