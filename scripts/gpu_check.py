@@ -151,12 +151,12 @@ def run(check: Check, cmd: list[str], deadline: float, env: dict[str, str] | Non
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _kill(proc)
-            raise StepError(f"timed out: {Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} killed") from None
-    output = check.log.read_text(encoding="utf-8", errors="replace")[start:]
+            raise StepError(f"timed out: {' '.join(cmd[1:4])} ... killed at the step's budget") from None
+    output = check.log.read_bytes()[start:].decode("utf-8", errors="replace")
     if code != 0:
         tail = "\n".join(output.strip().splitlines()[-25:])
         print(tail, flush=True)
-        raise StepError(f"{' '.join(cmd[:4])} ... exited with {code}")
+        raise StepError(f"{' '.join(cmd[1:4])} ... exited with {code}")
     return output
 
 
