@@ -48,11 +48,6 @@ constexpr int64_t kLanes = 16;  // floats per vector below
 // NEON registers on ARM); loads and stores are unaligned.
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-// Half as many doubles (the same width in bytes: a double vector of kLanes lanes would be twice the
-// widest register, and GCC then builds its broadcasts and keeps its sums in memory).
-constexpr int64_t kHalf = kLanes / 2;
-typedef double vdouble __attribute__((vector_size(kHalf * sizeof(double))));
-typedef float vfloat_half __attribute__((vector_size(kHalf * sizeof(float))));
 
 inline vfloat load(const float* p) {
   vfloat v;
@@ -61,11 +56,6 @@ inline vfloat load(const float* p) {
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 inline vfloat splat(float x) { return vfloat{} + x; }
-inline vdouble load_double(const float* p) {  // kHalf floats, as doubles
-  vfloat_half v;
-  std::memcpy(&v, p, sizeof(v));
-  return __builtin_convertvector(v, vdouble);
-}
 
 // exp(x) to about 2 ulp for x in [-87, 88] (Cephes' expf polynomial, range reduced by ln 2), lane by
 // lane. Below -87 it returns about 1.6e-38 instead of a smaller number.
@@ -93,51 +83,58 @@ inline vfloat exp_v(vfloat x) {
   return p * scale;
 }
 
-inline float exp_s(float x) {  // exp_v for one value (the same result as its lane)
-  return exp_v(splat(x))[0];
-}
-
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// out[t] = sum_d q[d] * kt[d * stride + t] for t < n: scores of one query against keys stored
-// key-major (kt is (D, stride)). Every score of the vector part is the same sequence of operations in
-// its own lane (a sum over d in order, four groups of keys at a time to hide the latency), so equal keys
-// get equal scores: the landmark scan relies on it for the top-k tie rule and pads its keys to a
-// multiple of kLanes, so that no score comes from the scalar remainder.
-inline void scores_key_major(const float* q, const float* kt, int64_t stride, int64_t n, int64_t dim, float* out) {
-  int64_t t0 = 0;
-  for (; t0 + 4 * kLanes <= n; t0 += 4 * kLanes) {
-    vfloat a0{}, a1{}, a2{}, a3{};
-    for (int64_t d = 0; d < dim; ++d) {
-      const float* row = kt + d * stride + t0;
-      const float qd = q[d];
-      a0 += qd * load(row);
-      a1 += qd * load(row + kLanes);
-      a2 += qd * load(row + 2 * kLanes);
-      a3 += qd * load(row + 3 * kLanes);
+// out_j[t] = sum_d q_j[d] * kt[d * stride + t] for t < NV * kLanes and the NQ queries q_j: one group
+// of keys stored key-major, NQ * NV independent sums kept in registers.
+template <int NQ, int NV>
+inline void score_group(const float* const* q, const float* kt, int64_t stride, int64_t dim, float* const* out) {
+  vfloat a[NQ][NV] = {};
+  for (int64_t d = 0; d < dim; ++d) {
+    const float* row = kt + d * stride;
+    vfloat k[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) k[j] = load(row + j * kLanes);
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      const vfloat qd = splat(q[i][d]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) a[i][j] += qd * k[j];
     }
-    store(out + t0, a0);
-    store(out + t0 + kLanes, a1);
-    store(out + t0 + 2 * kLanes, a2);
-    store(out + t0 + 3 * kLanes, a3);
   }
-  for (; t0 + kLanes <= n; t0 += kLanes) {
-    vfloat acc{};
-    for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(kt + d * stride + t0);
-    store(out + t0, acc);
-  }
-  for (int64_t t = t0; t < n; ++t) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < dim; ++d) acc += q[d] * kt[d * stride + t];
-    out[t] = acc;
-  }
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store(out[i] + j * kLanes, a[i][j]);
 }
 
-// One landmark score the same way (double, rounded to float), for a landmark key stored row-major.
-inline float landmark_score(const double* q, const float* key, int64_t dim) {
-  double acc = 0.0;
-  for (int64_t d = 0; d < dim; ++d) acc += q[d] * static_cast<double>(key[d]);
-  return static_cast<float>(acc);
+// out_i[t] = sum_d q_i[d] * kt[d * stride + t] for t < n: the scores of NQ queries (1 or 2) against
+// keys stored key-major (kt is (D, stride)). Every score of the vector part is the same sequence of
+// operations in its own lane (a sum over d in order; groups of up to eight vectors of keys at a time
+// hide the latency), so equal keys get equal scores: the landmark scan relies on it for the top-k tie
+// rule and pads its keys to a multiple of kLanes, so that no score comes from the scalar remainder.
+template <int NQ>
+inline void scores_key_major_n(const float* const* q, const float* kt, int64_t stride, int64_t n, int64_t dim,
+                               float* const* out) {
+  int64_t t0 = 0;
+  auto at = [&](int64_t t, float** o) {
+    for (int i = 0; i < NQ; ++i) o[i] = out[i] + t;
+  };
+  float* o[NQ];
+  if (NQ == 1)
+    for (; t0 + 8 * kLanes <= n; t0 += 8 * kLanes) at(t0, o), score_group<NQ, 8>(q, kt + t0, stride, dim, o);
+  for (; t0 + 4 * kLanes <= n; t0 += 4 * kLanes) at(t0, o), score_group<NQ, 4>(q, kt + t0, stride, dim, o);
+  for (; t0 + kLanes <= n; t0 += kLanes) at(t0, o), score_group<NQ, 1>(q, kt + t0, stride, dim, o);
+  for (int64_t t = t0; t < n; ++t)
+    for (int i = 0; i < NQ; ++i) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < dim; ++d) acc += q[i][d] * kt[d * stride + t];
+      out[i][t] = acc;
+    }
+}
+
+inline void scores_key_major(const float* q, const float* kt, int64_t stride, int64_t n, int64_t dim, float* out) {
+  scores_key_major_n<1>(&q, kt, stride, n, dim, &out);
 }
 
 // Lanes l < n of a vector: true (n >= kLanes: all).
@@ -185,10 +182,29 @@ inline float exp_sum(const float* s, int64_t n, float mx, float* e) {
   return sum;
 }
 
-// acc += w * sum_t e[t] * v[t] over n rows of v (n, dim): accumulators stay in registers, four rows at
-// a time.
+// acc += w * sum_t e[t] * v[t] over n rows of v (n, dim): accumulators stay in registers, two vectors
+// of dimensions and four rows at a time (eight independent sums).
 inline void add_values(const float* e, float w, const float* v, int64_t n, int64_t dim, float* acc) {
   int64_t d0 = 0;
+  for (; d0 + 2 * kLanes <= dim; d0 += 2 * kLanes) {
+    vfloat a[4][2] = {};
+    const float* vd = v + d0;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const vfloat et = splat(e[t + j]);
+        a[j][0] += et * load(vd + (t + j) * dim);
+        a[j][1] += et * load(vd + (t + j) * dim + kLanes);
+      }
+    for (; t < n; ++t) {
+      const vfloat et = splat(e[t]);
+      a[0][0] += et * load(vd + t * dim);
+      a[0][1] += et * load(vd + t * dim + kLanes);
+    }
+    store(acc + d0, load(acc + d0) + w * ((a[0][0] + a[1][0]) + (a[2][0] + a[3][0])));
+    store(acc + d0 + kLanes, load(acc + d0 + kLanes) + w * ((a[0][1] + a[1][1]) + (a[2][1] + a[3][1])));
+  }
   for (; d0 + kLanes <= dim; d0 += kLanes) {
     vfloat a0{}, a1{}, a2{}, a3{};
     const float* vd = v + d0;
@@ -206,6 +222,44 @@ inline void add_values(const float* e, float w, const float* v, int64_t n, int64
     float a = 0.f;
     for (int64_t t = 0; t < n; ++t) a += e[t] * v[t * dim + d0];
     acc[d0] += w * a;
+  }
+}
+
+// add_values for two weight rows (e0, w0), (e1, w1) over the same n rows of v (n, dim), each row of v
+// read once for both: eight independent sums (two queries, two rows, two vectors of dimensions).
+inline void add_values2(const float* e0, float w0, const float* e1, float w1, const float* v, int64_t n,
+                        int64_t dim, float* acc0, float* acc1) {
+  if (dim % (2 * kLanes) != 0) {
+    add_values(e0, w0, v, n, dim, acc0);
+    add_values(e1, w1, v, n, dim, acc1);
+    return;
+  }
+  for (int64_t d0 = 0; d0 < dim; d0 += 2 * kLanes) {
+    vfloat a[2][2][2] = {};  // [query][row parity][vector]
+    const float* vd = v + d0;
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2)
+#pragma GCC unroll 2
+      for (int j = 0; j < 2; ++j) {
+        const vfloat v0 = load(vd + (t + j) * dim), v1 = load(vd + (t + j) * dim + kLanes);
+        const vfloat x0 = splat(e0[t + j]), x1 = splat(e1[t + j]);
+        a[0][j][0] += x0 * v0;
+        a[0][j][1] += x0 * v1;
+        a[1][j][0] += x1 * v0;
+        a[1][j][1] += x1 * v1;
+      }
+    for (; t < n; ++t) {
+      const vfloat v0 = load(vd + t * dim), v1 = load(vd + t * dim + kLanes);
+      const vfloat x0 = splat(e0[t]), x1 = splat(e1[t]);
+      a[0][0][0] += x0 * v0;
+      a[0][0][1] += x0 * v1;
+      a[1][0][0] += x1 * v0;
+      a[1][0][1] += x1 * v1;
+    }
+    store(acc0 + d0, load(acc0 + d0) + w0 * (a[0][0][0] + a[0][1][0]));
+    store(acc0 + d0 + kLanes, load(acc0 + d0 + kLanes) + w0 * (a[0][0][1] + a[0][1][1]));
+    store(acc1 + d0, load(acc1 + d0) + w1 * (a[1][0][0] + a[1][1][0]));
+    store(acc1 + d0 + kLanes, load(acc1 + d0 + kLanes) + w1 * (a[1][0][1] + a[1][1][1]));
   }
 }
 
@@ -229,6 +283,15 @@ void rotate(const float* x, int64_t pos, const float* cos_table, const float* si
     out[i] = x1 * c - x2 * s;
     out[i + half] = x1 * s + x2 * c;
   }
+}
+
+// Whether any lane of a comparison's result is true.
+inline bool any_lane(vint m) {
+  uint64_t w[kLanes / 2];
+  std::memcpy(w, &m, sizeof(w));
+  uint64_t o = 0;
+  for (int64_t l = 0; l < kLanes / 2; ++l) o |= w[l];
+  return o != 0;
 }
 
 // Indices of the k largest scores (NaN counts as -inf), ties to the more recent (larger) index, in
@@ -255,19 +318,16 @@ inline void top_k(const float* scores, int64_t n, int64_t k, float* best, int64_
   for (; i >= 0 && idx[k - 1] < 0; --i) offer(i);
   for (; i + 1 >= kLanes; i -= kLanes) {
     const vfloat x = load(scores + i + 1 - kLanes);
-    const vint beats = x > best[k - 1];
-    bool any = false;
-    for (int64_t l = 0; l < kLanes; ++l) any |= beats[l] != 0;
-    if (!any) continue;
+    if (!any_lane(x > best[k - 1])) continue;
     for (int64_t j = i; j > i - kLanes; --j) offer(j);
   }
   for (; i >= 0; --i) offer(i);
   std::sort(idx, idx + k);
 }
 
-// A landmark score in double, rounded to float, with four partial sums (the decode path's scan, where
-// a tile has too few queries to pay for transposing the keys): equal keys get equal scores; it differs
-// from landmark_score only in the last bits of the double sum, i.e. at float rounding boundaries.
+// A landmark score in double, rounded to float (the eager path's definition, summed here in four
+// partial sums): equal keys get equal scores. It may differ from the eager path's double sum only in the
+// last bits of the double, i.e. where the score lies at a float rounding boundary.
 inline float landmark_score4(const double* q, const float* key, int64_t dim) {
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t d = 0;
@@ -278,62 +338,57 @@ inline float landmark_score4(const double* q, const float* key, int64_t dim) {
   return static_cast<float>((acc[0] + acc[2]) + (acc[1] + acc[3]) + tail);
 }
 
-// The old blocks' landmark scores as the eager path defines them (retrieval._landmark_scores: summed in
-// double, rounded to float), but computed in float first: out[i] for i < n_old is the exact score of
-// every block that can be among the top k, -inf for the others. The float scan (sum over d in order,
-// one lane per key) errs by at most bound = 2 (D + 1) 2^-24 sum_d |q_d| max|key|; every block whose
-// exact score reaches the k-th best has a float score within 2 bound (+ the float rounding of the k-th
-// score) of the k-th best float score, so only those candidates are scored again in double. The top-k
-// of the result equals the top-k of the exact scores, ties included (equal keys: equal float scores,
-// all candidates or none). Where all the old keys are the same (a first layer's landmarks, whose keys
-// do not depend on the position), they all get the one exact score without a scan.
-// lt: (D, stride) float keys, key-major, stride a multiple of 4 kLanes (zero padding); key(i): block
+// The old blocks that can be among the top k and their landmark scores as the eager path defines them
+// (retrieval._landmark_scores: summed in double, rounded to float), found with a float scan first:
+// writes the candidates' indices (ascending) to cand and their exact scores to cand_score, returns
+// their count. The float scan (sum over d in order, one lane per key) errs by at most
+// bound = 2 (D + 1) 2^-24 sum_d |q_d| max|key|; every block whose exact score reaches the k-th best has
+// a float score within 2 bound (+ the float rounding of the k-th score) of the k-th best float score,
+// so only those candidates (typically k) are scored again in double, one by one; a NaN float score is
+// a candidate too. The top-k of the candidates equals the top-k of all the exact scores, ties included
+// (equal keys: equal float scores, all candidates or none). Where all the old keys are the same (a
+// first layer's landmarks, whose keys do not depend on the position) they have one exact score, and
+// only the k most recent can be chosen (ties go to the more recent block).
+// lt: (D, stride) float keys, key-major, stride a multiple of kLanes (zero padding); key(i): block
 // i's key, row-major.
 template <typename KeyOf>
-void old_landmark_scores(const float* q, const double* q64, const float* lt, int64_t stride, int64_t n_old,
-                         int64_t k, int64_t dim, float max_key, bool same_keys, KeyOf key, float* scan,
-                         float* best, int64_t* idx, float* out) {
+int64_t old_candidates(const float* q, const double* q64, const float* lt, int64_t stride, int64_t n_old,
+                       int64_t k, int64_t dim, float max_key, bool same_keys, KeyOf key, float* scan, float* best,
+                       int64_t* idx, int64_t* cand, float* cand_score) {
+  const int64_t kk = std::min(k, n_old);
   if (same_keys) {
-    std::fill(out, out + n_old, landmark_score(q64, key(0), dim));
-    return;
+    const float score = landmark_score4(q64, key(0), dim);
+    for (int64_t j = 0; j < kk; ++j) {
+      cand[j] = n_old - kk + j;
+      cand_score[j] = score;
+    }
+    return kk;
   }
   scores_key_major(q, lt, stride, stride, dim, scan);  // whole vectors: the padding lanes are unused
   float q_abs = 0.f;
   for (int64_t d = 0; d < dim; ++d) q_abs += std::fabs(q[d]);
-  const int64_t kk = std::min(k, n_old);
   top_k(scan, n_old, kk, best, idx);  // best[kk - 1]: the kk-th best float score
   float threshold = best[kk - 1];
-  bool finite = std::isfinite(threshold);
-  for (int64_t i = 0; i < n_old && finite; ++i) finite = !std::isnan(scan[i]);
-  if (!finite) {  // NaN or infinite scores: score every block exactly
-    for (int64_t i = 0; i < n_old; ++i) out[i] = landmark_score(q64, key(i), dim);
-    return;
+  if (!std::isfinite(threshold)) {  // infinite or NaN scores: score every block exactly
+    for (int64_t i = 0; i < n_old; ++i) {
+      cand[i] = i;
+      cand_score[i] = landmark_score4(q64, key(i), dim);
+    }
+    return n_old;
   }
   const float bound = 2.f * static_cast<float>(dim + 1) * 5.9604645e-8f * q_abs * max_key;
   threshold -= 2.f * bound + 2.f * std::fabs(threshold) * 1.1920929e-7f;
-  const float minus_inf = -std::numeric_limits<float>::infinity();
-  // groups of four vectors of keys: a group with a candidate is scored again in double, vectorised,
-  // four independent chains (padding keys included); the others are skipped
-  for (int64_t i0 = 0; i0 < n_old; i0 += 4 * kLanes) {
-    const int64_t n_group = std::min<int64_t>(4 * kLanes, n_old - i0);
-    bool any = false;
-    for (int64_t j = 0; j < n_group; ++j) any |= scan[i0 + j] >= threshold;
-    if (!any) {
-      std::fill(out + i0, out + i0 + n_group, minus_inf);
-      continue;
-    }
-    vdouble a[8] = {};  // eight independent chains of kHalf keys (a fixed count: kept in registers)
-    for (int64_t d = 0; d < dim; ++d) {
-      const float* row = lt + d * stride + i0;
-      const vdouble qd = vdouble{} + q64[d];
-#pragma GCC unroll 8
-      for (int64_t j = 0; j < 8; ++j) a[j] += qd * load_double(row + j * kHalf);
-    }
-    double exact[4 * kLanes];
-    std::memcpy(exact, a, sizeof(exact));
-    for (int64_t j = 0; j < n_group; ++j)
-      out[i0 + j] = scan[i0 + j] >= threshold ? static_cast<float>(exact[j]) : minus_inf;
+  int64_t m = 0;
+  for (int64_t i0 = 0; i0 < n_old; i0 += kLanes) {  // whole vectors without a candidate are skipped
+    const vfloat x = load(scan + i0);
+    if (!any_lane((x >= threshold) | (x != x))) continue;
+    for (int64_t i = i0; i < std::min(i0 + kLanes, n_old); ++i)
+      if (scan[i] >= threshold || std::isnan(scan[i])) {
+        cand[m] = i;
+        cand_score[m++] = landmark_score4(q64, key(i), dim);
+      }
   }
+  return m;
 }
 
 void check(const torch::Tensor& t, int64_t dim, torch::ScalarType type, const char* name) {
@@ -404,8 +459,9 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
 
   at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> q_lm64(D);
-    std::vector<float> lt, scan, qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, best(std::max<int64_t>(K, 1));
-    std::vector<int64_t> sel, n_sel;
+    std::vector<float> lt, scan, qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, groups, weight;
+    std::vector<float> best(std::max<int64_t>(K, 1));
+    std::vector<int64_t> sel, n_sel, cand;
     std::vector<std::pair<int64_t, int64_t>> uses;  // (block, query * K + rank), sorted by block
     std::vector<float> rot(D);
     int64_t lt_of = -1, lkt_of = -1, rotated = 0;  // whose keys lt and lkt hold (b * Hkv + kv); lkt's count
@@ -425,7 +481,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
       // their largest magnitude (for the float scan's error bound); made once for consecutive tasks of
       // one (row, kv head)
-      const int64_t lt_stride = (n_old + 4 * kLanes - 1) / (4 * kLanes) * (4 * kLanes);
+      const int64_t lt_stride = round_up(n_old);
       const bool direct = rows <= 2;  // a decode step: score the landmarks where they are stored
       if (!given && n_old > 0 && !direct && lt_of != bk) {
         lt_of = bk;
@@ -464,11 +520,13 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       q_lm.resize((ke + 1) * D);
       lm_scores.resize(std::max<int64_t>(lt_stride + ke, 1));
       scan.resize(std::max<int64_t>(lt_stride, 1));
+      cand.resize(std::max<int64_t>(n, 1));
       sel.assign(Q * std::max<int64_t>(K, 1), -1);
       n_sel.assign(Q, 0);
       mem.resize(Q * std::max<int64_t>(K, 1) * bs + kLanes);  // + kLanes: max_of, exp_sum read whole vectors
       loc_scores.resize(lkt_stride + kLanes);
       acc.assign(Q * D, 0.f);
+      weight.resize(Q * std::max<int64_t>(K, 1));
       uses.clear();
       // 1. per query: rotations and the selection
       for (int64_t g = 0; g < G; ++g) {
@@ -491,18 +549,27 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
             for (int64_t j = 0; j <= ke; ++j)
               rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + j * D);
             std::copy(q_lm.begin(), q_lm.begin() + D, q_lm64.begin());
-            if (n_old > 0 && direct)
-              for (int64_t i = 0; i < n_old; ++i) lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
-            else if (n_old > 0)
-              old_landmark_scores(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key, same_keys,
-                                  [&](int64_t i) { return lm + phys(i) * D; }, scan.data(), best.data(),
-                                  qsel, lm_scores.data());
-            for (int64_t i = n_old; i < n; ++i) {
+            // the candidates (old blocks that can win, then the recent ones) and their exact scores
+            int64_t m = 0;
+            if (n_old > 0 && direct) {
+              for (int64_t i = 0; i < n_old; ++i) {
+                cand[i] = i;
+                lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
+              }
+              m = n_old;
+            } else if (n_old > 0) {
+              m = old_candidates(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key, same_keys,
+                                 [&](int64_t i) { return lm + phys(i) * D; }, scan.data(), best.data(), qsel,
+                                 cand.data(), lm_scores.data());
+            }
+            for (int64_t i = n_old; i < n; ++i, ++m) {
               const float* slot_q = q_lm.data() + (i - n_old + 1) * D;
               std::copy(slot_q, slot_q + D, q_lm64.begin());
-              lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
+              cand[m] = i;
+              lm_scores[m] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
             }
-            top_k(lm_scores.data(), n, ke, best.data(), qsel);
+            top_k(lm_scores.data(), m, ke, best.data(), qsel);  // positions in the candidate list
+            for (int64_t r = 0; r < ke; ++r) qsel[r] = cand[qsel[r]];
             v = ke;
           }
           n_sel[qi] = v;
@@ -515,49 +582,71 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       // 2. block by block (each block's keys read once for all the queries of the tile that chose it):
       //    the scores of the selected blocks, each query rotated to the block's attention slot
       std::sort(uses.begin(), uses.end());
-      for (const auto& [block, use] : uses) {
+      auto slot_query = [&](int64_t block, int64_t use) {  // the query of a use, rotated to its slot
         const int64_t qi = use / K, r = use % K, slot = r + (block >= n_old ? 1 : 0);
-        scores_key_major(q_att.data() + (qi * (ke + 1) + slot) * D, kb + phys(block) * D * bs, bs, bs, D,
-                         mem.data() + use * bs);
+        return q_att.data() + (qi * (ke + 1) + slot) * D;
+      };
+      for (size_t u = 0; u < uses.size();) {  // two uses of one block at a time where they exist
+        const int64_t block = uses[u].first;
+        const float* keys_of = kb + phys(block) * D * bs;
+        if (u + 1 < uses.size() && uses[u + 1].first == block) {
+          const float* qq[2] = {slot_query(block, uses[u].second), slot_query(block, uses[u + 1].second)};
+          float* oo[2] = {mem.data() + uses[u].second * bs, mem.data() + uses[u + 1].second * bs};
+          scores_key_major_n<2>(qq, keys_of, bs, bs, D, oo);
+          u += 2;
+        } else {
+          scores_key_major(slot_query(block, uses[u].second), keys_of, bs, bs, D, mem.data() + uses[u].second * bs);
+          u += 1;
+        }
       }
-      // 3. per query: the local context's scores, the grouped softmax, the local values; the memory
-      //    blocks' scores become their tokens' weights
+      // 3. per query: the local context's scores, the grouped softmax, the local values; each memory
+      //    block's weight (its landmark's probability over its in-block softmax's sum) for step 4
       for (int64_t qi = 0; qi < Q; ++qi) {
         const int64_t c = c0 + qi % rows, ql = qstart[b] + c, own = (ql / bs) * bs, v = n_sel[qi];
+        const int64_t n_earlier = own / bs;  // complete local blocks before the own block
         float* m_s = mem.data() + qi * K * bs;
-        float m = std::numeric_limits<float>::lowest();
-        for (int64_t r = 0; r < v; ++r) m = std::max(m, m_s[r * bs + bs - 1]);
         const int64_t visible = std::min(n_local, ql + 1);
         const int64_t own_end = std::min(visible, own + bs - 1);  // the own block's visible regular tokens
         // (whole vectors: the keys past `visible` are zero padding or not yet visible, never used)
         scores_key_major(q_att.data() + qi * (ke + 1) * D, lkt.data(), lkt_stride, round_up(visible), D,
                          loc_scores.data());
-        for (int64_t t = bs - 1; t < own; t += bs) m = std::max(m, loc_scores[t]);  // earlier local landmarks
-        m = std::max(m, max_of(loc_scores.data() + own, own_end - own));
+        // the landmark scores of the memory blocks, then of the earlier local blocks: one per group
+        const int64_t n_groups = v + n_earlier;
+        groups.resize(round_up(n_groups) + kLanes);
+        for (int64_t r = 0; r < v; ++r) groups[r] = m_s[r * bs + bs - 1];
+        for (int64_t j = 0; j < n_earlier; ++j) groups[v + j] = loc_scores[j * bs + bs - 1];
+        float mx = max_of(loc_scores.data() + own, own_end - own);
+        if (n_groups > 0) mx = std::max(mx, max_of(groups.data(), n_groups));
         float* e_own = loc_scores.data() + own;  // exponentials in place
-        float z = exp_sum(e_own, own_end - own, m, e_own);
-        for (int64_t r = 0; r < v; ++r) z += exp_s(m_s[r * bs + bs - 1] - m);
-        for (int64_t t = bs - 1; t < own; t += bs) z += exp_s(loc_scores[t] - m);
+        float z = exp_sum(e_own, own_end - own, mx, e_own);
+        if (n_groups > 0) z += exp_sum(groups.data(), n_groups, mx, groups.data());
         float* a = acc.data() + qi * D;
-        for (int64_t t = bs - 1; t < own; t += bs) {  // earlier local blocks, through their landmarks
-          const int64_t s0 = t - (bs - 1);
-          const float p = exp_s(loc_scores[t] - m) / z;
-          float* s = loc_scores.data() + s0;
-          const float zi = exp_sum(s, bs - 1, max_of(s, bs - 1), s);
-          add_values(s, p / zi, lv + s0 * D, bs - 1, D, a);
+        for (int64_t j = 0; j < n_earlier; ++j) {  // earlier local blocks, through their landmarks
+          float* e = loc_scores.data() + j * bs;
+          const float zi = exp_sum(e, bs - 1, max_of(e, bs - 1), e);
+          add_values(e, groups[v + j] / z / zi, lv + j * bs * D, bs - 1, D, a);
         }
         add_values(e_own, 1.f / z, lv + own * D, own_end - own, D, a);
-        for (int64_t r = 0; r < v; ++r) {  // memory blocks: weights p / z_i * e_t in place
-          float* s = m_s + r * bs;
-          const float p = exp_s(s[bs - 1] - m) / z;
-          const float zi = exp_sum(s, bs - 1, max_of(s, bs - 1), s);
-          const float w = p / zi;
-          for (int64_t t = 0; t < bs - 1; ++t) s[t] *= w;
+        for (int64_t r = 0; r < v; ++r) {  // memory blocks: in-block exponentials in place, and weights
+          float* e = m_s + r * bs;
+          const float zi = exp_sum(e, bs - 1, max_of(e, bs - 1), e);
+          weight[qi * K + r] = groups[r] / z / zi;
         }
       }
       // 4. block by block again: the values (each block's values read once for the tile)
-      for (const auto& [block, use] : uses)
-        add_values(mem.data() + use * bs, 1.f, vb + phys(block) * (bs - 1) * D, bs - 1, D, acc.data() + (use / K) * D);
+      for (size_t u = 0; u < uses.size();) {  // two uses of one block at a time where they exist
+        const int64_t block = uses[u].first, use = uses[u].second;
+        const float* values_of = vb + phys(block) * (bs - 1) * D;
+        if (u + 1 < uses.size() && uses[u + 1].first == block) {
+          const int64_t use2 = uses[u + 1].second;
+          add_values2(mem.data() + use * bs, weight[use], mem.data() + use2 * bs, weight[use2], values_of, bs - 1, D,
+                      acc.data() + (use / K) * D, acc.data() + (use2 / K) * D);
+          u += 2;
+        } else {
+          add_values(mem.data() + use * bs, weight[use], values_of, bs - 1, D, acc.data() + (use / K) * D);
+          u += 1;
+        }
+      }
       for (int64_t qi = 0; qi < Q; ++qi) {
         const int64_t g = qi / rows, c = c0 + qi % rows;
         std::copy(acc.begin() + qi * D, acc.begin() + (qi + 1) * D, op + ((b * H + kv * G + g) * C + c) * D);
