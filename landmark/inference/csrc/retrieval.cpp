@@ -524,7 +524,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       sel.assign(Q * std::max<int64_t>(K, 1), -1);
       n_sel.assign(Q, 0);
       mem.resize(Q * std::max<int64_t>(K, 1) * bs + kLanes);  // + kLanes: max_of, exp_sum read whole vectors
-      loc_scores.resize(lkt_stride + kLanes);
+      loc_scores.resize(2 * (lkt_stride + kLanes));  // two queries' local scores
       acc.assign(Q * D, 0.f);
       weight.resize(Q * std::max<int64_t>(K, 1));
       uses.clear();
@@ -601,28 +601,27 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       }
       // 3. per query: the local context's scores, the grouped softmax, the local values; each memory
       //    block's weight (its landmark's probability over its in-block softmax's sum) for step 4
-      for (int64_t qi = 0; qi < Q; ++qi) {
-        const int64_t c = c0 + qi % rows, ql = qstart[b] + c, own = (ql / bs) * bs, v = n_sel[qi];
+      auto visible_of = [&](int64_t qi) { return std::min(n_local, qstart[b] + c0 + qi % rows + 1); };
+      auto local_query = [&](int64_t qi) { return q_att.data() + qi * (ke + 1) * D; };
+      // one query's grouped softmax and local values, from its local scores
+      auto finish = [&](int64_t qi, float* scores) {
+        const int64_t ql = qstart[b] + c0 + qi % rows, own = (ql / bs) * bs, v = n_sel[qi];
         const int64_t n_earlier = own / bs;  // complete local blocks before the own block
         float* m_s = mem.data() + qi * K * bs;
-        const int64_t visible = std::min(n_local, ql + 1);
-        const int64_t own_end = std::min(visible, own + bs - 1);  // the own block's visible regular tokens
-        // (whole vectors: the keys past `visible` are zero padding or not yet visible, never used)
-        scores_key_major(q_att.data() + qi * (ke + 1) * D, lkt.data(), lkt_stride, round_up(visible), D,
-                         loc_scores.data());
+        const int64_t own_end = std::min(visible_of(qi), own + bs - 1);  // the own block's visible tokens
         // the landmark scores of the memory blocks, then of the earlier local blocks: one per group
         const int64_t n_groups = v + n_earlier;
         groups.resize(round_up(n_groups) + kLanes);
         for (int64_t r = 0; r < v; ++r) groups[r] = m_s[r * bs + bs - 1];
-        for (int64_t j = 0; j < n_earlier; ++j) groups[v + j] = loc_scores[j * bs + bs - 1];
-        float mx = max_of(loc_scores.data() + own, own_end - own);
+        for (int64_t j = 0; j < n_earlier; ++j) groups[v + j] = scores[j * bs + bs - 1];
+        float mx = max_of(scores + own, own_end - own);
         if (n_groups > 0) mx = std::max(mx, max_of(groups.data(), n_groups));
-        float* e_own = loc_scores.data() + own;  // exponentials in place
+        float* e_own = scores + own;  // exponentials in place
         float z = exp_sum(e_own, own_end - own, mx, e_own);
         if (n_groups > 0) z += exp_sum(groups.data(), n_groups, mx, groups.data());
         float* a = acc.data() + qi * D;
         for (int64_t j = 0; j < n_earlier; ++j) {  // earlier local blocks, through their landmarks
-          float* e = loc_scores.data() + j * bs;
+          float* e = scores + j * bs;
           const float zi = exp_sum(e, bs - 1, max_of(e, bs - 1), e);
           add_values(e, groups[v + j] / z / zi, lv + j * bs * D, bs - 1, D, a);
         }
@@ -632,7 +631,22 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
           const float zi = exp_sum(e, bs - 1, max_of(e, bs - 1), e);
           weight[qi * K + r] = groups[r] / z / zi;
         }
-      }
+      };
+      // the local scores of two queries of one head at a time (the second sees one key more); whole
+      // vectors: the keys past `visible` are zero padding or not yet visible, never used
+      float* const pair[2] = {loc_scores.data(), loc_scores.data() + lkt_stride + kLanes};
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t qi = g * rows; qi < (g + 1) * rows; qi += 2) {
+          if (qi + 1 < (g + 1) * rows) {
+            const float* qq[2] = {local_query(qi), local_query(qi + 1)};
+            scores_key_major_n<2>(qq, lkt.data(), lkt_stride, round_up(visible_of(qi + 1)), D, pair);
+            finish(qi, pair[0]);
+            finish(qi + 1, pair[1]);
+          } else {
+            scores_key_major(local_query(qi), lkt.data(), lkt_stride, round_up(visible_of(qi)), D, pair[0]);
+            finish(qi, pair[0]);
+          }
+        }
       // 4. block by block again: the values (each block's values read once for the tile)
       for (size_t u = 0; u < uses.size();) {  // two uses of one block at a time where they exist
         const int64_t block = uses[u].first, use = uses[u].second;
