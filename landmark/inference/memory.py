@@ -121,8 +121,17 @@ class BlockMemory:
             values: (Hkv, m, block_size, D); the landmark's value is not stored (it carries no weight).
         """
         stored = apply_rope(keys, self._cos.to(keys.device), self._sin.to(keys.device))  # in-block offsets
-        for i in range(keys.shape[1]):
-            self._append_one(row, keys[:, i, -1], stored[:, i], values[:, i])
+        m = keys.shape[1]
+        slot = (self.start[row] + self.count[row]) % max(self.capacity, 1)
+        room = self.capacity if self.max_blocks is None else min(self.capacity, self.max_blocks)
+        if self.count[row] + m <= room and slot + m <= self.capacity:  # one copy per tensor
+            self.landmark_keys[row, :, slot : slot + m] = keys[:, :, -1].to(self.device, self.dtype)
+            self.keys[row, :, slot : slot + m] = stored.transpose(-1, -2).to(self.storage_device, self.dtype)
+            self.values[row, :, slot : slot + m] = values[:, :, :-1].to(self.storage_device, self.dtype)
+            self.count[row] += m
+        else:  # growing, wrapping around or evicting: block by block
+            for i in range(m):
+                self._append_one(row, keys[:, i, -1], stored[:, i], values[:, i])
         if self.index is not None and keys.shape[1]:
             self.index.add(row, keys[:, :, -1])
             self.index.forget(row, self.evicted[row], lambda: self.row_landmarks(row))
