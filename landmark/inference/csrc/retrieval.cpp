@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -95,14 +96,14 @@ inline void score_group(const float* const* q, const float* kt, int64_t stride, 
     vfloat k[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) k[j] = load(row + j * kLanes);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int i = 0; i < NQ; ++i) {
       const vfloat qd = splat(q[i][d]);
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) a[i][j] += qd * k[j];
     }
   }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
   for (int i = 0; i < NQ; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) store(out[i] + j * kLanes, a[i][j]);
@@ -135,6 +136,21 @@ inline void scores_key_major_n(const float* const* q, const float* kt, int64_t s
 
 inline void scores_key_major(const float* q, const float* kt, int64_t stride, int64_t n, int64_t dim, float* out) {
   scores_key_major_n<1>(&q, kt, stride, n, dim, &out);
+}
+
+// max |p[i]| over i < n (0 for n = 0).
+inline float max_abs(const float* p, int64_t n) {
+  vfloat mv{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat x = load(p + i);
+    const vfloat a = x < 0.f ? -x : x;
+    mv = a > mv ? a : mv;
+  }
+  float m = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, mv[l]);
+  for (; i < n; ++i) m = std::max(m, std::fabs(p[i]));
+  return m;
 }
 
 // Lanes l < n of a vector: true (n >= kLanes: all).
@@ -338,44 +354,76 @@ inline float landmark_score4(const double* q, const float* key, int64_t dim) {
   return static_cast<float>((acc[0] + acc[2]) + (acc[1] + acc[3]) + tail);
 }
 
-// The old blocks that can be among the top k and their landmark scores as the eager path defines them
-// (retrieval._landmark_scores: summed in double, rounded to float), found with a float scan first:
-// writes the candidates' indices (ascending) to cand and their exact scores to cand_score, returns
-// their count. The float scan (sum over d in order, one lane per key) errs by at most
-// bound = 2 (D + 1) 2^-24 sum_d |q_d| max|key|; every block whose exact score reaches the k-th best has
-// a float score within 2 bound (+ the float rounding of the k-th score) of the k-th best float score,
-// so only those candidates (typically k) are scored again in double, one by one; a NaN float score is
-// a candidate too. The top-k of the candidates equals the top-k of all the exact scores, ties included
-// (equal keys: equal float scores, all candidates or none). Where all the old keys are the same (a
-// first layer's landmarks, whose keys do not depend on the position) they have one exact score, and
-// only the k most recent can be chosen (ties go to the more recent block).
-// lt: (D, stride) float keys, key-major, stride a multiple of kLanes (zero padding); key(i): block
-// i's key, row-major.
-template <typename KeyOf>
-int64_t old_candidates(const float* q, const double* q64, const float* lt, int64_t stride, int64_t n_old,
-                       int64_t k, int64_t dim, float max_key, bool same_keys, KeyOf key, float* scan, float* best,
-                       int64_t* idx, int64_t* cand, float* cand_score) {
-  const int64_t kk = std::min(k, n_old);
-  if (same_keys) {
-    const float score = landmark_score4(q64, key(0), dim);
-    for (int64_t j = 0; j < kk; ++j) {
-      cand[j] = n_old - kk + j;
-      cand_score[j] = score;
-    }
-    return kk;
+// The float scan of the old blocks' landmark keys for nq <= 4 queries: scans[j][i] for i < stride
+// (whole vectors; lanes past the old blocks are unused). lt: (D, stride) float keys, key-major,
+// stride a multiple of kLanes (zero padding).
+inline void scan_landmarks(const float* const* q, int64_t nq, const float* lt, int64_t stride, int64_t dim,
+                           float* const* scans) {
+  if (nq == 4) {
+    scores_key_major_n<4>(q, lt, stride, stride, dim, scans);
+  } else {
+    if (nq >= 2) scores_key_major_n<2>(q, lt, stride, stride, dim, scans);
+    if (nq % 2) scores_key_major_n<1>(q + nq - 1, lt, stride, stride, dim, scans + nq - 1);
   }
-  scores_key_major(q, lt, stride, stride, dim, scan);  // whole vectors: the padding lanes are unused
-  float q_abs = 0.f;
-  for (int64_t d = 0; d < dim; ++d) q_abs += std::fabs(q[d]);
-  top_k(scan, n_old, kk, best, idx);  // best[kk - 1]: the kk-th best float score
-  float threshold = best[kk - 1];
-  if (!std::isfinite(threshold)) {  // infinite or NaN scores: score every block exactly
+}
+
+// Candidates without a float scan: every old block with its exact score (a decode step), or, where all
+// the old landmark keys are the same (a first layer's, whose keys do not depend on the position), only
+// the k most recent: they all have one exact score and ties go to the more recent block. Writes the
+// candidates' indices (ascending) to cand and their scores to cand_score; returns their count.
+template <typename KeyOf>
+int64_t all_or_recent(const double* q64, int64_t n_old, int64_t k, int64_t dim, bool same_keys, KeyOf key,
+                      int64_t* cand, float* cand_score) {
+  if (!same_keys) {
     for (int64_t i = 0; i < n_old; ++i) {
       cand[i] = i;
       cand_score[i] = landmark_score4(q64, key(i), dim);
     }
     return n_old;
   }
+  const int64_t kk = std::min(k, n_old);
+  const float score = landmark_score4(q64, key(0), dim);
+  for (int64_t j = 0; j < kk; ++j) {
+    cand[j] = n_old - kk + j;
+    cand_score[j] = score;
+  }
+  return kk;
+}
+
+// The old blocks that can be among the top k, from their float scan scores, and their landmark scores
+// as the eager path defines them (retrieval._landmark_scores: summed in double, rounded to float):
+// writes the candidates' indices (ascending) to cand and their exact scores to cand_score, returns
+// their count. The float scan (sum over d in order, one lane per key) errs by at most
+// bound = 2 (D + 1) 2^-24 sum_d |q_d| max|key|. A lower bound of the k-th best float score is the k-th
+// best of the lanes' maxima (k distinct scores); every block whose exact score reaches the k-th best
+// exact score has a float score within 2 bound (+ the float rounding) of it, so only those candidates
+// (typically k) are scored again in double, one by one; a NaN float score is a candidate too. The
+// top-k of the candidates equals the top-k of all the exact scores, ties included (equal keys: equal
+// float scores, all candidates or none).
+template <typename KeyOf>
+int64_t old_candidates(const float* q, const double* q64, const float* scan, int64_t n_old, int64_t k,
+                       int64_t dim, float max_key, KeyOf key, int64_t* cand, float* cand_score) {
+  const int64_t kk = std::min(k, n_old);
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  vfloat lane_max = splat(minus_inf);
+  for (int64_t i0 = 0; i0 < n_old; i0 += kLanes) {
+    const vfloat x = load(scan + i0);
+    const vint take = first_lanes(n_old - i0) & (x > lane_max);
+    lane_max = take ? x : lane_max;
+  }
+  float maxima[kLanes];
+  std::memcpy(maxima, &lane_max, sizeof(maxima));
+  std::nth_element(maxima, maxima + kk - 1, maxima + kLanes, std::greater<float>());
+  float threshold = maxima[kk - 1];
+  if (!std::isfinite(threshold)) {  // infinite or NaN scores (or fewer than k finite): all exactly
+    for (int64_t i = 0; i < n_old; ++i) {
+      cand[i] = i;
+      cand_score[i] = landmark_score4(q64, key(i), dim);
+    }
+    return n_old;
+  }
+  float q_abs = 0.f;
+  for (int64_t d = 0; d < dim; ++d) q_abs += std::fabs(q[d]);
   const float bound = 2.f * static_cast<float>(dim + 1) * 5.9604645e-8f * q_abs * max_key;
   threshold -= 2.f * bound + 2.f * std::fabs(threshold) * 1.1920929e-7f;
   int64_t m = 0;
@@ -489,16 +537,15 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
         same_keys = true;
         for (int64_t i = 1; i < n_old && same_keys; ++i)
           same_keys = std::memcmp(lm + phys(i) * D, first_key, D * sizeof(float)) == 0;
-        max_key = 0.f;
         if (!same_keys) {
           lt.assign(D * lt_stride, 0.f);
           for (int64_t i = 0; i < n_old; ++i) {
             const float* src = lm + phys(i) * D;
-            for (int64_t d = 0; d < D; ++d) {
-              lt[d * lt_stride + i] = src[d];
-              max_key = std::max(max_key, std::fabs(src[d]));
-            }
+            for (int64_t d = 0; d < D; ++d) lt[d * lt_stride + i] = src[d];
           }
+          // the old keys are at most two runs of slots (the ring buffer may wrap around)
+          const int64_t run = std::min(n_old, cap - first[b] % cap);
+          max_key = std::max(max_abs(lm + phys(0) * D, run * D), max_abs(lm, (n_old - run) * D));
         }
       }
       // the local keys any query of the tile sees, rotated to their positions, key-major; consecutive
@@ -517,9 +564,9 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
         for (int64_t d = 0; d < D; ++d) lkt[d * lkt_stride + rotated] = rot[d];
       }
       q_att.resize(Q * (ke + 1) * D);
-      q_lm.resize((ke + 1) * D);
+      q_lm.resize(Q * (ke + 1) * D);
       lm_scores.resize(std::max<int64_t>(lt_stride + ke, 1));
-      scan.resize(std::max<int64_t>(lt_stride, 1));
+      scan.resize(std::max<int64_t>(4 * lt_stride, 1));
       cand.resize(std::max<int64_t>(n, 1));
       sel.assign(Q * std::max<int64_t>(K, 1), -1);
       n_sel.assign(Q, 0);
@@ -528,15 +575,32 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       acc.assign(Q * D, 0.f);
       weight.resize(Q * std::max<int64_t>(K, 1));
       uses.clear();
-      // 1. per query: rotations and the selection
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t qi = g * rows + c - c0, row = ((b * H + kv * G + g) * C + c);
-          const int64_t q_pos = base + qstart[b] + c;
-          const float* x = qp + row * D;
-          for (int64_t d = 0; d < D; ++d) qs[d] = x[d] * sc;
-          float* qa = q_att.data() + qi * (ke + 1) * D;
-          for (int64_t j = 0; j <= ke; ++j) rotate(qs.data(), q_pos - j * bs, cos_t, sin_t, half, qa + j * D);
+      // 1. per query: the rotations (to the attention slots; to the landmark slots when selecting)
+      const bool selects = !given && ke > 0;
+      const bool scans = selects && n_old > 0 && !direct && !same_keys;  // the float scan of old landmarks
+      for (int64_t qi = 0; qi < Q; ++qi) {
+        const int64_t g = qi / rows, c = c0 + qi % rows, row = (b * H + kv * G + g) * C + c;
+        const int64_t q_pos = base + qstart[b] + c;
+        const float* x = qp + row * D;
+        for (int64_t d = 0; d < D; ++d) qs[d] = x[d] * sc;
+        float* qa = q_att.data() + qi * (ke + 1) * D;
+        for (int64_t j = 0; j <= ke; ++j) rotate(qs.data(), q_pos - j * bs, cos_t, sin_t, half, qa + j * D);
+        if (selects)
+          for (int64_t j = 0; j <= ke; ++j)
+            rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + (qi * (ke + 1) + j) * D);
+      }
+      // 2. the selection, four queries at a time (the float scan reads the landmark keys once for four)
+      for (int64_t q0 = 0; q0 < Q; q0 += 4) {
+        const int64_t nq = std::min<int64_t>(4, Q - q0);
+        float* scans_of[4];
+        const float* lm_query[4];
+        for (int64_t j = 0; j < nq; ++j) {
+          scans_of[j] = scan.data() + j * lt_stride;
+          lm_query[j] = q_lm.data() + (q0 + j) * (ke + 1) * D;
+        }
+        if (scans) scan_landmarks(lm_query, nq, lt.data(), lt_stride, D, scans_of);
+        for (int64_t qi = q0; qi < q0 + nq; ++qi) {
+          const int64_t row = (b * H + kv * G + qi / rows) * C + c0 + qi % rows;
           int64_t* qsel = sel.data() + qi * K;
           int64_t v = 0;
           if (given) {
@@ -545,25 +609,20 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
               qsel[v] = s_in[v];
               ++v;
             }
-          } else if (ke > 0) {
-            for (int64_t j = 0; j <= ke; ++j)
-              rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + j * D);
-            std::copy(q_lm.begin(), q_lm.begin() + D, q_lm64.begin());
+          } else if (selects) {
+            const float* ql = q_lm.data() + qi * (ke + 1) * D;
+            std::copy(ql, ql + D, q_lm64.begin());
             // the candidates (old blocks that can win, then the recent ones) and their exact scores
             int64_t m = 0;
-            if (n_old > 0 && direct) {
-              for (int64_t i = 0; i < n_old; ++i) {
-                cand[i] = i;
-                lm_scores[i] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
-              }
-              m = n_old;
+            if (n_old > 0 && (direct || same_keys)) {
+              m = all_or_recent(q_lm64.data(), n_old, ke, D, same_keys, [&](int64_t i) { return lm + phys(i) * D; },
+                                cand.data(), lm_scores.data());
             } else if (n_old > 0) {
-              m = old_candidates(q_lm.data(), q_lm64.data(), lt.data(), lt_stride, n_old, ke, D, max_key, same_keys,
-                                 [&](int64_t i) { return lm + phys(i) * D; }, scan.data(), best.data(), qsel,
-                                 cand.data(), lm_scores.data());
+              m = old_candidates(ql, q_lm64.data(), scan.data() + (qi - q0) * lt_stride, n_old, ke, D, max_key,
+                                 [&](int64_t i) { return lm + phys(i) * D; }, cand.data(), lm_scores.data());
             }
             for (int64_t i = n_old; i < n; ++i, ++m) {
-              const float* slot_q = q_lm.data() + (i - n_old + 1) * D;
+              const float* slot_q = ql + (i - n_old + 1) * D;
               std::copy(slot_q, slot_q + D, q_lm64.begin());
               cand[m] = i;
               lm_scores[m] = landmark_score4(q_lm64.data(), lm + phys(i) * D, D);
@@ -579,7 +638,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
           }
         }
       }
-      // 2. block by block (each block's keys read once for all the queries of the tile that chose it):
+      // 3. block by block (each block's keys read once for all the queries of the tile that chose it):
       //    the scores of the selected blocks, each query rotated to the block's attention slot
       std::sort(uses.begin(), uses.end());
       auto slot_query = [&](int64_t block, int64_t use) {  // the query of a use, rotated to its slot
@@ -599,8 +658,8 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
           u += 1;
         }
       }
-      // 3. per query: the local context's scores, the grouped softmax, the local values; each memory
-      //    block's weight (its landmark's probability over its in-block softmax's sum) for step 4
+      // 4. per query: the local context's scores, the grouped softmax, the local values; each memory
+      //    block's weight (its landmark's probability over its in-block softmax's sum) for step 5
       auto visible_of = [&](int64_t qi) { return std::min(n_local, qstart[b] + c0 + qi % rows + 1); };
       auto local_query = [&](int64_t qi) { return q_att.data() + qi * (ke + 1) * D; };
       // one query's grouped softmax and local values, from its local scores
@@ -647,7 +706,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
             finish(qi, pair[0]);
           }
         }
-      // 4. block by block again: the values (each block's values read once for the tile)
+      // 5. block by block again: the values (each block's values read once for the tile)
       for (size_t u = 0; u < uses.size();) {  // two uses of one block at a time where they exist
         const int64_t block = uses[u].first, use = uses[u].second;
         const float* values_of = vb + phys(block) * (bs - 1) * D;
