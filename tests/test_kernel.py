@@ -190,6 +190,20 @@ def test_kernel_breaks_ties_like_eager():
             assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, (rows, tail)
 
 
+def test_kernel_breaks_ties_among_duplicated_landmarks_like_eager():
+    """Some landmark keys repeated among distinct ones (ties that only the exact re-check of the float
+    scan's candidates can order): the prefill path selects the same blocks as the eager path, so the
+    outputs agree; with more old blocks than a vector of the scan holds."""
+    memory = random_memory(2, 2, 8, 8, 70, seed=6)
+    for row in range(2):  # blocks 40..69 repeat the landmark keys of blocks 3..32
+        memory.landmark_keys[row, :, 40:70] = memory.landmark_keys[row, :, 3:33]
+    for rows in (5, 19):
+        tails, q_len = torch.tensor([1, 4]), torch.full((2,), rows)
+        q, lk, lv, local_len = random_step(2, 4, 2, 8, rows, tails, q_len, rows)
+        out, _ = both(q, lk, lv, local_len, tails, q_len, memory, 3, 8, 8)
+        assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
+
+
 def test_top_k_blocks_prefers_recent_blocks_among_ties():
     scores = torch.tensor([[1.0, 3.0, 1.0, 1.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     assert top_k_blocks(scores, 3).tolist() == [[1, 4, 5], [3, 4, 5]]
