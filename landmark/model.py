@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.config import DEFAULT_BLOCK_SIZE, IMPLEMENTATIONS
 from landmark.ops import landmark_attention
 
 ATTENTION_KINDS = ("landmark", "full", "xl")
@@ -43,6 +43,18 @@ class Cache(Protocol):
 
 
 IGNORE_INDEX = -100  # targets with this value are not scored (landmark positions)
+
+
+MODEL_SIZES = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "seq_len")  # each >= 1
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    """A finite real number (a range check alone lets inf and NaN through)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -69,8 +81,25 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def value_checks(self) -> list[tuple[bool, str, Any]]:
+        """(ok, "<field> must be <expected>", value) for every field with a range: sizes >= 1, a finite
+        positive RoPE base, dropout in [0, 1), a known attention implementation."""
+        checks = [(_is_int(getattr(self, k)) and getattr(self, k) >= 1, f"{k} must be >= 1", getattr(self, k))
+                  for k in MODEL_SIZES]  # fmt: skip
+        checks += [
+            (_is_real(self.rope_base) and self.rope_base > 0, "rope_base must be > 0", self.rope_base),
+            (_is_real(self.dropout) and 0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout),
+            (self.attn_impl in IMPLEMENTATIONS, f"attn_impl must be one of {', '.join(IMPLEMENTATIONS)}",
+             self.attn_impl),
+        ]  # fmt: skip
+        return checks
+
     def validate(self) -> None:
         """Raise ValueError with a one-line explanation for an inconsistent configuration."""
+        for ok, expected, value in self.value_checks():
+            if not ok:
+                finite = "" if not isinstance(value, float) or math.isfinite(value) else " and finite"
+                raise ValueError(f"{expected}{finite}; got {value!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {self.attention!r}")
         if self.n_embd % self.n_head:

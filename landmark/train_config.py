@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from landmark.config import IMPLEMENTATIONS
 from landmark.model import ModelConfig
 
 if sys.version_info >= (3, 11):
@@ -36,7 +35,6 @@ DERIVED_MODEL_KEYS = ("landmark_id",)  # set from the tokenizer, never from the 
 MIN_BPE_VOCAB = 258  # a byte-level BPE holds the 256 bytes and the 2 special tokens (Tokenizer.train)
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZERS = ("bpe", "gpt2")
-MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "seq_len")  # each must be >= 1
 
 
 class ConfigError(ValueError):
@@ -228,18 +226,12 @@ def _fail_first(checks: list[tuple[bool, str, Any]]) -> None:
 
 
 def _check_model_values(values: dict[str, Any]) -> None:
-    """Ranges of the [model] values that ModelConfig itself does not check (sizes, rope_base, dropout,
-    attn_impl); ``values`` holds every key the file set."""
+    """Ranges of the [model] values (ModelConfig.value_checks: sizes, rope_base, dropout, attn_impl),
+    named as config keys; ``values`` holds every key the file set."""
     m = {**_model_defaults(), **values}
-    rope, dropout, impl = m["rope_base"], m["dropout"], m["attn_impl"]
-    checks = [(m[k] >= 1, f"model.{k} must be >= 1", m[k]) for k in MODEL_SIZES]
-    checks += [
-        (m["vocab_size"] >= 1, "model.vocab_size must be >= 1 (or absent: the tokenizer's)", m["vocab_size"]),
-        (_finite(rope) and rope > 0, "model.rope_base must be > 0", rope),
-        (_finite(dropout) and 0 <= dropout < 1, "model.dropout must be in [0, 1)", dropout),
-        (impl in IMPLEMENTATIONS, f"model.attn_impl must be one of {', '.join(IMPLEMENTATIONS)}", impl),
-    ]
-    _fail_first(checks)
+    probe = ModelConfig.__new__(ModelConfig)  # the values without ModelConfig's consistency checks
+    probe.__dict__.update(m)
+    _fail_first([(ok, f"model.{expected}", value) for ok, expected, value in probe.value_checks()])
 
 
 def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:

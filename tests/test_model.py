@@ -123,3 +123,22 @@ def test_config_errors_are_one_line():
         make("xl", xl_segment=12)
     with pytest.raises(ValueError, match="unknown model config key"):
         ModelConfig.from_dict({"n_layers": 3})
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_embd", 0, "n_embd must be >= 1; got 0"),
+        ("n_layer", 2.0, "n_layer must be >= 1; got 2.0"),  # not an integer
+        ("vocab_size", -1, "vocab_size must be >= 1"),
+        ("rope_base", float("inf"), "rope_base must be > 0 and finite; got inf"),
+        ("rope_base", -1.0, "rope_base must be > 0; got -1.0"),
+        ("dropout", 1.0, r"dropout must be in \[0, 1\); got 1.0"),
+        ("dropout", float("nan"), "dropout must be in .* and finite; got nan"),
+        ("attn_impl", "fast", "attn_impl must be one of auto, reference, blockwise, triton"),
+    ],
+)
+def test_model_config_refuses_out_of_range_values(field, value, message):
+    """A ModelConfig built in Python gets the same range checks as a training config file."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(landmark_id=1, **{field: value})
