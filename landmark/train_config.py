@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from landmark.data.tokenizer import MIN_BPE_VOCAB
 from landmark.model import ModelConfig
 
 if sys.version_info >= (3, 11):
@@ -32,7 +33,6 @@ else:  # pragma: no cover - Python 3.10
 
 SECTIONS = ("model", "data", "train")
 DERIVED_MODEL_KEYS = ("landmark_id",)  # set from the tokenizer, never from the file
-MIN_BPE_VOCAB = 258  # a byte-level BPE holds the 256 bytes and the 2 special tokens (Tokenizer.train)
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZERS = ("bpe", "gpt2")
 

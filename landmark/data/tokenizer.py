@@ -26,6 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 EOT_TOKEN = "<|endoftext|>"
 LANDMARK_TOKEN = "<landmark>"
 DEFAULT_VOCAB_SIZE = 8192  # trained BPE, special tokens included
+MIN_BPE_VOCAB = 258  # a byte-level BPE holds the 256 byte tokens and the 2 special tokens
 TOKENIZER_FILE = "tokenizer.json"
 GPT2_FILES = ("encoder.json", "vocab.bpe")
 
@@ -52,9 +53,10 @@ class Tokenizer:
             texts: the training documents.
             vocab_size: the vocabulary size, including the 256 byte tokens and the 2 special tokens.
         """
-        if vocab_size < 258:
+        if vocab_size < MIN_BPE_VOCAB:
             raise ValueError(
-                f"vocab_size must be at least 258 (256 bytes + 2 special tokens); got {vocab_size}"
+                f"vocab_size must be at least {MIN_BPE_VOCAB} (256 bytes + 2 special tokens); "
+                f"got {vocab_size}"
             )
         backend = _byte_level(models.BPE())
         trainer = trainers.BpeTrainer(
