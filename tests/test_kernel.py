@@ -204,6 +204,26 @@ def test_kernel_breaks_ties_among_duplicated_landmarks_like_eager():
         assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
 
 
+def test_kernel_orders_nearly_tied_landmarks_like_eager():
+    """Landmark keys that differ only in their last digits (a converted model's first layer): every old
+    block is a candidate of the float scan, and the kernel's exact scores order them as the eager
+    path's float64 scores do."""
+    memory = random_memory(1, 2, 8, 16, 90, seed=7)
+    g = torch.Generator().manual_seed(8)
+    key = memory.landmark_keys[:, :, :1].clone()
+    memory.landmark_keys[:, :, :90] = key * (1 + 1e-5 * torch.randn(1, 2, 90, 16, generator=g))
+    for rows in (6, 33):
+        tails, q_len = torch.tensor([3]), torch.full((1,), rows)
+        q, lk, lv, local_len = random_step(1, 4, 2, 16, rows, tails, q_len, rows)
+        out, _ = both(q, lk, lv, local_len, tails, q_len, memory, 4, 8, 16)
+        assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
+    expected, margin = reference_selection(q, tails, memory, 4, 8)
+    plan = kn.kernel_plan(kn.kernel_module(required=True), 4, lk.shape[2], 8, 16, BASE)
+    _, selected = kn.retrieval_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
+    clear = margin > 1e-6
+    assert clear.float().mean() > 0.5 and torch.equal(selected[clear], expected[clear])
+
+
 def test_top_k_blocks_prefers_recent_blocks_among_ties():
     scores = torch.tensor([[1.0, 3.0, 1.0, 1.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     assert top_k_blocks(scores, 3).tolist() == [[1, 4, 5], [3, 4, 5]]

@@ -49,6 +49,12 @@ constexpr int64_t kLanes = 16;  // floats per vector below
 // NEON registers on ARM); loads and stores are unaligned.
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+// Half as many doubles, the same width in bytes (a double vector of kLanes lanes would be twice the
+// widest register: GCC then keeps it in memory).
+constexpr int64_t kHalf = kLanes / 2;
+typedef double vdouble __attribute__((vector_size(kHalf * sizeof(double))));
+typedef float vfloat_half __attribute__((vector_size(kHalf * sizeof(float))));
+constexpr int64_t kManyCandidates = 16;  // more scan candidates than this: exact scores by vectors
 
 inline vfloat load(const float* p) {
   vfloat v;
@@ -56,6 +62,11 @@ inline vfloat load(const float* p) {
   return v;
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vdouble load_double(const float* p) {  // kHalf floats, as doubles
+  vfloat_half v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, vdouble);
+}
 inline vfloat splat(float x) { return vfloat{} + x; }
 
 // exp(x) to about 2 ulp for x in [-87, 88] (Cephes' expf polynomial, range reduced by ln 2), lane by
@@ -354,6 +365,20 @@ inline float landmark_score4(const double* q, const float* key, int64_t dim) {
   return static_cast<float>((acc[0] + acc[2]) + (acc[1] + acc[3]) + tail);
 }
 
+// Exact landmark scores (double sums over d in order, as landmark_score4 up to the last bits of the
+// double) of the kHalf keys at lt[d * stride + 0..kHalf) (key-major floats): one vector of doubles.
+inline void exact_scores8(const double* q64, const float* lt, int64_t stride, int64_t dim, double* out) {
+  vdouble a0{}, a1{};  // two chains over alternate d
+  int64_t d = 0;
+  for (; d + 2 <= dim; d += 2) {
+    a0 += (vdouble{} + q64[d]) * load_double(lt + d * stride);
+    a1 += (vdouble{} + q64[d + 1]) * load_double(lt + (d + 1) * stride);
+  }
+  if (d < dim) a0 += (vdouble{} + q64[d]) * load_double(lt + d * stride);
+  const vdouble a = a0 + a1;
+  std::memcpy(out, &a, sizeof(a));
+}
+
 // The float scan of the old blocks' landmark keys for nq <= 4 queries: scans[j][i] for i < stride
 // (whole vectors; lanes past the old blocks are unused). lt: (D, stride) float keys, key-major,
 // stride a multiple of kLanes (zero padding).
@@ -401,8 +426,9 @@ int64_t all_or_recent(const double* q64, int64_t n_old, int64_t k, int64_t dim, 
 // top-k of the candidates equals the top-k of all the exact scores, ties included (equal keys: equal
 // float scores, all candidates or none).
 template <typename KeyOf>
-int64_t old_candidates(const float* q, const double* q64, const float* scan, int64_t n_old, int64_t k,
-                       int64_t dim, float max_key, KeyOf key, int64_t* cand, float* cand_score) {
+int64_t old_candidates(const float* q, const double* q64, const float* scan, const float* lt, int64_t stride,
+                       int64_t n_old, int64_t k, int64_t dim, float max_key, KeyOf key, int64_t* cand,
+                       float* cand_score) {
   const int64_t kk = std::min(k, n_old);
   const float minus_inf = -std::numeric_limits<float>::infinity();
   vfloat lane_max = splat(minus_inf);
@@ -431,10 +457,23 @@ int64_t old_candidates(const float* q, const double* q64, const float* scan, int
     const vfloat x = load(scan + i0);
     if (!any_lane((x >= threshold) | (x != x))) continue;
     for (int64_t i = i0; i < std::min(i0 + kLanes, n_old); ++i)
-      if (scan[i] >= threshold || std::isnan(scan[i])) {
-        cand[m] = i;
-        cand_score[m++] = landmark_score4(q64, key(i), dim);
+      if (scan[i] >= threshold || std::isnan(scan[i])) cand[m++] = i;
+  }
+  // the exact scores: one by one for a few candidates; eight keys per vector for many (nearly tied
+  // landmarks: a converted model's first layer, whose un-rotated keys differ by rounding). One method
+  // for all the candidates of a query, so that equal keys keep equal scores.
+  if (m <= kManyCandidates) {
+    for (int64_t j = 0; j < m; ++j) cand_score[j] = landmark_score4(q64, key(cand[j]), dim);
+  } else {
+    double exact[kHalf];
+    int64_t group = -1;
+    for (int64_t j = 0; j < m; ++j) {
+      if (cand[j] / kHalf != group) {
+        group = cand[j] / kHalf;
+        exact_scores8(q64, lt + group * kHalf, stride, dim, exact);
       }
+      cand_score[j] = static_cast<float>(exact[cand[j] % kHalf]);
+    }
   }
   return m;
 }
@@ -618,8 +657,9 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
               m = all_or_recent(q_lm64.data(), n_old, ke, D, same_keys, [&](int64_t i) { return lm + phys(i) * D; },
                                 cand.data(), lm_scores.data());
             } else if (n_old > 0) {
-              m = old_candidates(ql, q_lm64.data(), scan.data() + (qi - q0) * lt_stride, n_old, ke, D, max_key,
-                                 [&](int64_t i) { return lm + phys(i) * D; }, cand.data(), lm_scores.data());
+              m = old_candidates(ql, q_lm64.data(), scan.data() + (qi - q0) * lt_stride, lt.data(), lt_stride, n_old,
+                                 ke, D, max_key, [&](int64_t i) { return lm + phys(i) * D; }, cand.data(),
+                                 lm_scores.data());
             }
             for (int64_t i = n_old; i < n; ++i, ++m) {
               const float* slot_q = ql + (i - n_old + 1) * D;
