@@ -1,0 +1,136 @@
+"""Benchmark: versions of the C++ retrieval kernel on the same captured calls.
+
+The kernel's share of a prompt read is small next to the machine's noise (+-25%); to compare two
+versions of ``landmark/inference/csrc/retrieval.cpp``, this script replays the exact calls of one read
+against each version, alternating, one thread, and reports the fastest of ``--repeats`` passes
+(the least disturbed one) with each version's largest output difference from the first and whether
+the selections are identical.
+
+* ``capture``: the shipped small landmark model (``checkpoints/passkey-landmark``) reads the start of
+  Moby-Dick (``--length`` tokens, chunks of 256, k = 4); the kernel's inputs of the last
+  ``--calls`` calls (the last chunks, every layer) are saved with ``torch.save`` (large: the block
+  memory of every call; about 3 GB for 12 calls at 128k tokens).
+* ``compare``: builds each given source (``torch.utils.cpp_extension``, ``-O3 -march=native``) and
+  replays the captured calls.
+
+Usage::
+
+    python benchmarks/kernel_replay.py capture --length 8192 --calls 36 --out /tmp/calls_8k.pt
+    git show HEAD~5:landmark/inference/csrc/retrieval.cpp > /tmp/old.cpp
+    python benchmarks/kernel_replay.py compare /tmp/calls_8k.pt /tmp/old.cpp \
+        landmark/inference/csrc/retrieval.cpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+from results_json import write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def capture(args: argparse.Namespace) -> None:
+    """Save the kernel inputs of the last ``args.calls`` calls of one read."""
+    import torch
+    from prefill import book_tokens
+
+    from landmark.checkpoint import load_model
+    from landmark.data.landmarks import insert_landmarks
+    from landmark.inference import InferenceSession, kernel
+
+    torch.set_num_threads(1)
+    model, tokenizer, _ = load_model(args.checkpoint)
+    model.eval()
+    cfg = model.config
+    ids = insert_landmarks(
+        torch.tensor([book_tokens(tokenizer, args.length)]), cfg.block_size, cfg.landmark_id
+    )
+    calls: list[tuple] = []
+
+    class Recorder:  # the compiled module, keeping the inputs of the last calls
+        def __init__(self, module):
+            self.module = module
+
+        def retrieval_step(self, *inputs):
+            calls.append(tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs))
+            del calls[: -args.calls]
+            return self.module.retrieval_step(*inputs)
+
+    original = kernel.kernel_plan
+    kernel.kernel_plan = lambda module, *a, **k: original(Recorder(module), *a, **k)
+    with torch.no_grad():
+        InferenceSession(model, 1, k=args.k, chunk_len=256, threads=1).read(ids)
+    kernel.kernel_plan = original
+    torch.save(calls, args.out)
+    print(f"saved the last {len(calls)} kernel calls of a {args.length}-token read to {args.out}")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Replay the captured calls against every source; print a table, write JSON."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    torch.set_num_threads(1)
+    calls = torch.load(args.calls)
+    modules = []
+    for src in args.sources:
+        tag = hashlib.sha1(Path(src).read_bytes()).hexdigest()[:8]
+        modules.append(
+            load(name=f"kernel_replay_{tag}", sources=[src], extra_cflags=["-O3", "-march=native"])
+        )
+    best = [float("inf")] * len(modules)
+    first: list[list] = []
+    for rep in range(args.repeats):  # alternating, so that a slow spell of the machine hits every version
+        for i, module in enumerate(modules):
+            t0 = time.process_time()
+            outs = [module.retrieval_step(*c) for c in calls]
+            best[i] = min(best[i], time.process_time() - t0)
+            if rep == 0:
+                first.append(outs)
+    rows = []
+    print(f"{'source':<50} {'ms (best)':>10} {'vs first':>9} {'max |out diff|':>15} {'same selection':>15}")
+    for i, src in enumerate(args.sources):
+        diff = max(float((a[0] - b[0]).abs().max()) for a, b in zip(first[0], first[i]))
+        same = all(torch.equal(a[1], b[1]) for a, b in zip(first[0], first[i]))
+        rows.append({"source": src, "best_cpu_s": best[i], "vs_first": best[i] / best[0], "max_diff": diff,
+                     "same_selection": same})  # fmt: skip
+        print(f"{src:<50} {1000 * best[i]:>10.1f} {best[i] / best[0]:>8.2f}x {diff:>15.2e} {same!s:>15}")
+    if args.out:
+        write_results(args.out, {"results": rows}, calls=str(args.calls), repeats=args.repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("capture", help="save the kernel inputs of one read")
+    p.add_argument("--length", type=int, default=8192, help="input tokens (default 8192)")
+    p.add_argument(
+        "--calls", type=int, default=36, help="keep the last N calls (default 36: 9 chunks x 4 layers)"
+    )
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "passkey-landmark"))
+    p.add_argument("--out", required=True, help="the file of captured calls (torch.save)")
+    p = sub.add_parser("compare", help="replay captured calls against kernel sources")
+    p.add_argument("calls", help="a file written by `capture`")
+    p.add_argument("sources", nargs="+", help="retrieval.cpp versions; the first is the baseline")
+    p.add_argument("--repeats", type=int, default=7, help="passes per source (default 7); the best counts")
+    p.add_argument("--out", default=None, help="also write the table as JSON here")
+    args = parser.parse_args()
+    if args.cmd == "capture":
+        if args.length < 1 or args.calls < 1:
+            parser.error("--length and --calls must be >= 1")
+        capture(args)
+    else:
+        if args.repeats < 1:
+            parser.error("--repeats must be >= 1")
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
