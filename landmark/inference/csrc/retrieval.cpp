@@ -97,6 +97,14 @@ inline vfloat exp_v(vfloat x) {
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// A row stride of at least n floats for key-major copies: whole vectors, and an odd number of them, so
+// that the rows of a copy do not all map to the same few cache sets (a power-of-two stride of 1 KB or
+// more would, and the scan reads every row).
+inline int64_t row_stride(int64_t n) {
+  const int64_t s = round_up(n);
+  return (s / kLanes) % 2 ? s : s + kLanes;
+}
+
 // out_j[t] = sum_d q_j[d] * kt[d * stride + t] for t < NV * kLanes and the NQ queries q_j: one group
 // of keys stored key-major, NQ * NV independent sums kept in registers.
 template <int NQ, int NV>
@@ -568,7 +576,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
       // their largest magnitude (for the float scan's error bound); made once for consecutive tasks of
       // one (row, kv head)
-      const int64_t lt_stride = round_up(n_old);
+      const int64_t lt_stride = row_stride(n_old);
       const bool direct = rows <= 2;  // a decode step: score the landmarks where they are stored
       if (!given && n_old > 0 && !direct && lt_of != bk) {
         lt_of = bk;
@@ -592,7 +600,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       const int64_t n_local = llen[b], seen = std::min(n_local, qstart[b] + c1);
       const float* lk = lkp + bk * T * D;
       const float* lv = lvp + bk * T * D;
-      const int64_t lkt_stride = round_up(n_local);
+      const int64_t lkt_stride = row_stride(n_local);
       if (lkt_of != bk) {
         lkt_of = bk;
         lkt.assign(D * lkt_stride, 0.f);
