@@ -44,3 +44,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(tmp_path_factory) -> dict:
+    """The synthetic corpus of tests/corpus_helpers.py, prepared once per test session (BPE 512), and
+    the --set overrides that train on it (shared by the training, hostile-input and evaluation tests)."""
+    import json
+
+    from corpus_helpers import write_corpus
+
+    from landmark.data import prepare_data
+
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = write_corpus(root / "corpus")
+    prepared = root / "prepared"
+    prepare_data(corpus, prepared, "bpe", 512, progress=False)
+    overrides = [
+        f"data.corpus={json.dumps(str(corpus))}",
+        f"data.prepared_dir={json.dumps(str(prepared))}",
+        "train.threads=1",
+        "train.progress=false",
+    ]
+    return {"root": root, "corpus": corpus, "prepared": prepared, "overrides": overrides}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from landmark.cli import main
-from landmark.data import Tokenizer, prepare_data
+from landmark.data import Tokenizer
 from landmark.data.passkey import PasskeyMixSampler, PasskeyPrompts, first_integer
 from landmark.data.windows import WindowSampler
 from landmark.eval.perplexity import eval_windows
@@ -22,14 +22,10 @@ TINY = REPO / "configs" / "tiny.toml"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """A synthetic corpus and three tiny checkpoints (landmark, full, xl), 2 training steps each."""
-    from tests.test_train import write_corpus
-
+def runs(tmp_path_factory, prepared_corpus) -> dict:
+    """Three tiny checkpoints (landmark, full, xl) trained 2 steps each on the shared synthetic corpus."""
     root = tmp_path_factory.mktemp("eval")
-    corpus = write_corpus(root / "corpus")
-    prepared = root / "prepared"
-    prepare_data(corpus, prepared, "bpe", 512, progress=False)
+    corpus, prepared = prepared_corpus["corpus"], prepared_corpus["prepared"]
     out = {"prepared": prepared}
     for kind in ("landmark", "full", "xl"):
         cfg = load_config(TINY, [

@@ -16,7 +16,6 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -30,36 +29,18 @@ import torch
 
 from landmark.checkpoint import latest_checkpoint
 from landmark.cli import main
-from landmark.data import prepare_data
 from landmark.train import RunLock, train
 from landmark.train_config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
-WORDS = "the whale sea ship ahab and of to a in his was white captain boat harpoon deck sail".split()  # noqa: SIM905
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    """A synthetic corpus prepared once (BPE 512) and the --set overrides that train on it."""
-    root = tmp_path_factory.mktemp("hostile_train")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(300)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prepared = root / "prepared"
-    prepare_data(corpus, prepared, "bpe", 512, progress=False)
-    overrides = [
-        f"data.corpus={json.dumps(str(corpus))}",
-        f"data.prepared_dir={json.dumps(str(prepared))}",
-        "train.threads=1",
-        "train.progress=false",
-        "train.eval_every=0",
-        'data.gpt2_dir="/nonexistent/gpt2"',
-    ]
-    return {"root": root, "prepared": prepared, "overrides": overrides}
+def env(prepared_corpus) -> dict:
+    """The shared prepared corpus (conftest.py) and the --set overrides that train on it."""
+    extra = ["train.eval_every=0", 'data.gpt2_dir="/nonexistent/gpt2"']
+    return {**prepared_corpus, "overrides": [*prepared_corpus["overrides"], *extra]}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus_helpers import write_corpus
 
 from landmark.checkpoint import (
     CheckpointError,
@@ -29,39 +29,18 @@ from landmark.checkpoint import (
     save_checkpoint,
 )
 from landmark.cli import main
-from landmark.data import prepare_data
 from landmark.model import GPT, ModelConfig
 from landmark.train import CHECKSUM_ENV, lr_at, param_checksum, param_groups, train
 from landmark.train_config import ConfigError, config_field_docs, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
-WORDS = "the whale sea ship ahab and of to a in his was white captain boat harpoon deck sail".split()  # noqa: SIM905
-
-
-def write_corpus(root: Path, n_docs: int = 10, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(300)]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory) -> dict:
+def env(prepared_corpus) -> dict:
     """A synthetic corpus, prepared once (BPE 512), and the --set overrides that use it."""
-    root = tmp_path_factory.mktemp("train")
-    corpus = write_corpus(root / "corpus")
-    prepared = root / "prepared"
-    prepare_data(corpus, prepared, "bpe", 512, progress=False)
-    overrides = [
-        f"data.corpus={json.dumps(str(corpus))}",
-        f"data.prepared_dir={json.dumps(str(prepared))}",
-        "train.threads=1",
-        "train.progress=false",
-    ]
-    return {"root": root, "corpus": corpus, "prepared": prepared, "overrides": overrides}
+    return prepared_corpus
 
 
 @pytest.fixture(autouse=True)
