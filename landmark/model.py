@@ -52,9 +52,19 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_real(x: Any) -> bool:
+def is_finite_real(x: Any) -> bool:
     """A finite real number (a range check alone lets inf and NaN through)."""
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def first_failure(checks: list[tuple[bool, str, Any]]) -> str | None:
+    """``"<name> must be <expected>; got <value>"`` for the first failed ``(ok, "<name> must be ...",
+    value)`` check (``"... and finite"`` when the value is infinite or NaN), or None."""
+    for ok, expected, value in checks:
+        if not ok:
+            finite = "" if not isinstance(value, float) or math.isfinite(value) else " and finite"
+            return f"{expected}{finite}; got {value!r}"
+    return None
 
 
 @dataclass
@@ -86,9 +96,10 @@ class ModelConfig:
         positive RoPE base, dropout in [0, 1), a known attention implementation."""
         checks = [(_is_int(getattr(self, k)) and getattr(self, k) >= 1, f"{k} must be >= 1", getattr(self, k))
                   for k in MODEL_SIZES]  # fmt: skip
+        real = is_finite_real
         checks += [
-            (_is_real(self.rope_base) and self.rope_base > 0, "rope_base must be > 0", self.rope_base),
-            (_is_real(self.dropout) and 0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout),
+            (real(self.rope_base) and self.rope_base > 0, "rope_base must be > 0", self.rope_base),
+            (real(self.dropout) and 0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout),
             (self.attn_impl in IMPLEMENTATIONS, f"attn_impl must be one of {', '.join(IMPLEMENTATIONS)}",
              self.attn_impl),
         ]  # fmt: skip
@@ -96,10 +107,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line explanation for an inconsistent configuration."""
-        for ok, expected, value in self.value_checks():
-            if not ok:
-                finite = "" if not isinstance(value, float) or math.isfinite(value) else " and finite"
-                raise ValueError(f"{expected}{finite}; got {value!r}")
+        failure = first_failure(self.value_checks())
+        if failure:
+            raise ValueError(failure)
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {self.attention!r}")
         if self.n_embd % self.n_head:

@@ -16,7 +16,6 @@ Every mistake raises :class:`ConfigError` with one line that names the key and s
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from landmark.data.tokenizer import MIN_BPE_VOCAB
-from landmark.model import ModelConfig
+from landmark.model import ModelConfig, first_failure
+from landmark.model import is_finite_real as _finite
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -211,18 +211,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def _finite(x: float) -> bool:
-    """A real number that is neither infinite nor NaN (a range check alone lets ``inf`` through)."""
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
 def _fail_first(checks: list[tuple[bool, str, Any]]) -> None:
-    """Raise ConfigError ``"<key> must be <expected>; got <value>"`` for the first failed check
-    (``"... and finite"`` when the value is infinite or NaN)."""
-    for ok, expected, value in checks:
-        if not ok:
-            finite = "" if not isinstance(value, float) or math.isfinite(value) else " and finite"
-            raise ConfigError(f"{expected}{finite}; got {value!r}")
+    """Raise ConfigError ``"<key> must be <expected>; got <value>"`` for the first failed check."""
+    failure = first_failure(checks)
+    if failure:
+        raise ConfigError(failure)
 
 
 def _check_model_values(values: dict[str, Any]) -> None:
@@ -242,11 +235,27 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
         (t.max_steps >= 1, "train.max_steps must be >= 1", t.max_steps),
         (t.schedule_steps >= 0, "train.schedule_steps must be >= 0 (0 = max_steps)", t.schedule_steps),
         (_finite(t.lr) and t.lr > 0, "train.lr must be > 0", t.lr),
-        (_finite(t.min_lr) and 0 <= t.min_lr <= t.lr, "train.min_lr must be in [0, train.lr]", t.min_lr),
+        (
+            _finite(t.min_lr) and 0 <= t.min_lr <= t.lr,
+            "train.min_lr must be in [0, train.lr]",
+            t.min_lr,
+        ),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0", t.warmup_steps),
-        (_finite(t.max_minutes) and t.max_minutes >= 0, "train.max_minutes must be >= 0", t.max_minutes),
-        (_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay must be >= 0", t.weight_decay),
-        (_finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)", t.grad_clip),
+        (
+            _finite(t.max_minutes) and t.max_minutes >= 0,
+            "train.max_minutes must be >= 0",
+            t.max_minutes,
+        ),
+        (
+            _finite(t.weight_decay) and t.weight_decay >= 0,
+            "train.weight_decay must be >= 0",
+            t.weight_decay,
+        ),
+        (
+            _finite(t.grad_clip) and t.grad_clip >= 0,
+            "train.grad_clip must be >= 0 (0 = off)",
+            t.grad_clip,
+        ),
         (all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)", t.betas),
         (_finite(t.eps) and t.eps > 0, "train.eps must be > 0", t.eps),
         (t.seed >= 0, "train.seed must be >= 0", t.seed),

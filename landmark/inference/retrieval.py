@@ -310,8 +310,7 @@ def _row_groups(
 ) -> Iterator[tuple[int, int, DecodePlan]]:
     """The groups of ``row_group`` query rows an eager chunk is processed in: ``(r0, r1, plan)`` for
     rows r0..r1-1 while any row has real queries there (arguments as in ``retrieval_attention``)."""
-    count = memory.count if memory is not None else [0] * q_start.shape[0]
-    n_blocks = torch.tensor(count, device=q_start.device)
+    n_blocks = _block_counts(memory, q_start)
     for r0 in range(0, rows, retrieval.row_group):
         r1 = min(rows, r0 + retrieval.row_group)
         group_len = (q_len - r0).clamp(0, r1 - r0)
@@ -322,6 +321,12 @@ def _row_groups(
             head_dim, rope_base,
         )  # fmt: skip
         yield r0, r1, plan
+
+
+def _block_counts(memory: BlockMemory | None, q_start: Tensor) -> Tensor:
+    """(B,) blocks held per row (zeros without a memory), on ``q_start``'s device."""
+    count = memory.count if memory is not None else [0] * q_start.shape[0]
+    return torch.tensor(count, device=q_start.device)
 
 
 def _selections(
@@ -445,8 +450,7 @@ def step_plan(
         )
     if rows > DECODE_ROWS:
         return None
-    count = memory.count if memory is not None else [0] * q_start.shape[0]
-    n_blocks = torch.tensor(count, device=q_start.device)
+    n_blocks = _block_counts(memory, q_start)
     return decode_plan(
         n_blocks, local_len, q_start, q_len, rows, local_width, retrieval, block_size, head_dim, rope_base
     )

@@ -14,12 +14,14 @@
 // Blocks are read where they are stored: nothing of size rows x heads x k x block x head_dim is
 // gathered.
 //
-// Work is split in large pieces: one task is (batch row, kv head, tile of query rows); it transposes
-// the row's landmark keys and rotates the local keys once (both key-major), then serves the tile's
-// rows for all the query heads that share the kv head (GQA). Block keys are stored key-major, so a
-// query's scores against a block, a block of landmarks or the local context are one vectorised loop
-// over the keys; the exponentials are vectorised too (exp_v). The blocks the tile's queries selected
-// are then visited one by one (keys, later values), each read once for all the queries that chose it.
+// Work is split in large pieces: one task is (batch row, kv head, tile of query rows), serving the
+// tile's rows for all the query heads that share the kv head (GQA); consecutive tasks of one (row, kv
+// head) share its landmark keys transposed and its local keys rotated (both key-major, made once).
+// Block keys are stored key-major, so a query's scores against a block, the landmarks or the local
+// context are vectorised loops over the keys, two or four queries at a time where they share the keys;
+// the landmark scan runs in float and only its candidates are scored exactly; the exponentials are
+// vectorised too (exp_v). The blocks the tile's queries selected are then visited one by one (keys,
+// later values), each read once for all the queries that chose it.
 //
 // Shapes (contiguous): q (B, H, C, D); q_start, q_len, local_len, count, start (B,) int64; local_k,
 // local_v (B, Hkv, T, D) un-rotated; landmark_keys (B, Hkv, cap, D) un-rotated; keys
@@ -449,13 +451,8 @@ int64_t old_candidates(const float* q, const double* q64, const float* scan, con
   std::memcpy(maxima, &lane_max, sizeof(maxima));
   std::nth_element(maxima, maxima + kk - 1, maxima + kLanes, std::greater<float>());
   float threshold = maxima[kk - 1];
-  if (!std::isfinite(threshold)) {  // infinite or NaN scores (or fewer than k finite): all exactly
-    for (int64_t i = 0; i < n_old; ++i) {
-      cand[i] = i;
-      cand_score[i] = landmark_score4(q64, key(i), dim);
-    }
-    return n_old;
-  }
+  if (!std::isfinite(threshold))  // infinite or NaN scores (or fewer than k finite): all exactly
+    return all_or_recent(q64, n_old, k, dim, false, key, cand, cand_score);
   float q_abs = 0.f;
   for (int64_t d = 0; d < dim; ++d) q_abs += std::fabs(q[d]);
   const float bound = 2.f * static_cast<float>(dim + 1) * 5.9604645e-8f * q_abs * max_key;
