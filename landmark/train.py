@@ -295,8 +295,9 @@ class RunLock:
     0 of a torchrun job holds it. Where flock is unavailable (Windows, some network file systems) the
     folder is not held."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, option: str = "train.out_dir") -> None:
         self.folder = folder
+        self.option = option  # named in the refusal
         self._fd: int | None = None
 
     @property
@@ -314,8 +315,8 @@ class RunLock:
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(
-                    f"{self.folder} is in use: another training run holds it (train.out_dir): wait for "
-                    "that run to end (then --resume continues it), or choose another train.out_dir"
+                    f"{self.folder} is in use: another training run holds it ({self.option}): wait for "
+                    f"that run to end (then --resume continues it), or choose another {self.option}"
                 ) from None
             return  # flock unsupported here: train without the hold
         self._fd = fd

@@ -97,16 +97,58 @@ def test_finetune_lora_merges_and_trains_the_landmark_row(tiny, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_finetune_passkey_mix_and_time_limit(tiny, tmp_path):
-    """--passkey-fraction 1 trains on passkey samples only; --max-minutes stops after the first step."""
+def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
+    """--passkey-fraction 1 trains on passkey samples only; --max-minutes stops after the first step and
+    leaves a resumable run (nothing published); --resume finishes it to the same weights as a run that
+    was never interrupted."""
+    from safetensors.torch import load_file
+
+    model_dir, corpus = tiny
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    args = ["hf", "finetune", "--model", str(model_dir), "--corpus", str(corpus)]
+    args += ["--block-size", "8", "--max-length", "240", "--steps", "4", "--batch-size", "1"]
+    args += ["--passkey-fraction", "1", "--save-steps", "3"]
+    assert main([*args, "--out", str(out), "--max-minutes", "0.00001"]) == 0
+    assert not out.exists() and "continue with the same command and --resume" in capsys.readouterr().out
+    staging = tmp_path / ".out.partial"
+    assert [p.name for p in staging.glob("checkpoint-*")] == ["checkpoint-1"]
+    # neither a fresh start over the interrupted run nor a resume with other settings
+    assert main([*args, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--resume", "--lr", "1e-3"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    s = summary(out)
+    assert s["steps_done"] == 4 and s["tokens_seen"] == 4 * (240 - 240 // 8)
+    assert s["config"]["passkey_fraction"] == 1.0
+    assert not list(out.glob("checkpoint-*")) and not staging.exists()
+    assert main([*args, "--out", str(straight)]) == 0
+    resumed, reference = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_resume_refusals(tiny, tmp_path, capsys):
+    """--resume with nothing to continue is refused, naming the option; so is a run folder in use."""
+    from landmark.train import RunLock
+
     model_dir, corpus = tiny
     out = tmp_path / "out"
     args = ["hf", "finetune", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out)]
-    args += ["--block-size", "8", "--max-length", "240", "--steps", "6", "--batch-size", "1"]
-    assert main([*args, "--passkey-fraction", "1", "--max-minutes", "0.00001"]) == 0
-    s = summary(out)
-    assert s["steps_done"] == 1 and s["tokens_seen"] == 240 - 240 // 8
-    assert s["config"]["passkey_fraction"] == 1.0
+    args += ["--block-size", "8", "--max-length", "64", "--steps", "2", "--batch-size", "1"]
+    assert main([*args, "--resume"]) == 2
+    assert capsys.readouterr().err.startswith("error: --resume: no interrupted fine-tune")
+    staging = tmp_path / ".out.partial"
+    staging.mkdir()
+    lock = RunLock(staging, option="--out")
+    lock.acquire()
+    try:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "in use" in err and "--out" in err
+    finally:
+        lock.release()
 
 
 def test_passkey_mix_windows(tiny):

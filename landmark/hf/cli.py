@@ -244,6 +244,12 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--lora-targets",
+        choices=("attention", "all"),
+        default="attention",
+        help="LoRA on the attention projections (default) or on every linear layer",
+    )
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (CUDA only)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -255,6 +261,12 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run for --out from its last checkpoint (same settings)",
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(

@@ -11,7 +11,11 @@ under ``torchrun`` (the Trainer picks DDP, or FSDP with ``fsdp=True``; gloo on C
    ``<landmark>`` embedding row as trainable tokens (the row is new, so it must learn);
 4. train with the Trainer (AdamW, cosine schedule with warm-up; the loss is the landmark loss through
    ``shift_labels``), optionally evaluate on validation windows before and after;
-5. save with ``save_pretrained`` (LoRA merged into the weights; the adapter is also kept in
+5. checkpoint every ``save_steps`` optimizer steps into the staging folder (the last checkpoint kept),
+   so that an interrupted run continues with ``resume=True`` (``--resume``) from its last checkpoint,
+   with the same settings (checked against the run's ``finetune-run.json``), optimizer, schedule and
+   data order; one process at a time (the staging folder is locked);
+6. save with ``save_pretrained`` (LoRA merged into the weights; the adapter is also kept in
    ``<out>/lora-adapter``), so that :func:`landmark.hf.load_pretrained` restores the model. Everything
    is written into a staging folder beside ``out`` and renamed into place at the end: an existing
    ``out`` is refused unless ``overwrite`` and is replaced only by a complete new folder.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +43,6 @@ from landmark.hf.checks import (
     check_options,
     check_out_folder,
     check_within_positions,
-    clear_staging,
     for_option,
     int_range,
     loading,
@@ -48,8 +52,15 @@ from landmark.hf.checks import (
     staging_folder,
 )
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections: where landmarks act
+# LoRA target sets (--lora-targets): the attention projections, where landmarks act, or every linear layer
+LORA_TARGET_SETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 SUMMARY_FILE = "landmark-finetune.json"  # written next to the saved model: settings and losses
+RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interrupted run resumes with
+# settings a resumed run may change: how long this call runs, and what is printed
+RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite")
 
 
 @dataclass
@@ -70,6 +81,7 @@ class FinetuneConfig:
     lora_r: int = 0  # LoRA rank; 0 = full fine-tuning
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    lora_targets: str = "attention"  # a key of LORA_TARGET_SETS
     fsdp: bool = False  # shard with FSDP (under torchrun) instead of DDP
     bf16: bool = False  # bfloat16 mixed precision
     gradient_checkpointing: bool = False
@@ -80,6 +92,8 @@ class FinetuneConfig:
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
     overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
+    save_steps: int = 50  # checkpoint (for resume) every this many optimizer steps
+    resume: bool = False  # continue the interrupted run staged for `out` from its last checkpoint
 
     def check(self) -> None:
         """Refuse bad settings before any work: ranges (nan and inf included), the model folder and its
@@ -97,10 +111,48 @@ class FinetuneConfig:
             )
         if self.lora_r and self.fsdp:
             raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
+        if self.lora_targets not in LORA_TARGET_SETS:
+            raise ValueError(
+                f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}; got {self.lora_targets!r}"
+            )
         config = read_config(check_model_folder(self.model, "--model"))
         check_within_positions(config, {"block_size": self.block_size, "max_length": self.max_length})
         self._check_corpus()
         check_out_folder(self.out, self.overwrite, "--out")
+        self._check_resume()
+
+    def _check_resume(self) -> None:
+        """With ``resume``: the staging folder holds a checkpoint of a run with the same settings (those
+        in RESUMABLE_CHANGES aside). Without: it holds no checkpoint (an interrupted run is never
+        silently thrown away)."""
+        staging = staging_folder(self.out)
+        checkpoint = last_checkpoint(staging)
+        if not self.resume:
+            if checkpoint is not None:
+                raise ValueError(
+                    f"--out: an interrupted fine-tune left {checkpoint.name} in {staging}: add --resume to "
+                    "continue it, or delete that folder to start again"
+                )
+            return
+        run_file = staging / RUN_FILE
+        if checkpoint is None or not run_file.is_file():
+            raise ValueError(
+                f"--resume: no interrupted fine-tune to continue for --out {self.out} ({staging})"
+            )
+        try:
+            saved = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--resume: cannot read {run_file}: {err}") from None
+        mine = asdict(self)
+        changed = [name for name in mine if name not in RESUMABLE_CHANGES and saved.get(name) != mine[name]]
+        if changed:
+            name = changed[0]
+            option = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"--resume: the interrupted run used {option} {saved.get(name)!r}; this call "
+                f"gives {mine[name]!r} (resume with the run's settings; only "
+                f"{', '.join('--' + c.replace('_', '-') for c in RESUMABLE_CHANGES[1:3])} may change)"
+            )
 
     def _check_corpus(self) -> None:
         """The corpus folder can be read and has the splits the settings use (the bundled books, the
@@ -135,6 +187,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "lora_alpha": int_range(1),
     "lora_dropout": real_range(0, 1, open_high=True),
     "logging_steps": int_range(1),
+    "save_steps": int_range(1),
     "eval_windows": int_range(0),
     "max_windows": int_range(1),
     "passkey_fraction": real_range(0, 1),
@@ -208,7 +261,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
         adam_beta2=0.95,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,  # the last checkpoint: what --resume needs
         report_to="none",
         remove_unused_columns=False,  # the collator needs the raw "input_ids" windows
         use_cpu=use_cpu,
@@ -222,8 +277,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     main = args.process_index == 0
+    lock = None
     if main:
-        clear_staging(out)  # what a killed run left
+        from landmark.train import RunLock
+
+        staging.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(staging, option="--out")
+        lock.acquire()  # before touching what may be another live run's folder
+        if not cfg.resume:
+            for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            write_json_atomic(staging / RUN_FILE, asdict(cfg))
     with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
         train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=main)
         eval_tokens = (
@@ -272,7 +336,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if eval_set is not None:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     start = time.perf_counter()
-    result = trainer.train()
+    checkpoint = last_checkpoint(staging) if cfg.resume else None
+    if main and checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     summary["train_seconds"] = round(time.perf_counter() - start, 1)
     summary["train_loss"] = result.training_loss
     summary["steps_done"] = trainer.state.global_step
@@ -287,9 +354,27 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if eval_set is not None:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     summary["trainable_parameters"], summary["parameters"] = trainable, total
+    if trainer.state.global_step < cfg.steps:  # stopped by --max-minutes: keep the run resumable
+        if cfg.max_minutes and trainer.state.global_step % cfg.save_steps:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        if main:
+            print(
+                f"stopped after {trainer.state.global_step} of {cfg.steps} steps (--max-minutes); "
+                f"continue with the same command and --resume (checkpoint in {staging})",
+                flush=True,
+            )
+            if lock is not None:
+                lock.release()
+        summary["stopped_early"] = True
+        return summary
     _save(trainer, tokenizer, staging, lora=bool(cfg.lora_r))
     if main:
+        for old in staging.glob("checkpoint-*"):  # resume state (optimizer...): not part of the model
+            shutil.rmtree(old, ignore_errors=True)
+        (staging / RUN_FILE).unlink(missing_ok=True)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if lock is not None:
+            lock.release()
         publish(out)  # only now is an existing `out` (--overwrite) replaced
     trainer.accelerator.wait_for_everyone()
     if main:
@@ -303,6 +388,19 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             line += f" (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})"
         print(line, flush=True)
     return summary
+
+
+def last_checkpoint(staging: Path) -> Path | None:
+    """The Trainer checkpoint with the most steps in ``staging`` (``checkpoint-<step>``), or None."""
+    found = [p for p in Path(staging).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return max(found, key=lambda p: int(p.name[11:])) if found else None
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _step_timer() -> Any:
@@ -369,7 +467,7 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(LORA_TARGETS),
+        target_modules=list(LORA_TARGET_SETS[cfg.lora_targets]),
         trainable_token_indices={"embed_tokens": [int(model.config.landmark_token_id)]},
         task_type="CAUSAL_LM",
     )
