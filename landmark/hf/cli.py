@@ -6,6 +6,8 @@
   and settings.
 * ``landmark hf finetune [--model DIR] --out DIR [--overwrite] [...]``: landmark fine-tuning with the
   Trainer; run it under ``torchrun --nproc_per_node N -m landmark hf finetune ...`` for DDP.
+* ``landmark hf export-delta --run DIR --out DIR [--base DIR] [--overwrite]``: a LoRA fine-tune as a
+  compact delta over its base model (LoRA A/B + the landmark row), loaded by ``load_pretrained``.
 * ``landmark hf generate --model DIR --prompt TEXT``: continue a prompt with a landmark model.
 
 transformers is imported only when a sub-command runs, so ``landmark --help`` works without the
@@ -22,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.inference.options import add_retrieval_arguments, add_sampling_arguments, add_state_arguments
@@ -115,6 +118,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
+def cmd_export_delta(args: argparse.Namespace) -> int:
+    from landmark.hf.delta import TENSOR_FILE, check_export, export_delta
+
+    check_export(args.run, args.base, args.out, args.overwrite)  # before transformers is loaded
+    _offline()
+    meta = export_delta(args.run, args.base, args.out, args.overwrite)
+    size = (Path(args.out) / TENSOR_FILE).stat().st_size
+    print(
+        f"saved the delta of {args.run} to {args.out}: {meta['modules']} LoRA modules "
+        f"(r={meta['lora']['r']}) + the landmark row, {size / 1e6:.1f} MB, over base "
+        f"{meta['base']['name']} (weights fingerprint {meta['base']['fingerprint']}); "
+        "load with landmark.hf.load_pretrained"
+    )
+    return 0
+
+
 def _close_process_group(wait: bool) -> None:
     """Under torchrun: destroy the process group the Trainer created (after a barrier when ``wait``).
 
@@ -132,8 +152,6 @@ def _close_process_group(wait: bool) -> None:
 
 def _check_generate(args: argparse.Namespace) -> None:
     """Every ``hf generate`` option that can be checked before the model is loaded."""
-    from pathlib import Path
-
     from landmark.inference.options import (
         check_chunk_len,
         check_retrieval_arguments,
@@ -268,6 +286,17 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="continue the interrupted run for --out from its last checkpoint (same settings)",
     )
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "export-delta", help="a LoRA fine-tune as a compact delta over its base model (LoRA + landmark row)"
+    )
+    p.add_argument("--run", required=True, help="a `landmark hf finetune --lora-r R` output folder")
+    p.add_argument("--out", required=True, help="the delta folder to write")
+    p.add_argument(
+        "--base", default=None, help="the unconverted base model folder (default: the run's --model)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else refused)")
+    p.set_defaults(func=cmd_export_delta)
 
     p = sub.add_parser(
         "generate",

@@ -58,6 +58,7 @@ LORA_TARGET_SETS = {
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 SUMMARY_FILE = "landmark-finetune.json"  # written next to the saved model: settings and losses
+ADAPTER_FOLDER = "lora-adapter"  # with LoRA: the peft adapter, saved inside the output folder
 RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interrupted run resumes with
 # settings a resumed run may change: how long this call runs, and what is printed
 RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite")
@@ -483,7 +484,7 @@ def _save(trainer: Any, tokenizer: Any, out: Path, lora: bool) -> None:
         return
     if trainer.is_world_process_zero():
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        peft_model.save_pretrained(out / "lora-adapter")
+        peft_model.save_pretrained(out / ADAPTER_FOLDER)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)

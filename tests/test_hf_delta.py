@@ -1,0 +1,233 @@
+"""Tests of `landmark hf export-delta` and of loading a delta folder (landmark.hf.delta).
+
+A tiny random Llama is fine-tuned for a few LoRA steps (attention targets with untied embeddings, all
+linear layers with tied embeddings as in SmolLM2) through `landmark.cli.main`; the delta is exported and
+rebuilt over the base, and compared with the merged model the fine-tune saved. Nothing is downloaded:
+the "base missing -> prepared" path runs with the preparation replaced by a copy of the tiny base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from hf_helpers import make_model, write_tiny
+
+import landmark.hf as lhf
+from landmark.cli import main
+from landmark.hf import delta, smollm2
+
+FINETUNE = ["--block-size", "8", "--max-length", "64", "--steps", "3", "--batch-size", "2", "--lr", "1e-2"]
+FINETUNE += ["--warmup-steps", "1", "--logging-steps", "3", "--lora-alpha", "8"]
+R = 4  # LoRA rank of the tiny runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny bases (untied, tied) and their fine-tunes: LoRA on attention (untied), LoRA on all linear
+    layers (tied), full (untied)."""
+    root = tmp_path_factory.mktemp("delta")
+    folders: dict[str, Path] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDMARK_CACHE", str(root / "cache"))
+        for tie in (False, True):
+            model, corpus = write_tiny(root / ("tied" if tie else "untied"), tie=tie)
+            folders["base-tied" if tie else "base"] = model
+        for name, base, extra in (
+            ("attention", "base", ["--lora-r", str(R), "--lora-targets", "attention"]),
+            ("all", "base-tied", ["--lora-r", str(R), "--lora-targets", "all"]),
+            ("full", "base", []),
+        ):
+            out = root / name
+            argv = ["hf", "finetune", "--model", str(folders[base]), "--corpus", str(corpus)]
+            assert main([*argv, "--out", str(out), *FINETUNE, *extra]) == 0
+            folders[name] = out
+    return folders
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def export(run: Path, out: Path, *extra: str) -> int:
+    return main(["hf", "export-delta", "--run", str(run), "--out", str(out), *extra])
+
+
+def error_line(capsys) -> str:
+    """The one ``error:`` line a refused command printed (progress bars aside), with no traceback."""
+    out, err = capsys.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out + err, out + err
+    return lines[0]
+
+
+def assert_same_model(a, b) -> None:
+    """Same weights (bitwise) and the same logits over a few blocks."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sb:
+        assert torch.equal(sa[name], sb[name]), name
+    ids = torch.arange(3, 3 + 40)[None] % 300  # (1, 40): five blocks of 8 with landmarks added by the model
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["attention", "all"])
+def test_delta_rebuilds_the_merged_model(runs, tmp_path, capsys, name):
+    base = runs["base-tied" if name == "all" else "base"]
+    out = tmp_path / "delta"
+    assert export(runs[name], out) == 0  # --base: the run's --model
+    assert "load with landmark.hf.load_pretrained" in capsys.readouterr().out
+    assert files_under(out) == {delta.META_FILE, delta.TENSOR_FILE}
+    meta = json.loads((out / delta.META_FILE).read_text())
+    targets = 7 if name == "all" else 4
+    assert meta["modules"] == 2 * targets and meta["lora"]["r"] == R and meta["lora"]["scaling"] == 8 / R
+    assert meta["rebuild_max_abs_diff"] == 0.0 and meta["base"]["name"] == "model"
+
+    model, tokenizer = lhf.load_pretrained(out, base=base)
+    merged, merged_tokenizer = lhf.load_pretrained(runs[name])
+    assert_same_model(model, merged)
+    assert tokenizer.get_vocab() == merged_tokenizer.get_vocab()
+    assert model.config._attn_implementation == "landmark" and not model.training
+    from landmark.inference import RetrievalConfig
+
+    retrieval = RetrievalConfig(k=2)
+    prompt = "Call me Ishmael. Some years ago, never mind how long precisely"
+    text, ids = lhf.generate(model, tokenizer, prompt, 6, retrieval=retrieval)
+    merged_text, merged_ids = lhf.generate(merged.eval(), merged_tokenizer, prompt, 6, retrieval=retrieval)
+    assert text == merged_text and torch.equal(torch.as_tensor(ids), torch.as_tensor(merged_ids))
+
+
+def test_delta_holds_only_lora_and_the_landmark_rows(runs, tmp_path):
+    """The tensors are r * (in + out) per module in float32 plus one row per row matrix (tied: one)."""
+    from safetensors.torch import load_file
+
+    sizes = {}
+    for name in ("attention", "all"):
+        out = tmp_path / name
+        assert export(runs[name], out) == 0
+        tensors = load_file(out / delta.TENSOR_FILE)
+        rows = sorted(k for k in tensors if k.endswith(delta.ROW_SUFFIX))
+        untied = [] if name == "all" else ["lm_head.weight" + delta.ROW_SUFFIX]  # "all" runs on the tied base
+        assert rows == [*untied, "model.embed_tokens.weight" + delta.ROW_SUFFIX]
+        assert all(t.dtype == torch.float32 for t in tensors.values())
+        # per layer: q, o 64->64; k, v 64->32; gate, up 64->128; down 128->64
+        dims = [(64, 64), (64, 32), (64, 32), (64, 64)] + ([(64, 128)] * 2 + [(128, 64)]) * (name == "all")
+        lora = 2 * sum(R * (i + o) for i, o in dims)
+        assert sum(t.numel() for t in tensors.values()) == lora + 64 * len(rows)
+        sizes[name] = (out / delta.TENSOR_FILE).stat().st_size
+        model_size = (runs[name] / "model.safetensors").stat().st_size
+        assert sizes[name] < model_size / 10
+    assert sizes["attention"] < sizes["all"]
+
+
+def test_export_refuses_a_full_finetune_and_writes_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "delta"
+    assert export(runs["full"], out) == 2
+    err = error_line(capsys)
+    assert err.startswith("error: --run") and "LoRA" in err
+    assert files_under(tmp_path) == set()
+
+
+def test_export_refuses_peft_options_it_does_not_carry(runs, tmp_path, capsys):
+    run = tmp_path / "dora"
+    shutil.copytree(runs["attention"], run)
+    config_file = run / "lora-adapter" / delta.ADAPTER_CONFIG
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
+    assert export(run, tmp_path / "delta") == 2
+    err = error_line(capsys)
+    assert err.startswith("error: --run") and "use_dora" in err and "only plain LoRA" in err
+    assert not (tmp_path / "delta").exists() and not (tmp_path / ".delta.partial").exists()
+
+
+def test_a_base_with_other_weights_is_refused(runs, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    tokenizer = AutoTokenizer.from_pretrained(runs["base"])
+    make_model(vocab=len(tokenizer), seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    before = files_under(tmp_path)
+    assert export(runs["attention"], tmp_path / "delta", "--base", str(other)) == 2
+    err = error_line(capsys)
+    assert err.startswith("error: --base") and "not the model this run was fine-tuned from" in err
+    assert files_under(tmp_path) == before
+
+    out = tmp_path / "delta"
+    assert export(runs["attention"], out) == 0
+    fingerprint = json.loads((out / delta.META_FILE).read_text())["base"]["fingerprint"]
+    with pytest.raises(ValueError, match=f"expected model with weights fingerprint {fingerprint}"):
+        lhf.load_pretrained(out, base=other)
+
+
+def test_export_refuses_bad_folders_and_writes_nothing(runs, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    converted = tmp_path / "converted"
+    assert (
+        main(["hf", "convert", "--model", str(runs["base"]), "--out", str(converted), "--block-size", "8"])
+        == 0
+    )
+    capsys.readouterr()
+    before = files_under(tmp_path)
+    cases = [
+        ([str(runs["attention"]), str(existing)], "--out"),  # not empty, no --overwrite
+        ([str(tmp_path / "missing"), str(tmp_path / "d")], "--run"),
+        ([str(runs["attention"]), str(tmp_path / "d"), "--base", str(tmp_path / "missing")], "--base"),
+        ([str(runs["attention"]), str(tmp_path / "d"), "--base", str(converted)], "--base"),
+    ]
+    for (run, out, *extra), option in cases:
+        assert export(Path(run), Path(out), *extra) == 2
+        assert error_line(capsys).startswith(f"error: {option}")
+    assert files_under(tmp_path) == before
+    assert export(runs["attention"], existing, "--overwrite") == 0
+    assert files_under(existing) == {delta.META_FILE, delta.TENSOR_FILE}
+
+
+def test_a_missing_smollm2_base_is_prepared(runs, tmp_path, monkeypatch):
+    """A delta made over the packaged SmolLM2 (a prepared folder: landmark-source.json) finds its base in
+    the default folder and prepares it there when missing (here a copy of the tiny base stands in)."""
+    packaged = tmp_path / "packaged"
+    shutil.copytree(runs["base"], packaged)
+    source = {"package": smollm2.PACKAGE, "file": smollm2.GGUF_FILE}
+    (packaged / smollm2.SOURCE_FILE).write_text(json.dumps(source))
+    out = tmp_path / "delta"
+    assert export(runs["attention"], out, "--base", str(packaged)) == 0
+
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_prepare(dest, install=True, log=print):
+        calls.append(Path(dest))
+        shutil.copytree(packaged, dest)
+        return Path(dest)
+
+    monkeypatch.setattr(smollm2, "prepare_smollm2", fake_prepare)
+    model, _ = lhf.load_pretrained(out)
+    assert calls == [tmp_path / "cache" / "models" / smollm2.MODEL_NAME]
+    assert_same_model(model, lhf.load_pretrained(runs["attention"])[0])
+    lhf.load_pretrained(out)  # prepared now: not again
+    assert len(calls) == 1
+
+
+def test_load_refusals(runs, tmp_path):
+    out = tmp_path / "delta"
+    assert export(runs["attention"], out) == 0
+    with pytest.raises(ValueError, match="not over the packaged SmolLM2-135M-Instruct: pass base="):
+        lhf.load_pretrained(out)  # made over the tiny base, which is no packaged model
+    with pytest.raises(ValueError, match="base= is for delta folders only"):
+        lhf.load_pretrained(runs["attention"], base=runs["base"])
+    (out / delta.TENSOR_FILE).unlink()
+    with pytest.raises(ValueError, match=r"delta\.safetensors is missing"):
+        lhf.load_pretrained(out, base=runs["base"])
+    (out / delta.META_FILE).write_text("{")
+    with pytest.raises(ValueError, match=r"cannot read delta\.json"):
+        lhf.load_pretrained(out, base=runs["base"])
