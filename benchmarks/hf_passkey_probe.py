@@ -1,7 +1,8 @@
 """Teacher-forced passkey probe for Hugging Face models: the loss on the key after the question.
 
-``benchmarks/hf_passkey.py`` answers right or wrong, and a trial at 8k tokens takes minutes. This probe
-builds the same prompts (same seeded keys, ``keys_for``), appends the expected answer (`` 48213.``) and
+``landmark eval passkey --model NAME=hf:FOLDER`` answers right or wrong, and a trial at 8k tokens takes
+minutes. This probe builds the same prompts (the paper's task, the same seeded keys:
+:func:`landmark.eval.passkey.cell_keys`), appends the expected answer (`` 48213.``) and
 runs one forward pass per prompt, reporting the loss per token on the key's tokens after "The pass key
 is" (nats; a guess among five-digit keys costs about 2.3 per digit) and whether every one of them is the
 argmax (what greedy decoding would produce). Models (``--models``):
@@ -20,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -30,15 +30,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = ("base", "landmark-full")
-HERE = Path(__file__).parent
-
-
-def _hf_passkey():
-    """benchmarks/hf_passkey.py as a module (its ``load`` and ``keys_for``: one definition of each)."""
-    spec = importlib.util.spec_from_file_location("hf_passkey", HERE / "hf_passkey.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def answer_loss(model, prompt: list[int], answer: list[int], key_tokens: int) -> tuple[float, bool]:
@@ -70,19 +61,21 @@ def answer_loss(model, prompt: list[int], answer: list[int], key_tokens: int) ->
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from landmark.eval.models import load_hf
+    from landmark.eval.passkey import cell_keys
     from landmark.hf.passkey import hf_passkey_prompts
 
     torch.set_num_threads(args.threads)
-    hf_passkey = _hf_passkey()
     rows = []
     for kind in args.models:
-        model, tokenizer = hf_passkey.load(kind, args)
+        m = load_hf(kind, args.base if kind == "base" else args.landmark)
+        model, tokenizer = m.model, m.tokenizer
         prompts = hf_passkey_prompts(tokenizer)
         for length in args.lengths:
             for depth in args.depths:
                 start = time.perf_counter()
                 cell = []
-                for key in hf_passkey.keys_for(length, depth, args.trials, args.seed):
+                for key in cell_keys(args.seed, length, depth, args.trials):
                     answer = prompts.answer(key)  # " 48213."
                     key_ids = prompts.tokenizer.encode(f" {key}")
                     key_tokens = len(key_ids) if answer[: len(key_ids)] == key_ids else len(answer)
@@ -103,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
                     f"exact {row['exact']}/{len(cell)} ({row['seconds']:.0f} s)",
                     flush=True,
                 )
-        del model
+        del m, model
     return {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
 
 
@@ -135,8 +128,13 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
+    from landmark.hf.smollm2 import default_smollm2_dir
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _hf_passkey().add_model_arguments(p)
+    p.add_argument("--base", default=str(default_smollm2_dir()), help="the original model folder")
+    p.add_argument(
+        "--landmark", required=True, help="the landmark fine-tuned model (landmark hf finetune --out)"
+    )
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--lengths", nargs="+", type=int, default=[512, 2048])
     p.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.5, 0.75])

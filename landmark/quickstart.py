@@ -84,16 +84,16 @@ def _check_recipe(args: argparse.Namespace) -> None:
     check_chunk_len(args, bs, "the recipe's model")
     if (SHIPPED / "tokenizer.json").is_file():
         from landmark.data.tokenizer import Tokenizer
-        from landmark.eval.common import ModelUnderTest
+        from landmark.eval.common import GPTUnderTest
 
-        stand_in = ModelUnderTest("landmark", str(RECIPE), None, Tokenizer.load(SHIPPED))
+        stand_in = GPTUnderTest("landmark", str(RECIPE), None, Tokenizer.load(SHIPPED))
         check_passkey_cells([stand_in], args.passkey_lengths, DEPTHS, args.trials, SEED, "--passkey-lengths")
 
 
 def _load(path: Path):
     """The checkpoint at ``path`` as the one model under test (a landmark model), or a ValueError."""
     from landmark.checkpoint import CheckpointError, load_model
-    from landmark.eval.common import ModelUnderTest
+    from landmark.eval.common import GPTUnderTest
 
     try:
         model, tokenizer, _ = load_model(path)
@@ -103,7 +103,7 @@ def _load(path: Path):
         raise ValueError(
             f"--checkpoint {path} holds a {model.config.attention!r} model; quickstart needs a landmark model"
         )
-    return ModelUnderTest("landmark", str(path), model, tokenizer)
+    return GPTUnderTest("landmark", str(path), model, tokenizer)
 
 
 def _check_model(args: argparse.Namespace, m) -> None:

@@ -11,7 +11,12 @@ import torch
 
 from landmark.cli import main
 from landmark.data import Tokenizer
-from landmark.data.passkey import PasskeyMixSampler, PasskeyPrompts, first_integer
+from landmark.data.passkey import (
+    BookHaystack,
+    PasskeyMixSampler,
+    PasskeyPrompts,
+    first_integer,
+)
 from landmark.data.windows import WindowSampler
 from landmark.eval.perplexity import eval_windows
 from landmark.train import train
@@ -57,10 +62,9 @@ def test_eval_ppl_end_to_end_and_cache(runs, tmp_path, capsys, monkeypatch):
     assert len(results) == 4 * 2 and all(np.isfinite(r["ppl"]) and r["ppl"] > 1 for r in results)
     assert (out / "perplexity.png").stat().st_size > 1000
     # a rerun reads every cell from the cache: no model is run again
-    import landmark.eval.perplexity as ppl
+    from landmark.eval.models import GPTUnderTest
 
-    monkeypatch.setattr(ppl, "chunked_nll", lambda *a, **k: pytest.fail("recomputed a cached cell"))
-    monkeypatch.setattr(ppl, "_plain_nll", lambda *a, **k: pytest.fail("recomputed a cached cell"))
+    monkeypatch.setattr(GPTUnderTest, "window_nll", lambda *a, **k: pytest.fail("recomputed a cached cell"))
     assert main(args) == 0
 
 
@@ -170,6 +174,108 @@ def test_passkey_prompts_exact_length_and_depth():
     with pytest.raises(ValueError, match="too short for a passkey prompt"):
         prompts.prompt(10, 0.5, 48213)
     assert first_integer(" 48213. And") == 48213 and first_integer("no digits") is None
+
+
+def _tokenizer() -> Tokenizer:
+    return Tokenizer.train(
+        ["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300
+    )
+
+
+def test_the_paper_prompt_is_the_filler_cut_at_whole_filler_groups():
+    """The default prompt, spelled out: instruction, the repeated filler cut at ``round(depth * n / unit)``
+    whole filler groups (at most n), the key sentence, the rest of the filler, the question."""
+    tok = _tokenizer()
+    prompts = PasskeyPrompts(tok)
+    unit = len(prompts.filler)
+    for length in (prompts.min_length(48213), 333, 1000):
+        for depth in (0.0, 0.3, 0.5, 0.97, 1.0):
+            n = length - prompts.min_length(48213)
+            filler = (prompts.filler * (n // unit + 1))[:n]
+            cut = min(n, round(depth * n / unit) * unit)
+            expected = prompts.instruction + filler[:cut] + prompts.key_sentence(48213) + filler[cut:]
+            assert prompts.prompt(length, depth, 48213) == expected + prompts.question
+
+
+def _books_corpus(folder: Path) -> Path:
+    """Six documents of numbered, distinct sentences (the validation split: one whole document)."""
+    folder.mkdir(parents=True)
+    for d in range(6):
+        lines = [
+            f"Book {d} tells in line {i} of the {('sea', 'ship', 'whale')[i % 3]}."
+            for i in range(80 + 20 * d)
+        ]
+        (folder / f"doc_{d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_books_haystack_prompts(tmp_path):
+    """Exact length; the prose comes from the validation split, starts at a sentence and is seeded; the
+    key sentence follows a whole sentence, at the boundary nearest to its depth."""
+    from landmark.data.corpus import read_corpus
+    from landmark.data.passkey import Needle
+
+    corpus = _books_corpus(tmp_path / "books")
+    splits = read_corpus(corpus).splits
+    validation, train = (
+        " ".join(" ".join(d.read_text() for d in splits[s]).split()) for s in ("validation", "train")
+    )
+    haystack = BookHaystack(corpus)
+    assert all(s in validation and s not in train for s in haystack.sentences)
+    tok = _tokenizer()
+    prompts = PasskeyPrompts(tok, haystack)
+    key_ids, unit = prompts.key_sentence(48213), max(len(tok.encode(" " + s)) for s in haystack.sentences)
+
+    def compose(length, depth, trial=0):
+        rng = np.random.default_rng([1, length, round(depth * 1000), trial])
+        return prompts.compose(length, [Needle(48213, depth)], rng=rng)
+
+    for length in (prompts.min_length(48213), 400, 1500):
+        for depth in (0.0, 0.4, 1.0):
+            p, (cut,) = compose(length, depth)
+            assert len(p) == length and compose(length, depth)[0] == p  # the same seed, the same prose
+            start = len(prompts.instruction) + cut
+            assert p[start : start + len(key_ids)] == key_ids
+            filler = p[len(prompts.instruction) : start] + p[start + len(key_ids) : -len(prompts.question)]
+            assert abs(cut - depth * len(filler)) <= unit, (cut, depth, len(filler))
+            if filler:
+                text = tok.decode(filler)
+                assert text.startswith(" Book ") and text[1:60] in validation, text[:60]  # a sentence's start
+                before = tok.decode(p[len(prompts.instruction) : start])
+                assert before == "" or before.endswith("."), before  # after a whole sentence
+    assert compose(1500, 0.5, trial=1)[0] != compose(1500, 0.5)[0]  # another trial, other prose
+    with pytest.raises(ValueError, match="needs rng"):
+        prompts.prompt(400, 0.5, 48213)
+
+
+def test_multikey_prompt_holds_distinct_named_keys_and_asks_for_one():
+    """N key sentences with distinct names and keys; the question names the asked key's owner; the asked
+    key sits at the cell's depth, the others at the evenly spaced depths; cell trials are seeded."""
+    import re
+
+    from landmark.data.passkey import multikey_needles
+    from landmark.eval.passkey import PasskeyTask, cell_trials
+
+    tok = _tokenizer()
+    prompts = PasskeyPrompts(tok)
+    sentence = r"The pass key for (\w+) is (\d+)\. Remember it\. (\d+) is the pass key for (\w+)\."
+    for depth in (0.0, 0.4, 1.0):
+        needles, ask = multikey_needles(np.random.default_rng(7), 48213, depth, 4)
+        ids, cuts = prompts.compose(900, needles, ask)
+        text = tok.decode(ids)
+        found = re.findall(sentence, text)
+        names, keys = [f[0] for f in found], [int(f[1]) for f in found]
+        assert len(ids) == 900 and all(f[0] == f[3] and f[1] == f[2] for f in found)
+        assert len(set(names)) == 4 and len(set(keys)) == 4 and 48213 in keys
+        assert text.endswith(f" What is the pass key for {ask}? The pass key for {ask} is")
+        assert names[keys.index(48213)] == ask
+        n, asked = 900 - prompts.needed(needles, ask), [x.key for x in needles].index(48213)
+        assert abs(cuts[asked] - depth * n) <= len(prompts.filler)
+        others = sorted(x.depth for x in needles if x.key != 48213)
+        assert len(others) == 3 and set(others) < {0.0, 1 / 3, 2 / 3, 1.0}
+    task = PasskeyTask("multikey", keys=4)
+    assert cell_trials(prompts, task, 3, 900, 0.5, 3) == cell_trials(prompts, task, 3, 900, 0.5, 3)
+    assert len({tuple(ids) for ids, _ in cell_trials(prompts, task, 3, 900, 0.5, 3)}) == 3
 
 
 def test_passkey_mix_sampler_is_reproducible_and_keeps_the_key_in_an_earlier_block():

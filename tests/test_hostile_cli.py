@@ -181,6 +181,13 @@ EVAL_CASES = [
     ([*PASSKEY, "--seed", "-1"], "--seed"),
     ([*PASSKEY, "--lengths", "20"], "--lengths"),
     ([*PASSKEY, "--k", "0"], "--k"),
+    ([*PASSKEY, "--task", "multikey", "--keys", "0"], "--keys"),
+    ([*PASSKEY, "--task", "multikey", "--keys", "1"], "--keys"),
+    ([*PASSKEY, "--task", "multikey", "--keys", "21"], "--keys"),
+    ([*PASSKEY, "--keys", "3"], "--keys"),
+    ([*PASSKEY, "--haystack", "unknown"], "argument --haystack"),
+    ([*PASSKEY, "--task", "needles"], "argument --task"),
+    ([*PASSKEY, "--task", "multikey", "--keys", "20"], "--lengths"),
     # missing and damaged files
     ([*PPL, "--model", "x={root}/missing"], "--model"),
     (["eval", "ppl", "--data", "{data}", "--out", "{out}"], "--model"),
@@ -191,6 +198,12 @@ EVAL_CASES = [
         for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
     ],
     (["eval", "passkey", "--model", "lm={truncated}", "--out", "{out}"], "--model"),
+    ([*PASSKEY[:2], "--model", "x=hf:{root}/missing", "--out", "{out}"], "--model x"),
+    ([*PASSKEY[:2], "--model", "x=hf:{hf}", "--out", "{out}"], "--model x"),
+    ([*PPL[:2], "--model", "x=hf:{root}/missing", "--out", "{out}"], "--model x"),
+    ([*PPL, "--corpus", "{root}/missing"], "--corpus"),
+    ([*PASSKEY, "--haystack", "books", "--corpus", "{root}/missing"], "--corpus"),
+    ([*PASSKEY, "--corpus", "{root}/corpus"], "--corpus"),  # a corpus without the books haystack
     # conflicting options
     ([*PPL, "--model", "lm={full}"], "--model"),  # the name lm twice
     ([*PPL, "--k", "2", "2"], "--k"),

@@ -1,21 +1,33 @@
 """The passkey retrieval task (shared/method.md section 6): prompts for evaluation, samples for training.
 
-A prompt is the instruction, repeated filler, the key sentence at a chosen depth, more filler, and the
-question; the answer is the key::
+A prompt is the instruction, filler, the key sentence at a chosen depth, more filler, and the question;
+the answer is the key::
 
     There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will
     quiz you about the important information there. The grass is green. The sky is blue. ... The pass
     key is 48213. Remember it. 48213 is the pass key. ... What is the pass key? The pass key is 48213.
 
-Lengths are counted in tokens of the model's tokenizer (landmarks not included). Each piece is encoded
-once with a leading space, so a prompt is a concatenation of token lists and has exactly the length
-asked for (the last filler sentence before the question may be cut).
+That is the paper's task, the default. Two harder variants use the same builder:
+
+* **books haystack** (:class:`BookHaystack`): the filler is real prose, consecutive sentences of a
+  corpus's validation split from a seeded sentence on, instead of the repeated sentences; the key
+  sentence goes to the sentence boundary nearest to its depth.
+* **multikey** (:func:`multikey_needles`, after RULER's multi-key needle): several key sentences with
+  different names ("The pass key for Alice is 48213. ...") at depths spread over the context; the
+  question asks for one of them by name ("What is the pass key for Alice? The pass key for Alice is").
+
+Lengths are counted in tokens of the model's tokenizer (landmarks not included). Each piece (and each
+sentence of prose) is encoded once with a leading space, so a prompt is a concatenation of token lists
+and has exactly the length asked for (the last filler sentence before the question may be cut).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +43,20 @@ INSTRUCTION = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+NAMED_KEY_SENTENCE = "The pass key for {name} is {key}. Remember it. {key} is the pass key for {name}."
+NAMED_QUESTION = "What is the pass key for {name}? The pass key for {name} is"
 KEY_RANGE = (10000, 100000)  # five-digit keys
+# the names of multikey's keys (--keys is at most their number)
+NAMES = (
+    "Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ines", "Jonas",
+    "Kemal", "Lena", "Marco", "Nadia", "Oscar", "Priya", "Rosa", "Sven", "Tamara", "Victor",
+)  # fmt: skip
+TASKS = ("passkey", "multikey")
+HAYSTACKS = ("repeat", "books")
+DEFAULT_MULTIKEY_KEYS = 4  # keys of --task multikey unless --keys says otherwise
+# sentence ends in prose: after . ! ? (optionally closing a quote or bracket), before a capital letter
+# (optionally opening a quote or bracket); two alternatives because look-behinds have a fixed width
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(]?[A-Z])|(?<=[.!?][\"'”’)])\s+(?=[\"'“‘(]?[A-Z])")
 
 
 def first_integer(text: str) -> int | None:
@@ -40,11 +65,111 @@ def first_integer(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
+@dataclass(frozen=True)
+class Needle:
+    """One key sentence of a prompt: its key, its depth (0 = right after the instruction, 1 = right
+    before the question) and, in multikey prompts, the name it belongs to."""
+
+    key: int
+    depth: float
+    name: str | None = None
+
+
+def multikey_needles(
+    rng: np.random.Generator, key: int, depth: float, count: int
+) -> tuple[list[Needle], str]:
+    """``count`` named keys, the asked one (``key``) at ``depth``, the others spread over the context.
+
+    The depths are the ``count`` evenly spaced slots ``0, 1/(count-1), ..., 1``, the slot nearest to
+    ``depth`` moved to ``depth`` for the asked key; names (from :data:`NAMES`) and the other keys (all
+    distinct from each other and from ``key``) are drawn from ``rng``.
+
+    Returns:
+        (needles, the asked name).
+    """
+    if not 2 <= count <= len(NAMES):
+        raise ValueError(f"multikey needs 2 to {len(NAMES)} keys; got {count}")
+    names = [str(n) for n in rng.choice(NAMES, size=count, replace=False)]
+    keys = {key}
+    while len(keys) < count:
+        keys.add(int(rng.integers(*KEY_RANGE)))
+    others = sorted(keys - {key})
+    rng.shuffle(others)
+    slots = [i / (count - 1) for i in range(count)]
+    asked = min(range(count), key=lambda i: abs(slots[i] - depth))
+    slots[asked] = depth
+    needles = [Needle(key if i == asked else others.pop(), slots[i], names[i]) for i in range(count)]
+    return needles, names[asked]
+
+
+class BookHaystack:
+    """Real prose as filler: the sentences of one split of a corpus (default the validation split of the
+    bundled books), read once; each prompt takes consecutive sentences from a seeded one on.
+
+    Args:
+        corpus: a corpus folder (:func:`landmark.data.read_corpus`); None: the bundled books.
+        split: the split whose documents give the sentences.
+
+    Raises:
+        CorpusError / FileNotFoundError: the corpus cannot be read (or the split is missing).
+    """
+
+    def __init__(self, corpus: str | Path | None = None, split: str = "validation") -> None:
+        from landmark.data.books import bundled_books
+        from landmark.data.corpus import CorpusError, read_corpus
+
+        read = read_corpus(corpus if corpus is not None else bundled_books())
+        if split not in read.splits:
+            raise CorpusError(f"corpus {read.root} has no {split!r} split (it has {sorted(read.splits)})")
+        self.root, self.split, self.fingerprint = read.root, split, read.fingerprint(split)
+        self.sentences: list[str] = []
+        for doc in read.splits[split]:
+            text = " ".join(doc.read_text().split())  # line breaks and runs of spaces -> one space
+            self.sentences += [s for s in _SENTENCE_END.split(text) if s]
+        if not self.sentences:
+            raise CorpusError(f"the {split!r} split of {read.root} holds no text")
+
+    def sentences_from(self, rng: np.random.Generator):
+        """Consecutive sentences from a seeded first one (after the split's last, its first again)."""
+        i = int(rng.integers(len(self.sentences)))
+        while True:
+            yield self.sentences[i]
+            i = (i + 1) % len(self.sentences)
+
+
+@dataclass(frozen=True)
+class Filler:
+    """``tokens`` of filler and where its sentences start (token offsets, the first 0, ascending), or
+    ``starts`` None for the repeated filler, whose boundaries are the multiples of ``unit``."""
+
+    tokens: list[int]
+    starts: list[int] | None = None
+    unit: int = 0
+
+    def boundary(self, depth: float) -> int:
+        """The sentence boundary where a key sentence at ``depth`` goes: the one nearest to
+        ``depth * len(tokens)`` (repeated filler: rounded to whole filler groups, as the paper's
+        prompts always were)."""
+        n = len(self.tokens)
+        if self.starts is None:
+            return min(n, round(depth * n / self.unit) * self.unit)
+        x = depth * n
+        i = bisect.bisect_left(self.starts, x)
+        return min(self.starts[max(0, i - 1) : i + 1], key=lambda s: abs(s - x))
+
+
 @dataclass
 class PasskeyPrompts:
-    """Token-level passkey prompts for one tokenizer."""
+    """Token-level passkey prompts for one tokenizer.
+
+    Args:
+        tokenizer: anything with ``encode(text) -> list[int]`` (:class:`Tokenizer`, or a Hugging Face
+            tokenizer through :class:`landmark.hf.passkey.HFTokenEncoder`).
+        haystack: None for the paper's repeated filler, or a :class:`BookHaystack` (real prose).
+    """
 
     tokenizer: Tokenizer
+    haystack: BookHaystack | None = None
 
     def __post_init__(self) -> None:
         enc = self.tokenizer.encode
@@ -52,35 +177,86 @@ class PasskeyPrompts:
         self.filler = enc(" " + FILLER)
         self.question = enc(" " + QUESTION)
 
-    def key_sentence(self, key: int) -> list[int]:
-        return self.tokenizer.encode(" " + KEY_SENTENCE.format(key=key))
+    def key_sentence(self, key: int, name: str | None = None) -> list[int]:
+        """The key sentence (named in multikey prompts)."""
+        text = KEY_SENTENCE.format(key=key) if name is None else NAMED_KEY_SENTENCE.format(key=key, name=name)
+        return self.tokenizer.encode(" " + text)
+
+    def question_for(self, name: str | None = None) -> list[int]:
+        """The question (about the key of ``name`` in multikey prompts)."""
+        return (
+            self.question if name is None else self.tokenizer.encode(" " + NAMED_QUESTION.format(name=name))
+        )
 
     def answer(self, key: int) -> list[int]:
         """The expected continuation: `` 48213.``"""
         return self.tokenizer.encode(f" {key}.")
 
     def min_length(self, key: int = 99999) -> int:
-        return len(self.instruction) + len(self.key_sentence(key)) + len(self.question)
+        """Tokens of a prompt of the paper's task without filler."""
+        return self.needed([Needle(key, 0.0)])
 
-    def prompt(self, length: int, depth: float, key: int) -> list[int]:
-        """A prompt of exactly ``length`` tokens with the key sentence at ``depth`` (0 = right after the
-        instruction, 1 = right before the question), snapped to a filler sentence boundary."""
-        return self._compose(length, depth, key)[0]
+    def needed(self, needles: Sequence[Needle], ask: str | None = None) -> int:
+        """Tokens of a prompt holding ``needles`` and the question about ``ask``, without filler."""
+        sentences = sum(len(self.key_sentence(x.key, x.name)) for x in needles)
+        return len(self.instruction) + sentences + len(self.question_for(ask))
 
-    def _compose(self, length: int, depth: float, key: int) -> tuple[list[int], int]:
-        """(prompt, number of filler tokens before the key sentence)."""
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"depth must be in [0, 1]; got {depth}")
-        key_ids = self.key_sentence(key)
-        n_filler = length - len(self.instruction) - len(key_ids) - len(self.question)
+    def prompt(
+        self, length: int, depth: float, key: int, rng: np.random.Generator | None = None
+    ) -> list[int]:
+        """A prompt of the paper's task of exactly ``length`` tokens with the key sentence at ``depth`` (0 =
+        right after the instruction, 1 = right before the question), snapped to a sentence boundary;
+        ``rng`` picks the prose of a books haystack."""
+        return self.compose(length, [Needle(key, depth)], rng=rng)[0]
+
+    def compose(
+        self,
+        length: int,
+        needles: Sequence[Needle],
+        ask: str | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """A prompt of exactly ``length`` tokens: the instruction, filler with the ``needles``' key
+        sentences at their depths (each at a sentence boundary), the question about ``ask`` (None: the
+        paper's question).
+
+        Returns:
+            (prompt, the number of filler tokens before each needle, in the order given).
+
+        Raises:
+            ValueError: a depth outside [0, 1], or ``length`` too short for the prompt without filler.
+        """
+        bad = [x.depth for x in needles if not 0.0 <= x.depth <= 1.0]
+        if bad:
+            raise ValueError(f"depth must be in [0, 1]; got {bad[0]}")
+        n_filler = length - self.needed(needles, ask)
         if n_filler < 0:
             raise ValueError(
-                f"length {length} is too short for a passkey prompt (minimum {self.min_length(key)})"
+                f"length {length} is too short for a passkey prompt (minimum {self.needed(needles, ask)})"
             )
-        unit = len(self.filler)
-        filler = (self.filler * (n_filler // unit + 1))[:n_filler]
-        cut = min(n_filler, round(depth * n_filler / unit) * unit)
-        return self.instruction + filler[:cut] + key_ids + filler[cut:] + self.question, cut
+        filler = self._filler(n_filler, rng)
+        cuts = [filler.boundary(x.depth) for x in needles]
+        out, done = list(self.instruction), 0
+        for i in sorted(range(len(needles)), key=lambda i: cuts[i]):  # stable: ties keep the given order
+            out += filler.tokens[done : cuts[i]] + self.key_sentence(needles[i].key, needles[i].name)
+            done = cuts[i]
+        return out + filler.tokens[done:] + self.question_for(ask), cuts
+
+    def _filler(self, n: int, rng: np.random.Generator | None) -> Filler:
+        """``n`` tokens of filler: the repeated sentences, or prose from the haystack (``rng`` needed)."""
+        if self.haystack is None:
+            unit = len(self.filler)
+            return Filler((self.filler * (n // unit + 1))[:n], unit=unit)
+        if rng is None:
+            raise ValueError("a books haystack needs rng: the prose of a prompt is drawn with it")
+        tokens, starts = [], []
+        sentences = self.haystack.sentences_from(rng)
+        while len(tokens) < n:
+            starts.append(len(tokens))
+            tokens += self.tokenizer.encode(" " + next(sentences))
+        if len(tokens) == n:  # the last sentence ends right before the question: a boundary too
+            starts.append(n)
+        return Filler(tokens[:n], starts)
 
     def training_sample(self, rng: np.random.Generator, n_tokens: int, min_gap: int) -> list[int]:
         """``n_tokens`` tokens ending with the answer; at least ``min_gap`` filler tokens separate the key
@@ -94,9 +270,9 @@ class PasskeyPrompts:
                 f"{n_filler} filler tokens cannot keep the key {min_gap} tokens from the question"
             )
         depth = rng.integers(0, n_filler - min_gap + 1) / n_filler
-        prompt, before = self._compose(length, depth, key)
+        prompt, (before,) = self.compose(length, [Needle(key, depth)])
         if n_filler - before < min_gap:  # snapping to a sentence boundary moved the key too late
-            prompt, _ = self._compose(length, 0.0, key)
+            prompt, _ = self.compose(length, [Needle(key, 0.0)])
         return prompt + answer
 
     def training_window(

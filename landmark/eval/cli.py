@@ -1,6 +1,9 @@
 """``landmark eval ppl`` and ``landmark eval passkey``: tables (markdown + JSON) and PNG plots.
 
-Both cache every finished cell under ``--out``/cells, so an interrupted run picks up where it stopped.
+Models are the library's checkpoints (``--model NAME=PATH``) or Hugging Face model folders
+(``--model NAME=hf:FOLDER``: a landmark-converted model reads with retrieval, any other with its own
+attention). Both commands cache every finished cell under ``--out``/cells, so an interrupted run picks
+up where it stopped.
 Every argument is checked (models loaded, data read) before anything is computed or written: a mistake
 is one line ``error: ...`` with exit status 2 and leaves the disk as it was. The retrieval options are
 the group every retrieval command shares (``landmark/inference/options.py``).
@@ -13,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from landmark.data.passkey import DEFAULT_MULTIKEY_KEYS, HAYSTACKS, NAMES, TASKS
+from landmark.eval.models import HF_PREFIX, parse_model_arg
 from landmark.inference.options import (
     add_retrieval_arguments,
     check_chunk_len,
@@ -27,7 +32,11 @@ PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def _models_help() -> str:
-    return "checkpoint to evaluate as NAME=PATH (a run folder or checkpoint folder); repeat for several"
+    return (
+        "model to evaluate as NAME=PATH (a run or checkpoint folder of this library) or NAME=hf:FOLDER (a "
+        "Hugging Face model folder: landmark-converted, read with retrieval, or not, read with its own "
+        "attention); repeat for several"
+    )
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -46,18 +55,20 @@ def _load(args: argparse.Namespace):
     models = load_models(args.model)
     check_lengths(args.lengths, models)
     for m in models:
-        if m.kind == "landmark":
-            check_chunk_len(args, m.model.config.block_size, f"model {m.name!r}")
+        if m.retrieves:
+            check_chunk_len(args, m.block_size, f"model {m.name!r}")
     return models
 
 
 def _split_tokens(args: argparse.Namespace, tokenizer):
-    """The tokens of ``--split`` from ``--data`` (default: the bundled books, prepared with ``tokenizer``);
-    refused when the data was prepared with another tokenizer than the models'."""
+    """The tokens of ``--split`` from ``--data`` (default: ``--corpus``, the bundled books unless given,
+    prepared with ``tokenizer``); refused when the data was prepared with another tokenizer than the
+    models'."""
     from landmark.data import load_split, prepare_data
 
     if args.data is None:
-        folder, option = prepare_data(tokenizer=tokenizer, progress=True).folder, "--split"
+        folder = prepare_data(args.corpus, tokenizer=tokenizer, progress=True).folder
+        option = "--split"
     else:
         folder, option = Path(args.data), "--data"
         if not folder.is_dir():
@@ -78,17 +89,54 @@ def _split_tokens(args: argparse.Namespace, tokenizer):
     return split.tokens
 
 
+def _hf_tokens(args: argparse.Namespace, tokenizer):
+    """The tokens of ``--split`` of ``--corpus`` (default: the bundled books) with a Hugging Face
+    model's own tokenizer (``landmark.hf.data.tokenize_corpus``, cached)."""
+    from landmark.data import CorpusError
+    from landmark.hf.data import tokenize_corpus
+
+    try:
+        return tokenize_corpus(tokenizer, args.corpus, args.split)
+    except CorpusError as err:
+        raise ValueError(f"--corpus: {err}") from None
+    except ValueError as err:  # no such split
+        raise ValueError(f"--split: {err}") from None
+
+
+def _model_tokens(args: argparse.Namespace, m):
+    """The evaluation tokens of one model, tokenized with its own tokenizer."""
+    return _hf_tokens(args, m.tokenizer) if m.family == "hf" else _split_tokens(args, m.tokenizer)
+
+
 def _ppl_inputs(args: argparse.Namespace):
     """Checked models and tokens of ``eval ppl``; a ValueError names the first bad argument."""
+    import numpy as np
+
     _check_common(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1; got {args.max_tokens}")
+    if args.corpus is not None and not Path(args.corpus).is_dir():
+        raise ValueError(f"--corpus {args.corpus}: no such folder (a folder of .txt documents)")
+    if args.corpus is not None and args.data is not None:
+        raise ValueError("--corpus and --data exclude each other: a corpus folder, or data prepared from one")
+    if args.data is not None and any(parse_model_arg(spec)[1].startswith(HF_PREFIX) for spec in args.model):
+        raise ValueError(
+            "--data is a folder prepared for this library's models; Hugging Face models (hf:) read "
+            "--corpus with their own tokenizer"
+        )
     models = _load(args)
-    if len({m.tokenizer.fingerprint for m in models}) > 1:
+    gpt = {m.tokenizer.fingerprint for m in models if m.family == "gpt"}
+    if len(gpt) > 1:
         raise ValueError("--model: all checkpoints must share one tokenizer to be scored on the same tokens")
-    tokens = _split_tokens(args, models[0].tokenizer)
+    tokens = _model_tokens(args, models[0])
+    for m in models[1:]:  # checkpoints of one tokenizer fingerprint read the same prepared tokens
+        if {m.family, models[0].family} != {"gpt"} and not np.array_equal(_model_tokens(args, m), tokens):
+            raise ValueError(
+                f"--model: {m.name!r} tokenizes the split differently from {models[0].name!r}: models "
+                "must share one tokenizer to be scored on the same tokens"
+            )
     too_long = [n for n in args.lengths if n > len(tokens)]
     if too_long:
         raise ValueError(
@@ -118,14 +166,16 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _passkey_inputs(args: argparse.Namespace):
-    """Checked models of ``eval passkey``; a ValueError names the first bad argument."""
-    from landmark.eval.passkey import check_passkey_cells
+    """Checked models and task of ``eval passkey``; a ValueError names the first bad argument."""
+    from landmark.eval.passkey import PasskeyTask, check_passkey_cells
 
     _check_common(args)
     check_distinct("--depths", args.depths)
+    task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus)
+    task.check()  # before the models are loaded
     models = _load(args)
-    check_passkey_cells(models, args.lengths, args.depths, args.trials, args.seed)
-    return models
+    check_passkey_cells(models, args.lengths, args.depths, args.trials, args.seed, task=task)
+    return models, task
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
@@ -133,18 +183,17 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     from landmark.eval.passkey import evaluate_passkey, passkey_table, plot_passkey
 
     try:
-        models = _passkey_inputs(args)
+        models, task = _passkey_inputs(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     results = evaluate_passkey(
         models, args.lengths, args.depths, args.trials, CellCache(out), seed=args.seed, k=args.k,
-        granularity=args.granularity, chunk_len=args.chunk_len, options=session_options(args),
+        granularity=args.granularity, chunk_len=args.chunk_len, options=session_options(args), task=task,
     )  # fmt: skip
-    return _write(
-        out, "passkey", "Passkey retrieval accuracy", passkey_table(results), results, args, plot_passkey
-    )
+    title = f"Passkey retrieval accuracy ({task.label})"
+    return _write(out, "passkey", title, passkey_table(results), results, args, plot_passkey)
 
 
 def _write(out: Path, name: str, title: str, table: str, results: list[dict], args, plot) -> int:
@@ -168,7 +217,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help=_models_help())
     q.add_argument("--lengths", type=int, nargs="*", default=PPL_LENGTHS, help="tokens, each >= one block")
     q.add_argument("--split", default="validation", help="corpus split (default validation)")
-    q.add_argument("--data", default=None, help="prepared data folder (default: the bundled corpus)")
+    q.add_argument("--data", default=None, help="prepared data folder of this library's models (default: "
+                   "--corpus prepared with their tokenizer)")  # fmt: skip
+    q.add_argument("--corpus", default=None, help="corpus folder of .txt documents, tokenized with each "
+                   "model's tokenizer (default: the bundled books)")  # fmt: skip
     q.add_argument("--max-tokens", type=int, default=16384, help="tokens per length (whole windows, >= 1)")
     q.add_argument("--batch-size", type=int, default=4, help="windows evaluated together (>= 1)")
     q.add_argument("--out", default="runs/eval-ppl", help="output folder (and result cache)")
@@ -177,10 +229,21 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
     q = ev.add_parser("passkey", help="passkey retrieval accuracy by length and depth (table, JSON, heatmap)")
     q.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help=_models_help())
-    q.add_argument("--lengths", type=int, nargs="*", default=PASSKEY_LENGTHS, help="tokens")
+    q.add_argument("--lengths", type=int, nargs="*", default=PASSKEY_LENGTHS, help="prompt lengths in "
+                   "tokens of each model's tokenizer, landmarks not counted")  # fmt: skip
     q.add_argument("--depths", type=float, nargs="*", default=PASSKEY_DEPTHS, help="fractions in [0, 1]")
     q.add_argument("--trials", type=int, default=10, help="seeded random keys per cell (>= 1)")
     q.add_argument("--seed", type=int, default=0, help="seed of the keys (>= 0)")
+    q.add_argument("--task", choices=TASKS, default="passkey", help="passkey: the paper's one key (default); "
+                   "multikey: --keys named keys at depths spread over the context, the one at --depths "
+                   "asked for by name")  # fmt: skip
+    q.add_argument("--keys", type=int, default=None, help=f"keys per multikey prompt, 2 to {len(NAMES)} "
+                   f"(default {DEFAULT_MULTIKEY_KEYS})")  # fmt: skip
+    q.add_argument("--haystack", choices=HAYSTACKS, default="repeat", help="repeat: the paper's repeated "
+                   "filler sentences (default); books: prose from the validation split of --corpus, "
+                   "seeded per trial, the keys at sentence boundaries")  # fmt: skip
+    q.add_argument("--corpus", default=None, help="corpus folder of --haystack books (default: the bundled "
+                   "books)")  # fmt: skip
     q.add_argument("--out", default="runs/eval-passkey", help="output folder (and result cache)")
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_passkey)

@@ -5,11 +5,16 @@ landmark model inserts its own landmarks, which are never scored). Every window 
 fresh state (memory reset per window); every model scores the same tokens (tokens 1..L-1 of each
 window, each from all the tokens before it in the window):
 
-* ``landmark`` models: chunked inference with top-k retrieval (``chunked_nll``), once per requested
-  k and granularity;
+* ``landmark`` and ``hf-landmark`` models: chunked reading with top-k retrieval (the library's
+  ``chunked_nll``; a ``LandmarkRetrievalCache`` for Hugging Face models), all positions' logits of each
+  chunk, once per requested k and granularity;
 * ``full`` models: one causal pass over the whole window (beyond the training length for long windows,
-  which is the point of the comparison);
+  which is the point of the comparison); ``hf`` models: the same with their own attention, read chunk by
+  chunk into their own cache;
 * ``xl`` models: their segment recurrence over the window (each segment sees the previous one's cache).
+
+Each family answers "NLL of these windows" itself (``ModelUnderTest.window_nll``,
+:mod:`landmark.eval.models`); the cells, the cache and the table are shared.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from landmark.eval.common import CellCache, ModelUnderTest, cache_key_options, weights_fingerprint
-from landmark.inference import chunked_nll
+from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
+from landmark.eval.models import RETRIEVAL_KINDS
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,9 @@ class Setting:
 
     @property
     def label(self) -> str:
-        if self.kind != "landmark":
+        if self.kind not in RETRIEVAL_KINDS:
             return f"{self.model} ({self.kind})"
-        return f"{self.model} (landmark, k={self.k}, {self.granularity})"
+        return f"{self.model} ({self.kind}, k={self.k}, {self.granularity})"
 
 
 def eval_windows(tokens: np.ndarray, length: int, max_tokens: int) -> np.ndarray:
@@ -48,21 +53,6 @@ def eval_windows(tokens: np.ndarray, length: int, max_tokens: int) -> np.ndarray
     if n < 1:
         raise ValueError(f"the split holds {len(tokens)} tokens, fewer than one window of {length}")
     return np.asarray(tokens[: n * length], dtype=np.int64).reshape(n, length)
-
-
-@torch.no_grad()
-def _plain_nll(m: ModelUnderTest, windows: torch.Tensor, slice_len: int = 1024) -> torch.Tensor:
-    """(W, L) windows -> (W,) NLL sums of a full or xl model over tokens 1..L-1 (logits in slices)."""
-    h = m.model.hidden_states(windows)
-    total = torch.zeros(windows.shape[0], dtype=torch.float64)
-    for s in range(0, windows.shape[1] - 1, slice_len):
-        e = min(windows.shape[1] - 1, s + slice_len)
-        logits = m.model.logits(h[:, s:e]).float()
-        ce = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), windows[:, s + 1 : e + 1], reduction="none"
-        )
-        total += ce.sum(1).double()
-    return total
 
 
 def evaluate_perplexity(
@@ -92,41 +82,47 @@ def evaluate_perplexity(
     """
     settings: list[tuple[ModelUnderTest, Setting]] = []
     for m in models:
-        if m.kind == "landmark":
+        if m.retrieves:
             settings += [(m, Setting(m.name, m.kind, k, g)) for k in ks for g in granularities]
         else:
             settings.append((m, Setting(m.name, m.kind)))
     cells = [(m, s, n) for m, s in settings for n in lengths]
-    fingerprints = {m.name: weights_fingerprint(m.model) for m in models}
     results = []
-    bar = tqdm(cells, desc="perplexity", unit="cell", disable=not progress)
-    for m, s, n in bar:
+    total = sum(len(eval_windows(tokens, n, max_tokens)) for _, _, n in cells)
+    bar = tqdm(total=total, desc="perplexity", unit="window", disable=not progress)
+    for m, s, n in cells:
         bar.set_postfix_str(f"{s.label} @ {n}")
         key = {
-            "eval": "ppl", "weights": fingerprints[m.name], "kind": s.kind, "k": s.k,
+            "eval": "ppl", "weights": m.fingerprint(), "kind": s.kind, "k": s.k,
             "granularity": s.granularity, "length": n, "max_tokens": max_tokens, "chunk_len": chunk_len,
             "split": split, "tokens": len(tokens), "options": cache_key_options(options, s.kind),
         }  # fmt: skip
         cached = cache.get(key)
         if cached is None:
-            t0 = time.perf_counter()
-            windows = torch.from_numpy(eval_windows(tokens, n, max_tokens))
-            nll, count = 0.0, 0
-            for b in range(0, windows.shape[0], batch_size):
-                w = windows[b : b + batch_size]
-                if s.kind == "landmark":
-                    sums, counts = chunked_nll(
-                        m.model, w, k=s.k, granularity=s.granularity, chunk_len=chunk_len, **(options or {})
-                    )
-                    nll, count = nll + float(sums.sum()), count + int(counts.sum())
-                else:
-                    nll, count = nll + float(_plain_nll(m, w).sum()), count + w.shape[0] * (n - 1)
-            cached = {"windows": int(windows.shape[0]), "tokens": count, "nll": nll / count,
-                      "ppl": math.exp(nll / count), "seconds": time.perf_counter() - t0}  # fmt: skip
+            reading = Reading(chunk_len=chunk_len, options=options)
+            if m.retrieves:
+                reading = Reading(s.k, s.granularity, chunk_len, options)
+            cached = _run_cell(m, eval_windows(tokens, n, max_tokens), batch_size, reading, bar)
             cache.put(key, cached)
+        else:
+            bar.update(cached["windows"])
         results.append({"setting": s.label, "model": s.model, "kind": s.kind, "k": s.k,
                         "granularity": s.granularity, "length": n, **cached})  # fmt: skip
+    bar.close()
     return results
+
+
+def _run_cell(m: ModelUnderTest, windows: np.ndarray, batch_size: int, reading: Reading, bar) -> dict:
+    """Perplexity of one model over (W, L) windows, ``batch_size`` windows per call."""
+    t0 = time.perf_counter()
+    windows = torch.from_numpy(windows)
+    nll, count = 0.0, 0
+    for b in range(0, windows.shape[0], batch_size):
+        sums, counts = m.window_nll(windows[b : b + batch_size], reading)
+        nll, count = nll + float(sums.sum()), count + int(counts.sum())
+        bar.update(len(sums))
+    return {"windows": int(windows.shape[0]), "tokens": count, "nll": nll / count,
+            "ppl": math.exp(nll / count), "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def perplexity_table(results: list[dict]) -> str:

@@ -30,7 +30,15 @@ from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.model import GPT
 
-__all__ = ["DEFAULT_CHUNK_LEN", "InferenceSession", "SessionStats", "chunked_logits", "chunked_nll"]
+__all__ = [
+    "DEFAULT_CHUNK_LEN",
+    "InferenceSession",
+    "SessionStats",
+    "chunked_logits",
+    "chunked_nll",
+    "landmark_stream",
+    "sum_nll",
+]
 
 
 @dataclass
@@ -276,25 +284,48 @@ def chunked_nll(
         (nll_sum, count): (B,) float64 sums of -log p(token t+1 | tokens <= t) and (B,) numbers of
         scored tokens (length - 1 per row).
     """
+    batch, n = tokens.shape
+    lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
+    stream, stream_len, targets = landmark_stream(
+        tokens, lengths, model.config.block_size, model.config.landmark_id
+    )
+    session = InferenceSession(model, batch, **session_kwargs)
+    return sum_nll(session.iter_feed(stream, stream_len), targets), (lengths - 1).clamp_min(0)
+
+
+def landmark_stream(
+    tokens: Tensor, lengths: Tensor | None, block_size: int, landmark_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What a landmark model reads to score (B, n) right-padded regular tokens (``lengths`` real ones
+    per row, default n): the streams with their landmarks and their targets.
+
+    Returns:
+        stream (B, n') right-padded, stream_len (B,), and targets (B, n'): at a regular position the
+        next regular token; -100 at landmarks, at padding and at each row's last regular token.
+    """
     from landmark.data.landmarks import landmark_targets
 
     batch, n = tokens.shape
     lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
-    bs, lm = model.config.block_size, model.config.landmark_id
-    stream = rows_with_landmarks(tokens, lengths, bs, lm)
+    bs = block_size
+    stream = rows_with_landmarks(tokens, lengths, bs, landmark_id)
     stream_len = lengths + lengths // (bs - 1)
     targets = landmark_targets(stream, bs)  # next regular token; -100 at landmarks and the very end
     real = torch.arange(stream.shape[1])[None, :] < stream_len[:, None]
     targets = torch.where(real, targets, torch.full_like(targets, -100))
     # the last regular token of a shorter row would be scored on its padding: never score past the end
     last = torch.arange(stream.shape[1])[None, :] >= (stream_len - 1 - (stream_len % bs == 0).long())[:, None]
-    targets = torch.where(last, torch.full_like(targets, -100), targets)
-    session = InferenceSession(model, batch, **session_kwargs)
-    nll = torch.zeros(batch, dtype=torch.float64)
-    for c0, logits in session.iter_feed(stream, stream_len):
+    return stream, stream_len, torch.where(last, torch.full_like(targets, -100), targets)
+
+
+def sum_nll(chunks: Iterator[tuple[int, Tensor]], targets: Tensor) -> Tensor:
+    """(B,) float64 sums of the cross-entropy of ``(c0, (B, c, vocab) logits)`` chunks against
+    ``targets[:, c0 : c0 + c]`` (positions whose target is -100 not scored)."""
+    nll = torch.zeros(targets.shape[0], dtype=torch.float64)
+    for c0, logits in chunks:
         tgt = targets[:, c0 : c0 + logits.shape[1]].to(logits.device)
         ce = torch.nn.functional.cross_entropy(
             logits.float().transpose(1, 2), tgt.clamp_min(0), reduction="none"
         )  # (B, c)
         nll += (ce * (tgt != -100)).sum(1).double().cpu()
-    return nll, (lengths - 1).clamp_min(0)
+    return nll
