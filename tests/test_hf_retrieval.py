@@ -50,6 +50,31 @@ def test_chunked_prefill_equals_full_forward(arch, granularity):
     assert state.memory.count == [14, 14] and state.tail_len.tolist() == [114 - 14 * BS] * 2
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unrotated_position_ids_equal_the_stream_positions(arch):
+    """Position ids of zeros (the model's RoPE skipped, what hf_reader passes) give the outputs of the
+    true stream positions (the model's RoPE undone by the cache) and of one full forward, chunk by
+    chunk. (Only with every block retrieved: in layer 0 every landmark key is the same vector, an exact
+    tie that the zeros keep and the tie rule settles, while rotating and un-rotating adds rounding
+    that breaks the tie arbitrarily, so with k < blocks the two may select different blocks there.)"""
+    model, _ = converted(arch)
+    ids = stream(1, 150, seed=3, model=model)  # (1, 171)
+    outs = []
+    with torch.no_grad():
+        for zeros in (False, True):
+            cache = LandmarkRetrievalCache(model, ALL, chunk_len=24)
+            chunks = []
+            for c0 in range(0, ids.shape[1], 24):
+                chunk = ids[:, c0 : c0 + 24]
+                positions = torch.arange(c0, c0 + chunk.shape[1])[None]
+                pos = cache.unrotated_position_ids(chunk.shape[1]) if zeros else positions
+                chunks.append(model(chunk, cache=cache, position_ids=pos).logits)
+            outs.append(torch.cat(chunks, dim=1))
+        full = model(ids).logits
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[1], full, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("step", [1, 2, 5], ids=["tokens", "pairs", "fives"])
 def test_stepwise_feeding_equals_full_forward(step):
     """Decode path (1-2 rows a step) and small chunks, over a CPU block memory."""

@@ -30,7 +30,8 @@ from landmark.inference.threads import inference_threads, using_threads
 def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, threads: int | None = None):
     """A reader for :func:`generate_with`: feeds (B, C) ids (every row the same length) through
     ``model`` with ``cache``, ``chunk_len`` positions per forward, and returns (B, vocab) logits of
-    the last position; with ``threads`` torch threads (None: ``LANDMARK_THREADS`` or 1, see
+    the last position (with a :class:`landmark.hf.LandmarkRetrievalCache`, position ids of zeros: the
+    model's RoPE is skipped, see ``unrotated_position_ids``); with ``threads`` torch threads (None: ``LANDMARK_THREADS`` or 1, see
     :mod:`landmark.inference.threads`)."""
     device = model.get_input_embeddings().weight.device
     threads = inference_threads() if threads is None else threads
@@ -40,10 +41,12 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
             raise ValueError("Hugging Face models read rows of equal length only (no padding)")
         n = int(lengths[0])
         logits = None
+        unrotated = getattr(cache, "unrotated_position_ids", None)  # a LandmarkRetrievalCache
         for c0 in range(0, n, chunk_len):
             chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
+            extra = {} if unrotated is None else {"position_ids": unrotated(chunk.shape[1], device)}
             with using_threads(threads):
-                logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
+                logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1, **extra).logits
         return logits[:, -1]
 
     return read

@@ -29,8 +29,10 @@ The cache then
 3. calls :func:`~landmark.inference.retrieval_attention` (``rope_base = rope_theta``) over the retrieved
    blocks, the tail and the chunk, and moves the chunk's complete blocks into the memory.
 
-Positions. The model is given the true stream positions (``position_ids`` = ``0, 1, 2, ...`` counted
-from the start of the stream, landmarks included; ``get_seq_length`` returns the stream length). The
+Positions. The model is given the true stream positions, or all zeros (``unrotated_position_ids``,
+what :func:`landmark.hf.generate.hf_reader` does: RoPE at position 0 is the identity, so the
+rotation by the model and the un-rotation of step 1 are both skipped) (``position_ids`` = ``0, 1, 2, ...``
+counted from the start of the stream, landmarks included; ``get_seq_length`` returns the stream length). The
 re-placing of retrieved blocks in a short prefix happens inside ``retrieval_attention``, on un-rotated
 queries and keys, so positions beyond ``max_position_embeddings`` never reach the model's RoPE
 during attention. Every row of a batch must have the same length (no padding).
@@ -252,17 +254,31 @@ class LandmarkRetrievalCache(Cache):
         t = query.shape[2]
         length = self.layers[layer_idx].get_seq_length()
         positions = torch.arange(length, length + t, device=query.device)[None]  # (1, T)
+        if position_ids is not None and position_ids.shape[-1] == t and not bool(position_ids.any()):
+            # unrotated_position_ids: RoPE at position 0 is the identity, q and k arrive un-rotated
+            return self.stream.attend(layer_idx, query, key, value, None, scaling)
         if position_ids is not None and (
             position_ids.shape[-1] != t or not bool((position_ids == positions).all())
         ):
             raise ValueError(
                 f"LandmarkRetrievalCache needs the stream positions {length}..{length + t - 1} "
-                f"(every row the same, no padding); got position_ids starting at "
-                f"{position_ids.reshape(-1, position_ids.shape[-1])[:, 0].tolist()[:8]}"
+                f"(every row the same, no padding), or all zeros (unrotated_position_ids); got "
+                f"position_ids starting at {position_ids.reshape(-1, position_ids.shape[-1])[:, 0].tolist()[:8]}"
             )
         q = unrotate(query, positions, self.rope_base)  # (B, H, T, D)
         k = unrotate(key, positions, self.rope_base)  # (B, Hkv, T, D)
         return self.stream.attend(layer_idx, q, k, value, None, scaling)
+
+    @staticmethod
+    def unrotated_position_ids(t: int, device: torch.device | str | None = None) -> Tensor:
+        """(1, t) zeros: position ids to give the model with this cache so that its RoPE is the identity.
+
+        The cache re-positions queries and keys itself and needs them un-rotated; with the true stream
+        positions it un-rotates what the model rotated (:func:`unrotate`), with zeros both rotations are
+        skipped (rotation at position 0 is the identity) and the outputs are the same up to float
+        rounding. :func:`landmark.hf.generate.hf_reader` passes them.
+        """
+        return torch.zeros(1, t, dtype=torch.long, device=device)
 
     def save_state(self, path: Any, model: Any) -> None:
         """Save what the cache has read (block memories, tails, positions) to ``path`` (safetensors,
