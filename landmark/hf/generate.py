@@ -31,8 +31,8 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
     """A reader for :func:`generate_with`: feeds (B, C) ids (every row the same length) through
     ``model`` with ``cache``, ``chunk_len`` positions per forward, and returns (B, vocab) logits of
     the last position (with a :class:`landmark.hf.LandmarkRetrievalCache`, position ids of zeros: the
-    model's RoPE is skipped, see ``unrotated_position_ids``); with ``threads`` torch threads (None: ``LANDMARK_THREADS`` or 1, see
-    :mod:`landmark.inference.threads`)."""
+    model's RoPE is skipped, see ``unrotated_position_ids``); with ``threads`` torch threads (None:
+    ``LANDMARK_THREADS`` or 1, see :mod:`landmark.inference.threads`)."""
     device = model.get_input_embeddings().weight.device
     threads = inference_threads() if threads is None else threads
 

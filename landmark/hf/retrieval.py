@@ -260,10 +260,11 @@ class LandmarkRetrievalCache(Cache):
         if position_ids is not None and (
             position_ids.shape[-1] != t or not bool((position_ids == positions).all())
         ):
+            starts = position_ids.reshape(-1, position_ids.shape[-1])[:, 0].tolist()[:8]
             raise ValueError(
                 f"LandmarkRetrievalCache needs the stream positions {length}..{length + t - 1} "
                 f"(every row the same, no padding), or all zeros (unrotated_position_ids); got "
-                f"position_ids starting at {position_ids.reshape(-1, position_ids.shape[-1])[:, 0].tolist()[:8]}"
+                f"position_ids starting at {starts}"
             )
         q = unrotate(query, positions, self.rope_base)  # (B, H, T, D)
         k = unrotate(key, positions, self.rope_base)  # (B, Hkv, T, D)
