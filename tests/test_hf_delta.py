@@ -231,3 +231,33 @@ def test_load_refusals(runs, tmp_path):
     (out / delta.META_FILE).write_text("{")
     with pytest.raises(ValueError, match=r"cannot read delta\.json"):
         lhf.load_pretrained(out, base=runs["base"])
+
+
+def test_quickstart_with_a_delta_and_its_base_beside(runs, tmp_path, monkeypatch, capsys):
+    """The main job's SmolLM2 part at toy sizes: a delta model's passkey cells with retrieval, the base
+    model's from the second process, one report with both, and the small model's perplexity."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    dest = tmp_path / "delta"
+    assert export(runs["all"], dest) == 0
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--out", str(out), "--hf-model", str(dest), "--base", str(runs["base-tied"])]
+    argv += ["--ppl-lengths", "64", "128", "--ppl-tokens", "256", "--passkey-lengths", "300", "400"]
+    argv += ["--base-lengths", "300", "--trials", "1"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    rows = [
+        line for line in report.splitlines() if line.startswith("| smollm2-landmark") or "base (hf)" in line
+    ]
+    assert len(rows) == 3, report  # the delta model at 300 and 400, the base at 300
+    assert "(hf-landmark) | 400 |" in report and "base (hf) | 300 |" in report
+    assert (out / "passkey.png").is_file() and (out / "perplexity.png").is_file()
+    assert json.loads((out / "base" / "passkey.json").read_text())["results"][0]["kind"] == "hf"
+    assert "report written to" in capsys.readouterr().out
+    # refused before any work: a missing model folder, a length too short for the prompt
+    for bad, name in (
+        (["--hf-model", str(tmp_path / "none")], "--hf-model"),
+        (["--base-lengths", "100"], "--base-lengths"),
+    ):
+        assert main([*argv, "--out", str(tmp_path / "qs2"), *bad]) == 2
+        assert name in error_line(capsys)
+        assert not (tmp_path / "qs2").exists()

@@ -154,8 +154,8 @@ def _case_id(argv: list[str]) -> str:
 PPL = ["eval", "ppl", "--model", "lm={lm}", "--data", "{data}", "--out", "{out}", "--lengths", "64"]
 PASSKEY = ["eval", "passkey", "--model", "lm={lm}", "--out", "{out}", "--lengths", "600", "--depths", "0.5"]
 GENERATE = ["generate", "--checkpoint", "{lm}", "--prompt", "the sea", "--max-new-tokens", "2"]
-QUICK = ["quickstart", "--checkpoint", "{lm}", "--out", "{out}", "--ppl-lengths", "64", "128",
-         "--passkey-lengths", "600", "800"]  # fmt: skip
+QUICK = ["quickstart", "--no-hf", "--checkpoint", "{lm}", "--out", "{out}", "--ppl-lengths", "64",
+         "128"]  # fmt: skip
 
 EVAL_CASES = [
     # types
@@ -270,21 +270,24 @@ def test_generate_refuses(env, argv, names, capsys, monkeypatch):
 QUICKSTART_CASES = [
     ([*QUICK, "--k", "0"], "--k"),
     ([*QUICK, "--trials", "0"], "--trials"),
-    ([*QUICK[:5], "--ppl-lengths", "1", "1"], "--ppl-lengths"),
-    ([*QUICK[:5], "--ppl-lengths", "8", "64"], "--ppl-lengths"),
-    ([*QUICK[:5], "--ppl-lengths", "64"], "argument --ppl-lengths"),
+    ([*QUICK[:6], "--ppl-lengths", "1", "1"], "--ppl-lengths"),
+    ([*QUICK[:6], "--ppl-lengths", "8", "64"], "--ppl-lengths"),
+    ([*QUICK[:6], "--ppl-lengths", "64"], "argument --ppl-lengths"),
     ([*QUICK, "--passkey-lengths", "5", "400"], "--passkey-lengths"),
+    ([*QUICK, "--base-lengths", "300", "300"], "--base-lengths"),
+    ([*QUICK, "--depths", "1.5"], "--depths"),
+    (["quickstart", *QUICK[2:], "--hf-model", "{out}/missing"], "--hf-model"),
     ([*QUICK, "--ppl-tokens", "0"], "--ppl-tokens"),
     ([*QUICK, "--train-minutes", "0"], "--train-minutes"),
     ([*QUICK, "--train-minutes", "nan"], "--train-minutes"),
     ([*QUICK, "--train"], "--train"),
     ([*QUICK, "--chunk-len", "8"], "--chunk-len"),
     ([*QUICK, "--granularity", "row"], "argument --granularity"),
-    (["quickstart", "--checkpoint", "{truncated}", "--out", "{out}"], "--checkpoint"),
-    (["quickstart", "--checkpoint", "{full}", "--out", "{out}"], "--checkpoint"),
-    (["quickstart", "--out", "{file}"], "--out"),
-    (["quickstart", "--out", "{out}", "--ppl-lengths", "1", "1"], "--ppl-lengths"),  # the shipped model
-    (["quickstart", "--out", "{out}", "--trials", "0"], "--trials"),
+    (["quickstart", "--checkpoint", "{truncated}", "--out", "{out}", "--no-hf"], "--checkpoint"),
+    (["quickstart", "--checkpoint", "{full}", "--out", "{out}", "--no-hf"], "--checkpoint"),
+    (["quickstart", "--out", "{file}", "--no-hf"], "--out"),
+    (["quickstart", "--out", "{out}", "--ppl-lengths", "1", "1", "--no-hf"], "--ppl-lengths"),  # shipped
+    (["quickstart", "--out", "{out}", "--trials", "0", "--no-hf"], "--trials"),
 ]
 
 

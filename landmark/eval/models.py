@@ -317,10 +317,11 @@ def load_gpt(name: str, path: str, device: str = "cpu") -> GPTUnderTest:
     return GPTUnderTest(name, path, model.eval(), tokenizer)
 
 
-def load_hf(name: str, path: str, device: str = "cpu") -> HFUnderTest:
+def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) -> HFUnderTest:
     """The Hugging Face model folder at ``path``: a landmark-converted model (its config has
     ``landmark_token_id``; or a folder without config.json, such as a delta folder) through
-    ``landmark.hf.load_pretrained``, any other with its own attention. Errors name ``--model NAME``."""
+    ``landmark.hf.load_pretrained``, any other with its own attention; ``base``: a delta folder's base
+    (default: the one the delta names). Errors name ``--model NAME``."""
     option = f"--model {name}"
     try:
         from landmark.hf.checks import check_model_folder, for_option, loading, read_config
@@ -341,7 +342,7 @@ def load_hf(name: str, path: str, device: str = "cpu") -> HFUnderTest:
                     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
                     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             else:  # landmark-converted, or not a model folder at all: load_pretrained says which
-                model, tokenizer = load_pretrained(folder)
+                model, tokenizer = load_pretrained(folder, base=base)
     except ValueError as err:
         raise for_option(err, option) from None
     return HFUnderTest(name, str(folder), model.to(device).eval(), tokenizer)
