@@ -172,6 +172,49 @@ def test_passkey_mix_windows(tiny):
         PasskeyMixWindows(base, tok, raw_tokens=150, block_size=8, fraction=0.5)
 
 
+def test_passkey_mix_windows_with_prose_and_several_keys(tiny):
+    """--passkey-books / --passkey-multikey: prose filler from the training split, named keys with the
+    question about one of them (its key at least one block before the question); with both shares 0
+    the samples are the paper's recipe's, unchanged."""
+    import re
+
+    from hf_helpers import make_tokenizer
+
+    from landmark.data.passkey import BookHaystack, first_integer
+    from landmark.hf.passkey import PasskeyMixWindows
+
+    _, corpus = tiny
+    tok = make_tokenizer()
+    base = [{"input_ids": torch.zeros(400, dtype=torch.long)}] * 60
+    plain = PasskeyMixWindows(base, tok, raw_tokens=400, block_size=8, fraction=1.0, seed=3)
+    same = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, books=0.0, multikey=0.0)
+    assert all(torch.equal(plain[i]["input_ids"], same[i]["input_ids"]) for i in range(10))
+    haystack = BookHaystack(corpus, split="train")
+    mix = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, books=0.5, multikey=0.5, haystack=haystack)
+    kinds = {(prose, keys > 1) for prose, keys in map(mix.variant, range(60))}
+    assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+    prose_seen = multikey_seen = 0
+    for i in range(60):
+        prose, keys = mix.variant(i)
+        ids = mix[i]["input_ids"]
+        assert ids.shape == (400,)
+        text = tok.decode(ids)
+        assert ("The grass is green." not in text) == prose
+        if keys > 1:
+            named = re.findall(r"The pass key for (\w+) is (\d+)\. Remember it\.", text)
+            asked = re.findall(r"What is the pass key for (\w+)\? The pass key for \w+ is (\d+)\.", text)
+            if len(named) == keys:  # else the window was too short for them: the one-key sample
+                multikey_seen += 1
+                assert len({n for n, _ in named}) == keys and len(asked) == 1
+                name, answer = asked[0]
+                assert dict(named)[name] == answer
+        else:
+            key = first_integer(text.split("The pass key is")[1])
+            assert text.endswith(f"The pass key is {key}.")
+        prose_seen += prose
+    assert prose_seen > 10 and multikey_seen > 5
+
+
 def test_finetune_fsdp_refused_on_cpu(tiny, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("the refusal is for CPU processes")

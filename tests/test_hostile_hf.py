@@ -58,6 +58,10 @@ FINETUNE_BAD = [
     ("--max-windows", "0"),
     ("--passkey-fraction", "1.5"),
     ("--passkey-fraction", "nan"),
+    ("--passkey-books", "1.5"),
+    ("--passkey-multikey", "-0.1"),
+    ("--passkey-books", "0.5"),  # without --passkey-fraction
+    ("--save-steps", "0"),
     ("--passkey-fraction", "-0.1"),
     ("--max-minutes", "0"),
     ("--max-minutes", "inf"),

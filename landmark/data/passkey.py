@@ -258,22 +258,46 @@ class PasskeyPrompts:
             starts.append(n)
         return Filler(tokens[:n], starts)
 
-    def training_sample(self, rng: np.random.Generator, n_tokens: int, min_gap: int) -> list[int]:
-        """``n_tokens`` tokens ending with the answer; at least ``min_gap`` filler tokens separate the key
-        sentence from the question (so that, in training, the key lies in an earlier block)."""
+    def training_sample(
+        self, rng: np.random.Generator, n_tokens: int, min_gap: int, keys: int = 1
+    ) -> list[int]:
+        """``n_tokens`` tokens ending with the answer; at least ``min_gap`` filler tokens separate the asked
+        key sentence from the question (so that, in training, the key lies in an earlier block).
+
+        ``keys`` > 1: a multikey sample (named keys spread over the window, one asked, as
+        :func:`multikey_needles`); the filler is this builder's (repeated sentences, or the haystack's
+        prose drawn with ``rng``). With ``keys`` 1 and no haystack, the paper's sample (its draws from
+        ``rng`` unchanged).
+        """
         key = int(rng.integers(*KEY_RANGE))
         answer = self.answer(key)
         length = n_tokens - len(answer)
-        n_filler = length - len(self.instruction) - len(self.key_sentence(key)) - len(self.question)
+        probe = (
+            [Needle(key, 0.0)] if keys == 1 else multikey_needles(np.random.default_rng(0), key, 0.0, keys)[0]
+        )
+        n_filler = length - self.needed(probe, None if keys == 1 else NAMES[0])
         if n_filler < min_gap:
             raise ValueError(
                 f"{n_filler} filler tokens cannot keep the key {min_gap} tokens from the question"
             )
         depth = rng.integers(0, n_filler - min_gap + 1) / n_filler
-        prompt, (before,) = self.compose(length, [Needle(key, depth)])
-        if n_filler - before < min_gap:  # snapping to a sentence boundary moved the key too late
-            prompt, _ = self.compose(length, [Needle(key, 0.0)])
+        needles, ask = [Needle(key, depth)], None
+        if keys > 1:
+            needles, ask = multikey_needles(rng, key, depth, keys)
+        asked = next(i for i, x in enumerate(needles) if x.key == key)
+        prompt, cuts = self.compose(length, needles, ask, rng=rng)
+        if len(prompt) - len(self.question_for(ask)) - self._end_of(needles, cuts, asked) < min_gap:
+            # snapping to a sentence boundary moved the key too late: put it first
+            needles[asked] = Needle(key, 0.0, needles[asked].name)
+            prompt, _ = self.compose(length, needles, ask, rng=rng)
         return prompt + answer
+
+    def _end_of(self, needles: Sequence[Needle], cuts: list[int], i: int) -> int:
+        """Where needle ``i``'s key sentence ends in a prompt composed with filler ``cuts``: the
+        instruction, the filler before it, and the key sentences placed before or at its cut."""
+        before = [j for j in range(len(needles)) if cuts[j] < cuts[i] or (cuts[j] == cuts[i] and j <= i)]
+        sentences = sum(len(self.key_sentence(needles[j].key, needles[j].name)) for j in before)
+        return len(self.instruction) + cuts[i] + sentences
 
     def training_window(
         self,

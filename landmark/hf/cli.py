@@ -277,6 +277,18 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument(
         "--passkey-fraction", type=float, default=0.0, help="share of windows replaced by passkey samples"
     )
+    p.add_argument(
+        "--passkey-books",
+        type=float,
+        default=0.0,
+        help="share of the passkey samples whose filler is prose of the training split (default 0)",
+    )
+    p.add_argument(
+        "--passkey-multikey",
+        type=float,
+        default=0.0,
+        help="share of the passkey samples with 2-6 named keys, one asked (default 0)",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")

@@ -90,6 +90,8 @@ class FinetuneConfig:
     eval_windows: int = 0  # validation windows evaluated before and after training (0: none)
     max_windows: int | None = None  # use at most this many training windows (None: the whole split)
     passkey_fraction: float = 0.0  # share of training windows replaced by in-window passkey samples
+    passkey_books: float = 0.0  # share of those whose filler is prose of the training split
+    passkey_multikey: float = 0.0  # share of those with several named keys, one asked
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
     overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
@@ -112,6 +114,13 @@ class FinetuneConfig:
             )
         if self.lora_r and self.fsdp:
             raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
+        shares = (("--passkey-books", self.passkey_books), ("--passkey-multikey", self.passkey_multikey))
+        extra = next(((o, v) for o, v in shares if v), None)
+        if extra and not self.passkey_fraction:
+            raise ValueError(
+                f"{extra[0]} is a share of the passkey samples and needs --passkey-fraction > 0; got "
+                f"{extra[0]} {extra[1]} with --passkey-fraction 0"
+            )
         if self.lora_targets not in LORA_TARGET_SETS:
             raise ValueError(
                 f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}; got {self.lora_targets!r}"
@@ -192,6 +201,8 @@ FINETUNE_RULES: dict[str, Rule] = {
     "eval_windows": int_range(0),
     "max_windows": int_range(1),
     "passkey_fraction": real_range(0, 1),
+    "passkey_books": real_range(0, 1),
+    "passkey_multikey": real_range(0, 1),
     "max_minutes": real_range(0, open_low=True),
     "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
 }
@@ -298,9 +309,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.passkey_fraction:
         from landmark.hf.passkey import PasskeyMixWindows
 
+        haystack = None
+        if cfg.passkey_books:
+            from landmark.data.passkey import BookHaystack
+
+            haystack = BookHaystack(cfg.corpus, split="train")
         train_set = PasskeyMixWindows(
-            train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed
-        )
+            train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed,
+            books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack,
+        )  # fmt: skip
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
     )

@@ -68,15 +68,36 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
             the question, so that it lies in an earlier block and is reached through its landmark.
         fraction: share of windows replaced (0..1); which ones, and their keys, depend only on
             ``(seed, index)``.
+        books: share of the passkey samples whose filler is prose of the corpus's training split
+            (``haystack``, a :class:`~landmark.data.passkey.BookHaystack`) instead of the repeated
+            sentences (what ``landmark eval passkey --haystack books`` asks, on the validation split).
+        multikey: share of the passkey samples with 2 to ``MAX_TRAINING_KEYS`` named keys, one asked
+            (``--task multikey``).
     """
 
+    MAX_TRAINING_KEYS = 6
+
     def __init__(
-        self, base: Any, tokenizer: Any, raw_tokens: int, block_size: int, fraction: float, seed: int = 0
+        self,
+        base: Any,
+        tokenizer: Any,
+        raw_tokens: int,
+        block_size: int,
+        fraction: float,
+        seed: int = 0,
+        books: float = 0.0,
+        multikey: float = 0.0,
+        haystack: Any = None,
     ) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
+        for name, value in (("passkey_fraction", fraction), ("books", books), ("multikey", multikey)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {value}")
+        if books and haystack is None:
+            raise ValueError("books > 0 needs a haystack (BookHaystack of the training split)")
         self.base, self.raw_tokens, self.fraction, self.seed = base, raw_tokens, fraction, seed
+        self.books, self.multikey = books, multikey
         self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size)
+        self.book_prompts = PasskeyPrompts(self.prompts.tokenizer, haystack) if books else None
         self.min_gap = block_size - 1
 
     def __len__(self) -> int:
@@ -86,9 +107,25 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         """Whether window ``i`` is a passkey sample."""
         return bool(np.random.default_rng([self.seed, i, 7919]).random() < self.fraction)
 
+    def variant(self, i: int) -> tuple[bool, int]:
+        """(prose filler?, number of keys) of passkey sample ``i``, from its own seeded stream (so that
+        with both shares 0 the samples are those of the paper's recipe)."""
+        if not (self.books or self.multikey):
+            return False, 1
+        rng = np.random.default_rng([self.seed, i, 15485863])
+        prose, several = rng.random() < self.books, rng.random() < self.multikey
+        keys = int(rng.integers(2, self.MAX_TRAINING_KEYS + 1)) if several else 1
+        return bool(prose), keys
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not self.is_passkey(i):
             return self.base[i]
+        prose, keys = self.variant(i)
+        prompts = self.book_prompts if prose else self.prompts
         rng = np.random.default_rng([self.seed, i, 104729])
-        ids = self.prompts.training_sample(rng, self.raw_tokens, self.min_gap)
+        try:
+            ids = prompts.training_sample(rng, self.raw_tokens, self.min_gap, keys=keys)
+        except ValueError:  # too many keys for the window: the paper's one-key sample
+            ids = prompts.training_sample(np.random.default_rng([self.seed, i, 104729]), self.raw_tokens,
+                                          self.min_gap)  # fmt: skip
         return {"input_ids": torch.tensor(ids, dtype=torch.long)}
