@@ -263,6 +263,16 @@ def _hf_passkey(args: argparse.Namespace, hf, cache, options: dict) -> list[dict
                             options=options)  # fmt: skip
 
 
+def _answers(pk: list[dict]) -> str:
+    """One line per generated cell: the keys asked and what the model answered."""
+    lines = []
+    for r in pk:
+        if r.get("answers") is not None:
+            pairs = ", ".join(f"{k} -> {a}" for k, a in zip(r["keys"], r["answers"]))
+            lines.append(f"- {r['model']} at {r['length']} tokens, depth {r['depth']:.2f}: {pairs}")
+    return "Keys and answers (first integer generated):\n\n" + "\n".join(lines) if lines else ""
+
+
 def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk: list[dict], seconds: float):
     """``report.md`` in ``--out``; the tables printed."""
     from landmark.eval.common import write_text_atomic
@@ -281,6 +291,8 @@ ran at {args.base_lengths or "no length"} here (`--base-lengths`; about 4 minute
 16k, three times that at 32k); docs/evaluation.md has the full grid, measured with `landmark eval passkey`.
 
 {passkey_table(pk) if pk else "(no cell finished)"}
+
+{_answers(pk)}
 
 ![passkey](passkey.png)"""
     )

@@ -251,6 +251,7 @@ def test_quickstart_with_a_delta_and_its_base_beside(runs, tmp_path, monkeypatch
     assert len(rows) == 3, report  # the delta model at 300 and 400, the base at 300
     assert "(hf-landmark) | 400 |" in report and "base (hf) | 300 |" in report
     assert (out / "passkey.png").is_file() and (out / "perplexity.png").is_file()
+    assert "- smollm2-landmark at 400 tokens, depth 0.50: " in report  # its key and answer listed
     assert json.loads((out / "base" / "passkey.json").read_text())["results"][0]["kind"] == "hf"
     assert "report written to" in capsys.readouterr().out
     # refused before any work: a missing model folder, a length too short for the prompt
