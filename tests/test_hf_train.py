@@ -117,6 +117,10 @@ def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--out", str(out), "--resume", "--lr", "1e-3"]) == 2
     assert "--lr" in capsys.readouterr().err
+    run_file = staging / "finetune-run.json"  # a run file of an older version, without newer settings
+    settings = json.loads(run_file.read_text())
+    del settings["passkey_books"], settings["passkey_multikey"]
+    run_file.write_text(json.dumps(settings))
     assert main([*args, "--out", str(out), "--resume"]) == 0
     s = summary(out)
     assert s["steps_done"] == 4 and s["tokens_seen"] == 4 * (240 - 240 // 8)

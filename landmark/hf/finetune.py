@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,9 @@ class FinetuneConfig:
         except (OSError, ValueError) as err:
             raise ValueError(f"--resume: cannot read {run_file}: {err}") from None
         mine = asdict(self)
-        changed = [name for name in mine if name not in RESUMABLE_CHANGES and saved.get(name) != mine[name]]
+        defaults = {f.name: f.default for f in fields(self)}  # for settings newer than the run's file
+        saved = {name: saved.get(name, defaults[name]) for name in mine}
+        changed = [name for name in mine if name not in RESUMABLE_CHANGES and saved[name] != mine[name]]
         if changed:
             name = changed[0]
             option = "--" + name.replace("_", "-")
