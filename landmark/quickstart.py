@@ -44,7 +44,7 @@ SHIPPED = REPO / "checkpoints" / "passkey-landmark"
 RECIPE = REPO / "configs" / "passkey-landmark.toml"
 SMOLLM2 = REPO / "checkpoints" / "smollm2-landmark"  # the shipped SmolLM2 landmark delta
 HF_LENGTHS = [16384, 32768]  # passkey lengths of the SmolLM2 landmark model (twice, four times its window)
-BASE_LENGTHS = [16384]  # the base model's (about 4 minutes of one core per trial at 16k; 32k: ~12)
+BASE_LENGTHS = [16384]  # the base model's (about 3 minutes of one core per trial at 16k; 32k: ~8)
 DEPTHS = [0.5]  # passkey depths of the report
 MIN_PASSKEY_LENGTH = 256  # below this no passkey prompt fits (checked exactly once the model is loaded)
 SEED = 0  # passkey keys
@@ -287,8 +287,8 @@ def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk:
 (`{args.hf_model}`, read with the top {args.k} blocks retrieved, {args.granularity}, chunks of
 {args.chunk_len}) beside the base model with its own attention (its window: 8,192 tokens); the paper's
 prompt, {args.trials} seeded key(s) per cell, lengths in tokens (landmarks not counted). The base model
-ran at {args.base_lengths or "no length"} here (`--base-lengths`; about 4 minutes of one core per trial at
-16k, three times that at 32k); docs/evaluation.md has the full grid, measured with `landmark eval passkey`.
+ran at {args.base_lengths or "no length"} here (`--base-lengths`; about 3 minutes of one core per trial at
+16k, 8 at 32k); docs/evaluation.md has more cells, measured with `landmark eval passkey`.
 
 {passkey_table(pk) if pk else "(no cell finished)"}
 
