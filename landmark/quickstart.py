@@ -176,9 +176,9 @@ def _start_base(args: argparse.Namespace, base: str) -> subprocess.Popen | None:
            "--lengths", *map(str, args.base_lengths), "--depths", *map(str, args.depths),
            "--trials", str(args.trials), "--seed", str(SEED), "--out", str(out / "base")]  # fmt: skip
     print(f"quickstart: the base model runs beside, at {args.base_lengths} tokens (log: {out / 'base.log'})")
-    log = open(out / "base.log", "w", encoding="utf-8")  # noqa: SIM115 (closed by the child's end)
     env = {**os.environ, "LANDMARK_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(out / "base.log", "w", encoding="utf-8") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _base_results(args: argparse.Namespace, proc: subprocess.Popen | None) -> list[dict]:

@@ -301,6 +301,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if not cfg.resume:
             for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            from landmark.eval.common import write_json_atomic
+
             write_json_atomic(staging / RUN_FILE, asdict(cfg))
     with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
         train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=main)
@@ -411,16 +413,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def last_checkpoint(staging: Path) -> Path | None:
-    """The Trainer checkpoint with the most steps in ``staging`` (``checkpoint-<step>``), or None."""
-    found = [p for p in Path(staging).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return max(found, key=lambda p: int(p.name[11:])) if found else None
+    """The Trainer checkpoint with the most steps in ``staging`` (``checkpoint-<step>``), or None
+    (transformers' own ``get_last_checkpoint``, for a folder that may not exist)."""
+    from transformers.trainer_utils import get_last_checkpoint
 
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    found = get_last_checkpoint(str(staging)) if Path(staging).is_dir() else None
+    return Path(found) if found else None
 
 
 def _step_timer() -> Any:
