@@ -300,7 +300,8 @@ if rank == 0:
     assert abs(sum(losses).item() / 2 - full.loss.item()) < 1e-5, (losses, full.loss)
     assert torch.allclose(grad, ref_grad, atol=1e-6), (grad - ref_grad).abs().max()
     print("FSDP2 OK")
-dist.destroy_process_group()
+dist.barrier()  # both ranks done with their collectives before either tears gloo down (a racing
+dist.destroy_process_group()  # teardown aborted rank 0 with "terminate called" about once in 5 runs)
 """
 
 
