@@ -262,3 +262,78 @@ def test_quickstart_with_a_delta_and_its_base_beside(runs, tmp_path, monkeypatch
         assert main([*argv, "--out", str(tmp_path / "qs2"), *bad]) == 2
         assert name in error_line(capsys)
         assert not (tmp_path / "qs2").exists()
+
+
+def test_init_delta_starts_where_the_delta_left_off(runs, tmp_path, monkeypatch):
+    """start_from_delta + peft + set_lora is the delta's model before any step (merged: bitwise the
+    loaded delta), and a continued fine-tune (`--init-delta`) exports a delta over the same base."""
+    from landmark.hf.finetune import FinetuneConfig, _with_lora
+
+    out = tmp_path / "delta"
+    assert export(runs["all"], out) == 0
+    model, _, tensors = delta.start_from_delta(runs["base-tied"], out)
+    cfg = FinetuneConfig(model=str(runs["base-tied"]), out=str(tmp_path / "x"), lora_r=R, lora_alpha=8)
+    cfg.lora_targets = "all"
+    peft_model = _with_lora(model, cfg)
+    delta.set_lora(peft_model, tensors)
+    loaded, _ = lhf.load_pretrained(out, base=runs["base-tied"])
+    merged = peft_model.merge_and_unload().eval()
+    ids = torch.arange(3, 3 + 40)[None] % 300
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, loaded(ids).logits, rtol=0, atol=1e-5)
+
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    corpus = runs["base-tied"].parent / "corpus"
+    cont = tmp_path / "continued"
+    argv = ["hf", "finetune", "--model", str(runs["base-tied"]), "--corpus", str(corpus), "--out", str(cont)]
+    extra = ["--lora-r", str(R), "--lora-targets", "all", "--init-delta", str(out)]
+    assert main([*argv, *FINETUNE, *extra]) == 0
+    summary = json.loads((cont / "landmark-finetune.json").read_text())
+    assert summary["config"]["init_delta"] == str(out)
+    assert export(cont, tmp_path / "delta2") == 0
+    again, _ = lhf.load_pretrained(tmp_path / "delta2", base=runs["base-tied"])
+    with torch.no_grad():  # trained further: no longer the first delta
+        assert not torch.allclose(again(ids).logits, loaded(ids).logits, atol=1e-4)
+
+
+def test_init_delta_refusals(runs, tmp_path, capsys):
+    """A delta of another rank or targets, a landmark model as --model, another base: one error line,
+    nothing written."""
+    out = tmp_path / "delta"
+    assert export(runs["all"], out) == 0
+    capsys.readouterr()
+    corpus = runs["base-tied"].parent / "corpus"
+    dest = tmp_path / "continued"
+    base = [
+        "hf",
+        "finetune",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(dest),
+        *FINETUNE,
+        "--init-delta",
+        str(out),
+    ]
+    good = ["--lora-r", str(R), "--lora-targets", "all"]
+    cases = [
+        (
+            ["--model", str(runs["base-tied"]), "--lora-r", "8", "--lora-targets", "all"],
+            "--lora-r must match",
+        ),
+        (["--model", str(runs["base-tied"]), "--lora-r", str(R)], "--lora-targets must match"),
+        (["--model", str(runs["all"]), *good], "already a landmark model"),
+        (["--model", str(runs["base"]), *good], "is not the base of delta"),
+        (
+            ["--model", str(runs["base-tied"]), *good, "--block-size", "16"],
+            "--block-size must be the delta's 8",
+        ),
+    ]
+    before = files_under(tmp_path)
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra  # (a later --block-size overrides FINETUNE's)
+        assert message in error_line(capsys)
+    assert files_under(tmp_path) == before
+    (out / delta.META_FILE).write_text("{")
+    assert main([*base, "--model", str(runs["base-tied"]), *good]) == 2
+    assert error_line(capsys).startswith("error: --init-delta")

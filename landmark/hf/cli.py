@@ -297,6 +297,13 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         action="store_true",
         help="continue the interrupted run for --out from its last checkpoint (same settings)",
     )
+    p.add_argument(
+        "--init-delta",
+        default=None,
+        metavar="DIR",
+        help="continue a shipped fine-tune: start LoRA (same --lora-r/--lora-alpha/--lora-targets) and the "
+        "landmark row from this delta folder, made over --model (fresh optimizer and schedule)",
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(

@@ -260,7 +260,12 @@ def load_base(folder: Path, name: str) -> tuple[Any, Any, dict[str, Any]]:
 
 @torch.no_grad()
 def rebuild(
-    model: Any, tokenizer: Any, tensors: dict[str, torch.Tensor], scaling: float, landmark: dict[str, Any]
+    model: Any,
+    tokenizer: Any,
+    tensors: dict[str, torch.Tensor],
+    scaling: float,
+    landmark: dict[str, Any],
+    merge: bool = True,
 ) -> tuple[Any, Any]:
     """Convert the base ``model``/``tokenizer`` (in place) and apply the delta: the fine-tuned model.
 
@@ -269,6 +274,8 @@ def rebuild(
         tensors: ``delta.safetensors``'s tensors (:func:`delta_tensors`).
         scaling: LoRA's alpha / r.
         landmark: ``delta.json``'s ``landmark`` (token id, block size).
+        merge: add the LoRA products to the weights (False: only the landmark rows are set, the
+            tensors still checked; for :func:`start_from_delta`, which trains the LoRA further).
 
     Raises:
         ValueError: the converted tokenizer puts ``<landmark>`` at another id, or a tensor does not fit
@@ -292,7 +299,8 @@ def rebuild(
             a, b = value, tensors.get(module + ".lora_B")
             _check_shape(key, a, (a.shape[0], weight.shape[1]))
             _check_shape(module + ".lora_B", b, (weight.shape[0], a.shape[0]))
-            weight += ((b @ a) * scaling).to(weight.dtype)  # peft's merge: W += (B @ A) * scaling
+            if merge:
+                weight += ((b @ a) * scaling).to(weight.dtype)  # peft's merge: W += (B @ A) * scaling
         elif not key.endswith(".lora_B"):
             raise ValueError(f"{TENSOR_FILE}: unexpected tensor {key}")
     return model.eval(), tokenizer
@@ -366,6 +374,60 @@ def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = No
         tensors = load_file(path / TENSOR_FILE)
     model, tokenizer = rebuild(model, tokenizer, tensors, float(meta["lora"]["scaling"]), meta["landmark"])
     return (model if dtype is None else model.to(dtype)), tokenizer
+
+
+def start_from_delta(base: str | Path, path: str | Path) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """The base model converted with the delta's landmark row set, and the delta's LoRA tensors: where
+    ``landmark hf finetune --init-delta`` continues a fine-tune (:func:`set_lora` after peft wraps it).
+
+    Args:
+        base: the unconverted base model folder the delta was made over (fingerprint checked).
+        path: a delta folder.
+
+    Returns:
+        ``(model, tokenizer, tensors)``: the landmark model (block size and landmark id of the delta,
+        LoRA *not* merged) and ``delta.safetensors``'s tensors.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    model, tokenizer, identity = load_base(check_model_folder(base), "base")
+    expected = meta["base"]
+    if identity["fingerprint"] != expected["fingerprint"]:
+        raise ValueError(
+            f"{base} is not the base of delta {path}: expected {expected['name']} with weights "
+            f"fingerprint {expected['fingerprint']}, found {identity['fingerprint']}"
+        )
+    with loading(path, "delta"):
+        tensors = load_file(path / TENSOR_FILE)
+    scaling = float(meta["lora"]["scaling"])
+    model, tokenizer = rebuild(model, tokenizer, tensors, scaling, meta["landmark"], merge=False)
+    return model.train(), tokenizer, tensors
+
+
+@torch.no_grad()
+def set_lora(peft_model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a delta's LoRA factors into a peft model's ``default`` adapters (same rank and targets).
+
+    Raises:
+        ValueError: a delta module the peft model has no adapter for, or adapters the delta does not
+            cover (the run's ``--lora-targets`` differ from the delta's).
+    """
+    modules = {
+        name: module
+        for name, module in peft_model.base_model.model.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+    given = {key[: -len(".lora_A")] for key in tensors if key.endswith(".lora_A")}
+    if given != set(modules):
+        missing = sorted(set(modules) - given) or sorted(given - set(modules))
+        raise ValueError(f"the delta's LoRA modules are not the run's (first difference: {missing[0]})")
+    for name, module in modules.items():
+        for part, layer in (("A", module.lora_A["default"]), ("B", module.lora_B["default"])):
+            value = tensors[f"{name}.lora_{part}"]
+            _check_shape(f"{name}.lora_{part}", value, layer.weight.shape)
+            layer.weight.copy_(value.to(layer.weight.dtype))
 
 
 def read_meta(path: Path) -> dict[str, Any]:

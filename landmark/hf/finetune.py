@@ -97,6 +97,7 @@ class FinetuneConfig:
     overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
     save_steps: int = 50  # checkpoint (for resume) every this many optimizer steps
     resume: bool = False  # continue the interrupted run staged for `out` from its last checkpoint
+    init_delta: str | None = None  # start LoRA and the landmark row from this delta (over `model`)
 
     def check(self) -> None:
         """Refuse bad settings before any work: ranges (nan and inf included), the model folder and its
@@ -126,6 +127,8 @@ class FinetuneConfig:
                 f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}; got {self.lora_targets!r}"
             )
         config = read_config(check_model_folder(self.model, "--model"))
+        if self.init_delta is not None:
+            self._check_init_delta(config)
         check_within_positions(config, {"block_size": self.block_size, "max_length": self.max_length})
         self._check_corpus()
         check_out_folder(self.out, self.overwrite, "--out")
@@ -164,6 +167,43 @@ class FinetuneConfig:
                 f"--resume: the interrupted run used {option} {saved.get(name)!r}; this call "
                 f"gives {mine[name]!r} (resume with the run's settings; only "
                 f"{', '.join('--' + c.replace('_', '-') for c in RESUMABLE_CHANGES[1:3])} may change)"
+            )
+
+    def _check_init_delta(self, config: dict[str, Any]) -> None:
+        """``init_delta`` is a delta folder whose LoRA (rank, alpha, targets) and block size are this
+        run's, over an unconverted ``model`` (its weights fingerprint is checked once loaded)."""
+        from landmark.hf.delta import read_meta
+
+        try:
+            meta = read_meta(Path(self.init_delta))
+        except ValueError as err:
+            raise ValueError(f"--init-delta: {err}") from None
+        if config.get("landmark_token_id") is not None:
+            raise ValueError(
+                f"--init-delta starts from the delta's base model: --model {self.model} is already a "
+                "landmark model (give the unconverted base)"
+            )
+        lora = meta["lora"]
+        mine = {
+            "r": self.lora_r,
+            "alpha": self.lora_alpha,
+            "targets": sorted(LORA_TARGET_SETS[self.lora_targets]),
+        }
+        theirs = {
+            "r": lora.get("r"),
+            "alpha": lora.get("alpha"),
+            "targets": sorted(lora.get("targets") or []),
+        }
+        for key, option in (("r", "--lora-r"), ("alpha", "--lora-alpha"), ("targets", "--lora-targets")):
+            if mine[key] != theirs[key]:
+                raise ValueError(
+                    f"{option} must match --init-delta {self.init_delta} (LoRA r={theirs['r']}, "
+                    f"alpha={theirs['alpha']}, targets {', '.join(theirs['targets'])}); got {mine[key]}"
+                )
+        block = int(meta["landmark"]["block_size"])
+        if self.block_size is not None and self.block_size != block:
+            raise ValueError(
+                f"--block-size must be the delta's {block} with --init-delta; got {self.block_size}"
             )
 
     def _check_corpus(self) -> None:
@@ -252,8 +292,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     use_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    delta_lora = None
     try:
-        model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+        if cfg.init_delta is not None:
+            from landmark.hf.delta import start_from_delta
+
+            model, tokenizer, delta_lora = start_from_delta(cfg.model, cfg.init_delta)
+        else:
+            model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
     except ValueError as err:  # a damaged folder, an unsupported model: name the option
         raise for_option(err, "--model") from None
     block_size = int(model.config.landmark_block_size)
@@ -328,6 +374,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     if cfg.lora_r:
         model = _with_lora(model, cfg)
+    if delta_lora is not None:
+        from landmark.hf.delta import set_lora
+
+        set_lora(model, delta_lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if main:
