@@ -119,7 +119,7 @@ def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
     assert "--lr" in capsys.readouterr().err
     run_file = staging / "finetune-run.json"  # a run file of an older version, without newer settings
     settings = json.loads(run_file.read_text())
-    del settings["passkey_books"], settings["passkey_multikey"]
+    del settings["passkey_books"], settings["passkey_multikey"], settings["passkey_near"]
     run_file.write_text(json.dumps(settings))
     assert main([*args, "--out", str(out), "--resume"]) == 0
     s = summary(out)
@@ -195,11 +195,12 @@ def test_passkey_mix_windows_with_prose_and_several_keys(tiny):
     assert all(torch.equal(plain[i]["input_ids"], same[i]["input_ids"]) for i in range(10))
     haystack = BookHaystack(corpus, split="train")
     mix = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, books=0.5, multikey=0.5, haystack=haystack)
-    kinds = {(prose, keys > 1) for prose, keys in map(mix.variant, range(60))}
+    kinds = {(v.prose, v.keys > 1) for v in map(mix.variant, range(60))}
     assert kinds == {(False, False), (False, True), (True, False), (True, True)}
     prose_seen = multikey_seen = 0
     for i in range(60):
-        prose, keys = mix.variant(i)
+        prose, keys, near = mix.variant(i)
+        assert not near
         ids = mix[i]["input_ids"]
         assert ids.shape == (400,)
         text = tok.decode(ids)
@@ -348,3 +349,34 @@ def test_smollm2_prepare_finetune_save_load_generate(tmp_path, monkeypatch):
     assert model.config.landmark_token_id == 49152 == tok.convert_tokens_to_ids("<landmark>")
     text, new = lhf.generate(model.eval(), tok, "The capital of France is", max_new_tokens=5)
     assert len(new) >= 1 and isinstance(text, str)
+
+
+def test_passkey_mix_windows_near_keys():
+    """--passkey-near: that share of the passkey samples may put the key right before the question
+    (no one-block gap; some do), the others keep the gap; the earlier draws (prose, keys) are unchanged
+    by the new share."""
+    from hf_helpers import make_tokenizer
+
+    from landmark.hf.passkey import PasskeyMixWindows
+
+    tok = make_tokenizer()
+    base = [{"input_ids": torch.zeros(400, dtype=torch.long)}] * 200
+    far = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, multikey=0.3)
+    mix = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, multikey=0.3, near=0.5)
+    assert [far.variant(i)[:2] for i in range(200)] == [mix.variant(i)[:2] for i in range(200)]
+
+    def find(ids: list[int], text: str) -> int:
+        part = tok.encode(text, add_special_tokens=False)
+        return next(j for j in range(len(ids)) if ids[j : j + len(part)] == part)
+
+    gaps: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(200):
+        v = mix.variant(i)
+        if v.keys == 1:
+            ids = mix[i]["input_ids"].tolist()
+            key_end = find(ids, " is the pass key.") + len(
+                tok.encode(" is the pass key.", add_special_tokens=False)
+            )
+            gaps[v.near].append(find(ids, " What is the pass key?") - key_end)  # filler tokens between
+    assert min(gaps[False]) >= 7 and len(gaps[True]) > 30
+    assert min(gaps[True]) < 7  # some keys right before the question

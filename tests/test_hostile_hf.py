@@ -61,6 +61,8 @@ FINETUNE_BAD = [
     ("--passkey-books", "1.5"),
     ("--passkey-multikey", "-0.1"),
     ("--passkey-books", "0.5"),  # without --passkey-fraction
+    ("--passkey-near", "1.5"),
+    ("--passkey-near", "0.2"),  # without --passkey-fraction
     ("--save-steps", "0"),
     ("--passkey-fraction", "-0.1"),
     ("--max-minutes", "0"),

@@ -289,6 +289,13 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         default=0.0,
         help="share of the passkey samples with 2-6 named keys, one asked (default 0)",
     )
+    p.add_argument(
+        "--passkey-near",
+        type=float,
+        default=0.0,
+        help="share of the passkey samples whose key may lie right before the question, in the local "
+        "context (default 0: always at least one block back)",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")

@@ -92,6 +92,7 @@ class FinetuneConfig:
     passkey_fraction: float = 0.0  # share of training windows replaced by in-window passkey samples
     passkey_books: float = 0.0  # share of those whose filler is prose of the training split
     passkey_multikey: float = 0.0  # share of those with several named keys, one asked
+    passkey_near: float = 0.0  # share of those whose key may lie right before the question
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
     overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
@@ -115,7 +116,11 @@ class FinetuneConfig:
             )
         if self.lora_r and self.fsdp:
             raise ValueError("LoRA with FSDP is not supported by `landmark hf finetune` (untested); use DDP")
-        shares = (("--passkey-books", self.passkey_books), ("--passkey-multikey", self.passkey_multikey))
+        shares = (
+            ("--passkey-books", self.passkey_books),
+            ("--passkey-multikey", self.passkey_multikey),
+            ("--passkey-near", self.passkey_near),
+        )
         extra = next(((o, v) for o, v in shares if v), None)
         if extra and not self.passkey_fraction:
             raise ValueError(
@@ -245,6 +250,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "passkey_fraction": real_range(0, 1),
     "passkey_books": real_range(0, 1),
     "passkey_multikey": real_range(0, 1),
+    "passkey_near": real_range(0, 1),
     "max_minutes": real_range(0, open_low=True),
     "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
 }
@@ -366,7 +372,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             haystack = BookHaystack(cfg.corpus, split="train")
         train_set = PasskeyMixWindows(
             train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed,
-            books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack,
+            books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack, near=cfg.passkey_near,
         )  # fmt: skip
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None

@@ -14,7 +14,7 @@ The evaluation is the library's one passkey evaluation for every model family: `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +56,14 @@ def check_passkey_windows(tokenizer: Any, raw_tokens: int, block_size: int) -> P
     return prompts
 
 
+class Variant(NamedTuple):
+    """The kind of one passkey training sample (:meth:`PasskeyMixWindows.variant`)."""
+
+    prose: bool  # filler from the training split's prose (else the repeated sentences)
+    keys: int  # named keys in the window (1: the paper's one unnamed key)
+    near: bool  # the asked key may lie right before the question (no one-block gap)
+
+
 class PasskeyMixWindows(torch.utils.data.Dataset):
     """Corpus windows with a seeded fraction replaced by passkey samples of the same length.
 
@@ -73,6 +81,9 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
             sentences (what ``landmark eval passkey --haystack books`` asks, on the validation split).
         multikey: share of the passkey samples with 2 to ``MAX_TRAINING_KEYS`` named keys, one asked
             (``--task multikey``).
+        near: share of the passkey samples whose asked key may lie anywhere before the question, in
+            its own block or right before it too (no ``block_size - 1`` gap): what ``landmark eval
+            passkey`` asks at depth 1, where the key is in the local context, not in a retrieved block.
     """
 
     MAX_TRAINING_KEYS = 6
@@ -88,14 +99,16 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         books: float = 0.0,
         multikey: float = 0.0,
         haystack: Any = None,
+        near: float = 0.0,
     ) -> None:
-        for name, value in (("passkey_fraction", fraction), ("books", books), ("multikey", multikey)):
+        shares = (("passkey_fraction", fraction), ("books", books), ("multikey", multikey), ("near", near))
+        for name, value in shares:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]; got {value}")
         if books and haystack is None:
             raise ValueError("books > 0 needs a haystack (BookHaystack of the training split)")
         self.base, self.raw_tokens, self.fraction, self.seed = base, raw_tokens, fraction, seed
-        self.books, self.multikey = books, multikey
+        self.books, self.multikey, self.near = books, multikey, near
         self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size)
         self.book_prompts = PasskeyPrompts(self.prompts.tokenizer, haystack) if books else None
         self.min_gap = block_size - 1
@@ -107,25 +120,27 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         """Whether window ``i`` is a passkey sample."""
         return bool(np.random.default_rng([self.seed, i, 7919]).random() < self.fraction)
 
-    def variant(self, i: int) -> tuple[bool, int]:
-        """(prose filler?, number of keys) of passkey sample ``i``, from its own seeded stream (so that
-        with both shares 0 the samples are those of the paper's recipe)."""
-        if not (self.books or self.multikey):
-            return False, 1
+    def variant(self, i: int) -> Variant:
+        """The kind of passkey sample ``i``, from its own seeded stream (so that with every share 0 the
+        samples are those of the paper's recipe, and a share added later leaves the earlier draws)."""
+        if not (self.books or self.multikey or self.near):
+            return Variant(False, 1, False)
         rng = np.random.default_rng([self.seed, i, 15485863])
         prose, several = rng.random() < self.books, rng.random() < self.multikey
         keys = int(rng.integers(2, self.MAX_TRAINING_KEYS + 1)) if several else 1
-        return bool(prose), keys
+        near = bool(self.near and rng.random() < self.near)
+        return Variant(bool(prose), keys, near)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not self.is_passkey(i):
             return self.base[i]
-        prose, keys = self.variant(i)
+        prose, keys, near = self.variant(i)
         prompts = self.book_prompts if prose else self.prompts
+        gap = 0 if near else self.min_gap
         rng = np.random.default_rng([self.seed, i, 104729])
         try:
-            ids = prompts.training_sample(rng, self.raw_tokens, self.min_gap, keys=keys)
+            ids = prompts.training_sample(rng, self.raw_tokens, gap, keys=keys)
         except ValueError:  # too many keys for the window: the paper's one-key sample
             ids = prompts.training_sample(np.random.default_rng([self.seed, i, 104729]), self.raw_tokens,
-                                          self.min_gap)  # fmt: skip
+                                          gap)  # fmt: skip
         return {"input_ids": torch.tensor(ids, dtype=torch.long)}
