@@ -291,6 +291,9 @@ def test_init_delta_starts_where_the_delta_left_off(runs, tmp_path, monkeypatch)
     summary = json.loads((cont / "landmark-finetune.json").read_text())
     assert summary["config"]["init_delta"] == str(out)
     assert export(cont, tmp_path / "delta2") == 0
+    meta2 = json.loads((tmp_path / "delta2" / delta.META_FILE).read_text())
+    first = json.loads((out / delta.META_FILE).read_text())["finetune"]
+    assert meta2["earlier_finetunes"] == [first] and meta2["finetune"]["init_delta"] == str(out)
     again, _ = lhf.load_pretrained(tmp_path / "delta2", base=runs["base-tied"])
     with torch.no_grad():  # trained further: no longer the first delta
         assert not torch.allclose(again(ids).logits, loaded(ids).logits, atol=1e-4)

@@ -12,7 +12,8 @@ folder keeps only what the fine-tune changed::
     <delta>/delta.json         format and version; the base model (folder name, weights fingerprint,
                                vocabulary size, architecture, the package it was prepared from); the
                                landmark token (string, id, block size); LoRA (r, alpha, scaling, targets);
-                               the fine-tune's settings; how closely the rebuild matched the run
+                               the fine-tune's settings (and those of the fine-tunes it continued,
+                               ``--init-delta``, oldest first); how closely the rebuild matched the run
 
 The tokenizer is not stored: converting the base tokenizer adds ``<landmark>`` at the recorded id.
 
@@ -126,6 +127,9 @@ def export_delta(
         "rebuild_max_abs_diff": max_diff,
         "finetune": _run_settings(run),
     }
+    earlier = _earlier_stages(meta["finetune"])
+    if earlier:
+        meta["earlier_finetunes"] = earlier
     write_delta(out, tensors, meta)
     return meta
 
@@ -471,6 +475,20 @@ def _run_settings(run: Path) -> dict[str, Any]:
         return dict(json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))["config"])
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def _earlier_stages(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settings of the fine-tunes a run continued (``--init-delta``), oldest first, read from the
+    ``delta.json`` of its init delta (and so on back); a missing or unreadable one ends the chain with
+    ``{"init_delta": path, "unreadable": true}``."""
+    init = settings.get("init_delta")
+    if not init:
+        return []
+    try:
+        meta = json.loads((Path(init) / META_FILE).read_text(encoding="utf-8"))
+        return [*meta.get("earlier_finetunes", []), dict(meta["finetune"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [{"init_delta": init, "unreadable": True}]
 
 
 def _param(params: dict[str, torch.nn.Parameter], name: str, key: str) -> torch.nn.Parameter:
