@@ -340,7 +340,8 @@ def plot_passkey(results: list[dict], path) -> None:
         ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("key depth")
-        ax.set_ylabel("context length (tokens)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("context length (tokens)")
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
     fig.savefig(path, dpi=120, bbox_inches="tight")
