@@ -362,20 +362,9 @@ def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = No
         ValueError: a damaged delta folder, a base whose weights fingerprint is not the one recorded
             (the message names the expected base), no base given for a delta not made over SmolLM2.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_meta(path)
-    folder = resolve_base(meta, base)
-    model, tokenizer, identity = load_base(folder, "base")
-    expected = meta["base"]
-    if identity["fingerprint"] != expected["fingerprint"]:
-        raise ValueError(
-            f"base {folder} is not the model this delta was made for: expected {expected['name']} with "
-            f"weights fingerprint {expected['fingerprint']}, found {identity['fingerprint']}"
-        )
-    with loading(path, "delta"):
-        tensors = load_file(path / TENSOR_FILE)
+    model, tokenizer, tensors = _base_and_tensors(path, meta, resolve_base(meta, base))
     model, tokenizer = rebuild(model, tokenizer, tensors, float(meta["lora"]["scaling"]), meta["landmark"])
     return (model if dtype is None else model.to(dtype)), tokenizer
 
@@ -392,22 +381,35 @@ def start_from_delta(base: str | Path, path: str | Path) -> tuple[Any, Any, dict
         ``(model, tokenizer, tensors)``: the landmark model (block size and landmark id of the delta,
         LoRA *not* merged) and ``delta.safetensors``'s tensors.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_meta(path)
-    model, tokenizer, identity = load_base(check_model_folder(base), "base")
+    model, tokenizer, tensors = _base_and_tensors(path, meta, check_model_folder(base))
+    scaling = float(meta["lora"]["scaling"])
+    model, tokenizer = rebuild(model, tokenizer, tensors, scaling, meta["landmark"], merge=False)
+    return model.train(), tokenizer, tensors
+
+
+def _base_and_tensors(
+    path: Path, meta: dict[str, Any], folder: Path
+) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """The unconverted base model and tokenizer from ``folder``, once its weights fingerprint is the one
+    the delta at ``path`` (``meta``: its ``delta.json``) recorded, and the delta's tensors.
+
+    Raises:
+        ValueError: another base (the message names the expected one), an unreadable delta.
+    """
+    from safetensors.torch import load_file
+
+    model, tokenizer, identity = load_base(folder, "base")
     expected = meta["base"]
     if identity["fingerprint"] != expected["fingerprint"]:
         raise ValueError(
-            f"{base} is not the base of delta {path}: expected {expected['name']} with weights "
+            f"base {folder} is not the base of delta {path}: expected {expected['name']} with weights "
             f"fingerprint {expected['fingerprint']}, found {identity['fingerprint']}"
         )
     with loading(path, "delta"):
         tensors = load_file(path / TENSOR_FILE)
-    scaling = float(meta["lora"]["scaling"])
-    model, tokenizer = rebuild(model, tokenizer, tensors, scaling, meta["landmark"], merge=False)
-    return model.train(), tokenizer, tensors
+    return model, tokenizer, tensors
 
 
 @torch.no_grad()
@@ -421,7 +423,7 @@ def set_lora(peft_model: Any, tensors: dict[str, torch.Tensor]) -> None:
     modules = {
         name: module
         for name, module in peft_model.base_model.model.named_modules()
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+        if "default" in getattr(module, "lora_A", {})
     }
     given = {key[: -len(".lora_A")] for key in tensors if key.endswith(".lora_A")}
     if given != set(modules):
