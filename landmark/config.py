@@ -22,6 +22,10 @@ BLOCKWISE_TILE_ROWS: int = 64
 # The fused Triton kernel: supported block sizes (the tile is one block) and head dimensions.
 TRITON_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128)
 TRITON_MAX_HEAD_DIM: int = 128
+# float64 on a GPU: the largest block_size x padded head_dim tile the Triton kernel is run with. Measured
+# on an H200 (session 10, scripts/gpu_check.sh): 64 x 64 runs; 128 x 128 asks for 384 KiB of shared
+# memory (three float64 tiles) where the chip has 227 KiB. Larger float64 tiles go to the blockwise path.
+TRITON_FP64_MAX_TILE: int = 64 * 64
 
 # Names accepted by `landmark_attention(..., impl=...)`.
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton")

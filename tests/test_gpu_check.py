@@ -73,7 +73,9 @@ def test_smoke_mode_runs_every_step(tmp_path):
     for attention in ("landmark", "full"):
         assert train[attention]["steps"] == 4 and train[attention]["steady_tokens_per_s"] > 0
     assert train["landmark_over_full_tokens_per_s"] > 0
-    assert steps["hf_finetune"]["steps_done"] == 3 and steps["hf_finetune"]["tokens_per_s"] > 0
+    # stopped by --max-minutes after one step (as on a GPU, where it runs for 45 s): the summary comes
+    # from the staging folder of the resumable run
+    assert steps["hf_finetune"]["steps_done"] == 1 and steps["hf_finetune"]["tokens_per_s"] > 0
     assert (out / "attention_gpu.json").is_file() and (out / "gpu_check.log").stat().st_size > 0
     assert "hf_finetune" in proc.stdout and "ok" in proc.stdout.splitlines()[-3]  # the summary table
 

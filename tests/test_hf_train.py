@@ -112,6 +112,8 @@ def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
     assert not out.exists() and "continue with the same command and --resume" in capsys.readouterr().out
     staging = tmp_path / ".out.partial"
     assert [p.name for p in staging.glob("checkpoint-*")] == ["checkpoint-1"]
+    early = json.loads((staging / "landmark-finetune.json").read_text())  # what gpu_check reads
+    assert early["stopped_early"] and early["steps_done"] == 1 and early["steady_tokens_per_s"] is None
     # neither a fresh start over the interrupted run nor a resume with other settings
     assert main([*args, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -309,6 +309,20 @@ def test_landmark_string_in_text_is_plain_text(landmark_model):
     assert torch.equal(text_ids, id_ids) and lid not in text_ids.tolist()
 
 
+def test_landmark_id_lookup_fast_and_slow_paths_agree(landmark_model):
+    """The landmark id comes from the fast tokenizer's backend (one lookup, not a copy of the vocabulary:
+    encoding passkey samples was ~1 s each before); a tokenizer without a backend uses its vocabulary."""
+    from types import SimpleNamespace
+
+    from landmark.hf.convert import _tokenizer_landmark_id
+
+    model, tok = landmark_model
+    assert _tokenizer_landmark_id(tok) == model.config.landmark_token_id == tok.get_vocab()["<landmark>"]
+    slow = SimpleNamespace(get_vocab=tok.get_vocab)  # no backend_tokenizer attribute
+    assert _tokenizer_landmark_id(slow) == model.config.landmark_token_id
+    assert _tokenizer_landmark_id(SimpleNamespace(get_vocab=dict)) is None
+
+
 def test_passkey_and_corpus_tokenisation_keep_the_string_as_text(landmark_model, tmp_path):
     from landmark.hf.data import tokenize_corpus
     from landmark.hf.passkey import HFTokenEncoder

@@ -24,7 +24,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from landmark.ops.attention import landmark_attention
+from landmark.ops.attention import fp64_tile_reason, landmark_attention, triton_unsupported_reason
 from landmark.ops.blockwise import blockwise_forward
 from landmark.ops.reference import landmark_attention_reference
 from landmark.ops.triton import triton_backward, triton_forward
@@ -141,6 +141,10 @@ def assert_all_close(results, expected, rtol: float, atol: float) -> None:
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=shape_id)
 def test_float64_matches_reference(shape):
     q, k, v, grad_out = make_inputs(shape, torch.float64)
+    if fp64_tile_reason(q, shape[-1]) is not None:  # on a GPU: too much shared memory, refused up front
+        with pytest.raises(ValueError, match="float64 tiles of block_size 128 x head_dim 128"):
+            triton_forward(q, k, v, shape[-1], 1.0)
+        return
     results, lse = triton_with_grads(q, k, v, grad_out, shape[-1])
     check_dtypes(results, q, k, v)
     assert lse.dtype == torch.float64
@@ -268,3 +272,24 @@ def test_custom_op_opcheck():
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+def test_float64_tiles_too_large_for_gpu_shared_memory_go_to_blockwise():
+    """On a GPU, float64 tiles above TRITON_FP64_MAX_TILE (block 128 x head_dim 128 asked an H200 for 384
+    KiB of shared memory) are refused by the kernel and sent to the blockwise path by impl='auto'; other
+    dtypes, smaller tiles and the CPU interpreter are unaffected. (A stand-in object plays the CUDA
+    tensor: the rule reads dtype, device and shape only.)"""
+    from types import SimpleNamespace
+
+    def fake(dtype, head_dim, cuda=True):
+        return SimpleNamespace(dtype=dtype, is_cuda=cuda, shape=(1, 2, 3, head_dim))
+
+    reason = fp64_tile_reason(fake(torch.float64, 128), 128)
+    assert reason is not None and "impl='blockwise'" in reason
+    assert triton_unsupported_reason(fake(torch.float64, 120), 128) == reason  # head_dim padded to 128
+    assert fp64_tile_reason(fake(torch.float64, 64), 128) is not None  # 8192 elements
+    assert fp64_tile_reason(fake(torch.float64, 64), 64) is None  # ran on the H200
+    assert fp64_tile_reason(fake(torch.float64, 8), 128) is None  # head_dim padded to 16
+    assert fp64_tile_reason(fake(torch.float32, 128), 128) is None
+    assert fp64_tile_reason(fake(torch.bfloat16, 128), 128) is None
+    assert fp64_tile_reason(fake(torch.float64, 128, cuda=False), 128) is None

@@ -188,7 +188,11 @@ def encode_text(tokenizer: Any, text: str | list[str], add_special_tokens: bool 
 
 def _tokenizer_landmark_id(tokenizer: Any) -> int | None:
     """The id of ``<landmark>`` in the tokenizer's vocabulary, or None."""
-    token_id = tokenizer.get_vocab().get(LANDMARK_TOKEN)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: one lookup (get_vocab copies the whole vocabulary: ~50 ms)
+        token_id = backend.token_to_id(LANDMARK_TOKEN)
+    else:
+        token_id = tokenizer.get_vocab().get(LANDMARK_TOKEN)
     return None if token_id is None else int(token_id)
 
 

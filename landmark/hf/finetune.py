@@ -444,6 +444,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if lock is not None:
                 lock.release()
         summary["stopped_early"] = True
+        if main:  # what was trained so far, for scripts that read it (gpu_check); replaced when it ends
+            from landmark.eval.common import write_json_atomic
+
+            write_json_atomic(staging / SUMMARY_FILE, summary)
         return summary
     _save(trainer, tokenizer, staging, lora=bool(cfg.lora_r))
     if main:

@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from landmark.config import IMPLEMENTATIONS, TRITON_BLOCK_SIZES, TRITON_MAX_HEAD_DIM
+from landmark.config import IMPLEMENTATIONS, TRITON_BLOCK_SIZES, TRITON_FP64_MAX_TILE, TRITON_MAX_HEAD_DIM
 from landmark.ops.blockwise import blockwise_backward, blockwise_forward
 from landmark.ops.reference import landmark_attention_reference
 
@@ -149,11 +149,26 @@ def triton_unsupported_reason(q: Tensor, block_size: int) -> str | None:
         return f"block_size must be one of {TRITON_BLOCK_SIZES} for the Triton kernel; got {block_size}"
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         return f"head_dim must be <= {TRITON_MAX_HEAD_DIM} for the Triton kernel; got {q.shape[-1]}"
+    reason = fp64_tile_reason(q, block_size)
+    if reason is not None:
+        return reason
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (pip install 'landmark-attention[gpu]')"
     return None
+
+
+def fp64_tile_reason(q: Tensor, block_size: int) -> str | None:
+    """None unless ``q`` is float64 on a GPU with a (block_size x padded head_dim) tile larger than
+    ``TRITON_FP64_MAX_TILE`` (too much shared memory: the compile fails); then why it cannot run."""
+    dpad = max(16, 1 << (q.shape[-1] - 1).bit_length())  # the kernel's padded head_dim
+    if q.dtype != torch.float64 or not q.is_cuda or block_size * dpad <= TRITON_FP64_MAX_TILE:
+        return None
+    return (
+        f"float64 tiles of block_size {block_size} x head_dim {dpad} need more GPU shared memory than "
+        f"the kernel can use (at most {TRITON_FP64_MAX_TILE} elements in float64): use impl='blockwise'"
+    )
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -449,6 +449,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> None:
         )
     if q.shape[1] % k.shape[1] != 0 or k.shape != v.shape or q.shape[2] > k.shape[2]:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    from landmark.ops.attention import fp64_tile_reason
+
+    reason = fp64_tile_reason(q, block_size)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
