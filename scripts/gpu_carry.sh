@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Prepare what a lent GPU machine needs for SmolLM2 work, within the device tool's limits (at most 64 MiB
+# travels per call, working tree included; a machine stays warm 30 s after a call).
+#
+#   bash scripts/gpu_carry.sh            # write .gpu/ and move the checkpoint weights aside
+#   bash scripts/gpu_carry.sh --restore  # put the checkpoint weights back (do it as soon as the calls end)
+#
+# .gpu/ (git-excluded) gets: p1/gguf.a and p2/gguf.b (the SmolLM2 GGUF in two halves, 47 MiB each),
+# whl/ (the gguf wheel: the machine lacks it) and delta/ (the shipped delta). The tracked weights of
+# checkpoints/ (60 MB) are moved to .gpu-hold/ so that the working tree is 8 MB. The calls, each within
+# 30 s of the last (docs/attention.md, "Carrying SmolLM2 to a lent GPU"): carry [.gpu/p1, .gpu/whl] and
+# keep them outside the repository there (/root/keep: ignored folders beside a carried path do not
+# survive the next call); carry [.gpu/p2] to join and prepare; carry [.gpu/delta] to fine-tune.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOLD=.gpu-hold
+WEIGHTS=(checkpoints/passkey-landmark/model.safetensors checkpoints/smollm2-landmark/delta.safetensors)
+for ignored in /.gpu/ /.gpu-hold/; do
+  grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >>.git/info/exclude
+done
+if [ "${1:-}" = "--restore" ]; then
+  for f in "${WEIGHTS[@]}"; do
+    if [ -f "$HOLD/$f" ]; then mkdir -p "$(dirname "$f")" && mv "$HOLD/$f" "$f"; fi
+  done
+  git status --short -- checkpoints
+  echo "checkpoint weights restored"
+  exit 0
+fi
+PYTHON=${PYTHON:-.venv/bin/python}
+gguf=$("$PYTHON" -c "from landmark.hf.smollm2 import find_gguf; print(find_gguf(install=True))")
+size=$(stat -c %s "$gguf")
+half=$(((size + 1) / 2))
+mkdir -p .gpu/p1 .gpu/p2 .gpu/whl .gpu/delta
+head -c "$half" "$gguf" >.gpu/p1/gguf.a
+tail -c +"$((half + 1))" "$gguf" >.gpu/p2/gguf.b
+sha256sum "$gguf" | cut -d' ' -f1 >.gpu/p2/gguf.sha256
+cp checkpoints/smollm2-landmark/delta.json checkpoints/smollm2-landmark/delta.safetensors .gpu/delta/
+"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 -d .gpu/whl "gguf==$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+for f in "${WEIGHTS[@]}"; do
+  if [ -f "$f" ]; then mkdir -p "$HOLD/$(dirname "$f")" && mv "$f" "$HOLD/$f"; fi
+done
+tree=$( (git ls-files -z | xargs -0 du -cb 2>/dev/null || true) | tail -1 | cut -f1)  # moved files: missing
+echo "working tree now $((tree / 1048576)) MiB; .gpu/: $(du -sh .gpu | cut -f1)"
+echo "restore the weights after the device calls: bash scripts/gpu_carry.sh --restore"
