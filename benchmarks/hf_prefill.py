@@ -16,10 +16,14 @@ Beyond the base model's window (8,192 for SmolLM2) its forward still runs: the t
 not its output. Each measurement runs in its own process with ``--threads`` torch threads (default
 1), CPU time; ratios are between measurements of one invocation.
 
+``--profile`` also times every call of the fused retrieval kernel inside the landmark read (CPU time,
+per layer), so that the read splits into the kernel and the rest (the model's own layers, Python).
+
 Usage::
 
     landmark hf prepare-smollm2          # once: the offline SmolLM2 weights
     python benchmarks/hf_prefill.py --lengths 4096 16384
+    python benchmarks/hf_prefill.py --lengths 32768 --models landmark --profile --out /tmp/profile.json
 """
 
 from __future__ import annotations
@@ -68,15 +72,37 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
                 [ids], model.config.landmark_block_size, model.config.landmark_token_id
             )
             cache = LandmarkRetrievalCache(model, RetrievalConfig(k=args.k), chunk_len=args.chunk_len)
+            layers = model.config.num_hidden_layers
+            kernel_s = [0.0] * layers
+            if args.profile:  # time every call of the fused kernel (calls come in layer order per chunk)
+                calls = [0]
+
+                class Timed:
+                    def __init__(self, module):
+                        self.module = module
+
+                    def retrieval_step(self, *inputs):
+                        t0 = time.process_time()
+                        out = self.module.retrieval_step(*inputs)
+                        kernel_s[calls[0] % layers] += time.process_time() - t0
+                        calls[0] += 1
+                        return out
+
+                original = kernel.kernel_plan
+                kernel.kernel_plan = lambda module, *a, **kw: original(Timed(module), *a, **kw)
             c0 = time.process_time()
             hf_reader(model, cache, args.chunk_len, threads=args.threads)(stream, lengths)
     cpu = time.process_time() - c0
-    return {"model": kind, "length": length, "cpu_s": cpu, "tokens_per_cpu_s": length / cpu}
+    row = {"model": kind, "length": length, "cpu_s": cpu, "tokens_per_cpu_s": length / cpu}
+    if kind == "landmark" and args.profile:
+        row["kernel_s"], row["kernel_s_per_layer"] = sum(kernel_s), kernel_s
+    return row
 
 
 def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
     cmd += ["--base", args.base, "--k", str(args.k), "--chunk-len", str(args.chunk_len)]
+    cmd += ["--profile"] if args.profile else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"model": kind, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -93,6 +119,11 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--chunk-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time the fused retrieval kernel (per layer) inside the landmark read",
+    )
     p.add_argument("--out", default=str(RESULTS / "hf_prefill.json"))
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -116,6 +147,14 @@ def main() -> None:
         for kind in args.models:
             if "error" in row[kind]:
                 print(f"        {kind} error: {row[kind]['error']}")
+        lm = row.get("landmark", {})
+        if "kernel_s" in lm:
+            per = sorted(lm["kernel_s_per_layer"])
+            print(
+                f"        landmark: kernel {lm['kernel_s']:.1f} s ({lm['kernel_s'] / lm['cpu_s']:.0%} of the "
+                f"read; per layer {per[0]:.2f}-{per[-1]:.2f} s, median {per[len(per) // 2]:.2f} s), the "
+                f"rest {lm['cpu_s'] - lm['kernel_s']:.1f} s"
+            )
     print(f"CPU seconds to read the prompt ({args.threads} thread(s)); landmark: k = {args.k}, retrieval")
     write_results(args.out, {"results": results})
 
