@@ -159,10 +159,15 @@ def triton_unsupported_reason(q: Tensor, block_size: int) -> str | None:
     return None
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The Triton kernel's head_dim: the next power of two, at least 16 (masked loads pad it)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def fp64_tile_reason(q: Tensor, block_size: int) -> str | None:
     """None unless ``q`` is float64 on a GPU with a (block_size x padded head_dim) tile larger than
     ``TRITON_FP64_MAX_TILE`` (too much shared memory: the compile fails); then why it cannot run."""
-    dpad = max(16, 1 << (q.shape[-1] - 1).bit_length())  # the kernel's padded head_dim
+    dpad = padded_head_dim(q.shape[-1])
     if q.dtype != torch.float64 or not q.is_cuda or block_size * dpad <= TRITON_FP64_MAX_TILE:
         return None
     return (

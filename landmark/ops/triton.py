@@ -472,7 +472,9 @@ def _interpreting() -> bool:
 
 
 def _dpad(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    from landmark.ops.attention import padded_head_dim
+
+    return padded_head_dim(head_dim)
 
 
 def _launch_config(block_size: int, dpad: int, backward: bool) -> dict[str, int]:
