@@ -301,9 +301,11 @@ def step_hf_finetune(check: Check, deadline: float) -> dict[str, Any]:
     minutes = fitted_minutes(HF_MINUTES, deadline, 1, HF_OVERHEAD_S)
     cmd = [sys.executable, str(Path(__file__)), "--hf-child", str(model_dir), str(out), f"{minutes:.3f}"]
     run(check, cmd + (["--smoke"] if check.smoke else []), deadline, env=env)
+    from landmark.hf.checks import staging_folder
+
     # a run stopped by --max-minutes (always, on a GPU) leaves its summary in the staging folder
     name = "landmark-finetune.json"
-    path = out / name if (out / name).is_file() else out.parent / f".{out.name}.partial" / name
+    path = out / name if (out / name).is_file() else staging_folder(out) / name
     summary = json.loads(path.read_text(encoding="utf-8"))
     keys = ("steps_done", "tokens_seen", "train_seconds", "tokens_per_s", "steady_tokens_per_s", "train_loss")
     return {"shape": "tiny" if check.smoke else "SmolLM2-135M", "parameters": summary["parameters"]} | {
