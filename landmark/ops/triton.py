@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from landmark.config import TRITON_BLOCK_SIZES, TRITON_MAX_HEAD_DIM
+from landmark.ops.attention import padded_head_dim, triton_unsupported_reason
 
 __all__ = ["triton_backward", "triton_forward"]
 
@@ -435,25 +435,15 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> None:
-    if block_size not in TRITON_BLOCK_SIZES:
-        raise ValueError(
-            f"block_size must be one of {TRITON_BLOCK_SIZES} for the Triton kernel; got {block_size}"
-        )
-    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        raise ValueError(
-            f"head_dim must be <= {TRITON_MAX_HEAD_DIM} for the Triton kernel; got {q.shape[-1]}"
-        )
+    reason = triton_unsupported_reason(q, block_size)  # block size, head_dim, float64 tile, device
+    if reason is not None:
+        raise ValueError(reason)
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(
             f"q, k, v must share one dtype of {_SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if q.shape[1] % k.shape[1] != 0 or k.shape != v.shape or q.shape[2] > k.shape[2]:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    from landmark.ops.attention import fp64_tile_reason
-
-    reason = fp64_tile_reason(q, block_size)
-    if reason is not None:
-        raise ValueError(reason)
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
@@ -469,12 +459,6 @@ def _split_scale(scale: float) -> tuple[float, float]:
 def _interpreting() -> bool:
     """Whether these kernels run through the Triton interpreter (decided when triton decorated them)."""
     return type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _dpad(head_dim: int) -> int:
-    from landmark.ops.attention import padded_head_dim
-
-    return padded_head_dim(head_dim)
 
 
 def _launch_config(block_size: int, dpad: int, backward: bool) -> dict[str, int]:
@@ -517,7 +501,7 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: floa
     lse = q.new_empty((batch, heads, q_len), dtype=acc_torch)
     n_kblocks = triton.cdiv(k_len, block_size)
     n_qblocks = n_kblocks - (k_len - q_len) // block_size
-    dpad = _dpad(head_dim)
+    dpad = padded_head_dim(head_dim)
     hi, lo = _split_scale(scale)
     with _device_guard(q):
         _fwd_kernel[(n_qblocks, batch * heads)](
@@ -562,7 +546,7 @@ def triton_backward(
     row_m, row_lz, row_d = q.new_empty((3, batch, heads, q_len), dtype=acc_torch).unbind(0)
     n_kblocks = triton.cdiv(k_len, block_size)
     n_qblocks = n_kblocks - (k_len - q_len) // block_size
-    dpad = _dpad(head_dim)
+    dpad = padded_head_dim(head_dim)
     hi, lo = _split_scale(scale)
     consts = {
         "BLOCK": block_size,
