@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_carry.sh            # write .gpu/ and move the checkpoint weights aside
 #   bash scripts/gpu_carry.sh --restore  # put the checkpoint weights back (do it as soon as the calls end)
+#   bash scripts/gpu_carry.sh --collect FOLDER DEST  # join a delta returned in parts (FOLDER/delta/) into DEST
 #
 # .gpu/ (git-excluded) gets: p1/gguf.a and p2/gguf.b (the SmolLM2 GGUF in two halves, 47 MiB each),
 # whl/ (the gguf wheel: the machine lacks it) and delta/ (the shipped delta). The tracked weights of
@@ -18,6 +19,23 @@ WEIGHTS=(checkpoints/passkey-landmark/model.safetensors checkpoints/smollm2-land
 for ignored in /.gpu/ /.gpu-hold/; do
   grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >>.git/info/exclude
 done
+if [ "${1:-}" = "--collect" ]; then
+  src="${2:?--collect FOLDER DEST: the returned folder (with delta/) and where the delta goes}"
+  dest="${3:?--collect FOLDER DEST: where the joined delta goes}"
+  [ -f "$src/delta/delta.json" ] || { echo "gpu_carry: $src/delta/delta.json is missing" >&2; exit 2; }
+  [ -e "$dest" ] && { echo "gpu_carry: $dest exists; pick a new folder" >&2; exit 2; }
+  mkdir -p "$dest.tmp"
+  cp "$src/delta/delta.json" "$dest.tmp/"
+  cat "$src"/delta/delta.safetensors.part* >"$dest.tmp/delta.safetensors"
+  got=$(sha256sum "$dest.tmp/delta.safetensors" | cut -d' ' -f1)
+  if [ "$got" != "$(cat "$src/delta/delta.safetensors.sha256")" ]; then
+    rm -rf "$dest.tmp"
+    echo "gpu_carry: joined delta sha256 $got does not match the machine's" >&2; exit 1
+  fi
+  mv "$dest.tmp" "$dest"
+  echo "delta joined into $dest (sha256 $got)"
+  exit 0
+fi
 if [ "${1:-}" = "--restore" ]; then
   for f in "${WEIGHTS[@]}"; do
     if [ -f "$HOLD/$f" ]; then mkdir -p "$(dirname "$f")" && mv "$HOLD/$f" "$f"; fi

