@@ -177,6 +177,33 @@ def test_kernel_selects_the_blocks_the_landmarks_point_to():
     assert torch.equal(selected[1, :, :, :], expected[1])  # row 1 holds 5 blocks: every k-subset differs
 
 
+def test_traced_selections_are_the_reference_top_k():
+    """``StepStats(selections=[])`` (the trace of benchmarks/retrieval_trace.py) records, on both paths,
+    the blocks of the float64 reference top-k where the k-th score is not nearly tied; -1 beyond a
+    row's blocks and on its padding rows."""
+    tails = torch.tensor([2, 6])
+    # ragged rows (row 1: fewer blocks than k, 3 padding rows); rows alike (the eager path's uniform case)
+    for counts, real in (([30, 3], [20, 17]), ([30, 30], [20, 20])):
+        q_len = torch.tensor(real)
+        q, lk, lv, local_len = random_step(2, 6, 2, 16, 20, tails, q_len, 8)
+        memory = random_memory(2, 2, 8, 16, counts, seed=4)
+        expected, margin = reference_selection(q, tails, memory, 4, 8)
+        clear = margin > 1e-4
+        clear[1, :, real[1] :] = False
+        assert clear[0].float().mean() > 0.9
+        for kernel in ("torch", "cpp"):
+            stats = StepStats(selections=[])
+            retrieval = RetrievalConfig(k=4, kernel=kernel)
+            retrieval_attention(
+                q, lk, lv, local_len, tails, q_len, memory, retrieval, 8, BASE, 16**-0.5, stats
+            )
+            traced = torch.cat(stats.selections, dim=2)  # the eager path records a group of rows at a time
+            assert traced.shape == (2, 6, 20, 4), (counts, kernel)
+            assert torch.equal(traced[clear], expected[clear]), (counts, kernel)  # 3 blocks: all, then -1
+            assert bool((traced[1, :, real[1] :] == -1).all()), (counts, kernel)  # padding rows
+    assert StepStats().selections is None  # no trace unless asked for
+
+
 def test_kernel_breaks_ties_like_eager():
     """All landmark keys alike (a model's first layer): the tied old blocks are chosen by the same rule
     (the most recent win), so the outputs agree exactly, not just up to the choice among ties; in a

@@ -119,11 +119,21 @@ class StepStats:
     ``block_heads_fetched``: (block, kv head) pairs whose keys and values were read: the unit of the
     bytes read from memory (every query row and head reads its own selections).
     ``local_positions``: positions of local context (tail + new) attended to (per batch row).
+    ``selections``: None, or a list to which every layer call that retrieves appends the blocks its
+    query rows selected: (B, H, C, k) logical block indices, -1 where a row selected fewer (a trace for
+    inspection: ``benchmarks/retrieval_trace.py``; set it to ``[]`` before the steps to trace).
     """
 
     landmarks_scored: int = 0
     block_heads_fetched: int = 0
     local_positions: int = 0
+    selections: list[Tensor] | None = None
+
+    def record(self, selected: Tensor, valid: Tensor | None = None) -> None:
+        """Append (B, H, C, k) selected blocks to ``selections`` when tracing (invalid entries -> -1)."""
+        if self.selections is not None:
+            marked = selected if valid is None else torch.where(valid, selected, -1)
+            self.selections.append(marked.detach().cpu())
 
 
 def _rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -275,6 +285,7 @@ def retrieval_attention(
             stats.local_positions += int(local_len.sum())
             stats.landmarks_scored += sum(memory.count)
             stats.block_heads_fetched += int((selected >= 0).sum())
+            stats.record(selected)
         return out
     if isinstance(plan, DecodePlan):
         if stats is not None:
@@ -584,6 +595,7 @@ def _retrieve_and_attend(
     if stats is not None:
         stats.landmarks_scored += scored
         stats.block_heads_fetched += fetched
+        stats.record(selected, sel_valid)
 
     # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
     keys, values = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))

@@ -1,0 +1,183 @@
+"""Which blocks does a landmark model retrieve when it answers a passkey question? A trace of the top-k
+selections (``StepStats.selections``) while it generates the answer.
+
+For the trials of ``landmark eval passkey`` (the same seeded prompts and keys: ``cell_trials``), the
+prompt is read with top-k retrieval and the answer generated greedily, as the evaluation does; during
+the decode steps whose next token is a digit of the answer, every (layer, head) pair's k selected
+blocks are recorded. Reported per trial: the answer, where the asked key sentence lies (the blocks
+holding its digits; ``local`` when they are still in the incomplete tail block, attended without
+retrieval), and the share of (layer, head) pairs whose selection holds the asked key's block, and holds
+the block of any other key (multikey), against the share k / N of a selection that ignores content.
+A miss with a high "asked" share read the right block and copied the wrong number; a low one did not
+fetch it.
+
+Usage::
+
+    python benchmarks/retrieval_trace.py --model checkpoints/smollm2-landmark --length 4096 \\
+        --task multikey --keys 4 --trials 2 --out benchmarks/results/retrieval_trace/mk-4k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from results_json import write_results
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="landmark-converted HF folder or delta folder")
+    p.add_argument("--length", type=int, default=4096, help="prompt tokens, landmarks not counted")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--trials", type=int, default=2, help="trials per depth (>= 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="multikey", choices=["passkey", "multikey"])
+    p.add_argument("--keys", type=int, default=None, help="multikey: keys per prompt (default 4)")
+    p.add_argument("--haystack", default="repeat", choices=["repeat", "books"])
+    p.add_argument("--k", type=int, default=4, help="blocks retrieved per query and head (>= 1)")
+    p.add_argument("--granularity", default="token_head", choices=["token_head", "token", "head"])
+    p.add_argument("--chunk-len", type=int, default=256)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    return p.parse_args()
+
+
+def find(seq: list[int], sub: list[int]) -> int:
+    """Index of the first occurrence of ``sub`` in ``seq`` (ValueError if absent)."""
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    raise ValueError("key sentence not found in the prompt")
+
+
+def digit_blocks(m, prompt: list[int], sentence: list[int], bs: int) -> list[int]:
+    """The blocks (of bs - 1 regular tokens each, one landmark closing each) holding the digits of a key
+    sentence in ``prompt``."""
+    start = find(prompt, sentence)
+    digits = [start + i for i, t in enumerate(sentence) if any(ch.isdigit() for ch in m.decode([t]))]
+    return sorted({p // (bs - 1) for p in digits})
+
+
+def trace_trial(m, prompt: list[int], new_tokens: int, retrieval, chunk_len: int):
+    """Generate greedily after ``prompt`` with retrieval, recording each decode step's selections.
+
+    Returns:
+        (generated ids, selections per step: (L, H, k) blocks of the step's generated token's row,
+        memory blocks at the first step).
+    """
+    from landmark.hf.convert import landmark_token_id
+    from landmark.hf.generate import hf_reader
+    from landmark.hf.retrieval import LandmarkRetrievalCache
+    from landmark.inference.generate import generate_with
+
+    model, tok = m.model, m.tokenizer
+    cache = LandmarkRetrievalCache(model, retrieval, chunk_len=chunk_len)
+    layers = model.config.num_hidden_layers
+
+    def start_trace() -> None:
+        cache.stats.selections = []
+
+    new = generate_with(
+        hf_reader(model, cache, chunk_len), [prompt], new_tokens,
+        block_size=m.block_size, landmark_id=landmark_token_id(model),
+        stop_ids=(tok.eos_token_id,) if tok.eos_token_id is not None else (),
+        after_prompt=start_trace,
+    )[0]  # fmt: skip
+    sel = cache.stats.selections
+    # a step feeds [landmark, token] when a block closes first: the generated token is the last row
+    steps = [torch.stack([s[0, :, -1] for s in sel[i : i + layers]]) for i in range(0, len(sel), layers)]
+    blocks = cache.stream.layers[0].memory.count[0] if cache.stream.layers[0] is not None else 0
+    return new, steps, blocks
+
+
+def share(step: torch.Tensor, blocks: list[int]) -> float:
+    """Share of (layer, head) pairs whose k selected blocks (step: (L, H, k)) include one of ``blocks``."""
+    if not blocks:
+        return 0.0
+    hit = torch.zeros(step.shape[:2], dtype=torch.bool)
+    for b in blocks:
+        hit |= (step == b).any(-1)
+    return float(hit.float().mean())
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: list[int], key: int) -> dict:
+    """Trace one trial: its answer, where its keys lie, and the shares of (layer, head) selections that
+    hold the asked key's block and another key's block at the decode steps that predict a digit."""
+    from landmark.data.passkey import first_integer
+    from landmark.eval.passkey import _needles
+
+    t0 = time.perf_counter()
+    needles, ask = _needles(task, args.seed, args.length, depth, t, key)
+    where = {
+        x.key: digit_blocks(m, prompt, prompts.key_sentence(x.key, x.name), m.block_size) for x in needles
+    }
+    asked_blocks = where[key]
+    other_blocks = sorted({b for x, blocks in where.items() if x != key for b in blocks})
+    new, steps, n_blocks = trace_trial(m, prompt, len(prompts.answer(key)) + 2, retrieval, args.chunk_len)
+    text = m.decode(new)
+    answer = first_integer(text)
+    # decode step i reads generated token i and predicts token i + 1: keep the steps that predict a digit
+    digit = [i for i in range(len(steps)) if i + 1 < len(new) and m.decode([new[i + 1]]).strip().isdigit()]
+    by_layer = [mean([share(steps[i][layer : layer + 1], asked_blocks) for i in digit])
+                for layer in range(steps[0].shape[0])] if steps else []  # fmt: skip
+    return {
+        "depth": depth, "trial": t, "key": key, "answer": answer, "correct": answer == key, "text": text,
+        "asked_name": ask, "asked_blocks": asked_blocks, "other_blocks": other_blocks,
+        "memory_blocks": n_blocks, "asked_local": all(b >= n_blocks for b in asked_blocks),
+        "digit_steps": len(digit), "asked_share": [share(steps[i], asked_blocks) for i in digit],
+        "other_share": [share(steps[i], other_blocks) for i in digit], "asked_share_by_layer": by_layer,
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    from landmark.eval.models import load_models
+    from landmark.eval.passkey import PasskeyPrompts, PasskeyTask, cell_trials, check_passkey_cells
+    from landmark.inference import RetrievalConfig
+
+    task = PasskeyTask(args.task, args.haystack, args.keys)
+    retrieval = RetrievalConfig(k=args.k, granularity=args.granularity)  # checks k, granularity
+    (m,) = load_models([f"lm=hf:{args.model}"])
+    if not m.retrieves:
+        raise SystemExit(f"--model: {args.model} is not a landmark-converted model (nothing to trace)")
+    check_passkey_cells([m], [args.length], args.depths, args.trials, args.seed, "--length", task)
+    prompts = PasskeyPrompts(m.encoder, task.source())
+    rows = []
+    head = f"{'depth':>5} {'trial':>5} {'key':>6} {'answer':>7} ok  {'asked key blocks':22s}"
+    print(head + " memory  asked  other  k/N")
+    for depth in args.depths:
+        for t, (prompt, key) in enumerate(
+            cell_trials(prompts, task, args.seed, args.length, depth, args.trials)
+        ):
+            row = trial_row(m, prompts, task, args, retrieval, depth, t, prompt, key)
+            rows.append(row)
+            where = str(row["asked_blocks"]) + (" (local)" if row["asked_local"] else "")
+            print(
+                f"{depth:5.2f} {t:5d} {key:6d} {row['answer']!s:>7} {'y' if row['correct'] else 'n':>2}  "
+                f"{where:22s} {row['memory_blocks']:6d}  {mean(row['asked_share']):5.2f}  "
+                f"{mean(row['other_share']):5.2f}  {args.k / max(1, row['memory_blocks']):4.2f}",
+                flush=True,
+            )
+    ok = [r for r in rows if r["correct"]]
+    bad = [r for r in rows if not r["correct"]]
+    for label, group in (("right", ok), ("wrong", bad)):
+        asked, other = (mean([mean(r[f"{x}_share"]) for r in group]) for x in ("asked", "other"))
+        print(f"{label} answers: {len(group)}; mean share asked {asked:.2f}, other {other:.2f}")
+    if args.out:
+        write_results(args.out, {"args": vars(args), "trials": rows}, threads=torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
