@@ -2,14 +2,14 @@
 selections (``StepStats.selections``) while it generates the answer.
 
 For the trials of ``landmark eval passkey`` (the same seeded prompts and keys: ``cell_trials``), the
-prompt is read with top-k retrieval and the answer generated greedily, as the evaluation does; during
-the decode steps whose next token is a digit of the answer, every (layer, head) pair's k selected
-blocks are recorded. Reported per trial: the answer, where the asked key sentence lies (the blocks
-holding its digits; ``local`` when they are still in the incomplete tail block, attended without
-retrieval), and the share of (layer, head) pairs whose selection holds the asked key's block, and holds
-the block of any other key (multikey), against the share k / N of a selection that ignores content.
-A miss with a high "asked" share read the right block and copied the wrong number; a low one did not
-fetch it.
+prompt is read with top-k retrieval and the answer generated greedily, as the evaluation does; at the
+positions whose logits chose the answer's digits (or its first token, when it has no digit), every
+(layer, head) pair's k selected blocks are recorded. Reported per trial: the answer, where the asked
+key sentence lies (the blocks holding its digits; ``local`` when they are not in the memory yet when
+the prompt's last chunk starts: attended as local context), the share of (layer, head) pairs whose
+selection holds the asked key's block, and the share holding another key's block (multikey), against
+the share k / N of a selection that ignores content. A miss with a high "asked" share fetched the
+right block and still answered wrong; a low one did not fetch it.
 
 Usage::
 
@@ -66,11 +66,12 @@ def digit_blocks(m, prompt: list[int], sentence: list[int], bs: int) -> list[int
 
 
 def trace_trial(m, prompt: list[int], new_tokens: int, retrieval, chunk_len: int):
-    """Generate greedily after ``prompt`` with retrieval, recording each decode step's selections.
+    """Generate greedily after ``prompt`` with retrieval, as ``landmark eval passkey`` does, recording the
+    selections of the prompt's last chunk and of every decode step.
 
     Returns:
-        (generated ids, selections per step: (L, H, k) blocks of the step's generated token's row,
-        memory blocks at the first step).
+        (generated ids, steps, memory blocks): ``steps[j]`` (L, H, k) are the blocks selected by the
+        position whose logits chose generated token j (the prompt's last position for j = 0).
     """
     from landmark.hf.convert import landmark_token_id
     from landmark.hf.generate import hf_reader
@@ -80,21 +81,47 @@ def trace_trial(m, prompt: list[int], new_tokens: int, retrieval, chunk_len: int
     model, tok = m.model, m.tokenizer
     cache = LandmarkRetrievalCache(model, retrieval, chunk_len=chunk_len)
     layers = model.config.num_hidden_layers
+    read = hf_reader(model, cache, chunk_len)
+    state = {"last_chunk": None, "blocks": 0}
 
-    def start_trace() -> None:
+    def split_read(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The prompt (the first call) read in the same chunks, the trace started before its last one
+        (reading it in other pieces would change what is local and what is retrieved)."""
+        if state["last_chunk"] is not None:
+            return read(ids, lengths)
+        n = int(lengths[0])
+        c_last = (n - 1) // chunk_len * chunk_len
+        if c_last:
+            read(ids[:, :c_last], torch.full_like(lengths, c_last))
+            state["blocks"] = int(cache.stream.layers[0].memory.count[0])  # memory when the chunk starts
+        state["last_chunk"] = n - c_last
         cache.stats.selections = []
+        return read(ids[:, c_last:n], lengths - c_last)
 
     new = generate_with(
-        hf_reader(model, cache, chunk_len), [prompt], new_tokens,
-        block_size=m.block_size, landmark_id=landmark_token_id(model),
+        split_read, [prompt], new_tokens, block_size=m.block_size, landmark_id=landmark_token_id(model),
         stop_ids=(tok.eos_token_id,) if tok.eos_token_id is not None else (),
-        after_prompt=start_trace,
     )[0]  # fmt: skip
-    sel = cache.stats.selections
-    # a step feeds [landmark, token] when a block closes first: the generated token is the last row
-    steps = [torch.stack([s[0, :, -1] for s in sel[i : i + layers]]) for i in range(0, len(sel), layers)]
-    blocks = cache.stream.layers[0].memory.count[0] if cache.stream.layers[0] is not None else 0
-    return new, steps, blocks
+    return new, trace_steps(cache.stats.selections, layers, state["last_chunk"]), state["blocks"]
+
+
+def trace_steps(selections: list[torch.Tensor], layers: int, chunk_rows: int) -> list[torch.Tensor]:
+    """The recorded (1, H, C, k) entries -> per answer step (L, H, k): the prompt's last chunk first (each
+    layer's rows in one or more entries; its last row is the prompt's last position), then one entry
+    per layer and decode step (a step feeds [landmark, token] when a block closes: the token is last)."""
+    entries, last_rows = iter(selections), []
+    for _ in range(layers):
+        rows, entry = 0, None
+        while rows < chunk_rows:
+            entry = next(entries)
+            rows += entry.shape[2]
+        last_rows.append(entry[0, :, -1])
+    steps = [torch.stack(last_rows)]
+    rest = list(entries)
+    if len(rest) % layers:
+        raise RuntimeError(f"{len(rest)} decode entries for {layers} layers: the trace is not per layer")
+    steps += [torch.stack([s[0, :, -1] for s in rest[i : i + layers]]) for i in range(0, len(rest), layers)]
+    return steps
 
 
 def share(step: torch.Tensor, blocks: list[int]) -> float:
@@ -113,7 +140,7 @@ def mean(xs: list[float]) -> float:
 
 def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: list[int], key: int) -> dict:
     """Trace one trial: its answer, where its keys lie, and the shares of (layer, head) selections that
-    hold the asked key's block and another key's block at the decode steps that predict a digit."""
+    hold the asked key's block and another key's block at the steps that chose the answer."""
     from landmark.data.passkey import first_integer
     from landmark.eval.passkey import _needles
 
@@ -127,15 +154,17 @@ def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: l
     new, steps, n_blocks = trace_trial(m, prompt, len(prompts.answer(key)) + 2, retrieval, args.chunk_len)
     text = m.decode(new)
     answer = first_integer(text)
-    # decode step i reads generated token i and predicts token i + 1: keep the steps that predict a digit
-    digit = [i for i in range(len(steps)) if i + 1 < len(new) and m.decode([new[i + 1]]).strip().isdigit()]
+    # the steps that chose the answer's digits; without any, the one that chose the first token
+    digit = [j for j in range(min(len(steps), len(new))) if m.decode([new[j]]).strip().isdigit()] or [0]
     by_layer = [mean([share(steps[i][layer : layer + 1], asked_blocks) for i in digit])
                 for layer in range(steps[0].shape[0])] if steps else []  # fmt: skip
     return {
         "depth": depth, "trial": t, "key": key, "answer": answer, "correct": answer == key, "text": text,
-        "asked_name": ask, "asked_blocks": asked_blocks, "other_blocks": other_blocks,
+        "asked_name": ask, "keys_by_name": {x.name: x.key for x in needles if x.name is not None},
+        "answer_is_other_key": answer is not None and answer != key and answer in where,
+        "asked_blocks": asked_blocks, "other_blocks": other_blocks,
         "memory_blocks": n_blocks, "asked_local": all(b >= n_blocks for b in asked_blocks),
-        "digit_steps": len(digit), "asked_share": [share(steps[i], asked_blocks) for i in digit],
+        "answer_steps": len(digit), "asked_share": [share(steps[i], asked_blocks) for i in digit],
         "other_share": [share(steps[i], other_blocks) for i in digit], "asked_share_by_layer": by_layer,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,12 +18,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_helpers import BS, converted, make_model, make_tokenizer, write_tiny
+from hf_helpers import BS, benchmark_module, converted, make_model, make_tokenizer, write_tiny
 
 from landmark.cli import main
 from landmark.data.passkey import PasskeyPrompts, first_integer
-from landmark.eval.models import HFUnderTest, Reading
-from landmark.eval.passkey import teacher_forced_correct
+from landmark.eval.models import HFUnderTest, Reading, load_models
+from landmark.eval.passkey import PasskeyTask, cell_trials, teacher_forced_correct
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PASSKEY = ["eval", "passkey", "--lengths", "200", "--depths", "0", "1", "--trials", "2", "--chunk-len", "16"]
@@ -255,3 +256,50 @@ def test_eval_ppl_hf_refuses_prepared_data(folders, tmp_path, cache_dir, capsys)
     ]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: --data is a folder prepared for this library's")
+
+
+def test_retrieval_trace_answers_as_eval_passkey_does(folders, tmp_path, cache_dir, monkeypatch):
+    """benchmarks/retrieval_trace.py reads the prompts in the evaluation's chunks (the trace must not
+    change what is local and what is retrieved): the same answers as ``landmark eval passkey``; with k at
+    least the number of blocks every selection holds the asked key's block once it is in memory."""
+    trace = benchmark_module("retrieval_trace")
+    common = [
+        "--depths",
+        "0",
+        "0.5",
+        "--trials",
+        "2",
+        "--chunk-len",
+        "16",
+        "--task",
+        "multikey",
+        "--keys",
+        "3",
+    ]
+    runs = {}
+    for k in ("2", "64"):
+        out = tmp_path / f"trace-k{k}.json"
+        argv = ["retrieval_trace.py", "--model", str(folders["lm"]), "--length", "400", "--k", k, *common]
+        monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+        trace.main()
+        runs[k] = json.loads(out.read_text())["trials"]
+    evaluated = tmp_path / "pk"
+    args = ["eval", "passkey", "--lengths", "400", "--k", "2", *common, "--model", f"a=hf:{folders['lm']}"]
+    assert main([*args, "--out", str(evaluated)]) == 0
+    results = json.loads((evaluated / "passkey.json").read_text())["results"]
+    assert [r["answer"] for r in runs["2"]] == [a for r in results for a in r["answers"]]
+    # and the same generated text as the evaluation's reading (a random model's answers hold no number)
+    (m,) = load_models([f"a=hf:{folders['lm']}"])
+    task = PasskeyTask("multikey", keys=3)
+    prompts = PasskeyPrompts(m.encoder)
+    trials = [t for d in (0.0, 0.5) for t in cell_trials(prompts, task, 0, 400, d, 2)]
+    new = len(prompts.answer(trials[0][1])) + 2
+    texts = [m.decode(o) for o in m.generate([p for p, _ in trials], new, Reading(2, "token_head", 16, None))]
+    assert [r["text"] for r in runs["2"]] == texts
+    for row in runs["2"] + runs["64"]:
+        assert row["asked_blocks"] and len(row["asked_share"]) == row["answer_steps"] >= 1
+        assert all(0.0 <= x <= 1.0 for x in row["asked_share"] + row["other_share"])
+        assert len(row["keys_by_name"]) == 3 and row["keys_by_name"][row["asked_name"]] == row["key"]
+    early = [row for row in runs["64"] if row["depth"] == 0.0]
+    assert early and all(x == 1.0 for row in early for x in row["asked_share"])
+    assert any(x < 1.0 for row in runs["2"] for x in row["asked_share"])  # k = 2 of ~57 blocks: a choice
