@@ -142,10 +142,10 @@ def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: l
     """Trace one trial: its answer, where its keys lie, and the shares of (layer, head) selections that
     hold the asked key's block and another key's block at the steps that chose the answer."""
     from landmark.data.passkey import first_integer
-    from landmark.eval.passkey import _needles
+    from landmark.eval.passkey import trial_needles
 
     t0 = time.perf_counter()
-    needles, ask = _needles(task, args.seed, args.length, depth, t, key)
+    needles, ask = trial_needles(task, args.seed, args.length, depth, t, key)
     where = {
         x.key: digit_blocks(m, prompt, prompts.key_sentence(x.key, x.name), m.block_size) for x in needles
     }

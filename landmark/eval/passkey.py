@@ -129,8 +129,9 @@ def _trial_rng(seed: int, length: int, depth: float, trial: int, stream: int) ->
     return np.random.default_rng([seed, length, round(depth * 1000), trial, stream])
 
 
-def _needles(task: PasskeyTask, seed: int, length: int, depth: float, trial: int, key: int):
-    """(needles, asked name) of one trial: the paper's one key, or multikey's named keys."""
+def trial_needles(task: PasskeyTask, seed: int, length: int, depth: float, trial: int, key: int):
+    """(needles, asked name) of trial ``trial`` of a cell (seeded): the paper's one key, or multikey's named
+    keys (the asked one ``key``, at ``depth``)."""
     if task.task == "passkey":
         return [Needle(key, depth)], None
     return multikey_needles(_trial_rng(seed, length, depth, trial, NEEDLE_STREAM), key, depth, task.n_keys)
@@ -142,7 +143,7 @@ def cell_trials(
     """``(prompt, asked key)`` of every trial of a cell, each prompt exactly ``length`` tokens."""
     out = []
     for t, key in enumerate(cell_keys(seed, length, depth, trials)):
-        needles, ask = _needles(task, seed, length, depth, t, key)
+        needles, ask = trial_needles(task, seed, length, depth, t, key)
         rng = _trial_rng(seed, length, depth, t, HAYSTACK_STREAM)
         out.append((prompts.compose(length, needles, ask, rng)[0], key))
     return out
@@ -207,7 +208,7 @@ def check_passkey_cells(
         prompts = PasskeyPrompts(m.encoder)
         for n in lengths:
             need = max(
-                prompts.needed(*_needles(task, seed, n, d, t, key))
+                prompts.needed(*trial_needles(task, seed, n, d, t, key))
                 for d in depths
                 for t, key in enumerate(cell_keys(seed, n, d, trials))
             )
