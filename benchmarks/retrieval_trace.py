@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/retrieval_trace.py --model checkpoints/smollm2-landmark --length 4096 \\
         --task multikey --keys 4 --trials 2 --out benchmarks/results/retrieval_trace/mk-4k.json
+    python benchmarks/retrieval_trace.py --plot A.json B.json --png trace.png   # shares by layer
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from results_json import write_results
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="landmark-converted HF folder or delta folder")
+    p.add_argument("--model", help="landmark-converted HF folder or delta folder (required to trace)")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens, landmarks not counted")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--trials", type=int, default=2, help="trials per depth (>= 1)")
@@ -46,7 +47,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--granularity", default="token_head", choices=["token_head", "token", "head"])
     p.add_argument("--chunk-len", type=int, default=256)
     p.add_argument("--out", default=None, help="JSON file for the results")
-    return p.parse_args()
+    p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                   help="instead of tracing: draw these traces' shares by layer into --png")  # fmt: skip
+    p.add_argument("--png", default=None, help="with --plot: the PNG to write")
+    args = p.parse_args()
+    if args.plot is not None and args.png is None:
+        p.error("--plot needs --png (the picture to write)")
+    if args.plot is None and args.model is None:
+        p.error("--model is required (the landmark model to trace), or --plot JSON... --png PNG")
+    return args
 
 
 def find(seq: list[int], sub: list[int]) -> int:
@@ -170,8 +179,46 @@ def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: l
     }  # fmt: skip
 
 
+def plot_by_layer(paths: list[str], png: str) -> None:
+    """One panel per trace file: the share of heads that retrieved the asked key's block, per layer, at
+    the steps that chose the answer, averaged over the right and over the wrong answers."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.4), squeeze=False, sharey=True)
+    for ax, path in zip(axes[0], paths):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        a = data["args"]
+        for label, want, color in (("right answers", True, "C2"), ("wrong answers", False, "C3")):
+            rows = [r for r in data["trials"] if r["correct"] == want and r["asked_share_by_layer"]]
+            if rows:
+                layers = range(1, len(rows[0]["asked_share_by_layer"]) + 1)
+                ys = [mean([r["asked_share_by_layer"][i - 1] for r in rows]) for i in layers]
+                ax.plot(layers, ys, color=color, marker="o", markersize=3, label=f"{label} ({len(rows)})")
+        task = a["task"] if a["task"] == "passkey" else f"multikey-{a['keys'] or 4}"
+        task += ", books" if a["haystack"] == "books" else ""
+        ax.set_title(f"{task} @ {a['length']} tokens, seed {a['seed']}, k={a['k']}", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("heads retrieving the asked key's block")
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.plot is not None:
+        plot_by_layer(args.plot, args.png)
+        return
     from landmark.eval.models import load_models
     from landmark.eval.passkey import PasskeyPrompts, PasskeyTask, cell_trials, check_passkey_cells
     from landmark.inference import RetrievalConfig

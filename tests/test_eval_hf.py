@@ -303,3 +303,8 @@ def test_retrieval_trace_answers_as_eval_passkey_does(folders, tmp_path, cache_d
     early = [row for row in runs["64"] if row["depth"] == 0.0]
     assert early and all(x == 1.0 for row in early for x in row["asked_share"])
     assert any(x < 1.0 for row in runs["2"] for x in row["asked_share"])  # k = 2 of ~57 blocks: a choice
+    png = tmp_path / "by-layer.png"
+    traces = [str(tmp_path / "trace-k2.json"), str(tmp_path / "trace-k64.json")]
+    monkeypatch.setattr(sys, "argv", ["retrieval_trace.py", "--plot", *traces, "--png", str(png)])
+    trace.main()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
