@@ -13,8 +13,9 @@
 # prepare: joins the halves, checks their sha256, and prepares SmolLM2-135M-Instruct in $KEEP (offline).
 # finetune: `landmark hf finetune` from the carried delta (--init-delta .gpu/delta) with ARGS (the
 #   recipe: --steps, --lr, --bf16, ...), then `landmark hf export-delta`; the new delta comes back in
-#   $OUT/delta/ (delta.json, README-less, and delta.safetensors in parts of 15 MB: a returned file is at
-#   most 16 MiB), with the run's log and summary. Join here: bash scripts/gpu_carry.sh --collect FOLDER.
+#   $OUT/delta/ (delta.json, and delta.safetensors in parts of 15 MB with its sha256: a returned file is
+#   at most 16 MiB), with the run's log and summary. Join the parts here (its README is written here):
+#   bash scripts/gpu_carry.sh --collect FILES_AT DEST.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=${KEEP:-/root/keep}
