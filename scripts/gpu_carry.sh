@@ -16,9 +16,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HOLD=.gpu-hold
 WEIGHTS=(checkpoints/passkey-landmark/model.safetensors checkpoints/smollm2-landmark/delta.safetensors)
-for ignored in /.gpu/ /.gpu-hold/; do
-  grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >>.git/info/exclude
-done
+# Keep .gpu/ and .gpu-hold/ out of git status (not needed by --collect, which may run outside a clone).
+exclude_carried() {
+  local exclude
+  exclude=$(git rev-parse --git-path info/exclude 2>/dev/null) || return 0
+  mkdir -p "$(dirname "$exclude")"
+  for ignored in /.gpu/ /.gpu-hold/; do
+    grep -qxF "$ignored" "$exclude" 2>/dev/null || echo "$ignored" >>"$exclude"
+  done
+}
 if [ "${1:-}" = "--collect" ]; then
   src="${2:?--collect FOLDER DEST: the returned folder (with delta/) and where the delta goes}"
   dest="${3:?--collect FOLDER DEST: where the joined delta goes}"
@@ -44,6 +50,7 @@ if [ "${1:-}" = "--restore" ]; then
   echo "checkpoint weights restored"
   exit 0
 fi
+exclude_carried
 PYTHON=${PYTHON:-.venv/bin/python}
 gguf=$("$PYTHON" -c "from landmark.hf.smollm2 import find_gguf; print(find_gguf(install=True))")
 size=$(stat -c %s "$gguf")
