@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from passkey_grid import task_label
 from results_json import write_results
 
 
@@ -182,8 +184,6 @@ def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: l
 def plot_by_layer(paths: list[str], png: str) -> None:
     """One panel per trace file: the share of heads that retrieved the asked key's block, per layer, at
     the steps that chose the answer, averaged over the right and over the wrong answers."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,8 +199,7 @@ def plot_by_layer(paths: list[str], png: str) -> None:
                 layers = range(1, len(rows[0]["asked_share_by_layer"]) + 1)
                 ys = [mean([r["asked_share_by_layer"][i - 1] for r in rows]) for i in layers]
                 ax.plot(layers, ys, color=color, marker="o", markersize=3, label=f"{label} ({len(rows)})")
-        task = a["task"] if a["task"] == "passkey" else f"multikey-{a['keys'] or 4}"
-        task += ", books" if a["haystack"] == "books" else ""
+        task = task_label({"task": a["task"], "keys_per_prompt": a["keys"] or 4, "haystack": a["haystack"]})
         ax.set_title(f"{task} @ {a['length']} tokens, seed {a['seed']}, k={a['k']}", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1.02)
