@@ -8,6 +8,7 @@
 #   bash scripts/gpu_smollm2.sh keep                # call 1, carry [.gpu/p1, .gpu/whl]
 #   bash scripts/gpu_smollm2.sh prepare             # call 2, carry [.gpu/p2]
 #   bash scripts/gpu_smollm2.sh finetune ARGS...    # call 3, carry [.gpu/delta]
+#   bash scripts/gpu_smollm2.sh evaluate [FOLDER]   # same call, after finetune (default: its $KEEP/delta)
 #
 # keep: the GGUF's first half and the gguf package (installed from its wheel) go to $KEEP.
 # prepare: joins the halves, checks their sha256, and prepares SmolLM2-135M-Instruct in $KEEP (offline).
@@ -16,6 +17,11 @@
 #   $OUT/delta/ (delta.json, and delta.safetensors in parts of 15 MB with its sha256: a returned file is
 #   at most 16 MiB), with the run's log and summary. Join the parts here (its README is written here):
 #   bash scripts/gpu_carry.sh --collect FILES_AT DEST.
+# evaluate: the passkey grid of docs/evaluation.md ("SmolLM2-135M with landmarks": multikey-4, passkey and
+#   books at 16k, passkey at 32k and 64k; depths and seeds as there) of a delta or model folder on the GPU
+#   (`landmark eval passkey --device cuda`), the missed target's cells first, each command under what is
+#   left until $EVAL_END (epoch seconds; default: 240 s from now); every finished cell is cached, and
+#   the folders (passkey.json where a command finished, cells/ always) come back in $OUT/eval.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=${KEEP:-/root/keep}
@@ -66,8 +72,40 @@ finetune() {
   ls -l "$out/delta"
 }
 
+# name, then `landmark eval passkey` options, one command a line ($EVAL_GRID replaces them): every cell of the grid (docs/evaluation.md), in priority order
+GRID="${EVAL_GRID:-mk16k-s0 --lengths 16384 --task multikey --keys 4 --seed 0
+mk16k-s1 --lengths 16384 --task multikey --keys 4 --seed 1
+pk16k-32k-s0 --lengths 16384 32768 --seed 0
+pk16k-32k-s1 --lengths 16384 32768 --seed 1
+books16k-s0 --lengths 16384 --haystack books --seed 0
+books16k-s1 --lengths 16384 --haystack books --seed 1
+pk64k-s0 --lengths 65536 --depths 0.25 0.5 0.75 --seed 0
+pk64k-s1 --lengths 65536 --depths 0.25 0.5 0.75 --seed 1}"
+
+evaluate() {
+  local model="${1:-$KEEP/delta}" out="${OUT:-$KEEP/out}" end="${EVAL_END:-$(($(date +%s) + 240))}"
+  [ -e "$model/delta.json" ] || [ -f "$model/config.json" ] || die "evaluate: $model is not a delta or model folder"
+  [ -f "$BASE/config.json" ] || die "evaluate: $BASE is not prepared (run 'prepare' in an earlier call)"
+  # a delta's base is looked up in cache/models (the prepared SmolLM2): point it at $BASE
+  [ -e cache/models/SmolLM2-135M-Instruct ] || { mkdir -p cache/models && ln -s "$BASE" cache/models/; }
+  mkdir -p "$KEEP/eval" "$out"
+  local name args left
+  while read -r name args; do
+    left=$((end - $(date +%s)))
+    if [ "$left" -lt 20 ]; then echo "gpu_smollm2 evaluate: time is up before $name"; break; fi
+    echo "gpu_smollm2 evaluate: $name ($left s left)"
+    # shellcheck disable=SC2086  # args: several options
+    PYTHONUNBUFFERED=1 timeout "$left" "$PYTHON" -m landmark eval passkey --model "lm=hf:$model" \
+      --device "${EVAL_DEVICE:-cuda}" --depths 0 0.25 0.5 0.75 1 --trials 2 $args --out "$KEEP/eval/$name" \
+      2>&1 | tee -a "$KEEP/eval/eval.log" || echo "gpu_smollm2 evaluate: $name stopped (exit ${PIPESTATUS[0]})"
+  done <<<"$GRID"
+  tar czf "$out/eval.tgz" -C "$KEEP" eval
+  ls -l "$out/eval.tgz"
+}
+
 case "${1:-}" in
   keep | prepare) "$1" ;;
   finetune) shift && finetune "$@" ;;
-  *) die "usage: bash scripts/gpu_smollm2.sh keep | prepare | finetune FINETUNE_ARGS..." ;;
+  evaluate) shift && evaluate "$@" ;;
+  *) die "usage: bash scripts/gpu_smollm2.sh keep | prepare | finetune FINETUNE_ARGS... | evaluate [FOLDER]" ;;
 esac

@@ -21,14 +21,19 @@ from landmark.eval.models import HF_PREFIX, parse_model_arg
 from landmark.inference.options import (
     add_retrieval_arguments,
     check_chunk_len,
+    check_device,
     check_distinct,
     check_retrieval_arguments,
+    resolve_device,
     session_options,
 )
 
 PPL_LENGTHS = [512, 2048, 4096, 8192, 16384]
 PASSKEY_LENGTHS = [1024, 4096, 8192, 32768]
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+DEVICE_HELP = "where the models run: cpu, cuda or cuda:N (default: cuda if available, else cpu)"
 
 
 def _models_help() -> str:
@@ -42,6 +47,7 @@ def _models_help() -> str:
 def _check_common(args: argparse.Namespace) -> None:
     """Checks shared by both evaluations that need no model: retrieval options, --out, --lengths."""
     check_retrieval_arguments(args)
+    check_device(args.device, "--device")
     check_distinct("--lengths", args.lengths)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -52,7 +58,7 @@ def _load(args: argparse.Namespace):
     """The ``--model`` checkpoints, checked against ``--lengths`` and ``--chunk-len``."""
     from landmark.eval.common import check_lengths, load_models
 
-    models = load_models(args.model)
+    models = load_models(args.model, resolve_device(args.device))
     check_lengths(args.lengths, models)
     for m in models:
         if m.retrieves:
@@ -224,6 +230,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-tokens", type=int, default=16384, help="tokens per length (whole windows, >= 1)")
     q.add_argument("--batch-size", type=int, default=4, help="windows evaluated together (>= 1)")
     q.add_argument("--out", default="runs/eval-ppl", help="output folder (and result cache)")
+    q.add_argument("--device", default=None, help=DEVICE_HELP)
     add_retrieval_arguments(q, multiple=True)
     q.set_defaults(func=cmd_eval_ppl)
 
@@ -245,5 +252,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--corpus", default=None, help="corpus folder of --haystack books (default: the bundled "
                    "books)")  # fmt: skip
     q.add_argument("--out", default="runs/eval-passkey", help="output folder (and result cache)")
+    q.add_argument("--device", default=None, help=DEVICE_HELP)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_passkey)

@@ -21,6 +21,7 @@ from landmark.inference.options import (
     check_device,
     check_retrieval_arguments,
     check_sampling_arguments,
+    resolve_device,
     retrieval_config,
 )
 
@@ -118,8 +119,6 @@ class _Stream:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load a checkpoint, generate from the prompt(s), print the text."""
-    import torch
-
     from landmark.checkpoint import CheckpointError, load_model
     from landmark.inference.generate import generate
 
@@ -128,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = _prompts(args)
         if not prompts or any(not p for p in prompts):
             raise ValueError("--prompt/--prompt-file: the prompt is empty")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         try:
             model, tokenizer, _ = load_model(args.checkpoint, device=device)
         except CheckpointError as err:

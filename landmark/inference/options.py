@@ -143,6 +143,13 @@ def check_device(value: str | None, option: str = "--device") -> None:
             raise ValueError(f"{option} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
+def resolve_device(value: str | None) -> str:
+    """A checked ``--device`` value, or the default when None: cuda if available, else cpu."""
+    import torch
+
+    return value or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_retrieval_arguments(args: argparse.Namespace) -> None:
     """One-line ValueErrors for values the parser cannot check (before any work is done)."""
     ks = _values(args.k)
