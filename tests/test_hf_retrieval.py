@@ -35,6 +35,41 @@ def stream(batch: int, n_raw: int, seed: int = 1, model=None) -> torch.Tensor:
     return insert_landmarks(raw, BS, lid)
 
 
+class _PastKeyValuesForward(torch.nn.Module):
+    """A model whose forward takes its cache as ``past_key_values`` (transformers before 5.2x)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+        return self.inner(input_ids=input_ids, cache=past_key_values, use_cache=use_cache, **kwargs)
+
+
+class _IgnoresCache(_PastKeyValuesForward):
+    """A model that drops an unknown cache keyword into ``**kwargs`` and attends without it."""
+
+    def forward(self, input_ids, use_cache=None, **kwargs):
+        return self.inner(input_ids=input_ids)
+
+
+def test_forward_cached_passes_the_cache_under_the_models_keyword():
+    """forward_cached gives the cache as ``cache`` or ``past_key_values``, whichever the forward takes,
+    reading the same as ``model(ids, cache=cache)``; a model that leaves the cache untouched raises."""
+    model, _ = converted()
+    ids = stream(1, 40, model=model)  # (1, 45)
+    with torch.no_grad():
+        expected = model(ids, cache=LandmarkRetrievalCache(model, ALL, chunk_len=16)).logits
+        for m in (model, _PastKeyValuesForward(model)):
+            cache = LandmarkRetrievalCache(model, ALL, chunk_len=16)
+            out = torch.cat([lhf.forward_cached(m, ids[:, :30], cache).logits,
+                             lhf.forward_cached(m, ids[:, 30:], cache).logits], dim=1)  # fmt: skip
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+            assert cache.get_seq_length() == ids.shape[1]
+        with pytest.raises(RuntimeError, match="did not use the cache it was given"):
+            lhf.forward_cached(_IgnoresCache(model), ids, LandmarkRetrievalCache(model, ALL))
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("granularity", ["token_head", "token", "head"])
 def test_chunked_prefill_equals_full_forward(arch, granularity):

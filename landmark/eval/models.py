@@ -234,12 +234,13 @@ class HFUnderTest(ModelUnderTest):
 
     def _chunks(self, ids: Tensor, cache: Any, chunk_len: int) -> Iterator[tuple[int, Tensor]]:
         """(B, n) ids -> ``(c0, (B, c, vocab) logits)`` of every chunk of ``chunk_len`` positions."""
+        from landmark.hf.retrieval import forward_cached
         from landmark.inference.threads import using_threads
 
         for c0 in range(0, ids.shape[1], chunk_len):
             chunk = ids[:, c0 : c0 + chunk_len].to(self._device)
             with using_threads():
-                logits = self.model(input_ids=chunk, cache=cache, use_cache=True).logits
+                logits = forward_cached(self.model, chunk, cache).logits
             yield c0, logits
 
 

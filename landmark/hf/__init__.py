@@ -20,11 +20,13 @@ Long inputs with top-k block retrieval (shared/method.md s.4)::
 
     text, ids = landmark.hf.generate(model, tokenizer, long_prompt, retrieval=RetrievalConfig(k=4))
     cache = landmark.hf.LandmarkRetrievalCache(model, RetrievalConfig(k=4), memory_device="cpu")
-    model(input_ids_with_landmarks, cache=cache)  # or model.generate(..., cache=cache, logits_processor=
-                                                  #    [landmark.hf.LandmarkLogitsProcessor.for_model(model)])
+    out = landmark.hf.forward_cached(model, input_ids_with_landmarks, cache)  # model(..., cache=cache)
+    # under this transformers version's cache keyword (past_key_values before 5.2x), checked to be used;
+    # or model.generate(..., cache=cache,
+    #                   logits_processor=[landmark.hf.LandmarkLogitsProcessor.for_model(model)])
 
-``LandmarkRetrievalCache`` and ``LandmarkLogitsProcessor`` import transformers; they are loaded on first
-use, so that ``import landmark.hf`` stays light.
+``LandmarkRetrievalCache``, ``LandmarkLogitsProcessor`` and ``forward_cached`` import transformers; they
+are loaded on first use, so that ``import landmark.hf`` stays light.
 """
 
 from typing import Any
@@ -48,6 +50,7 @@ __all__ = [
     "LandmarkLogitsProcessor",
     "LandmarkRetrievalCache",
     "convert",
+    "forward_cached",
     "generate",
     "landmark_attention_forward",
     "landmark_attention_mask",
@@ -61,7 +64,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """Lazy attributes: the retrieval cache and logits processor (they import transformers)."""
-    if name in ("LandmarkRetrievalCache", "LandmarkLogitsProcessor"):
+    if name in ("LandmarkRetrievalCache", "LandmarkLogitsProcessor", "forward_cached"):
         from landmark.hf import retrieval
 
         return getattr(retrieval, name)

@@ -33,6 +33,8 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
     the last position (with a :class:`landmark.hf.LandmarkRetrievalCache`, position ids of zeros: the
     model's RoPE is skipped, see ``unrotated_position_ids``); with ``threads`` torch threads (None:
     ``LANDMARK_THREADS`` or 1, see :mod:`landmark.inference.threads`)."""
+    from landmark.hf.retrieval import forward_cached
+
     device = model.get_input_embeddings().weight.device
     threads = inference_threads() if threads is None else threads
 
@@ -46,7 +48,7 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
             chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
             extra = {} if unrotated is None else {"position_ids": unrotated(chunk.shape[1], device)}
             with using_threads(threads):
-                logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1, **extra).logits
+                logits = forward_cached(model, chunk, cache, logits_to_keep=1, **extra).logits
         return logits[:, -1]
 
     return read

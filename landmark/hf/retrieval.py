@@ -46,6 +46,8 @@ discarded, as in training, where landmarks are not targets).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -58,6 +60,41 @@ from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
 from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
 from landmark.model import apply_rope, rope_angles
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The keyword of ``model_class.forward`` that takes a cache (see :func:`forward_cached`)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_cached(model: Any, input_ids: Tensor, cache: Cache, **kwargs: Any) -> Any:
+    """``model(input_ids, <cache keyword>=cache, use_cache=True, **kwargs)``: one forward that reads and
+    extends ``cache``, whatever this transformers version calls the argument (``cache`` from 5.2x on,
+    ``past_key_values`` before; an unknown keyword is silently dropped into ``**kwargs`` by the model,
+    which would then attend without the cache: the first GPU evaluation, under transformers 5.17,
+    failed that way).
+
+    Args:
+        model: a causal LM; input_ids: (B, T) on the model's device; cache: a ``Cache`` (a
+            :class:`LandmarkRetrievalCache` or a ``DynamicCache``); kwargs: further forward arguments.
+
+    Returns:
+        The model's output (``.logits``: (B, T or logits_to_keep, vocab)).
+
+    Raises:
+        RuntimeError: the forward did not extend ``cache`` (the model does not use it).
+    """
+    before = cache.get_seq_length()
+    out = model(input_ids=input_ids, use_cache=True, **{_cache_keyword(type(model)): cache}, **kwargs)
+    if cache.get_seq_length() != before + input_ids.shape[1]:
+        raise RuntimeError(
+            f"{type(model).__name__} did not use the cache it was given (its length stayed "
+            f"{cache.get_seq_length()}, expected {before + input_ids.shape[1]}): this transformers version "
+            "passes caches under another keyword"
+        )
+    return out
 
 
 def rope_theta(config: Any) -> float:
