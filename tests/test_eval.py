@@ -81,13 +81,17 @@ def test_eval_passkey_end_to_end(runs, tmp_path):
         "1",
         "--trials",
         "2",
+        "--device",
+        "cpu",
         "--out",
         str(out),
     ]
     for kind in ("landmark", "full"):
         args += ["--model", f"{kind}={runs[kind]}"]
     assert main(args) == 0
-    results = json.loads((out / "passkey.json").read_text())["results"]
+    written = json.loads((out / "passkey.json").read_text())
+    results = written["results"]
+    assert written["args"]["device"] == "cpu"
     assert len(results) == 2 * 2 * 2
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 2 for r in results)
     assert "| landmark (landmark) | 400 |" in (out / "passkey.md").read_text()

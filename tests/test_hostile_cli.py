@@ -175,6 +175,8 @@ EVAL_CASES = [
     ([*PPL, "--lengths"], "--lengths"),
     ([*PPL, "--memory-device", "cuda:7"], "--memory-device"),
     ([*PPL, "--memory-device", "toaster"], "--memory-device"),
+    ([*PPL, "--device", "cuda:7"], "--device"),
+    ([*PASSKEY, "--device", "toaster"], "--device"),
     ([*PASSKEY, "--trials", "0"], "--trials"),
     ([*PASSKEY, "--depths", "1.5"], "--depths"),
     ([*PASSKEY, "--depths", "nan"], "--depths"),
