@@ -68,6 +68,9 @@ def test_forward_cached_passes_the_cache_under_the_models_keyword():
             assert cache.get_seq_length() == ids.shape[1]
         with pytest.raises(RuntimeError, match="did not use the cache it was given"):
             lhf.forward_cached(_IgnoresCache(model), ids, LandmarkRetrievalCache(model, ALL))
+        # the reader's position ids of zeros without the cache: named, not "positions 0..n expected"
+        with pytest.raises(ValueError, match="need the retrieval cache"):
+            model(ids, position_ids=torch.zeros_like(ids))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
