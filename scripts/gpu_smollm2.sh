@@ -72,7 +72,8 @@ finetune() {
   ls -l "$out/delta"
 }
 
-# name, then `landmark eval passkey` options, one command a line ($EVAL_GRID replaces them): every cell of the grid (docs/evaluation.md), in priority order
+# name, then `landmark eval passkey` options, one command a line ($EVAL_GRID replaces them): every cell
+# of the grid (docs/evaluation.md), in priority order
 GRID="${EVAL_GRID:-mk16k-s0 --lengths 16384 --task multikey --keys 4 --seed 0
 mk16k-s1 --lengths 16384 --task multikey --keys 4 --seed 1
 pk16k-32k-s0 --lengths 16384 32768 --seed 0
@@ -86,8 +87,10 @@ evaluate() {
   local model="${1:-$KEEP/delta}" out="${OUT:-$KEEP/out}" end="${EVAL_END:-$(($(date +%s) + 240))}"
   [ -e "$model/delta.json" ] || [ -f "$model/config.json" ] || die "evaluate: $model is not a delta or model folder"
   [ -f "$BASE/config.json" ] || die "evaluate: $BASE is not prepared (run 'prepare' in an earlier call)"
-  # a delta's base is looked up in cache/models (the prepared SmolLM2): point it at $BASE
-  [ -e cache/models/SmolLM2-135M-Instruct ] || { mkdir -p cache/models && ln -s "$BASE" cache/models/; }
+  # a delta's base is the prepared SmolLM2 of the library's cache: a cache in $KEEP, its model $BASE
+  export LANDMARK_CACHE="$KEEP/cache"
+  mkdir -p "$LANDMARK_CACHE/models"
+  [ -e "$LANDMARK_CACHE/models/SmolLM2-135M-Instruct" ] || ln -s "$BASE" "$LANDMARK_CACHE/models/"
   mkdir -p "$KEEP/eval" "$out"
   local name args left
   while read -r name args; do

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,11 @@ if [ "$4" = "export-delta" ]; then
   while [ $# -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done
   mkdir -p "$out" && echo '{"delta": 1}' >"$out/delta.json"
   printf '0123456789abcdefghij' >"$out/delta.safetensors"
+fi
+if [ "$3" = "eval" ]; then  # `-m landmark eval passkey ... --out DIR`: a result file, or a failure
+  [ -n "${FAKE_FAIL_EVAL:-}" ] && exit 1
+  while [ $# -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done
+  mkdir -p "$out" && echo '{"results": []}' >"$out/passkey.json"
 fi
 """
 
@@ -120,3 +127,51 @@ def test_finetune_returns_the_delta_in_parts_and_collect_joins_it(machine, tmp_p
     broken = run(carry, "--collect", str(out), str(tmp_path / "other"), env={})
     assert broken.returncode == 1 and "does not match" in broken.stderr
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.tmp").exists()
+
+
+def test_evaluate_runs_the_grid_in_order_under_its_deadline_and_packs_it(machine):
+    keep, out, log = Path(machine["KEEP"]), Path(machine["OUT"]), Path(machine["FAKE_LOG"])
+    missing = run(ON_GPU, "evaluate", env=machine)
+    assert missing.returncode == 2 and "is not a delta or model folder" in missing.stderr
+    (keep / "delta").mkdir(parents=True)
+    (keep / "delta" / "delta.json").write_text("{}")
+    unprepared = run(ON_GPU, "evaluate", env=machine)
+    assert unprepared.returncode == 2 and "is not prepared" in unprepared.stderr and not log.exists()
+    base = keep / "SmolLM2-135M-Instruct"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    done = run(ON_GPU, "evaluate", env={**machine, "EVAL_END": str(int(time.time()) + 50)})
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert [Path(c.split("--out ")[1]).name for c in calls] == [
+        "mk16k-s0",
+        "mk16k-s1",
+        "pk16k-32k-s0",
+        "pk16k-32k-s1",
+        "books16k-s0",
+        "books16k-s1",
+        "pk64k-s0",
+        "pk64k-s1",
+    ]  # the missed target first
+    assert all(
+        c.startswith(f"-m landmark eval passkey --model lm=hf:{keep}/delta --device cuda") for c in calls
+    )
+    assert "--trials 2 --lengths 16384 --task multikey --keys 4 --seed 0 --out" in calls[0]
+    assert "--lengths 65536 --depths 0.25 0.5 0.75 --seed 1 --out" in calls[-1]
+    with tarfile.open(out / "eval.tgz") as tar:
+        assert "eval/pk64k-s1/passkey.json" in tar.getnames()
+    # the delta's base is found through a cache in $KEEP; the repository's cache/ is not touched
+    assert (keep / "cache" / "models" / "SmolLM2-135M-Instruct").resolve() == base.resolve()
+    assert not (REPO / "cache" / "models" / "SmolLM2-135M-Instruct").is_symlink()
+    # past the deadline nothing starts (the archive still comes back); a failed command does not stop the rest
+    log.unlink()
+    (out / "eval.tgz").unlink()
+    late = run(ON_GPU, "evaluate", env={**machine, "EVAL_END": str(int(time.time()) - 1)})
+    assert late.returncode == 0 and "time is up before mk16k-s0" in late.stdout and not log.exists()
+    assert (out / "eval.tgz").is_file()
+    grid = "a --lengths 1024 --seed 0\nb --lengths 2048 --seed 1"
+    failing = run(ON_GPU, "evaluate", env={**machine, "FAKE_FAIL_EVAL": "1", "EVAL_GRID": grid})
+    assert (
+        "evaluate: a stopped (exit 1)" in failing.stdout and "evaluate: b stopped (exit 1)" in failing.stdout
+    )
+    assert len(log.read_text().splitlines()) == 2

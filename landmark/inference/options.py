@@ -144,7 +144,8 @@ def check_device(value: str | None, option: str = "--device") -> None:
 
 
 def resolve_device(value: str | None) -> str:
-    """A checked ``--device`` value, or the default when None: cuda if available, else cpu."""
+    """The ``--device`` value (see :func:`check_device`), or the default when None: cuda if this torch
+    has a CUDA device, else cpu."""
     import torch
 
     return value or ("cuda" if torch.cuda.is_available() else "cpu")
