@@ -1,7 +1,7 @@
 """The GPU check (issue 15): one command for the first lent GPU, and a CPU smoke mode that CI runs.
 
-Four steps, each a child process with its own time budget (a slow or hung step is killed and the
-next one runs), within a total budget (8 minutes on a GPU):
+Five steps, each a child process with its own time budget (a slow or hung step is killed and the
+next one runs), within a total budget (560 s on a GPU):
 
 1. ``triton_tests``: ``tests/test_triton.py`` with the kernels compiled for the GPU (TRITON_INTERPRET
    unset) against the dense reference: outputs and gradients, float64/float32/bfloat16/float16, GQA,
@@ -12,6 +12,11 @@ next one runs), within a total budget (8 minutes on a GPU):
    bfloat16 autocast, one minute each: tokens/s of each and their ratio.
 4. ``hf_finetune``: ``landmark hf finetune`` of a model with SmolLM2-135M's shape (random weights, built
    from a config: nothing is downloaded; throughput does not depend on the weights), bfloat16: tokens/s.
+5. ``hf_reading``: the same kind of model converted with landmarks and read with top-4 retrieval
+   through ``LandmarkRetrievalCache`` (``landmark.hf.forward_cached``, float32): the last position's
+   logits on the GPU against the CPU's for one stream, the seconds to read 16k and 64k tokens on the
+   GPU, and ``landmark eval passkey --device cuda`` end to end (the path that failed in session 13
+   under the machine's transformers: it needs no SmolLM2 weights to be carried).
 
 Results go to ``<out>/gpu_check.json`` (rewritten after every step, so a killed run keeps what it
 measured), ``<out>/attention_gpu.json`` (the benchmark's own file) and ``<out>/gpu_check.log`` (every
@@ -47,12 +52,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("triton_tests", "attention_bench", "train_small", "hf_finetune")
-TOTAL_BUDGET_S = {"gpu": 480.0, "smoke": 240.0}  # the whole check
+STEPS = ("triton_tests", "attention_bench", "train_small", "hf_finetune", "hf_reading")
+TOTAL_BUDGET_S = {"gpu": 560.0, "smoke": 300.0}  # the whole check
 STEP_BUDGET_S = {  # each step at most this (and never past the total budget)
-    "gpu": {"triton_tests": 100.0, "attention_bench": 90.0, "train_small": 190.0, "hf_finetune": 85.0},
-    "smoke": {"triton_tests": 60.0, "attention_bench": 45.0, "train_small": 60.0, "hf_finetune": 60.0},
-}
+    "gpu": {"triton_tests": 100.0, "attention_bench": 90.0, "train_small": 190.0, "hf_finetune": 85.0,
+            "hf_reading": 90.0},
+    "smoke": {"triton_tests": 60.0, "attention_bench": 45.0, "train_small": 60.0, "hf_finetune": 60.0,
+              "hf_reading": 60.0},
+}  # fmt: skip
 MIN_STEP_S = 10.0  # a step with less time left than this is skipped
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 TRAIN_MINUTES = 1.0  # per run on a GPU: landmark, then full attention (two minutes of training)
@@ -94,6 +101,13 @@ HF_ARGS = {
     "smoke": ["--block-size", "16", "--max-length", "64", "--batch-size", "2", "--steps", "100000",
               "--logging-steps", "1"],
 }  # fmt: skip
+# hf_reading: landmark block size, the stream compared with the CPU, the lengths timed, the passkey
+# evaluation's length (tokens), and the largest relative logit difference GPU/CPU accepted.
+READ_BLOCK = {"gpu": 64, "smoke": 16}
+READ_COMPARE = {"gpu": 2048, "smoke": 96}
+READ_LENGTHS = {"gpu": (16384, 65536), "smoke": (200,)}
+READ_EVAL_LENGTH = {"gpu": 4096, "smoke": 400}
+READ_MAX_REL_DIFF = 1e-3
 CORPUS_DOCS = 8  # the synthetic corpus: documents, each CORPUS_CHARS of the docs repeated CORPUS_REPEAT times
 CORPUS_CHARS, CORPUS_REPEAT = {"gpu": 10**6, "smoke": 12_000}, {"gpu": 2, "smoke": 1}
 TOKENIZER_VOCAB = {"gpu": 4096, "smoke": 300}
@@ -363,6 +377,103 @@ def write_corpus(folder: Path, mode: str) -> Path:
     return folder
 
 
+def step_hf_reading(check: Check, deadline: float) -> dict[str, Any]:
+    """Long-context reading of a random landmark model with SmolLM2-135M's shape (tiny in smoke mode):
+    GPU against CPU, timings, ``landmark eval passkey`` on the device (the child writes a JSON)."""
+    result = check.work / "hf-reading.json"
+    env = {**check.env, "LANDMARK_CACHE": str(check.work / "hf-cache")}
+    cmd = [
+        sys.executable,
+        str(Path(__file__)),
+        "--reading-child",
+        str(check.work / "read-model"),
+        str(result),
+    ]
+    try:
+        run(check, cmd + (["--smoke"] if check.smoke else []), deadline, env=env)
+    except StepError as err:  # what the child measured before it failed or was killed
+        partial = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {}
+        raise StepError(f"{err}; measured: {json.dumps(partial)}") from None
+    record = json.loads(result.read_text(encoding="utf-8"))
+    if record["rel_diff"] > READ_MAX_REL_DIFF:
+        raise StepError(
+            f"logits GPU/CPU differ by {record['rel_diff']:.2e} (relative), over {READ_MAX_REL_DIFF}"
+        )
+    return record
+
+
+def reading_child(folder: Path, result: Path, smoke: bool) -> int:
+    """In the reading step's child: build and convert the model, compare one stream's last logits on the
+    device and on the CPU, run ``landmark eval passkey`` there, time longer streams on the device; each
+    number goes into ``result`` as soon as it is measured (a step killed at its budget keeps them)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from landmark.cli import main as landmark_main
+    from landmark.data import insert_landmarks
+    from landmark.hf.convert import convert
+    from landmark.hf.generate import hf_reader
+    from landmark.hf.retrieval import LandmarkRetrievalCache
+    from landmark.inference import RetrievalConfig
+
+    mode = "smoke" if smoke else "gpu"
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    make_hf_model(folder, smoke)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model, tokenizer = convert(model, tokenizer, block_size=READ_BLOCK[mode])
+    converted = folder.parent / f"{folder.name}-landmark"
+    model.save_pretrained(converted)
+    tokenizer.save_pretrained(converted)
+    record: dict[str, Any] = {"device": device, "block_size": READ_BLOCK[mode], "k": 4}
+    landmark_id = model.config.landmark_token_id
+    generator = torch.Generator().manual_seed(0)
+
+    def stream(n: int) -> torch.Tensor:  # (1, n + n // (block - 1)) random tokens, landmarks inserted
+        return insert_landmarks(torch.randint(0, landmark_id, (1, n), generator=generator), READ_BLOCK[mode],
+                                landmark_id)  # fmt: skip
+
+    @torch.no_grad()
+    def read(m: Any, ids: torch.Tensor) -> torch.Tensor:  # (1, vocab) logits of the last position
+        # kernel "torch": the same code on both devices, and no C++ build on a fresh machine's CPU
+        cache = LandmarkRetrievalCache(m, RetrievalConfig(k=4, kernel="torch"))
+        logits = hf_reader(m, cache, threads=min(8, os.cpu_count() or 1))(ids, torch.tensor([ids.shape[1]]))
+        return logits.float().cpu()
+
+    model.eval()
+    on_device = copy.deepcopy(model).to(device)
+    ids = stream(READ_COMPARE[mode])
+    cpu, dev = read(model, ids), read(on_device, ids)
+    record["compare_tokens"] = READ_COMPARE[mode]
+    record["max_abs_diff"] = float((cpu - dev).abs().max())
+    record["rel_diff"] = record["max_abs_diff"] / max(float(cpu.abs().max()), 1e-30)
+    record["same_argmax"] = bool(cpu.argmax() == dev.argmax())
+    write_json(result, record)
+    evaluation = result.parent / "hf-reading-eval"
+    start = time.perf_counter()
+    code = landmark_main(["eval", "passkey", "--model", f"lm=hf:{converted}", "--device", device,
+                          "--kernel", "torch", "--lengths", str(READ_EVAL_LENGTH[mode]), "--depths", "0.5",
+                          "--trials", "1", "--out", str(evaluation)])  # fmt: skip
+    if code != 0:
+        print(f"landmark eval passkey --device {device} exited with {code}", flush=True)
+        return 1
+    record["eval_tokens"] = READ_EVAL_LENGTH[mode]
+    record["eval_seconds"] = round(time.perf_counter() - start, 2)
+    write_json(result, record)
+    record["read_seconds"] = {}
+    for n in READ_LENGTHS[mode]:
+        ids = stream(n)
+        start = time.perf_counter()
+        read(on_device, ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        record["read_seconds"][str(n)] = round(time.perf_counter() - start, 2)
+        write_json(result, record)
+    return 0
+
+
 def _has_module(name: str) -> bool:
     import importlib.util
 
@@ -395,6 +506,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Check, float], dict[str, Any]]] = {
     "attention_bench": step_attention_bench,
     "train_small": step_train_small,
     "hf_finetune": step_hf_finetune,
+    "hf_reading": step_hf_reading,
 }
 
 
@@ -467,6 +579,10 @@ def _headline(name: str, r: dict[str, Any]) -> str:
     if name == "hf_finetune":
         rate = r["steady_tokens_per_s"] or r["tokens_per_s"]
         return f"{r['shape']}: {rate:,.0f} tok/s (steady), {r['steps_done']} steps"
+    if name == "hf_reading":
+        reads = ", ".join(f"{n} tok {t:.1f} s" for n, t in r["read_seconds"].items())
+        diff = f"{r['device']}/cpu logits rel diff {r['rel_diff']:.1e}"
+        return f"{diff}; read {reads}; eval {r['eval_seconds']:.0f} s"
     return ""
 
 
@@ -482,6 +598,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these")
     p.add_argument("--hf-child", nargs=3, metavar=("MODEL", "OUT", "MIN"), help=argparse.SUPPRESS)
+    p.add_argument("--reading-child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
     return p.parse_args(argv)  # fmt: skip
 
 
@@ -490,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_child:  # internal: the HF step's child process
         model_dir, out, minutes = args.hf_child
         return hf_child(Path(model_dir), Path(out), float(minutes), args.smoke)
+    if args.reading_child:  # internal: the reading step's child process
+        model_dir, result = args.reading_child
+        return reading_child(Path(model_dir), Path(result), args.smoke)
     mode = "smoke" if args.smoke else "gpu"
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

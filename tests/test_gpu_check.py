@@ -1,8 +1,8 @@
 """The GPU check's smoke mode (scripts/gpu_check.sh --smoke), as CI runs it: every step on a CPU at tiny
 sizes, the Triton kernels through the interpreter; and its time budget, which kills a slow step.
 
-The smoke run takes about 55 s on an idle 2-core CPU (most of it starting Python with torch and
-transformers in five child processes).
+The smoke run takes about 65 s on an idle 2-core CPU (most of it starting Python with torch and
+transformers in six child processes).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_smoke_mode_runs_every_step(tmp_path):
     record = json.loads((out / "gpu_check.json").read_text(), parse_constant=refuse_constant)
     assert record["mode"] == "smoke"
     steps = record["steps"]
-    assert list(steps) == ["triton_tests", "attention_bench", "train_small", "hf_finetune"]
+    assert list(steps) == ["triton_tests", "attention_bench", "train_small", "hf_finetune", "hf_reading"]
     for name, step in steps.items():
         assert step["status"] == "ok", (name, step)
         assert all(math.isfinite(x) for x in numbers(step)), name
@@ -76,6 +76,14 @@ def test_smoke_mode_runs_every_step(tmp_path):
     # stopped by --max-minutes after one step (as on a GPU, where it runs for 45 s): the summary comes
     # from the staging folder of the resumable run
     assert steps["hf_finetune"]["steps_done"] == 1 and steps["hf_finetune"]["tokens_per_s"] > 0
+    # the reading step (on a CPU: both reads on the CPU, so the same logits) ran every part
+    reading = steps["hf_reading"]
+    assert reading["device"] == "cpu" and reading["rel_diff"] == 0.0 and reading["same_argmax"]
+    assert (
+        reading["eval_tokens"] == 400
+        and reading["eval_seconds"] > 0
+        and list(reading["read_seconds"]) == ["200"]
+    )
     assert (out / "attention_gpu.json").is_file() and (out / "gpu_check.log").stat().st_size > 0
     assert "hf_finetune" in proc.stdout and "ok" in proc.stdout.splitlines()[-3]  # the summary table
 
