@@ -20,6 +20,15 @@ TEXT = (
 BS = 8  # block size of the tiny models: 7 tokens + 1 landmark
 
 
+def cache_arg(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model(...)`` and ``model.generate(...)``: ``cache`` from transformers 5.2x
+    on, ``past_key_values`` before (the keyword ``landmark.hf.forward_cached`` uses), so that these tests
+    also run under older transformers 5.x."""
+    from landmark.hf.retrieval import _cache_keyword
+
+    return {_cache_keyword(type(model)): cache}
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import BS, benchmark_module, converted, make_model, make_tokenizer  # noqa: E402
+from hf_helpers import BS, benchmark_module, cache_arg, converted, make_model, make_tokenizer  # noqa: E402
 
 import landmark.hf as lhf  # noqa: E402
 from landmark import landmark_attention  # noqa: E402
@@ -213,9 +213,11 @@ def test_cached_decoding_equals_full_forward(arch):
     with torch.no_grad():
         full = model(ids).logits[0]  # (T, vocab)
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :5], cache=cache, use_cache=True).logits[0]]  # a prefill, then one by one
+        steps = [
+            model(ids[:, :5], **cache_arg(model, cache), use_cache=True).logits[0]
+        ]  # a prefill, then one by one
         for t in range(5, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[0])
+            steps.append(model(ids[:, t : t + 1], **cache_arg(model, cache), use_cache=True).logits[0])
     torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=1e-4)
 
 

@@ -18,7 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import BS, converted  # noqa: E402
+from hf_helpers import BS, cache_arg, converted  # noqa: E402
 
 import landmark.hf as lhf  # noqa: E402
 from landmark.data import insert_landmarks  # noqa: E402
@@ -43,7 +43,9 @@ class _PastKeyValuesForward(torch.nn.Module):
         self.inner = inner
 
     def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
-        return self.inner(input_ids=input_ids, cache=past_key_values, use_cache=use_cache, **kwargs)
+        return self.inner(
+            input_ids=input_ids, use_cache=use_cache, **cache_arg(self.inner, past_key_values), **kwargs
+        )
 
 
 class _IgnoresCache(_PastKeyValuesForward):
@@ -55,11 +57,12 @@ class _IgnoresCache(_PastKeyValuesForward):
 
 def test_forward_cached_passes_the_cache_under_the_models_keyword():
     """forward_cached gives the cache as ``cache`` or ``past_key_values``, whichever the forward takes,
-    reading the same as ``model(ids, cache=cache)``; a model that leaves the cache untouched raises."""
+    reading the same as the model's own forward with the cache; a model that leaves the cache untouched
+    raises."""
     model, _ = converted()
     ids = stream(1, 40, model=model)  # (1, 45)
     with torch.no_grad():
-        expected = model(ids, cache=LandmarkRetrievalCache(model, ALL, chunk_len=16)).logits
+        expected = model(ids, **cache_arg(model, LandmarkRetrievalCache(model, ALL, chunk_len=16))).logits
         for m in (model, _PastKeyValuesForward(model)):
             cache = LandmarkRetrievalCache(model, ALL, chunk_len=16)
             out = torch.cat([lhf.forward_cached(m, ids[:, :30], cache).logits,
@@ -81,7 +84,7 @@ def test_chunked_prefill_equals_full_forward(arch, granularity):
     with torch.no_grad():
         full = model(ids).logits
         cache = LandmarkRetrievalCache(model, RetrievalConfig(k=64, granularity=granularity), chunk_len=16)
-        ours = model(ids, cache=cache).logits
+        ours = model(ids, **cache_arg(model, cache)).logits
     torch.testing.assert_close(ours, full, atol=2e-5, rtol=1e-4)
     assert cache.get_seq_length() == ids.shape[1]
     state = cache.stream.layers[0]
@@ -106,7 +109,7 @@ def test_unrotated_position_ids_equal_the_stream_positions(arch):
                 chunk = ids[:, c0 : c0 + 24]
                 positions = torch.arange(c0, c0 + chunk.shape[1])[None]
                 pos = cache.unrotated_position_ids(chunk.shape[1]) if zeros else positions
-                chunks.append(model(chunk, cache=cache, position_ids=pos).logits)
+                chunks.append(model(chunk, **cache_arg(model, cache), position_ids=pos).logits)
             outs.append(torch.cat(chunks, dim=1))
         full = model(ids).logits
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
@@ -122,7 +125,11 @@ def test_stepwise_feeding_equals_full_forward(step):
         full = model(ids).logits
         cache = LandmarkRetrievalCache(model, ALL, chunk_len=BS, memory_device="cpu")
         ours = torch.cat(
-            [model(ids[:, i : i + step], cache=cache).logits for i in range(0, ids.shape[1], step)], dim=1
+            [
+                model(ids[:, i : i + step], **cache_arg(model, cache)).logits
+                for i in range(0, ids.shape[1], step)
+            ],
+            dim=1,
         )
     torch.testing.assert_close(ours, full, atol=2e-5, rtol=1e-4)
     assert cache.stream.layers[1].memory.storage_device == torch.device("cpu")
@@ -136,7 +143,7 @@ def test_small_k_retrieves_fewer_blocks():
     with torch.no_grad():
         full = model(ids).logits
         cache = LandmarkRetrievalCache(model, RetrievalConfig(k=1), chunk_len=16)
-        ours = model(ids, cache=cache).logits
+        ours = model(ids, **cache_arg(model, cache)).logits
     # chunk 0 (positions 0..15) has at most one block in memory: exact there
     torch.testing.assert_close(ours[:, :16], full[:, :16], atol=2e-5, rtol=1e-4)
     assert (ours[:, 32:] - full[:, 32:]).abs().max() > 1e-3
@@ -156,9 +163,11 @@ def test_prefill_and_decoding_with_the_kernel_equal_eager():
         with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
             mp.setattr(kn, "retrieval_step", lambda *a, **kw: calls.append(1) or original(*a, **kw))
             cache = LandmarkRetrievalCache(model, RetrievalConfig(k=2, kernel=kernel), chunk_len=16)
-            prompt = model(ids[:, :40], cache=cache).logits
+            prompt = model(ids[:, :40], **cache_arg(model, cache)).logits
             logits[kernel] = torch.cat(
-                [prompt] + [model(ids[:, i : i + 1], cache=cache).logits for i in range(40, 80)], 1
+                [prompt]
+                + [model(ids[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(40, 80)],
+                1,
             )
         if kernel == "torch":
             assert not calls
@@ -190,7 +199,7 @@ def test_model_generate_with_logits_processor_batch_of_two():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            cache=cache,
+            **cache_arg(model, cache),
             logits_processor=[LandmarkLogitsProcessor.for_model(model)],
             max_new_tokens=23,  # 20 tokens + 3 landmarks
             do_sample=False,
@@ -233,11 +242,11 @@ def test_max_blocks_evicts_or_raises():
     ids = stream(1, 70, model=model)  # 10 blocks
     with torch.no_grad():
         cache = LandmarkRetrievalCache(model, RetrievalConfig(k=2), chunk_len=16, max_blocks=3)
-        model(ids, cache=cache)
+        model(ids, **cache_arg(model, cache))
         assert cache.stream.layers[0].memory.count == [3] and cache.stream.layers[0].memory.evicted == [7]
         strict = LandmarkRetrievalCache(model, RetrievalConfig(k=2), chunk_len=16, max_blocks=3, evict=False)
         with pytest.raises(MemoryFullError, match="full"):
-            model(ids, cache=strict)
+            model(ids, **cache_arg(model, strict))
 
 
 def test_bad_settings_are_refused():
@@ -267,15 +276,17 @@ def test_wrong_positions_and_bypassed_attention_are_refused():
     with torch.no_grad():
         cache = LandmarkRetrievalCache(model, ALL)
         with pytest.raises(ValueError, match=r"stream positions 0\.\.21"):
-            model(ids, cache=cache, position_ids=torch.arange(5, 5 + ids.shape[1])[None])
+            model(ids, **cache_arg(model, cache), position_ids=torch.arange(5, 5 + ids.shape[1])[None])
         cache = LandmarkRetrievalCache(model, ALL)
         model.set_attn_implementation("sdpa")  # switched after the cache was made: caught at the next layer
         try:
             with pytest.raises(RuntimeError, match="did not go through"):
-                model(ids, cache=cache)
+                model(ids, **cache_arg(model, cache))
         finally:
             model.set_attn_implementation("landmark")
-        model(ids, cache=LandmarkRetrievalCache(model, ALL))  # the stale route was dropped: works again
+        model(
+            ids, **cache_arg(model, LandmarkRetrievalCache(model, ALL))
+        )  # the stale route was dropped: works again
 
 
 def test_saved_state_continues_like_the_cache_that_read_the_document(tmp_path):
