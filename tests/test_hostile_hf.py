@@ -365,6 +365,14 @@ def test_hf_generate_command_reads_the_string_as_text(landmark_model, home, caps
     argv = ["hf", "generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "3", "--k", "0"]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith(prompt)
+    assert main([*argv, "--device", "cpu"]) == 0  # named explicitly: the same text
+    assert capsys.readouterr().out.startswith(prompt)
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "abacus"])
+def test_hf_generate_checks_the_device_before_loading(home, capsys, device):
+    argv = ["hf", "generate", "--model", str(home), "--prompt", "x", "--device", device]
+    refused(argv, capsys, "--device", home)
 
 
 def test_hf_generate_names_a_missing_model_folder(home, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 from landmark.data.passkey import DEFAULT_MULTIKEY_KEYS, HAYSTACKS, NAMES, TASKS
 from landmark.eval.models import HF_PREFIX, parse_model_arg
 from landmark.inference.options import (
+    add_device_argument,
     add_retrieval_arguments,
     check_chunk_len,
     check_device,
@@ -31,9 +32,6 @@ from landmark.inference.options import (
 PPL_LENGTHS = [512, 2048, 4096, 8192, 16384]
 PASSKEY_LENGTHS = [1024, 4096, 8192, 32768]
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-
-
-DEVICE_HELP = "where the models run: cpu, cuda or cuda:N (default: cuda if available, else cpu)"
 
 
 def _models_help() -> str:
@@ -230,7 +228,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-tokens", type=int, default=16384, help="tokens per length (whole windows, >= 1)")
     q.add_argument("--batch-size", type=int, default=4, help="windows evaluated together (>= 1)")
     q.add_argument("--out", default="runs/eval-ppl", help="output folder (and result cache)")
-    q.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_device_argument(q)
     add_retrieval_arguments(q, multiple=True)
     q.set_defaults(func=cmd_eval_ppl)
 
@@ -252,6 +250,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--corpus", default=None, help="corpus folder of --haystack books (default: the bundled "
                    "books)")  # fmt: skip
     q.add_argument("--out", default="runs/eval-passkey", help="output folder (and result cache)")
-    q.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_device_argument(q)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_passkey)

@@ -27,7 +27,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from landmark.config import DEFAULT_BLOCK_SIZE
-from landmark.inference.options import add_retrieval_arguments, add_sampling_arguments, add_state_arguments
+from landmark.inference.options import (
+    add_device_argument,
+    add_retrieval_arguments,
+    add_sampling_arguments,
+    add_state_arguments,
+)
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -154,12 +159,14 @@ def _check_generate(args: argparse.Namespace) -> None:
     """Every ``hf generate`` option that can be checked before the model is loaded."""
     from landmark.inference.options import (
         check_chunk_len,
+        check_device,
         check_retrieval_arguments,
         check_sampling_arguments,
     )
 
     check_retrieval_arguments(args)
     check_sampling_arguments(args)
+    check_device(args.device, "--device")
     if not args.prompt:
         raise ValueError("--prompt is empty")
     if not Path(args.model).is_dir():
@@ -188,13 +195,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate(args)  # before transformers is imported
     from landmark.hf.convert import load_pretrained
     from landmark.hf.generate import generate
-    from landmark.inference.options import cache_options, retrieval_config
+    from landmark.inference.options import cache_options, resolve_device, retrieval_config
 
     _offline()
     try:
         model, tokenizer = load_pretrained(args.model)
     except ValueError as err:
         raise ValueError(f"--model: {err}") from None
+    model = model.to(resolve_device(args.device))
     options: dict = {"chunk_len": args.chunk_len}
     if args.k:
         options = dict(
@@ -334,6 +342,7 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--seed", type=int, default=0)
     add_retrieval_arguments(p, k_zero="exact landmark attention over the whole context")
     add_state_arguments(p)
+    add_device_argument(p)
     p.set_defaults(func=cmd_generate)
     return hf
 

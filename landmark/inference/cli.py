@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from landmark.inference.options import (
+    add_device_argument,
     add_retrieval_arguments,
     add_sampling_arguments,
     add_state_arguments,
@@ -55,11 +56,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch.compile the decode steps' retrieval attention (measured slower on CPU; see docs)",
     )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="model device: cpu, cuda or cuda:N (default: cuda if available, else cpu)",
-    )
+    add_device_argument(p)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=cmd_generate)
 

@@ -143,6 +143,16 @@ def check_device(value: str | None, option: str = "--device") -> None:
             raise ValueError(f"{option} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (checked by :func:`check_device`, defaulted by
+    :func:`resolve_device`); the same option for ``generate``, ``hf generate`` and ``eval``."""
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs: cpu, cuda or cuda:N (default: cuda if available, else cpu)",
+    )
+
+
 def resolve_device(value: str | None) -> str:
     """The ``--device`` value (see :func:`check_device`), or the default when None: cuda if this torch
     has a CUDA device, else cpu."""
