@@ -192,14 +192,14 @@ def _check_positions(position_ids: Tensor, q_len: int, k_len: int) -> None:
     """Raise unless every row of ``position_ids`` (batch, q_len) is ``k_len - q_len ... k_len - 1``."""
     if torch.compiler.is_compiling():
         return
-    if q_len > 1 and not bool(position_ids.any()):
-        raise ValueError(
-            "position ids of zeros (LandmarkRetrievalCache.unrotated_position_ids) need the retrieval "
-            "cache, which did not reach this attention call: pass it with landmark.hf.forward_cached(model, "
-            "ids, cache) (the forward of transformers before 5.2x names it past_key_values)"
-        )
     expected = torch.arange(k_len - q_len, k_len, device=position_ids.device)
     if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
+        if q_len > 1 and not bool(position_ids.any()):  # the reader's zeros, its cache lost on the way
+            raise ValueError(
+                "position ids of zeros (LandmarkRetrievalCache.unrotated_position_ids) need the retrieval "
+                "cache, which did not reach this attention call: pass it with landmark.hf.forward_cached("
+                "model, ids, cache) (the forward of transformers before 5.2x names it past_key_values)"
+            )
         first = position_ids.reshape(-1, position_ids.shape[-1])[:, :1].flatten().tolist()
         raise ValueError(
             f"landmark attention needs queries at positions {k_len - q_len}..{k_len - 1} (the last {q_len} "
