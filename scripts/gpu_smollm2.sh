@@ -16,9 +16,11 @@
 #   recipe: --steps, --lr, --bf16, ...), then `landmark hf export-delta`; the new delta comes back in
 #   $OUT/delta/ (delta.json, and delta.safetensors in parts of 15 MB with its sha256: a returned file is
 #   at most 16 MiB), with the run's log and summary. Join the parts here (its README is written here):
-#   bash scripts/gpu_carry.sh --collect FILES_AT DEST.
+#   bash scripts/gpu_carry.sh --collect FILES_AT DEST. With --lora-r 0 (a full fine-tune from the
+#   delta's merged model) nothing is exported: the model stays in $KEEP/run, for `evaluate`.
 # evaluate: the passkey grid of docs/evaluation.md ("SmolLM2-135M with landmarks": multikey-4, passkey and
-#   books at 16k, passkey at 32k and 64k; depths and seeds as there) of a delta or model folder on the GPU
+#   books at 16k, passkey at 32k and 64k; depths and seeds as there) of a delta or model folder (default:
+#   what `finetune` made on this machine, its delta or its full model) on the GPU
 #   (`landmark eval passkey --device cuda`), the missed target's cells first, each command under what is
 #   left until $EVAL_END (epoch seconds; default: 240 s from now); every finished cell is cached, and
 #   the folders (passkey.json where a command finished, cells/ always) come back in $OUT/eval.tgz.
@@ -64,9 +66,15 @@ finetune() {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   "$PYTHON" -m landmark hf finetune --model "$BASE" --init-delta "$G/delta" --out "$run" --overwrite "$@" \
     2>&1 | tee "$out/finetune.log"
-  "$PYTHON" -m landmark hf export-delta --run "$run" --out "$KEEP/delta" --overwrite
-  cp "$KEEP/delta/delta.json" "$out/delta/"
   [ -f "$run/landmark-finetune.json" ] && cp "$run/landmark-finetune.json" "$out/"
+  if [ ! -d "$run/lora-adapter" ]; then  # a full fine-tune (--lora-r 0): no delta to ship
+    echo "$run" >"$KEEP/finetuned"
+    echo "gpu_smollm2 finetune: a full fine-tune: no delta; the model stays in $run for 'evaluate'"
+    return
+  fi
+  "$PYTHON" -m landmark hf export-delta --run "$run" --out "$KEEP/delta" --overwrite
+  echo "$KEEP/delta" >"$KEEP/finetuned"
+  cp "$KEEP/delta/delta.json" "$out/delta/"
   sha256sum "$KEEP/delta/delta.safetensors" | cut -d' ' -f1 >"$out/delta/delta.safetensors.sha256"
   split -b 15000000 -d "$KEEP/delta/delta.safetensors" "$out/delta/delta.safetensors.part"
   ls -l "$out/delta"
@@ -84,7 +92,8 @@ pk64k-s0 --lengths 65536 --depths 0.25 0.5 0.75 --seed 0
 pk64k-s1 --lengths 65536 --depths 0.25 0.5 0.75 --seed 1}"
 
 evaluate() {
-  local model="${1:-$KEEP/delta}" out="${OUT:-$KEEP/out}" end="${EVAL_END:-$(($(date +%s) + 240))}"
+  local model="${1:-$(cat "$KEEP/finetuned" 2>/dev/null || echo "$KEEP/delta")}"
+  local out="${OUT:-$KEEP/out}" end="${EVAL_END:-$(($(date +%s) + 240))}"
   [ -e "$model/delta.json" ] || [ -f "$model/config.json" ] || die "evaluate: $model is not a delta or model folder"
   [ -f "$BASE/config.json" ] || die "evaluate: $BASE is not prepared (run 'prepare' in an earlier call)"
   # a delta's base is the prepared SmolLM2 of the library's cache: a cache in $KEEP, its model $BASE

@@ -19,12 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 ON_GPU = REPO / "scripts" / "gpu_smollm2.sh"
 CARRY = REPO / "scripts" / "gpu_carry.sh"
 
-# A stand-in for the machine's python3 (which has the gguf package): `-m landmark hf export-delta --run R
-# --out D ...` writes a delta folder (delta.json + 20 bytes of weights), other commands record their
-# arguments only.
+# A stand-in for the machine's python3 (which has the gguf package): `-m landmark hf finetune ... --out R`
+# writes a run folder (with lora-adapter/ unless --lora-r 0), `-m landmark hf export-delta --run R --out
+# D ...` a delta folder (delta.json + 20 bytes of weights), other commands record their arguments only.
 FAKE_PYTHON = """#!/usr/bin/env bash
 [ "$1" = "-c" ] && exit 0  # `python3 -c "import gguf"`: the package is there
 echo "$@" >>"$FAKE_LOG"
+if [ "$4" = "finetune" ]; then  # a LoRA run leaves an adapter in --out, a full one (--lora-r 0) none
+  lora=1; prev=
+  for a in "$@"; do
+    [ "$prev" = "--out" ] && out="$a"; [ "$prev" = "--lora-r" ] && [ "$a" = 0 ] && lora=; prev=$a
+  done
+  mkdir -p "$out" && echo '{}' >"$out/landmark-finetune.json" && echo '{}' >"$out/config.json"
+  [ -n "$lora" ] && mkdir -p "$out/lora-adapter"
+fi
 if [ "$4" = "export-delta" ]; then
   while [ $# -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done
   mkdir -p "$out" && echo '{"delta": 1}' >"$out/delta.json"
@@ -127,6 +135,29 @@ def test_finetune_returns_the_delta_in_parts_and_collect_joins_it(machine, tmp_p
     broken = run(carry, "--collect", str(out), str(tmp_path / "other"), env={})
     assert broken.returncode == 1 and "does not match" in broken.stderr
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.tmp").exists()
+
+
+def test_a_full_finetune_is_not_exported_and_is_what_evaluate_reads(machine):
+    carried, keep, out = Path(machine["GPU_DIR"]), Path(machine["KEEP"]), Path(machine["OUT"])
+    (keep / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    (keep / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    (carried / "delta").mkdir()
+    (carried / "delta" / "delta.json").write_text("{}")
+    done = run(ON_GPU, "finetune", "--lora-r", "0", "--steps", "3", env=machine)
+    assert done.returncode == 0, done.stderr
+    assert "a full fine-tune: no delta" in done.stdout
+    log = Path(machine["FAKE_LOG"])
+    assert [c.split()[3] for c in log.read_text().splitlines()] == ["finetune"]  # no export-delta
+    assert (out / "landmark-finetune.json").is_file() and not list((out / "delta").iterdir())
+    log.unlink()
+    grid = "a --lengths 1024 --seed 0"
+    assert run(ON_GPU, "evaluate", env={**machine, "EVAL_GRID": grid}).returncode == 0
+    assert log.read_text().startswith(f"-m landmark eval passkey --model lm=hf:{keep}/run --device cuda")
+    # a LoRA run after it: exported, and evaluate reads its delta again
+    assert run(ON_GPU, "finetune", "--lora-r", "32", env=machine).returncode == 0
+    log.unlink()
+    assert run(ON_GPU, "evaluate", env={**machine, "EVAL_GRID": grid}).returncode == 0
+    assert log.read_text().startswith(f"-m landmark eval passkey --model lm=hf:{keep}/delta --device cuda")
 
 
 def test_evaluate_runs_the_grid_in_order_under_its_deadline_and_packs_it(machine):

@@ -299,6 +299,30 @@ def test_init_delta_starts_where_the_delta_left_off(runs, tmp_path, monkeypatch)
         assert not torch.allclose(again(ids).logits, loaded(ids).logits, atol=1e-4)
 
 
+def test_full_finetune_from_a_delta(runs, tmp_path, monkeypatch):
+    """`--init-delta` with `--lora-r 0`: all weights train, starting from the delta's merged model
+    (bitwise what `load_pretrained(delta)` builds); the LoRA options need not match the delta's."""
+    out = tmp_path / "delta"
+    assert export(runs["all"], out) == 0
+    start, _, tensors = delta.start_from_delta(runs["base-tied"], out, merge=True)
+    loaded, _ = lhf.load_pretrained(out, base=runs["base-tied"])
+    assert tensors is None
+    assert_same_model(start.eval(), loaded)
+
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    corpus = runs["base-tied"].parent / "corpus"
+    full = tmp_path / "full"
+    argv = ["hf", "finetune", "--model", str(runs["base-tied"]), "--corpus", str(corpus), "--out", str(full)]
+    assert main([*argv, *FINETUNE, "--lora-r", "0", "--init-delta", str(out)]) == 0
+    summary = json.loads((full / "landmark-finetune.json").read_text())
+    assert summary["config"]["init_delta"] == str(out) and summary["config"]["lora_r"] == 0
+    assert not (full / "lora-adapter").exists()
+    trained, _ = lhf.load_pretrained(full)
+    changed = {n for n, p in trained.state_dict().items() if not torch.equal(p, loaded.state_dict()[n])}
+    assert "model.layers.0.mlp.down_proj.weight" in changed  # a weight LoRA trained, now trained fully
+    assert "model.norm.weight" in changed  # a weight no LoRA touches: all parameters train
+
+
 def test_init_delta_refusals(runs, tmp_path, capsys):
     """A delta of another rank or targets, a landmark model as --model, another base: one error line,
     nothing written."""

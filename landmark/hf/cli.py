@@ -317,7 +317,8 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         default=None,
         metavar="DIR",
         help="continue a shipped fine-tune: start LoRA (same --lora-r/--lora-alpha/--lora-targets) and the "
-        "landmark row from this delta folder, made over --model (fresh optimizer and schedule)",
+        "landmark row from this delta folder, made over --model (fresh optimizer and schedule); with "
+        "--lora-r 0, fine-tune all weights of the delta's merged model",
     )
     p.set_defaults(func=cmd_finetune)
 

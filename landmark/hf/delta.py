@@ -369,24 +369,28 @@ def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = No
     return (model if dtype is None else model.to(dtype)), tokenizer
 
 
-def start_from_delta(base: str | Path, path: str | Path) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+def start_from_delta(
+    base: str | Path, path: str | Path, merge: bool = False
+) -> tuple[Any, Any, dict[str, torch.Tensor] | None]:
     """The base model converted with the delta's landmark row set, and the delta's LoRA tensors: where
     ``landmark hf finetune --init-delta`` continues a fine-tune (:func:`set_lora` after peft wraps it).
 
     Args:
         base: the unconverted base model folder the delta was made over (fingerprint checked).
         path: a delta folder.
+        merge: merge the LoRA into the weights (a full fine-tune, ``--lora-r 0``, starts from the
+            delta's model as :func:`load_delta` builds it); the tensors are then not returned.
 
     Returns:
         ``(model, tokenizer, tensors)``: the landmark model (block size and landmark id of the delta,
-        LoRA *not* merged) and ``delta.safetensors``'s tensors.
+        LoRA *not* merged unless ``merge``) and ``delta.safetensors``'s tensors (None with ``merge``).
     """
     path = Path(path)
     meta = read_meta(path)
     model, tokenizer, tensors = _base_and_tensors(path, meta, check_model_folder(base))
     scaling = float(meta["lora"]["scaling"])
-    model, tokenizer = rebuild(model, tokenizer, tensors, scaling, meta["landmark"], merge=False)
-    return model.train(), tokenizer, tensors
+    model, tokenizer = rebuild(model, tokenizer, tensors, scaling, meta["landmark"], merge=merge)
+    return model.train(), tokenizer, None if merge else tensors
 
 
 def _base_and_tensors(

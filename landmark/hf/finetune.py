@@ -98,7 +98,8 @@ class FinetuneConfig:
     overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
     save_steps: int = 50  # checkpoint (for resume) every this many optimizer steps
     resume: bool = False  # continue the interrupted run staged for `out` from its last checkpoint
-    init_delta: str | None = None  # start LoRA and the landmark row from this delta (over `model`)
+    init_delta: str | None = None  # start LoRA and the landmark row from this delta (over `model`);
+    # with lora_r 0, start a full fine-tune from the delta's merged model
 
     def check(self) -> None:
         """Refuse bad settings before any work: ranges (nan and inf included), the model folder and its
@@ -176,7 +177,8 @@ class FinetuneConfig:
 
     def _check_init_delta(self, config: dict[str, Any]) -> None:
         """``init_delta`` is a delta folder whose LoRA (rank, alpha, targets) and block size are this
-        run's, over an unconverted ``model`` (its weights fingerprint is checked once loaded)."""
+        run's, over an unconverted ``model`` (its weights fingerprint is checked once loaded). With
+        ``lora_r`` 0 (full fine-tuning of the delta's merged model) only the block size must match."""
         from landmark.hf.delta import read_meta
 
         try:
@@ -189,18 +191,22 @@ class FinetuneConfig:
                 "landmark model (give the unconverted base)"
             )
         lora = meta["lora"]
-        mine = {
-            "r": self.lora_r,
-            "alpha": self.lora_alpha,
-            "targets": sorted(LORA_TARGET_SETS[self.lora_targets]),
-        }
+        mine = (
+            {}
+            if not self.lora_r
+            else {
+                "r": self.lora_r,
+                "alpha": self.lora_alpha,
+                "targets": sorted(LORA_TARGET_SETS[self.lora_targets]),
+            }
+        )
         theirs = {
             "r": lora.get("r"),
             "alpha": lora.get("alpha"),
             "targets": sorted(lora.get("targets") or []),
         }
         for key, option in (("r", "--lora-r"), ("alpha", "--lora-alpha"), ("targets", "--lora-targets")):
-            if mine[key] != theirs[key]:
+            if mine and mine[key] != theirs[key]:
                 raise ValueError(
                     f"{option} must match --init-delta {self.init_delta} (LoRA r={theirs['r']}, "
                     f"alpha={theirs['alpha']}, targets {', '.join(theirs['targets'])}); got {mine[key]}"
@@ -303,7 +309,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if cfg.init_delta is not None:
             from landmark.hf.delta import start_from_delta
 
-            model, tokenizer, delta_lora = start_from_delta(cfg.model, cfg.init_delta)
+            model, tokenizer, delta_lora = start_from_delta(cfg.model, cfg.init_delta, merge=not cfg.lora_r)
         else:
             model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
     except ValueError as err:  # a damaged folder, an unsupported model: name the option
