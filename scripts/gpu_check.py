@@ -399,6 +399,11 @@ def step_hf_reading(check: Check, deadline: float) -> dict[str, Any]:
         raise StepError(
             f"logits GPU/CPU differ by {record['rel_diff']:.2e} (relative), over {READ_MAX_REL_DIFF}"
         )
+    if record["whole_chunk_rel_diff"] > READ_MAX_REL_DIFF:
+        raise StepError(
+            f"logits with whole-chunk row groups differ by {record['whole_chunk_rel_diff']:.2e} (relative), "
+            f"over {READ_MAX_REL_DIFF}"
+        )
     return record
 
 
@@ -417,6 +422,7 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     from landmark.hf.generate import hf_reader
     from landmark.hf.retrieval import LandmarkRetrievalCache
     from landmark.inference import RetrievalConfig
+    from landmark.inference.cache import DEFAULT_CHUNK_LEN
 
     mode = "smoke" if smoke else "gpu"
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
@@ -436,10 +442,16 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
                                 landmark_id)  # fmt: skip
 
     @torch.no_grad()
-    def read(m: Any, ids: torch.Tensor) -> torch.Tensor:  # (1, vocab) logits of the last position
-        # kernel "torch": the same code on both devices, and no C++ build on a fresh machine's CPU
-        cache = LandmarkRetrievalCache(m, RetrievalConfig(k=4, kernel="torch"))
+    def read(m: Any, ids: torch.Tensor, row_group: int = 64, full: bool = False) -> torch.Tensor:
+        """(1, vocab) logits of the last position: top-4 retrieval (kernel "torch": the same code on
+        both devices, and no C++ build on a fresh machine's CPU), or ``full`` attention (a DynamicCache)."""
+        from transformers import DynamicCache
+
+        retrieval = RetrievalConfig(k=4, kernel="torch", row_group=row_group)
+        cache = DynamicCache() if full else LandmarkRetrievalCache(m, retrieval)
         logits = hf_reader(m, cache, threads=min(8, os.cpu_count() or 1))(ids, torch.tensor([ids.shape[1]]))
+        if device == "cuda":
+            torch.cuda.synchronize()
         return logits.float().cpu()
 
     model.eval()
@@ -450,6 +462,9 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     record["max_abs_diff"] = float((cpu - dev).abs().max())
     record["rel_diff"] = record["max_abs_diff"] / max(float(cpu.abs().max()), 1e-30)
     record["same_argmax"] = bool(cpu.argmax() == dev.argmax())
+    # every query row of a chunk in one group (fewer, larger operations): the same logits
+    whole = read(on_device, ids, row_group=DEFAULT_CHUNK_LEN)
+    record["whole_chunk_rel_diff"] = float((whole - dev).abs().max()) / max(float(dev.abs().max()), 1e-30)
     write_json(result, record)
     evaluation = result.parent / "hf-reading-eval"
     start = time.perf_counter()
@@ -462,15 +477,21 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     record["eval_tokens"] = READ_EVAL_LENGTH[mode]
     record["eval_seconds"] = round(time.perf_counter() - start, 2)
     write_json(result, record)
-    record["read_seconds"] = {}
+    # the same random tokens read three ways: retrieval in row groups of 64 (the default) and of a whole
+    # chunk, and the unconverted model's own full attention (the baseline retrieval replaces)
+    base = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval().to(device)
+    ways = {
+        "read_seconds": lambda ids: read(on_device, ids),
+        "read_seconds_whole_chunk": lambda ids: read(on_device, ids, row_group=DEFAULT_CHUNK_LEN),
+        "full_read_seconds": lambda ids: read(base, ids[ids != landmark_id][None], full=True),
+    }
     for n in READ_LENGTHS[mode]:
         ids = stream(n)
-        start = time.perf_counter()
-        read(on_device, ids)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        record["read_seconds"][str(n)] = round(time.perf_counter() - start, 2)
-        write_json(result, record)
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way(ids)
+            record.setdefault(name, {})[str(n)] = round(time.perf_counter() - start, 4)
+            write_json(result, record)
     return 0
 
 
@@ -580,7 +601,11 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         rate = r["steady_tokens_per_s"] or r["tokens_per_s"]
         return f"{r['shape']}: {rate:,.0f} tok/s (steady), {r['steps_done']} steps"
     if name == "hf_reading":
-        reads = ", ".join(f"{n} tok {t:.1f} s" for n, t in r["read_seconds"].items())
+        reads = ", ".join(
+            f"{n} tok {t:.1f} s (whole chunks {r['read_seconds_whole_chunk'][n]:.1f} s, full attention "
+            f"{r['full_read_seconds'][n]:.1f} s)"
+            for n, t in r["read_seconds"].items()
+        )
         diff = f"{r['device']}/cpu logits rel diff {r['rel_diff']:.1e}"
         return f"{diff}; read {reads}; eval {r['eval_seconds']:.0f} s"
     return ""

@@ -84,6 +84,10 @@ def test_smoke_mode_runs_every_step(tmp_path):
         and reading["eval_seconds"] > 0
         and list(reading["read_seconds"]) == ["200"]
     )
+    # the same stream read in whole-chunk row groups, and the unconverted model's full attention, timed
+    assert reading["whole_chunk_rel_diff"] < 1e-5
+    assert list(reading["read_seconds_whole_chunk"]) == list(reading["full_read_seconds"]) == ["200"]
+    assert min(reading["read_seconds_whole_chunk"]["200"], reading["full_read_seconds"]["200"]) > 0
     assert (out / "attention_gpu.json").is_file() and (out / "gpu_check.log").stat().st_size > 0
     assert "hf_finetune" in proc.stdout and "ok" in proc.stdout.splitlines()[-3]  # the summary table
 

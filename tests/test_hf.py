@@ -10,6 +10,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import json
 import math
 
 import pytest
@@ -420,3 +421,15 @@ def test_heldout_loss_script_equals_the_models_own_loss(landmarks):
             ids = torch.stack(windows)
             expected = model(input_ids=ids, labels=ids).loss.item()
     assert abs(got - expected) < 1e-5
+
+
+def test_dispatch_count_benchmark_counts_every_reading(tmp_path):
+    """benchmarks/dispatch_count.py: a row per reading, whole-chunk row groups dispatching fewer operations
+    than groups of 64 rows (one group per chunk instead of four), full attention fewer still; JSON written."""
+    bench = benchmark_module("dispatch_count")
+    out = tmp_path / "dc.json"
+    rows = bench.main(["--length", "512", "--row-groups", "64", "256", "--out", str(out)])
+    ops = {r["reading"]: r["ops_per_layer_chunk"] for r in rows}
+    assert list(ops) == ["full", "row_group=64", "row_group=256"]
+    assert 0 < ops["full"] < ops["row_group=256"] < ops["row_group=64"]
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
