@@ -190,32 +190,32 @@ class FinetuneConfig:
                 f"--init-delta starts from the delta's base model: --model {self.model} is already a "
                 "landmark model (give the unconverted base)"
             )
-        lora = meta["lora"]
-        mine = (
-            {}
-            if not self.lora_r
-            else {
-                "r": self.lora_r,
-                "alpha": self.lora_alpha,
-                "targets": sorted(LORA_TARGET_SETS[self.lora_targets]),
-            }
-        )
+        if self.lora_r:
+            self._check_same_lora(meta["lora"])
+        block = int(meta["landmark"]["block_size"])
+        if self.block_size is not None and self.block_size != block:
+            raise ValueError(
+                f"--block-size must be the delta's {block} with --init-delta; got {self.block_size}"
+            )
+
+    def _check_same_lora(self, lora: dict[str, Any]) -> None:
+        """This run's LoRA (rank, alpha, targets) is ``lora``, the ``--init-delta``'s (``delta.json``)."""
+        mine = {
+            "r": self.lora_r,
+            "alpha": self.lora_alpha,
+            "targets": sorted(LORA_TARGET_SETS[self.lora_targets]),
+        }
         theirs = {
             "r": lora.get("r"),
             "alpha": lora.get("alpha"),
             "targets": sorted(lora.get("targets") or []),
         }
         for key, option in (("r", "--lora-r"), ("alpha", "--lora-alpha"), ("targets", "--lora-targets")):
-            if mine and mine[key] != theirs[key]:
+            if mine[key] != theirs[key]:
                 raise ValueError(
                     f"{option} must match --init-delta {self.init_delta} (LoRA r={theirs['r']}, "
                     f"alpha={theirs['alpha']}, targets {', '.join(theirs['targets'])}); got {mine[key]}"
                 )
-        block = int(meta["landmark"]["block_size"])
-        if self.block_size is not None and self.block_size != block:
-            raise ValueError(
-                f"--block-size must be the delta's {block} with --init-delta; got {self.block_size}"
-            )
 
     def _check_corpus(self) -> None:
         """The corpus folder can be read and has the splits the settings use (the bundled books, the
