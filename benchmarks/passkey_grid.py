@@ -28,12 +28,34 @@ def task_label(result: dict) -> str:
     return label
 
 
+def retrieval_label(args: dict) -> str:
+    """The retrieval settings of an evaluation (its ``args``) that differ from the defaults, e.g.
+    ``" (token)"`` or ``" (k=2, token)"``; ``""`` for the defaults (k = 4, token_head, chunks of 256)."""
+    from landmark.inference import RetrievalConfig
+    from landmark.inference.cache import DEFAULT_CHUNK_LEN
+
+    default = RetrievalConfig()
+    parts = []
+    if args.get("k", default.k) != default.k:
+        parts.append(f"k={args['k']}")
+    if args.get("granularity", default.granularity) != default.granularity:
+        parts.append(str(args["granularity"]))
+    if args.get("chunk_len", DEFAULT_CHUNK_LEN) != DEFAULT_CHUNK_LEN:
+        parts.append(f"chunks of {args['chunk_len']}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def merge(paths: list[Path], rename: dict[str, str]) -> list[dict]:
-    """The cells of every file, summed per (model, task, length, depth), in first-seen order."""
+    """The cells of every file, summed per (model, task, length, depth), in first-seen order. A landmark
+    model evaluated with other retrieval settings than the defaults is a model of its own (its name
+    followed by them: ``landmark (token)``), so that no cell sums two settings."""
     cells: dict[tuple, dict] = {}
     for path in paths:
-        for r in json.loads(path.read_text(encoding="utf-8"))["results"]:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for r in data["results"]:
             model = rename.get(r["model"], r["model"])
+            if "landmark" in r.get("kind", ""):
+                model += retrieval_label(data.get("args") or {})
             key = (model, task_label(r), r["length"], r["depth"])
             cell = cells.setdefault(key, {"model": model, "task": key[1], "length": key[2], "depth": key[3],
                                           "correct": 0, "trials": 0, "seconds": 0.0})  # fmt: skip

@@ -58,3 +58,28 @@ def test_cells_of_two_seeds_add_up_and_tasks_stay_apart(tmp_path, monkeypatch):
     )
     grid.main()
     assert len(json.loads(out.read_text())["cells"]) == 4 and png.stat().st_size > 1000
+
+
+def test_other_retrieval_settings_are_a_model_of_their_own(tmp_path, monkeypatch):
+    """Cells of the same landmark model evaluated with --granularity token are not summed with the default
+    settings' cells; a base model (no retrieval) is named as it is."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    grid = load_script()
+    base = dict(result("base", 0.0, 0, 1), kind="hf")
+    files = [
+        ({"k": 4, "granularity": "token_head", "chunk_len": 256}, [result("lm", 0.0, 1, 2), base]),
+        ({"k": 4, "granularity": "token", "chunk_len": 256}, [result("lm", 0.0, 2, 2), base]),
+        ({"k": 2, "granularity": "token", "chunk_len": 128}, [result("lm", 0.0, 0, 2)]),
+    ]
+    paths = []
+    for i, (args, results) in enumerate(files):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"args": args, "results": results}))
+    cells = grid.merge(paths, {"lm": "landmark"})
+    got = {c["model"]: (c["correct"], c["trials"]) for c in cells}
+    assert got == {
+        "landmark": (1, 2),
+        "base": (0, 2),
+        "landmark (token)": (2, 2),
+        "landmark (k=2, token, chunks of 128)": (0, 2),
+    }
