@@ -442,12 +442,14 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
                                 landmark_id)  # fmt: skip
 
     @torch.no_grad()
-    def read(m: Any, ids: torch.Tensor, row_group: int = 64, full: bool = False) -> torch.Tensor:
+    def read(m: Any, ids: torch.Tensor, row_group: int | None = None, full: bool = False) -> torch.Tensor:
         """(1, vocab) logits of the last position: top-4 retrieval (kernel "torch": the same code on
-        both devices, and no C++ build on a fresh machine's CPU), or ``full`` attention (a DynamicCache)."""
+        both devices, and no C++ build on a fresh machine's CPU; ``row_group`` None: the default), or
+        ``full`` attention (a DynamicCache)."""
         from transformers import DynamicCache
 
-        retrieval = RetrievalConfig(k=4, kernel="torch", row_group=row_group)
+        groups = {} if row_group is None else {"row_group": row_group}
+        retrieval = RetrievalConfig(k=4, kernel="torch", **groups)
         cache = DynamicCache() if full else LandmarkRetrievalCache(m, retrieval)
         logits = hf_reader(m, cache, threads=min(8, os.cpu_count() or 1))(ids, torch.tensor([ids.shape[1]]))
         if device == "cuda":
@@ -477,8 +479,8 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     record["eval_tokens"] = READ_EVAL_LENGTH[mode]
     record["eval_seconds"] = round(time.perf_counter() - start, 2)
     write_json(result, record)
-    # the same random tokens read three ways: retrieval in row groups of 64 (the default) and of a whole
-    # chunk, and the unconverted model's own full attention (the baseline retrieval replaces)
+    # the same random tokens read three ways: retrieval in the default row groups (64 rows) and in whole
+    # chunks, and the unconverted model's own full attention (the baseline retrieval replaces)
     base = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval().to(device)
     ways = {
         "read_seconds": lambda ids: read(on_device, ids),
