@@ -94,7 +94,9 @@ def test_eval_passkey_end_to_end(runs, tmp_path):
     assert written["args"]["device"] == "cpu"
     assert len(results) == 2 * 2 * 2
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 2 for r in results)
-    assert "| landmark (landmark) | 400 |" in (out / "passkey.md").read_text()
+    report = (out / "passkey.md").read_text()
+    assert "| landmark (landmark) | 400 |" in report
+    assert "top-4 retrieval (granularity token_head, chunks of 256 positions)" in report  # the settings
     assert (out / "passkey.png").stat().st_size > 1000
 
 

@@ -197,17 +197,25 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         granularity=args.granularity, chunk_len=args.chunk_len, options=session_options(args), task=task,
     )  # fmt: skip
     title = f"Passkey retrieval accuracy ({task.label})"
-    return _write(out, "passkey", title, passkey_table(results), results, args, plot_passkey)
+    setting = (
+        f"Landmark models read with top-{args.k} retrieval (granularity {args.granularity}, chunks of "
+        f"{args.chunk_len} positions); other models with their own attention."
+    )
+    return _write(out, "passkey", title, passkey_table(results), results, args, plot_passkey, setting)
 
 
-def _write(out: Path, name: str, title: str, table: str, results: list[dict], args, plot) -> int:
-    """``<name>.md`` (the table), ``<name>.json`` (arguments and every cell), ``<name>.png``; print them."""
+def _write(
+    out: Path, name: str, title: str, table: str, results: list[dict], args, plot, setting: str = ""
+) -> int:
+    """``<name>.md`` (the title, the ``setting`` line if any, the table), ``<name>.json`` (arguments and
+    every cell), ``<name>.png``; print them."""
     from landmark.eval.common import write_json_atomic, write_text_atomic
 
-    write_text_atomic(out / f"{name}.md", f"# {title}\n\n{table}\n")
+    intro = f"{setting}\n\n" if setting else ""
+    write_text_atomic(out / f"{name}.md", f"# {title}\n\n{intro}{table}\n")
     write_json_atomic(out / f"{name}.json", {"args": vars(args) | {"func": None}, "results": results})
     plot(results, out / f"{name}.png")
-    print(table)
+    print(intro + table)
     print(f"\nwrote {out / f'{name}.md'}, {out / f'{name}.json'}, {out / f'{name}.png'}")
     return 0
 
