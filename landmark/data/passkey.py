@@ -16,6 +16,10 @@ That is the paper's task, the default. Two harder variants use the same builder:
   different names ("The pass key for Alice is 48213. ...") at depths spread over the context; the
   question asks for one of them by name ("What is the pass key for Alice? The pass key for Alice is").
 
+Both take other **wordings** (:mod:`landmark.data.wordings`): a :class:`PasskeyPrompts` with another
+wording family states other values (numbers of 5-7 digits, words, UUIDs, names, dates) in other words;
+the training samplers draw from the training families only when asked (``wordings="train"``).
+
 Lengths are counted in tokens of the model's tokenizer (landmarks not included). Each piece (and each
 sentence of prose) is encoded once with a leading space, so a prompt is a concatenation of token lists
 and has exactly the length asked for (the last filler sentence before the question may be cut).
@@ -24,8 +28,9 @@ and has exactly the length asked for (the last filler sentence before the questi
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,17 @@ import torch
 from landmark.data.landmarks import landmark_example
 from landmark.data.tokenizer import Tokenizer
 from landmark.data.windows import Batch, WindowSampler
+from landmark.data.wordings import (
+    KINDS,
+    PAPER,
+    TRAINING_WORDINGS,
+    Wording,
+    draw_wording,
+    families,
+    first_integer,
+)
+
+__all__ = ["first_integer"]  # re-exported: where the evaluation and the probes have always found it
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -59,30 +75,34 @@ DEFAULT_MULTIKEY_KEYS = 4  # keys of --task multikey unless --keys says otherwis
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(]?[A-Z])|(?<=[.!?][\"'”’)])\s+(?=[\"'“‘(]?[A-Z])")
 
 
-def first_integer(text: str) -> int | None:
-    """The first integer in ``text`` (what the model answered), or None."""
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else None
-
-
 @dataclass(frozen=True)
 class Needle:
-    """One key sentence of a prompt: its key, its depth (0 = right after the instruction, 1 = right
-    before the question) and, in multikey prompts, the name it belongs to."""
+    """One key sentence of a prompt: its key (an integer, or the text of a value of another kind), its depth
+    (0 = right after the instruction, 1 = right before the question) and, in multikey prompts, the name
+    it belongs to."""
 
-    key: int
+    key: int | str
     depth: float
     name: str | None = None
 
 
+def _paper_key(rng: np.random.Generator) -> int:
+    return int(rng.integers(*KEY_RANGE))
+
+
 def multikey_needles(
-    rng: np.random.Generator, key: int, depth: float, count: int
+    rng: np.random.Generator,
+    key: int | str,
+    depth: float,
+    count: int,
+    draw: Callable[[np.random.Generator], int | str] = _paper_key,
 ) -> tuple[list[Needle], str]:
     """``count`` named keys, the asked one (``key``) at ``depth``, the others spread over the context.
 
     The depths are the ``count`` evenly spaced slots ``0, 1/(count-1), ..., 1``, the slot nearest to
     ``depth`` moved to ``depth`` for the asked key; names (from :data:`NAMES`) and the other keys (all
-    distinct from each other and from ``key``) are drawn from ``rng``.
+    distinct from each other and from ``key``; ``draw(rng)`` each, by default a five-digit key) are drawn
+    from ``rng``.
 
     Returns:
         (needles, the asked name).
@@ -92,7 +112,7 @@ def multikey_needles(
     names = [str(n) for n in rng.choice(NAMES, size=count, replace=False)]
     keys = {key}
     while len(keys) < count:
-        keys.add(int(rng.integers(*KEY_RANGE)))
+        keys.add(draw(rng))
     others = sorted(keys - {key})
     rng.shuffle(others)
     slots = [i / (count - 1) for i in range(count)]
@@ -100,6 +120,19 @@ def multikey_needles(
     slots[asked] = depth
     needles = [Needle(key if i == asked else others.pop(), slots[i], names[i]) for i in range(count)]
     return needles, names[asked]
+
+
+def _probe_values(wording: Wording, draws: int = 16) -> list[str]:
+    """Values of every kind of a family to size its samples: ``draws`` seeded ones each."""
+    rng = np.random.default_rng(0)
+    return [KINDS[k].draw(rng) for k in wording.kinds for _ in range(draws)]
+
+
+def _training_set(wordings: str) -> str:
+    """The wording set a training sampler may draw from; a ValueError for any other (held-out ones)."""
+    if wordings not in TRAINING_WORDINGS:
+        raise ValueError(f"training wordings must be one of {', '.join(TRAINING_WORDINGS)}; got {wordings!r}")
+    return wordings
 
 
 class BookHaystack:
@@ -166,35 +199,52 @@ class PasskeyPrompts:
         tokenizer: anything with ``encode(text) -> list[int]`` (:class:`Tokenizer`, or a Hugging Face
             tokenizer through :class:`landmark.hf.passkey.HFTokenEncoder`).
         haystack: None for the paper's repeated filler, or a :class:`BookHaystack` (real prose).
+        wording: the family whose key sentences and questions the prompts hold (default: the paper's).
     """
 
     tokenizer: Tokenizer
     haystack: BookHaystack | None = None
+    wording: Wording = PAPER
 
     def __post_init__(self) -> None:
         enc = self.tokenizer.encode
         self.instruction = enc(INSTRUCTION)
         self.filler = enc(" " + FILLER)
-        self.question = enc(" " + QUESTION)
+        self.question = enc(" " + self.wording.question_text())
 
-    def key_sentence(self, key: int, name: str | None = None) -> list[int]:
+    def with_wording(self, wording: Wording) -> PasskeyPrompts:
+        """The same builder (tokenizer, haystack) with another wording family."""
+        return self if wording == self.wording else dataclasses.replace(self, wording=wording)
+
+    def key_sentence(self, key: int | str, name: str | None = None) -> list[int]:
         """The key sentence (named in multikey prompts)."""
-        text = KEY_SENTENCE.format(key=key) if name is None else NAMED_KEY_SENTENCE.format(key=key, name=name)
-        return self.tokenizer.encode(" " + text)
+        return self.tokenizer.encode(" " + self.wording.key_text(key, name))
 
     def question_for(self, name: str | None = None) -> list[int]:
         """The question (about the key of ``name`` in multikey prompts)."""
         return (
-            self.question if name is None else self.tokenizer.encode(" " + NAMED_QUESTION.format(name=name))
+            self.question if name is None else self.tokenizer.encode(" " + self.wording.question_text(name))
         )
 
-    def answer(self, key: int) -> list[int]:
+    def answer(self, key: int | str) -> list[int]:
         """The expected continuation: `` 48213.``"""
         return self.tokenizer.encode(f" {key}.")
 
     def min_length(self, key: int = 99999) -> int:
         """Tokens of a prompt of the paper's task without filler."""
         return self.needed([Needle(key, 0.0)])
+
+    def min_sample(self, wordings: str = "paper") -> int:
+        """Tokens of a one-key training sample without filler (prompt and answer) in the longest family of
+        a wording set, with long values of each kind (the paper's: :meth:`min_length` + the answer of
+        the largest key)."""
+        if wordings == "paper":
+            return self.min_length() + len(self.answer(KEY_RANGE[1] - 1))
+        return max(
+            b.needed([Needle(v, 0.0)]) + len(b.answer(v))
+            for b in map(self.with_wording, families(_training_set(wordings)))
+            for v in _probe_values(b.wording)
+        )
 
     def needed(self, needles: Sequence[Needle], ask: str | None = None) -> int:
         """Tokens of a prompt holding ``needles`` and the question about ``ask``, without filler."""
@@ -259,7 +309,7 @@ class PasskeyPrompts:
         return Filler(tokens[:n], starts)
 
     def training_sample(
-        self, rng: np.random.Generator, n_tokens: int, min_gap: int, keys: int = 1
+        self, rng: np.random.Generator, n_tokens: int, min_gap: int, keys: int = 1, wordings: str = "paper"
     ) -> list[int]:
         """``n_tokens`` tokens ending with the answer; at least ``min_gap`` filler tokens separate the asked
         key sentence from the question (so that, in training, the key lies in an earlier block).
@@ -268,12 +318,24 @@ class PasskeyPrompts:
         :func:`multikey_needles`); the filler is this builder's (repeated sentences, or the haystack's
         prose drawn with ``rng``). With ``keys`` 1 and no haystack, the paper's sample (its draws from
         ``rng`` unchanged).
+
+        ``wordings``: ``"paper"`` (this builder's wording, the default) or ``"train"``: a training family
+        (never a held-out one), a value kind and a value drawn from ``rng`` first
+        (:func:`landmark.data.wordings.draw_wording`).
         """
-        key = int(rng.integers(*KEY_RANGE))
+        if wordings != "paper":
+            family, kind, value = draw_wording(rng, _training_set(wordings))
+            return self.with_wording(family)._sample(rng, n_tokens, min_gap, keys, value, kind.draw)
+        return self._sample(rng, n_tokens, min_gap, keys, int(rng.integers(*KEY_RANGE)), _paper_key)
+
+    def _sample(self, rng, n_tokens: int, min_gap: int, keys: int, key: int | str, draw) -> list[int]:
+        """:meth:`training_sample` with its key drawn (``draw``: the other keys of a multikey sample)."""
         answer = self.answer(key)
         length = n_tokens - len(answer)
         probe = (
-            [Needle(key, 0.0)] if keys == 1 else multikey_needles(np.random.default_rng(0), key, 0.0, keys)[0]
+            [Needle(key, 0.0)]
+            if keys == 1
+            else multikey_needles(np.random.default_rng(0), key, 0.0, keys, draw)[0]
         )
         n_filler = length - self.needed(probe, None if keys == 1 else NAMES[0])
         if n_filler < min_gap:
@@ -283,7 +345,7 @@ class PasskeyPrompts:
         depth = rng.integers(0, n_filler - min_gap + 1) / n_filler
         needles, ask = [Needle(key, depth)], None
         if keys > 1:
-            needles, ask = multikey_needles(rng, key, depth, keys)
+            needles, ask = multikey_needles(rng, key, depth, keys, draw)
         asked = next(i for i, x in enumerate(needles) if x.key == key)
         prompt, cuts = self.compose(length, needles, ask, rng=rng)
         if len(prompt) - len(self.question_for(ask)) - self._end_of(needles, cuts, asked) < min_gap:
@@ -307,6 +369,7 @@ class PasskeyPrompts:
         pairs: int = 1,
         near: float = 0.0,
         near_gap: int = 0,
+        wordings: str = "paper",
     ) -> list[int]:
         """``n_tokens`` tokens holding ``pairs`` key/question pairs, each with its own random key::
 
@@ -327,6 +390,9 @@ class PasskeyPrompts:
         ``near_gap = 0`` the key sits at a fixed distance from the answer, and a model can learn the copy
         as "attend so many tokens back", which does not carry over to keys further away; random gaps
         leave only the key's content to find it by.
+
+        ``wordings``: ``"paper"`` (this builder's wording, the default) or ``"train"``: each pair in a
+        training family drawn from ``rng`` (:meth:`training_sample`).
         """
         if pairs < 1:
             raise ValueError(f"pairs must be >= 1; got {pairs}")
@@ -335,10 +401,14 @@ class PasskeyPrompts:
         if near_gap < 0:
             raise ValueError(f"near_gap must be >= 0 filler tokens; got {near_gap}")
         if pairs == 1 and near == 0.0:
-            return self.training_sample(rng, n_tokens, min_gap)
-        keys = [int(k) for k in rng.integers(*KEY_RANGE, size=pairs)]
+            return self.training_sample(rng, n_tokens, min_gap, wordings=wordings)
+        if wordings == "paper":
+            keys = [(self, int(k)) for k in rng.integers(*KEY_RANGE, size=pairs)]
+        else:
+            drawn = [draw_wording(rng, _training_set(wordings)) for _ in range(pairs)]
+            keys = [(self.with_wording(family), value) for family, _, value in drawn]
         fixed = len(self.instruction) + sum(
-            len(self.key_sentence(k)) + len(self.question) + len(self.answer(k)) for k in keys
+            len(b.key_sentence(k)) + len(b.question) + len(b.answer(k)) for b, k in keys
         )
         spare = n_tokens - fixed - pairs * min_gap
         if spare < 0:
@@ -356,14 +426,14 @@ class PasskeyPrompts:
             return (self.filler * (n // unit + 1))[:n]
 
         out = list(self.instruction)
-        for i, key in enumerate(keys):
+        for i, (builder, key) in enumerate(keys):
             gap = min_gap + int(extra[2 * i + 1])
             before = int(extra[2 * i])
             if near and rng.random() < near:  # the gap's filler moves before the key sentence
                 short = min(gap, int(rng.integers(0, near_gap + 1)))  # all but a short gap
                 before, gap = before + gap - short, short
-            out += filler(before) + self.key_sentence(key)
-            out += filler(gap) + self.question + self.answer(key)
+            out += filler(before) + builder.key_sentence(key)
+            out += filler(gap) + builder.question + builder.answer(key)
         assert len(out) == n_tokens
         return out
 
@@ -413,6 +483,7 @@ class PasskeyMixSampler:
         near: float = 0.0,
         near_gap: int = 0,
         repeat_fraction: float = 0.0,
+        wordings: str = "paper",
     ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
@@ -429,12 +500,13 @@ class PasskeyMixSampler:
             raise ValueError(f"passkey_near_gap must be >= 0; got {near_gap}")
         self.base, self.fraction, self.seed, self.rank, self.pairs = base, fraction, seed, rank, pairs
         self.near, self.near_gap, self.repeat_fraction = near, near_gap, repeat_fraction
+        self.wordings = _training_set(wordings)  # "paper" or "train": never held-out families
         self.prompts = PasskeyPrompts(tokenizer)
         layout = base.layout
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
         # the key must end in an earlier block than the question: at least one block of regular tokens
         self.min_gap = layout.block_size - 1 if layout.landmarks else 1
-        one = self.prompts.min_length() + len(self.prompts.answer(KEY_RANGE[1] - 1)) + self.min_gap
+        one = self.prompts.min_sample(wordings) + self.min_gap
         need = one + (pairs - 1) * (one - len(self.prompts.instruction))
         if fraction > 0 and self.n_raw < need:
             raise ValueError(
@@ -458,7 +530,7 @@ class PasskeyMixSampler:
                 self._put(batch, row, torch.from_numpy(repeat_span(raw, rrng)))
         for row in passkey_rows:
             raw = self.prompts.training_window(
-                rng, self.n_raw, self.min_gap, self.pairs, self.near, self.near_gap
+                rng, self.n_raw, self.min_gap, self.pairs, self.near, self.near_gap, self.wordings
             )
             self._put(batch, row, torch.tensor(raw, dtype=torch.long))
         return batch

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from landmark.data.passkey import DEFAULT_MULTIKEY_KEYS, HAYSTACKS, NAMES, TASKS
+from landmark.data.wordings import WORDING_SETS
 from landmark.eval.models import HF_PREFIX, parse_model_arg
 from landmark.inference.options import (
     add_device_argument,
@@ -175,7 +176,7 @@ def _passkey_inputs(args: argparse.Namespace):
 
     _check_common(args)
     check_distinct("--depths", args.depths)
-    task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus)
+    task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus, args.wording)
     task.check()  # before the models are loaded
     models = _load(args)
     check_passkey_cells(models, args.lengths, args.depths, args.trials, args.seed, task=task)
@@ -184,7 +185,7 @@ def _passkey_inputs(args: argparse.Namespace):
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
     from landmark.eval.common import CellCache
-    from landmark.eval.passkey import evaluate_passkey, passkey_table, plot_passkey
+    from landmark.eval.passkey import evaluate_passkey, passkey_report, plot_passkey
 
     try:
         models, task = _passkey_inputs(args)
@@ -201,7 +202,8 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         f"Landmark models read with top-{args.k} retrieval (granularity {args.granularity}, chunks of "
         f"{args.chunk_len} positions); other models with their own attention."
     )
-    return _write(out, "passkey", title, passkey_table(results), results, args, plot_passkey, setting)
+    table = passkey_report(results, task.wording)
+    return _write(out, "passkey", title, table, results, args, plot_passkey, setting)
 
 
 def _write(
@@ -255,6 +257,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--haystack", choices=HAYSTACKS, default="repeat", help="repeat: the paper's repeated "
                    "filler sentences (default); books: prose from the validation split of --corpus, "
                    "seeded per trial, the keys at sentence boundaries")  # fmt: skip
+    q.add_argument("--wording", choices=WORDING_SETS, default="paper", help="paper: the paper's key "
+                   "sentence and question (default); train / held-out / all: each trial in a wording "
+                   "family of that set, with numbers of 5-7 digits, words, UUIDs, names or dates "
+                   "(docs/evaluation.md, Held-out wordings)")  # fmt: skip
     q.add_argument("--corpus", default=None, help="corpus folder of --haystack books (default: the bundled "
                    "books)")  # fmt: skip
     q.add_argument("--out", default="runs/eval-passkey", help="output folder (and result cache)")

@@ -8,15 +8,22 @@ split (``haystack="books"``), or several named keys of which one is asked for (`
 Everything random in a trial (its key, the other keys and names, where the prose starts) depends only
 on (seed, length, depth, trial), so every model sees the same trials.
 
+The wording (``PasskeyTask.wording``, :mod:`landmark.data.wordings`): ``paper`` (the default) asks the
+paper's question about five-digit keys; ``train``, ``held-out`` and ``all`` draw each trial's wording
+family, value kind (numbers of 5-7 digits, words, UUIDs, names, dates) and value from the trial's own
+seeded stream, and score the answer with the kind's matcher (for numbers, the first integer). The report
+gives the held-out families' accuracy first.
+
 Both model families (:mod:`landmark.eval.models`) go through the same code:
 
 * landmark models (``landmark``, ``hf-landmark``) generate greedily with top-k retrieval;
 * the others (``full``, ``xl``, ``hf``) are scored in one teacher-forced pass over prompt + answer
   (:func:`teacher_forced_correct`): greedy decoding yields the key iff the argmax at each position of
-  the answer up to its last digit is the answer's next token and the token predicted after the last
-  digit does not start with a digit. This is equivalent to greedy decoding whose answer starts at the
-  first generated token (slightly stricter than "first integer anywhere"), and costs one pass instead
-  of one per generated token.
+  the answer up to the token that completes the value is the answer's next token and the value's
+  matcher still reads the value once the token predicted after it is appended (for numbers: that token
+  does not start with a digit). This is equivalent to greedy decoding whose answer starts at the first
+  generated token (slightly stricter than "first integer anywhere"), and costs one pass instead of one
+  per generated token.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,12 +46,14 @@ from landmark.data.passkey import (
     BookHaystack,
     Needle,
     PasskeyPrompts,
-    first_integer,
     multikey_needles,
 )
+from landmark.data.wordings import KINDS, PAPER, PAPER_KIND, WORDING_SETS, Wording, draw_wording, held_out
+from landmark.data.wordings import fingerprint as wording_fingerprint
 from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
 
-NEEDLE_STREAM, HAYSTACK_STREAM = 1, 2  # random streams of a trial, besides its key
+NEEDLE_STREAM, HAYSTACK_STREAM, WORDING_STREAM = 1, 2, 3  # random streams of a trial, besides its key
+WORDING_LABELS = {"train": "training wordings", "held-out": "held-out wordings", "all": "all wordings"}
 
 
 @dataclass(frozen=True)
@@ -56,12 +66,15 @@ class PasskeyTask:
         keys: multikey's number of keys, 2 to ``len(NAMES)`` (None: ``DEFAULT_MULTIKEY_KEYS``); the
             passkey task has one.
         corpus: the books haystack's corpus folder (None: the bundled books); its validation split.
+        wording: the wording set (:data:`landmark.data.wordings.WORDING_SETS`): ``paper`` (the default),
+            ``train``, ``held-out`` or ``all``.
     """
 
     task: str = "passkey"
     haystack: str = "repeat"
     keys: int | None = None
     corpus: str | None = None
+    wording: str = "paper"
 
     def check(self) -> None:
         """One-line ValueErrors naming the option (--task, --keys, --haystack, --corpus)."""
@@ -78,6 +91,8 @@ class PasskeyTask:
             )
         if self.corpus is not None and self.haystack != "books":
             raise ValueError("--corpus is the prose of --haystack books; the repeat haystack has none")
+        if self.wording not in WORDING_SETS:
+            raise ValueError(f"--wording must be one of {', '.join(WORDING_SETS)}; got {self.wording!r}")
 
     @property
     def n_keys(self) -> int:
@@ -90,7 +105,8 @@ class PasskeyTask:
     def label(self) -> str:
         """A short description: ``passkey``, ``multikey (4 keys), books haystack``."""
         text = self.task if self.task == "passkey" else f"multikey ({self.n_keys} keys)"
-        return text if self.haystack == "repeat" else f"{text}, {self.haystack} haystack"
+        text = text if self.haystack == "repeat" else f"{text}, {self.haystack} haystack"
+        return text if self.wording == "paper" else f"{text}, {WORDING_LABELS[self.wording]}"
 
     def source(self) -> BookHaystack | None:
         """The prose of a books haystack (read once per corpus), or None."""
@@ -100,12 +116,16 @@ class PasskeyTask:
 
     def cache_fields(self) -> dict | None:
         """What a cell's cache key adds for this task: None for the paper's (so its cells keep their
-        keys), else task, haystack, keys and the prose's corpus fingerprint."""
-        if self.task == "passkey" and self.haystack == "repeat":
+        keys), else task, haystack, keys and the prose's corpus fingerprint, and for a wording set other
+        than the paper's, the set and its families' fingerprint."""
+        if self.task == "passkey" and self.haystack == "repeat" and self.wording == "paper":
             return None
         source = self.source()
-        return {"task": self.task, "haystack": self.haystack, "keys": self.n_keys,
-                "corpus": None if source is None else source.fingerprint}  # fmt: skip
+        fields = {"task": self.task, "haystack": self.haystack, "keys": self.n_keys,
+                  "corpus": None if source is None else source.fingerprint}  # fmt: skip
+        if self.wording != "paper":
+            fields |= {"wording": self.wording, "families": wording_fingerprint(self.wording)}
+        return fields
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,57 +149,115 @@ def _trial_rng(seed: int, length: int, depth: float, trial: int, stream: int) ->
     return np.random.default_rng([seed, length, round(depth * 1000), trial, stream])
 
 
-def trial_needles(task: PasskeyTask, seed: int, length: int, depth: float, trial: int, key: int):
+def trial_needles(
+    task: PasskeyTask, seed: int, length: int, depth: float, trial: int, key: int | str, draw=None
+):
     """(needles, asked name) of trial ``trial`` of a cell (seeded): the paper's one key, or multikey's named
-    keys (the asked one ``key``, at ``depth``)."""
+    keys (the asked one ``key``, at ``depth``; the others ``draw(rng)`` each, by default five-digit
+    keys)."""
     if task.task == "passkey":
         return [Needle(key, depth)], None
-    return multikey_needles(_trial_rng(seed, length, depth, trial, NEEDLE_STREAM), key, depth, task.n_keys)
+    rng = _trial_rng(seed, length, depth, trial, NEEDLE_STREAM)
+    if draw is None:
+        return multikey_needles(rng, key, depth, task.n_keys)
+    return multikey_needles(rng, key, depth, task.n_keys, draw)
+
+
+class TrialSpec(NamedTuple):
+    """What one trial asks, before its prompt is composed: the wording family, the value kind, the asked
+    value, the needles and the asked name (multikey)."""
+
+    wording: Wording
+    kind: str
+    key: int | str
+    needles: list[Needle]
+    ask: str | None
+
+
+class Trial(NamedTuple):
+    """A composed trial: its prompt, the asked value, its kind and its wording family's name."""
+
+    prompt: list[int]
+    key: int | str
+    kind: str = PAPER_KIND
+    family: str = "paper"
+
+
+def cell_specs(task: PasskeyTask, seed: int, length: int, depth: float, trials: int) -> list[TrialSpec]:
+    """The seeded :class:`TrialSpec` of every trial of a cell: the paper's keys (:func:`cell_keys`), or
+    each trial's family, kind and value from its own stream (``WORDING_STREAM``)."""
+    if task.wording == "paper":
+        keys = cell_keys(seed, length, depth, trials)
+        return [TrialSpec(PAPER, PAPER_KIND, k, *trial_needles(task, seed, length, depth, t, k))
+                for t, k in enumerate(keys)]  # fmt: skip
+    out = []
+    for t in range(trials):
+        family, kind, value = draw_wording(_trial_rng(seed, length, depth, t, WORDING_STREAM), task.wording)
+        needles, ask = trial_needles(task, seed, length, depth, t, value, kind.draw)
+        out.append(TrialSpec(family, kind.name, value, needles, ask))
+    return out
+
+
+def build_trials(
+    prompts: PasskeyPrompts, task: PasskeyTask, seed: int, length: int, depth: float, trials: int
+) -> list[Trial]:
+    """Every :class:`Trial` of a cell, each prompt exactly ``length`` tokens."""
+    out = []
+    for t, spec in enumerate(cell_specs(task, seed, length, depth, trials)):
+        rng = _trial_rng(seed, length, depth, t, HAYSTACK_STREAM)
+        prompt = prompts.with_wording(spec.wording).compose(length, spec.needles, spec.ask, rng)[0]
+        out.append(Trial(prompt, spec.key, spec.kind, spec.wording.name))
+    return out
 
 
 def cell_trials(
     prompts: PasskeyPrompts, task: PasskeyTask, seed: int, length: int, depth: float, trials: int
-) -> list[tuple[list[int], int]]:
+) -> list[tuple[list[int], int | str]]:
     """``(prompt, asked key)`` of every trial of a cell, each prompt exactly ``length`` tokens."""
-    out = []
-    for t, key in enumerate(cell_keys(seed, length, depth, trials)):
-        needles, ask = trial_needles(task, seed, length, depth, t, key)
-        rng = _trial_rng(seed, length, depth, t, HAYSTACK_STREAM)
-        out.append((prompts.compose(length, needles, ask, rng)[0], key))
-    return out
+    return [(t.prompt, t.key) for t in build_trials(prompts, task, seed, length, depth, trials)]
+
+
+def value_tokens(m: ModelUnderTest, answer: list[int], key: int | str) -> int:
+    """How many of the answer's tokens it takes to complete the value ``key`` (its text decoded)."""
+    return next(i for i in range(1, len(answer) + 1) if str(key) in m.decode(answer[:i]))
 
 
 @torch.no_grad()
-def teacher_forced_correct(m: ModelUnderTest, prompts: PasskeyPrompts, prompt: list[int], key: int) -> bool:
-    """Whether greedy decoding after ``prompt`` would start with the key's tokens and end the number
-    there, from one pass over prompt + the answer's tokens up to its last digit (the model's own
-    attention).
+def teacher_forced_correct(
+    m: ModelUnderTest, prompts: PasskeyPrompts, prompt: list[int], key: int | str, kind: str = PAPER_KIND
+) -> bool:
+    """Whether greedy decoding after ``prompt`` would start with the value's tokens and end the value
+    there, from one pass over prompt + the answer's tokens up to the one that completes the value (the
+    model's own attention). "Ends there": the kind's matcher, read on the value's tokens and the token
+    predicted after them, finds the value (a number followed by a digit is another number; a word
+    followed by a letter another word).
 
-    The answer's tokens before the digits count too: SmolLM2's tokenizer writes `` 48213`` as a lone
+    The answer's tokens before the value count too: SmolLM2's tokenizer writes `` 48213`` as a lone
     space followed by the digits, and greedy decoding must produce that space first.
     """
     answer = prompts.answer(key)
-    last = max(i for i, t in enumerate(answer) if any(ch.isdigit() for ch in m.decode([t])))
-    expected = answer[: last + 1]
+    expected = answer[: value_tokens(m, answer, key)]
     pred = m.tail_logits(prompt + expected, len(expected) + 1).argmax(-1).tolist()  # answer..., and after
     if pred[: len(expected)] != expected:
         return False
-    after = m.decode([pred[len(expected)]])
-    return not after[:1].isdigit()
+    return KINDS[kind].correct(m.decode(pred), key)
 
 
 def score_trials(
-    m: ModelUnderTest, prompts: PasskeyPrompts, trials: list[tuple[list[int], int]], reading: Reading
-) -> tuple[list[bool], list[int | None] | None]:
-    """(correct, answers) of trials: landmark models generate with retrieval (answers: the first
-    integer of each generation), the others are scored teacher-forced (answers None)."""
-    keys = [x for _, x in trials]
+    m: ModelUnderTest, prompts: PasskeyPrompts, trials: list[Trial], reading: Reading
+) -> tuple[list[bool], list[int | str | None] | None]:
+    """(correct, answers) of trials: landmark models generate with retrieval (answers: what the value
+    kind's matcher reads in each generation, for numbers the first integer), the others are scored
+    teacher-forced (answers None)."""
     if not m.retrieves:
-        return [teacher_forced_correct(m, prompts, p, x) for p, x in trials], None
-    new = len(prompts.answer(keys[0])) + 2
-    outs = m.generate([p for p, _ in trials], new, reading)
-    answers = [first_integer(m.decode(o)) for o in outs]
-    return [a == x for a, x in zip(answers, keys)], answers
+        return [teacher_forced_correct(m, prompts, t.prompt, t.key, t.kind) for t in trials], None
+    # enough new tokens for the longest answer (the paper's: the first key's, as its cells always had)
+    paper = all(t.family == "paper" for t in trials)
+    longest = len(prompts.answer(trials[0].key)) if paper else max(len(prompts.answer(t.key)) for t in trials)
+    outs = m.generate([t.prompt for t in trials], longest + 2, reading)
+    texts = [m.decode(o) for o in outs]
+    answers = [KINDS[t.kind].find(x) for t, x in zip(trials, texts)]
+    return [KINDS[t.kind].correct(x, t.key) for t, x in zip(trials, texts)], answers
 
 
 def check_passkey_cells(
@@ -208,9 +286,9 @@ def check_passkey_cells(
         prompts = PasskeyPrompts(m.encoder)
         for n in lengths:
             need = max(
-                prompts.needed(*trial_needles(task, seed, n, d, t, key))
+                prompts.with_wording(x.wording).needed(x.needles, x.ask)
                 for d in depths
-                for t, key in enumerate(cell_keys(seed, n, d, trials))
+                for x in cell_specs(task, seed, n, d, trials)
             )
             if n < need:
                 raise ValueError(
@@ -263,7 +341,8 @@ def evaluate_passkey(
         else:
             bar.update(trials)
         results.append({"model": m.name, "kind": m.kind, "task": task.task, "haystack": task.haystack,
-                        "keys_per_prompt": task.n_keys, "length": n, "depth": d, **cached})  # fmt: skip
+                        "keys_per_prompt": task.n_keys, "wording": task.wording, "length": n, "depth": d,
+                        **cached})  # fmt: skip
     bar.close()
     return results
 
@@ -286,7 +365,7 @@ def _cell_key(m, n, d, trials, seed, reading: Reading, task: PasskeyTask) -> dic
 def _run_cell(m, prompts, task, seed, n, d, trials, reading, bar) -> dict:
     """Score the trials of one cell, ``m.trials_per_call`` at a time (None: all in one batch)."""
     t0 = time.perf_counter()
-    cell = cell_trials(prompts, task, seed, n, d, trials)
+    cell = build_trials(prompts, task, seed, n, d, trials)
     step = m.trials_per_call or len(cell)
     correct, answers = [], []
     for i in range(0, len(cell), step):
@@ -294,11 +373,15 @@ def _run_cell(m, prompts, task, seed, n, d, trials, reading, bar) -> dict:
         correct += ok
         answers += said if said is not None else [None] * len(ok)
         bar.update(len(ok))
-    return {
+    out = {
         "accuracy": sum(correct) / trials, "correct": sum(correct), "trials": trials,
-        "answers": answers if m.retrieves else None, "keys": [x for _, x in cell],
+        "answers": answers if m.retrieves else None, "keys": [t.key for t in cell],
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
+    if task.wording != "paper":  # each trial's family, kind, split and result
+        out |= {"families": [t.family for t in cell], "kinds": [t.kind for t in cell],
+                "held_out": [held_out(t.family) for t in cell], "hits": correct}  # fmt: skip
+    return out
 
 
 def passkey_table(results: list[dict]) -> str:
@@ -313,6 +396,47 @@ def passkey_table(results: list[dict]) -> str:
         vals = [f"{a:.0%}" for a in accs]
         lines.append(f"| {name} ({kind}) | {n} | " + " | ".join(vals) + f" | {np.mean(accs):.0%} |")
     return "\n".join(lines)
+
+
+def split_table(results: list[dict], held: bool) -> str:
+    """Markdown of the trials of held-out (``held``) or training families only: one row per (model,
+    length), per depth the correct trials of that split out of its trials, and the pooled accuracy."""
+    depths = sorted({r["depth"] for r in results})
+    rows = list(dict.fromkeys((r["model"], r["kind"], r["length"]) for r in results))
+    cell = {(r["model"], r["length"], r["depth"]): r for r in results}
+    lines = ["| model | length | " + " | ".join(f"depth {d:.0%}" for d in depths) + " | accuracy |"]
+    lines.append("|---|---:|" + "---:|" * (len(depths) + 1))
+    for name, kind, n in rows:
+        counts = [_split_count(cell.get((name, n, d)), held) for d in depths]
+        right, total = sum(c for c, _ in counts), sum(t for _, t in counts)
+        vals = [f"{c}/{t}" if t else "-" for c, t in counts]
+        pooled = f"{right / total:.0%} ({right}/{total})" if total else "-"
+        lines.append(f"| {name} ({kind}) | {n} | " + " | ".join(vals) + f" | {pooled} |")
+    return "\n".join(lines)
+
+
+def _split_count(result: dict | None, held: bool) -> tuple[int, int]:
+    """(correct, trials) of a cell's trials in held-out (``held``) or training families."""
+    if result is None:
+        return 0, 0
+    picked = [hit for hit, h in zip(result["hits"], result["held_out"]) if h == held]
+    return sum(picked), len(picked)
+
+
+def passkey_report(results: list[dict], wording: str = "paper") -> str:
+    """The markdown tables of a run: :func:`passkey_table`, which for a wording set other than the
+    paper's says which families it holds; for ``all``, the held-out families' table first, then the
+    training families', then both together."""
+    if wording == "paper":
+        return passkey_table(results)
+    if wording != "all":
+        which = "held-out" if wording == "held-out" else "training"
+        return f"Trials in {which} wording families only.\n\n{passkey_table(results)}"
+    return "\n\n".join([
+        "**Held-out wording families**", split_table(results, True),
+        "**Training wording families**", split_table(results, False),
+        "**All wording families**", passkey_table(results),
+    ])  # fmt: skip
 
 
 def plot_passkey(results: list[dict], path) -> None:

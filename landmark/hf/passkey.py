@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from landmark.data.passkey import KEY_RANGE, PasskeyPrompts
+from landmark.data.passkey import PasskeyPrompts
 from landmark.hf.convert import encode_text
 
 
@@ -39,15 +39,18 @@ def hf_passkey_prompts(tokenizer: Any) -> PasskeyPrompts:
     return PasskeyPrompts(HFTokenEncoder(tokenizer))  # type: ignore[arg-type]
 
 
-def check_passkey_windows(tokenizer: Any, raw_tokens: int, block_size: int) -> PasskeyPrompts:
+def check_passkey_windows(
+    tokenizer: Any, raw_tokens: int, block_size: int, wordings: str = "paper"
+) -> PasskeyPrompts:
     """The prompt builder, once windows of ``raw_tokens`` are known to hold a passkey sample whose key
-    lies at least one block (``block_size - 1`` tokens) before the question.
+    lies at least one block (``block_size - 1`` tokens) before the question, in every family of
+    ``wordings`` (``"paper"`` or ``"train"``).
 
     Raises:
         ValueError: the windows are too short (the message names ``--max-length``).
     """
     prompts = hf_passkey_prompts(tokenizer)
-    need = prompts.min_length() + len(prompts.answer(KEY_RANGE[1] - 1)) + block_size - 1
+    need = prompts.min_sample(wordings) + block_size - 1
     if raw_tokens < need:
         raise ValueError(
             f"passkey samples need windows of at least {need} tokens with this tokenizer and block size; "
@@ -84,6 +87,9 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         near: share of the passkey samples whose asked key may lie anywhere before the question, in
             its own block or right before it too (no ``block_size - 1`` gap): what ``landmark eval
             passkey`` asks at depth 1, where the key is in the local context, not in a retrieved block.
+        wordings: ``"paper"`` (the paper's key sentence and question, the default) or ``"train"``: each
+            passkey sample in a training wording family (:mod:`landmark.data.wordings`), never a
+            held-out one, drawn with the sample's key.
     """
 
     MAX_TRAINING_KEYS = 6
@@ -100,6 +106,7 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         multikey: float = 0.0,
         haystack: Any = None,
         near: float = 0.0,
+        wordings: str = "paper",
     ) -> None:
         shares = (("passkey_fraction", fraction), ("books", books), ("multikey", multikey), ("near", near))
         for name, value in shares:
@@ -109,7 +116,8 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
             raise ValueError("books > 0 needs a haystack (BookHaystack of the training split)")
         self.base, self.raw_tokens, self.fraction, self.seed = base, raw_tokens, fraction, seed
         self.books, self.multikey, self.near = books, multikey, near
-        self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size)
+        self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size, wordings)
+        self.wordings = wordings
         self.book_prompts = PasskeyPrompts(self.prompts.tokenizer, haystack) if books else None
         self.min_gap = block_size - 1
 
@@ -139,8 +147,8 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         gap = 0 if near else self.min_gap
         rng = np.random.default_rng([self.seed, i, 104729])
         try:
-            ids = prompts.training_sample(rng, self.raw_tokens, gap, keys=keys)
-        except ValueError:  # too many keys for the window: the paper's one-key sample
+            ids = prompts.training_sample(rng, self.raw_tokens, gap, keys=keys, wordings=self.wordings)
+        except ValueError:  # too many keys for the window: a one-key sample
             ids = prompts.training_sample(np.random.default_rng([self.seed, i, 104729]), self.raw_tokens,
-                                          gap)  # fmt: skip
+                                          gap, wordings=self.wordings)  # fmt: skip
         return {"input_ids": torch.tensor(ids, dtype=torch.long)}
