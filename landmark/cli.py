@@ -115,7 +115,13 @@ def cmd_plot_metrics(args: argparse.Namespace) -> int:
     """Plot training and validation loss of one or more runs into a PNG."""
     from landmark.plot import plot_metrics
 
-    out = plot_metrics(args.runs, args.out, x=args.x, labels=args.labels, title=args.title)
+    try:
+        out = plot_metrics(
+            args.runs, args.out, x=args.x, labels=args.labels, title=args.title, overwrite=args.overwrite
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x", default="step", choices=["step", "tokens", "minutes"], help="horizontal axis")
     p.add_argument("--labels", nargs="+", default=None, help="legend label per run (default: folder names)")
     p.add_argument("--title", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a PNG")
     p.set_defaults(func=cmd_plot_metrics)
 
     add_hf_parser(sub)  # `landmark hf ...`: Hugging Face models (landmark/hf/cli.py)

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from landmark.files import atomic_write, check_output_file
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 X_AXES = {"step": "optimizer step", "tokens": "tokens seen", "minutes": "wall-clock minutes"}
 
 
@@ -38,6 +41,7 @@ def plot_metrics(
     x: str = "step",
     labels: Sequence[str] | None = None,
     title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Draw training loss (lines) and validation loss (dashed, dots) of each run into a PNG.
 
@@ -47,6 +51,11 @@ def plot_metrics(
         x: the horizontal axis: ``"step"``, ``"tokens"`` or ``"minutes"``.
         labels: a legend label per run; default the run folder names.
         title: the figure title.
+        overwrite: replace an existing ``out`` that is not a PNG.
+
+    Raises:
+        ValueError: ``out`` is not a ``.png`` name, is a folder, or is an existing file other than a
+            PNG (without ``overwrite``); ``labels`` does not give one name per run; a run has no metrics.
 
     Returns:
         The written path.
@@ -56,12 +65,18 @@ def plot_metrics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = check_plot_out(out, overwrite)
     if x not in X_AXES:
         raise ValueError(f"x must be one of {sorted(X_AXES)}; got {x!r}")
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"--labels gives {len(labels)} name(s) for {len(runs)} run(s): give one per run")
     labels = list(labels) if labels is not None else [Path(r).name or str(r) for r in runs]
+    metrics = [read_metrics(run) for run in runs]
+    empty = [str(run) for run, rows in zip(runs, metrics) if not rows]
+    if empty:
+        raise ValueError(f"no metrics to plot in {', '.join(empty)} (metrics.jsonl has no rows yet)")
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        rows = read_metrics(run)
+    for i, (rows, label) in enumerate(zip(metrics, labels)):
         color = f"C{i}"
         train = [(_x(r, x), r["loss"]) for r in rows if "loss" in r]
         val = [(_x(r, x), r["val_loss"]) for r in rows if "val_loss" in r]
@@ -75,9 +90,27 @@ def plot_metrics(
     ax.legend()
     if title:
         ax.set_title(title)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return out
+
+
+def is_png(path: Path) -> bool:
+    """Whether ``path`` starts with the PNG signature."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def check_plot_out(out: str | Path, overwrite: bool = False) -> Path:
+    """``--out`` of ``plot-metrics``: a ``.png`` file name whose folder exists; an existing file only if
+    it is a PNG (or ``overwrite``). One-line ValueErrors, before anything is read or written."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the plot is a PNG; give a file name ending in .png")
+    return check_output_file(out, "--out", kind="a PNG image", is_kind=is_png, overwrite=overwrite)

@@ -275,9 +275,9 @@ def _answers(pk: list[dict]) -> str:
 
 def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk: list[dict], seconds: float):
     """``report.md`` in ``--out``; the tables printed."""
-    from landmark.eval.common import write_text_atomic
     from landmark.eval.passkey import passkey_table
     from landmark.eval.perplexity import perplexity_table
+    from landmark.files import write_text_atomic
 
     out, cfg = Path(args.out), m.model.config
     passkey = (

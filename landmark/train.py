@@ -58,6 +58,7 @@ from landmark.checkpoint import (
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
 from landmark.data.passkey import PasskeyMixSampler
+from landmark.files import write_json_atomic, write_text_atomic
 from landmark.model import GPT, IGNORE_INDEX, ModelConfig
 from landmark.train_config import ConfigError, RunConfig, device_kind, validate
 
@@ -265,9 +266,7 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def _latest_text(out_dir: Path) -> str:
@@ -626,9 +625,7 @@ def _open_run_folder(run: _Run, lock: RunLock) -> None:
         clean_partial(out_dir)
         _write_json(out_dir / RUN_CONFIG_FILE, run.resolved)
         kept = _read_metrics(metrics_path, run.counters.step) if run.checkpoint is not None else []
-        tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, metrics_path)
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         run.metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _train
     except OSError as err:
         raise _write_error("the run folder, config.json and metrics.jsonl", out_dir, err) from None

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from landmark.data.books import bundled_books, cache_root
 from landmark.data.corpus import Corpus, CorpusError, Document, read_corpus
 from landmark.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
+from landmark.files import write_json_atomic
 
 FORMAT = "landmark-tokens-v1"
 BATCH_CHARS = 1 << 21  # text tokenised per call to the (multi-threaded) batch encoder
@@ -93,9 +94,7 @@ def _batches(docs: Sequence[Document]) -> Iterator[list[Document]]:
 
 
 def _replace_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, obj, indent=None)
 
 
 def _encode_documents(

@@ -23,6 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from landmark.files import write_text_atomic
+
 EOT_TOKEN = "<|endoftext|>"
 LANDMARK_TOKEN = "<landmark>"
 DEFAULT_VOCAB_SIZE = 8192  # trained BPE, special tokens included
@@ -99,12 +101,7 @@ class Tokenizer:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``<folder>/tokenizer.json`` atomically and return its path."""
-        path = Path(folder) / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text_atomic(Path(folder) / TOKENIZER_FILE, self.to_json())
 
     def to_json(self) -> str:
         """The tokenizer as the ``tokenizers`` JSON format (what :meth:`save` writes)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from landmark.eval.models import (
     load_models,
     parse_model_arg,
 )
+from landmark.files import write_json_atomic, write_text_atomic  # noqa: F401 - the evaluations' writers
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.retrieval import RetrievalConfig
 
@@ -63,20 +63,6 @@ def cache_key_options(options: dict | None, kind: str) -> dict | None:
         return None
     kept = {k: v for k, v in sorted(options.items()) if k != "memory_device"}
     return None if kept == DEFAULT_OPTIONS else kept
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_lengths(lengths: list[int], models: list[ModelUnderTest], what: str = "--lengths") -> None:

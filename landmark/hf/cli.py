@@ -162,6 +162,7 @@ def _check_generate(args: argparse.Namespace) -> None:
         check_device,
         check_retrieval_arguments,
         check_sampling_arguments,
+        check_save_state,
     )
 
     check_retrieval_arguments(args)
@@ -177,6 +178,18 @@ def _check_generate(args: argparse.Namespace) -> None:
     block = _saved_block_size(Path(args.model))
     if args.k and block is not None:
         check_chunk_len(args, block)
+    check_save_state(args, _model_files(Path(args.model)))
+
+
+def _model_files(folder: Path) -> list[tuple[Path, str]]:
+    """The folders ``hf generate --model`` reads: the model's, and a delta's packaged base model."""
+    from landmark.hf.delta import META_FILE
+    from landmark.hf.smollm2 import default_smollm2_dir
+
+    reads = [(folder, "a file of --model")]
+    if (folder / META_FILE).is_file():  # a delta is rebuilt over the packaged base (load_pretrained)
+        reads.append((default_smollm2_dir(), "a file of the delta's base model"))
+    return reads
 
 
 def _saved_block_size(folder) -> int | None:
@@ -206,7 +219,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options: dict = {"chunk_len": args.chunk_len}
     if args.k:
         options = dict(
-            retrieval=retrieval_config(args), load_state=args.load_state, save_state=args.save_state
+            retrieval=retrieval_config(args),
+            load_state=args.load_state,
+            save_state=args.save_state,
+            overwrite_state=args.overwrite,
         )
         options.update(cache_options(args))
     text, _ = generate(

@@ -93,6 +93,7 @@ class FinetuneConfig:
     passkey_books: float = 0.0  # share of those whose filler is prose of the training split
     passkey_multikey: float = 0.0  # share of those with several named keys, one asked
     passkey_near: float = 0.0  # share of those whose key may lie right before the question
+    passkey_wordings: str = "paper"  # "paper": the paper's sentences; "train": the training wording families
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
     overwrite: bool = False  # replace an existing, non-empty `out` (else refused)
@@ -122,6 +123,13 @@ class FinetuneConfig:
             ("--passkey-multikey", self.passkey_multikey),
             ("--passkey-near", self.passkey_near),
         )
+        if self.passkey_wordings not in TRAINING_WORDINGS:
+            raise ValueError(
+                f"--passkey-wordings must be one of {', '.join(TRAINING_WORDINGS)} (never the held-out "
+                f"families); got {self.passkey_wordings!r}"
+            )
+        if self.passkey_wordings != "paper":
+            shares += (("--passkey-wordings", self.passkey_wordings),)
         extra = next(((o, v) for o, v in shares if v), None)
         if extra and not self.passkey_fraction:
             raise ValueError(
@@ -319,7 +327,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.passkey_fraction:
         from landmark.hf.passkey import check_passkey_windows
 
-        check_passkey_windows(tokenizer, raw_tokens, block_size)
+        check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings)
     staging = staging_folder(out)
     args = TrainingArguments(
         output_dir=str(staging),
@@ -359,7 +367,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if not cfg.resume:
             for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            from landmark.eval.common import write_json_atomic
+            from landmark.files import write_json_atomic
 
             write_json_atomic(staging / RUN_FILE, asdict(cfg))
     with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
@@ -379,6 +387,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         train_set = PasskeyMixWindows(
             train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed,
             books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack, near=cfg.passkey_near,
+            wordings=cfg.passkey_wordings,
         )  # fmt: skip
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
@@ -451,7 +460,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 lock.release()
         summary["stopped_early"] = True
         if main:  # what was trained so far, for scripts that read it (gpu_check); replaced when it ends
-            from landmark.eval.common import write_json_atomic
+            from landmark.files import write_json_atomic
 
             write_json_atomic(staging / SUMMARY_FILE, summary)
         return summary

@@ -16,13 +16,14 @@ provides the reader: the prompt goes through the model ``chunk_len`` positions p
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from landmark.hf.convert import encode_text, landmark_token_id
-from landmark.inference.cache import DEFAULT_CHUNK_LEN
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.generate import Sampling, TokenCallback, generate_with
 from landmark.inference.threads import inference_threads, using_threads
 
@@ -102,6 +103,7 @@ def generate(
     chunk_len: int = DEFAULT_CHUNK_LEN,
     load_state: Any = None,
     save_state: Any = None,
+    overwrite_state: bool = False,
     **cache_kwargs: Any,
 ) -> tuple[str, Tensor]:
     """Continue ``prompt`` by ``max_new_tokens`` regular tokens (batch size 1).
@@ -122,7 +124,9 @@ def generate(
         load_state: with ``retrieval``, a state saved earlier (a long document read once): the prompt
             continues it (a question about the document).
         save_state: with ``retrieval``, save the state here once the prompt is read (before any
-            generated token), for later ``load_state`` calls.
+            generated token), for later ``load_state`` calls. Checked before any work: an existing
+            file other than a saved state, or the ``load_state`` file, is refused (ValueError).
+        overwrite_state: replace an existing ``save_state`` file that is not a saved state.
         **cache_kwargs: with ``retrieval``, options of :class:`landmark.hf.LandmarkRetrievalCache`
             (``memory_device``, ``max_blocks``, ``evict``).
 
@@ -138,6 +142,8 @@ def generate(
             n for n, v in (("load_state", load_state), ("save_state", save_state)) if v
         ]
         raise ValueError(f"{options} are options of the retrieval cache: pass retrieval=...")
+    if save_state is not None:
+        check_state_destination(save_state, overwrite_state, [(load_state, "the load_state file")])
     if retrieval is None:
         cache = DynamicCache(config=model.config)
     else:
@@ -152,7 +158,8 @@ def generate(
         hf_reader(model, cache, chunk_len), [raw], max_new_tokens,
         block_size=int(model.config.landmark_block_size), landmark_id=landmark_token_id(model),
         sampling=sampling, stop_ids=() if eos is None else (eos,), on_token=on_token, start=start,
-        after_prompt=None if save_state is None else lambda: cache.save_state(save_state, model),
+        after_prompt=None if save_state is None else functools.partial(
+            cache.save_state, save_state, model, overwrite=overwrite_state),
     )[0]  # fmt: skip
     out_ids = torch.tensor(new, dtype=torch.long)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""

@@ -318,12 +318,13 @@ class LandmarkRetrievalCache(Cache):
         """
         return torch.zeros(1, t, dtype=torch.long, device=device)
 
-    def save_state(self, path: Any, model: Any) -> None:
+    def save_state(self, path: Any, model: Any, *, overwrite: bool = False) -> None:
         """Save what the cache has read (block memories, tails, positions) to ``path`` (safetensors,
-        atomic), tied to ``model``'s weights: see :meth:`landmark.inference.RetrievalCache.save`."""
+        atomic), tied to ``model``'s weights: see :meth:`landmark.inference.RetrievalCache.save` (an
+        existing file other than a saved state is refused unless ``overwrite``)."""
         from landmark.fingerprint import weights_fingerprint
 
-        self.stream.save(path, weights_fingerprint(model))
+        self.stream.save(path, weights_fingerprint(model), overwrite=overwrite)
 
     def load_state(self, path: Any, model: Any) -> None:
         """Continue from a state saved by :meth:`save_state` for the same weights (this cache must be new)."""

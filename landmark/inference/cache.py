@@ -30,12 +30,30 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from landmark.files import atomic_write, check_output_file, safetensors_metadata
 from landmark.inference.memory import BlockMemory
 from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention, step_plan
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, LandmarkIndex
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
 STATE_FORMAT = "landmark-stream-state-v1"  # the metadata "format" of a saved state (RetrievalCache.save)
+
+
+def is_saved_state(path: str | Path) -> bool:
+    """Whether ``path`` is a stream state written by :meth:`RetrievalCache.save` (its header's metadata)."""
+    meta = safetensors_metadata(path)
+    return meta is not None and meta.get("format") == STATE_FORMAT
+
+
+def check_state_destination(
+    path: str | Path, overwrite: bool = False, reads=(), option: str = "save_state"
+) -> Path:
+    """Where a state may be saved, checked before any work (:func:`landmark.files.check_output_file`):
+    not a folder, not a file the run reads, and an existing file only if it is a saved state already
+    (or ``overwrite``). One-line ValueErrors naming ``option``."""
+    return check_output_file(
+        path, option, kind="a saved state", is_kind=is_saved_state, reads=reads, overwrite=overwrite
+    )
 
 
 class _Layer:
@@ -254,16 +272,23 @@ class RetrievalCache:
 
     # -- read once, ask many: the state on disk -----------------------------------------------------
 
-    def save(self, path: str | Path, model_id: str) -> None:
+    def save(self, path: str | Path, model_id: str, *, overwrite: bool = False) -> None:
         """Write every layer's state (block memory in logical order, tail, lengths) to ``path``
         (safetensors, written to a temporary file and renamed: never half-written).
 
         Args:
             model_id: identifies the weights (``landmark.fingerprint.weights_fingerprint``); ``load``
                 refuses a state saved for other weights.
+            overwrite: replace an existing file that is not a saved state (an earlier state is always
+                replaced).
+
+        Raises:
+            ValueError: ``path`` is a folder, its folder is missing, or it is an existing file other
+                than a saved state (without ``overwrite``); nothing is written then.
         """
         from safetensors.torch import save_file
 
+        path = check_state_destination(path, overwrite)
         states = self._filled_states("save")
         first = states[0]
         if len({tuple(st.length.tolist()) for st in states}) != 1:
@@ -284,10 +309,8 @@ class RetrievalCache:
             "model": model_id,
             **{key: str(value) for key, value in self._geometry(first).items()},
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load(
         self,

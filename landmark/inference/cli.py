@@ -22,6 +22,7 @@ from landmark.inference.options import (
     check_device,
     check_retrieval_arguments,
     check_sampling_arguments,
+    check_save_state,
     resolve_device,
     retrieval_config,
 )
@@ -86,6 +87,9 @@ def _check(args: argparse.Namespace) -> None:
     check_device(args.device, "--device")
     if args.batch_lines and args.prompt_file is None:
         raise ValueError("--batch-lines goes with --prompt-file")
+    check_save_state(
+        args, [(args.checkpoint, "a file of --checkpoint"), (args.prompt_file, "the --prompt-file")]
+    )
 
 
 class _Stream:
@@ -149,7 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = generate(
             model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             eot_id=eot, seed=args.seed, on_token=stream, retrieval=retrieval_config(args),
-            load_state=args.load_state, save_state=args.save_state, **cache_options(args),
+            load_state=args.load_state, save_state=args.save_state, overwrite_state=args.overwrite,
+            **cache_options(args),
         )  # fmt: skip
     except ValueError as err:  # a saved state of another model or batch size, found when loading it
         print(f"error: {err}", file=sys.stderr)

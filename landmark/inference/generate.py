@@ -16,6 +16,7 @@ any other block's.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from landmark.inference.cache import check_state_destination
 from landmark.model import GPT
 
 TokenCallback = Callable[[int, int], None]  # (batch row, token id)
@@ -186,6 +188,7 @@ def generate(
     on_token: TokenCallback | None = None,
     load_state: str | Path | None = None,
     save_state: str | Path | None = None,
+    overwrite_state: bool = False,
     **session_kwargs,
 ) -> list[list[int]]:
     """Generate continuations of a batch of prompts of any length with a landmark ``GPT``.
@@ -202,7 +205,10 @@ def generate(
         load_state: a state saved earlier (``InferenceSession.save_state``, e.g. a long document
             read once): the prompts continue it (a question about the document).
         save_state: once the prompts are read, save the state here (before any generated token), so
-            that later calls can ``load_state`` it instead of reading the prompts again.
+            that later calls can ``load_state`` it instead of reading the prompts again. Checked
+            before any work: an existing file other than a saved state, or the ``load_state`` file,
+            is refused (ValueError).
+        overwrite_state: replace an existing ``save_state`` file that is not a saved state.
         **session_kwargs: ``InferenceSession`` options (retrieval or its fields k, granularity, ...;
             chunk_len, memory_device, ...).
 
@@ -214,6 +220,8 @@ def generate(
     sampling = Sampling(temperature, top_p, seed)
     if not prompts:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    if save_state is not None:
+        check_state_destination(save_state, overwrite_state, [(load_state, "the load_state file")])
     session = InferenceSession(model, len(prompts), **session_kwargs)
     if load_state is not None:
         session.load_state(load_state)
@@ -222,5 +230,6 @@ def generate(
         session.read, prompts, max_new_tokens, block_size=cfg.block_size, landmark_id=cfg.landmark_id,
         sampling=sampling, stop_ids=() if eot_id is None else (eot_id,), on_token=on_token,
         start=session.length.tolist(),
-        after_prompt=None if save_state is None else lambda: session.save_state(save_state),
+        after_prompt=None if save_state is None else functools.partial(
+            session.save_state, save_state, overwrite=overwrite_state),
     )  # fmt: skip

@@ -18,7 +18,7 @@ import argparse
 import math
 from pathlib import Path
 
-from landmark.inference.cache import DEFAULT_CHUNK_LEN
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import GRANULARITIES, SEARCHES, RetrievalConfig
 
@@ -83,6 +83,12 @@ def add_state_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--load-state", metavar="FILE", help="continue a saved state: the prompt follows its document"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --save-state: replace an existing file that is not a saved state (a file this "
+        "command reads is never replaced)",
     )
 
 
@@ -186,17 +192,26 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
 
 
 def _check_state_arguments(args: argparse.Namespace, ks: list[int]) -> None:
-    """``--load-state`` must exist, ``--save-state`` must have a folder, and both need retrieval."""
+    """``--load-state`` must exist, and both state options need retrieval (``--save-state`` itself:
+    :func:`check_save_state`, once the command knows what it reads)."""
     load = getattr(args, "load_state", None)
     if load is not None and not Path(load).is_file():
         raise ValueError(f"--load-state {load} does not exist")
     save = getattr(args, "save_state", None)
-    if save is not None and not Path(save).resolve().parent.is_dir():
-        raise ValueError(f"--save-state {save}: its folder does not exist")
-    if save is not None and Path(save).is_dir():
-        raise ValueError(f"--save-state {save} is a folder: give a file name")
     if (load or save) and 0 in ks:
         raise ValueError("--save-state/--load-state need retrieval (--k >= 1)")
+    if getattr(args, "overwrite", False) and save is None and "save_state" in args:
+        raise ValueError("--overwrite goes with --save-state (it is the file it may replace)")
+
+
+def check_save_state(args: argparse.Namespace, reads: list[tuple[str | Path | None, str]]) -> None:
+    """``--save-state`` never destroys an input: not a folder, not a file the command reads (``reads``:
+    (file or folder, description); ``--load-state`` is added here), and an existing file only if it is
+    a saved state already or ``--overwrite`` is given. Call before any work."""
+    if args.save_state is None:
+        return
+    reads = [*reads, (args.load_state, "the --load-state file")]
+    check_state_destination(args.save_state, args.overwrite, reads, option="--save-state")
 
 
 def check_chunk_len(args: argparse.Namespace, block_size: int, model: str = "the model") -> None:

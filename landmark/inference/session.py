@@ -178,11 +178,16 @@ class InferenceSession:
             out = logits if out is None else torch.where(here.to(logits.device)[:, None], logits, out)
         return out
 
-    def save_state(self, path: str | Path) -> None:
+    def save_state(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Save what the streams have read (block memories, tails, positions) to ``path``
         (safetensors, atomic): a long document read once can be asked many questions
-        (``load_state`` in a new session of the same model)."""
-        self.cache.save(path, self._model_id())
+        (``load_state`` in a new session of the same model).
+
+        Raises:
+            ValueError: ``path`` is a folder or an existing file other than a saved state (pass
+                ``overwrite=True`` to replace such a file); nothing is written then.
+        """
+        self.cache.save(path, self._model_id(), overwrite=overwrite)
 
     def load_state(self, path: str | Path) -> None:
         """Continue the streams saved in ``path`` (this session must not have read anything yet).

@@ -1,0 +1,267 @@
+"""Outputs never destroy inputs: ``--save-state``, ``plot-metrics --out`` and the one atomic writer,
+as a hostile user meets them.
+
+Every refused command exits 2 with exactly one ``error:`` line naming the option, no traceback, and
+leaves every file under the test's folder byte for byte and timestamp for timestamp as it was. The
+Python API refuses the same destinations with a ValueError and leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from landmark.checkpoint import save_checkpoint
+from landmark.cli import main
+from landmark.data.landmarks import insert_landmarks
+from landmark.data.tokenizer import Tokenizer
+from landmark.files import atomic_write, check_output_file, safetensors_metadata, write_json_atomic
+from landmark.inference import InferenceSession
+from landmark.inference.cache import STATE_FORMAT, is_saved_state
+from landmark.model import GPT, ModelConfig
+
+BS = 16
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """A tiny landmark checkpoint, a document, a saved state, a PNG and an unrelated file."""
+    root = tmp_path_factory.mktemp("files")
+    tok = Tokenizer.train(["the sea and the ship and the whale at night " * 40], vocab_size=280)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, seq_len=64,
+        block_size=BS, attention="landmark", landmark_id=tok.landmark_id,
+    )  # fmt: skip
+    config = {"model": cfg.to_dict(), "data": {"tokenizer_fingerprint": tok.fingerprint}, "train": {}}
+    run = root / "run"
+    save_checkpoint(run, 1, GPT(cfg), config, tok, {})
+    env = {"root": root, "run": run, "ckpt": next(run.glob("checkpoints/step_*"))}
+    env["doc"] = root / "doc.txt"
+    env["doc"].write_text("the sea and the ship. " * 20, encoding="utf-8")
+    env["notes"] = root / "notes.safetensors"
+    env["notes"].write_text("my notes, not a state\n", encoding="utf-8")
+    env["state"] = root / "state.safetensors"
+    assert _generate(env, "--prompt", "the sea " * 10, "--save-state", str(env["state"])) == 0
+    assert is_saved_state(env["state"])
+    env["hf"] = root / "hf"  # a delta folder's files (the refusal comes before anything is loaded)
+    env["hf"].mkdir()
+    (env["hf"] / "delta.json").write_text(json.dumps({"format": "x"}), encoding="utf-8")
+    (env["hf"] / "delta.safetensors").write_bytes(b"weights")
+    return env
+
+
+def _generate(env: dict, *args: str) -> int:
+    argv = ["generate", "--checkpoint", str(env["run"]), "--max-new-tokens", "1", "--chunk-len", "32"]
+    try:
+        return main([*argv, *args])
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (digest, p.stat().st_mtime_ns)
+    return out
+
+
+def _refused(env: dict, capsys, names: str, run) -> str:
+    before = _snapshot(env["root"])
+    capsys.readouterr()
+    code = run()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: "), err
+    assert names in err, err
+    assert _snapshot(env["root"]) == before, "a refused command changed the disk"
+    return err
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--prompt", "x", "--save-state", "{ckpt}/model.safetensors"], "a file of --checkpoint"),
+        (
+            ["--prompt", "x", "--save-state", "{ckpt}/model.safetensors", "--overwrite"],
+            "a file of --checkpoint",
+        ),
+        (["--prompt", "x", "--save-state", "{ckpt}/config.json", "--overwrite"], "a file of --checkpoint"),
+        (["--prompt-file", "{doc}", "--save-state", "{doc}"], "the --prompt-file"),
+        (["--prompt-file", "{doc}", "--save-state", "{doc}", "--overwrite"], "the --prompt-file"),
+        (["--load-state", "{state}", "--prompt", "x", "--save-state", "{state}"], "the --load-state file"),
+        (["--prompt", "x", "--save-state", "{notes}"], "not a saved state"),
+        (["--prompt", "x", "--save-state", "{root}"], "is a folder"),
+        (["--prompt", "x", "--save-state", "{root}/missing/state.st"], "its folder does not exist"),
+        (["--prompt", "x", "--overwrite"], "--overwrite goes with --save-state"),
+    ],
+    ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None,
+)
+def test_generate_never_writes_onto_an_input(env, capsys, extra, says):
+    paths = {k: v for k, v in env.items() if isinstance(v, Path)}
+    args = [a.format(**paths) for a in extra]
+    err = _refused(env, capsys, "--save-state" if "--save-state" in extra else "--overwrite",
+                   lambda: _generate(env, *args))  # fmt: skip
+    assert says in err
+
+
+def test_hf_generate_never_writes_onto_the_delta(env, capsys, monkeypatch):
+    monkeypatch.setenv("LANDMARK_CACHE", str(env["root"] / "cache"))
+    hf = env["hf"]
+    for extra in ([], ["--overwrite"]):
+        argv = [
+            "hf",
+            "generate",
+            "--model",
+            str(hf),
+            "--prompt",
+            "x",
+            "--save-state",
+            str(hf / "delta.safetensors"),
+        ]
+        err = _refused(env, capsys, "--save-state", lambda a=argv + extra: main(a))
+        assert "a file of --model" in err
+
+
+def test_overwrite_replaces_a_file_that_is_not_an_input(env, tmp_path, capsys):
+    other = tmp_path / "old.bin"
+    other.write_bytes(b"old bytes")
+    assert _generate(env, "--prompt", "x", "--save-state", str(other), "--overwrite") == 0
+    assert is_saved_state(other)
+    again = tmp_path / "again.safetensors"  # an earlier state is replaced without --overwrite
+    assert _generate(env, "--prompt", "the ship", "--save-state", str(again)) == 0
+    assert _generate(env, "--prompt", "the sea", "--save-state", str(again)) == 0
+    assert is_saved_state(again)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_api_save_state_refuses_a_folder_and_other_files(env, tmp_path):
+    from landmark.checkpoint import load_model
+
+    model, tok, _ = load_model(env["run"])
+    session = InferenceSession(model, 1, k=2, chunk_len=32)
+    ids = torch.tensor([tok.encode("the sea and the ship " * 4)])
+    session.read(insert_landmarks(ids, BS, model.config.landmark_id))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        session.save_state(folder)
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []  # no stray .tmp
+    doc = tmp_path / "doc.txt"
+    doc.write_text("keep me")
+    with pytest.raises(ValueError, match="not a saved state"):
+        session.save_state(doc)
+    assert doc.read_text() == "keep me"
+    session.save_state(doc, overwrite=True)
+    assert is_saved_state(doc)
+    session.save_state(doc)  # a saved state may be replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt", "folder"]
+
+
+def test_api_generate_checks_the_state_file_before_reading(env, tmp_path):
+    from landmark.checkpoint import load_model
+    from landmark.inference import generate
+
+    model, tok, _ = load_model(env["run"])
+    doc = tmp_path / "doc.txt"
+    doc.write_text("keep me")
+    calls = []
+    with pytest.raises(ValueError, match="not a saved state"):
+        generate(model, [tok.encode("the sea")], 1, k=2, chunk_len=32, save_state=doc,
+                 on_token=lambda *a: calls.append(a))  # fmt: skip
+    assert calls == [] and doc.read_text() == "keep me"
+
+
+def test_atomic_write_leaves_the_destination_and_no_temporary_file_on_failure(tmp_path):
+    path = tmp_path / "out.json"
+    write_json_atomic(path, {"a": 1})
+    for error in (OSError("No space left on device"), KeyboardInterrupt()):
+
+        def half_then_fail(tmp: Path, error=error) -> None:
+            tmp.write_text('{"a": ')
+            raise error
+
+        with pytest.raises(type(error)):
+            atomic_write(path, half_then_fail)
+        assert json.loads(path.read_text()) == {"a": 1}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_safetensors_metadata_reads_states_and_refuses_other_files(env, tmp_path):
+    assert safetensors_metadata(env["state"])["format"] == STATE_FORMAT
+    for content in (b"", b"short", b"\xff" * 8 + b"{}", (2).to_bytes(8, "little") + b"[]", b"x" * 100):
+        bad = tmp_path / "bad"
+        bad.write_bytes(content)
+        assert safetensors_metadata(bad) is None
+        assert not is_saved_state(bad)
+    assert safetensors_metadata(tmp_path / "missing") is None
+
+
+def test_check_output_file_follows_links_into_what_the_run_reads(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"w")
+    link = tmp_path / "link.bin"
+    os.symlink(model / "weights.bin", link)
+    with pytest.raises(ValueError, match=r"--out .* is the model"):
+        check_output_file(link, "--out", kind="x", is_kind=lambda p: True, reads=[(model, "the model")])
+    new = check_output_file(
+        model / "new.bin", "--out", kind="x", is_kind=lambda p: False, reads=[(model, "m")]
+    )
+    assert new == model / "new.bin"  # a new file beside the model's files is not an input
+
+
+def _metrics_run(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture()
+def runs(tmp_path) -> dict:
+    rows = [{"step": s, "tokens": 100 * s, "loss": 5.0 / s} for s in range(1, 5)]
+    out = {"root": tmp_path, "a": _metrics_run(tmp_path / "a", rows), "b": _metrics_run(tmp_path / "b", rows)}
+    out["empty"] = _metrics_run(tmp_path / "empty", [])
+    out["notes"] = tmp_path / "notes.png"
+    out["notes"].write_text("not an image")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["{a}", "{b}", "--labels", "one", "--out", "{root}/x.png"], "--labels gives 1 name(s) for 2 run(s)"),
+        (["{a}", "--labels", "one", "two", "--out", "{root}/x.png"], "--labels gives 2 name(s) for 1 run(s)"),
+        (["{a}", "{empty}", "--out", "{root}/x.png"], "no metrics to plot"),
+        (["{a}", "--out", "{root}/noext"], "--out"),
+        (["{a}", "--out", "{root}/a/metrics.jsonl"], "--out"),
+        (["{a}", "--out", "{a}"], "--out"),
+        (["{a}", "--out", "{root}/missing/x.png"], "its folder does not exist"),
+        (["{a}", "--out", "{notes}"], "exists and is not a PNG image"),
+    ],
+    ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None,
+)
+def test_plot_metrics_refuses(runs, capsys, extra, says):
+    args = [a.format(**{k: v for k, v in runs.items()}) for a in extra]
+    err = _refused(runs, capsys, says, lambda: main(["plot-metrics", *args]))
+    assert says in err
+
+
+def test_plot_metrics_writes_a_png_and_replaces_only_its_own_kind(runs, capsys):
+    out = runs["root"] / "loss.png"
+    assert main(["plot-metrics", str(runs["a"]), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert main(["plot-metrics", str(runs["a"]), str(runs["b"]), "--out", str(out)]) == 0
+    assert main(["plot-metrics", str(runs["a"]), "--out", str(runs["notes"]), "--overwrite"]) == 0
+    assert runs["notes"].read_bytes().startswith(b"\x89PNG")
+    assert not [p for p in runs["root"].iterdir() if p.name.endswith(".tmp")]
