@@ -320,6 +320,14 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="share of the passkey samples whose key may lie right before the question, in the local "
         "context (default 0: always at least one block back)",
     )
+    p.add_argument(
+        "--passkey-wordings",
+        choices=("paper", "train"),
+        default="paper",
+        help="paper: the passkey samples use the paper's key sentence and question (default); train: each "
+        "sample in a training wording family with numbers, words, UUIDs, names or dates (never a held-out "
+        "family; docs/evaluation.md, Held-out wordings)",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")

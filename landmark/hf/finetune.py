@@ -102,6 +102,21 @@ class FinetuneConfig:
     init_delta: str | None = None  # start LoRA and the landmark row from this delta (over `model`);
     # with lora_r 0, start a full fine-tune from the delta's merged model
 
+    def _check_wordings(self) -> None:
+        """``--passkey-wordings``: a training set (never the held-out families), with passkey samples."""
+        from landmark.data.wordings import TRAINING_WORDINGS
+
+        if self.passkey_wordings not in TRAINING_WORDINGS:
+            raise ValueError(
+                f"--passkey-wordings must be one of {', '.join(TRAINING_WORDINGS)} (the held-out families "
+                f"are never trained on); got {self.passkey_wordings!r}"
+            )
+        if self.passkey_wordings != "paper" and not self.passkey_fraction:
+            raise ValueError(
+                f"--passkey-wordings {self.passkey_wordings} words the passkey samples and needs "
+                "--passkey-fraction > 0"
+            )
+
     def check(self) -> None:
         """Refuse bad settings before any work: ranges (nan and inf included), the model folder and its
         limits, the corpus, the output folder, FSDP on CPU.
@@ -123,13 +138,7 @@ class FinetuneConfig:
             ("--passkey-multikey", self.passkey_multikey),
             ("--passkey-near", self.passkey_near),
         )
-        if self.passkey_wordings not in TRAINING_WORDINGS:
-            raise ValueError(
-                f"--passkey-wordings must be one of {', '.join(TRAINING_WORDINGS)} (never the held-out "
-                f"families); got {self.passkey_wordings!r}"
-            )
-        if self.passkey_wordings != "paper":
-            shares += (("--passkey-wordings", self.passkey_wordings),)
+        self._check_wordings()
         extra = next(((o, v) for o, v in shares if v), None)
         if extra and not self.passkey_fraction:
             raise ValueError(
