@@ -206,6 +206,71 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     return _write(out, "passkey", title, table, results, args, plot_passkey, setting)
 
 
+def _base_check_inputs(args: argparse.Namespace):
+    """``(models, base, windows)`` of ``eval base-check``, every argument checked before any work."""
+    from landmark.eval.base_check import prose_windows
+    from landmark.eval.models import load_hf
+
+    check_retrieval_arguments(args)
+    check_device(args.device, "--device")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the results")
+    if args.windows < 1 or args.window_len < 64:
+        raise ValueError("--windows must be >= 1 and --window-len >= 64 tokens")
+    specs = [parse_model_arg(spec) for spec in args.model]
+    if not specs:
+        raise ValueError("give at least one --model NAME=hf:FOLDER (a landmark model to check)")
+    if any(not path.startswith(HF_PREFIX) for _, path in specs):
+        raise ValueError("--model: base-check compares Hugging Face models (NAME=hf:FOLDER)")
+    device = resolve_device(args.device)
+    if args.base is None:
+        from landmark.hf.smollm2 import default_smollm2_dir
+
+        args.base = str(default_smollm2_dir())
+    base = load_hf("base", args.base.removeprefix(HF_PREFIX), device)
+    if base.retrieves:
+        raise ValueError(f"--base {args.base} is a landmark model: give the model it was made from")
+    limit = int(getattr(base.model.config, "max_position_embeddings", 0) or 0)
+    if limit and args.window_len > limit:
+        raise ValueError(f"--window-len {args.window_len} exceeds the base model's window ({limit})")
+    models = [load_hf(name, path.removeprefix(HF_PREFIX), device) for name, path in specs]
+    for m in models:
+        if m.retrieves:
+            check_chunk_len(args, m.block_size, repr(m.name))
+    return models, base, prose_windows(_hf_tokens(args, base.tokenizer), args.windows, args.window_len)
+
+
+def cmd_eval_base_check(args: argparse.Namespace) -> int:
+    """``landmark eval base-check``: chat answers and next-token KL beside the base model."""
+    from landmark.eval.base_check import answers_table, chat_prompts_record, run_base_check, summary_table
+    from landmark.eval.common import CellCache, write_json_atomic, write_text_atomic
+    from landmark.eval.models import Reading
+
+    try:
+        models, base, windows = _base_check_inputs(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    reading = Reading(args.k, args.granularity, args.chunk_len, session_options(args))
+    chat, prose = run_base_check(models, base, windows, reading, CellCache(out))
+    summary, answers = summary_table(chat, prose, base.name), answers_table(chat)
+    setting = (
+        f"Chat: {len(chat) // (len(models) + 1)} short questions in the chat template, greedy. Prose: "
+        f"{args.windows} windows of {args.window_len} tokens of the {args.split} split. Landmark models "
+        f"read with top-{args.k} retrieval (granularity {args.granularity}); the base with its own attention."
+    )
+    text = f"# Beside the base model\n\n{setting}\n\n{summary}\n\n## Answers\n\n{answers}\n"
+    write_text_atomic(out / "base_check.md", text)
+    record = {"args": vars(args) | {"func": None}, "prompts": chat_prompts_record(), "chat": chat,
+              "prose": prose}  # fmt: skip
+    write_json_atomic(out / "base_check.json", record)
+    print(f"{setting}\n\n{summary}")
+    print(f"\nwrote {out / 'base_check.md'}, {out / 'base_check.json'}")
+    return 0
+
+
 def _write(
     out: Path, name: str, title: str, table: str, results: list[dict], args, plot, setting: str = ""
 ) -> int:
@@ -267,3 +332,19 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(q)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_passkey)
+
+    q = ev.add_parser("base-check", help="does a landmark model still behave like its base inside the "
+                      "window? chat answers, training-text leaks, KL on held-out prose")  # fmt: skip
+    q.add_argument("--model", action="append", default=[], metavar="NAME=hf:FOLDER",
+                   help="a landmark model (or delta) to check; repeat for several")  # fmt: skip
+    q.add_argument("--base", default=None, metavar="[hf:]FOLDER", help="the base model folder "
+                   "(default: the prepared SmolLM2-135M-Instruct)")  # fmt: skip
+    q.add_argument("--windows", type=int, default=4, help="held-out prose windows for the KL (default 4)")
+    q.add_argument("--window-len", type=int, default=2048, help="tokens per window, inside the base's "
+                   "window (default 2048)")  # fmt: skip
+    q.add_argument("--split", default="validation", help="corpus split of the prose (default validation)")
+    q.add_argument("--corpus", default=None, help="corpus folder (default: the bundled books)")
+    q.add_argument("--out", default="runs/base-check", help="output folder (and result cache)")
+    add_device_argument(q)
+    add_retrieval_arguments(q)
+    q.set_defaults(func=cmd_eval_base_check)
