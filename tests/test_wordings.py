@@ -94,14 +94,19 @@ def test_the_paper_wording_gives_the_papers_prompts(tok):
                 assert tok.decode(got[t][0]).endswith(
                     QUESTION if ask is None else NAMED_QUESTION.format(name=ask)
                 )
-                sentences = [enc(" " + (KEY_SENTENCE.format(key=x.key) if x.name is None else
-                                        NAMED_KEY_SENTENCE.format(key=x.key, name=x.name))) for x in needles]  # fmt: skip
+                sentences = [enc(" " + _paper_sentence(x)) for x in needles]
                 assert len(got[t][0]) == 601 and all(_holds(got[t][0], s) for s in sentences)
                 assert got[t][0][: len(prompts.instruction)] == prompts.instruction and filler
     assert PasskeyTask().cache_fields() is None
     assert set(PasskeyTask("multikey").cache_fields()) == {"task", "haystack", "keys", "corpus"}
     fields = PasskeyTask(wording="held-out").cache_fields()
     assert fields["wording"] == "held-out" and len(fields["families"]) == 16
+
+
+def _paper_sentence(x: Needle) -> str:
+    if x.name is None:
+        return KEY_SENTENCE.format(key=x.key)
+    return NAMED_KEY_SENTENCE.format(key=x.key, name=x.name)
 
 
 def _holds(seq: list[int], part: list[int]) -> bool:
@@ -169,7 +174,7 @@ def test_each_kind_matches_the_right_answer_and_rejects_near_misses(kind, value,
 
 def _fragments(w: W.Wording) -> list[str]:
     """The literal pieces of a family's templates, longest first (what marks a sentence as its)."""
-    pieces = re.split(r"\{\w+\}", w.key) + [w.question.format(whose="the", Whose="The", of="")]
+    pieces = [*re.split(r"\{\w+\}", w.key), w.question.format(whose="the", Whose="The", of="")]
     return sorted((p.strip(" .,") for p in pieces if len(p.strip(" .,")) >= 12), key=len, reverse=True)
 
 
@@ -300,8 +305,9 @@ def test_eval_passkey_held_out_wordings_end_to_end(tiny_hf, tmp_path, monkeypatc
 
     monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "pk"
+    models = ["--model", f"a=hf:{tiny_hf['lm']}", "--model", f"b=hf:{tiny_hf['base']}"]
     args = ["eval", "passkey", "--lengths", "300", "--depths", "0", "1", "--trials", "3", "--chunk-len", "16",
-            "--model", f"a=hf:{tiny_hf['lm']}", "--model", f"b=hf:{tiny_hf['base']}", "--out", str(out)]  # fmt: skip
+            *models, "--out", str(out)]  # fmt: skip
     assert main([*args, "--wording", "held-out"]) == 0
     results = json.loads((out / "passkey.json").read_text())["results"]
     assert len(results) == 4 and all(r["wording"] == "held-out" and r["trials"] == 3 for r in results)
