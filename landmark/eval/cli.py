@@ -348,3 +348,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(q)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_base_check)
+
+    from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-eval
+
+    add_ruler_parsers(ev)
