@@ -322,8 +322,10 @@ def evaluate_passkey(
         task: the task, haystack and number of keys of the prompts (default: the paper's).
 
     Returns:
-        One dict per cell: model, kind, task, haystack, keys, length, depth, accuracy, correct, trials,
-        answers (landmark models: the first integer of each generation), keys asked, seconds.
+        One dict per cell: model, kind, task, haystack, keys, wording, length, depth, accuracy, correct,
+        trials, answers (landmark models: what the value kind's matcher read in each generation, for the
+        paper's keys the first integer), keys asked, seconds; for a wording set other than the paper's
+        also each trial's family, value kind, split (held_out) and result (hits).
     """
     check_passkey_cells(models, lengths, depths, trials, seed, task=task)
     reading = Reading(k, granularity, chunk_len, options)
