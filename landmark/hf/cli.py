@@ -302,6 +302,16 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         "--passkey-fraction", type=float, default=0.0, help="share of windows replaced by passkey samples"
     )
     p.add_argument(
+        "--distill",
+        default=None,
+        metavar="BASE",
+        help="distil toward this base model folder (its own attention over each window): the loss adds "
+        "--distill-weight x KL(base || model) per token, so the model stays its base inside the window",
+    )
+    p.add_argument(
+        "--distill-weight", type=float, default=1.0, help="weight of the KL term with --distill (default 1)"
+    )
+    p.add_argument(
         "--passkey-books",
         type=float,
         default=0.0,

@@ -101,6 +101,8 @@ class FinetuneConfig:
     resume: bool = False  # continue the interrupted run staged for `out` from its last checkpoint
     init_delta: str | None = None  # start LoRA and the landmark row from this delta (over `model`);
     # with lora_r 0, start a full fine-tune from the delta's merged model
+    distill: str | None = None  # the base model folder to distil toward (landmark.hf.distill); None: off
+    distill_weight: float = 1.0  # weight of KL(base || model) per token beside the cross-entropy
 
     def _check_wordings(self) -> None:
         """``--passkey-wordings``: a training set (never the held-out families), with passkey samples."""
@@ -153,6 +155,8 @@ class FinetuneConfig:
         if self.init_delta is not None:
             self._check_init_delta(config)
         check_within_positions(config, {"block_size": self.block_size, "max_length": self.max_length})
+        if self.distill is not None:
+            check_model_folder(self.distill, "--distill")
         self._check_corpus()
         check_out_folder(self.out, self.overwrite, "--out")
         self._check_resume()
@@ -275,6 +279,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "passkey_multikey": real_range(0, 1),
     "passkey_near": real_range(0, 1),
     "max_minutes": real_range(0, open_low=True),
+    "distill_weight": real_range(0, open_low=True),
     "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
 }
 
@@ -312,9 +317,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         A summary (also written to ``<out>/landmark-finetune.json``): the settings, the train loss,
         eval losses before/after when ``eval_windows > 0``, time, parameter counts.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from landmark.hf.collator import LandmarkCollator, regular_tokens_per_window
+    from landmark.hf.collator import regular_tokens_per_window
     from landmark.hf.data import TokenWindows, tokenize_corpus
 
     cfg.check()
@@ -422,14 +427,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             flush=True,
         )
     timer = _step_timer()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        data_collator=LandmarkCollator(tokenizer, block_size, cfg.max_length),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+    trainer = _trainer(
+        cfg, model, tokenizer, args, block_size, raw_tokens, train_dataset=train_set, eval_dataset=eval_set,
         callbacks=[timer, *([_time_limit(cfg.max_minutes)] if cfg.max_minutes else [])],
-    )
+    )  # fmt: skip
     if cfg.fsdp and trainer.accelerator.distributed_type.value != "FSDP":
         raise RuntimeError(
             f"FSDP was requested but accelerate set up {trainer.accelerator.distributed_type.value}"
@@ -494,6 +495,28 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             line += f" (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})"
         print(line, flush=True)
     return summary
+
+
+def _trainer(
+    cfg: FinetuneConfig, model: Any, tokenizer: Any, args: Any, block_size: int, raw_tokens: int, **kw: Any
+) -> Any:
+    """The Trainer of a run: plain, or distilling toward ``cfg.distill`` (:mod:`landmark.hf.distill`)."""
+    from transformers import Trainer
+
+    from landmark.hf.collator import LandmarkCollator
+
+    if cfg.distill is None:
+        collator = LandmarkCollator(tokenizer, block_size, cfg.max_length)
+        return Trainer(model=model, args=args, data_collator=collator, **kw)
+    from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
+
+    dtype = torch.bfloat16 if cfg.bf16 else None
+    teacher = load_teacher(cfg.distill, tokenizer, raw_tokens - 1, dtype=dtype)
+    collator = DistillCollator(tokenizer, block_size, cfg.max_length)
+    return distilling_trainer_class()(
+        model=model, args=args, data_collator=collator, teacher=teacher, distill_weight=cfg.distill_weight,
+        **kw,
+    )  # fmt: skip
 
 
 def last_checkpoint(staging: Path) -> Path | None:
