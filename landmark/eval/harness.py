@@ -281,19 +281,18 @@ class LandmarkLM(TemplateLM):
 
     def _logits_at(self, stream: Tensor, wanted: Tensor) -> Tensor:
         """(1, n') stream, (w,) increasing stream positions -> (w, vocab) logits there: the stream read
-        ``chunk_len`` positions per forward through a fresh cache, only the needed rows computed."""
+        ``chunk_len`` positions per forward through a fresh cache (as ``HFUnderTest.window_nll`` reads), only
+        the needed rows computed."""
         from landmark.hf.retrieval import forward_cached
         from landmark.inference.threads import using_threads
 
         model, cache, rows = self.under_test.model, self._new_cache(), []
-        unrotated = getattr(cache, "unrotated_position_ids", None)
         for c0 in range(0, stream.shape[1], self.reading.chunk_len):
             chunk = stream[:, c0 : c0 + self.reading.chunk_len].to(self._device)
             here = wanted[(wanted >= c0) & (wanted < c0 + chunk.shape[1])] - c0
             keep = chunk.shape[1] - int(here.min()) if here.numel() else 1
-            extra = {} if unrotated is None else {"position_ids": unrotated(chunk.shape[1], self._device)}
             with using_threads():
-                logits = forward_cached(model, chunk, cache, logits_to_keep=keep, **extra).logits[0]
+                logits = forward_cached(model, chunk, cache, logits_to_keep=keep).logits[0]
             if here.numel():
                 rows.append(logits[here - (chunk.shape[1] - keep)].cpu())
         return torch.cat(rows)

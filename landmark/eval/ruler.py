@@ -117,6 +117,8 @@ def load_ruler_models(args: argparse.Namespace) -> list[tuple[str, Any]]:
         lm = LandmarkLM(path, k=args.k, granularity=args.granularity, chunk_len=args.chunk_len,
                         device=resolve_device(args.device), **session_options(args))  # fmt: skip
         lm.under_test.name = name
+        if args.chat_template and not getattr(lm.tokenizer, "chat_template", None):
+            raise ValueError(f"--model {name}: its tokenizer has no chat template; use --no-chat-template")
         if lm.retrieves:
             check_chunk_len(args, lm.under_test.block_size, f"model {name!r}")
         out.append((name, lm))
