@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ SMOLLM2 = REPO / "checkpoints" / "smollm2-landmark"  # the shipped SmolLM2 landm
 HF_LENGTHS = [16384, 32768]  # passkey lengths of the SmolLM2 landmark model (twice, four times its window)
 BASE_LENGTHS = [16384]  # the base model's (about 3 minutes of one core per trial at 16k; 32k: ~8)
 DEPTHS = [0.5]  # passkey depths of the report
+# the paper's prompt, and a wording family no training mix has seen (landmark.data.wordings)
+WORDINGS = ["paper", "held-out"]
 MIN_PASSKEY_LENGTH = 256  # below this no passkey prompt fits (checked exactly once the model is loaded)
 SEED = 0  # passkey keys
 
@@ -77,6 +80,7 @@ def _check_options(args: argparse.Namespace) -> None:
     check_distinct("--passkey-lengths", args.passkey_lengths)
     check_distinct("--base-lengths", args.base_lengths)
     check_distinct("--depths", args.depths)
+    check_distinct("--wordings", args.wordings)
     for option, lengths in (
         ("--passkey-lengths", args.passkey_lengths),
         ("--base-lengths", args.base_lengths),
@@ -140,7 +144,7 @@ def _load_hf(args: argparse.Namespace):
     """The SmolLM2 landmark model (its base prepared when missing) and the base model's folder; the
     passkey lengths checked against its tokenizer. None when ``--no-hf``."""
     from landmark.eval.models import load_hf
-    from landmark.eval.passkey import check_passkey_cells
+    from landmark.eval.passkey import PasskeyTask, check_passkey_cells
 
     if args.no_hf:
         return None, None
@@ -152,7 +156,10 @@ def _load_hf(args: argparse.Namespace):
             str(err).replace("--model smollm2-landmark", f"--hf-model {args.hf_model}")
         ) from None
     check_chunk_len(args, m.block_size, "the SmolLM2 landmark model")
-    check_passkey_cells([m], args.passkey_lengths, args.depths, args.trials, SEED, "--passkey-lengths")
+    for wording in args.wordings:
+        task = PasskeyTask(wording=wording)
+        check_passkey_cells([m], args.passkey_lengths, args.depths, args.trials, SEED, "--passkey-lengths",
+                            task)  # fmt: skip
     base = args.base
     if base is None:
         from landmark.hf.delta import is_delta, read_meta, resolve_base
@@ -161,24 +168,31 @@ def _load_hf(args: argparse.Namespace):
             raise ValueError(f"--hf-model {args.hf_model} is not a delta folder: give its base with --base")
         base = str(resolve_base(read_meta(Path(args.hf_model)), None))
     # the base model's tokenizer is the landmark model's, the landmark aside: the same prompts
-    check_passkey_cells([m], args.base_lengths, args.depths, args.trials, SEED, "--base-lengths")
+    for wording in args.wordings:
+        task = PasskeyTask(wording=wording)
+        check_passkey_cells([m], args.base_lengths, args.depths, args.trials, SEED, "--base-lengths", task)
     return m, base
 
 
 def _start_base(args: argparse.Namespace, base: str) -> subprocess.Popen | None:
-    """``landmark eval passkey`` of the base model in a second process (one thread, the other core),
-    writing into ``--out``/base; its log is ``--out``/base.log."""
+    """``landmark eval passkey`` of the base model in a second process (one thread, the other core), one
+    wording after the other, writing into ``--out``/base/<wording>; its log is ``--out``/base.log."""
     if not args.base_lengths:
         return None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "landmark", "eval", "passkey", "--model", f"base=hf:{base}",
-           "--lengths", *map(str, args.base_lengths), "--depths", *map(str, args.depths),
-           "--trials", str(args.trials), "--seed", str(SEED), "--out", str(out / "base")]  # fmt: skip
+    cmds = [
+        [sys.executable, "-m", "landmark", "eval", "passkey", "--model", f"base=hf:{base}",
+         "--lengths", *map(str, args.base_lengths), "--depths", *map(str, args.depths),
+         "--trials", str(args.trials), "--seed", str(SEED), "--wording", wording,
+         "--out", str(out / "base" / wording)]
+        for wording in args.wordings
+    ]  # fmt: skip
     print(f"quickstart: the base model runs beside, at {args.base_lengths} tokens (log: {out / 'base.log'})")
     env = {**os.environ, "LANDMARK_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    script = " && ".join(shlex.join(cmd) for cmd in cmds)
     with open(out / "base.log", "w", encoding="utf-8") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(["sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _base_results(args: argparse.Namespace, proc: subprocess.Popen | None) -> list[dict]:
@@ -190,7 +204,18 @@ def _base_results(args: argparse.Namespace, proc: subprocess.Popen | None) -> li
     if proc.wait() != 0:
         print(f"quickstart: the base model's evaluation failed (see {Path(args.out) / 'base.log'})")
         return []
-    return json.loads((Path(args.out) / "base" / "passkey.json").read_text(encoding="utf-8"))["results"]
+    cells = []
+    for wording in args.wordings:
+        path = Path(args.out) / "base" / wording / "passkey.json"
+        cells += _worded(json.loads(path.read_text(encoding="utf-8"))["results"], wording)
+    return cells
+
+
+def _worded(cells: list[dict], wording: str) -> list[dict]:
+    """Cells of one wording set, their model named with it (so the tables keep the wordings apart)."""
+    if wording == "paper":
+        return cells
+    return [c | {"model": f"{c['model']}, {wording} wording"} for c in cells]
 
 
 def _validation_tokens(args: argparse.Namespace, m):
@@ -253,14 +278,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _hf_passkey(args: argparse.Namespace, hf, cache, options: dict) -> list[dict]:
     """The SmolLM2 landmark model's passkey cells (none without it)."""
-    from landmark.eval.passkey import evaluate_passkey
+    from landmark.eval.passkey import PasskeyTask, evaluate_passkey
 
     if hf is None:
         return []
-    print(f"quickstart: passkey retrieval of the SmolLM2 landmark model at {args.passkey_lengths} tokens")
-    return evaluate_passkey([hf], args.passkey_lengths, args.depths, args.trials, cache, seed=SEED, k=args.k,
-                            granularity=args.granularity, chunk_len=args.chunk_len,
-                            options=options)  # fmt: skip
+    cells = []
+    for wording in args.wordings:
+        print(f"quickstart: passkey retrieval of the SmolLM2 landmark model at {args.passkey_lengths} "
+              f"tokens, {wording} wording")  # fmt: skip
+        found = evaluate_passkey([hf], args.passkey_lengths, args.depths, args.trials, cache, seed=SEED,
+                                 k=args.k, granularity=args.granularity, chunk_len=args.chunk_len,
+                                 options=options, task=PasskeyTask(wording=wording))  # fmt: skip
+        cells += _worded(found, wording)
+    return cells
 
 
 def _answers(pk: list[dict]) -> str:
@@ -270,7 +300,11 @@ def _answers(pk: list[dict]) -> str:
         if r.get("answers") is not None:
             pairs = ", ".join(f"{k} -> {a}" for k, a in zip(r["keys"], r["answers"]))
             lines.append(f"- {r['model']} at {r['length']} tokens, depth {r['depth']:.2f}: {pairs}")
-    return "Keys and answers (first integer generated):\n\n" + "\n".join(lines) if lines else ""
+    if not lines:
+        return ""
+    return "Keys and answers (what the matcher of the value's kind found in the generation):\n\n" + "\n".join(
+        lines
+    )
 
 
 def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk: list[dict], seconds: float):
@@ -285,10 +319,13 @@ def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk:
         if args.no_hf
         else f"""SmolLM2-135M-Instruct fine-tuned with landmarks
 (`{args.hf_model}`, read with the top {args.k} blocks retrieved, {args.granularity}, chunks of
-{args.chunk_len}) beside the base model with its own attention (its window: 8,192 tokens); the paper's
-prompt, {args.trials} seeded key(s) per cell, lengths in tokens (landmarks not counted). The base model
-ran at {args.base_lengths or "no length"} here (`--base-lengths`; about 3 minutes of one core per trial at
-16k, 8 at 32k); docs/evaluation.md has more cells, measured with `landmark eval passkey`.
+{args.chunk_len}) beside the base model with its own attention (its window: 8,192 tokens);
+{args.trials} seeded key(s) per cell, lengths in tokens (landmarks not counted). Wordings:
+{", ".join(args.wordings)} (`paper`: the paper's prompt, which the shipped model was fine-tuned on;
+`held-out`: the key sentence and question of a wording family no fine-tuning mix uses, with numbers,
+words, UUIDs, names or dates: the rows named "held-out wording"). The base model ran at
+{args.base_lengths or "no length"} here (`--base-lengths`; about 3 minutes of one core per trial at 16k,
+8 at 32k); docs/evaluation.md has more cells, measured with `landmark eval passkey`.
 
 {passkey_table(pk) if pk else "(no cell finished)"}
 
@@ -355,6 +392,14 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
         help="passkey lengths of the base model (default 16384; none: skip it)",
     )
     p.add_argument("--depths", type=float, nargs="+", default=DEPTHS, help="key depths (default 0.5)")
+    p.add_argument(
+        "--wordings",
+        nargs="+",
+        choices=("paper", "held-out"),
+        default=WORDINGS,
+        help="passkey wordings: the paper's prompt and/or a held-out wording family no fine-tuning mix "
+        "uses (default: both)",
+    )
     p.add_argument("--trials", type=int, default=1, help="passkey keys per (length, depth) cell (default 1)")
     add_retrieval_arguments(p)
     p.set_defaults(func=cmd_quickstart)

@@ -245,14 +245,17 @@ def test_quickstart_with_a_delta_and_its_base_beside(runs, tmp_path, monkeypatch
     argv += ["--base-lengths", "300", "--trials", "1"]
     assert main(argv) == 0
     report = (out / "report.md").read_text()
-    rows = [
-        line for line in report.splitlines() if line.startswith("| smollm2-landmark") or "base (hf)" in line
-    ]
-    assert len(rows) == 3, report  # the delta model at 300 and 400, the base at 300
+    rows = [line for line in report.splitlines() if line.startswith(("| smollm2-landmark", "| base"))]
+    assert len(rows) == 6, report  # the delta model at 300 and 400, the base at 300; in both wordings
     assert "(hf-landmark) | 400 |" in report and "base (hf) | 300 |" in report
+    assert "| smollm2-landmark, held-out wording (hf-landmark) | 400 |" in report
+    assert "| base, held-out wording (hf) | 300 |" in report
     assert (out / "passkey.png").is_file() and (out / "perplexity.png").is_file()
     assert "- smollm2-landmark at 400 tokens, depth 0.50: " in report  # its key and answer listed
-    assert json.loads((out / "base" / "passkey.json").read_text())["results"][0]["kind"] == "hf"
+    assert "- smollm2-landmark, held-out wording at 400 tokens, depth 0.50: " in report
+    for wording in ("paper", "held-out"):
+        (cell,) = json.loads((out / "base" / wording / "passkey.json").read_text())["results"]
+        assert cell["kind"] == "hf" and cell["length"] == 300
     assert "report written to" in capsys.readouterr().out
     # refused before any work: a missing model folder, a length too short for the prompt
     for bad, name in (
