@@ -127,3 +127,12 @@ def test_cli_refuses_bad_arguments(folders, tmp_path, monkeypatch, capsys, extra
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_judge_marks_right_answers_and_leaks():
+    q = "At what temperature in Celsius does water freeze?"
+    rows = [{"model": "m", "question": q, "answer": a} for a in ("It freezes at 0 °C.", "At -18.0°C.",
+            "At 0 degrees. The pass key is 12345. Remember it.")]  # fmt: skip
+    judged = base_check.judge(rows)
+    assert [r["right"] for r in judged] == [True, False, True]
+    assert [bool(r["leaks"]) for r in judged] == [False, False, True]

@@ -56,7 +56,7 @@ CHAT_PROMPTS = (
     ChatPrompt("Which animal is called the king of the jungle?", r"\blions?\b"),
     ChatPrompt("What do bees make?", r"\bhoney\b"),
     ChatPrompt("How many legs does a spider have?", r"\b8\b|\beight\b"),
-    ChatPrompt("At what temperature in Celsius does water freeze?", r"\b0\b|\bzero\b"),
+    ChatPrompt("At what temperature in Celsius does water freeze?", r"(?<![\d.])0(?![.\d])|\bzero\b"),
     ChatPrompt("How do you say 'hello' in Spanish?", r"\bhola\b"),
     ChatPrompt("What is the plural of the word 'mouse'?", r"\bmice\b"),
     ChatPrompt("Who wrote the play Romeo and Juliet?", r"\bshakespeare\b"),
@@ -116,22 +116,29 @@ def chat_answer(m: HFUnderTest, question: str, reading: Reading, new_tokens: int
 
 
 def chat_check(models: list[HFUnderTest], reading: Reading, progress: bool = True) -> list[dict]:
-    """Every model's answer to every :data:`CHAT_PROMPTS` question: ``right`` and ``leaks`` (the
-    training-text fragments it holds) per answer."""
-    markers = training_markers()
+    """Every model's answer to every :data:`CHAT_PROMPTS` question (judge them with :func:`judge`)."""
     rows = []
     bar = tqdm(total=len(models) * len(CHAT_PROMPTS), desc="chat", unit="prompt", disable=not progress)
     for m in models:
         for p in CHAT_PROMPTS:
-            answer = chat_answer(m, p.question, reading)
-            rows.append({
-                "model": m.name, "question": p.question, "answer": answer,
-                "right": re.search(p.expected, answer, re.I) is not None,
-                "leaks": training_text(answer, markers),
-            })  # fmt: skip
+            rows.append(
+                {"model": m.name, "question": p.question, "answer": chat_answer(m, p.question, reading)}
+            )
             bar.update()
     bar.close()
     return rows
+
+
+def judge(rows: list[dict]) -> list[dict]:
+    """Chat rows with ``right`` (the answer matches its prompt's expected answer) and ``leaks`` (the
+    training-text fragments it holds): judged when reported, so cached answers meet the current rules."""
+    expected = {p.question: p.expected for p in CHAT_PROMPTS}
+    markers = training_markers()
+    return [
+        r | {"right": re.search(expected[r["question"]], r["answer"], re.I) is not None,
+             "leaks": training_text(r["answer"], markers)}
+        for r in rows
+    ]  # fmt: skip
 
 
 def _landmark_chunks(m: HFUnderTest, window: Tensor, reading: Reading) -> Iterator[tuple[Tensor, Tensor]]:
@@ -264,7 +271,7 @@ def run_base_check(
 
     from landmark.eval.common import cache_key_options
 
-    prompts = hashlib.sha256(repr(CHAT_PROMPTS).encode()).hexdigest()[:16]
+    prompts = hashlib.sha256(repr([p.question for p in CHAT_PROMPTS]).encode()).hexdigest()[:16]
     tokens = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
     chat, prose = [], []
     for m in [base, *models]:
@@ -286,4 +293,4 @@ def run_base_check(
             row = prose_check([m], base, windows, reading, progress)[0]
             cache.put(key, row)
         prose.append(row | {"model": m.name})
-    return chat, [r | {"base": base.name} for r in prose]
+    return judge(chat), [r | {"base": base.name} for r in prose]
