@@ -201,7 +201,8 @@ def test_passkey_mix_windows_with_prose_and_several_keys(tiny):
     assert kinds == {(False, False), (False, True), (True, False), (True, True)}
     prose_seen = multikey_seen = 0
     for i in range(60):
-        prose, keys, near = mix.variant(i)
+        prose, keys, near, chat = mix.variant(i)
+        assert not chat
         assert not near
         ids = mix[i]["input_ids"]
         assert ids.shape == (400,)

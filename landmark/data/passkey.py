@@ -191,6 +191,16 @@ class Filler:
         return min(self.starts[max(0, i - 1) : i + 1], key=lambda s: abs(s - x))
 
 
+@dataclass(frozen=True)
+class ChatTurns:
+    """What a chat template puts around a prompt, as token ids: ``user`` before the user's message (the
+    template's system turn included), ``assistant`` between the message and the assistant's answer.
+    :func:`landmark.hf.passkey.chat_turns` reads them off a Hugging Face tokenizer's template."""
+
+    user: tuple[int, ...]
+    assistant: tuple[int, ...]
+
+
 @dataclass
 class PasskeyPrompts:
     """Token-level passkey prompts for one tokenizer.
@@ -200,17 +210,31 @@ class PasskeyPrompts:
             tokenizer through :class:`landmark.hf.passkey.HFTokenEncoder`).
         haystack: None for the paper's repeated filler, or a :class:`BookHaystack` (real prose).
         wording: the family whose key sentences and questions the prompts hold (default: the paper's).
+        chat: None for plain text, or the :class:`ChatTurns` of a chat template: the instruction, the
+            filler, the key sentences and the question are the user's message, and the answer prefix
+            (``"The locker code is"``) starts the assistant's reply.
     """
 
     tokenizer: Tokenizer
     haystack: BookHaystack | None = None
     wording: Wording = PAPER
+    chat: ChatTurns | None = None
 
     def __post_init__(self) -> None:
         enc = self.tokenizer.encode
-        self.instruction = enc(INSTRUCTION)
+        self.instruction = enc(INSTRUCTION) if self.chat is None else [*self.chat.user, *enc(INSTRUCTION)]
         self.filler = enc(" " + FILLER)
-        self.question = enc(" " + self.wording.question_text())
+        self.question = self._question_tokens(None)
+
+    def _question_tokens(self, name: str | None) -> list[int]:
+        """The question and the answer prefix (in a chat: the user's question, the turn change, then the
+        answer prefix opening the assistant's reply)."""
+        w = self.wording
+        if self.chat is None:
+            return self.tokenizer.encode(" " + w.question_text(name))
+        question, answer = w.question_text(name, answer=False), w.answer_text(name)
+        reply = self.tokenizer.encode(answer) if answer else []
+        return [*self.tokenizer.encode(" " + question), *self.chat.assistant, *reply]
 
     def with_wording(self, wording: Wording) -> PasskeyPrompts:
         """The same builder (tokenizer, haystack) with another wording family."""
@@ -222,9 +246,7 @@ class PasskeyPrompts:
 
     def question_for(self, name: str | None = None) -> list[int]:
         """The question (about the key of ``name`` in multikey prompts)."""
-        return (
-            self.question if name is None else self.tokenizer.encode(" " + self.wording.question_text(name))
-        )
+        return self.question if name is None else self._question_tokens(name)
 
     def answer(self, key: int | str) -> list[int]:
         """The expected continuation: `` 48213.``"""

@@ -167,10 +167,14 @@ class Wording:
         """The key sentence stating ``value`` (of ``owner`` in a multikey prompt)."""
         return self.key.format(value=value, **self._owner(owner))
 
-    def question_text(self, owner: str | None = None) -> str:
-        """The question and the answer prefix it ends with (the prompt's last words)."""
+    def question_text(self, owner: str | None = None, answer: bool = True) -> str:
+        """The question and (``answer``) the answer prefix it ends with (the prompt's last words)."""
         words = self._owner(owner)
-        return " ".join(x.format(**words) for x in (self.question, self.answer) if x)
+        return " ".join(x.format(**words) for x in (self.question, self.answer if answer else "") if x)
+
+    def answer_text(self, owner: str | None = None) -> str:
+        """The answer prefix alone (``"The locker code is"``; may be empty)."""
+        return self.answer.format(**self._owner(owner))
 
 
 PAPER = Wording(

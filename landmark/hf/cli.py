@@ -302,6 +302,13 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         "--passkey-fraction", type=float, default=0.0, help="share of windows replaced by passkey samples"
     )
     p.add_argument(
+        "--passkey-chat",
+        type=float,
+        default=0.0,
+        help="share of the passkey samples in the tokenizer's chat template: the prompt is the user's "
+        "message, the answer the assistant's reply (default 0)",
+    )
+    p.add_argument(
         "--distill",
         default=None,
         metavar="BASE",

@@ -93,6 +93,7 @@ class FinetuneConfig:
     passkey_books: float = 0.0  # share of those whose filler is prose of the training split
     passkey_multikey: float = 0.0  # share of those with several named keys, one asked
     passkey_near: float = 0.0  # share of those whose key may lie right before the question
+    passkey_chat: float = 0.0  # share of those in the tokenizer's chat template (answer = the reply)
     passkey_wordings: str = "paper"  # "paper": the paper's sentences; "train": the training wording families
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
     seed: int = 0
@@ -139,6 +140,7 @@ class FinetuneConfig:
             ("--passkey-books", self.passkey_books),
             ("--passkey-multikey", self.passkey_multikey),
             ("--passkey-near", self.passkey_near),
+            ("--passkey-chat", self.passkey_chat),
         )
         self._check_wordings()
         extra = next(((o, v) for o, v in shares if v), None)
@@ -278,6 +280,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "passkey_books": real_range(0, 1),
     "passkey_multikey": real_range(0, 1),
     "passkey_near": real_range(0, 1),
+    "passkey_chat": real_range(0, 1),
     "max_minutes": real_range(0, open_low=True),
     "distill_weight": real_range(0, open_low=True),
     "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
@@ -341,7 +344,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.passkey_fraction:
         from landmark.hf.passkey import check_passkey_windows
 
-        check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings)
+        check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings, bool(cfg.passkey_chat))
     staging = staging_folder(out)
     args = TrainingArguments(
         output_dir=str(staging),
@@ -401,7 +404,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         train_set = PasskeyMixWindows(
             train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed,
             books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack, near=cfg.passkey_near,
-            wordings=cfg.passkey_wordings,
+            wordings=cfg.passkey_wordings, chat=cfg.passkey_chat,
         )  # fmt: skip
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None

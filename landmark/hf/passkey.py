@@ -19,8 +19,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from landmark.data.passkey import PasskeyPrompts
+from landmark.data.passkey import ChatTurns, PasskeyPrompts
 from landmark.hf.convert import encode_text
+
+_SPLIT = "\u2063LANDMARK-MESSAGE\u2063"  # a user message no template rewrites, to find where it goes
 
 
 class HFTokenEncoder:
@@ -34,23 +36,45 @@ class HFTokenEncoder:
         return encode_text(self.tokenizer, text)
 
 
-def hf_passkey_prompts(tokenizer: Any) -> PasskeyPrompts:
-    """:class:`~landmark.data.passkey.PasskeyPrompts` over a Hugging Face tokenizer."""
-    return PasskeyPrompts(HFTokenEncoder(tokenizer))  # type: ignore[arg-type]
+def hf_passkey_prompts(tokenizer: Any, chat: bool = False) -> PasskeyPrompts:
+    """:class:`~landmark.data.passkey.PasskeyPrompts` over a Hugging Face tokenizer (``chat``: in its
+    chat template, :func:`chat_turns`)."""
+    turns = chat_turns(tokenizer) if chat else None
+    return PasskeyPrompts(HFTokenEncoder(tokenizer), chat=turns)  # type: ignore[arg-type]
+
+
+def chat_turns(tokenizer: Any) -> ChatTurns:
+    """The tokens the tokenizer's chat template puts before a user message (its default system turn
+    included) and between the message and the assistant's reply.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its template does not keep the message whole.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--passkey-chat: the model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SPLIT}], add_generation_prompt=True, tokenize=False
+    )
+    if text.count(_SPLIT) != 1:
+        raise ValueError("--passkey-chat: the tokenizer's chat template does not keep the user message whole")
+    before, after = text.split(_SPLIT)
+    encode = lambda t: tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else ()  # noqa: E731
+    return ChatTurns(encode(before), encode(after))
 
 
 def check_passkey_windows(
-    tokenizer: Any, raw_tokens: int, block_size: int, wordings: str = "paper"
+    tokenizer: Any, raw_tokens: int, block_size: int, wordings: str = "paper", chat: bool = False
 ) -> PasskeyPrompts:
     """The prompt builder, once windows of ``raw_tokens`` are known to hold a passkey sample whose key
     lies at least one block (``block_size - 1`` tokens) before the question, in every family of
-    ``wordings`` (``"paper"`` or ``"train"``).
+    ``wordings`` (``"paper"`` or ``"train"``), in plain text and (``chat``) in the chat template.
 
     Raises:
         ValueError: the windows are too short (the message names ``--max-length``).
     """
     prompts = hf_passkey_prompts(tokenizer)
-    need = prompts.min_sample(wordings) + block_size - 1
+    longest = hf_passkey_prompts(tokenizer, chat=True) if chat else prompts
+    need = max(prompts.min_sample(wordings), longest.min_sample(wordings)) + block_size - 1
     if raw_tokens < need:
         raise ValueError(
             f"passkey samples need windows of at least {need} tokens with this tokenizer and block size; "
@@ -65,6 +89,7 @@ class Variant(NamedTuple):
     prose: bool  # filler from the training split's prose (else the repeated sentences)
     keys: int  # named keys in the window (1: the paper's one unnamed key)
     near: bool  # the asked key may lie right before the question (no one-block gap)
+    chat: bool = False  # the sample in the tokenizer's chat template (the answer opens the reply)
 
 
 class PasskeyMixWindows(torch.utils.data.Dataset):
@@ -90,6 +115,9 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         wordings: ``"paper"`` (the paper's key sentence and question, the default) or ``"train"``: each
             passkey sample in a training wording family (:mod:`landmark.data.wordings`), never a
             held-out one, drawn with the sample's key.
+        chat: share of the passkey samples in the tokenizer's chat template (:func:`chat_turns`): the
+            instruction, filler, key sentences and question are the user's message, the answer prefix
+            and the value the assistant's reply (the way an instruct model is asked).
     """
 
     MAX_TRAINING_KEYS = 6
@@ -107,18 +135,25 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
         haystack: Any = None,
         near: float = 0.0,
         wordings: str = "paper",
+        chat: float = 0.0,
     ) -> None:
-        shares = (("passkey_fraction", fraction), ("books", books), ("multikey", multikey), ("near", near))
+        shares = (("passkey_fraction", fraction), ("books", books), ("multikey", multikey), ("near", near),
+                  ("chat", chat))  # fmt: skip
         for name, value in shares:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]; got {value}")
         if books and haystack is None:
             raise ValueError("books > 0 needs a haystack (BookHaystack of the training split)")
         self.base, self.raw_tokens, self.fraction, self.seed = base, raw_tokens, fraction, seed
-        self.books, self.multikey, self.near = books, multikey, near
-        self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size, wordings)
+        self.books, self.multikey, self.near, self.chat = books, multikey, near, chat
+        self.prompts = check_passkey_windows(tokenizer, raw_tokens, block_size, wordings, chat=bool(chat))
         self.wordings = wordings
         self.book_prompts = PasskeyPrompts(self.prompts.tokenizer, haystack) if books else None
+        turns = chat_turns(tokenizer) if chat else None
+        self.chat_prompts = {  # (prose, chat) -> the builder
+            (prose, True): PasskeyPrompts(self.prompts.tokenizer, haystack if prose else None, chat=turns)
+            for prose in ((False, True) if books else (False,))
+        } if chat else {}  # fmt: skip
         self.min_gap = block_size - 1
 
     def __len__(self) -> int:
@@ -131,19 +166,20 @@ class PasskeyMixWindows(torch.utils.data.Dataset):
     def variant(self, i: int) -> Variant:
         """The kind of passkey sample ``i``, from its own seeded stream (so that with every share 0 the
         samples are those of the paper's recipe, and a share added later leaves the earlier draws)."""
-        if not (self.books or self.multikey or self.near):
+        if not (self.books or self.multikey or self.near or self.chat):
             return Variant(False, 1, False)
         rng = np.random.default_rng([self.seed, i, 15485863])
         prose, several = rng.random() < self.books, rng.random() < self.multikey
         keys = int(rng.integers(2, self.MAX_TRAINING_KEYS + 1)) if several else 1
         near = bool(self.near and rng.random() < self.near)
-        return Variant(bool(prose), keys, near)
+        chat = bool(self.chat and rng.random() < self.chat)  # drawn last: the earlier draws stay
+        return Variant(bool(prose), keys, near, chat)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not self.is_passkey(i):
             return self.base[i]
-        prose, keys, near = self.variant(i)
-        prompts = self.book_prompts if prose else self.prompts
+        prose, keys, near, chat = self.variant(i)
+        prompts = self.chat_prompts[(prose, True)] if chat else self.book_prompts if prose else self.prompts
         gap = 0 if near else self.min_gap
         rng = np.random.default_rng([self.seed, i, 104729])
         try:
