@@ -197,6 +197,7 @@ def test_prepared_ruler_data_serves_lm_eval_offline():
         (["--lengths", "512"], "below 1024"),
         (["--lengths", "4096", "4096"], "--lengths lists 4096 more than once"),
         (["--limit", "0"], "--limit must be >= 1"),
+        (["--max-gen-toks", "0"], "--max-gen-toks must be >= 1"),
         (["--k", "0"], "--k must be >= 1"),
     ],
 )

@@ -89,6 +89,8 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
     check_distinct("--lengths", args.lengths)
     if args.limit < 1:
         raise ValueError(f"--limit must be >= 1; got {args.limit}")
+    if args.max_gen_toks is not None and args.max_gen_toks < 1:
+        raise ValueError(f"--max-gen-toks must be >= 1; got {args.max_gen_toks}")
     check_retrieval_arguments(args)
     check_device(args.device, "--device")
     out = Path(args.out)
@@ -148,6 +150,7 @@ def cell_key(task: str, length: int, name: str, lm: Any, args: argparse.Namespac
     reading = lm.reading
     return {
         "task": task, "length": length, "limit": args.limit, "chat_template": args.chat_template,
+        "max_gen_toks": args.max_gen_toks,
         "lm_eval": _lm_eval_version(), "model": lm.under_test.fingerprint(), "tokenizer": _tokenizer_id(lm),
         "reading": None if not lm.retrieves else {
             "k": reading.k, "granularity": reading.granularity, "chunk_len": reading.chunk_len,
@@ -162,9 +165,12 @@ def _tokenizer_id(lm: Any) -> str:
     return hashlib.sha256(json.dumps([len(lm.tokenizer), probe]).encode()).hexdigest()[:12]
 
 
-def load_tasks(names: list[str], length: int, tokenizer: str) -> dict[str, Any]:
+def load_tasks(
+    names: list[str], length: int, tokenizer: str, max_gen_toks: int | None = None
+) -> dict[str, Any]:
     """RULER's tasks at one length, samples generated with ``tokenizer`` (a folder); each task seeded
-    alike whatever else is loaded."""
+    alike whatever else is loaded; ``max_gen_toks`` replaces the tasks' own (128), as lm_eval's
+    ``--gen_kwargs`` does."""
     import random
 
     import numpy as np
@@ -176,6 +182,8 @@ def load_tasks(names: list[str], length: int, tokenizer: str) -> dict[str, Any]:
         random.seed(LM_EVAL_SEED)
         np.random.seed(NUMPY_SEED)
         tasks[name] = manager.load([name])["tasks"][name]
+        if max_gen_toks is not None:
+            tasks[name].set_config(key="generation_kwargs", value={"max_gen_toks": max_gen_toks}, update=True)
     return tasks
 
 
@@ -211,7 +219,7 @@ def evaluate_ruler(models: list[tuple[str, Any]], args: argparse.Namespace, cach
     for length in args.lengths:
         keys = {(t, n): cell_key(t, length, n, lm, args) for t in args.tasks for n, lm in models}
         pending = [t for t in args.tasks if any(cache.get(keys[t, n]) is None for n, _ in models)]
-        tasks = load_tasks(pending, length, tokenizer) if pending else {}
+        tasks = load_tasks(pending, length, tokenizer, args.max_gen_toks) if pending else {}
         for task in args.tasks:
             for name, lm in models:
                 done += 1
@@ -296,10 +304,12 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     results = evaluate_ruler(models, args, CellCache(out))
+    generated = f"at most {args.max_gen_toks}" if args.max_gen_toks else "at most the tasks' own (128)"
     setting = (
         f"RULER (lm-evaluation-harness {_lm_eval_version()}), {'with' if args.chat_template else 'without'} "
-        f"the chat template, greedy. Landmark models read with top-{args.k} retrieval (granularity "
-        f"{args.granularity}, chunks of {args.chunk_len} positions); other models with their own attention."
+        f"the chat template, greedy, {generated} generated tokens. Landmark models read with top-{args.k} "
+        f"retrieval (granularity {args.granularity}, chunks of {args.chunk_len} positions); other models "
+        "with their own attention."
     )
     table = ruler_table(results)
     write_text_atomic(out / "ruler.md", f"# RULER by task and length\n\n{setting}\n\n{table}\n")
@@ -356,6 +366,8 @@ def add_ruler_parsers(ev: argparse._SubParsersAction) -> None:
         default=DEFAULT_LIMIT,
         help=f"samples per task and length (default {DEFAULT_LIMIT})",
     )
+    q.add_argument("--max-gen-toks", type=int, default=None, help="tokens generated per answer (default: "
+                   "the tasks' own, 128); as lm_eval's --gen_kwargs max_gen_toks=N")  # fmt: skip
     q.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="plain prompts "
                    "(default: the tokenizer's chat template, as for an instruct model)")  # fmt: skip
     q.add_argument("--tokenizer", default=None, help="tokenizer folder that sizes the samples (default: "
