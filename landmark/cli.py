@@ -26,6 +26,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from landmark import landmark_attention, landmark_weights
 
+    try:
+        _check_demo(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     bs = args.block_size
     print(f"landmark attention demo: block_size={bs} ({bs - 1} tokens + 1 landmark), heads={args.heads}")
@@ -57,6 +62,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
             diff = f"(reference skipped above {args.max_reference_seq})"
         print(f"{seq:>7} {elapsed * 1000:>15.1f} ms {diff:>28}")
     return 0
+
+
+DEMO_MAX_ELEMENTS = 2**27  # heads x seq x head_dim of one demo tensor (512 MB in float32, ~10 alive)
+DEMO_MAX_REFERENCE = 2**30  # heads x seq**2 of the dense reference's weights (8 GB in float64)
+
+
+def _check_demo(args: argparse.Namespace) -> None:
+    """``landmark demo``'s sizes: positive, and small enough for this machine's memory."""
+    from landmark.inference.options import check_seed
+
+    for option, value in (
+        ("--block-size", args.block_size),
+        ("--heads", args.heads),
+        ("--head-dim", args.head_dim),
+    ):
+        if value < (2 if option == "--block-size" else 1):
+            raise ValueError(f"{option} must be >= {2 if option == '--block-size' else 1}; got {value}")
+    bad = [n for n in args.seqs if n < 1]
+    if bad:
+        raise ValueError(f"--seqs must be lengths >= 1; got {bad[0]}")
+    big = [n for n in args.seqs if args.heads * n * args.head_dim > DEMO_MAX_ELEMENTS]
+    if big:
+        raise ValueError(
+            f"--seqs {big[0]} x --heads x --head-dim exceeds {DEMO_MAX_ELEMENTS:,} elements per tensor"
+        )
+    if args.max_reference_seq < 0:
+        raise ValueError(f"--max-reference-seq must be >= 0; got {args.max_reference_seq}")
+    dense = min(args.max_reference_seq, max(args.seqs))
+    if args.heads * dense**2 > DEMO_MAX_REFERENCE:
+        raise ValueError(
+            f"--max-reference-seq {args.max_reference_seq}: the dense reference at {dense} positions would "
+            f"hold {args.heads * dense**2:,} weights (at most {DEMO_MAX_REFERENCE:,}); lower it"
+        )
+    check_seed(args.seed)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -246,6 +246,11 @@ GENERATE_CASES = [
         for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
     ],
     ([*GENERATE, "--batch-lines"], "--batch-lines"),
+    ([*GENERATE[:3], "--prompt", "abc\udcff"], "--prompt"),  # bytes not UTF-8, as Python keeps them in argv
+    (["hf", "generate", "--model", "{lm}", "--prompt", "abc\udcff"], "--prompt"),
+    ([*GENERATE, "--seed", str(2**64)], "--seed"),
+    ([*GENERATE, "--seed", "-1"], "--seed"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--seed", str(2**70)], "--seed"),
     (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--temperature", "-0.5"], "--temperature"),
     (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--temperature", "inf"], "--temperature"),
     (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -267,6 +272,36 @@ GENERATE_CASES = [
 )
 def test_generate_refuses(env, argv, names, capsys, monkeypatch):
     _refused(env, _fill(argv, env), names, capsys, monkeypatch)
+
+
+DEMO_CASES = [
+    (["demo", "--block-size", "0"], "--block-size"),
+    (["demo", "--block-size", "1"], "--block-size"),
+    (["demo", "--seqs", "0"], "--seqs"),
+    (["demo", "--seqs", "64", "-5"], "--seqs"),
+    (["demo", "--heads", "0"], "--heads"),
+    (["demo", "--head-dim", "0"], "--head-dim"),
+    (["demo", "--seqs", "100000000"], "--seqs"),
+    (["demo", "--max-reference-seq", "-1"], "--max-reference-seq"),
+    (["demo", "--seqs", "100000", "--max-reference-seq", "100000"], "--max-reference-seq"),
+    (["demo", "--seed", str(2**64)], "--seed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"), DEMO_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
+def test_demo_refuses(env, argv, names, capsys, monkeypatch):
+    _refused(env, argv, names, capsys, monkeypatch)
+
+
+def test_generate_refuses_standard_input_that_is_not_utf8(env, capsys, monkeypatch):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"the sea \xff\xfe"), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    argv = ["generate", "--checkpoint", str(env["lm"]), "--prompt-file", "-", "--max-new-tokens", "1"]
+    assert "standard input is not UTF-8" in _refused(env, argv, "--prompt-file", capsys, monkeypatch)
 
 
 QUICKSTART_CASES = [

@@ -163,6 +163,7 @@ def _check_generate(args: argparse.Namespace) -> None:
         check_retrieval_arguments,
         check_sampling_arguments,
         check_save_state,
+        check_utf8,
     )
 
     check_retrieval_arguments(args)
@@ -170,6 +171,7 @@ def _check_generate(args: argparse.Namespace) -> None:
     check_device(args.device, "--device")
     if not args.prompt:
         raise ValueError("--prompt is empty")
+    check_utf8(args.prompt, "--prompt")
     if not Path(args.model).is_dir():
         raise ValueError(
             f"--model {args.model}: the folder does not exist (a local model folder is expected; "

@@ -23,6 +23,7 @@ from landmark.inference.options import (
     check_retrieval_arguments,
     check_sampling_arguments,
     check_save_state,
+    check_utf8,
     resolve_device,
     retrieval_config,
 )
@@ -64,9 +65,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
-        return list(args.prompt)
+        return [check_utf8(p, "--prompt") for p in args.prompt]
     if args.prompt_file == "-":
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("--prompt-file -: standard input is not UTF-8 text") from None
     else:
         path = Path(args.prompt_file)
         if not path.is_file():

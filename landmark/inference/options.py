@@ -23,6 +23,7 @@ from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import GRANULARITIES, SEARCHES, RetrievalConfig
 
 _DEFAULT = RetrievalConfig()
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 DEVICE_TYPES = ("cpu", "cuda")  # where a model or block memory may live
 _SEVERAL = "; several values: one evaluation each"
 
@@ -231,6 +232,23 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
     top_p = getattr(args, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1]; got {top_p}")
+    check_seed(getattr(args, "seed", None))
+
+
+def check_utf8(text: str, option: str) -> str:
+    """``text`` if it is valid Unicode; a prompt given as bytes that are not UTF-8 (Python keeps them as
+    lone surrogates in ``sys.argv``) is a one-line ValueError naming ``option``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{option} is not UTF-8 text") from None
+    return text
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> None:
+    """A seed torch's generators take: None (random) or an integer in [0, 2**63 - 1]."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{option} must be an integer in [0, 2**63 - 1]; got {seed}")
 
 
 def retrieval_config(args: argparse.Namespace, **override) -> RetrievalConfig:
