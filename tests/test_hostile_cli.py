@@ -373,3 +373,15 @@ def test_load_model_refuses_another_tokenizer_and_allows_a_padded_vocabulary(env
     ckpt = _save(small, env["tok"], attention="full", vocab=env["tok"].vocab_size - 1)
     with pytest.raises(CheckpointError, match="smaller than the tokenizer"):
         load_model(ckpt)
+
+
+def test_a_huge_k_reads_as_every_block_without_allocating_for_it(env):
+    """--k beyond the blocks that can exist is every block: no table or buffer sized by k (a k of 10**9
+    once tried to allocate 68 GB), the same greedy tokens as a k that covers the memory."""
+    from landmark.inference import generate
+
+    model, tok, _ = load_model(env["lm"])
+    prompt = [tok.encode("the sea and the ship and the whale at night " * 6)]
+    for kernel in ("auto", "torch"):
+        want = generate(model, prompt, 4, k=64, chunk_len=32, kernel=kernel)
+        assert generate(model, prompt, 4, k=10**9, chunk_len=32, kernel=kernel) == want

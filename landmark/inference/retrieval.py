@@ -456,8 +456,10 @@ def step_plan(
     ``decode_plan``; dtype: the queries' dtype."""
     module = retrieval.kernel_for(dtype, q_start.device, memory)
     if module is not None:
+        held = max(memory.count, default=0) if memory is not None else 0
+        k = min(retrieval.k, max(1, held))  # no more blocks than the memory holds (a huge --k costs nothing)
         return kernel.kernel_plan(
-            module, retrieval.k, local_width, block_size, head_dim, rope_base, retrieval.kernel_selects
+            module, k, local_width, block_size, head_dim, rope_base, retrieval.kernel_selects
         )
     if rows > DECODE_ROWS:
         return None
@@ -496,7 +498,7 @@ def decode_plan(
     q_pos = base[:, None] + q_local
     t_local = local_width
     nb_local = -(-t_local // bs)
-    cos_t, sin_t = kernel.rope_table(retrieval.k, t_local, bs, head_dim, rope_base, dev)
+    cos_t, sin_t = kernel.rope_table(max(k_max, 1), t_local, bs, head_dim, rope_base, dev)
     j = torch.arange(k_max + 1, device=dev)
     pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
     key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
