@@ -265,3 +265,28 @@ def test_plot_metrics_writes_a_png_and_replaces_only_its_own_kind(runs, capsys):
     assert main(["plot-metrics", str(runs["a"]), "--out", str(runs["notes"]), "--overwrite"]) == 0
     assert runs["notes"].read_bytes().startswith(b"\x89PNG")
     assert not [p for p in runs["root"].iterdir() if p.name.endswith(".tmp")]
+
+
+def test_perplexity_cells_are_keyed_by_the_tokens_they_read(env, tmp_path):
+    """Two corpora of equal token counts: the second is evaluated, not read from the first's cells."""
+    import numpy as np
+
+    from landmark.eval.common import CellCache, load_models
+    from landmark.eval.perplexity import evaluate_perplexity
+
+    (m,) = load_models([f"lm={env['run']}"])
+    rng = np.random.default_rng(0)
+    landmark = m.model.config.landmark_id
+    first, second = (np.where(t == landmark, landmark + 1, t) for t in rng.integers(0, 250, size=(2, 256)))
+    cache = CellCache(tmp_path / "cells")
+
+    def run(tokens):
+        cells = evaluate_perplexity(
+            [m], tokens, [64], [2], ["token_head"], cache, max_tokens=128, progress=False
+        )
+        return cells[0]
+
+    a, b = run(first), run(second)
+    assert a["nll"] != b["nll"]
+    assert run(first)["nll"] == a["nll"]  # the same tokens: read from the cell
+    assert len(list((tmp_path / "cells" / "cells").iterdir())) == 2

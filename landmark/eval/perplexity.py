@@ -19,6 +19,7 @@ Each family answers "NLL of these windows" itself (``ModelUnderTest.window_nll``
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ def eval_windows(tokens: np.ndarray, length: int, max_tokens: int) -> np.ndarray
     if n < 1:
         raise ValueError(f"the split holds {len(tokens)} tokens, fewer than one window of {length}")
     return np.asarray(tokens[: n * length], dtype=np.int64).reshape(n, length)
+
+
+def windows_fingerprint(windows: np.ndarray) -> str:
+    """A short hash of the tokens a cell scores: a cell is cached by what it reads, not by how many
+    tokens the split holds (two corpora of equal size never share cells)."""
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def evaluate_perplexity(
@@ -95,7 +102,8 @@ def evaluate_perplexity(
         key = {
             "eval": "ppl", "weights": m.fingerprint(), "kind": s.kind, "k": s.k,
             "granularity": s.granularity, "length": n, "max_tokens": max_tokens, "chunk_len": chunk_len,
-            "split": split, "tokens": len(tokens), "options": cache_key_options(options, s.kind),
+            "split": split, "content": windows_fingerprint(eval_windows(tokens, n, max_tokens)),
+            "options": cache_key_options(options, s.kind),
         }  # fmt: skip
         cached = cache.get(key)
         if cached is None:
