@@ -263,3 +263,18 @@ def test_eval_ruler_end_to_end_on_tiny_models(folders, tmp_path):
     assert len(cells) == 2
     assert main(args) == 0  # every cell from the cache
     assert sorted((out / "cells").glob("*.json")) == cells
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_the_landmark_model(folders, tmp_path):
+    """``landmark eval lm-eval`` is lm_eval's own command line with ``--model landmark`` registered."""
+    _prepared()
+    out = tmp_path / "lm-eval"
+    model_args = f"pretrained={folders['lm']},k=2,chunk_len=16"
+    args = ["eval", "lm-eval", "--model", "landmark", "--model_args", model_args,
+            "--tasks", "niah_single_1", "--metadata", '{"max_seq_lengths": [1024]}', "--limit", "1",
+            "--device", "cpu", "--output_path", str(out)]  # fmt: skip
+    assert main(args) == 0
+    (result,) = out.rglob("results_*.json")
+    report = json.loads(result.read_text())
+    assert report["config"]["model"] == "landmark" and "1024,none" in report["results"]["niah_single_1"]
