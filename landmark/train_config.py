@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from landmark.data.tokenizer import MIN_BPE_VOCAB
+from landmark.data.tokenizer import MAX_BPE_VOCAB, MIN_BPE_VOCAB
 from landmark.model import ModelConfig, first_failure
 from landmark.model import is_finite_real as _finite
 
@@ -289,8 +289,11 @@ def check_tokenizer_options(tokenizer: str, vocab_size: int, gpt2_dir: str, name
     """The tokenizer settings of ``[data]`` or of ``landmark prepare`` (``names`` maps "vocab_size" and
     "gpt2_dir" to how the caller spells them): a BPE of at least the byte alphabet, the GPT-2 files present.
     Raises ConfigError before any folder is created."""
-    if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
-        expected = f"{names['vocab_size']} must be >= {MIN_BPE_VOCAB} (256 bytes + 2 special tokens)"
+    if tokenizer == "bpe" and not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
+        expected = (
+            f"{names['vocab_size']} must be between {MIN_BPE_VOCAB} (256 bytes + 2 special tokens) and "
+            f"{MAX_BPE_VOCAB:,}"
+        )
         raise ConfigError(f"{expected}; got {vocab_size}")
     if tokenizer == "gpt2":
         from landmark.data.books import cache_root

@@ -124,7 +124,11 @@ BAD_VALUES = [
     ("model.n_kv_head=3", "n_kv_head (3) must divide n_head (4)"),
     ("model.block_size=1", "block_size must be >= 2"),
     ('model.attn_impl="fast"', "model.attn_impl must be one of auto, reference, blockwise, triton"),
-    ("data.vocab_size=100", "data.vocab_size must be >= 258 (256 bytes + 2 special tokens); got 100"),
+    (
+        "data.vocab_size=100",
+        "data.vocab_size must be between 258 (256 bytes + 2 special tokens) and 1,048,576; got 100",
+    ),
+    ("data.vocab_size=100000000000", "data.vocab_size must be between 258"),
     ('data.tokenizer="word"', "data.tokenizer must be 'bpe' or 'gpt2'"),
     (f"train.out_dir={json.dumps(str(TINY))}", "train.out_dir must be a folder, not an existing file"),
     ('data.tokenizer="gpt2"', "data.gpt2_dir: /nonexistent/gpt2 lacks encoder.json and vocab.bpe"),
@@ -187,7 +191,8 @@ def test_a_larger_model_vocab_pads_the_embedding(env, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--vocab-size", "100"], "--vocab-size must be >= 258"),
+        (["--vocab-size", "100"], "--vocab-size must be between 258"),
+        (["--vocab-size", "100000000000"], "--vocab-size must be between 258"),
         (["--tokenizer", "gpt2", "--gpt2-dir", "/nonexistent/gpt2"], "--gpt2-dir: /nonexistent/gpt2 lacks"),
         (["--out", "FILE"], "is a file: pass a folder"),
     ],

@@ -29,6 +29,7 @@ EOT_TOKEN = "<|endoftext|>"
 LANDMARK_TOKEN = "<landmark>"
 DEFAULT_VOCAB_SIZE = 8192  # trained BPE, special tokens included
 MIN_BPE_VOCAB = 258  # a byte-level BPE holds the 256 byte tokens and the 2 special tokens
+MAX_BPE_VOCAB = 2**20  # the largest BPE trained here (10**11 aborted inside the tokenizers library)
 TOKENIZER_FILE = "tokenizer.json"
 GPT2_FILES = ("encoder.json", "vocab.bpe")
 
@@ -55,10 +56,10 @@ class Tokenizer:
             texts: the training documents.
             vocab_size: the vocabulary size, including the 256 byte tokens and the 2 special tokens.
         """
-        if vocab_size < MIN_BPE_VOCAB:
+        if not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
             raise ValueError(
-                f"vocab_size must be at least {MIN_BPE_VOCAB} (256 bytes + 2 special tokens); "
-                f"got {vocab_size}"
+                f"vocab_size must be between {MIN_BPE_VOCAB} (256 bytes + 2 special tokens) and "
+                f"{MAX_BPE_VOCAB:,}; got {vocab_size}"
             )
         backend = _byte_level(models.BPE())
         trainer = trainers.BpeTrainer(

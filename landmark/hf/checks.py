@@ -144,6 +144,8 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
             pass ``--overwrite``).
     """
     out = Path(out)
+    if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"{name} {out} is the current folder or holds it: give a new folder to write")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name} {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -105,6 +105,13 @@ class RetrievalCache:
             )
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
+        if memory_device is not None:
+            try:
+                memory_device = torch.device(memory_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"memory_device must be a device such as 'cpu' or 'cuda'; got {memory_device!r}"
+                ) from None
         self.n_layers, self.block_size, self.rope_base = n_layers, block_size, float(rope_base)
         self.retrieval, self.chunk_len = retrieval, chunk_len
         self.memory_device, self.max_blocks, self.evict = memory_device, max_blocks, evict
