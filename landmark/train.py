@@ -466,6 +466,11 @@ def _setup(
     if d.main and out_dir.is_dir():
         lock.acquire()  # before its checkpoints are read: a run still writing them makes us refuse
     checkpoint = _resume_checks(out_dir, resume, data)
+    if checkpoint is not None and cfg.train.max_steps < checkpoint.step:
+        raise ConfigError(
+            f"train.max_steps ({cfg.train.max_steps}) is below the step of the checkpoint to resume "
+            f"({checkpoint.step} in {checkpoint.path}): nothing would be trained; raise train.max_steps"
+        )
     resolved = _resolved_config(cfg, data, d)
     raw_model, optimizer, counters = _build_model(cfg, data.model_config, device, checkpoint)
     return _Run(cfg, d, device, data, out_dir, resolved, raw_model, optimizer, counters, checkpoint)

@@ -329,6 +329,9 @@ def test_resume_with_another_model_is_refused_and_changes_nothing(env, reference
     assert "different model (n_layer: 2 (checkpoint) != 3 (config); n_embd: 64 (checkpoint) != 32" in err
     rc, err = run_cli(cli_args(env, reference), capsys)  # no --resume on a run that has checkpoints
     assert rc == 2 and "pass --resume" in err
+    # a target below the checkpoint's step would train nothing and rewrite config.json
+    rc, err = run_cli([*cli_args(env, reference, "train.max_steps=5"), "--resume"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "train.max_steps (5) is below the step" in err
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
 
 
