@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,13 @@ class Checkpoint:
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.config["model"])
+        """The saved ``[model]`` settings, every field present: a missing one is never defaulted (a
+        full-attention model would load as a landmark model, a block of 16 as one of 64)."""
+        saved = self.config["model"]
+        missing = sorted({f.name for f in fields(ModelConfig)} - set(saved))
+        if missing:
+            raise ValueError(f"model settings lack {', '.join(missing)}")
+        return ModelConfig.from_dict(saved)
 
     def load_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """The training state written with the checkpoint (optimizer, step, RNG, counters)."""
@@ -239,7 +245,12 @@ def check_tokenizer(ckpt: Checkpoint, model_config: ModelConfig, tokenizer: Toke
     has more tokens than the model's embedding (a larger ``model.vocab_size`` is padding: allowed)."""
     data = ckpt.config.get("data") or {}
     recorded = data.get("tokenizer_fingerprint")
-    if recorded is not None and recorded != tokenizer.fingerprint:
+    if recorded is None:
+        raise CheckpointError(
+            f"{ckpt.path / CONFIG_FILE} lacks data.tokenizer_fingerprint: the tokenizer cannot be checked "
+            "against the one the model was trained with"
+        )
+    if recorded != tokenizer.fingerprint:
         raise CheckpointError(
             f"{ckpt.path}: tokenizer.json (fingerprint {tokenizer.fingerprint}) is not the tokenizer the "
             f"model was trained with (config.json: data.tokenizer_fingerprint {recorded})"

@@ -56,10 +56,18 @@ def _save(run: Path, tok: Tokenizer, attention: str = "landmark", vocab: int | N
     return save_checkpoint(run, 1, GPT(cfg), config, tok, {})
 
 
+DAMAGES = ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
+UNDERSPECIFIED = {
+    "no_attention": ("model", "attention"),
+    "no_block_size": ("model", "block_size"),
+    "no_fingerprint": ("data", "tokenizer_fingerprint"),
+}
+
+
 def _damaged(ckpt: Path, root: Path) -> dict[str, Path]:
     """Copies of a checkpoint folder, each damaged in one way."""
     out = {}
-    for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer"):
+    for name in (*DAMAGES, *UNDERSPECIFIED):
         out[name] = root / name
         shutil.copytree(ckpt, out[name])
     weights = (ckpt / "model.safetensors").read_bytes()
@@ -72,6 +80,10 @@ def _damaged(ckpt: Path, root: Path) -> dict[str, Path]:
     (out["bad_json"] / "config.json").write_text('{"format": ')
     other = Tokenizer.train(["a completely different text " * 30], vocab_size=280)
     (out["other_tokenizer"] / "tokenizer.json").write_text(other.to_json())
+    for name, (section, key) in UNDERSPECIFIED.items():  # a setting missing is never defaulted
+        config = json.loads((ckpt / "config.json").read_text())
+        del config[section][key]
+        (out[name] / "config.json").write_text(json.dumps(config))
     return out
 
 
@@ -197,7 +209,7 @@ EVAL_CASES = [
     ([*PPL, "--split", "nonesuch"], "--split"),
     *[
         (["eval", "ppl", "--model", f"lm={{{name}}}", "--data", "{data}", "--out", "{out}"], "--model")
-        for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
+        for name in (*DAMAGES, *UNDERSPECIFIED)
     ],
     (["eval", "passkey", "--model", "lm={truncated}", "--out", "{out}"], "--model"),
     ([*PASSKEY[:2], "--model", "x=hf:{root}/missing", "--out", "{out}"], "--model x"),
@@ -243,7 +255,7 @@ GENERATE_CASES = [
     (["generate", "--checkpoint", "{root}/missing", "--prompt", "the sea"], "--checkpoint"),
     *[
         (["generate", "--checkpoint", f"{{{name}}}", "--prompt", "the sea"], "--checkpoint")
-        for name in ("truncated", "empty", "no_tokenizer", "shapes", "bad_json", "other_tokenizer")
+        for name in (*DAMAGES, *UNDERSPECIFIED)
     ],
     ([*GENERATE, "--batch-lines"], "--batch-lines"),
     ([*GENERATE[:3], "--prompt", "abc\udcff"], "--prompt"),  # bytes not UTF-8, as Python keeps them in argv

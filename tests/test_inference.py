@@ -429,7 +429,8 @@ def tiny_checkpoints(tmp_path_factory):
             attention=attention, landmark_id=tokenizer.landmark_id if attention == "landmark" else -1,
         )  # fmt: skip
         run = root / attention
-        save_checkpoint(run, 1, GPT(cfg), {"model": cfg.to_dict(), "data": {}, "train": {}}, tokenizer, {})
+        data = {"tokenizer_fingerprint": tokenizer.fingerprint}
+        save_checkpoint(run, 1, GPT(cfg), {"model": cfg.to_dict(), "data": data, "train": {}}, tokenizer, {})
         runs[attention] = run
     return runs, tokenizer
 
@@ -492,7 +493,8 @@ def test_generate_cli_reads_a_document_once_and_answers_from_the_saved_state(
     model, tok, _ = load_model(other)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    save_checkpoint(other, 2, model, {"model": model.config.to_dict(), "data": {}, "train": {}}, tok, {})
+    data = {"tokenizer_fingerprint": tok.fingerprint}
+    save_checkpoint(other, 2, model, {"model": model.config.to_dict(), "data": data, "train": {}}, tok, {})
     assert main(["generate", "--checkpoint", str(other), "--k", "2", *question]) == 2
     assert "saved for other weights" in capsys.readouterr().err
 
