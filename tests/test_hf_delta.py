@@ -225,6 +225,18 @@ def test_load_refusals(runs, tmp_path):
         lhf.load_pretrained(out)  # made over the tiny base, which is no packaged model
     with pytest.raises(ValueError, match="base= is for delta folders only"):
         lhf.load_pretrained(runs["attention"], base=runs["base"])
+    good = json.loads((out / delta.META_FILE).read_text())
+    edits = [
+        ("lora", "r", "thirty-two"), ("lora", "r", 0), ("lora", "scaling", True), ("lora", "alpha", "64"),
+        ("landmark", "block_size", 1.5), ("landmark", "token_id", -1), ("base", "fingerprint", 7),
+    ]  # fmt: skip
+    for section, key, value in edits:  # a hand-edited delta.json is refused before anything is loaded
+        meta = json.loads(json.dumps(good))
+        meta[section][key] = value
+        (out / delta.META_FILE).write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=r"cannot read delta\.json"):
+            lhf.load_pretrained(out, base=runs["base"])
+    (out / delta.META_FILE).write_text(json.dumps(good))
     (out / delta.TENSOR_FILE).unlink()
     with pytest.raises(ValueError, match=r"delta\.safetensors is missing"):
         lhf.load_pretrained(out, base=runs["base"])

@@ -446,8 +446,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
-        meta["base"]["fingerprint"], meta["lora"]["scaling"]
-        meta["landmark"]["token_id"], meta["landmark"]["block_size"]
+        _check_meta_types(meta)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(
             f"delta {path}: cannot read {META_FILE} ({err}); expected {FORMAT} v{VERSION}"
@@ -455,6 +454,24 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not (path / TENSOR_FILE).is_file():
         raise ValueError(f"delta {path}: {TENSOR_FILE} is missing")
     return meta
+
+
+# the fields load_delta reads, with their types (a delta.json edited by hand is refused, not guessed at)
+META_TYPES = {
+    ("base", "fingerprint"): str, ("lora", "r"): int, ("lora", "alpha"): (int, float),
+    ("lora", "scaling"): (int, float), ("landmark", "token_id"): int, ("landmark", "block_size"): int,
+}  # fmt: skip
+
+
+def _check_meta_types(meta: dict[str, Any]) -> None:
+    """Every field of :data:`META_TYPES` present with its type (booleans are not numbers), the numbers
+    in range; a ValueError naming the first that is not."""
+    for (section, key), kind in META_TYPES.items():
+        value = meta[section][key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{section}.{key} = {value!r} is not a {getattr(kind, '__name__', 'number')}")
+    if meta["lora"]["r"] < 1 or meta["landmark"]["block_size"] < 2 or meta["landmark"]["token_id"] < 0:
+        raise ValueError("lora.r >= 1, landmark.block_size >= 2 and landmark.token_id >= 0 are required")
 
 
 def resolve_base(meta: dict[str, Any], base: str | Path | None) -> Path:
