@@ -30,3 +30,15 @@ def test_an_output_folder_never_is_the_current_folder_or_holds_it(tmp_path, monk
     with pytest.raises(ValueError, match="is the current folder or holds it"):
         check_out_folder(out, overwrite=True, name="--out")
     assert check_out_folder(work / "new", overwrite=False) == work / "new"
+
+
+@pytest.mark.parametrize("lengths", [[70], [-1], [3.0], [[2]], [1, 2]])
+def test_impossible_lengths_are_refused_not_clamped(lengths):
+    import torch
+
+    model, tok, _ = load_model(SMALL)
+    session = InferenceSession(model, 1)
+    ids = torch.tensor([tok.encode("the sea and the ship")])[:, :5]
+    with pytest.raises(ValueError, match="lengths must"):
+        session.feed(ids, torch.tensor(lengths))
+    assert int(session.length[0]) == 0  # nothing was read

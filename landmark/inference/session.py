@@ -209,9 +209,25 @@ class InferenceSession:
         ids = ids.to(self.device)
         if ids.dim() != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must have shape ({self.batch_size}, length); got {tuple(ids.shape)}")
-        lengths = torch.full((self.batch_size,), ids.shape[1]) if lengths is None else lengths.cpu().long()
+        lengths = (
+            torch.full((self.batch_size,), ids.shape[1]) if lengths is None else self._lengths(lengths, ids)
+        )
         check_landmark_positions(ids, lengths, self.length, self.config.block_size, self.config.landmark_id)
         return ids, lengths
+
+    def _lengths(self, lengths: Tensor, ids: Tensor) -> Tensor:
+        """``lengths`` checked: (B,) integers in [0, ids.shape[1]] (never clamped in silence)."""
+        lengths = torch.as_tensor(lengths)
+        if lengths.shape != (self.batch_size,) or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(
+                f"lengths must be ({self.batch_size},) integers; got {tuple(lengths.shape)} {lengths.dtype}"
+            )
+        lengths = lengths.cpu().long()
+        if bool((lengths < 0).any()) or bool((lengths > ids.shape[1]).any()):
+            raise ValueError(
+                f"lengths must lie in [0, {ids.shape[1]}] (the positions given); got {lengths.tolist()}"
+            )
+        return lengths
 
     def _forward(self, ids: Tensor, lengths: Tensor, logits_at: Tensor | None = None):
         self.stats.steps += 1
