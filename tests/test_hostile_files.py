@@ -290,3 +290,18 @@ def test_perplexity_cells_are_keyed_by_the_tokens_they_read(env, tmp_path):
     assert a["nll"] != b["nll"]
     assert run(first)["nll"] == a["nll"]  # the same tokens: read from the cell
     assert len(list((tmp_path / "cells" / "cells").iterdir())) == 2
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"key": ', b"\xff\xfe", b'{"key": {}, "result": {}}', b"[1, 2]"])
+def test_a_damaged_eval_cell_is_computed_again(tmp_path, capsys, damage):
+    from landmark.eval.common import CellCache
+
+    cache, key = CellCache(tmp_path), {"eval": "x", "length": 3}
+    cache.put(key, {"value": 1})
+    assert cache.get(key) == {"value": 1}
+    path = next((tmp_path / "cells").iterdir())
+    path.write_bytes(damage)
+    assert cache.get(key) is None
+    assert "is damaged" in capsys.readouterr().err
+    cache.put(key, {"value": 2})
+    assert cache.get(key) == {"value": 2}

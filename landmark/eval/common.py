@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,19 @@ class CellCache:
         return self.folder / f"{digest}.json"
 
     def get(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The cached result of ``key``, or None: not computed yet, or a damaged cell file (said on
+        stderr; the cell is then computed again and the file replaced)."""
         path = self._path(key)
-        if path.is_file():
-            return json.loads(path.read_text())["result"]
-        return None
+        if not path.is_file():
+            return None
+        try:
+            cell = json.loads(path.read_text(encoding="utf-8"))
+            if cell["key"] != json.loads(json.dumps(key)) or not isinstance(cell["result"], dict):
+                raise ValueError("it holds another cell")
+            return cell["result"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            print(f"warning: {path} is damaged ({err}); computing the cell again", file=sys.stderr)
+            return None
 
     def put(self, key: dict[str, Any], result: dict[str, Any]) -> None:
         write_json_atomic(self._path(key), {"key": key, "result": result})
