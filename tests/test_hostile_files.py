@@ -305,3 +305,36 @@ def test_a_damaged_eval_cell_is_computed_again(tmp_path, capsys, damage):
     assert "is damaged" in capsys.readouterr().err
     cache.put(key, {"value": 2})
     assert cache.get(key) == {"value": 2}
+
+
+def _edited_state(src: Path, dest: Path, edit) -> Path:
+    """A copy of the saved state ``src`` with its tensors changed by ``edit(tensors)`` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    save_file(tensors, str(dest), metadata=meta)
+    return dest
+
+
+STATE_EDITS = {
+    "a tensor deleted": lambda t: t.pop("layer0.tail_v"),
+    "a tensor added": lambda t: t.update(extra=torch.zeros(1)),
+    "a shape changed": lambda t: t.update({"layer0.keys": t["layer0.keys"][..., :-1].contiguous()}),
+    "length negative": lambda t: t.update(length=-t["length"]),
+    "length too short": lambda t: t.update(length=torch.zeros_like(t["length"])),
+    "tail_len out of range": lambda t: t.update({"layer0.tail_len": t["layer0.tail_len"] + BS}),
+    "count beyond the blocks": lambda t: t.update({"layer0.count": t["layer0.count"] + 99}),
+    "count of floats": lambda t: t.update({"layer0.count": t["layer0.count"].double()}),
+    "values in another dtype": lambda t: t.update({"layer0.values": t["layer0.values"].double()}),
+}
+
+
+@pytest.mark.parametrize("what", list(STATE_EDITS))
+def test_an_edited_saved_state_is_refused_in_one_line(env, tmp_path, capsys, what):
+    edited = _edited_state(env["state"], tmp_path / "edited.safetensors", STATE_EDITS[what])
+    err = _refused(env | {"root": tmp_path}, capsys, "damaged saved state",
+                   lambda: _generate(env, "--load-state", str(edited), "--prompt", "the whale"))  # fmt: skip
+    assert str(edited) in err

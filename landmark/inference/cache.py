@@ -45,6 +45,59 @@ def is_saved_state(path: str | Path) -> bool:
     return meta is not None and meta.get("format") == STATE_FORMAT
 
 
+STATE_TENSORS = ("landmark_keys", "keys", "values", "tail_k", "tail_v", "count", "tail_len")  # per layer
+
+
+def check_state_tensors(tensors: dict[str, Tensor], n_layers: int, block_size: int) -> None:
+    """A saved state's tensors as :meth:`RetrievalCache.save` writes them: every one present, no other,
+    shapes and dtypes consistent across layers, counts and lengths in range. A ValueError names the
+    first that is not (an edited file must not load into a cache that then fails mid-read)."""
+    names = {f"layer{i}.{t}" for i in range(n_layers) for t in STATE_TENSORS} | {"length"}
+    if set(tensors) != names:
+        missing, extra = sorted(names - set(tensors))[:3], sorted(set(tensors) - names)[:3]
+        raise ValueError(f"tensors missing {missing}, unexpected {extra}")
+    length = tensors["length"]
+    batch, heads, _, dim = tensors["layer0.tail_k"].shape
+    _need(_counts(length, batch, 0, None), "length must be (streams,) integers >= 0")
+    for i in range(n_layers):
+        _check_layer_state({name: tensors[f"layer{i}.{name}"] for name in STATE_TENSORS},
+                           f"layer {i}", (batch, heads, dim), block_size, length)  # fmt: skip
+
+
+def _check_layer_state(t: dict[str, Tensor], where: str, bhd: tuple, block_size: int, length: Tensor) -> None:
+    """One layer's saved tensors (see :func:`check_state_tensors`); ``bhd``: (streams, kv heads, head dim)."""
+    (batch, heads, dim), lk = bhd, t["landmark_keys"]
+    n = lk.shape[2] if lk.dim() == 4 else -1
+    data = [lk, t["keys"], t["values"], t["tail_k"], t["tail_v"]]
+    _need(all(x.is_floating_point() and x.dtype == lk.dtype for x in data), f"{where}: dtypes differ")
+    shapes = {
+        "landmark_keys": (batch, heads, n, dim),
+        "keys": (batch, heads, n, dim, block_size),
+        "values": (batch, heads, n, block_size - 1, dim),
+        "tail_k": (batch, heads, t["tail_k"].shape[2], dim),
+        "tail_v": (batch, heads, t["tail_k"].shape[2], dim),
+    }
+    for name, shape in shapes.items():
+        _need(tuple(t[name].shape) == shape, f"{where}: {name} has shape {tuple(t[name].shape)}, not {shape}")
+    count, tail_len = t["count"], t["tail_len"]
+    _need(_counts(count, batch, 0, n), f"{where}: count must be (streams,) integers in [0, {n}]")
+    top = min(block_size - 1, t["tail_k"].shape[2])
+    _need(_counts(tail_len, batch, 0, top), f"{where}: tail_len must be (streams,) integers in [0, {top}]")
+    _need(bool((count * block_size + tail_len <= length).all()), f"{where}: more positions than length")
+
+
+def _counts(x: Tensor, batch: int, low: int, high: int | None) -> bool:
+    """Whether ``x`` is (batch,) integers in [low, high] (no upper bound when ``high`` is None)."""
+    if tuple(x.shape) != (batch,) or x.is_floating_point() or x.dtype == torch.bool:
+        return False
+    return bool((x >= low).all()) and (high is None or bool((x <= high).all()))
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 def check_state_destination(
     path: str | Path, overwrite: bool = False, reads=(), option: str = "save_state"
 ) -> Path:
@@ -361,11 +414,15 @@ class RetrievalCache:
                 f"{path} was saved for other weights (fingerprint {meta.get('model')}; this model's is "
                 f"{model_id}): read the document again with this model"
             )
-        tail = tensors["layer0.tail_k"]
         want = {"n_layers": self.n_layers, "block_size": self.block_size, "rope_base": self.rope_base}
         for key, value in want.items():
             if meta.get(key) != str(value):
                 raise ValueError(f"{path} was saved with {key} = {meta.get(key)}; this model has {value}")
+        try:
+            check_state_tensors(tensors, self.n_layers, self.block_size)
+        except ValueError as err:
+            raise ValueError(f"{path} is a damaged saved state: {err}") from None
+        tail = tensors["layer0.tail_k"]
         if batch is not None and tail.shape[0] != batch:
             raise ValueError(f"{path} holds {tail.shape[0]} streams; this session has {batch}")
         if dtype is not None and tail.dtype != dtype:
