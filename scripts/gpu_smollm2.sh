@@ -12,8 +12,9 @@
 #
 # keep: the GGUF's first half and the gguf package (installed from its wheel) go to $KEEP.
 # prepare: joins the halves, checks their sha256, and prepares SmolLM2-135M-Instruct in $KEEP (offline).
-# finetune: `landmark hf finetune` from the carried delta (--init-delta .gpu/delta) with ARGS (the
-#   recipe: --steps, --lr, --bf16, ...), then `landmark hf export-delta`; the new delta comes back in
+# finetune: `landmark hf finetune` from the carried delta (--init-delta .gpu/delta; FROM=base: from the
+#   base model, no delta carried) with ARGS (the recipe: --steps, --lr, --bf16, ...; the distillation
+#   teacher is the prepared base, --distill $KEEP/SmolLM2-135M-Instruct), then `landmark hf export-delta`; the new delta comes back in
 #   $OUT/delta/ (delta.json, and delta.safetensors in parts of 15 MB with its sha256: a returned file is
 #   at most 16 MiB), with the run's log and summary. Join the parts here (its README is written here):
 #   bash scripts/gpu_carry.sh --collect FILES_AT DEST. With --lora-r 0 (a full fine-tune from the
@@ -60,11 +61,15 @@ prepare() {
 
 finetune() {
   [ -f "$BASE/config.json" ] || die "finetune: $BASE is not prepared (run 'prepare' in the previous call)"
-  [ -f "$G/delta/delta.json" ] || die "finetune: $G/delta/delta.json is missing (carry $G/delta)"
+  local start=()  # FROM=base: a fine-tune of the base model itself (no carried delta)
+  if [ "${FROM:-delta}" != base ]; then
+    [ -f "$G/delta/delta.json" ] || die "finetune: $G/delta/delta.json is missing (carry $G/delta, or FROM=base)"
+    start=(--init-delta "$G/delta")
+  fi
   local out="${OUT:-$KEEP/out}" run="$KEEP/run"
   mkdir -p "$out/delta"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  "$PYTHON" -m landmark hf finetune --model "$BASE" --init-delta "$G/delta" --out "$run" --overwrite "$@" \
+  "$PYTHON" -m landmark hf finetune --model "$BASE" "${start[@]}" --out "$run" --overwrite "$@" \
     2>&1 | tee "$out/finetune.log"
   [ -f "$run/landmark-finetune.json" ] && cp "$run/landmark-finetune.json" "$out/"
   if [ ! -d "$run/lora-adapter" ]; then  # a full fine-tune (--lora-r 0): no delta to ship

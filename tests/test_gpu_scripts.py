@@ -137,6 +137,20 @@ def test_finetune_returns_the_delta_in_parts_and_collect_joins_it(machine, tmp_p
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.tmp").exists()
 
 
+def test_a_finetune_from_the_base_needs_no_carried_delta(machine):
+    keep = Path(machine["KEEP"])
+    (keep / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    (keep / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    missing = run(ON_GPU, "finetune", "--steps", "3", env=machine)
+    assert missing.returncode == 2 and "FROM=base" in missing.stderr
+    teacher = f"{keep}/SmolLM2-135M-Instruct"
+    done = run(ON_GPU, "finetune", "--steps", "3", "--distill", teacher, env={**machine, "FROM": "base"})
+    assert done.returncode == 0, done.stderr
+    first = Path(machine["FAKE_LOG"]).read_text().splitlines()[0]
+    assert "--init-delta" not in first
+    assert first.endswith(f"--model {teacher} --out {keep}/run --overwrite --steps 3 --distill {teacher}")
+
+
 def test_a_full_finetune_is_not_exported_and_is_what_evaluate_reads(machine):
     carried, keep, out = Path(machine["GPU_DIR"]), Path(machine["KEEP"]), Path(machine["OUT"])
     (keep / "SmolLM2-135M-Instruct").mkdir(parents=True)
