@@ -231,7 +231,8 @@ def evaluate_ruler(models: list[tuple[str, Any]], args: argparse.Namespace, cach
                     state = f"{result['seconds']:.0f} s"
                 print(f"[{done}/{total}] {task} {length} {name}: {100 * result['score']:.1f} "
                       f"({result['n']} samples, {state})", file=sys.stderr, flush=True)  # fmt: skip
-                results.append({"task": task, "length": length, "model": name, **keys[task, name], **result})
+                key = keys[task, name]  # its "model" is the weights' fingerprint
+                results.append({**key, **result, "model": name, "weights": key["model"]})
     return results
 
 
