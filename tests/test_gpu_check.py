@@ -78,7 +78,9 @@ def test_smoke_mode_runs_every_step(tmp_path):
     assert steps["hf_finetune"]["steps_done"] == 1 and steps["hf_finetune"]["tokens_per_s"] > 0
     # the reading step (on a CPU: both reads on the CPU, so the same logits) ran every part
     reading = steps["hf_reading"]
-    assert reading["device"] == "cpu" and reading["rel_diff"] == 0.0 and reading["same_argmax"]
+    # two reads of the same weights on the CPU: equal to float32 rounding (bitwise under transformers
+    # 5.24 in earlier CI runs; 6.6e-8 apart under 5.25, with this code and the code of before it alike)
+    assert reading["device"] == "cpu" and reading["rel_diff"] <= 1e-6 and reading["same_argmax"]
     assert (
         reading["eval_tokens"] == 400
         and reading["eval_seconds"] > 0
