@@ -18,14 +18,13 @@ from pathlib import Path
 
 from landmark.data.passkey import DEFAULT_MULTIKEY_KEYS, HAYSTACKS, NAMES, TASKS
 from landmark.data.wordings import WORDING_SETS
+from landmark.eval.common import check_common_arguments
 from landmark.eval.models import HF_PREFIX, parse_model_arg
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
     check_chunk_len,
-    check_device,
     check_distinct,
-    check_retrieval_arguments,
     resolve_device,
     session_options,
 )
@@ -41,16 +40,6 @@ def _models_help() -> str:
         "Hugging Face model folder: landmark-converted, read with retrieval, or not, read with its own "
         "attention); repeat for several"
     )
-
-
-def _check_common(args: argparse.Namespace) -> None:
-    """Checks shared by both evaluations that need no model: retrieval options, --out, --lengths."""
-    check_retrieval_arguments(args)
-    check_device(args.device, "--device")
-    check_distinct("--lengths", args.lengths)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder for the results")
 
 
 def _load(args: argparse.Namespace):
@@ -117,7 +106,7 @@ def _ppl_inputs(args: argparse.Namespace):
     """Checked models and tokens of ``eval ppl``; a ValueError names the first bad argument."""
     import numpy as np
 
-    _check_common(args)
+    check_common_arguments(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.max_tokens < 1:
@@ -174,7 +163,7 @@ def _passkey_inputs(args: argparse.Namespace):
     """Checked models and task of ``eval passkey``; a ValueError names the first bad argument."""
     from landmark.eval.passkey import PasskeyTask, check_passkey_cells
 
-    _check_common(args)
+    check_common_arguments(args)
     check_distinct("--depths", args.depths)
     task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus, args.wording)
     task.check()  # before the models are loaded
@@ -211,11 +200,7 @@ def _base_check_inputs(args: argparse.Namespace):
     from landmark.eval.base_check import prose_windows
     from landmark.eval.models import load_hf
 
-    check_retrieval_arguments(args)
-    check_device(args.device, "--device")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder for the results")
+    check_common_arguments(args)
     if args.windows < 1 or args.window_len < 64:
         raise ValueError("--windows must be >= 1 and --window-len >= 64 tokens")
     specs = [parse_model_arg(spec) for spec in args.model]

@@ -87,3 +87,18 @@ def check_lengths(lengths: list[int], models: list[ModelUnderTest], what: str = 
                 f"{what}: {short} shorter than one block ({bs} tokens) of model {m.name!r}; "
                 "use longer lengths"
             )
+
+
+def check_common_arguments(args: Any) -> None:
+    """Checks every evaluation command shares, before any model is loaded: the retrieval options,
+    ``--device``, ``--out`` (a folder, not a file) and ``--lengths`` (no value twice) where the command
+    has them."""
+    from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
+
+    check_retrieval_arguments(args)
+    check_device(args.device, "--device")
+    if "lengths" in args:
+        check_distinct("--lengths", args.lengths)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the results")

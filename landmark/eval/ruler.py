@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from landmark.eval.common import check_common_arguments
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
     check_chunk_len,
-    check_device,
     check_distinct,
-    check_retrieval_arguments,
     resolve_device,
     session_options,
 )
@@ -91,11 +90,7 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--limit must be >= 1; got {args.limit}")
     if args.max_gen_toks is not None and args.max_gen_toks < 1:
         raise ValueError(f"--max-gen-toks must be >= 1; got {args.max_gen_toks}")
-    check_retrieval_arguments(args)
-    check_device(args.device, "--device")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder for the results")
+    check_common_arguments(args)
     parse_models(args.model)
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError('RULER needs lm-evaluation-harness: pip install -c constraints.txt -e ".[lmeval]"')
