@@ -7,7 +7,7 @@ by the evaluation's own plot, :func:`landmark.eval.passkey.plot_passkey`.
 
 Usage (the SmolLM2 grid of docs/evaluation.md)::
 
-    python benchmarks/passkey_grid.py benchmarks/results/smollm2_passkey/s9/*.json \
+    python benchmarks/passkey_grid.py benchmarks/results/smollm2_passkey/version2/*.json \
         --out benchmarks/results/smollm2_passkey/grid.json --png docs/results/smollm2_passkey.png
 """
 

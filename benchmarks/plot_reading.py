@@ -34,7 +34,7 @@ def series(path: Path, kinds: dict[str, str]) -> dict[str, list[tuple[int, float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefill", default=str(RESULTS / "prefill.json"))
-    p.add_argument("--hf", default=str(RESULTS / "hf_prefill_s8.json"))
+    p.add_argument("--hf", default=str(RESULTS / "hf_prefill_rope_skip.json"))
     p.add_argument("--out", default=str(REPO / "docs" / "reading_speed.png"))
     args = p.parse_args()
     import matplotlib
