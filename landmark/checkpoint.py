@@ -16,10 +16,8 @@ removed by :func:`clean_partial`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from landmark.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from landmark.files import staged_folder
 from landmark.model import GPT, ModelConfig
 
 FORMAT = "landmark-checkpoint-v1"
@@ -77,14 +76,6 @@ class Checkpoint:
             )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -112,20 +103,13 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     if not final.is_dir():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-        try:
+        with staged_folder(final, durable=True) as tmp:
             weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "step": str(step)})
             meta = {"format": FORMAT, "step": step, **config}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
             (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
             torch.save(state, tmp / STATE_FILE)
-            for f in tmp.iterdir():
-                _fsync(f)
-            os.rename(tmp, final)
-            _fsync(root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != final:

@@ -13,18 +13,24 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from landmark import __version__
+import torch
+
+from landmark import __version__, landmark_attention, landmark_weights
+from landmark.checkpoint import CheckpointError
+from landmark.data import CorpusError, bundled_books, prepare_data
 from landmark.eval.cli import add_eval_parser
 from landmark.hf.cli import add_hf_parser
 from landmark.inference.cli import add_generate_parser
+from landmark.inference.options import check_seed
+from landmark.ops.support import triton_unsupported_reason
+from landmark.plot import plot_metrics
 from landmark.quickstart import add_quickstart_parser
+from landmark.train import TrainingError, shutdown_distributed, train
+from landmark.train_config import ConfigError, check_tokenizer_options, load_config
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run landmark attention on random inputs: exactness against the reference, time, a weight map."""
-    import torch
-
-    from landmark import landmark_attention, landmark_weights
 
     try:
         _check_demo(args)
@@ -70,7 +76,6 @@ DEMO_MAX_REFERENCE = 2**30  # heads x seq**2 of the dense reference's weights (8
 
 def _check_demo(args: argparse.Namespace) -> None:
     """``landmark demo``'s sizes: positive, and small enough for this machine's memory."""
-    from landmark.inference.options import check_seed
 
     for option, value in (
         ("--block-size", args.block_size),
@@ -100,7 +105,6 @@ def _check_demo(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions and which attention implementation ``auto`` picks here."""
-    import torch
 
     print(f"landmark-attention {__version__}")
     cuda, threads = torch.cuda.is_available(), torch.get_num_threads()
@@ -111,7 +115,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed (the fused GPU kernel is unavailable; blockwise is used)")
-    from landmark.ops.attention import triton_unsupported_reason
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = triton_unsupported_reason(torch.empty(1, 1, 1, 64, device=device), 64)
@@ -121,8 +124,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model from a TOML config (also under torchrun: one process per rank)."""
-    from landmark.train import shutdown_distributed, train
-    from landmark.train_config import load_config
 
     cfg = load_config(args.config, args.set)
     try:
@@ -134,8 +135,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Train/load the tokenizer and tokenise a corpus into cached token arrays; print where."""
-    from landmark.data import bundled_books, prepare_data
-    from landmark.train_config import ConfigError, check_tokenizer_options
 
     names = {"vocab_size": "--vocab-size", "gpt2_dir": "--gpt2-dir"}
     check_tokenizer_options(args.tokenizer, args.vocab_size, args.gpt2_dir or "", names)
@@ -152,7 +151,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_plot_metrics(args: argparse.Namespace) -> int:
     """Plot training and validation loss of one or more runs into a PNG."""
-    from landmark.plot import plot_metrics
 
     try:
         out = plot_metrics(
@@ -237,10 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from landmark.checkpoint import CheckpointError
-    from landmark.data import CorpusError
-    from landmark.train import TrainingError
-    from landmark.train_config import ConfigError
 
     try:
         return args.func(args)

@@ -6,7 +6,7 @@ a number that another module must agree with.
 
 from __future__ import annotations
 
-# A block is `block_size` consecutive positions; the last one is the landmark (shared/method.md s.2).
+# A block is `block_size` consecutive positions; the last one is its landmark (docs/method.md).
 # 63 regular tokens + 1 landmark: a power of two, which the fused GPU kernel requires.
 DEFAULT_BLOCK_SIZE: int = 64
 
@@ -23,9 +23,13 @@ BLOCKWISE_TILE_ROWS: int = 64
 TRITON_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128)
 TRITON_MAX_HEAD_DIM: int = 128
 # float64 on a GPU: the largest block_size x padded head_dim tile the Triton kernel is run with. Measured
-# on an H200 (session 10, scripts/gpu_check.sh): 64 x 64 runs; 128 x 128 asks for 384 KiB of shared
+# on an H200 (scripts/gpu_check.sh): 64 x 64 runs; 128 x 128 asks for 384 KiB of shared
 # memory (three float64 tiles) where the chip has 227 KiB. Larger float64 tiles go to the blockwise path.
 TRITON_FP64_MAX_TILE: int = 64 * 64
 
 # Names accepted by `landmark_attention(..., impl=...)`.
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton")
+
+# Files of a Hugging Face landmark fine-tune (`landmark hf finetune --out RUN`), read by the delta export.
+FINETUNE_SUMMARY_FILE: str = "landmark-finetune.json"  # next to the saved model: settings and losses
+LORA_ADAPTER_FOLDER: str = "lora-adapter"  # with LoRA: the peft adapter, inside the output folder

@@ -1,5 +1,5 @@
-"""Writing files without losing data: the one atomic writer, and the check that keeps an output off
-the files a run reads.
+"""Writing files and folders without losing data: the one atomic writer of files, the one staged
+writer of folders, the run-folder lock, and the check that keeps an output off the files a run reads.
 
 Every file the library writes goes through :func:`atomic_write`: the content goes to a temporary file
 beside the destination, which replaces the destination only once it is complete; on any failure (a
@@ -12,17 +12,31 @@ left as it was. :func:`check_output_file` runs before any work: a command that w
 * an existing file that is not the command's own kind of output (a saved state is recognised by its
   metadata), unless ``--overwrite`` is given.
 
+Every folder the library writes whole (a checkpoint, a prepared model, an extracted corpus) is
+written into a temporary folder beside its destination by :func:`staged_folder`, which renames it into
+place once complete; :func:`replace_folder` swaps a complete staging folder for an existing output.
+:class:`RunLock` holds a run folder for as long as one process trains into it.
+
 This module imports nothing from the library (every layer may use it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import struct
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: run folders are not locked
+    fcntl = None
 
 SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # bytes: a larger header is not a safetensors file we wrote
 
@@ -143,3 +157,107 @@ def check_output_file(
             f"{option} {path} exists and is not {kind}: give a new file name, or --overwrite to replace it"
         )
     return path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or folder to disk (best effort: some file systems refuse to sync a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | Path, *, durable: bool = False) -> Iterator[Path]:
+    """Write a folder whole: yield a fresh temporary folder beside ``dest``; when the block ends without
+    an exception it is renamed to ``dest``. The temporary folder is removed in every case.
+
+    ``dest`` must not exist or be an empty folder. If it was filled meanwhile (another process writing
+    the same output won the race), the staged copy is dropped and ``dest`` is left as the other writer
+    made it; the caller checks it if it must. The staged folder gets the usual permissions (a temporary
+    folder is private). ``durable``: every file, the folder and its parent are flushed to disk.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        if durable:
+            for f in tmp.rglob("*"):
+                fsync_path(f)
+        try:
+            os.rename(tmp, dest)  # onto a missing or empty folder
+        except OSError:
+            if not dest.is_dir():
+                raise
+        if durable:
+            fsync_path(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(staging: str | Path, out: str | Path) -> Path:
+    """Move the complete folder ``staging`` to ``out``, replacing what was there only once the new
+    folder is complete: the old ``out`` is renamed aside, then removed. Returns ``out`` as a Path."""
+    staging, out = Path(staging), Path(out)
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the run folder (:class:`RunLock`)."""
+
+
+class RunLock:
+    """An exclusive hold on a run folder for as long as one process trains into it.
+
+    ``fcntl.flock`` on the folder itself: no file is created in it, and the kernel releases the hold when
+    the process ends, ``kill -9`` included, so a killed run never leaves its folder stuck. Only process
+    0 of a torchrun job holds it. Where flock is unavailable (Windows, some network file systems) the
+    folder is not held."""
+
+    def __init__(self, folder: Path, option: str = "train.out_dir") -> None:
+        self.folder = folder
+        self.option = option  # named in the refusal
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Hold the (existing) folder; raise FolderInUseError naming it when another process holds it."""
+        if fcntl is None or self.held:
+            return
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderInUseError(
+                    f"{self.folder} is in use: another training run holds it ({self.option}): wait for "
+                    f"that run to end (then --resume continues it), or choose another {self.option}"
+                ) from None
+            return  # flock unsupported here: train without the hold
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the folder go (closing the descriptor drops the flock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -32,6 +32,21 @@ import sys
 import time
 from pathlib import Path
 
+from landmark.checkpoint import CheckpointError, load_model
+from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.data import load_split, prepare_data
+from landmark.eval.common import CellCache, GPTUnderTest, check_lengths
+from landmark.eval.models import load_hf
+from landmark.eval.passkey import (
+    PasskeyTask,
+    check_passkey_cells,
+    evaluate_passkey,
+    passkey_table,
+    plot_passkey,
+)
+from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
+from landmark.files import write_text_atomic
+from landmark.hf.delta import is_delta, read_meta, resolve_base
 from landmark.inference.options import (
     add_retrieval_arguments,
     check_chunk_len,
@@ -39,6 +54,8 @@ from landmark.inference.options import (
     check_retrieval_arguments,
     session_options,
 )
+from landmark.train import train
+from landmark.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints" / "passkey-landmark"
@@ -54,8 +71,6 @@ SEED = 0  # passkey keys
 
 
 def _train_on_the_spot(out: Path, minutes: float) -> Path:
-    from landmark.train import train
-    from landmark.train_config import load_config
 
     run = out / "model"
     overrides = [f"train.out_dir={json.dumps(str(run))}", f"train.max_minutes={minutes}",
@@ -106,8 +121,6 @@ def _check_options(args: argparse.Namespace) -> None:
 def _check_recipe(args: argparse.Namespace) -> None:
     """Before training on the spot: the lengths against the recipe's block size (and the shipped
     checkpoint's tokenizer, the one the recipe prepares, for the passkey prompts)."""
-    from landmark.config import DEFAULT_BLOCK_SIZE
-    from landmark.train_config import load_config
 
     bs = load_config(RECIPE).model.get("block_size", DEFAULT_BLOCK_SIZE)
     short = [n for n in args.ppl_lengths if n < bs]
@@ -118,8 +131,6 @@ def _check_recipe(args: argparse.Namespace) -> None:
 
 def _load(path: Path):
     """The checkpoint at ``path`` as the one model under test (a landmark model), or a ValueError."""
-    from landmark.checkpoint import CheckpointError, load_model
-    from landmark.eval.common import GPTUnderTest
 
     try:
         model, tokenizer, _ = load_model(path)
@@ -134,7 +145,6 @@ def _load(path: Path):
 
 def _check_model(args: argparse.Namespace, m) -> None:
     """The lengths and chunk length against the small model."""
-    from landmark.eval.common import check_lengths
 
     check_lengths(args.ppl_lengths, [m], "--ppl-lengths")
     check_chunk_len(args, m.model.config.block_size)
@@ -143,8 +153,6 @@ def _check_model(args: argparse.Namespace, m) -> None:
 def _load_hf(args: argparse.Namespace):
     """The SmolLM2 landmark model (its base prepared when missing) and the base model's folder; the
     passkey lengths checked against its tokenizer. None when ``--no-hf``."""
-    from landmark.eval.models import load_hf
-    from landmark.eval.passkey import PasskeyTask, check_passkey_cells
 
     if args.no_hf:
         return None, None
@@ -162,8 +170,6 @@ def _load_hf(args: argparse.Namespace):
                             task)  # fmt: skip
     base = args.base
     if base is None:
-        from landmark.hf.delta import is_delta, read_meta, resolve_base
-
         if not is_delta(args.hf_model):
             raise ValueError(f"--hf-model {args.hf_model} is not a delta folder: give its base with --base")
         base = str(resolve_base(read_meta(Path(args.hf_model)), None))
@@ -220,7 +226,6 @@ def _worded(cells: list[dict], wording: str) -> list[dict]:
 
 def _validation_tokens(args: argparse.Namespace, m):
     """The bundled validation split, tokenised with the model's tokenizer; --ppl-lengths must fit in it."""
-    from landmark.data import load_split, prepare_data
 
     tokens = load_split(prepare_data(tokenizer=m.tokenizer, progress=True).folder, "validation").tokens
     too_long = [n for n in args.ppl_lengths if n > len(tokens)]
@@ -244,8 +249,6 @@ def _model_and_tokens(args: argparse.Namespace):
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from landmark.eval.common import CellCache
-    from landmark.eval.perplexity import evaluate_perplexity, plot_perplexity
 
     t0 = time.perf_counter()
     try:
@@ -269,8 +272,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     plot_perplexity(ppl, out / "perplexity.png")
     pk = _hf_passkey(args, hf, cache, options) + _base_results(args, base_proc)
     if pk:
-        from landmark.eval.passkey import plot_passkey
-
         plot_passkey(pk, out / "passkey.png")
     _write_report(args, m, source, ppl, pk, time.perf_counter() - t0)
     return 0
@@ -278,7 +279,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _hf_passkey(args: argparse.Namespace, hf, cache, options: dict) -> list[dict]:
     """The SmolLM2 landmark model's passkey cells (none without it)."""
-    from landmark.eval.passkey import PasskeyTask, evaluate_passkey
 
     if hf is None:
         return []
@@ -309,9 +309,6 @@ def _answers(pk: list[dict]) -> str:
 
 def _write_report(args: argparse.Namespace, m, source: str, ppl: list[dict], pk: list[dict], seconds: float):
     """``report.md`` in ``--out``; the tables printed."""
-    from landmark.eval.passkey import passkey_table
-    from landmark.eval.perplexity import perplexity_table
-    from landmark.files import write_text_atomic
 
     out, cfg = Path(args.out), m.model.config
     passkey = (

@@ -58,14 +58,9 @@ from landmark.checkpoint import (
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
 from landmark.data.passkey import PasskeyMixSampler
-from landmark.files import write_json_atomic, write_text_atomic
+from landmark.files import FolderInUseError, RunLock, write_json_atomic, write_text_atomic
 from landmark.model import GPT, IGNORE_INDEX, ModelConfig
 from landmark.train_config import ConfigError, RunConfig, device_kind, validate
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: run folders are not locked
-    fcntl = None
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "config.json"
@@ -286,47 +281,6 @@ def _write_error(what: str, out_dir: Path, err: OSError) -> TrainingError:
     )
 
 
-class RunLock:
-    """An exclusive hold on a run folder for as long as one process trains into it.
-
-    ``fcntl.flock`` on the folder itself: no file is created in it, and the kernel releases the hold when
-    the process ends, ``kill -9`` included, so a killed run never leaves its folder stuck. Only process
-    0 of a torchrun job holds it. Where flock is unavailable (Windows, some network file systems) the
-    folder is not held."""
-
-    def __init__(self, folder: Path, option: str = "train.out_dir") -> None:
-        self.folder = folder
-        self.option = option  # named in the refusal
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> None:
-        """Hold the (existing) folder; raise ConfigError naming it when another process holds it."""
-        if fcntl is None or self.held:
-            return
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(
-                    f"{self.folder} is in use: another training run holds it ({self.option}): wait for "
-                    f"that run to end (then --resume continues it), or choose another {self.option}"
-                ) from None
-            return  # flock unsupported here: train without the hold
-        self._fd = fd
-
-    def release(self) -> None:
-        """Let the folder go (closing the descriptor drops the flock)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 # ------------------------------------------------------------------------------- the run's state
 
 
@@ -464,7 +418,7 @@ def _setup(
     data = _setup_data(cfg, d, prepared if prepared is not None else _prepare(cfg, progress=False))
     out_dir = Path(cfg.train.out_dir)
     if d.main and out_dir.is_dir():
-        lock.acquire()  # before its checkpoints are read: a run still writing them makes us refuse
+        _hold(lock)  # before its checkpoints are read: a run still writing them makes us refuse
     checkpoint = _resume_checks(out_dir, resume, data)
     if checkpoint is not None and cfg.train.max_steps < checkpoint.step:
         raise ConfigError(
@@ -617,6 +571,14 @@ def _first_line(err: BaseException) -> str:
     return next((line for line in lines if "size mismatch" in line), lines[0])[:200]
 
 
+def _hold(lock: RunLock) -> None:
+    """Take the run folder's lock; a folder another run holds is a ConfigError (one line, exit 2)."""
+    try:
+        lock.acquire()
+    except FolderInUseError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _open_run_folder(run: _Run, lock: RunLock) -> None:
     """Process 0: hold the folder (creating it), remove left-over temporary checkpoints, write
     config.json and metrics.jsonl without the lines logged after the checkpoint resumed from."""
@@ -624,7 +586,7 @@ def _open_run_folder(run: _Run, lock: RunLock) -> None:
     try:
         if not lock.held:
             out_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+            _hold(lock)
             if latest_checkpoint(out_dir) != (run.checkpoint.path if run.checkpoint else None):
                 raise ConfigError(f"{out_dir} received checkpoints from another run while this one started")
         clean_partial(out_dir)

@@ -16,15 +16,21 @@ Every mistake raises :class:`ConfigError` with one line that names the key and s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from landmark.data.tokenizer import MAX_BPE_VOCAB, MIN_BPE_VOCAB
+import torch
+
+from landmark import model as model_module
+from landmark.data.books import cache_root
+from landmark.data.tokenizer import GPT2_FILES, MAX_BPE_VOCAB, MIN_BPE_VOCAB
 from landmark.model import ModelConfig, first_failure
 from landmark.model import is_finite_real as _finite
+from landmark.ops.support import triton_unsupported_reason
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -296,9 +302,6 @@ def check_tokenizer_options(tokenizer: str, vocab_size: int, gpt2_dir: str, name
         )
         raise ConfigError(f"{expected}; got {vocab_size}")
     if tokenizer == "gpt2":
-        from landmark.data.books import cache_root
-        from landmark.data.tokenizer import GPT2_FILES
-
         folder = Path(gpt2_dir) if gpt2_dir else cache_root() / "gpt2"
         missing = [name for name in GPT2_FILES if not (folder / name).is_file()]
         if missing:
@@ -310,20 +313,16 @@ def check_tokenizer_options(tokenizer: str, vocab_size: int, gpt2_dir: str, name
 
 def device_kind(t: TrainConfig) -> str:
     """``"cuda"`` or ``"cpu"``: where a run of these settings trains (``auto``: cuda when available)."""
-    import torch
 
     return "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def _check_device(cfg: RunConfig, mc: ModelConfig) -> None:
     """train.device names a device this machine has, and model.attn_impl can run on it."""
-    import torch
 
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but CUDA is not available here: use 'cpu' or 'auto'")
     if mc.attention == "landmark" and mc.attn_impl == "triton":
-        from landmark.ops.attention import triton_unsupported_reason
-
         probe = torch.empty((1, 1, 1, mc.head_dim), device=device_kind(cfg.train))
         reason = triton_unsupported_reason(probe, mc.block_size)
         if reason is not None:
@@ -349,9 +348,6 @@ def validate(cfg: RunConfig) -> None:
 
 def config_field_docs() -> dict[str, list[tuple[str, Any, str]]]:
     """(key, default, comment) of every config key by section, read from this file and model.py."""
-    import inspect
-
-    from landmark import model as model_module
 
     out: dict[str, list[tuple[str, Any, str]]] = {}
     for section, cls, module_source in [

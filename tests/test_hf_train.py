@@ -137,7 +137,7 @@ def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
 
 def test_finetune_resume_refusals(tiny, tmp_path, capsys):
     """--resume with nothing to continue is refused, naming the option; so is a run folder in use."""
-    from landmark.train import RunLock
+    from landmark.files import RunLock
 
     model_dir, corpus = tiny
     out = tmp_path / "out"

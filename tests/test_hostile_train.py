@@ -29,7 +29,8 @@ import torch
 
 from landmark.checkpoint import latest_checkpoint
 from landmark.cli import main
-from landmark.train import RunLock, train
+from landmark.files import RunLock
+from landmark.train import train
 from landmark.train_config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]

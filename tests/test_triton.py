@@ -24,9 +24,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from landmark.ops.attention import fp64_tile_reason, landmark_attention, triton_unsupported_reason
+from landmark.ops.attention import landmark_attention
 from landmark.ops.blockwise import blockwise_forward
 from landmark.ops.reference import landmark_attention_reference
+from landmark.ops.support import fp64_tile_reason, triton_unsupported_reason
 from landmark.ops.triton import triton_backward, triton_forward
 
 pytestmark = pytest.mark.triton

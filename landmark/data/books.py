@@ -8,10 +8,10 @@ repository's git-ignored ``cache/`` folder.
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
-import tempfile
 from pathlib import Path
+
+from landmark.files import staged_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOKS_ARCHIVE = REPO_ROOT / "data" / "books.tar.xz"
@@ -54,19 +54,13 @@ def bundled_books(cache: str | Path | None = None, archive: str | Path = BOOKS_A
             f"bundled corpus archive {archive} not found: use a source checkout of the repository, "
             "or pass the folder of your own corpus instead"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".books-", dir=dest.parent))
-    try:
+    with staged_folder(dest) as tmp:  # a concurrent extraction that wins the race is kept
         with tarfile.open(archive, "r:xz") as tar:
             if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse unsafe members
                 tar.extractall(tmp, filter="data")
             else:
                 tar.extractall(tmp)
-        try:
-            os.rename(tmp / "books", dest)
-        except OSError:
-            if not dest.is_dir():  # not a concurrent extraction that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for member in list((tmp / "books").iterdir()):  # the archive's top folder becomes dest
+            member.rename(tmp / member.name)
+        (tmp / "books").rmdir()
     return dest

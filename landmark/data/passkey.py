@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from landmark.data.books import bundled_books
+from landmark.data.corpus import CorpusError, read_corpus
 from landmark.data.landmarks import landmark_example
 from landmark.data.tokenizer import Tokenizer
 from landmark.data.windows import Batch, WindowSampler
@@ -148,8 +150,6 @@ class BookHaystack:
     """
 
     def __init__(self, corpus: str | Path | None = None, split: str = "validation") -> None:
-        from landmark.data.books import bundled_books
-        from landmark.data.corpus import CorpusError, read_corpus
 
         read = read_corpus(corpus if corpus is not None else bundled_books())
         if split not in read.splits:

@@ -19,6 +19,7 @@ A model that stays its base has KL near 0, the same loss, as many right chat ans
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -30,7 +31,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from landmark.eval.models import HFUnderTest, Reading
+from landmark.data.passkey import FILLER, INSTRUCTION
+from landmark.data.wordings import PAPER, families
+from landmark.eval.common import cache_key_options
+from landmark.eval.models import HFUnderTest, Reading, _cache_options, _retrieval
+from landmark.inference.session import landmark_stream
 
 MIN_MARKER_WORDS = 3  # a template fragment shorter than this is too common to call training text
 CHAT_NEW_TOKENS = 40  # tokens generated per chat answer
@@ -69,8 +74,6 @@ def training_markers() -> tuple[str, ...]:
     passkey instruction and filler, and the fixed words of the key sentences, questions and answer
     prefixes of the paper's wording and the training families (split at their placeholders; fragments
     of at least :data:`MIN_MARKER_WORDS` words). Held-out families are not training text."""
-    from landmark.data.passkey import FILLER, INSTRUCTION
-    from landmark.data.wordings import PAPER, families
 
     texts = [INSTRUCTION, *re.split(r"(?<=\.)\s+", FILLER)]
     for w in (PAPER, *families("train")):
@@ -144,9 +147,7 @@ def judge(rows: list[dict]) -> list[dict]:
 def _landmark_chunks(m: HFUnderTest, window: Tensor, reading: Reading) -> Iterator[tuple[Tensor, Tensor]]:
     """A landmark model reading ``window`` (1, n) regular tokens with landmarks and retrieval:
     ``(regular indices, (c, vocab) logits)`` of each chunk's regular positions."""
-    from landmark.eval.models import _cache_options, _retrieval
     from landmark.hf.retrieval import LandmarkRetrievalCache
-    from landmark.inference.session import landmark_stream
 
     stream, _, _ = landmark_stream(window, None, m.block_size, m.landmark_id)
     regular = stream[0] != m.landmark_id
@@ -267,9 +268,6 @@ def run_base_check(
     Returns:
         (chat rows, prose rows), the base's chat rows first.
     """
-    import hashlib
-
-    from landmark.eval.common import cache_key_options
 
     prompts = hashlib.sha256(repr([p.question for p in CHAT_PROMPTS]).encode()).hexdigest()[:16]
     tokens = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

@@ -16,10 +16,38 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from landmark.data import CorpusError, load_split, prepare_data
 from landmark.data.passkey import DEFAULT_MULTIKEY_KEYS, HAYSTACKS, NAMES, TASKS
 from landmark.data.wordings import WORDING_SETS
-from landmark.eval.common import check_common_arguments
-from landmark.eval.models import HF_PREFIX, parse_model_arg
+from landmark.eval.base_check import (
+    answers_table,
+    chat_prompts_record,
+    prose_windows,
+    run_base_check,
+    summary_table,
+)
+from landmark.eval.common import (
+    CellCache,
+    check_common_arguments,
+    check_lengths,
+    load_models,
+    write_json_atomic,
+    write_text_atomic,
+)
+from landmark.eval.models import HF_PREFIX, Reading, load_hf, parse_model_arg
+from landmark.eval.passkey import (
+    PasskeyTask,
+    check_passkey_cells,
+    evaluate_passkey,
+    passkey_report,
+    plot_passkey,
+)
+from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
+from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-eval
+from landmark.hf.data import tokenize_corpus
+from landmark.hf.smollm2 import default_smollm2_dir
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
@@ -44,7 +72,6 @@ def _models_help() -> str:
 
 def _load(args: argparse.Namespace):
     """The ``--model`` checkpoints, checked against ``--lengths`` and ``--chunk-len``."""
-    from landmark.eval.common import check_lengths, load_models
 
     models = load_models(args.model, resolve_device(args.device))
     check_lengths(args.lengths, models)
@@ -58,7 +85,6 @@ def _split_tokens(args: argparse.Namespace, tokenizer):
     """The tokens of ``--split`` from ``--data`` (default: ``--corpus``, the bundled books unless given,
     prepared with ``tokenizer``); refused when the data was prepared with another tokenizer than the
     models'."""
-    from landmark.data import load_split, prepare_data
 
     if args.data is None:
         folder = prepare_data(args.corpus, tokenizer=tokenizer, progress=True).folder
@@ -86,8 +112,6 @@ def _split_tokens(args: argparse.Namespace, tokenizer):
 def _hf_tokens(args: argparse.Namespace, tokenizer):
     """The tokens of ``--split`` of ``--corpus`` (default: the bundled books) with a Hugging Face
     model's own tokenizer (``landmark.hf.data.tokenize_corpus``, cached)."""
-    from landmark.data import CorpusError
-    from landmark.hf.data import tokenize_corpus
 
     try:
         return tokenize_corpus(tokenizer, args.corpus, args.split)
@@ -104,7 +128,6 @@ def _model_tokens(args: argparse.Namespace, m):
 
 def _ppl_inputs(args: argparse.Namespace):
     """Checked models and tokens of ``eval ppl``; a ValueError names the first bad argument."""
-    import numpy as np
 
     check_common_arguments(args)
     if args.batch_size < 1:
@@ -141,8 +164,6 @@ def _ppl_inputs(args: argparse.Namespace):
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from landmark.eval.common import CellCache
-    from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
 
     try:
         models, tokens = _ppl_inputs(args)
@@ -161,7 +182,6 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def _passkey_inputs(args: argparse.Namespace):
     """Checked models and task of ``eval passkey``; a ValueError names the first bad argument."""
-    from landmark.eval.passkey import PasskeyTask, check_passkey_cells
 
     check_common_arguments(args)
     check_distinct("--depths", args.depths)
@@ -173,8 +193,6 @@ def _passkey_inputs(args: argparse.Namespace):
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
-    from landmark.eval.common import CellCache
-    from landmark.eval.passkey import evaluate_passkey, passkey_report, plot_passkey
 
     try:
         models, task = _passkey_inputs(args)
@@ -197,8 +215,6 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
 
 def _base_check_inputs(args: argparse.Namespace):
     """``(models, base, windows)`` of ``eval base-check``, every argument checked before any work."""
-    from landmark.eval.base_check import prose_windows
-    from landmark.eval.models import load_hf
 
     check_common_arguments(args)
     if args.windows < 1 or args.window_len < 64:
@@ -210,8 +226,6 @@ def _base_check_inputs(args: argparse.Namespace):
         raise ValueError("--model: base-check compares Hugging Face models (NAME=hf:FOLDER)")
     device = resolve_device(args.device)
     if args.base is None:
-        from landmark.hf.smollm2 import default_smollm2_dir
-
         args.base = str(default_smollm2_dir())
     base = load_hf("base", args.base.removeprefix(HF_PREFIX), device)
     if base.retrieves:
@@ -228,9 +242,6 @@ def _base_check_inputs(args: argparse.Namespace):
 
 def cmd_eval_base_check(args: argparse.Namespace) -> int:
     """``landmark eval base-check``: chat answers and next-token KL beside the base model."""
-    from landmark.eval.base_check import answers_table, chat_prompts_record, run_base_check, summary_table
-    from landmark.eval.common import CellCache, write_json_atomic, write_text_atomic
-    from landmark.eval.models import Reading
 
     try:
         models, base, windows = _base_check_inputs(args)
@@ -261,7 +272,6 @@ def _write(
 ) -> int:
     """``<name>.md`` (the title, the ``setting`` line if any, the table), ``<name>.json`` (arguments and
     every cell), ``<name>.png``; print them."""
-    from landmark.eval.common import write_json_atomic, write_text_atomic
 
     intro = f"{setting}\n\n" if setting else ""
     write_text_atomic(out / f"{name}.md", f"# {title}\n\n{intro}{table}\n")
@@ -333,7 +343,5 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(q)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_base_check)
-
-    from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-eval
 
     add_ruler_parsers(ev)

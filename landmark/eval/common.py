@@ -19,6 +19,7 @@ from landmark.eval.models import (
 )
 from landmark.files import write_json_atomic, write_text_atomic  # noqa: F401 - the evaluations' writers
 from landmark.fingerprint import weights_fingerprint
+from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
 from landmark.inference.retrieval import RetrievalConfig
 
 __all__ = [
@@ -93,7 +94,6 @@ def check_common_arguments(args: Any) -> None:
     """Checks every evaluation command shares, before any model is loaded: the retrieval options,
     ``--device``, ``--out`` (a folder, not a file) and ``--lengths`` (no value twice) where the command
     has them."""
-    from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
 
     check_retrieval_arguments(args)
     check_device(args.device, "--device")

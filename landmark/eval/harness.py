@@ -30,6 +30,7 @@ import logging
 import sys
 from typing import Any
 
+import jinja2
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -39,7 +40,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from landmark.eval.models import HFUnderTest, Reading, _cache_options, _retrieval, load_hf
+from landmark.eval.ruler_data import use_prepared_ruler
+from landmark.hf.convert import encode_text
+from landmark.hf.generate import hf_reader
+from landmark.hf.retrieval import LandmarkRetrievalCache, forward_cached
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
+from landmark.inference.generate import Sampling, generate_with
+from landmark.inference.options import check_device, resolve_device
+from landmark.inference.session import landmark_stream
+from landmark.inference.threads import using_threads
 
 MODEL_NAME = "landmark"  # lm_eval --model landmark
 LANDMARK_MAX_LENGTH = 1 << 24  # a landmark model's default max_length: any document in one window
@@ -143,7 +152,6 @@ class LandmarkLM(TemplateLM):
     ) -> str:
         """The tokenizer's chat template over ``chat_history`` (as HFLM; a template refusing the system
         role is retried without it)."""
-        import jinja2
 
         def render(history: list[dict[str, str]]) -> str:
             return self.tokenizer.apply_chat_template(
@@ -165,8 +173,6 @@ class LandmarkLM(TemplateLM):
         add = self.add_bos_token if add_special_tokens is None else add_special_tokens
         ids = list(self.tokenizer.encode(string, add_special_tokens=add))
         if self.retrieves and self.under_test.landmark_id in ids:
-            from landmark.hf.convert import encode_text
-
             ids = encode_text(self.tokenizer, string, add_special_tokens=add)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
@@ -212,7 +218,6 @@ class LandmarkLM(TemplateLM):
         """One ``generate_until`` request: the context (cut from the left to ``max_length -
         max_gen_toks``) read through the model's cache, then tokens until eos, an ``until`` string or
         ``max_gen_toks``."""
-        from landmark.inference.generate import Sampling
 
         kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
         until = handle_stop_sequences(
@@ -230,8 +235,6 @@ class LandmarkLM(TemplateLM):
     def generate_ids(self, ids: list[int], max_new: int, until: list[str], sampling: Any = None) -> list[int]:
         """(n,) prompt ids -> the generated ids: greedy (or ``sampling``), stopped after eos, after the
         token that completes an ``until`` string, or after ``max_new`` tokens."""
-        from landmark.hf.generate import hf_reader
-        from landmark.inference.generate import Sampling, generate_with
 
         m, tokens = self.under_test, []
         stops = [s for s in until if s]
@@ -274,7 +277,6 @@ class LandmarkLM(TemplateLM):
         m = self.under_test
         if not self.retrieves:
             return tokens, positions
-        from landmark.inference.session import landmark_stream
 
         stream, _, _ = landmark_stream(tokens, None, m.block_size, m.landmark_id)
         return stream, positions + positions // (m.block_size - 1)
@@ -283,8 +285,6 @@ class LandmarkLM(TemplateLM):
         """(1, n') stream, (w,) increasing stream positions -> (w, vocab) logits there: the stream read
         ``chunk_len`` positions per forward through a fresh cache (as ``HFUnderTest.window_nll`` reads), only
         the needed rows computed."""
-        from landmark.hf.retrieval import forward_cached
-        from landmark.inference.threads import using_threads
 
         model, cache, rows = self.under_test.model, self._new_cache(), []
         for c0 in range(0, stream.shape[1], self.reading.chunk_len):
@@ -304,7 +304,6 @@ class LandmarkLM(TemplateLM):
             from transformers import DynamicCache
 
             return DynamicCache(config=model.config)
-        from landmark.hf.retrieval import LandmarkRetrievalCache
 
         return LandmarkRetrievalCache(model, _retrieval(self.reading), chunk_len=self.reading.chunk_len,
                                       **_cache_options(self.reading))  # fmt: skip
@@ -319,7 +318,6 @@ class LandmarkLM(TemplateLM):
 def _device(value: str | None) -> str:
     """The device to read with: ``value``, or cuda when available; a cuda name on a machine without
     CUDA (lm_eval's command line defaults to ``cuda:0``) falls back to cpu with a warning."""
-    from landmark.inference.options import check_device, resolve_device
 
     if value and str(value).startswith("cuda") and not torch.cuda.is_available():
         log.warning("device %s: no CUDA device here, reading on the cpu", value)
@@ -331,7 +329,6 @@ def _device(value: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """lm_eval's command line with ``--model landmark`` registered (and, when ``landmark eval
     prepare-ruler`` has run, RULER's offline inputs in its environment)."""
-    from landmark.eval.ruler_data import use_prepared_ruler
 
     use_prepared_ruler()
     from lm_eval.__main__ import cli_evaluate

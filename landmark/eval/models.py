@@ -31,8 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from landmark.checkpoint import CheckpointError, load_model
 from landmark.fingerprint import weights_fingerprint
+from landmark.hf import generate as hf_generate
+from landmark.hf.passkey import HFTokenEncoder
+from landmark.inference import RetrievalConfig, chunked_nll, generate
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
+from landmark.inference.session import landmark_stream, sum_nll
+from landmark.inference.threads import using_threads
 from landmark.model import ATTENTION_KINDS
 
 HF_PREFIX = "hf:"  # --model NAME=hf:PATH: a Hugging Face model folder
@@ -121,8 +127,6 @@ class GPTUnderTest(ModelUnderTest):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, reading: Reading) -> list[list[int]]:
-        from landmark.inference import generate
-
         return generate(self.model, prompts, max_new_tokens=max_new_tokens, k=reading.k,
                         granularity=reading.granularity, chunk_len=reading.chunk_len,
                         **(reading.options or {}))  # fmt: skip
@@ -134,7 +138,6 @@ class GPTUnderTest(ModelUnderTest):
 
     @torch.no_grad()
     def window_nll(self, windows: Tensor, reading: Reading) -> tuple[Tensor, Tensor]:
-        from landmark.inference import chunked_nll
 
         if self.kind == "landmark":
             return chunked_nll(self.model, windows, k=reading.k, granularity=reading.granularity,
@@ -174,7 +177,6 @@ class HFUnderTest(ModelUnderTest):
 
     @property
     def encoder(self) -> Any:
-        from landmark.hf.passkey import HFTokenEncoder
 
         return HFTokenEncoder(self.tokenizer)
 
@@ -188,11 +190,10 @@ class HFUnderTest(ModelUnderTest):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, reading: Reading) -> list[list[int]]:
         """One prompt after the other, each through :func:`landmark.hf.generate` (stops at eos)."""
-        from landmark.hf.generate import generate
 
         outs = []
         for prompt in prompts:
-            _, new = generate(self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens,
+            _, new = hf_generate.generate(self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens,
                               retrieval=_retrieval(reading), chunk_len=reading.chunk_len,
                               **_cache_options(reading))  # fmt: skip
             outs.append(new.tolist())
@@ -205,7 +206,6 @@ class HFUnderTest(ModelUnderTest):
         attention run over the whole sequence at once (SmolLM2 at 32k tokens: 448 s of one thread for one
         forward, against a 900 s trial when the context was read in 256-position chunks into a
         ``DynamicCache``; session 8)."""
-        from landmark.inference.threads import using_threads
 
         with using_threads():
             out = self.model(input_ids=torch.tensor([ids], device=self._device), logits_to_keep=count)
@@ -217,8 +217,6 @@ class HFUnderTest(ModelUnderTest):
         landmark model with landmarks inserted, through a ``LandmarkRetrievalCache`` (landmark positions
         not scored, as for the library's ``GPT``); the other model through its own ``DynamicCache``."""
         from transformers import DynamicCache
-
-        from landmark.inference.session import landmark_stream, sum_nll
 
         counts = torch.full((windows.shape[0],), windows.shape[1] - 1)
         if self.landmark_id is None:
@@ -235,7 +233,6 @@ class HFUnderTest(ModelUnderTest):
     def _chunks(self, ids: Tensor, cache: Any, chunk_len: int) -> Iterator[tuple[int, Tensor]]:
         """(B, n) ids -> ``(c0, (B, c, vocab) logits)`` of every chunk of ``chunk_len`` positions."""
         from landmark.hf.retrieval import forward_cached
-        from landmark.inference.threads import using_threads
 
         for c0 in range(0, ids.shape[1], chunk_len):
             chunk = ids[:, c0 : c0 + chunk_len].to(self._device)
@@ -246,7 +243,6 @@ class HFUnderTest(ModelUnderTest):
 
 def _retrieval(reading: Reading):
     """The ``RetrievalConfig`` of a reading (k, granularity, and its search and kernel options)."""
-    from landmark.inference import RetrievalConfig
 
     options = reading.options or {}
     fields = {name: options[name] for name in ("search", "kernel") if options.get(name) is not None}
@@ -299,7 +295,6 @@ def load_models(specs: list[str], device: str = "cpu") -> list[ModelUnderTest]:
 
 def load_gpt(name: str, path: str, device: str = "cpu") -> GPTUnderTest:
     """The library's checkpoint at ``path`` (a run or checkpoint folder)."""
-    from landmark.checkpoint import CheckpointError, load_model
 
     try:
         model, tokenizer, _ = load_model(path, device=device)
@@ -320,7 +315,7 @@ def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) 
     option = f"--model {name}"
     try:
         from landmark.hf.checks import check_model_folder, for_option, loading, read_config
-        from landmark.hf.convert import load_pretrained
+        from landmark.hf.delta import load_pretrained
     except ImportError as err:  # the hf extra is missing
         raise ValueError(f"{option}: Hugging Face models need the hf extra ({err})") from None
     folder = Path(path)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from landmark.data.corpus import CorpusError
 from landmark.data.passkey import (
     DEFAULT_MULTIKEY_KEYS,
     HAYSTACKS,
@@ -131,7 +132,6 @@ class PasskeyTask:
 @functools.lru_cache(maxsize=4)
 def _book_haystack(corpus: str | None) -> BookHaystack:
     """The books haystack of ``corpus``; a one-line ValueError naming ``--corpus``."""
-    from landmark.data.corpus import CorpusError
 
     try:
         return BookHaystack(corpus)

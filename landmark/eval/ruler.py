@@ -17,12 +17,30 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import random
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from landmark.eval.common import check_common_arguments
+import numpy as np
+
+from landmark.eval.common import (
+    CellCache,
+    cache_key_options,
+    check_common_arguments,
+    write_json_atomic,
+    write_text_atomic,
+)
+from landmark.eval.models import HF_PREFIX, parse_model_arg
+from landmark.eval.ruler_data import (
+    default_ruler_dir,
+    is_prepared,
+    prepare_ruler,
+    ruler_environment,
+    use_prepared_ruler,
+)
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
@@ -46,7 +64,6 @@ ANSWER_CHARS = 200  # characters of each answer kept in the results
 
 
 def _lm_eval_version() -> str:
-    from importlib.metadata import version
 
     return version("lm_eval")
 
@@ -56,7 +73,6 @@ def _lm_eval_version() -> str:
 
 def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     """``NAME=FOLDER`` (``hf:`` before the folder accepted) -> (name, folder); one-line ValueErrors."""
-    from landmark.eval.models import HF_PREFIX, parse_model_arg
 
     if not specs:
         raise ValueError(
@@ -94,7 +110,6 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
     parse_models(args.model)
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError('RULER needs lm-evaluation-harness: pip install -c constraints.txt -e ".[lmeval]"')
-    from landmark.eval.ruler_data import is_prepared
 
     if not is_prepared(args.ruler_data):
         raise ValueError(
@@ -104,7 +119,6 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
 
 def load_ruler_models(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(name, ``LandmarkLM``) of every ``--model``, after the environment of the prepared data is set."""
-    from landmark.eval.ruler_data import use_prepared_ruler
 
     use_prepared_ruler(args.ruler_data, force=True)  # before lm_eval imports datasets and nltk
     from landmark.eval.harness import LandmarkLM
@@ -140,7 +154,6 @@ def _check_tokenizers(models: list[tuple[str, Any]]) -> None:
 
 def cell_key(task: str, length: int, name: str, lm: Any, args: argparse.Namespace) -> dict:
     """What a cell's result depends on (its cache key)."""
-    from landmark.eval.common import cache_key_options
 
     reading = lm.reading
     return {
@@ -166,9 +179,7 @@ def load_tasks(
     """RULER's tasks at one length, samples generated with ``tokenizer`` (a folder); each task seeded
     alike whatever else is loaded; ``max_gen_toks`` replaces the tasks' own (128), as lm_eval's
     ``--gen_kwargs`` does."""
-    import random
 
-    import numpy as np
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(metadata={"tokenizer": tokenizer, "max_seq_lengths": [length]})
@@ -289,7 +300,6 @@ def plot_ruler(results: list[dict], path: Path) -> None:
 
 
 def cmd_eval_ruler(args: argparse.Namespace) -> int:
-    from landmark.eval.common import CellCache, write_json_atomic, write_text_atomic
 
     try:
         check_ruler_arguments(args)
@@ -318,7 +328,6 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_ruler(args: argparse.Namespace) -> int:
-    from landmark.eval.ruler_data import prepare_ruler, ruler_environment
 
     try:
         folder = prepare_ruler(args.out, install=not args.no_install)
@@ -344,7 +353,6 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 def add_ruler_parsers(ev: argparse._SubParsersAction) -> None:
     """Register ``landmark eval ruler``, ``eval prepare-ruler`` and ``eval lm-eval``."""
-    from landmark.eval.ruler_data import default_ruler_dir
 
     q = ev.add_parser(
         "ruler", help="RULER by task and length through lm-evaluation-harness (table, JSON, PNG)"

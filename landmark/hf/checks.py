@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError  # a dependency of transformers
+
+from landmark.files import replace_folder
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -32,7 +35,6 @@ WEIGHT_FILES = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 STAGING_SUFFIX = ".partial"  # <parent>/.<name>.partial: written while a command runs
-OLD_SUFFIX = ".old"  # <parent>/.<name>.old: the replaced folder, removed once the new one is in place
 
 DEFAULT_NAME = "model folder"  # how messages name a model folder outside the command line
 Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what is expected: "an integer >= 1")
@@ -128,7 +130,6 @@ def check_within_positions(config: Mapping[str, Any], values: Mapping[str, Any])
 @contextmanager
 def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
     """Re-raise the errors of loading a damaged model folder as one-line ``ValueError`` exceptions."""
-    from safetensors import SafetensorError  # a dependency of transformers
 
     try:
         yield
@@ -173,15 +174,7 @@ def clear_staging(out: str | Path) -> Path:
 def publish(out: str | Path) -> Path:
     """Move ``out``'s staging folder to ``out``, replacing what was there (checked by
     :func:`check_out_folder`) only once the new folder is complete."""
-    out = Path(out)
-    staging = staging_folder(out)
-    old = out.parent / f".{out.name}{OLD_SUFFIX}"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_folder(staging_folder(out), out)
 
 
 def for_option(err: ValueError, option: str) -> ValueError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -27,11 +28,27 @@ from dataclasses import fields
 from pathlib import Path
 
 from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.hf import checks
+from landmark.hf.checks import clear_staging, loading, publish
+from landmark.hf.convert import convert
+from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained
+from landmark.hf.finetune import FinetuneConfig, finetune
+from landmark.hf.generate import generate
+from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
     add_sampling_arguments,
     add_state_arguments,
+    cache_options,
+    check_chunk_len,
+    check_device,
+    check_retrieval_arguments,
+    check_sampling_arguments,
+    check_save_state,
+    check_utf8,
+    resolve_device,
+    retrieval_config,
 )
 
 
@@ -55,7 +72,6 @@ def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 @_user_errors
 def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
-    from landmark.hf.smollm2 import check_destination, prepare_smollm2
 
     check_destination(args.out)
     _offline()
@@ -65,7 +81,6 @@ def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
 
 def _check_convert_args(args: argparse.Namespace) -> None:
     """``hf convert``'s options, before anything is loaded: block size, model folder, output folder."""
-    from landmark.hf import checks
 
     checks.check_options(vars(args), {"block_size": checks.int_range(2)})
     config = checks.read_config(checks.check_model_folder(args.model, "--model"))
@@ -77,9 +92,6 @@ def _check_convert_args(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     _check_convert_args(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from landmark.hf.checks import clear_staging, loading, publish
-    from landmark.hf.convert import convert
 
     _offline()
     with loading(args.model, "--model"):
@@ -103,8 +115,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from landmark.hf.finetune import FinetuneConfig, finetune
-    from landmark.hf.smollm2 import default_smollm2_dir, is_prepared
 
     _offline()
     if args.model is None:
@@ -125,7 +135,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_export_delta(args: argparse.Namespace) -> int:
-    from landmark.hf.delta import TENSOR_FILE, check_export, export_delta
 
     check_export(args.run, args.base, args.out, args.overwrite)  # before transformers is loaded
     _offline()
@@ -157,14 +166,6 @@ def _close_process_group(wait: bool) -> None:
 
 def _check_generate(args: argparse.Namespace) -> None:
     """Every ``hf generate`` option that can be checked before the model is loaded."""
-    from landmark.inference.options import (
-        check_chunk_len,
-        check_device,
-        check_retrieval_arguments,
-        check_sampling_arguments,
-        check_save_state,
-        check_utf8,
-    )
 
     check_retrieval_arguments(args)
     check_sampling_arguments(args)
@@ -185,8 +186,6 @@ def _check_generate(args: argparse.Namespace) -> None:
 
 def _model_files(folder: Path) -> list[tuple[Path, str]]:
     """The folders ``hf generate --model`` reads: the model's, and a delta's packaged base model."""
-    from landmark.hf.delta import META_FILE
-    from landmark.hf.smollm2 import default_smollm2_dir
 
     reads = [(folder, "a file of --model")]
     if (folder / META_FILE).is_file():  # a delta is rebuilt over the packaged base (load_pretrained)
@@ -196,7 +195,6 @@ def _model_files(folder: Path) -> list[tuple[Path, str]]:
 
 def _saved_block_size(folder) -> int | None:
     """``landmark_block_size`` of ``folder/config.json`` (None where unreadable: loading reports it)."""
-    import json
 
     try:
         block = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("landmark_block_size")
@@ -208,9 +206,6 @@ def _saved_block_size(folder) -> int | None:
 @_user_errors
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate(args)  # before transformers is imported
-    from landmark.hf.convert import load_pretrained
-    from landmark.hf.generate import generate
-    from landmark.inference.options import cache_options, resolve_device, retrieval_config
 
     _offline()
     try:

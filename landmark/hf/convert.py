@@ -96,20 +96,16 @@ def convert(model: Any, tokenizer: Any, block_size: int = DEFAULT_BLOCK_SIZE) ->
     return model, tokenizer
 
 
-def load_pretrained(path: str | Path, base: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:
-    """Load a landmark model and its tokenizer saved with ``save_pretrained`` (local folder only), or
-    rebuild one from a delta folder (``delta.json``: :func:`landmark.hf.delta.load_delta`).
+def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+    """Load a landmark model and its tokenizer saved with ``save_pretrained`` (local folder only).
 
     Registers the ``"landmark"`` attention, loads with ``attn_implementation="landmark"`` and checks that
-    the tokenizer's ``<landmark>`` id is ``config.landmark_token_id``.
+    the tokenizer's ``<landmark>`` id is ``config.landmark_token_id``. :func:`landmark.hf.load_pretrained`
+    also takes delta folders; use it unless the folder is known to hold a whole model.
 
     Args:
-        path: the folder written by ``model.save_pretrained(path)`` and ``tokenizer.save_pretrained(path)``,
-            or by ``landmark hf export-delta``.
-        base: for a delta folder only: the base model's folder (default: the prepared SmolLM2, prepared
-            when missing).
-        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=torch.bfloat16``); a
-            delta takes ``dtype`` only.
+        path: the folder written by ``model.save_pretrained(path)`` and ``tokenizer.save_pretrained(path)``.
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=torch.bfloat16``).
 
     Returns:
         ``(model, tokenizer)``.
@@ -121,15 +117,6 @@ def load_pretrained(path: str | Path, base: str | Path | None = None, **kwargs: 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from landmark.hf import delta
-
-    if delta.is_delta(path):
-        other = sorted(set(kwargs) - {"dtype"})
-        if other:
-            raise ValueError(f"a delta folder is loaded with base= and dtype= only; got {', '.join(other)}")
-        return delta.load_delta(path, base, **kwargs)
-    if base is not None:
-        raise ValueError(f"base= is for delta folders only; {path} has no {delta.META_FILE}")
     path = check_model_folder(path, files=False)
     with loading(path):
         config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -36,7 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from landmark.config import FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
+from landmark.fingerprint import weights_fingerprint
 from landmark.hf import smollm2
 from landmark.hf.checks import (
     check_model_folder,
@@ -47,8 +50,7 @@ from landmark.hf.checks import (
     publish,
     read_config,
 )
-from landmark.hf.convert import LANDMARK_TOKEN, convert, load_pretrained
-from landmark.hf.finetune import ADAPTER_FOLDER, SUMMARY_FILE
+from landmark.hf.convert import LANDMARK_TOKEN, convert, load_converted
 
 FORMAT = "landmark-lora-delta"  # delta.json "format"
 VERSION = 1  # delta.json "version": what load_delta reads
@@ -104,7 +106,7 @@ def export_delta(
     """
     run, base, out = check_export(finetuned, base, out, overwrite)
     try:
-        lora = read_lora(run / ADAPTER_FOLDER)
+        lora = read_lora(run / LORA_ADAPTER_FOLDER)
         merged, tokenizer = load_pretrained(run)
     except ValueError as err:  # a damaged run folder: name the option
         raise for_option(err, "--run") from None
@@ -144,11 +146,11 @@ def check_export(
     """
     out = check_out_folder(out, overwrite, "--out")
     run = check_model_folder(finetuned, "--run")
-    adapter = run / ADAPTER_FOLDER
+    adapter = run / LORA_ADAPTER_FOLDER
     if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
         raise ValueError(
-            f"--run {run} has no LoRA adapter ({ADAPTER_FOLDER}/{ADAPTER_WEIGHTS}): a delta needs a LoRA "
-            "fine-tune (landmark hf finetune --lora-r R); a full fine-tune can only be shipped whole"
+            f"--run {run} has no LoRA adapter ({LORA_ADAPTER_FOLDER}/{ADAPTER_WEIGHTS}): a delta needs a "
+            "LoRA fine-tune (landmark hf finetune --lora-r R); a full fine-tune can only be shipped whole"
         )
     if base is None:
         base = _run_settings(run).get("model") or smollm2.default_smollm2_dir()
@@ -169,7 +171,6 @@ def read_lora(adapter: Path) -> Lora:
         ValueError: peft options a delta does not carry (DoRA, biases, per-module ranks, ...), or an
             adapter without LoRA matrices.
     """
-    from safetensors.torch import load_file
 
     with loading(adapter):
         config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -245,8 +246,6 @@ def load_base(folder: Path, name: str) -> tuple[Any, Any, dict[str, Any]]:
     """The unconverted base model (float32) and tokenizer from ``folder``, and its identity for
     ``delta.json``: folder name, weights fingerprint, vocabulary size, architecture, source package."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from landmark.fingerprint import weights_fingerprint
 
     with loading(folder, name):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
@@ -331,7 +330,6 @@ def check_rebuild(rebuilt: Any, merged: Any, base: Path) -> float:
 
 def write_delta(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """``delta.safetensors`` and ``delta.json`` into ``out``'s staging folder, then renamed to ``out``."""
-    from safetensors.torch import save_file
 
     staging = clear_staging(out)
     staging.mkdir(parents=True)
@@ -343,6 +341,36 @@ def write_delta(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
 def is_delta(path: str | Path) -> bool:
     """True if ``path`` is a delta folder (it holds ``delta.json``)."""
     return (Path(path) / META_FILE).is_file()
+
+
+def load_pretrained(path: str | Path, base: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """Load a landmark model and its tokenizer: a folder saved with ``save_pretrained`` (local folder
+    only; :func:`landmark.hf.convert.load_converted`), or a delta folder (``delta.json``), rebuilt over
+    its base model (:func:`load_delta`).
+
+    Args:
+        path: the folder written by ``model.save_pretrained(path)`` and ``tokenizer.save_pretrained(path)``,
+            or by ``landmark hf export-delta``.
+        base: for a delta folder only: the base model's folder (default: the prepared SmolLM2, prepared
+            when missing).
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=torch.bfloat16``); a
+            delta takes ``dtype`` only.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ValueError: as :func:`landmark.hf.convert.load_converted` and :func:`load_delta`; ``base=`` for a
+            folder that is not a delta, or other keyword arguments for a delta.
+    """
+    if is_delta(path):
+        other = sorted(set(kwargs) - {"dtype"})
+        if other:
+            raise ValueError(f"a delta folder is loaded with base= and dtype= only; got {', '.join(other)}")
+        return load_delta(path, base, **kwargs)
+    if base is not None:
+        raise ValueError(f"base= is for delta folders only; {path} has no {META_FILE}")
+    return load_converted(path, **kwargs)
 
 
 def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
@@ -402,7 +430,6 @@ def _base_and_tensors(
     Raises:
         ValueError: another base (the message names the expected one), an unreadable delta.
     """
-    from safetensors.torch import load_file
 
     model, tokenizer, identity = load_base(folder, "base")
     expected = meta["base"]
@@ -495,7 +522,7 @@ def resolve_base(meta: dict[str, Any], base: str | Path | None) -> Path:
 def _run_settings(run: Path) -> dict[str, Any]:
     """The fine-tune's settings from ``<run>/landmark-finetune.json`` ({} when absent or unreadable)."""
     try:
-        return dict(json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))["config"])
+        return dict(json.loads((run / FINETUNE_SUMMARY_FILE).read_text(encoding="utf-8"))["config"])
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 

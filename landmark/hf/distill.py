@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from landmark.hf.checks import check_model_folder, for_option, loading, read_config
 from landmark.hf.collator import IGNORE_INDEX, LandmarkCollator
 
 TEACHER_KEYS = ("teacher_ids", "teacher_mask", "teacher_index")  # batch entries only the teacher reads
@@ -88,8 +89,6 @@ def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dt
             beyond its positions.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from landmark.hf.checks import check_model_folder, for_option, loading, read_config
 
     try:
         folder = check_model_folder(folder, "--distill")

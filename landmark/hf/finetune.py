@@ -36,7 +36,11 @@ from typing import Any
 
 import torch
 
-from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.config import DEFAULT_BLOCK_SIZE, FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
+from landmark.data import CorpusError, read_corpus
+from landmark.data.passkey import BookHaystack
+from landmark.data.wordings import TRAINING_WORDINGS
+from landmark.files import RunLock, write_json_atomic
 from landmark.hf.checks import (
     Rule,
     check_model_folder,
@@ -51,14 +55,20 @@ from landmark.hf.checks import (
     real_range,
     staging_folder,
 )
+from landmark.hf.collator import LandmarkCollator, regular_tokens_per_window
+from landmark.hf.convert import convert
+from landmark.hf.data import TokenWindows, tokenize_corpus
+from landmark.hf.delta import load_pretrained, read_meta, set_lora, start_from_delta
+from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
+from landmark.hf.passkey import PasskeyMixWindows, check_passkey_windows
 
 # LoRA target sets (--lora-targets): the attention projections, where landmarks act, or every linear layer
 LORA_TARGET_SETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
-SUMMARY_FILE = "landmark-finetune.json"  # written next to the saved model: settings and losses
-ADAPTER_FOLDER = "lora-adapter"  # with LoRA: the peft adapter, saved inside the output folder
+SUMMARY_FILE = FINETUNE_SUMMARY_FILE
+ADAPTER_FOLDER = LORA_ADAPTER_FOLDER
 RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interrupted run resumes with
 # settings a resumed run may change: how long this call runs, and what is printed
 RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite")
@@ -107,7 +117,6 @@ class FinetuneConfig:
 
     def _check_wordings(self) -> None:
         """``--passkey-wordings``: a training set (never the held-out families), with passkey samples."""
-        from landmark.data.wordings import TRAINING_WORDINGS
 
         if self.passkey_wordings not in TRAINING_WORDINGS:
             raise ValueError(
@@ -202,7 +211,6 @@ class FinetuneConfig:
         """``init_delta`` is a delta folder whose LoRA (rank, alpha, targets) and block size are this
         run's, over an unconverted ``model`` (its weights fingerprint is checked once loaded). With
         ``lora_r`` 0 (full fine-tuning of the delta's merged model) only the block size must match."""
-        from landmark.hf.delta import read_meta
 
         try:
             meta = read_meta(Path(self.init_delta))
@@ -243,7 +251,6 @@ class FinetuneConfig:
     def _check_corpus(self) -> None:
         """The corpus folder can be read and has the splits the settings use (the bundled books, the
         default, have them: not extracted here)."""
-        from landmark.data import CorpusError, read_corpus
 
         if self.corpus is None:
             return
@@ -297,8 +304,6 @@ def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from landmark.hf.convert import convert, load_pretrained
-
     path = check_model_folder(path)
     with loading(path):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -322,9 +327,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     from transformers import TrainingArguments
 
-    from landmark.hf.collator import regular_tokens_per_window
-    from landmark.hf.data import TokenWindows, tokenize_corpus
-
     cfg.check()
     out = Path(cfg.out)
     use_cpu = not torch.cuda.is_available()
@@ -332,8 +334,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     delta_lora = None
     try:
         if cfg.init_delta is not None:
-            from landmark.hf.delta import start_from_delta
-
             model, tokenizer, delta_lora = start_from_delta(cfg.model, cfg.init_delta, merge=not cfg.lora_r)
         else:
             model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
@@ -342,8 +342,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     block_size = int(model.config.landmark_block_size)
     raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
     if cfg.passkey_fraction:
-        from landmark.hf.passkey import check_passkey_windows
-
         check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings, bool(cfg.passkey_chat))
     staging = staging_folder(out)
     args = TrainingArguments(
@@ -376,16 +374,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     main = args.process_index == 0
     lock = None
     if main:
-        from landmark.train import RunLock
-
         staging.mkdir(parents=True, exist_ok=True)
         lock = RunLock(staging, option="--out")
         lock.acquire()  # before touching what may be another live run's folder
         if not cfg.resume:
             for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            from landmark.files import write_json_atomic
-
             write_json_atomic(staging / RUN_FILE, asdict(cfg))
     with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
         train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=main)
@@ -394,12 +388,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     train_set = TokenWindows(train_tokens, raw_tokens, limit=cfg.max_windows)
     if cfg.passkey_fraction:
-        from landmark.hf.passkey import PasskeyMixWindows
-
         haystack = None
         if cfg.passkey_books:
-            from landmark.data.passkey import BookHaystack
-
             haystack = BookHaystack(cfg.corpus, split="train")
         train_set = PasskeyMixWindows(
             train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed,
@@ -413,8 +403,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.lora_r:
         model = _with_lora(model, cfg)
     if delta_lora is not None:
-        from landmark.hf.delta import set_lora
-
         set_lora(model, delta_lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -473,8 +461,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 lock.release()
         summary["stopped_early"] = True
         if main:  # what was trained so far, for scripts that read it (gpu_check); replaced when it ends
-            from landmark.files import write_json_atomic
-
             write_json_atomic(staging / SUMMARY_FILE, summary)
         return summary
     _save(trainer, tokenizer, staging, lora=bool(cfg.lora_r))
@@ -482,7 +468,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         for old in staging.glob("checkpoint-*"):  # resume state (optimizer...): not part of the model
             shutil.rmtree(old, ignore_errors=True)
         (staging / RUN_FILE).unlink(missing_ok=True)
-        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(staging / SUMMARY_FILE, summary)
         if lock is not None:
             lock.release()
         publish(out)  # only now is an existing `out` (--overwrite) replaced
@@ -506,12 +492,9 @@ def _trainer(
     """The Trainer of a run: plain, or distilling toward ``cfg.distill`` (:mod:`landmark.hf.distill`)."""
     from transformers import Trainer
 
-    from landmark.hf.collator import LandmarkCollator
-
     if cfg.distill is None:
         collator = LandmarkCollator(tokenizer, block_size, cfg.max_length)
         return Trainer(model=model, args=args, data_collator=collator, **kw)
-    from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
 
     dtype = torch.bfloat16 if cfg.bf16 else None
     teacher = load_teacher(cfg.distill, tokenizer, raw_tokens - 1, dtype=dtype)

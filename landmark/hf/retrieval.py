@@ -55,7 +55,9 @@ from torch import Tensor
 from transformers import Cache, LogitsProcessor
 from transformers.cache_utils import CacheLayerMixin
 
+from landmark.fingerprint import weights_fingerprint
 from landmark.hf.attention import ATTN_IMPLEMENTATION, route_attention
+from landmark.hf.convert import landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
 from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
@@ -322,13 +324,11 @@ class LandmarkRetrievalCache(Cache):
         """Save what the cache has read (block memories, tails, positions) to ``path`` (safetensors,
         atomic), tied to ``model``'s weights: see :meth:`landmark.inference.RetrievalCache.save` (an
         existing file other than a saved state is refused unless ``overwrite``)."""
-        from landmark.fingerprint import weights_fingerprint
 
         self.stream.save(path, weights_fingerprint(model), overwrite=overwrite)
 
     def load_state(self, path: Any, model: Any) -> None:
         """Continue from a state saved by :meth:`save_state` for the same weights (this cache must be new)."""
-        from landmark.fingerprint import weights_fingerprint
 
         device = model.get_input_embeddings().weight.device
         self.stream.load(path, weights_fingerprint(model), device)
@@ -362,7 +362,6 @@ class LandmarkLogitsProcessor(LogitsProcessor):
     @classmethod
     def for_model(cls, model: Any) -> LandmarkLogitsProcessor:
         """The processor for a converted model (its block size and landmark id)."""
-        from landmark.hf.convert import landmark_token_id
 
         return cls(int(model.config.landmark_block_size), landmark_token_id(model))
 

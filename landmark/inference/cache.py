@@ -28,6 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from landmark.files import atomic_write, check_output_file, safetensors_metadata
@@ -346,7 +348,6 @@ class RetrievalCache:
             ValueError: ``path`` is a folder, its folder is missing, or it is an existing file other
                 than a saved state (without ``overwrite``); nothing is written then.
         """
-        from safetensors.torch import save_file
 
         path = check_state_destination(path, overwrite)
         states = self._filled_states("save")
@@ -391,8 +392,6 @@ class RetrievalCache:
             ValueError: the file is missing or not a saved state, or it was saved for other weights or
                 another block size, RoPE base, layer count, batch size or dtype (the message says which).
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
 
         path = Path(path)
         if not path.is_file():

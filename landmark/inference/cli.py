@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from landmark.checkpoint import CheckpointError, load_model
+from landmark.inference.generate import generate
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
@@ -124,8 +126,6 @@ class _Stream:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load a checkpoint, generate from the prompt(s), print the text."""
-    from landmark.checkpoint import CheckpointError, load_model
-    from landmark.inference.generate import generate
 
     try:
         _check(args)

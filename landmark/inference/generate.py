@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from landmark.inference.cache import check_state_destination
+from landmark.inference.session import InferenceSession
 from landmark.model import GPT
 
 TokenCallback = Callable[[int, int], None]  # (batch row, token id)
@@ -215,7 +216,6 @@ def generate(
     Returns:
         The generated token ids of each row.
     """
-    from landmark.inference.session import InferenceSession
 
     sampling = Sampling(temperature, top_p, seed)
     if not prompts:

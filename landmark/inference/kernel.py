@@ -31,7 +31,9 @@ eager path. ``LANDMARK_KERNEL=0`` in the environment turns the kernel off everyw
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +78,6 @@ def _cpu_tag() -> str:
     """A short tag of this CPU's instruction sets and of the source: the build uses ``-march=native``,
     so a cached build must not be loaded on a machine with other instruction sets (a shared home
     directory), nor after the source changed."""
-    import hashlib
-    import platform
 
     flags = platform.machine()
     try:

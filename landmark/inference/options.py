@@ -18,6 +18,8 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
+
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import GRANULARITIES, SEARCHES, RetrievalConfig
@@ -135,7 +137,6 @@ def check_device(value: str | None, option: str = "--device") -> None:
     """Refuse a device name torch does not know, or a device this machine does not have."""
     if value is None:
         return
-    import torch
 
     try:
         device = torch.device(value)
@@ -163,7 +164,6 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 def resolve_device(value: str | None) -> str:
     """The ``--device`` value (see :func:`check_device`), or the default when None: cuda if this torch
     has a CUDA device, else cpu."""
-    import torch
 
     return value or ("cuda" if torch.cuda.is_available() else "cpu")
 

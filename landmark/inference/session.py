@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from landmark.data.landmarks import insert_landmarks
+from landmark.data.landmarks import insert_landmarks, landmark_targets
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
@@ -324,7 +324,6 @@ def landmark_stream(
         stream (B, n') right-padded, stream_len (B,), and targets (B, n'): at a regular position the
         next regular token; -100 at landmarks, at padding and at each row's last regular token.
     """
-    from landmark.data.landmarks import landmark_targets
 
     batch, n = tokens.shape
     lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()

@@ -16,14 +16,14 @@ Both backwards recompute what they need from (q, k, v) tile by tile; the Triton 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from landmark.config import IMPLEMENTATIONS, TRITON_BLOCK_SIZES, TRITON_FP64_MAX_TILE, TRITON_MAX_HEAD_DIM
+from landmark.config import IMPLEMENTATIONS
 from landmark.ops.blockwise import blockwise_backward, blockwise_forward
 from landmark.ops.reference import landmark_attention_reference
+from landmark.ops.support import triton_unsupported_reason
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _SHAPES = {
@@ -138,42 +138,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float 
         raise ValueError(f"block_size must be >= 2 (at least one token plus the landmark); got {block_size}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None; got {scale!r}")
-
-
-def triton_unsupported_reason(q: Tensor, block_size: int) -> str | None:
-    """None if the fused Triton kernel can run on these inputs, else a sentence saying why not."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not (q.is_cuda or interpret):
-        return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU)"
-    if block_size not in TRITON_BLOCK_SIZES:
-        return f"block_size must be one of {TRITON_BLOCK_SIZES} for the Triton kernel; got {block_size}"
-    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        return f"head_dim must be <= {TRITON_MAX_HEAD_DIM} for the Triton kernel; got {q.shape[-1]}"
-    reason = fp64_tile_reason(q, block_size)
-    if reason is not None:
-        return reason
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install 'landmark-attention[gpu]')"
-    return None
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """The Triton kernel's head_dim: the next power of two, at least 16 (masked loads pad it)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
-def fp64_tile_reason(q: Tensor, block_size: int) -> str | None:
-    """None unless ``q`` is float64 on a GPU with a (block_size x padded head_dim) tile larger than
-    ``TRITON_FP64_MAX_TILE`` (too much shared memory: the compile fails); then why it cannot run."""
-    dpad = padded_head_dim(q.shape[-1])
-    if q.dtype != torch.float64 or not q.is_cuda or block_size * dpad <= TRITON_FP64_MAX_TILE:
-        return None
-    return (
-        f"float64 tiles of block_size {block_size} x head_dim {dpad} need more GPU shared memory than "
-        f"the kernel can use (at most {TRITON_FP64_MAX_TILE} elements in float64): use impl='blockwise'"
-    )
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

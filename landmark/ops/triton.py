@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from landmark.ops.attention import padded_head_dim, triton_unsupported_reason
+from landmark.ops.support import padded_head_dim, triton_unsupported_reason
 
 __all__ = ["triton_backward", "triton_forward"]
 
