@@ -8,6 +8,8 @@ A mistake the user can fix (config, corpus, checkpoint, missing file) is printed
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
@@ -109,11 +111,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"landmark-attention {__version__}")
     cuda, threads = torch.cuda.is_available(), torch.get_num_threads()
     print(f"torch {torch.__version__}, CUDA available: {cuda}, threads: {threads}")
-    try:
-        import triton
-
-        print(f"triton {triton.__version__}")
-    except ImportError:
+    if importlib.util.find_spec("triton") is not None:
+        print(f"triton {importlib.metadata.version('triton')}")
+    else:
         print("triton: not installed (the fused GPU kernel is unavailable; blockwise is used)")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

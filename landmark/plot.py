@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from landmark.files import atomic_write, check_output_file
+from landmark.optional import pyplot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 X_AXES = {"step": "optimizer step", "tokens": "tokens seen", "minutes": "wall-clock minutes"}
@@ -60,10 +61,7 @@ def plot_metrics(
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = check_plot_out(out, overwrite)
     if x not in X_AXES:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import landmark.hf
 from landmark.data.passkey import FILLER, INSTRUCTION
 from landmark.data.wordings import PAPER, families
 from landmark.eval.common import cache_key_options
@@ -147,12 +148,10 @@ def judge(rows: list[dict]) -> list[dict]:
 def _landmark_chunks(m: HFUnderTest, window: Tensor, reading: Reading) -> Iterator[tuple[Tensor, Tensor]]:
     """A landmark model reading ``window`` (1, n) regular tokens with landmarks and retrieval:
     ``(regular indices, (c, vocab) logits)`` of each chunk's regular positions."""
-    from landmark.hf.retrieval import LandmarkRetrievalCache
-
     stream, _, _ = landmark_stream(window, None, m.block_size, m.landmark_id)
     regular = stream[0] != m.landmark_id
     index = torch.cumsum(regular.long(), 0) - 1  # (n',) the regular token at each stream position
-    cache = LandmarkRetrievalCache(m.model, _retrieval(reading), chunk_len=reading.chunk_len,
+    cache = landmark.hf.LandmarkRetrievalCache(m.model, _retrieval(reading), chunk_len=reading.chunk_len,
                                    **_cache_options(reading))  # fmt: skip
     for c0, logits in m._chunks(stream, cache, reading.chunk_len):
         keep = regular[c0 : c0 + logits.shape[1]]

@@ -49,6 +49,7 @@ from landmark.inference.generate import Sampling, generate_with
 from landmark.inference.options import check_device, resolve_device
 from landmark.inference.session import landmark_stream
 from landmark.inference.threads import using_threads
+from landmark.optional import require
 
 MODEL_NAME = "landmark"  # lm_eval --model landmark
 LANDMARK_MAX_LENGTH = 1 << 24  # a landmark model's default max_length: any document in one window
@@ -301,9 +302,9 @@ class LandmarkLM(TemplateLM):
         """A fresh cache: a ``LandmarkRetrievalCache`` for a landmark model, else a ``DynamicCache``."""
         model = self.under_test.model
         if not self.retrieves:
-            from transformers import DynamicCache
+            transformers = require("transformers")
 
-            return DynamicCache(config=model.config)
+            return transformers.DynamicCache(config=model.config)
 
         return LandmarkRetrievalCache(model, _retrieval(self.reading), chunk_len=self.reading.chunk_len,
                                       **_cache_options(self.reading))  # fmt: skip
@@ -331,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare-ruler`` has run, RULER's offline inputs in its environment)."""
 
     use_prepared_ruler()
-    from lm_eval.__main__ import cli_evaluate
+    lm_eval_main = require("lm_eval.__main__")
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    lm_eval_main.cli_evaluate()
     return 0
 
 

@@ -31,15 +31,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import landmark.hf
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.fingerprint import weights_fingerprint
-from landmark.hf import generate as hf_generate
+from landmark.hf.checks import check_model_folder, for_option, loading, read_config
+from landmark.hf.delta import load_pretrained
+from landmark.hf.generate import generate as hf_generate
 from landmark.hf.passkey import HFTokenEncoder
 from landmark.inference import RetrievalConfig, chunked_nll, generate
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
 from landmark.inference.session import landmark_stream, sum_nll
 from landmark.inference.threads import using_threads
 from landmark.model import ATTENTION_KINDS
+from landmark.optional import require
 
 HF_PREFIX = "hf:"  # --model NAME=hf:PATH: a Hugging Face model folder
 RETRIEVAL_KINDS = ("landmark", "hf-landmark")  # read with top-k retrieval (--k, --granularity, ...)
@@ -193,7 +197,7 @@ class HFUnderTest(ModelUnderTest):
 
         outs = []
         for prompt in prompts:
-            _, new = hf_generate.generate(self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens,
+            _, new = hf_generate(self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens,
                               retrieval=_retrieval(reading), chunk_len=reading.chunk_len,
                               **_cache_options(reading))  # fmt: skip
             outs.append(new.tolist())
@@ -216,28 +220,25 @@ class HFUnderTest(ModelUnderTest):
         """Every window read ``chunk_len`` positions per forward (all positions' logits of a chunk): the
         landmark model with landmarks inserted, through a ``LandmarkRetrievalCache`` (landmark positions
         not scored, as for the library's ``GPT``); the other model through its own ``DynamicCache``."""
-        from transformers import DynamicCache
+        transformers = require("transformers")
 
         counts = torch.full((windows.shape[0],), windows.shape[1] - 1)
         if self.landmark_id is None:
             targets = torch.cat([windows[:, 1:], torch.full_like(windows[:, :1], -100)], dim=1)
-            cache = DynamicCache(config=self.model.config)
+            cache = transformers.DynamicCache(config=self.model.config)
             return sum_nll(self._chunks(windows, cache, reading.chunk_len), targets), counts
-        from landmark.hf.retrieval import LandmarkRetrievalCache
-
         stream, _, targets = landmark_stream(windows, None, self.block_size, self.landmark_id)
-        cache = LandmarkRetrievalCache(self.model, _retrieval(reading), chunk_len=reading.chunk_len,
+        cache = landmark.hf.LandmarkRetrievalCache(self.model, _retrieval(reading),
+                                                   chunk_len=reading.chunk_len,
                                        **_cache_options(reading))  # fmt: skip
         return sum_nll(self._chunks(stream, cache, reading.chunk_len), targets), counts
 
     def _chunks(self, ids: Tensor, cache: Any, chunk_len: int) -> Iterator[tuple[int, Tensor]]:
         """(B, n) ids -> ``(c0, (B, c, vocab) logits)`` of every chunk of ``chunk_len`` positions."""
-        from landmark.hf.retrieval import forward_cached
-
         for c0 in range(0, ids.shape[1], chunk_len):
             chunk = ids[:, c0 : c0 + chunk_len].to(self._device)
             with using_threads():
-                logits = forward_cached(self.model, chunk, cache).logits
+                logits = landmark.hf.forward_cached(self.model, chunk, cache).logits
             yield c0, logits
 
 
@@ -313,11 +314,6 @@ def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) 
     ``landmark.hf.load_pretrained``, any other with its own attention; ``base``: a delta folder's base
     (default: the one the delta names). Errors name ``--model NAME``."""
     option = f"--model {name}"
-    try:
-        from landmark.hf.checks import check_model_folder, for_option, loading, read_config
-        from landmark.hf.delta import load_pretrained
-    except ImportError as err:  # the hf extra is missing
-        raise ValueError(f"{option}: Hugging Face models need the hf extra ({err})") from None
     folder = Path(path)
     try:
         plain = False
@@ -326,11 +322,11 @@ def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) 
             plain = read_config(folder).get("landmark_token_id") is None
         with _quiet_loading():
             if plain:
-                from transformers import AutoModelForCausalLM, AutoTokenizer
+                transformers = require("transformers")
 
                 with loading(folder):
-                    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-                    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+                    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
             else:  # landmark-converted, or not a model folder at all: load_pretrained says which
                 model, tokenizer = load_pretrained(folder, base=base)
     except ValueError as err:
@@ -341,12 +337,12 @@ def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) 
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Without transformers' per-tensor loading bar (a mistake found later stays one line on stderr)."""
-    from transformers.utils import logging
+    hf_logging = require("transformers.utils.logging")
 
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if shown:
-            logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()

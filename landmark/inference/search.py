@@ -41,17 +41,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from landmark.optional import require
+
 DEFAULT_APPROX_MIN_BLOCKS = 32768  # below this many blocks per row an exact flat scan is as fast as HNSW
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - exercised only without the extra installed
-        raise ImportError(
-            'search="faiss" needs the faiss-cpu package: pip install "landmark-attention[faiss]"'
-        ) from None
-    return faiss
+    return require("faiss")
 
 
 class LandmarkIndex:

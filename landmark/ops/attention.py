@@ -16,6 +16,7 @@ Both backwards recompute what they need from (q, k, v) tile by tile; the Triton 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -161,22 +162,25 @@ def _blockwise_backward_op(
     return blockwise_backward(grad_out, q, k, v, block_size, scale)
 
 
+def _kernels() -> Any:
+    """:mod:`landmark.ops.triton`, imported on first use: it imports triton, an optional dependency."""
+    from landmark.ops import triton as kernels
+
+    return kernels
+
+
 @torch.library.custom_op("landmark::triton_forward", mutates_args=())
 def _triton_forward_op(
     q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float
 ) -> tuple[Tensor, Tensor]:
-    from landmark.ops.triton import triton_forward
-
-    return triton_forward(q, k, v, block_size, scale)
+    return _kernels().triton_forward(q, k, v, block_size, scale)
 
 
 @torch.library.custom_op("landmark::triton_backward", mutates_args=())
 def _triton_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_size: int, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from landmark.ops.triton import triton_backward
-
-    return triton_backward(grad_out, q, k, v, out, lse, block_size, scale)
+    return _kernels().triton_backward(grad_out, q, k, v, out, lse, block_size, scale)
 
 
 def _fake_forward(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
