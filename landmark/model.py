@@ -3,7 +3,7 @@
 ``attention`` selects how a layer attends (everything else is shared):
 
 * ``"landmark"``: the grouped softmax of ``landmark_attention`` over windows that carry a landmark
-  token at the end of every block (shared/method.md section 3);
+  token at the end of every block (docs/method.md, "Training: the grouped softmax");
 * ``"full"``: ordinary causal attention (no landmarks), the baseline trained at the same length;
 * ``"xl"``: Transformer-XL-style segment recurrence: the window is cut into segments of ``xl_segment``
   positions and each segment attends to itself (causally) plus a cache of the previous segment's keys

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare what a lent GPU machine needs for SmolLM2 work, within the device tool's limits (at most 64 MiB
+# Prepare what a GPU machine needs for SmolLM2 work, within a remote-run tool's limits (at most 64 MiB
 # travels per call, working tree included; a machine stays warm 30 s after a call).
 #
 #   bash scripts/gpu_carry.sh            # write .gpu/ and move the checkpoint weights aside
@@ -9,7 +9,7 @@
 # .gpu/ (git-excluded) gets: p1/gguf.a and p2/gguf.b (the SmolLM2 GGUF in two halves, 47 MiB each),
 # whl/ (the gguf wheel: the machine lacks it) and delta/ (the shipped delta). The tracked weights of
 # checkpoints/ (60 MB) are moved to .gpu-hold/ so that the working tree is 8 MB. The calls, each within
-# 30 s of the last (docs/attention.md, "Carrying SmolLM2 to a lent GPU"): carry [.gpu/p1, .gpu/whl] and
+# 30 s of the last (docs/attention.md, "Carrying SmolLM2 to a GPU"): carry [.gpu/p1, .gpu/whl] and
 # keep them outside the repository there (/root/keep: ignored folders beside a carried path do not
 # survive the next call); carry [.gpu/p2] to join and prepare; carry [.gpu/delta] to fine-tune.
 set -euo pipefail
@@ -67,4 +67,4 @@ for f in "${WEIGHTS[@]}"; do
 done
 tree=$( (git ls-files -z | xargs -0 du -cb 2>/dev/null || true) | tail -1 | cut -f1)  # moved files: missing
 echo "working tree now $((tree / 1048576)) MiB; .gpu/: $(du -sh .gpu | cut -f1)"
-echo "restore the weights after the device calls: bash scripts/gpu_carry.sh --restore"
+echo "restore the weights after the remote calls: bash scripts/gpu_carry.sh --restore"

@@ -1,4 +1,4 @@
-"""The GPU check (issue 15): one command for the first lent GPU, and a CPU smoke mode that CI runs.
+"""The GPU check: one command for a GPU machine, and a CPU smoke mode that CI runs.
 
 Five steps, each a child process with its own time budget (a slow or hung step is killed and the
 next one runs), within a total budget (560 s on a GPU):
@@ -15,7 +15,7 @@ next one runs), within a total budget (560 s on a GPU):
 5. ``hf_reading``: the same kind of model converted with landmarks and read with top-4 retrieval
    through ``LandmarkRetrievalCache`` (``landmark.hf.forward_cached``, float32): the last position's
    logits on the GPU against the CPU's for one stream, ``landmark eval passkey --device cuda`` end to
-   end (the path that failed in session 13 under the machine's transformers: it needs no SmolLM2
+   end (the path that once failed under a GPU machine's transformers: it needs no SmolLM2
    weights to be carried), and the seconds to read 16k tokens on the GPU.
 
 Results go to ``<out>/gpu_check.json`` (rewritten after every step, so a killed run keeps what it
@@ -105,7 +105,7 @@ HF_ARGS = {
 # evaluation's length (tokens), and the largest relative logit difference GPU/CPU accepted.
 READ_BLOCK = {"gpu": 64, "smoke": 16}
 READ_COMPARE = {"gpu": 2048, "smoke": 96}
-READ_LENGTHS = {"gpu": (16384,), "smoke": (200,)}  # 16k took 26 s on the H200 (session 13): 64k overran
+READ_LENGTHS = {"gpu": (16384,), "smoke": (200,)}  # 16k took 26 s on an H200: 64k overran
 READ_EVAL_LENGTH = {"gpu": 4096, "smoke": 400}
 READ_MAX_REL_DIFF = 1e-3
 CORPUS_DOCS = 8  # the synthetic corpus: documents, each CORPUS_CHARS of the docs repeated CORPUS_REPEAT times

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check of issue 15: Triton kernels compiled on the GPU against the reference, the attention
+# The GPU check: Triton kernels compiled on the GPU against the reference, the attention
 # benchmark at 4k-32k, the small preset trained with landmark vs full attention (bf16, tokens/s), a
 # landmark fine-tune of a SmolLM2-135M-shaped model (random weights), its long-context reading on the GPU
 # against the CPU; JSON under $OUT; 560 s at most.
-#   bash scripts/gpu_check.sh                  # on the lent GPU machine (nothing is downloaded)
+#   bash scripts/gpu_check.sh                  # on the GPU machine (nothing is downloaded)
 #   bash scripts/gpu_check.sh --smoke          # on a CPU: tiny sizes, Triton interpreted (CI runs this)
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh
 # Other options (--out DIR, --work DIR, --steps ...) go to scripts/gpu_check.py; see its docstring.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# SmolLM2 work on a lent GPU machine, one subcommand per device call; run there, from the repository root
+# SmolLM2 work on a GPU machine without network access, one subcommand per remote call; run there, from the repository root
 # the device tool copies. `bash scripts/gpu_carry.sh` prepares what each call carries (.gpu/), and
-# docs/attention.md ("Carrying SmolLM2 to a lent GPU") gives the whole sequence. Each call must come
+# docs/attention.md ("Carrying SmolLM2 to a GPU") gives the whole sequence. Each call must come
 # within 30 s of the previous one (the machine goes back when idle), and files kept between calls live in
 # $KEEP (default /root/keep), outside the repository copy, whose ignored folders the next call wipes.
 #

@@ -131,7 +131,7 @@ def _changed_beyond_4k(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_weights_fingerprint_sees_bytes_beyond_the_first_4k(runs, tmp_path):
-    """Issue 15, defect 2: a fingerprint of each tensor's first 4 KiB gave a model another's cached
+    """A fingerprint of each tensor's first 4 KiB gave a model another's cached
     perplexity. Tensors that differ only beyond it get different fingerprints, so different cells, and
     `landmark eval ppl` run on both into one --out reports each model's own perplexity."""
     from landmark.checkpoint import load_model, save_checkpoint

@@ -1,4 +1,4 @@
-"""The shell plumbing that takes SmolLM2 to a lent GPU and brings a delta back (scripts/gpu_smollm2.sh on
+"""The shell plumbing that takes SmolLM2 to a GPU machine and brings a delta back (scripts/gpu_smollm2.sh on
 the machine, scripts/gpu_carry.sh --collect here), with a stand-in for Python: the files each call
 expects, the one-line errors when one is missing, the GGUF halves joined and checked, the delta split
 into parts and joined again.

@@ -1,7 +1,7 @@
 """Tests of landmark.hf.retrieval: top-k block retrieval for converted Hugging Face models.
 
 Tiny random models (hidden 64, 2 layers, 4 heads, 2 kv heads, block size 8) built in-process. The
-central invariant (shared/method.md s.4): when k covers every block in memory, the stingy mapping puts
+central invariant (docs/method.md): when k covers every block in memory, the stingy mapping puts
 every block where it would be in one full pass (up to a constant shift that RoPE ignores), so chunked
 prefill, token-by-token decoding and generation with a LandmarkRetrievalCache equal the converted
 model's plain forward / DynamicCache generation.

@@ -1,4 +1,4 @@
-"""Hostile inputs to the Hugging Face commands (issue 15): every bad value a one-line error, nothing written.
+"""Hostile inputs to the Hugging Face commands: every bad value a one-line error, nothing written.
 
 Each refused call of ``landmark hf convert|finetune|prepare-smollm2`` must exit with status 2, print
 exactly one ``error:`` line naming the option, no traceback, and leave every file under the test's

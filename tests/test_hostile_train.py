@@ -1,4 +1,4 @@
-"""Bad input to `landmark train`, as a hostile user gives it (issue 15, the training part).
+"""Bad input to `landmark train`, as a hostile user gives it.
 
 Every mistake ends with exit status 2 and exactly one `error:` line on stderr that names the setting or
 file, no traceback, and the disk as it was: a fresh run's folder is not created, and a resumed run's

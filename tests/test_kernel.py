@@ -138,7 +138,7 @@ def test_kernel_reads_a_wrapped_ring_buffer():
 
 def reference_selection(q, q_start, memory, k, bs):
     """The top-k blocks per (row, head, query) from float64 landmark scores at their scoring slots
-    (shared/method.md s.4), with the margin between the k-th and the (k+1)-th score."""
+    (docs/method.md), with the margin between the k-th and the (k+1)-th score."""
     batch, heads, rows, dim = q.shape
     group = heads // memory.kv_heads
     sel = torch.full((batch, heads, rows, k), -1, dtype=torch.long)

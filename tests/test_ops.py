@@ -120,7 +120,7 @@ def test_low_precision_rule(case, dtype):
 def test_hand_worked_example():
     """Five positions, block_size 3: 0 1 [L2] | 3 4. Scores s_j = k_j with exp(k) = 1, 2, 3, 1, 2.
 
-    Worked out by hand from the definition (a_ij, shared/method.md section 3):
+    Worked out by hand from the definition (a_ij, docs/method.md, "Training: the grouped softmax"):
       query 0: own block {0}                             -> [1, 0, 0, 0, 0]
       query 1: own block {0, 1}: e = 1, 2                 -> [1/3, 2/3, 0, 0, 0]
       query 2 (landmark): own block's regular tokens only -> [1/3, 2/3, 0, 0, 0]

@@ -2,7 +2,7 @@
 
 A block is ``block_size`` positions: ``block_size - 1`` regular tokens, then one landmark. For a
 sequence that starts on a block boundary, position ``p`` is a landmark iff
-``p % block_size == block_size - 1`` (shared/method.md s.2). Landmarks are not targets; the regular
+``p % block_size == block_size - 1`` (docs/method.md). Landmarks are not targets; the regular
 token just before a landmark predicts the regular token just after it. With ``block_size = 4``
 (``L`` = landmark, ``-`` = ``ignore_index``)::
 

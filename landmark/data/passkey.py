@@ -1,4 +1,4 @@
-"""The passkey retrieval task (shared/method.md section 6): prompts for evaluation, samples for training.
+"""The passkey retrieval task (docs/method.md): prompts for evaluation, samples for training.
 
 A prompt is the instruction, filler, the key sentence at a chosen depth, more filler, and the question;
 the answer is the key::

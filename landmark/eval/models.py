@@ -209,7 +209,7 @@ class HFUnderTest(ModelUnderTest):
         decoding after the context would predict there, up to float rounding): one pass lets the model's
         attention run over the whole sequence at once (SmolLM2 at 32k tokens: 448 s of one thread for one
         forward, against a 900 s trial when the context was read in 256-position chunks into a
-        ``DynamicCache``; session 8)."""
+        ``DynamicCache``)."""
 
         with using_threads():
             out = self.model(input_ids=torch.tensor([ids], device=self._device), logits_to_keep=count)

@@ -1,4 +1,4 @@
-"""Passkey retrieval against context length and depth (shared/method.md section 6), and two harder tasks.
+"""Passkey retrieval against context length and depth (docs/method.md), and two harder tasks.
 
 For each (length, depth) cell, ``trials`` prompts with seeded random five-digit keys are built with
 :class:`landmark.data.passkey.PasskeyPrompts` (lengths in tokens of each model's tokenizer, landmarks

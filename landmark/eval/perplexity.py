@@ -1,4 +1,4 @@
-"""Perplexity against context length (shared/method.md section 6).
+"""Perplexity against context length (docs/method.md, "Evaluation protocols").
 
 Non-overlapping windows of each evaluation length are cut from a corpus split (raw tokens; the
 landmark model inserts its own landmarks, which are never scored). Every window is evaluated from a

@@ -14,7 +14,7 @@ peft, safetensors, gguf). See docs/huggingface.md. The usual path::
     model.save_pretrained(out); tokenizer.save_pretrained(out)
     model, tokenizer = landmark.hf.load_pretrained(out)
 
-Long inputs with top-k block retrieval (shared/method.md s.4)::
+Long inputs with top-k block retrieval (docs/method.md, "Inference: block memory and top-k retrieval")::
 
     from landmark.inference import RetrievalConfig
 

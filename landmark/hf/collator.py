@@ -5,7 +5,7 @@ transformers' causal-LM loss normally shifts ``labels`` by one (``logits[t]`` is
 loss also accepts ``shift_labels``, the target of each position already aligned with ``logits``
 (``logits[t]`` against ``shift_labels[t]``); when given, the shift is skipped, and the Trainer counts
 the scored tokens from it (``num_items_in_batch``). :class:`LandmarkCollator` therefore returns
-``shift_labels`` built as in shared/method.md s.3 (block_size 4, ``L`` landmark, ``-`` ignored)::
+``shift_labels`` built as in docs/method.md (block_size 4, ``L`` landmark, ``-`` ignored)::
 
     raw tokens     a b c d e f g h
     input_ids      a b c L d e f L        (landmark iff p % block_size == block_size - 1)

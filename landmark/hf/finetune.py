@@ -319,33 +319,105 @@ def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[
     return convert(model, tokenizer, block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
 
 
+@dataclass
+class _Run:
+    """What the steps of one fine-tune share: its settings, where it writes, and the window geometry."""
+
+    cfg: FinetuneConfig
+    out: Path  # the final folder, replaced only once the run is complete
+    staging: Path  # where the run writes until then (checkpoints for --resume included)
+    args: Any  # transformers.TrainingArguments
+    block_size: int  # positions per block, landmark included
+    raw_tokens: int  # corpus tokens per window (+1: the next-token target of the last one)
+    lock: RunLock | None = None  # held by process 0 while it writes into `staging`
+
+    @property
+    def main(self) -> bool:
+        """Process 0 (of one, or of a torchrun job): the one that prints and writes."""
+        return self.args.process_index == 0
+
+    @property
+    def step_tokens(self) -> int:
+        """Regular tokens per optimizer step, over every process (windows being full)."""
+        cfg = self.cfg
+        return cfg.batch_size * cfg.grad_accum * self.args.world_size * (self.raw_tokens - 1)
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` with landmarks on ``cfg.corpus`` and save it to ``cfg.out``.
+
+    The steps, in order: check the settings; load the model (converted to landmarks, or from a delta);
+    set up the run (training arguments, the staging folder held for this process); build the windows
+    (corpus text, passkey samples); add LoRA; train (resuming from the last checkpoint with
+    ``--resume``); save and publish the folder, or, stopped by ``--max-minutes``, keep it resumable.
 
     Returns:
         A summary (also written to ``<out>/landmark-finetune.json``): the settings, the train loss,
         eval losses before/after when ``eval_windows > 0``, time, parameter counts.
     """
-    transformers = require("transformers")
-
     cfg.check()
-    out = Path(cfg.out)
-    use_cpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
-    delta_lora = None
+    model, tokenizer, delta_lora = _load_model(cfg)
+    run = _start_run(cfg, model, tokenizer)
+    train_set, eval_set, corpus_tokens = _windows(run, tokenizer)
+    model = _trainable(model, cfg, delta_lora)
+    _announce(run, model, len(train_set), corpus_tokens)
+    timer = _step_timer()
+    callbacks = [timer, *([_time_limit(cfg.max_minutes)] if cfg.max_minutes else [])]
+    trainer = _trainer(
+        run, model, tokenizer, train_dataset=train_set, eval_dataset=eval_set, callbacks=callbacks
+    )
+    if cfg.fsdp and trainer.accelerator.distributed_type.value != "FSDP":
+        raise RuntimeError(
+            f"FSDP was requested but accelerate set up {trainer.accelerator.distributed_type.value}"
+        )
+    summary = _train(run, trainer, timer, evaluate=eval_set is not None)
+    summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    if trainer.state.global_step < cfg.steps:  # stopped by --max-minutes: keep the run resumable
+        return _stop_early(run, trainer, summary)
+    _publish(run, trainer, tokenizer, summary)
+    return summary
+
+
+def _load_model(cfg: FinetuneConfig) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, the LoRA factors of ``--init-delta`` or None): the model to fine-tune."""
     try:
         if cfg.init_delta is not None:
-            model, tokenizer, delta_lora = start_from_delta(cfg.model, cfg.init_delta, merge=not cfg.lora_r)
-        else:
-            model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+            return start_from_delta(cfg.model, cfg.init_delta, merge=not cfg.lora_r)
+        model, tokenizer = load_for_finetune(cfg.model, cfg.block_size)
+        return model, tokenizer, None
     except ValueError as err:  # a damaged folder, an unsupported model: name the option
         raise for_option(err, "--model") from None
+
+
+def _start_run(cfg: FinetuneConfig, model: Any, tokenizer: Any) -> _Run:
+    """The run's training arguments and window geometry; process 0 holds the staging folder (clearing
+    what a killed run left unless ``--resume``) and records the settings a resume continues with."""
     block_size = int(model.config.landmark_block_size)
     raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
     if cfg.passkey_fraction:
         check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings, bool(cfg.passkey_chat))
+    out = Path(cfg.out)
     staging = staging_folder(out)
-    args = transformers.TrainingArguments(
+    run = _Run(cfg, out, staging, _training_arguments(cfg, model, staging), block_size, raw_tokens)
+    if run.main:
+        staging.mkdir(parents=True, exist_ok=True)
+        run.lock = RunLock(staging, option="--out")
+        run.lock.acquire()  # before touching what may be another live run's folder
+        if not cfg.resume:
+            for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            write_json_atomic(staging / RUN_FILE, asdict(cfg))
+    return run
+
+
+def _training_arguments(cfg: FinetuneConfig, model: Any, staging: Path) -> Any:
+    """``transformers.TrainingArguments`` of the run: AdamW (beta2 0.95), cosine schedule with warmup,
+    a checkpoint every ``save_steps`` (the last one kept, for ``--resume``), CPU/DDP/FSDP as set."""
+    transformers = require("transformers")
+    use_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    return transformers.TrainingArguments(
         output_dir=str(staging),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -372,126 +444,141 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         data_seed=cfg.seed,
         dataloader_num_workers=0,
     )
-    main = args.process_index == 0
-    lock = None
-    if main:
-        staging.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(staging, option="--out")
-        lock.acquire()  # before touching what may be another live run's folder
-        if not cfg.resume:
-            for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            write_json_atomic(staging / RUN_FILE, asdict(cfg))
-    with args.main_process_first(desc="tokenize the corpus"):  # rank 0 tokenizes and caches; the others read
-        train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=main)
+
+
+def _windows(run: _Run, tokenizer: Any) -> tuple[Any, Any, int]:
+    """(training windows, evaluation windows or None, training tokens of the corpus): the corpus
+    tokenized (process 0 first, the others read its cache), cut into windows, with passkey samples
+    mixed in as ``--passkey-*`` set."""
+    cfg, raw_tokens = run.cfg, run.raw_tokens
+    with run.args.main_process_first(desc="tokenize the corpus"):
+        train_tokens = tokenize_corpus(tokenizer, cfg.corpus, "train", progress=run.main)
         eval_tokens = (
-            tokenize_corpus(tokenizer, cfg.corpus, "validation", progress=main) if cfg.eval_windows else None
+            tokenize_corpus(tokenizer, cfg.corpus, "validation", progress=run.main)
+            if cfg.eval_windows
+            else None
         )
     train_set = TokenWindows(train_tokens, raw_tokens, limit=cfg.max_windows)
     if cfg.passkey_fraction:
-        haystack = None
-        if cfg.passkey_books:
-            haystack = BookHaystack(cfg.corpus, split="train")
+        haystack = BookHaystack(cfg.corpus, split="train") if cfg.passkey_books else None
         train_set = PasskeyMixWindows(
-            train_set, tokenizer, raw_tokens, block_size, cfg.passkey_fraction, seed=cfg.seed,
+            train_set, tokenizer, raw_tokens, run.block_size, cfg.passkey_fraction, seed=cfg.seed,
             books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack, near=cfg.passkey_near,
             wordings=cfg.passkey_wordings, chat=cfg.passkey_chat,
         )  # fmt: skip
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
     )
+    return train_set, eval_set, len(train_tokens)
 
+
+def _trainable(model: Any, cfg: FinetuneConfig, delta_lora: Any) -> Any:
+    """The model with LoRA adapters (``--lora-r``), set to ``--init-delta``'s factors when given."""
     if cfg.lora_r:
         model = _with_lora(model, cfg)
     if delta_lora is not None:
         set_lora(model, delta_lora)
+    return model
+
+
+def _announce(run: _Run, model: Any, windows: int, corpus_tokens: int) -> None:
+    """Process 0 prints what is fine-tuned, on what, how."""
+    if not run.main:
+        return
+    cfg, args = run.cfg, run.args
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if main:
-        print(
-            f"landmark fine-tuning: {type(model).__name__} from {cfg.model}, block_size {block_size} "
-            f"(landmark id {model.config.landmark_token_id}), windows of {cfg.max_length} positions "
-            f"({raw_tokens - 1} tokens + landmarks), {len(train_set)} training windows of "
-            f"{len(train_tokens):,} tokens; {args.world_size} process(es), "
-            f"{'FSDP' if cfg.fsdp else 'DDP' if args.world_size > 1 else 'single'}, "
-            f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora_r else 'full fine-tuning'}: "
-            f"{trainable:,} of {total:,} parameters trainable",
-            flush=True,
-        )
-    timer = _step_timer()
-    trainer = _trainer(
-        cfg, model, tokenizer, args, block_size, raw_tokens, train_dataset=train_set, eval_dataset=eval_set,
-        callbacks=[timer, *([_time_limit(cfg.max_minutes)] if cfg.max_minutes else [])],
-    )  # fmt: skip
-    if cfg.fsdp and trainer.accelerator.distributed_type.value != "FSDP":
-        raise RuntimeError(
-            f"FSDP was requested but accelerate set up {trainer.accelerator.distributed_type.value}"
-        )
-    summary: dict[str, Any] = {"config": asdict(cfg), "block_size": block_size, "world_size": args.world_size}
-    if eval_set is not None:
+    print(
+        f"landmark fine-tuning: {type(model).__name__} from {cfg.model}, block_size {run.block_size} "
+        f"(landmark id {model.config.landmark_token_id}), windows of {cfg.max_length} positions "
+        f"({run.raw_tokens - 1} tokens + landmarks), {windows} training windows of "
+        f"{corpus_tokens:,} tokens; {args.world_size} process(es), "
+        f"{'FSDP' if cfg.fsdp else 'DDP' if args.world_size > 1 else 'single'}, "
+        f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora_r else 'full fine-tuning'}: "
+        f"{trainable:,} of {total:,} parameters trainable",
+        flush=True,
+    )
+
+
+def _train(run: _Run, trainer: Any, timer: Any, evaluate: bool) -> dict[str, Any]:
+    """Train (from the last checkpoint with ``--resume``), with the evaluation loss before and after;
+    returns the summary: settings, losses, steps, tokens and throughput."""
+    cfg, args = run.cfg, run.args
+    summary: dict[str, Any] = {
+        "config": asdict(cfg),
+        "block_size": run.block_size,
+        "world_size": args.world_size,
+    }
+    if evaluate:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     start = time.perf_counter()
-    checkpoint = last_checkpoint(staging) if cfg.resume else None
-    if main and checkpoint is not None:
+    checkpoint = last_checkpoint(run.staging) if cfg.resume else None
+    if run.main and checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     summary["train_seconds"] = round(time.perf_counter() - start, 1)
     summary["train_loss"] = result.training_loss
     summary["steps_done"] = trainer.state.global_step
-    step_tokens = cfg.batch_size * cfg.grad_accum * args.world_size * (raw_tokens - 1)
-    summary["tokens_seen"] = trainer.state.global_step * step_tokens  # regular tokens, windows being full
+    summary["tokens_seen"] = trainer.state.global_step * run.step_tokens
     summary["tokens_per_s"] = summary["tokens_seen"] / max(summary["train_seconds"], 1e-9)
-    summary["steady_tokens_per_s"] = timer.steady_rate(step_tokens)  # the first step (compilation) excluded
+    summary["steady_tokens_per_s"] = timer.steady_rate(
+        run.step_tokens
+    )  # the first step (compilation) excluded
     summary["distributed_type"] = str(trainer.accelerator.distributed_type.value)
     summary["sharded_parameters"] = any(
         type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()
     )
-    if eval_set is not None:
+    if evaluate:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
-    summary["trainable_parameters"], summary["parameters"] = trainable, total
-    if trainer.state.global_step < cfg.steps:  # stopped by --max-minutes: keep the run resumable
-        if cfg.max_minutes and trainer.state.global_step % cfg.save_steps:
-            trainer._save_checkpoint(trainer.model, trial=None)
-        if main:
-            print(
-                f"stopped after {trainer.state.global_step} of {cfg.steps} steps (--max-minutes); "
-                f"continue with the same command and --resume (checkpoint in {staging})",
-                flush=True,
-            )
-            if lock is not None:
-                lock.release()
-        summary["stopped_early"] = True
-        if main:  # what was trained so far, for scripts that read it (gpu_check); replaced when it ends
-            write_json_atomic(staging / SUMMARY_FILE, summary)
-        return summary
-    _save(trainer, tokenizer, staging, lora=bool(cfg.lora_r))
-    if main:
-        for old in staging.glob("checkpoint-*"):  # resume state (optimizer...): not part of the model
-            shutil.rmtree(old, ignore_errors=True)
-        (staging / RUN_FILE).unlink(missing_ok=True)
-        write_json_atomic(staging / SUMMARY_FILE, summary)
-        if lock is not None:
-            lock.release()
-        publish(out)  # only now is an existing `out` (--overwrite) replaced
-    trainer.accelerator.wait_for_everyone()
-    if main:
-        line = (
-            f"saved to {out} (load with landmark.hf.load_pretrained); train loss {summary['train_loss']:.4f}"
+    return summary
+
+
+def _stop_early(run: _Run, trainer: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Stopped by ``--max-minutes``: save a checkpoint at this step so that ``--resume`` continues here,
+    write what was trained so far (for scripts that read it, e.g. gpu_check), release the folder."""
+    cfg = run.cfg
+    if cfg.max_minutes and trainer.state.global_step % cfg.save_steps:
+        trainer._save_checkpoint(trainer.model, trial=None)
+    summary["stopped_early"] = True
+    if run.main:
+        print(
+            f"stopped after {trainer.state.global_step} of {cfg.steps} steps (--max-minutes); "
+            f"continue with the same command and --resume (checkpoint in {run.staging})",
+            flush=True,
         )
-        line += f", {summary['tokens_per_s']:,.0f} tokens/s"
-        if eval_set is not None:
+        if run.lock is not None:
+            run.lock.release()
+        write_json_atomic(run.staging / SUMMARY_FILE, summary)  # replaced when the run ends
+    return summary
+
+
+def _publish(run: _Run, trainer: Any, tokenizer: Any, summary: dict[str, Any]) -> None:
+    """Save the model (or its LoRA adapter) with the summary, drop the resume state, and only then
+    replace ``out`` (``--overwrite``) with the complete folder."""
+    _save(trainer, tokenizer, run.staging, lora=bool(run.cfg.lora_r))
+    if run.main:
+        for old in run.staging.glob("checkpoint-*"):  # resume state (optimizer...): not part of the model
+            shutil.rmtree(old, ignore_errors=True)
+        (run.staging / RUN_FILE).unlink(missing_ok=True)
+        write_json_atomic(run.staging / SUMMARY_FILE, summary)
+        if run.lock is not None:
+            run.lock.release()
+        publish(run.out)
+    trainer.accelerator.wait_for_everyone()
+    if run.main:
+        line = f"saved to {run.out} (load with landmark.hf.load_pretrained); "
+        line += f"train loss {summary['train_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s"
+        if "eval_loss_after" in summary:
             before, after = summary["eval_loss_before"], summary["eval_loss_after"]
             line += f"; eval loss {before:.4f} -> {after:.4f}"
             line += f" (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})"
         print(line, flush=True)
-    return summary
 
 
-def _trainer(
-    cfg: FinetuneConfig, model: Any, tokenizer: Any, args: Any, block_size: int, raw_tokens: int, **kw: Any
-) -> Any:
+def _trainer(run: _Run, model: Any, tokenizer: Any, **kw: Any) -> Any:
     """The Trainer of a run: plain, or distilling toward ``cfg.distill`` (:mod:`landmark.hf.distill`)."""
     transformers = require("transformers")
+    cfg, args, block_size, raw_tokens = run.cfg, run.args, run.block_size, run.raw_tokens
 
     if cfg.distill is None:
         collator = LandmarkCollator(tokenizer, block_size, cfg.max_length)

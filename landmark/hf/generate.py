@@ -6,7 +6,7 @@ Two caches:
   all of them through the grouped softmax: exact, but each step reads the whole context.
 * ``retrieval=RetrievalConfig(k=...)``: a :class:`landmark.hf.LandmarkRetrievalCache`: complete blocks
   go to a block memory, and every query attends to its top-k retrieved blocks plus its local context
-  (shared/method.md s.4).
+  (docs/method.md, "Inference: block memory and top-k retrieval").
 
 The loop, the sampling and the landmark rule are the library's one implementation
 (:func:`landmark.inference.generate.generate_with`, shared with the library's ``GPT``); this module only

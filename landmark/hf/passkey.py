@@ -1,4 +1,4 @@
-"""The passkey task (shared/method.md s.6) with a Hugging Face tokenizer: the fine-tuning mix.
+"""The passkey task (docs/method.md) with a Hugging Face tokenizer: the fine-tuning mix.
 
 The prompt text and the sampling of training examples are those of :mod:`landmark.data.passkey`
 (:class:`~landmark.data.passkey.PasskeyPrompts`); :class:`HFTokenEncoder` only gives it a Hugging Face

@@ -1,7 +1,7 @@
 """Long-context inference for converted Hugging Face models: block memory + top-k landmark retrieval.
 
 :class:`LandmarkRetrievalCache` is a transformers ``Cache``: pass it to ``model(...)`` or to
-``model.generate(...)`` instead of a ``DynamicCache``. Per layer it keeps what shared/method.md s.4
+``model.generate(...)`` instead of a ``DynamicCache``. Per layer it keeps what docs/method.md
 asks for, through the project's one implementation of each piece (:mod:`landmark.inference`):
 
 * a :class:`~landmark.inference.BlockMemory` of the complete blocks (keys without absolute positions; block

@@ -1,7 +1,7 @@
 """The per-layer stream state of retrieval inference, one implementation for every model family.
 
 A ``RetrievalCache`` is what a model's attention layers hand their new queries, keys and values to
-when reading or generating with landmark retrieval (shared/method.md s.4). For each layer it keeps
+when reading or generating with landmark retrieval (docs/method.md). For each layer it keeps
 
 * a ``BlockMemory`` of the complete blocks (keys without absolute positions, contents optionally on a
   slower ``memory_device``, an optional cap with FIFO eviction);

@@ -10,7 +10,7 @@ Landmarks are fed, never sampled. A prompt that ends with a complete block keeps
 whenever the next stream position is a landmark position, the landmark is fed together with the next
 regular token (``[landmark, token]``), and the following token is predicted from that token's output.
 So the next token is always predicted by a regular token's output, as in training, where landmark
-positions are not targets (shared/method.md section 3), and the landmark's key joins the memory like
+positions are not targets (docs/method.md), and the landmark's key joins the memory like
 any other block's.
 """
 

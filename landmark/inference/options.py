@@ -40,7 +40,7 @@ def add_retrieval_arguments(
         k_zero: what ``--k 0`` means for this command (None: refused).
         multiple: ``--k`` and ``--granularity`` take one or more values (lists), one evaluation each.
     """
-    g = parser.add_argument_group("retrieval (shared/method.md s.4)")
+    g = parser.add_argument_group("retrieval (docs/method.md)")
     nargs, several = ("+", _SEVERAL) if multiple else (None, "")
     k_help = f"blocks retrieved per query and head, >= 1 (default {_DEFAULT.k})"
     if k_zero:

@@ -1,7 +1,7 @@
 """Reference landmark attention: dense, short, obviously correct. The specification.
 
 This materialises the full (q_len x k_len) score matrix, so its memory is O(len^2). Every other
-implementation is tested against it. The semantics are those of shared/method.md section 3:
+implementation is tested against it. The semantics are those of docs/method.md:
 
 * a block is ``block_size`` consecutive key positions; the last is the landmark
   (position ``p`` is a landmark iff ``p % block_size == block_size - 1``);
