@@ -17,6 +17,11 @@ blockwise is checked against the reference at a small size.
 Usage:
     python benchmarks/attention.py                      # seq 512, 2048, 8192; table + JSON
     python benchmarks/attention.py --seqs 1024 4096 --out /tmp/bench.json
+    python benchmarks/attention.py --smoke --out /tmp/bench.json   # seconds: a test of the script itself
+
+``--smoke``: toy sizes (seq 64 and 128, 2 heads of 16, blocks of 16, one timed run) and every
+measurement in this process instead of a fresh one (peak memory is then not per measurement): the
+numbers mean nothing (tests/test_benchmarks.py). Options given with it override its sizes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line
+
 IMPLS = ("sdpa", "blockwise", "reference")
+SMOKE = dict(seqs=[64, 128], heads=2, head_dim=16, block_size=16, repeats=1, threads=1)  # --smoke
 
 
 def _rss_kib(field: str) -> int:
@@ -119,7 +129,7 @@ def check_exactness(args: argparse.Namespace) -> float:
     return err
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -132,8 +142,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--out", default="benchmarks/results/attention_cpu.json")
+    p.add_argument(
+        "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
+    )
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
@@ -152,6 +168,12 @@ def main() -> int:
     results = []
     for seq in args.seqs:
         for impl in args.impls:
+            if args.smoke:
+                results.append(worker(impl, seq, args))
+                print(
+                    f"  measured {impl:>9} seq {seq:>6}: {results[-1]['time_s'] * 1000:9.1f} ms", flush=True
+                )
+                continue
             cmd = [sys.executable, __file__, "--worker", impl, str(seq), *passthrough]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
@@ -192,7 +214,7 @@ def main() -> int:
     import torch
 
     meta = {
-        "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+        "command": command_line(__file__, argv),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -205,6 +227,7 @@ def main() -> int:
         "repeats": args.repeats,
         "threads": args.threads or "default",
         "exactness_max_abs_diff": err,
+        "smoke": args.smoke,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,18 @@ Usage:
     python benchmarks/decode.py                                  # 4k 16k 64k 256k; table + JSON
     python benchmarks/decode.py --contexts 4096 16384 --tokens 32 --out /tmp/decode.json
     python benchmarks/decode.py --worker landmark 65536 random --tokens 200 --profile   # one cell, profiled
+    python benchmarks/decode.py --smoke --out /tmp/decode.json   # seconds: a test of the script itself
+
+``--smoke``: toy sizes (one 420-token context, a 300-token prefill, 32 tokens) and every measurement in
+this process instead of a fresh one (peak memory is then not per measurement): the numbers mean
+nothing; it checks that every side runs and the JSON is whole (tests/test_benchmarks.py). Options given
+with it override its sizes. Exit status 1 if a measurement failed (its error is in the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -45,9 +52,22 @@ import time
 from math import nan
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line
+
 MODELS = ("landmark", "eager", "full")  # plus "compiled" (landmark with RetrievalConfig.compile): --compiled
 SMALL = dict(vocab_size=8192, n_layer=6, n_embd=256, n_head=8, n_kv_head=8, seq_len=512)  # configs/small-*
 BLOCK = 64
+# --smoke: sizes of seconds; the 32 tokens after either context cross a block boundary (a step of two
+# query rows, a landmark and a token)
+SMOKE = dict(contexts=[420], prefill_context=300, tokens=32, warmup=1)
+
+
+def counters(stats) -> dict[str, int]:
+    """The counters of a ``StepStats`` (its integer fields; not its optional ``selections`` trace)."""
+    values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    return {name: v for name, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def build(kind: str):
@@ -151,7 +171,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             tok = step(tok)
         warmup_s = time.perf_counter() - w0
         if landmark:
-            before = dict(vars(session.stats.layer))
+            before = counters(session.stats.layer)
             start_len = int(session.length[0])
         else:
             start_len = decoder.length
@@ -185,7 +205,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if landmark:
-        after = vars(session.stats.layer)
+        after = counters(session.stats.layer)
         d = {key: after[key] - before[key] for key in after}
         end_len = int(session.length[0])
         # from the counters: landmark keys scored, (block, kv head) pairs read, local positions
@@ -224,6 +244,9 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
 
 
 def run_one(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+    if args.smoke:
+        return worker(kind, context, fill, args)
     cmd = [sys.executable, __file__, "--worker", kind, str(context), fill]
     cmd += ["--tokens", str(args.tokens), "--warmup", str(args.warmup), "--k", str(args.k)]
     cmd += [
@@ -249,7 +272,7 @@ def mib(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -272,13 +295,19 @@ def main() -> None:
         "--profile", action="store_true", help="with --worker: print a cProfile of the decode steps (stderr)"
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "CONTEXT", "FILL"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
 
     if args.worker:
         kind, context, fill = args.worker
         print(json.dumps(worker(kind, int(context), fill, args)))
-        return
+        return 0
 
     # The per-token floor both models share (weights, layers, sampling): the full model on an empty cache.
     floor = run_one("full", 0, "random", args)
@@ -349,7 +378,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
+        "command": command_line(__file__, argv),
         "machine": platform.platform(),
         "processor": platform.processor(),
         "model": {**SMALL, "block_size": BLOCK},
@@ -357,10 +386,17 @@ def main() -> None:
         "granularity": args.granularity,
         "threads": args.threads,
         "tokens": args.tokens,
+        "smoke": args.smoke,
     }
     out.write_text(json.dumps({"meta": meta, "floor": floor, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
+    failed = [
+        m for r in [{"floor": floor}, *results] for m in r.values() if isinstance(m, dict) and "error" in m
+    ]
+    if failed:
+        print(f"decode.py: {len(failed)} measurement(s) failed (see 'error' in {out})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -52,7 +52,7 @@ def heldout_loss(model, tokenizer, windows: list, max_length: int) -> float:
     return total / count
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4, help="validation windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON report (default: none)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     tokenizer = AutoTokenizer.from_pretrained(args.base, local_files_only=True)

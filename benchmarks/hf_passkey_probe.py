@@ -127,7 +127,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from landmark.hf.smollm2 import default_smollm2_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON report (default: none)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     report = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -24,6 +24,11 @@ Usage::
     landmark hf prepare-smollm2          # once: the offline SmolLM2 weights
     python benchmarks/hf_prefill.py --lengths 4096 16384
     python benchmarks/hf_prefill.py --lengths 32768 --models landmark --profile --out /tmp/profile.json
+    python benchmarks/hf_prefill.py --smoke --base DIR --out /tmp/hf_prefill.json   # seconds: a test
+
+``--smoke``: toy sizes (256 tokens in chunks of 64) and every measurement in this process instead of a
+fresh one: the numbers mean nothing; with ``--base`` a tiny model it runs in seconds
+(tests/test_benchmarks.py). Options given with it override its sizes.
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ import sys
 import time
 from pathlib import Path
 
-from results_json import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
+SMOKE = dict(lengths=[256], chunk_len=64)  # --smoke
 
 
 def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
@@ -90,8 +98,12 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
 
                 original = kernel.kernel_plan
                 kernel.kernel_plan = lambda module, *a, **kw: original(Timed(module), *a, **kw)
-            c0 = time.process_time()
-            hf_reader(model, cache, args.chunk_len, threads=args.threads)(stream, lengths)
+            try:
+                c0 = time.process_time()
+                hf_reader(model, cache, args.chunk_len, threads=args.threads)(stream, lengths)
+            finally:
+                if args.profile:  # the process goes on with --smoke
+                    kernel.kernel_plan = original
     cpu = time.process_time() - c0
     row = {"model": kind, "length": length, "cpu_s": cpu, "tokens_per_cpu_s": length / cpu}
     if kind == "landmark" and args.profile:
@@ -100,6 +112,9 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
 
 
 def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+    if args.smoke:
+        return worker(kind, length, args)
     cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
     cmd += ["--base", args.base, "--k", str(args.k), "--chunk-len", str(args.chunk_len)]
     cmd += ["--profile"] if args.profile else []
@@ -109,7 +124,7 @@ def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from landmark.hf.smollm2 import default_smollm2_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,8 +140,14 @@ def main() -> None:
         help="also time the fused retrieval kernel (per layer) inside the landmark read",
     )
     p.add_argument("--out", default=str(RESULTS / "hf_prefill.json"))
+    p.add_argument(
+        "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
+    )
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
         return
@@ -156,7 +177,10 @@ def main() -> None:
                 f"rest {lm['cpu_s'] - lm['kernel_s']:.1f} s"
             )
     print(f"CPU seconds to read the prompt ({args.threads} thread(s)); landmark: k = {args.k}, retrieval")
-    write_results(args.out, {"results": results})
+    write_results(
+        args.out, {"results": results}, command=command_line(__file__, argv), base=args.base, k=args.k,
+        chunk_len=args.chunk_len, threads=args.threads, smoke=args.smoke,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

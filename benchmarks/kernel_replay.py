@@ -11,7 +11,8 @@ the selections are identical.
   ``--calls`` calls (the last chunks, every layer) are saved with ``torch.save`` (large: the block
   memory of every call; about 3 GB for 12 calls at 128k tokens).
 * ``compare``: builds each given source (``torch.utils.cpp_extension``, ``-O3 -march=native``) and
-  replays the captured calls.
+  replays the captured calls. ``@library`` as a source is the kernel the library itself built and uses
+  (``landmark.inference.kernel``; no build here).
 
 Usage::
 
@@ -19,18 +20,23 @@ Usage::
     git show HEAD~5:landmark/inference/csrc/retrieval.cpp > /tmp/old.cpp
     python benchmarks/kernel_replay.py compare /tmp/calls_8k.pt /tmp/old.cpp \
         landmark/inference/csrc/retrieval.cpp
+    python benchmarks/kernel_replay.py compare /tmp/calls_8k.pt @library /tmp/new.cpp  # the library's first
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
 from pathlib import Path
 
-from results_json import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
 
 REPO = Path(__file__).resolve().parents[1]
+LIBRARY = "@library"  # a compare source: the library's own compiled kernel
 
 
 def capture(args: argparse.Namespace) -> None:
@@ -62,9 +68,11 @@ def capture(args: argparse.Namespace) -> None:
 
     original = kernel.kernel_plan
     kernel.kernel_plan = lambda module, *a, **k: original(Recorder(module), *a, **k)
-    with torch.no_grad():
-        InferenceSession(model, 1, k=args.k, chunk_len=256, threads=1).read(ids)
-    kernel.kernel_plan = original
+    try:
+        with torch.no_grad():
+            InferenceSession(model, 1, k=args.k, chunk_len=256, kernel="cpp", threads=1).read(ids)
+    finally:
+        kernel.kernel_plan = original
     torch.save(calls, args.out)
     print(f"saved the last {len(calls)} kernel calls of a {args.length}-token read to {args.out}")
 
@@ -74,10 +82,15 @@ def compare(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.cpp_extension import load
 
+    from landmark.inference import kernel
+
     torch.set_num_threads(1)
     calls = torch.load(args.calls)
     modules = []
     for src in args.sources:
+        if src == LIBRARY:
+            modules.append(kernel.kernel_module(required=True))
+            continue
         tag = hashlib.sha1(Path(src).read_bytes()).hexdigest()[:8]
         modules.append(
             load(name=f"kernel_replay_{tag}", sources=[src], extra_cflags=["-O3", "-march=native"])
@@ -100,10 +113,13 @@ def compare(args: argparse.Namespace) -> None:
                      "same_selection": same})  # fmt: skip
         print(f"{src:<50} {1000 * best[i]:>10.1f} {best[i] / best[0]:>8.2f}x {diff:>15.2e} {same!s:>15}")
     if args.out:
-        write_results(args.out, {"results": rows}, calls=str(args.calls), repeats=args.repeats)
+        write_results(
+            args.out, {"results": rows}, command=args.command, calls=str(args.calls),
+            repeats=args.repeats,
+        )  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -118,10 +134,15 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the file of captured calls (torch.save)")
     p = sub.add_parser("compare", help="replay captured calls against kernel sources")
     p.add_argument("calls", help="a file written by `capture`")
-    p.add_argument("sources", nargs="+", help="retrieval.cpp versions; the first is the baseline")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help=f"retrieval.cpp versions ({LIBRARY}: the library's); the first is the baseline",
+    )
     p.add_argument("--repeats", type=int, default=7, help="passes per source (default 7); the best counts")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.command = command_line(__file__, argv)
     if args.cmd == "capture":
         if args.length < 1 or args.calls < 1:
             parser.error("--length and --calls must be >= 1")

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from results_json import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
 
 
 def task_label(result: dict) -> str:
@@ -82,7 +85,7 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -90,11 +93,13 @@ def main() -> None:
     parser.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="model names to merge")
     parser.add_argument("--out", type=Path, required=True, help="the merged JSON")
     parser.add_argument("--png", type=Path, default=None, help="heatmaps, one panel per (model, task)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rename = dict(item.split("=", 1) for item in args.rename)
     cells = merge(args.inputs, rename)
     print(table(cells))
-    write_results(args.out, {"cells": cells}, inputs=[str(p) for p in args.inputs])
+    write_results(
+        args.out, {"cells": cells}, command=command_line(__file__, argv), inputs=[str(p) for p in args.inputs]
+    )
     if args.png is not None:
         from landmark.eval.passkey import plot_passkey
 

@@ -165,7 +165,7 @@ def _answer_loss_at_gap(
     return float(np.mean(out))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder or checkpoint folder")
     p.add_argument("--samples", type=int, default=16)
@@ -175,7 +175,7 @@ def main() -> None:
         "--gaps", type=int, nargs="*", default=[0, 4, 16, 48, 96, 192, 320],
         help="filler tokens between key sentence and question for the 'by distance' lines (none: skip)",
     )  # fmt: skip
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     r = probe(args.checkpoint, args.samples, args.length, args.seed, args.gaps)
     for name, v in r["loss_per_key_token"].items():

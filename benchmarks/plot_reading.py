@@ -6,6 +6,7 @@ wrote, and draws one line per model on log-log axes.
 
 Usage:
     python benchmarks/plot_reading.py                  # -> docs/reading_speed.png
+    python benchmarks/plot_reading.py --prefill A.json --hf B.json --out /tmp/reading.png
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def series(path: Path, kinds: dict[str, str]) -> dict[str, list[tuple[int, float
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Draw the plot; returns its lines ({label: [(length, tokens per CPU second), ...]})."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefill", default=str(RESULTS / "prefill.json"))
     p.add_argument("--hf", default=str(RESULTS / "hf_prefill_rope_skip.json"))
     p.add_argument("--out", default=str(REPO / "docs" / "reading_speed.png"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,10 +67,13 @@ def main() -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
+    plt.close(fig)
     tmp.replace(out)
     print(f"wrote {out}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ skipped above ``--full-max`` tokens (its time grows with the square of the lengt
 Usage:
     python benchmarks/prefill.py                               # 2k 8k 32k 128k; table + JSON
     python benchmarks/prefill.py --lengths 4096 --out /tmp/prefill.json
+    python benchmarks/prefill.py --smoke --out /tmp/prefill.json   # seconds: a test of the script itself
+
+``--smoke``: toy sizes (300 and 600 tokens, one run per cell) and every measurement in this process
+instead of a fresh one: the numbers mean nothing (tests/test_benchmarks.py). Options given with it
+override its sizes.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ import sys
 import time
 from pathlib import Path
 
-from results_json import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = "moby_dick.txt"  # the bundled book whose start is the input
+SMOKE = dict(lengths=[300, 600], repeats=1)  # --smoke
 
 
 def book_tokens(tokenizer, length: int) -> list[int]:
@@ -103,6 +111,9 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+    if args.smoke:
+        return worker(kind, length, args)
     cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
     cmd += ["--k", str(args.k), "--chunk-len", str(args.chunk_len), "--checkpoint", args.checkpoint]
     cmd += ["--mode", args.mode]
@@ -112,7 +123,7 @@ def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -129,8 +140,14 @@ def main() -> None:
     parser.add_argument("--chunk-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prefill.json"))
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
         return
@@ -173,8 +190,9 @@ def main() -> None:
         "full: one causal forward pass of the input"
     )
     write_results(
-        args.out, {"results": results}, checkpoint=args.checkpoint, k=args.k, chunk_len=args.chunk_len,
-        threads=args.threads, mode=args.mode, repeats=args.repeats,
+        args.out, {"results": results}, command=command_line(__file__, argv), checkpoint=args.checkpoint,
+        k=args.k, chunk_len=args.chunk_len, threads=args.threads, mode=args.mode, repeats=args.repeats,
+        smoke=args.smoke,
     )  # fmt: skip
 
 

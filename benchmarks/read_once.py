@@ -13,6 +13,11 @@ bundled book, each in its own process, one thread:
 
 Usage:
     python benchmarks/read_once.py                        # -> benchmarks/results/read_once.json
+    python benchmarks/read_once.py --smoke --out /tmp/read_once.json   # seconds: a test of the script
+
+``--smoke``: toy sizes (a 600-token prompt, a 300-token document) and both measurements in this process
+instead of a fresh one each (the memory growth is then not of a fresh process): the numbers mean
+nothing (tests/test_benchmarks.py). Options given with it override its sizes.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_json import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = dict(memory_tokens=600, doc_tokens=300)  # --smoke
 
 
 def _setup(args):
@@ -109,6 +117,9 @@ def reuse_worker(args) -> dict:
 
 
 def run(kind: str, args) -> dict:
+    """One measurement in a fresh process; with --smoke in this one."""
+    if args.smoke:
+        return (memory_worker if kind == "memory" else reuse_worker)(args)
     cmd = [sys.executable, __file__, "--worker", kind, "--checkpoint", args.checkpoint]
     cmd += ["--memory-tokens", str(args.memory_tokens), "--doc-tokens", str(args.doc_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -117,14 +128,20 @@ def run(kind: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "passkey-landmark"))
     p.add_argument("--memory-tokens", type=int, default=100_000)
     p.add_argument("--doc-tokens", type=int, default=32_768)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "read_once.json"))
+    p.add_argument(
+        "--smoke", action="store_true", help="toy sizes, both measurements in this process (a test)"
+    )
     p.add_argument("--worker", choices=("memory", "reuse"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     if args.worker:
         fn = memory_worker if args.worker == "memory" else reuse_worker
         print(json.dumps(fn(args)))
@@ -142,7 +159,9 @@ def main() -> None:
         f"{reuse['speedup']:.1f}x "
         f"(state file {reuse['state_bytes'] / mb:.0f} MB)"
     )
-    write_results(args.out, {"memory": memory, "reuse": reuse})
+    write_results(
+        args.out, {"memory": memory, "reuse": reuse}, command=command_line(__file__, argv), smoke=args.smoke
+    )
 
 
 if __name__ == "__main__":

@@ -6,18 +6,28 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 
-def write_results(out: str | Path, payload: dict[str, Any], **meta: Any) -> Path:
-    """Write ``{"meta": {command, machine, **meta}, **payload}`` to ``out``; returns the path."""
+def command_line(script: str | Path, argv: list[str] | None = None) -> str:
+    """``python benchmarks/<script> ARGS`` as it would be typed: ``argv`` (None: this process's
+    arguments, ``sys.argv[1:]``; a script's ``main(argv)`` called from Python passes its own)."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *map(str, args)])
+
+
+def write_results(out: str | Path, payload: dict[str, Any], command: str | None = None, **meta: Any) -> Path:
+    """Write ``{"meta": {command, machine, **meta}, **payload}`` to ``out``; returns the path.
+
+    ``command``: the command line to record (default: this process's, from ``sys.argv``; see
+    :func:`command_line`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    script = Path(sys.argv[0]).name
     head = {
-        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "command": command if command is not None else command_line(sys.argv[0]),
         "machine": platform.platform(),
     }
     tmp = out.with_suffix(".tmp")

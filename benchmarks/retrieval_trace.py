@@ -35,7 +35,7 @@ from passkey_grid import task_label
 from results_json import write_results
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="landmark-converted HF folder or delta folder (required to trace)")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens, landmarks not counted")
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                    help="instead of tracing: draw these traces' shares by layer into --png")  # fmt: skip
     p.add_argument("--png", default=None, help="with --plot: the PNG to write")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.plot is not None and args.png is None:
         p.error("--plot needs --png (the picture to write)")
     if args.plot is None and args.model is None:
@@ -213,8 +213,8 @@ def plot_by_layer(paths: list[str], png: str) -> None:
     print(f"wrote {png}")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.plot is not None:
         plot_by_layer(args.plot, args.png)
         return

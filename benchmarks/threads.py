@@ -15,6 +15,11 @@ busy neighbour, at most 1.5x the one-thread idle time.
 Usage:
     python benchmarks/threads.py                 # table + benchmarks/results/threads.json
     python benchmarks/threads.py --length 4096 --tokens 16 --repeats 2
+    python benchmarks/threads.py --smoke --out /tmp/threads.json   # seconds: a test of the script itself
+
+``--smoke``: toy sizes (a 300-token prompt, 4 tokens), every measurement in this process instead of a
+fresh one, and no wait for the neighbour to start: the numbers mean nothing; it checks that every
+setting runs and the JSON is whole (tests/test_benchmarks.py). Options given with it override these.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-from results_json import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = dict(length=300, tokens=4, settle=0.0)  # --smoke
 NEIGHBOUR = (
     "import torch\n"
     "torch.set_num_threads(1)\n"
@@ -78,8 +86,10 @@ def run_one(threads: int, neighbour: str, args: argparse.Namespace) -> dict:
     busy = None
     if neighbour == "busy":
         busy = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={"OMP_NUM_THREADS": "1", "PATH": ""})
-        time.sleep(2.0)  # let it start
+        time.sleep(args.settle)  # let it start
     try:
+        if args.smoke:
+            return worker(argparse.Namespace(**{**vars(args), "threads": threads}))
         cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--length", str(args.length)]
         cmd += ["--tokens", str(args.tokens), "--checkpoint", args.checkpoint]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -92,7 +102,7 @@ def run_one(threads: int, neighbour: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -102,8 +112,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "passkey-landmark"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "threads.json"))
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds to let the busy neighbour start (default 2)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -132,7 +151,10 @@ def main() -> None:
         f"wall-clock time; prompt of {args.length} tokens, then {args.tokens} tokens decoded; "
         "default = the library's"
     )
-    write_results(args.out, {"results": results})
+    write_results(
+        args.out, {"results": results}, command=command_line(__file__, argv), length=args.length,
+        tokens=args.tokens, smoke=args.smoke,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

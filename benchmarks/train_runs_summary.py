@@ -43,11 +43,12 @@ def summarise(run: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Copy and summarise the runs; returns the summaries (also written as JSON)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for run in args.runs:
@@ -66,6 +67,7 @@ def main() -> None:
             f"| {fl['loss']:.3f} (step {fl['step']}) -> {ll['loss']:.3f} (step {ll['step']}) "
             f"| {fv['val_loss']:.3f} -> {lv['val_loss']:.3f} (step {lv['step']}) |"
         )
+    return summaries
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ attention, and writes JSON (default ``benchmarks/results/train_throughput.json``
 
     python benchmarks/train_throughput.py                    # 4 rounds x 3 steps per model
     python benchmarks/train_throughput.py --rounds 2 --steps 2 --batch-size 4
+    python benchmarks/train_throughput.py --set model.n_layer=2 --out /tmp/tt.json   # presets changed
+    python benchmarks/train_throughput.py --smoke --out /tmp/tt.json   # seconds: a test of the script
+
+``--set SECTION.KEY=VALUE`` (repeatable) changes every preset as ``landmark train --set`` does.
+``--smoke``: tiny models (1 layer, width 32, 64-position windows, blocks of 16), 2 windows per step, one
+round of one step: the numbers mean nothing; it checks that every model trains and the JSON is whole
+(tests/test_benchmarks.py). Options given with it override these; its ``--set`` values come first.
 
 "tokens" are model input positions (landmarks included: 1 in 64 positions of a landmark window);
 the JSON also gives text tokens/s (landmarks excluded).
@@ -34,13 +41,23 @@ from landmark.model import GPT
 from landmark.train import make_optimizer
 from landmark.train_config import load_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("landmark", "full", "xl")
+SMOKE_SETS = [
+    "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=2", "model.seq_len=64",
+    "model.block_size=16", "model.xl_segment=32", "data.vocab_size=300",
+]  # fmt: skip
+SMOKE = dict(rounds=1, steps=1, warmup=1, batch_size=2)  # --smoke, with SMOKE_SETS
 
 
-def build(kind: str, batch_size: int, seed: int):
-    """Model, optimizer and one batch (input_ids, targets: (B, seq_len)) for ``configs/small-<kind>.toml``."""
-    cfg = load_config(REPO / "configs" / f"small-{kind}.toml", [f"train.batch_size={batch_size}"])
+def build(kind: str, batch_size: int, seed: int, sets: list[str] = ()):
+    """Model, optimizer and one batch (input_ids, targets: (B, seq_len)) for ``configs/small-<kind>.toml``
+    changed by ``sets`` (``section.key=value`` overrides)."""
+    cfg = load_config(REPO / "configs" / f"small-{kind}.toml", [*sets, f"train.batch_size={batch_size}"])
     vocab = cfg.data.vocab_size
     mc = cfg.model_config(vocab_size=vocab, landmark_id=vocab - 1)
     torch.manual_seed(seed)
@@ -78,7 +95,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, ids, targets, grad_
     return loss.item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4, help="rounds; each runs every model (default 4)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round (default 3)")
@@ -88,11 +105,20 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
-    args = p.parse_args()
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="change every preset (repeatable), e.g. --set model.n_layer=2",
+    )  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help="tiny models, one step each (a test)")
+    args = p.parse_args(argv)
+    if args.smoke:  # its sizes as defaults: options given with it still count
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+        args.sets = [*SMOKE_SETS, *args.sets]
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    runs = {k: build(k, args.batch_size, seed=0) for k in args.models}
+    runs = {k: build(k, args.batch_size, seed=0, sets=args.sets) for k in args.models}
     for kind, (model, opt, ids, targets, _, clip) in runs.items():
         for _ in range(args.warmup):
             train_step(model, opt, ids, targets, clip, args.bf16)
@@ -141,12 +167,14 @@ def main() -> None:
             f"{res['text_tokens_per_s']:>11,.0f} {ratio:>8}"
         )
     out = {
-        "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
+        "command": command_line(__file__, argv),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "git": _git_version(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "batch_size": args.batch_size,
+        "sets": args.sets,
+        "smoke": args.smoke,
         "bf16": args.bf16,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
