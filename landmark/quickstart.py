@@ -38,6 +38,7 @@ from landmark.data import load_split, prepare_data
 from landmark.eval.common import CellCache, GPTUnderTest, check_lengths
 from landmark.eval.models import load_hf
 from landmark.eval.passkey import (
+    PasskeyGrid,
     PasskeyTask,
     check_passkey_cells,
     evaluate_passkey,
@@ -48,11 +49,11 @@ from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot
 from landmark.files import write_text_atomic
 from landmark.hf.delta import is_delta, read_meta, resolve_base
 from landmark.inference.options import (
+    Reading,
     add_retrieval_arguments,
     check_chunk_len,
     check_distinct,
     check_retrieval_arguments,
-    session_options,
 )
 from landmark.train import train
 from landmark.train_config import load_config
@@ -265,19 +266,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         f"{cfg.n_layer} layers, trained at {cfg.seq_len} positions, block {cfg.block_size}",
         flush=True,
     )
-    cache, options = CellCache(out), session_options(args)
-    ppl = evaluate_perplexity([m], tokens, args.ppl_lengths, [args.k], [args.granularity], cache,
-                              max_tokens=args.ppl_tokens, batch_size=4, chunk_len=args.chunk_len,
-                              options=options)  # fmt: skip
+    cache, reading = CellCache(out), Reading.from_args(args)
+    ppl = evaluate_perplexity(
+        [m], tokens, args.ppl_lengths, cache, readings=[reading], max_tokens=args.ppl_tokens
+    )
     plot_perplexity(ppl, out / "perplexity.png")
-    pk = _hf_passkey(args, hf, cache, options) + _base_results(args, base_proc)
+    pk = _hf_passkey(args, hf, cache, reading) + _base_results(args, base_proc)
     if pk:
         plot_passkey(pk, out / "passkey.png")
     _write_report(args, m, source, ppl, pk, time.perf_counter() - t0)
     return 0
 
 
-def _hf_passkey(args: argparse.Namespace, hf, cache, options: dict) -> list[dict]:
+def _hf_passkey(args: argparse.Namespace, hf, cache, reading: Reading) -> list[dict]:
     """The SmolLM2 landmark model's passkey cells (none without it)."""
 
     if hf is None:
@@ -286,9 +287,8 @@ def _hf_passkey(args: argparse.Namespace, hf, cache, options: dict) -> list[dict
     for wording in args.wordings:
         print(f"quickstart: passkey retrieval of the SmolLM2 landmark model at {args.passkey_lengths} "
               f"tokens, {wording} wording")  # fmt: skip
-        found = evaluate_passkey([hf], args.passkey_lengths, args.depths, args.trials, cache, seed=SEED,
-                                 k=args.k, granularity=args.granularity, chunk_len=args.chunk_len,
-                                 options=options, task=PasskeyTask(wording=wording))  # fmt: skip
+        grid = PasskeyGrid(args.passkey_lengths, args.depths, args.trials, SEED)
+        found = evaluate_passkey([hf], grid, cache, reading=reading, task=PasskeyTask(wording=wording))
         cells += _worded(found, wording)
     return cells
 

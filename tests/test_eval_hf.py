@@ -294,7 +294,10 @@ def test_retrieval_trace_answers_as_eval_passkey_does(folders, tmp_path, cache_d
     prompts = PasskeyPrompts(m.encoder)
     trials = [t for d in (0.0, 0.5) for t in cell_trials(prompts, task, 0, 400, d, 2)]
     new = len(prompts.answer(trials[0][1])) + 2
-    texts = [m.decode(o) for o in m.generate([p for p, _ in trials], new, Reading(2, "token_head", 16, None))]
+    texts = [
+        m.decode(o)
+        for o in m.generate([p for p, _ in trials], new, Reading(k=2, granularity="token_head", chunk_len=16))
+    ]
     assert [r["text"] for r in runs["2"]] == texts
     for row in runs["2"] + runs["64"]:
         assert row["asked_blocks"] and len(row["asked_share"]) == row["answer_steps"] >= 1

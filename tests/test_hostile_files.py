@@ -23,6 +23,7 @@ from landmark.data.tokenizer import Tokenizer
 from landmark.files import atomic_write, check_output_file, safetensors_metadata, write_json_atomic
 from landmark.inference import InferenceSession
 from landmark.inference.cache import STATE_FORMAT, is_saved_state
+from landmark.inference.options import Reading
 from landmark.model import GPT, ModelConfig
 
 BS = 16
@@ -282,7 +283,7 @@ def test_perplexity_cells_are_keyed_by_the_tokens_they_read(env, tmp_path):
 
     def run(tokens):
         cells = evaluate_perplexity(
-            [m], tokens, [64], [2], ["token_head"], cache, max_tokens=128, progress=False
+            [m], tokens, [64], cache, readings=[Reading(k=2)], max_tokens=128, progress=False
         )
         return cells[0]
 

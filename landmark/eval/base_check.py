@@ -35,7 +35,8 @@ import landmark.hf
 from landmark.data.passkey import FILLER, INSTRUCTION
 from landmark.data.wordings import PAPER, families
 from landmark.eval.common import cache_key_options
-from landmark.eval.models import HFUnderTest, Reading, _cache_options, _retrieval
+from landmark.eval.models import HFUnderTest
+from landmark.inference.options import Reading
 from landmark.inference.session import landmark_stream
 
 MIN_MARKER_WORDS = 3  # a template fragment shorter than this is too common to call training text
@@ -151,8 +152,7 @@ def _landmark_chunks(m: HFUnderTest, window: Tensor, reading: Reading) -> Iterat
     stream, _, _ = landmark_stream(window, None, m.block_size, m.landmark_id)
     regular = stream[0] != m.landmark_id
     index = torch.cumsum(regular.long(), 0) - 1  # (n',) the regular token at each stream position
-    cache = landmark.hf.LandmarkRetrievalCache(m.model, _retrieval(reading), chunk_len=reading.chunk_len,
-                                   **_cache_options(reading))  # fmt: skip
+    cache = landmark.hf.LandmarkRetrievalCache(m.model, reading.retrieval, **reading.cache_kwargs())
     for c0, logits in m._chunks(stream, cache, reading.chunk_len):
         keep = regular[c0 : c0 + logits.shape[1]]
         yield index[c0 : c0 + logits.shape[1]][keep], logits[0][keep.to(logits.device)]

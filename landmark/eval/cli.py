@@ -38,6 +38,7 @@ from landmark.eval.common import (
 )
 from landmark.eval.models import HF_PREFIX, Reading, load_hf, parse_model_arg
 from landmark.eval.passkey import (
+    PasskeyGrid,
     PasskeyTask,
     check_passkey_cells,
     evaluate_passkey,
@@ -54,7 +55,6 @@ from landmark.inference.options import (
     check_chunk_len,
     check_distinct,
     resolve_device,
-    session_options,
 )
 
 PPL_LENGTHS = [512, 2048, 4096, 8192, 16384]
@@ -171,11 +171,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    results = evaluate_perplexity(
-        models, tokens, args.lengths, args.k, args.granularity, CellCache(out),
-        max_tokens=args.max_tokens, batch_size=args.batch_size, chunk_len=args.chunk_len, split=args.split,
-        options=session_options(args),
-    )  # fmt: skip
+    readings = [Reading.from_args(args, k=k, granularity=g) for k in args.k for g in args.granularity]
+    results = evaluate_perplexity(models, tokens, args.lengths, CellCache(out), readings=readings,
+                                  max_tokens=args.max_tokens, batch_size=args.batch_size)  # fmt: skip
     return _write(out, "perplexity", "Perplexity against context length", perplexity_table(results),
                   results, args, plot_perplexity)  # fmt: skip
 
@@ -200,10 +198,8 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    results = evaluate_passkey(
-        models, args.lengths, args.depths, args.trials, CellCache(out), seed=args.seed, k=args.k,
-        granularity=args.granularity, chunk_len=args.chunk_len, options=session_options(args), task=task,
-    )  # fmt: skip
+    grid = PasskeyGrid(args.lengths, args.depths, args.trials, args.seed)
+    results = evaluate_passkey(models, grid, CellCache(out), reading=Reading.from_args(args), task=task)
     title = f"Passkey retrieval accuracy ({task.label})"
     setting = (
         f"Landmark models read with top-{args.k} retrieval (granularity {args.granularity}, chunks of "
@@ -249,7 +245,7 @@ def cmd_eval_base_check(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    reading = Reading(args.k, args.granularity, args.chunk_len, session_options(args))
+    reading = Reading.from_args(args)
     chat, prose = run_base_check(models, base, windows, reading, CellCache(out))
     summary, answers = summary_table(chat, prose, base.name), answers_table(chat)
     setting = (

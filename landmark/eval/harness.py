@@ -39,14 +39,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 from tqdm import tqdm
 
-from landmark.eval.models import HFUnderTest, Reading, _cache_options, _retrieval, load_hf
+from landmark.eval.models import HFUnderTest, load_hf
 from landmark.eval.ruler_data import use_prepared_ruler
 from landmark.hf.convert import encode_text
 from landmark.hf.generate import hf_reader
 from landmark.hf.retrieval import LandmarkRetrievalCache, forward_cached
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
 from landmark.inference.generate import Sampling, generate_with
-from landmark.inference.options import check_device, resolve_device
+from landmark.inference.options import Reading, check_device, resolve_device
 from landmark.inference.session import landmark_stream
 from landmark.inference.threads import using_threads
 from landmark.optional import require
@@ -114,10 +114,10 @@ class LandmarkLM(TemplateLM):
         self._device = torch.device(_device(device))
         self.under_test: HFUnderTest = load_hf(MODEL_NAME, str(pretrained), str(self._device), base=base)
         self.tokenizer = self.under_test.tokenizer
-        self.reading = Reading(int(k), str(granularity), int(chunk_len),
-                               {n: v for n, v in options.items() if v is not None})  # fmt: skip
+        given = {n: int(v) if n == "max_blocks" else v for n, v in options.items() if v is not None}
+        self.reading = Reading(k=int(k), granularity=str(granularity), chunk_len=int(chunk_len), **given)
         if self.retrieves:
-            _retrieval(self.reading)  # a bad k or granularity fails here, before any request
+            _ = self.reading.retrieval  # a bad k or granularity fails here, before any request
         self._max_length = int(max_length) if max_length is not None else self._default_max_length()
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token)
@@ -306,8 +306,7 @@ class LandmarkLM(TemplateLM):
 
             return transformers.DynamicCache(config=model.config)
 
-        return LandmarkRetrievalCache(model, _retrieval(self.reading), chunk_len=self.reading.chunk_len,
-                                      **_cache_options(self.reading))  # fmt: skip
+        return LandmarkRetrievalCache(model, self.reading.retrieval, **self.reading.cache_kwargs())
 
     def _default_max_length(self) -> int:
         if self.retrieves:

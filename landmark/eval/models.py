@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,8 @@ from landmark.hf.checks import check_model_folder, for_option, loading, read_con
 from landmark.hf.delta import load_pretrained
 from landmark.hf.generate import generate as hf_generate
 from landmark.hf.passkey import HFTokenEncoder
-from landmark.inference import RetrievalConfig, chunked_nll, generate
-from landmark.inference.cache import DEFAULT_CHUNK_LEN
+from landmark.inference import chunked_nll, generate
+from landmark.inference.options import Reading
 from landmark.inference.session import landmark_stream, sum_nll
 from landmark.inference.threads import using_threads
 from landmark.model import ATTENTION_KINDS
@@ -48,20 +47,6 @@ from landmark.optional import require
 HF_PREFIX = "hf:"  # --model NAME=hf:PATH: a Hugging Face model folder
 RETRIEVAL_KINDS = ("landmark", "hf-landmark")  # read with top-k retrieval (--k, --granularity, ...)
 KINDS = (*ATTENTION_KINDS, "hf-landmark", "hf")
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How a landmark model reads: its retrieval setting and session options.
-
-    ``options``: further ``InferenceSession`` / cache keywords (search, kernel, memory_device,
-    max_blocks; see ``landmark.inference.options.session_options``).
-    """
-
-    k: int = 4
-    granularity: str = "token_head"
-    chunk_len: int = DEFAULT_CHUNK_LEN
-    options: dict | None = None
 
 
 class ModelUnderTest:
@@ -131,9 +116,8 @@ class GPTUnderTest(ModelUnderTest):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, reading: Reading) -> list[list[int]]:
-        return generate(self.model, prompts, max_new_tokens=max_new_tokens, k=reading.k,
-                        granularity=reading.granularity, chunk_len=reading.chunk_len,
-                        **(reading.options or {}))  # fmt: skip
+        return generate(self.model, prompts, max_new_tokens=max_new_tokens, retrieval=reading.retrieval,
+                        **reading.cache_kwargs())  # fmt: skip
 
     @torch.no_grad()
     def tail_logits(self, ids: list[int], count: int) -> Tensor:
@@ -144,8 +128,7 @@ class GPTUnderTest(ModelUnderTest):
     def window_nll(self, windows: Tensor, reading: Reading) -> tuple[Tensor, Tensor]:
 
         if self.kind == "landmark":
-            return chunked_nll(self.model, windows, k=reading.k, granularity=reading.granularity,
-                               chunk_len=reading.chunk_len, **(reading.options or {}))  # fmt: skip
+            return chunked_nll(self.model, windows, retrieval=reading.retrieval, **reading.cache_kwargs())
         counts = torch.full((windows.shape[0],), windows.shape[1] - 1)
         return self._plain_nll(windows), counts
 
@@ -198,8 +181,7 @@ class HFUnderTest(ModelUnderTest):
         outs = []
         for prompt in prompts:
             _, new = hf_generate(self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens,
-                              retrieval=_retrieval(reading), chunk_len=reading.chunk_len,
-                              **_cache_options(reading))  # fmt: skip
+                              retrieval=reading.retrieval, **reading.cache_kwargs())  # fmt: skip
             outs.append(new.tolist())
         return outs
 
@@ -228,9 +210,7 @@ class HFUnderTest(ModelUnderTest):
             cache = transformers.DynamicCache(config=self.model.config)
             return sum_nll(self._chunks(windows, cache, reading.chunk_len), targets), counts
         stream, _, targets = landmark_stream(windows, None, self.block_size, self.landmark_id)
-        cache = landmark.hf.LandmarkRetrievalCache(self.model, _retrieval(reading),
-                                                   chunk_len=reading.chunk_len,
-                                       **_cache_options(reading))  # fmt: skip
+        cache = landmark.hf.LandmarkRetrievalCache(self.model, reading.retrieval, **reading.cache_kwargs())
         return sum_nll(self._chunks(stream, cache, reading.chunk_len), targets), counts
 
     def _chunks(self, ids: Tensor, cache: Any, chunk_len: int) -> Iterator[tuple[int, Tensor]]:
@@ -240,20 +220,6 @@ class HFUnderTest(ModelUnderTest):
             with using_threads():
                 logits = landmark.hf.forward_cached(self.model, chunk, cache).logits
             yield c0, logits
-
-
-def _retrieval(reading: Reading):
-    """The ``RetrievalConfig`` of a reading (k, granularity, and its search and kernel options)."""
-
-    options = reading.options or {}
-    fields = {name: options[name] for name in ("search", "kernel") if options.get(name) is not None}
-    return RetrievalConfig(k=reading.k, granularity=reading.granularity, **fields)
-
-
-def _cache_options(reading: Reading) -> dict:
-    """The ``LandmarkRetrievalCache`` keywords of a reading (memory_device, max_blocks)."""
-    options = reading.options or {}
-    return {name: options[name] for name in ("memory_device", "max_blocks") if name in options}
 
 
 def _nll_sums(logits: Tensor, targets: Tensor) -> Tensor:

@@ -299,27 +299,34 @@ def check_passkey_cells(
     task.source()  # the books haystack's corpus is readable
 
 
+DEFAULT_READING = Reading()  # top-4 retrieval, per token and head, chunks of 256
+
+
+@dataclass(frozen=True)
+class PasskeyGrid:
+    """The cells of a passkey evaluation: every length (tokens) x depth (fraction of the filler before
+    the key), ``trials`` seeded prompts each (the same prompts for every model)."""
+
+    lengths: list[int]
+    depths: list[float]
+    trials: int = 1
+    seed: int = 0
+
+
 def evaluate_passkey(
     models: list[ModelUnderTest],
-    lengths: list[int],
-    depths: list[float],
-    trials: int,
+    grid: PasskeyGrid,
     cache: CellCache,
     *,
-    seed: int = 0,
-    k: int = 4,
-    granularity: str = "token_head",
-    chunk_len: int = 256,
-    progress: bool = True,
-    options: dict | None = None,
+    reading: Reading = DEFAULT_READING,
     task: PasskeyTask = PasskeyTask(),
+    progress: bool = True,
 ) -> list[dict]:
     """Accuracy of every (model, length, depth) cell; finished cells are read from ``cache``.
 
     Args:
-        k, granularity, chunk_len: the retrieval of landmark models.
-        options: further retrieval options of landmark models (search, kernel, memory_device,
-            max_blocks; see ``landmark.inference.options.session_options``).
+        reading: how landmark models read (k, granularity, chunk_len, ...); other models use their
+            own attention.
         task: the task, haystack and number of keys of the prompts (default: the paper's).
 
     Returns:
@@ -328,21 +335,19 @@ def evaluate_passkey(
         paper's keys the first integer), keys asked, seconds; for a wording set other than the paper's
         also each trial's family, value kind, split (held_out) and result (hits).
     """
-    check_passkey_cells(models, lengths, depths, trials, seed, task=task)
-    reading = Reading(k, granularity, chunk_len, options)
+    check_passkey_cells(models, grid.lengths, grid.depths, grid.trials, grid.seed, task=task)
     results = []
-    cells = [(m, n, d) for m in models for n in lengths for d in depths]
-    bar = tqdm(total=len(cells) * trials, desc="passkey", unit="trial", disable=not progress)
+    cells = [(m, n, d) for m in models for n in grid.lengths for d in grid.depths]
+    bar = tqdm(total=len(cells) * grid.trials, desc="passkey", unit="trial", disable=not progress)
     for m, n, d in cells:
         bar.set_postfix_str(f"{m.name} @ {n} tokens, depth {d:.2f}")
-        key = _cell_key(m, n, d, trials, seed, reading, task)
+        key = _cell_key(m, (n, d), grid, reading, task)
         cached = cache.get(key)
         if cached is None:
-            cached = _run_cell(m, PasskeyPrompts(m.encoder, task.source()), task, seed, n, d, trials,
-                               reading, bar)  # fmt: skip
+            cached = _run_cell(m, task, grid, (n, d), reading, bar)
             cache.put(key, cached)
         else:
-            bar.update(trials)
+            bar.update(grid.trials)
         results.append({"model": m.name, "kind": m.kind, "task": task.task, "haystack": task.haystack,
                         "keys_per_prompt": task.n_keys, "wording": task.wording, "length": n, "depth": d,
                         **cached})  # fmt: skip
@@ -350,12 +355,15 @@ def evaluate_passkey(
     return results
 
 
-def _cell_key(m, n, d, trials, seed, reading: Reading, task: PasskeyTask) -> dict:
-    """The cache key of a cell: the weights, the model kind, the cell, the retrieval of landmark models
-    and (other than the paper's task) the task."""
+def _cell_key(
+    m: ModelUnderTest, cell: tuple[int, float], grid: PasskeyGrid, reading: Reading, task: PasskeyTask
+) -> dict:
+    """The cache key of a (length, depth) cell: the weights, the model kind, the cell, the retrieval of
+    landmark models and (other than the paper's task) the task."""
+    n, d = cell
     key = {
         "eval": "passkey", "weights": m.fingerprint(), "kind": m.kind, "length": n,
-        "depth": d, "trials": trials, "seed": seed,
+        "depth": d, "trials": grid.trials, "seed": grid.seed,
         "k": reading.k if m.retrieves else None,
         "granularity": reading.granularity if m.retrieves else None,
         "chunk_len": reading.chunk_len if m.retrieves else None,
@@ -365,10 +373,19 @@ def _cell_key(m, n, d, trials, seed, reading: Reading, task: PasskeyTask) -> dic
     return key if fields is None else key | {"task": fields}
 
 
-def _run_cell(m, prompts, task, seed, n, d, trials, reading, bar) -> dict:
-    """Score the trials of one cell, ``m.trials_per_call`` at a time (None: all in one batch)."""
+def _run_cell(
+    m: ModelUnderTest,
+    task: PasskeyTask,
+    grid: PasskeyGrid,
+    length_depth: tuple[int, float],
+    reading: Reading,
+    bar,
+) -> dict:
+    """Score the trials of one (length, depth) cell, ``m.trials_per_call`` at a time (None: all at once)."""
     t0 = time.perf_counter()
-    cell = build_trials(prompts, task, seed, n, d, trials)
+    trials = grid.trials
+    prompts = PasskeyPrompts(m.encoder, task.source())
+    cell = build_trials(prompts, task, grid.seed, *length_depth, trials)
     step = m.trials_per_call or len(cell)
     correct, answers = [], []
     for i in range(0, len(cell), step):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,50 +68,47 @@ def evaluate_perplexity(
     models: list[ModelUnderTest],
     tokens: np.ndarray,
     lengths: list[int],
-    ks: list[int],
-    granularities: list[str],
     cache: CellCache,
     *,
+    readings: Sequence[Reading] = (Reading(),),
     max_tokens: int = 16384,
     batch_size: int = 4,
-    chunk_len: int = 256,
-    split: str = "validation",
     progress: bool = True,
-    options: dict | None = None,
 ) -> list[dict]:
     """Perplexity of every (setting, length) cell; finished cells are read from ``cache``.
 
     Args:
-        options: further ``InferenceSession`` keywords of the landmark settings (search, kernel,
-            memory_device, max_blocks; see ``landmark.inference.options.session_options``).
+        tokens: the evaluated text's tokens; cells are keyed by a fingerprint of the windows cut from it.
+        readings: one setting of every landmark model per reading (k, granularity, ...; the same
+            ``chunk_len`` for all); other models read with their own attention, in chunks of the first
+            reading's ``chunk_len``.
+        max_tokens: tokens scored per length at most (whole windows); batch_size: windows per forward.
 
     Returns:
         One dict per cell: setting label, model, kind, k, granularity, length, windows, tokens scored,
         nll, ppl, seconds.
     """
-    settings: list[tuple[ModelUnderTest, Setting]] = []
+    settings: list[tuple[ModelUnderTest, Setting, Reading]] = []
     for m in models:
         if m.retrieves:
-            settings += [(m, Setting(m.name, m.kind, k, g)) for k in ks for g in granularities]
+            settings += [(m, Setting(m.name, m.kind, r.k, r.granularity), r) for r in readings]
         else:
-            settings.append((m, Setting(m.name, m.kind)))
-    cells = [(m, s, n) for m, s in settings for n in lengths]
+            settings.append((m, Setting(m.name, m.kind), readings[0]))
+    cells = [(m, s, r, n) for m, s, r in settings for n in lengths]
     results = []
-    total = sum(len(eval_windows(tokens, n, max_tokens)) for _, _, n in cells)
+    total = sum(len(eval_windows(tokens, n, max_tokens)) for *_, n in cells)
     bar = tqdm(total=total, desc="perplexity", unit="window", disable=not progress)
-    for m, s, n in cells:
+    for m, s, reading, n in cells:
         bar.set_postfix_str(f"{s.label} @ {n}")
         key = {
             "eval": "ppl", "weights": m.fingerprint(), "kind": s.kind, "k": s.k,
-            "granularity": s.granularity, "length": n, "max_tokens": max_tokens, "chunk_len": chunk_len,
-            "split": split, "content": windows_fingerprint(eval_windows(tokens, n, max_tokens)),
-            "options": cache_key_options(options, s.kind),
+            "granularity": s.granularity, "length": n, "max_tokens": max_tokens,
+            "chunk_len": reading.chunk_len,
+            "content": windows_fingerprint(eval_windows(tokens, n, max_tokens)),
+            "options": cache_key_options(reading.options, s.kind),
         }  # fmt: skip
         cached = cache.get(key)
         if cached is None:
-            reading = Reading(chunk_len=chunk_len, options=options)
-            if m.retrieves:
-                reading = Reading(s.k, s.granularity, chunk_len, options)
             cached = _run_cell(m, eval_windows(tokens, n, max_tokens), batch_size, reading, bar)
             cache.put(key, cached)
         else:

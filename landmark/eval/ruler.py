@@ -42,12 +42,12 @@ from landmark.eval.ruler_data import (
     use_prepared_ruler,
 )
 from landmark.inference.options import (
+    Reading,
     add_device_argument,
     add_retrieval_arguments,
     check_chunk_len,
     check_distinct,
     resolve_device,
-    session_options,
 )
 from landmark.optional import pyplot, require
 
@@ -134,7 +134,7 @@ def load_ruler_models(args: argparse.Namespace) -> list[tuple[str, Any]]:
     out = []
     for name, path in parse_models(args.model):
         lm = LandmarkLM(path, k=args.k, granularity=args.granularity, chunk_len=args.chunk_len,
-                        device=resolve_device(args.device), **session_options(args))  # fmt: skip
+                        device=resolve_device(args.device), **Reading.from_args(args).options)  # fmt: skip
         lm.under_test.name = name
         if args.chat_template and not getattr(lm.tokenizer, "chat_template", None):
             raise ValueError(f"--model {name}: its tokenizer has no chat template; use --no-chat-template")

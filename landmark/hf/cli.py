@@ -38,11 +38,11 @@ from landmark.hf.finetune import FinetuneConfig, finetune
 from landmark.hf.generate import generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
 from landmark.inference.options import (
+    Reading,
     add_device_argument,
     add_retrieval_arguments,
     add_sampling_arguments,
     add_state_arguments,
-    cache_options,
     check_chunk_len,
     check_device,
     check_retrieval_arguments,
@@ -50,7 +50,6 @@ from landmark.inference.options import (
     check_save_state,
     check_utf8,
     resolve_device,
-    retrieval_config,
 )
 from landmark.optional import require
 
@@ -216,13 +215,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = model.to(resolve_device(args.device))
     options: dict = {"chunk_len": args.chunk_len}
     if args.k:
+        reading = Reading.from_args(args)
         options = dict(
-            retrieval=retrieval_config(args),
+            retrieval=reading.retrieval,
             load_state=args.load_state,
             save_state=args.save_state,
             overwrite_state=args.overwrite,
         )
-        options.update(cache_options(args))
+        options.update(reading.cache_kwargs())
     text, _ = generate(
         model.eval(),
         tokenizer,

@@ -15,11 +15,11 @@ from pathlib import Path
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.inference.generate import generate
 from landmark.inference.options import (
+    Reading,
     add_device_argument,
     add_retrieval_arguments,
     add_sampling_arguments,
     add_state_arguments,
-    cache_options,
     check_chunk_len,
     check_device,
     check_retrieval_arguments,
@@ -27,7 +27,6 @@ from landmark.inference.options import (
     check_save_state,
     check_utf8,
     resolve_device,
-    retrieval_config,
 )
 
 
@@ -153,12 +152,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     single, eot = len(ids) == 1, None if args.no_stop else tokenizer.eot_id
     stream = _Stream(tokenizer, sys.stdout, eot) if single else None
+    reading = Reading.from_args(args)
     try:
         out = generate(
             model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            eot_id=eot, seed=args.seed, on_token=stream, retrieval=retrieval_config(args),
+            eot_id=eot, seed=args.seed, on_token=stream, retrieval=reading.retrieval,
             load_state=args.load_state, save_state=args.save_state, overwrite_state=args.overwrite,
-            **cache_options(args),
+            **reading.cache_kwargs(),
         )  # fmt: skip
     except ValueError as err:  # a saved state of another model or batch size, found when loading it
         print(f"error: {err}", file=sys.stderr)

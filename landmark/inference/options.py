@@ -5,11 +5,11 @@
 ``landmark eval ppl`` / ``passkey`` and ``landmark quickstart``; with ``multiple=True`` (``eval ppl``)
 ``--k`` and ``--granularity`` take several values, one evaluation each. ``check_retrieval_arguments``
 refuses bad values before any work is done (``check_chunk_len`` once the model's block size is known);
-``retrieval_config(args)`` and ``cache_options(args)`` turn the parsed values into a ``RetrievalConfig``
-and the cache's keyword options; ``add_state_arguments`` adds ``--save-state`` / ``--load-state`` (read a
-document once, ask many questions); ``add_sampling_arguments`` / ``check_sampling_arguments`` are the
-generation options of both generate commands, ``check_device`` the device names. Defaults come from
-``RetrievalConfig`` and the cache, so they are the same everywhere.
+``Reading.from_args(args)`` turns the parsed values into the one options object that goes on to the
+cache (its ``retrieval`` and ``cache_kwargs()``); ``add_state_arguments`` adds ``--save-state`` /
+``--load-state`` (read a document once, ask many questions); ``add_sampling_arguments`` /
+``check_sampling_arguments`` are the generation options of both generate commands, ``check_device``
+the device names. Defaults come from ``RetrievalConfig`` and the cache, so they are the same everywhere.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -247,22 +249,55 @@ def check_seed(seed: int | None, option: str = "--seed") -> None:
         raise ValueError(f"{option} must be an integer in [0, 2**63 - 1]; got {seed}")
 
 
-def retrieval_config(args: argparse.Namespace, **override) -> RetrievalConfig:
-    """The ``RetrievalConfig`` of parsed options (``override``: e.g. one k of a list-valued ``--k``)."""
-    values = dict(
-        k=args.k, granularity=args.granularity, search=args.search, kernel=args.kernel,
-        compile=getattr(args, "compile", False),
-    )  # fmt: skip
-    return RetrievalConfig(**(values | override))
+@dataclass(frozen=True)
+class Reading:
+    """How a landmark model reads a long input: the one options object from the command line
+    (:meth:`from_args`) to the retrieval cache (:attr:`retrieval`, :meth:`cache_kwargs`).
 
+    ``k``, ``granularity``, ``search``, ``kernel`` and ``compile`` are the :class:`RetrievalConfig`
+    (checked there); ``chunk_len`` is the positions read per forward; ``memory_device`` where the block
+    memory lives (None: the model's device); ``max_blocks`` the cap on memory blocks per row (None: no
+    cap). The defaults are those of ``RetrievalConfig`` and the cache.
+    """
 
-def session_options(args: argparse.Namespace) -> dict:
-    """The options beside ``--k``, ``--granularity`` and ``--chunk-len`` as ``InferenceSession`` keywords
-    (search, kernel, memory_device, max_blocks): what the evaluations pass on for every setting."""
-    return {"search": args.search, "kernel": args.kernel, "memory_device": args.memory_device,
-            "max_blocks": args.max_blocks}  # fmt: skip
+    k: int = _DEFAULT.k
+    granularity: str = _DEFAULT.granularity
+    chunk_len: int = DEFAULT_CHUNK_LEN
+    search: str = _DEFAULT.search
+    kernel: str = _DEFAULT.kernel
+    compile: bool = False
+    memory_device: str | None = None
+    max_blocks: int | None = None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **override: Any) -> Reading:
+        """The reading of parsed options (``add_retrieval_arguments``); ``override``: e.g. one k of a
+        list-valued ``--k``."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**(values | override))
 
-def cache_options(args: argparse.Namespace) -> dict:
-    """The cache's keyword options of parsed options (chunk_len, memory_device, max_blocks)."""
-    return {"chunk_len": args.chunk_len, "memory_device": args.memory_device, "max_blocks": args.max_blocks}
+    @property
+    def retrieval(self) -> RetrievalConfig:
+        """The retrieval setting (k, granularity, search, kernel, compile)."""
+        return RetrievalConfig(
+            k=self.k,
+            granularity=self.granularity,
+            search=self.search,
+            kernel=self.kernel,
+            compile=self.compile,
+        )
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """The retrieval cache's keyword options (chunk_len, memory_device, max_blocks)."""
+        return {
+            "chunk_len": self.chunk_len,
+            "memory_device": self.memory_device,
+            "max_blocks": self.max_blocks,
+        }
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options beside k, granularity and chunk_len (search, kernel, memory_device, max_blocks),
+        as the evaluations' result cells record them."""
+        return {"search": self.search, "kernel": self.kernel, "memory_device": self.memory_device,
+                "max_blocks": self.max_blocks}  # fmt: skip
