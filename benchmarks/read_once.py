@@ -89,6 +89,7 @@ def reuse_worker(args) -> dict:
     import torch
 
     from landmark.inference import generate
+    from landmark.inference.cache import StateFiles
 
     model, tokenizer, book_tokens = _setup(args)
     doc = book_tokens(tokenizer, args.doc_tokens)
@@ -96,13 +97,13 @@ def reuse_worker(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         state = Path(tmp) / "doc.safetensors"
         t0 = time.perf_counter()
-        generate(model, [doc], 1, k=4, save_state=state)
+        generate(model, [doc], 1, k=4, state=StateFiles(save=state))
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         again = generate(model, [doc + question], 16, k=4)[0]
         again_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        loaded = generate(model, [question], 16, k=4, load_state=state)[0]
+        loaded = generate(model, [question], 16, k=4, state=StateFiles(load=state))[0]
         loaded_s = time.perf_counter() - t0
         size = state.stat().st_size
     return {

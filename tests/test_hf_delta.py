@@ -96,12 +96,12 @@ def test_delta_rebuilds_the_merged_model(runs, tmp_path, capsys, name):
     assert_same_model(model, merged)
     assert tokenizer.get_vocab() == merged_tokenizer.get_vocab()
     assert model.config._attn_implementation == "landmark" and not model.training
-    from landmark.inference import RetrievalConfig
+    from landmark.inference.options import Reading
 
-    retrieval = RetrievalConfig(k=2)
+    retrieval = Reading(k=2)
     prompt = "Call me Ishmael. Some years ago, never mind how long precisely"
-    text, ids = lhf.generate(model, tokenizer, prompt, 6, retrieval=retrieval)
-    merged_text, merged_ids = lhf.generate(merged.eval(), merged_tokenizer, prompt, 6, retrieval=retrieval)
+    text, ids = lhf.generate(model, tokenizer, prompt, 6, reading=retrieval)
+    merged_text, merged_ids = lhf.generate(merged.eval(), merged_tokenizer, prompt, 6, reading=retrieval)
     assert text == merged_text and torch.equal(torch.as_tensor(ids), torch.as_tensor(merged_ids))
 
 

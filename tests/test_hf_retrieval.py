@@ -24,8 +24,11 @@ import landmark.hf as lhf  # noqa: E402
 from landmark.data import insert_landmarks  # noqa: E402
 from landmark.hf.retrieval import LandmarkLogitsProcessor, LandmarkRetrievalCache, unrotate  # noqa: E402
 from landmark.inference import MemoryFullError, RetrievalConfig  # noqa: E402
+from landmark.inference.cache import StateFiles  # noqa: E402
+from landmark.inference.options import Reading  # noqa: E402
 
 ALL = RetrievalConfig(k=64)  # more blocks than any test input holds: every block is retrieved
+READ_ALL = Reading(k=64)  # the same, as generate's reading
 
 
 def stream(batch: int, n_raw: int, seed: int = 1, model=None) -> torch.Tensor:
@@ -181,8 +184,8 @@ def test_generate_with_retrieval_equals_dynamic_cache(prompt_len):
     lid = model.config.landmark_token_id
     raw = torch.randint(0, lid, (prompt_len,), generator=torch.Generator().manual_seed(3))
     _, plain = lhf.generate(model, tok, raw, max_new_tokens=20)
-    _, ours = lhf.generate(model, tok, raw, max_new_tokens=20, retrieval=ALL, chunk_len=16)
-    _, cpu = lhf.generate(model, tok, raw, max_new_tokens=20, retrieval=ALL, memory_device="cpu")
+    _, ours = lhf.generate(model, tok, raw, max_new_tokens=20, reading=Reading(k=64, chunk_len=16))
+    _, cpu = lhf.generate(model, tok, raw, max_new_tokens=20, reading=Reading(k=64, memory_device="cpu"))
     assert torch.equal(ours, plain) and torch.equal(cpu, plain)
     assert len(plain) == 20 and lid not in plain.tolist()
 
@@ -267,7 +270,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="'landmark' attention"):
         LandmarkRetrievalCache(plain, ALL)
     with pytest.raises(ValueError, match="retrieval cache"):
-        lhf.generate(model, None, torch.arange(5), memory_device="cpu")
+        lhf.generate(model, None, torch.arange(5), reading=Reading(k=0, memory_device="cpu"))
 
 
 def test_wrong_positions_and_bypassed_attention_are_refused():
@@ -314,11 +317,16 @@ def test_saved_state_continues_like_the_cache_that_read_the_document(tmp_path):
         want = hf_reader(model, first, 16)(q_stream, q_len)
         got = hf_reader(model, second, 16)(q_stream, q_len)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    _, a = lhf.generate(model, tok, torch.tensor(doc), 3, retrieval=config, save_state=tmp_path / "g.st")
-    _, b = lhf.generate(model, tok, torch.tensor(question), 6, retrieval=config, load_state=tmp_path / "g.st")
+    two = Reading(k=2)
+    _, a = lhf.generate(
+        model, tok, torch.tensor(doc), 3, reading=two, state=StateFiles(save=tmp_path / "g.st")
+    )
+    _, b = lhf.generate(
+        model, tok, torch.tensor(question), 6, reading=two, state=StateFiles(load=tmp_path / "g.st")
+    )
     assert len(a) == 3 and len(b) == 6
     other, _ = converted(seed=1)
     with pytest.raises(ValueError, match="saved for other weights"):
         LandmarkRetrievalCache(other, config).load_state(path, other)
-    with pytest.raises(ValueError, match="options of the retrieval cache"):
-        lhf.generate(model, tok, torch.tensor(question), 2, load_state=path)
+    with pytest.raises(ValueError, match="states of the retrieval cache"):
+        lhf.generate(model, tok, torch.tensor(question), 2, state=StateFiles(load=path))

@@ -22,7 +22,7 @@ from landmark.data.landmarks import insert_landmarks
 from landmark.data.tokenizer import Tokenizer
 from landmark.files import atomic_write, check_output_file, safetensors_metadata, write_json_atomic
 from landmark.inference import InferenceSession
-from landmark.inference.cache import STATE_FORMAT, is_saved_state
+from landmark.inference.cache import STATE_FORMAT, StateFiles, is_saved_state
 from landmark.inference.options import Reading
 from landmark.model import GPT, ModelConfig
 
@@ -177,7 +177,7 @@ def test_api_generate_checks_the_state_file_before_reading(env, tmp_path):
     doc.write_text("keep me")
     calls = []
     with pytest.raises(ValueError, match="not a saved state"):
-        generate(model, [tok.encode("the sea")], 1, k=2, chunk_len=32, save_state=doc,
+        generate(model, [tok.encode("the sea")], 1, k=2, chunk_len=32, state=StateFiles(save=doc),
                  on_token=lambda *a: calls.append(a))  # fmt: skip
     assert calls == [] and doc.read_text() == "keep me"
 

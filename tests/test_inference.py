@@ -17,6 +17,8 @@ from landmark.inference import (
     retrieval_attention,
     select_blocks,
 )
+from landmark.inference.cache import StateFiles
+from landmark.inference.generate import Sampling
 from landmark.inference.session import rows_with_landmarks
 from landmark.model import GPT, ModelConfig
 
@@ -184,7 +186,8 @@ def test_generate_batch_never_samples_landmarks():
     )
     prompts = [[1, 2, 3], list(range(20, 45))]
     streamed: list[tuple[int, int]] = []
-    out = generate(model, prompts, 30, k=2, chunk_len=16, temperature=1.0, top_p=0.9, seed=0,
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=0)
+    out = generate(model, prompts, 30, k=2, chunk_len=16, sampling=sampling,
                    on_token=lambda b, t: streamed.append((b, t)))  # fmt: skip
     assert [len(o) for o in out] == [30, 30]
     assert all(LM not in o for o in out)
@@ -601,10 +604,11 @@ def test_saved_state_answers_like_the_session_that_read_the_document(tmp_path):
     q_stream, q_lengths = prompt_streams(questions, BS, LM, start=first.length.tolist())
     assert (second.read(q_stream, q_lengths) - first.read(q_stream, q_lengths)).abs().max() < 1e-6
     # through generate: the document's state saved once, then questions continue it
-    want = generate(model, docs, 1, k=2, chunk_len=16, save_state=tmp_path / "g.safetensors")
+    want = generate(model, docs, 1, k=2, chunk_len=16, state=StateFiles(save=tmp_path / "g.safetensors"))
     assert len(want[0]) == 1
-    a = generate(model, questions, 12, k=2, chunk_len=16, load_state=tmp_path / "g.safetensors")
-    b = generate(model, questions, 12, k=2, chunk_len=16, load_state=tmp_path / "g.safetensors")
+    saved = StateFiles(load=tmp_path / "g.safetensors")
+    a = generate(model, questions, 12, k=2, chunk_len=16, state=saved)
+    b = generate(model, questions, 12, k=2, chunk_len=16, state=saved)
     assert a == b and all(len(row) == 12 for row in a)
 
 

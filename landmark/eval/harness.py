@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -57,6 +58,37 @@ DEFAULT_MAX_GEN_TOKS = 256  # as lm_eval's HFLM
 SESSION_OPTIONS = ("search", "kernel", "memory_device", "max_blocks")  # further retrieval options
 MODEL_ARGS = ("pretrained", "base", "tokenizer", "k", "granularity", "chunk_len", "device", "max_length",
               "max_gen_toks", "add_bos_token", "batch_size", "max_batch_size")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """``--model_args`` of the ``landmark`` model beside ``pretrained`` (see :class:`LandmarkLM`)."""
+
+    k: int = 4
+    granularity: str = Reading.granularity
+    chunk_len: int = DEFAULT_CHUNK_LEN
+    device: str | None = None
+    max_length: int | None = None
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
+    add_bos_token: bool = False
+    base: str | None = None
+    tokenizer: str | None = None
+    batch_size: int | str | None = 1
+    max_batch_size: int | None = None
+
+    @classmethod
+    def split(cls, given: dict[str, Any]) -> tuple[ModelArgs, dict[str, Any]]:
+        """(these arguments, the retrieval cache's options) of ``--model_args``; unknown names refused."""
+        unknown = sorted(set(given) - set(MODEL_ARGS) - set(SESSION_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"--model_args: unknown arguments {unknown} for --model {MODEL_NAME}; known: "
+                f"{', '.join(MODEL_ARGS + SESSION_OPTIONS)}"
+            )
+        options = {n: int(v) if n == "max_blocks" else v for n, v in given.items()
+                   if n in SESSION_OPTIONS and v is not None}  # fmt: skip
+        return cls(**{n: v for n, v in given.items() if n not in SESSION_OPTIONS}), options
+
 
 log = logging.getLogger(__name__)
 
@@ -88,40 +120,22 @@ class LandmarkLM(TemplateLM):
             (a long prompt's block memory is large, and rows of different lengths are not padded).
     """
 
-    def __init__(
-        self,
-        pretrained: str,
-        k: int = 4,
-        granularity: str = Reading.granularity,
-        chunk_len: int = DEFAULT_CHUNK_LEN,
-        device: str | None = None,
-        max_length: int | None = None,
-        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-        add_bos_token: bool = False,
-        base: str | None = None,
-        tokenizer: str | None = None,
-        batch_size: int | str | None = 1,
-        max_batch_size: int | None = None,
-        **options: Any,
-    ) -> None:
+    def __init__(self, pretrained: str, **model_args: Any) -> None:
         super().__init__()
-        unknown = sorted(set(options) - set(SESSION_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"--model_args: unknown arguments {unknown} for --model {MODEL_NAME}; known: "
-                f"{', '.join(MODEL_ARGS + SESSION_OPTIONS)}"
-            )
-        self._device = torch.device(_device(device))
-        self.under_test: HFUnderTest = load_hf(MODEL_NAME, str(pretrained), str(self._device), base=base)
+        args, options = ModelArgs.split(model_args)
+        self._device = torch.device(_device(args.device))
+        self.under_test: HFUnderTest = load_hf(MODEL_NAME, str(pretrained), str(self._device), base=args.base)
         self.tokenizer = self.under_test.tokenizer
-        given = {n: int(v) if n == "max_blocks" else v for n, v in options.items() if v is not None}
-        self.reading = Reading(k=int(k), granularity=str(granularity), chunk_len=int(chunk_len), **given)
+        self.reading = Reading(
+            k=int(args.k), granularity=str(args.granularity), chunk_len=int(args.chunk_len), **options
+        )
         if self.retrieves:
             _ = self.reading.retrieval  # a bad k or granularity fails here, before any request
+        max_length = args.max_length
         self._max_length = int(max_length) if max_length is not None else self._default_max_length()
-        self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
-        self.batch_size = batch_size
+        self.max_gen_toks = int(args.max_gen_toks)
+        self.add_bos_token = bool(args.add_bos_token)
+        self.batch_size = args.batch_size
 
     # --- what lm_eval asks of a model ------------------------------------------------------------------
 

@@ -180,8 +180,9 @@ class HFUnderTest(ModelUnderTest):
 
         outs = []
         for prompt in prompts:
-            _, new = hf_generate(self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens,
-                              retrieval=reading.retrieval, **reading.cache_kwargs())  # fmt: skip
+            _, new = hf_generate(
+                self.model, self.tokenizer, torch.tensor(prompt), max_new_tokens, reading=reading
+            )
             outs.append(new.tolist())
         return outs
 

@@ -37,6 +37,8 @@ from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta
 from landmark.hf.finetune import FinetuneConfig, finetune
 from landmark.hf.generate import generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
+from landmark.inference.cache import StateFiles
+from landmark.inference.generate import Sampling
 from landmark.inference.options import (
     Reading,
     add_device_argument,
@@ -213,25 +215,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ValueError(f"--model: {err}") from None
     model = model.to(resolve_device(args.device))
-    options: dict = {"chunk_len": args.chunk_len}
+    reading, state = Reading(k=0, chunk_len=args.chunk_len), StateFiles()  # --k 0: the whole context
     if args.k:
         reading = Reading.from_args(args)
-        options = dict(
-            retrieval=reading.retrieval,
-            load_state=args.load_state,
-            save_state=args.save_state,
-            overwrite_state=args.overwrite,
-        )
-        options.update(reading.cache_kwargs())
+        state = StateFiles(args.load_state, args.save_state, args.overwrite)
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
     text, _ = generate(
         model.eval(),
         tokenizer,
         args.prompt,
         args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        top_p=args.top_p,
-        **options,
+        sampling=sampling,
+        reading=reading,
+        state=state,
     )
     print(args.prompt + text)
     return 0

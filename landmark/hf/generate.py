@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from landmark.hf.convert import encode_text, landmark_token_id
-from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
-from landmark.inference.generate import Sampling, TokenCallback, generate_with
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, StateFiles
+from landmark.inference.generate import GREEDY, NO_STATE, Sampling, TokenCallback, generate_with
+from landmark.inference.options import Reading
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.optional import require
 
@@ -101,17 +102,11 @@ def generate(
     tokenizer: Any,
     prompt: str | Tensor,
     max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    seed: int | None = None,
     *,
-    top_p: float = 1.0,
-    retrieval: Any = None,
+    sampling: Sampling = GREEDY,
+    reading: Reading | None = None,
     on_token: TokenCallback | None = None,
-    chunk_len: int = DEFAULT_CHUNK_LEN,
-    load_state: Any = None,
-    save_state: Any = None,
-    overwrite_state: bool = False,
-    **cache_kwargs: Any,
+    state: StateFiles = NO_STATE,
 ) -> tuple[str, Tensor]:
     """Continue ``prompt`` by ``max_new_tokens`` regular tokens (batch size 1).
 
@@ -121,52 +116,45 @@ def generate(
         prompt: text (tokenized with the tokenizer's special tokens, e.g. BOS; special-token strings in it
             are plain text) or (n,) raw token ids (never the landmark id), see :func:`prompt_ids`.
         max_new_tokens: regular tokens to generate (>= 1); stops early at the tokenizer's eos token.
-        temperature: 0 for greedy decoding, else sampling at this temperature; ``top_p``: nucleus mass.
-        seed: seeds the sampling generator.
-        retrieval: None for exact attention over the whole context (``DynamicCache``), or a
-            :class:`landmark.inference.RetrievalConfig` for top-k block retrieval through a
-            :class:`landmark.hf.LandmarkRetrievalCache`.
+        sampling: greedy (the default) or ``Sampling(temperature, top_p, seed)``.
+        reading: how the prompt is read (:class:`landmark.inference.options.Reading`): top-k block
+            retrieval through a :class:`landmark.hf.LandmarkRetrievalCache` (``Reading(k=4)``); None or
+            ``k=0``: exact attention over the whole context (``DynamicCache``), in chunks of
+            ``reading.chunk_len`` positions per forward.
         on_token: called as ``on_token(0, token)`` for every generated token (streaming).
-        chunk_len: prompt positions per forward call (and the retrieval cache's chunk).
-        load_state: with ``retrieval``, a state saved earlier (a long document read once): the prompt
-            continues it (a question about the document).
-        save_state: with ``retrieval``, save the state here once the prompt is read (before any
-            generated token), for later ``load_state`` calls. Checked before any work: an existing
-            file other than a saved state, or the ``load_state`` file, is refused (ValueError).
-        overwrite_state: replace an existing ``save_state`` file that is not a saved state.
-        **cache_kwargs: with ``retrieval``, options of :class:`landmark.hf.LandmarkRetrievalCache`
-            (``memory_device``, ``max_blocks``, ``evict``).
+        state: with retrieval, read once, ask many (:class:`landmark.inference.cache.StateFiles`):
+            continue a saved state (``load``), save the state once the prompt is read (``save``).
 
     Returns:
         ``(text, ids)``: the decoded new tokens, and (num_new,) int64 ids of the new regular tokens.
     """
     transformers = require("transformers")
 
-    sampling = Sampling(temperature, top_p, seed)
-    raw = prompt_ids(model, tokenizer, prompt, continuation=load_state is not None)
-    if retrieval is None and (cache_kwargs or load_state is not None or save_state is not None):
-        options = sorted(cache_kwargs) + [
-            n for n, v in (("load_state", load_state), ("save_state", save_state)) if v
-        ]
-        raise ValueError(f"{options} are options of the retrieval cache: pass retrieval=...")
-    if save_state is not None:
-        check_state_destination(save_state, overwrite_state, [(load_state, "the load_state file")])
-    if retrieval is None:
-        cache = transformers.DynamicCache(config=model.config)
-    else:
-        cache = _retrieval_module().LandmarkRetrievalCache(
-            model, retrieval, chunk_len=chunk_len, **cache_kwargs
+    retrieves = reading is not None and reading.k != 0
+    chunk_len = reading.chunk_len if reading is not None else DEFAULT_CHUNK_LEN
+    raw = prompt_ids(model, tokenizer, prompt, continuation=state.load is not None)
+    if not retrieves and (state.load is not None or state.save is not None):
+        raise ValueError("saved states are states of the retrieval cache: pass reading=Reading(k=...)")
+    if not retrieves and reading is not None and (reading.memory_device or reading.max_blocks):
+        raise ValueError(
+            "memory_device and max_blocks are options of the retrieval cache: set reading.k >= 1"
         )
-        if load_state is not None:
-            cache.load_state(load_state, model)
+    state.check()
+    if retrieves:
+        retrieval_cache = _retrieval_module().LandmarkRetrievalCache
+        cache = retrieval_cache(model, reading.retrieval, **reading.cache_kwargs())
+        if state.load is not None:
+            cache.load_state(state.load, model)
+    else:
+        cache = transformers.DynamicCache(config=model.config)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
-    start = [cache.get_seq_length()] if load_state is not None else None
+    start = [cache.get_seq_length()] if state.load is not None else None
     new = generate_with(
         hf_reader(model, cache, chunk_len), [raw], max_new_tokens,
         block_size=int(model.config.landmark_block_size), landmark_id=landmark_token_id(model),
         sampling=sampling, stop_ids=() if eos is None else (eos,), on_token=on_token, start=start,
-        after_prompt=None if save_state is None else functools.partial(
-            cache.save_state, save_state, model, overwrite=overwrite_state),
+        after_prompt=None if state.save is None else functools.partial(
+            cache.save_state, state.save, model, overwrite=state.overwrite),
     )[0]  # fmt: skip
     out_ids = torch.tensor(new, dtype=torch.long)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""

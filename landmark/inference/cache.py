@@ -25,6 +25,7 @@ inside ``retrieval_attention`` (the "stingy" mapping), so they never exceed a fe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,6 +99,27 @@ def _counts(x: Tensor, batch: int, low: int, high: int | None) -> bool:
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """Read once, ask many: the saved state a generation continues, and where it saves its own.
+
+    ``load``: a state saved earlier (a long document read once); the prompts continue it (a question
+    about the document). ``save``: once the prompts are read, the state is saved here (before any
+    generated token), so that later calls can load it instead of reading the prompts again; checked
+    before any work (:func:`check_state_destination`). ``overwrite``: replace an existing ``save`` file
+    that is not a saved state (never the ``load`` file).
+    """
+
+    load: str | Path | None = None
+    save: str | Path | None = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """Refuse, before any work, a ``save`` destination that would lose data (ValueError)."""
+        if self.save is not None:
+            check_state_destination(self.save, self.overwrite, [(self.load, "the load_state file")])
 
 
 def check_state_destination(

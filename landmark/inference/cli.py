@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from landmark.checkpoint import CheckpointError, load_model
-from landmark.inference.generate import generate
+from landmark.inference.cache import StateFiles
+from landmark.inference.generate import Sampling, generate
 from landmark.inference.options import (
     Reading,
     add_device_argument,
@@ -155,10 +156,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     reading = Reading.from_args(args)
     try:
         out = generate(
-            model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            eot_id=eot, seed=args.seed, on_token=stream, retrieval=reading.retrieval,
-            load_state=args.load_state, save_state=args.save_state, overwrite_state=args.overwrite,
-            **reading.cache_kwargs(),
+            model, ids, args.max_new_tokens, sampling=Sampling(args.temperature, args.top_p, args.seed),
+            eot_id=eot, on_token=stream, state=StateFiles(args.load_state, args.save_state, args.overwrite),
+            retrieval=reading.retrieval, **reading.cache_kwargs(),
         )  # fmt: skip
     except ValueError as err:  # a saved state of another model or batch size, found when loading it
         print(f"error: {err}", file=sys.stderr)

@@ -20,12 +20,11 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from landmark.inference.cache import check_state_destination
+from landmark.inference.cache import StateFiles
 from landmark.inference.session import InferenceSession
 from landmark.model import GPT
 
@@ -49,6 +48,10 @@ class Sampling:
             raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
+
+
+GREEDY = Sampling()  # the default: the most likely token
+NO_STATE = StateFiles()  # the default: read the prompts, save nothing
 
 
 def sample_next(
@@ -182,14 +185,10 @@ def generate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int = 64,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    sampling: Sampling = GREEDY,
     eot_id: int | None = None,
-    seed: int | None = None,
     on_token: TokenCallback | None = None,
-    load_state: str | Path | None = None,
-    save_state: str | Path | None = None,
-    overwrite_state: bool = False,
+    state: StateFiles = NO_STATE,
     **session_kwargs,
 ) -> list[list[int]]:
     """Generate continuations of a batch of prompts of any length with a landmark ``GPT``.
@@ -197,39 +196,29 @@ def generate(
     Args:
         prompts: B token-id lists (regular tokens, no landmarks), of different lengths if you like.
         max_new_tokens: tokens to generate per prompt (>= 1).
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus sampling mass (1.0 = off).
+        sampling: greedy (the default) or ``Sampling(temperature, top_p, seed)``.
         eot_id: stop a row when it generates this token (it is included in the output).
-        seed: seeds the sampler.
         on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists
             (for streaming output).
-        load_state: a state saved earlier (``InferenceSession.save_state``, e.g. a long document
-            read once): the prompts continue it (a question about the document).
-        save_state: once the prompts are read, save the state here (before any generated token), so
-            that later calls can ``load_state`` it instead of reading the prompts again. Checked
-            before any work: an existing file other than a saved state, or the ``load_state`` file,
-            is refused (ValueError).
-        overwrite_state: replace an existing ``save_state`` file that is not a saved state.
+        state: read once, ask many (:class:`landmark.inference.cache.StateFiles`): continue a saved
+            state (``load``), save the state once the prompts are read (``save``).
         **session_kwargs: ``InferenceSession`` options (retrieval or its fields k, granularity, ...;
             chunk_len, memory_device, ...).
 
     Returns:
         The generated token ids of each row.
     """
-
-    sampling = Sampling(temperature, top_p, seed)
     if not prompts:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    if save_state is not None:
-        check_state_destination(save_state, overwrite_state, [(load_state, "the load_state file")])
+    state.check()
     session = InferenceSession(model, len(prompts), **session_kwargs)
-    if load_state is not None:
-        session.load_state(load_state)
+    if state.load is not None:
+        session.load_state(state.load)
     cfg = model.config
     return generate_with(
         session.read, prompts, max_new_tokens, block_size=cfg.block_size, landmark_id=cfg.landmark_id,
         sampling=sampling, stop_ids=() if eot_id is None else (eot_id,), on_token=on_token,
         start=session.length.tolist(),
-        after_prompt=None if save_state is None else functools.partial(
-            session.save_state, save_state, overwrite=overwrite_state),
+        after_prompt=None if state.save is None else functools.partial(
+            session.save_state, state.save, overwrite=state.overwrite),
     )  # fmt: skip
