@@ -17,6 +17,7 @@ missing here, or when a named test does not exist):
   tests/test_hf.py::test_passkey_probe_answer_loss_equals_step_by_step_log_probs, test_hf_passkey_probe_script
 - benchmarks/hf_prefill.py: test_hf_prefill_smoke
 - benchmarks/kernel_replay.py: test_kernel_replay_capture_and_compare
+- benchmarks/llamacpp.py: test_llamacpp_smoke
 - benchmarks/passkey_grid.py: tests/test_passkey_grid.py::test_cells_of_two_seeds_add_up_and_tasks_stay_apart
 - benchmarks/passkey_probe.py: tests/test_eval.py::test_passkey_probe_runs_on_the_shipped_checkpoint
 - benchmarks/plot_reading.py: test_plot_reading
@@ -403,6 +404,32 @@ def test_hf_prefill_profile_leaves_the_kernel_as_it_was(hf_prefill_json):
     from landmark.inference import kernel
 
     assert kernel.kernel_plan.__module__ == "landmark.inference.kernel"
+
+
+def test_llamacpp_smoke(tiny_hf, tmp_path):
+    """llamacpp.py: the landmark model reads a passkey prompt and decodes, every token time-stamped;
+    the llama.cpp rows are measured where llama-cpp-python is installed, else marked unavailable (it is
+    an optional benchmark dependency, built from source)."""
+    out = tmp_path / "llamacpp.json"
+    argv = ["--smoke", "--model", str(tiny_hf["lm"]), "--systems", "landmark", "llama.cpp q8_0"]
+    argv += ["--out", str(out)]
+    bench("llamacpp").main(argv)
+    record = read_json(out)
+    ours, theirs = record["rows"]
+    assert ours["system"] == "landmark" and ours["length"] == 256 and ours["new_tokens"] == 4
+    assert (
+        positive(ours["prompt_s"]) and positive(ours["decode_ms_per_token"]) and positive(ours["peak_rss_mb"])
+    )
+    assert ours["prompt_tokens_per_s"] == pytest.approx(256 / ours["prompt_s"])
+    assert ours["key"].isdigit() and ours["found"] == (ours["key"] in ours["answer"])
+    assert theirs["system"] == "llama.cpp q8_0" and theirs["length"] == 256
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert theirs["unavailable"] == "llama-cpp-python is not installed" and "prompt_s" not in theirs
+        assert record["ratios"] == []
+    else:
+        assert positive(theirs["prompt_s"]) and theirs["key"] == ours["key"]  # the same prompt
+        (ratio,) = record["ratios"]
+        assert ratio["against"] == "llama.cpp q8_0" and positive(ratio["reading_x"])
 
 
 def test_plot_reading(prefill_json, hf_prefill_json, tmp_path):

