@@ -16,10 +16,12 @@ It is used when (``kernel_applies``):
 
 For granularity ``"token_head"`` with exact search the kernel also selects the blocks; for the other
 granularities (``"token"``, ``"head"``) and FAISS search the eager path selects them and the kernel
-attends (it reads the given blocks where they are stored, as it reads its own).
+attends (it reads the given blocks, ``retrieval.reference_selection``, where they are stored, as it
+reads its own).
 
 Any batch (rows of different lengths, different memory sizes, memories that have evicted blocks) is
-handled. Anything else takes the eager path, which stays the reference: tests check the kernel
+handled. Anything else takes the eager path, ``retrieval.reference_attention``, which stays the
+reference (as ``landmark.ops.reference`` is for the training-time operators): tests check the kernel
 against it (outputs to float rounding, the selected blocks on non-tied scores) over odd sizes, GQA,
 ragged batches, both model families. ``RetrievalConfig.kernel`` chooses: ``"auto"`` (default: the
 kernel when it applies and compiles), ``"cpp"`` (the same, but an error if it cannot be compiled),
@@ -152,7 +154,7 @@ def retrieval_step(
     plan: KernelPlan,
     selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``retrieval_attention`` through the kernel.
+    """``retrieval_attention`` through the kernel: one call of the compiled module for a layer and step.
 
     Arguments as in ``retrieval_attention``; ``selected``: (B, H, C, K <= k) logical block indices made
     elsewhere (valid first, ascending, -1 for none), or None: the kernel selects (token_head, exact).

@@ -28,28 +28,43 @@ Fetching the selected blocks: every (query row, head) reads exactly its own k bl
 head, gathered by block index (no union of blocks, no per-slot loop), and the landmark scan rotates
 the query instead of the N landmark keys (slot 0 for the old blocks, one rotation per recent slot),
 so a step reads the N landmark keys once, k blocks per query row and head, and the local context,
-with a fixed number of tensor operations. A chunk (prefill) runs this for groups of
-``RetrievalConfig.row_group`` query rows at a time, so the gathered blocks take
-O(row_group x heads x k x block x head_dim) memory whatever the chunk length; a decode step (one
-token, or a token and its landmark) is one group, and its layer-independent part (``DecodePlan``) is
-built once for all layers. Tests check decoding against chunked prefill and chunked prefill against
-one full pass.
+with a fixed number of tensor operations.
 
 Landmark search (``RetrievalConfig.search``): ``"exact"`` (default) scores every landmark in memory;
 ``"faiss"`` asks an inner-product index over the landmark keys for candidates (see
 ``landmark.inference.search``) and scores only those exactly.
 
-On the CPU in float32 a step goes through the fused C++ kernel instead (``landmark.inference.kernel``):
-it selects (token_head, exact search) or is given the eager path's selection (``_selections``, other
-granularities and FAISS) and attends with the blocks read where they are stored. The eager path above
-is the reference it is tested against.
+How a call is organised:
+
+* ``retrieval_attention`` (what the models call) describes the step once: a ``Step`` (row lengths
+  and positions, block size, head dim, RoPE base, the ``RetrievalConfig``: what every layer of the
+  step shares) and the layer's ``LayerInputs`` (queries, local keys and values, memory, scale); the
+  pieces below take these two objects and a plan.
+* ``plan_step`` (``step_plan`` with the arguments spelled out) builds what the layers of a step share:
+  a ``kernel.KernelPlan`` where the fused C++ kernel applies, a ``DecodePlan`` for an eager decode
+  step (at most ``DECODE_ROWS`` query rows), else nothing (an eager prefill chunk plans each group of
+  ``RetrievalConfig.row_group`` query rows). A ``DecodePlan`` has one part per concern: ``BlockPlan``
+  (what the rows select from: blocks per row, where the recent blocks sit), ``RowPlan`` (where the
+  query rows and local keys are: positions and their RoPE angles) and ``GroupPlan`` (which keys join
+  each query's softmax group).
+* The reference, ``reference_attention`` (the eager path): the step in PyTorch tensor operations, on
+  any device and dtype. A chunk runs in groups of ``row_group`` query rows, so the gathered blocks
+  take O(row_group x heads x k x block x head_dim) memory whatever the chunk length; a decode step is
+  one group. It is the specification: tests check decoding against chunked prefill and chunked
+  prefill against one full pass, and the optimised path against it (as ``landmark.ops.reference``
+  is for the training-time operators).
+* The optimised path, the fused C++ kernel (``landmark.inference.kernel``; CPU float32): one call per
+  layer and step. It selects itself (token_head, exact search) or is given the reference's selection
+  (``reference_selection``: the other granularities and FAISS), and attends with the blocks read where
+  they are stored. tests/test_kernel.py checks it against ``reference_attention``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -134,6 +149,597 @@ class StepStats:
         if self.selections is not None:
             marked = selected if valid is None else torch.where(valid, selected, -1)
             self.selections.append(marked.detach().cpu())
+
+
+# --- What a call is about: the step (shared by its layers) and one layer's inputs ---------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of retrieval attention as every layer sees it: built once per call (or per plan) and
+    passed to the planning, selection and attention pieces instead of their arguments one by one.
+
+    Every layer of a step reads the same stream lengths, tail lengths and memory counts with the same
+    configuration; only the queries, keys and values differ (``LayerInputs``).
+    """
+
+    local_len: Tensor  # (B,) real local context positions per row: tail + new positions
+    q_start: Tensor  # (B,) local position of each row's first query (= its tail length)
+    q_len: Tensor  # (B,) real query rows per batch row (the rest is padding)
+    rows: int  # C: query rows of the step (or of one row group of a chunk)
+    local_width: int  # T: length of the local context tensors (>= max(local_len))
+    retrieval: RetrievalConfig
+    block_size: int
+    head_dim: int
+    rope_base: float
+
+    def row_group(self, r0: int, r1: int) -> Step | None:
+        """Query rows r0..r1-1 as a step of their own (they see the whole local context up to their own
+        positions), or None when no batch row has a real query there."""
+        group_len = (self.q_len - r0).clamp(0, r1 - r0)
+        if not bool((group_len > 0).any()):
+            return None
+        return replace(self, q_start=self.q_start + r0, q_len=group_len, rows=r1 - r0)
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """One layer's tensors for a step (shapes as in ``retrieval_attention``)."""
+
+    q: Tensor  # (B, H, C, D) un-rotated queries of the new positions
+    local_k: Tensor  # (B, Hkv, T, D) un-rotated keys of the local context
+    local_v: Tensor  # (B, Hkv, T, D)
+    memory: BlockMemory | None  # the layer's block memory (None or empty: local attention only)
+    scale: float
+
+    def rows(self, r0: int, r1: int) -> LayerInputs:
+        """The same inputs for query rows r0..r1-1 (the local context stays whole)."""
+        return replace(self, q=self.q[:, :, r0:r1])
+
+
+# --- The entry point ----------------------------------------------------------------------------------------
+
+
+def retrieval_attention(
+    q: Tensor,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    memory: BlockMemory | None,
+    retrieval: RetrievalConfig,
+    block_size: int,
+    rope_base: float,
+    scale: float,
+    stats: StepStats | None = None,
+    plan: DecodePlan | kernel.KernelPlan | None = None,
+) -> Tensor:
+    """Landmark attention of new queries over retrieved memory blocks and the local context.
+
+    Args:
+        q: (B, H, C, D) un-rotated queries of the new positions (row b has q_len[b] real ones).
+        local_k, local_v: (B, Hkv, T, D) un-rotated keys/values of the local context: the incomplete
+            tail block followed by the new positions; row b has local_len[b] real positions. Local
+            position 0 is a block boundary.
+        q_start: (B,) local position of each row's first query (= its tail length).
+        memory: the layer's block memory (None or empty: local attention only).
+        plan: what the layers of one step share (``step_plan`` of this step): a ``kernel.KernelPlan``
+            for a step that takes the fused C++ kernel (``retrieval.kernel_for``), a ``DecodePlan`` for
+            an eager decode step (at most ``DECODE_ROWS`` rows); None: chosen and built here.
+
+    Returns:
+        (B, H, C, D) attention outputs; padding rows are zero.
+    """
+    if memory is not None and memory.rope_base != rope_base:
+        raise ValueError(
+            f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
+        )
+    rows, head_dim = q.shape[2], q.shape[3]
+    step = Step(local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, head_dim, rope_base)
+    inputs = LayerInputs(q, local_k, local_v, memory, scale)
+    if plan is None and bool((q_len > 0).any()):
+        plan = plan_step(step, memory, q.dtype)
+    if isinstance(plan, kernel.KernelPlan):
+        return _kernel_attention(inputs, step, plan, stats)
+    return reference_attention(inputs, step, plan, stats)
+
+
+def step_plan(
+    memory: BlockMemory | None,
+    local_len: Tensor,
+    q_start: Tensor,
+    q_len: Tensor,
+    rows: int,
+    local_width: int,
+    retrieval: RetrievalConfig,
+    dtype: torch.dtype,
+    block_size: int,
+    head_dim: int,
+    rope_base: float,
+) -> DecodePlan | kernel.KernelPlan | None:
+    """``plan_step`` of the step these arguments describe (``Step``'s fields; dtype: the queries')."""
+    step = Step(local_len, q_start, q_len, rows, local_width, retrieval, block_size, head_dim, rope_base)
+    return plan_step(step, memory, dtype)
+
+
+def plan_step(
+    step: Step, memory: BlockMemory | None, dtype: torch.dtype
+) -> DecodePlan | kernel.KernelPlan | None:
+    """What the layers of one step share: the fused kernel's plan where the kernel applies
+    (``RetrievalConfig.kernel_for`` for queries of ``dtype``), else a ``DecodePlan`` for a decode step
+    (at most ``DECODE_ROWS`` query rows), else None (the reference plans a chunk per row group)."""
+    retrieval = step.retrieval
+    module = retrieval.kernel_for(dtype, step.q_start.device, memory)
+    if module is not None:
+        held = max(memory.count, default=0) if memory is not None else 0
+        k = min(retrieval.k, max(1, held))  # no more blocks than the memory holds (a huge --k costs nothing)
+        return kernel.kernel_plan(
+            module, k, step.local_width, step.block_size, step.head_dim, step.rope_base,
+            retrieval.kernel_selects,
+        )  # fmt: skip
+    if step.rows > DECODE_ROWS:
+        return None
+    return decode_plan(step, _block_counts(memory, step.q_start))
+
+
+def _block_counts(memory: BlockMemory | None, q_start: Tensor) -> Tensor:
+    """(B,) blocks held per row (zeros without a memory), on ``q_start``'s device."""
+    count = memory.count if memory is not None else [0] * q_start.shape[0]
+    return torch.tensor(count, device=q_start.device)
+
+
+# --- The plan of an eager group of query rows (a decode step is one group) ----------------------------------
+
+
+@dataclass
+class BlockPlan:
+    """What the query rows select from: the blocks in memory and where the most recent ones sit."""
+
+    n_blocks: Tensor  # (B,) blocks in memory per row
+    k_eff: Tensor  # (B,) min(k, n_blocks)
+    n_max: int  # max(n_blocks)
+    k_max: int  # max(k_eff)
+    blocks_total: int  # sum(n_blocks): the landmarks an exact scan scores
+    uniform: bool  # every row holds n_max >= k blocks and every query row is real (no masking needed)
+    recent: Tensor  # (B, k_max) logical index of the block at landmark slot s = 1..k_max (0 if none)
+    recent_column: Tensor  # (B, k_max) score column to overwrite (n_max: a spare column)
+    recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
+
+
+class Rotations(NamedTuple):
+    """The RoPE angles of a group's queries and local keys (what ``_decode_local`` rotates by)."""
+
+    cos_q: Tensor  # (B, 1, C, J, D/2) query angles: attention slots j = 0..k_max, then landmark slots
+    sin_q: Tensor
+    cos_local: Tensor  # (B, 1, T', D/2) local key angles (T' = local context padded to whole blocks)
+    sin_local: Tensor
+    slots: int  # k_max + 1 attention slots (the landmark slots follow them in cos_q, sin_q)
+    block_size: int
+
+
+@dataclass
+class RowPlan:
+    """Where the query rows and the local keys are: their positions and rotations."""
+
+    row_valid: Tensor  # (B, C) real query rows
+    q_local: Tensor  # (B, C) local position of each query row
+    q_pos: Tensor  # (B, C) query positions
+    key_local: Tensor  # (T',) local positions of the local keys, padded to whole blocks
+    rotations: Rotations
+    local_positions: int  # local context positions attended to, summed over rows
+
+
+@dataclass
+class GroupPlan:
+    """Which keys join each query's softmax group (``grouped_softmax``'s ``current`` and ``earlier``)."""
+
+    local_current: Tensor  # (B, 1, C, nb, bs) own-block local keys each query sees
+    local_earlier: Tensor  # (B, 1, C, nb) complete local blocks reached through their landmark
+    current: Tensor  # (B, 1, C, k_max + nb, bs) with the memory blocks, when every selection is real
+    earlier: Tensor  # (B, 1, C, k_max + nb) blocks reached through their landmark, ditto
+
+
+@dataclass
+class DecodePlan:
+    """What a group of query rows computes once for all layers: a decode step's (at most
+    ``DECODE_ROWS`` query rows), built by ``plan_step`` and passed to every layer, or one row group's
+    of an eager chunk.
+
+    Every layer of a step sees the same stream lengths, tail lengths and memory counts, so positions,
+    rotation angles, masks and the recent blocks' indices are shared; only q, k, v and the selection
+    differ per layer. The plan's ``step`` (configuration, block size, RoPE base) is the one used.
+    """
+
+    step: Step
+    blocks: BlockPlan
+    rows: RowPlan
+    groups: GroupPlan
+
+
+def decode_plan(step: Step, n_blocks: Tensor) -> DecodePlan:
+    """The layer-independent part of a group of query rows (``step.rows`` of them) over a memory that
+    holds ``n_blocks`` (B,) blocks per row."""
+    blocks = _block_plan(step, n_blocks)
+    rows = _row_plan(step, blocks)
+    return DecodePlan(step, blocks, rows, _group_plan(step, blocks, rows))
+
+
+def _block_plan(step: Step, n_blocks: Tensor) -> BlockPlan:
+    """How many blocks each row selects from, and the recent blocks' slots and score columns."""
+    k = step.retrieval.k
+    n_max = int(n_blocks.max())
+    k_max = min(k, n_max)
+    k_eff = torch.clamp(n_blocks, max=k)
+    s = torch.arange(1, k_max + 1, device=n_blocks.device)  # the landmark slots of the recent blocks
+    recent = n_blocks[:, None] - 1 - k_eff[:, None] + s  # (B, k_max)
+    ok = s <= k_eff[:, None]
+    uniform = bool((n_blocks == n_max).all() and (step.q_len == step.rows).all()) and n_max >= k
+    return BlockPlan(
+        n_blocks=n_blocks,
+        k_eff=k_eff,
+        n_max=n_max,
+        k_max=k_max,
+        blocks_total=int(n_blocks.sum()),
+        uniform=uniform,
+        recent=torch.where(ok, recent, 0),
+        recent_column=torch.where(ok, recent, n_max),
+        recent_from=(n_blocks - k_eff)[:, None, None, None],
+    )
+
+
+def _row_plan(step: Step, blocks: BlockPlan) -> RowPlan:
+    """Positions of the query rows and local keys (the local context starts at (k_eff + 1) * bs), and
+    the angles that place the queries at every slot they need."""
+    bs, dev, k_max = step.block_size, blocks.n_blocks.device, blocks.k_max
+    base = (blocks.k_eff + 1) * bs  # (B,) position of local position 0
+    q_local = step.q_start[:, None] + torch.arange(step.rows, device=dev)  # (B, C)
+    row_valid = torch.arange(step.rows, device=dev)[None, :] < step.q_len[:, None]
+    q_pos = base[:, None] + q_local
+    nb_local = -(-step.local_width // bs)
+    cos_t, sin_t = kernel.rope_table(max(k_max, 1), step.local_width, bs, step.head_dim, step.rope_base, dev)
+    j = torch.arange(k_max + 1, device=dev)
+    pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
+    key_local = torch.arange(nb_local * bs, device=dev)  # (T',)
+    kpos = base[:, None] + key_local  # (B, T')
+    rotations = Rotations(
+        cos_q=cos_t[pos][:, None],
+        sin_q=sin_t[pos][:, None],
+        cos_local=cos_t[kpos][:, None],
+        sin_local=sin_t[kpos][:, None],
+        slots=k_max + 1,
+        block_size=bs,
+    )
+    return RowPlan(row_valid, q_local, q_pos, key_local, rotations, int(step.local_len.sum()))
+
+
+def _group_plan(step: Step, blocks: BlockPlan, rows: RowPlan) -> GroupPlan:
+    """The training-time layout of the local context (own block directly, earlier local blocks through
+    their landmarks), and the same with ``k_max`` memory blocks in front when all are selected."""
+    bs, batch, c = step.block_size, blocks.n_blocks.shape[0], step.rows
+    key_local, q_local, row_valid = rows.key_local, rows.q_local, rows.row_valid
+    nb_local = key_local.shape[0] // bs
+    key_real = key_local[None, :] < step.local_len[:, None]
+    visible = key_real[:, None, :] & (key_local[None, None, :] <= q_local[:, :, None])  # (B, C, T')
+    q_block = torch.div(q_local, bs, rounding_mode="floor")
+    same_block = (key_local // bs)[None, None, :] == q_block[:, :, None]
+    local_current = (visible & same_block & row_valid[:, :, None]).view(batch, 1, c, nb_local, bs)
+    local_earlier = torch.arange(nb_local, device=key_local.device)[None, None, :] < q_block[:, :, None]
+    local_earlier = (local_earlier & row_valid[:, :, None])[:, None]
+    no_current = local_current.new_zeros(batch, 1, c, blocks.k_max, bs)
+    all_earlier = local_earlier.new_ones(batch, 1, c, blocks.k_max)
+    return GroupPlan(
+        local_current=local_current,
+        local_earlier=local_earlier,
+        current=torch.cat((no_current, local_current), dim=3),
+        earlier=torch.cat((all_earlier, local_earlier), dim=3),
+    )
+
+
+# --- The reference: the eager path --------------------------------------------------------------------------
+
+
+def reference_attention(
+    inputs: LayerInputs, step: Step, plan: DecodePlan | None = None, stats: StepStats | None = None
+) -> Tensor:
+    """``retrieval_attention`` in PyTorch tensor operations (the eager path): any device and dtype, the
+    reference that the fused kernel is tested against.
+
+    A decode step runs as one group of query rows, described by ``plan`` (``plan_step``); a chunk
+    (``plan`` None) in groups of ``row_group`` query rows, each run like a decode step: the memory
+    does not change within a step, and each group's rows see the whole local context up to their own
+    positions. Returns (B, H, C, D); padding rows are zero.
+    """
+    if plan is not None:
+        if stats is not None:
+            stats.local_positions += plan.rows.local_positions
+        return _attend_group(inputs, plan, stats)
+    if stats is not None:
+        stats.local_positions += int(step.local_len.sum())
+    out = inputs.q.new_zeros(inputs.q.shape)
+    for r0, r1, group in _row_groups(step, inputs.memory):
+        out[:, :, r0:r1] = _attend_group(inputs.rows(r0, r1), group, stats)
+    return out
+
+
+def reference_selection(inputs: LayerInputs, step: Step) -> Tensor:
+    """The reference's selection for a whole step, in groups of ``row_group`` query rows as it attends:
+    (B, H, C, K) logical indices, valid first, ascending, -1 for none (``kernel.retrieval_step``'s
+    ``selected``)."""
+    batch, heads, rows, _ = inputs.q.shape
+    width = min(step.retrieval.k, max(inputs.memory.count))
+    out = torch.full((batch, heads, rows, width), -1, dtype=torch.long, device=inputs.q.device)
+    if width == 0:
+        return out
+    for r0, r1, plan in _row_groups(step, inputs.memory):
+        group = inputs.rows(r0, r1)
+        _, q_lm, _, _ = _decode_local(group.q, group.local_k, group.local_v, plan.rows.rotations, group.scale)
+        selected, valid, _ = _select(group, q_lm, plan)
+        row_valid = plan.rows.row_valid[:, None, :, None]
+        valid = row_valid if valid is None else valid & row_valid
+        selected = torch.where(valid, selected, -1)
+        out[:, :, r0:r1, : selected.shape[-1]] = selected
+    return out
+
+
+def _row_groups(step: Step, memory: BlockMemory | None) -> Iterator[tuple[int, int, DecodePlan]]:
+    """The groups of ``row_group`` query rows a chunk is processed in: ``(r0, r1, plan)`` for rows
+    r0..r1-1 while any row has real queries there."""
+    n_blocks = _block_counts(memory, step.q_start)
+    for r0 in range(0, step.rows, step.retrieval.row_group):
+        r1 = min(step.rows, r0 + step.retrieval.row_group)
+        group = step.row_group(r0, r1)
+        if group is None:
+            return
+        yield r0, r1, decode_plan(group, n_blocks)
+
+
+def _attend_group(inputs: LayerInputs, plan: DecodePlan, stats: StepStats | None) -> Tensor:
+    """The reference for one group of query rows (a decode step, or ``row_group`` rows of a prefill
+    chunk), described by ``plan``.
+
+    A small, fixed number of tensor operations, in three stages (pure tensor functions; decode steps
+    run them through ``torch.compile`` when ``retrieval.compile``):
+
+    * ``_decode_local``: one rotation of the queries to every position they need: ``q_pos - j * bs``
+      (attention to a block at slot j; j = 0 is the query's own position, for the local context) and
+      ``q_pos - s * bs - (bs - 1)`` (the landmark of slot s, for scoring); the local context's scores;
+    * selection (``_select``): the landmark scan reads the N un-rotated landmark keys once: old blocks
+      (slot 0) with one matmul, the ``k_eff`` recent ones re-scored at their slots (``_decode_select``
+      when every row holds the same number >= k of blocks and the granularity is per token and head);
+    * ``_decode_attend``: every (query row, head) reads exactly its own k blocks of its kv head (no
+      union, no slot loop), one grouped softmax with the local context.
+
+    Shapes as in ``retrieval_attention``; returns (B, H, C, D).
+    """
+    q, memory = inputs.q, inputs.memory
+    batch, kv_heads = q.shape[0], inputs.local_k.shape[1]
+    compiled = plan.step.retrieval.compile and q.shape[2] <= DECODE_ROWS  # prefill stays eager
+    stage = _compiled if compiled else _eager
+    q_att, q_lm, local_scores, lv = stage("local")(
+        q, inputs.local_k, inputs.local_v, plan.rows.rotations, inputs.scale
+    )
+    if memory is None or plan.blocks.n_max == 0:
+        groups = plan.groups
+        return _apply(grouped_softmax(local_scores, groups.local_current, groups.local_earlier), lv, kv_heads)
+
+    selected, sel_valid, scored = _select(inputs, q_lm, plan, stage)
+    current, earlier, sel_valid = _softmax_groups(plan, selected, sel_valid)
+    if stats is not None:
+        stats.landmarks_scored += scored
+        stats.block_heads_fetched += selected.numel() if sel_valid is None else int(sel_valid.sum())
+        stats.record(selected, sel_valid)
+
+    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
+    blocks = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
+    local = (local_scores, lv)
+    return stage("attend")(q_att, selected, plan.blocks.recent_from, blocks, local, (current, earlier))
+
+
+def _softmax_groups(
+    plan: DecodePlan, selected: Tensor, valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``grouped_softmax``'s ``current`` and ``earlier`` over the selected blocks (``selected``: (B, H,
+    C, k)) and the local context, and the selections that are real (None: all of them)."""
+    if valid is None:  # every selection is real: the step's masks are shared by all layers
+        return plan.groups.current, plan.groups.earlier, None
+    batch, heads, rows, k_sel = selected.shape
+    local_current, local_earlier = plan.groups.local_current, plan.groups.local_earlier
+    valid = valid & plan.rows.row_valid[:, None, :, None]
+    no_current = local_current.new_zeros(batch, 1, rows, k_sel, plan.step.block_size)
+    current = torch.cat((no_current, local_current), dim=3)
+    earlier = torch.cat((valid, local_earlier.expand(-1, heads, -1, -1)), dim=3)
+    return current, earlier, valid
+
+
+def _select(
+    inputs: LayerInputs, q_lm: Tensor, plan: DecodePlan, stage=None
+) -> tuple[Tensor, Tensor | None, int]:
+    """The blocks a group of query rows retrieves (any granularity, exact or FAISS search).
+
+    Args:
+        q_lm: the group's queries rotated to the landmark slots (``_decode_local``).
+
+    Returns:
+        selected: (B, H, C, k) logical indices, ascending, valid first; valid: (B, H, C, k) or None when
+        every selection is real; the number of landmarks scored.
+    """
+    memory, blocks, retrieval = inputs.memory, plan.blocks, plan.step.retrieval
+    per_token_head = retrieval.granularity == "token_head"
+    if retrieval.search == "faiss":
+        return _search_select(inputs, plan)
+    if blocks.uniform and not any(memory.start) and per_token_head:
+        # same count per row, no ring-buffer wrap-around, nothing to mask: top-k, in order
+        return (stage or _eager)("select")(q_lm, memory.landmarks(), blocks.k_max), None, blocks.blocks_total
+    scores = _exact_scores(q_lm, memory, plan)
+    if blocks.uniform and per_token_head:
+        return top_k_blocks(scores, blocks.k_max), None, blocks.blocks_total
+    selected, valid = select_blocks(
+        scores, blocks.n_blocks, plan.rows.row_valid, retrieval.k, retrieval.granularity
+    )
+    return selected, valid, blocks.blocks_total
+
+
+def _exact_scores(q_lm: Tensor, memory: BlockMemory, plan: DecodePlan) -> Tensor:
+    """(B, H, C, N) scores of every landmark in memory: the old blocks' at slot 0, the ``k_eff`` most
+    recent ones' re-scored at their own slots s = 1..k_eff."""
+    batch, heads, rows = q_lm.shape[:3]
+    kv_heads, n_max = memory.kv_heads, plan.blocks.n_max
+    landmark_keys = memory.landmarks()  # (B, Hkv, N, D), un-rotated
+    scores = _landmark_scores(_grouped(q_lm[:, :, :, 0], kv_heads), landmark_keys)
+    lm_recent = memory.landmarks_at(plan.blocks.recent)  # (B, Hkv, k, D)
+    rec = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), lm_recent)  # (B,Hkv,G,C,k)
+    column = plan.blocks.recent_column[:, None, None, None, :].expand(*rec.shape)
+    scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
+    return scores.reshape(batch, heads, rows, n_max)
+
+
+def _search_select(inputs: LayerInputs, plan: DecodePlan) -> tuple[Tensor, Tensor, int]:
+    """Selection through the FAISS index: candidates from the index + the recent blocks, scored exactly.
+
+    Returns:
+        selected, valid: as ``select_blocks`` (logical indices); the number of landmarks scored.
+    """
+    q, memory, step = inputs.q, inputs.memory, plan.step
+    if memory.index is None:
+        raise ValueError('search="faiss" needs a BlockMemory with a LandmarkIndex (see InferenceSession)')
+    batch, heads, rows, _ = q.shape
+    kv_heads, bs, rope_base = memory.kv_heads, step.block_size, step.rope_base
+    n_blocks, k_eff, q_pos = plan.blocks.n_blocks, plan.blocks.k_eff, plan.rows.q_pos
+    n_old = n_blocks - k_eff
+    q_old = _grouped(_rope(q, q_pos - (bs - 1), rope_base), kv_heads)  # (B, Hkv, G, C, D)
+    found = search_candidates(memory.index, q_old, plan.rows.row_valid, n_old, step.retrieval.n_candidates)
+    cand, n_cand = _candidate_table(found, n_old, n_blocks, q.device)
+    # Exact scores of the candidates at their scoring slots (0 for old blocks, 1..k_eff for recent ones).
+    lm = memory.landmarks_at(cand)  # (B, Hkv, M, D)
+    age = n_blocks[:, None] - 1 - cand
+    score_slot = torch.where(age < k_eff[:, None], k_eff[:, None] - age, torch.zeros_like(age))
+    lm_rot = _rope(lm, score_slot * bs + bs - 1, rope_base)
+    q_rot = _rope(q, q_pos, rope_base)
+    scores = torch.einsum("bkgcd,bknd->bkgcn", _grouped(q_rot, kv_heads), lm_rot) * inputs.scale
+    scores = scores.reshape(batch, heads, rows, cand.shape[1])
+    # Candidates are in chronological order, so indices into them sort like logical indices.
+    retrieval = step.retrieval
+    picked, valid = select_blocks(scores, n_cand, plan.rows.row_valid, retrieval.k, retrieval.granularity)
+    index = cand[:, None, None, :].expand(-1, heads, rows, -1).gather(-1, picked)
+    return torch.where(valid, index, torch.zeros_like(index)), valid, int(n_cand.sum())
+
+
+def _candidate_table(
+    found: list[Tensor], n_old: Tensor, n_blocks: Tensor, dev: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Candidate set per batch row: the index's hits among old blocks, then the k_eff recent blocks.
+
+    Returns:
+        cand: (B, M) logical indices in chronological order, padded with 0; n_cand: (B,) real ones.
+    """
+    cands = [
+        torch.cat((f, torch.arange(int(n_old[b]), int(n_blocks[b]), device=dev))) for b, f in enumerate(found)
+    ]
+    cand = torch.zeros(len(cands), max(len(c) for c in cands), dtype=torch.long, device=dev)
+    for b, c in enumerate(cands):
+        cand[b, : len(c)] = c
+    return cand, torch.tensor([len(c) for c in cands], device=dev)
+
+
+def _decode_local(
+    q: Tensor, local_k: Tensor, local_v: Tensor, rotations: Rotations, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rotated queries and the local context's scores of a group of query rows.
+
+    Returns:
+        q_att: (B, H, C, k_max + 1, D) scaled queries rotated to ``q_pos - j * bs`` (j = 0..k_max);
+        q_lm: (B, H, C, k_max + 1, D) rotated to ``q_pos - s * bs - (bs - 1)`` (s = 0..k_max);
+        local_scores: (B, H, C, nb, bs) against the local context padded to whole blocks;
+        lv: (B, Hkv, nb * bs, D) the local values, padded likewise.
+    """
+    batch, heads, rows, _ = q.shape
+    kv_heads, t_local = local_k.shape[1], local_k.shape[2]
+    bs, slots = rotations.block_size, rotations.slots
+    pad = (bs - t_local % bs) % bs
+    # The scale goes on the queries once (RoPE is linear), so every score below comes out scaled.
+    q_all = apply_rope((q * scale)[:, :, :, None], rotations.cos_q, rotations.sin_q)  # (B, H, C, J, D)
+    q_att, q_lm = q_all[:, :, :, :slots], q_all[:, :, :, slots:]
+    lk = apply_rope(
+        torch.nn.functional.pad(local_k, (0, 0, 0, pad)), rotations.cos_local, rotations.sin_local
+    )
+    lv = torch.nn.functional.pad(local_v, (0, 0, 0, pad))
+    local_scores = _grouped(q_att[:, :, :, 0], kv_heads) @ lk[:, :, None].transpose(-1, -2)
+    return q_att, q_lm, local_scores.reshape(batch, heads, rows, -1, bs), lv
+
+
+def _decode_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> Tensor:
+    """Top-k blocks per query row and head when every row holds the same number N >= k of blocks.
+
+    Args:
+        q_lm: (B, H, C, k + 1, D) queries rotated to the landmark slots 0..k (``_decode_local``).
+        landmark_keys: (B, Hkv, N, D) un-rotated landmark keys in logical order; the last k are the
+            most recent blocks, at slots 1..k in that order; all older ones are at slot 0.
+
+    Returns:
+        (B, H, C, k) logical block indices in ascending order.
+    """
+    batch, heads, rows, _, _ = q_lm.shape
+    kv_heads, n = landmark_keys.shape[1], landmark_keys.shape[2]
+    old = _landmark_scores(_grouped(q_lm[:, :, :, 0], kv_heads), landmark_keys[:, :, : n - k])
+    recent = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), landmark_keys[:, :, n - k :])
+    scores = torch.cat((old, recent), dim=-1).reshape(batch, heads, rows, n)
+    return top_k_blocks(scores, k)
+
+
+def _decode_attend(
+    q_att: Tensor,
+    selected: Tensor,
+    recent_from: Tensor,
+    blocks: tuple[Tensor, Tensor],
+    local: tuple[Tensor, Tensor],
+    groups: tuple[Tensor, Tensor],
+) -> Tensor:
+    """One grouped softmax over each (query row, head)'s own k retrieved blocks and the local context.
+
+    Args:
+        q_att: (B, H, C, k_max + 1, D) from ``_decode_local``; selected: (B, H, C, k) logical indices,
+            ascending; recent_from: (B, 1, 1, 1) first logical index among the k_eff most recent blocks
+            (those sit one slot further right).
+        blocks: keys (B, Hkv, M, D, bs) of the selected blocks as stored (key-major, rotated by their
+            in-block offsets, the landmark's last; M = G * C * k, in the order of ``selected``) and
+            values (B, Hkv, M, bs - 1, D) of their regular tokens.
+        local: local_scores and lv from ``_decode_local``.
+        groups: current (B, 1|H, C, k + nb, bs) and earlier (B, 1|H, C, k + nb), the group membership
+            (``grouped_softmax``).
+
+    Returns:
+        (B, H, C, D).
+    """
+    (keys, values), (local_scores, lv), (current, earlier) = blocks, local, groups
+    batch, heads, rows, k_sel = selected.shape
+    kv_heads, dim, bs = keys.shape[1], keys.shape[-2], keys.shape[-1]
+    rank = torch.arange(k_sel, device=selected.device)
+    slot = rank + (selected >= recent_from).long()  # attention slot: chronological rank, +1 if recent
+    # the keys carry their in-block offsets; the slot's position is on the query
+    q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
+    mem_scores = (q_sel.reshape(batch, kv_heads, -1, 1, dim) @ keys).view(batch, heads, rows, k_sel, bs)
+    scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)
+    weights = grouped_softmax(scores, current, earlier)  # (B, H, C, k + nb, bs)
+    w_mem = weights[:, :, :, :k_sel, : bs - 1].reshape(batch, kv_heads, -1, 1, bs - 1)  # (B, Hkv, M, 1, bs-1)
+    out = (w_mem @ values.to(w_mem.dtype)).view(batch, heads, rows, k_sel, dim).sum(3)
+    return out + _apply(weights[:, :, :, k_sel:], lv, kv_heads)
+
+
+_STAGES = {"local": _decode_local, "select": _decode_select, "attend": _decode_attend}
+
+
+def _eager(name: str):
+    return _STAGES[name]
+
+
+@functools.cache
+def _compiled(name: str):
+    """The decode stage ``name`` compiled once per process (dynamic shapes: memory size, local length)."""
+    return torch.compile(_STAGES[name], dynamic=True)
+
+
+# --- Scoring and top-k --------------------------------------------------------------------------------------
 
 
 def _rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -221,164 +827,6 @@ def _top_k_recent_first(scores: Tensor, k: int) -> Tensor:
     return torch.where(chosen, index, -1).topk(k, dim=-1).values
 
 
-def retrieval_attention(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    memory: BlockMemory | None,
-    retrieval: RetrievalConfig,
-    block_size: int,
-    rope_base: float,
-    scale: float,
-    stats: StepStats | None = None,
-    plan: DecodePlan | kernel.KernelPlan | None = None,
-) -> Tensor:
-    """Landmark attention of new queries over retrieved memory blocks and the local context.
-
-    Args:
-        q: (B, H, C, D) un-rotated queries of the new positions (row b has q_len[b] real ones).
-        local_k, local_v: (B, Hkv, T, D) un-rotated keys/values of the local context: the incomplete
-            tail block followed by the new positions; row b has local_len[b] real positions. Local
-            position 0 is a block boundary.
-        q_start: (B,) local position of each row's first query (= its tail length).
-        memory: the layer's block memory (None or empty: local attention only).
-        plan: what the layers of one step share: a ``kernel.KernelPlan`` for a step that takes the
-            fused C++ kernel (``retrieval.kernel_for``), a ``DecodePlan`` for an eager decode step (at
-            most ``DECODE_ROWS`` rows); None: chosen and built here.
-
-    Returns:
-        (B, H, C, D) attention outputs; padding rows are zero.
-    """
-    batch, heads, rows, head_dim = q.shape
-    if memory is not None and memory.rope_base != rope_base:
-        raise ValueError(
-            f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
-        )
-    if plan is None and bool((q_len > 0).any()):
-        plan = step_plan(
-            memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, q.dtype, block_size,
-            head_dim, rope_base,
-        )  # fmt: skip
-    if isinstance(plan, kernel.KernelPlan):  # one call of the fused C++ kernel
-        given = None
-        if not plan.selects:  # other granularities, FAISS: the eager path selects, the kernel attends
-            given = _selections(
-                q,
-                local_k,
-                local_v,
-                local_len,
-                q_start,
-                q_len,
-                memory,
-                retrieval,
-                block_size,
-                rope_base,
-                scale,
-            )
-        out, selected = kernel.retrieval_step(
-            q, local_k, local_v, local_len, q_start, q_len, memory, retrieval.k, scale, plan, given
-        )
-        if stats is not None:
-            stats.local_positions += int(local_len.sum())
-            stats.landmarks_scored += sum(memory.count)
-            stats.block_heads_fetched += int((selected >= 0).sum())
-            stats.record(selected)
-        return out
-    if isinstance(plan, DecodePlan):
-        if stats is not None:
-            stats.local_positions += plan.local_positions
-        return _retrieve_and_attend(
-            q, local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
-        )
-    # A chunk: groups of ``row_group`` query rows, each run like a decode step. The memory does not change
-    # within a step, and each group's rows see the whole local context up to their own positions.
-    if stats is not None:
-        stats.local_positions += int(local_len.sum())
-    out = q.new_zeros(batch, heads, rows, head_dim)
-    for r0, r1, plan in _row_groups(
-        memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, head_dim, rope_base
-    ):
-        out[:, :, r0:r1] = _retrieve_and_attend(
-            q[:, :, r0:r1], local_k, local_v, memory, retrieval, plan, block_size, rope_base, scale, stats
-        )
-    return out
-
-
-def _row_groups(
-    memory: BlockMemory | None,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    rows: int,
-    local_width: int,
-    retrieval: RetrievalConfig,
-    block_size: int,
-    head_dim: int,
-    rope_base: float,
-) -> Iterator[tuple[int, int, DecodePlan]]:
-    """The groups of ``row_group`` query rows an eager chunk is processed in: ``(r0, r1, plan)`` for
-    rows r0..r1-1 while any row has real queries there (arguments as in ``retrieval_attention``)."""
-    n_blocks = _block_counts(memory, q_start)
-    for r0 in range(0, rows, retrieval.row_group):
-        r1 = min(rows, r0 + retrieval.row_group)
-        group_len = (q_len - r0).clamp(0, r1 - r0)
-        if not bool((group_len > 0).any()):
-            return
-        plan = decode_plan(
-            n_blocks, local_len, q_start + r0, group_len, r1 - r0, local_width, retrieval, block_size,
-            head_dim, rope_base,
-        )  # fmt: skip
-        yield r0, r1, plan
-
-
-def _block_counts(memory: BlockMemory | None, q_start: Tensor) -> Tensor:
-    """(B,) blocks held per row (zeros without a memory), on ``q_start``'s device."""
-    count = memory.count if memory is not None else [0] * q_start.shape[0]
-    return torch.tensor(count, device=q_start.device)
-
-
-def _selections(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    memory: BlockMemory,
-    retrieval: RetrievalConfig,
-    block_size: int,
-    rope_base: float,
-    scale: float,
-) -> Tensor:
-    """The eager path's selection for a whole step, in groups of ``row_group`` query rows as it attends:
-    (B, H, C, K) logical indices, valid first, ascending, -1 for none (``kernel.retrieval_step``'s
-    ``selected``). Arguments as in ``retrieval_attention``."""
-    batch, heads, rows, head_dim = q.shape
-    width = min(retrieval.k, max(memory.count))
-    out = torch.full((batch, heads, rows, width), -1, dtype=torch.long, device=q.device)
-    if width == 0:
-        return out
-    for r0, r1, plan in _row_groups(
-        memory, local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, head_dim, rope_base
-    ):
-        _, q_lm, _, _ = _decode_local(
-            q[:, :, r0:r1], local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local,
-            plan.k_max, block_size, scale,
-        )  # fmt: skip
-        selected, valid, _ = _select(
-            q[:, :, r0:r1], q_lm, memory, retrieval, plan, block_size, rope_base, scale
-        )
-        valid = (
-            plan.row_valid[:, None, :, None] if valid is None else valid & plan.row_valid[:, None, :, None]
-        )
-        selected = torch.where(valid, selected, -1)
-        out[:, :, r0:r1, : selected.shape[-1]] = selected
-    return out
-
-
 def _landmark_scores(q: Tensor, landmark_keys: Tensor) -> Tensor:
     """Scores of queries (B, Hkv, G, C, D) against landmark keys (B, Hkv, N, D): (B, Hkv, G, C, N).
 
@@ -404,406 +852,23 @@ def _apply(weights: Tensor, values: Tensor, kv_heads: int) -> Tensor:
     return torch.einsum("bkgct,bktd->bkgcd", w, values.to(w.dtype)).reshape(b, h, c, -1)
 
 
-@dataclass
-class DecodePlan:
-    """What a decode step (at most ``DECODE_ROWS`` query rows) computes once for all layers.
-
-    Every layer of a step sees the same stream lengths, tail lengths and memory counts, so positions,
-    rotation angles, masks and the recent blocks' indices are shared; only q, k, v and the selection
-    differ per layer. ``decode_plan`` builds one; ``retrieval_attention`` builds one itself when not
-    given (a session passes the same plan to every layer).
-    """
-
-    n_blocks: Tensor  # (B,) blocks in memory per row
-    k_eff: Tensor  # (B,) min(k, n_blocks)
-    n_max: int  # max(n_blocks)
-    k_max: int  # max(k_eff)
-    cos_q: Tensor  # (B, 1, C, J, D/2) query angles: attention slots j = 0..k_max, then landmark slots
-    sin_q: Tensor
-    cos_local: Tensor  # (B, 1, T', D/2) local key angles (T' = local context padded to whole blocks)
-    sin_local: Tensor
-    pad: int  # padding that makes the local context whole blocks
-    local_current: Tensor  # (B, 1, C, nb, bs) own-block local keys each query sees
-    local_earlier: Tensor  # (B, 1, C, nb) complete local blocks reached through their landmark
-    row_valid: Tensor  # (B, C) real query rows
-    q_pos: Tensor  # (B, C) query positions
-    recent: Tensor  # (B, k_max) logical index of the block at landmark slot s = 1..k_max (0 if none)
-    recent_column: Tensor  # (B, k_max) score column to overwrite (n_max: a spare column)
-    local_positions: int  # local context positions attended to, summed over rows
-    recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
-    blocks_total: int  # sum(n_blocks)
-    uniform: bool  # every row holds n_max >= k blocks and every query row is real (no masking needed)
-    current: Tensor  # (B, 1, C, k_max + nb, bs) group membership when every selection is real
-    earlier: Tensor  # (B, 1, C, k_max + nb) blocks reached through their landmark, ditto
+# --- The optimised path: the fused C++ kernel ---------------------------------------------------------------
 
 
-def step_plan(
-    memory: BlockMemory | None,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    rows: int,
-    local_width: int,
-    retrieval: RetrievalConfig,
-    dtype: torch.dtype,
-    block_size: int,
-    head_dim: int,
-    rope_base: float,
-) -> DecodePlan | kernel.KernelPlan | None:
-    """What the layers of one step share: the fused kernel's plan where the kernel applies
-    (``RetrievalConfig.kernel_for``), else a ``DecodePlan`` for a decode step (at most ``DECODE_ROWS``
-    query rows), else None (an eager prefill chunk plans per row group). Arguments as in
-    ``decode_plan``; dtype: the queries' dtype."""
-    module = retrieval.kernel_for(dtype, q_start.device, memory)
-    if module is not None:
-        held = max(memory.count, default=0) if memory is not None else 0
-        k = min(retrieval.k, max(1, held))  # no more blocks than the memory holds (a huge --k costs nothing)
-        return kernel.kernel_plan(
-            module, k, local_width, block_size, head_dim, rope_base, retrieval.kernel_selects
-        )
-    if rows > DECODE_ROWS:
-        return None
-    n_blocks = _block_counts(memory, q_start)
-    return decode_plan(
-        n_blocks, local_len, q_start, q_len, rows, local_width, retrieval, block_size, head_dim, rope_base
-    )
-
-
-def decode_plan(
-    n_blocks: Tensor,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    rows: int,
-    local_width: int,
-    retrieval: RetrievalConfig,
-    block_size: int,
-    head_dim: int,
-    rope_base: float,
-) -> DecodePlan:
-    """The layer-independent part of a decode step.
-
-    Args:
-        n_blocks: (B,) blocks in memory per row; local_len, q_start, q_len: (B,) as in
-            ``retrieval_attention``; rows: C, the query rows of the step (<= ``DECODE_ROWS``);
-            local_width: T, the length of the local context tensors (>= max(local_len)).
-    """
-    bs, dev = block_size, n_blocks.device
-    n_max = int(n_blocks.max())
-    k_max = min(retrieval.k, n_max)
-    k_eff = torch.clamp(n_blocks, max=retrieval.k)
-    base = (k_eff + 1) * bs  # (B,) position of local position 0
-    q_local = q_start[:, None] + torch.arange(rows, device=dev)  # (B, C)
-    row_valid = torch.arange(rows, device=dev)[None, :] < q_len[:, None]
-    q_pos = base[:, None] + q_local
-    t_local = local_width
-    nb_local = -(-t_local // bs)
-    cos_t, sin_t = kernel.rope_table(max(k_max, 1), t_local, bs, head_dim, rope_base, dev)
-    j = torch.arange(k_max + 1, device=dev)
-    pos = q_pos[:, :, None] - torch.cat((j * bs, j * bs + bs - 1))  # (B, C, J)
-    key_local_pos = torch.arange(nb_local * bs, device=dev)  # (T',)
-    kpos = base[:, None] + key_local_pos  # (B, T')
-    key_real = key_local_pos[None, :] < local_len[:, None]
-    visible = key_real[:, None, :] & (key_local_pos[None, None, :] <= q_local[:, :, None])  # (B, C, T')
-    q_block = torch.div(q_local, bs, rounding_mode="floor")
-    same_block = (key_local_pos // bs)[None, None, :] == q_block[:, :, None]
-    local_current = (visible & same_block & row_valid[:, :, None]).view(
-        n_blocks.shape[0], 1, rows, nb_local, bs
-    )
-    local_earlier = torch.arange(nb_local, device=dev)[None, None, :] < q_block[:, :, None]
-    s = j[1:]
-    recent = n_blocks[:, None] - 1 - k_eff[:, None] + s  # (B, k_max)
-    ok = s <= k_eff[:, None]
-    local_earlier = (local_earlier & row_valid[:, :, None])[:, None]
-    batch = n_blocks.shape[0]
-    no_current = local_current.new_zeros(batch, 1, rows, k_max, bs)
-    all_earlier = local_earlier.new_ones(batch, 1, rows, k_max)
-    return DecodePlan(
-        n_blocks=n_blocks,
-        k_eff=k_eff,
-        n_max=n_max,
-        k_max=k_max,
-        cos_q=cos_t[pos][:, None],
-        sin_q=sin_t[pos][:, None],
-        cos_local=cos_t[kpos][:, None],
-        sin_local=sin_t[kpos][:, None],
-        pad=nb_local * bs - t_local,
-        local_current=local_current,
-        local_earlier=local_earlier,
-        row_valid=row_valid,
-        q_pos=q_pos,
-        recent=torch.where(ok, recent, 0),
-        recent_column=torch.where(ok, recent, n_max),
-        local_positions=int(local_len.sum()),
-        recent_from=(n_blocks - k_eff)[:, None, None, None],
-        blocks_total=int(n_blocks.sum()),
-        uniform=bool((n_blocks == n_max).all() and (q_len == rows).all()) and n_max >= retrieval.k,
-        current=torch.cat((no_current, local_current), dim=3),
-        earlier=torch.cat((all_earlier, local_earlier), dim=3),
-    )
-
-
-def _retrieve_and_attend(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    memory: BlockMemory | None,
-    retrieval: RetrievalConfig,
-    plan: DecodePlan,
-    bs: int,
-    rope_base: float,
-    scale: float,
-    stats: StepStats | None,
+def _kernel_attention(
+    inputs: LayerInputs, step: Step, plan: kernel.KernelPlan, stats: StepStats | None
 ) -> Tensor:
-    """``retrieval_attention`` for one group of query rows (a decode step, or ``row_group`` rows of a
-    prefill chunk), described by ``plan``.
-
-    A small, fixed number of tensor operations, in three stages (pure tensor functions; decode steps
-    run them through ``torch.compile`` when ``retrieval.compile``):
-
-    * ``_decode_local``: one rotation of the queries to every position they need: ``q_pos - j * bs``
-      (attention to a block at slot j; j = 0 is the query's own position, for the local context) and
-      ``q_pos - s * bs - (bs - 1)`` (the landmark of slot s, for scoring); the local context's scores;
-    * selection: the landmark scan reads the N un-rotated landmark keys once: old blocks (slot 0) with
-      one matmul, the ``k_eff`` recent ones re-scored at their slots (``_decode_select`` when every row
-      holds the same number >= k of blocks and the granularity is per token and head);
-    * ``_decode_attend``: every (query row, head) reads exactly its own k blocks of its kv head (no
-      union, no slot loop), one grouped softmax with the local context.
-
-    Shapes as in ``retrieval_attention``; returns (B, H, C, D).
-    """
-    batch, heads, rows, _ = q.shape
-    kv_heads = local_k.shape[1]
-    k_max, n_max = plan.k_max, plan.n_max
-    stage = _compiled if retrieval.compile and rows <= DECODE_ROWS else _eager  # prefill stays eager
-    q_att, q_lm, local_scores, lv = stage("local")(
-        q, local_k, local_v, plan.cos_q, plan.sin_q, plan.cos_local, plan.sin_local, k_max, bs, scale
-    )
-    if memory is None or n_max == 0:
-        return _apply(grouped_softmax(local_scores, plan.local_current, plan.local_earlier), lv, kv_heads)
-
-    selected, sel_valid, scored = _select(q, q_lm, memory, retrieval, plan, bs, rope_base, scale, stage)
-    k_sel = selected.shape[-1]
-
-    if sel_valid is None:  # every selection is real: the step's masks are shared by all layers
-        current, earlier = plan.current, plan.earlier
-        fetched = selected.numel()
-    else:
-        sel_valid = sel_valid & plan.row_valid[:, None, :, None]
-        no_current = plan.local_current.new_zeros(batch, 1, rows, k_sel, bs)
-        current = torch.cat((no_current, plan.local_current), dim=3)
-        earlier = torch.cat((sel_valid, plan.local_earlier.expand(-1, heads, -1, -1)), dim=3)
-        fetched = int(sel_valid.sum())
+    """One call of the fused C++ kernel (``kernel.retrieval_step``). Where it does not select itself
+    (granularities token and head, FAISS search) the reference selects and the kernel attends."""
+    given = None if plan.selects else reference_selection(inputs, step)
+    memory = inputs.memory
+    out, selected = kernel.retrieval_step(
+        inputs.q, inputs.local_k, inputs.local_v, step.local_len, step.q_start, step.q_len, memory,
+        step.retrieval.k, inputs.scale, plan, given,
+    )  # fmt: skip
     if stats is not None:
-        stats.landmarks_scored += scored
-        stats.block_heads_fetched += fetched
-        stats.record(selected, sel_valid)
-
-    # Each (row, head) attends to its own blocks: (B, Hkv, M = G * C * k) per kv head.
-    keys, values = memory.gather_per_head(selected.reshape(batch, kv_heads, -1))
-    return stage("attend")(
-        q_att, selected, plan.recent_from, keys, values, local_scores, lv, current, earlier
-    )
-
-
-def _select(
-    q: Tensor,
-    q_lm: Tensor,
-    memory: BlockMemory,
-    retrieval: RetrievalConfig,
-    plan: DecodePlan,
-    bs: int,
-    rope_base: float,
-    scale: float,
-    stage=None,
-) -> tuple[Tensor, Tensor | None, int]:
-    """The blocks a group of query rows retrieves (any granularity, exact or FAISS search).
-
-    Args:
-        q: (B, H, C, D) un-rotated queries; q_lm: their rotations to the landmark slots (``_decode_local``).
-
-    Returns:
-        selected: (B, H, C, k) logical indices, ascending, valid first; valid: (B, H, C, k) or None when
-        every selection is real; the number of landmarks scored.
-    """
-    batch, heads, rows, _ = q.shape
-    kv_heads = memory.kv_heads
-    k_max, n_max = plan.k_max, plan.n_max
-    stage = stage or _eager
-    uniform = plan.uniform and not any(memory.start)  # same count per row, no ring-buffer wrap-around
-    sel_valid = None
-    if retrieval.search == "faiss":
-        selected, sel_valid, scored = _search_select(
-            q, plan.q_pos, plan.row_valid, memory, plan.n_blocks, plan.k_eff, retrieval, bs, rope_base, scale
-        )
-    elif uniform and retrieval.granularity == "token_head":  # nothing to mask: top-k, in order
-        selected = stage("select")(q_lm, memory.landmarks(), k_max)
-        scored = plan.blocks_total
-    else:
-        landmark_keys = memory.landmarks()  # (B, Hkv, N, D), un-rotated
-        scores = _landmark_scores(_grouped(q_lm[:, :, :, 0], kv_heads), landmark_keys)
-        # the most recent blocks, re-scored at their own slots s = 1..k_eff
-        lm_recent = memory.landmarks_at(plan.recent)  # (B, Hkv, k, D)
-        rec = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), lm_recent)  # (B,Hkv,G,C,k)
-        column = plan.recent_column[:, None, None, None, :].expand(*rec.shape)
-        scores = torch.cat((scores, scores[..., :1]), dim=-1).scatter(-1, column, rec)[..., :n_max]
-        scores = scores.reshape(batch, heads, rows, n_max)
-        if plan.uniform and retrieval.granularity == "token_head":
-            selected = top_k_blocks(scores, k_max)
-        else:
-            selected, sel_valid = select_blocks(
-                scores, plan.n_blocks, plan.row_valid, retrieval.k, retrieval.granularity
-            )
-        scored = plan.blocks_total
-    return selected, sel_valid, scored
-
-
-def _decode_local(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    cos_q: Tensor,
-    sin_q: Tensor,
-    cos_local: Tensor,
-    sin_local: Tensor,
-    k_max: int,
-    bs: int,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rotated queries and the local context's scores of a decode step.
-
-    Returns:
-        q_att: (B, H, C, k_max + 1, D) scaled queries rotated to ``q_pos - j * bs`` (j = 0..k_max);
-        q_lm: (B, H, C, k_max + 1, D) rotated to ``q_pos - s * bs - (bs - 1)`` (s = 0..k_max);
-        local_scores: (B, H, C, nb, bs) against the local context padded to whole blocks;
-        lv: (B, Hkv, nb * bs, D) the local values, padded likewise.
-    """
-    batch, heads, rows, _ = q.shape
-    kv_heads, t_local = local_k.shape[1], local_k.shape[2]
-    pad = (bs - t_local % bs) % bs
-    # The scale goes on the queries once (RoPE is linear), so every score below comes out scaled.
-    q_all = apply_rope((q * scale)[:, :, :, None], cos_q, sin_q)  # (B, H, C, J, D)
-    q_att, q_lm = q_all[:, :, :, : k_max + 1], q_all[:, :, :, k_max + 1 :]
-    lk = apply_rope(torch.nn.functional.pad(local_k, (0, 0, 0, pad)), cos_local, sin_local)
-    lv = torch.nn.functional.pad(local_v, (0, 0, 0, pad))
-    local_scores = _grouped(q_att[:, :, :, 0], kv_heads) @ lk[:, :, None].transpose(-1, -2)
-    return q_att, q_lm, local_scores.reshape(batch, heads, rows, -1, bs), lv
-
-
-def _decode_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> Tensor:
-    """Top-k blocks per query row and head when every row holds the same number N >= k of blocks.
-
-    Args:
-        q_lm: (B, H, C, k + 1, D) queries rotated to the landmark slots 0..k (``_decode_local``).
-        landmark_keys: (B, Hkv, N, D) un-rotated landmark keys in logical order; the last k are the
-            most recent blocks, at slots 1..k in that order; all older ones are at slot 0.
-
-    Returns:
-        (B, H, C, k) logical block indices in ascending order.
-    """
-    batch, heads, rows, _, _ = q_lm.shape
-    kv_heads, n = landmark_keys.shape[1], landmark_keys.shape[2]
-    old = _landmark_scores(_grouped(q_lm[:, :, :, 0], kv_heads), landmark_keys[:, :, : n - k])
-    recent = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), landmark_keys[:, :, n - k :])
-    scores = torch.cat((old, recent), dim=-1).reshape(batch, heads, rows, n)
-    return top_k_blocks(scores, k)
-
-
-def _decode_attend(
-    q_att: Tensor,
-    selected: Tensor,
-    recent_from: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    local_scores: Tensor,
-    lv: Tensor,
-    current: Tensor,
-    earlier: Tensor,
-) -> Tensor:
-    """One grouped softmax over each (query row, head)'s own k retrieved blocks and the local context.
-
-    Args:
-        q_att: (B, H, C, k_max + 1, D) from ``_decode_local``; selected: (B, H, C, k) logical indices,
-            ascending; recent_from: (B, 1, 1, 1) first logical index among the k_eff most recent blocks
-            (those sit one slot further right).
-        keys: (B, Hkv, M, D, bs) the selected blocks' keys as stored (key-major, rotated by their
-            in-block offsets, the landmark's last; M = G * C * k, in the order of ``selected``); values:
-            (B, Hkv, M, bs - 1, D) of their regular tokens.
-        local_scores, lv: from ``_decode_local``; current: (B, 1|H, C, k + nb, bs), earlier:
-            (B, 1|H, C, k + nb) group membership (``grouped_softmax``).
-
-    Returns:
-        (B, H, C, D).
-    """
-    batch, heads, rows, k_sel = selected.shape
-    kv_heads, dim, bs = keys.shape[1], keys.shape[-2], keys.shape[-1]
-    rank = torch.arange(k_sel, device=selected.device)
-    slot = rank + (selected >= recent_from).long()  # attention slot: chronological rank, +1 if recent
-    # the keys carry their in-block offsets; the slot's position is on the query
-    q_sel = q_att.gather(3, slot[..., None].expand(-1, -1, -1, -1, dim))  # (B, H, C, k, D) at q_pos - slot*bs
-    mem_scores = (q_sel.reshape(batch, kv_heads, -1, 1, dim) @ keys).view(batch, heads, rows, k_sel, bs)
-    scores = torch.cat((mem_scores, local_scores), dim=3)  # (B, H, C, k + nb, bs)
-    weights = grouped_softmax(scores, current, earlier)  # (B, H, C, k + nb, bs)
-    w_mem = weights[:, :, :, :k_sel, : bs - 1].reshape(batch, kv_heads, -1, 1, bs - 1)  # (B, Hkv, M, 1, bs-1)
-    out = (w_mem @ values.to(w_mem.dtype)).view(batch, heads, rows, k_sel, dim).sum(3)
-    return out + _apply(weights[:, :, :, k_sel:], lv, kv_heads)
-
-
-_STAGES = {"local": _decode_local, "select": _decode_select, "attend": _decode_attend}
-
-
-def _eager(name: str):
-    return _STAGES[name]
-
-
-@functools.cache
-def _compiled(name: str):
-    """The decode stage ``name`` compiled once per process (dynamic shapes: memory size, local length)."""
-    return torch.compile(_STAGES[name], dynamic=True)
-
-
-def _search_select(
-    q: Tensor,
-    q_pos: Tensor,
-    row_valid: Tensor,
-    memory: BlockMemory,
-    n_blocks: Tensor,
-    k_eff: Tensor,
-    retrieval: RetrievalConfig,
-    bs: int,
-    rope_base: float,
-    scale: float,
-) -> tuple[Tensor, Tensor, int]:
-    """Selection through the FAISS index: candidates from the index + the recent blocks, scored exactly.
-
-    Returns:
-        selected, valid: as ``select_blocks`` (logical indices); the number of landmarks scored.
-    """
-    if memory.index is None:
-        raise ValueError('search="faiss" needs a BlockMemory with a LandmarkIndex (see InferenceSession)')
-    batch, heads, rows, _ = q.shape
-    kv_heads, dev = memory.kv_heads, q.device
-    n_old = n_blocks - k_eff
-    q_old = _grouped(_rope(q, q_pos - (bs - 1), rope_base), kv_heads)  # (B, Hkv, G, C, D)
-    found = search_candidates(memory.index, q_old, row_valid, n_old, retrieval.n_candidates)
-    # Candidate set per batch row: the index's hits among old blocks, then the k_eff recent blocks.
-    cands = [
-        torch.cat((f, torch.arange(int(n_old[b]), int(n_blocks[b]), device=dev))) for b, f in enumerate(found)
-    ]
-    width = max(len(c) for c in cands)
-    cand = torch.zeros(batch, width, dtype=torch.long, device=dev)
-    for b, c in enumerate(cands):
-        cand[b, : len(c)] = c
-    n_cand = torch.tensor([len(c) for c in cands], device=dev)
-    # Exact scores of the candidates at their scoring slots (0 for old blocks, 1..k_eff for recent ones).
-    lm = memory.landmarks_at(cand)  # (B, Hkv, M, D)
-    age = n_blocks[:, None] - 1 - cand
-    score_slot = torch.where(age < k_eff[:, None], k_eff[:, None] - age, torch.zeros_like(age))
-    lm_rot = _rope(lm, score_slot * bs + bs - 1, rope_base)
-    q_rot = _rope(q, q_pos, rope_base)
-    scores = torch.einsum("bkgcd,bknd->bkgcn", _grouped(q_rot, kv_heads), lm_rot) * scale
-    scores = scores.reshape(batch, heads, rows, width)
-    # Candidates are in chronological order, so indices into them sort like logical indices.
-    picked, valid = select_blocks(scores, n_cand, row_valid, retrieval.k, retrieval.granularity)
-    index = cand[:, None, None, :].expand(-1, heads, rows, -1).gather(-1, picked)
-    return torch.where(valid, index, torch.zeros_like(index)), valid, int(n_cand.sum())
+        stats.local_positions += int(step.local_len.sum())
+        stats.landmarks_scored += sum(memory.count)
+        stats.block_heads_fetched += int((selected >= 0).sum())
+        stats.record(selected)
+    return out
