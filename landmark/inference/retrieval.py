@@ -5,7 +5,7 @@ positions while decoding), every layer:
 
 1. scores the new queries against the landmark keys of all blocks in its memory;
 2. selects the top-k blocks (``k_eff = min(k, blocks in memory)``, per row) at one of three
-   granularities (shared/method.md section 4, paper Table 2):
+   granularities (docs/method.md, paper Table 2):
 
    * ``"token_head"`` (default): every query row of every head picks its own k blocks;
    * ``"token"``: per query row, shared across heads (the heads' landmark probabilities averaged);
