@@ -3,11 +3,14 @@
 For each context length (tokens already in the context) it measures, for
 
 * ``landmark``: the small preset with landmark attention, ``InferenceSession`` with top-k retrieval
-  (k = 4, granularity token_head), decoding exactly as ``generate`` does (the landmark is fed with the
-  token that completes a block, so about one step in 63 has two query rows), decode steps through the
-  fused C++ kernel (``kernel="auto"``, the default; the JSON records whether it was used);
-* ``eager``: the same with ``kernel="torch"`` (the eager PyTorch decode path);
-* ``compiled`` (with ``--compiled``): the same with ``compile=True`` (the decode steps' retrieval
+  as the reading options say (the library's options and defaults: ``--k`` 4, ``--granularity``
+  token_head, ``--chunk-len``, ``--search``, ``--memory-device``, ``--max-blocks``), decoding exactly as
+  ``generate`` does (the landmark is fed with the token that completes a block, so about one step in 63
+  has two query rows), decode steps through ``--kernel`` (default auto: the fused C++ kernel; the JSON
+  records whether it was used);
+* ``eager``: the same reading with ``kernel="torch"`` (the eager PyTorch decode path, whatever
+  ``--kernel`` says);
+* ``compiled`` (with ``--compiled``): the same reading with ``compile=True`` (the decode steps' retrieval
   attention through ``torch.compile``; warmed up over two blocks first so that compilation is not measured);
 * ``full``: the same-size model with ordinary attention, ``FullCache`` (preallocated rotated K/V
   cache, one SDPA over every cached position per layer and token),
@@ -16,7 +19,8 @@ the time per generated token (CPU time of the process and wall time; the machine
 CPU time with one thread is the steadier number), the bytes of keys/values the step must READ per token
 (summed over layers: landmark keys scored + the retrieved blocks' keys and values + the local context,
 versus every cached key and value), computed from sizes and cross-checked with the session's
-``StepStats`` counters, and the peak resident memory of the process.
+``StepStats`` counters, and the peak resident memory of the process. Every landmark cell records the
+reading it measured (``reading``: ``Reading`` as a dict), the JSON's meta the reading asked for.
 
 Weights are random (decode cost does not depend on them). To reach long contexts without an hour of
 prefill, the memories and caches are filled with random keys/values of the right shapes and layout
@@ -54,6 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reading_args import parse_reading, reading_argv
 from results_json import command_line
 
 MODELS = ("landmark", "eager", "full")  # plus "compiled" (landmark with RetrievalConfig.compile): --compiled
@@ -85,8 +90,19 @@ def build(kind: str):
     return GPT(cfg).eval()
 
 
-def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict:
-    """Decode ``args.tokens`` tokens after ``context`` tokens of context; return the measurements."""
+def side_reading(kind: str, reading):
+    """The reading a side measures: ``landmark`` the one asked for, ``eager`` the same with the eager
+    PyTorch decode path, ``compiled`` the same through ``torch.compile``."""
+    if kind == "eager":
+        return dataclasses.replace(reading, kernel="torch")
+    if kind == "compiled":
+        return dataclasses.replace(reading, compile=True)
+    return reading
+
+
+def worker(kind: str, context: int, fill: str, args: argparse.Namespace, reading) -> dict:
+    """Decode ``args.tokens`` tokens after ``context`` tokens of context with ``reading`` (a
+    ``Reading``; the landmark sides' own: :func:`side_reading`); return the measurements."""
     import torch
 
     from landmark.data.landmarks import insert_landmarks
@@ -103,15 +119,9 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
     tok = 1
     if landmark:
         bs, lm = cfg.block_size, cfg.landmark_id
+        reading = side_reading(kind, reading)
         session = InferenceSession(
-            model,
-            1,
-            k=args.k,
-            granularity=args.granularity,
-            chunk_len=args.chunk_len,
-            compile=kind == "compiled",
-            kernel="auto" if kind == "landmark" else "torch",
-            threads=args.threads,
+            model, 1, reading.retrieval, **reading.cache_kwargs(), threads=args.threads
         )
         n_blocks, tail = divmod(context, bs - 1)
         if fill == "random":
@@ -221,8 +231,9 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             if p % bs == bs - 1:
                 continue  # a landmark, fed with the token after it
             rows = 2 if p % bs == 0 and p > start_len else 1  # [landmark, token] or [token]
-            blocks = (p - rows + 1) // bs  # blocks in memory when the step runs
-            k_eff = min(args.k, blocks)
+            blocks = (p - rows + 1) // bs  # blocks in memory when the step runs (at most --max-blocks)
+            blocks = min(blocks, reading.max_blocks or blocks)
+            k_eff = min(reading.k, blocks)
             local = (p - rows + 1) % bs + rows
             # each query row of each head reads its own k_eff blocks (keys and values) of its kv head
             steps.append(
@@ -235,6 +246,7 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
             kv_bytes_per_token_counted=counted,
             counters=d,
             kernel=kernel is not None,
+            reading=dataclasses.asdict(reading),
         )
     else:
         # every step reads every cached key and value (the context, the tokens before it, itself)
@@ -243,20 +255,14 @@ def worker(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict
     return result
 
 
-def run_one(kind: str, context: int, fill: str, args: argparse.Namespace) -> dict:
-    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+def run_one(kind: str, context: int, fill: str, args: argparse.Namespace, reading) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one.
+    ``reading``: the ``Reading`` asked for (the worker process gets it as options)."""
     if args.smoke:
-        return worker(kind, context, fill, args)
+        return worker(kind, context, fill, args, reading)
     cmd = [sys.executable, __file__, "--worker", kind, str(context), fill]
-    cmd += ["--tokens", str(args.tokens), "--warmup", str(args.warmup), "--k", str(args.k)]
-    cmd += [
-        "--threads",
-        str(args.threads),
-        "--granularity",
-        args.granularity,
-        "--chunk-len",
-        str(args.chunk_len),
-    ]
+    cmd += ["--tokens", str(args.tokens), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += reading_argv(reading)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {
@@ -273,6 +279,8 @@ def mib(x: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from landmark.inference.options import add_retrieval_arguments
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -282,9 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens measured per run")
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--granularity", default="token_head")
-    parser.add_argument("--chunk-len", type=int, default=256)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)"
     )
@@ -299,18 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
     )
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "CONTEXT", "FILL"), help=argparse.SUPPRESS)
+    add_retrieval_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:  # its sizes as defaults: options given with it still count
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
+    reading = parse_reading(parser, args, block_size=BLOCK)
 
     if args.worker:
         kind, context, fill = args.worker
-        print(json.dumps(worker(kind, int(context), fill, args)))
+        print(json.dumps(worker(kind, int(context), fill, args, reading)))
         return 0
 
     # The per-token floor both models share (weights, layers, sampling): the full model on an empty cache.
-    floor = run_one("full", 0, "random", args)
+    floor = run_one("full", 0, "random", args, reading)
     print(f"floor: {floor.get('cpu_ms_per_token', float('nan')):.2f} ms/token (full model, empty cache)")
     runs = [(c, "random") for c in args.contexts]
     if args.prefill_context:
@@ -325,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for context, fill in runs:
-        row = {m: run_one(m, context, fill, args) for m in MODELS + (("compiled",) if args.compiled else ())}
+        sides = MODELS + (("compiled",) if args.compiled else ())
+        row = {m: run_one(m, context, fill, args, reading) for m in sides}
         lm, eager, comp, full = row["landmark"], row["eager"], row.get("compiled", {}), row["full"]
         entry = {
             "context": context,
@@ -382,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.platform(),
         "processor": platform.processor(),
         "model": {**SMALL, "block_size": BLOCK},
-        "k": args.k,
-        "granularity": args.granularity,
+        "reading": dataclasses.asdict(reading),
         "threads": args.threads,
         "tokens": args.tokens,
         "smoke": args.smoke,

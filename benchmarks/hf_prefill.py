@@ -8,9 +8,10 @@ For each prompt length (regular tokens of a bundled book, tokenized with the mod
 * ``landmark``: the same weights converted to landmark attention (:func:`landmark.hf.convert`; the new
   landmark embedding row is the mean of the others: reading cost does not depend on whether it was
   fine-tuned) read the prompt with landmarks inserted, through a
-  :class:`landmark.hf.LandmarkRetrievalCache` (k = 4, token_head, chunks of 256, the fused C++
-  kernel), ``chunk_len`` positions per forward call, last logits only: what
-  :func:`landmark.hf.generate` does.
+  :class:`landmark.hf.LandmarkRetrievalCache` as the reading options say (the library's options and
+  defaults: ``--k`` 4, ``--granularity`` token_head, ``--kernel`` auto: the fused C++ kernel), ``--chunk-len``
+  positions per forward call (default 256), last logits only: what :func:`landmark.hf.generate` does.
+  The JSON's meta and the landmark rows record the reading.
 
 Beyond the base model's window (8,192 for SmolLM2) its forward still runs: the timing is the point,
 not its output. Each measurement runs in its own process with ``--threads`` torch threads (default
@@ -26,14 +27,16 @@ Usage::
     python benchmarks/hf_prefill.py --lengths 32768 --models landmark --profile --out /tmp/profile.json
     python benchmarks/hf_prefill.py --smoke --base DIR --out /tmp/hf_prefill.json   # seconds: a test
 
-``--smoke``: toy sizes (256 tokens in chunks of 64) and every measurement in this process instead of a
-fresh one: the numbers mean nothing; with ``--base`` a tiny model it runs in seconds
-(tests/test_benchmarks.py). Options given with it override its sizes.
+``--smoke``: toy sizes (256 tokens in chunks of 64: its own ``--chunk-len`` default, to read several
+chunks at toy size) and every measurement in this process instead of a fresh one: the numbers mean
+nothing; with ``--base`` a tiny model it runs in seconds (tests/test_benchmarks.py). Options given with
+it override its sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reading_args import parse_reading, reading_argv
 from results_json import command_line, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +54,9 @@ RESULTS = Path(__file__).parent / "results"
 SMOKE = dict(lengths=[256], chunk_len=64)  # --smoke
 
 
-def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
+def worker(kind: str, length: int, args: argparse.Namespace, reading) -> dict:
+    """Read ``length`` tokens with the base model, or with its landmark conversion and ``reading`` (a
+    ``Reading``); return the time."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,14 +78,13 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
         else:
             from landmark.hf import LandmarkRetrievalCache, convert
             from landmark.hf.generate import hf_reader
-            from landmark.inference import RetrievalConfig
             from landmark.inference.generate import prompt_streams
 
             model, tokenizer = convert(model, tokenizer)
             stream, lengths = prompt_streams(
                 [ids], model.config.landmark_block_size, model.config.landmark_token_id
             )
-            cache = LandmarkRetrievalCache(model, RetrievalConfig(k=args.k), chunk_len=args.chunk_len)
+            cache = LandmarkRetrievalCache(model, reading.retrieval, **reading.cache_kwargs())
             layers = model.config.num_hidden_layers
             kernel_s = [0.0] * layers
             if args.profile:  # time every call of the fused kernel (calls come in layer order per chunk)
@@ -100,23 +105,26 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
                 kernel.kernel_plan = lambda module, *a, **kw: original(Timed(module), *a, **kw)
             try:
                 c0 = time.process_time()
-                hf_reader(model, cache, args.chunk_len, threads=args.threads)(stream, lengths)
+                hf_reader(model, cache, reading.chunk_len, threads=args.threads)(stream, lengths)
             finally:
                 if args.profile:  # the process goes on with --smoke
                     kernel.kernel_plan = original
     cpu = time.process_time() - c0
     row = {"model": kind, "length": length, "cpu_s": cpu, "tokens_per_cpu_s": length / cpu}
+    if kind == "landmark":
+        row["reading"] = dataclasses.asdict(reading)
     if kind == "landmark" and args.profile:
         row["kernel_s"], row["kernel_s_per_layer"] = sum(kernel_s), kernel_s
     return row
 
 
-def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
-    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+def run_one(kind: str, length: int, args: argparse.Namespace, reading) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one.
+    ``reading``: the landmark model's ``Reading`` (the worker process gets it as options)."""
     if args.smoke:
-        return worker(kind, length, args)
+        return worker(kind, length, args, reading)
     cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
-    cmd += ["--base", args.base, "--k", str(args.k), "--chunk-len", str(args.chunk_len)]
+    cmd += ["--base", args.base, *reading_argv(reading)]
     cmd += ["--profile"] if args.profile else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -125,14 +133,14 @@ def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from landmark.config import DEFAULT_BLOCK_SIZE
     from landmark.hf.smollm2 import default_smollm2_dir
+    from landmark.inference.options import add_retrieval_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(default_smollm2_dir()), help="the original model folder")
     p.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--models", nargs="+", choices=("base", "landmark"), default=["base", "landmark"])
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--chunk-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--profile",
@@ -144,19 +152,21 @@ def main(argv: list[str] | None = None) -> None:
         "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
     )
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
+    add_retrieval_arguments(p)
     args = p.parse_args(argv)
     if args.smoke:  # its sizes as defaults: options given with it still count
         p.set_defaults(**SMOKE)
         args = p.parse_args(argv)
+    reading = parse_reading(p, args, block_size=DEFAULT_BLOCK_SIZE)  # convert()'s block size
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args, reading)))
         return
     results = []
     print(f"{'tokens':>7} | {'base CPU s':>10} {'landmark CPU s':>14} | {'landmark / base time':>20}")
     for length in args.lengths:
         row = {"length": length}
         for kind in args.models:
-            row[kind] = run_one(kind, length, args)
+            row[kind] = run_one(kind, length, args, reading)
         base_s = row.get("base", {}).get("cpu_s")
         lm_s = row.get("landmark", {}).get("cpu_s")
         row["time_ratio"] = lm_s / base_s if base_s and lm_s else None
@@ -176,10 +186,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"read; per layer {per[0]:.2f}-{per[-1]:.2f} s, median {per[len(per) // 2]:.2f} s), the "
                 f"rest {lm['cpu_s'] - lm['kernel_s']:.1f} s"
             )
-    print(f"CPU seconds to read the prompt ({args.threads} thread(s)); landmark: k = {args.k}, retrieval")
+    print(
+        f"CPU seconds to read the prompt ({args.threads} thread(s)); landmark: k = {reading.k}, "
+        f"{reading.granularity}, chunks of {reading.chunk_len}, retrieval"
+    )
     write_results(
-        args.out, {"results": results}, command=command_line(__file__, argv), base=args.base, k=args.k,
-        chunk_len=args.chunk_len, threads=args.threads, smoke=args.smoke,
+        args.out, {"results": results}, command=command_line(__file__, argv), base=args.base,
+        reading=dataclasses.asdict(reading), threads=args.threads, smoke=args.smoke,
     )  # fmt: skip
 
 

@@ -7,12 +7,14 @@ against each version, alternating, one thread, and reports the fastest of ``--re
 the selections are identical.
 
 * ``capture``: the shipped small landmark model (``checkpoints/passkey-landmark``) reads the start of
-  Moby-Dick (``--length`` tokens, chunks of 256, k = 4); the kernel's inputs of the last
-  ``--calls`` calls (the last chunks, every layer) are saved with ``torch.save`` (large: the block
-  memory of every call; about 3 GB for 12 calls at 128k tokens).
+  Moby-Dick (``--length`` tokens) as the reading options say (the library's options and defaults:
+  ``--chunk-len`` 256, ``--k`` 4, ``--granularity`` token_head; but ``--kernel`` cpp: the calls to
+  capture are the kernel's); the kernel's inputs of the last ``--calls`` calls (the last chunks, every
+  layer) are saved with ``torch.save`` beside the reading (large: the block memory of every call; about
+  3 GB for 12 calls at 128k tokens).
 * ``compare``: builds each given source (``torch.utils.cpp_extension``, ``-O3 -march=native``) and
   replays the captured calls. ``@library`` as a source is the kernel the library itself built and uses
-  (``landmark.inference.kernel``; no build here).
+  (``landmark.inference.kernel``; no build here). Its JSON records the capture's reading.
 
 Usage::
 
@@ -26,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 import time
@@ -33,14 +36,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reading_args import parse_reading
 from results_json import command_line, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = "@library"  # a compare source: the library's own compiled kernel
 
 
-def capture(args: argparse.Namespace) -> None:
-    """Save the kernel inputs of the last ``args.calls`` calls of one read."""
+def capture(args: argparse.Namespace, reading) -> None:
+    """Save the kernel inputs of the last ``args.calls`` calls of one read with ``reading`` (a
+    ``Reading``): ``{"reading": ..., "length": ..., "calls": [...]}``."""
     import torch
     from prefill import book_tokens
 
@@ -70,10 +75,13 @@ def capture(args: argparse.Namespace) -> None:
     kernel.kernel_plan = lambda module, *a, **k: original(Recorder(module), *a, **k)
     try:
         with torch.no_grad():
-            InferenceSession(model, 1, k=args.k, chunk_len=256, kernel="cpp", threads=1).read(ids)
+            session = InferenceSession(model, 1, reading.retrieval, **reading.cache_kwargs(), threads=1)
+            session.read(ids)
     finally:
         kernel.kernel_plan = original
-    torch.save(calls, args.out)
+    if not calls:
+        raise SystemExit(f"capture: the read made no kernel calls (--kernel {reading.kernel})")
+    torch.save({"reading": dataclasses.asdict(reading), "length": args.length, "calls": calls}, args.out)
     print(f"saved the last {len(calls)} kernel calls of a {args.length}-token read to {args.out}")
 
 
@@ -85,7 +93,10 @@ def compare(args: argparse.Namespace) -> None:
     from landmark.inference import kernel
 
     torch.set_num_threads(1)
-    calls = torch.load(args.calls)
+    captured = torch.load(args.calls)
+    if isinstance(captured, list):  # a file of an earlier version: the calls alone
+        captured = {"reading": None, "length": None, "calls": captured}
+    calls = captured["calls"]
     modules = []
     for src in args.sources:
         if src == LIBRARY:
@@ -115,11 +126,13 @@ def compare(args: argparse.Namespace) -> None:
     if args.out:
         write_results(
             args.out, {"results": rows}, command=args.command, calls=str(args.calls),
-            repeats=args.repeats,
+            reading=captured["reading"], length=captured["length"], repeats=args.repeats,
         )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
+    from landmark.inference.options import add_retrieval_arguments
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -129,9 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--calls", type=int, default=36, help="keep the last N calls (default 36: 9 chunks x 4 layers)"
     )
-    p.add_argument("--k", type=int, default=4)
     p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "passkey-landmark"))
     p.add_argument("--out", required=True, help="the file of captured calls (torch.save)")
+    add_retrieval_arguments(p)
+    # --kernel cpp, not the library's auto: a read without the kernel has nothing to capture
+    p.set_defaults(kernel="cpp")
+    kernel_option = next(a for a in p._actions if a.dest == "kernel")
+    kernel_option.help = "the C++ kernel must run (default cpp here, not auto: else nothing is captured)"
+    capture_parser = p
     p = sub.add_parser("compare", help="replay captured calls against kernel sources")
     p.add_argument("calls", help="a file written by `capture`")
     p.add_argument(
@@ -145,8 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     args.command = command_line(__file__, argv)
     if args.cmd == "capture":
         if args.length < 1 or args.calls < 1:
-            parser.error("--length and --calls must be >= 1")
-        capture(args)
+            capture_parser.error("--length and --calls must be >= 1")
+        from prefill import checkpoint_block_size
+
+        block_size = checkpoint_block_size(capture_parser, args.checkpoint)
+        capture(args, parse_reading(capture_parser, args, block_size=block_size))
     else:
         if args.repeats < 1:
             parser.error("--repeats must be >= 1")

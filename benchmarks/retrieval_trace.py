@@ -2,7 +2,8 @@
 selections (``StepStats.selections``) while it generates the answer.
 
 For the trials of ``landmark eval passkey`` (the same seeded prompts and keys: ``cell_trials``), the
-prompt is read with top-k retrieval and the answer generated greedily, as the evaluation does; at the
+prompt is read with top-k retrieval (the reading options of ``landmark eval passkey``, with its defaults;
+the JSON records the reading) and the answer generated greedily, as the evaluation does; at the
 positions whose logits chose the answer's digits (or its first token, when it has no digit), every
 (layer, head) pair's k selected blocks are recorded. Reported per trial: the answer, where the asked
 key sentence lies (the blocks holding its digits; ``local`` when they are not in the memory yet when
@@ -21,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,10 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from passkey_grid import task_label
+from reading_args import parse_reading
 from results_json import write_results
 
+from landmark.inference.options import Reading, add_retrieval_arguments, check_chunk_len
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Reading | None]:
+    """The parsed options and the checked reading (None with --plot: nothing is read)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="landmark-converted HF folder or delta folder (required to trace)")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens, landmarks not counted")
@@ -45,19 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="multikey", choices=["passkey", "multikey"])
     p.add_argument("--keys", type=int, default=None, help="multikey: keys per prompt (default 4)")
     p.add_argument("--haystack", default="repeat", choices=["repeat", "books"])
-    p.add_argument("--k", type=int, default=4, help="blocks retrieved per query and head (>= 1)")
-    p.add_argument("--granularity", default="token_head", choices=["token_head", "token", "head"])
-    p.add_argument("--chunk-len", type=int, default=256)
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                    help="instead of tracing: draw these traces' shares by layer into --png")  # fmt: skip
     p.add_argument("--png", default=None, help="with --plot: the PNG to write")
+    add_retrieval_arguments(p)
     args = p.parse_args(argv)
     if args.plot is not None and args.png is None:
         p.error("--plot needs --png (the picture to write)")
-    if args.plot is None and args.model is None:
+    if args.plot is not None:
+        return args, None
+    if args.model is None:
         p.error("--model is required (the landmark model to trace), or --plot JSON... --png PNG")
-    return args
+    return args, parse_reading(p, args)  # --chunk-len against the block size: when the model loads
 
 
 def find(seq: list[int], sub: list[int]) -> int:
@@ -76,9 +82,9 @@ def digit_blocks(m, prompt: list[int], sentence: list[int], bs: int) -> list[int
     return sorted({p // (bs - 1) for p in digits})
 
 
-def trace_trial(m, prompt: list[int], new_tokens: int, retrieval, chunk_len: int):
-    """Generate greedily after ``prompt`` with retrieval, as ``landmark eval passkey`` does, recording the
-    selections of the prompt's last chunk and of every decode step.
+def trace_trial(m, prompt: list[int], new_tokens: int, reading: Reading):
+    """Generate greedily after ``prompt`` with retrieval (``reading``), as ``landmark eval passkey`` does,
+    recording the selections of the prompt's last chunk and of every decode step.
 
     Returns:
         (generated ids, steps, memory blocks): ``steps[j]`` (L, H, k) are the blocks selected by the
@@ -90,7 +96,8 @@ def trace_trial(m, prompt: list[int], new_tokens: int, retrieval, chunk_len: int
     from landmark.inference.generate import generate_with
 
     model, tok = m.model, m.tokenizer
-    cache = LandmarkRetrievalCache(model, retrieval, chunk_len=chunk_len)
+    cache = LandmarkRetrievalCache(model, reading.retrieval, **reading.cache_kwargs())
+    chunk_len = reading.chunk_len
     layers = model.config.num_hidden_layers
     read = hf_reader(model, cache, chunk_len)
     state = {"last_chunk": None, "blocks": 0}
@@ -149,7 +156,7 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: list[int], key: int) -> dict:
+def trial_row(m, prompts, task, args, reading, depth: float, t: int, prompt: list[int], key: int) -> dict:
     """Trace one trial: its answer, where its keys lie, and the shares of (layer, head) selections that
     hold the asked key's block and another key's block at the steps that chose the answer."""
     from landmark.data.passkey import first_integer
@@ -162,7 +169,7 @@ def trial_row(m, prompts, task, args, retrieval, depth: float, t: int, prompt: l
     }
     asked_blocks = where[key]
     other_blocks = sorted({b for x, blocks in where.items() if x != key for b in blocks})
-    new, steps, n_blocks = trace_trial(m, prompt, len(prompts.answer(key)) + 2, retrieval, args.chunk_len)
+    new, steps, n_blocks = trace_trial(m, prompt, len(prompts.answer(key)) + 2, reading)
     text = m.decode(new)
     answer = first_integer(text)
     # the steps that chose the answer's digits; without any, the one that chose the first token
@@ -214,19 +221,21 @@ def plot_by_layer(paths: list[str], png: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, reading = parse_args(argv)
     if args.plot is not None:
         plot_by_layer(args.plot, args.png)
         return
     from landmark.eval.models import load_models
     from landmark.eval.passkey import PasskeyPrompts, PasskeyTask, cell_trials, check_passkey_cells
-    from landmark.inference import RetrievalConfig
 
     task = PasskeyTask(args.task, args.haystack, args.keys)
-    retrieval = RetrievalConfig(k=args.k, granularity=args.granularity)  # checks k, granularity
     (m,) = load_models([f"lm=hf:{args.model}"])
     if not m.retrieves:
         raise SystemExit(f"--model: {args.model} is not a landmark-converted model (nothing to trace)")
+    try:
+        check_chunk_len(args, m.block_size, args.model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     check_passkey_cells([m], [args.length], args.depths, args.trials, args.seed, "--length", task)
     prompts = PasskeyPrompts(m.encoder, task.source())
     rows = []
@@ -236,13 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         for t, (prompt, key) in enumerate(
             cell_trials(prompts, task, args.seed, args.length, depth, args.trials)
         ):
-            row = trial_row(m, prompts, task, args, retrieval, depth, t, prompt, key)
+            row = trial_row(m, prompts, task, args, reading, depth, t, prompt, key)
             rows.append(row)
             where = str(row["asked_blocks"]) + (" (local)" if row["asked_local"] else "")
             print(
                 f"{depth:5.2f} {t:5d} {key:6d} {row['answer']!s:>7} {'y' if row['correct'] else 'n':>2}  "
                 f"{where:22s} {row['memory_blocks']:6d}  {mean(row['asked_share']):5.2f}  "
-                f"{mean(row['other_share']):5.2f}  {args.k / max(1, row['memory_blocks']):4.2f}",
+                f"{mean(row['other_share']):5.2f}  {reading.k / max(1, row['memory_blocks']):4.2f}",
                 flush=True,
             )
     ok = [r for r in rows if r["correct"]]
@@ -251,7 +260,11 @@ def main(argv: list[str] | None = None) -> None:
         asked, other = (mean([mean(r[f"{x}_share"]) for r in group]) for x in ("asked", "other"))
         print(f"{label} answers: {len(group)}; mean share asked {asked:.2f}, other {other:.2f}")
     if args.out:
-        write_results(args.out, {"args": vars(args), "trials": rows}, threads=torch.get_num_threads())
+        options = {name: value for name, value in vars(args).items() if not name.startswith("_")}
+        write_results(
+            args.out, {"args": options, "reading": dataclasses.asdict(reading), "trials": rows},
+            threads=torch.get_num_threads(),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

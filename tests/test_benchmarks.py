@@ -2,7 +2,9 @@
 ``main(argv)``, loaded from its path; the benchmarks folder is not a package), writes its JSON or plot
 under a temporary folder, and the test checks what it wrote: a row for every requested size, both
 sides of every comparison present, ratios positive and finite, counters that agree with sizes. No test
-here asserts a timing: at these sizes the numbers mean nothing.
+here asserts a timing: at these sizes the numbers mean nothing. The scripts that read with retrieval
+take the library's reading options (``add_retrieval_arguments``); their tests give some of them other
+values than the defaults and check that the measurement used them.
 
 Which test runs each script (``test_every_benchmark_is_listed`` fails when a script of benchmarks/ is
 missing here, or when a named test does not exist):
@@ -23,6 +25,7 @@ missing here, or when a named test does not exist):
 - benchmarks/plot_reading.py: test_plot_reading
 - benchmarks/prefill.py: test_prefill_smoke, test_prefill_nll_mode
 - benchmarks/read_once.py: test_read_once_smoke
+- benchmarks/reading_args.py: test_reading_args_round_trip
 - benchmarks/results_json.py: test_results_json_writes_whole_files
 - benchmarks/retrieval_trace.py: tests/test_eval_hf.py::test_retrieval_trace_answers_as_eval_passkey_does
 - benchmarks/threads.py: test_threads_smoke
@@ -51,6 +54,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from landmark.inference.options import Reading
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -145,6 +150,39 @@ def test_results_json_writes_whole_files(tmp_path, monkeypatch):
     ]
 
 
+def test_reading_args_round_trip(capsys):
+    """reading_args: a reading turned into options parses back into itself (what the worker processes
+    get); values the library refuses are the parser's usage error before any work."""
+    import argparse
+    import dataclasses
+
+    from landmark.inference.options import add_retrieval_arguments
+
+    ra = bench("reading_args")
+    parser = argparse.ArgumentParser(prog="x.py")
+    add_retrieval_arguments(parser)
+    readings = [
+        Reading(),
+        Reading(k=3, granularity="head", chunk_len=128, kernel="torch", memory_device="cpu", max_blocks=5),
+    ]
+    for reading in readings:
+        args = parser.parse_args(ra.reading_argv(reading))
+        assert ra.parse_reading(parser, args, block_size=64) == reading
+    assert ra.reading_argv(Reading()) == shlex.split(
+        "--k 4 --granularity token_head --search exact --kernel auto --chunk-len 256"
+    )
+    with pytest.raises(ValueError, match="compile"):
+        ra.reading_argv(dataclasses.replace(Reading(), compile=True))
+    for argv, error in (
+        (["--k", "0"], "--k must be >= 1; got 0"),
+        (["--chunk-len", "32"], "--chunk-len (32) must be at least one block (64)"),
+        (["--max-blocks", "0"], "--max-blocks must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            ra.parse_reading(parser, parser.parse_args(argv), block_size=64)
+        assert exit_info.value.code == 2 and error in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------- the small GPTs
 
 
@@ -167,10 +205,13 @@ def test_attention_smoke(tmp_path):
 def test_decode_smoke(tmp_path):
     """decode.py: every side (landmark with the kernel, eager, full) at the random-fill context and the
     really prefilled one; the bytes read per token from sizes equal the session's counters (the step
-    trace's ``selections``, None here, is not a counter)."""
+    trace's ``selections``, None here, is not a counter). The reading is not the default (k = 2, at most
+    5 blocks: the 6 blocks of the context evict one): the sizes of that reading are what was read."""
     out = tmp_path / "decode.json"
-    assert bench("decode").main(["--smoke", "--out", str(out)]) == 0
+    assert bench("decode").main(["--smoke", "--k", "2", "--max-blocks", "5", "--out", str(out)]) == 0
     record = read_json(out)
+    asked = Reading(k=2, max_blocks=5)
+    assert Reading(**record["meta"]["reading"]) == asked
     assert positive(record["floor"]["cpu_ms_per_token"])
     assert [(r["context"], r["fill"]) for r in record["results"]] == [(420, "random"), (300, "prefill")]
     for row in record["results"]:
@@ -184,7 +225,9 @@ def test_decode_smoke(tmp_path):
             assert set(cell["counters"]) == {"landmarks_scored", "block_heads_fetched", "local_positions"}
             assert all(positive(v) for v in cell["counters"].values())
             assert cell["kv_bytes_per_token_counted"] == pytest.approx(cell["kv_bytes_per_token"], rel=1e-6)
-        assert row["eager"]["kernel"] is False
+        assert row["eager"]["kernel"] is False and row["landmark"]["kernel"] is True
+        assert Reading(**row["landmark"]["reading"]) == asked
+        assert Reading(**row["eager"]["reading"]) == Reading(k=2, max_blocks=5, kernel="torch")
         assert row["compiled"] == {}  # not asked for
         for key in ("speedup_cpu", "speedup_wall", "eager_speedup_cpu", "kv_bytes_ratio"):
             assert positive(row[key]), key
@@ -193,14 +236,15 @@ def test_decode_smoke(tmp_path):
 
 def test_decode_worker_process(tmp_path):
     """decode.py's measurement in its own process (``--worker``, as every full run takes it): one JSON
-    line, no error."""
+    line, no error; the reading reaches the process as options."""
     import argparse
 
     decode = bench("decode")
-    args = argparse.Namespace(tokens=8, warmup=1, k=4, threads=1, granularity="token_head", chunk_len=256,
-                              smoke=False)  # fmt: skip
-    cell = decode.run_one("landmark", 420, "random", args)
+    args = argparse.Namespace(tokens=8, warmup=1, threads=1, smoke=False)
+    reading = Reading(k=3, granularity="token", chunk_len=128, max_blocks=4)
+    cell = decode.run_one("landmark", 420, "random", args, reading)
     assert "error" not in cell, cell
+    assert Reading(**cell["reading"]) == reading
     assert cell["context"] == 420 and cell["tokens"] == 8 and positive(cell["cpu_ms_per_token"])
     assert cell["kv_bytes_per_token_counted"] == pytest.approx(cell["kv_bytes_per_token"], rel=1e-6)
 
@@ -226,9 +270,11 @@ def prefill_json(tmp_path_factory) -> Path:
 
 
 def test_prefill_smoke(prefill_json):
-    """prefill.py: the trained landmark model and the full model at every length, their ratio."""
+    """prefill.py: the trained landmark model and the full model at every length, their ratio; the
+    library's default reading."""
     record = read_json(prefill_json)
     assert record["meta"]["mode"] == "read" and record["meta"]["smoke"] is True
+    assert Reading(**record["meta"]["reading"]) == Reading()
     assert [r["length"] for r in record["results"]] == [300, 600]
     for row in record["results"]:
         for side in ("landmark", "full"):
@@ -239,12 +285,16 @@ def test_prefill_smoke(prefill_json):
 
 
 def test_prefill_nll_mode(tmp_path):
-    """prefill.py --mode nll: the per-position loss path of both sides."""
+    """prefill.py --mode nll: the per-position loss path of both sides, with a reading of its own."""
     out = tmp_path / "nll.json"
-    bench("prefill").main(["--smoke", "--mode", "nll", "--lengths", "300", "--out", str(out)])
+    argv = ["--smoke", "--mode", "nll", "--lengths", "300", "--k", "2", "--granularity", "head"]
+    bench("prefill").main([*argv, "--chunk-len", "128", "--out", str(out)])
     record = read_json(out)
     assert record["meta"]["mode"] == "nll"
+    asked = Reading(k=2, granularity="head", chunk_len=128)
+    assert Reading(**record["meta"]["reading"]) == asked
     (row,) = record["results"]
+    assert Reading(**row["landmark"]["reading"]) == asked
     assert row["length"] == 300 and positive(row["ratio"])
     assert positive(row["landmark"]["cpu_s"]) and positive(row["full"]["cpu_s"])
 
@@ -332,15 +382,23 @@ def test_train_runs_summary(prepared_corpus, tmp_path):
 
 
 def test_kernel_replay_capture_and_compare(tmp_path):
-    """kernel_replay.py: the kernel calls of a read captured, then replayed against the library's kernel
-    twice: the same outputs and selections as itself."""
+    """kernel_replay.py: the kernel calls of a read captured (with k = 2 and chunks of 128: the kernel
+    is called with that k), then replayed against the library's kernel twice: the same outputs and
+    selections as itself."""
     replay = bench("kernel_replay")
     calls = tmp_path / "calls.pt"
-    replay.main(["capture", "--length", "600", "--calls", "4", "--out", str(calls)])
-    assert len(torch.load(calls)) == 4  # the last chunk's 4 layers
+    argv = ["capture", "--length", "600", "--calls", "4", "--k", "2", "--chunk-len", "128"]
+    replay.main([*argv, "--out", str(calls)])
+    captured = torch.load(calls)
+    asked = Reading(k=2, chunk_len=128, kernel="cpp")  # cpp: capture's own default
+    assert Reading(**captured["reading"]) == asked and captured["length"] == 600
+    assert len(captured["calls"]) == 4  # the last chunk's 4 layers
+    assert all(call[-2] == 2 for call in captured["calls"])  # the kernel's k
     out = tmp_path / "replay.json"
     replay.main(["compare", str(calls), "@library", "@library", "--repeats", "1", "--out", str(out)])
-    rows = read_json(out)["results"]
+    record = read_json(out)
+    assert Reading(**record["meta"]["reading"]) == asked
+    rows = record["results"]
     assert [r["source"] for r in rows] == ["@library", "@library"]
     assert rows[0]["vs_first"] == 1.0 and positive(rows[1]["vs_first"])
     assert all(r["max_diff"] == 0.0 and r["same_selection"] and positive(r["best_cpu_s"]) for r in rows)
@@ -380,16 +438,19 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def hf_prefill_json(tiny_hf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf_prefill") / "hf_prefill.json"
-    argv = ["--smoke", "--base", str(tiny_hf["base"]), "--lengths", "200", "--profile", "--out", str(out)]
-    bench("hf_prefill").main(argv)
+    argv = ["--smoke", "--base", str(tiny_hf["base"]), "--lengths", "200", "--profile", "--k", "2"]
+    bench("hf_prefill").main([*argv, "--out", str(out)])
     return out
 
 
 def test_hf_prefill_smoke(hf_prefill_json):
     """hf_prefill.py: the base model's forward and its landmark conversion's chunked read, their ratio;
-    --profile splits the read into the kernel (per layer) and the rest."""
+    --profile splits the read into the kernel (per layer) and the rest; the reading asked for (k = 2,
+    --smoke's chunks of 64) is the landmark side's."""
     record = read_json(hf_prefill_json)
+    assert Reading(**record["meta"]["reading"]) == Reading(k=2, chunk_len=64)
     (row,) = record["results"]
+    assert Reading(**row["landmark"]["reading"]) == Reading(k=2, chunk_len=64)
     assert row["length"] == 200 and positive(row["time_ratio"])
     for side in ("base", "landmark"):
         assert row[side]["model"] == side and positive(row[side]["cpu_s"])
@@ -412,10 +473,12 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
     an optional benchmark dependency, built from source)."""
     out = tmp_path / "llamacpp.json"
     argv = ["--smoke", "--model", str(tiny_hf["lm"]), "--systems", "landmark", "llama.cpp q8_0"]
-    argv += ["--out", str(out)]
+    argv += ["--k", "2", "--chunk-len", "64", "--out", str(out)]
     bench("llamacpp").main(argv)
     record = read_json(out)
+    assert Reading(**record["meta"]["reading"]) == Reading(k=2, chunk_len=64)
     ours, theirs = record["rows"]
+    assert Reading(**ours["reading"]) == Reading(k=2, chunk_len=64)
     assert ours["system"] == "landmark" and ours["length"] == 256 and ours["new_tokens"] == 4
     assert (
         positive(ours["prompt_s"]) and positive(ours["decode_ms_per_token"]) and positive(ours["peak_rss_mb"])

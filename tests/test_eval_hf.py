@@ -282,7 +282,9 @@ def test_retrieval_trace_answers_as_eval_passkey_does(folders, tmp_path, cache_d
         argv = ["retrieval_trace.py", "--model", str(folders["lm"]), "--length", "400", "--k", k, *common]
         monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
         trace.main()
-        runs[k] = json.loads(out.read_text())["trials"]
+        record = json.loads(out.read_text())
+        runs[k] = record["trials"]
+        assert Reading(**record["reading"]) == Reading(k=int(k), chunk_len=16)  # the options reached it
     evaluated = tmp_path / "pk"
     args = ["eval", "passkey", "--lengths", "400", "--k", "2", *common, "--model", f"a=hf:{folders['lm']}"]
     assert main([*args, "--out", str(evaluated)]) == 0
