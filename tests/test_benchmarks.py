@@ -28,6 +28,7 @@ missing here, or when a named test does not exist):
 - benchmarks/reading_args.py: test_reading_args_round_trip
 - benchmarks/results_json.py: test_results_json_writes_whole_files
 - benchmarks/retrieval_trace.py: tests/test_eval_hf.py::test_retrieval_trace_answers_as_eval_passkey_does
+- benchmarks/superblock_bounds.py: test_superblock_bounds_smoke
 - benchmarks/threads.py: test_threads_smoke
 - benchmarks/train_runs_summary.py: test_train_runs_summary
 - benchmarks/train_throughput.py: test_train_throughput_smoke
@@ -493,6 +494,18 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
         assert positive(theirs["prompt_s"]) and theirs["key"] == ours["key"]  # the same prompt
         (ratio,) = record["ratios"]
         assert ratio["against"] == "llama.cpp q8_0" and positive(ratio["reading_x"])
+
+
+def test_superblock_bounds_smoke(tiny_hf, tmp_path):
+    """superblock_bounds.py: the shares of super-blocks an exact bounded search must visit, for both
+    bound kinds, recorded at every bounded selection of a read."""
+    out = tmp_path / "bounds.json"
+    bench("superblock_bounds").main(["--smoke", "--model", str(tiny_hf["lm"]), "--k", "2", "--out", str(out)])
+    record = read_json(out)
+    assert record["selections"] > 0 and record["blocks_at_end"] > 2
+    assert [r["bound"] for r in record["rows"]] == ["minmax", "ball"]
+    for row in record["rows"]:
+        assert 0 < row["share_needed"] <= 1 and 0 < row["share_needed_last"] <= 1
 
 
 def test_plot_reading(prefill_json, hf_prefill_json, tmp_path):

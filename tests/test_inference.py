@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from inference_helpers import random_memory
@@ -387,6 +389,48 @@ def test_faiss_session_end_to_end():
     assert (exact[:, :first] - found).abs().max() < 1e-5
     out = generate(model, [tokens[0, :40].tolist(), tokens[1, :23].tolist()], 20, search="faiss", **kw)
     assert [len(o) for o in out] == [20, 20]
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])
+def test_bounded_search_reads_and_generates_as_the_exact_scan(kernel):
+    """search="bounded" (super-block bounds, landmark.inference.superblocks) selects what the exact scan
+    selects, ties included (every layer-0 landmark key of a real model is the same): the same logits
+    and the same generated tokens, batch 1 (the bounded path) and a ragged batch (the exact fallback)."""
+    model = tiny_model()
+    tokens = torch.randint(0, 48, (2, 300), generator=torch.Generator().manual_seed(13))
+    for lengths in (torch.tensor([300]), torch.tensor([300, 170])):
+        rows = tokens[: len(lengths)]
+        kw = dict(k=2, chunk_len=16, kernel=kernel)
+        exact, _ = chunked_logits(model, rows, lengths, **kw)
+        bounded, _ = chunked_logits(model, rows, lengths, search="bounded", **kw)
+        torch.testing.assert_close(bounded, exact, atol=0, rtol=0)
+    prompts = [tokens[0, :200].tolist()]
+    assert generate(model, prompts, 12, k=2, search="bounded") == generate(model, prompts, 12, k=2)
+    with pytest.raises(ValueError, match="granularity must be"):
+        RetrievalConfig(k=2, granularity="token", search="bounded")
+
+
+def test_long_reads_show_progress_on_a_terminal(monkeypatch):
+    """A read of more than PROGRESS_FROM chunks draws a progress bar on stderr when it is a terminal;
+    short reads and redirected stderr stay quiet."""
+    import io
+
+    from landmark.inference.session import PROGRESS_FROM
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    model = tiny_model()
+    tokens = torch.randint(0, 48, (1, (PROGRESS_FROM + 1) * 16), generator=torch.Generator().manual_seed(4))
+    cases = ((tokens.shape[1], True, True), (64, True, False), (tokens.shape[1], False, False))
+    for n, tty, shown in cases:
+        lengths = torch.tensor([n])
+        stream = rows_with_landmarks(tokens[:, :n], lengths, BS, LM)
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        InferenceSession(model, 1, k=2, chunk_len=16).read(stream, lengths + lengths // (BS - 1))
+        assert ("reading" in err.getvalue()) == shown
 
 
 def test_faiss_index_follows_fifo_eviction():

@@ -26,6 +26,7 @@ from landmark.hf.convert import encode_text, landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, StateFiles
 from landmark.inference.generate import GREEDY, NO_STATE, Sampling, TokenCallback, generate_with
 from landmark.inference.options import Reading
+from landmark.inference.session import reading_progress
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.optional import require
 
@@ -53,11 +54,13 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
         n = int(lengths[0])
         logits = None
         unrotated = getattr(cache, "unrotated_position_ids", None)  # a LandmarkRetrievalCache
-        for c0 in range(0, n, chunk_len):
-            chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
-            extra = {} if unrotated is None else {"position_ids": unrotated(chunk.shape[1], device)}
-            with using_threads(threads):
-                logits = forward_cached(model, chunk, cache, logits_to_keep=1, **extra).logits
+        with reading_progress(n, chunk_len) as bar:
+            for c0 in range(0, n, chunk_len):
+                chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
+                extra = {} if unrotated is None else {"position_ids": unrotated(chunk.shape[1], device)}
+                with using_threads(threads):
+                    logits = forward_cached(model, chunk, cache, logits_to_keep=1, **extra).logits
+                bar.update(chunk.shape[1])
         return logits[:, -1]
 
     return read

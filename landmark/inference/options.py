@@ -58,7 +58,10 @@ def add_retrieval_arguments(
         help=f"who picks the k blocks (default {_DEFAULT.granularity}){several}",
     )
     g.add_argument(
-        "--search", choices=SEARCHES, default=_DEFAULT.search, help="landmark search (faiss: extra)"
+        "--search",
+        choices=SEARCHES,
+        default=_DEFAULT.search,
+        help="landmark search: exact scan; faiss index (extra); bounded (super-block bounds, exact)",
     )
     g.add_argument(
         "--kernel",

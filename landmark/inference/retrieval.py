@@ -72,11 +72,12 @@ from torch import Tensor
 from landmark.inference import kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.search import search_candidates
+from landmark.inference.superblocks import bounded_top_k, top_k_candidates
 from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
 
 GRANULARITIES = ("token_head", "token", "head")
-SEARCHES = ("exact", "faiss")
+SEARCHES = ("exact", "faiss", "bounded")
 DECODE_ROWS = 2  # steps with at most this many query rows take the decode path (a token + its landmark)
 
 
@@ -85,7 +86,9 @@ class RetrievalConfig:
     k: int = 4  # blocks retrieved per selection unit
     granularity: str = "token_head"  # "token_head" | "token" | "head"
     row_group: int = 64  # query rows whose retrieved blocks are gathered together (bounds memory)
-    search: str = "exact"  # landmark search: "exact" scan of every landmark | "faiss" index (optional extra)
+    # landmark search: "exact" scan of every landmark | "faiss" index (optional extra) | "bounded":
+    # super-block bounds visited best first (inference.superblocks), the exact scan's selection (token_head)
+    search: str = "exact"
     candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
     compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
     kernel: str = "auto"  # CPU float32 steps: "auto" (fused C++ kernel where it applies) | "cpp" | "torch"
@@ -99,6 +102,11 @@ class RetrievalConfig:
             raise ValueError(f"row_group must be >= 1; got {self.row_group}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}; got {self.search!r}")
+        if self.search == "bounded" and self.granularity != "token_head":
+            raise ValueError(
+                f'search="bounded" selects per query row and head: granularity must be "token_head"; '
+                f"got {self.granularity!r}"
+            )
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
             raise ValueError(f"candidates must be an integer >= 0 (0: 2 * k + 8); got {self.candidates!r}")
         if not isinstance(self.compile, bool):
@@ -568,6 +576,8 @@ def _select(
     per_token_head = retrieval.granularity == "token_head"
     if retrieval.search == "faiss":
         return _search_select(inputs, plan)
+    if retrieval.search == "bounded" and blocks.uniform and not any(memory.start):
+        return _bounded_select(q_lm, memory.landmarks(), blocks.k_max)
     if blocks.uniform and not any(memory.start) and per_token_head:
         # same count per row, no ring-buffer wrap-around, nothing to mask: top-k, in order
         return (stage or _eager)("select")(q_lm, memory.landmarks(), blocks.k_max), None, blocks.blocks_total
@@ -685,6 +695,31 @@ def _decode_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> Tensor:
     recent = _landmark_scores_at_slots(_grouped(q_lm[:, :, :, 1:], kv_heads), landmark_keys[:, :, n - k :])
     scores = torch.cat((old, recent), dim=-1).reshape(batch, heads, rows, n)
     return top_k_blocks(scores, k)
+
+
+def _bounded_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> tuple[Tensor, None, int]:
+    """``_decode_select``'s selection, the old blocks searched through super-block bounds
+    (:func:`landmark.inference.superblocks.bounded_top_k`: their top k, ties to the more recent) and the
+    k recent ones scored at their slots; the top k of the union by the same rule. Returns (selected
+    (B, H, C, k) ascending, None, landmarks scored)."""
+    batch, heads, rows, _, dim = q_lm.shape
+    kv_heads, n = landmark_keys.shape[1], landmark_keys.shape[2]
+    recent_q = _grouped(q_lm[:, :, :, 1:], kv_heads)
+    recent = _landmark_scores_at_slots(recent_q, landmark_keys[:, :, n - k :])  # (B, Hkv, G, C, k)
+    recent = recent.reshape(batch, kv_heads, -1, k)
+    cand = torch.arange(n - k, n, device=q_lm.device).expand(*recent.shape)
+    scored = recent.numel() // kv_heads
+    if n > k:
+        q_old = _grouped(q_lm[:, :, :, 0], kv_heads).reshape(batch, kv_heads, -1, dim)
+        old_keys = landmark_keys[:, :, : n - k]
+        old, visited = bounded_top_k(q_old, old_keys, k)
+        keys = old_keys[:, :, None].expand(-1, -1, old.shape[2], -1, -1)
+        picked = keys.gather(3, old[..., None].expand(*old.shape, dim))
+        old_scores = (picked.double() @ q_old.double()[..., None]).squeeze(-1).to(q_lm.dtype)
+        cand, recent = torch.cat((old, cand), dim=-1), torch.cat((old_scores, recent), dim=-1)
+        scored += int(visited.sum()) // kv_heads
+    selected = top_k_candidates(cand, recent, k)
+    return selected.reshape(batch, heads, rows, k), None, scored
 
 
 def _decode_attend(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from landmark.data.landmarks import insert_landmarks, landmark_targets
 from landmark.fingerprint import weights_fingerprint
@@ -39,6 +40,17 @@ __all__ = [
     "landmark_stream",
     "sum_nll",
 ]
+
+
+PROGRESS_FROM = 16  # chunks: a read of more shows a progress bar (on a terminal)
+
+
+def reading_progress(positions: int, chunk_len: int) -> tqdm:
+    """A progress bar over the positions of a long read, on stderr when it is a terminal (none for
+    reads of at most ``PROGRESS_FROM`` chunks, nor when stderr is redirected); a context manager."""
+    quiet = positions <= PROGRESS_FROM * chunk_len
+    return tqdm(total=positions, desc="reading", unit="tok", unit_scale=True, leave=False,
+                disable=True if quiet else None)  # fmt: skip
 
 
 @dataclass
@@ -169,13 +181,15 @@ class InferenceSession:
         self.cache.reserve(int((self.length + lengths).max()) // self.config.block_size)  # one allocation
         last = (lengths - 1).clamp_min(0)
         out = None
-        for c0 in range(0, ids.shape[1], self.chunk_len):
-            c1 = min(ids.shape[1], c0 + self.chunk_len)
-            part = (lengths - c0).clamp(0, c1 - c0)
-            here = (last >= c0) & (last < c1)
-            at = torch.where(here, last - c0, 0)
-            logits = self._forward(ids[:, c0:c1], part, at).logits[:, 0]  # (B, vocab)
-            out = logits if out is None else torch.where(here.to(logits.device)[:, None], logits, out)
+        with reading_progress(ids.shape[1], self.chunk_len) as bar:
+            for c0 in range(0, ids.shape[1], self.chunk_len):
+                c1 = min(ids.shape[1], c0 + self.chunk_len)
+                part = (lengths - c0).clamp(0, c1 - c0)
+                here = (last >= c0) & (last < c1)
+                at = torch.where(here, last - c0, 0)
+                logits = self._forward(ids[:, c0:c1], part, at).logits[:, 0]  # (B, vocab)
+                out = logits if out is None else torch.where(here.to(logits.device)[:, None], logits, out)
+                bar.update(c1 - c0)
         return out
 
     def save_state(self, path: str | Path, *, overwrite: bool = False) -> None:

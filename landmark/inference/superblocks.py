@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-DEFAULT_GROUP = 64  # blocks per super-block: at 1M tokens (16k blocks of 64) 256 super-blocks
+MIN_GROUP = 4  # blocks per super-block at least; by default about sqrt(N), which balances the bounds
+# cost (N / group) against the members of the super-blocks visited (a few times group)
 SLACK = 2.0**-20  # relative widening of a bound: float32 rounding of a score is below 2**-24 of it
 
 
@@ -49,12 +50,18 @@ class SuperBlocks:
         return self.mid.shape[-2]
 
 
-def summarize(keys: Tensor, group: int = DEFAULT_GROUP) -> SuperBlocks:
+def default_group(n: int) -> int:
+    """Blocks per super-block for ``n`` landmark keys: about sqrt(n), at least ``MIN_GROUP``."""
+    return max(MIN_GROUP, math.isqrt(n))
+
+
+def summarize(keys: Tensor, group: int | None = None) -> SuperBlocks:
     """The super-blocks of landmark keys (..., N, D), ``group`` consecutive keys each (the last one
-    may hold fewer)."""
+    may hold fewer; None: :func:`default_group`)."""
+    n, d = keys.shape[-2], keys.shape[-1]
+    group = default_group(n) if group is None else group
     if group < 1:
         raise ValueError(f"group must be >= 1; got {group}")
-    n, d = keys.shape[-2], keys.shape[-1]
     count = math.ceil(n / group)
     pad = count * group - n
     if pad:  # repeat the last key: the last super-block's minimum and maximum do not change
@@ -114,7 +121,7 @@ def bounded_top_k(
             break  # no unvisited super-block can reach the k-th best of any query
         visit = min(blocks.count, 2 * visit)
     visited = (index >= 0).sum(-1)
-    return _top_k_recent_first(index, scores, k), visited
+    return top_k_candidates(index, scores, k), visited
 
 
 def _members(q: Tensor, keys: Tensor, chosen: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -132,8 +139,9 @@ def _members(q: Tensor, keys: Tensor, chosen: Tensor, group: int) -> tuple[Tenso
     return index, scores.masked_fill(~valid, float("-inf"))
 
 
-def _top_k_recent_first(index: Tensor, scores: Tensor, k: int) -> Tensor:
-    """The k best candidates by score, ties to the higher key index; (..., R, k) indices ascending."""
+def top_k_candidates(index: Tensor, scores: Tensor, k: int) -> Tensor:
+    """The k best of candidates (..., R, M) given by key index and score, ties to the higher index (the
+    full scan's rule); (..., R, k) key indices in ascending order."""
     by_index = index.argsort(dim=-1, descending=True, stable=True)
     scores, index = scores.gather(-1, by_index), index.gather(-1, by_index)
     by_score = scores.argsort(dim=-1, descending=True, stable=True)[..., :k]
