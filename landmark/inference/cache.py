@@ -36,7 +36,7 @@ from torch import Tensor
 from landmark.files import atomic_write, check_output_file, safetensors_metadata
 from landmark.inference.memory import BlockMemory
 from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention, step_plan
-from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, LandmarkIndex
+from landmark.inference.search import LandmarkIndex
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
 STATE_FORMAT = "landmark-stream-state-v1"  # the metadata "format" of a saved state (RetrievalCache.save)
@@ -156,8 +156,6 @@ class RetrievalCache:
         memory_device: where block contents live (default: next to the keys), e.g. ``"cpu"``.
         max_blocks: cap on blocks per stream and layer (None: unlimited); ``evict`` chooses FIFO
             eviction or ``MemoryFullError``.
-        approx_min_blocks: with ``search="faiss"``, blocks per stream from which the index is
-            approximate (HNSW) instead of exact.
     """
 
     def __init__(
@@ -171,7 +169,6 @@ class RetrievalCache:
         memory_device: torch.device | str | None = None,
         max_blocks: int | None = None,
         evict: bool = True,
-        approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
     ) -> None:
         retrieval = retrieval if retrieval is not None else RetrievalConfig()
         if not isinstance(retrieval, RetrievalConfig):
@@ -192,7 +189,6 @@ class RetrievalCache:
         self.n_layers, self.block_size, self.rope_base = n_layers, block_size, float(rope_base)
         self.retrieval, self.chunk_len = retrieval, chunk_len
         self.memory_device, self.max_blocks, self.evict = memory_device, max_blocks, evict
-        self.approx_min_blocks = approx_min_blocks
         self.layers: list[_Layer | None] = [None] * n_layers
         self.stats = StepStats()
         self._plan_key: tuple | None = None
@@ -277,7 +273,9 @@ class RetrievalCache:
             batch, kv_heads, _, head_dim = k.shape
             index = None
             if self.retrieval.search == "faiss":
-                index = LandmarkIndex(batch, kv_heads, head_dim, approx_min_blocks=self.approx_min_blocks)
+                index = LandmarkIndex(
+                    batch, kv_heads, head_dim, approx_min_blocks=self.retrieval.approx_min_blocks
+                )
             memory = BlockMemory(
                 batch, kv_heads, self.block_size, head_dim, rope_base=self.rope_base, dtype=k.dtype,
                 device=k.device, storage_device=self.memory_device, max_blocks=self.max_blocks,

@@ -71,7 +71,7 @@ from torch import Tensor
 
 from landmark.inference import kernel
 from landmark.inference.memory import BlockMemory
-from landmark.inference.search import search_candidates
+from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, search_candidates
 from landmark.inference.superblocks import bounded_top_k, top_k_candidates
 from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
@@ -90,6 +90,8 @@ class RetrievalConfig:
     # super-block bounds visited best first (inference.superblocks), the exact scan's selection (token_head)
     search: str = "exact"
     candidates: int = 0  # faiss: old-block candidates per query row and head (0: 2 * k + 8)
+    # faiss: blocks per stream from which the index is approximate (HNSW) instead of exact (flat)
+    approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS
     compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
     kernel: str = "auto"  # CPU float32 steps: "auto" (fused C++ kernel where it applies) | "cpp" | "torch"
 
@@ -109,6 +111,8 @@ class RetrievalConfig:
             )
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
             raise ValueError(f"candidates must be an integer >= 0 (0: 2 * k + 8); got {self.candidates!r}")
+        if isinstance(self.approx_min_blocks, bool) or not isinstance(self.approx_min_blocks, int):
+            raise ValueError(f"approx_min_blocks must be an integer; got {self.approx_min_blocks!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False; got {self.compile!r}")
         if self.kernel not in kernel.KERNELS:

@@ -27,7 +27,6 @@ from landmark.data.landmarks import insert_landmarks, landmark_targets
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
-from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.model import GPT
 
@@ -90,7 +89,6 @@ class InferenceSession:
         memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
         max_blocks: cap on blocks per stream (None: unlimited); ``evict`` chooses FIFO eviction or an
             error when it is reached.
-        approx_min_blocks: with ``search="faiss"``, blocks per stream from which the index is HNSW.
         threads: torch threads while the model runs (None: ``LANDMARK_THREADS`` or 1; see
             ``landmark.inference.threads`` for why one).
     """
@@ -105,7 +103,6 @@ class InferenceSession:
         memory_device: torch.device | str | None = None,
         max_blocks: int | None = None,
         evict: bool = True,
-        approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
         threads: int | None = None,
         **retrieval_fields,
     ):
@@ -122,7 +119,6 @@ class InferenceSession:
         self.cache = RetrievalCache(
             cfg.n_layer, block_size=cfg.block_size, rope_base=cfg.rope_base, retrieval=self.retrieval,
             chunk_len=chunk_len, memory_device=memory_device, max_blocks=max_blocks, evict=evict,
-            approx_min_blocks=approx_min_blocks,
         )  # fmt: skip
         self.chunk_len = chunk_len
         self.threads = inference_threads() if threads is None else threads
