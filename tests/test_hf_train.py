@@ -135,6 +135,44 @@ def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
         torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_stopped_run_finishes_where_it_stopped(tiny, tmp_path, capsys):
+    """A run stopped by --max-minutes is published at the step it reached with --resume --steps <done>
+    (never below it); the published weights are those of its checkpoint."""
+    from safetensors.torch import load_file
+
+    model_dir, corpus = tiny
+    out = tmp_path / "out"
+    args = ["hf", "finetune", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out)]
+    args += [
+        "--block-size",
+        "8",
+        "--max-length",
+        "64",
+        "--steps",
+        "4",
+        "--batch-size",
+        "1",
+        "--save-steps",
+        "3",
+    ]
+    assert main([*args, "--max-minutes", "0.00001"]) == 0
+    checkpoint = tmp_path / ".out.partial" / "checkpoint-1"
+    stopped = load_file(checkpoint / "model.safetensors")
+    capsys.readouterr()
+    ahead = checkpoint.with_name("checkpoint-3")  # as a run stopped after 3 steps would leave it
+    checkpoint.rename(ahead)
+    assert main([*args, "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --steps 2: the interrupted run has done 3 steps") and "--steps 3" in err
+    ahead.rename(checkpoint)
+    assert main([*args, "--resume", "--steps", "1"]) == 0
+    assert summary(out)["steps_done"] == 1 and not checkpoint.parent.exists()
+    published = load_file(out / "model.safetensors")
+    assert published.keys() == stopped.keys()
+    for name in stopped:
+        assert torch.equal(published[name], stopped[name]), name
+
+
 def test_finetune_resume_refusals(tiny, tmp_path, capsys):
     """--resume with nothing to continue is refused, naming the option; so is a run folder in use."""
     from landmark.files import RunLock

@@ -44,6 +44,7 @@ from landmark.files import RunLock, write_json_atomic
 from landmark.hf.checks import (
     Rule,
     check_model_folder,
+    check_not_input,
     check_options,
     check_out_folder,
     check_within_positions,
@@ -62,6 +63,7 @@ from landmark.hf.delta import load_pretrained, read_meta, set_lora, start_from_d
 from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
 from landmark.hf.passkey import PasskeyMixWindows, check_passkey_windows
 from landmark.optional import require
+from landmark.resources import BFLOAT16, check_fits, processes_sharing_memory
 
 # LoRA target sets (--lora-targets): the attention projections, where landmarks act, or every linear layer
 LORA_TARGET_SETS = {
@@ -71,8 +73,9 @@ LORA_TARGET_SETS = {
 SUMMARY_FILE = FINETUNE_SUMMARY_FILE
 ADAPTER_FOLDER = LORA_ADAPTER_FOLDER
 RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interrupted run resumes with
-# settings a resumed run may change: how long this call runs, and what is printed
-RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite")
+# settings a resumed run may change: how long this call runs, what is printed, and the steps it ends at
+# (no fewer than it has done: --steps <steps done> finishes a run stopped by --max-minutes where it is)
+RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite", "steps")
 
 
 @dataclass
@@ -167,11 +170,39 @@ class FinetuneConfig:
         if self.init_delta is not None:
             self._check_init_delta(config)
         check_within_positions(config, {"block_size": self.block_size, "max_length": self.max_length})
+        self._check_memory(config)
         if self.distill is not None:
             check_model_folder(self.distill, "--distill")
         self._check_corpus()
         check_out_folder(self.out, self.overwrite, "--out")
+        reads = [(self.model, "--model"), (self.distill, "--distill"), (self.init_delta, "--init-delta")]
+        check_not_input(self.out, [*reads, (self.corpus, "--corpus")])
         self._check_resume()
+
+    def _check_memory(self, config: dict[str, Any]) -> None:
+        """Refuse a run that certainly cannot fit in its device's memory (a lower bound: the weights in
+        bfloat16, and per window position the input of every layer and the logits, both in bfloat16;
+        the backward pass keeps them even with gradient checkpointing), naming ``--batch-size`` or
+        ``--max-length``, whichever is larger than its default by more."""
+        try:
+            hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+            vocab, inner = int(config["vocab_size"]), int(config.get("intermediate_size") or 0)
+        except (KeyError, TypeError, ValueError):
+            return  # not a LLaMA-family config.json: loading it reports that
+        weights = BFLOAT16 * (vocab * hidden + layers * 3 * hidden * inner)
+        per_position = BFLOAT16 * (layers * hidden + vocab)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        processes = processes_sharing_memory(device)
+        need = processes * (weights + self.batch_size * self.max_length * per_position)
+        defaults = {f.name: f.default for f in fields(self)}
+        grown = {o: getattr(self, o) / defaults[o] for o in ("batch_size", "max_length")}
+        option = max(grown, key=grown.get)
+        setting = f"--{option.replace('_', '-')} {getattr(self, option)}"
+        what = (
+            f"fine-tuning {self.batch_size} windows x {self.max_length} positions through {layers} layers "
+            f"of width {hidden} and {vocab} logits{f', x {processes} processes' if processes > 1 else ''}"
+        )
+        check_fits(need, setting, what, device)
 
     def _check_resume(self) -> None:
         """With ``resume``: the staging folder holds a checkpoint of a run with the same settings (those
@@ -202,10 +233,18 @@ class FinetuneConfig:
         if changed:
             name = changed[0]
             option = "--" + name.replace("_", "-")
+            may = ", ".join(
+                "--" + c.replace("_", "-") for c in RESUMABLE_CHANGES if c not in ("resume", "overwrite")
+            )
             raise ValueError(
                 f"--resume: the interrupted run used {option} {saved.get(name)!r}; this call "
-                f"gives {mine[name]!r} (resume with the run's settings; only "
-                f"{', '.join('--' + c.replace('_', '-') for c in RESUMABLE_CHANGES[1:3])} may change)"
+                f"gives {mine[name]!r} (resume with the run's settings; only {may} may change)"
+            )
+        done = steps_done(checkpoint)
+        if self.steps < done:
+            raise ValueError(
+                f"--steps {self.steps}: the interrupted run has done {done} steps ({checkpoint.name}); "
+                f"give --steps {done} to finish it there, or more to go on"
             )
 
     def _check_init_delta(self, config: dict[str, Any]) -> None:
@@ -515,9 +554,13 @@ def _train(run: _Run, trainer: Any, timer: Any, evaluate: bool) -> dict[str, Any
     checkpoint = last_checkpoint(run.staging) if cfg.resume else None
     if run.main and checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    if checkpoint is not None and steps_done(checkpoint) >= cfg.steps:  # --steps <done>: finish here
+        train_loss = _finish_at(trainer, checkpoint)
+    else:
+        resume = str(checkpoint) if checkpoint is not None else None
+        train_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     summary["train_seconds"] = round(time.perf_counter() - start, 1)
-    summary["train_loss"] = result.training_loss
+    summary["train_loss"] = train_loss
     summary["steps_done"] = trainer.state.global_step
     summary["tokens_seen"] = trainer.state.global_step * run.step_tokens
     summary["tokens_per_s"] = summary["tokens_seen"] / max(summary["train_seconds"], 1e-9)
@@ -531,6 +574,21 @@ def _train(run: _Run, trainer: Any, timer: Any, evaluate: bool) -> dict[str, Any
     if evaluate:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     return summary
+
+
+def steps_done(checkpoint: Path) -> int:
+    """The optimizer steps a Trainer checkpoint folder (``checkpoint-<step>``) holds."""
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def _finish_at(trainer: Any, checkpoint: Path) -> float:
+    """A run resumed with ``--steps`` equal to the steps it has done: its checkpoint's weights, no further
+    step. Returns the mean of the training losses the run logged (the Trainer's own mean is lost)."""
+    trainer._load_from_checkpoint(str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    trainer.state.global_step = int(state["global_step"])
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def _stop_early(run: _Run, trainer: Any, summary: dict[str, Any]) -> dict[str, Any]:
