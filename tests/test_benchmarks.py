@@ -475,6 +475,7 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
     out = tmp_path / "llamacpp.json"
     argv = ["--smoke", "--model", str(tiny_hf["lm"]), "--systems", "landmark", "llama.cpp q8_0"]
     argv += ["--k", "2", "--chunk-len", "64", "--out", str(out)]
+    argv += ["--tokenizer", str(tiny_hf["lm"])]  # llama.cpp reads the same ids (valid in its vocabulary)
     bench("llamacpp").main(argv)
     record = read_json(out)
     assert Reading(**record["meta"]["reading"]) == Reading(k=2, chunk_len=64)
