@@ -554,7 +554,8 @@ def _train(run: _Run, trainer: Any, timer: Any, evaluate: bool) -> dict[str, Any
     checkpoint = last_checkpoint(run.staging) if cfg.resume else None
     if run.main and checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
-    if checkpoint is not None and steps_done(checkpoint) >= cfg.steps:  # --steps <done>: finish here
+    finished = checkpoint is not None and steps_done(checkpoint) >= cfg.steps  # --steps <done>
+    if finished:
         train_loss = _finish_at(trainer, checkpoint)
     else:
         resume = str(checkpoint) if checkpoint is not None else None
@@ -563,7 +564,10 @@ def _train(run: _Run, trainer: Any, timer: Any, evaluate: bool) -> dict[str, Any
     summary["train_loss"] = train_loss
     summary["steps_done"] = trainer.state.global_step
     summary["tokens_seen"] = trainer.state.global_step * run.step_tokens
-    summary["tokens_per_s"] = summary["tokens_seen"] / max(summary["train_seconds"], 1e-9)
+    # no throughput for a run finished at its checkpoint: this call trained nothing
+    summary["tokens_per_s"] = (
+        None if finished else summary["tokens_seen"] / max(summary["train_seconds"], 1e-9)
+    )
     summary["steady_tokens_per_s"] = timer.steady_rate(
         run.step_tokens
     )  # the first step (compilation) excluded
@@ -625,7 +629,9 @@ def _publish(run: _Run, trainer: Any, tokenizer: Any, summary: dict[str, Any]) -
     trainer.accelerator.wait_for_everyone()
     if run.main:
         line = f"saved to {run.out} (load with landmark.hf.load_pretrained); "
-        line += f"train loss {summary['train_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s"
+        line += f"train loss {summary['train_loss']:.4f}"
+        if summary["tokens_per_s"] is not None:
+            line += f", {summary['tokens_per_s']:,.0f} tokens/s"
         if "eval_loss_after" in summary:
             before, after = summary["eval_loss_before"], summary["eval_loss_after"]
             line += f"; eval loss {before:.4f} -> {after:.4f}"
