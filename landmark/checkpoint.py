@@ -16,8 +16,10 @@ removed by :func:`clean_partial`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from landmark.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from landmark.files import staged_folder
+from landmark.files import os_error_of, path_problem, staged_folder
 from landmark.model import GPT, ModelConfig
 
 FORMAT = "landmark-checkpoint-v1"
@@ -37,6 +39,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+LOAD_ATTEMPTS = 10  # a run folder's latest checkpoint pruned while it loads: pick the new latest, this often
+RETRY_PAUSE = 0.002  # seconds, times the attempt: between the attempts
 
 
 class CheckpointError(ValueError):
@@ -103,18 +107,37 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     if not final.is_dir():
-        with staged_folder(final, durable=True) as tmp:
-            weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "step": str(step)})
-            meta = {"format": FORMAT, "step": step, **config}
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
-            torch.save(state, tmp / STATE_FILE)
+        try:
+            with staged_folder(final, durable=True) as tmp:
+                weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "step": str(step)})
+                meta = {"format": FORMAT, "step": step, **config}
+                (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+                with open(tmp / STATE_FILE, "wb") as f:  # a failed write raises with its errno
+                    torch.save(state, f)
+        except Exception as err:  # safetensors and torch report a full disk as their own errors
+            cause = os_error_of(err)
+            if cause is None or cause is err:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(final)) from err
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                prune_checkpoint(old)
     return final
+
+
+def prune_checkpoint(path: Path) -> None:
+    """Remove a checkpoint folder in one step for its readers: it is renamed to a hidden name first (a
+    loader then sees it whole or not at all, never half-deleted), then deleted; a left-over hidden
+    folder is removed by :func:`clean_partial`."""
+    doomed = path.with_name(f".{path.name}.pruned")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return  # already gone (another process pruned it)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -148,7 +171,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: nothing usable at ``path``.
     """
     path = Path(path)
-    if not (_STEP_DIR.match(path.name) or (path / WEIGHTS_FILE).is_file()):  # a run folder
+    if _is_run_folder(path):
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(
@@ -163,12 +186,19 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path / CONFIG_FILE} cannot be read ({err.strerror or err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {found!r})")
     if isinstance(config.get("step"), bool) or not isinstance(config.get("step"), int):
         raise CheckpointError(f"{path / CONFIG_FILE}: step must be an integer; got {config.get('step')!r}")
     return Checkpoint(path, config["step"], config)
+
+
+def _is_run_folder(path: Path) -> bool:
+    """Whether ``path`` names a run folder (its latest checkpoint is meant), not a checkpoint folder."""
+    return not (_STEP_DIR.match(path.name) or (path / WEIGHTS_FILE).is_file())
 
 
 def model_config_diff(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
@@ -192,10 +222,41 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     Raises:
         CheckpointError: ``path`` holds no usable checkpoint.
     """
-    ckpt = open_checkpoint(path)
-    model, tokenizer = _load_parts(ckpt)
-    check_tokenizer(ckpt, model.config, tokenizer)
-    return model.to(device).eval(), tokenizer, ckpt.config
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a run or checkpoint folder (str or Path); got {path!r}")
+    path = Path(path)
+    if not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a device: expected cpu, cuda or cuda:N") from None
+    problem = path_problem(path, folder=True)
+    if problem not in (None, "does not exist", "is a file, not a folder"):
+        raise CheckpointError(
+            f"{path} {problem}: pass the run's out_dir or one of its checkpoints/step_* folders"
+        )
+    from_run = _is_run_folder(path)
+    for attempt in range(LOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(RETRY_PAUSE * attempt)  # let the writer finish its rename and prune
+        chosen = latest_checkpoint(path) if from_run else path
+        if chosen is None and (path / CHECKPOINTS).is_dir() and attempt < LOAD_ATTEMPTS - 1:
+            continue  # a listing taken while checkpoints are renamed can miss them all: list again
+        try:
+            ckpt = open_checkpoint(chosen if chosen is not None else path)
+            model, tokenizer = _load_parts(ckpt)
+            check_tokenizer(ckpt, model.config, tokenizer)
+            return model.to(device).eval(), tokenizer, ckpt.config
+        except (CheckpointError, OSError):
+            if chosen is None or chosen.is_dir():
+                raise  # nothing was removed under us: the checkpoint itself is at fault
+            if not from_run or attempt == LOAD_ATTEMPTS - 1:
+                run = path if from_run else path.parent.parent
+                raise CheckpointError(
+                    f"checkpoint {chosen.name} was removed while loading (a run is training into {run}): "
+                    "try again"
+                ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _load_parts(ckpt: Checkpoint) -> tuple[GPT, Tokenizer]:

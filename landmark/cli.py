@@ -21,6 +21,7 @@ from landmark import __version__, landmark_attention, landmark_weights
 from landmark.checkpoint import CheckpointError
 from landmark.data import CorpusError, bundled_books, prepare_data
 from landmark.eval.cli import add_eval_parser
+from landmark.files import is_within, os_error_line, path_problem
 from landmark.hf.cli import add_hf_parser
 from landmark.inference.cli import add_generate_parser
 from landmark.inference.options import check_seed
@@ -138,8 +139,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     names = {"vocab_size": "--vocab-size", "gpt2_dir": "--gpt2-dir"}
     check_tokenizer_options(args.tokenizer, args.vocab_size, args.gpt2_dir or "", names)
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a file: pass a folder for the tokenizer and token arrays")
+    if args.out is not None:
+        problem = path_problem(Path(args.out), folder=True, writable=True)
+        if problem == "is a file, not a folder":
+            raise ConfigError(f"--out {args.out} is a file: pass a folder for the tokenizer and token arrays")
+        if problem is not None:
+            raise ConfigError(f"--out {args.out} {problem}: pass a folder for the tokenizer and token arrays")
+        if args.corpus != "bundled" and Path(args.corpus).is_dir() and is_within(args.out, args.corpus):
+            raise ConfigError(
+                f"--out {args.out} is inside --corpus {args.corpus}: give the arrays their own folder"
+            )
     corpus = bundled_books() if args.corpus == "bundled" else args.corpus
     data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
     print(f"prepared data in {data.folder}")
@@ -240,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, CheckpointError, CorpusError, TrainingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file that cannot be read or written (permissions, a full disk): one line
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -26,7 +26,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +43,96 @@ except ImportError:  # pragma: no cover - Windows: run folders are not locked
 SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # bytes: a larger header is not a safetensors file we wrote
 
 
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, both resolved (False when either cannot be)."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(folder).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+        return False
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The operating-system error behind a failed write, or None: ``err`` itself when it is an OSError,
+    else one it was raised from or while handling (``torch.save`` on a full disk raises a RuntimeError
+    from the ENOSPC), else the one a library names in its message (safetensors: ``... (os error 28)``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def os_error_text(err: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the reason of an OSError with its errno name."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno is not None and err.errno in errno.errorcode:
+        reason += f" ({errno.errorcode[err.errno]})"
+    return reason
+
+
+def path_problem(path: Path, *, folder: bool | None = None, writable: bool = False) -> str | None:
+    """What is wrong with ``path`` as an input or output, or None: ``"does not exist"``, ``"is a
+    symbolic link loop"``, ``"cannot be accessed (Permission denied)"``, ``"is a file, not a folder"`` /
+    ``"is a folder, not a file"`` (``folder``: what it must be), ``"cannot be read (Permission
+    denied)"``, and with ``writable`` ``"is not writable"`` / ``"cannot be created: X is not writable"``
+    (a missing path: the nearest existing folder above it must be writable). Never raises."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if err.errno == errno.EACCES:
+            return "cannot be accessed (Permission denied)"
+        if err.errno == errno.ENOTDIR and writable:
+            return "cannot be created: a path component above it is a file"
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot be accessed ({err.strerror or err})"
+        if os.path.islink(path):
+            return "is a broken symbolic link"
+        if not writable:
+            return "does not exist"
+        above = Path(os.path.abspath(path)).parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            return f"cannot be created: {above} is a file"
+        if not os.access(above, os.W_OK | os.X_OK):
+            return f"cannot be created: {above} is not writable"
+        return None
+    is_dir = os.path.isdir(path)
+    if folder is True and not is_dir:
+        return "is a file, not a folder"
+    if folder is False and is_dir:
+        return "is a folder, not a file"
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        return "cannot be read (Permission denied)"
+    if writable and not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):
+        return "is not writable"
+    return None
+
+
+def os_error_line(err: OSError, options: Iterable[tuple[str | Path | None, str]] = ()) -> str:
+    """A failed read or write in one line: ``--save-state F: No space left on device (ENOSPC); ...``.
+    The file is named by its option where ``options`` ((path, option) pairs) holds it; a full disk adds
+    that the atomic writers left nothing partial behind."""
+    where = None if err.filename is None else str(err.filename)
+    label = where
+    for path, option in options:
+        if path is not None and where is not None and os.path.abspath(str(path)) == os.path.abspath(where):
+            label = f"{option} {path}"
+    text = f"{label}: {os_error_text(err)}" if label else os_error_text(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += "; nothing partial was written (an earlier file there is intact): free space, then run again"
+    return text
+
+
 def temporary_path(path: Path) -> Path:
     """Where :func:`atomic_write` stages ``path``: a hidden file in the same folder (so that the final
     rename stays on one file system), named after the process so that concurrent writers never share it."""
@@ -51,7 +143,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` to produce the file at a temporary path, then rename it onto ``path``.
 
     The destination is either untouched or complete; on any exception (``KeyboardInterrupt``
-    included) the temporary file is removed and the exception propagates. The parent folder is created.
+    included) the temporary file is removed and the exception propagates; a library's error that comes
+    from a failed write (a full disk: safetensors and torch raise their own kinds), like an OSError,
+    propagates as an OSError of that errno whose filename is ``path``. The parent folder is created.
 
     Returns:
         ``path`` as a Path.
@@ -62,8 +156,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        cause = os_error_of(err) if isinstance(err, Exception) else None
+        if cause is not None and cause.errno is not None:  # named after the destination, not the temporary
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
         raise
     return path
 
@@ -101,7 +198,7 @@ def safetensors_metadata(path: str | Path) -> dict[str, str] | None:
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
         return False
 
 
@@ -145,10 +242,25 @@ def check_output_file(
         ``path`` as a Path.
     """
     path = Path(path)
-    if path.is_dir():
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+        if os.path.islink(path):
+            raise ValueError(f"{option} {path} is a broken symbolic link: give a file name") from None
+    except OSError as err:
+        raise ValueError(f"{option} {path} cannot be used: {os_error_text(err)}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{option} {path} is a folder: give a file name")
-    if not path.resolve().parent.is_dir():
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ValueError(
+            f"{option} {path} is not a regular file (a device, pipe or socket): give a file name"
+        )
+    folder = Path(os.path.abspath(path)).parent
+    if not folder.is_dir():
         raise ValueError(f"{option} {path}: its folder does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: its folder {folder} is not writable")
     what = _read_by(path, reads)
     if what is not None:
         raise ValueError(f"{option} {path} is {what}, which this command reads: write to another file")
@@ -160,15 +272,20 @@ def check_output_file(
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file or folder to disk (best effort: some file systems refuse to sync a folder)."""
+    """Flush a file or folder to disk. A file that cannot be flushed raises (its data may not be on
+    disk: a full disk can report itself only here); a folder is best effort (some file systems refuse to
+    sync one)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if os.path.isdir(path):
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode) and err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
@@ -193,7 +310,8 @@ def staged_folder(dest: str | Path, *, durable: bool = False) -> Iterator[Path]:
         tmp.chmod(0o777 & ~umask)
         if durable:
             for f in tmp.rglob("*"):
-                fsync_path(f)
+                if not f.is_symlink():
+                    fsync_path(f)
         try:
             os.rename(tmp, dest)  # onto a missing or empty folder
         except OSError:

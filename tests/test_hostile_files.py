@@ -8,6 +8,7 @@ Python API refuses the same destinations with a ValueError and leaves no tempora
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from landmark.checkpoint import save_checkpoint
 from landmark.cli import main
@@ -22,6 +24,7 @@ from landmark.data.landmarks import insert_landmarks
 from landmark.data.tokenizer import Tokenizer
 from landmark.files import atomic_write, check_output_file, safetensors_metadata, write_json_atomic
 from landmark.inference import InferenceSession
+from landmark.inference import cache as cache_module
 from landmark.inference.cache import STATE_FORMAT, StateFiles, is_saved_state
 from landmark.inference.options import Reading
 from landmark.model import GPT, ModelConfig
@@ -339,3 +342,102 @@ def test_an_edited_saved_state_is_refused_in_one_line(env, tmp_path, capsys, wha
     err = _refused(env | {"root": tmp_path}, capsys, "damaged saved state",
                    lambda: _generate(env, "--load-state", str(edited), "--prompt", "the whale"))  # fmt: skip
     assert str(edited) in err
+
+
+# ------------------------------------------------------------------------------- a full disk, odd files
+
+_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
+
+
+def _full_disk(*args, **kwargs):
+    """safetensors' save_file on a full disk: a SafetensorError, not an OSError."""
+    raise SafetensorError(_FULL)
+
+
+def test_generate_on_a_full_disk_keeps_the_earlier_state(env, tmp_path, capsys, monkeypatch):
+    """`generate --save-state F` when the disk fills: one line naming --save-state and ENOSPC; F keeps the
+    earlier state byte for byte and no temporary file is left beside it."""
+    state = tmp_path / "book.safetensors"
+    assert _generate(env, "--prompt", "the sea " * 10, "--save-state", str(state)) == 0
+    before = state.read_bytes()
+    monkeypatch.setattr(cache_module, "save_file", _full_disk)
+    capsys.readouterr()
+    code = _generate(env, "--prompt", "the ship " * 10, "--save-state", str(state))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"--save-state {state}" in err and "No space left on device (ENOSPC)" in err, err
+    assert state.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [state.name]
+
+
+def test_api_save_state_on_a_full_disk_is_an_oserror_naming_the_file(env, tmp_path, monkeypatch):
+    """InferenceSession.save_state when the disk fills: an OSError with errno ENOSPC naming the file (not
+    the library's SafetensorError), the earlier file intact, nothing partial."""
+    from landmark.checkpoint import load_model
+
+    model, tok, _ = load_model(env["run"])
+    session = InferenceSession(model, 1, k=2, chunk_len=32)
+    session.read(
+        insert_landmarks(
+            torch.tensor([tok.encode("the sea and the ship " * 4)]), BS, model.config.landmark_id
+        )
+    )
+    path = tmp_path / "state.safetensors"
+    session.save_state(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(cache_module, "save_file", _full_disk)
+    with pytest.raises(OSError) as caught:
+        session.save_state(path)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_atomic_write_reports_a_library_error_of_a_full_disk_as_oserror(tmp_path):
+    """A writer that fails the way safetensors and torch do on a full disk (their own exception kinds,
+    the errno in the message or in the exception being handled): an OSError of that errno naming the
+    destination; no temporary file."""
+    path = tmp_path / "out.bin"
+
+    def torch_like(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+            ) from None
+
+    for writer in (torch_like, _full_disk):
+        with pytest.raises(OSError) as caught:
+            atomic_write(path, writer)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_file_refuses_devices_loops_and_unwritable_folders(tmp_path, monkeypatch):
+    """A destination that is not a regular file (a FIFO, a device: an atomic rename would replace the
+    device node itself), a symbolic link loop, a folder this user cannot write: one-line ValueErrors."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    kwargs = {"kind": "a saved state", "is_kind": lambda p: False, "overwrite": True}
+    with pytest.raises(ValueError, match=r"--save-state .*fifo is not a regular file"):
+        check_output_file(fifo, "--save-state", **kwargs)
+    with pytest.raises(ValueError, match=r"--save-state .*loop cannot be used: .*ELOOP"):
+        check_output_file(loop, "--save-state", **kwargs)
+    with pytest.raises(ValueError, match=r"--save-state .* is not a regular file"):
+        check_output_file("/dev/null", "--save-state", **kwargs)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(ValueError, match=r"its folder .* is not writable"):
+        check_output_file(tmp_path / "new.st", "--save-state", **kwargs)
+
+
+def test_generate_refuses_a_fifo_for_save_state_even_with_overwrite(env, tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    capsys.readouterr()
+    assert _generate(env, "--prompt", "x", "--save-state", str(fifo), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --save-state") and "not a regular file" in err and err.count("\n") == 1
+    assert fifo.exists() and not fifo.is_file()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 pytest.importorskip("transformers")
 
@@ -26,8 +28,10 @@ from hf_helpers import converted, write_tiny
 
 import landmark.hf as lhf
 from landmark.cli import main
+from landmark.hf import cli as hf_cli
 from landmark.hf.convert import encode_text
 from landmark.hf.generate import prompt_ids
+from landmark.inference import cache as cache_module
 
 # One window of the tiny model: block size 8, 32 positions, a few windows of the small corpus.
 TINY = ["--block-size", "8", "--max-length", "32", "--batch-size", "1", "--warmup-steps", "0"]
@@ -379,3 +383,75 @@ def test_hf_generate_names_a_missing_model_folder(home, capsys):
     argv = ["hf", "generate", "--model", str(home / "nope"), "--prompt", "x", "--k", "0"]
     line = refused(argv, capsys, "does not exist", home)
     assert "Repo id" not in line
+
+
+# ---- outputs onto inputs, memory, a full disk ---------------------------------------------------------
+
+
+def test_convert_and_finetune_never_write_over_the_model_they_read(tiny, home, capsys):
+    """--out naming --model (or a folder inside it) with --overwrite would replace the model being read
+    (convert did, in place); refused before anything is loaded, the model folder untouched."""
+    model, corpus = tiny
+    for out, says in ((model, f"--out {model} is --model"), (model / "sub", "is inside --model")):
+        line = refused(["hf", "convert", "--model", str(model), "--out", str(out), "--block-size", "8",
+                        "--overwrite"], capsys, says, home, model)  # fmt: skip
+        assert "which this command reads" in line
+        refused(finetune_argv(model, corpus, out, "--steps", "1", "--overwrite"), capsys, says, home, model)
+    refused(finetune_argv(model, corpus, corpus, "--steps", "1", "--overwrite"), capsys, "is --corpus", home)
+
+
+def test_finetune_refuses_a_batch_that_certainly_cannot_fit(tiny, home, capsys):
+    """--batch-size 10**8 (the run sat allocating): the windows' activations and logits alone need more
+    than this machine has; one line naming --batch-size, before anything is loaded."""
+    model, corpus = tiny
+    argv = finetune_argv(model, corpus, home / "out", "--steps", "1")
+    argv[argv.index("--batch-size") + 1] = "100000000000"
+    line = refused(argv, capsys, "--batch-size 100000000000: fine-tuning", home, model)
+    assert "needs at least" in line
+
+
+def test_hf_generate_on_a_full_disk_keeps_the_earlier_state(landmark_model, home, capsys, monkeypatch):
+    """`hf generate --save-state F` when the disk fills (safetensors' own error): one line naming
+    --save-state and ENOSPC, F as it was, no temporary file."""
+    model, tok = landmark_model
+    folder = home / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    state = home / "book.safetensors"
+    argv = ["hf", "generate", "--model", str(folder), "--prompt", "the sea " * 8, "--max-new-tokens", "1",
+            "--k", "2", "--chunk-len", "16", "--save-state", str(state)]  # fmt: skip
+    assert main(argv) == 0
+    before = state.read_bytes()
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(cache_module, "save_file", full)
+    line = refused(argv, capsys, f"--save-state {state}", folder)
+    assert "No space left on device (ENOSPC)" in line
+    assert state.read_bytes() == before and not [p for p in home.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_hf_generate_checks_the_load_state_before_loading_the_model(
+    landmark_model, home, capsys, monkeypatch
+):
+    """A --load-state that is no saved state, or one of a model with other layers: refused from the file's
+    header and config.json, before the model is loaded (that took 15 s for SmolLM2)."""
+    model, tok = landmark_model
+    folder = home / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    junk = home / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 8)
+    other = home / "other.safetensors"
+    meta = {
+        "format": "landmark-stream-state-v1",
+        "n_layers": "99",
+        "block_size": str(model.config.landmark_block_size),
+    }
+    save_file({"length": torch.zeros(1, dtype=torch.long)}, str(other), metadata=meta)
+    monkeypatch.setattr(hf_cli, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    for state, says in ((junk, "is not a saved state"), (other, "was saved for a model with n_layers 99")):
+        argv = ["hf", "generate", "--model", str(folder), "--prompt", "hi", "--load-state", str(state)]
+        assert says in refused(argv, capsys, f"--load-state {state}", folder)

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
+from landmark import checkpoint as checkpoint_module
+from landmark import train as train_module
 from landmark.checkpoint import latest_checkpoint
 from landmark.cli import main
 from landmark.files import RunLock
@@ -136,16 +139,39 @@ BAD_VALUES = [
     # found only once the tokenizer exists (after the cached data is loaded), still before any write
     ("model.vocab_size=300", "model.vocab_size (300) is smaller than the tokenizer's"),
     ("model.seq_len=65536", "train split"),
+    # memory that certainly cannot fit (a lower bound against MemTotal), refused before any allocation
+    ("model.n_embd=1048576", "model.n_embd=1048576: training the model ("),
+    ("model.n_layer=100000000", "model.n_layer=100000000: training the model ("),
+    ("model.vocab_size=1000000000000", "model.vocab_size=1000000000000: training the model ("),
+    ("model.mlp_ratio=1000000000", "model.mlp_ratio=1000000000: training the model ("),
+    ("train.batch_size=100000000", "train.batch_size=100000000: a training step ("),
+    ("train.eval_batch_size=100000000", "train.eval_batch_size=100000000: a training step ("),
+    # integers beyond TOML's 64 bits
+    ("train.seed=1180591620717411303424", "train.seed must be an integer that fits in 64 bits"),
+    ("train.max_steps=99999999999999999999999", "train.max_steps must be an integer that fits in 64 bits"),
+    # folders that are not folders, and outputs onto inputs
+    ('train.out_dir="LOOP"', "is a symbolic link loop"),
+    ('data.prepared_dir="/dev/null"', "data.prepared_dir /dev/null is a file, not a folder"),
+    ('data.prepared_dir="FILE"', "is a file, not a folder"),
+    ('train.out_dir="PREPARED"', "is inside data.prepared_dir"),
+    ('data.prepared_dir="CORPUS"', "is inside data.corpus"),
 ]
 
 
 @pytest.mark.parametrize("override, needle", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
 def test_bad_value_is_one_line_and_writes_nothing(env, finished, tmp_path, capsys, override, needle):
     """The same check for a fresh run (no folder is created) and a resume (config.json is not rewritten)."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    places = {"LOOP": loop, "FILE": TINY, "PREPARED": env["prepared"], "CORPUS": env["corpus"]}
+    for name, path in places.items():
+        override = override.replace(f'"{name}"', json.dumps(str(path)))
     fresh = tmp_path / "fresh"
     run_cli_args = args_for(env, fresh, override)
     one_error_line(main(run_cli_args), capsys.readouterr().err, needle)
     assert not fresh.exists()
+    if "train.out_dir=" in override:
+        return  # the resume would go to that folder, not to the copy
     resumed = copy_run(finished, tmp_path)
     before = snapshot(resumed, env["prepared"])
     one_error_line(main(args_for(env, resumed, override, resume=True)), capsys.readouterr().err, needle)
@@ -283,6 +309,115 @@ def test_full_disk_while_checkpointing(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert main(args_for(env, out, "train.max_steps=3", "train.ckpt_every=1", resume=True)) == 0
     assert latest_checkpoint(out).name == "step_00000003"
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _torch_save_on_a_full_disk(obj, f, *args, **kwargs):
+    """What torch.save raises when the disk fills: a RuntimeError of its zip writer, raised while the
+    OSError of the write is handled (no errno of its own)."""
+    try:
+        raise _enospc()
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from None
+
+
+class _FullAfter:
+    """A file whose writes fail with ENOSPC after ``ok`` of them, the failing one half-written first."""
+
+    def __init__(self, real, ok: int) -> None:
+        self.real, self.ok = real, ok
+
+    def write(self, data) -> int:
+        if self.ok <= 0:
+            self.real.write(bytes(data)[: max(1, len(data) // 2)])
+            raise _enospc()
+        self.ok -= 1
+        return self.real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _assert_nothing_partial(out: Path) -> None:
+    """No temporary file or folder anywhere in the run folder, every checkpoint complete, every
+    metrics.jsonl line whole."""
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    for ckpt in (out / "checkpoints").iterdir() if (out / "checkpoints").is_dir() else ():
+        assert {p.name for p in ckpt.iterdir()} == {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "state.pt",
+        }
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        text = metrics.read_text()
+        assert text == "" or text.endswith("\n")
+        for line in text.splitlines():
+            json.loads(line)
+
+
+FULL_DISKS = ["state.pt (torch.save)", "model.safetensors (safetensors)", "metrics.jsonl", "config.json"]
+
+
+@pytest.mark.parametrize("where", FULL_DISKS)
+def test_a_full_disk_is_one_line_and_resumable(env, tmp_path, capsys, monkeypatch, where):
+    """The disk fills while writing each kind of file (as the libraries really report it: torch and
+    safetensors raise their own errors): one line naming the file and ENOSPC, no partial file, the
+    earlier checkpoint intact, and --resume finishes the run."""
+    out = tmp_path / "run"
+    steps = ["train.max_steps=3", "train.ckpt_every=1", "train.log_every=1", "train.keep_checkpoints=1"]
+    calls = {"n": 0}
+
+    def second_call(real):
+        def fail_on_second(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                if real is torch.save:
+                    return _torch_save_on_a_full_disk(*args, **kwargs)
+                raise SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"
+                )
+            return real(*args, **kwargs)
+
+        return fail_on_second
+
+    if where.startswith("state.pt"):
+        monkeypatch.setattr(torch, "save", second_call(torch.save))
+        needle = "the checkpoint of step 2"
+    elif where.startswith("model.safetensors"):
+        monkeypatch.setattr(checkpoint_module, "save_file", second_call(checkpoint_module.save_file))
+        needle = "the checkpoint of step 2"
+    elif where == "metrics.jsonl":
+        real_open = open
+        monkeypatch.setattr(
+            train_module, "open", lambda *a, **k: _FullAfter(real_open(*a, **k), ok=1), raising=False
+        )
+        needle = "metrics.jsonl (step 2)"
+    else:
+        monkeypatch.setattr(
+            train_module, "write_json_atomic", lambda *a, **k: (_ for _ in ()).throw(_enospc())
+        )
+        needle = "config.json"
+    rc = main(args_for(env, out, *steps))
+    one_error_line(rc, capsys.readouterr().err, needle, "No space left on device (ENOSPC)", "--resume")
+    _assert_nothing_partial(out)
+    if where != "config.json":
+        assert latest_checkpoint(out).name == "step_00000001"
+    monkeypatch.undo()
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    assert main(args_for(env, out, *steps, resume=True)) == 0, capsys.readouterr().err
+    assert latest_checkpoint(out).name == "step_00000003"
+    _assert_nothing_partial(out)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-3:] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_non_finite_loss_says_what_is_known(env, tmp_path, capsys):

@@ -41,6 +41,7 @@ from landmark.eval.ruler_data import (
     ruler_environment,
     use_prepared_ruler,
 )
+from landmark.hf.checks import TOKENIZER_FILES
 from landmark.inference.options import (
     Reading,
     add_device_argument,
@@ -50,6 +51,7 @@ from landmark.inference.options import (
     resolve_device,
 )
 from landmark.optional import pyplot, require
+from landmark.resources import INT64, check_fits
 
 # RULER's tasks that lm_eval 0.4.13 generates without a network (qa_squad, qa_hotpot download data)
 RULER_TASKS = (
@@ -103,12 +105,22 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
     if short:
         raise ValueError(f"--lengths: {short} below {MIN_LENGTH} tokens (RULER's prompts need room)")
     check_distinct("--lengths", args.lengths)
+    for n in args.lengths:  # a sample's token ids alone: 8 bytes a token
+        check_fits(n * INT64, f"--lengths {n}", "a prompt of that many tokens (its token ids alone)", "cpu")
     if args.limit < 1:
         raise ValueError(f"--limit must be >= 1; got {args.limit}")
     if args.max_gen_toks is not None and args.max_gen_toks < 1:
         raise ValueError(f"--max-gen-toks must be >= 1; got {args.max_gen_toks}")
     check_common_arguments(args)
     parse_models(args.model)
+    if args.tokenizer is not None:
+        folder = Path(args.tokenizer)
+        if not folder.is_dir() or not any(
+            (folder / name).is_file() for name in (*TOKENIZER_FILES, "tokenizer_config.json")
+        ):
+            raise ValueError(
+                f"--tokenizer {folder} is not a tokenizer folder (none of {', '.join(TOKENIZER_FILES)} in it)"
+            )
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError('RULER needs lm-evaluation-harness: pip install -c constraints.txt -e ".[lmeval]"')
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,39 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
             "another folder"
         )
     return out
+
+
+def check_not_input(
+    out: str | Path, reads: Iterable[tuple[str | Path | None, str]], name: str = "--out"
+) -> None:
+    """Refuse an output folder that is, holds or lies inside a folder the command reads (``reads``:
+    (folder, option) pairs; None skipped): replacing it would destroy the input, or write into it.
+
+    Raises:
+        ValueError: ``--out X is --model: write the output to another folder`` (or "holds" / "is inside").
+    """
+    try:
+        target = Path(out).resolve()
+    except (OSError, RuntimeError):
+        return  # an unusable path: check_out_folder names it
+    for folder, option in reads:
+        if folder is None:
+            continue
+        try:
+            source = Path(folder).resolve()
+        except (OSError, RuntimeError):
+            continue
+        relation = (
+            "is" if target == source
+            else "holds" if source.is_relative_to(target)
+            else "is inside" if target.is_relative_to(source)
+            else None
+        )  # fmt: skip
+        if relation is not None:
+            raise ValueError(
+                f"{name} {out} {relation} {option} {folder}, which this command reads: write the output to "
+                "another folder"
+            )
 
 
 def staging_folder(out: str | Path) -> Path:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.files import os_error_line, safetensors_metadata
 from landmark.hf import checks
 from landmark.hf.checks import clear_staging, loading, publish
 from landmark.hf.convert import convert
@@ -37,7 +38,7 @@ from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta
 from landmark.hf.finetune import FinetuneConfig, finetune
 from landmark.hf.generate import generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
-from landmark.inference.cache import StateFiles
+from landmark.inference.cache import STATE_FORMAT, StateFiles
 from landmark.inference.generate import Sampling
 from landmark.inference.options import (
     Reading,
@@ -55,6 +56,8 @@ from landmark.inference.options import (
 )
 from landmark.optional import require
 
+_FILE_OPTIONS = ("save_state", "load_state", "out", "model", "run", "corpus", "base", "distill", "init_delta")
+
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Print a ValueError or ImportError (bad option, unsupported model, missing extra) in one line."""
@@ -69,6 +72,10 @@ def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         except ImportError as err:
             hint = "the hf commands need the hf extra: pip install -c constraints.txt -e '.[hf]'"
             print(f"error: {err} ({hint})", file=sys.stderr)
+            return 2
+        except OSError as err:  # a full disk or a permission, on a file an option names
+            files = [(getattr(args, name, None), "--" + name.replace("_", "-")) for name in _FILE_OPTIONS]
+            print(f"error: {os_error_line(err, files)}", file=sys.stderr)
             return 2
 
     return run
@@ -90,6 +97,7 @@ def _check_convert_args(args: argparse.Namespace) -> None:
     config = checks.read_config(checks.check_model_folder(args.model, "--model"))
     checks.check_within_positions(config, {"block_size": args.block_size})
     checks.check_out_folder(args.out, args.overwrite, "--out")
+    checks.check_not_input(args.out, [(args.model, "--model")])
 
 
 @_user_errors
@@ -184,6 +192,33 @@ def _check_generate(args: argparse.Namespace) -> None:
     if args.k and block is not None:
         check_chunk_len(args, block)
     check_save_state(args, _model_files(Path(args.model)))
+    if args.k and args.load_state is not None:
+        _check_load_state(Path(args.load_state), Path(args.model))
+
+
+def _check_load_state(path: Path, model: Path) -> None:
+    """``--load-state``, before the model is loaded (seconds): a saved state at all, and one of a model
+    with this model's layers and block size (the weights' fingerprint is compared once it is loaded)."""
+    meta = safetensors_metadata(path)
+    if meta is None or meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"--load-state {path} is not a saved state (no {STATE_FORMAT} header)")
+    config_file = model / "config.json"
+    if not config_file.is_file() and (model / META_FILE).is_file():
+        config_file = default_smollm2_dir() / "config.json"  # a delta: its packaged base's layers
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        saved = {"n_layers": int(meta["n_layers"]), "block_size": int(meta["block_size"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # checked when the model and the state are loaded
+    if not isinstance(config, dict):
+        return
+    mine = {"n_layers": config.get("num_hidden_layers"), "block_size": _saved_block_size(model)}
+    for key, value in saved.items():
+        if mine[key] is not None and mine[key] != value:
+            raise ValueError(
+                f"--load-state {path} was saved for a model with {key} {value}; --model {model} has "
+                f"{mine[key]}: read the document again with this model"
+            )
 
 
 def _model_files(folder: Path) -> list[tuple[Path, str]]:

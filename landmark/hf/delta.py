@@ -43,6 +43,7 @@ from landmark.fingerprint import weights_fingerprint
 from landmark.hf import smollm2
 from landmark.hf.checks import (
     check_model_folder,
+    check_not_input,
     check_out_folder,
     clear_staging,
     for_option,
@@ -156,6 +157,7 @@ def check_export(
     if base is None:
         base = _run_settings(run).get("model") or smollm2.default_smollm2_dir()
     base = check_model_folder(base, "--base")
+    check_not_input(out, [(run, "--run"), (base, "--base")])
     if read_config(base).get("landmark_token_id") is not None:
         raise ValueError(
             f"--base {base} is already a landmark model: give the unconverted model the run started from"

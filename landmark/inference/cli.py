@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from landmark.checkpoint import CheckpointError, load_model
+from landmark.files import os_error_line, os_error_text
 from landmark.inference.cache import StateFiles
-from landmark.inference.generate import Sampling, generate
+from landmark.inference.generate import Sampling, check_generation_memory, generate
 from landmark.inference.options import (
     Reading,
     add_device_argument,
@@ -81,6 +82,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise ValueError(f"--prompt-file {path} cannot be read: {os_error_text(err)}") from None
     if args.batch_lines:
         return [line for line in text.splitlines() if line.strip()]
     return [text]
@@ -147,6 +150,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = [tokenizer.encode(p) for p in prompts]
         if any(not i for i in ids):
             raise ValueError("--prompt/--prompt-file: a prompt encodes to no tokens")
+        if args.no_stop:  # nothing ends the generation early: its memory is certain
+            param = next(model.parameters())
+            check_generation_memory(
+                cfg, [len(i) for i in ids], args.max_new_tokens, max_blocks=args.max_blocks,
+                element_size=param.element_size(), memory_device=args.memory_device or device,
+                option="--max-new-tokens",
+            )  # fmt: skip
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -162,6 +172,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as err:  # a saved state of another model or batch size, found when loading it
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk while saving the state (written atomically: nothing partial)
+        files = [(args.save_state, "--save-state"), (args.load_state, "--load-state")]
+        print(f"error: {os_error_line(err, files)}", file=sys.stderr)
         return 2
     if single:
         stream.finish()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from landmark.inference.cache import StateFiles
 from landmark.inference.session import InferenceSession
-from landmark.model import GPT
+from landmark.model import GPT, ModelConfig
+from landmark.resources import INT64, check_fits
 
 TokenCallback = Callable[[int, int], None]  # (batch row, token id)
 Reader = Callable[[Tensor, Tensor], Tensor]  # (ids (B, C), lengths (B,)) -> (B, vocab) last logits
@@ -51,6 +53,33 @@ class Sampling:
 
 
 GREEDY = Sampling()  # the default: the most likely token
+
+
+def check_generation_memory(
+    config: ModelConfig,
+    prompt_lengths: Sequence[int],
+    max_new_tokens: int,
+    *,
+    max_blocks: int | None = None,
+    element_size: int = 4,
+    memory_device: torch.device | str | None = None,
+    option: str = "max_new_tokens",
+) -> None:
+    """Refuse a generation that will certainly not fit (call it only when no stop token can end it
+    early): the generated ids alone (8 bytes each: a list slot) on the CPU, and, without ``max_blocks``,
+    every position's keys and values in the block memory of each layer. A ResourceError (a ValueError)
+    naming ``option``; nothing when it could fit."""
+    rows = len(prompt_lengths)
+    setting = f"{option} {max_new_tokens}" if option.startswith("--") else f"{option}={max_new_tokens}"
+    what = f"holding the ids generated for {rows} prompt{'s' if rows > 1 else ''} (8 bytes each)"
+    check_fits(rows * max_new_tokens * INT64, setting, what, "cpu")
+    if max_blocks is None:
+        positions = sum(prompt_lengths) + rows * max_new_tokens
+        per_position = config.n_layer * 2 * config.n_kv_head * config.head_dim * element_size
+        what = f"holding the keys and values of {positions:,} positions in the block memory (no block cap)"
+        check_fits(positions * per_position, setting, what, memory_device)
+
+
 NO_STATE = StateFiles()  # the default: read the prompts, save nothing
 
 
@@ -179,6 +208,19 @@ def generate_with(
     return out
 
 
+def _check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Every prompt id is an integer token of the model's vocabulary (an id out of range would index past
+    the embedding): a one-line ValueError naming the prompt and the id."""
+    for row, prompt in enumerate(prompts):
+        try:
+            ids = [operator.index(token) for token in prompt]
+        except TypeError:
+            raise ValueError(f"prompts[{row}] must hold integer token ids") from None
+        bad = next((token for token in ids if not 0 <= token < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompts[{row}] holds {bad}, not a token id in [0, {vocab_size}) of this model")
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -210,6 +252,12 @@ def generate(
     """
     if not prompts:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    _check_token_ids(prompts, model.config.vocab_size)
+    if eot_id is None and isinstance(max_new_tokens, int) and max_new_tokens >= 1:  # nothing stops it early
+        param, lengths = next(model.parameters()), [len(p) for p in prompts]
+        device, cap = session_kwargs.get("memory_device") or param.device, session_kwargs.get("max_blocks")
+        check_generation_memory(model.config, lengths, max_new_tokens, max_blocks=cap,
+                                element_size=param.element_size(), memory_device=device)  # fmt: skip
     state.check()
     session = InferenceSession(model, len(prompts), **session_kwargs)
     if state.load is not None:
