@@ -76,3 +76,12 @@ def test_generate_refuses_a_length_that_certainly_cannot_fit():
     ):
         generate(model, [tok.encode("the sea")], 10**15)
     assert len(generate(model, [tok.encode("the sea")], 2, eot_id=tok.eot_id)[0]) <= 2
+
+
+@pytest.mark.parametrize("batch_size, says", [(10**12, "batch_size=1000000000000: holding the streams'"),
+                                              (2.5, "batch_size must be an integer >= 1")])  # fmt: skip
+def test_a_session_of_impossibly_many_streams_is_refused(batch_size, says):
+    """InferenceSession(batch_size=10**12) was a MemoryError from the tail buffers' allocation."""
+    model, _, _ = load_model(SMALL)
+    with pytest.raises(ValueError, match=says):
+        InferenceSession(model, batch_size)

@@ -433,6 +433,17 @@ def test_hf_generate_on_a_full_disk_keeps_the_earlier_state(landmark_model, home
     assert state.read_bytes() == before and not [p for p in home.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_hf_generate_refuses_a_run_folder_before_loading(home, capsys, monkeypatch):
+    """A `landmark train` run folder given to hf generate: refused from its config.json (no model_type),
+    without importing a model (transformers took seconds to say "Unrecognized model")."""
+    run = home / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {}, "data": {}, "train": {}}), encoding="utf-8")
+    monkeypatch.setattr(hf_cli, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = refused(["hf", "generate", "--model", str(run), "--prompt", "hi"], capsys, f"--model {run}", home)
+    assert "no model_type" in line and "landmark generate --checkpoint" in line
+
+
 def test_hf_generate_checks_the_load_state_before_loading_the_model(
     landmark_model, home, capsys, monkeypatch
 ):

@@ -188,12 +188,33 @@ def _check_generate(args: argparse.Namespace) -> None:
             f"--model {args.model}: the folder does not exist (a local model folder is expected; "
             "nothing is downloaded)"
         )
+    _check_hf_folder(Path(args.model))
     block = _saved_block_size(Path(args.model))
     if args.k and block is not None:
         check_chunk_len(args, block)
     check_save_state(args, _model_files(Path(args.model)))
     if args.k and args.load_state is not None:
         _check_load_state(Path(args.load_state), Path(args.model))
+
+
+def _check_hf_folder(model: Path) -> None:
+    """A folder whose config.json is not a Hugging Face model's (a run folder of `landmark train`, say)
+    is refused from that file, before transformers loads anything (seconds)."""
+    if (model / META_FILE).is_file():
+        return  # a delta: rebuilt over its packaged base
+    try:
+        config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # missing or damaged: loading it says so
+    if isinstance(config, dict) and "model_type" not in config:
+        hint = (
+            " (a run folder of `landmark train`: use `landmark generate --checkpoint`)"
+            if "train" in config
+            else ""
+        )
+        raise ValueError(
+            f"--model {model} is not a Hugging Face model folder: its config.json has no model_type{hint}"
+        )
 
 
 def _check_load_state(path: Path, model: Path) -> None:

@@ -29,6 +29,7 @@ from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache, check_la
 from landmark.inference.retrieval import RetrievalConfig, StepStats
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.model import GPT
+from landmark.resources import check_fits
 
 __all__ = [
     "DEFAULT_CHUNK_LEN",
@@ -112,8 +113,12 @@ class InferenceSession:
             raise ValueError(
                 f"retrieval inference needs a model trained with landmark attention; this one uses {kind!r}"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        param = next(model.parameters())  # each stream holds a key and a value tail block per layer
+        tails = batch_size * cfg.n_layer * 2 * cfg.n_kv_head * cfg.block_size * cfg.head_dim
+        what = "holding the streams' key/value tail blocks"
+        check_fits(tails * param.element_size(), f"batch_size={batch_size}", what, param.device)
         self.model, self.config, self.batch_size = model, cfg, batch_size
         self.retrieval = retrieval_config(retrieval, **retrieval_fields)
         self.cache = RetrievalCache(
