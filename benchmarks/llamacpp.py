@@ -105,6 +105,7 @@ def llamacpp_worker(system: str, length: int, args: argparse.Namespace) -> dict:
     if importlib.util.find_spec("llama_cpp") is None:
         return {"system": system, "length": length, "unavailable": "llama-cpp-python is not installed"}
     import llama_cpp
+    import numpy as np
     from transformers import AutoTokenizer
 
     from landmark.hf.smollm2 import default_smollm2_dir, find_gguf
@@ -122,7 +123,8 @@ def llamacpp_worker(system: str, length: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     llm.eval(ids)
     for _ in range(args.new_tokens):
-        token = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, as the landmark side
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        token = int(logits.argmax())  # greedy, as the landmark side
         new.append(token)
         stamps.append(time.perf_counter())
         if token == llm.token_eos():
