@@ -32,6 +32,7 @@ from landmark import checkpoint as checkpoint_module
 from landmark import train as train_module
 from landmark.checkpoint import latest_checkpoint
 from landmark.cli import main
+from landmark.data import dataset as dataset_module
 from landmark.files import RunLock
 from landmark.train import train
 from landmark.train_config import ConfigError, load_config
@@ -340,6 +341,12 @@ class _FullAfter:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.real.close()
+
 
 def _assert_nothing_partial(out: Path) -> None:
     """No temporary file or folder anywhere in the run folder, every checkpoint complete, every
@@ -418,6 +425,22 @@ def test_a_full_disk_is_one_line_and_resumable(env, tmp_path, capsys, monkeypatc
         2,
         3,
     ]
+
+
+def test_prepare_on_a_full_disk_is_one_line(env, tmp_path, capsys, monkeypatch):
+    """`landmark prepare` when the disk fills while writing a token array (numpy's tofile said only "N
+    requested and M written", a traceback): one line naming the array and ENOSPC, no temporary file."""
+    real_open = open
+    monkeypatch.setattr(
+        dataset_module, "open", lambda *a, **k: _FullAfter(real_open(*a, **k), ok=0), raising=False
+    )
+    out = tmp_path / "prepared"
+    rc = main(["prepare", "--corpus", str(env["corpus"]), "--vocab-size", "300", "--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # beside tqdm's progress bar
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert f"{out / 'train.bin'}: No space left on device (ENOSPC)" in errors[0]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".bin"]
 
 
 def test_non_finite_loss_says_what_is_known(env, tmp_path, capsys):

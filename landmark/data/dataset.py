@@ -156,13 +156,17 @@ def tokenize_split(
                 batch_names, starts, ids = _encode_documents(batch, tokenizer)
                 names += batch_names
                 doc_starts += [offset + s for s in starts]
-                np.asarray(ids, dtype=dtype).tofile(f)
+                f.write(np.asarray(ids, dtype=dtype).tobytes())  # a full disk raises with its errno
                 offset += len(ids)
                 bar.update(sum(d.size for d in batch))
         if not names:
             raise CorpusError(f"every document of split {path.stem!r} is empty or whitespace: add some text")
         meta_path.unlink(missing_ok=True)  # never pair an old description with a new array
         tmp.replace(path)
+    except OSError as err:  # named after the array, not its temporary file (which goes)
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
     meta = {
