@@ -24,6 +24,7 @@ from landmark.checkpoint import CheckpointError, load_model, save_checkpoint
 from landmark.cli import main
 from landmark.data import prepare_data
 from landmark.data.tokenizer import Tokenizer
+from landmark.eval import cli as eval_cli
 from landmark.model import GPT, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -479,3 +480,21 @@ def test_a_huge_k_reads_as_every_block_without_allocating_for_it(env):
     for kernel in ("auto", "torch"):
         want = generate(model, prompt, 4, k=64, chunk_len=32, kernel=kernel)
         assert generate(model, prompt, 4, k=10**9, chunk_len=32, kernel=kernel) == want
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [(["--window-len", "100000"], "--window-len 100000 exceeds the base model's window (256)"),
+     (["--windows", "10000000000", "--window-len", "128"], "--windows 10000000000 x --window-len 128: the")],
+)  # fmt: skip
+def test_base_check_refuses_windows_before_loading_a_model(env, capsys, monkeypatch, tmp_path, extra, says):
+    """--window-len beyond the base's positions and more windows than the text can hold: refused from
+    config.json and the corpus's size, before a model is loaded or a token counted (that took seconds)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 256}))
+    monkeypatch.setattr(eval_cli, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["eval", "base-check", "--model", f"m=hf:{env['hf']}", "--base", str(base), "--corpus",
+            str(env["root"] / "corpus"), "--out", str(env["out"]), *extra]  # fmt: skip
+    line = _refused(env, argv, extra[0], capsys, monkeypatch)
+    assert says in line

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from landmark.data import CorpusError, load_split, prepare_data
+from landmark.data import CorpusError, bundled_books, load_split, prepare_data, read_corpus
 from landmark.data.passkey import DEFAULT_MULTIKEY_KEYS, HAYSTACKS, NAMES, TASKS
 from landmark.data.wordings import WORDING_SETS
 from landmark.eval.base_check import (
@@ -209,6 +209,35 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     return _write(out, "passkey", title, table, results, args, plot_passkey, setting)
 
 
+def _check_prose_request(args: argparse.Namespace, base: Path) -> None:
+    """``--window-len`` against the base's config.json and ``--windows`` x ``--window-len`` against the
+    most tokens the held-out text can hold (a token covers at least one byte; the factor 2 is slack),
+    before any model is loaded or any text tokenized (that took seconds to refuse)."""
+    try:
+        limit = int(
+            json.loads((base / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings") or 0
+        )
+    except (OSError, ValueError, AttributeError, TypeError):
+        limit = 0  # loading the base reports a bad folder
+    if limit and args.window_len > limit:
+        raise ValueError(f"--window-len {args.window_len} exceeds the base model's window ({limit})")
+    try:
+        corpus = read_corpus(args.corpus if args.corpus is not None else bundled_books())
+    except CorpusError as err:
+        raise ValueError(f"--corpus: {err}") from None
+    docs = corpus.splits.get(args.split)
+    if docs is None:
+        raise ValueError(
+            f"--split: corpus {corpus.root} has no split {args.split!r}; it has {sorted(corpus.splits)}"
+        )
+    most = 2 * (sum(d.size for d in docs) + len(docs))
+    if args.windows * args.window_len > most:
+        raise ValueError(
+            f"--windows {args.windows} x --window-len {args.window_len}: the {args.split} text holds at most "
+            f"{most:,} tokens"
+        )
+
+
 def _base_check_inputs(args: argparse.Namespace):
     """``(models, base, windows)`` of ``eval base-check``, every argument checked before any work."""
 
@@ -223,6 +252,7 @@ def _base_check_inputs(args: argparse.Namespace):
     device = resolve_device(args.device)
     if args.base is None:
         args.base = str(default_smollm2_dir())
+    _check_prose_request(args, Path(args.base.removeprefix(HF_PREFIX)))
     base = load_hf("base", args.base.removeprefix(HF_PREFIX), device)
     if base.retrieves:
         raise ValueError(f"--base {args.base} is a landmark model: give the model it was made from")
