@@ -214,11 +214,12 @@ def _check_prose_request(args: argparse.Namespace, base: Path) -> None:
     most tokens the held-out text can hold (a token covers at least one byte; the factor 2 is slack),
     before any model is loaded or any text tokenized (that took seconds to refuse)."""
     try:
-        limit = int(
-            json.loads((base / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings") or 0
-        )
+        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+        limit = int(config.get("max_position_embeddings") or 0)
     except (OSError, ValueError, AttributeError, TypeError):
-        limit = 0  # loading the base reports a bad folder
+        config, limit = {}, 0  # loading the base reports a bad folder
+    if (base / "delta.json").is_file() or "landmark_token_id" in config:
+        raise ValueError(f"--base {args.base} is a landmark model: give the model it was made from")
     if limit and args.window_len > limit:
         raise ValueError(f"--window-len {args.window_len} exceeds the base model's window ({limit})")
     try:
