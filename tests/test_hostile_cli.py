@@ -397,7 +397,8 @@ print(json.dumps(out))
 
 
 def test_permission_denied_is_one_line(env, tmp_path_factory):
-    """Files and folders this user may not read or write (chmod 000; as root the cases run as nobody):
+    """Files and folders this user may not read or write (chmod 000; as root the cases run without the
+    capabilities that let root read and write anything, so the permissions hold for them):
     a config, a prompt file, a checkpoint folder, the folder of --save-state and of train.out_dir. Each
     is one line naming it, never a PermissionError traceback."""
     prefix = []
@@ -405,7 +406,9 @@ def test_permission_denied_is_one_line(env, tmp_path_factory):
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("root without setpriv: permissions cannot be denied")
-        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        # root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: chmod 000 denies it, while the repository
+        # and its venv (root's, possibly in a private temporary folder) stay readable
+        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
     work = Path(tempfile.mkdtemp(prefix="landmark-perm-"))  # outside pytest's private folder
     try:
         work.chmod(0o755)
