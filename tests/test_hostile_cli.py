@@ -230,6 +230,9 @@ EVAL_CASES = [
     ([*PPL[:4], "--data", "{other_data}", "--out", "{out}"], "--data"),  # data of another tokenizer
     ([*PPL[:6], "--out", "{file}"], "--out"),
     ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
+    # memory that certainly cannot fit (a MemoryError from numpy before)
+    ([*PASSKEY, "--trials", "1000000000000"], "--trials 1000000000000: holding the keys"),
+    ([*PASSKEY, "--lengths", "1000000000000"], "--lengths 1000000000000: a prompt of that many tokens"),
 ]
 
 

@@ -53,6 +53,7 @@ from landmark.data.wordings import KINDS, PAPER, PAPER_KIND, WORDING_SETS, Wordi
 from landmark.data.wordings import fingerprint as wording_fingerprint
 from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
 from landmark.optional import pyplot
+from landmark.resources import INT64, check_fits
 
 NEEDLE_STREAM, HAYSTACK_STREAM, WORDING_STREAM = 1, 2, 3  # random streams of a trial, besides its key
 WORDING_LABELS = {"train": "training wordings", "held-out": "held-out wordings", "all": "all wordings"}
@@ -271,8 +272,9 @@ def check_passkey_cells(
     task: PasskeyTask = PasskeyTask(),
 ) -> None:
     """One-line ValueErrors, before any work, for cells that cannot be run: a bad task, ``trials`` < 1,
-    a negative ``seed``, depths outside [0, 1], or a length (``option`` on the command line) too short
-    to hold the prompt of one of its trials (its key sentences and question without filler)."""
+    a negative ``seed``, depths outside [0, 1], a length (``option`` on the command line) too short
+    to hold the prompt of one of its trials (its key sentences and question without filler), or trials
+    and lengths whose keys or prompts certainly cannot fit in this machine's memory."""
     task.check()
     if trials < 1:
         raise ValueError(f"--trials must be >= 1; got {trials}")
@@ -283,6 +285,15 @@ def check_passkey_cells(
         raise ValueError(f"--depths must be a non-empty list of fractions in [0, 1]; got {depths}")
     if not lengths:
         raise ValueError(f"{option} is empty: give at least one prompt length in tokens")
+    cells = len(lengths) * len(depths)
+    check_fits(
+        cells * trials * INT64,
+        f"--trials {trials}",
+        f"holding the keys of {cells} cells (8 bytes a trial)",
+        "cpu",
+    )
+    for n in lengths:  # a prompt's token ids alone: 8 bytes a token
+        check_fits(n * INT64, f"{option} {n}", "a prompt of that many tokens (its token ids alone)", "cpu")
     for m in models:
         prompts = PasskeyPrompts(m.encoder)
         for n in lengths:
