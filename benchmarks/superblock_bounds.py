@@ -71,17 +71,17 @@ def recording(calls: list[dict]):
     """Record ``needed_share`` at every bounded selection of old blocks while the block runs."""
     from landmark.inference import retrieval
 
-    original = retrieval.bounded_top_k
+    original = retrieval.bounded_candidates
 
     def recorded(q, keys, k, blocks=None):
         calls.append({"blocks": keys.shape[-2], **needed_share(q, keys, k)})
         return original(q, keys, k, blocks)
 
-    retrieval.bounded_top_k = recorded
+    retrieval.bounded_candidates = recorded
     try:
         yield
     finally:
-        retrieval.bounded_top_k = original
+        retrieval.bounded_candidates = original
 
 
 def share(calls: list[dict], name: str) -> float | None:

@@ -20,7 +20,6 @@ from landmark.eval.models import (
 from landmark.files import write_json_atomic, write_text_atomic  # noqa: F401 - the evaluations' writers
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
-from landmark.inference.retrieval import RetrievalConfig
 
 __all__ = [
     "CellCache",
@@ -33,8 +32,8 @@ __all__ = [
     "weights_fingerprint",
 ]
 
-_RETRIEVAL = RetrievalConfig()
-DEFAULT_OPTIONS = {"kernel": _RETRIEVAL.kernel, "max_blocks": None, "search": _RETRIEVAL.search}
+# the default reading's options that change results (where the memory lives does not)
+DEFAULT_OPTIONS = {k: v for k, v in sorted(Reading().options.items()) if k != "memory_device"}
 
 
 class CellCache:

@@ -70,8 +70,6 @@ LORA_TARGET_SETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
-SUMMARY_FILE = FINETUNE_SUMMARY_FILE
-ADAPTER_FOLDER = LORA_ADAPTER_FOLDER
 RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interrupted run resumes with
 # settings a resumed run may change: how long this call runs, what is printed, and the steps it ends at
 # (no fewer than it has done: --steps <steps done> finishes a run stopped by --max-minutes where it is)
@@ -610,7 +608,7 @@ def _stop_early(run: _Run, trainer: Any, summary: dict[str, Any]) -> dict[str, A
         )
         if run.lock is not None:
             run.lock.release()
-        write_json_atomic(run.staging / SUMMARY_FILE, summary)  # replaced when the run ends
+        write_json_atomic(run.staging / FINETUNE_SUMMARY_FILE, summary)  # replaced when the run ends
     return summary
 
 
@@ -622,7 +620,7 @@ def _publish(run: _Run, trainer: Any, tokenizer: Any, summary: dict[str, Any]) -
         for old in run.staging.glob("checkpoint-*"):  # resume state (optimizer...): not part of the model
             shutil.rmtree(old, ignore_errors=True)
         (run.staging / RUN_FILE).unlink(missing_ok=True)
-        write_json_atomic(run.staging / SUMMARY_FILE, summary)
+        write_json_atomic(run.staging / FINETUNE_SUMMARY_FILE, summary)
         if run.lock is not None:
             run.lock.release()
         publish(run.out)
@@ -746,7 +744,7 @@ def _save(trainer: Any, tokenizer: Any, out: Path, lora: bool) -> None:
         return
     if trainer.is_world_process_zero():
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        peft_model.save_pretrained(out / ADAPTER_FOLDER)
+        peft_model.save_pretrained(out / LORA_ADAPTER_FOLDER)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)

@@ -72,7 +72,7 @@ from torch import Tensor
 from landmark.inference import kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, search_candidates
-from landmark.inference.superblocks import bounded_top_k, top_k_candidates
+from landmark.inference.superblocks import bounded_candidates, top_k_candidates
 from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
 
@@ -716,12 +716,9 @@ def _bounded_select(q_lm: Tensor, landmark_keys: Tensor, k: int) -> tuple[Tensor
     if n > k:
         q_old = _grouped(q_lm[:, :, :, 0], kv_heads).reshape(batch, kv_heads, -1, dim)
         old_keys = landmark_keys[:, :, : n - k]
-        old, visited = bounded_top_k(q_old, old_keys, k)
-        keys = old_keys[:, :, None].expand(-1, -1, old.shape[2], -1, -1)
-        picked = keys.gather(3, old[..., None].expand(*old.shape, dim))
-        old_scores = (picked.double() @ q_old.double()[..., None]).squeeze(-1).to(q_lm.dtype)
+        old, old_scores = bounded_candidates(q_old, old_keys, k)  # the old blocks' top k among them
         cand, recent = torch.cat((old, cand), dim=-1), torch.cat((old_scores, recent), dim=-1)
-        scored += int(visited.sum()) // kv_heads
+        scored += int((old >= 0).sum()) // kv_heads
     selected = top_k_candidates(cand, recent, k)
     return selected.reshape(batch, heads, rows, k), None, scored
 

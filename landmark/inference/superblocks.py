@@ -102,6 +102,15 @@ def bounded_top_k(
         ``(index, visited)``: (..., R, min(k, N)) int64 key indices in ascending order, the full scan's
         selection (ties to the higher index); (..., R) int64 keys scored exactly per query.
     """
+    index, scores = bounded_candidates(q, keys, k, blocks)
+    return top_k_candidates(index, scores, min(k, keys.shape[-2])), (index >= 0).sum(-1)
+
+
+def bounded_candidates(
+    q: Tensor, keys: Tensor, k: int, blocks: SuperBlocks | None = None
+) -> tuple[Tensor, Tensor]:
+    """The keys :func:`bounded_top_k` scores exactly, a superset of every query's top ``k``: (..., R, M)
+    key indices (-1: padding) and their scores (-inf there). Arguments as ``bounded_top_k``."""
     n = keys.shape[-2]
     if blocks is None:
         blocks = summarize(keys)
@@ -120,8 +129,7 @@ def bounded_top_k(
         if bool((sorted_bounds[..., visit] < kth).all()):
             break  # no unvisited super-block can reach the k-th best of any query
         visit = min(blocks.count, 2 * visit)
-    visited = (index >= 0).sum(-1)
-    return top_k_candidates(index, scores, k), visited
+    return index, scores
 
 
 def _members(q: Tensor, keys: Tensor, chosen: Tensor, group: int) -> tuple[Tensor, Tensor]:
