@@ -1,6 +1,6 @@
 """Benchmark: how many tensor operations (and host synchronisations) a Hugging Face landmark model
 dispatches per layer and chunk while it reads a long input: the cost that bounds reading on a GPU,
-where every operation is a kernel launch (session 13's GPU check read 16,384 tokens in 25.9 s).
+where every operation is a kernel launch (an H200 read 16,384 tokens in 25.9 s on the eager path).
 
 A random Llama with SmolLM2-135M's head layout (9 query heads, 3 kv heads; small widths and 2 layers:
 the counts do not depend on the widths) converted with landmarks (blocks of 64) reads ``--length``

@@ -5,7 +5,7 @@ bundled book, each in its own process, one thread:
 
 * ``memory``: ``generate`` over a ``--memory-tokens`` prompt (default 100,000) and 16 new tokens; the
   growth of the peak resident memory from before the call to after it, against the block memory
-  (every layer's stored landmark keys, keys and values, as allocated). Target (issue 13): growth at
+  (every layer's stored landmark keys, keys and values, as allocated). Target: growth at
   most the block memory + 300 MB, i.e. the logits of the prompt are never held.
 * ``reuse``: read a ``--doc-tokens`` document (default 32,768) and save its state; then, in a new
   session, load the state and answer a question (16 prompt tokens, 16 generated), against reading the

@@ -34,6 +34,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from landmark.files import atomic_write, check_output_file, safetensors_metadata
+from landmark.inference import graph
 from landmark.inference.memory import BlockMemory
 from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention, step_plan
 from landmark.inference.search import LandmarkIndex
@@ -289,6 +290,8 @@ class RetrievalCache:
         self, layer: int, state: _Layer, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float
     ) -> Tensor:
         """retrieval_attention of one chunk (at most ``chunk_len`` new positions); commit it."""
+        if self.retrieval.takes_graph(q.dtype, q.device, state.memory):
+            return self._attend_graph(state, q, k, v, lengths, scale)
         local_k, local_v, local_len = self._local(state, k, v, lengths)
         lengths_dev = lengths.to(q.device)
         plan = self._step_plan(state, q, local_len, lengths_dev, local_k.shape[2])
@@ -297,6 +300,31 @@ class RetrievalCache:
             self.block_size, self.rope_base, scale, self.stats, plan,
         )  # fmt: skip
         self._commit(state, local_k, local_v, local_len)
+        state.length += lengths
+        return out
+
+    def _attend_graph(
+        self, state: _Layer, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float
+    ) -> Tensor:
+        """The chunk through ``landmark.inference.graph``: a fixed sequence of tensor operations."""
+        memory = state.memory
+        host = graph.HostStep(
+            tail=(state.length % self.block_size).tolist(), new=lengths.tolist(), rows=q.shape[2],
+            count=list(memory.count), start=list(memory.start), capacity=memory.capacity,
+        )  # fmt: skip
+        key = ("graph", host, q.dtype, q.device, scale)
+        if key != self._plan_key:
+            self._plan = graph.graph_step(host, self.retrieval, self.block_size, q, scale, self.rope_base)
+            self._plan_key = key
+        step: graph.GraphStep = self._plan
+        local_k, local_v = graph.local_context(step, state.tail_k, state.tail_v, k, v)
+        attend = graph.compiled_graph_attention() if self.retrieval.compile else graph.graph_attention
+        out, selected = attend(
+            q, local_k, local_v, graph.memory_tensors(memory, host), step.plan, step.config
+        )
+        graph.count_reads(self.stats, step, q.shape[1], selected)
+        state.tail_k, state.tail_v = graph.commit_blocks(step, memory, local_k, local_v)
+        state.tail_len = step.tail_len
         state.length += lengths
         return out
 

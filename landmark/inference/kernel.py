@@ -25,9 +25,11 @@ reference (as ``landmark.ops.reference`` is for the training-time operators): te
 against it (outputs to float rounding, the selected blocks on non-tied scores) over odd sizes, GQA,
 ragged batches, both model families. ``RetrievalConfig.kernel`` chooses: ``"auto"`` (default: the
 kernel when it applies and compiles), ``"cpp"`` (the same, but an error if it cannot be compiled),
-``"torch"`` (never). The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a
-minute, once, cached under ``TORCH_EXTENSIONS_DIR``); if it fails, ``"auto"`` warns once and uses the
-eager path. ``LANDMARK_KERNEL=0`` in the environment turns the kernel off everywhere.
+``"graph"`` (the fixed graph of tensor operations, ``landmark.inference.graph``: the GPU path, also
+runnable on the CPU), ``"torch"`` (never). The build uses ``torch.utils.cpp_extension`` (a C++
+compiler and ninja; about a minute, once, cached under ``TORCH_EXTENSIONS_DIR``); if it fails,
+``"auto"`` warns once and uses the eager path. ``LANDMARK_KERNEL=0`` in the environment turns the
+kernel off everywhere.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from landmark.model import rope_angles
 if TYPE_CHECKING:
     from landmark.inference.memory import BlockMemory
 
-KERNELS = ("auto", "cpp", "torch")
+KERNELS = ("auto", "cpp", "graph", "torch")
 _SOURCE = Path(__file__).with_name("csrc") / "retrieval.cpp"
 _VERSION = 2  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
 

@@ -120,41 +120,65 @@ class BlockMemory:
             keys: (Hkv, m, block_size, D) un-rotated keys of m blocks, the landmark's key last.
             values: (Hkv, m, block_size, D); the landmark's value is not stored (it carries no weight).
         """
-        stored = apply_rope(keys, self._cos.to(keys.device), self._sin.to(keys.device))  # in-block offsets
         m = keys.shape[1]
-        slot = (self.start[row] + self.count[row]) % max(self.capacity, 1)
-        room = self.capacity if self.max_blocks is None else min(self.capacity, self.max_blocks)
-        if self.count[row] + m <= room and slot + m <= self.capacity:  # one copy per tensor
-            self.landmark_keys[row, :, slot : slot + m] = keys[:, :, -1].to(self.device, self.dtype)
-            self.keys[row, :, slot : slot + m] = stored.transpose(-1, -2).to(self.storage_device, self.dtype)
-            self.values[row, :, slot : slot + m] = values[:, :, :-1].to(self.storage_device, self.dtype)
-            self.count[row] += m
-        else:  # growing, wrapping around or evicting: block by block
-            for i in range(m):
-                self._append_one(row, keys[:, i, -1], stored[:, i], values[:, i])
-        if self.index is not None and keys.shape[1]:
+        kept, slots = self.claim(row, m)
+        if slots:
+            rows = torch.full((len(slots),), row, device=self.device)
+            pick = torch.tensor(kept, device=keys.device)
+            self.write(rows, torch.tensor(slots, device=self.device), keys[:, pick].transpose(0, 1),
+                       values[:, pick].transpose(0, 1))  # fmt: skip
+        if self.index is not None and m:
             self.index.add(row, keys[:, :, -1])
             self.index.forget(row, self.evicted[row], lambda: self.row_landmarks(row))
 
-    def _append_one(self, row: int, landmark_key: Tensor, keys: Tensor, values: Tensor) -> None:
-        """landmark_key: (Hkv, D) un-rotated; keys: (Hkv, block_size, D) offset-rotated; values: likewise."""
-        if self.max_blocks is not None and self.count[row] == self.max_blocks:
-            if not self.evict:
-                raise MemoryFullError(
-                    f"the block memory is full ({self.max_blocks} blocks = "
-                    f"{self.max_blocks * self.block_size} positions) and eviction is off: raise max_blocks, "
-                    "allow eviction, or shorten the input"
-                )
-            self.start[row] = (self.start[row] + 1) % self.capacity  # drop the oldest block
-            self.count[row] -= 1
-            self.evicted[row] += 1
-        if self.count[row] == self.capacity:
-            self._allocate(min(2 * self.capacity, self.max_blocks or 2 * self.capacity))
-        slot = (self.start[row] + self.count[row]) % self.capacity
-        self.landmark_keys[row, :, slot] = landmark_key.to(self.device, self.dtype)
-        self.keys[row, :, slot] = keys.transpose(-1, -2).to(self.storage_device, self.dtype)
-        self.values[row, :, slot] = values[:, :-1].to(self.storage_device, self.dtype)
-        self.count[row] += 1
+    def claim(self, row: int, m: int) -> tuple[list[int], list[int]]:
+        """Account for ``m`` new blocks of one row on the host: grow the storage if it may, evict the
+        oldest blocks first-in-first-out where capped (``MemoryFullError``, before any change, if it may
+        not), and say where the new blocks go.
+
+        Returns:
+            (kept, slots): the indices (0..m-1) of the new blocks that stay held, and their storage slots
+            (distinct; a block evicted by a later block of the same call is left out).
+        """
+        room = self.max_blocks
+        if room is not None and not self.evict and self.count[row] + m > room:
+            raise MemoryFullError(
+                f"the block memory is full ({room} blocks = {room * self.block_size} positions) and eviction "
+                "is off: raise max_blocks, allow eviction, or shorten the input"
+            )
+        need = self.count[row] + m
+        if need > self.capacity and (room is None or self.capacity < room):
+            grown = max(need, 2 * self.capacity)
+            self._allocate(grown if room is None else min(grown, room))
+        slots = []
+        for _ in range(m):
+            if self.count[row] == self.capacity:  # full (capped): drop the oldest block
+                self.start[row] = (self.start[row] + 1) % self.capacity
+                self.count[row] -= 1
+                self.evicted[row] += 1
+            slots.append((self.start[row] + self.count[row]) % self.capacity)
+            self.count[row] += 1
+        kept = min(m, self.capacity)
+        return list(range(m - kept, m)), slots[m - kept :]
+
+    def write(self, rows: Tensor, slots: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Store P blocks at the given (row, slot) pairs (slots from ``claim``).
+
+        Args:
+            rows, slots: (P,) long, on the model's device.
+            keys: (P, Hkv, block_size, D) un-rotated, the landmark's key last; values: (P, Hkv,
+                block_size, D), the landmark's value is not stored.
+        """
+        cos, sin = self._cos, self._sin
+        if cos.device != keys.device:
+            cos, sin = cos.to(keys.device), sin.to(keys.device)
+        stored = apply_rope(keys, cos, sin).transpose(-1, -2)  # rotated by the in-block offsets, key-major
+        self.landmark_keys[rows, :, slots] = keys[:, :, -1].to(self.dtype)
+        if self.storage_device != self.device:
+            rows, slots = rows.to(self.storage_device), slots.to(self.storage_device)
+            stored, values = stored.to(self.storage_device), values.to(self.storage_device)
+        self.keys[rows, :, slots] = stored.to(self.dtype)
+        self.values[rows, :, slots] = values[:, :, :-1].to(self.dtype)
 
     def landmarks(self) -> Tensor:
         """(B, Hkv, N, D) landmark keys in logical order, N = max count (rows with fewer are padded)."""
@@ -184,14 +208,8 @@ class BlockMemory:
             values: (B, Hkv, M, block_size - 1, D) of the regular tokens. Only these blocks of these
             heads are read and moved.
         """
-        b, h, m = logical.shape
-        row_head = torch.arange(b * h, device=logical.device).view(b, h, 1) * self.capacity
-        flat = (row_head + self.physical_index(logical)).view(-1)  # index into (B * Hkv * capacity)
-        n, d = self.block_size, self.head_dim
-        sto = flat.to(self.storage_device)
-        keys = self.keys.view(-1, d, n).index_select(0, sto).to(self.device).view(b, h, m, d, n)
-        values = self.values.view(-1, n - 1, d).index_select(0, sto).to(self.device).view(b, h, m, n - 1, d)
-        return keys, values
+        keys, values = gather_blocks(self.keys, self.values, self.physical_index(logical))
+        return keys.to(self.device), values.to(self.device)
 
     def raw_keys(self, keys: Tensor) -> Tensor:
         """Stored (offset-rotated, key-major) block keys (..., D, block_size) -> the un-rotated keys
@@ -244,3 +262,21 @@ class BlockMemory:
         """Bytes of one block's stored keys (landmark's included) and values, all kv heads: what
         retrieving it for every kv head reads."""
         return (2 * self.block_size - 1) * self.kv_heads * self.head_dim * self.keys.element_size()
+
+
+def gather_blocks(keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """Blocks chosen separately for every kv head, read where they are stored.
+
+    Args:
+        keys: (B, Hkv, capacity, D, block_size) and values: (B, Hkv, capacity, block_size - 1, D), a
+            memory's storage; slots: (B, Hkv, M) storage slots (any device).
+
+    Returns:
+        (B, Hkv, M, D, block_size) keys and (B, Hkv, M, block_size - 1, D) values, on the storage's device.
+    """
+    b, h, m = slots.shape
+    capacity, d, n = keys.shape[2], keys.shape[3], keys.shape[4]
+    row_head = torch.arange(b * h, device=slots.device).view(b, h, 1) * capacity
+    flat = (row_head + slots).view(-1).to(keys.device)  # index into (B * Hkv * capacity)
+    picked_keys = keys.view(-1, d, n).index_select(0, flat).view(b, h, m, d, n)
+    return picked_keys, values.view(-1, n - 1, d).index_select(0, flat).view(b, h, m, n - 1, d)

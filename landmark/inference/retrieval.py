@@ -93,7 +93,9 @@ class RetrievalConfig:
     # faiss: blocks per stream from which the index is approximate (HNSW) instead of exact (flat)
     approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS
     compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
-    kernel: str = "auto"  # CPU float32 steps: "auto" (fused C++ kernel where it applies) | "cpp" | "torch"
+    # "auto": the fused C++ kernel for CPU float32 steps, the fixed graph (landmark.inference.graph) on
+    # other devices, else the reference | "cpp" | "graph" | "torch" (the reference)
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -117,15 +119,26 @@ class RetrievalConfig:
             raise ValueError(f"compile must be True or False; got {self.compile!r}")
         if self.kernel not in kernel.KERNELS:
             raise ValueError(f"kernel must be one of {kernel.KERNELS}; got {self.kernel!r}")
+        if self.kernel == "graph" and self.search != "exact":
+            raise ValueError(
+                f'kernel="graph" scans every landmark: search must be "exact"; got {self.search!r}'
+            )
 
     def kernel_for(self, dtype: torch.dtype, device: torch.device, memory: BlockMemory | None):
         """The compiled C++ kernel if a step with queries of ``dtype`` on ``device`` over ``memory``
         takes it, else None (see ``landmark.inference.kernel``)."""
-        if self.kernel == "torch":
+        if self.kernel in ("torch", "graph"):
             return None
         if not kernel.kernel_applies(dtype, device, memory, self.compile):
             return None
         return kernel.kernel_module(required=self.kernel == "cpp")
+
+    def takes_graph(self, dtype: torch.dtype, device: torch.device, memory: BlockMemory | None) -> bool:
+        """Whether a step with queries of ``dtype`` on ``device`` takes the fixed graph of tensor
+        operations (``landmark.inference.graph``): asked for, or ``"auto"`` off the CPU (exact search)."""
+        if self.kernel == "graph":
+            return True
+        return self.kernel == "auto" and self.search == "exact" and torch.device(device).type != "cpu"
 
     @property
     def kernel_selects(self) -> bool:
