@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -62,6 +63,9 @@ from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
 from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
 from landmark.model import apply_rope, rope_angles
+
+
+_UNROTATED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()  # zero position ids
 
 
 @functools.cache
@@ -158,8 +162,8 @@ class _RetrievalLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        length = self.stream.seq_length(self.layer_idx)
-        return int(length[0]) if length.numel() else 0
+        length = self.stream.seq_length(self.layer_idx).tolist()  # host integers: no device read
+        return length[0] if length else 0
 
     def get_max_length(self) -> int:
         return -1
@@ -249,6 +253,7 @@ class LandmarkRetrievalCache(Cache):
             max_blocks=max_blocks, evict=evict,
         )  # fmt: skip
         super().__init__(layers=[_RetrievalLayer(self.stream, i) for i in range(config.num_hidden_layers)])
+        self._checked: tuple[Tensor, bool] | None = None  # the last position ids read, and whether zeros
 
     @property
     def stats(self):
@@ -292,10 +297,10 @@ class LandmarkRetrievalCache(Cache):
         layer_idx = int(module.layer_idx)
         t = query.shape[2]
         length = self.layers[layer_idx].get_seq_length()
-        positions = torch.arange(length, length + t, device=query.device)[None]  # (1, T)
-        if position_ids is not None and position_ids.shape[-1] == t and not bool(position_ids.any()):
+        if position_ids is not None and position_ids.shape[-1] == t and self._unrotated(position_ids):
             # unrotated_position_ids: RoPE at position 0 is the identity, q and k arrive un-rotated
             return self.stream.attend(layer_idx, query, key, value, None, scaling)
+        positions = torch.arange(length, length + t, device=query.device)[None]  # (1, T)
         if position_ids is not None and (
             position_ids.shape[-1] != t or not bool((position_ids == positions).all())
         ):
@@ -318,7 +323,18 @@ class LandmarkRetrievalCache(Cache):
         skipped (rotation at position 0 is the identity) and the outputs are the same up to float
         rounding. :func:`landmark.hf.generate.hf_reader` passes them.
         """
-        return torch.zeros(1, t, dtype=torch.long, device=device)
+        zeros = torch.zeros(1, t, dtype=torch.long, device=device)
+        _UNROTATED[id(zeros)] = zeros  # known to be zeros: no layer needs to read them back to check
+        return zeros
+
+    def _unrotated(self, position_ids: Tensor) -> bool:
+        """Whether ``position_ids`` are all zeros: known without reading them for those made by
+        ``unrotated_position_ids``; other tensors are read once (every layer of a step gets the same)."""
+        if _UNROTATED.get(id(position_ids)) is position_ids:
+            return True
+        if self._checked is None or self._checked[0] is not position_ids:
+            self._checked = (position_ids, not bool(position_ids.any()))
+        return self._checked[1]
 
     def save_state(self, path: Any, model: Any, *, overwrite: bool = False) -> None:
         """Save what the cache has read (block memories, tails, positions) to ``path`` (safetensors,

@@ -240,7 +240,7 @@ class RetrievalCache:
             raise ValueError(f"this cache holds {state.tail_k.shape[0]} streams; got a batch of {batch}")
         lengths = torch.full((batch,), t) if lengths is None else lengths.cpu().long()
         scale = scale if scale is not None else head_dim**-0.5
-        state.memory.reserve(int((state.length + lengths).max()) // self.block_size)
+        state.memory.reserve(max((state.length + lengths).tolist()) // self.block_size)  # host integers
         if t <= self.chunk_len:
             return self._attend_chunk(layer, state, q, k, v, lengths, scale)
         out = q.new_zeros(q.shape)
@@ -314,16 +314,19 @@ class RetrievalCache:
         )  # fmt: skip
         key = ("graph", host, q.dtype, q.device, scale)
         if key != self._plan_key:
-            self._plan = graph.graph_step(host, self.retrieval, self.block_size, q, scale, self.rope_base)
+            self._plan = graph.graph_step(host, self.retrieval, memory, q, scale, self.rope_base)
             self._plan_key = key
         step: graph.GraphStep = self._plan
-        local_k, local_v = graph.local_context(step, state.tail_k, state.tail_v, k, v)
-        attend = graph.compiled_graph_attention() if self.retrieval.compile else graph.graph_attention
-        out, selected = attend(
-            q, local_k, local_v, graph.memory_tensors(memory, host), step.plan, step.config
+        graph.claim_blocks(step, memory)
+        layer_step = graph.compiled_layer_step() if self.retrieval.compile else graph.layer_step
+        tail = (state.tail_k, state.tail_v)
+        out, selected, tail, pending = layer_step(
+            q, (k, v), tail, graph.memory_tensors(memory, host), step.plan, step.config
         )
+        if pending is not None:  # block contents kept on another device
+            memory.write(step.plan.writes[0], step.plan.writes[2], *pending)  # (repeated writes: the same)
         graph.count_reads(self.stats, step, q.shape[1], selected)
-        state.tail_k, state.tail_v = graph.commit_blocks(step, memory, local_k, local_v)
+        state.tail_k, state.tail_v = tail
         state.tail_len = step.tail_len
         state.length += lengths
         return out

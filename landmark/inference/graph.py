@@ -22,8 +22,12 @@ wins) to every row instead of finding the tied ones. It can be captured whole by
 one group of query rows: it gathers ``rows x heads x k`` blocks at once (``row_group`` only sets the
 rows that the ``"head"`` granularity averages over, as in the reference).
 
-``commit_blocks`` moves the chunk's complete blocks into the memory and keeps the rest as the tail, with
-a fixed number of operations too (the slots come from ``BlockMemory.claim`` on the host).
+``layer_step`` (what ``RetrievalConfig.compile`` compiles) wraps it with the rest of a layer's step:
+the local context from the tail block and the new positions, the complete blocks written into the
+memory (slots planned on the host as ``BlockMemory.claim`` gives them), the new tail block. Its
+shapes depend only on the batch, the query rows, the memory's capacity (which grows geometrically)
+and k: the local context is padded to ``block_size + rows`` positions, the scan covers every slot,
+the writes are padded to the most blocks a step can complete.
 
 Exact search only (``search="exact"``); FAISS and bounded search take the reference path.
 """
@@ -38,10 +42,9 @@ import torch
 from torch import Tensor
 
 from landmark.inference import kernel
-from landmark.inference.memory import BlockMemory, gather_blocks
+from landmark.inference.memory import BlockMemory, gather_blocks, ring_slots, store_blocks
 from landmark.inference.retrieval import (
     Rotations,
-    _apply,
     _decode_attend,
     _decode_local,
     _grouped,
@@ -49,18 +52,22 @@ from landmark.inference.retrieval import (
     _landmark_scores_at_slots,
     _top_k_recent_first,
 )
-from landmark.ops.reference import grouped_softmax
+
+RECOMPILE_LIMIT = 64  # graphs compiled for layer_step at most (compiled_layer_step)
 
 
 @dataclass(frozen=True)
 class GraphConfig:
     """The static part of a step (hashable: a compiled graph is specialised on it)."""
 
-    k: int  # K: blocks selected per query row and head (min(k, blocks held by the fullest row))
+    k: int  # K: blocks selected per query row and head (min(k, memory capacity); fewer held are masked)
     block_size: int
     granularity: str  # "token_head" | "token" | "head"
     row_group: int  # rows that the "head" granularity averages over
     scale: float
+    # the complete blocks of the step: "none" complete, "store": written into the memory by the step,
+    # "return": handed back to be written where the block contents live (another device)
+    blocks: str = "store"
 
 
 class HostStep(NamedTuple):
@@ -89,12 +96,17 @@ class GraphPlan(NamedTuple):
     recent_column: Tensor  # (B, K) logical column its slot score replaces (N: a spare column)
     recent_from: Tensor  # (B, 1, 1, 1) first logical index among the k_eff most recent blocks
     start: Tensor | None  # (B, 1, 1) ring-buffer starts (None: no row has wrapped)
+    local_index: Tensor  # (B, T) where local position t comes from in cat(tail block, new positions)
+    tail_index: Tensor  # (B, bs) where the new tail's positions come from in the local context
+    writes: Tensor  # (3, P) row, local block and memory slot of each complete block the step stores
+    offset_angles: tuple[Tensor, Tensor]  # cos, sin (bs, D/2) of the in-block offsets (stored keys)
 
 
 class MemoryTensors(NamedTuple):
     """A layer's block memory as ``graph_attention`` reads it (``BlockMemory``'s storage)."""
 
     scan: Tensor  # (B, Hkv, N, D) landmark keys of the scanned slots, in storage order, un-rotated
+    landmark_keys: Tensor  # (B, Hkv, capacity, D) all of them (written by the step)
     keys: Tensor  # (B, Hkv, capacity, D, bs) as stored (key-major, offset-rotated)
     values: Tensor  # (B, Hkv, capacity, bs - 1, D)
 
@@ -105,47 +117,50 @@ class GraphStep(NamedTuple):
     host: HostStep
     config: GraphConfig
     plan: GraphPlan
-    local_index: Tensor | None  # (B, T) where local position t comes from in cat(tail, new) (None: a slice)
-    tail_index: Tensor  # (B, bs) where the new tail's positions come from in the local context
+    claims: list[tuple[list[int], list[int]]]  # per row: ``BlockMemory.claim``'s answer for this step
     tail_len: Tensor  # (B,) the new tail lengths, on the device
 
 
 def graph_step(
-    host: HostStep, retrieval, block_size: int, q: Tensor, scale: float, rope_base: float
+    host: HostStep, retrieval, memory: BlockMemory, q: Tensor, scale: float, rope_base: float
 ) -> GraphStep:
-    """The shared part of a step whose queries are ``q`` (B, H, C, D), read with ``retrieval``
-    (a ``RetrievalConfig``): the static configuration, the plan and the local context's indices."""
-    k = min(retrieval.k, max(host.count, default=0))
-    config = GraphConfig(k, block_size, retrieval.granularity, retrieval.row_group, scale)
+    """The shared part of a step whose queries are ``q`` (B, H, C, D) over memories like ``memory``
+    (every layer's holds the same blocks), read with ``retrieval`` (a ``RetrievalConfig``)."""
+    bs = memory.block_size
+    k = min(retrieval.k, host.capacity)  # fixed: rows holding fewer blocks mask the rest
     local_len = [t + n for t, n in zip(host.tail, host.new)]
-    width = max(local_len)
-    local_index = None
-    if len(set(host.tail)) > 1 or min(host.new) < host.rows:  # tails differ or rows are padded
-        local_index = torch.tensor(
-            [[j if j < t else block_size + j - t for j in range(width)] for t in host.tail]
-        )
-        local_index = local_index.clamp_max(block_size + host.rows - 1).to(q.device)
-    else:
-        width = host.tail[0] + host.rows
-    full = [n // block_size * block_size for n in local_len]
-    tail_index = torch.tensor(
-        [[min(f + j, width - 1) for j in range(block_size)] for f in full], device=q.device
+    width = bs + host.rows  # every step with this many rows has local tensors of the same length
+    local_index = [
+        [j if j < t else min(bs + j - t, bs + host.rows - 1) for j in range(width)] for t in host.tail
+    ]
+    tail_index = [[min(n // bs * bs + j, width - 1) for j in range(bs)] for n in local_len]
+    claims, writes = _claims(host, local_len, bs, len(host.count) * (width // bs))
+    blocks = "none" if not writes[0] else "store" if memory.storage_device == memory.device else "return"
+    config = GraphConfig(k, bs, retrieval.granularity, retrieval.row_group, scale, blocks)
+    plan = plan_graph_step(host, config, width, q.shape[-1], rope_base)._replace(
+        local_index=torch.tensor(local_index),
+        tail_index=torch.tensor(tail_index),
+        writes=torch.tensor(writes, dtype=torch.long).view(3, -1),
+        offset_angles=memory.offset_angles(torch.device("cpu")),
     )
-    tail_len = torch.tensor([n % block_size for n in local_len], device=q.device)
-    plan = plan_graph_step(host, config, width, q.shape[-1], rope_base, q.device)
-    return GraphStep(host, config, plan, local_index, tail_index, tail_len)
+    tail_len = torch.tensor([n % bs for n in local_len], device=q.device)
+    return GraphStep(host, config, _to(plan, q.device), claims, tail_len)
 
 
-def local_context(
-    step: GraphStep, tail_k: Tensor, tail_v: Tensor, k: Tensor, v: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(B, Hkv, T, D) keys and values of the local context: each row's tail block, then its new
-    positions (tail_k, tail_v: (B, Hkv, bs, D); k, v: (B, Hkv, C, D))."""
-    if step.local_index is None:  # one tail length, no padding: a slice and a concatenation
-        t = step.host.tail[0]
-        return torch.cat((tail_k[:, :, :t], k), dim=2), torch.cat((tail_v[:, :, :t], v), dim=2)
-    index = step.local_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-    return torch.cat((tail_k, k), dim=2).gather(2, index), torch.cat((tail_v, v), dim=2).gather(2, index)
+def _claims(host: HostStep, local_len: list[int], block_size: int, width: int):
+    """Where every row's complete blocks go (``BlockMemory.claim``'s answers, per row), and the writes
+    as (3, width) rows, local blocks, slots: padded to ``width`` with copies of the first write (the
+    same block to the same slot again), so that the step's shapes do not depend on how many complete."""
+    claims, writes = [], [[], [], []]
+    for b, (n, c, s) in enumerate(zip(local_len, host.count, host.start)):
+        kept, slots, _, _ = ring_slots(c, s, host.capacity, n // block_size)
+        claims.append((kept, slots))
+        writes[0] += [b] * len(kept)
+        writes[1] += kept
+        writes[2] += slots
+    if writes[0]:
+        writes = [w + w[:1] * (width - len(w)) for w in writes]
+    return claims, writes
 
 
 def count_reads(stats, step: GraphStep, heads: int, selected: Tensor) -> None:
@@ -155,7 +170,7 @@ def count_reads(stats, step: GraphStep, heads: int, selected: Tensor) -> None:
         return
     host = step.host
     stats.local_positions += sum(host.tail) + sum(host.new)
-    if step.config.k:
+    if any(host.count):
         stats.landmarks_scored += sum(host.count)
         stats.block_heads_fetched += heads * sum(
             n * min(c, step.config.k) for n, c in zip(host.new, host.count)
@@ -163,35 +178,19 @@ def count_reads(stats, step: GraphStep, heads: int, selected: Tensor) -> None:
         stats.record(selected)
 
 
-def commit_blocks(
-    step: GraphStep, memory: BlockMemory, local_k: Tensor, local_v: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Move the complete blocks of the local context into ``memory`` (slots from ``BlockMemory.claim``,
-    one indexed write per tensor) and return the new tail blocks (B, Hkv, bs, D) keys and values."""
-    bs = memory.block_size
-    local_len = [t + n for t, n in zip(step.host.tail, step.host.new)]
-    memory.reserve(max(c + n // bs for c, n in zip(memory.count, local_len)))
-    rows, blocks, slots = [], [], []
-    for b, n in enumerate(local_len):
-        kept, where = memory.claim(b, n // bs)
-        rows += [b] * len(kept)
-        blocks += kept
-        slots += where
-    if slots:
-        index = torch.tensor([rows, blocks, slots], device=local_k.device)
-        nb = local_k.shape[2] // bs
-        kb = local_k[:, :, : nb * bs].unflatten(2, (nb, bs))  # (B, Hkv, nb, bs, D)
-        vb = local_v[:, :, : nb * bs].unflatten(2, (nb, bs))
-        memory.write(index[0], index[2], kb[index[0], :, index[1]], vb[index[0], :, index[1]])
-    tail = step.tail_index[:, None, :, None].expand(-1, local_k.shape[1], -1, local_k.shape[3])
-    return local_k.gather(2, tail), local_v.gather(2, tail)
+def claim_blocks(step: GraphStep, memory: BlockMemory) -> None:
+    """Account on the host for the blocks the step stores in ``memory`` (``BlockMemory.claim``), which
+    must be where ``graph_step`` planned them."""
+    for row, (kept, slots) in enumerate(step.claims):
+        if memory.claim(row, len(kept) and kept[-1] + 1) != (kept, slots):
+            raise RuntimeError("the block memory moved under a planned step (it must be reserved first)")
 
 
 def plan_graph_step(
-    host: HostStep, config: GraphConfig, local_width: int, head_dim: int, rope_base: float, device
+    host: HostStep, config: GraphConfig, local_width: int, head_dim: int, rope_base: float
 ) -> GraphPlan:
-    """The shared tensors of a step whose local context tensors are ``local_width`` positions long
-    (built on the host from ``host``'s integers, then moved to ``device`` in one copy per tensor)."""
+    """The attention's shared tensors (on the CPU) of a step whose local context tensors are
+    ``local_width`` positions long (``graph_step`` adds the local context's and the store's indices)."""
     bs, big_k, rows = config.block_size, config.k, host.rows
     k_eff = torch.tensor([min(c, big_k) for c in host.count])  # K >= min(k, c) for every row
     tail, new = torch.tensor(host.tail), torch.tensor(host.new)
@@ -218,7 +217,7 @@ def plan_graph_step(
     recent = count[:, None] - 1 - k_eff[:, None] + s  # (B, K) logical index of the block at slot s
     ok = s <= k_eff[:, None]
     recent_scan = (recent + start[:, None]) % max(host.capacity, 1) if wrapped else recent
-    plan = GraphPlan(
+    return GraphPlan(
         rotations=rotations,
         current=current,
         earlier=earlier,
@@ -230,8 +229,11 @@ def plan_graph_step(
         recent_column=torch.where(ok, recent, n_scan),
         recent_from=(count - k_eff)[:, None, None, None],
         start=start[:, None, None] if wrapped else None,
+        local_index=None,
+        tail_index=None,
+        writes=None,
+        offset_angles=None,
     )
-    return _to(plan, device)
 
 
 def _groups(
@@ -258,21 +260,74 @@ def _groups(
 
 
 def _scanned(host: HostStep) -> int:
-    """Landmark columns the scan reads: the fullest row's blocks, or every slot once a ring has wrapped."""
-    return host.capacity if any(host.start) else max(host.count, default=0)
+    """Landmark columns the scan reads: every slot (masked beyond each row's blocks), so that the shape
+    changes only when the memory grows."""
+    return host.capacity
 
 
 def _to(plan: GraphPlan, device) -> GraphPlan:
+    """The plan's tensors moved to ``device``."""
     move = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
-    return GraphPlan(*(Rotations(*map(move, v)) if isinstance(v, Rotations) else move(v) for v in plan))
+    rotations = Rotations(*map(move, plan.rotations))
+    return plan._replace(
+        **{f: move(getattr(plan, f)) for f in plan._fields[1:]}, rotations=rotations
+    )._replace(offset_angles=tuple(map(move, plan.offset_angles)))
 
 
 def memory_tensors(memory: BlockMemory, host: HostStep) -> MemoryTensors:
     """The storage ``graph_attention`` reads: the scanned landmark slots and the whole key/value store."""
-    return MemoryTensors(memory.landmark_keys[:, :, : _scanned(host)], memory.keys, memory.values)
+    return MemoryTensors(
+        memory.landmark_keys[:, :, : _scanned(host)], memory.landmark_keys, memory.keys, memory.values
+    )
 
 
 # --- The step -----------------------------------------------------------------------------------------------
+
+
+def layer_step(
+    q: Tensor,
+    new: tuple[Tensor, Tensor],
+    tail: tuple[Tensor, Tensor],
+    memory: MemoryTensors,
+    plan: GraphPlan,
+    config: GraphConfig,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    """One layer's whole step: the local context, ``graph_attention``, the complete blocks written to
+    the memory (``config.store``) and the new tail block. What ``torch.compile`` captures as one graph.
+
+    Args:
+        q: (B, H, C, D) un-rotated queries; new: keys and values (B, Hkv, C, D) of the new positions,
+            un-rotated; tail: the tail block's keys and values (B, Hkv, bs, D).
+
+    Returns:
+        outputs (B, H, C, D), selected (B, H, C, K) (``graph_attention``), the new tail block's keys
+        and values (B, Hkv, bs, D), and None, or where the block contents live elsewhere
+        (``config.blocks == "return"``) the complete blocks' keys and values for ``BlockMemory.write``.
+    """
+    index = plan.local_index[:, None, :, None].expand(-1, new[0].shape[1], -1, new[0].shape[3])
+    local_k = torch.cat((tail[0], new[0]), dim=2).gather(2, index)
+    local_v = torch.cat((tail[1], new[1]), dim=2).gather(2, index)
+    out, selected = graph_attention(q, local_k, local_v, memory, plan, config)
+    pending = None
+    if config.blocks != "none":
+        pending = complete_blocks(local_k, local_v, plan, config.block_size)
+    if config.blocks == "store":
+        storage = (memory.landmark_keys, memory.keys, memory.values)
+        store_blocks(storage, plan.writes[0], plan.writes[2], *pending, plan.offset_angles)
+        pending = None
+    index = plan.tail_index[:, None, :, None].expand(-1, local_k.shape[1], -1, local_k.shape[3])
+    return out, selected, (local_k.gather(2, index), local_v.gather(2, index)), pending
+
+
+def complete_blocks(
+    local_k: Tensor, local_v: Tensor, plan: GraphPlan, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """(P, Hkv, bs, D) keys and values of the complete blocks the step stores (``plan.writes``)."""
+    nb = local_k.shape[2] // block_size
+    kb = local_k[:, :, : nb * block_size].unflatten(2, (nb, block_size))  # (B, Hkv, nb, bs, D)
+    vb = local_v[:, :, : nb * block_size].unflatten(2, (nb, block_size))
+    rows, blocks = plan.writes[0], plan.writes[1]
+    return kb[rows, :, blocks], vb[rows, :, blocks]
 
 
 def graph_attention(
@@ -290,11 +345,7 @@ def graph_attention(
         (B, H, C, D) outputs (padding rows are zero) and the (B, H, C, K) selected logical block
         indices, ascending, -1 where a row holds fewer than K blocks and on padding rows.
     """
-    kv_heads = local_k.shape[1]
     q_att, q_lm, local_scores, lv = _decode_local(q, local_k, local_v, plan.rotations, config.scale)
-    if config.k == 0:
-        weights = grouped_softmax(local_scores, plan.current, plan.earlier)
-        return _apply(weights, lv, kv_heads), q.new_full((*q.shape[:3], 0), -1, dtype=torch.long)
     scores = _scan_scores(q_lm, memory.scan, plan)
     selected = _top_k(_pick(scores, plan, config), config.k)
     chosen = torch.where(plan.selection_valid, selected, 0)
@@ -360,7 +411,15 @@ def _physical(logical: Tensor, plan: GraphPlan, keys: Tensor) -> Tensor:
 
 
 @functools.cache
-def compiled_graph_attention():
-    """``graph_attention`` compiled once per process: the whole layer step as one graph (``fullgraph``),
+def compiled_layer_step():
+    """``layer_step`` compiled once per process: the whole layer step as one graph (``fullgraph``), with
     dynamic shapes so that chunks of other lengths and a growing memory reuse it."""
-    return torch.compile(graph_attention, fullgraph=True, dynamic=True)
+    compiled = torch.compile(layer_step, fullgraph=True)
+
+    def step(*args):
+        # one graph per kind of step (chunk, last chunk, decode; blocks completed or not; ring wrapped
+        # or not), more than dynamo's default limit of 8 recompilations
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return step

@@ -150,16 +150,10 @@ class BlockMemory:
         if need > self.capacity and (room is None or self.capacity < room):
             grown = max(need, 2 * self.capacity)
             self._allocate(grown if room is None else min(grown, room))
-        slots = []
-        for _ in range(m):
-            if self.count[row] == self.capacity:  # full (capped): drop the oldest block
-                self.start[row] = (self.start[row] + 1) % self.capacity
-                self.count[row] -= 1
-                self.evicted[row] += 1
-            slots.append((self.start[row] + self.count[row]) % self.capacity)
-            self.count[row] += 1
-        kept = min(m, self.capacity)
-        return list(range(m - kept, m)), slots[m - kept :]
+        kept, slots, count, start = ring_slots(self.count[row], self.start[row], self.capacity, m)
+        self.evicted[row] += self.count[row] + m - count
+        self.count[row], self.start[row] = count, start
+        return kept, slots
 
     def write(self, rows: Tensor, slots: Tensor, keys: Tensor, values: Tensor) -> None:
         """Store P blocks at the given (row, slot) pairs (slots from ``claim``).
@@ -169,16 +163,21 @@ class BlockMemory:
             keys: (P, Hkv, block_size, D) un-rotated, the landmark's key last; values: (P, Hkv,
                 block_size, D), the landmark's value is not stored.
         """
-        cos, sin = self._cos, self._sin
-        if cos.device != keys.device:
-            cos, sin = cos.to(keys.device), sin.to(keys.device)
-        stored = apply_rope(keys, cos, sin).transpose(-1, -2)  # rotated by the in-block offsets, key-major
-        self.landmark_keys[rows, :, slots] = keys[:, :, -1].to(self.dtype)
-        if self.storage_device != self.device:
+        if self.storage_device != self.device:  # landmark keys here, block contents there
+            self.landmark_keys[rows, :, slots] = keys[:, :, -1].to(self.dtype)
+            storage = (None, self.keys, self.values)
             rows, slots = rows.to(self.storage_device), slots.to(self.storage_device)
-            stored, values = stored.to(self.storage_device), values.to(self.storage_device)
-        self.keys[rows, :, slots] = stored.to(self.dtype)
-        self.values[rows, :, slots] = values[:, :, :-1].to(self.dtype)
+            keys, values = keys.to(self.storage_device), values.to(self.storage_device)
+            store_blocks(storage, rows, slots, keys, values, self.offset_angles(keys.device))
+        else:
+            storage = (self.landmark_keys, self.keys, self.values)
+            store_blocks(storage, rows, slots, keys, values, self.offset_angles(keys.device))
+
+    def offset_angles(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin (block_size, D/2) of the in-block offsets, on ``device``."""
+        if self._cos.device == device:
+            return self._cos, self._sin
+        return self._cos.to(device), self._sin.to(device)
 
     def landmarks(self) -> Tensor:
         """(B, Hkv, N, D) landmark keys in logical order, N = max count (rows with fewer are padded)."""
@@ -280,3 +279,45 @@ def gather_blocks(keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, 
     flat = (row_head + slots).view(-1).to(keys.device)  # index into (B * Hkv * capacity)
     picked_keys = keys.view(-1, d, n).index_select(0, flat).view(b, h, m, d, n)
     return picked_keys, values.view(-1, n - 1, d).index_select(0, flat).view(b, h, m, n - 1, d)
+
+
+def ring_slots(count: int, start: int, capacity: int, m: int) -> tuple[list[int], list[int], int, int]:
+    """Where ``m`` new blocks go in a ring of ``capacity`` slots holding ``count`` blocks from ``start``;
+    a full ring drops its oldest block first (first in, first out).
+
+    Returns:
+        (kept, slots, count, start): the indices (0..m-1) of the new blocks still held afterwards, their
+        slots (distinct), and the ring's new count and start.
+    """
+    slots = []
+    for _ in range(m):
+        if count == capacity:
+            start, count = (start + 1) % capacity, count - 1
+        slots.append((start + count) % capacity)
+        count += 1
+    kept = min(m, capacity)
+    return list(range(m - kept, m)), slots[m - kept :], count, start
+
+
+def store_blocks(
+    storage: tuple[Tensor | None, Tensor, Tensor],
+    rows: Tensor,
+    slots: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    offset_angles: tuple[Tensor, Tensor],
+) -> None:
+    """Write P blocks into a memory's storage in one indexed copy per tensor.
+
+    Args:
+        storage: landmark keys (B, Hkv, capacity, D) (or None: not written here), keys (B, Hkv, capacity,
+            D, bs) and values (B, Hkv, capacity, bs - 1, D), as ``BlockMemory`` holds them.
+        rows, slots: (P,) where the blocks go; keys, values: (P, Hkv, bs, D) un-rotated, the landmark
+            last (its value is not stored); offset_angles: cos, sin (bs, D/2) of the in-block offsets.
+    """
+    landmark_keys, stored_keys, stored_values = storage
+    if landmark_keys is not None:
+        landmark_keys[rows, :, slots] = keys[:, :, -1].to(landmark_keys.dtype)
+    rotated = apply_rope(keys, *offset_angles).transpose(-1, -2)  # rotated by the in-block offsets
+    stored_keys[rows, :, slots] = rotated.to(stored_keys.dtype)
+    stored_values[rows, :, slots] = values[:, :, :-1].to(stored_values.dtype)
