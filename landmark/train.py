@@ -56,9 +56,9 @@ from landmark.checkpoint import (
     save_checkpoint,
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
-from landmark.data.passkey import PasskeyMixSampler
+from landmark.data.passkey import BookHaystack, PasskeyMixSampler
 from landmark.files import FolderInUseError, RunLock, os_error_text, write_json_atomic, write_text_atomic
-from landmark.model import GPT, IGNORE_INDEX, ModelConfig
+from landmark.model import GPT, ModelConfig
 from landmark.train_config import (
     ConfigError,
     RunConfig,
@@ -222,7 +222,6 @@ def _sampler(tokens: np.ndarray, mc: ModelConfig, batch_size: int, seed: int, ra
             landmarks=mc.attention == "landmark",
             seed=seed,
             rank=rank,
-            ignore_index=IGNORE_INDEX,
         )
     except ValueError as err:
         raise ConfigError(f"{what} split: {err}") from None
@@ -442,25 +441,24 @@ def _setup_data(cfg: RunConfig, d: _Dist, prepared: PreparedData) -> _Data:
     check_training_memory(cfg, mc.vocab_size, processes=local_processes(t))  # the tokenizer's true size
     sampler = _sampler(prepared.splits["train"].tokens, mc, t.batch_size, t.seed, d.rank, "train")
     if cfg.data.passkey_fraction > 0 or cfg.data.repeat_fraction > 0:  # synthetic retrieval samples
-        try:
-            sampler = PasskeyMixSampler(
-                sampler,
-                tok,
-                cfg.data.passkey_fraction,
-                seed=t.seed,
-                rank=d.rank,
-                pairs=cfg.data.passkey_pairs,
-                near=cfg.data.passkey_near,
-                near_gap=cfg.data.passkey_near_gap,
-                repeat_fraction=cfg.data.repeat_fraction,
-            )
-        except ValueError as err:
-            raise ConfigError(
-                f"data.passkey_fraction, data.passkey_pairs, data.repeat_fraction: {err}"
-            ) from None
+        sampler = _mix_sampler(cfg, sampler, tok, d.rank)
     val_tokens = prepared.splits["validation"].tokens
     eval_sampler = _sampler(val_tokens, mc, t.eval_batch_size or t.batch_size, EVAL_SEED, 0, "validation")
     return _Data(prepared, mc, sampler, [eval_sampler.batch(i) for i in range(t.eval_batches)])
+
+
+def _mix_sampler(cfg: RunConfig, base: WindowSampler, tok: Any, rank: int) -> PasskeyMixSampler:
+    """The training sampler with passkey samples (``data.passkey_*``) and repeat windows mixed in."""
+    dc = cfg.data
+    try:  # a CorpusError (the corpus has no train split) is a ValueError too
+        corpus = bundled_books() if dc.corpus == "bundled" else Path(dc.corpus)
+        haystack = BookHaystack(corpus, split="train") if dc.passkey_fraction and dc.passkey_books else None
+        return PasskeyMixSampler(
+            base, tok, dc.passkey_mix(), seed=cfg.train.seed, rank=rank, repeat_fraction=dc.repeat_fraction,
+            haystack=haystack,
+        )  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(f"data.passkey_*, data.repeat_fraction: {err}") from None
 
 
 def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | None:

@@ -27,7 +27,9 @@ import torch
 
 from landmark import model as model_module
 from landmark.data.books import cache_root
+from landmark.data.passkey import PasskeyMix
 from landmark.data.tokenizer import GPT2_FILES, MAX_BPE_VOCAB, MIN_BPE_VOCAB
+from landmark.data.wordings import TRAINING_WORDINGS
 from landmark.files import is_within, path_problem
 from landmark.model import ModelConfig, first_failure
 from landmark.model import is_finite_real as _finite
@@ -68,9 +70,24 @@ class DataConfig:
     prepared_dir: str = ""  # where the tokenizer and token arrays go; "" = <cache>/prepared/<corpus>-...
     passkey_fraction: float = 0.0  # share of training windows replaced by synthetic passkey samples (0 = off)
     passkey_pairs: int = 1  # key/question pairs per passkey window (each question asks for the latest key)
-    passkey_near: float = 0.0  # share of passkey pairs whose question follows its key directly (local copy)
+    passkey_near: float = 0.0  # share of pairs whose question follows its key within passkey_near_gap tokens
     passkey_near_gap: int = 0  # near pairs: random 0..this many filler tokens between key and question
+    passkey_books: float = 0.0  # share of passkey samples whose filler is prose of the corpus's train split
+    passkey_multikey: float = 0.0  # share of passkey samples with 2-6 named keys, one asked
+    passkey_wordings: str = "paper"  # "paper": the paper's sentences; "train": the training wording families
     repeat_fraction: float = 0.0  # share of training windows in which a 16-64 token span of the window recurs
+
+    def passkey_mix(self) -> PasskeyMix:
+        """The passkey options of the run (the same as ``landmark hf finetune``'s ``--passkey-*``)."""
+        return PasskeyMix(
+            share=self.passkey_fraction,
+            pairs=self.passkey_pairs,
+            near=self.passkey_near,
+            near_gap=self.passkey_near_gap,
+            books=self.passkey_books,
+            multikey=self.passkey_multikey,
+            wordings=self.passkey_wordings,
+        )
 
 
 @dataclass
@@ -299,12 +316,16 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
 def _data_checks(d: DataConfig) -> list[tuple[bool, str, Any]]:
     """(ok, "<key> must be <expected>", value) for every [data] value."""
     repeat_expected = "data.repeat_fraction must be in [0, 1 - data.passkey_fraction]"
+    wordings_expected = f"data.passkey_wordings must be one of {', '.join(TRAINING_WORDINGS)}"
     return [
         (d.tokenizer in TOKENIZERS, "data.tokenizer must be 'bpe' or 'gpt2'", d.tokenizer),
         (0 <= d.passkey_fraction <= 1, "data.passkey_fraction must be in [0, 1]", d.passkey_fraction),
         (d.passkey_pairs >= 1, "data.passkey_pairs must be >= 1", d.passkey_pairs),
         (0 <= d.passkey_near <= 1, "data.passkey_near must be in [0, 1]", d.passkey_near),
         (d.passkey_near_gap >= 0, "data.passkey_near_gap must be >= 0 (filler tokens)", d.passkey_near_gap),
+        (0 <= d.passkey_books <= 1, "data.passkey_books must be in [0, 1]", d.passkey_books),
+        (0 <= d.passkey_multikey <= 1, "data.passkey_multikey must be in [0, 1]", d.passkey_multikey),
+        (d.passkey_wordings in TRAINING_WORDINGS, wordings_expected, d.passkey_wordings),
         (0 <= d.repeat_fraction <= 1 - d.passkey_fraction, repeat_expected, d.repeat_fraction),
     ]
 
@@ -475,6 +496,10 @@ def validate(cfg: RunConfig) -> None:
     :func:`load_config` calls it, and so does :func:`landmark.train.train` (a RunConfig built in Python
     passes the same checks), for a fresh run and a resume alike, before any data or file is written."""
     _fail_first(_data_checks(cfg.data) + _train_checks(cfg.train))
+    try:  # the ranges are checked above: what is left is how the passkey options combine
+        cfg.data.passkey_mix()
+    except ValueError as err:
+        raise ConfigError(f"data.passkey_pairs, data.passkey_books, data.passkey_multikey: {err}") from None
     names = {"vocab_size": "data.vocab_size", "gpt2_dir": "data.gpt2_dir"}
     check_tokenizer_options(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.gpt2_dir, names)
     # The model, with placeholder tokenizer values: catches block_size/seq_len and the like now, before

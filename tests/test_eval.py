@@ -13,6 +13,7 @@ from landmark.cli import main
 from landmark.data import Tokenizer
 from landmark.data.passkey import (
     BookHaystack,
+    PasskeyMix,
     PasskeyMixSampler,
     PasskeyPrompts,
     first_integer,
@@ -288,7 +289,7 @@ def test_passkey_mix_sampler_is_reproducible_and_keeps_the_key_in_an_earlier_blo
     tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
     tokens = np.array(tok.encode("the sea and the ship. " * 500), dtype=np.uint16)
     base = WindowSampler(tokens, 256, 6, landmark_id=tok.landmark_id, block_size=16, seed=3)
-    mix = PasskeyMixSampler(base, tok, 0.5, seed=3)
+    mix = PasskeyMixSampler(base, tok, PasskeyMix(0.5), seed=3)
     a, b = mix.batch(7), mix.batch(7)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
     question = PasskeyPrompts(tok).question
@@ -419,8 +420,8 @@ def test_passkey_mix_sampler_repeat_windows():
         tok.encode(" ".join(f"word{i % 997} thing{i % 13}" for i in range(3000))), dtype=np.uint16
     )
     base = WindowSampler(tokens, 320, 8, landmark_id=tok.landmark_id, block_size=16, seed=3)
-    plain = PasskeyMixSampler(base, tok, 0.5, seed=3)
-    mixed = PasskeyMixSampler(base, tok, 0.5, seed=3, repeat_fraction=0.5)
+    plain = PasskeyMixSampler(base, tok, PasskeyMix(0.5), seed=3)
+    mixed = PasskeyMixSampler(base, tok, PasskeyMix(0.5), seed=3, repeat_fraction=0.5)
     for step in range(3):
         a, b = plain.batch(step), mixed.batch(step)
         for row in range(8):
@@ -431,19 +432,19 @@ def test_passkey_mix_sampler_repeat_windows():
             else:  # every other row repeats a span (the base text itself has none of 16 tokens)
                 assert not _has_repeat(ids_a, 16) and _has_repeat(ids_b, 16)
     with pytest.raises(ValueError, match="repeat_fraction must be in"):
-        PasskeyMixSampler(base, tok, 0.5, repeat_fraction=0.6)
+        PasskeyMixSampler(base, tok, PasskeyMix(0.5), repeat_fraction=0.6)
 
 
 def test_passkey_mix_sampler_pairs_need_room():
     tok = Tokenizer.train(["The grass is green. The pass key is 12345. " * 50, "What is it? 0123456789"], 300)
     tokens = np.array(tok.encode("the sea and the ship. " * 500), dtype=np.uint16)
     base = WindowSampler(tokens, 320, 2, landmark_id=tok.landmark_id, block_size=16, seed=3)
-    mix = PasskeyMixSampler(base, tok, 1.0, seed=3, pairs=2)
+    mix = PasskeyMixSampler(base, tok, PasskeyMix(1.0, pairs=2), seed=3)
     batch = mix.batch(0)
     for row in batch.input_ids:
         assert tok.decode(row[row != tok.landmark_id].tolist()).count("What is the pass key?") == 2
     with pytest.raises(ValueError, match="8 passkey pair"):
-        PasskeyMixSampler(base, tok, 1.0, pairs=8)
+        PasskeyMixSampler(base, tok, PasskeyMix(1.0, pairs=8))
 
 
 def test_passkey_probe_runs_on_the_shipped_checkpoint():

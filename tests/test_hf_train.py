@@ -122,6 +122,7 @@ def test_finetune_passkey_mix_time_limit_and_resume(tiny, tmp_path, capsys):
     run_file = staging / "finetune-run.json"  # a run file of an older version, without newer settings
     settings = json.loads(run_file.read_text())
     del settings["passkey_books"], settings["passkey_multikey"], settings["passkey_near"]
+    del settings["passkey_near_gap"], settings["passkey_pairs"]
     run_file.write_text(json.dumps(settings))
     assert main([*args, "--out", str(out), "--resume"]) == 0
     s = summary(out)
@@ -199,12 +200,12 @@ def test_finetune_resume_refusals(tiny, tmp_path, capsys):
 def test_passkey_mix_windows(tiny):
     from hf_helpers import make_tokenizer
 
-    from landmark.data.passkey import first_integer
+    from landmark.data.passkey import PasskeyMix, first_integer
     from landmark.hf.passkey import PasskeyMixWindows
 
     tok = make_tokenizer()
     base = [{"input_ids": torch.zeros(205, dtype=torch.long)}] * 40
-    mix = PasskeyMixWindows(base, tok, raw_tokens=205, block_size=8, fraction=0.5, seed=3)
+    mix = PasskeyMixWindows(base, tok, raw_tokens=205, block_size=8, mix=PasskeyMix(0.5), seed=3)
     passkey = [i for i in range(40) if mix.is_passkey(i)]
     corpus_window = next(i for i in range(40) if i not in passkey)
     assert 5 < len(passkey) < 35 and mix[corpus_window]["input_ids"].eq(0).all()
@@ -214,7 +215,7 @@ def test_passkey_mix_windows(tiny):
     key = first_integer(text.split("The pass key is")[1])
     assert text.endswith(f"What is the pass key? The pass key is {key}.")
     with pytest.raises(ValueError, match="at least"):
-        PasskeyMixWindows(base, tok, raw_tokens=150, block_size=8, fraction=0.5)
+        PasskeyMixWindows(base, tok, raw_tokens=150, block_size=8, mix=PasskeyMix(0.5))
 
 
 def test_passkey_mix_windows_with_prose_and_several_keys(tiny):
@@ -225,17 +226,19 @@ def test_passkey_mix_windows_with_prose_and_several_keys(tiny):
 
     from hf_helpers import make_tokenizer
 
-    from landmark.data.passkey import BookHaystack, first_integer
+    from landmark.data.passkey import BookHaystack, PasskeyMix, first_integer
     from landmark.hf.passkey import PasskeyMixWindows
 
     _, corpus = tiny
     tok = make_tokenizer()
     base = [{"input_ids": torch.zeros(400, dtype=torch.long)}] * 60
-    plain = PasskeyMixWindows(base, tok, raw_tokens=400, block_size=8, fraction=1.0, seed=3)
-    same = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, books=0.0, multikey=0.0)
+    plain = PasskeyMixWindows(base, tok, raw_tokens=400, block_size=8, mix=PasskeyMix(1.0), seed=3)
+    same = PasskeyMixWindows(base, tok, 400, 8, PasskeyMix(1.0, books=0.0, multikey=0.0), seed=3)
     assert all(torch.equal(plain[i]["input_ids"], same[i]["input_ids"]) for i in range(10))
     haystack = BookHaystack(corpus, split="train")
-    mix = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, books=0.5, multikey=0.5, haystack=haystack)
+    mix = PasskeyMixWindows(
+        base, tok, 400, 8, PasskeyMix(1.0, books=0.5, multikey=0.5), seed=3, haystack=haystack
+    )
     kinds = {(v.prose, v.keys > 1) for v in map(mix.variant, range(60))}
     assert kinds == {(False, False), (False, True), (True, False), (True, True)}
     prose_seen = multikey_seen = 0
@@ -399,12 +402,13 @@ def test_passkey_mix_windows_near_keys():
     by the new share."""
     from hf_helpers import make_tokenizer
 
+    from landmark.data.passkey import PasskeyMix
     from landmark.hf.passkey import PasskeyMixWindows
 
     tok = make_tokenizer()
     base = [{"input_ids": torch.zeros(400, dtype=torch.long)}] * 200
-    far = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, multikey=0.3)
-    mix = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, multikey=0.3, near=0.5)
+    far = PasskeyMixWindows(base, tok, 400, 8, PasskeyMix(1.0, multikey=0.3), seed=3)
+    mix = PasskeyMixWindows(base, tok, 400, 8, PasskeyMix(1.0, multikey=0.3, near=0.5, near_gap=None), seed=3)
     assert [far.variant(i)[:2] for i in range(200)] == [mix.variant(i)[:2] for i in range(200)]
 
     def find(ids: list[int], text: str) -> int:

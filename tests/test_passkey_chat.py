@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from hf_helpers import make_tokenizer
 
-from landmark.data.passkey import ChatTurns, Needle, PasskeyPrompts
+from landmark.data.passkey import ChatTurns, Needle, PasskeyMix, PasskeyPrompts
 from landmark.data.wordings import FAMILIES
 from landmark.hf.passkey import HFTokenEncoder, PasskeyMixWindows, chat_turns
 
@@ -70,8 +70,12 @@ def test_plain_prompts_are_unchanged_by_the_chat_option(tok):
 
 def test_the_mix_puts_a_share_of_its_samples_in_the_chat_template(tok):
     base = [{"input_ids": torch.zeros(400, dtype=torch.long)}] * 80
-    plain = PasskeyMixWindows(base, tok, raw_tokens=400, block_size=8, fraction=1.0, seed=3, multikey=0.3)
-    mix = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, multikey=0.3, chat=0.5, wordings="train")
+    plain = PasskeyMixWindows(
+        base, tok, raw_tokens=400, block_size=8, mix=PasskeyMix(1.0, multikey=0.3), seed=3
+    )
+    mix = PasskeyMixWindows(
+        base, tok, 400, 8, PasskeyMix(1.0, multikey=0.3, chat=0.5, wordings="train"), seed=3
+    )
     chats = [i for i in range(80) if mix.variant(i).chat]
     assert 20 < len(chats) < 60
     assert [mix.variant(i)[:3] for i in range(80)] == [plain.variant(i)[:3] for i in range(80)]
@@ -83,7 +87,7 @@ def test_the_mix_puts_a_share_of_its_samples_in_the_chat_template(tok):
         if i in chats:  # the reply holds the answer prefix and the value, nothing of the prompt
             reply = text.split("<|im_start|>assistant\n")[1]
             assert reply.endswith(".") and "<|im_end|>" not in reply and len(reply) < 80
-    again = PasskeyMixWindows(base, tok, 400, 8, 1.0, seed=3, multikey=0.3, chat=0.0)
+    again = PasskeyMixWindows(base, tok, 400, 8, PasskeyMix(1.0, multikey=0.3, chat=0.0), seed=3)
     assert all(torch.equal(again[i]["input_ids"], plain[i]["input_ids"]) for i in range(20))
     with pytest.raises(ValueError, match="chat must be in"):
-        PasskeyMixWindows(base, tok, 400, 8, 1.0, chat=1.5)
+        PasskeyMixWindows(base, tok, 400, 8, PasskeyMix(1.0, chat=1.5))

@@ -118,6 +118,8 @@ def test_tiny_preset_and_overrides_parse():
         (["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         (["data.tokenizer=word"], r"data\.tokenizer must be 'bpe' or 'gpt2'"),
         (["data.passkey_near_gap=-1"], r"data\.passkey_near_gap must be >= 0"),
+        (["data.passkey_wordings=held-out"], r"data\.passkey_wordings must be one of paper, train"),
+        (["data.passkey_pairs=2", "data.passkey_books=0.5"], r"data\.passkey_pairs.* repeated filler"),
         (["data.repeat_fraction=1.5"], r"data\.repeat_fraction must be in \[0, 1 - data\.passkey_fraction\]"),
         (["lr=1"], r"must look like section\.key=value"),
     ],

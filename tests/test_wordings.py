@@ -209,19 +209,20 @@ def test_hf_mix_and_finetune_options_draw_training_wordings_only(tmp_path):
     pytest.importorskip("transformers")
     from hf_helpers import make_tokenizer
 
+    from landmark.data.passkey import PasskeyMix
     from landmark.hf.finetune import FinetuneConfig
     from landmark.hf.passkey import PasskeyMixWindows
 
     tok = make_tokenizer()
     base = [{"input_ids": None}] * 40
-    mix = PasskeyMixWindows(base, tok, 600, 8, 1.0, seed=1, multikey=0.5, wordings="train")
+    mix = PasskeyMixWindows(base, tok, 600, 8, PasskeyMix(1.0, multikey=0.5, wordings="train"), seed=1)
     marks = [_fragments(w)[0] for w in W.families("held-out")]
     texts = [tok.decode(mix[i]["input_ids"].tolist()) for i in range(40)]
     assert all(len(mix[i]["input_ids"]) == 600 for i in range(40))
     assert not [t for t in texts if any(m in t for m in marks)]
     assert sum("pass key" not in t for t in texts) >= 35
     with pytest.raises(ValueError, match="training wordings must be one of"):
-        PasskeyMixWindows(base, tok, 600, 8, 1.0, wordings="held-out")
+        PasskeyMixWindows(base, tok, 600, 8, PasskeyMix(1.0, wordings="held-out"))
     with pytest.raises(ValueError, match="--passkey-wordings must be one of paper, train"):
         FinetuneConfig(
             str(tmp_path), str(tmp_path / "o"), passkey_fraction=0.5, passkey_wordings="all"

@@ -20,6 +20,10 @@ Both take other **wordings** (:mod:`landmark.data.wordings`): a :class:`PasskeyP
 wording family states other values (numbers of 5-7 digits, words, UUIDs, names, dates) in other words;
 the training samplers draw from the training families only when asked (``wordings="train"``).
 
+Training samples for both model families come from one mix (:class:`PasskeyMix`, its options;
+:class:`PasskeySamples`, the sampling core): :class:`PasskeyMixSampler` for the from-scratch models and
+:class:`landmark.hf.passkey.PasskeyMixWindows` for fine-tuning Hugging Face models.
+
 Lengths are counted in tokens of the model's tokenizer (landmarks not included). Each piece (and each
 sentence of prose) is encoded once with a leading space, so a prompt is a concatenation of token lists
 and has exactly the length asked for (the last filler sentence before the question may be cut).
@@ -33,6 +37,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,6 +77,11 @@ NAMES = (
 TASKS = ("passkey", "multikey")
 HAYSTACKS = ("repeat", "books")
 DEFAULT_MULTIKEY_KEYS = 4  # keys of --task multikey unless --keys says otherwise
+MAX_TRAINING_KEYS = 6  # a multikey training sample holds 2 to this many named keys
+# the last seed word of a training sampler's streams, after (seed, rank, step) or (seed, window index):
+PASSKEY_STREAM = 7919  # which windows become passkey samples (the from-scratch samples' draws too)
+VARIANT_STREAM = 15485863  # the variant of each sample (PasskeyMix.variant)
+EXTRA_STREAM = 104729  # a fine-tuning sample's draws; the from-scratch repeat windows
 # sentence ends in prose: after . ! ? (optionally closing a quote or bracket), before a capital letter
 # (optionally opening a quote or bracket); two alternatives because look-behinds have a fixed width
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(]?[A-Z])|(?<=[.!?][\"'”’)])\s+(?=[\"'“‘(]?[A-Z])")
@@ -81,11 +91,13 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(]?[A-Z])|(?<=[.!?][\"'�
 class Needle:
     """One key sentence of a prompt: its key (an integer, or the text of a value of another kind), its depth
     (0 = right after the instruction, 1 = right before the question) and, in multikey prompts, the name
-    it belongs to."""
+    it belongs to. ``gap``: exactly so many filler tokens between its key sentence and the question (how
+    a near key keeps its drawn distance); None: at the sentence boundary nearest to its depth."""
 
     key: int | str
     depth: float
     name: str | None = None
+    gap: int | None = None
 
 
 def _paper_key(rng: np.random.Generator) -> int:
@@ -201,6 +213,36 @@ class ChatTurns:
     assistant: tuple[int, ...]
 
 
+def near_distance(rng: np.random.Generator, near_gap: int | None, room: int) -> int:
+    """Filler tokens between a near key sentence and its question (:class:`PasskeyMix`): uniformly random
+    in ``[0, near_gap]`` (None: in ``[0, room]``), at most ``room``, the filler there is."""
+    return min(room, int(rng.integers(0, (room if near_gap is None else near_gap) + 1)))
+
+
+@dataclass(frozen=True)
+class KeyPlace:
+    """Where a training sample's asked key sentence goes, counted in filler tokens before its question: at
+    least ``min_gap`` of them (a far key, in an earlier block, at a sentence boundary), or, ``near``,
+    :func:`near_distance` of them (placed exactly; ``near_gap`` None: anywhere, at a sentence boundary)."""
+
+    min_gap: int
+    near: bool = False
+    near_gap: int | None = 0
+
+    @property
+    def least(self) -> int:
+        """The fewest filler tokens a sample needs between the key and the question."""
+        return 0 if self.near else self.min_gap
+
+    def needle(self, rng: np.random.Generator, key: int | str, n_filler: int) -> Needle:
+        """The asked key's needle in a prompt of ``n_filler`` filler tokens, its depth drawn from ``rng``."""
+        if not self.near:
+            return Needle(key, rng.integers(0, n_filler - self.min_gap + 1) / n_filler)
+        gap = near_distance(rng, self.near_gap, n_filler)
+        depth = (n_filler - gap) / n_filler if n_filler else 1.0
+        return Needle(key, depth, gap=None if self.near_gap is None else gap)
+
+
 @dataclass
 class PasskeyPrompts:
     """Token-level passkey prompts for one tokenizer.
@@ -307,7 +349,7 @@ class PasskeyPrompts:
                 f"length {length} is too short for a passkey prompt (minimum {self.needed(needles, ask)})"
             )
         filler = self._filler(n_filler, rng)
-        cuts = [filler.boundary(x.depth) for x in needles]
+        cuts = [filler.boundary(x.depth) if x.gap is None else max(0, n_filler - x.gap) for x in needles]
         out, done = list(self.instruction), 0
         for i in sorted(range(len(needles)), key=lambda i: cuts[i]):  # stable: ties keep the given order
             out += filler.tokens[done : cuts[i]] + self.key_sentence(needles[i].key, needles[i].name)
@@ -331,7 +373,14 @@ class PasskeyPrompts:
         return Filler(tokens[:n], starts)
 
     def training_sample(
-        self, rng: np.random.Generator, n_tokens: int, min_gap: int, keys: int = 1, wordings: str = "paper"
+        self,
+        rng: np.random.Generator,
+        n_tokens: int,
+        min_gap: int,
+        keys: int = 1,
+        wordings: str = "paper",
+        near: bool = False,
+        near_gap: int | None = 0,
     ) -> list[int]:
         """``n_tokens`` tokens ending with the answer; at least ``min_gap`` filler tokens separate the asked
         key sentence from the question (so that, in training, the key lies in an earlier block).
@@ -344,13 +393,17 @@ class PasskeyPrompts:
         ``wordings``: ``"paper"`` (this builder's wording, the default) or ``"train"``: a training family
         (never a held-out one), a value kind and a value drawn from ``rng`` first
         (:func:`landmark.data.wordings.draw_wording`).
+
+        ``near``: a near key (:class:`KeyPlace`): no ``min_gap``; the question follows the asked key
+        sentence after :func:`near_distance` filler tokens (0 to ``near_gap``; None: anywhere).
         """
+        place = KeyPlace(min_gap, near, near_gap)
         if wordings != "paper":
             family, kind, value = draw_wording(rng, _training_set(wordings))
-            return self.with_wording(family)._sample(rng, n_tokens, min_gap, keys, value, kind.draw)
-        return self._sample(rng, n_tokens, min_gap, keys, int(rng.integers(*KEY_RANGE)), _paper_key)
+            return self.with_wording(family)._sample(rng, n_tokens, place, keys, value, kind.draw)
+        return self._sample(rng, n_tokens, place, keys, int(rng.integers(*KEY_RANGE)), _paper_key)
 
-    def _sample(self, rng, n_tokens: int, min_gap: int, keys: int, key: int | str, draw) -> list[int]:
+    def _sample(self, rng, n_tokens: int, place: KeyPlace, keys: int, key: int | str, draw) -> list[int]:
         """:meth:`training_sample` with its key drawn (``draw``: the other keys of a multikey sample)."""
         answer = self.answer(key)
         length = n_tokens - len(answer)
@@ -360,17 +413,19 @@ class PasskeyPrompts:
             else multikey_needles(np.random.default_rng(0), key, 0.0, keys, draw)[0]
         )
         n_filler = length - self.needed(probe, None if keys == 1 else NAMES[0])
-        if n_filler < min_gap:
+        if n_filler < place.least:
             raise ValueError(
-                f"{n_filler} filler tokens cannot keep the key {min_gap} tokens from the question"
+                f"{n_filler} filler tokens cannot keep the key {place.least} tokens from the question"
             )
-        depth = rng.integers(0, n_filler - min_gap + 1) / n_filler
-        needles, ask = [Needle(key, depth)], None
+        needle = place.needle(rng, key, n_filler)
+        needles, ask = [needle], None
         if keys > 1:
-            needles, ask = multikey_needles(rng, key, depth, keys, draw)
+            needles, ask = multikey_needles(rng, key, needle.depth, keys, draw)
         asked = next(i for i, x in enumerate(needles) if x.key == key)
+        needles[asked] = dataclasses.replace(needles[asked], gap=needle.gap)
         prompt, cuts = self.compose(length, needles, ask, rng=rng)
-        if len(prompt) - len(self.question_for(ask)) - self._end_of(needles, cuts, asked) < min_gap:
+        end = self._end_of(needles, cuts, asked)
+        if not place.near and len(prompt) - len(self.question_for(ask)) - end < place.min_gap:
             # snapping to a sentence boundary moved the key too late: put it first
             needles[asked] = Needle(key, 0.0, needles[asked].name)
             prompt, _ = self.compose(length, needles, ask, rng=rng)
@@ -390,7 +445,7 @@ class PasskeyPrompts:
         min_gap: int,
         pairs: int = 1,
         near: float = 0.0,
-        near_gap: int = 0,
+        near_gap: int | None = 0,
         wordings: str = "paper",
     ) -> list[int]:
         """``n_tokens`` tokens holding ``pairs`` key/question pairs, each with its own random key::
@@ -402,16 +457,14 @@ class PasskeyPrompts:
         :meth:`training_sample`. More pairs per window give more retrieval targets per training token
         (one answer of about 3 tokens per pair, against hundreds of filler tokens that are easy to learn).
 
-        ``near``: the probability that a pair's question follows its key sentence directly (no filler in
-        between, so the key usually sits in the question's own block): the copy can then be learned
-        with ordinary attention, the easy half of the task, while the other pairs teach it through the
-        landmarks. ``near = 0`` keeps every key at least ``min_gap`` tokens back.
-
-        ``near_gap``: a near pair's question follows its key sentence after a uniformly random number of
-        filler tokens in ``[0, near_gap]`` (not snapped to sentence boundaries) instead of directly. With
-        ``near_gap = 0`` the key sits at a fixed distance from the answer, and a model can learn the copy
-        as "attend so many tokens back", which does not carry over to keys further away; random gaps
-        leave only the key's content to find it by.
+        ``near``: the probability that a pair is a near pair (:class:`PasskeyMix`): its question follows
+        its key sentence after :func:`near_distance` filler tokens, 0 to ``near_gap`` (not snapped to
+        sentence boundaries; None: anywhere in the pair's gap), so the key usually sits in the question's
+        own block: the copy can then be learned with ordinary attention, the easy half of the task, while
+        the other pairs teach it through the landmarks. ``near = 0`` keeps every key at least ``min_gap``
+        tokens back. With ``near_gap = 0`` the key sits at a fixed distance from the answer, and a model
+        can learn the copy as "attend so many tokens back", which does not carry over to keys further
+        away; random gaps leave only the key's content to find it by.
 
         ``wordings``: ``"paper"`` (this builder's wording, the default) or ``"train"``: each pair in a
         training family drawn from ``rng`` (:meth:`training_sample`).
@@ -420,10 +473,13 @@ class PasskeyPrompts:
             raise ValueError(f"pairs must be >= 1; got {pairs}")
         if not 0.0 <= near <= 1.0:
             raise ValueError(f"near must be in [0, 1]; got {near}")
-        if near_gap < 0:
-            raise ValueError(f"near_gap must be >= 0 filler tokens; got {near_gap}")
-        if pairs == 1 and near == 0.0:
-            return self.training_sample(rng, n_tokens, min_gap, wordings=wordings)
+        if near_gap is not None and near_gap < 0:
+            raise ValueError(f"near_gap must be >= 0 filler tokens (None: anywhere); got {near_gap}")
+        if pairs == 1:  # one pair: the one-key sample, near or not (no draw when near is 0)
+            is_near = bool(near) and rng.random() < near
+            return self.training_sample(
+                rng, n_tokens, min_gap, wordings=wordings, near=is_near, near_gap=near_gap
+            )
         if wordings == "paper":
             keys = [(self, int(k)) for k in rng.integers(*KEY_RANGE, size=pairs)]
         else:
@@ -452,7 +508,7 @@ class PasskeyPrompts:
             gap = min_gap + int(extra[2 * i + 1])
             before = int(extra[2 * i])
             if near and rng.random() < near:  # the gap's filler moves before the key sentence
-                short = min(gap, int(rng.integers(0, near_gap + 1)))  # all but a short gap
+                short = near_distance(rng, near_gap, gap)  # all but a short gap
                 before, gap = before + gap - short, short
             out += filler(before) + builder.key_sentence(key)
             out += filler(gap) + builder.question + builder.answer(key)
@@ -484,76 +540,224 @@ def repeat_span(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class PasskeyMix:
+    """The passkey training mix, one set of options for both model families (``landmark train``'s
+    ``data.passkey_*``, ``landmark hf finetune``'s ``--passkey-*``): the share of training windows that
+    become passkey samples, and of which kinds. Each kind is drawn per sample (:meth:`variant`), from the
+    sample's own seeded stream.
+
+    Args:
+        share: share of the training windows replaced by passkey samples (0: off).
+        pairs: key/question pairs per sample, each question about the latest key
+            (:meth:`PasskeyPrompts.training_window`); more than 1 only with the repeated filler, one
+            unnamed key per pair and plain text (``books``, ``multikey`` and ``chat`` 0).
+        near: share of the pairs (of a one-pair sample: of the samples) whose key is not held at least one
+            block back: its question follows the key sentence after a uniformly random 0 to ``near_gap``
+            filler tokens (:func:`near_distance`), the key in the local context, usually the question's
+            own block (the local copy; what ``landmark eval passkey`` asks at depth 1).
+        near_gap: the most filler tokens between a near key and its question: 0, right before it; None,
+            anywhere before the question, at a sentence boundary.
+        books: share of the samples whose filler is prose of the training split (a :class:`BookHaystack`)
+            instead of the repeated sentences.
+        multikey: share of the samples with 2 to :data:`MAX_TRAINING_KEYS` named keys, one asked.
+        chat: share of the samples in the tokenizer's chat template (:class:`ChatTurns`): the prompt is
+            the user's message, the answer prefix and the value the assistant's reply.
+        wordings: ``"paper"`` (the paper's sentences) or ``"train"``: each sample in a training wording
+            family (:mod:`landmark.data.wordings`), never a held-out one.
+
+    Raises:
+        ValueError: a value out of range, or ``pairs > 1`` with ``books``, ``multikey`` or ``chat``.
+    """
+
+    share: float = 0.0
+    pairs: int = 1
+    near: float = 0.0
+    near_gap: int | None = 0
+    books: float = 0.0
+    multikey: float = 0.0
+    chat: float = 0.0
+    wordings: str = "paper"
+
+    def __post_init__(self) -> None:
+        for name in ("share", "near", "books", "multikey", "chat"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"passkey {name} must be in [0, 1]; got {getattr(self, name)}")
+        if self.pairs < 1:
+            raise ValueError(f"passkey pairs must be >= 1; got {self.pairs}")
+        if self.near_gap is not None and self.near_gap < 0:
+            raise ValueError(
+                f"passkey near_gap must be >= 0 filler tokens (None: anywhere); got {self.near_gap}"
+            )
+        _training_set(self.wordings)
+        if self.pairs > 1 and (self.books or self.multikey or self.chat):
+            raise ValueError(
+                f"{self.pairs} passkey pairs per sample take the repeated filler, one unnamed key per pair "
+                "and plain text: set the books, multikey and chat shares to 0, or pairs to 1"
+            )
+
+    def variant(self, rng: np.random.Generator) -> PasskeyVariant:
+        """The kind of one sample, drawn from ``rng`` (the sample's own stream): with every share 0 no draw
+        (the paper's samples); the draws in a fixed order, so that a share added later leaves the earlier
+        ones. The near pairs of a sample of several are drawn per pair, with the sample."""
+        near = self.near if self.pairs == 1 else 0.0
+        if not (self.books or self.multikey or near or self.chat):
+            return PasskeyVariant(False, 1, False)
+        prose, several = rng.random() < self.books, rng.random() < self.multikey
+        keys = int(rng.integers(2, MAX_TRAINING_KEYS + 1)) if several else 1
+        is_near = bool(near and rng.random() < near)
+        chat = bool(self.chat and rng.random() < self.chat)  # drawn last: the earlier draws stay
+        return PasskeyVariant(bool(prose), keys, is_near, chat)
+
+
+class PasskeyVariant(NamedTuple):
+    """The kind of one passkey training sample (:meth:`PasskeyMix.variant`)."""
+
+    prose: bool  # filler from the training split's prose (else the repeated sentences)
+    keys: int  # named keys in the sample (1: the paper's one unnamed key)
+    near: bool  # the asked key is a near key: its question follows within near_gap filler tokens
+    chat: bool = False  # the sample in the tokenizer's chat template (the answer opens the reply)
+
+
+def window_need(builders: Sequence[PasskeyPrompts], mix: PasskeyMix, min_gap: int) -> int:
+    """Tokens a window needs to hold a one-key sample of ``mix`` from each of ``builders`` (in the
+    longest family of ``mix.wordings``), its keys at least ``min_gap`` tokens before their questions, with
+    ``mix.pairs`` pairs (each pair after the first repeats all but the instruction)."""
+    one = max(b.min_sample(mix.wordings) for b in builders) + min_gap
+    return one + (mix.pairs - 1) * (one - len(builders[0].instruction))
+
+
+class PasskeySamples:
+    """The sampling core of the passkey training mix, for one tokenizer and both model families: the prompt
+    builder of each :class:`PasskeyVariant`, and samples of an exact length.
+
+    Args:
+        tokenizer: anything with ``encode(text) -> list[int]`` (:class:`Tokenizer`, or a Hugging Face
+            tokenizer through :class:`landmark.hf.passkey.HFTokenEncoder`).
+        mix: the options.
+        haystack: the prose of the training split (a :class:`BookHaystack`); needed when ``mix.books``.
+        turns: what the tokenizer's chat template puts around a message; needed when ``mix.chat``.
+
+    Raises:
+        ValueError: books or chat asked for without a haystack or a chat template.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        mix: PasskeyMix,
+        haystack: BookHaystack | None = None,
+        turns: ChatTurns | None = None,
+    ) -> None:
+        if mix.books and haystack is None:
+            raise ValueError("passkey books > 0 needs a haystack (the BookHaystack of the training split)")
+        if mix.chat and turns is None:
+            raise ValueError("passkey chat > 0 needs the turns of a chat template; this tokenizer has none")
+        self.mix = mix
+        proses = (False, True) if mix.books else (False,)
+        chats = (False, True) if mix.chat else (False,)
+        self.builders = {  # (prose, chat) -> the builder
+            (prose, chat): PasskeyPrompts(
+                tokenizer, haystack if prose else None, chat=turns if chat else None
+            )
+            for prose in proses
+            for chat in chats
+        }
+
+    def need(self, min_gap: int) -> int:
+        """Tokens a window needs (:func:`window_need`; the prose builders need what the others do)."""
+        plain = [b for (prose, _), b in self.builders.items() if not prose]
+        return window_need(plain, self.mix, min_gap)
+
+    def sample(
+        self, rng: np.random.Generator, variant: PasskeyVariant, n_tokens: int, min_gap: int
+    ) -> list[int]:
+        """A sample of ``variant`` of exactly ``n_tokens`` token ids, prompt and answer, drawn from ``rng``;
+        the far keys at least ``min_gap`` filler tokens before their questions. A multikey sample whose keys
+        do not fit in the window: the one-key sample of the same stream."""
+        mix, builder = self.mix, self.builders[(variant.prose, variant.chat)]
+        if mix.pairs > 1:
+            return builder.training_window(
+                rng, n_tokens, min_gap, mix.pairs, mix.near, mix.near_gap, mix.wordings
+            )
+        state = rng.bit_generator.state
+        try:
+            return builder.training_sample(
+                rng, n_tokens, min_gap, variant.keys, mix.wordings, variant.near, mix.near_gap
+            )
+        except ValueError:
+            if variant.keys == 1:
+                raise
+        rng.bit_generator.state = state  # the draws of a one-key sample from the start of the stream
+        return builder.training_sample(rng, n_tokens, min_gap, 1, mix.wordings, variant.near, mix.near_gap)
+
+
 class PasskeyMixSampler:
-    """A training sampler that replaces a seeded fraction of each batch's windows with passkey samples,
-    and optionally a second fraction with repeat windows (``repeat_span``: corpus text in which a span
-    of the window comes back later).
+    """A training sampler of the from-scratch models that replaces a seeded share of each batch's windows
+    with passkey samples (:class:`PasskeyMix`, :class:`PasskeySamples`), and optionally a second share
+    with repeat windows (``repeat_span``: corpus text in which a span of the window comes back later).
 
     ``batch(step)`` stays a pure function of (seed, rank, step), so resuming is exact. The repeat
-    windows are drawn from a separate random stream, so ``repeat_fraction = 0`` gives exactly the
-    batches of earlier versions.
+    windows and the samples' variants are drawn from streams of their own, so ``repeat_fraction = 0``
+    and the shares at 0 give exactly the batches of earlier versions.
+
+    Args:
+        base: the sampler of corpus windows.
+        tokenizer: the run's tokenizer.
+        mix: the passkey options (``mix.chat`` needs a chat template: refused).
+        seed, rank: the run's seed and data-parallel rank.
+        repeat_fraction: share of the windows turned into repeat windows, at most ``1 - mix.share``.
+        haystack: the training split's prose, for ``mix.books``.
     """
 
     def __init__(
         self,
         base: WindowSampler,
         tokenizer: Tokenizer,
-        fraction: float,
+        mix: PasskeyMix,
         seed: int = 0,
         rank: int = 0,
-        pairs: int = 1,
-        near: float = 0.0,
-        near_gap: int = 0,
         repeat_fraction: float = 0.0,
-        wordings: str = "paper",
+        haystack: BookHaystack | None = None,
     ):
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"passkey_fraction must be in [0, 1]; got {fraction}")
-        if not 0.0 <= repeat_fraction <= 1.0 - fraction:
+        if not 0.0 <= repeat_fraction <= 1.0 - mix.share:
             raise ValueError(
-                f"repeat_fraction must be in [0, 1 - passkey_fraction = {1.0 - fraction:g}]; "
+                f"repeat_fraction must be in [0, 1 - passkey_fraction = {1.0 - mix.share:g}]; "
                 f"got {repeat_fraction}"
             )
-        if pairs < 1:
-            raise ValueError(f"passkey_pairs must be >= 1; got {pairs}")
-        if not 0.0 <= near <= 1.0:
-            raise ValueError(f"passkey_near must be in [0, 1]; got {near}")
-        if near_gap < 0:
-            raise ValueError(f"passkey_near_gap must be >= 0; got {near_gap}")
-        self.base, self.fraction, self.seed, self.rank, self.pairs = base, fraction, seed, rank, pairs
-        self.near, self.near_gap, self.repeat_fraction = near, near_gap, repeat_fraction
-        self.wordings = _training_set(wordings)  # "paper" or "train": never held-out families
-        self.prompts = PasskeyPrompts(tokenizer)
+        self.base, self.mix, self.seed, self.rank = base, mix, seed, rank
+        self.repeat_fraction = repeat_fraction
+        self.samples = PasskeySamples(tokenizer, mix, haystack)
         layout = base.layout
         self.n_raw = layout.regular_tokens + 1  # a window reads one token more than it feeds (the target)
         # the key must end in an earlier block than the question: at least one block of regular tokens
         self.min_gap = layout.block_size - 1 if layout.landmarks else 1
-        one = self.prompts.min_sample(wordings) + self.min_gap
-        need = one + (pairs - 1) * (one - len(self.prompts.instruction))
-        if fraction > 0 and self.n_raw < need:
+        need = self.samples.need(self.min_gap)
+        if mix.share > 0 and self.n_raw < need:
             raise ValueError(
-                f"{pairs} passkey pair(s) per window need windows of at least {need} tokens with this "
+                f"{mix.pairs} passkey pair(s) per window need windows of at least {need} tokens with this "
                 f"tokenizer; the window holds {self.n_raw}: use a longer seq_len, fewer passkey_pairs "
                 "or passkey_fraction = 0"
             )
 
     def batch(self, step: int) -> Batch:
+        """Batch ``step`` of the base sampler with its passkey and repeat rows replaced."""
         batch = self.base.batch(step)
-        rng = np.random.default_rng([self.seed, self.rank, step, 7919])
-        passkey_rows = np.flatnonzero(rng.random(batch.input_ids.shape[0]) < self.fraction)
+        rows = batch.input_ids.shape[0]
+        rng = np.random.default_rng([self.seed, self.rank, step, PASSKEY_STREAM])
+        passkey_rows = np.flatnonzero(rng.random(rows) < self.mix.share)
         if self.repeat_fraction:  # among the other rows, a share becomes repeat windows (own stream)
-            rrng = np.random.default_rng([self.seed, self.rank, step, 104729])
-            chosen = rrng.random(batch.input_ids.shape[0]) < self.repeat_fraction / (1.0 - self.fraction)
+            rrng = np.random.default_rng([self.seed, self.rank, step, EXTRA_STREAM])
+            chosen = rrng.random(rows) < self.repeat_fraction / (1.0 - self.mix.share)
             starts = self.base.starts(step)
             for row in np.flatnonzero(chosen):
                 if row in passkey_rows:
                     continue
                 raw = np.asarray(self.base.tokens[starts[row] : starts[row] + self.n_raw], dtype=np.int64)
                 self._put(batch, row, torch.from_numpy(repeat_span(raw, rrng)))
+        variants = np.random.default_rng([self.seed, self.rank, step, VARIANT_STREAM])
         for row in passkey_rows:
-            raw = self.prompts.training_window(
-                rng, self.n_raw, self.min_gap, self.pairs, self.near, self.near_gap, self.wordings
-            )
+            raw = self.samples.sample(rng, self.mix.variant(variants), self.n_raw, self.min_gap)
             self._put(batch, row, torch.tensor(raw, dtype=torch.long))
         return batch
 

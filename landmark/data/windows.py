@@ -105,7 +105,8 @@ class WindowSampler:
         landmarks: insert landmarks (True) or return plain windows (False).
         seed: the run's seed (>= 0).
         rank: the data-parallel rank; ranks draw independent batches.
-        ignore_index: the target of landmark positions.
+
+    Landmark positions get the target ``WindowLayout.ignore_index`` (-100, the model's ``IGNORE_INDEX``).
     """
 
     def __init__(
@@ -119,9 +120,8 @@ class WindowSampler:
         landmarks: bool = True,
         seed: int = 0,
         rank: int = 0,
-        ignore_index: int = -100,
     ) -> None:
-        self.layout = WindowLayout(seq_len, block_size, landmarks, landmark_id, ignore_index)
+        self.layout = WindowLayout(seq_len, block_size, landmarks, landmark_id)
         self.layout.check_length(len(tokens))
         if batch_size < 1 or seed < 0 or rank < 0:
             raise ValueError(f"batch_size must be >= 1, seed and rank >= 0; got {batch_size}, {seed}, {rank}")
@@ -163,9 +163,8 @@ class SequentialWindows:
         landmark_id: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         landmarks: bool = True,
-        ignore_index: int = -100,
     ) -> None:
-        self.layout = WindowLayout(seq_len, block_size, landmarks, landmark_id, ignore_index)
+        self.layout = WindowLayout(seq_len, block_size, landmarks, landmark_id)
         self.layout.check_length(len(tokens))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")

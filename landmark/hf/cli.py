@@ -412,8 +412,23 @@ def _finetune_sample_arguments(p: argparse.ArgumentParser) -> None:
         "--passkey-near",
         type=float,
         default=0.0,
-        help="share of the passkey samples whose key may lie right before the question, in the local "
-        "context (default 0: always at least one block back)",
+        help="share of the key/question pairs whose question follows the key within --passkey-near-gap "
+        "filler tokens, in the local context (default 0: always at least one block back)",
+    )
+    p.add_argument(
+        "--passkey-near-gap",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="near keys: the question follows after a random 0 to this many filler tokens (0: right after "
+        "the key sentence; default: anywhere before the question)",
+    )
+    p.add_argument(
+        "--passkey-pairs",
+        type=int,
+        default=1,
+        help="key/question pairs per passkey sample, each question about the latest key (default 1; more "
+        "only with the repeated filler, one unnamed key per pair, plain text)",
     )
     p.add_argument(
         "--passkey-wordings",

@@ -38,7 +38,7 @@ import torch
 
 from landmark.config import DEFAULT_BLOCK_SIZE, FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
 from landmark.data import CorpusError, read_corpus
-from landmark.data.passkey import BookHaystack
+from landmark.data.passkey import BookHaystack, PasskeyMix
 from landmark.data.wordings import TRAINING_WORDINGS
 from landmark.files import RunLock, write_json_atomic
 from landmark.hf.checks import (
@@ -101,10 +101,15 @@ class FinetuneConfig:
     logging_steps: int = 10
     eval_windows: int = 0  # validation windows evaluated before and after training (0: none)
     max_windows: int | None = None  # use at most this many training windows (None: the whole split)
+    # the passkey mix (landmark.data.passkey.PasskeyMix, the same options as landmark train's data.passkey_*)
     passkey_fraction: float = 0.0  # share of training windows replaced by in-window passkey samples
     passkey_books: float = 0.0  # share of those whose filler is prose of the training split
     passkey_multikey: float = 0.0  # share of those with several named keys, one asked
-    passkey_near: float = 0.0  # share of those whose key may lie right before the question
+    passkey_near: float = 0.0  # share of key/question pairs whose question follows the key within
+    # passkey_near_gap filler tokens (the key in the local context, not held one block back)
+    passkey_near_gap: int | None = None  # the most filler tokens between a near key and its question;
+    # None: anywhere before the question (data.passkey_near_gap's default is 0: right before it)
+    passkey_pairs: int = 1  # key/question pairs per passkey sample (> 1: repeated filler, one key each)
     passkey_chat: float = 0.0  # share of those in the tokenizer's chat template (answer = the reply)
     passkey_wordings: str = "paper"  # "paper": the paper's sentences; "train": the training wording families
     max_minutes: float | None = None  # stop training after this much wall time (None: run all `steps`)
@@ -116,6 +121,19 @@ class FinetuneConfig:
     # with lora_r 0, start a full fine-tune from the delta's merged model
     distill: str | None = None  # the base model folder to distil toward (landmark.hf.distill); None: off
     distill_weight: float = 1.0  # weight of KL(base || model) per token beside the cross-entropy
+
+    def passkey_mix(self) -> PasskeyMix:
+        """The passkey options of the run (the shares of ``--passkey-*``)."""
+        return PasskeyMix(
+            share=self.passkey_fraction,
+            pairs=self.passkey_pairs,
+            near=self.passkey_near,
+            near_gap=self.passkey_near_gap,
+            books=self.passkey_books,
+            multikey=self.passkey_multikey,
+            chat=self.passkey_chat,
+            wordings=self.passkey_wordings,
+        )
 
     def _check_wordings(self) -> None:
         """``--passkey-wordings``: a training set (never the held-out families), with passkey samples."""
@@ -160,6 +178,12 @@ class FinetuneConfig:
                 f"{extra[0]} is a share of the passkey samples and needs --passkey-fraction > 0; got "
                 f"{extra[0]} {extra[1]} with --passkey-fraction 0"
             )
+        try:  # the ranges are checked above: what is left is how the options combine
+            self.passkey_mix()
+        except ValueError as err:
+            raise ValueError(
+                f"--passkey-pairs, --passkey-books, --passkey-multikey, --passkey-chat: {err}"
+            ) from None
         if self.lora_targets not in LORA_TARGET_SETS:
             raise ValueError(
                 f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}; got {self.lora_targets!r}"
@@ -325,6 +349,8 @@ FINETUNE_RULES: dict[str, Rule] = {
     "passkey_books": real_range(0, 1),
     "passkey_multikey": real_range(0, 1),
     "passkey_near": real_range(0, 1),
+    "passkey_near_gap": int_range(0),
+    "passkey_pairs": int_range(1),
     "passkey_chat": real_range(0, 1),
     "max_minutes": real_range(0, open_low=True),
     "distill_weight": real_range(0, open_low=True),
@@ -433,7 +459,7 @@ def _start_run(cfg: FinetuneConfig, model: Any, tokenizer: Any) -> _Run:
     block_size = int(model.config.landmark_block_size)
     raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
     if cfg.passkey_fraction:
-        check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_wordings, bool(cfg.passkey_chat))
+        check_passkey_windows(tokenizer, raw_tokens, block_size, cfg.passkey_mix())
     out = Path(cfg.out)
     staging = staging_folder(out)
     run = _Run(cfg, out, staging, _training_arguments(cfg, model, staging), block_size, raw_tokens)
@@ -499,10 +525,14 @@ def _windows(run: _Run, tokenizer: Any) -> tuple[Any, Any, int]:
     if cfg.passkey_fraction:
         haystack = BookHaystack(cfg.corpus, split="train") if cfg.passkey_books else None
         train_set = PasskeyMixWindows(
-            train_set, tokenizer, raw_tokens, run.block_size, cfg.passkey_fraction, seed=cfg.seed,
-            books=cfg.passkey_books, multikey=cfg.passkey_multikey, haystack=haystack, near=cfg.passkey_near,
-            wordings=cfg.passkey_wordings, chat=cfg.passkey_chat,
-        )  # fmt: skip
+            train_set,
+            tokenizer,
+            raw_tokens,
+            run.block_size,
+            cfg.passkey_mix(),
+            seed=cfg.seed,
+            haystack=haystack,
+        )
     eval_set = (
         TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
     )
