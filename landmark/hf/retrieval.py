@@ -64,7 +64,6 @@ from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
 from landmark.model import apply_rope, rope_angles
 
-
 _UNROTATED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()  # zero position ids
 
 
