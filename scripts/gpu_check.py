@@ -16,7 +16,9 @@ next one runs), within a total budget (560 s on a GPU):
    through ``LandmarkRetrievalCache`` (``landmark.hf.forward_cached``, float32): the last position's
    logits on the GPU against the CPU's for one stream, ``landmark eval passkey --device cuda`` end to
    end (the path that once failed under a GPU machine's transformers: it needs no SmolLM2
-   weights to be carried), and the seconds to read 16k tokens on the GPU.
+   weights to be carried), and the seconds to read 16k tokens on the GPU: the reference (row groups of
+   64 rows and whole chunks), the fixed graph of tensor operations (eager and, on the GPU, compiled),
+   the model's own full attention.
 
 Results go to ``<out>/gpu_check.json`` (rewritten after every step, so a killed run keeps what it
 measured), ``<out>/attention_gpu.json`` (the benchmark's own file) and ``<out>/gpu_check.log`` (every
@@ -442,14 +444,15 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
                                 landmark_id)  # fmt: skip
 
     @torch.no_grad()
-    def read(m: Any, ids: torch.Tensor, row_group: int | None = None, full: bool = False) -> torch.Tensor:
+    def read(m: Any, ids: torch.Tensor, row_group: int | None = None, full: bool = False,
+             **options: Any) -> torch.Tensor:  # fmt: skip
         """(1, vocab) logits of the last position: top-4 retrieval (kernel "torch": the same code on
-        both devices, and no C++ build on a fresh machine's CPU; ``row_group`` None: the default), or
-        ``full`` attention (a DynamicCache)."""
+        both devices, and no C++ build on a fresh machine's CPU; ``row_group`` None: the default;
+        ``options``: other ``RetrievalConfig`` fields), or ``full`` attention (a DynamicCache)."""
         from transformers import DynamicCache
 
         groups = {} if row_group is None else {"row_group": row_group}
-        retrieval = RetrievalConfig(k=4, kernel="torch", **groups)
+        retrieval = RetrievalConfig(**{"k": 4, "kernel": "torch", **groups, **options})
         cache = DynamicCache() if full else LandmarkRetrievalCache(m, retrieval)
         logits = hf_reader(m, cache, threads=min(8, os.cpu_count() or 1))(ids, torch.tensor([ids.shape[1]]))
         if device == "cuda":
@@ -467,6 +470,12 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     # every query row of a chunk in one group (fewer, larger operations): the same logits
     whole = read(on_device, ids, row_group=DEFAULT_CHUNK_LEN)
     record["whole_chunk_rel_diff"] = float((whole - dev).abs().max()) / max(float(dev.abs().max()), 1e-30)
+    # the fixed graph of tensor operations (what kernel "auto" takes on a GPU), eager and compiled (on
+    # the GPU only: inductor's C++ code generation takes minutes on a CPU)
+    graphs = (("graph", False), ("graph_compiled", True)) if device == "cuda" else (("graph", False),)
+    for name, compiled in graphs:
+        logits = read(on_device, ids, kernel="graph", compile=compiled)
+        record[f"{name}_rel_diff"] = float((logits - cpu).abs().max()) / max(float(cpu.abs().max()), 1e-30)
     write_json(result, record)
     evaluation = result.parent / "hf-reading-eval"
     start = time.perf_counter()
@@ -485,11 +494,19 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     ways = {
         "read_seconds": lambda ids: read(on_device, ids),
         "read_seconds_whole_chunk": lambda ids: read(on_device, ids, row_group=DEFAULT_CHUNK_LEN),
+        "read_seconds_graph": lambda ids: read(on_device, ids, kernel="graph"),
+        **(
+            {"read_seconds_graph_compiled": lambda ids: read(on_device, ids, kernel="graph", compile=True)}
+            if device == "cuda"
+            else {}
+        ),
         "full_read_seconds": lambda ids: read(base, ids[ids != landmark_id][None], full=True),
     }
     for n in READ_LENGTHS[mode]:
         ids = stream(n)
         for name, way in ways.items():
+            if name == "read_seconds_graph_compiled":
+                way(ids)  # its graphs compiled (once per kind of step and memory size) before timing
             start = time.perf_counter()
             way(ids)
             record.setdefault(name, {})[str(n)] = round(time.perf_counter() - start, 4)
@@ -604,8 +621,10 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         return f"{r['shape']}: {rate:,.0f} tok/s (steady), {r['steps_done']} steps"
     if name == "hf_reading":
         reads = ", ".join(
-            f"{n} tok {t:.1f} s (whole chunks {r['read_seconds_whole_chunk'][n]:.1f} s, full attention "
-            f"{r['full_read_seconds'][n]:.1f} s)"
+            f"{n} tok {t:.1f} s (whole chunks {r['read_seconds_whole_chunk'][n]:.1f} s, graph "
+            f"{r['read_seconds_graph'][n]:.1f} s, compiled "
+            f"{r.get('read_seconds_graph_compiled', {}).get(n, float('nan')):.2f} s, "
+            f"full attention {r['full_read_seconds'][n]:.2f} s)"
             for n, t in r["read_seconds"].items()
         )
         diff = f"{r['device']}/cpu logits rel diff {r['rel_diff']:.1e}"

@@ -88,6 +88,9 @@ def test_smoke_mode_runs_every_step(tmp_path):
     )
     # the same stream read in whole-chunk row groups, and the unconverted model's full attention, timed
     assert reading["whole_chunk_rel_diff"] < 1e-5
+    # the fixed graph (kernel "graph"): the reference's logits, timed; compiled only on a GPU
+    assert reading["graph_rel_diff"] < 1e-5 and list(reading["read_seconds_graph"]) == ["200"]
+    assert "read_seconds_graph_compiled" not in reading and "graph_compiled_rel_diff" not in reading
     assert list(reading["read_seconds_whole_chunk"]) == list(reading["full_read_seconds"]) == ["200"]
     assert min(reading["read_seconds_whole_chunk"]["200"], reading["full_read_seconds"]["200"]) > 0
     assert (out / "attention_gpu.json").is_file() and (out / "gpu_check.log").stat().st_size > 0

@@ -67,7 +67,8 @@ def add_retrieval_arguments(
         "--kernel",
         choices=KERNELS,
         default=_DEFAULT.kernel,
-        help="CPU float32 steps: the fused C++ kernel where it applies (auto), always (cpp), never (torch)",
+        help="auto: the fused C++ kernel for CPU float32 steps, the fixed graph (graph) on a GPU; cpp: the "
+        "kernel always; graph: the fixed graph of tensor operations; torch: the eager reference",
     )
     g.add_argument(
         "--chunk-len",
