@@ -58,7 +58,7 @@ def memory_worker(args) -> dict:
     import torch
 
     from landmark.inference import InferenceSession
-    from landmark.inference.generate import Sampling, generate_with
+    from landmark.inference.generate import Landmarks, Sampling, generate_with
 
     model, tokenizer, book_tokens = _setup(args)
     ids = book_tokens(tokenizer, args.memory_tokens)
@@ -67,7 +67,7 @@ def memory_worker(args) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = generate_with(session.read, [ids], 16, block_size=cfg.block_size, landmark_id=cfg.landmark_id,
+        out = generate_with(session.read, [ids], 16, landmarks=Landmarks(cfg.block_size, cfg.landmark_id),
                             sampling=Sampling())  # fmt: skip
     seconds = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -93,7 +93,7 @@ def trace_trial(m, prompt: list[int], new_tokens: int, reading: Reading):
     from landmark.hf.convert import landmark_token_id
     from landmark.hf.generate import hf_reader
     from landmark.hf.retrieval import LandmarkRetrievalCache
-    from landmark.inference.generate import generate_with
+    from landmark.inference.generate import Hooks, Landmarks, generate_with
 
     model, tok = m.model, m.tokenizer
     cache = LandmarkRetrievalCache(model, reading.retrieval, **reading.cache_kwargs())
@@ -116,10 +116,14 @@ def trace_trial(m, prompt: list[int], new_tokens: int, reading: Reading):
         cache.stats.selections = []
         return read(ids[:, c_last:n], lengths - c_last)
 
+    stop = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     new = generate_with(
-        split_read, [prompt], new_tokens, block_size=m.block_size, landmark_id=landmark_token_id(model),
-        stop_ids=(tok.eos_token_id,) if tok.eos_token_id is not None else (),
-    )[0]  # fmt: skip
+        split_read,
+        [prompt],
+        new_tokens,
+        landmarks=Landmarks(m.block_size, landmark_token_id(model)),
+        hooks=Hooks(stop),
+    )[0]
     return new, trace_steps(cache.stats.selections, layers, state["last_chunk"]), state["blocks"]
 
 

@@ -97,3 +97,29 @@ def test_the_core_commands_start_without_the_optional_dependencies():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == ""
+
+
+def _function_sizes():
+    """(where, name, parameters without self/cls, lines) of every function in the package, Triton
+    kernels (``@triton.jit``) left out."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                continue
+            a = node.args
+            names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            found.append((where, node.name, len(names), node.end_lineno - node.lineno + 1))
+    return found
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """Outside Triton kernels: no function over 8 parameters or 80 lines."""
+    sizes = _function_sizes()
+    assert len(sizes) > 500  # the scan sees the package
+    many = [f"{w} {n}: {p} parameters" for w, n, p, _ in sizes if p > 8]
+    long = [f"{w} {n}: {lines} lines" for w, n, _, lines in sizes if lines > 80]
+    assert not many and not long, "\n".join(many + long)

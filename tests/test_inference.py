@@ -6,17 +6,17 @@ import sys
 
 import pytest
 import torch
-from inference_helpers import random_memory
+from inference_helpers import attend, random_memory
 
 from landmark.data.landmarks import insert_landmarks
 from landmark.inference import (
     BlockMemory,
     InferenceSession,
     MemoryFullError,
+    MemoryOptions,
     RetrievalConfig,
     chunked_logits,
     generate,
-    retrieval_attention,
     select_blocks,
 )
 from landmark.inference.cache import StateFiles
@@ -129,7 +129,7 @@ def test_planted_block_is_retrieved(granularity):
     the query is zero there, so the alignment survives the positions."""
     bs, d = 4, 8
     g = torch.Generator().manual_seed(6)
-    memory = BlockMemory(1, 1, bs, d, rope_base=1e30, dtype=torch.float32, device="cpu")
+    memory = BlockMemory((1, 1, bs, d), rope_base=1e30, dtype=torch.float32, device="cpu")
     q = torch.randn(1, 1, 1, d, generator=g)
     q[..., [0, d // 2]] = 0.0
     for i in range(12):
@@ -142,7 +142,7 @@ def test_planted_block_is_retrieved(granularity):
     local_k = torch.randn(1, 1, 1, d, generator=g) * 0.1
     local_v = torch.zeros(1, 1, 1, d)
     one, zero = torch.tensor([1]), torch.tensor([0])
-    out = retrieval_attention(
+    out = attend(
         q,
         local_k,
         local_v,
@@ -159,7 +159,8 @@ def test_planted_block_is_retrieved(granularity):
 
 
 def test_memory_cap_evicts_oldest_or_refuses():
-    memory = BlockMemory(1, 1, 4, 2, rope_base=1e4, dtype=torch.float32, device="cpu", max_blocks=3)
+    memory = BlockMemory((1, 1, 4, 2), rope_base=1e4, dtype=torch.float32, device="cpu",
+                         options=MemoryOptions(max_blocks=3))  # fmt: skip
     for i in range(5):
         memory.append(0, torch.full((1, 1, 4, 2), float(i)), torch.full((1, 1, 4, 2), float(i)))
     assert memory.count == [3]
@@ -172,9 +173,8 @@ def test_memory_cap_evicts_oldest_or_refuses():
     assert torch.allclose(raw[0, 0, 0], torch.full((4, 2), 2.0), atol=1e-6)
     assert torch.allclose(raw[0, 0, 1], torch.full((4, 2), 4.0), atol=1e-6)
     assert not torch.allclose(keys[0, 0, 0].T[1:], raw[0, 0, 0, 1:])
-    strict = BlockMemory(
-        1, 1, 4, 2, rope_base=1e4, dtype=torch.float32, device="cpu", max_blocks=2, evict=False
-    )
+    strict = BlockMemory((1, 1, 4, 2), rope_base=1e4, dtype=torch.float32, device="cpu",
+                         options=MemoryOptions(max_blocks=2, evict=False))  # fmt: skip
     strict.append(0, torch.zeros(1, 2, 4, 2), torch.zeros(1, 2, 4, 2))
     with pytest.raises(MemoryFullError, match="memory is full"):
         strict.append(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
@@ -242,8 +242,8 @@ def test_decode_path_equals_chunk_path(granularity, wrapped):
     one = torch.tensor([1, 1])
     cfg = RetrievalConfig(k=3, granularity=granularity)
     args = (memory, cfg, bs, 10000.0, d**-0.5)
-    decode = retrieval_attention(q[:, :, :1], local_k, local_v, tail + 1, tail, one, *args)
-    chunk = retrieval_attention(q, local_k, local_v, tail + 1, tail, one, *args)
+    decode = attend(q[:, :, :1], local_k, local_v, tail + 1, tail, one, *args)
+    chunk = attend(q, local_k, local_v, tail + 1, tail, one, *args)
     assert (decode - chunk[:, :, :1]).abs().max() < 1e-5
 
 
@@ -262,8 +262,8 @@ def test_uniform_decode_path_equals_chunk_path(compile, rows):
     args = (memory, RetrievalConfig(k=3, compile=compile), bs, 10000.0, d**-0.5)
     chunk_args = (memory, RetrievalConfig(k=3), bs, 10000.0, d**-0.5)
     for tail_now in (tail, tail + 2 - rows):  # row 0 ends on its landmark (position 7) in one of them
-        decode = retrieval_attention(q[:, :, :rows], local_k, local_v, tail_now + rows, tail_now, n, *args)
-        chunk = retrieval_attention(q, local_k, local_v, tail_now + rows, tail_now, n, *chunk_args)
+        decode = attend(q[:, :, :rows], local_k, local_v, tail_now + rows, tail_now, n, *args)
+        chunk = attend(q, local_k, local_v, tail_now + rows, tail_now, n, *chunk_args)
         assert (decode - chunk[:, :, :rows]).abs().max() < 1e-5
 
 
@@ -361,9 +361,7 @@ def test_faiss_search_equals_exact_scan_with_a_flat_index(granularity, rows):
     out = {}
     for search in ("exact", "faiss"):
         cfg = RetrievalConfig(k=3, granularity=granularity, search=search, candidates=cands)
-        out[search] = retrieval_attention(
-            q, local_k, local_v, tail + rows, tail, q_len, memory, cfg, bs, 1e4, 0.25
-        )
+        out[search] = attend(q, local_k, local_v, tail + rows, tail, q_len, memory, cfg, bs, 1e4, 0.25)
     assert (out["exact"] - out["faiss"]).abs().max() < 1e-5
 
 
@@ -594,7 +592,7 @@ def test_memory_rope_base_must_match_attention():
     q, local = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     one, zero = torch.tensor([1]), torch.tensor([0])
     with pytest.raises(ValueError, match=r"rope_base 10000\.0; attention uses 500000\.0"):
-        retrieval_attention(q, local, local, one, zero, one, memory, RetrievalConfig(k=2), 4, 500000.0, 1.0)
+        attend(q, local, local, one, zero, one, memory, RetrievalConfig(k=2), 4, 500000.0, 1.0)
 
 
 def test_inference_threads_default_env_and_restore(monkeypatch):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from landmark.data.landmarks import insert_landmarks
-from landmark.inference import InferenceSession, RetrievalConfig, retrieval_attention
+from landmark.inference import InferenceSession, RetrievalConfig
 from landmark.inference import kernel as kn
 from landmark.inference.retrieval import StepStats, top_k_blocks
 from landmark.inference.session import chunked_nll
@@ -46,7 +46,7 @@ def both(q, lk, lv, local_len, q_start, q_len, memory, k, bs, dim):
         stats[kernel] = StepStats()
         retrieval = RetrievalConfig(k=k, kernel=kernel)
         assert (retrieval.kernel_for(q.dtype, q.device, memory) is not None) == (kernel == "cpp")
-        out[kernel] = retrieval_attention(
+        out[kernel] = inference_helpers.attend(
             q, lk, lv, local_len, q_start, q_len, memory, retrieval, bs, BASE, dim**-0.5, stats[kernel]
         )
     return out, stats
@@ -120,7 +120,7 @@ def test_kernel_attends_to_the_eager_selection_of_other_granularities(granularit
         out = {}
         for kernel in ("torch", "cpp"):
             retrieval = RetrievalConfig(k=3, granularity=granularity, row_group=row_group, kernel=kernel)
-            out[kernel] = retrieval_attention(
+            out[kernel] = inference_helpers.attend(
                 q, lk, lv, local_len, tails, q_len, memory, retrieval, 8, BASE, 16**-0.5
             )
         assert (out["cpp"] - out["torch"]).abs().max() < 2e-5, rows
@@ -169,7 +169,7 @@ def test_kernel_selects_the_blocks_the_landmarks_point_to():
     tails, q_len = torch.tensor([2, 6]), torch.tensor([20, 20])
     q, lk, lv, local_len = random_step(2, 6, 2, 16, 20, tails, q_len, 8)
     plan = kn.kernel_plan(kn.kernel_module(required=True), 4, lk.shape[2], 8, 16, BASE)
-    _, selected = kn.retrieval_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
+    _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
     expected, margin = reference_selection(q, tails, memory, 4, 8)
     clear = margin > 1e-4
     assert clear.float().mean() > 0.9
@@ -194,7 +194,7 @@ def test_traced_selections_are_the_reference_top_k():
         for kernel in ("torch", "cpp"):
             stats = StepStats(selections=[])
             retrieval = RetrievalConfig(k=4, kernel=kernel)
-            retrieval_attention(
+            inference_helpers.attend(
                 q, lk, lv, local_len, tails, q_len, memory, retrieval, 8, BASE, 16**-0.5, stats
             )
             traced = torch.cat(stats.selections, dim=2)  # the eager path records a group of rows at a time
@@ -246,7 +246,7 @@ def test_kernel_orders_nearly_tied_landmarks_like_eager():
         assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
     expected, margin = reference_selection(q, tails, memory, 4, 8)
     plan = kn.kernel_plan(kn.kernel_module(required=True), 4, lk.shape[2], 8, 16, BASE)
-    _, selected = kn.retrieval_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
+    _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
     clear = margin > 1e-6
     assert clear.float().mean() > 0.5 and torch.equal(selected[clear], expected[clear])
 
@@ -338,7 +338,7 @@ def test_kernel_survives_nan_landmark_keys():
         lk, lv = torch.randn(1, 2, 2 + rows, 8), torch.randn(1, 2, 2 + rows, 8)
         retrieval = RetrievalConfig(k=4, kernel="cpp")
         q_len = torch.full((1,), rows)
-        out = retrieval_attention(
+        out = inference_helpers.attend(
             q, lk, lv, torch.tensor([2 + rows]), torch.tensor([2]), q_len, memory, retrieval, 8, BASE, 0.3
         )
         assert torch.isfinite(out).all()

@@ -46,7 +46,7 @@ from landmark.hf.convert import encode_text
 from landmark.hf.generate import hf_reader
 from landmark.hf.retrieval import LandmarkRetrievalCache, forward_cached
 from landmark.inference.cache import DEFAULT_CHUNK_LEN
-from landmark.inference.generate import Sampling, generate_with
+from landmark.inference.generate import Hooks, Landmarks, Sampling, generate_with
 from landmark.inference.options import Reading, check_device, resolve_device
 from landmark.inference.session import landmark_stream
 from landmark.inference.threads import using_threads
@@ -261,10 +261,13 @@ class LandmarkLM(TemplateLM):
 
         with contextlib.suppress(_Stop):
             generate_with(
-                hf_reader(m.model, self._new_cache(), self.reading.chunk_len), [ids], max_new,
-                block_size=m.block_size, landmark_id=m.landmark_id, sampling=sampling or Sampling(),
-                stop_ids=(self.eot_token_id,), on_token=on_token,
-            )  # fmt: skip
+                hf_reader(m.model, self._new_cache(), self.reading.chunk_len),
+                [ids],
+                max_new,
+                landmarks=Landmarks(m.block_size, m.landmark_id),
+                sampling=sampling or Sampling(),
+                hooks=Hooks((self.eot_token_id,), on_token),
+            )
         return tokens
 
     @torch.no_grad()

@@ -24,7 +24,15 @@ from torch import Tensor
 
 from landmark.hf.convert import encode_text, landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, StateFiles
-from landmark.inference.generate import GREEDY, NO_STATE, Sampling, TokenCallback, generate_with
+from landmark.inference.generate import (
+    GREEDY,
+    NO_STATE,
+    Hooks,
+    Landmarks,
+    Sampling,
+    TokenCallback,
+    generate_with,
+)
 from landmark.inference.options import Reading
 from landmark.inference.session import reading_progress
 from landmark.inference.threads import inference_threads, using_threads
@@ -152,13 +160,18 @@ def generate(
         cache = transformers.DynamicCache(config=model.config)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     start = [cache.get_seq_length()] if state.load is not None else None
+    save = None if state.save is None else functools.partial(
+        cache.save_state, state.save, model, overwrite=state.overwrite)  # fmt: skip
+    landmarks = Landmarks(int(model.config.landmark_block_size), landmark_token_id(model))
     new = generate_with(
-        hf_reader(model, cache, chunk_len), [raw], max_new_tokens,
-        block_size=int(model.config.landmark_block_size), landmark_id=landmark_token_id(model),
-        sampling=sampling, stop_ids=() if eos is None else (eos,), on_token=on_token, start=start,
-        after_prompt=None if state.save is None else functools.partial(
-            cache.save_state, state.save, model, overwrite=state.overwrite),
-    )[0]  # fmt: skip
+        hf_reader(model, cache, chunk_len),
+        [raw],
+        max_new_tokens,
+        landmarks=landmarks,
+        sampling=sampling,
+        hooks=Hooks(() if eos is None else (eos,), on_token, save),
+        start=start,
+    )[0]
     out_ids = torch.tensor(new, dtype=torch.long)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""
     return text, out_ids

@@ -35,9 +35,10 @@ from torch import Tensor
 
 from landmark.files import atomic_write, check_output_file, safetensors_metadata
 from landmark.inference import graph
-from landmark.inference.memory import BlockMemory
-from landmark.inference.retrieval import RetrievalConfig, StepStats, retrieval_attention, step_plan
+from landmark.inference.memory import BlockMemory, MemoryOptions
+from landmark.inference.retrieval import RetrievalConfig, StepStats, plan_step, retrieval_attention
 from landmark.inference.search import LandmarkIndex
+from landmark.inference.step import LayerInputs, Step
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
 STATE_FORMAT = "landmark-stream-state-v1"  # the metadata "format" of a saved state (RetrievalCache.save)
@@ -277,11 +278,9 @@ class RetrievalCache:
                 index = LandmarkIndex(
                     batch, kv_heads, head_dim, approx_min_blocks=self.retrieval.approx_min_blocks
                 )
-            memory = BlockMemory(
-                batch, kv_heads, self.block_size, head_dim, rope_base=self.rope_base, dtype=k.dtype,
-                device=k.device, storage_device=self.memory_device, max_blocks=self.max_blocks,
-                evict=self.evict, index=index,
-            )  # fmt: skip
+            options = MemoryOptions(self.memory_device, self.max_blocks, self.evict)
+            memory = BlockMemory((batch, kv_heads, self.block_size, head_dim), rope_base=self.rope_base,
+                                 dtype=k.dtype, device=k.device, options=options, index=index)  # fmt: skip
             tail_k = k.new_zeros(batch, kv_heads, self.block_size, head_dim)
             state = self.layers[layer] = _Layer(memory, tail_k, torch.zeros_like(tail_k))
         return state
@@ -293,12 +292,10 @@ class RetrievalCache:
         if self.retrieval.takes_graph(q.dtype, q.device, state.memory):
             return self._attend_graph(state, q, k, v, lengths, scale)
         local_k, local_v, local_len = self._local(state, k, v, lengths)
-        lengths_dev = lengths.to(q.device)
-        plan = self._step_plan(state, q, local_len, lengths_dev, local_k.shape[2])
-        out = retrieval_attention(
-            q, local_k, local_v, local_len, state.tail_len, lengths_dev, state.memory, self.retrieval,
-            self.block_size, self.rope_base, scale, self.stats, plan,
-        )  # fmt: skip
+        inputs = LayerInputs(q, local_k, local_v, state.memory, scale)
+        lengths_dev = (local_len, state.tail_len, lengths.to(q.device))
+        step = Step.of(inputs, lengths_dev, self.retrieval, self.block_size, self.rope_base)
+        out = retrieval_attention(inputs, step, self.stats, self._step_plan(state, step, lengths, q.dtype))
         self._commit(state, local_k, local_v, local_len)
         state.length += lengths
         return out
@@ -331,17 +328,19 @@ class RetrievalCache:
         state.length += lengths
         return out
 
-    def _step_plan(self, state: _Layer, q: Tensor, local_len: Tensor, lengths: Tensor, width: int):
-        """What the layers of one step share, built by the first layer and reused by the others (every
-        layer reads the same chunk with the same tails and memory sizes)."""
-        key = (tuple(state.memory.count), tuple(state.length.tolist()), tuple(lengths.tolist()), width)
+    def _step_plan(self, state: _Layer, step: Step, lengths: Tensor, dtype: torch.dtype):
+        """What the layers of one step share (``plan_step``), built by the first layer and reused by the
+        others (every layer reads the same chunk with the same tails and memory sizes)."""
+        key = (
+            tuple(state.memory.count),
+            tuple(state.length.tolist()),
+            tuple(lengths.tolist()),
+            step.local_width,
+        )
         if key != self._plan_key:
             self._plan = None
-            if bool((lengths > 0).any()):
-                self._plan = step_plan(
-                    state.memory, local_len, state.tail_len, lengths, q.shape[2], width, self.retrieval,
-                    q.dtype, self.block_size, q.shape[-1], self.rope_base,
-                )  # fmt: skip
+            if any(n > 0 for n in lengths.tolist()):
+                self._plan = plan_step(step, state.memory, dtype)
             self._plan_key = key
         return self._plan
 

@@ -21,6 +21,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -140,39 +141,54 @@ def prompt_streams(
     return stream, lengths
 
 
+class Landmarks(NamedTuple):
+    """Where landmarks go in a model's stream: the last position of every block of ``block_size``
+    (``landmark_id`` None: a model without landmarks)."""
+
+    block_size: int
+    landmark_id: int | None
+
+
+class Hooks(NamedTuple):
+    """What ``generate_with`` calls and stops on."""
+
+    stop_ids: Sequence[int] = ()  # a row stops after generating one of these (kept in its output)
+    on_token: TokenCallback | None = None  # on_token(row, token) for every token, as soon as it exists
+    after_prompt: Callable[[], None] | None = None  # once the prompts are read (saving the state)
+
+
+NO_HOOKS = Hooks()
+
+
 @torch.no_grad()
 def generate_with(
     read: Reader,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
-    block_size: int,
-    landmark_id: int | None,
+    landmarks: Landmarks,
     sampling: Sampling = Sampling(),
-    stop_ids: Sequence[int] = (),
-    on_token: TokenCallback | None = None,
+    hooks: Hooks = NO_HOOKS,
     start: Sequence[int] | None = None,
-    after_prompt: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """The generation loop: read the prompts, then decode token by token.
 
     Args:
         read: the model's reader (see the module).
-        block_size, landmark_id: where landmarks go (``landmark_id`` None: a model without landmarks).
+        landmarks: where landmarks go (``Landmarks``; ``landmark_id`` None: a model without them).
         prompts: B token-id lists (regular tokens, no landmarks), of different lengths if the reader
             allows it.
         max_new_tokens: regular tokens to generate per row (>= 1).
         sampling: greedy or sampled (``Sampling``).
-        stop_ids: a row stops after generating one of these (it is included in the output).
-        on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists.
+        hooks: stop tokens and callbacks (``Hooks``).
         start: (B,) stream positions the prompts continue (a state read earlier); default 0.
-        after_prompt: called once the prompts are read, before the first token (saving the state).
 
     Returns:
         The generated token ids of each row.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    (block_size, landmark_id), (stop_ids, on_token, after_prompt) = landmarks, hooks
     stream, lengths = prompt_streams(prompts, block_size, landmark_id, start)
     logits = read(stream, lengths)  # (B, vocab)
     positions = lengths + (torch.tensor(list(start), dtype=torch.long) if start is not None else 0)
@@ -263,10 +279,18 @@ def generate(
     if state.load is not None:
         session.load_state(state.load)
     cfg = model.config
+    save = (
+        None
+        if state.save is None
+        else functools.partial(session.save_state, state.save, overwrite=state.overwrite)
+    )
+    hooks = Hooks(() if eot_id is None else (eot_id,), on_token, save)
     return generate_with(
-        session.read, prompts, max_new_tokens, block_size=cfg.block_size, landmark_id=cfg.landmark_id,
-        sampling=sampling, stop_ids=() if eot_id is None else (eot_id,), on_token=on_token,
+        session.read,
+        prompts,
+        max_new_tokens,
+        landmarks=Landmarks(cfg.block_size, cfg.landmark_id),
+        sampling=sampling,
+        hooks=hooks,
         start=session.length.tolist(),
-        after_prompt=None if state.save is None else functools.partial(
-            session.save_state, state.save, overwrite=state.overwrite),
-    )  # fmt: skip
+    )

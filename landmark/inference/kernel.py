@@ -50,6 +50,7 @@ from landmark.model import rope_angles
 
 if TYPE_CHECKING:
     from landmark.inference.memory import BlockMemory
+    from landmark.inference.step import LayerInputs, Step
 
 KERNELS = ("auto", "cpp", "graph", "torch")
 _SOURCE = Path(__file__).with_name("csrc") / "retrieval.cpp"
@@ -144,17 +145,7 @@ def kernel_plan(
 
 
 def retrieval_step(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    memory: BlockMemory,
-    k: int,
-    scale: float,
-    plan: KernelPlan,
-    selected: Tensor | None = None,
+    inputs: LayerInputs, step: Step, plan: KernelPlan, selected: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``retrieval_attention`` through the kernel: one call of the compiled module for a layer and step.
 
@@ -163,14 +154,15 @@ def retrieval_step(
     Returns the (B, H, C, D) outputs and the (B, H, C, K) selected logical block indices (ascending; -1
     where a row has fewer blocks, and on padding rows).
     """
-    longs = [t.long().contiguous() for t in (q_start, q_len, local_len)]
+    memory = inputs.memory
+    longs = [t.long().contiguous() for t in (step.q_start, step.q_len, step.local_len)]
     count = torch.tensor(memory.count, dtype=torch.long)
     start = torch.tensor(memory.start, dtype=torch.long)
     out, selected = plan.module.retrieval_step(
-        q.contiguous(), longs[0], longs[1], local_k.contiguous(), local_v.contiguous(), longs[2],
-        memory.landmark_keys, memory.keys, memory.values, count, start,
+        inputs.q.contiguous(), longs[0], longs[1], inputs.local_k.contiguous(), inputs.local_v.contiguous(),
+        longs[2], memory.landmark_keys, memory.keys, memory.values, count, start,
         _NO_SELECTION if selected is None else selected.long().contiguous(),
-        plan.cos_table, plan.sin_table, k, scale,
+        plan.cos_table, plan.sin_table, step.retrieval.k, inputs.scale,
     )  # fmt: skip
     return out, selected
 

@@ -30,6 +30,7 @@ it and tells it how many of the row's blocks have been evicted so far (blocks ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,26 +46,35 @@ class MemoryFullError(ValueError):
     """Raised when a block does not fit a capped memory that may not evict."""
 
 
+@dataclass(frozen=True)
+class MemoryOptions:
+    """Where a block memory keeps its block contents and how many blocks it holds per row."""
+
+    storage_device: torch.device | str | None = None  # block contents (default: next to the keys)
+    max_blocks: int | None = None  # cap per row (None: unlimited)
+    evict: bool = True  # a full row drops its oldest block (else MemoryFullError)
+
+
 class BlockMemory:
     """Complete blocks of one attention layer for a batch of independent streams."""
 
     def __init__(
         self,
-        batch: int,
-        kv_heads: int,
-        block_size: int,
-        head_dim: int,
+        shape: tuple[int, int, int, int],
         *,
         rope_base: float,
         dtype: torch.dtype,
         device: torch.device | str,
-        storage_device: torch.device | str | None = None,
-        max_blocks: int | None = None,
-        evict: bool = True,
+        options: MemoryOptions | None = None,
         index: LandmarkIndex | None = None,
     ):
+        """``shape``: (batch rows, kv heads, block size, head dim); ``options``: where the block contents
+        live and the cap (``MemoryOptions``; default: next to the keys, unlimited)."""
+        options = options if options is not None else MemoryOptions()
+        storage_device, max_blocks, evict = options.storage_device, options.max_blocks, options.evict
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
+        batch, kv_heads, block_size, head_dim = shape
         self.batch, self.kv_heads, self.block_size, self.head_dim = batch, kv_heads, block_size, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else self.device

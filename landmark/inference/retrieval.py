@@ -40,7 +40,7 @@ How a call is organised:
   and positions, block size, head dim, RoPE base, the ``RetrievalConfig``: what every layer of the
   step shares) and the layer's ``LayerInputs`` (queries, local keys and values, memory, scale); the
   pieces below take these two objects and a plan.
-* ``plan_step`` (``step_plan`` with the arguments spelled out) builds what the layers of a step share:
+* ``plan_step`` builds what the layers of a step share:
   a ``kernel.KernelPlan`` where the fused C++ kernel applies, a ``DecodePlan`` for an eager decode
   step (at most ``DECODE_ROWS`` query rows), else nothing (an eager prefill chunk plans each group of
   ``RetrievalConfig.row_group`` query rows). A ``DecodePlan`` has one part per concern: ``BlockPlan``
@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -72,6 +72,7 @@ from torch import Tensor
 from landmark.inference import kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, search_candidates
+from landmark.inference.step import LayerInputs, Step
 from landmark.inference.superblocks import bounded_candidates, top_k_candidates
 from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
@@ -176,116 +177,43 @@ class StepStats:
             self.selections.append(marked.detach().cpu())
 
 
-# --- What a call is about: the step (shared by its layers) and one layer's inputs ---------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of retrieval attention as every layer sees it: built once per call (or per plan) and
-    passed to the planning, selection and attention pieces instead of their arguments one by one.
-
-    Every layer of a step reads the same stream lengths, tail lengths and memory counts with the same
-    configuration; only the queries, keys and values differ (``LayerInputs``).
-    """
-
-    local_len: Tensor  # (B,) real local context positions per row: tail + new positions
-    q_start: Tensor  # (B,) local position of each row's first query (= its tail length)
-    q_len: Tensor  # (B,) real query rows per batch row (the rest is padding)
-    rows: int  # C: query rows of the step (or of one row group of a chunk)
-    local_width: int  # T: length of the local context tensors (>= max(local_len))
-    retrieval: RetrievalConfig
-    block_size: int
-    head_dim: int
-    rope_base: float
-
-    def row_group(self, r0: int, r1: int) -> Step | None:
-        """Query rows r0..r1-1 as a step of their own (they see the whole local context up to their own
-        positions), or None when no batch row has a real query there."""
-        group_len = (self.q_len - r0).clamp(0, r1 - r0)
-        if not bool((group_len > 0).any()):
-            return None
-        return replace(self, q_start=self.q_start + r0, q_len=group_len, rows=r1 - r0)
-
-
-@dataclass(frozen=True)
-class LayerInputs:
-    """One layer's tensors for a step (shapes as in ``retrieval_attention``)."""
-
-    q: Tensor  # (B, H, C, D) un-rotated queries of the new positions
-    local_k: Tensor  # (B, Hkv, T, D) un-rotated keys of the local context
-    local_v: Tensor  # (B, Hkv, T, D)
-    memory: BlockMemory | None  # the layer's block memory (None or empty: local attention only)
-    scale: float
-
-    def rows(self, r0: int, r1: int) -> LayerInputs:
-        """The same inputs for query rows r0..r1-1 (the local context stays whole)."""
-        return replace(self, q=self.q[:, :, r0:r1])
-
-
 # --- The entry point ----------------------------------------------------------------------------------------
 
 
 def retrieval_attention(
-    q: Tensor,
-    local_k: Tensor,
-    local_v: Tensor,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    memory: BlockMemory | None,
-    retrieval: RetrievalConfig,
-    block_size: int,
-    rope_base: float,
-    scale: float,
+    inputs: LayerInputs,
+    step: Step,
     stats: StepStats | None = None,
     plan: DecodePlan | kernel.KernelPlan | None = None,
 ) -> Tensor:
     """Landmark attention of new queries over retrieved memory blocks and the local context.
 
     Args:
-        q: (B, H, C, D) un-rotated queries of the new positions (row b has q_len[b] real ones).
-        local_k, local_v: (B, Hkv, T, D) un-rotated keys/values of the local context: the incomplete
-            tail block followed by the new positions; row b has local_len[b] real positions. Local
-            position 0 is a block boundary.
-        q_start: (B,) local position of each row's first query (= its tail length).
-        memory: the layer's block memory (None or empty: local attention only).
-        plan: what the layers of one step share (``step_plan`` of this step): a ``kernel.KernelPlan``
-            for a step that takes the fused C++ kernel (``retrieval.kernel_for``), a ``DecodePlan`` for
-            an eager decode step (at most ``DECODE_ROWS`` rows); None: chosen and built here.
+        inputs: the layer's tensors: q (B, H, C, D) un-rotated queries of the new positions (row b has
+            q_len[b] real ones); local_k, local_v (B, Hkv, T, D) un-rotated keys/values of the local
+            context (the incomplete tail block followed by the new positions; row b has local_len[b]
+            real positions; local position 0 is a block boundary); the layer's block memory (None or
+            empty: local attention only); the score scale.
+        step: what every layer of the step shares (``Step.of``): local_len, q_start (each row's tail
+            length), q_len, the ``RetrievalConfig``, block size, RoPE base.
+        plan: what the layers of one step share (``plan_step``): a ``kernel.KernelPlan`` for a step
+            that takes the fused C++ kernel (``retrieval.kernel_for``), a ``DecodePlan`` for an eager
+            decode step (at most ``DECODE_ROWS`` rows); None: chosen and built here.
 
     Returns:
         (B, H, C, D) attention outputs; padding rows are zero.
     """
-    if memory is not None and memory.rope_base != rope_base:
+    memory = inputs.memory
+    if memory is not None and memory.rope_base != step.rope_base:
         raise ValueError(
-            f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses {rope_base}"
+            f"the memory stores keys rotated with rope_base {memory.rope_base}; attention uses "
+            f"{step.rope_base}"
         )
-    rows, head_dim = q.shape[2], q.shape[3]
-    step = Step(local_len, q_start, q_len, rows, local_k.shape[2], retrieval, block_size, head_dim, rope_base)
-    inputs = LayerInputs(q, local_k, local_v, memory, scale)
-    if plan is None and bool((q_len > 0).any()):
-        plan = plan_step(step, memory, q.dtype)
+    if plan is None and bool((step.q_len > 0).any()):
+        plan = plan_step(step, memory, inputs.q.dtype)
     if isinstance(plan, kernel.KernelPlan):
         return _kernel_attention(inputs, step, plan, stats)
     return reference_attention(inputs, step, plan, stats)
-
-
-def step_plan(
-    memory: BlockMemory | None,
-    local_len: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    rows: int,
-    local_width: int,
-    retrieval: RetrievalConfig,
-    dtype: torch.dtype,
-    block_size: int,
-    head_dim: int,
-    rope_base: float,
-) -> DecodePlan | kernel.KernelPlan | None:
-    """``plan_step`` of the step these arguments describe (``Step``'s fields; dtype: the queries')."""
-    step = Step(local_len, q_start, q_len, rows, local_width, retrieval, block_size, head_dim, rope_base)
-    return plan_step(step, memory, dtype)
 
 
 def plan_step(
@@ -911,10 +839,7 @@ def _kernel_attention(
     (granularities token and head, FAISS search) the reference selects and the kernel attends."""
     given = None if plan.selects else reference_selection(inputs, step)
     memory = inputs.memory
-    out, selected = kernel.retrieval_step(
-        inputs.q, inputs.local_k, inputs.local_v, step.local_len, step.q_start, step.q_len, memory,
-        step.retrieval.k, inputs.scale, plan, given,
-    )  # fmt: skip
+    out, selected = kernel.retrieval_step(inputs, step, plan, given)
     if stats is not None:
         stats.local_positions += int(step.local_len.sum())
         stats.landmarks_scored += sum(memory.count)
