@@ -107,12 +107,15 @@ def path_problem(path: Path, *, folder: bool | None = None, writable: bool = Fal
             return f"cannot be created: {above} is not writable"
         return None
     is_dir = os.path.isdir(path)
+    if not os.path.lexists(path):  # removed since (another process pruning it)
+        return "does not exist"
     if folder is True and not is_dir:
         return "is a file, not a folder"
     if folder is False and is_dir:
         return "is a folder, not a file"
     if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
-        return "cannot be read (Permission denied)"
+        # os.access also fails for a path removed a moment ago: that is not a permission problem
+        return "cannot be read (Permission denied)" if os.path.lexists(path) else "does not exist"
     if writable and not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):
         return "is not writable"
     return None
