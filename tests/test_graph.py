@@ -53,7 +53,7 @@ def assert_same_stream(a, b, tol):
         assert (x.double() - y.double()).abs().max() <= tol, i
     for m_a, m_b in zip(cache_a.memories, cache_b.memories):
         assert (m_a.count, m_a.start, m_a.evicted) == (m_b.count, m_b.start, m_b.evicted)
-        for t_a, t_b in zip(m_a.logical_blocks(), m_b.logical_blocks()):
+        for t_a, t_b in zip(m_a.logical_blocks().values(), m_b.logical_blocks().values()):
             assert torch.equal(t_a, t_b)
     for layer_a, layer_b in zip(cache_a.layers, cache_b.layers):
         assert torch.equal(layer_a.tail_len, layer_b.tail_len) and torch.equal(layer_a.length, layer_b.length)

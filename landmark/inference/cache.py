@@ -35,7 +35,7 @@ from torch import Tensor
 
 from landmark.files import atomic_write, check_output_file, safetensors_metadata
 from landmark.inference import graph
-from landmark.inference.memory import BlockMemory, MemoryOptions
+from landmark.inference.memory import STORAGE_DTYPES, BlockMemory, MemoryOptions
 from landmark.inference.retrieval import RetrievalConfig, StepStats, plan_step, retrieval_attention
 from landmark.inference.search import LandmarkIndex
 from landmark.inference.step import LayerInputs, Step
@@ -50,14 +50,17 @@ def is_saved_state(path: str | Path) -> bool:
     return meta is not None and meta.get("format") == STATE_FORMAT
 
 
-STATE_TENSORS = ("landmark_keys", "keys", "values", "tail_k", "tail_v", "count", "tail_len")  # per layer
+BLOCK_TENSORS = ("landmark_keys", "keys", "values")
+STATE_TENSORS = (*BLOCK_TENSORS, "tail_k", "tail_v", "count", "tail_len")  # per layer
+SCALE_TENSORS = ("key_scale", "value_scale")  # per layer, in a state whose blocks are stored as int8
 
 
 def check_state_tensors(tensors: dict[str, Tensor], n_layers: int, block_size: int) -> None:
     """A saved state's tensors as :meth:`RetrievalCache.save` writes them: every one present, no other,
     shapes and dtypes consistent across layers, counts and lengths in range. A ValueError names the
     first that is not (an edited file must not load into a cache that then fails mid-read)."""
-    names = {f"layer{i}.{t}" for i in range(n_layers) for t in STATE_TENSORS} | {"length"}
+    per_layer = STATE_TENSORS + (SCALE_TENSORS if "layer0.key_scale" in tensors else ())
+    names = {f"layer{i}.{t}" for i in range(n_layers) for t in per_layer} | {"length"}
     if set(tensors) != names:
         missing, extra = sorted(names - set(tensors))[:3], sorted(set(tensors) - names)[:3]
         raise ValueError(f"tensors missing {missing}, unexpected {extra}")
@@ -65,7 +68,7 @@ def check_state_tensors(tensors: dict[str, Tensor], n_layers: int, block_size: i
     batch, heads, _, dim = tensors["layer0.tail_k"].shape
     _need(_counts(length, batch, 0, None), "length must be (streams,) integers >= 0")
     for i in range(n_layers):
-        _check_layer_state({name: tensors[f"layer{i}.{name}"] for name in STATE_TENSORS},
+        _check_layer_state({name: tensors[f"layer{i}.{name}"] for name in per_layer},
                            f"layer {i}", (batch, heads, dim), block_size, length)  # fmt: skip
 
 
@@ -73,14 +76,19 @@ def _check_layer_state(t: dict[str, Tensor], where: str, bhd: tuple, block_size:
     """One layer's saved tensors (see :func:`check_state_tensors`); ``bhd``: (streams, kv heads, head dim)."""
     (batch, heads, dim), lk = bhd, t["landmark_keys"]
     n = lk.shape[2] if lk.dim() == 4 else -1
-    data = [lk, t["keys"], t["values"], t["tail_k"], t["tail_v"]]
+    data = [lk, t["tail_k"], t["tail_v"]]
     _need(all(x.is_floating_point() and x.dtype == lk.dtype for x in data), f"{where}: dtypes differ")
+    stored = t["keys"].dtype
+    scaled = "key_scale" in t
+    _need(t["values"].dtype == stored and stored in STORAGE_DTYPES and (stored == torch.int8) == scaled,
+          f"{where}: keys and values must share a storage dtype (int8 with scales)")  # fmt: skip
     shapes = {
         "landmark_keys": (batch, heads, n, dim),
         "keys": (batch, heads, n, dim, block_size),
         "values": (batch, heads, n, block_size - 1, dim),
         "tail_k": (batch, heads, t["tail_k"].shape[2], dim),
         "tail_v": (batch, heads, t["tail_k"].shape[2], dim),
+        **({"key_scale": (batch, heads, n), "value_scale": (batch, heads, n)} if scaled else {}),
     }
     for name, shape in shapes.items():
         _need(tuple(t[name].shape) == shape, f"{where}: {name} has shape {tuple(t[name].shape)}, not {shape}")
@@ -278,7 +286,9 @@ class RetrievalCache:
                 index = LandmarkIndex(
                     batch, kv_heads, head_dim, approx_min_blocks=self.retrieval.approx_min_blocks
                 )
-            options = MemoryOptions(self.memory_device, self.max_blocks, self.evict)
+            options = MemoryOptions(
+                self.memory_device, self.max_blocks, self.evict, self.retrieval.storage_dtype
+            )
             memory = BlockMemory((batch, kv_heads, self.block_size, head_dim), rope_base=self.rope_base,
                                  dtype=k.dtype, device=k.device, options=options, index=index)  # fmt: skip
             tail_k = k.new_zeros(batch, kv_heads, self.block_size, head_dim)
@@ -406,10 +416,7 @@ class RetrievalCache:
             raise ValueError("the layers are in the middle of a step: save between steps")
         tensors: dict[str, Tensor] = {}
         for i, st in enumerate(states):
-            lk, keys, values = st.memory.logical_blocks()
-            tensors.update(
-                {f"layer{i}.landmark_keys": lk, f"layer{i}.keys": keys, f"layer{i}.values": values}
-            )
+            tensors.update({f"layer{i}.{name}": t for name, t in st.memory.logical_blocks().items()})
             tensors[f"layer{i}.tail_k"] = st.tail_k.cpu()
             tensors[f"layer{i}.tail_v"] = st.tail_v.cpu()
             tensors[f"layer{i}.count"] = torch.tensor(st.memory.count, dtype=torch.long)
@@ -480,10 +487,9 @@ class RetrievalCache:
         self.layers = [None] * self.n_layers
         self.prepare(tail.shape[0], tail.shape[1], tail.shape[3], tail.dtype, device)
         for i, st in enumerate(self.layers):
-            st.memory.restore(
-                tensors[f"layer{i}.count"].tolist(), tensors[f"layer{i}.landmark_keys"],
-                tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"],
-            )  # fmt: skip
+            saved = {name: tensors[f"layer{i}.{name}"] for name in (*BLOCK_TENSORS, *SCALE_TENSORS)
+                     if f"layer{i}.{name}" in tensors}  # fmt: skip
+            st.memory.restore(tensors[f"layer{i}.count"].tolist(), saved)
             st.tail_k.copy_(tensors[f"layer{i}.tail_k"])
             st.tail_v.copy_(tensors[f"layer{i}.tail_v"])
             st.tail_len = tensors[f"layer{i}.tail_len"].to(st.tail_len.device)

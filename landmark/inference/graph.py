@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from landmark.inference import kernel
-from landmark.inference.memory import BlockMemory, gather_blocks, ring_slots, store_blocks
+from landmark.inference.memory import BlockMemory, BlockStore, gather_blocks, ring_slots, store_blocks
 from landmark.inference.retrieval import (
     Rotations,
     _decode_attend,
@@ -107,8 +107,7 @@ class MemoryTensors(NamedTuple):
 
     scan: Tensor  # (B, Hkv, N, D) landmark keys of the scanned slots, in storage order, un-rotated
     landmark_keys: Tensor  # (B, Hkv, capacity, D) all of them (written by the step)
-    keys: Tensor  # (B, Hkv, capacity, D, bs) as stored (key-major, offset-rotated)
-    values: Tensor  # (B, Hkv, capacity, bs - 1, D)
+    blocks: BlockStore  # keys (B, Hkv, capacity, D, bs) as stored (key-major, offset-rotated), values
 
 
 class GraphStep(NamedTuple):
@@ -276,9 +275,7 @@ def _to(plan: GraphPlan, device) -> GraphPlan:
 
 def memory_tensors(memory: BlockMemory, host: HostStep) -> MemoryTensors:
     """The storage ``graph_attention`` reads: the scanned landmark slots and the whole key/value store."""
-    return MemoryTensors(
-        memory.landmark_keys[:, :, : _scanned(host)], memory.landmark_keys, memory.keys, memory.values
-    )
+    return MemoryTensors(memory.landmark_keys[:, :, : _scanned(host)], memory.landmark_keys, memory.blocks)
 
 
 # --- The step -----------------------------------------------------------------------------------------------
@@ -312,8 +309,9 @@ def layer_step(
     if config.blocks != "none":
         pending = complete_blocks(local_k, local_v, plan, config.block_size)
     if config.blocks == "store":
-        storage = (memory.landmark_keys, memory.keys, memory.values)
-        store_blocks(storage, plan.writes[0], plan.writes[2], *pending, plan.offset_angles)
+        rows, slots = plan.writes[0], plan.writes[2]
+        memory.landmark_keys[rows, :, slots] = pending[0][:, :, -1].to(memory.landmark_keys.dtype)
+        store_blocks(memory.blocks, (rows, slots), *pending, plan.offset_angles)
         pending = None
     index = plan.tail_index[:, None, :, None].expand(-1, local_k.shape[1], -1, local_k.shape[3])
     return out, selected, (local_k.gather(2, index), local_v.gather(2, index)), pending
@@ -349,8 +347,8 @@ def graph_attention(
     scores = _scan_scores(q_lm, memory.scan, plan)
     selected = _top_k(_pick(scores, plan, config), config.k)
     chosen = torch.where(plan.selection_valid, selected, 0)
-    blocks = gather_blocks(memory.keys, memory.values, _physical(chosen, plan, memory.keys))
-    if memory.keys.device != q.device:  # block contents kept in another device's memory
+    blocks = gather_blocks(memory.blocks, _physical(chosen, plan, memory.blocks.keys), q.dtype)
+    if memory.blocks.keys.device != q.device:  # block contents kept in another device's memory
         blocks = tuple(t.to(q.device) for t in blocks)
     local = (local_scores, lv)
     out = _decode_attend(q_att, chosen, plan.recent_from, blocks, local, (plan.current, plan.earlier))

@@ -120,7 +120,7 @@ def kernel_applies(
     selection too for granularity token_head and exact search; else the eager path selects)."""
     if memory is None or compile:
         return False
-    if dtype != torch.float32 or memory.dtype != torch.float32:
+    if dtype != torch.float32 or memory.dtype != torch.float32 or memory.storage_dtype != torch.float32:
         return False
     return torch.device(device).type == memory.device.type == memory.storage_device.type == "cpu"
 

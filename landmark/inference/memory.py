@@ -31,7 +31,7 @@ it and tells it how many of the row's blocks have been evicted so far (blocks ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,6 +53,23 @@ class MemoryOptions:
     storage_device: torch.device | str | None = None  # block contents (default: next to the keys)
     max_blocks: int | None = None  # cap per row (None: unlimited)
     evict: bool = True  # a full row drops its oldest block (else MemoryFullError)
+    # the block contents' dtype (None: the keys'): float32, float16, bfloat16, or int8 with one scale per
+    # block, kv head and keys|values; landmark keys keep the keys' dtype (the selection reads them)
+    storage_dtype: torch.dtype | None = None
+
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+INT8_LEVELS = 127.0  # int8 blocks: x = round(x / scale) * scale with scale = max |x| / INT8_LEVELS
+
+
+class BlockStore(NamedTuple):
+    """A memory's block contents as stored: keys (B, Hkv, capacity, D, bs) and values (B, Hkv, capacity,
+    bs - 1, D); int8 storage adds one float32 scale per (row, kv head, slot) for each (else None)."""
+
+    keys: Tensor
+    values: Tensor
+    key_scale: Tensor | None = None
+    value_scale: Tensor | None = None
 
 
 class BlockMemory:
@@ -74,6 +91,11 @@ class BlockMemory:
         storage_device, max_blocks, evict = options.storage_device, options.max_blocks, options.evict
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
+        if options.storage_dtype not in (None, *STORAGE_DTYPES):
+            raise ValueError(
+                f"storage_dtype must be one of {STORAGE_DTYPES} or None; got {options.storage_dtype!r}"
+            )
+        self.storage_dtype = options.storage_dtype or dtype
         batch, kv_heads, block_size, head_dim = shape
         self.batch, self.kv_heads, self.block_size, self.head_dim = batch, kv_heads, block_size, head_dim
         self.dtype, self.device = dtype, torch.device(device)
@@ -87,23 +109,42 @@ class BlockMemory:
         self.evicted = [0] * batch  # blocks evicted so far per row (sequence number of logical block 0)
         self.index = index
         self.capacity = 0
-        self.landmark_keys = self.keys = self.values = None
+        self.landmark_keys = self.keys = self.values = self.key_scale = self.value_scale = None
         self._allocate(min(16, max_blocks or 16))
 
     def _allocate(self, capacity: int) -> None:
         """Grow the storage to ``capacity`` blocks, keeping every row's blocks in logical order."""
         b, h, d, n = self.batch, self.kv_heads, self.head_dim, self.block_size - 1
         lk = torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
-        keys = torch.zeros(b, h, capacity, d, n + 1, dtype=self.dtype, device=self.storage_device)
-        values = torch.zeros(b, h, capacity, n, d, dtype=self.dtype, device=self.storage_device)
+        new = BlockStore(
+            torch.zeros(b, h, capacity, d, n + 1, dtype=self.storage_dtype, device=self.storage_device),
+            torch.zeros(b, h, capacity, n, d, dtype=self.storage_dtype, device=self.storage_device),
+            *(
+                [torch.zeros(b, h, capacity, device=self.storage_device) for _ in "kv"]
+                if self.quantized
+                else []
+            ),
+        )
         if self.capacity:
             for row in range(b):
                 idx = self.physical(row, torch.arange(self.count[row]))
                 lk[row, :, : self.count[row]] = self.landmark_keys[row, :, idx.to(self.device)]
-                keys[row, :, : self.count[row]] = self.keys[row, :, idx.to(self.storage_device)]
-                values[row, :, : self.count[row]] = self.values[row, :, idx.to(self.storage_device)]
+                for t, old in zip(new, self.blocks):
+                    if t is not None:
+                        t[row, :, : self.count[row]] = old[row, :, idx.to(self.storage_device)]
             self.start = [0] * b
-        self.landmark_keys, self.keys, self.values, self.capacity = lk, keys, values, capacity
+        self.landmark_keys, self.capacity = lk, capacity
+        self.keys, self.values, self.key_scale, self.value_scale = new
+
+    @property
+    def quantized(self) -> bool:
+        """Whether block contents are stored as int8 with scales."""
+        return self.storage_dtype == torch.int8
+
+    @property
+    def blocks(self) -> BlockStore:
+        """The block contents as stored."""
+        return BlockStore(self.keys, self.values, self.key_scale, self.value_scale)
 
     def reserve(self, blocks: int) -> None:
         """Make room for at least ``blocks`` blocks per row. Storage grows geometrically (at least
@@ -173,15 +214,11 @@ class BlockMemory:
             keys: (P, Hkv, block_size, D) un-rotated, the landmark's key last; values: (P, Hkv,
                 block_size, D), the landmark's value is not stored.
         """
+        self.landmark_keys[rows, :, slots] = keys[:, :, -1].to(self.dtype)
         if self.storage_device != self.device:  # landmark keys here, block contents there
-            self.landmark_keys[rows, :, slots] = keys[:, :, -1].to(self.dtype)
-            storage = (None, self.keys, self.values)
             rows, slots = rows.to(self.storage_device), slots.to(self.storage_device)
             keys, values = keys.to(self.storage_device), values.to(self.storage_device)
-            store_blocks(storage, rows, slots, keys, values, self.offset_angles(keys.device))
-        else:
-            storage = (self.landmark_keys, self.keys, self.values)
-            store_blocks(storage, rows, slots, keys, values, self.offset_angles(keys.device))
+        store_blocks(self.blocks, (rows, slots), keys, values, self.offset_angles(keys.device))
 
     def offset_angles(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin (block_size, D/2) of the in-block offsets, on ``device``."""
@@ -217,7 +254,7 @@ class BlockMemory:
             values: (B, Hkv, M, block_size - 1, D) of the regular tokens. Only these blocks of these
             heads are read and moved.
         """
-        keys, values = gather_blocks(self.keys, self.values, self.physical_index(logical))
+        keys, values = gather_blocks(self.blocks, self.physical_index(logical), self.dtype)
         return keys.to(self.device), values.to(self.device)
 
     def raw_keys(self, keys: Tensor) -> Tensor:
@@ -232,21 +269,25 @@ class BlockMemory:
         rows = torch.arange(self.batch, device=self.device)[:, None]
         return self.landmark_keys[rows, :, idx].transpose(1, 2)
 
-    def logical_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Every row's blocks in logical order, padded to max(count) blocks (for saving):
-        landmark keys (B, Hkv, N, D) un-rotated, keys (B, Hkv, N, D, block_size) as stored, values
-        (B, Hkv, N, block_size - 1, D); on the CPU."""
+    def logical_blocks(self) -> dict[str, Tensor]:
+        """Every row's blocks in logical order, padded to max(count) blocks (for saving), on the CPU:
+        ``landmark_keys`` (B, Hkv, N, D) un-rotated, ``keys`` (B, Hkv, N, D, block_size) and ``values``
+        (B, Hkv, N, block_size - 1, D) as stored (their storage dtype), and for int8 storage
+        ``key_scale`` and ``value_scale`` (B, Hkv, N)."""
         n = max(self.count)
         logical = torch.arange(n).expand(self.batch, n)
         idx = self.physical_index(logical) if n else logical  # (B, N)
         rows = torch.arange(self.batch)[:, None]
         pick = lambda t: t[rows, :, idx.to(t.device)].transpose(1, 2).cpu()  # noqa: E731
-        return pick(self.landmark_keys), pick(self.keys), pick(self.values)
+        named = {"landmark_keys": self.landmark_keys, **self.blocks._asdict()}
+        return {name: pick(t) for name, t in named.items() if t is not None}
 
-    def restore(self, count: list[int], landmark_keys: Tensor, keys: Tensor, values: Tensor) -> None:
-        """Replace the content of an empty memory with saved blocks (``logical_blocks``'s layout,
-        ``count[b]`` real blocks in row b). Block numbering restarts at 0 (``evicted``); the FAISS
-        index, if any, is built from the restored landmark keys."""
+    def restore(self, count: list[int], saved: dict[str, Tensor]) -> None:
+        """Replace the content of an empty memory with saved blocks (``logical_blocks``'s tensors,
+        ``count[b]`` real blocks in row b), converted to this memory's storage dtype where they were
+        saved in another. Block numbering restarts at 0 (``evicted``); the FAISS index, if any, is
+        built from the restored landmark keys."""
+        landmark_keys = saved["landmark_keys"]
         if len(count) != self.batch or any(c > landmark_keys.shape[2] for c in count):
             raise ValueError("saved block counts do not match the saved blocks")
         if self.max_blocks is not None and max(count, default=0) > self.max_blocks:
@@ -259,8 +300,12 @@ class BlockMemory:
         self.reserve(max(max(count, default=0), 1))
         n = landmark_keys.shape[2]
         self.landmark_keys[:, :, :n] = landmark_keys.to(self.device, self.dtype)
-        self.keys[:, :, :n] = keys.to(self.storage_device, self.dtype)
-        self.values[:, :, :n] = values.to(self.storage_device, self.dtype)
+        blocks = BlockStore(**{f: saved.get(f) for f in BlockStore._fields})
+        if blocks.keys.dtype != self.storage_dtype:  # stored otherwise: through the model's dtype
+            blocks = requantized(blocks, self.storage_dtype, self.dtype)
+        for t, new in zip(self.blocks, blocks):
+            if t is not None:
+                t[:, :, :n] = new.to(self.storage_device)
         self.count = list(count)
         if self.index is not None:
             for row, c in enumerate(count):
@@ -270,25 +315,54 @@ class BlockMemory:
     def nbytes_per_block(self) -> int:
         """Bytes of one block's stored keys (landmark's included) and values, all kv heads: what
         retrieving it for every kv head reads."""
-        return (2 * self.block_size - 1) * self.kv_heads * self.head_dim * self.keys.element_size()
+        contents = (2 * self.block_size - 1) * self.head_dim * self.keys.element_size()
+        return self.kv_heads * (contents + (8 if self.quantized else 0))  # two float32 scales
 
 
-def gather_blocks(keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-    """Blocks chosen separately for every kv head, read where they are stored.
+def gather_blocks(store: BlockStore, slots: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Blocks chosen separately for every kv head, read where they are stored, in ``dtype``.
 
     Args:
-        keys: (B, Hkv, capacity, D, block_size) and values: (B, Hkv, capacity, block_size - 1, D), a
-            memory's storage; slots: (B, Hkv, M) storage slots (any device).
+        store: a memory's block contents (``BlockMemory.blocks``); slots: (B, Hkv, M) storage slots (any
+            device).
 
     Returns:
-        (B, Hkv, M, D, block_size) keys and (B, Hkv, M, block_size - 1, D) values, on the storage's device.
+        (B, Hkv, M, D, block_size) keys and (B, Hkv, M, block_size - 1, D) values, on the storage's
+        device (int8 blocks times their scales).
     """
     b, h, m = slots.shape
-    capacity, d, n = keys.shape[2], keys.shape[3], keys.shape[4]
+    capacity, d, n = store.keys.shape[2], store.keys.shape[3], store.keys.shape[4]
     row_head = torch.arange(b * h, device=slots.device).view(b, h, 1) * capacity
-    flat = (row_head + slots).view(-1).to(keys.device)  # index into (B * Hkv * capacity)
-    picked_keys = keys.view(-1, d, n).index_select(0, flat).view(b, h, m, d, n)
-    return picked_keys, values.view(-1, n - 1, d).index_select(0, flat).view(b, h, m, n - 1, d)
+    flat = (row_head + slots).view(-1).to(store.keys.device)  # index into (B * Hkv * capacity)
+    keys = store.keys.view(-1, d, n).index_select(0, flat).view(b, h, m, d, n).to(dtype)
+    values = store.values.view(-1, n - 1, d).index_select(0, flat).view(b, h, m, n - 1, d).to(dtype)
+    if store.key_scale is not None:
+        keys = keys * store.key_scale.view(-1).index_select(0, flat).view(b, h, m, 1, 1).to(dtype)
+        values = values * store.value_scale.view(-1).index_select(0, flat).view(b, h, m, 1, 1).to(dtype)
+    return keys, values
+
+
+def quantize(x: Tensor, dims: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """int8 levels of ``x`` and the float32 scale per entry of the other dimensions (max |x| over
+    ``dims`` / INT8_LEVELS; zero blocks get scale 0)."""
+    x = x.float()
+    scale = x.abs().amax(dim=dims) / INT8_LEVELS
+    levels = torch.round(x / scale.clamp_min(1e-30)[(...,) + (None,) * len(dims)]).clamp(
+        -INT8_LEVELS, INT8_LEVELS
+    )
+    return levels.to(torch.int8), scale
+
+
+def requantized(store: BlockStore, storage_dtype: torch.dtype, dtype: torch.dtype) -> BlockStore:
+    """Block contents converted to ``storage_dtype`` (through ``dtype``, the model's)."""
+    keys, values = store.keys.to(dtype), store.values.to(dtype)
+    if store.key_scale is not None:
+        keys = keys * store.key_scale[..., None, None].to(dtype)
+        values = values * store.value_scale[..., None, None].to(dtype)
+    if storage_dtype != torch.int8:
+        return BlockStore(keys.to(storage_dtype), values.to(storage_dtype))
+    (keys, key_scale), (values, value_scale) = quantize(keys, (-2, -1)), quantize(values, (-2, -1))
+    return BlockStore(keys, values, key_scale, value_scale)
 
 
 def ring_slots(count: int, start: int, capacity: int, m: int) -> tuple[list[int], list[int], int, int]:
@@ -310,24 +384,26 @@ def ring_slots(count: int, start: int, capacity: int, m: int) -> tuple[list[int]
 
 
 def store_blocks(
-    storage: tuple[Tensor | None, Tensor, Tensor],
-    rows: Tensor,
-    slots: Tensor,
+    store: BlockStore,
+    where: tuple[Tensor, Tensor],
     keys: Tensor,
     values: Tensor,
     offset_angles: tuple[Tensor, Tensor],
 ) -> None:
-    """Write P blocks into a memory's storage in one indexed copy per tensor.
+    """Write P blocks into a memory's block contents in one indexed copy per tensor (landmark keys are
+    written by the caller).
 
     Args:
-        storage: landmark keys (B, Hkv, capacity, D) (or None: not written here), keys (B, Hkv, capacity,
-            D, bs) and values (B, Hkv, capacity, bs - 1, D), as ``BlockMemory`` holds them.
-        rows, slots: (P,) where the blocks go; keys, values: (P, Hkv, bs, D) un-rotated, the landmark
-            last (its value is not stored); offset_angles: cos, sin (bs, D/2) of the in-block offsets.
+        store: the memory's ``BlockStore``; where: (P,) rows and (P,) slots the blocks go to.
+        keys, values: (P, Hkv, bs, D) un-rotated, the landmark last (its value is not stored);
+            offset_angles: cos, sin (bs, D/2) of the in-block offsets.
     """
-    landmark_keys, stored_keys, stored_values = storage
-    if landmark_keys is not None:
-        landmark_keys[rows, :, slots] = keys[:, :, -1].to(landmark_keys.dtype)
+    rows, slots = where
     rotated = apply_rope(keys, *offset_angles).transpose(-1, -2)  # rotated by the in-block offsets
-    stored_keys[rows, :, slots] = rotated.to(stored_keys.dtype)
-    stored_values[rows, :, slots] = values[:, :, :-1].to(stored_values.dtype)
+    values = values[:, :, :-1]
+    if store.key_scale is not None:  # int8: one scale per block, kv head and keys|values
+        (rotated, key_scale), (values, value_scale) = quantize(rotated, (-2, -1)), quantize(values, (-2, -1))
+        store.key_scale[rows, :, slots] = key_scale
+        store.value_scale[rows, :, slots] = value_scale
+    store.keys[rows, :, slots] = rotated.to(store.keys.dtype)
+    store.values[rows, :, slots] = values.to(store.values.dtype)

@@ -25,7 +25,7 @@ import torch
 
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
-from landmark.inference.retrieval import GRANULARITIES, SEARCHES, RetrievalConfig
+from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, SEARCHES, RetrievalConfig
 
 _DEFAULT = RetrievalConfig()
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
@@ -69,6 +69,13 @@ def add_retrieval_arguments(
         default=_DEFAULT.kernel,
         help="auto: the fused C++ kernel for CPU float32 steps, the fixed graph (graph) on a GPU; cpp: the "
         "kernel always; graph: the fixed graph of tensor operations; torch: the eager reference",
+    )
+    g.add_argument(
+        "--block-dtype",
+        choices=tuple(BLOCK_DTYPES),
+        default=_DEFAULT.block_dtype,
+        help="how the block memory stores block contents: as the model (default), float32, float16, "
+        "bfloat16, or int8 with a scale per block (about a quarter of float32)",
     )
     g.add_argument(
         "--chunk-len",
@@ -258,10 +265,10 @@ class Reading:
     """How a landmark model reads a long input: the one options object from the command line
     (:meth:`from_args`) to the retrieval cache (:attr:`retrieval`, :meth:`cache_kwargs`).
 
-    ``k``, ``granularity``, ``search``, ``kernel`` and ``compile`` are the :class:`RetrievalConfig`
-    (checked there); ``chunk_len`` is the positions read per forward; ``memory_device`` where the block
-    memory lives (None: the model's device); ``max_blocks`` the cap on memory blocks per row (None: no
-    cap). The defaults are those of ``RetrievalConfig`` and the cache.
+    ``k``, ``granularity``, ``search``, ``kernel``, ``compile`` and ``block_dtype`` are the
+    :class:`RetrievalConfig` (checked there); ``chunk_len`` is the positions read per forward;
+    ``memory_device`` where the block memory lives (None: the model's device); ``max_blocks`` the cap
+    on memory blocks per row (None: no cap). The defaults are those of ``RetrievalConfig`` and the cache.
     """
 
     k: int = _DEFAULT.k
@@ -270,6 +277,7 @@ class Reading:
     search: str = _DEFAULT.search
     kernel: str = _DEFAULT.kernel
     compile: bool = False
+    block_dtype: str = _DEFAULT.block_dtype
     memory_device: str | None = None
     max_blocks: int | None = None
 
@@ -289,6 +297,7 @@ class Reading:
             search=self.search,
             kernel=self.kernel,
             compile=self.compile,
+            block_dtype=self.block_dtype,
         )
 
     def cache_kwargs(self) -> dict[str, Any]:
@@ -304,4 +313,4 @@ class Reading:
         """The options beside k, granularity and chunk_len (search, kernel, memory_device, max_blocks),
         as the evaluations' result cells record them."""
         return {"search": self.search, "kernel": self.kernel, "memory_device": self.memory_device,
-                "max_blocks": self.max_blocks}  # fmt: skip
+                "max_blocks": self.max_blocks, "block_dtype": self.block_dtype}  # fmt: skip

@@ -78,6 +78,8 @@ from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
 
 GRANULARITIES = ("token_head", "token", "head")
+BLOCK_DTYPES = {"model": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int8": torch.int8}  # fmt: skip
 SEARCHES = ("exact", "faiss", "bounded")
 DECODE_ROWS = 2  # steps with at most this many query rows take the decode path (a token + its landmark)
 
@@ -97,6 +99,10 @@ class RetrievalConfig:
     # "auto": the fused C++ kernel for CPU float32 steps, the fixed graph (landmark.inference.graph) on
     # other devices, else the reference | "cpp" | "graph" | "torch" (the reference)
     kernel: str = "auto"
+    # how the block memory stores block contents: "model" (the keys' dtype) | "float32" | "float16" |
+    # "bfloat16" | "int8" (a float32 scale per block, kv head and keys|values); landmark keys stay as
+    # the model makes them (the selection reads them)
+    block_dtype: str = "model"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -120,6 +126,8 @@ class RetrievalConfig:
             raise ValueError(f"compile must be True or False; got {self.compile!r}")
         if self.kernel not in kernel.KERNELS:
             raise ValueError(f"kernel must be one of {kernel.KERNELS}; got {self.kernel!r}")
+        if self.block_dtype not in BLOCK_DTYPES:
+            raise ValueError(f"block_dtype must be one of {tuple(BLOCK_DTYPES)}; got {self.block_dtype!r}")
         if self.kernel == "graph" and self.search != "exact":
             raise ValueError(
                 f'kernel="graph" scans every landmark: search must be "exact"; got {self.search!r}'
@@ -140,6 +148,11 @@ class RetrievalConfig:
         if self.kernel == "graph":
             return True
         return self.kernel == "auto" and self.search == "exact" and torch.device(device).type != "cpu"
+
+    @property
+    def storage_dtype(self) -> torch.dtype | None:
+        """The block memory's storage dtype (None: the model's)."""
+        return BLOCK_DTYPES[self.block_dtype]
 
     @property
     def kernel_selects(self) -> bool:
