@@ -4,10 +4,13 @@ int8 with a scale per (block, kv head, keys|values), landmark keys as the model 
 Exactness is checked against a float memory holding exactly what the compact one represents: the
 reference reading an int8 memory equals the reference reading a float32 memory whose blocks are the
 int8 levels times their scales (every path reads the same numbers); the fixed graph equals the
-reference on compact memories; saved states keep the compact form and load into any block dtype.
+reference on compact memories, and so does the fused C++ kernel; saved states keep the compact form and
+load into any block dtype.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -21,8 +24,8 @@ BASE = 10000.0
 STEPS = [[20, 20, 20], [5, 9, 1], [17, 3, 0], [1, 1, 1], [2, 2, 2], [20, 20, 20], [2, 0, 7], [20, 13, 20]]
 
 
-def read(kernel, block_dtype, *, max_blocks=None, seed=2):
-    retrieval = RetrievalConfig(k=3, kernel=kernel, block_dtype=block_dtype)
+def read(kernel, block_dtype, *, max_blocks=None, seed=2, granularity="token_head"):
+    retrieval = RetrievalConfig(k=3, kernel=kernel, block_dtype=block_dtype, granularity=granularity)
     cache = RetrievalCache(
         2, block_size=8, rope_base=BASE, retrieval=retrieval, chunk_len=20, max_blocks=max_blocks
     )
@@ -116,3 +119,19 @@ def test_bad_block_dtypes_are_refused():
         BlockMemory((1, 1, 4, 2), rope_base=BASE, dtype=torch.float32, device="cpu",
                     options=MemoryOptions(storage_dtype=torch.int16))  # fmt: skip
     assert BlockStore(torch.zeros(1), torch.zeros(1)).key_scale is None
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the kernel"
+)
+@pytest.mark.parametrize("block_dtype", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("granularity", ["token_head", "head"])
+def test_the_cpu_kernel_reads_compact_blocks_like_the_reference(block_dtype, granularity, one_thread):
+    """The fused C++ kernel converts each selected block as it visits it: the reference's outputs, on a
+    wrapped ring buffer too."""
+    for max_blocks in (None, 5):
+        kw = dict(max_blocks=max_blocks, granularity=granularity)
+        ref, _ = read("torch", block_dtype, **kw)
+        ours, cache = read("cpp", block_dtype, **kw)
+        assert cache.retrieval.kernel_for(torch.float32, torch.device("cpu"), cache.memories[0]) is not None
+        assert max((a - b).abs().max() for a, b in zip(ref, ours)) < 1e-5

@@ -12,7 +12,9 @@ little synchronisation.
 
 It is used when (``kernel_applies``):
 
-* the queries, the local context and the block memory are on the CPU, in float32; ``compile`` is off.
+* the queries, the local context and the block memory are on the CPU, in float32 (the block contents
+  may be stored compact: float16, bfloat16, or int8 with scales; each selected block is converted into
+  a buffer of one block as it is visited); ``compile`` is off.
 
 For granularity ``"token_head"`` with exact search the kernel also selects the blocks; for the other
 granularities (``"token"``, ``"head"``) and FAISS search the eager path selects them and the kernel
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
 
 KERNELS = ("auto", "cpp", "graph", "torch")
 _SOURCE = Path(__file__).with_name("csrc") / "retrieval.cpp"
-_VERSION = 2  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
+_VERSION = 3  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -120,7 +122,7 @@ def kernel_applies(
     selection too for granularity token_head and exact search; else the eager path selects)."""
     if memory is None or compile:
         return False
-    if dtype != torch.float32 or memory.dtype != torch.float32 or memory.storage_dtype != torch.float32:
+    if dtype != torch.float32 or memory.dtype != torch.float32:  # block contents: any storage dtype
         return False
     return torch.device(device).type == memory.device.type == memory.storage_device.type == "cpu"
 
@@ -163,11 +165,13 @@ def retrieval_step(
         longs[2], memory.landmark_keys, memory.keys, memory.values, count, start,
         _NO_SELECTION if selected is None else selected.long().contiguous(),
         plan.cos_table, plan.sin_table, step.retrieval.k, inputs.scale,
+        *(_NO_SCALE if t is None else t for t in (memory.key_scale, memory.value_scale)),
     )  # fmt: skip
     return out, selected
 
 
 _NO_SELECTION = torch.empty(0, dtype=torch.long)
+_NO_SCALE = torch.empty(0)  # block contents stored without scales (not int8)
 
 
 def rope_table(

@@ -488,6 +488,62 @@ void check(const torch::Tensor& t, int64_t dim, torch::ScalarType type, const ch
               ": expected a contiguous CPU tensor of ", dim, " dimensions and type ", type);
 }
 
+// Block contents as the memory stores them (float32, float16, bfloat16, or int8 with one float scale per
+// block, kv head and keys|values): read(i, n, out) converts the n numbers of block i (a slot of the row
+// and kv head the store points at) to float32 into out, a buffer of one block; float32 is read in place.
+struct BlockStore {
+  const void* data = nullptr;
+  const float* scale = nullptr;  // int8: one per slot
+  at::ScalarType type = at::kFloat;
+
+  const float* read(int64_t i, int64_t n, float* out) const {
+    switch (type) {
+      case at::kFloat:
+        return static_cast<const float*>(data) + i * n;
+      case at::kBFloat16: {
+        const uint16_t* x = static_cast<const uint16_t*>(data) + i * n;
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t bits = static_cast<uint32_t>(x[j]) << 16;
+          std::memcpy(out + j, &bits, sizeof(float));
+        }
+        return out;
+      }
+      case at::kHalf: {
+        const at::Half* x = static_cast<const at::Half*>(data) + i * n;
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]);
+        return out;
+      }
+      default: {  // int8
+        const int8_t* x = static_cast<const int8_t*>(data) + i * n;
+        const float s = scale[i];
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]) * s;
+        return out;
+      }
+    }
+  }
+
+  BlockStore at(int64_t offset, int64_t n) const {  // the store from slot `offset` on (n numbers a slot)
+    BlockStore moved = *this;
+    moved.data = static_cast<const char*>(data) + offset * n * c10::elementSize(type);
+    if (scale) moved.scale = scale + offset;
+    return moved;
+  }
+};
+
+BlockStore block_store(const torch::Tensor& t, const torch::Tensor& scale, const char* name) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 5, name, ": expected a contiguous CPU tensor of 5 dimensions");
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || type == at::kChar, name,
+              ": stored as float32, float16, bfloat16 or int8");
+  BlockStore store{t.data_ptr(), nullptr, type};
+  if (type == at::kChar) {
+    TORCH_CHECK(scale.numel() == t.size(0) * t.size(1) * t.size(2) && scale.scalar_type() == at::kFloat &&
+                    scale.is_contiguous(), name, ": int8 blocks need a float32 scale per block");
+    store.scale = scale.data_ptr<float>();
+  }
+  return store;
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start, torch::Tensor q_len,
@@ -495,13 +551,14 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
                                           torch::Tensor landmark_keys, torch::Tensor keys, torch::Tensor values,
                                           torch::Tensor count, torch::Tensor start, torch::Tensor selected_in,
                                           torch::Tensor cos_table, torch::Tensor sin_table, int64_t k,
-                                          double scale) {
+                                          double scale, torch::Tensor key_scale, torch::Tensor value_scale) {
   check(q, 4, torch::kFloat32, "q");
   check(local_k, 4, torch::kFloat32, "local_k");
   check(local_v, 4, torch::kFloat32, "local_v");
   check(landmark_keys, 4, torch::kFloat32, "landmark_keys");
-  check(keys, 5, torch::kFloat32, "keys");
-  check(values, 5, torch::kFloat32, "values");
+  const BlockStore key_store = block_store(keys, key_scale, "keys");
+  const BlockStore value_store = block_store(values, value_scale, "values");
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "keys and values: one storage type");
   for (auto* t : {&q_start, &q_len, &local_len, &count, &start}) check(*t, 1, torch::kInt64, "row vector");
   check(cos_table, 2, torch::kFloat32, "cos_table");
   check(sin_table, 2, torch::kFloat32, "sin_table");
@@ -539,8 +596,6 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
   const float* lkp = local_k.data_ptr<float>();
   const float* lvp = local_v.data_ptr<float>();
   const float* lmp = landmark_keys.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
   const int64_t* sel_in = given ? selected_in.data_ptr<int64_t>() : nullptr;
   const float* cos_t = cos_table.data_ptr<float>();
   const float* sin_t = sin_table.data_ptr<float>();
@@ -555,7 +610,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
     std::vector<float> best(std::max<int64_t>(K, 1));
     std::vector<int64_t> sel, n_sel, cand;
     std::vector<std::pair<int64_t, int64_t>> uses;  // (block, query * K + rank), sorted by block
-    std::vector<float> rot(D);
+    std::vector<float> rot(D), block_buf(D * bs);  // one block's keys or values, converted to float32
     int64_t lt_of = -1, lkt_of = -1, rotated = 0;  // whose keys lt and lkt hold (b * Hkv + kv); lkt's count
     float max_key = 0.f;
     bool same_keys = false;  // all old landmark keys bitwise equal
@@ -568,8 +623,8 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       auto phys = [&](int64_t i) { return (first[b] + i) % cap; };
       const int64_t bk = b * Hkv + kv;
       const float* lm = lmp + bk * cap * D;
-      const float* kb = kp + bk * cap * bs * D;
-      const float* vb = vp + bk * cap * (bs - 1) * D;
+      const BlockStore kb = key_store.at(bk * cap, bs * D);  // this row and kv head's slots
+      const BlockStore vb = value_store.at(bk * cap, (bs - 1) * D);
       // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
       // their largest magnitude (for the float scan's error bound); made once for consecutive tasks of
       // one (row, kv head)
@@ -692,7 +747,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       };
       for (size_t u = 0; u < uses.size();) {  // two uses of one block at a time where they exist
         const int64_t block = uses[u].first;
-        const float* keys_of = kb + phys(block) * D * bs;
+        const float* keys_of = kb.read(phys(block), D * bs, block_buf.data());
         if (u + 1 < uses.size() && uses[u + 1].first == block) {
           const float* qq[2] = {slot_query(block, uses[u].second), slot_query(block, uses[u + 1].second)};
           float* oo[2] = {mem.data() + uses[u].second * bs, mem.data() + uses[u + 1].second * bs};
@@ -754,7 +809,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       // 5. block by block again: the values (each block's values read once for the tile)
       for (size_t u = 0; u < uses.size();) {  // two uses of one block at a time where they exist
         const int64_t block = uses[u].first, use = uses[u].second;
-        const float* values_of = vb + phys(block) * (bs - 1) * D;
+        const float* values_of = vb.read(phys(block), (bs - 1) * D, block_buf.data());
         if (u + 1 < uses.size() && uses[u + 1].first == block) {
           const int64_t use2 = uses[u + 1].second;
           add_values2(mem.data() + use * bs, weight[use], mem.data() + use2 * bs, weight[use2], values_of, bs - 1, D,
