@@ -33,3 +33,8 @@ IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton")
 # Files of a Hugging Face landmark fine-tune (`landmark hf finetune --out RUN`), read by the delta export.
 FINETUNE_SUMMARY_FILE: str = "landmark-finetune.json"  # next to the saved model: settings and losses
 LORA_ADAPTER_FOLDER: str = "lora-adapter"  # with LoRA: the peft adapter, inside the output folder
+
+# Gradient accumulation (`train.grad_accum`, `hf finetune --grad-accum`): each micro-batch adds 1/N of its
+# gradient to float32 sums; past 2**24 (float32's 24-bit significand) such shares no longer change the
+# sums they are added to, so the further micro-batches of a larger N would be computed and then lost.
+MAX_GRAD_ACCUM: int = 2**24

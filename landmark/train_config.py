@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from landmark import model as model_module
+from landmark.config import MAX_GRAD_ACCUM
 from landmark.data.books import cache_root
 from landmark.data.passkey import PasskeyMix
 from landmark.data.tokenizer import GPT2_FILES, MAX_BPE_VOCAB, MIN_BPE_VOCAB
@@ -269,11 +270,18 @@ def _check_model_values(values: dict[str, Any]) -> None:
     _fail_first([(ok, f"model.{expected}", value) for ok, expected, value in probe.value_checks()])
 
 
+_GRAD_ACCUM_LIMIT = (
+    f"train.grad_accum must be <= {MAX_GRAD_ACCUM:,} (2**24: gradients are summed in float32, where "
+    "shares of 1/grad_accum beyond that many no longer change the sum)"
+)
+
+
 def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
     """(ok, "<key> must be <expected>", value) for every [train] value."""
     return [
         (t.batch_size >= 1, "train.batch_size must be >= 1", t.batch_size),
         (t.grad_accum >= 1, "train.grad_accum must be >= 1", t.grad_accum),
+        (t.grad_accum <= MAX_GRAD_ACCUM, _GRAD_ACCUM_LIMIT, t.grad_accum),
         (t.max_steps >= 1, "train.max_steps must be >= 1", t.max_steps),
         (t.schedule_steps >= 0, "train.schedule_steps must be >= 0 (0 = max_steps)", t.schedule_steps),
         (_finite(t.lr) and t.lr > 0, "train.lr must be > 0", t.lr),

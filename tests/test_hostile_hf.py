@@ -27,8 +27,10 @@ pytest.importorskip("transformers")
 from hf_helpers import converted, write_tiny
 
 import landmark.hf as lhf
+from landmark import resources
 from landmark.cli import main
 from landmark.hf import cli as hf_cli
+from landmark.hf import finetune as finetune_module
 from landmark.hf.convert import encode_text
 from landmark.hf.generate import prompt_ids
 from landmark.inference import cache as cache_module
@@ -42,6 +44,7 @@ FINETUNE_BAD = [
     ("--steps", "-3"),
     ("--batch-size", "0"),
     ("--grad-accum", "0"),
+    ("--grad-accum", "1000000000000"),  # beyond 2**24: float32 gradient sums take in no more shares
     ("--max-length", "1"),
     ("--max-length", "100000"),  # beyond the model's max_position_embeddings (256)
     ("--block-size", "1"),
@@ -466,3 +469,71 @@ def test_hf_generate_checks_the_load_state_before_loading_the_model(
     for state, says in ((junk, "is not a saved state"), (other, "was saved for a model with n_layers 99")):
         argv = ["hf", "generate", "--model", str(folder), "--prompt", "hi", "--load-state", str(state)]
         assert says in refused(argv, capsys, f"--load-state {state}", folder)
+
+
+# ---- limits that could never be reached, refusals that need nothing loaded -----------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["--k", "0"], ["--k", "2", "--max-blocks", "4"]])
+def test_hf_generate_refuses_a_limit_the_ids_alone_cannot_reach(
+    landmark_model, home, capsys, monkeypatch, extra
+):
+    """--max-new-tokens 10**15 ran until killed (no end-of-text came): the ids alone would need 8 PB, so
+    the limit is refused from the option, before the model is loaded, whatever the cache."""
+    model, tok = landmark_model
+    folder = home / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.setattr(hf_cli, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    big = "1000000000000000"
+    argv = ["hf", "generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", big, *extra]
+    line = refused(argv, capsys, f"--max-new-tokens {big}: holding the ids", home)
+    assert "needs at least 8 PB" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "cache"),
+    [(["--k", "0"], "the attention cache (--k 0)"), (["--k", "2"], "the block memory (no --max-blocks)")],
+)
+def test_hf_generate_refuses_a_limit_the_cache_cannot_reach(
+    landmark_model, home, capsys, monkeypatch, extra, cache
+):
+    """On a machine of 16 GB, 10**9 new tokens: the ids (8 GB) would fit, but a cache that keeps every
+    position needs at least 2 bytes x 2 layers x 2 x 2 key/value heads x 16 = 256 bytes per position (from
+    config.json); with --max-blocks the memory is capped and nothing is refused before loading."""
+    model, tok = landmark_model
+    folder = home / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.setattr(resources, "cpu_memory", lambda: 16 * 10**9)
+    monkeypatch.setattr(hf_cli, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["hf", "generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "1000000000",
+            "--device", "cpu", *extra]  # fmt: skip
+    line = refused(argv, capsys, "--max-new-tokens 1000000000: holding the keys and values", home)
+    assert cache in line and "needs at least 256 GB, this machine has 16 GB" in line
+    if "--k 0" in cache:
+        return
+
+    class Loaded(Exception):
+        pass
+
+    def loaded(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(hf_cli, "load_pretrained", loaded)
+    with pytest.raises(Loaded):  # capped: past the checks, to loading
+        main([*argv, "--max-blocks", "4"])
+
+
+def test_finetune_resume_with_nothing_to_resume_is_refused_at_once(tiny, home, capsys, monkeypatch):
+    """--resume for an --out with no interrupted run (a missing folder, an empty one): refused from the
+    folder, without importing transformers' Trainer utilities (that took about 5 s)."""
+    model, corpus = tiny
+    monkeypatch.setattr(finetune_module, "require", lambda name: pytest.fail(f"{name} was imported"))
+    empty = home / "empty"
+    empty.mkdir()
+    for out in (home / "nothing", empty):
+        argv = finetune_argv(model, corpus, out, "--steps", "1", "--resume")
+        refused(argv, capsys, f"--resume: no interrupted fine-tune to continue for --out {out}", home)
+        assert not (home / "cache").exists()
+    assert not (home / "nothing").exists() and list(empty.iterdir()) == []

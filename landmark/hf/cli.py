@@ -55,6 +55,7 @@ from landmark.inference.options import (
     resolve_device,
 )
 from landmark.optional import require
+from landmark.resources import BFLOAT16, INT64, check_fits
 
 _FILE_OPTIONS = ("save_state", "load_state", "out", "model", "run", "corpus", "base", "distill", "init_delta")
 
@@ -180,6 +181,7 @@ def _check_generate(args: argparse.Namespace) -> None:
     check_retrieval_arguments(args)
     check_sampling_arguments(args)
     check_device(args.device, "--device")
+    _check_new_tokens(args)
     if not args.prompt:
         raise ValueError("--prompt is empty")
     check_utf8(args.prompt, "--prompt")
@@ -195,6 +197,44 @@ def _check_generate(args: argparse.Namespace) -> None:
     check_save_state(args, _model_files(Path(args.model)))
     if args.k and args.load_state is not None:
         _check_load_state(Path(args.load_state), Path(args.model))
+
+
+def _check_new_tokens(args: argparse.Namespace) -> None:
+    """``--max-new-tokens`` is a limit the generation could reach: the ids it returns (8 bytes each, on the
+    CPU) and, where the cache keeps every position (``--k 0``, or retrieval without ``--max-blocks``), the
+    keys and values of that many positions (at least 2 bytes each, the layer and head sizes of the model's
+    config.json) fit in memory. Checked from the files, before the model is loaded, whether or not an
+    end-of-text token could stop the generation earlier: a limit beyond memory would run until killed.
+    A ResourceError (a ValueError) naming ``--max-new-tokens``."""
+    n = args.max_new_tokens
+    setting = f"--max-new-tokens {n}"
+    check_fits(n * INT64, setting, "holding the ids generated for 1 prompt (8 bytes each)", "cpu")
+    if args.k and args.max_blocks is not None:
+        return  # the block memory is capped
+    sizes = _attention_sizes(Path(args.model))
+    if sizes is None:
+        return  # unreadable: loading the model reports it
+    layers, kv_heads, head_dim = sizes
+    cache = "the block memory (no --max-blocks)" if args.k else "the attention cache (--k 0)"
+    what = f"holding the keys and values of {n:,} positions in {cache}"
+    device = (args.memory_device if args.k else None) or resolve_device(args.device)
+    check_fits(n * layers * 2 * kv_heads * head_dim * BFLOAT16, setting, what, device)
+
+
+def _attention_sizes(model: Path) -> tuple[int, int, int] | None:
+    """(layers, key/value heads, head dimension) from the config.json of ``model`` (of a delta's packaged
+    base model), or None where it cannot be read."""
+    config_file = model / "config.json"
+    if not config_file.is_file() and (model / META_FILE).is_file():
+        config_file = default_smollm2_dir() / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
+        return None
+    return (layers, kv_heads, head_dim) if min(layers, kv_heads, head_dim) > 0 else None
 
 
 def _check_hf_folder(model: Path) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from landmark.config import DEFAULT_BLOCK_SIZE, FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
+from landmark.config import DEFAULT_BLOCK_SIZE, FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER, MAX_GRAD_ACCUM
 from landmark.data import CorpusError, read_corpus
 from landmark.data.passkey import BookHaystack, PasskeyMix
 from landmark.data.wordings import TRAINING_WORDINGS
@@ -334,7 +334,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "max_length": int_range(2),
     "steps": int_range(1),
     "batch_size": int_range(1),
-    "grad_accum": int_range(1),
+    "grad_accum": int_range(1, MAX_GRAD_ACCUM),  # float32 gradient sums: landmark.config
     "lr": real_range(0, open_low=True),
     "warmup_steps": int_range(0),
     "weight_decay": real_range(0),
@@ -687,10 +687,14 @@ def _trainer(run: _Run, model: Any, tokenizer: Any, **kw: Any) -> Any:
 
 def last_checkpoint(staging: Path) -> Path | None:
     """The Trainer checkpoint with the most steps in ``staging`` (``checkpoint-<step>``), or None
-    (transformers' own ``get_last_checkpoint``, for a folder that may not exist)."""
+    (transformers' own ``get_last_checkpoint``, for a folder that may not exist). A folder without any
+    ``checkpoint-*`` entry is answered without importing transformers (seconds): ``--resume`` with
+    nothing to resume is refused at once."""
+    staging = Path(staging)
+    if not staging.is_dir() or not any(staging.glob("checkpoint-*")):
+        return None
     trainer_utils = require("transformers.trainer_utils")
-
-    found = trainer_utils.get_last_checkpoint(str(staging)) if Path(staging).is_dir() else None
+    found = trainer_utils.get_last_checkpoint(str(staging))
     return Path(found) if found else None
 
 
