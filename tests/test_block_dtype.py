@@ -1,5 +1,6 @@
 """Compact block memory (``RetrievalConfig.block_dtype``): block contents stored in float16, bfloat16 or
-int8 with a scale per (block, kv head, keys|values), landmark keys as the model makes them.
+int8 with a scale per (block, kv head, keys|values), landmark keys as the model makes them; and block
+contents in memory-mapped files (``RetrievalConfig.block_folder``).
 
 Exactness is checked against a float memory holding exactly what the compact one represents: the
 reference reading an int8 memory equals the reference reading a float32 memory whose blocks are the
@@ -135,3 +136,41 @@ def test_the_cpu_kernel_reads_compact_blocks_like_the_reference(block_dtype, gra
         ours, cache = read("cpp", block_dtype, **kw)
         assert cache.retrieval.kernel_for(torch.float32, torch.device("cpu"), cache.memories[0]) is not None
         assert max((a - b).abs().max() for a, b in zip(ref, ours)) < 1e-5
+
+
+@pytest.mark.parametrize("block_dtype", ["model", "int8"])
+def test_a_memory_mapped_block_folder_reads_like_memory_and_leaves_nothing(tmp_path, block_dtype):
+    """Block contents in memory-mapped files of ``block_folder``: the same outputs as in memory (through
+    the memory's growth, a wrapped ring, the kernel and the reference); the files are unlinked at once,
+    so the folder is empty, and the memory says what lives on disk."""
+    folder = tmp_path / "blocks"
+    for kernel in ("torch", "auto"):
+        ref, _ = read(kernel, block_dtype)
+        retrieval = RetrievalConfig(k=3, kernel=kernel, block_dtype=block_dtype, block_folder=str(folder))
+        cache = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=retrieval, chunk_len=20)
+        g = torch.Generator().manual_seed(2)
+        ours = []
+        for lens in STEPS:
+            q = torch.randn(3, 6, max(lens), 16, generator=g)
+            k, v = torch.randn(2, 3, 2, max(lens), 16, generator=g)
+            ours += [cache.attend(layer, q, k, v, torch.tensor(lens)) for layer in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(ref, ours))
+        assert list(folder.iterdir()) == []
+        sizes = cache.memories[0].nbytes()
+        assert sizes["disk"] > 0 and sizes["ram"] == cache.memories[0].landmark_keys.numel() * 4
+
+
+def test_generate_with_a_block_folder_says_where_the_memory_went(tmp_path, capsys):
+    from landmark.inference import generate
+    from landmark.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, block_size=8,
+                      landmark_id=49)  # fmt: skip
+    model = GPT(cfg).eval()
+    prompt = torch.randint(0, 49, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    folder = tmp_path / "mapped"
+    mapped = generate(model, [prompt], 5, k=2, block_dtype="int8", block_folder=str(folder))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("block memory: ") and f"MB mapped from {folder}" in line
+    assert mapped == generate(model, [prompt], 5, k=2, block_dtype="int8")

@@ -288,6 +288,8 @@ GENERATE_CASES = [
         [*GENERATE[:5], "--no-stop", "--max-new-tokens", "1000000000000000"],
         "--max-new-tokens 1000000000000000",
     ),
+    # the generated ids alone cannot fit, even if a stop token may end the generation early
+    ([*GENERATE[:5], "--max-new-tokens", "1000000000000000"], "--max-new-tokens 1000000000000000"),
     ([*GENERATE, "--save-state", "{elsewhere}/loop"], "--save-state"),
     (["eval", "ruler", "--model", "m={lm}", "--lengths", "1000000000000", "--out", "{out}"], "--lengths"),
     (["eval", "ruler", "--model", "m={lm}", "--tokenizer", "{file}", "--out", "{out}"], "--tokenizer"),

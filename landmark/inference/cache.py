@@ -286,8 +286,11 @@ class RetrievalCache:
                 index = LandmarkIndex(
                     batch, kv_heads, head_dim, approx_min_blocks=self.retrieval.approx_min_blocks
                 )
+            folder = self.retrieval.block_folder
+            if folder is not None:
+                Path(folder).mkdir(parents=True, exist_ok=True)
             options = MemoryOptions(
-                self.memory_device, self.max_blocks, self.evict, self.retrieval.storage_dtype
+                self.memory_device, self.max_blocks, self.evict, self.retrieval.storage_dtype, folder
             )
             memory = BlockMemory((batch, kv_heads, self.block_size, head_dim), rope_base=self.rope_base,
                                  dtype=k.dtype, device=k.device, options=options, index=index)  # fmt: skip

@@ -135,6 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = _prompts(args)
         if not prompts or any(not p for p in prompts):
             raise ValueError("--prompt/--prompt-file: the prompt is empty")
+        # the generated ids alone, before the model is loaded (a stop token may end it, but not sooner)
+        check_generation_memory(None, [0] * len(prompts), args.max_new_tokens, option="--max-new-tokens")
         device = resolve_device(args.device)
         try:
             model, tokenizer, _ = load_model(args.checkpoint, device=device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -57,7 +58,7 @@ GREEDY = Sampling()  # the default: the most likely token
 
 
 def check_generation_memory(
-    config: ModelConfig,
+    config: ModelConfig | None,
     prompt_lengths: Sequence[int],
     max_new_tokens: int,
     *,
@@ -66,19 +67,36 @@ def check_generation_memory(
     memory_device: torch.device | str | None = None,
     option: str = "max_new_tokens",
 ) -> None:
-    """Refuse a generation that will certainly not fit (call it only when no stop token can end it
-    early): the generated ids alone (8 bytes each: a list slot) on the CPU, and, without ``max_blocks``,
-    every position's keys and values in the block memory of each layer. A ResourceError (a ValueError)
-    naming ``option``; nothing when it could fit."""
+    """Refuse a generation that will certainly not fit: the generated ids alone (8 bytes each: a list
+    slot) on the CPU (a stop token may end it earlier, but the ids are held as they come), and, with a
+    ``config`` (give it only when no stop token can end the generation early) and without
+    ``max_blocks``, every position's keys and values in the block memory of each layer. A ResourceError
+    (a ValueError) naming ``option``; nothing when it could fit."""
     rows = len(prompt_lengths)
     setting = f"{option} {max_new_tokens}" if option.startswith("--") else f"{option}={max_new_tokens}"
     what = f"holding the ids generated for {rows} prompt{'s' if rows > 1 else ''} (8 bytes each)"
     check_fits(rows * max_new_tokens * INT64, setting, what, "cpu")
-    if max_blocks is None:
+    if config is not None and max_blocks is None:
         positions = sum(prompt_lengths) + rows * max_new_tokens
         per_position = config.n_layer * 2 * config.n_kv_head * config.head_dim * element_size
         what = f"holding the keys and values of {positions:,} positions in the block memory (no block cap)"
         check_fits(positions * per_position, setting, what, memory_device)
+
+
+def _report_memory(session: InferenceSession, then: Callable[[], None] | None) -> None:
+    """Print (stderr) the block memory held in RAM and mapped from the block folder; then ``then()``."""
+    total = {"ram": 0, "disk": 0}
+    for memory in session.memories:
+        for where, n in memory.nbytes().items():
+            total[where] += n
+    mb = {where: n / 2**20 for where, n in total.items()}
+    folder = session.retrieval.block_folder
+    print(
+        f"block memory: {mb['ram']:,.1f} MB in RAM, {mb['disk']:,.1f} MB mapped from {folder}",
+        file=sys.stderr,
+    )
+    if then is not None:
+        then()
 
 
 NO_STATE = StateFiles()  # the default: read the prompts, save nothing
@@ -269,13 +287,16 @@ def generate(
     if not prompts:
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     _check_token_ids(prompts, model.config.vocab_size)
-    if eot_id is None and isinstance(max_new_tokens, int) and max_new_tokens >= 1:  # nothing stops it early
+    session = InferenceSession(model, len(prompts), **session_kwargs)  # no memory allocated yet
+    retrieval = session.retrieval
+    if isinstance(max_new_tokens, int) and max_new_tokens >= 1:
         param, lengths = next(model.parameters()), [len(p) for p in prompts]
         device, cap = session_kwargs.get("memory_device") or param.device, session_kwargs.get("max_blocks")
-        check_generation_memory(model.config, lengths, max_new_tokens, max_blocks=cap,
-                                element_size=param.element_size(), memory_device=device)  # fmt: skip
+        stored = retrieval.storage_dtype.itemsize if retrieval.storage_dtype else param.element_size()
+        certain = eot_id is None and not retrieval.block_folder  # nothing stops it early, all in RAM
+        check_generation_memory(model.config if certain else None, lengths, max_new_tokens, max_blocks=cap,
+                                element_size=stored, memory_device=device)  # fmt: skip
     state.check()
-    session = InferenceSession(model, len(prompts), **session_kwargs)
     if state.load is not None:
         session.load_state(state.load)
     cfg = model.config
@@ -284,6 +305,8 @@ def generate(
         if state.save is None
         else functools.partial(session.save_state, state.save, overwrite=state.overwrite)
     )
+    if retrieval.block_folder:  # say where the memory went once the prompts are read
+        save = functools.partial(_report_memory, session, save)
     hooks = Hooks(() if eot_id is None else (eot_id,), on_token, save)
     return generate_with(
         session.read,

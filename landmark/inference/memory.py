@@ -30,7 +30,11 @@ it and tells it how many of the row's blocks have been evicted so far (blocks ar
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -56,6 +60,10 @@ class MemoryOptions:
     # the block contents' dtype (None: the keys'): float32, float16, bfloat16, or int8 with one scale per
     # block, kv head and keys|values; landmark keys keep the keys' dtype (the selection reads them)
     storage_dtype: torch.dtype | None = None
+    # block contents in memory-mapped files in this folder (CPU storage): pages the OS may write out
+    # and drop, so that a memory larger than RAM fits; the files are unlinked at once (nothing is
+    # left behind) and their space is freed with the memory
+    storage_folder: str | os.PathLike | None = None
 
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
@@ -96,10 +104,16 @@ class BlockMemory:
                 f"storage_dtype must be one of {STORAGE_DTYPES} or None; got {options.storage_dtype!r}"
             )
         self.storage_dtype = options.storage_dtype or dtype
+        self.storage_folder = None if options.storage_folder is None else Path(options.storage_folder)
         batch, kv_heads, block_size, head_dim = shape
         self.batch, self.kv_heads, self.block_size, self.head_dim = batch, kv_heads, block_size, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
+        if options.storage_folder is not None and self.storage_device.type != "cpu":
+            raise ValueError(
+                f"a storage folder holds block contents in CPU memory; the storage device is "
+                f"{self.storage_device}"
+            )
         self.rope_base = rope_base
         # RoPE angles (float32) of the in-block offsets 0..block_size-1: (block_size, D/2)
         self._cos, self._sin = rope_angles(torch.arange(block_size, device=self.device), head_dim, rope_base)
@@ -117,13 +131,9 @@ class BlockMemory:
         b, h, d, n = self.batch, self.kv_heads, self.head_dim, self.block_size - 1
         lk = torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
         new = BlockStore(
-            torch.zeros(b, h, capacity, d, n + 1, dtype=self.storage_dtype, device=self.storage_device),
-            torch.zeros(b, h, capacity, n, d, dtype=self.storage_dtype, device=self.storage_device),
-            *(
-                [torch.zeros(b, h, capacity, device=self.storage_device) for _ in "kv"]
-                if self.quantized
-                else []
-            ),
+            self._zeros((b, h, capacity, d, n + 1), self.storage_dtype),
+            self._zeros((b, h, capacity, n, d), self.storage_dtype),
+            *([self._zeros((b, h, capacity), torch.float32) for _ in "kv"] if self.quantized else []),
         )
         if self.capacity:
             for row in range(b):
@@ -135,6 +145,29 @@ class BlockMemory:
             self.start = [0] * b
         self.landmark_keys, self.capacity = lk, capacity
         self.keys, self.values, self.key_scale, self.value_scale = new
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A zero tensor for block contents: on the storage device, or mapped from a new file in the
+        storage folder (unlinked at once: the mapping keeps it until the tensor is freed)."""
+        if self.storage_folder is None:
+            return torch.zeros(shape, dtype=dtype, device=self.storage_device)
+        fd, name = tempfile.mkstemp(prefix="landmark-blocks-", suffix=".bin", dir=self.storage_folder)
+        os.close(fd)
+        try:
+            return torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        finally:
+            os.unlink(name)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes allocated: ``"ram"`` (landmark keys, and block contents unless in a storage folder) and
+        ``"disk"`` (block contents mapped from the storage folder)."""
+        blocks = sum(t.numel() * t.element_size() for t in self.blocks if t is not None)
+        lk = self.landmark_keys.numel() * self.landmark_keys.element_size()
+        return (
+            {"ram": lk, "disk": blocks}
+            if self.storage_folder is not None
+            else {"ram": lk + blocks, "disk": 0}
+        )
 
     @property
     def quantized(self) -> bool:

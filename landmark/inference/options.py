@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from landmark.files import path_problem
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, SEARCHES, RetrievalConfig
@@ -76,6 +77,12 @@ def add_retrieval_arguments(
         default=_DEFAULT.block_dtype,
         help="how the block memory stores block contents: as the model (default), float32, float16, "
         "bfloat16, or int8 with a scale per block (about a quarter of float32)",
+    )
+    g.add_argument(
+        "--block-folder",
+        default=None,
+        help="keep block contents in memory-mapped files in this folder (inputs larger than RAM; "
+        "default: in memory)",
     )
     g.add_argument(
         "--chunk-len",
@@ -196,6 +203,10 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
     if args.chunk_len < 1:
         raise ValueError(f"--chunk-len must be >= 1; got {args.chunk_len}")
     check_device(args.memory_device, "--memory-device")
+    if getattr(args, "block_folder", None) is not None:
+        problem = path_problem(Path(args.block_folder), folder=True, writable=True)
+        if problem is not None:
+            raise ValueError(f"--block-folder {args.block_folder} {problem}")
     if args.search == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ValueError('--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"')
     _check_state_arguments(args, ks)
@@ -278,6 +289,7 @@ class Reading:
     kernel: str = _DEFAULT.kernel
     compile: bool = False
     block_dtype: str = _DEFAULT.block_dtype
+    block_folder: str | None = None
     memory_device: str | None = None
     max_blocks: int | None = None
 
@@ -298,6 +310,7 @@ class Reading:
             kernel=self.kernel,
             compile=self.compile,
             block_dtype=self.block_dtype,
+            block_folder=self.block_folder,
         )
 
     def cache_kwargs(self) -> dict[str, Any]:

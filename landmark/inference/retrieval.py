@@ -62,6 +62,7 @@ How a call is organised:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -103,6 +104,8 @@ class RetrievalConfig:
     # "bfloat16" | "int8" (a float32 scale per block, kv head and keys|values); landmark keys stay as
     # the model makes them (the selection reads them)
     block_dtype: str = "model"
+    # a folder for the block contents as memory-mapped files (None: in memory): inputs larger than RAM
+    block_folder: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -128,6 +131,8 @@ class RetrievalConfig:
             raise ValueError(f"kernel must be one of {kernel.KERNELS}; got {self.kernel!r}")
         if self.block_dtype not in BLOCK_DTYPES:
             raise ValueError(f"block_dtype must be one of {tuple(BLOCK_DTYPES)}; got {self.block_dtype!r}")
+        if self.block_folder is not None and not isinstance(self.block_folder, str | os.PathLike):
+            raise ValueError(f"block_folder must be a folder path or None; got {self.block_folder!r}")
         if self.kernel == "graph" and self.search != "exact":
             raise ValueError(
                 f'kernel="graph" scans every landmark: search must be "exact"; got {self.search!r}'
