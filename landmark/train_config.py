@@ -80,15 +80,7 @@ class DataConfig:
 
     def passkey_mix(self) -> PasskeyMix:
         """The passkey options of the run (the same as ``landmark hf finetune``'s ``--passkey-*``)."""
-        return PasskeyMix(
-            share=self.passkey_fraction,
-            pairs=self.passkey_pairs,
-            near=self.passkey_near,
-            near_gap=self.passkey_near_gap,
-            books=self.passkey_books,
-            multikey=self.passkey_multikey,
-            wordings=self.passkey_wordings,
-        )
+        return PasskeyMix.of(self)
 
 
 @dataclass

@@ -35,7 +35,7 @@ import bisect
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -578,6 +578,15 @@ class PasskeyMix:
     multikey: float = 0.0
     chat: float = 0.0
     wordings: str = "paper"
+
+    @classmethod
+    def of(cls, config: object) -> PasskeyMix:
+        """The mix of a run configuration that spells these options ``passkey_<name>`` (the share as
+        ``passkey_fraction``); options it lacks keep their defaults (``chat`` for ``landmark train``)."""
+        names = {
+            f.name: "passkey_fraction" if f.name == "share" else f"passkey_{f.name}" for f in fields(cls)
+        }
+        return cls(**{name: getattr(config, attr) for name, attr in names.items() if hasattr(config, attr)})
 
     def __post_init__(self) -> None:
         for name in ("share", "near", "books", "multikey", "chat"):

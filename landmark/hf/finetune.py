@@ -124,16 +124,7 @@ class FinetuneConfig:
 
     def passkey_mix(self) -> PasskeyMix:
         """The passkey options of the run (the shares of ``--passkey-*``)."""
-        return PasskeyMix(
-            share=self.passkey_fraction,
-            pairs=self.passkey_pairs,
-            near=self.passkey_near,
-            near_gap=self.passkey_near_gap,
-            books=self.passkey_books,
-            multikey=self.passkey_multikey,
-            chat=self.passkey_chat,
-            wordings=self.passkey_wordings,
-        )
+        return PasskeyMix.of(self)
 
     def _check_wordings(self) -> None:
         """``--passkey-wordings``: a training set (never the held-out families), with passkey samples."""
