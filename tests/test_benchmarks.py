@@ -394,7 +394,7 @@ def test_kernel_replay_capture_and_compare(tmp_path):
     asked = Reading(k=2, chunk_len=128, kernel="cpp")  # cpp: capture's own default
     assert Reading(**captured["reading"]) == asked and captured["length"] == 600
     assert len(captured["calls"]) == 4  # the last chunk's 4 layers
-    assert all(call[-2] == 2 for call in captured["calls"])  # the kernel's k
+    assert all(call[14] == 2 for call in captured["calls"])  # the kernel's k (its 15th argument)
     out = tmp_path / "replay.json"
     replay.main(["compare", str(calls), "@library", "@library", "--repeats", "1", "--out", str(out)])
     record = read_json(out)
