@@ -11,6 +11,7 @@ load into any block dtype.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -172,5 +173,7 @@ def test_generate_with_a_block_folder_says_where_the_memory_went(tmp_path, capsy
     folder = tmp_path / "mapped"
     mapped = generate(model, [prompt], 5, k=2, block_dtype="int8", block_folder=str(folder))
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("block memory: ") and f"MB mapped from {folder}" in line
+    memory = re.fullmatch(rf"block memory: ([\d.]+) KB in RAM, ([\d.]+) KB mapped from {folder}", line)
+    assert memory is not None, line  # a tiny model: kilobytes of landmark keys in RAM, of blocks mapped
+    assert float(memory[2]) > float(memory[1]) > 0
     assert mapped == generate(model, [prompt], 5, k=2, block_dtype="int8")

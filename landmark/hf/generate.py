@@ -32,6 +32,7 @@ from landmark.inference.generate import (
     Sampling,
     TokenCallback,
     generate_with,
+    report_memory,
 )
 from landmark.inference.options import Reading
 from landmark.inference.session import reading_progress
@@ -162,6 +163,8 @@ def generate(
     start = [cache.get_seq_length()] if state.load is not None else None
     save = None if state.save is None else functools.partial(
         cache.save_state, state.save, model, overwrite=state.overwrite)  # fmt: skip
+    if retrieves and reading.block_folder:  # say where the memory went once the prompt is read
+        save = functools.partial(report_memory, cache.stream, reading.block_folder, save)
     landmarks = Landmarks(int(model.config.landmark_block_size), landmark_token_id(model))
     new = generate_with(
         hf_reader(model, cache, chunk_len),

@@ -27,10 +27,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from landmark.inference.cache import StateFiles
+from landmark.inference.cache import RetrievalCache, StateFiles
 from landmark.inference.session import InferenceSession
 from landmark.model import GPT, ModelConfig
-from landmark.resources import INT64, check_fits
+from landmark.resources import INT64, check_fits, format_bytes
 
 TokenCallback = Callable[[int, int], None]  # (batch row, token id)
 Reader = Callable[[Tensor, Tensor], Tensor]  # (ids (B, C), lengths (B,)) -> (B, vocab) last logits
@@ -83,18 +83,15 @@ def check_generation_memory(
         check_fits(positions * per_position, setting, what, memory_device)
 
 
-def _report_memory(session: InferenceSession, then: Callable[[], None] | None) -> None:
-    """Print (stderr) the block memory held in RAM and mapped from the block folder; then ``then()``."""
+def report_memory(cache: RetrievalCache, folder: str, then: Callable[[], None] | None = None) -> None:
+    """Print (stderr) the block memory ``cache`` holds in RAM and maps from the block ``folder``; then
+    ``then()`` (the hook that runs once the prompt is read: saving the state)."""
     total = {"ram": 0, "disk": 0}
-    for memory in session.memories:
+    for memory in cache.memories:
         for where, n in memory.nbytes().items():
             total[where] += n
-    mb = {where: n / 2**20 for where, n in total.items()}
-    folder = session.retrieval.block_folder
-    print(
-        f"block memory: {mb['ram']:,.1f} MB in RAM, {mb['disk']:,.1f} MB mapped from {folder}",
-        file=sys.stderr,
-    )
+    ram, disk = format_bytes(total["ram"]), format_bytes(total["disk"])
+    print(f"block memory: {ram} in RAM, {disk} mapped from {folder}", file=sys.stderr)
     if then is not None:
         then()
 
@@ -306,7 +303,7 @@ def generate(
         else functools.partial(session.save_state, state.save, overwrite=state.overwrite)
     )
     if retrieval.block_folder:  # say where the memory went once the prompts are read
-        save = functools.partial(_report_memory, session, save)
+        save = functools.partial(report_memory, session.cache, retrieval.block_folder, save)
     hooks = Hooks(() if eot_id is None else (eot_id,), on_token, save)
     return generate_with(
         session.read,
