@@ -464,6 +464,12 @@ def _mix_sampler(cfg: RunConfig, base: WindowSampler, tok: Any, rank: int) -> Pa
 def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | None:
     """The checkpoint to resume from (None: start afresh). Refuses to overwrite a run without
     ``resume``, and to resume a checkpoint of another model or tokenizer."""
+    held = [name for name in ("model.safetensors", "delta.safetensors") if (out_dir / name).exists()]
+    if held:  # the run's config.json and metrics.jsonl would land beside another model's weights
+        raise ConfigError(
+            f"train.out_dir {out_dir} holds a model ({held[0]}): it is a checkpoint or model folder, not a "
+            "run folder; choose another train.out_dir"
+        )
     latest = latest_checkpoint(out_dir)
     if latest is not None and not resume:
         raise ConfigError(

@@ -482,6 +482,17 @@ def test_a_held_folder_is_refused_and_left_alone(env, finished, tmp_path, capsys
     assert latest_checkpoint(run).name == "step_00000003"
 
 
+def test_a_checkpoint_folder_is_not_a_run_folder(env, finished, tmp_path, capsys):
+    """train.out_dir pointing at a checkpoint (or any folder holding a model's weights): refused before
+    anything is written, with or without --resume (its config.json was replaced by the new run's)."""
+    checkpoint = copy_run(finished, tmp_path) / "checkpoints" / latest_checkpoint(finished).name
+    before = snapshot(checkpoint)
+    for resume in (False, True):
+        rc = main(args_for(env, checkpoint, resume=resume))
+        one_error_line(rc, capsys.readouterr().err, "holds a model (model.safetensors): it is a checkpoint")
+    assert snapshot(checkpoint) == before
+
+
 def _subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
