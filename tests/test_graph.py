@@ -188,3 +188,19 @@ def test_the_layer_step_compiles_whole_and_stops_recompiling(monkeypatch):
                 assert (ours - expected).abs().max() < 1e-5
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[2] == graphs[1], graphs
+
+
+def test_a_state_read_through_the_graph_saves_and_continues(tmp_path):
+    """The graph path's layers share their step's tail lengths: the saved state holds one copy per layer
+    (safetensors refuses shared tensors) and continues like the cache that read it."""
+    _, cache = read("graph", STEPS)
+    path = tmp_path / "state.safetensors"
+    cache.save(path, "model-id")
+    again = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=RetrievalConfig(k=3, kernel="graph"),
+                           chunk_len=20)  # fmt: skip
+    again.load(path, "model-id")
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(3, 6, 5, 16, dtype=torch.float64, generator=g)
+    k, v = torch.randn(2, 3, 2, 5, 16, dtype=torch.float64, generator=g)
+    for layer in range(2):
+        assert torch.equal(cache.attend(layer, q, k, v), again.attend(layer, q, k, v))

@@ -80,8 +80,11 @@ def _check_layer_state(t: dict[str, Tensor], where: str, bhd: tuple, block_size:
     _need(all(x.is_floating_point() and x.dtype == lk.dtype for x in data), f"{where}: dtypes differ")
     stored = t["keys"].dtype
     scaled = "key_scale" in t
-    _need(t["values"].dtype == stored and stored in STORAGE_DTYPES and (stored == torch.int8) == scaled,
-          f"{where}: keys and values must share a storage dtype (int8 with scales)")  # fmt: skip
+    known = stored in (lk.dtype, *STORAGE_DTYPES) and (stored == torch.int8) == scaled
+    _need(
+        t["values"].dtype == stored and known,
+        f"{where}: keys and values must share a storage dtype (int8 with scales)",
+    )
     shapes = {
         "landmark_keys": (batch, heads, n, dim),
         "keys": (batch, heads, n, dim, block_size),
@@ -423,7 +426,7 @@ class RetrievalCache:
             tensors[f"layer{i}.tail_k"] = st.tail_k.cpu()
             tensors[f"layer{i}.tail_v"] = st.tail_v.cpu()
             tensors[f"layer{i}.count"] = torch.tensor(st.memory.count, dtype=torch.long)
-            tensors[f"layer{i}.tail_len"] = st.tail_len.cpu()
+            tensors[f"layer{i}.tail_len"] = st.tail_len.cpu().clone()  # layers may share one (graph path)
         tensors["length"] = first.length.clone()
         meta = {
             "format": STATE_FORMAT,
