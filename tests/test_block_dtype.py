@@ -177,3 +177,23 @@ def test_generate_with_a_block_folder_says_where_the_memory_went(tmp_path, capsy
     assert memory is not None, line  # a tiny model: kilobytes of landmark keys in RAM, of blocks mapped
     assert float(memory[2]) > float(memory[1]) > 0
     assert mapped == generate(model, [prompt], 5, k=2, block_dtype="int8")
+
+
+def test_a_full_block_folder_is_an_oserror_naming_it(tmp_path, monkeypatch):
+    """A block folder whose file cannot grow (a full disk, a file size limit): torch's RuntimeError becomes
+    an OSError with the errno and the folder (the CLI's one-line error names --block-folder)."""
+    from landmark.files import os_error_line
+
+    def full(*args, **kwargs):
+        raise RuntimeError(
+            "unable to resize file </x/landmark-blocks.bin> to the right size: No space left (28)"
+        )
+
+    monkeypatch.setattr(torch, "from_file", full)
+    with pytest.raises(OSError) as raised:
+        BlockMemory((1, 1, 4, 2), rope_base=BASE, dtype=torch.float32, device="cpu",
+                    options=MemoryOptions(storage_folder=tmp_path))  # fmt: skip
+    assert raised.value.errno == 28 and raised.value.filename == str(tmp_path)
+    line = os_error_line(raised.value, [(tmp_path, "--block-folder")])
+    assert line.startswith(f"--block-folder {tmp_path}: ") and "\n" not in line
+    assert list(tmp_path.iterdir()) == []  # the file made for the mapping is removed

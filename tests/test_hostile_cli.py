@@ -288,6 +288,7 @@ GENERATE_CASES = [
         [*GENERATE[:5], "--no-stop", "--max-new-tokens", "1000000000000000"],
         "--max-new-tokens 1000000000000000",
     ),
+    ([*GENERATE, "--k", str(2**63)], "--k must be at most"),
     # the generated ids alone cannot fit, even if a stop token may end the generation early
     ([*GENERATE[:5], "--max-new-tokens", "1000000000000000"], "--max-new-tokens 1000000000000000"),
     ([*GENERATE, "--save-state", "{elsewhere}/loop"], "--save-state"),

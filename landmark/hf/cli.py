@@ -57,7 +57,8 @@ from landmark.inference.options import (
 from landmark.optional import require
 from landmark.resources import BFLOAT16, INT64, check_fits
 
-_FILE_OPTIONS = ("save_state", "load_state", "out", "model", "run", "corpus", "base", "distill", "init_delta")
+_FILE_OPTIONS = ("save_state", "load_state", "out", "model", "run", "corpus", "base", "distill", "init_delta",
+                 "block_folder")  # fmt: skip
 
 
 def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

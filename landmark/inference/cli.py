@@ -176,7 +176,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk while saving the state (written atomically: nothing partial)
-        files = [(args.save_state, "--save-state"), (args.load_state, "--load-state")]
+        files = [
+            (args.save_state, "--save-state"),
+            (args.load_state, "--load-state"),
+            (args.block_folder, "--block-folder"),
+        ]
         print(f"error: {os_error_line(err, files)}", file=sys.stderr)
         return 2
     if single:

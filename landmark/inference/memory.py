@@ -30,8 +30,10 @@ it and tells it how many of the row's blocks have been evicted so far (blocks ar
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,10 @@ class BlockMemory:
         os.close(fd)
         try:
             return torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        except RuntimeError as err:  # the file could not grow: a full disk, a file size limit
+            found = re.search(r"\((\d+)\)\s*$", str(err))
+            code = int(found[1]) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(self.storage_folder)) from None
         finally:
             os.unlink(name)
 

@@ -26,7 +26,7 @@ import torch
 from landmark.files import path_problem
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
-from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, SEARCHES, RetrievalConfig
+from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, MAX_K, SEARCHES, RetrievalConfig
 
 _DEFAULT = RetrievalConfig()
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
@@ -196,6 +196,8 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
     bad = [k for k in ks if k < 0 or (k == 0 and not k_zero)]
     if bad:
         raise ValueError(f"--k must be >= {0 if k_zero else 1}; got {bad[0]}")
+    if max(ks) > MAX_K:
+        raise ValueError(f"--k must be at most {MAX_K:,} (blocks retrieved per query); got {max(ks)}")
     check_distinct("--k", ks)
     check_distinct("--granularity", _values(args.granularity))
     if args.max_blocks is not None and args.max_blocks < 1:

@@ -79,6 +79,7 @@ from landmark.model import apply_rope, rope_angles
 from landmark.ops.reference import grouped_softmax
 
 GRANULARITIES = ("token_head", "token", "head")
+MAX_K = 2**31 - 1  # blocks retrieved per query at most (2**31 blocks of 64: 1.4e11 positions; int32-safe)
 BLOCK_DTYPES = {"model": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int8": torch.int8}  # fmt: skip
 SEARCHES = ("exact", "faiss", "bounded")
@@ -108,8 +109,10 @@ class RetrievalConfig:
     block_folder: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k (blocks retrieved per query) must be an integer >= 1; got {self.k!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+            raise ValueError(
+                f"k (blocks retrieved per query) must be an integer in [1, {MAX_K}]; got {self.k!r}"
+            )
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}; got {self.granularity!r}")
         if self.row_group < 1:
