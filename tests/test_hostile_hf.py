@@ -471,6 +471,15 @@ def test_hf_generate_checks_the_load_state_before_loading_the_model(
         assert says in refused(argv, capsys, f"--load-state {state}", folder)
 
 
+def test_hf_generate_checks_a_deltas_block_size_before_loading(home, capsys, monkeypatch):
+    """--chunk-len below a delta's block size (read from its delta.json): refused before the base model
+    is loaded (it took 12 s for SmolLM2)."""
+    delta = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-landmark"
+    monkeypatch.setattr(hf_cli, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["hf", "generate", "--model", str(delta), "--prompt", "hi", "--chunk-len", "63"]
+    assert "at least one block (64)" in refused(argv, capsys, "--chunk-len (63)", delta)
+
+
 # ---- limits that could never be reached, refusals that need nothing loaded -----------------------------
 
 

@@ -293,11 +293,16 @@ def _model_files(folder: Path) -> list[tuple[Path, str]]:
 
 
 def _saved_block_size(folder) -> int | None:
-    """``landmark_block_size`` of ``folder/config.json`` (None where unreadable: loading reports it)."""
+    """``landmark_block_size`` of ``folder/config.json``, or of a delta's ``delta.json`` (its
+    ``landmark.block_size``); None where unreadable (loading reports it)."""
 
     try:
-        block = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("landmark_block_size")
-    except (OSError, ValueError, AttributeError):
+        if (folder / "delta.json").is_file():
+            block = json.loads((folder / "delta.json").read_text(encoding="utf-8"))["landmark"]["block_size"]
+        else:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            block = config.get("landmark_block_size")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
     return block if isinstance(block, int) else None
 
