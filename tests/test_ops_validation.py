@@ -73,6 +73,19 @@ def test_block_size_too_small(block_size):
         landmark_attention(q, k, v, block_size)
 
 
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_a_block_longer_than_the_keys_is_one_block_without_landmark(impl):
+    """block_size = 10**12 (it tried to allocate 128 TB): the keys hold no landmark, as with blocks of
+    k_len + 1; outputs and gradients equal those, and the reference with a block of k_len + 5."""
+    q, k, v = (t.double().requires_grad_() for t in qkv())
+    huge = landmark_attention(q, k, v, 10**12, impl=impl)
+    grads_huge = torch.autograd.grad(huge.sum(), (q, k, v))
+    one_block = landmark_attention(q, k, v, k.shape[2] + 5, impl="reference")
+    grads_one = torch.autograd.grad(one_block.sum(), (q, k, v))
+    assert torch.allclose(huge, one_block, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads_huge, grads_one))
+
+
 @pytest.mark.parametrize("block_size", [4.0, "4", True])
 def test_block_size_not_int(block_size):
     q, k, v = qkv()

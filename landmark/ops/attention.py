@@ -81,6 +81,9 @@ def landmark_attention(
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLEMENTATIONS))}; got {impl!r}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    # a block longer than the keys holds no landmark among them: the same attention as blocks of
+    # k_len + 1 (whose sizes the implementations allocate by)
+    block_size = min(block_size, k.shape[2] + 1)
     if impl == "auto":  # the interpreter (TRITON_INTERPRET=1) is for tests: auto never picks it on a CPU
         impl = "triton" if q.is_cuda and triton_unsupported_reason(q, block_size) is None else "blockwise"
     if impl == "reference":
