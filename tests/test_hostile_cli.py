@@ -289,6 +289,8 @@ GENERATE_CASES = [
         "--max-new-tokens 1000000000000000",
     ),
     ([*GENERATE, "--k", str(2**63)], "--k must be at most"),
+    ([*GENERATE, "--load-state", "{lm}"], "is a folder, not a file"),
+    ([*GENERATE[:3], "--prompt-file", "{lm}"], "is a folder, not a file"),
     # the generated ids alone cannot fit, even if a stop token may end the generation early
     ([*GENERATE[:5], "--max-new-tokens", "1000000000000000"], "--max-new-tokens 1000000000000000"),
     ([*GENERATE, "--save-state", "{elsewhere}/loop"], "--save-state"),

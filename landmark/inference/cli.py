@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from landmark.checkpoint import CheckpointError, load_model
-from landmark.files import os_error_line, os_error_text
+from landmark.files import os_error_line, os_error_text, path_problem
 from landmark.inference.cache import StateFiles
 from landmark.inference.generate import Sampling, check_generation_memory, generate
 from landmark.inference.options import (
@@ -77,7 +77,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     else:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise ValueError(f"--prompt-file {path} does not exist")
+            problem = path_problem(path, folder=False) or "is not a regular file"
+            raise ValueError(f"--prompt-file {path} {problem}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

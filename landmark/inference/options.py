@@ -219,7 +219,8 @@ def _check_state_arguments(args: argparse.Namespace, ks: list[int]) -> None:
     :func:`check_save_state`, once the command knows what it reads)."""
     load = getattr(args, "load_state", None)
     if load is not None and not Path(load).is_file():
-        raise ValueError(f"--load-state {load} does not exist")
+        problem = path_problem(Path(load), folder=False) or "is not a regular file"
+        raise ValueError(f"--load-state {load} {problem}")
     save = getattr(args, "save_state", None)
     if (load or save) and 0 in ks:
         raise ValueError("--save-state/--load-state need retrieval (--k >= 1)")
