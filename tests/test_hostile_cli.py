@@ -509,3 +509,10 @@ def test_base_check_refuses_windows_before_loading_a_model(env, capsys, monkeypa
             str(env["root"] / "corpus"), "--out", str(env["out"]), *extra]  # fmt: skip
     line = _refused(env, argv, extra[0], capsys, monkeypatch)
     assert says in line
+
+
+def test_a_k_above_the_blocks_of_the_input_is_used_with_a_note(env, capsys):
+    """--k 1000000000: nothing grows with it (every block is retrieved), so it runs, and says so."""
+    argv = _fill([*GENERATE, "--k", "1000000000", "--temperature", "0"], env)
+    assert main(argv) == 0
+    assert "note: --k 1000000000 is above the" in capsys.readouterr().err

@@ -342,3 +342,22 @@ def test_kernel_survives_nan_landmark_keys():
             q, lk, lv, torch.tensor([2 + rows]), torch.tensor([2]), q_len, memory, retrieval, 8, BASE, 0.3
         )
         assert torch.isfinite(out).all()
+
+
+def test_a_stale_build_lock_is_removed_and_a_young_one_is_reported(tmp_path):
+    """A build killed midway leaves torch's lock file, and torch waits for it forever: one older than any
+    build is removed; a young one (a build may be running) is waited for, with a warning."""
+    import os
+    import time
+
+    old, young = tmp_path / "old", tmp_path / "young"
+    old.touch()
+    young.touch()
+    past = time.time() - kn.STALE_LOCK_S - 5
+    os.utime(old, (past, past))
+    kn._clear_stale_lock(old)
+    assert not old.exists()
+    with pytest.warns(UserWarning, match="waiting for another build of the retrieval kernel"):
+        kn._clear_stale_lock(young)
+    assert young.exists()
+    kn._clear_stale_lock(tmp_path / "none")  # no lock: nothing to do

@@ -52,6 +52,7 @@ from landmark.inference.options import (
     check_sampling_arguments,
     check_save_state,
     check_utf8,
+    note_k_above_blocks,
     resolve_device,
 )
 from landmark.optional import require
@@ -321,6 +322,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.k:
         reading = Reading.from_args(args)
         state = StateFiles(args.load_state, args.save_state, args.overwrite)
+        block = _saved_block_size(Path(args.model))
+        if args.load_state is None and block is not None and tokenizer is not None:
+            positions = len(tokenizer(args.prompt)["input_ids"]) + args.max_new_tokens
+            note_k_above_blocks(args.k, positions, block)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     text, _ = generate(
         model.eval(),

@@ -28,6 +28,7 @@ from landmark.inference.options import (
     check_sampling_arguments,
     check_save_state,
     check_utf8,
+    note_k_above_blocks,
     resolve_device,
 )
 
@@ -153,6 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = [tokenizer.encode(p) for p in prompts]
         if any(not i for i in ids):
             raise ValueError("--prompt/--prompt-file: a prompt encodes to no tokens")
+        if args.load_state is None:  # (a loaded state holds blocks of its own)
+            note_k_above_blocks(args.k, max(map(len, ids)) + args.max_new_tokens, cfg.block_size)
         if args.no_stop:  # nothing ends the generation early: its memory is certain
             param = next(model.parameters())
             check_generation_memory(

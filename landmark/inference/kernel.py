@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +71,43 @@ def _build():
     if os.environ.get("LANDMARK_KERNEL", "1") == "0":
         return KernelUnavailableError("LANDMARK_KERNEL=0 in the environment")
     try:
-        from torch.utils.cpp_extension import load  # imported only to build: it pulls in setuptools
+        from torch.utils import cpp_extension  # imported only to build: it pulls in setuptools
 
-        return load(
-            name=f"landmark_retrieval_v{_VERSION}_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
-            verbose=False,
-        )
+        name = f"landmark_retrieval_v{_VERSION}_{_cpu_tag()}"  # the tag covers the source and the CPU
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        built = folder / f"{name}.so"
+        if built.is_file():  # built before: loaded as it is, without the build lock
+            return _import_built(name, built)
+        _clear_stale_lock(folder / "lock")
+        return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
+                                  verbose=False)  # fmt: skip
     except Exception as err:  # no compiler, no ninja, a failed build: the eager path still works
         return KernelUnavailableError(f"{type(err).__name__}: {err}")
+
+
+STALE_LOCK_S = 600  # a build takes about a minute: an older build lock was left by a killed process
+
+
+def _import_built(name: str, path: Path):
+    """The extension module built at ``path``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove a build lock older than ``STALE_LOCK_S`` (its build was killed: torch would wait for it
+    forever); say so when a younger one makes this process wait."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return  # no lock: nobody is building
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    else:
+        warnings.warn(f"waiting for another build of the retrieval kernel ({lock}; remove it if none runs)",
+                      stacklevel=2)  # fmt: skip
 
 
 def _cpu_tag() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,15 @@ def check_chunk_len(args: argparse.Namespace, block_size: int, model: str = "the
         raise ValueError(
             f"--chunk-len ({args.chunk_len}) must be at least one block ({block_size}) of {model}"
         )
+
+
+def note_k_above_blocks(k: int, positions: int, block_size: int) -> None:
+    """Say (stderr) when ``--k`` is above the blocks an input of ``positions`` regular tokens can make: the
+    reading then retrieves every block (k is clamped to the blocks held; nothing grows with it)."""
+    blocks = positions // (block_size - 1)
+    if k > blocks:
+        print(f"note: --k {k} is above the {blocks:,} blocks this input can hold: every block is retrieved",
+              file=sys.stderr)  # fmt: skip
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:
