@@ -71,7 +71,7 @@ def _build():
     if os.environ.get("LANDMARK_KERNEL", "1") == "0":
         return KernelUnavailableError("LANDMARK_KERNEL=0 in the environment")
     try:
-        from torch.utils import cpp_extension  # imported only to build: it pulls in setuptools
+        import torch.utils.cpp_extension as cpp_extension  # imported only to build: it pulls in setuptools
 
         name = f"landmark_retrieval_v{_VERSION}_{_cpu_tag()}"  # the tag covers the source and the CPU
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))

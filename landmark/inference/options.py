@@ -251,7 +251,7 @@ def note_k_above_blocks(k: int, positions: int, block_size: int) -> None:
     """Say (stderr) when ``--k`` is above the blocks an input of ``positions`` regular tokens can make: the
     reading then retrieves every block (k is clamped to the blocks held; nothing grows with it)."""
     blocks = positions // (block_size - 1)
-    if k > blocks:
+    if k > max(blocks, _DEFAULT.k):  # (the default k over a short input needs no note)
         print(f"note: --k {k} is above the {blocks:,} blocks this input can hold: every block is retrieved",
               file=sys.stderr)  # fmt: skip
 
