@@ -334,7 +334,7 @@ class RetrievalCache:
         layer_step = graph.compiled_layer_step() if self.retrieval.compile else graph.layer_step
         tail = (state.tail_k, state.tail_v)
         out, selected, tail, pending = layer_step(
-            q, (k, v), tail, graph.memory_tensors(memory, host), step.plan, step.config
+            q, (k, v), tail, graph.memory_tensors(memory), step.plan, step.config
         )
         if pending is not None:  # block contents kept on another device
             memory.write(step.plan.writes[0], step.plan.writes[2], *pending)  # (repeated writes: the same)

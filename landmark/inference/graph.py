@@ -105,8 +105,9 @@ class GraphPlan(NamedTuple):
 class MemoryTensors(NamedTuple):
     """A layer's block memory as ``graph_attention`` reads it (``BlockMemory``'s storage)."""
 
-    scan: Tensor  # (B, Hkv, N, D) landmark keys of the scanned slots, in storage order, un-rotated
-    landmark_keys: Tensor  # (B, Hkv, capacity, D) all of them (written by the step)
+    # (B, Hkv, capacity, D) un-rotated, in storage order: the scan reads every slot (masked beyond each
+    # row's blocks, so that shapes change only when the memory grows); the step writes its new ones
+    landmark_keys: Tensor
     blocks: BlockStore  # keys (B, Hkv, capacity, D, bs) as stored (key-major, offset-rotated), values
 
 
@@ -206,7 +207,7 @@ def plan_graph_step(
     angles = (cos_t[pos][:, None], sin_t[pos][:, None], cos_t[kpos][:, None], sin_t[kpos][:, None])
     rotations = Rotations(*angles, big_k + 1, bs)
     current, earlier, selection_valid = _groups(host, config, rows, key_local, row_valid, k_eff)
-    n_scan = _scanned(host)
+    n_scan = host.capacity  # the scan reads every slot
     logical = torch.arange(n_scan)
     start = torch.tensor(host.start)
     wrapped = any(host.start)
@@ -258,12 +259,6 @@ def _groups(
     return current, earlier, selection_valid[:, None]
 
 
-def _scanned(host: HostStep) -> int:
-    """Landmark columns the scan reads: every slot (masked beyond each row's blocks), so that the shape
-    changes only when the memory grows."""
-    return host.capacity
-
-
 def _to(plan: GraphPlan, device) -> GraphPlan:
     """The plan's tensors moved to ``device``."""
     move = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
@@ -273,9 +268,9 @@ def _to(plan: GraphPlan, device) -> GraphPlan:
     )._replace(offset_angles=tuple(map(move, plan.offset_angles)))
 
 
-def memory_tensors(memory: BlockMemory, host: HostStep) -> MemoryTensors:
-    """The storage ``graph_attention`` reads: the scanned landmark slots and the whole key/value store."""
-    return MemoryTensors(memory.landmark_keys[:, :, : _scanned(host)], memory.landmark_keys, memory.blocks)
+def memory_tensors(memory: BlockMemory) -> MemoryTensors:
+    """The storage ``graph_attention`` reads and writes: landmark keys and block contents."""
+    return MemoryTensors(memory.landmark_keys, memory.blocks)
 
 
 # --- The step -----------------------------------------------------------------------------------------------
@@ -344,7 +339,7 @@ def graph_attention(
         indices, ascending, -1 where a row holds fewer than K blocks and on padding rows.
     """
     q_att, q_lm, local_scores, lv = _decode_local(q, local_k, local_v, plan.rotations, config.scale)
-    scores = _scan_scores(q_lm, memory.scan, plan)
+    scores = _scan_scores(q_lm, memory.landmark_keys, plan)
     selected = _top_k(_pick(scores, plan, config), config.k)
     chosen = torch.where(plan.selection_valid, selected, 0)
     blocks = gather_blocks(memory.blocks, _physical(chosen, plan, memory.blocks.keys), q.dtype)
