@@ -289,6 +289,8 @@ GENERATE_CASES = [
         "--max-new-tokens 1000000000000000",
     ),
     ([*GENERATE, "--k", str(2**63)], "--k must be at most"),
+    ([*GENERATE, "--chunk-len", str(10**12)], "--chunk-len must be in [1, 1,048,576]"),
+    ([*PPL, "--chunk-len", str(2**20 + 1)], "--chunk-len must be in [1, 1,048,576]"),
     ([*GENERATE, "--load-state", "{lm}"], "is a folder, not a file"),
     ([*GENERATE[:3], "--prompt-file", "{lm}"], "is a folder, not a file"),
     # the generated ids alone cannot fit, even if a stop token may end the generation early
@@ -514,5 +516,12 @@ def test_base_check_refuses_windows_before_loading_a_model(env, capsys, monkeypa
 def test_a_k_above_the_blocks_of_the_input_is_used_with_a_note(env, capsys):
     """--k 1000000000: nothing grows with it (every block is retrieved), so it runs, and says so."""
     argv = _fill([*GENERATE, "--k", "1000000000", "--temperature", "0"], env)
+    assert main(argv) == 0
+    assert "note: --k 1000000000 is above the" in capsys.readouterr().err
+
+
+def test_an_evaluation_with_a_k_above_the_blocks_of_its_lengths_says_so(env, capsys):
+    """The evaluations know their longest input from --lengths: a --k above its blocks runs with a note."""
+    argv = _fill([*PPL, "--k", "1000000000"], env)
     assert main(argv) == 0
     assert "note: --k 1000000000 is above the" in capsys.readouterr().err

@@ -54,6 +54,8 @@ from landmark.inference.options import (
     add_retrieval_arguments,
     check_chunk_len,
     check_distinct,
+    note_k_above_blocks,
+    option_values,
     resolve_device,
 )
 
@@ -78,6 +80,8 @@ def _load(args: argparse.Namespace):
     for m in models:
         if m.retrieves:
             check_chunk_len(args, m.block_size, f"model {m.name!r}")
+            for k in option_values(args.k):
+                note_k_above_blocks(k, max(args.lengths), m.block_size)
     return models
 
 

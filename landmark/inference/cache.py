@@ -41,6 +41,7 @@ from landmark.inference.search import LandmarkIndex
 from landmark.inference.step import LayerInputs, Step
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
+MAX_CHUNK_LEN = 2**20  # positions per chunk at most (a chunk's activations are held at once)
 STATE_FORMAT = "landmark-stream-state-v1"  # the metadata "format" of a saved state (RetrievalCache.save)
 
 
@@ -190,6 +191,8 @@ class RetrievalCache:
             raise ValueError(
                 f"chunk_len ({chunk_len}) must be at least one block (block_size = {block_size})"
             )
+        if chunk_len > MAX_CHUNK_LEN:
+            raise ValueError(f"chunk_len must be at most {MAX_CHUNK_LEN:,} positions; got {chunk_len}")
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
         if memory_device is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from landmark.files import path_problem
-from landmark.inference.cache import DEFAULT_CHUNK_LEN, check_state_destination
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, MAX_K, SEARCHES, RetrievalConfig
 
@@ -141,7 +141,7 @@ def add_sampling_arguments(
     )
 
 
-def _values(value) -> list:
+def option_values(value) -> list:
     """A parsed option as a list (single-valued options give one element)."""
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -192,7 +192,7 @@ def resolve_device(value: str | None) -> str:
 
 def check_retrieval_arguments(args: argparse.Namespace) -> None:
     """One-line ValueErrors for values the parser cannot check (before any work is done)."""
-    ks = _values(args.k)
+    ks = option_values(args.k)
     k_zero = getattr(args, "_k_zero", False)
     bad = [k for k in ks if k < 0 or (k == 0 and not k_zero)]
     if bad:
@@ -200,11 +200,13 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
     if max(ks) > MAX_K:
         raise ValueError(f"--k must be at most {MAX_K:,} (blocks retrieved per query); got {max(ks)}")
     check_distinct("--k", ks)
-    check_distinct("--granularity", _values(args.granularity))
+    check_distinct("--granularity", option_values(args.granularity))
     if args.max_blocks is not None and args.max_blocks < 1:
         raise ValueError(f"--max-blocks must be >= 1; got {args.max_blocks}")
-    if args.chunk_len < 1:
-        raise ValueError(f"--chunk-len must be >= 1; got {args.chunk_len}")
+    if not 1 <= args.chunk_len <= MAX_CHUNK_LEN:
+        raise ValueError(
+            f"--chunk-len must be in [1, {MAX_CHUNK_LEN:,}] (positions per forward); got {args.chunk_len}"
+        )
     check_device(args.memory_device, "--memory-device")
     if getattr(args, "block_folder", None) is not None:
         problem = path_problem(Path(args.block_folder), folder=True, writable=True)
