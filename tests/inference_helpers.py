@@ -42,7 +42,7 @@ def attend(q, local_k, local_v, local_len, q_start, q_len, memory, retrieval, bs
     return retrieval_attention(inputs, step, stats, plan)
 
 
-def kernel_step(q, local_k, local_v, local_len, q_start, q_len, memory, k, scale, plan):
+def kernel_step(q, local_k, local_v, local_len, q_start, q_len, memory, k, scale):
     """``kernel.retrieval_step`` of a step given field by field (the kernel selects)."""
     from landmark.inference import RetrievalConfig
     from landmark.inference import kernel as kn
@@ -51,4 +51,4 @@ def kernel_step(q, local_k, local_v, local_len, q_start, q_len, memory, k, scale
     step = Step.of(
         inputs, (local_len, q_start, q_len), RetrievalConfig(k=k), memory.block_size, memory.rope_base
     )
-    return kn.retrieval_step(inputs, step, plan)
+    return kn.retrieval_step(inputs, step, kn.kernel_plan(kn.kernel_module(required=True), step, k))

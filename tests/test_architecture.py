@@ -117,9 +117,12 @@ def _function_sizes():
 
 
 def test_functions_are_short_and_take_few_parameters():
-    """Outside Triton kernels: no function over 8 parameters or 80 lines."""
+    """Outside Triton kernels: no function over 8 parameters (6 in the inference engine) or 80 lines
+    (``**options`` forwarded to an options object is not counted)."""
     sizes = _function_sizes()
     assert len(sizes) > 500  # the scan sees the package
     many = [f"{w} {n}: {p} parameters" for w, n, p, _ in sizes if p > 8]
+    engine = "landmark/inference/"
+    many += [f"{w} {n}: {p} parameters" for w, n, p, _ in sizes if p > 6 and w.startswith(engine)]
     long = [f"{w} {n}: {lines} lines" for w, n, _, lines in sizes if lines > 80]
     assert not many and not long, "\n".join(many + long)

@@ -19,7 +19,7 @@ import torch
 from inference_helpers import attend
 
 from landmark.inference import BlockMemory, MemoryOptions, RetrievalConfig
-from landmark.inference.cache import RetrievalCache
+from landmark.inference.cache import CacheOptions, RetrievalCache
 from landmark.inference.memory import BlockStore, gather_blocks, quantize
 
 BASE = 10000.0
@@ -29,7 +29,7 @@ STEPS = [[20, 20, 20], [5, 9, 1], [17, 3, 0], [1, 1, 1], [2, 2, 2], [20, 20, 20]
 def read(kernel, block_dtype, *, max_blocks=None, seed=2, granularity="token_head"):
     retrieval = RetrievalConfig(k=3, kernel=kernel, block_dtype=block_dtype, granularity=granularity)
     cache = RetrievalCache(
-        2, block_size=8, rope_base=BASE, retrieval=retrieval, chunk_len=20, max_blocks=max_blocks
+        2, block_size=8, rope_base=BASE, retrieval=retrieval, options=CacheOptions(20, max_blocks=max_blocks)
     )
     g = torch.Generator().manual_seed(seed)
     outs = []
@@ -101,7 +101,7 @@ def test_saved_states_keep_the_compact_form_and_load_into_any(tmp_path, saved, l
     _, cache = read("torch", saved)
     path = tmp_path / "state.safetensors"
     cache.save(path, "model-id")
-    again = RetrievalCache(2, block_size=8, rope_base=BASE, chunk_len=20,
+    again = RetrievalCache(2, block_size=8, rope_base=BASE, options=CacheOptions(20),
                            retrieval=RetrievalConfig(k=3, kernel="torch", block_dtype=loaded))  # fmt: skip
     again.load(path, "model-id")
     before, after = cache.memories[0], again.memories[0]
@@ -148,7 +148,7 @@ def test_a_memory_mapped_block_folder_reads_like_memory_and_leaves_nothing(tmp_p
     for kernel in ("torch", "auto"):
         ref, _ = read(kernel, block_dtype)
         retrieval = RetrievalConfig(k=3, kernel=kernel, block_dtype=block_dtype, block_folder=str(folder))
-        cache = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=retrieval, chunk_len=20)
+        cache = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=retrieval, options=CacheOptions(20))
         g = torch.Generator().manual_seed(2)
         ours = []
         for lens in STEPS:

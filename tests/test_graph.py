@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from landmark.inference import RetrievalConfig, graph
-from landmark.inference.cache import RetrievalCache
+from landmark.inference.cache import CacheOptions, RetrievalCache
 from landmark.inference.retrieval import StepStats
 
 BASE = 10000.0
@@ -32,8 +32,8 @@ def read(kernel, steps, *, dtype=torch.float64, bs=8, k=3, heads=6, kv_heads=2, 
          granularity="token_head", seed=1, chunk=20):  # fmt: skip
     """Outputs of every (step, layer) of a two-layer stream read through ``kernel``, and the cache."""
     retrieval = RetrievalConfig(k=k, kernel=kernel, granularity=granularity, row_group=64)
-    cache = RetrievalCache(2, block_size=bs, rope_base=BASE, retrieval=retrieval, chunk_len=chunk,
-                           max_blocks=max_blocks)  # fmt: skip
+    cache = RetrievalCache(2, block_size=bs, rope_base=BASE, retrieval=retrieval,
+                           options=CacheOptions(chunk, max_blocks=max_blocks))  # fmt: skip
     cache.stats = StepStats(selections=[])
     g = torch.Generator().manual_seed(seed)
     outs = []
@@ -171,11 +171,11 @@ def test_the_layer_step_compiles_whole_and_stops_recompiling(monkeypatch):
         [9, 9, 9],
     ]
     retrieval = RetrievalConfig(k=3, kernel="graph", compile=True)
-    cache = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=retrieval, chunk_len=20)
+    cache = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=retrieval, options=CacheOptions(20))
     cache.prepare(3, 2, 16, torch.float32, "cpu")
     cache.reserve(128)  # the memory's capacity is set: its growth would add a graph or two
     eager = RetrievalConfig(k=3, kernel="torch")
-    reference = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=eager, chunk_len=20)
+    reference = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=eager, options=CacheOptions(20))
     g = torch.Generator().manual_seed(3)
     graphs = []
     for phase in (kinds, kinds, kinds):
@@ -197,7 +197,7 @@ def test_a_state_read_through_the_graph_saves_and_continues(tmp_path):
     path = tmp_path / "state.safetensors"
     cache.save(path, "model-id")
     again = RetrievalCache(2, block_size=8, rope_base=BASE, retrieval=RetrievalConfig(k=3, kernel="graph"),
-                           chunk_len=20)  # fmt: skip
+                           options=CacheOptions(20))  # fmt: skip
     again.load(path, "model-id")
     g = torch.Generator().manual_seed(9)
     q = torch.randn(3, 6, 5, 16, dtype=torch.float64, generator=g)

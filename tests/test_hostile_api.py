@@ -69,13 +69,14 @@ def test_generate_refuses_a_length_that_certainly_cannot_fit():
     """With no stop token (eot_id None) the generation is as long as asked: 10**15 tokens need 8 PB for
     their ids alone; refused before any work. With a stop token it may end early: not refused."""
     from landmark.inference import generate
+    from landmark.inference.generate import Hooks
 
     model, tok, _ = load_model(SMALL)
     with pytest.raises(
         ValueError, match=r"max_new_tokens=1000000000000000: holding the ids .* needs at least"
     ):
         generate(model, [tok.encode("the sea")], 10**15)
-    assert len(generate(model, [tok.encode("the sea")], 2, eot_id=tok.eot_id)[0]) <= 2
+    assert len(generate(model, [tok.encode("the sea")], 2, hooks=Hooks((tok.eot_id,)))[0]) <= 2
 
 
 @pytest.mark.parametrize("batch_size, says", [(10**12, "batch_size=1000000000000: holding the streams'"),

@@ -289,6 +289,7 @@ GENERATE_CASES = [
         "--max-new-tokens 1000000000000000",
     ),
     ([*GENERATE, "--k", str(2**63)], "--k must be at most"),
+    ([*GENERATE[:5], "--no-stop", "--max-new-tokens", str(10**9)], "--max-new-tokens 1000000000: holding"),
     ([*GENERATE, "--chunk-len", str(10**12)], "--chunk-len must be in [1, 1,048,576]"),
     ([*PPL, "--chunk-len", str(2**20 + 1)], "--chunk-len must be in [1, 1,048,576]"),
     ([*GENERATE, "--load-state", "{lm}"], "is a folder, not a file"),

@@ -174,6 +174,7 @@ def test_api_save_state_refuses_a_folder_and_other_files(env, tmp_path):
 def test_api_generate_checks_the_state_file_before_reading(env, tmp_path):
     from landmark.checkpoint import load_model
     from landmark.inference import generate
+    from landmark.inference.generate import Hooks
 
     model, tok, _ = load_model(env["run"])
     doc = tmp_path / "doc.txt"
@@ -181,7 +182,7 @@ def test_api_generate_checks_the_state_file_before_reading(env, tmp_path):
     calls = []
     with pytest.raises(ValueError, match="not a saved state"):
         generate(model, [tok.encode("the sea")], 1, k=2, chunk_len=32, state=StateFiles(save=doc),
-                 on_token=lambda *a: calls.append(a))  # fmt: skip
+                 hooks=Hooks(on_token=lambda *a: calls.append(a)))  # fmt: skip
     assert calls == [] and doc.read_text() == "keep me"
 
 

@@ -20,7 +20,7 @@ from landmark.inference import (
     select_blocks,
 )
 from landmark.inference.cache import StateFiles
-from landmark.inference.generate import Sampling
+from landmark.inference.generate import Hooks, Sampling
 from landmark.inference.session import rows_with_landmarks
 from landmark.model import GPT, ModelConfig
 
@@ -190,7 +190,7 @@ def test_generate_batch_never_samples_landmarks():
     streamed: list[tuple[int, int]] = []
     sampling = Sampling(temperature=1.0, top_p=0.9, seed=0)
     out = generate(model, prompts, 30, k=2, chunk_len=16, sampling=sampling,
-                   on_token=lambda b, t: streamed.append((b, t)))  # fmt: skip
+                   hooks=Hooks(on_token=lambda b, t: streamed.append((b, t))))  # fmt: skip
     assert [len(o) for o in out] == [30, 30]
     assert all(LM not in o for o in out)
     assert sorted(streamed) == sorted((b, t) for b, o in enumerate(out) for t in o)
@@ -321,12 +321,12 @@ def test_faiss_hnsw_recall_on_20k_landmarks():
     re-scored exactly). Random Gaussian keys in 32 dims are a hard case for a graph index (no cluster
     structure); real landmark keys are more structured. Measured ~0.96 here; we assert 0.9."""
     _faiss()
-    from landmark.inference.search import LandmarkIndex
+    from landmark.inference.search import IndexOptions, LandmarkIndex
 
     n, d, k, n_q = 20_000, 32, 4, 200
     g = torch.Generator().manual_seed(11)
     keys = torch.randn(1, n, d, generator=g)
-    index = LandmarkIndex(1, 1, d, approx_min_blocks=1024)
+    index = LandmarkIndex(1, 1, d, IndexOptions(approx_min_blocks=1024))
     index.add(0, keys)
     assert index.approximate(0) and index.size(0) == n
     queries = torch.randn(n_q, d, generator=g)
@@ -435,10 +435,10 @@ def test_faiss_index_follows_fifo_eviction():
     """Evicted blocks leave the search range at once and the index is rebuilt once they dominate;
     searches keep returning exactly the live blocks' best matches (flat index: exact)."""
     _faiss()
-    from landmark.inference.search import LandmarkIndex
+    from landmark.inference.search import IndexOptions, LandmarkIndex
 
     bs, d = 4, 8
-    index = LandmarkIndex(1, 2, d, min_rebuild=4)
+    index = LandmarkIndex(1, 2, d, IndexOptions(min_rebuild=4))
     memory = random_memory(1, 2, [10], bs, d, seed=13, max_blocks=10, index=index)
     g = torch.Generator().manual_seed(14)
     sizes = set()
@@ -573,9 +573,9 @@ def test_generate_cli_errors(tiny_checkpoints, tmp_path, capsys, extra, message)
 
 def test_faiss_index_turns_approximate_at_the_threshold_keeping_its_entries():
     _faiss()
-    from landmark.inference.search import LandmarkIndex
+    from landmark.inference.search import IndexOptions, LandmarkIndex
 
-    index = LandmarkIndex(1, 2, 8, approx_min_blocks=50)
+    index = LandmarkIndex(1, 2, 8, IndexOptions(approx_min_blocks=50))
     keys = torch.randn(2, 80, 8, generator=torch.Generator().manual_seed(17))
     index.add(0, keys[:, :30])
     assert not index.approximate(0)

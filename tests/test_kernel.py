@@ -168,8 +168,7 @@ def test_kernel_selects_the_blocks_the_landmarks_point_to():
     memory = random_memory(2, 2, 8, 16, [30, 5], seed=4)
     tails, q_len = torch.tensor([2, 6]), torch.tensor([20, 20])
     q, lk, lv, local_len = random_step(2, 6, 2, 16, 20, tails, q_len, 8)
-    plan = kn.kernel_plan(kn.kernel_module(required=True), 4, lk.shape[2], 8, 16, BASE)
-    _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
+    _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5)
     expected, margin = reference_selection(q, tails, memory, 4, 8)
     clear = margin > 1e-4
     assert clear.float().mean() > 0.9
@@ -245,8 +244,7 @@ def test_kernel_orders_nearly_tied_landmarks_like_eager():
         out, _ = both(q, lk, lv, local_len, tails, q_len, memory, 4, 8, 16)
         assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
     expected, margin = reference_selection(q, tails, memory, 4, 8)
-    plan = kn.kernel_plan(kn.kernel_module(required=True), 4, lk.shape[2], 8, 16, BASE)
-    _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5, plan)
+    _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5)
     clear = margin > 1e-6
     assert clear.float().mean() > 0.5 and torch.equal(selected[clear], expected[clear])
 

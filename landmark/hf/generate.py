@@ -165,7 +165,7 @@ def generate(
         cache.save_state, state.save, model, overwrite=state.overwrite)  # fmt: skip
     if retrieves and reading.block_folder:  # say where the memory went once the prompt is read
         save = functools.partial(report_memory, cache.stream, reading.block_folder, save)
-    landmarks = Landmarks(int(model.config.landmark_block_size), landmark_token_id(model))
+    landmarks = Landmarks(int(model.config.landmark_block_size), landmark_token_id(model), start)
     new = generate_with(
         hf_reader(model, cache, chunk_len),
         [raw],
@@ -173,7 +173,6 @@ def generate(
         landmarks=landmarks,
         sampling=sampling,
         hooks=Hooks(() if eos is None else (eos,), on_token, save),
-        start=start,
     )[0]
     out_ids = torch.tensor(new, dtype=torch.long)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""

@@ -59,7 +59,7 @@ from transformers.cache_utils import CacheLayerMixin
 from landmark.fingerprint import weights_fingerprint
 from landmark.hf.attention import ATTN_IMPLEMENTATION, route_attention
 from landmark.hf.convert import landmark_token_id
-from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
+from landmark.inference.cache import CacheOptions, RetrievalCache
 from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
 from landmark.model import apply_rope, rope_angles
@@ -203,11 +203,13 @@ class LandmarkRetrievalCache(Cache):
             or its config.
         retrieval: k, granularity, search, kernel (default ``RetrievalConfig()``: k = 4, per token and
             head); or its fields as keywords (``k=4``).
-        chunk_len: positions of a long input processed at once (the paper: 250 tokens); at least one
-            block.
-        memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
-        max_blocks: cap on the blocks kept per stream and layer (None: unlimited); ``evict`` chooses
-            FIFO eviction of the oldest block or an error (:class:`landmark.inference.MemoryFullError`).
+        **options: the cache's options (:class:`landmark.inference.CacheOptions`) by name:
+            ``chunk_len`` (positions of a long input processed at once, the paper: 250 tokens; at least
+            one block), ``memory_device`` (where block contents live, default the model's device, e.g.
+            ``"cpu"``), ``max_blocks`` (a cap on the blocks kept per stream and layer, None: unlimited)
+            and ``evict`` (FIFO eviction of the oldest block at the cap, or an error:
+            :class:`landmark.inference.MemoryFullError`); and the retrieval fields when ``retrieval``
+            is not given.
 
     Attributes:
         stream: the :class:`landmark.inference.RetrievalCache` holding the state.
@@ -224,12 +226,7 @@ class LandmarkRetrievalCache(Cache):
         self,
         model: Any,
         retrieval: RetrievalConfig | None = None,
-        *,
-        chunk_len: int = DEFAULT_CHUNK_LEN,
-        memory_device: torch.device | str | None = None,
-        max_blocks: int | None = None,
-        evict: bool = True,
-        **retrieval_fields: Any,
+        **options: Any,
     ) -> None:
         config = getattr(model, "config", model)
         block_size = getattr(config, "landmark_block_size", None)
@@ -245,11 +242,11 @@ class LandmarkRetrievalCache(Cache):
             )
         self.rope_base = rope_theta(config)
         self.block_size = int(block_size)
+        cache_options, retrieval_fields = CacheOptions.pick(options)
         self.retrieval = retrieval_config(retrieval, **retrieval_fields)
         self.stream = RetrievalCache(
             config.num_hidden_layers, block_size=self.block_size, rope_base=self.rope_base,
-            retrieval=self.retrieval, chunk_len=chunk_len, memory_device=memory_device,
-            max_blocks=max_blocks, evict=evict,
+            retrieval=self.retrieval, options=cache_options,
         )  # fmt: skip
         super().__init__(layers=[_RetrievalLayer(self.stream, i) for i in range(config.num_hidden_layers)])
         self._checked: tuple[Tensor, bool] | None = None  # the last position ids read, and whether zeros

@@ -1,6 +1,6 @@
 """Random-access inference: block memory, top-k retrieval through landmarks, long-context generation."""
 
-from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache
+from landmark.inference.cache import DEFAULT_CHUNK_LEN, CacheOptions, RetrievalCache
 from landmark.inference.full_cache import FullCache
 from landmark.inference.generate import generate, sample_next
 from landmark.inference.memory import BlockMemory, MemoryFullError, MemoryOptions
@@ -12,6 +12,7 @@ __all__ = [
     "DEFAULT_CHUNK_LEN",
     "GRANULARITIES",
     "BlockMemory",
+    "CacheOptions",
     "FullCache",
     "InferenceSession",
     "LayerInputs",

@@ -37,7 +37,7 @@ from landmark.files import atomic_write, check_output_file, safetensors_metadata
 from landmark.inference import graph
 from landmark.inference.memory import STORAGE_DTYPES, BlockMemory, MemoryOptions
 from landmark.inference.retrieval import RetrievalConfig, StepStats, plan_step, retrieval_attention
-from landmark.inference.search import LandmarkIndex
+from landmark.inference.search import IndexOptions, LandmarkIndex
 from landmark.inference.step import LayerInputs, Step
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
@@ -158,6 +158,46 @@ class _Layer:
         self.length = torch.zeros(batch, dtype=torch.long)  # stream positions seen, per row (CPU)
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a retrieval cache reads and keeps its streams (beside the :class:`RetrievalConfig`).
+
+    Args:
+        chunk_len: positions read at once inside ``attend`` (>= the model's block size, at most
+            ``MAX_CHUNK_LEN``).
+        memory_device: where block contents live (default: next to the keys), e.g. ``"cpu"``.
+        max_blocks: cap on blocks per stream and layer (None: unlimited).
+        evict: at the cap, drop the oldest block (FIFO) or raise ``MemoryFullError``.
+    """
+
+    chunk_len: int = DEFAULT_CHUNK_LEN
+    memory_device: torch.device | str | None = None
+    max_blocks: int | None = None
+    evict: bool = True
+
+    def __post_init__(self) -> None:
+        chunk = self.chunk_len
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK_LEN:
+            raise ValueError(f"chunk_len must be an integer in [1, {MAX_CHUNK_LEN:,}]; got {chunk!r}")
+        blocks = self.max_blocks
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+            raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {blocks!r}")
+        if self.memory_device is not None:
+            try:
+                object.__setattr__(self, "memory_device", torch.device(self.memory_device))
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"memory_device must be a device such as 'cpu' or 'cuda'; got {self.memory_device!r}"
+                ) from None
+
+    @classmethod
+    def pick(cls, fields: dict) -> tuple[CacheOptions, dict]:
+        """The cache options among keyword ``fields`` (by name), and the other fields."""
+        names = cls.__dataclass_fields__
+        mine = {name: value for name, value in fields.items() if name in names}
+        return cls(**mine), {name: value for name, value in fields.items() if name not in names}
+
+
 class RetrievalCache:
     """Block memories and tails of every layer for a batch of independent streams.
 
@@ -166,10 +206,7 @@ class RetrievalCache:
         block_size: positions per block, landmark included.
         rope_base: the model's RoPE base (retrieval re-applies rotations at the stingy positions).
         retrieval: k, granularity, search, kernel (default ``RetrievalConfig()``).
-        chunk_len: positions read at once inside ``attend`` (>= block_size).
-        memory_device: where block contents live (default: next to the keys), e.g. ``"cpu"``.
-        max_blocks: cap on blocks per stream and layer (None: unlimited); ``evict`` chooses FIFO
-            eviction or ``MemoryFullError``.
+        options: chunk length, where block contents live, a block cap (default ``CacheOptions()``).
     """
 
     def __init__(
@@ -179,32 +216,20 @@ class RetrievalCache:
         block_size: int,
         rope_base: float,
         retrieval: RetrievalConfig | None = None,
-        chunk_len: int = DEFAULT_CHUNK_LEN,
-        memory_device: torch.device | str | None = None,
-        max_blocks: int | None = None,
-        evict: bool = True,
+        options: CacheOptions | None = None,
     ) -> None:
         retrieval = retrieval if retrieval is not None else RetrievalConfig()
         if not isinstance(retrieval, RetrievalConfig):
             raise ValueError(f"retrieval must be a landmark.inference.RetrievalConfig; got {retrieval!r}")
-        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < block_size:
+        options = options if options is not None else CacheOptions()
+        if not isinstance(options, CacheOptions):
+            raise ValueError(f"options must be a landmark.inference.CacheOptions; got {options!r}")
+        if options.chunk_len < block_size:
             raise ValueError(
-                f"chunk_len ({chunk_len}) must be at least one block (block_size = {block_size})"
+                f"chunk_len ({options.chunk_len}) must be at least one block (block_size = {block_size})"
             )
-        if chunk_len > MAX_CHUNK_LEN:
-            raise ValueError(f"chunk_len must be at most {MAX_CHUNK_LEN:,} positions; got {chunk_len}")
-        if max_blocks is not None and max_blocks < 1:
-            raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {max_blocks}")
-        if memory_device is not None:
-            try:
-                memory_device = torch.device(memory_device)
-            except (RuntimeError, TypeError):
-                raise ValueError(
-                    f"memory_device must be a device such as 'cpu' or 'cuda'; got {memory_device!r}"
-                ) from None
         self.n_layers, self.block_size, self.rope_base = n_layers, block_size, float(rope_base)
-        self.retrieval, self.chunk_len = retrieval, chunk_len
-        self.memory_device, self.max_blocks, self.evict = memory_device, max_blocks, evict
+        self.retrieval, self.options, self.chunk_len = retrieval, options, options.chunk_len
         self.layers: list[_Layer | None] = [None] * n_layers
         self.stats = StepStats()
         self._plan_key: tuple | None = None
@@ -257,13 +282,13 @@ class RetrievalCache:
         scale = scale if scale is not None else head_dim**-0.5
         state.memory.reserve(max((state.length + lengths).tolist()) // self.block_size)  # host integers
         if t <= self.chunk_len:
-            return self._attend_chunk(layer, state, q, k, v, lengths, scale)
+            return self._attend_chunk(state, q, k, v, lengths, scale)
         out = q.new_zeros(q.shape)
         for c0 in range(0, t, self.chunk_len):
             c1 = min(t, c0 + self.chunk_len)
             part = (lengths - c0).clamp(0, c1 - c0)
             out[:, :, c0:c1] = self._attend_chunk(
-                layer, state, q[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], part, scale
+                state, q[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], part, scale
             )
         return out
 
@@ -289,15 +314,13 @@ class RetrievalCache:
             batch, kv_heads, _, head_dim = k.shape
             index = None
             if self.retrieval.search == "faiss":
-                index = LandmarkIndex(
-                    batch, kv_heads, head_dim, approx_min_blocks=self.retrieval.approx_min_blocks
-                )
+                options = IndexOptions(approx_min_blocks=self.retrieval.approx_min_blocks)
+                index = LandmarkIndex(batch, kv_heads, head_dim, options)
             folder = self.retrieval.block_folder
             if folder is not None:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-            options = MemoryOptions(
-                self.memory_device, self.max_blocks, self.evict, self.retrieval.storage_dtype, folder
-            )
+            o, dtype = self.options, self.retrieval.storage_dtype
+            options = MemoryOptions(o.memory_device, o.max_blocks, o.evict, dtype, folder)
             memory = BlockMemory((batch, kv_heads, self.block_size, head_dim), rope_base=self.rope_base,
                                  dtype=k.dtype, device=k.device, options=options, index=index)  # fmt: skip
             tail_k = k.new_zeros(batch, kv_heads, self.block_size, head_dim)
@@ -305,7 +328,7 @@ class RetrievalCache:
         return state
 
     def _attend_chunk(
-        self, layer: int, state: _Layer, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float
+        self, state: _Layer, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float
     ) -> Tensor:
         """retrieval_attention of one chunk (at most ``chunk_len`` new positions); commit it."""
         if self.retrieval.takes_graph(q.dtype, q.device, state.memory):

@@ -15,7 +15,7 @@ from pathlib import Path
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.files import os_error_line, os_error_text, path_problem
 from landmark.inference.cache import StateFiles
-from landmark.inference.generate import Sampling, check_generation_memory, generate
+from landmark.inference.generate import BlockBytes, Hooks, Sampling, check_generation_memory, generate
 from landmark.inference.options import (
     Reading,
     add_device_argument,
@@ -138,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompts or any(not p for p in prompts):
             raise ValueError("--prompt/--prompt-file: the prompt is empty")
         # the generated ids alone, before the model is loaded (a stop token may end it, but not sooner)
-        check_generation_memory(None, [0] * len(prompts), args.max_new_tokens, option="--max-new-tokens")
+        check_generation_memory([0] * len(prompts), args.max_new_tokens, option="--max-new-tokens")
         device = resolve_device(args.device)
         try:
             model, tokenizer, _ = load_model(args.checkpoint, device=device)
@@ -156,13 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError("--prompt/--prompt-file: a prompt encodes to no tokens")
         if args.load_state is None:  # (a loaded state holds blocks of its own)
             note_k_above_blocks(args.k, max(map(len, ids)) + args.max_new_tokens, cfg.block_size)
-        if args.no_stop:  # nothing ends the generation early: its memory is certain
-            param = next(model.parameters())
-            check_generation_memory(
-                cfg, [len(i) for i in ids], args.max_new_tokens, max_blocks=args.max_blocks,
-                element_size=param.element_size(), memory_device=args.memory_device or device,
-                option="--max-new-tokens",
-            )  # fmt: skip
+        if args.no_stop and args.max_blocks is None and args.block_folder is None:  # its memory is certain
+            stored = Reading.from_args(args).retrieval.storage_dtype or next(model.parameters()).dtype
+            blocks = BlockBytes(cfg, stored.itemsize, args.memory_device or device)
+            check_generation_memory([len(i) for i in ids], args.max_new_tokens, blocks, "--max-new-tokens")
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -173,7 +170,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         out = generate(
             model, ids, args.max_new_tokens, sampling=Sampling(args.temperature, args.top_p, args.seed),
-            eot_id=eot, on_token=stream, state=StateFiles(args.load_state, args.save_state, args.overwrite),
+            hooks=Hooks(() if eot is None else (eot,), stream),
+            state=StateFiles(args.load_state, args.save_state, args.overwrite),
             retrieval=reading.retrieval, **reading.cache_kwargs(),
         )  # fmt: skip
     except ValueError as err:  # a saved state of another model or batch size, found when loading it

@@ -21,26 +21,25 @@ class FullCache:
     """Rotated K/V of every layer for ``max_len`` positions.
 
     Args:
-        n_layers, batch_size, kv_heads, head_dim: the geometry; dtype, device: of the model.
-        max_len: capacity in positions (prompt + generated tokens).
+        n_layers: attention layers of the model.
+        shape: (batch_size, kv_heads, max_len, head_dim) of each layer's keys and values; ``max_len``
+            is the capacity in positions (prompt + generated tokens).
         rope_base: the model's RoPE base.
+        dtype, device: of the model.
     """
 
     def __init__(
         self,
         n_layers: int,
-        batch_size: int,
-        kv_heads: int,
-        head_dim: int,
+        shape: tuple[int, int, int, int],
         *,
-        max_len: int,
         rope_base: float,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
+        batch_size, _, max_len, _ = shape
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"need max_len >= 1 and batch_size >= 1; got {max_len}, {batch_size}")
-        shape = (batch_size, kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.lengths = [0] * n_layers  # positions held per layer (the same after every step)
@@ -50,10 +49,8 @@ class FullCache:
     def for_model(cls, model, batch_size: int = 1, *, max_len: int) -> FullCache:
         """A cache with the geometry, dtype and device of a ``GPT``."""
         cfg, param = model.config, next(model.parameters())
-        return cls(
-            cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len=max_len, rope_base=cfg.rope_base,
-            dtype=param.dtype, device=param.device,
-        )  # fmt: skip
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        return cls(cfg.n_layer, shape, rope_base=cfg.rope_base, dtype=param.dtype, device=param.device)
 
     @property
     def length(self) -> int:

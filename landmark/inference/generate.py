@@ -57,30 +57,36 @@ class Sampling:
 GREEDY = Sampling()  # the default: the most likely token
 
 
+class BlockBytes(NamedTuple):
+    """What one position costs in the block memory and where it is kept: the model's ``config`` (layers,
+    kv heads, head dim), the bytes of one stored key/value element, the device holding block contents."""
+
+    config: ModelConfig
+    element_size: int = 4
+    device: torch.device | str | None = None
+
+
 def check_generation_memory(
-    config: ModelConfig | None,
     prompt_lengths: Sequence[int],
     max_new_tokens: int,
-    *,
-    max_blocks: int | None = None,
-    element_size: int = 4,
-    memory_device: torch.device | str | None = None,
+    blocks: BlockBytes | None = None,
     option: str = "max_new_tokens",
 ) -> None:
     """Refuse a generation that will certainly not fit: the generated ids alone (8 bytes each: a list
-    slot) on the CPU (a stop token may end it earlier, but the ids are held as they come), and, with a
-    ``config`` (give it only when no stop token can end the generation early) and without
-    ``max_blocks``, every position's keys and values in the block memory of each layer. A ResourceError
-    (a ValueError) naming ``option``; nothing when it could fit."""
+    slot) on the CPU (a stop token may end it earlier, but the ids are held as they come), and, with
+    ``blocks`` (give them only when no stop token can end the generation early and no block cap
+    bounds the memory), every position's keys and values in the block memory of each layer. A
+    ResourceError (a ValueError) naming ``option``; nothing when it could fit."""
     rows = len(prompt_lengths)
     setting = f"{option} {max_new_tokens}" if option.startswith("--") else f"{option}={max_new_tokens}"
     what = f"holding the ids generated for {rows} prompt{'s' if rows > 1 else ''} (8 bytes each)"
     check_fits(rows * max_new_tokens * INT64, setting, what, "cpu")
-    if config is not None and max_blocks is None:
+    if blocks is not None:
+        config = blocks.config
         positions = sum(prompt_lengths) + rows * max_new_tokens
-        per_position = config.n_layer * 2 * config.n_kv_head * config.head_dim * element_size
+        per_position = config.n_layer * 2 * config.n_kv_head * config.head_dim * blocks.element_size
         what = f"holding the keys and values of {positions:,} positions in the block memory (no block cap)"
-        check_fits(positions * per_position, setting, what, memory_device)
+        check_fits(positions * per_position, setting, what, blocks.device)
 
 
 def report_memory(cache: RetrievalCache, folder: str, then: Callable[[], None] | None = None) -> None:
@@ -158,10 +164,12 @@ def prompt_streams(
 
 class Landmarks(NamedTuple):
     """Where landmarks go in a model's stream: the last position of every block of ``block_size``
-    (``landmark_id`` None: a model without landmarks)."""
+    (``landmark_id`` None: a model without landmarks), counted from ``start``: (B,) the stream positions
+    the prompts continue (a state read earlier; None: 0)."""
 
     block_size: int
     landmark_id: int | None
+    start: Sequence[int] | None = None
 
 
 class Hooks(NamedTuple):
@@ -184,26 +192,25 @@ def generate_with(
     landmarks: Landmarks,
     sampling: Sampling = Sampling(),
     hooks: Hooks = NO_HOOKS,
-    start: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """The generation loop: read the prompts, then decode token by token.
 
     Args:
         read: the model's reader (see the module).
-        landmarks: where landmarks go (``Landmarks``; ``landmark_id`` None: a model without them).
+        landmarks: where landmarks go (``Landmarks``; ``landmark_id`` None: a model without them;
+            ``start``: the stream positions the prompts continue).
         prompts: B token-id lists (regular tokens, no landmarks), of different lengths if the reader
             allows it.
         max_new_tokens: regular tokens to generate per row (>= 1).
         sampling: greedy or sampled (``Sampling``).
         hooks: stop tokens and callbacks (``Hooks``).
-        start: (B,) stream positions the prompts continue (a state read earlier); default 0.
 
     Returns:
         The generated token ids of each row.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-    (block_size, landmark_id), (stop_ids, on_token, after_prompt) = landmarks, hooks
+    (block_size, landmark_id, start), (stop_ids, on_token, after_prompt) = landmarks, hooks
     stream, lengths = prompt_streams(prompts, block_size, landmark_id, start)
     logits = read(stream, lengths)  # (B, vocab)
     positions = lengths + (torch.tensor(list(start), dtype=torch.long) if start is not None else 0)
@@ -259,8 +266,7 @@ def generate(
     max_new_tokens: int = 64,
     *,
     sampling: Sampling = GREEDY,
-    eot_id: int | None = None,
-    on_token: TokenCallback | None = None,
+    hooks: Hooks = NO_HOOKS,
     state: StateFiles = NO_STATE,
     **session_kwargs,
 ) -> list[list[int]]:
@@ -270,9 +276,10 @@ def generate(
         prompts: B token-id lists (regular tokens, no landmarks), of different lengths if you like.
         max_new_tokens: tokens to generate per prompt (>= 1).
         sampling: greedy (the default) or ``Sampling(temperature, top_p, seed)``.
-        eot_id: stop a row when it generates this token (it is included in the output).
-        on_token: called as ``on_token(row, token)`` for every generated token, as soon as it exists
-            (for streaming output).
+        hooks: ``Hooks(stop_ids, on_token, after_prompt)``: stop a row when it generates one of
+            ``stop_ids`` (e.g. the tokenizer's ``eot_id``; it is kept in the output); call
+            ``on_token(row, token)`` for every generated token as soon as it exists (streaming output);
+            call ``after_prompt()`` once the prompts are read.
         state: read once, ask many (:class:`landmark.inference.cache.StateFiles`): continue a saved
             state (``load``), save the state once the prompts are read (``save``).
         **session_kwargs: ``InferenceSession`` options (retrieval or its fields k, granularity, ...;
@@ -285,32 +292,52 @@ def generate(
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     _check_token_ids(prompts, model.config.vocab_size)
     session = InferenceSession(model, len(prompts), **session_kwargs)  # no memory allocated yet
-    retrieval = session.retrieval
-    if isinstance(max_new_tokens, int) and max_new_tokens >= 1:
-        param, lengths = next(model.parameters()), [len(p) for p in prompts]
-        device, cap = session_kwargs.get("memory_device") or param.device, session_kwargs.get("max_blocks")
-        stored = retrieval.storage_dtype.itemsize if retrieval.storage_dtype else param.element_size()
-        certain = eot_id is None and not retrieval.block_folder  # nothing stops it early, all in RAM
-        check_generation_memory(model.config if certain else None, lengths, max_new_tokens, max_blocks=cap,
-                                element_size=stored, memory_device=device)  # fmt: skip
+    _check_memory(session, prompts, max_new_tokens, certain=not hooks.stop_ids)
     state.check()
     if state.load is not None:
         session.load_state(state.load)
     cfg = model.config
-    save = (
-        None
-        if state.save is None
-        else functools.partial(session.save_state, state.save, overwrite=state.overwrite)
-    )
-    if retrieval.block_folder:  # say where the memory went once the prompts are read
-        save = functools.partial(report_memory, session.cache, retrieval.block_folder, save)
-    hooks = Hooks(() if eot_id is None else (eot_id,), on_token, save)
     return generate_with(
         session.read,
         prompts,
         max_new_tokens,
-        landmarks=Landmarks(cfg.block_size, cfg.landmark_id),
+        landmarks=Landmarks(cfg.block_size, cfg.landmark_id, session.length.tolist()),
         sampling=sampling,
-        hooks=hooks,
-        start=session.length.tolist(),
+        hooks=hooks._replace(after_prompt=_after_prompt(session, state, hooks.after_prompt)),
     )
+
+
+def _check_memory(
+    session: InferenceSession, prompts: Sequence[Sequence[int]], max_new_tokens: int, certain: bool
+) -> None:
+    """:func:`check_generation_memory` of a generation by ``session``; ``certain``: no stop token can
+    end it early (its block memory is then checked too, when in RAM and without a block cap)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        return  # (refused by generate_with)
+    retrieval, options, param = session.retrieval, session.cache.options, next(session.model.parameters())
+    stored = retrieval.storage_dtype.itemsize if retrieval.storage_dtype else param.element_size()
+    device = options.memory_device or param.device
+    bounded = options.max_blocks is not None or retrieval.block_folder  # capped, or kept on disk
+    blocks = None if bounded or not certain else BlockBytes(session.config, stored, device)
+    check_generation_memory([len(p) for p in prompts], max_new_tokens, blocks)
+
+
+def _after_prompt(
+    session: InferenceSession, state: StateFiles, then: Callable[[], None] | None
+) -> Callable[[], None] | None:
+    """What runs once the prompts are read: saving the state (``state.save``), saying where a memory
+    kept in a block folder went, then the caller's ``then``."""
+    steps = [then] if then is not None else []
+    if state.save is not None:
+        steps.insert(0, functools.partial(session.save_state, state.save, overwrite=state.overwrite))
+    folder = session.retrieval.block_folder
+    if folder:  # say where the memory went once the prompts are read
+        steps.insert(0, functools.partial(report_memory, session.cache, folder))
+    if not steps:
+        return None
+
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run

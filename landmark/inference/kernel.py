@@ -166,12 +166,12 @@ class KernelPlan:
     selects: bool = True  # the kernel selects (token_head, exact search); else it is given a selection
 
 
-def kernel_plan(
-    module: Any, k: int, local_width: int, block_size: int, head_dim: int, base: float, selects: bool = True
-) -> KernelPlan:
-    """The plan of a step whose local context tensors are ``local_width`` positions long; ``selects``:
-    whether the kernel selects the blocks itself (else the step passes it a selection)."""
-    cos, sin = rope_table(k, local_width, block_size, head_dim, base, torch.device("cpu"))
+def kernel_plan(module: Any, step: Step, k: int, selects: bool = True) -> KernelPlan:
+    """The plan of ``step`` (its local width, block size, head dim and RoPE base) retrieving ``k``
+    blocks; ``selects``: whether the kernel selects the blocks itself (else the step passes it a
+    selection)."""
+    geometry = (k, step.local_width, step.block_size, step.head_dim, step.rope_base)
+    cos, sin = rope_table(*geometry, torch.device("cpu"))
     return KernelPlan(module, cos, sin, selects)
 
 

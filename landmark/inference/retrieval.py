@@ -248,10 +248,7 @@ def plan_step(
     if module is not None:
         held = max(memory.count, default=0) if memory is not None else 0
         k = min(retrieval.k, max(1, held))  # no more blocks than the memory holds (a huge --k costs nothing)
-        return kernel.kernel_plan(
-            module, k, step.local_width, step.block_size, step.head_dim, step.rope_base,
-            retrieval.kernel_selects,
-        )  # fmt: skip
+        return kernel.kernel_plan(module, step, k, retrieval.kernel_selects)
     if step.rows > DECODE_ROWS:
         return None
     return decode_plan(step, _block_counts(memory, step.q_start))

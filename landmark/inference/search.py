@@ -36,6 +36,7 @@ plus the ``k_eff`` recent blocks, all scored exactly. Granularities:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,11 +51,11 @@ def _faiss():
     return require("faiss")
 
 
-class LandmarkIndex:
-    """Inner-product indexes over the un-rotated landmark keys of one ``BlockMemory``.
+@dataclass(frozen=True)
+class IndexOptions:
+    """How a :class:`LandmarkIndex` indexes its keys.
 
     Args:
-        batch, kv_heads, head_dim: the memory's shape.
         approx_min_blocks: a row with at least this many live blocks is indexed with HNSW, below with
             an exact flat index.
         hnsw_m: HNSW graph degree (memory per key and recall grow with it).
@@ -64,22 +65,27 @@ class LandmarkIndex:
             entries.
     """
 
-    def __init__(
-        self,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
-        *,
-        approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS,
-        hnsw_m: int = 16,
-        ef_construction: int = 40,
-        ef_search: int = 64,
-        min_rebuild: int = 64,
-    ):
+    approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS
+    hnsw_m: int = 16
+    ef_construction: int = 40
+    ef_search: int = 64
+    min_rebuild: int = 64
+
+
+class LandmarkIndex:
+    """Inner-product indexes over the un-rotated landmark keys of one ``BlockMemory``.
+
+    Args:
+        batch, kv_heads, head_dim: the memory's shape.
+        options: HNSW and flat index settings (:class:`IndexOptions`).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, options: IndexOptions = IndexOptions()):
         self.faiss = _faiss()
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self.approx_min_blocks, self.hnsw_m = approx_min_blocks, hnsw_m
-        self.ef_construction, self.ef_search, self.min_rebuild = ef_construction, ef_search, min_rebuild
+        o = options
+        self.approx_min_blocks, self.hnsw_m = o.approx_min_blocks, o.hnsw_m
+        self.ef_construction, self.ef_search, self.min_rebuild = o.ef_construction, o.ef_search, o.min_rebuild
         self.first = [0] * batch  # sequence number of index entry 0, per row
         self.live_from = [0] * batch  # first sequence number still in memory, per row
         self.indexes = [[self._new(0) for _ in range(kv_heads)] for _ in range(batch)]

@@ -25,14 +25,13 @@ from tqdm import tqdm
 
 from landmark.data.landmarks import insert_landmarks, landmark_targets
 from landmark.fingerprint import weights_fingerprint
-from landmark.inference.cache import DEFAULT_CHUNK_LEN, RetrievalCache, check_landmark_positions
+from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.model import GPT
 from landmark.resources import check_fits
 
 __all__ = [
-    "DEFAULT_CHUNK_LEN",
     "InferenceSession",
     "SessionStats",
     "chunked_logits",
@@ -86,12 +85,13 @@ class InferenceSession:
         batch_size: number of independent streams.
         retrieval: k, granularity, search, kernel, ... (``RetrievalConfig``); or give its fields as
             keywords (``k=4, granularity="head"``).
-        chunk_len: positions per chunk when feeding long inputs (>= block_size).
-        memory_device: where block contents live (default: the model's device), e.g. ``"cpu"``.
-        max_blocks: cap on blocks per stream (None: unlimited); ``evict`` chooses FIFO eviction or an
-            error when it is reached.
         threads: torch threads while the model runs (None: ``LANDMARK_THREADS`` or 1; see
             ``landmark.inference.threads`` for why one).
+        **options: the cache's options (:class:`~landmark.inference.cache.CacheOptions`) by name:
+            ``chunk_len`` (positions per chunk when feeding long inputs, >= block_size),
+            ``memory_device`` (where block contents live, default the model's device, e.g. ``"cpu"``),
+            ``max_blocks`` (a cap on blocks per stream, None: unlimited) and ``evict`` (FIFO eviction
+            or an error at the cap); and the retrieval fields when ``retrieval`` is not given.
     """
 
     def __init__(
@@ -100,12 +100,8 @@ class InferenceSession:
         batch_size: int = 1,
         retrieval: RetrievalConfig | None = None,
         *,
-        chunk_len: int = DEFAULT_CHUNK_LEN,
-        memory_device: torch.device | str | None = None,
-        max_blocks: int | None = None,
-        evict: bool = True,
         threads: int | None = None,
-        **retrieval_fields,
+        **options,
     ):
         cfg = getattr(model, "config", None)
         if getattr(cfg, "attention", None) != "landmark":
@@ -120,12 +116,11 @@ class InferenceSession:
         what = "holding the streams' key/value tail blocks"
         check_fits(tails * param.element_size(), f"batch_size={batch_size}", what, param.device)
         self.model, self.config, self.batch_size = model, cfg, batch_size
+        cache_options, retrieval_fields = CacheOptions.pick(options)
         self.retrieval = retrieval_config(retrieval, **retrieval_fields)
-        self.cache = RetrievalCache(
-            cfg.n_layer, block_size=cfg.block_size, rope_base=cfg.rope_base, retrieval=self.retrieval,
-            chunk_len=chunk_len, memory_device=memory_device, max_blocks=max_blocks, evict=evict,
-        )  # fmt: skip
-        self.chunk_len = chunk_len
+        self.cache = RetrievalCache(cfg.n_layer, block_size=cfg.block_size, rope_base=cfg.rope_base,
+                                    retrieval=self.retrieval, options=cache_options)  # fmt: skip
+        self.chunk_len = cache_options.chunk_len
         self.threads = inference_threads() if threads is None else threads
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be an integer >= 1; got {threads!r}")
