@@ -5,7 +5,8 @@ next one runs), within a total budget (560 s on a GPU):
 
 1. ``triton_tests``: ``tests/test_triton.py`` with the kernels compiled for the GPU (TRITON_INTERPRET
    unset) against the dense reference: outputs and gradients, float64/float32/bfloat16/float16, GQA,
-   unaligned query offsets, large scores, determinism, the torch.library registration.
+   unaligned query offsets, large scores, determinism, the torch.library registration; and
+   ``tests/test_triton_retrieval.py``, the retrieval step's Triton attention against the reference.
 2. ``attention_bench``: ``benchmarks/attention_gpu.py`` at 4k-32k tokens (its correctness check first),
    Triton landmark attention against SDPA FlashAttention, bfloat16 and float16.
 3. ``train_small``: ``landmark train configs/small-landmark.toml`` and ``configs/small-full.toml``,
@@ -18,7 +19,7 @@ next one runs), within a total budget (560 s on a GPU):
    end (the path that once failed under a GPU machine's transformers: it needs no SmolLM2
    weights to be carried), and the seconds to read 16k tokens on the GPU: the reference (row groups of
    64 rows and whole chunks), the fixed graph of tensor operations (eager and, on the GPU, compiled),
-   the model's own full attention.
+   the graph attending through the Triton kernel (on the GPU), the model's own full attention.
 
 Results go to ``<out>/gpu_check.json`` (rewritten after every step, so a killed run keeps what it
 measured), ``<out>/attention_gpu.json`` (the benchmark's own file) and ``<out>/gpu_check.log`` (every
@@ -222,7 +223,8 @@ def step_triton_tests(check: Check, deadline: float) -> dict[str, Any]:
     """The Triton kernel tests: compiled on the GPU (in parallel processes when pytest-xdist is there),
     a selection through the interpreter in smoke mode."""
     report = check.work / "triton-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "tests/test_triton.py", "-m", "triton", "-p", "no:cacheprovider"]
+    tests = ["tests/test_triton.py", "tests/test_triton_retrieval.py"]
+    cmd = [sys.executable, "-m", "pytest", *tests, "-m", "triton", "-p", "no:cacheprovider"]
     cmd += ["--junitxml", str(report)]
     if check.smoke:
         cmd += ["-k", SMOKE_TRITON_TESTS]
@@ -472,9 +474,12 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
     record["whole_chunk_rel_diff"] = float((whole - dev).abs().max()) / max(float(dev.abs().max()), 1e-30)
     # the fixed graph of tensor operations (what kernel "auto" takes on a GPU), eager and compiled (on
     # the GPU only: inductor's C++ code generation takes minutes on a CPU)
-    graphs = (("graph", False), ("graph_compiled", True)) if device == "cuda" else (("graph", False),)
-    for name, compiled in graphs:
-        logits = read(on_device, ids, kernel="graph", compile=compiled)
+    # and the graph attending through the Triton kernel (on the GPU: the interpreter is for the tests)
+    graphs = [("graph", "graph", False)]
+    if device == "cuda":
+        graphs += [("graph_compiled", "graph", True), ("triton", "triton", False)]
+    for name, kernel, compiled in graphs:
+        logits = read(on_device, ids, kernel=kernel, compile=compiled)
         record[f"{name}_rel_diff"] = float((logits - cpu).abs().max()) / max(float(cpu.abs().max()), 1e-30)
     write_json(result, record)
     evaluation = result.parent / "hf-reading-eval"
@@ -496,7 +501,10 @@ def reading_child(folder: Path, result: Path, smoke: bool) -> int:
         "read_seconds_whole_chunk": lambda ids: read(on_device, ids, row_group=DEFAULT_CHUNK_LEN),
         "read_seconds_graph": lambda ids: read(on_device, ids, kernel="graph"),
         **(
-            {"read_seconds_graph_compiled": lambda ids: read(on_device, ids, kernel="graph", compile=True)}
+            {
+                "read_seconds_graph_compiled": lambda ids: read(on_device, ids, kernel="graph", compile=True),
+                "read_seconds_triton": lambda ids: read(on_device, ids, kernel="triton"),
+            }
             if device == "cuda"
             else {}
         ),
@@ -623,7 +631,8 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         reads = ", ".join(
             f"{n} tok {t:.1f} s (whole chunks {r['read_seconds_whole_chunk'][n]:.1f} s, graph "
             f"{r['read_seconds_graph'][n]:.1f} s, compiled "
-            f"{r.get('read_seconds_graph_compiled', {}).get(n, float('nan')):.2f} s, "
+            f"{r.get('read_seconds_graph_compiled', {}).get(n, float('nan')):.2f} s, triton "
+            f"{r.get('read_seconds_triton', {}).get(n, float('nan')):.2f} s, "
             f"full attention {r['full_read_seconds'][n]:.2f} s)"
             for n, t in r["read_seconds"].items()
         )

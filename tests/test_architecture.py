@@ -16,6 +16,7 @@ PACKAGE = REPO / "landmark"
 # optional dependencies are imported through landmark.optional.require, without an import statement.
 LAZY_IMPORTS = {
     ("landmark.ops.attention", "landmark.ops.triton"): "imports triton (the gpu extra)",
+    ("landmark.inference.graph", "landmark.inference.triton_retrieval"): "imports triton (the gpu extra)",
     ("landmark.hf", "landmark.hf.retrieval"): "imports transformers at the top (the hf extra)",
     ("landmark.hf.generate", "landmark.hf.retrieval"): "imports transformers at the top (the hf extra)",
     ("landmark.eval.ruler", "landmark.eval.harness"): "imports lm_eval at the top (the lmeval extra)",

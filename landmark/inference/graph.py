@@ -52,6 +52,7 @@ from landmark.inference.retrieval import (
     _landmark_scores_at_slots,
     _top_k_recent_first,
 )
+from landmark.inference.step import Selection
 
 RECOMPILE_LIMIT = 64  # graphs compiled for layer_step at most (compiled_layer_step)
 
@@ -68,6 +69,7 @@ class GraphConfig:
     # the complete blocks of the step: "none" complete, "store": written into the memory by the step,
     # "return": handed back to be written where the block contents live (another device)
     blocks: str = "store"
+    fused: bool = False  # attend through the Triton kernel (landmark.inference.triton_retrieval)
 
 
 class HostStep(NamedTuple):
@@ -136,7 +138,8 @@ def graph_step(
     tail_index = [[min(n // bs * bs + j, width - 1) for j in range(bs)] for n in local_len]
     claims, writes = _claims(host, local_len, bs, len(host.count) * (width // bs))
     blocks = "none" if not writes[0] else "store" if memory.storage_device == memory.device else "return"
-    config = GraphConfig(k, bs, retrieval.granularity, retrieval.row_group, scale, blocks)
+    fused = retrieval.kernel == "triton" and memory.storage_device == memory.device
+    config = GraphConfig(k, bs, retrieval.granularity, retrieval.row_group, scale, blocks, fused)
     plan = plan_graph_step(host, config, width, q.shape[-1], rope_base)._replace(
         local_index=torch.tensor(local_index),
         tail_index=torch.tensor(tail_index),
@@ -342,12 +345,23 @@ def graph_attention(
     scores = _scan_scores(q_lm, memory.landmark_keys, plan)
     selected = _top_k(_pick(scores, plan, config), config.k)
     chosen = torch.where(plan.selection_valid, selected, 0)
+    local, groups = (local_scores, lv), (plan.current, plan.earlier)
+    if config.fused:  # the selected blocks read where they are stored, in one kernel
+        selection = Selection(chosen, plan.selection_valid, plan.recent_from, plan.start)
+        out = _triton().attend_selected(q_att, selection, memory.blocks, local, groups)
+        return out, torch.where(plan.selection_valid, selected, -1)
     blocks = gather_blocks(memory.blocks, _physical(chosen, plan, memory.blocks.keys), q.dtype)
     if memory.blocks.keys.device != q.device:  # block contents kept in another device's memory
         blocks = tuple(t.to(q.device) for t in blocks)
-    local = (local_scores, lv)
-    out = _decode_attend(q_att, chosen, plan.recent_from, blocks, local, (plan.current, plan.earlier))
+    out = _decode_attend(q_att, chosen, plan.recent_from, blocks, local, groups)
     return out, torch.where(plan.selection_valid, selected, -1)
+
+
+def _triton():
+    """``landmark.inference.triton_retrieval`` (it imports triton: the gpu extra)."""
+    from landmark.inference import triton_retrieval
+
+    return triton_retrieval
 
 
 def _scan_scores(q_lm: Tensor, scan: Tensor, plan: GraphPlan) -> Tensor:

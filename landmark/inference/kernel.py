@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from landmark.inference.memory import BlockMemory
     from landmark.inference.step import LayerInputs, Step
 
-KERNELS = ("auto", "cpp", "graph", "torch")
+KERNELS = ("auto", "cpp", "graph", "torch", "triton")
 _SOURCE = Path(__file__).with_name("csrc") / "retrieval.cpp"
 _VERSION = 3  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
 

@@ -70,7 +70,8 @@ def add_retrieval_arguments(
         choices=KERNELS,
         default=_DEFAULT.kernel,
         help="auto: the fused C++ kernel for CPU float32 steps, the fixed graph (graph) on a GPU; cpp: the "
-        "kernel always; graph: the fixed graph of tensor operations; torch: the eager reference",
+        "kernel always; graph: the fixed graph of tensor operations; triton: the graph attending through "
+        "one Triton kernel (GPU); torch: the eager reference",
     )
     g.add_argument(
         "--block-dtype",

@@ -62,6 +62,7 @@ How a call is organised:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ class RetrievalConfig:
     approx_min_blocks: int = DEFAULT_APPROX_MIN_BLOCKS
     compile: bool = False  # decode steps through torch.compile'd stages (measured slower on CPU)
     # "auto": the fused C++ kernel for CPU float32 steps, the fixed graph (landmark.inference.graph) on
-    # other devices, else the reference | "cpp" | "graph" | "torch" (the reference)
+    # other devices, else the reference | "cpp" | "graph" | "torch" (the reference) | "triton": the
+    # fixed graph attending through one Triton kernel (landmark.inference.triton_retrieval; a GPU, or
+    # the CPU through the Triton interpreter)
     kernel: str = "auto"
     # how the block memory stores block contents: "model" (the keys' dtype) | "float32" | "float16" |
     # "bfloat16" | "int8" (a float32 scale per block, kv head and keys|values); landmark keys stay as
@@ -136,15 +139,17 @@ class RetrievalConfig:
             raise ValueError(f"block_dtype must be one of {tuple(BLOCK_DTYPES)}; got {self.block_dtype!r}")
         if self.block_folder is not None and not isinstance(self.block_folder, str | os.PathLike):
             raise ValueError(f"block_folder must be a folder path or None; got {self.block_folder!r}")
-        if self.kernel == "graph" and self.search != "exact":
+        if self.kernel in ("graph", "triton") and self.search != "exact":
             raise ValueError(
-                f'kernel="graph" scans every landmark: search must be "exact"; got {self.search!r}'
+                f'kernel="{self.kernel}" scans every landmark: search must be "exact"; got {self.search!r}'
             )
+        if self.kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError('kernel="triton" needs triton: pip install "landmark-attention[gpu]"')
 
     def kernel_for(self, dtype: torch.dtype, device: torch.device, memory: BlockMemory | None):
         """The compiled C++ kernel if a step with queries of ``dtype`` on ``device`` over ``memory``
         takes it, else None (see ``landmark.inference.kernel``)."""
-        if self.kernel in ("torch", "graph"):
+        if self.kernel in ("torch", "graph", "triton"):
             return None
         if not kernel.kernel_applies(dtype, device, memory, self.compile):
             return None
@@ -153,7 +158,7 @@ class RetrievalConfig:
     def takes_graph(self, dtype: torch.dtype, device: torch.device, memory: BlockMemory | None) -> bool:
         """Whether a step with queries of ``dtype`` on ``device`` takes the fixed graph of tensor
         operations (``landmark.inference.graph``): asked for, or ``"auto"`` off the CPU (exact search)."""
-        if self.kernel == "graph":
+        if self.kernel in ("graph", "triton"):
             return True
         return self.kernel == "auto" and self.search == "exact" and torch.device(device).type != "cpu"
 

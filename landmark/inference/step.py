@@ -5,7 +5,7 @@ objects instead of their fields one by one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
@@ -69,3 +69,13 @@ class LayerInputs:
     def rows(self, r0: int, r1: int) -> LayerInputs:
         """The same inputs for query rows r0..r1-1 (the local context stays whole)."""
         return replace(self, q=self.q[:, :, r0:r1])
+
+
+class Selection(NamedTuple):
+    """Which blocks each (batch row, head, query row) attends to, in logical order (the fixed graph's
+    selection, as the Triton attention kernel reads it)."""
+
+    blocks: Tensor  # (B, H, C, K) logical block indices, ascending (any value where not valid)
+    valid: Tensor  # (B, 1, C, K) bool: a real selection (rank < blocks held, on a real query row)
+    recent_from: Tensor  # (B, 1, 1, 1) first logical index among the most recent blocks (one slot right)
+    start: Tensor | None  # (B, 1, 1) ring-buffer starts (None: no row has wrapped)
