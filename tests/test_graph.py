@@ -71,11 +71,16 @@ def assert_same_selections(reference_stats, graph_stats):
         assert bool((ours[..., ref.shape[-1] :] == -1).all())
 
 
+TRITON = pytest.param("triton", marks=[pytest.mark.slow, pytest.mark.triton])  # the interpreter: slow
+
+
+@pytest.mark.parametrize("kernel", ["graph", TRITON])
 @pytest.mark.parametrize("granularity", ["token_head", "token", "head"])
 @pytest.mark.parametrize("max_blocks", [None, 5], ids=["unlimited", "ring"])
-def test_graph_equals_the_reference_float64(granularity, max_blocks):
+def test_graph_equals_the_reference_float64(granularity, max_blocks, kernel):
+    """(``kernel="triton"``: the graph's selection, the Triton attention; tests/test_triton_retrieval.py)"""
     kw = dict(granularity=granularity, max_blocks=max_blocks)
-    ref, ours = read("torch", STEPS, **kw), read("graph", STEPS, **kw)
+    ref, ours = read("torch", STEPS, **kw), read(kernel, STEPS, **kw)
     assert_same_stream(ref, ours, 1e-12)
     assert_same_selections(ref[1].stats, ours[1].stats)
     if max_blocks:
