@@ -253,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a file that cannot be read or written (permissions, a full disk): one line
         print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every output is written atomically, so nothing half-written is left
+        trains = args.command == "train" or getattr(args, "hf_command", None) == "finetune"
+        hint = " (--resume continues from the last checkpoint)" if trains else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -278,3 +278,15 @@ def test_lm_eval_command_line_runs_the_landmark_model(folders, tmp_path):
     (result,) = out.rglob("results_*.json")
     report = json.loads(result.read_text())
     assert report["config"]["model"] == "landmark" and "1024,none" in report["results"]["niah_single_1"]
+
+
+def test_lm_eval_errors_are_one_line(tmp_path, capsys):
+    """A --model_args value lm_eval hands to the landmark model, or a task it does not know: one line,
+    exit 2 (lm_eval's own command line ended in a traceback)."""
+    args = ["eval", "lm-eval", "--model", "landmark", "--model_args", f"pretrained={tmp_path / 'missing'}",
+            "--tasks", "niah_single_1", "--limit", "1", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err  # (lm_eval logs its own warnings before)
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error")] == [err.strip().splitlines()[-1]]
+    assert err.strip().splitlines()[-1].startswith("error: lm_eval: --model landmark") and "missing" in err

@@ -526,3 +526,22 @@ def test_an_evaluation_with_a_k_above_the_blocks_of_its_lengths_says_so(env, cap
     argv = _fill([*PPL, "--k", "1000000000"], env)
     assert main(argv) == 0
     assert "note: --k 1000000000 is above the" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(env, capsys, monkeypatch):
+    """Ctrl-C during any command: "interrupted" (with how to resume, for training), exit 130, no
+    traceback; outputs are written atomically, so nothing half-written stays."""
+    from landmark.inference import cli as inference_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference_cli, "generate", interrupted)
+    assert main(_fill([*GENERATE, "--temperature", "0"], env)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    import landmark.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "load_config", lambda *a: None)
+    monkeypatch.setattr(cli_module, "train", interrupted)
+    assert main(["train", "any.toml"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (--resume continues from the last checkpoint)"

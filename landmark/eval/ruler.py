@@ -363,7 +363,12 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return _harness().main(args.lm_eval_args)
+    try:
+        return _harness().main(args.lm_eval_args)
+    except (ValueError, FileNotFoundError) as err:  # a bad --model_args value, an unknown task: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: lm_eval: {first}", file=sys.stderr)
+        return 2
 
 
 def add_ruler_parsers(ev: argparse._SubParsersAction) -> None:
