@@ -20,6 +20,7 @@ import torch
 from landmark import __version__, landmark_attention, landmark_weights
 from landmark.checkpoint import CheckpointError
 from landmark.data import CorpusError, bundled_books, prepare_data
+from landmark.data.dataset import check_prepared_folder
 from landmark.eval.cli import add_eval_parser
 from landmark.files import is_within, os_error_line, path_problem
 from landmark.hf.cli import add_hf_parser
@@ -138,6 +139,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Train/load the tokenizer and tokenise a corpus into cached token arrays; print where."""
 
     names = {"vocab_size": "--vocab-size", "gpt2_dir": "--gpt2-dir"}
+    if args.gpt2_dir is not None and args.tokenizer != "gpt2":
+        raise ConfigError(f"--gpt2-dir goes with --tokenizer gpt2; got --tokenizer {args.tokenizer}")
     check_tokenizer_options(args.tokenizer, args.vocab_size, args.gpt2_dir or "", names)
     if args.out is not None:
         problem = path_problem(Path(args.out), folder=True, writable=True)
@@ -149,6 +152,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--out {args.out} is inside --corpus {args.corpus}: give the arrays their own folder"
             )
+        try:
+            check_prepared_folder(Path(args.out))
+        except CorpusError as err:
+            raise ConfigError(f"--out {err}") from None
     corpus = bundled_books() if args.corpus == "bundled" else args.corpus
     data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
     print(f"prepared data in {data.folder}")

@@ -56,6 +56,8 @@ from landmark.checkpoint import (
     save_checkpoint,
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
+from landmark.data.corpus import CorpusError
+from landmark.data.dataset import check_prepared_folder
 from landmark.data.passkey import BookHaystack, PasskeyMixSampler
 from landmark.files import FolderInUseError, RunLock, os_error_text, write_json_atomic, write_text_atomic
 from landmark.model import GPT, ModelConfig
@@ -201,6 +203,11 @@ def _agree(d: _Dist, fn: Callable[[], T]) -> T:
 def _prepare(cfg: RunConfig, progress: bool) -> PreparedData:
     dc = cfg.data
     corpus = bundled_books() if dc.corpus == "bundled" else Path(dc.corpus)
+    if dc.prepared_dir:
+        try:
+            check_prepared_folder(Path(dc.prepared_dir))
+        except CorpusError as err:
+            raise ConfigError(f"data.prepared_dir: {err}") from None
     return prepare_data(
         corpus,
         folder=dc.prepared_dir or None,
@@ -393,6 +400,7 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
     lock = RunLock(Path(cfg.train.out_dir))
     run = None
     try:
+        _agree(d, lambda: _check_resume_data(cfg, resume))  # before the data folder is touched
         # Process 0 prepares the data (trains the tokenizer, tokenises) while the others wait.
         prepared = _agree(
             d, lambda: _prepare(cfg, progress=d.main and cfg.train.progress) if d.main else None
@@ -461,6 +469,36 @@ def _mix_sampler(cfg: RunConfig, base: WindowSampler, tok: Any, rank: int) -> Pa
         raise ConfigError(f"data.passkey_*, data.repeat_fraction: {err}") from None
 
 
+RESUME_DATA_KEYS = ("tokenizer", "corpus")  # data settings a resumed run keeps (vocab_size: a BPE's)
+
+
+def _check_resume_data(cfg: RunConfig, resume: bool) -> None:
+    """Resuming with other data settings (tokenizer, corpus, BPE vocabulary) is refused before any data
+    is prepared: preparing first would rewrite a shared ``data.prepared_dir`` for a run that then stops."""
+    latest = latest_checkpoint(Path(cfg.train.out_dir)) if resume else None
+    saved = open_checkpoint(latest).config.get("data") if latest is not None else None
+    if not isinstance(saved, dict):  # nothing to resume, or a damaged config (refused by _resume_checks)
+        return
+    keys = [*RESUME_DATA_KEYS, *(("vocab_size",) if cfg.data.tokenizer == "bpe" else ())]
+    for key in keys:
+        if key in saved and saved[key] != getattr(cfg.data, key):
+            raise ConfigError(
+                f"cannot resume {latest}: it was trained with data.{key} = {saved[key]!r}, not "
+                f"{getattr(cfg.data, key)!r}: use the run's [data] settings"
+            )
+
+
+def _foreign_run_files(out_dir: Path) -> list[str]:
+    """config.json and metrics.jsonl in ``out_dir`` that a run of this library did not write (a run's
+    config.json holds its model, data and train settings; metrics.jsonl comes after it)."""
+    try:
+        config = json.loads((out_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+        ours = isinstance(config, dict) and {"model", "data", "train"} <= config.keys()
+    except (OSError, ValueError):  # missing, unreadable or not JSON
+        ours = False
+    return [] if ours else [name for name in (RUN_CONFIG_FILE, METRICS_FILE) if (out_dir / name).exists()]
+
+
 def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | None:
     """The checkpoint to resume from (None: start afresh). Refuses to overwrite a run without
     ``resume``, and to resume a checkpoint of another model or tokenizer."""
@@ -469,6 +507,12 @@ def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | Non
         raise ConfigError(
             f"train.out_dir {out_dir} holds a model ({held[0]}): it is a checkpoint or model folder, not a "
             "run folder; choose another train.out_dir"
+        )
+    foreign = _foreign_run_files(out_dir)
+    if foreign:
+        raise ConfigError(
+            f"train.out_dir {out_dir} holds {' and '.join(foreign)} that no run of this library wrote: "
+            "choose another train.out_dir (a run writes these two files)"
         )
     latest = latest_checkpoint(out_dir)
     if latest is not None and not resume:

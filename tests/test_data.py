@@ -475,3 +475,18 @@ def test_split_is_stratified_by_family_and_length(tmp_path):
     val = [d.name for d in split_documents(sorted(docs, key=lambda d: d.name), 0.05)["validation"]]
     # play: n=40, m=2 -> ranks 1, 20 (play_38, play_19); speeches: m=1 -> rank 1; pool: novel.
     assert val == ["novel.txt", "play_19.txt", "play_38.txt", "speeches/s18.txt"]
+
+
+def test_two_tokenizers_of_one_kind_never_share_a_prepared_folder(tmp_path, monkeypatch):
+    """The default folder of data prepared with a given Tokenizer is keyed by that tokenizer: preparing a
+    corpus for a second model with another tokenizer once rewrote the first one's arrays in place."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
+    corpus = make_folder(tmp_path / "c", 3)
+    sample = ["the sea and the ship and the whale at night " * 40]
+    first, second = Tokenizer.train(sample, 300), Tokenizer.train([t[::-1] for t in sample], 300)
+    assert first.fingerprint != second.fingerprint
+    a = prepare_data(corpus, tokenizer=first, progress=False)
+    b = prepare_data(corpus, tokenizer=second, progress=False)
+    assert a.folder != b.folder
+    assert Tokenizer.load(a.folder).fingerprint == first.fingerprint
+    assert Tokenizer.load(b.folder).fingerprint == second.fingerprint

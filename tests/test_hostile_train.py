@@ -542,3 +542,53 @@ def test_torchrun_against_a_held_folder_stops_every_process(env, finished, tmp_p
     assert "another process stopped the run" in errors[0] + errors[1]  # process 1 heard of it
     assert not re.search(r'File "[^"]*/landmark/[^"]*"', proc.stderr)  # torchrun's own report aside
     assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------ outputs never destroy inputs
+
+
+def test_training_into_a_folder_of_someone_elses_files_is_refused(env, tmp_path, capsys):
+    """A train.out_dir holding a config.json and a metrics.jsonl that no run wrote (they were
+    overwritten): refused, nothing changed."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "metrics.jsonl").write_text("notes\n")
+    before = snapshot(out)
+    rc = main(args_for(env, out, "train.max_steps=1"))
+    one_error_line(
+        rc, capsys.readouterr().err, "config.json and metrics.jsonl that no run of this library wrote"
+    )
+    assert snapshot(out) == before
+
+
+def test_data_prepared_into_a_checkpoint_folder_is_refused(env, finished, tmp_path, capsys):
+    """data.prepared_dir (or `landmark prepare --out`) naming a checkpoint: refused before its
+    tokenizer.json is replaced by a new one (the checkpoint could no longer be loaded)."""
+    ckpt = copy_run(latest_checkpoint(finished), tmp_path)
+    before = snapshot(ckpt)
+    rc = main(args_for(env, tmp_path / "r", f"data.prepared_dir={json.dumps(str(ckpt))}"))
+    one_error_line(rc, capsys.readouterr().err, "data.prepared_dir:", "holds config.json, model.safetensors")
+    rc = main(["prepare", "--corpus", str(env["corpus"]), "--vocab-size", "300", "--out", str(ckpt)])
+    one_error_line(rc, capsys.readouterr().err, "--out ", "not prepared data")
+    assert snapshot(ckpt) == before
+
+
+def test_resuming_with_another_vocabulary_is_refused_before_the_data_is_prepared(
+    env, finished, tmp_path, capsys
+):
+    """--resume with data.vocab_size changed: refused before the shared prepared folder is rewritten
+    with a new BPE (it was, and then the resume was refused)."""
+    run = copy_run(finished, tmp_path)
+    before = snapshot(env["prepared"])
+    rc = main(args_for(env, run, "data.vocab_size=600", "train.max_steps=4", resume=True))
+    one_error_line(rc, capsys.readouterr().err, "cannot resume", "data.vocab_size = 512, not 600")
+    assert snapshot(env["prepared"]) == before
+
+
+def test_prepare_refuses_gpt2_dir_with_a_bpe(env, tmp_path, capsys):
+    rc = main(
+        ["prepare", "--corpus", str(env["corpus"]), "--gpt2-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    one_error_line(rc, capsys.readouterr().err, "--gpt2-dir goes with --tokenizer gpt2")
+    assert not (tmp_path / "o").exists()

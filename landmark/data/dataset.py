@@ -242,8 +242,32 @@ def _has_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
 def default_prepared_folder(corpus: Corpus, tokenizer: str | Tokenizer, vocab_size: int) -> Path:
     """``<cache>/prepared/<corpus folder name>-<hash of its path>-<tokenizer>``."""
     where = hashlib.sha256(str(corpus.root.resolve()).encode()).hexdigest()[:8]
-    kind = f"bpe{vocab_size}" if tokenizer == "bpe" else "gpt2" if tokenizer == "gpt2" else "custom"
+    if isinstance(tokenizer, Tokenizer):  # keyed by the tokenizer itself: two custom ones never share
+        kind = f"custom-{tokenizer.fingerprint[:12]}"
+    else:
+        kind = f"bpe{vocab_size}" if tokenizer == "bpe" else "gpt2"
     return cache_root() / "prepared" / f"{corpus.root.name}-{where}-{kind}"
+
+
+PREPARED_FILES = ("tokenizer.json", "tokenizer.source.json")  # besides <split>.bin and <split>.json
+
+
+def check_prepared_folder(folder: Path) -> None:
+    """``folder`` may receive prepared data: it does not exist, or holds nothing but prepared data (a
+    tokenizer and token arrays); a model's or a checkpoint's folder, or any other file, is a CorpusError
+    naming what it holds (preparing there would replace its tokenizer.json)."""
+    if not folder.is_dir():
+        return
+    ours = re.compile(r"(tokenizer(\.source)?\.json|[^/]+\.(bin|json)|\.[^/]+\.tmp\d+)")
+    foreign = sorted(p.name for p in folder.iterdir() if not ours.fullmatch(p.name) or p.is_dir())
+    arrays = {p.stem for p in folder.glob("*.bin")}
+    meta = [p.name for p in folder.glob("*.json") if p.name not in PREPARED_FILES and p.stem not in arrays]
+    foreign = sorted(foreign + meta)
+    if foreign:
+        raise CorpusError(
+            f"{folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, not prepared data "
+            "(a tokenizer and token arrays): choose an empty or new folder"
+        )
 
 
 def prepare_data(
@@ -272,6 +296,7 @@ def prepare_data(
     if not isinstance(corpus, Corpus):
         corpus = read_corpus(corpus if corpus is not None else bundled_books())
     folder = Path(folder) if folder is not None else default_prepared_folder(corpus, tokenizer, vocab_size)
+    check_prepared_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer == "bpe":
         tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
