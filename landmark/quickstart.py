@@ -35,12 +35,13 @@ from pathlib import Path
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.data import load_split, prepare_data
-from landmark.eval.common import CellCache, GPTUnderTest, check_lengths
+from landmark.eval.common import CellCache, GPTUnderTest, check_lengths, check_out_apart
 from landmark.eval.models import load_hf
 from landmark.eval.passkey import (
     PasskeyGrid,
     PasskeyTask,
     check_passkey_cells,
+    check_prompt_memory,
     evaluate_passkey,
     passkey_table,
     plot_passkey,
@@ -67,6 +68,7 @@ BASE_LENGTHS = [16384]  # the base model's (about 3 minutes of one core per tria
 DEPTHS = [0.5]  # passkey depths of the report
 # the paper's prompt, and a wording family no training mix has seen (landmark.data.wordings)
 WORDINGS = ["paper", "held-out"]
+TRAIN_MINUTES = 12.0  # the budget of --train
 MIN_PASSKEY_LENGTH = 256  # below this no passkey prompt fits (checked exactly once the model is loaded)
 SEED = 0  # passkey keys
 
@@ -117,6 +119,35 @@ def _check_options(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the report")
+    _check_conflicts(args)
+    for option, lengths in (
+        ("--passkey-lengths", args.passkey_lengths),
+        ("--base-lengths", args.base_lengths),
+    ):
+        check_prompt_memory(lengths, option)
+    inputs = [(args.checkpoint, "--checkpoint"), (args.base, "--base")]
+    inputs += [] if args.no_hf else [(args.hf_model, "--hf-model")]
+    check_out_apart(out, [(folder, option) for folder, option in inputs if folder])
+
+
+def _check_conflicts(args: argparse.Namespace) -> None:
+    """Options that another option makes meaningless: the SmolLM2 options with ``--no-hf``,
+    ``--train-minutes`` when no model is trained here."""
+    trains = not args.checkpoint and (args.train or not SHIPPED.is_dir())  # a model trained on the spot
+    if args.train_minutes != TRAIN_MINUTES and not trains:
+        raise ValueError("--train-minutes is the budget of --train: give --train too, or leave it out")
+    if not args.no_hf:
+        return
+    given = {
+        "--hf-model": args.hf_model != str(SMOLLM2),
+        "--base": args.base is not None,
+        "--passkey-lengths": args.passkey_lengths != HF_LENGTHS,
+        "--base-lengths": args.base_lengths != BASE_LENGTHS,
+        "--wordings": args.wordings != WORDINGS,
+    }
+    dead = [option for option, was_given in given.items() if was_given]
+    if dead:
+        raise ValueError(f"{', '.join(dead)}: options of the SmolLM2 evaluation, which --no-hf skips")
 
 
 def _check_recipe(args: argparse.Namespace) -> None:
@@ -175,7 +206,7 @@ def _load_hf(args: argparse.Namespace):
             raise ValueError(f"--hf-model {args.hf_model} is not a delta folder: give its base with --base")
         base = str(resolve_base(read_meta(Path(args.hf_model)), None))
     # the base model's tokenizer is the landmark model's, the landmark aside: the same prompts
-    for wording in args.wordings:
+    for wording in args.wordings if args.base_lengths else ():  # (no length: the base is skipped)
         task = PasskeyTask(wording=wording)
         check_passkey_cells([m], args.base_lengths, args.depths, args.trials, SEED, "--base-lengths", task)
     return m, base
@@ -366,7 +397,12 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train", action="store_true", help="train a model on the spot instead of the shipped one"
     )
-    p.add_argument("--train-minutes", type=float, default=12.0, help="time budget of --train (default 12)")
+    p.add_argument(
+        "--train-minutes",
+        type=float,
+        default=TRAIN_MINUTES,
+        help=f"time budget of --train (default {TRAIN_MINUTES:g})",
+    )
     p.add_argument("--ppl-lengths", type=int, nargs=2, default=[512, 4096], metavar="N")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens evaluated per length (default 8192)")
     p.add_argument("--hf-model", default=str(SMOLLM2), help="the SmolLM2 landmark model (default: shipped)")
@@ -386,7 +422,7 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
         nargs="*",
         default=BASE_LENGTHS,
         metavar="N",
-        help="passkey lengths of the base model (default 16384; none: skip it)",
+        help="passkey lengths of the base model (default 16384; the option with no value: skip it)",
     )
     p.add_argument("--depths", type=float, nargs="+", default=DEPTHS, help="key depths (default 0.5)")
     p.add_argument(

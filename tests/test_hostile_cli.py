@@ -229,6 +229,8 @@ EVAL_CASES = [
     ([*PPL, "--model", "other={lm_other_tok}"], "--model"),  # two tokenizers
     ([*PPL[:4], "--data", "{other_data}", "--out", "{out}"], "--data"),  # data of another tokenizer
     ([*PPL[:6], "--out", "{file}"], "--out"),
+    ([*PPL[:6], "--out", "{lm}/results"], "/results is inside --model "),
+    ([*PPL[:6], "--out", "{data}"], "is inside --data "),
     ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
     # memory that certainly cannot fit (a MemoryError from numpy before)
     ([*PASSKEY, "--trials", "1000000000000"], "--trials 1000000000000: holding the keys"),
@@ -360,6 +362,15 @@ QUICKSTART_CASES = [
     (["quickstart", "--out", "{file}", "--no-hf"], "--out"),
     (["quickstart", "--out", "{out}", "--ppl-lengths", "1", "1", "--no-hf"], "--ppl-lengths"),  # shipped
     (["quickstart", "--out", "{out}", "--trials", "0", "--no-hf"], "--trials"),
+    # options another option makes meaningless; outputs among the inputs; memory checked before loading
+    ([*QUICK, "--train-minutes", "5"], "--train-minutes is the budget of --train"),
+    ([*QUICK, "--base-lengths", "16384", "32768"], "--base-lengths: options of the SmolLM2 evaluation"),
+    ([*QUICK, "--hf-model", "{lm}"], "--hf-model: options of the SmolLM2 evaluation, which --no-hf skips"),
+    ([*QUICK[:4], "--out", "{lm}/report", *QUICK[6:]], "/report is inside --checkpoint "),
+    (
+        ["quickstart", "--out", "{out}", "--passkey-lengths", "1000000000000"],
+        "--passkey-lengths 1000000000000",
+    ),
 ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from landmark.eval.models import (
+    HF_PREFIX,
     RETRIEVAL_KINDS,
     GPTUnderTest,
     HFUnderTest,
@@ -17,7 +18,7 @@ from landmark.eval.models import (
     load_models,
     parse_model_arg,
 )
-from landmark.files import write_json_atomic, write_text_atomic  # noqa: F401 - the evaluations' writers
+from landmark.files import is_within, write_json_atomic, write_text_atomic  # noqa: F401 - the writers
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
 
@@ -101,3 +102,24 @@ def check_common_arguments(args: Any) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
+    check_out_apart(out, input_folders(args))
+
+
+def input_folders(args: Any) -> list[tuple[str, str]]:
+    """(folder, option) of what an evaluation reads: its models (``--model NAME=PATH`` or
+    ``NAME=hf:FOLDER``), ``--base``, ``--data`` and ``--corpus`` (the bundled books aside)."""
+    specs = getattr(args, "model", None) or []
+    found = [(spec.split("=", 1)[-1].removeprefix(HF_PREFIX), "--model") for spec in specs]
+    for name in ("base", "data", "corpus"):
+        value = getattr(args, name, None)
+        if value and value != "bundled":
+            found.append((str(value).removeprefix(HF_PREFIX), f"--{name}"))
+    return found
+
+
+def check_out_apart(out: Path, inputs: list[tuple[str, str]]) -> None:
+    """``--out`` (``out``) is neither one of the folders the command reads nor inside one: its results
+    and cached cells would land among a model's or a corpus's files."""
+    for folder, option in inputs:
+        if Path(folder).is_dir() and is_within(out, folder):
+            raise ValueError(f"--out {out} is inside {option} {folder}: give the results their own folder")

@@ -262,6 +262,13 @@ def score_trials(
     return [KINDS[t.kind].correct(x, t.key) for t, x in zip(trials, texts)], answers
 
 
+def check_prompt_memory(lengths: list[int], option: str = "--lengths") -> None:
+    """A length whose prompt's token ids alone (8 bytes a token) certainly cannot fit in this machine's
+    memory is a ResourceError (a ValueError) naming ``option``: checkable before any model is loaded."""
+    for n in lengths:
+        check_fits(n * INT64, f"{option} {n}", "a prompt of that many tokens (its token ids alone)", "cpu")
+
+
 def check_passkey_cells(
     models: list[ModelUnderTest],
     lengths: list[int],
@@ -292,8 +299,7 @@ def check_passkey_cells(
         f"holding the keys of {cells} cells (8 bytes a trial)",
         "cpu",
     )
-    for n in lengths:  # a prompt's token ids alone: 8 bytes a token
-        check_fits(n * INT64, f"{option} {n}", "a prompt of that many tokens (its token ids alone)", "cpu")
+    check_prompt_memory(lengths, option)
     for m in models:
         prompts = PasskeyPrompts(m.encoder)
         for n in lengths:
