@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -431,6 +432,8 @@ def _setup(
     if d.main and out_dir.is_dir():
         _hold(lock)  # before its checkpoints are read: a run still writing them makes us refuse
     checkpoint = _resume_checks(out_dir, resume, data)
+    if resume and checkpoint is None and d.main:  # (documented: a restart script may always pass --resume)
+        print(f"note: --resume: {out_dir} holds no checkpoint yet: a new run starts", file=sys.stderr)
     if checkpoint is not None and cfg.train.max_steps < checkpoint.step:
         raise ConfigError(
             f"train.max_steps ({cfg.train.max_steps}) is below the step of the checkpoint to resume "

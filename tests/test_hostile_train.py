@@ -592,3 +592,11 @@ def test_prepare_refuses_gpt2_dir_with_a_bpe(env, tmp_path, capsys):
     )
     one_error_line(rc, capsys.readouterr().err, "--gpt2-dir goes with --tokenizer gpt2")
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_nothing_to_resume_says_a_new_run_starts(env, tmp_path, capsys):
+    """--resume on a folder without checkpoints starts a new run (a restart script may always pass it),
+    and says so."""
+    assert main(args_for(env, tmp_path / "new", "train.max_steps=1", resume=True)) == 0
+    err = capsys.readouterr().err
+    assert "note: --resume:" in err and "holds no checkpoint yet: a new run starts" in err
