@@ -252,7 +252,7 @@ def test_eval_ppl_hf_refuses_prepared_data(folders, tmp_path, cache_dir, capsys)
         "--data",
         str(tmp_path),
         "--out",
-        str(tmp_path / "o"),
+        str(tmp_path.with_name(f"{tmp_path.name}-out")),  # (not inside --data: refused first)
     ]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: --data is a folder prepared for this library's")

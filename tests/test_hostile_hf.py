@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 pytest.importorskip("transformers")
 
-from hf_helpers import converted, write_tiny
+from hf_helpers import converted, make_model, make_tokenizer, write_tiny
 
 import landmark.hf as lhf
 from landmark import resources
@@ -546,3 +546,234 @@ def test_finetune_resume_with_nothing_to_resume_is_refused_at_once(tiny, home, c
         refused(argv, capsys, f"--resume: no interrupted fine-tune to continue for --out {out}", home)
         assert not (home / "cache").exists()
     assert not (home / "nothing").exists() and list(empty.iterdir()) == []
+
+
+# ---- a probe round: refusals read from the files, before anything is loaded or written -----------------
+
+SHIPPED_DELTA = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-landmark"
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory) -> Path:
+    """A saved landmark model (block size 8) converted from the weights of ``tiny``'s model."""
+    model, tok = converted()
+    folder = tmp_path_factory.mktemp("lm") / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> Path:
+    """An unconverted tiny Llama of another shape (hidden size 32): the base of no model here."""
+    tok = make_tokenizer()
+    folder = tmp_path_factory.mktemp("other") / "other"
+    make_model(vocab=len(tok), hidden_size=32, intermediate_size=64).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def never(what: str):
+    """A stand-in for a function that must not be reached: it fails the test."""
+    return lambda *args, **kwargs: pytest.fail(f"{what} before the refusal")
+
+
+def test_convert_refuses_a_model_converted_already(lm_folder, home, capsys, monkeypatch):
+    """`hf convert` of a landmark model silently set its block size again (8 -> the default 64): refused
+    from its config.json, before transformers is imported."""
+    monkeypatch.setattr(hf_cli, "require", never("transformers was imported"))
+    argv = ["hf", "convert", "--model", str(lm_folder), "--out", str(home / "out")]
+    line = refused(argv, capsys, f"--model {lm_folder} is already a landmark model", home, lm_folder)
+    assert "landmark_block_size 8" in line and "--block-size" in line
+
+
+def test_convert_checks_the_architecture_before_loading(tiny, home, capsys, monkeypatch):
+    """A GPT-2 config.json (model_type gpt2, GPT2LMHeadModel): refused from the file, not after loading."""
+    path = home / "gpt2"
+    shutil.copytree(tiny[0], path)
+    config = json.loads((path / "config.json").read_text())
+    config |= {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    monkeypatch.setattr(hf_cli, "require", never("transformers was imported"))
+    argv = ["hf", "convert", "--model", str(path), "--out", str(home / "out")]
+    line = refused(argv, capsys, f"--model {path}", home)
+    assert "GPT2LMHeadModel" in line and "LlamaForCausalLM" in line
+
+
+@pytest.mark.parametrize("source", ["--block-size", "the model's"])
+def test_finetune_refuses_windows_shorter_than_two_blocks(tiny, lm_folder, home, capsys, monkeypatch, source):
+    """--max-length 10 with --block-size 16 trained windows without a landmark: a window must hold two
+    blocks (the block size given, else the landmark model's), refused before the model is loaded."""
+    model, corpus = tiny
+    monkeypatch.setattr(finetune_module, "load_for_finetune", never("the model was loaded"))
+    if source == "--block-size":
+        argv = finetune_argv(model, corpus, home / "out", "--steps", "1", "--max-length", "15")
+        says = "--max-length 15 must be at least 2 blocks (16 positions"
+    else:
+        argv = ["hf", "finetune", "--model", str(lm_folder), "--corpus", str(corpus), "--out",
+                str(home / "out"), "--steps", "1", "--max-length", "10", "--batch-size", "1"]  # fmt: skip
+        says = "--max-length 10 must be at least 2 blocks (16 positions"
+    refused(argv, capsys, says, home)
+
+
+IGNORED = [
+    (["--lora-dropout", "0.1"], "--lora-dropout", "--lora-r > 0"),
+    (["--lora-targets", "all"], "--lora-targets", "--lora-r > 0"),
+    (["--lora-targets", "attention"], "--lora-targets", "--lora-r > 0"),  # its default, given: refused too
+    (["--passkey-near-gap", "4"], "--passkey-near-gap", "--passkey-near > 0"),
+    (["--distill-weight", "2"], "--distill-weight", "--distill BASE"),
+    (["--distill-weight", "1"], "--distill-weight", "--distill BASE"),
+]
+
+
+@pytest.mark.parametrize(("extra", "option", "needs"), IGNORED, ids=[" ".join(e) for e, _, _ in IGNORED])
+def test_finetune_refuses_options_that_would_be_ignored(
+    tiny, home, capsys, monkeypatch, extra, option, needs
+):
+    """An option that acts only beside another, given without it, was silently ignored: one line naming
+    both, before the model is loaded."""
+    model, corpus = tiny
+    monkeypatch.setattr(finetune_module, "load_for_finetune", never("the model was loaded"))
+    line = refused(finetune_argv(model, corpus, home / "out", *extra), capsys, f"error: {option} ", home)
+    assert needs in line
+
+
+def test_finetune_config_refuses_settings_that_would_be_ignored(tiny, home):
+    """The Python API: a setting away from its default without the one it needs is a ValueError naming
+    both; with it, accepted."""
+    model, corpus = tiny
+    base = dict(model=str(model), out=str(home / "out"), corpus=str(corpus), block_size=8, max_length=32)
+    for setting, option in (
+        ({"lora_dropout": 0.1}, "--lora-dropout"),
+        ({"lora_targets": "all"}, "--lora-targets"),
+        ({"passkey_near_gap": 4}, "--passkey-near-gap"),
+        ({"distill_weight": 2.0}, "--distill-weight"),
+    ):
+        with pytest.raises(ValueError, match=f"^{option} .* needs "):
+            finetune_module.FinetuneConfig(**base, **setting).check()
+    finetune_module.FinetuneConfig(
+        **base, lora_r=4, lora_dropout=0.1, lora_targets="all", passkey_fraction=0.5, passkey_near=0.5,
+        passkey_near_gap=4, distill=str(model), distill_weight=2.0,
+    ).check()  # fmt: skip
+
+
+K0_IGNORED = [["--max-blocks", "2"], ["--search", "bounded"], ["--block-dtype", "int8"],
+              ["--granularity", "head"], ["--kernel", "torch"], ["--memory-device", "cpu"],
+              ["--block-folder", "blocks"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", K0_IGNORED, ids=[e[0] for e in K0_IGNORED])
+def test_hf_generate_k0_refuses_retrieval_options(
+    lm_folder, landmark_model, home, capsys, monkeypatch, extra
+):
+    """--k 0 reads with the model's own attention over the whole context: a retrieval option away from
+    its default would be ignored; refused naming it, before the model is loaded (and by the Python API)."""
+    monkeypatch.setattr(hf_cli, "load_pretrained", never("the model was loaded"))
+    extra = [*extra[:-1], str(home / extra[-1]) if extra[0] == "--block-folder" else extra[-1]]
+    argv = ["hf", "generate", "--model", str(lm_folder), "--prompt", "hi", "--max-new-tokens", "1",
+            "--k", "0"]  # fmt: skip
+    line = refused([*argv, *extra], capsys, f"{extra[0]} {extra[1]}", home, lm_folder)
+    assert "--k 0" in line
+    from landmark.inference.options import Reading
+
+    model, tok = landmark_model
+    name = extra[0][2:].replace("-", "_")
+    value = int(extra[1]) if name == "max_blocks" else extra[1]
+    with pytest.raises(ValueError, match=f"reading.{name}"):
+        lhf.generate(model, tok, "hi", 1, reading=Reading(k=0, **{name: value}))
+
+
+def test_prepare_smollm2_checks_out_can_be_written_before_converting(home, capsys, monkeypatch):
+    """--out /proc/nope/x failed only after 30 s of conversion: a folder that cannot be created is refused
+    first (root too: /proc takes no new folder)."""
+    monkeypatch.setattr(hf_cli, "prepare_smollm2", never("the conversion began"))
+    (home / "file").write_text("x", encoding="utf-8")
+    outs = [str(home / "file" / "x")] + (["/proc/nope/x"] if Path("/proc/self").exists() else [])
+    for out in outs:
+        line = refused(["hf", "prepare-smollm2", "--no-install", "--out", out], capsys, f"--out {out}", home)
+        assert "cannot be created" in line
+
+
+def fake_run(lm_folder: Path, home: Path, summary: str) -> Path:
+    """A LoRA run folder as far as export-delta's checks look (the model, an adapter's two files), with
+    ``summary`` as its landmark-finetune.json."""
+    run = home / "run"
+    shutil.copytree(lm_folder, run)
+    (run / "lora-adapter").mkdir()
+    (run / "lora-adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (run / "lora-adapter" / "adapter_model.safetensors").write_bytes(b"0")
+    (run / "landmark-finetune.json").write_text(summary, encoding="utf-8")
+    return run
+
+
+def test_export_delta_refuses_a_damaged_run_summary(lm_folder, home, capsys, monkeypatch):
+    """A damaged landmark-finetune.json (where the run's base is recorded) fell back to SmolLM2 and failed
+    on shapes seconds later: refused at once naming the file."""
+    run = fake_run(lm_folder, home, '{"model": \n')
+    monkeypatch.setattr(hf_cli, "export_delta", never("the export began"))
+    argv = ["hf", "export-delta", "--run", str(run), "--out", str(home / "e11")]
+    line = refused(argv, capsys, f"--run {run}", home)
+    assert "landmark-finetune.json" in line
+
+
+def test_export_delta_compares_the_base_config_before_loading(
+    tiny, lm_folder, other_base, home, capsys, monkeypatch
+):
+    """--base a model of another shape than the run's: refused from the two config.json files (hidden
+    size), before the base is loaded; the run's own base passes."""
+    run = fake_run(lm_folder, home, json.dumps({"config": {"model": str(tiny[0])}}))
+    monkeypatch.setattr(hf_cli, "export_delta", never("the export began"))
+    argv = ["hf", "export-delta", "--run", str(run), "--out", str(home / "e11"), "--base", str(other_base)]
+    line = refused(argv, capsys, f"--base {other_base}", home)
+    assert "hidden_size 32" in line and "64" in line
+    from landmark.hf.delta import check_export
+
+    check_export(run, None, home / "e12", False)  # the recorded base: its shape is the run's
+    check_export(run, tiny[0], home / "e12", False)
+
+
+def test_a_truncated_delta_is_refused_before_the_base_is_loaded(home, capsys, monkeypatch):
+    """delta.safetensors cut short: refused from its header by load_pretrained and hf generate, before the
+    540 MB base is found or loaded."""
+    from landmark.hf import delta as delta_module
+
+    if not (SHIPPED_DELTA / "delta.safetensors").is_file():
+        pytest.skip("no shipped delta")
+    folder = home / "sm-trunc"
+    folder.mkdir()
+    shutil.copy(SHIPPED_DELTA / "delta.json", folder)
+    with open(SHIPPED_DELTA / "delta.safetensors", "rb") as f:
+        (folder / "delta.safetensors").write_bytes(f.read(2_000_000))
+    monkeypatch.setattr(delta_module, "resolve_base", never("the base was looked for"))
+    monkeypatch.setattr(delta_module, "load_base", never("the base was loaded"))
+    with pytest.raises(ValueError, match=r"delta\.safetensors is damaged"):
+        lhf.load_pretrained(folder)
+    line = refused(["hf", "generate", "--model", str(folder), "--prompt", "hi"], capsys, "--model", home)
+    assert "delta.safetensors is damaged" in line
+
+
+def test_base_check_refuses_a_base_the_model_was_not_made_from(
+    tiny, lm_folder, other_base, home, capsys, monkeypatch
+):
+    """`eval base-check --base` of another shape than the landmark model (or the delta's recorded base):
+    refused from the config.json files naming --base, before either is loaded; its real base passes."""
+    from landmark.eval import cli as eval_cli
+
+    class Loaded(Exception):
+        pass
+
+    def loaded(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(eval_cli, "load_hf", loaded)
+    argv = ["eval", "base-check", "--model", f"a=hf:{lm_folder}", "--windows", "1", "--window-len", "64",
+            "--out", str(home / "out"), "--base"]  # fmt: skip
+    line = refused([*argv, f"hf:{other_base}"], capsys, f"--base hf:{other_base}", home)
+    assert "'a'" in line and "hidden_size 32" in line
+    if (SHIPPED_DELTA / "delta.json").is_file():
+        argv[3] = f"b=hf:{SHIPPED_DELTA}"
+        line = refused([*argv, f"hf:{tiny[0]}"], capsys, f"--base hf:{tiny[0]}", home)
+        assert "'b'" in line and "vocab_size" in line
+    argv[3] = f"a=hf:{lm_folder}"
+    with pytest.raises(Loaded):
+        main([*argv, f"hf:{tiny[0]}"])

@@ -48,6 +48,7 @@ from landmark.eval.passkey import (
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
 from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-eval
 from landmark.hf.data import tokenize_corpus
+from landmark.hf.delta import base_mismatch
 from landmark.hf.smollm2 import default_smollm2_dir
 from landmark.inference.options import (
     add_device_argument,
@@ -243,6 +244,26 @@ def _check_prose_request(args: argparse.Namespace, base: Path) -> None:
         )
 
 
+def _check_made_from_base(specs: list[tuple[str, str]], base: str) -> None:
+    """Every ``--model`` was made from ``--base``, as far as the files tell before either is loaded: a
+    landmark model's config.json has the base's shape (its vocabulary + the landmark token), a delta's
+    delta.json records the base's vocabulary and architecture (``landmark.hf.delta.base_mismatch``).
+    Unreadable files are left to loading, which reports them."""
+    try:
+        config = json.loads((Path(base.removeprefix(HF_PREFIX)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    for name, path in specs:
+        mismatch = base_mismatch(Path(path.removeprefix(HF_PREFIX)), config)
+        if mismatch is not None:
+            raise ValueError(
+                f"--base {base} is not the model {name!r} was made from: its config.json has {mismatch}; "
+                "give that model's base with --base"
+            )
+
+
 def _base_check_inputs(args: argparse.Namespace):
     """``(models, base, windows)`` of ``eval base-check``, every argument checked before any work."""
 
@@ -257,6 +278,7 @@ def _base_check_inputs(args: argparse.Namespace):
     device = resolve_device(args.device)
     if args.base is None:
         args.base = str(default_smollm2_dir())
+    _check_made_from_base(specs, args.base)  # before the prose request extracts the bundled books
     _check_prose_request(args, Path(args.base.removeprefix(HF_PREFIX)))
     base = load_hf("base", args.base.removeprefix(HF_PREFIX), device)
     if base.retrieves:

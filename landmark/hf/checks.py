@@ -7,6 +7,8 @@
   report in one line (transformers would say "Repo id must be in the form ...").
 * :func:`loading`: turns the errors of ``from_pretrained`` on a damaged folder (truncated weights,
   invalid JSON, mismatched shapes) into one-line ``ValueError`` exceptions.
+* :func:`shape_mismatch`: whether a landmark model's ``config.json`` can be that of a conversion of a
+  base model's (the same shape, the vocabulary + the landmark token), read before either is loaded.
 * :func:`check_out_folder`, :func:`staging_folder`, :func:`publish`: a command refuses an existing,
   non-empty output folder unless told ``overwrite``; it writes into a staging folder beside it and
   renames that into place at the end, so an interrupted run leaves the old folder intact and a finished
@@ -37,6 +39,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 STAGING_SUFFIX = ".partial"  # <parent>/.<name>.partial: written while a command runs
 
 DEFAULT_NAME = "model folder"  # how messages name a model folder outside the command line
+# config.json fields a landmark model keeps from the base it was converted from (its vocabulary aside)
+SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "intermediate_size")  # fmt: skip
 Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what is expected: "an integer >= 1")
 
 
@@ -125,6 +130,25 @@ def check_within_positions(config: Mapping[str, Any], values: Mapping[str, Any])
                 f"--{name.replace('_', '-')} must be at most the model's max_position_embeddings "
                 f"({limit}); got {value}"
             )
+
+
+def shape_mismatch(landmark: Mapping[str, Any], base: Mapping[str, Any]) -> str | None:
+    """How the ``config.json`` of a landmark model (``landmark``, as a dict) shows that it was not
+    converted from the model of ``base``'s: a field of SHAPE_FIELDS that differs (fields one of them
+    lacks are not compared), or a vocabulary other than the base's with the landmark token added (its
+    id past the base's rows adds one row); None when they agree."""
+    for key in SHAPE_FIELDS:
+        mine, theirs = landmark.get(key), base.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            return f"{key} {theirs}, the landmark model's {mine}"
+    vocab, base_vocab = landmark.get("vocab_size"), base.get("vocab_size")
+    if not (isinstance(vocab, int) and isinstance(base_vocab, int)):
+        return None
+    token = landmark.get("landmark_token_id")
+    expected = {max(base_vocab, token + 1)} if isinstance(token, int) else {base_vocab, base_vocab + 1}
+    if vocab not in expected:
+        return f"vocab_size {base_vocab}, the landmark model's {vocab} (the base's + its landmark token)"
+    return None
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch.distributed as dist
@@ -33,10 +33,10 @@ from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.files import os_error_line, safetensors_metadata
 from landmark.hf import checks
 from landmark.hf.checks import clear_staging, loading, publish
-from landmark.hf.convert import convert
-from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained
-from landmark.hf.finetune import FinetuneConfig, finetune
-from landmark.hf.generate import generate
+from landmark.hf.convert import convert, unsupported_config
+from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained, read_meta
+from landmark.hf.finetune import DEPENDENT_SETTINGS, FINETUNE_RULES, FinetuneConfig, finetune
+from landmark.hf.generate import RETRIEVAL_ONLY, generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
 from landmark.inference.cache import STATE_FORMAT, StateFiles
 from landmark.inference.generate import Sampling
@@ -58,6 +58,7 @@ from landmark.inference.options import (
 from landmark.optional import require
 from landmark.resources import BFLOAT16, INT64, check_fits
 
+LANDMARK_KEYS = ("landmark_block_size", "landmark_token_id")  # in the config.json of a landmark model
 _FILE_OPTIONS = ("save_state", "load_state", "out", "model", "run", "corpus", "base", "distill", "init_delta",
                  "block_folder")  # fmt: skip
 
@@ -98,9 +99,25 @@ def _check_convert_args(args: argparse.Namespace) -> None:
 
     checks.check_options(vars(args), {"block_size": checks.int_range(2)})
     config = checks.read_config(checks.check_model_folder(args.model, "--model"))
+    _check_convertible(args.model, config)
     checks.check_within_positions(config, {"block_size": args.block_size})
     checks.check_out_folder(args.out, args.overwrite, "--out")
     checks.check_not_input(args.out, [(args.model, "--model")])
+
+
+def _check_convertible(model: str, config: dict) -> None:
+    """``hf convert --model``'s config.json, before the model is loaded: a supported architecture, and
+    no landmark model already (converting one again would only set its block size anew, silently)."""
+    problem = unsupported_config(config)
+    if problem is not None:
+        raise ValueError(f"--model {model}: {problem}")
+    settings = [f"{key} {config[key]}" for key in LANDMARK_KEYS if config.get(key) is not None]
+    if settings:
+        raise ValueError(
+            f"--model {model} is already a landmark model ({', '.join(settings)}): give the unconverted "
+            "model to convert (a landmark model is fine-tuned as it is, or with another block size by "
+            "`landmark hf finetune --block-size`)"
+        )
 
 
 @_user_errors
@@ -138,14 +155,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--model not given and {args.model} is not prepared: run `landmark hf prepare-smollm2` first"
             )
-    names = {f.name for f in fields(FinetuneConfig)}
+    cfg = _finetune_config(args)
     finished = False
     try:  # finetune checks every setting first (FinetuneConfig.check), before any work
-        finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
+        finetune(cfg)
         finished = True
     finally:
         _close_process_group(wait=finished)
     return 0
+
+
+def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The settings of ``hf finetune``'s options. The options of DEPENDENT_SETTINGS default to None on
+    the command line, so that one given without the option it needs is refused even at its default value
+    (``--lora-targets attention --lora-r 0``); their ranges are checked first."""
+    names = {f.name for f in fields(FinetuneConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    given = [name for name in DEPENDENT_SETTINGS if values.get(name) is not None]
+    cfg = FinetuneConfig(**{k: v for k, v in values.items() if v is not None or k not in DEPENDENT_SETTINGS})
+    checks.check_options(asdict(cfg), FINETUNE_RULES)
+    cfg.check_dependent(given)
+    return cfg
 
 
 @_user_errors
@@ -180,6 +210,7 @@ def _close_process_group(wait: bool) -> None:
 def _check_generate(args: argparse.Namespace) -> None:
     """Every ``hf generate`` option that can be checked before the model is loaded."""
 
+    _check_whole_context(args)
     check_retrieval_arguments(args)
     check_sampling_arguments(args)
     check_device(args.device, "--device")
@@ -193,12 +224,33 @@ def _check_generate(args: argparse.Namespace) -> None:
             "nothing is downloaded)"
         )
     _check_hf_folder(Path(args.model))
+    if (Path(args.model) / META_FILE).is_file():  # a delta: its files, before the base is looked for
+        try:
+            read_meta(Path(args.model))
+        except ValueError as err:
+            raise ValueError(f"--model: {err}") from None
     block = _saved_block_size(Path(args.model))
     if args.k and block is not None:
         check_chunk_len(args, block)
     check_save_state(args, _model_files(Path(args.model)))
     if args.k and args.load_state is not None:
         _check_load_state(Path(args.load_state), Path(args.model))
+
+
+def _check_whole_context(args: argparse.Namespace) -> None:
+    """``--k 0`` reads the whole context with the model's own attention: a retrieval option away from its
+    default (``--search``, ``--max-blocks``, ...: RETRIEVAL_ONLY) would be ignored, and is refused."""
+    if args.k:
+        return
+    default = Reading()
+    for name in RETRIEVAL_ONLY:
+        value = getattr(args, name, getattr(default, name))
+        if value != getattr(default, name):
+            option = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{option} {value} is a retrieval option, and --k 0 reads the whole context with the "
+                f"model's own attention (nothing retrieved): drop {option}, or give --k >= 1"
+            )
 
 
 def _check_new_tokens(args: argparse.Namespace) -> None:
@@ -401,7 +453,9 @@ def _finetune_training_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--corpus", default=None, help="corpus folder of .txt files (default: the bundled books)")
     p.add_argument("--block-size", type=int, default=None, help="default: the model's, else 64")
-    p.add_argument("--max-length", type=int, default=512, help="positions per window, landmarks included")
+    p.add_argument(
+        "--max-length", type=int, default=512, help="positions per window, landmarks included (>= 2 blocks)"
+    )
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4, help="windows per process per micro-step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -410,12 +464,12 @@ def _finetune_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0; LoRA only)")
     p.add_argument(
         "--lora-targets",
         choices=("attention", "all"),
-        default="attention",
-        help="LoRA on the attention projections (default) or on every linear layer",
+        default=None,
+        help="LoRA on the attention projections (default) or on every linear layer (LoRA only)",
     )
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (CUDA only)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
@@ -445,7 +499,7 @@ def _finetune_sample_arguments(p: argparse.ArgumentParser) -> None:
         "--distill-weight x KL(base || model) per token, so the model stays its base inside the window",
     )
     p.add_argument(
-        "--distill-weight", type=float, default=1.0, help="weight of the KL term with --distill (default 1)"
+        "--distill-weight", type=float, default=None, help="weight of the KL term with --distill (default 1)"
     )
     p.add_argument(
         "--passkey-books",

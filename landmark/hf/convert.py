@@ -14,6 +14,7 @@ attention (sdpa), which ignores the landmark structure: always load through :fun
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,13 @@ from landmark.optional import require
 
 LANDMARK_TOKEN = "<landmark>"  # the landmark's token string, added as a special token
 # Causal-LM classes whose attention modules compute q/k/v + RoPE and call the attention interface with
-# un-repeated GQA keys (transformers 5.x: LlamaAttention and its copies).
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# un-repeated GQA keys (transformers 5.x: LlamaAttention and its copies), by config.json model_type.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(SUPPORTED_MODEL_TYPES.values())
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,23 @@ def convert(model: Any, tokenizer: Any, block_size: int = DEFAULT_BLOCK_SIZE) ->
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model, tokenizer
+
+
+def unsupported_config(config: Mapping[str, Any]) -> str | None:
+    """Why the model of a ``config.json`` (as a dict) cannot be converted, read before it is loaded: a
+    ``model_type`` or ``architectures`` outside the supported ones (None: supported, or not said)."""
+    if not isinstance(config, Mapping):
+        return "its config.json is not a JSON object"
+    model_type, names = config.get("model_type"), config.get("architectures")
+    names = names if isinstance(names, list) and names else None
+    known = model_type is None or (isinstance(model_type, str) and model_type in SUPPORTED_MODEL_TYPES)
+    if known and (names is None or any(n in SUPPORTED_ARCHITECTURES for n in names)):
+        return None
+    classes = ", ".join(map(str, names or ["no architectures"]))
+    return (
+        f"its config.json describes a {model_type} model ({classes}); landmark.hf.convert supports "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
+    )
 
 
 def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:

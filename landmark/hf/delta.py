@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from landmark.config import FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
@@ -50,6 +51,7 @@ from landmark.hf.checks import (
     loading,
     publish,
     read_config,
+    shape_mismatch,
 )
 from landmark.hf.convert import LANDMARK_TOKEN, convert, load_converted
 from landmark.optional import require
@@ -144,7 +146,8 @@ def check_export(
     """The export's folders, checked before any work: ``(run, base, out)``.
 
     Raises:
-        ValueError: see :func:`export_delta` (the cheap checks: folders and the adapter's presence).
+        ValueError: see :func:`export_delta` (the cheap checks: folders, the adapter's presence, a
+            readable ``landmark-finetune.json``, a base whose ``config.json`` has the run's shape).
     """
     out = check_out_folder(out, overwrite, "--out")
     run = check_model_folder(finetuned, "--run")
@@ -154,13 +157,21 @@ def check_export(
             f"--run {run} has no LoRA adapter ({LORA_ADAPTER_FOLDER}/{ADAPTER_WEIGHTS}): a delta needs a "
             "LoRA fine-tune (landmark hf finetune --lora-r R); a full fine-tune can only be shipped whole"
         )
+    settings = _run_settings(run, strict=True)
     if base is None:
-        base = _run_settings(run).get("model") or smollm2.default_smollm2_dir()
+        base = settings.get("model") or smollm2.default_smollm2_dir()
     base = check_model_folder(base, "--base")
     check_not_input(out, [(run, "--run"), (base, "--base")])
-    if read_config(base).get("landmark_token_id") is not None:
+    base_config = read_config(base)
+    if base_config.get("landmark_token_id") is not None:
         raise ValueError(
             f"--base {base} is already a landmark model: give the unconverted model the run started from"
+        )
+    mismatch = shape_mismatch(read_config(run), base_config)
+    if mismatch is not None:
+        raise ValueError(
+            f"--base {base} is not the model this run was fine-tuned from: its config.json has {mismatch} "
+            "(run/config.json); give the run's base with --base"
         )
     if out.resolve() in (run.resolve(), base.resolve()):
         raise ValueError(f"--out {out} is the run or the base folder: choose a new folder")
@@ -485,7 +496,54 @@ def read_meta(path: Path) -> dict[str, Any]:
         ) from None
     if not (path / TENSOR_FILE).is_file():
         raise ValueError(f"delta {path}: {TENSOR_FILE} is missing")
+    _check_tensor_header(path / TENSOR_FILE)
     return meta
+
+
+def _check_tensor_header(file: Path) -> None:
+    """``delta.safetensors`` has a readable header whose tensors the file covers (a truncated or damaged
+    file is refused from its header, before the base model is looked for or loaded: seconds)."""
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"delta {file.parent}: {TENSOR_FILE} is damaged ({detail}): export the delta again"
+        ) from None
+
+
+def base_mismatch(folder: Path, base_config: dict[str, Any]) -> str | None:
+    """How the landmark model in ``folder`` shows that it was not made from the base model whose
+    ``config.json`` is ``base_config``: a delta by what it records of its base (:func:`_delta_base`), a
+    whole model by its ``config.json`` (:func:`shape_mismatch`); None when they agree or the files cannot
+    be read (loading them reports that)."""
+    try:
+        if not is_delta(folder):
+            return shape_mismatch(read_config(folder), base_config)
+        recorded = _delta_base(folder)
+        architecture = next(iter(base_config.get("architectures") or []), None)
+        theirs = {key: base_config.get(key) for key in ("vocab_size", "hidden_size")}
+        theirs["architecture"] = architecture
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError):
+        return None
+    for key, value in theirs.items():
+        if None not in (value, recorded.get(key)) and value != recorded[key]:
+            return f"{key} {value}, the delta's base {recorded[key]}"
+    return None
+
+
+def _delta_base(folder: Path) -> dict[str, Any]:
+    """What a delta folder tells of its base model without loading anything: the vocabulary size and
+    architecture ``delta.json`` records, and the hidden size (the length of the landmark rows in the
+    header of ``delta.safetensors``; None without one)."""
+    recorded = json.loads((folder / META_FILE).read_text(encoding="utf-8"))["base"]
+    with safe_open(folder / TENSOR_FILE, "pt") as f:
+        names = [key for key in f.keys() if key.endswith(ROW_SUFFIX)]  # noqa: SIM118 (no __iter__)
+        rows = [f.get_slice(key).get_shape() for key in names]
+    hidden = rows[0][-1] if rows else None
+    return {"vocab_size": recorded.get("vocab_size"), "architecture": recorded.get("architecture"),
+            "hidden_size": hidden}  # fmt: skip
 
 
 # the fields load_delta reads, with their types (a delta.json edited by hand is refused, not guessed at)
@@ -524,12 +582,23 @@ def resolve_base(meta: dict[str, Any], base: str | Path | None) -> Path:
     return folder
 
 
-def _run_settings(run: Path) -> dict[str, Any]:
-    """The fine-tune's settings from ``<run>/landmark-finetune.json`` ({} when absent or unreadable)."""
-    try:
-        return dict(json.loads((run / FINETUNE_SUMMARY_FILE).read_text(encoding="utf-8"))["config"])
-    except (OSError, ValueError, KeyError, TypeError):
+def _run_settings(run: Path, strict: bool = False) -> dict[str, Any]:
+    """The fine-tune's settings from ``<run>/landmark-finetune.json`` ({} when absent; when unreadable
+    too, unless ``strict``: then a ValueError naming ``--run`` and the file, the base it records being
+    unknown)."""
+    file = run / FINETUNE_SUMMARY_FILE
+    if not file.is_file():
         return {}
+    try:
+        return dict(json.loads(file.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not strict:
+            return {}
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"--run {run}: {FINETUNE_SUMMARY_FILE} is damaged ({type(err).__name__}: {detail}); it records "
+            "the run's base model and settings, which the delta keeps: restore the file"
+        ) from None
 
 
 def _earlier_stages(settings: dict[str, Any]) -> list[dict[str, Any]]:

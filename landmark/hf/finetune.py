@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ from landmark.hf.checks import (
     staging_folder,
 )
 from landmark.hf.collator import LandmarkCollator, regular_tokens_per_window
-from landmark.hf.convert import convert
+from landmark.hf.convert import convert, unsupported_config
 from landmark.hf.data import TokenWindows, tokenize_corpus
 from landmark.hf.delta import load_pretrained, read_meta, set_lora, start_from_delta
 from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
@@ -74,6 +75,15 @@ RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interru
 # settings a resumed run may change: how long this call runs, what is printed, and the steps it ends at
 # (no fewer than it has done: --steps <steps done> finishes a run stopped by --max-minutes where it is)
 RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite", "steps")
+# settings that act only beside another one: setting -> (the one it needs, what that one must be); given
+# without it they would be ignored, so they are refused (FinetuneConfig.check_dependent)
+DEPENDENT_SETTINGS = {
+    "lora_dropout": ("lora_r", "--lora-r > 0 (LoRA; --lora-r 0 is a full fine-tune)"),
+    "lora_targets": ("lora_r", "--lora-r > 0 (LoRA; --lora-r 0 is a full fine-tune)"),
+    "passkey_near_gap": ("passkey_near", "--passkey-near > 0 (the near keys it spaces)"),
+    "distill_weight": ("distill", "--distill BASE (the KL term it weighs)"),
+}
+MIN_WINDOW_BLOCKS = 2  # --max-length: at least this many blocks, so that tokens reach a block by its landmark
 
 
 @dataclass
@@ -148,6 +158,7 @@ class FinetuneConfig:
             ValueError: one line naming the option (as on the command line, ``--steps``).
         """
         check_options(asdict(self), FINETUNE_RULES)
+        self.check_dependent()
         if self.fsdp and not torch.cuda.is_available():
             raise ValueError(
                 "--fsdp needs CUDA devices: accelerate enables FSDP only for GPU-class devices and would "
@@ -180,9 +191,12 @@ class FinetuneConfig:
                 f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}; got {self.lora_targets!r}"
             )
         config = read_config(check_model_folder(self.model, "--model"))
-        if self.init_delta is not None:
-            self._check_init_delta(config)
+        problem = unsupported_config(config)
+        if problem is not None:
+            raise ValueError(f"--model {self.model}: {problem}")
+        delta_block = self._check_init_delta(config) if self.init_delta is not None else None
         check_within_positions(config, {"block_size": self.block_size, "max_length": self.max_length})
+        self._check_window(config, delta_block)
         self._check_memory(config)
         if self.distill is not None:
             check_model_folder(self.distill, "--distill")
@@ -191,6 +205,53 @@ class FinetuneConfig:
         reads = [(self.model, "--model"), (self.distill, "--distill"), (self.init_delta, "--init-delta")]
         check_not_input(self.out, [*reads, (self.corpus, "--corpus")])
         self._check_resume()
+
+    def check_dependent(self, given: Iterable[str] | None = None) -> None:
+        """Refuse a setting of DEPENDENT_SETTINGS without the setting it needs (it would be ignored).
+
+        Args:
+            given: the settings set explicitly (the command line's options, its defaults included); None:
+                those away from their defaults.
+
+        Raises:
+            ValueError: ``--lora-dropout 0.1 needs --lora-r > 0 (...); got it with --lora-r 0``.
+        """
+        defaults = {f.name: f.default for f in fields(self)}
+        if given is None:
+            given = [name for name in DEPENDENT_SETTINGS if getattr(self, name) != defaults[name]]
+        for name in given:
+            needed, wording = DEPENDENT_SETTINGS[name]
+            value = getattr(self, needed)
+            if not value:
+                option, other = _option(name), _option(needed)
+                has = f"without {other}" if value is None else f"with {other} {value}"
+                raise ValueError(
+                    f"{option} {getattr(self, name)} needs {wording}; got it {has} (it would be ignored)"
+                )
+
+    def _check_window(self, config: dict[str, Any], delta_block: int | None) -> None:
+        """``max_length`` holds MIN_WINDOW_BLOCKS blocks of the run's block size (``block_size``, else the
+        ``--init-delta``'s, else the landmark model's, else the default): a shorter window holds at most
+        one landmark, and few or no tokens learn to reach a block through it."""
+        block, source = self._run_block_size(config, delta_block)
+        least = MIN_WINDOW_BLOCKS * block
+        if self.max_length < least:
+            raise ValueError(
+                f"--max-length {self.max_length} must be at least {MIN_WINDOW_BLOCKS} blocks ({least} "
+                f"positions, {source} {block}): a shorter window holds at most one landmark, so few or no "
+                "tokens learn to reach an earlier block through it"
+            )
+
+    def _run_block_size(self, config: dict[str, Any], delta_block: int | None) -> tuple[int, str]:
+        """(the block size the run trains with, where it comes from), read before the model is loaded."""
+        model_block = config.get("landmark_block_size")
+        if self.block_size is not None:
+            return self.block_size, "--block-size"
+        if delta_block is not None:
+            return delta_block, "the --init-delta's block size"
+        if isinstance(model_block, int) and not isinstance(model_block, bool):
+            return model_block, "the model's block size"
+        return DEFAULT_BLOCK_SIZE, "the default block size"
 
     def _check_memory(self, config: dict[str, Any]) -> None:
         """Refuse a run that certainly cannot fit in its device's memory (a lower bound: the weights in
@@ -260,10 +321,11 @@ class FinetuneConfig:
                 f"give --steps {done} to finish it there, or more to go on"
             )
 
-    def _check_init_delta(self, config: dict[str, Any]) -> None:
+    def _check_init_delta(self, config: dict[str, Any]) -> int:
         """``init_delta`` is a delta folder whose LoRA (rank, alpha, targets) and block size are this
         run's, over an unconverted ``model`` (its weights fingerprint is checked once loaded). With
-        ``lora_r`` 0 (full fine-tuning of the delta's merged model) only the block size must match."""
+        ``lora_r`` 0 (full fine-tuning of the delta's merged model) only the block size must match.
+        Returns the delta's block size."""
 
         try:
             meta = read_meta(Path(self.init_delta))
@@ -281,6 +343,7 @@ class FinetuneConfig:
             raise ValueError(
                 f"--block-size must be the delta's {block} with --init-delta; got {self.block_size}"
             )
+        return block
 
     def _check_same_lora(self, lora: dict[str, Any]) -> None:
         """This run's LoRA (rank, alpha, targets) is ``lora``, the ``--init-delta``'s (``delta.json``)."""
@@ -347,6 +410,11 @@ FINETUNE_RULES: dict[str, Rule] = {
     "distill_weight": real_range(0, open_low=True),
     "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
 }
+
+
+def _option(name: str) -> str:
+    """The command-line option of a setting: ``lora_dropout`` -> ``--lora-dropout``."""
+    return "--" + name.replace("_", "-")
 
 
 def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[Any, Any]:

