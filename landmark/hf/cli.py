@@ -223,6 +223,7 @@ def _check_generate(args: argparse.Namespace) -> None:
             f"--model {args.model}: the folder does not exist (a local model folder is expected; "
             "nothing is downloaded)"
         )
+    check_save_state(args, _model_files(Path(args.model)))  # an output onto an input: said first
     _check_hf_folder(Path(args.model))
     if (Path(args.model) / META_FILE).is_file():  # a delta: its files, before the base is looked for
         try:
@@ -232,7 +233,6 @@ def _check_generate(args: argparse.Namespace) -> None:
     block = _saved_block_size(Path(args.model))
     if args.k and block is not None:
         check_chunk_len(args, block)
-    check_save_state(args, _model_files(Path(args.model)))
     if args.k and args.load_state is not None:
         _check_load_state(Path(args.load_state), Path(args.model))
 
