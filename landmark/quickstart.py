@@ -85,6 +85,7 @@ def _train_on_the_spot(out: Path, minutes: float) -> Path:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Every option that can be checked before a model is loaded, trained or evaluated."""
+    given = _fill_defaults(args)
     check_retrieval_arguments(args)
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1; got {args.trials}")
@@ -119,7 +120,7 @@ def _check_options(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the report")
-    _check_conflicts(args)
+    _check_conflicts(args, given)
     for option, lengths in (
         ("--passkey-lengths", args.passkey_lengths),
         ("--base-lengths", args.base_lengths),
@@ -130,23 +131,29 @@ def _check_options(args: argparse.Namespace) -> None:
     check_out_apart(out, [(folder, option) for folder, option in inputs if folder])
 
 
-def _check_conflicts(args: argparse.Namespace) -> None:
+# options whose default is filled in after the check of what was given (None: not given)
+DEFAULTS = {"train_minutes": TRAIN_MINUTES, "hf_model": str(SMOLLM2), "passkey_lengths": HF_LENGTHS,
+            "base_lengths": BASE_LENGTHS, "wordings": WORDINGS}  # fmt: skip
+
+
+def _fill_defaults(args: argparse.Namespace) -> set[str]:
+    """Fill in the defaults of the options not given (``DEFAULTS``); the names of those given."""
+    given = {name for name in DEFAULTS if getattr(args, name) is not None}
+    for name, default in DEFAULTS.items():
+        if name not in given:
+            setattr(args, name, list(default) if isinstance(default, list) else default)
+    return given | ({"base"} if args.base is not None else set())
+
+
+def _check_conflicts(args: argparse.Namespace, given: set[str]) -> None:
     """Options that another option makes meaningless: the SmolLM2 options with ``--no-hf``,
     ``--train-minutes`` when no model is trained here."""
     trains = not args.checkpoint and (args.train or not SHIPPED.is_dir())  # a model trained on the spot
-    if args.train_minutes != TRAIN_MINUTES and not trains:
+    if "train_minutes" in given and not trains:
         raise ValueError("--train-minutes is the budget of --train: give --train too, or leave it out")
-    if not args.no_hf:
-        return
-    given = {
-        "--hf-model": args.hf_model != str(SMOLLM2),
-        "--base": args.base is not None,
-        "--passkey-lengths": args.passkey_lengths != HF_LENGTHS,
-        "--base-lengths": args.base_lengths != BASE_LENGTHS,
-        "--wordings": args.wordings != WORDINGS,
-    }
-    dead = [option for option, was_given in given.items() if was_given]
-    if dead:
+    smollm2 = ("hf_model", "base", "passkey_lengths", "base_lengths", "wordings")
+    dead = [f"--{name.replace('_', '-')}" for name in smollm2 if name in given]
+    if args.no_hf and dead:
         raise ValueError(f"{', '.join(dead)}: options of the SmolLM2 evaluation, which --no-hf skips")
 
 
@@ -400,19 +407,19 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train-minutes",
         type=float,
-        default=TRAIN_MINUTES,
+        default=None,
         help=f"time budget of --train (default {TRAIN_MINUTES:g})",
     )
     p.add_argument("--ppl-lengths", type=int, nargs=2, default=[512, 4096], metavar="N")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens evaluated per length (default 8192)")
-    p.add_argument("--hf-model", default=str(SMOLLM2), help="the SmolLM2 landmark model (default: shipped)")
+    p.add_argument("--hf-model", default=None, help="the SmolLM2 landmark model (default: shipped)")
     p.add_argument("--base", default=None, help="the base model's folder (default: the delta's base)")
     p.add_argument("--no-hf", action="store_true", help="skip the SmolLM2 passkey evaluation")
     p.add_argument(
         "--passkey-lengths",
         type=int,
         nargs="+",
-        default=HF_LENGTHS,
+        default=None,
         metavar="N",
         help="passkey lengths of the SmolLM2 landmark model (default 16384 32768)",
     )
@@ -420,7 +427,7 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
         "--base-lengths",
         type=int,
         nargs="*",
-        default=BASE_LENGTHS,
+        default=None,
         metavar="N",
         help="passkey lengths of the base model (default 16384; the option with no value: skip it)",
     )
@@ -429,7 +436,7 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
         "--wordings",
         nargs="+",
         choices=("paper", "held-out"),
-        default=WORDINGS,
+        default=None,
         help="passkey wordings: the paper's prompt and/or a held-out wording family no fine-tuning mix "
         "uses (default: both)",
     )

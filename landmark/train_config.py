@@ -351,7 +351,7 @@ def _check_paths(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"data.prepared_dir {d.prepared_dir} {problem}: pass a folder for the token arrays"
             )
-        if Path(d.prepared_dir).exists() and is_within(t.out_dir, d.prepared_dir):
+        if is_within(t.out_dir, d.prepared_dir):  # (whether it exists yet or not)
             raise ConfigError(
                 f"train.out_dir {t.out_dir} is inside data.prepared_dir {d.prepared_dir}, which the run "
                 "reads: choose another train.out_dir"

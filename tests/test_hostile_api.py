@@ -86,3 +86,17 @@ def test_a_session_of_impossibly_many_streams_is_refused(batch_size, says):
     model, _, _ = load_model(SMALL)
     with pytest.raises(ValueError, match=says):
         InferenceSession(model, batch_size)
+
+
+def test_a_temperature_near_zero_samples_the_best_token():
+    """A temperature of 1e-320 (0 in float32) divided the logits into inf - inf: torch.multinomial then
+    raised on NaN probabilities. It samples the best token, as greedy decoding does."""
+    import torch
+
+    from landmark.inference.generate import sample_next
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for temperature in (1e-320, 1e-45, 1e-30):
+        for top_p in (1.0, 0.5):
+            token = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(1))
+            assert torch.equal(token, logits.argmax(dim=-1))

@@ -365,6 +365,8 @@ QUICKSTART_CASES = [
     # options another option makes meaningless; outputs among the inputs; memory checked before loading
     ([*QUICK, "--train-minutes", "5"], "--train-minutes is the budget of --train"),
     ([*QUICK, "--base-lengths", "16384", "32768"], "--base-lengths: options of the SmolLM2 evaluation"),
+    ([*QUICK, "--base-lengths", "16384"], "--base-lengths: options of the SmolLM2 evaluation"),  # the default
+    ([*GENERATE, "--block-folder", "{root}/bf", "--save-state", "{root}/bf"], "--save-state"),
     ([*QUICK, "--hf-model", "{lm}"], "--hf-model: options of the SmolLM2 evaluation, which --no-hf skips"),
     ([*QUICK[:4], "--out", "{lm}/report", *QUICK[6:]], "/report is inside --checkpoint "),
     (

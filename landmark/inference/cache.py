@@ -96,6 +96,8 @@ def _check_layer_state(t: dict[str, Tensor], where: str, bhd: tuple, block_size:
     }
     for name, shape in shapes.items():
         _need(tuple(t[name].shape) == shape, f"{where}: {name} has shape {tuple(t[name].shape)}, not {shape}")
+        finite = not t[name].is_floating_point() or bool(torch.isfinite(t[name]).all())
+        _need(finite, f"{where}: {name} holds values that are not finite numbers (a damaged file)")
     count, tail_len = t["count"], t["tail_len"]
     _need(_counts(count, batch, 0, n), f"{where}: count must be (streams,) integers in [0, {n}]")
     top = min(block_size - 1, t["tail_k"].shape[2])

@@ -111,7 +111,11 @@ def sample_next(
     """(B, vocab) logits -> (B,) token ids: greedy when temperature == 0, else temperature + nucleus."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # the best logit subtracted first: a tiny temperature gives -inf to the others, not inf - inf
+    # (and no temperature below float32's smallest normal number, which would round to 0 and give 0 / 0)
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # the smallest set reaching top_p

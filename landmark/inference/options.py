@@ -238,7 +238,11 @@ def check_save_state(args: argparse.Namespace, reads: list[tuple[str | Path | No
     a saved state already or ``--overwrite`` is given. Call before any work."""
     if args.save_state is None:
         return
-    reads = [*reads, (args.load_state, "the --load-state file")]
+    reads = [
+        *reads,
+        (args.load_state, "the --load-state file"),
+        (getattr(args, "block_folder", None), "--block-folder"),
+    ]
     check_state_destination(args.save_state, args.overwrite, reads, option="--save-state")
 
 
