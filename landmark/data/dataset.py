@@ -223,6 +223,8 @@ def _bpe_tokenizer(corpus: Corpus, folder: Path, vocab_size: int, progress: bool
             return Tokenizer.load(folder)
     except Exception:  # missing, unreadable or written by another version: train again
         pass
+    if progress and (folder / "tokenizer.json").is_file():  # prepared before with other settings
+        print(f"note: {folder} was prepared with another tokenizer or corpus: replacing it", flush=True)
     if progress:
         print(f"training a {vocab_size}-token BPE on {len(corpus.splits['train'])} documents ...", flush=True)
     tokenizer = Tokenizer.train((d.read_text() for d in corpus.splits["train"]), vocab_size)
