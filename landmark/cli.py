@@ -20,7 +20,7 @@ import torch
 from landmark import __version__, landmark_attention, landmark_weights
 from landmark.checkpoint import CheckpointError
 from landmark.data import CorpusError, bundled_books, prepare_data
-from landmark.data.dataset import check_prepared_folder
+from landmark.data.dataset import PreparedFolderError
 from landmark.eval.cli import add_eval_parser
 from landmark.files import is_within, os_error_line, path_problem
 from landmark.hf.cli import add_hf_parser
@@ -152,12 +152,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--out {args.out} is inside --corpus {args.corpus}: give the arrays their own folder"
             )
-        try:
-            check_prepared_folder(Path(args.out))
-        except CorpusError as err:
-            raise ConfigError(f"--out {err}") from None
     corpus = bundled_books() if args.corpus == "bundled" else args.corpus
-    data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
+    try:
+        data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
+    except PreparedFolderError as err:
+        raise ConfigError(f"--out {err}") from None
     print(f"prepared data in {data.folder}")
     print(f"  tokenizer: {data.folder / 'tokenizer.json'} ({data.tokenizer!r})")
     for name, split in data.splits.items():

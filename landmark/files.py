@@ -382,3 +382,42 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def check_not_input(
+    out: str | Path,
+    reads: Iterable[tuple[str | Path | None, str]],
+    name: str = "--out",
+    *,
+    parents_ok: bool = False,
+) -> None:
+    """Refuse an output folder that is, holds or lies inside a folder the command reads (``reads``:
+    (folder, option) pairs; None skipped): replacing it would destroy the input, or write into it.
+    ``parents_ok``: an output that holds an input is fine (a command that adds files to its output
+    folder, never replacing it: the evaluations' results beside a model kept in a subfolder).
+
+    Raises:
+        ValueError: ``--out X is --model: write the output to another folder`` (or "holds" / "is inside").
+    """
+    try:
+        target = Path(out).resolve()
+    except (OSError, RuntimeError):
+        return  # an unusable path: check_out_folder names it
+    for folder, option in reads:
+        if folder is None:
+            continue
+        try:
+            source = Path(folder).resolve()
+        except (OSError, RuntimeError):
+            continue
+        relation = (
+            "is" if target == source
+            else "holds" if source.is_relative_to(target) and not parents_ok
+            else "is inside" if target.is_relative_to(source)
+            else None
+        )  # fmt: skip
+        if relation is not None:
+            raise ValueError(
+                f"{name} {out} {relation} {option} {folder}, which this command reads: write the output to "
+                "another folder"
+            )

@@ -35,7 +35,7 @@ from pathlib import Path
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.data import load_split, prepare_data
-from landmark.eval.common import CellCache, GPTUnderTest, check_lengths, check_out_apart
+from landmark.eval.common import CellCache, GPTUnderTest, check_lengths
 from landmark.eval.models import load_hf
 from landmark.eval.passkey import (
     PasskeyGrid,
@@ -47,7 +47,7 @@ from landmark.eval.passkey import (
     plot_passkey,
 )
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
-from landmark.files import write_text_atomic
+from landmark.files import check_not_input, write_text_atomic
 from landmark.hf.delta import is_delta, read_meta, resolve_base
 from landmark.inference.options import (
     Reading,
@@ -128,7 +128,7 @@ def _check_options(args: argparse.Namespace) -> None:
         check_prompt_memory(lengths, option)
     inputs = [(args.checkpoint, "--checkpoint"), (args.base, "--base")]
     inputs += [] if args.no_hf else [(args.hf_model, "--hf-model")]
-    check_out_apart(out, [(folder, option) for folder, option in inputs if folder])
+    check_not_input(out, inputs, parents_ok=True)
 
 
 # options whose default is filled in after the check of what was given (None: not given)

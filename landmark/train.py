@@ -57,8 +57,7 @@ from landmark.checkpoint import (
     save_checkpoint,
 )
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
-from landmark.data.corpus import CorpusError
-from landmark.data.dataset import check_prepared_folder
+from landmark.data.dataset import PreparedFolderError
 from landmark.data.passkey import BookHaystack, PasskeyMixSampler
 from landmark.files import FolderInUseError, RunLock, os_error_text, write_json_atomic, write_text_atomic
 from landmark.model import GPT, ModelConfig
@@ -204,19 +203,17 @@ def _agree(d: _Dist, fn: Callable[[], T]) -> T:
 def _prepare(cfg: RunConfig, progress: bool) -> PreparedData:
     dc = cfg.data
     corpus = bundled_books() if dc.corpus == "bundled" else Path(dc.corpus)
-    if dc.prepared_dir:
-        try:
-            check_prepared_folder(Path(dc.prepared_dir))
-        except CorpusError as err:
-            raise ConfigError(f"data.prepared_dir: {err}") from None
-    return prepare_data(
-        corpus,
-        folder=dc.prepared_dir or None,
-        tokenizer=dc.tokenizer,
-        vocab_size=dc.vocab_size,
-        gpt2_dir=dc.gpt2_dir or None,
-        progress=progress,
-    )
+    try:
+        return prepare_data(
+            corpus,
+            folder=dc.prepared_dir or None,
+            tokenizer=dc.tokenizer,
+            vocab_size=dc.vocab_size,
+            gpt2_dir=dc.gpt2_dir or None,
+            progress=progress,
+        )
+    except PreparedFolderError as err:
+        raise ConfigError(f"data.prepared_dir: {err}") from None
 
 
 def _sampler(tokens: np.ndarray, mc: ModelConfig, batch_size: int, seed: int, rank: int, what: str):

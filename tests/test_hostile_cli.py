@@ -230,7 +230,7 @@ EVAL_CASES = [
     ([*PPL[:4], "--data", "{other_data}", "--out", "{out}"], "--data"),  # data of another tokenizer
     ([*PPL[:6], "--out", "{file}"], "--out"),
     ([*PPL[:6], "--out", "{lm}/results"], "/results is inside --model "),
-    ([*PPL[:6], "--out", "{data}"], "is inside --data "),
+    ([*PPL[:6], "--out", "{data}"], " is --data "),
     ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
     # memory that certainly cannot fit (a MemoryError from numpy before)
     ([*PASSKEY, "--trials", "1000000000000"], "--trials 1000000000000: holding the keys"),

@@ -254,10 +254,15 @@ def default_prepared_folder(corpus: Corpus, tokenizer: str | Tokenizer, vocab_si
 PREPARED_FILES = ("tokenizer.json", "tokenizer.source.json")  # besides <split>.bin and <split>.json
 
 
+class PreparedFolderError(CorpusError):
+    """The folder given for prepared data holds other files (a model's, a checkpoint's): nothing is
+    written there."""
+
+
 def check_prepared_folder(folder: Path) -> None:
     """``folder`` may receive prepared data: it does not exist, or holds nothing but prepared data (a
     tokenizer and token arrays); a model's or a checkpoint's folder, or any other file, is a CorpusError
-    naming what it holds (preparing there would replace its tokenizer.json)."""
+    naming what it holds (a PreparedFolderError: preparing there would replace its tokenizer.json)."""
     if not folder.is_dir():
         return
     ours = re.compile(r"(tokenizer(\.source)?\.json|[^/]+\.(bin|json)|\.[^/]+\.tmp\d+)")
@@ -266,7 +271,7 @@ def check_prepared_folder(folder: Path) -> None:
     meta = [p.name for p in folder.glob("*.json") if p.name not in PREPARED_FILES and p.stem not in arrays]
     foreign = sorted(foreign + meta)
     if foreign:
-        raise CorpusError(
+        raise PreparedFolderError(
             f"{folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, not prepared data "
             "(a tokenizer and token arrays): choose an empty or new folder"
         )
@@ -294,11 +299,18 @@ def prepare_data(
 
     Returns:
         The folder, the tokenizer (also saved there as tokenizer.json) and every split, memory-mapped.
+
+    Raises:
+        PreparedFolderError: ``folder`` holds files other than prepared data (:func:`check_prepared_folder`).
     """
+    if folder is not None:  # (before the corpus is read)
+        check_prepared_folder(Path(folder))
     if not isinstance(corpus, Corpus):
         corpus = read_corpus(corpus if corpus is not None else bundled_books())
-    folder = Path(folder) if folder is not None else default_prepared_folder(corpus, tokenizer, vocab_size)
-    check_prepared_folder(folder)
+    if folder is None:
+        folder = default_prepared_folder(corpus, tokenizer, vocab_size)
+        check_prepared_folder(folder)
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer == "bpe":
         tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)

@@ -18,7 +18,7 @@ from landmark.eval.models import (
     load_models,
     parse_model_arg,
 )
-from landmark.files import is_within, write_json_atomic, write_text_atomic  # noqa: F401 - the writers
+from landmark.files import check_not_input, write_json_atomic, write_text_atomic  # noqa: F401 - the writers
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
 
@@ -102,7 +102,7 @@ def check_common_arguments(args: Any) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
-    check_out_apart(out, input_folders(args))
+    check_not_input(out, input_folders(args), parents_ok=True)
 
 
 def input_folders(args: Any) -> list[tuple[str, str]]:
@@ -115,11 +115,3 @@ def input_folders(args: Any) -> list[tuple[str, str]]:
         if value and value != "bundled":
             found.append((str(value).removeprefix(HF_PREFIX), f"--{name}"))
     return found
-
-
-def check_out_apart(out: Path, inputs: list[tuple[str, str]]) -> None:
-    """``--out`` (``out``) is neither one of the folders the command reads nor inside one: its results
-    and cached cells would land among a model's or a corpus's files."""
-    for folder, option in inputs:
-        if Path(folder).is_dir() and is_within(out, folder):
-            raise ValueError(f"--out {out} is inside {option} {folder}: give the results their own folder")

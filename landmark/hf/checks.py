@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,11 @@ def real_range(
     return ok, f"a number in {interval}"
 
 
+def option_name(name: str) -> str:
+    """The command-line option of a setting: ``lora_dropout`` -> ``--lora-dropout``."""
+    return "--" + name.replace("_", "-")
+
+
 def check_options(values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
     """Check every ``values[name]`` that is not None against ``rules[name]``.
 
@@ -82,7 +87,7 @@ def check_options(values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
     for name, (ok, expected) in rules.items():
         value = values.get(name)
         if value is not None and not ok(value):
-            raise ValueError(f"--{name.replace('_', '-')} must be {expected}; got {value!r}")
+            raise ValueError(f"{option_name(name)} must be {expected}; got {value!r}")
 
 
 def check_model_folder(path: str | Path, name: str = DEFAULT_NAME, files: bool = True) -> Path:
@@ -127,7 +132,7 @@ def check_within_positions(config: Mapping[str, Any], values: Mapping[str, Any])
     for name, value in values.items():
         if limit is not None and value is not None and value > limit:
             raise ValueError(
-                f"--{name.replace('_', '-')} must be at most the model's max_position_embeddings "
+                f"{option_name(name)} must be at most the model's max_position_embeddings "
                 f"({limit}); got {value}"
             )
 
@@ -179,39 +184,6 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
             "another folder"
         )
     return out
-
-
-def check_not_input(
-    out: str | Path, reads: Iterable[tuple[str | Path | None, str]], name: str = "--out"
-) -> None:
-    """Refuse an output folder that is, holds or lies inside a folder the command reads (``reads``:
-    (folder, option) pairs; None skipped): replacing it would destroy the input, or write into it.
-
-    Raises:
-        ValueError: ``--out X is --model: write the output to another folder`` (or "holds" / "is inside").
-    """
-    try:
-        target = Path(out).resolve()
-    except (OSError, RuntimeError):
-        return  # an unusable path: check_out_folder names it
-    for folder, option in reads:
-        if folder is None:
-            continue
-        try:
-            source = Path(folder).resolve()
-        except (OSError, RuntimeError):
-            continue
-        relation = (
-            "is" if target == source
-            else "holds" if source.is_relative_to(target)
-            else "is inside" if target.is_relative_to(source)
-            else None
-        )  # fmt: skip
-        if relation is not None:
-            raise ValueError(
-                f"{name} {out} {relation} {option} {folder}, which this command reads: write the output to "
-                "another folder"
-            )
 
 
 def staging_folder(out: str | Path) -> Path:

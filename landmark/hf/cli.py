@@ -30,13 +30,13 @@ from pathlib import Path
 import torch.distributed as dist
 
 from landmark.config import DEFAULT_BLOCK_SIZE
-from landmark.files import os_error_line, safetensors_metadata
+from landmark.files import check_not_input, os_error_line, safetensors_metadata
 from landmark.hf import checks
 from landmark.hf.checks import clear_staging, loading, publish
 from landmark.hf.convert import convert, unsupported_config
 from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained, read_meta
 from landmark.hf.finetune import DEPENDENT_SETTINGS, FINETUNE_RULES, FinetuneConfig, finetune
-from landmark.hf.generate import RETRIEVAL_ONLY, generate
+from landmark.hf.generate import generate, retrieval_options_set
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
 from landmark.inference.cache import STATE_FORMAT, StateFiles
 from landmark.inference.generate import Sampling
@@ -78,7 +78,7 @@ def _user_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             print(f"error: {err} ({hint})", file=sys.stderr)
             return 2
         except OSError as err:  # a full disk or a permission, on a file an option names
-            files = [(getattr(args, name, None), "--" + name.replace("_", "-")) for name in _FILE_OPTIONS]
+            files = [(getattr(args, name, None), checks.option_name(name)) for name in _FILE_OPTIONS]
             print(f"error: {os_error_line(err, files)}", file=sys.stderr)
             return 2
 
@@ -102,7 +102,7 @@ def _check_convert_args(args: argparse.Namespace) -> None:
     _check_convertible(args.model, config)
     checks.check_within_positions(config, {"block_size": args.block_size})
     checks.check_out_folder(args.out, args.overwrite, "--out")
-    checks.check_not_input(args.out, [(args.model, "--model")])
+    check_not_input(args.out, [(args.model, "--model")])
 
 
 def _check_convertible(model: str, config: dict) -> None:
@@ -239,18 +239,15 @@ def _check_generate(args: argparse.Namespace) -> None:
 
 def _check_whole_context(args: argparse.Namespace) -> None:
     """``--k 0`` reads the whole context with the model's own attention: a retrieval option away from its
-    default (``--search``, ``--max-blocks``, ...: RETRIEVAL_ONLY) would be ignored, and is refused."""
+    default (``--search``, ``--max-blocks``, ...: ``retrieval_options_set``) would be ignored: refused."""
     if args.k:
         return
-    default = Reading()
-    for name in RETRIEVAL_ONLY:
-        value = getattr(args, name, getattr(default, name))
-        if value != getattr(default, name):
-            option = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"{option} {value} is a retrieval option, and --k 0 reads the whole context with the "
-                f"model's own attention (nothing retrieved): drop {option}, or give --k >= 1"
-            )
+    for name in retrieval_options_set(Reading.from_args(args))[:1]:
+        option = checks.option_name(name)
+        raise ValueError(
+            f"{option} {getattr(args, name)} is a retrieval option, and --k 0 reads the whole context with "
+            f"the model's own attention (nothing retrieved): drop {option}, or give --k >= 1"
+        )
 
 
 def _check_new_tokens(args: argparse.Namespace) -> None:
@@ -275,14 +272,19 @@ def _check_new_tokens(args: argparse.Namespace) -> None:
     check_fits(n * layers * 2 * kv_heads * head_dim * BFLOAT16, setting, what, device)
 
 
+def _config_file(model: Path) -> Path:
+    """The config.json that gives ``model``'s layers and heads: its own, or a delta's packaged base's."""
+    config_file = model / "config.json"
+    if not config_file.is_file() and (model / META_FILE).is_file():
+        return default_smollm2_dir() / "config.json"
+    return config_file
+
+
 def _attention_sizes(model: Path) -> tuple[int, int, int] | None:
     """(layers, key/value heads, head dimension) from the config.json of ``model`` (of a delta's packaged
     base model), or None where it cannot be read."""
-    config_file = model / "config.json"
-    if not config_file.is_file() and (model / META_FILE).is_file():
-        config_file = default_smollm2_dir() / "config.json"
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(_config_file(model).read_text(encoding="utf-8"))
         layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
@@ -317,11 +319,8 @@ def _check_load_state(path: Path, model: Path) -> None:
     meta = safetensors_metadata(path)
     if meta is None or meta.get("format") != STATE_FORMAT:
         raise ValueError(f"--load-state {path} is not a saved state (no {STATE_FORMAT} header)")
-    config_file = model / "config.json"
-    if not config_file.is_file() and (model / META_FILE).is_file():
-        config_file = default_smollm2_dir() / "config.json"  # a delta: its packaged base's layers
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(_config_file(model).read_text(encoding="utf-8"))
         saved = {"n_layers": int(meta["n_layers"]), "block_size": int(meta["block_size"])}
     except (OSError, ValueError, KeyError, TypeError):
         return  # checked when the model and the state are loaded

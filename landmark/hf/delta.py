@@ -40,11 +40,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from landmark.config import FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
+from landmark.files import check_not_input
 from landmark.fingerprint import weights_fingerprint
 from landmark.hf import smollm2
 from landmark.hf.checks import (
     check_model_folder,
-    check_not_input,
     check_out_folder,
     clear_staging,
     for_option,

@@ -41,17 +41,17 @@ from landmark.config import DEFAULT_BLOCK_SIZE, FINETUNE_SUMMARY_FILE, LORA_ADAP
 from landmark.data import CorpusError, read_corpus
 from landmark.data.passkey import BookHaystack, PasskeyMix
 from landmark.data.wordings import TRAINING_WORDINGS
-from landmark.files import RunLock, write_json_atomic
+from landmark.files import RunLock, check_not_input, write_json_atomic
 from landmark.hf.checks import (
     Rule,
     check_model_folder,
-    check_not_input,
     check_options,
     check_out_folder,
     check_within_positions,
     for_option,
     int_range,
     loading,
+    option_name,
     publish,
     read_config,
     real_range,
@@ -223,7 +223,7 @@ class FinetuneConfig:
             needed, wording = DEPENDENT_SETTINGS[name]
             value = getattr(self, needed)
             if not value:
-                option, other = _option(name), _option(needed)
+                option, other = option_name(name), option_name(needed)
                 has = f"without {other}" if value is None else f"with {other} {value}"
                 raise ValueError(
                     f"{option} {getattr(self, name)} needs {wording}; got it {has} (it would be ignored)"
@@ -306,10 +306,8 @@ class FinetuneConfig:
         changed = [name for name in mine if name not in RESUMABLE_CHANGES and saved[name] != mine[name]]
         if changed:
             name = changed[0]
-            option = "--" + name.replace("_", "-")
-            may = ", ".join(
-                "--" + c.replace("_", "-") for c in RESUMABLE_CHANGES if c not in ("resume", "overwrite")
-            )
+            option = option_name(name)
+            may = ", ".join(option_name(c) for c in RESUMABLE_CHANGES if c not in ("resume", "overwrite"))
             raise ValueError(
                 f"--resume: the interrupted run used {option} {saved.get(name)!r}; this call "
                 f"gives {mine[name]!r} (resume with the run's settings; only {may} may change)"
@@ -410,11 +408,6 @@ FINETUNE_RULES: dict[str, Rule] = {
     "distill_weight": real_range(0, open_low=True),
     "seed": int_range(0, 2**32 - 1),  # numpy's seed range (the Trainer seeds numpy)
 }
-
-
-def _option(name: str) -> str:
-    """The command-line option of a setting: ``lora_dropout`` -> ``--lora-dropout``."""
-    return "--" + name.replace("_", "-")
 
 
 def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[Any, Any]:

@@ -32,6 +32,7 @@ from landmark.inference.generate import (
     Sampling,
     TokenCallback,
     generate_with,
+    in_order,
     report_memory,
 )
 from landmark.inference.options import Reading
@@ -81,6 +82,11 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
     return read
 
 
+def retrieval_options_set(reading: Reading) -> list[str]:
+    """The fields of RETRIEVAL_ONLY that ``reading`` sets away from their defaults."""
+    return [name for name in RETRIEVAL_ONLY if getattr(reading, name) != getattr(_DEFAULT_READING, name)]
+
+
 def check_whole_context(reading: Reading | None) -> None:
     """A reading with ``k=0`` (exact attention over the whole context) sets no option of the retrieval
     cache (RETRIEVAL_ONLY) away from its default: it would be ignored.
@@ -90,13 +96,12 @@ def check_whole_context(reading: Reading | None) -> None:
     """
     if reading is None or reading.k:
         return
-    for name in RETRIEVAL_ONLY:
+    for name in retrieval_options_set(reading)[:1]:
         value, default = getattr(reading, name), getattr(_DEFAULT_READING, name)
-        if value != default:
-            raise ValueError(
-                f"reading.{name} = {value!r} is an option of the retrieval cache, and k=0 reads the whole "
-                f"context with the model's own attention: set reading.k >= 1, or leave {name} at {default!r}"
-            )
+        raise ValueError(
+            f"reading.{name} = {value!r} is an option of the retrieval cache, and k=0 reads the whole "
+            f"context with the model's own attention: set reading.k >= 1, or leave {name} at {default!r}"
+        )
 
 
 def prompt_ids(model: Any, tokenizer: Any, prompt: str | Tensor, continuation: bool = False) -> list[int]:
@@ -185,8 +190,9 @@ def generate(
     start = [cache.get_seq_length()] if state.load is not None else None
     save = None if state.save is None else functools.partial(
         cache.save_state, state.save, model, overwrite=state.overwrite)  # fmt: skip
+    report = None
     if retrieves and reading.block_folder:  # say where the memory went once the prompt is read
-        save = functools.partial(report_memory, cache.stream, reading.block_folder, save)
+        report = functools.partial(report_memory, cache.stream, reading.block_folder)
     landmarks = Landmarks(int(model.config.landmark_block_size), landmark_token_id(model), start)
     new = generate_with(
         hf_reader(model, cache, chunk_len),
@@ -194,7 +200,7 @@ def generate(
         max_new_tokens,
         landmarks=landmarks,
         sampling=sampling,
-        hooks=Hooks(() if eos is None else (eos,), on_token, save),
+        hooks=Hooks(() if eos is None else (eos,), on_token, in_order(report, save)),
     )[0]
     out_ids = torch.tensor(new, dtype=torch.long)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""

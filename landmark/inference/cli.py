@@ -157,8 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.load_state is None:  # (a loaded state holds blocks of its own)
             note_k_above_blocks(args.k, max(map(len, ids)) + args.max_new_tokens, cfg.block_size)
         if args.no_stop and args.max_blocks is None and args.block_folder is None:  # its memory is certain
-            stored = Reading.from_args(args).retrieval.storage_dtype or next(model.parameters()).dtype
-            blocks = BlockBytes(cfg, stored.itemsize, args.memory_device or device)
+            model_dtype, retrieval = next(model.parameters()).dtype, Reading.from_args(args).retrieval
+            blocks = BlockBytes.of(cfg, retrieval, model_dtype, args.memory_device or device)
             check_generation_memory([len(i) for i in ids], args.max_new_tokens, blocks, "--max-new-tokens")
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

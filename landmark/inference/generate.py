@@ -65,6 +65,12 @@ class BlockBytes(NamedTuple):
     element_size: int = 4
     device: torch.device | str | None = None
 
+    @classmethod
+    def of(cls, config: ModelConfig, retrieval, model_dtype: torch.dtype, device) -> BlockBytes:
+        """The cost of a model's positions read with ``retrieval`` (a ``RetrievalConfig``: its block
+        dtype, else the model's ``model_dtype``), block contents kept on ``device``."""
+        return cls(config, (retrieval.storage_dtype or model_dtype).itemsize, device)
+
 
 def check_generation_memory(
     prompt_lengths: Sequence[int],
@@ -89,17 +95,28 @@ def check_generation_memory(
         check_fits(positions * per_position, setting, what, blocks.device)
 
 
-def report_memory(cache: RetrievalCache, folder: str, then: Callable[[], None] | None = None) -> None:
-    """Print (stderr) the block memory ``cache`` holds in RAM and maps from the block ``folder``; then
-    ``then()`` (the hook that runs once the prompt is read: saving the state)."""
+def report_memory(cache: RetrievalCache, folder: str) -> None:
+    """Print (stderr) the block memory ``cache`` holds in RAM and maps from the block ``folder``."""
     total = {"ram": 0, "disk": 0}
     for memory in cache.memories:
         for where, n in memory.nbytes().items():
             total[where] += n
     ram, disk = format_bytes(total["ram"]), format_bytes(total["disk"])
     print(f"block memory: {ram} in RAM, {disk} mapped from {folder}", file=sys.stderr)
-    if then is not None:
-        then()
+
+
+def in_order(*steps: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One callable running the ``steps`` that are not None, in order (None when there are none): the
+    hooks that run once the prompts are read."""
+    present = [step for step in steps if step is not None]
+    if not present:
+        return None
+
+    def run() -> None:
+        for step in present:
+            step()
+
+    return run
 
 
 NO_STATE = StateFiles()  # the default: read the prompts, save nothing
@@ -319,29 +336,20 @@ def _check_memory(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         return  # (refused by generate_with)
     retrieval, options, param = session.retrieval, session.cache.options, next(session.model.parameters())
-    stored = retrieval.storage_dtype.itemsize if retrieval.storage_dtype else param.element_size()
     device = options.memory_device or param.device
     bounded = options.max_blocks is not None or retrieval.block_folder  # capped, or kept on disk
-    blocks = None if bounded or not certain else BlockBytes(session.config, stored, device)
+    blocks = None if bounded or not certain else BlockBytes.of(session.config, retrieval, param.dtype, device)
     check_generation_memory([len(p) for p in prompts], max_new_tokens, blocks)
 
 
 def _after_prompt(
     session: InferenceSession, state: StateFiles, then: Callable[[], None] | None
 ) -> Callable[[], None] | None:
-    """What runs once the prompts are read: saving the state (``state.save``), saying where a memory
-    kept in a block folder went, then the caller's ``then``."""
-    steps = [then] if then is not None else []
-    if state.save is not None:
-        steps.insert(0, functools.partial(session.save_state, state.save, overwrite=state.overwrite))
+    """What runs once the prompts are read: saying where a memory kept in a block folder went, saving the
+    state (``state.save``), then the caller's ``then``."""
     folder = session.retrieval.block_folder
-    if folder:  # say where the memory went once the prompts are read
-        steps.insert(0, functools.partial(report_memory, session.cache, folder))
-    if not steps:
-        return None
-
-    def run() -> None:
-        for step in steps:
-            step()
-
-    return run
+    report = functools.partial(report_memory, session.cache, folder) if folder else None
+    save = None
+    if state.save is not None:
+        save = functools.partial(session.save_state, state.save, overwrite=state.overwrite)
+    return in_order(report, save, then)
