@@ -21,6 +21,8 @@ LAZY_IMPORTS = {
     ("landmark.hf.generate", "landmark.hf.retrieval"): "imports transformers at the top (the hf extra)",
     ("landmark.eval.ruler", "landmark.eval.harness"): "imports lm_eval at the top (the lmeval extra)",
     ("landmark.inference.kernel", "torch.utils.cpp_extension"): "only to build the kernel: pulls setuptools",
+    ("landmark", "landmark.ops"): "import landmark stays light: torch loads on first use of an operation",
+    ("landmark.__main__", "landmark.cli"): "Ctrl-C while the command imports torch ends in one line",
 }
 
 

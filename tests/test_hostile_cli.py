@@ -235,6 +235,10 @@ EVAL_CASES = [
     # memory that certainly cannot fit (a MemoryError from numpy before)
     ([*PASSKEY, "--trials", "1000000000000"], "--trials 1000000000000: holding the keys"),
     ([*PASSKEY, "--lengths", "1000000000000"], "--lengths 1000000000000: a prompt of that many tokens"),
+    # a model read with its own attention ignores the retrieval options
+    ([*PPL[:3], "f={full}", *PPL[4:], "--k", "8"], "--k is a retrieval option, and no --model here reads"),
+    ([*PPL[:3], "f={full}", *PPL[4:], "--block-dtype", "int8"], "--block-dtype is a retrieval option"),
+    ([*PASSKEY[:3], "f={full}", *PASSKEY[4:], "--search", "bounded"], "--search is a retrieval option"),
 ]
 
 
@@ -250,6 +254,8 @@ GENERATE_CASES = [
     ([*GENERATE, "--temperature", "-1"], "--temperature"),
     ([*GENERATE, "--temperature", "hot"], "argument --temperature"),
     ([*GENERATE, "--top-p", "0"], "--top-p"),
+    ([*GENERATE, "--temperature", "0", "--top-p", "0.5"], "--top-p 0.5 samples, and --temperature 0"),
+    (["hf", "generate", "--model", "{lm}", "--prompt", "hi", "--top-p", "0.9"], "--top-p 0.9 samples"),
     ([*GENERATE, "--max-new-tokens", "0"], "--max-new-tokens"),
     ([*GENERATE, "--device", "cuda"], "--device"),
     ([*GENERATE, "--device", "quantum"], "--device"),
@@ -558,3 +564,31 @@ def test_ctrl_c_is_one_line_and_exit_130(env, capsys, monkeypatch):
     monkeypatch.setattr(cli_module, "train", interrupted)
     assert main(["train", "any.toml"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted (--resume continues from the last checkpoint)"
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0])
+def test_ctrl_c_while_the_command_starts_is_one_line(delay):
+    """Ctrl-C in the first second, while the command imports torch (before any command runs), ends as
+    Ctrl-C during a command does: "interrupted", exit 130, no traceback."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "landmark", "demo"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.strip()) == (130, "interrupted")
+
+
+def test_import_landmark_is_light():
+    """`import landmark` loads no torch (what lets the command answer Ctrl-C while torch loads), and the
+    operations still come from it on first use."""
+    code = ("import sys, landmark; light = 'torch' not in sys.modules; "
+            "print(light, callable(landmark.landmark_attention), 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        import landmark
+
+        landmark.nothing  # noqa: B018

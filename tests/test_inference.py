@@ -226,6 +226,8 @@ def test_bad_input_errors():
         session.feed(torch.tensor([[5]]))
     with pytest.raises(ValueError, match="must not contain the landmark token"):
         generate(model, [[1, LM, 2]], 3)
+    with pytest.raises(ValueError, match=r"top_p=0\.5 samples, and temperature=0 is greedy"):
+        Sampling(temperature=0, top_p=0.5)
 
 
 @pytest.mark.parametrize("granularity", ["token_head", "token", "head"])

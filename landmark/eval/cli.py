@@ -47,6 +47,7 @@ from landmark.eval.passkey import (
 )
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
 from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-eval
+from landmark.hf.checks import option_name
 from landmark.hf.data import tokenize_corpus
 from landmark.hf.delta import base_mismatch
 from landmark.hf.smollm2 import default_smollm2_dir
@@ -78,12 +79,28 @@ def _load(args: argparse.Namespace):
 
     models = load_models(args.model, resolve_device(args.device))
     check_lengths(args.lengths, models)
+    if not any(m.retrieves for m in models):
+        _check_no_retrieval_options(args)
     for m in models:
         if m.retrieves:
             check_chunk_len(args, m.block_size, f"model {m.name!r}")
             for k in option_values(args.k):
                 note_k_above_blocks(k, max(args.lengths), m.block_size)
     return models
+
+
+def _check_no_retrieval_options(args: argparse.Namespace) -> None:
+    """No ``--model`` reads with retrieval (all read with their own attention): a retrieval option given
+    away from its default (``--k``, ``--block-dtype``, ...) would be ignored: refused."""
+    ks, granularities = option_values(args.k), option_values(args.granularity)
+    readings = [Reading.from_args(args, k=k, granularity=g) for k in ks for g in granularities]
+    names = ["k"] * any(r.k != Reading.k for r in readings)
+    names += [name for r in readings for name in r.retrieval_options_set()]
+    for name in names[:1]:
+        raise ValueError(
+            f"{option_name(name)} is a retrieval option, and no --model here reads with retrieval (each "
+            f"reads with its own attention): drop {option_name(name)}, or evaluate a landmark model"
+        )
 
 
 def _split_tokens(args: argparse.Namespace, tokenizer):

@@ -36,7 +36,7 @@ from landmark.hf.checks import clear_staging, loading, publish
 from landmark.hf.convert import convert, unsupported_config
 from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained, read_meta
 from landmark.hf.finetune import DEPENDENT_SETTINGS, FINETUNE_RULES, FinetuneConfig, finetune
-from landmark.hf.generate import generate, retrieval_options_set
+from landmark.hf.generate import generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
 from landmark.inference.cache import STATE_FORMAT, StateFiles
 from landmark.inference.generate import Sampling
@@ -239,10 +239,11 @@ def _check_generate(args: argparse.Namespace) -> None:
 
 def _check_whole_context(args: argparse.Namespace) -> None:
     """``--k 0`` reads the whole context with the model's own attention: a retrieval option away from its
-    default (``--search``, ``--max-blocks``, ...: ``retrieval_options_set``) would be ignored: refused."""
+    default (``--search``, ``--max-blocks``, ...: ``Reading.retrieval_options_set``) would be ignored:
+    refused."""
     if args.k:
         return
-    for name in retrieval_options_set(Reading.from_args(args))[:1]:
+    for name in Reading.from_args(args).retrieval_options_set()[:1]:
         option = checks.option_name(name)
         raise ValueError(
             f"{option} {getattr(args, name)} is a retrieval option, and --k 0 reads the whole context with "

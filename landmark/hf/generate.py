@@ -40,10 +40,6 @@ from landmark.inference.session import reading_progress
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.optional import require
 
-# Reading fields only the retrieval cache reads: with k=0 (the model's own attention over the whole
-# context, nothing retrieved) they would be ignored, so they must keep their defaults (check_whole_context)
-RETRIEVAL_ONLY = ("granularity", "search", "kernel", "compile", "block_dtype", "block_folder",
-                  "memory_device", "max_blocks")  # fmt: skip
 _DEFAULT_READING = Reading()
 
 
@@ -82,21 +78,16 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
     return read
 
 
-def retrieval_options_set(reading: Reading) -> list[str]:
-    """The fields of RETRIEVAL_ONLY that ``reading`` sets away from their defaults."""
-    return [name for name in RETRIEVAL_ONLY if getattr(reading, name) != getattr(_DEFAULT_READING, name)]
-
-
 def check_whole_context(reading: Reading | None) -> None:
     """A reading with ``k=0`` (exact attention over the whole context) sets no option of the retrieval
-    cache (RETRIEVAL_ONLY) away from its default: it would be ignored.
+    cache (``Reading.retrieval_options_set``) away from its default: it would be ignored.
 
     Raises:
         ValueError: ``reading.search = 'bounded' is an option of the retrieval cache: ...``.
     """
     if reading is None or reading.k:
         return
-    for name in retrieval_options_set(reading)[:1]:
+    for name in reading.retrieval_options_set()[:1]:
         value, default = getattr(reading, name), getattr(_DEFAULT_READING, name)
         raise ValueError(
             f"reading.{name} = {value!r} is an option of the retrieval cache, and k=0 reads the whole "

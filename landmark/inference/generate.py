@@ -52,6 +52,8 @@ class Sampling:
             raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
+        if self.temperature == 0 and self.top_p < 1:
+            raise ValueError(f"top_p={self.top_p} samples, and temperature=0 is greedy: set temperature > 0")
 
 
 GREEDY = Sampling()  # the default: the most likely token

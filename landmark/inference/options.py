@@ -137,9 +137,10 @@ def add_sampling_arguments(
     parser.add_argument(
         "--top-p",
         type=float,
-        default=top_p,
-        help=f"nucleus sampling mass in (0, 1], 1 = off (default {top_p})",
+        default=None,
+        help=f"nucleus sampling mass in (0, 1], 1 = off; only with --temperature > 0 (default {top_p})",
     )
+    parser.set_defaults(default_top_p=top_p)
 
 
 def option_values(value) -> list:
@@ -264,14 +265,20 @@ def note_k_above_blocks(k: int, positions: int, block_size: int) -> None:
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    """``--max-new-tokens`` >= 1, a finite ``--temperature`` >= 0, ``--top-p`` in (0, 1]."""
+    """``--max-new-tokens`` >= 1, a finite ``--temperature`` >= 0, ``--top-p`` in (0, 1] and only where
+    sampling (temperature > 0); ``--top-p`` not given takes the command's default."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}")
-    top_p = getattr(args, "top_p", 1.0)
-    if not 0 < top_p <= 1:
+    top_p = getattr(args, "top_p", None)
+    if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1]; got {top_p}")
+    if top_p is not None and top_p < 1 and args.temperature == 0:
+        raise ValueError(f"--top-p {top_p} samples, and --temperature 0 is greedy: give --temperature > 0, "
+                         "or drop --top-p")  # fmt: skip
+    if top_p is None:  # greedy keeps every token
+        args.top_p = getattr(args, "default_top_p", 1.0) if args.temperature > 0 else 1.0
     check_seed(getattr(args, "seed", None))
 
 
@@ -289,6 +296,12 @@ def check_seed(seed: int | None, option: str = "--seed") -> None:
     """A seed torch's generators take: None (random) or an integer in [0, 2**63 - 1]."""
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"{option} must be an integer in [0, 2**63 - 1]; got {seed}")
+
+
+# Reading fields only the retrieval cache reads, k aside: the model's own attention over the whole context
+# (k=0, or a model without landmarks) would ignore them (Reading.retrieval_options_set)
+RETRIEVAL_ONLY = ("granularity", "search", "kernel", "compile", "block_dtype", "block_folder",
+                  "memory_device", "max_blocks")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -340,6 +353,12 @@ class Reading:
             "memory_device": self.memory_device,
             "max_blocks": self.max_blocks,
         }
+
+    def retrieval_options_set(self) -> list[str]:
+        """The fields only the retrieval cache reads (``RETRIEVAL_ONLY``) that this reading sets away from
+        their defaults: a model read with its own attention would ignore them."""
+        default = Reading()
+        return [name for name in RETRIEVAL_ONLY if getattr(self, name) != getattr(default, name)]
 
     @property
     def options(self) -> dict[str, Any]:
