@@ -15,11 +15,12 @@ the paper's wording, the key at depth 0.5 (:mod:`landmark.eval.passkey`, seed 0)
   flash attention on, its KV cache in f16 or q8_0, ``n_batch`` 512, context = the prompt + the new
   tokens; prompt processing is one ``eval`` of the prompt, decoding one ``eval`` per token.
 
-Reported per row: prompt seconds (wall), prompt tokens/s, decoding milliseconds per token (the mean
-over the new tokens after the first), peak resident memory of the process, and the answer with
-whether it holds the key (quality beside speed: past 8,192 tokens llama.cpp runs the base model
-beyond its trained window). Ratios are llama.cpp's time over ours in the same run. Each measurement
-runs in its own process, ``--threads`` threads on both sides (default 1), wall time.
+Reported per row: prompt seconds (wall and the process's CPU time), prompt tokens/s, decoding
+milliseconds per token (the mean over the new tokens after the first; wall and CPU), peak resident
+memory of the process, and the answer with whether it holds the key (quality beside speed: past 8,192
+tokens llama.cpp runs the base model beyond its trained window). Ratios are llama.cpp's time over ours
+in the same run, on CPU time (what other work on a shared machine inflates least) and on wall time. Each
+measurement runs in its own process, ``--threads`` threads on both sides (default 1).
 
 llama-cpp-python is an optional benchmark dependency, compiled from source by pip (most of an hour
 on two busy cores). Build the wheel once, outside git, and install it from there::
@@ -91,11 +92,11 @@ def landmark_worker(length: int, args: argparse.Namespace, reading) -> dict:
     os.environ["LANDMARK_THREADS"] = str(args.threads)
     model, tokenizer = landmark.hf.load_pretrained(args.model)
     ids, key = prompt_and_key(tokenizer, length)
-    stamps: list[float] = []
-    t0 = time.perf_counter()
+    stamps: list[tuple[float, float]] = []
+    t0 = _now()
     text, _ = landmark.hf.generate(
         model.eval(), tokenizer, torch.tensor(ids), args.new_tokens, sampling=Sampling(),
-        reading=reading, on_token=lambda _row, _token: stamps.append(time.perf_counter()),
+        reading=reading, on_token=lambda _row, _token: stamps.append(_now()),
     )  # fmt: skip
     return {**_row("landmark", length, t0, stamps, text, key), "reading": dataclasses.asdict(reading)}
 
@@ -118,30 +119,39 @@ def llamacpp_worker(system: str, length: int, args: argparse.Namespace) -> dict:
         n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True, type_k=kv,
         type_v=kv, verbose=False,
     )  # fmt: skip
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     new: list[int] = []
-    t0 = time.perf_counter()
+    t0 = _now()
     llm.eval(ids)
     for _ in range(args.new_tokens):
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
         token = int(logits.argmax())  # greedy, as the landmark side
         new.append(token)
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
         if token == llm.token_eos():
             break
         llm.eval([token])
     return _row(system, length, t0, stamps, tokenizer.decode(new, skip_special_tokens=True), key)
 
 
-def _row(system: str, length: int, t0: float, stamps: list[float], text: str, key: str) -> dict:
-    """One result row from the start time and each new token's time stamp."""
-    prompt_s = stamps[0] - t0
-    decode = [b - a for a, b in itertools.pairwise(stamps)]
+def _now() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: every thread's)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _row(system: str, length: int, t0: tuple, stamps: list[tuple], text: str, key: str) -> dict:
+    """One result row from the start's and each new token's (wall, CPU) time stamps."""
+    prompt_s, prompt_cpu_s = stamps[0][0] - t0[0], stamps[0][1] - t0[1]
+
+    def per_token_ms(i: int) -> float | None:
+        steps = [b[i] - a[i] for a, b in itertools.pairwise(stamps)]
+        return 1000 * sum(steps) / len(steps) if steps else None
+
     return {
         "system": system, "length": length, "prompt_s": prompt_s, "prompt_tokens_per_s": length / prompt_s,
-        "decode_ms_per_token": 1000 * sum(decode) / len(decode) if decode else None,
-        "new_tokens": len(stamps), "peak_rss_mb": peak_rss_mb(), "answer": text, "key": key,
-        "found": key in text,
+        "prompt_cpu_s": prompt_cpu_s, "decode_ms_per_token": per_token_ms(0),
+        "decode_cpu_ms_per_token": per_token_ms(1), "new_tokens": len(stamps), "peak_rss_mb": peak_rss_mb(),
+        "answer": text, "key": key, "found": key in text,
     }  # fmt: skip
 
 
@@ -166,41 +176,53 @@ def run_one(system: str, length: int, args: argparse.Namespace, reading) -> dict
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """llama.cpp's prompt time and decoding time per token over the landmark model's, per length."""
+    """llama.cpp's prompt time and decoding time per token over the landmark model's, per length: wall
+    time (``reading_x``, ``decoding_x``) and CPU time (``reading_cpu_x``, ``decoding_cpu_x``, what a
+    machine shared with other work does not inflate)."""
     ours = {r["length"]: r for r in rows if r["system"] == "landmark" and "prompt_s" in r}
     out = []
     for r in rows:
         mine = ours.get(r["length"])
         if r["system"] == "landmark" or mine is None or "prompt_s" not in r:
             continue
-        decode = None
-        if r["decode_ms_per_token"] and mine["decode_ms_per_token"]:
-            decode = r["decode_ms_per_token"] / mine["decode_ms_per_token"]
-        reading = r["prompt_s"] / mine["prompt_s"]
-        out.append(
-            {"length": r["length"], "against": r["system"], "reading_x": reading, "decoding_x": decode}
-        )
+        row = {"length": r["length"], "against": r["system"]}
+        for name, field in (
+            ("reading_x", "prompt_s"),
+            ("decoding_x", "decode_ms_per_token"),
+            ("reading_cpu_x", "prompt_cpu_s"),
+            ("decoding_cpu_x", "decode_cpu_ms_per_token"),
+        ):
+            theirs, ours_ = r.get(field), mine.get(field)
+            row[name] = theirs / ours_ if theirs and ours_ else None
+        out.append(row)  # fmt: skip
     return out
 
 
 def table(rows: list[dict], speedups: list[dict]) -> str:
-    lines = ["| system | tokens | prompt s | prompt tok/s | decode ms/token | peak RSS MB | key found |",
-             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| system | tokens | prompt s | prompt CPU s | decode ms/token | decode CPU ms/token "
+             "| peak RSS MB | key found |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in rows:
         if "prompt_s" not in r:
             why = r.get("unavailable") or r.get("error")
-            lines.append(f"| {r['system']} | {r['length']} | {why} | | | | |")
+            lines.append(f"| {r['system']} | {r['length']} | {why} | | | | | |")
             continue
-        decode = f"{r['decode_ms_per_token']:.1f}" if r["decode_ms_per_token"] else "-"
-        speed = f"{r['prompt_s']:.1f} | {r['prompt_tokens_per_s']:.0f}"
-        lines.append(
-            f"| {r['system']} | {r['length']} | {speed} | {decode} | {r['peak_rss_mb']:.0f} | {r['found']} |"
-        )
+        cells = [_fmt(r.get(name)) for name in ("prompt_s", "prompt_cpu_s", "decode_ms_per_token",
+                                                "decode_cpu_ms_per_token")]  # fmt: skip
+        lines.append(f"| {r['system']} | {r['length']} | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['found']} |")  # fmt: skip
     for s in speedups:
-        decode = f"{s['decoding_x']:.2f}x" if s["decoding_x"] else "-"
-        lines.append(f"\nat {s['length']} tokens, {s['against']} / landmark: reading {s['reading_x']:.2f}x, "
-                     f"decoding {decode}")  # fmt: skip
+        x = {name: f"{s[name]:.2f}x" if s.get(name) else "-" for name in
+             ("reading_x", "decoding_x", "reading_cpu_x", "decoding_cpu_x")}  # fmt: skip
+        lines.append(
+            f"\nat {s['length']} tokens, {s['against']} / landmark: reading {x['reading_cpu_x']} "
+            f"(CPU time; wall {x['reading_x']}), decoding {x['decoding_cpu_x']} "
+            f"(wall {x['decoding_x']})"
+        )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> None:

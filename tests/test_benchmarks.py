@@ -486,6 +486,7 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
         positive(ours["prompt_s"]) and positive(ours["decode_ms_per_token"]) and positive(ours["peak_rss_mb"])
     )
     assert ours["prompt_tokens_per_s"] == pytest.approx(256 / ours["prompt_s"])
+    assert positive(ours["prompt_cpu_s"]) and positive(ours["decode_cpu_ms_per_token"])
     assert ours["key"].isdigit() and ours["found"] == (ours["key"] in ours["answer"])
     assert theirs["system"] == "llama.cpp q8_0" and theirs["length"] == 256
     if importlib.util.find_spec("llama_cpp") is None:
@@ -495,6 +496,7 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
         assert positive(theirs["prompt_s"]) and theirs["key"] == ours["key"]  # the same prompt
         (ratio,) = record["ratios"]
         assert ratio["against"] == "llama.cpp q8_0" and positive(ratio["reading_x"])
+        assert ratio["reading_cpu_x"] == pytest.approx(theirs["prompt_cpu_s"] / ours["prompt_cpu_s"])
 
 
 def test_superblock_bounds_smoke(tiny_hf, tmp_path):
