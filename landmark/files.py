@@ -69,6 +69,14 @@ def os_error_of(err: BaseException) -> OSError | None:
     return None
 
 
+def first_line(err: BaseException) -> str:
+    """The telling line of an error's message, for a one-line error: a ``size mismatch`` line if any
+    (torch's state-dict errors), else the first non-empty one (the type's name if none), at most 200
+    characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if "size mismatch" in line), lines[0])[:200]
+
+
 def os_error_text(err: OSError) -> str:
     """``No space left on device (ENOSPC)``: the reason of an OSError with its errno name."""
     reason = err.strerror or str(err) or type(err).__name__
@@ -421,3 +429,33 @@ def check_not_input(
                 f"{name} {out} {relation} {option} {folder}, which this command reads: write the output to "
                 "another folder"
             )
+
+
+def models_held(folder: str | Path) -> str | None:
+    """What kind of model ``folder`` holds, if any: ``"a model"`` (a config.json beside weights in
+    .safetensors files, or a delta.json), ``"a training run"`` (a config.json beside metrics.jsonl), or
+    ``"prepared data"`` (a tokenizer.json beside token arrays); None for anything else."""
+    try:
+        names = {p.name for p in Path(folder).iterdir()}
+    except OSError:  # not a folder, or unreadable: the output's own checks name it
+        return None
+    suffixes = {Path(n).suffix for n in names}
+    if "delta.json" in names or ("config.json" in names and ".safetensors" in suffixes):
+        return "a model"
+    if {"config.json", "metrics.jsonl"} <= names:
+        return "a training run"
+    if "tokenizer.json" in names and ".bin" in suffixes:
+        return "prepared data"
+    return None
+
+
+def check_results_folder(out: str | Path, name: str = "--out") -> None:
+    """A folder that receives results beside what it holds (the evaluations, the quickstart) holds no
+    model, training run or prepared data: results would land among their files.
+
+    Raises:
+        ValueError: ``--out X holds a model: write the results to another folder``.
+    """
+    held = models_held(out)
+    if held is not None:
+        raise ValueError(f"{name} {out} holds {held}: write the results to another folder")

@@ -47,7 +47,7 @@ from landmark.eval.passkey import (
     plot_passkey,
 )
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
-from landmark.files import check_not_input, write_text_atomic
+from landmark.files import check_not_input, check_results_folder, write_text_atomic
 from landmark.hf.delta import is_delta, read_meta, resolve_base
 from landmark.inference.options import (
     Reading,
@@ -129,6 +129,7 @@ def _check_options(args: argparse.Namespace) -> None:
     inputs = [(args.checkpoint, "--checkpoint"), (args.base, "--base")]
     inputs += [] if args.no_hf else [(args.hf_model, "--hf-model")]
     check_not_input(out, inputs, parents_ok=True)
+    check_results_folder(out)
 
 
 # options whose default is filled in after the check of what was given (None: not given)

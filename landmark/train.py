@@ -59,7 +59,14 @@ from landmark.checkpoint import (
 from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
 from landmark.data.dataset import PreparedFolderError
 from landmark.data.passkey import BookHaystack, PasskeyMixSampler
-from landmark.files import FolderInUseError, RunLock, os_error_text, write_json_atomic, write_text_atomic
+from landmark.files import (
+    FolderInUseError,
+    RunLock,
+    first_line,
+    os_error_text,
+    write_json_atomic,
+    write_text_atomic,
+)
 from landmark.model import GPT, ModelConfig
 from landmark.train_config import (
     ConfigError,
@@ -191,7 +198,7 @@ def _agree(d: _Dist, fn: Callable[[], T]) -> T:
     except Exception as err:  # re-raised below, on this process and on all the others
         error = err
     messages: list[str | None] = [None] * d.world
-    dist.all_gather_object(messages, None if error is None else _first_line(error))
+    dist.all_gather_object(messages, None if error is None else first_line(error))
     if error is not None:
         raise error
     failed = next((m for m in messages if m is not None), None)
@@ -527,7 +534,7 @@ def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | Non
         saved = checkpoint.model_config
     except Exception as err:  # a hand-edited config.json: KeyError, TypeError, ZeroDivisionError, ...
         raise CheckpointError(
-            f"{checkpoint.path / RUN_CONFIG_FILE}: invalid model settings ({_first_line(err)})"
+            f"{checkpoint.path / RUN_CONFIG_FILE}: invalid model settings ({first_line(err)})"
         ) from None
     diff = model_config_diff(saved, data.model_config)
     if diff:
@@ -594,7 +601,7 @@ def _restore(
         raise
     except Exception as err:  # safetensors and torch raise several kinds
         raise CheckpointError(
-            f"{where / WEIGHTS_FILE} cannot be loaded into the model ({_first_line(err)}): the file is "
+            f"{where / WEIGHTS_FILE} cannot be loaded into the model ({first_line(err)}): the file is "
             "damaged or belongs to another model"
         ) from None
     try:
@@ -613,15 +620,8 @@ def _restore(
         raise
     except Exception as err:  # torch.load and load_state_dict raise several kinds
         raise CheckpointError(
-            f"{where / STATE_FILE} cannot be loaded ({_first_line(err)}): the file is damaged or missing"
+            f"{where / STATE_FILE} cannot be loaded ({first_line(err)}): the file is damaged or missing"
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    """The telling line of an exception's message (a ``size mismatch`` line if any, else the first
-    non-empty one), at most 200 characters."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    return next((line for line in lines if "size mismatch" in line), lines[0])[:200]
 
 
 def _hold(lock: RunLock) -> None:

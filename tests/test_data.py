@@ -367,6 +367,19 @@ def test_prepare_writes_memmaps_and_reuses_them(corpus_dir, tmp_path, monkeypatc
     assert np.array_equal(again.splits["train"].tokens, data.splits["train"].tokens)
 
 
+def test_a_damaged_tokenizer_is_trained_again_with_a_warning(corpus_dir, tmp_path, capsys):
+    """A prepared folder whose tokenizer.json was cut short: said on stderr, then trained again (the same
+    tokenizer: the training is deterministic), and the token arrays kept."""
+    out = tmp_path / "prepared"
+    tok = prepare_data(corpus_dir, out, vocab_size=300, progress=False).tokenizer
+    text = (out / "tokenizer.json").read_text()
+    (out / "tokenizer.json").write_text(text[: len(text) // 2])
+    again = prepare_data(corpus_dir, out, vocab_size=300, progress=False)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {out / 'tokenizer.json'} is damaged (") and "training it again" in err
+    assert again.tokenizer.fingerprint == tok.fingerprint == Tokenizer.load(out).fingerprint
+
+
 def test_prepare_redoes_what_the_corpus_change_touches(tmp_path, bpe):
     root = make_folder(tmp_path / "c", n_docs=6)
     out = tmp_path / "prepared"

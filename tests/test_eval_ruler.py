@@ -280,13 +280,38 @@ def test_lm_eval_command_line_runs_the_landmark_model(folders, tmp_path):
     assert report["config"]["model"] == "landmark" and "1024,none" in report["results"]["niah_single_1"]
 
 
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        ("pretrained={missing},k=4", "--model_args pretrained={missing}: the folder does not exist"),
+        ('{{"pretrained": "{missing}"}}', "--model_args pretrained={missing}: the folder does not exist"),
+        ("k=4", "--model_args needs pretrained=FOLDER for --model landmark"),
+    ],
+)
+def test_lm_eval_model_folder_is_checked_before_lm_eval_starts(model_args, message, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """A missing ``pretrained=`` folder is said before lm_eval builds its tasks (it took ~11 s)."""
+    from landmark.eval import ruler
+
+    monkeypatch.setattr(ruler, "_harness", lambda: pytest.fail("lm_eval started"))
+    missing = tmp_path / "missing"
+    args = ["eval", "lm-eval", "--model=landmark", "--model_args", model_args.format(missing=missing),
+            "--tasks", "niah_single_1"]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "error: lm_eval: " + message.format(missing=missing) + (
+        " (a local model folder is expected; nothing is downloaded)"
+        if "exist" in message
+        else " (a landmark model)"
+    )
+
+
 def test_lm_eval_errors_are_one_line(tmp_path, capsys):
     """A --model_args value lm_eval hands to the landmark model, or a task it does not know: one line,
     exit 2 (lm_eval's own command line ended in a traceback)."""
-    args = ["eval", "lm-eval", "--model", "landmark", "--model_args", f"pretrained={tmp_path / 'missing'}",
+    args = ["eval", "lm-eval", "--model", "landmark", "--model_args", f"pretrained={tmp_path},k=zero",
             "--tasks", "niah_single_1", "--limit", "1", "--device", "cpu"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err  # (lm_eval logs its own warnings before)
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error")] == [err.strip().splitlines()[-1]]
-    assert err.strip().splitlines()[-1].startswith("error: lm_eval: --model landmark") and "missing" in err
+    assert err.strip().splitlines()[-1].startswith("error: lm_eval: ")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from landmark.data.books import bundled_books, cache_root
 from landmark.data.corpus import Corpus, CorpusError, Document, read_corpus
 from landmark.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
-from landmark.files import write_json_atomic
+from landmark.files import first_line, write_json_atomic
 
 FORMAT = "landmark-tokens-v1"
 BATCH_CHARS = 1 << 21  # text tokenised per call to the (multi-threaded) batch encoder
@@ -219,11 +220,16 @@ def _bpe_tokenizer(corpus: Corpus, folder: Path, vocab_size: int, progress: bool
     source = {"kind": "bpe", "vocab_size": vocab_size, "corpus": corpus.fingerprint("train")}
     source_path = folder / "tokenizer.source.json"
     try:
-        if json.loads(source_path.read_text(encoding="utf-8")) == source:
+        same = json.loads(source_path.read_text(encoding="utf-8")) == source
+    except (OSError, ValueError):  # missing, unreadable or written by another version: train again
+        same = False
+    if same:
+        try:
             return Tokenizer.load(folder)
-    except Exception:  # missing, unreadable or written by another version: train again
-        pass
-    if progress and (folder / "tokenizer.json").is_file():  # prepared before with other settings
+        except Exception as err:  # the tokenizers library's own error type: a damaged file
+            print(f"warning: {folder / 'tokenizer.json'} is damaged ({first_line(err)}): training it again",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    elif progress and (folder / "tokenizer.json").is_file():  # prepared before with other settings
         print(f"note: {folder} was prepared with another tokenizer or corpus: replacing it", flush=True)
     if progress:
         print(f"training a {vocab_size}-token BPE on {len(corpus.splits['train'])} documents ...", flush=True)

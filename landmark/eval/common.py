@@ -18,7 +18,12 @@ from landmark.eval.models import (
     load_models,
     parse_model_arg,
 )
-from landmark.files import check_not_input, write_json_atomic, write_text_atomic  # noqa: F401 - the writers
+from landmark.files import (  # noqa: F401 - the writers
+    check_not_input,
+    check_results_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
 
@@ -103,6 +108,7 @@ def check_common_arguments(args: Any) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
     check_not_input(out, input_folders(args), parents_ok=True)
+    check_results_folder(out)
 
 
 def input_folders(args: Any) -> list[tuple[str, str]]:

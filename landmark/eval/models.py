@@ -45,6 +45,7 @@ from landmark.model import ATTENTION_KINDS
 from landmark.optional import require
 
 HF_PREFIX = "hf:"  # --model NAME=hf:PATH: a Hugging Face model folder
+LM_EVAL_MODEL = "landmark"  # lm_eval --model landmark (registered by landmark.eval.harness)
 RETRIEVAL_KINDS = ("landmark", "hf-landmark")  # read with top-k retrieval (--k, --granularity, ...)
 KINDS = (*ATTENTION_KINDS, "hf-landmark", "hf")
 

@@ -33,7 +33,7 @@ from landmark.eval.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from landmark.eval.models import HF_PREFIX, parse_model_arg
+from landmark.eval.models import HF_PREFIX, LM_EVAL_MODEL, parse_model_arg
 from landmark.eval.ruler_data import (
     default_ruler_dir,
     is_prepared,
@@ -41,6 +41,7 @@ from landmark.eval.ruler_data import (
     ruler_environment,
     use_prepared_ruler,
 )
+from landmark.files import first_line
 from landmark.hf.checks import TOKENIZER_FILES
 from landmark.inference.options import (
     Reading,
@@ -356,6 +357,47 @@ def cmd_prepare_ruler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval_option(argv: list[str], name: str) -> str | None:
+    """The value of lm_eval's option ``name`` in ``argv`` (``--name V`` or ``--name=V``; the last one)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def check_lm_eval_model(argv: list[str]) -> None:
+    """``--model landmark``'s ``pretrained=`` folder exists, checked before lm_eval starts: it builds
+    its tasks (seconds to minutes) before it loads the model. ``--model_args`` as ``k=v,...`` or JSON.
+
+    Raises:
+        ValueError: ``--model_args pretrained=FOLDER: the folder does not exist ...``.
+    """
+    if _lm_eval_option(argv, "--model") != LM_EVAL_MODEL:
+        return
+    text = (_lm_eval_option(argv, "--model_args") or "").strip()
+    try:
+        pairs = (
+            json.loads(text)
+            if text.startswith("{")
+            else dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+        )
+    except json.JSONDecodeError:
+        return  # lm_eval names it
+    folder = pairs.get("pretrained") if isinstance(pairs, dict) else None
+    if folder is None:
+        raise ValueError(
+            f"--model_args needs pretrained=FOLDER for --model {LM_EVAL_MODEL} (a landmark model)"
+        )
+    if not Path(str(folder)).is_dir():
+        raise ValueError(
+            f"--model_args pretrained={folder}: the folder does not exist (a local model folder is expected; "
+            "nothing is downloaded)"
+        )
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("lm_eval") is None:
         print(
@@ -364,10 +406,10 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        check_lm_eval_model(args.lm_eval_args)
         return _harness().main(args.lm_eval_args)
     except (ValueError, FileNotFoundError) as err:  # a bad --model_args value, an unknown task: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: lm_eval: {first}", file=sys.stderr)
+        print(f"error: lm_eval: {first_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from safetensors import SafetensorError  # a dependency of transformers
 
-from landmark.files import replace_folder
+from landmark.files import first_line, replace_folder
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -109,7 +109,7 @@ def check_model_folder(path: str | Path, name: str = DEFAULT_NAME, files: bool =
     try:
         json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{name} {path}: config.json is not valid JSON ({_one_line(err)})") from None
+        raise ValueError(f"{name} {path}: config.json is not valid JSON ({first_line(err)})") from None
     for kind, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)) if files else ():
         if not any((path / f).is_file() for f in names):
             raise ValueError(f"{name} {path} is not a model folder (no {kind}: none of {', '.join(names)})")
@@ -163,7 +163,7 @@ def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:
-        raise ValueError(f"{name} {path}: cannot load the model: {_one_line(err)}") from None
+        raise ValueError(f"{name} {path}: cannot load the model: {first_line(err)}") from None
 
 
 def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> Path:
@@ -213,9 +213,3 @@ def for_option(err: ValueError, option: str) -> ValueError:
     if text.startswith(DEFAULT_NAME + " "):
         return ValueError(option + text[len(DEFAULT_NAME) :])
     return ValueError(f"{option}: {text}")
-
-
-def _one_line(err: BaseException) -> str:
-    """The first line of an error's message."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
