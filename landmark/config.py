@@ -34,6 +34,11 @@ IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton")
 FINETUNE_SUMMARY_FILE: str = "landmark-finetune.json"  # next to the saved model: settings and losses
 LORA_ADAPTER_FOLDER: str = "lora-adapter"  # with LoRA: the peft adapter, inside the output folder
 
+# CPU threads per process (`train.threads`, `LANDMARK_THREADS`, `InferenceSession(threads=)`): beyond the
+# logical CPUs of the largest machines more threads only wait at every barrier, and each costs a stack and
+# a process-table entry (a million asked for ran the machine out of processes).
+MAX_THREADS: int = 1024
+
 # Gradient accumulation (`train.grad_accum`, `hf finetune --grad-accum`): each micro-batch adds 1/N of its
 # gradient to float32 sums; past 2**24 (float32's 24-bit significand) such shares no longer change the
 # sums they are added to, so the further micro-batches of a larger N would be computed and then lost.

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from landmark import model as model_module
-from landmark.config import MAX_GRAD_ACCUM
+from landmark.config import MAX_GRAD_ACCUM, MAX_THREADS
 from landmark.data.books import cache_root
 from landmark.data.passkey import PasskeyMix
 from landmark.data.tokenizer import GPT2_FILES, MAX_BPE_VOCAB, MIN_BPE_VOCAB
@@ -308,7 +308,8 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
         (t.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = batch_size)", t.eval_batch_size),
         (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)", t.keep_checkpoints),
         (t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}", t.device),
-        (t.threads >= 0, "train.threads must be >= 0 (0 = torch's default)", t.threads),
+        (0 <= t.threads <= MAX_THREADS, f"train.threads must be in [0, {MAX_THREADS}] (0 = torch's default)",
+         t.threads),
         (bool(t.out_dir), "train.out_dir must name a folder", t.out_dir),
     ]
 

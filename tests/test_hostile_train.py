@@ -110,6 +110,7 @@ BAD_VALUES = [
     ("train.max_minutes=inf", "train.max_minutes must be >= 0 and finite"),
     ("train.betas=[0.9, 1.0]", "train.betas must be two numbers in [0, 1)"),
     ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
+    ("train.threads=1000000", "train.threads must be in [0, 1024]"),  # ran the machine out of processes
     # beyond 2**24 micro-batches a float32 gradient sum takes in no more shares (it ran until killed)
     ("train.grad_accum=1000000000000", "train.grad_accum must be <= 16,777,216 (2**24: gradients are"),
     ('train.device="tpu"', "train.device must be one of auto, cpu, cuda; got 'tpu'"),

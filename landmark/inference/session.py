@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from landmark.config import MAX_THREADS
 from landmark.data.landmarks import insert_landmarks, landmark_targets
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
@@ -122,8 +123,9 @@ class InferenceSession:
                                     retrieval=self.retrieval, options=cache_options)  # fmt: skip
         self.chunk_len = cache_options.chunk_len
         self.threads = inference_threads() if threads is None else threads
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
-            raise ValueError(f"threads must be an integer >= 1; got {threads!r}")
+        whole = isinstance(self.threads, int) and not isinstance(self.threads, bool)
+        if not whole or not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}]; got {threads!r}")
         param = next(model.parameters())
         self.device = param.device
         self.cache.prepare(batch_size, cfg.n_kv_head, cfg.head_dim, param.dtype, param.device)

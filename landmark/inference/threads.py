@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
+from landmark.config import MAX_THREADS
+
 DEFAULT_THREADS = 1  # see the module docstring
 ENV = "LANDMARK_THREADS"
 
@@ -36,8 +38,8 @@ def inference_threads() -> int:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1:
-        raise ValueError(f"{ENV} must be an integer >= 1; got {value!r}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{ENV} must be an integer in [1, {MAX_THREADS}]; got {value!r}")
     return n
 
 
