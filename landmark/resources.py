@@ -26,6 +26,27 @@ ADAMW_BYTES_PER_PARAMETER = 4 * FLOAT32  # weight, gradient, exp_avg, exp_avg_sq
 _UNITS = ("bytes", "KB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # where a model or block memory may live
+
+
+def check_device(value: str | torch.device | None, option: str = "--device") -> None:
+    """Refuse a device name torch does not know, or a device this machine does not have (a ValueError
+    naming ``option``)."""
+    if value is None:
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{option} {value!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{option} {value!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {value}: this torch has no CUDA device (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 class ResourceError(ValueError):
     """Work that certainly cannot fit in this machine's memory; the one-line message names the setting."""
 

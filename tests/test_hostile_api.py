@@ -14,10 +14,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(REPO, "checkpoints", "passkey-landmark")
 
 
-@pytest.mark.parametrize("device", ["bogus", "cuda:x", 3.5])
-def test_an_unknown_memory_device_is_a_value_error(device):
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("bogus", "is not a device"), ("cuda:x", "is not a device"), (3.5, "is not a device"),
+     ("meta", "expected cpu, cuda or cuda:N"), ("cuda", "no CUDA device")],  # fmt: skip
+)
+def test_an_unknown_memory_device_is_a_value_error(device, message):
+    """A device torch does not know, one blocks cannot live on ("meta": the answers were garbage), or
+    one this machine does not have (an AssertionError from torch before)."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"
+        message = "CUDA device(s) here"
     model, _, _ = load_model(SMALL)
-    with pytest.raises(ValueError, match="memory_device must be a device"):
+    with pytest.raises(ValueError, match=f"memory_device .*{message}"):
         InferenceSession(model, 1, memory_device=device)
 
 
@@ -100,3 +111,17 @@ def test_a_temperature_near_zero_samples_the_best_token():
         for top_p in (1.0, 0.5):
             token = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(1))
             assert torch.equal(token, logits.argmax(dim=-1))
+
+
+
+def test_a_top_p_near_zero_samples_the_best_token():
+    """top_p=1e-300 compared as 0 in float32: the nucleus kept no token and torch.multinomial raised. The
+    best token is always in the nucleus."""
+    import torch
+
+    from landmark.inference.generate import sample_next
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for top_p in (1e-300, 5e-324, 1e-9):
+        token = sample_next(logits, 1.0, top_p, torch.Generator().manual_seed(1))
+        assert torch.equal(token, logits.argmax(dim=-1))

@@ -551,6 +551,20 @@ def test_an_evaluation_with_a_k_above_the_blocks_of_its_lengths_says_so(env, cap
     assert "note: --k 1000000000 is above the" in capsys.readouterr().err
 
 
+def test_kernel_triton_on_the_cpu_needs_the_interpreter(env, capsys, monkeypatch):
+    """``--kernel triton`` where no CUDA device reads and the interpreter is off: one line before the model
+    loads (a RuntimeError "0 active drivers" from triton inside the first forward before)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = [*GENERATE, "--kernel", "triton", "--device", "cpu"]
+    _refused(env, _fill(argv, env), "--kernel triton runs on a CUDA GPU; the model reads on cpu", capsys,
+             monkeypatch)  # fmt: skip
+    from landmark.inference import generate
+
+    model, _, _ = load_model(env["lm"])
+    with pytest.raises(ValueError, match='kernel="triton" runs on a CUDA device; the model is on cpu'):
+        generate(model, [list(range(3, 3 + 3 * BS))], 2, kernel="triton", k=2)
+
+
 def test_ctrl_c_is_one_line_and_exit_130(env, capsys, monkeypatch):
     """Ctrl-C during any command: "interrupted" (with how to resume, for training), exit 130, no
     traceback; outputs are written atomically, so nothing half-written stays."""

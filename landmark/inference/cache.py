@@ -39,6 +39,7 @@ from landmark.inference.memory import STORAGE_DTYPES, BlockMemory, MemoryOptions
 from landmark.inference.retrieval import RetrievalConfig, StepStats, plan_step, retrieval_attention
 from landmark.inference.search import IndexOptions, LandmarkIndex
 from landmark.inference.step import LayerInputs, Step
+from landmark.resources import check_device
 
 DEFAULT_CHUNK_LEN = 256  # positions per prefill chunk (the paper uses 250 tokens)
 MAX_CHUNK_LEN = 2**20  # positions per chunk at most (a chunk's activations are held at once)
@@ -185,12 +186,8 @@ class CacheOptions:
         if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
             raise ValueError(f"max_blocks must be >= 1 or None (unlimited); got {blocks!r}")
         if self.memory_device is not None:
-            try:
-                object.__setattr__(self, "memory_device", torch.device(self.memory_device))
-            except (RuntimeError, TypeError):
-                raise ValueError(
-                    f"memory_device must be a device such as 'cpu' or 'cuda'; got {self.memory_device!r}"
-                ) from None
+            check_device(self.memory_device, "memory_device")
+            object.__setattr__(self, "memory_device", torch.device(self.memory_device))
 
     @classmethod
     def pick(cls, fields: dict) -> tuple[CacheOptions, dict]:

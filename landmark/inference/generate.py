@@ -138,6 +138,7 @@ def sample_next(
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # the smallest set reaching top_p
+        keep[..., 0] = True  # the best token always (a top_p below float32's range compared as 0)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -28,10 +28,11 @@ from landmark.files import path_problem
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, check_state_destination
 from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, MAX_K, SEARCHES, RetrievalConfig
+from landmark.ops.support import triton_runs_on
+from landmark.resources import check_device
 
 _DEFAULT = RetrievalConfig()
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
-DEVICE_TYPES = ("cpu", "cuda")  # where a model or block memory may live
 _SEVERAL = "; several values: one evaluation each"
 
 
@@ -157,24 +158,6 @@ def check_distinct(option: str, values: list) -> None:
         )
 
 
-def check_device(value: str | None, option: str = "--device") -> None:
-    """Refuse a device name torch does not know, or a device this machine does not have."""
-    if value is None:
-        return
-
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"{option} {value!r} is not a device: expected cpu, cuda or cuda:N") from None
-    if device.type not in DEVICE_TYPES:
-        raise ValueError(f"{option} {value!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{option} {value}: this torch has no CUDA device (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{option} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
-
-
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``: where the model runs (checked by :func:`check_device`, defaulted by
     :func:`resolve_device`); the same option for ``generate``, ``hf generate`` and ``eval``."""
@@ -214,9 +197,21 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
         problem = path_problem(Path(args.block_folder), folder=True, writable=True)
         if problem is not None:
             raise ValueError(f"--block-folder {args.block_folder} {problem}")
+    if args.kernel == "triton" and "device" in args:
+        _check_triton_device(args.device)
     if args.search == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ValueError('--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"')
     _check_state_arguments(args, ks)
+
+
+def _check_triton_device(device: str | None) -> None:
+    """``--kernel triton`` with ``--device``: a CUDA device, or the Triton interpreter."""
+    check_device(device, "--device")
+    if not triton_runs_on(resolve_device(device)):
+        raise ValueError(
+            f"--kernel triton runs on a CUDA GPU; the model reads on {resolve_device(device)} here "
+            "(TRITON_INTERPRET=1 runs it on the CPU, slowly): use --kernel auto"
+        )
 
 
 def _check_state_arguments(args: argparse.Namespace, ks: list[int]) -> None:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from landmark.inference.memory import BlockStore
 from landmark.inference.step import Selection
+from landmark.ops.support import triton_runs_on
 
 
 @triton.jit
@@ -141,6 +142,11 @@ def attend_selected(
     Returns:
         (B, H, C, D) outputs in ``q_att``'s dtype (zero on padding rows).
     """
+    if not triton_runs_on(q_att.device):
+        raise ValueError(
+            f'kernel="triton" runs on a CUDA device; the model is on {q_att.device} (TRITON_INTERPRET=1, set '
+            'before triton is imported, runs it on the CPU, slowly): use kernel="auto" there'
+        )
     batch, heads, rows, slots, dim = q_att.shape
     k_sel = selection.blocks.shape[-1]
     kv_heads, capacity, _, bs = store.keys.shape[1:]

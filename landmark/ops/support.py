@@ -13,10 +13,15 @@ from torch import Tensor
 from landmark.config import TRITON_BLOCK_SIZES, TRITON_FP64_MAX_TILE, TRITON_MAX_HEAD_DIM
 
 
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether Triton kernels can run on ``device``: a CUDA device, or any with ``TRITON_INTERPRET=1``
+    (the interpreter, set before triton is imported)."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_unsupported_reason(q: Tensor, block_size: int) -> str | None:
     """None if the fused Triton kernel can run on these inputs, else a sentence saying why not."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not (q.is_cuda or interpret):
+    if not triton_runs_on(q.device):
         return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU)"
     if block_size not in TRITON_BLOCK_SIZES:
         return f"block_size must be one of {TRITON_BLOCK_SIZES} for the Triton kernel; got {block_size}"
