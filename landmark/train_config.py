@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -31,7 +32,7 @@ from landmark.data.books import cache_root
 from landmark.data.passkey import PasskeyMix
 from landmark.data.tokenizer import GPT2_FILES, MAX_BPE_VOCAB, MIN_BPE_VOCAB
 from landmark.data.wordings import TRAINING_WORDINGS
-from landmark.files import is_within, path_problem
+from landmark.files import is_within, models_held, path_problem
 from landmark.model import ModelConfig, first_failure
 from landmark.model import is_finite_real as _finite
 from landmark.ops.support import triton_unsupported_reason
@@ -308,8 +309,11 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str, Any]]:
         (t.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = batch_size)", t.eval_batch_size),
         (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)", t.keep_checkpoints),
         (t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}", t.device),
-        (0 <= t.threads <= MAX_THREADS, f"train.threads must be in [0, {MAX_THREADS}] (0 = torch's default)",
-         t.threads),
+        (
+            0 <= t.threads <= MAX_THREADS,
+            f"train.threads must be in [0, {MAX_THREADS}] (0 = torch's default)",
+            t.threads,
+        ),
         (bool(t.out_dir), "train.out_dir must name a folder", t.out_dir),
     ]
 
@@ -367,6 +371,24 @@ def _check_paths(cfg: RunConfig) -> None:
             f"train.out_dir {t.out_dir} is inside data.corpus {corpus}, which the run reads: choose "
             "another train.out_dir"
         )
+    _check_out_dir_apart_from_prepared_data(Path(t.out_dir))
+
+
+def _check_out_dir_apart_from_prepared_data(out_dir: Path) -> None:
+    """``train.out_dir`` is not inside the cache of prepared data (where ``data.prepared_dir`` defaults
+    to) nor inside any folder of prepared data: the run's files would turn it into a foreign folder that
+    ``prepare`` then refuses."""
+    if is_within(out_dir, cache_root() / "prepared"):
+        raise ConfigError(
+            f"train.out_dir {out_dir} is inside the cache of prepared data ({cache_root() / 'prepared'}): "
+            "choose another train.out_dir"
+        )
+    for folder in Path(os.path.abspath(out_dir)).parents:
+        if models_held(folder) == "prepared data":
+            raise ConfigError(
+                f"train.out_dir {out_dir} is inside {folder}, a folder of prepared data: choose another "
+                "train.out_dir"
+            )
 
 
 def model_parameters(m: dict[str, Any]) -> int:

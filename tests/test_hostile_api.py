@@ -16,8 +16,13 @@ SMALL = os.path.join(REPO, "checkpoints", "passkey-landmark")
 
 @pytest.mark.parametrize(
     ("device", "message"),
-    [("bogus", "is not a device"), ("cuda:x", "is not a device"), (3.5, "is not a device"),
-     ("meta", "expected cpu, cuda or cuda:N"), ("cuda", "no CUDA device")],  # fmt: skip
+    [
+        ("bogus", "is not a device"),
+        ("cuda:x", "is not a device"),
+        (3.5, "is not a device"),
+        ("meta", "expected cpu, cuda or cuda:N"),
+        ("cuda", "no CUDA device"),
+    ],
 )
 def test_an_unknown_memory_device_is_a_value_error(device, message):
     """A device torch does not know, one blocks cannot live on ("meta": the answers were garbage), or
@@ -111,7 +116,6 @@ def test_a_temperature_near_zero_samples_the_best_token():
         for top_p in (1.0, 0.5):
             token = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(1))
             assert torch.equal(token, logits.argmax(dim=-1))
-
 
 
 def test_a_top_p_near_zero_samples_the_best_token():

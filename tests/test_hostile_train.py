@@ -158,6 +158,8 @@ BAD_VALUES = [
     ('data.prepared_dir="/dev/null"', "data.prepared_dir /dev/null is a file, not a folder"),
     ('data.prepared_dir="FILE"', "is a file, not a folder"),
     ('train.out_dir="PREPARED"', "is inside data.prepared_dir"),
+    ('train.out_dir="CACHED"', "is inside the cache of prepared data"),  # data.prepared_dir's default
+    ('train.out_dir="OTHER_PREPARED"', ", a folder of prepared data: choose another train.out_dir"),
     ('data.prepared_dir="CORPUS"', "is inside data.corpus"),
 ]
 
@@ -167,7 +169,13 @@ def test_bad_value_is_one_line_and_writes_nothing(env, finished, tmp_path, capsy
     """The same check for a fresh run (no folder is created) and a resume (config.json is not rewritten)."""
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    places = {"LOOP": loop, "FILE": TINY, "PREPARED": env["prepared"], "CORPUS": env["corpus"]}
+    other = tmp_path / "other-prepared"  # prepared data the run does not read
+    other.mkdir()
+    (other / "tokenizer.json").write_text("{}")
+    (other / "train.bin").write_bytes(b"")
+    places = {"LOOP": loop, "FILE": TINY, "PREPARED": env["prepared"], "CORPUS": env["corpus"],
+              "CACHED": tmp_path / "cache" / "prepared" / "books-bpe512" / "run",
+              "OTHER_PREPARED": other / "run"}  # fmt: skip
     for name, path in places.items():
         override = override.replace(f'"{name}"', json.dumps(str(path)))
     fresh = tmp_path / "fresh"
