@@ -60,6 +60,32 @@ def test_impossible_lengths_are_refused_not_clamped(lengths):
     assert int(session.length[0]) == 0  # nothing was read
 
 
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ("float", "ids must be integer token ids; got torch.float32"),
+        ("bool", "ids must be integer token ids; got torch.bool"),
+        (10**6, r"ids must lie in \[0, \d+\) \(the model's vocabulary\); found 1000000"),
+        (-1, r"ids must lie in \[0, \d+\) \(the model's vocabulary\); found -1"),
+    ],
+)
+def test_feed_refuses_what_is_not_a_token_id(ids, message):
+    """Float ids, or ids outside the vocabulary: a ValueError naming ids (torch's embedding raised a
+    RuntimeError or an IndexError)."""
+    import torch
+
+    model, tok, _ = load_model(SMALL)
+    good = torch.tensor([tok.encode("the sea and the ship")])[:, :5]
+    bad = {"float": good.float(), "bool": good.bool()}.get(ids)
+    if bad is None:
+        bad = good.clone()
+        bad[0, 2] = ids
+    session = InferenceSession(model, 1)
+    with pytest.raises(ValueError, match=message):
+        session.feed(bad)
+    assert int(session.length[0]) == 0
+
+
 def test_load_model_names_a_bad_path_or_device():
     with pytest.raises(TypeError, match="path must be a run or checkpoint folder"):
         load_model(3)

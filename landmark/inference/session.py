@@ -218,14 +218,24 @@ class InferenceSession:
         return self._fingerprint
 
     def _check(self, ids: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        ids = ids.to(self.device)
+        ids = torch.as_tensor(ids).to(self.device)
         if ids.dim() != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must have shape ({self.batch_size}, length); got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be integer token ids; got {ids.dtype}")
         lengths = (
             torch.full((self.batch_size,), ids.shape[1]) if lengths is None else self._lengths(lengths, ids)
         )
+        self._check_vocabulary(ids)
         check_landmark_positions(ids, lengths, self.length, self.config.block_size, self.config.landmark_id)
         return ids, lengths
+
+    def _check_vocabulary(self, ids: Tensor) -> None:
+        """Every position, padding included (the model embeds it), is a token id of the vocabulary."""
+        vocab = self.config.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"ids must lie in [0, {vocab}) (the model's vocabulary); found {int(bad)}")
 
     def _lengths(self, lengths: Tensor, ids: Tensor) -> Tensor:
         """``lengths`` checked: (B,) integers in [0, ids.shape[1]] (never clamped in silence)."""
