@@ -155,3 +155,16 @@ def test_a_top_p_near_zero_samples_the_best_token():
     for top_p in (1e-300, 5e-324, 1e-9):
         token = sample_next(logits, 1.0, top_p, torch.Generator().manual_seed(1))
         assert torch.equal(token, logits.argmax(dim=-1))
+
+
+def test_a_block_folder_that_is_a_file_is_refused(tmp_path):
+    """``block_folder`` naming a file: a ValueError naming block_folder (FileExistsError from the first
+    write before); a folder that does not exist yet is made when the memory is."""
+    from landmark.inference import RetrievalConfig
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(ValueError, match=r"block_folder .*notes\.txt is a file, not a folder"):
+        RetrievalConfig(k=2, block_folder=str(a_file))
+    assert a_file.read_text() == "keep me"
+    assert RetrievalConfig(k=2, block_folder=str(tmp_path / "new")).block_folder == str(tmp_path / "new")

@@ -66,11 +66,13 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from landmark.files import path_problem
 from landmark.inference import kernel
 from landmark.inference.memory import BlockMemory
 from landmark.inference.search import DEFAULT_APPROX_MIN_BLOCKS, search_candidates
@@ -139,6 +141,9 @@ class RetrievalConfig:
             raise ValueError(f"block_dtype must be one of {tuple(BLOCK_DTYPES)}; got {self.block_dtype!r}")
         if self.block_folder is not None and not isinstance(self.block_folder, str | os.PathLike):
             raise ValueError(f"block_folder must be a folder path or None; got {self.block_folder!r}")
+        problem = None if self.block_folder is None else path_problem(Path(self.block_folder), folder=True)
+        if problem not in (None, "does not exist"):  # a missing folder is made
+            raise ValueError(f"block_folder {self.block_folder} {problem}")
         if self.kernel in ("graph", "triton") and self.search != "exact":
             raise ValueError(
                 f'kernel="{self.kernel}" scans every landmark: search must be "exact"; got {self.search!r}'
