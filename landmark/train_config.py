@@ -137,7 +137,7 @@ class RunConfig:
         try:
             return ModelConfig(**values)
         except ValueError as err:
-            raise ConfigError(f"[model]: {err}") from None
+            raise ConfigError(f"model.{err}") from None  # every message starts with the field's name
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -127,10 +127,10 @@ BAD_VALUES = [
     ("model.mlp_ratio=0", "model.mlp_ratio must be >= 1; got 0"),
     ("model.seq_len=0", "model.seq_len must be >= 1; got 0"),
     ("model.vocab_size=0", "model.vocab_size must be >= 1"),
-    ("model.n_head=3", "n_head (3) must divide n_embd (64)"),
+    ("model.n_head=3", "error: model.n_head (3) must divide n_embd (64)"),
     ("model.n_embd=12", "head_dim = n_embd / n_head must be even"),
-    ("model.n_kv_head=3", "n_kv_head (3) must divide n_head (4)"),
-    ("model.block_size=1", "block_size must be >= 2"),
+    ("model.n_kv_head=3", "error: model.n_kv_head (3) must divide n_head (4)"),
+    ("model.block_size=1", "error: model.block_size must be >= 2"),
     ('model.attn_impl="fast"', "model.attn_impl must be one of auto, reference, blockwise, triton"),
     (
         "data.vocab_size=100",
