@@ -466,7 +466,10 @@ def test_hf_generate_checks_the_load_state_before_loading_the_model(
     }
     save_file({"length": torch.zeros(1, dtype=torch.long)}, str(other), metadata=meta)
     monkeypatch.setattr(hf_cli, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
-    for state, says in ((junk, "is not a saved state"), (other, "was saved for a model with n_layers 99")):
+    for state, says in (
+        (junk, "is not a readable safetensors file"),
+        (other, "was saved for a model with n_layers 99"),
+    ):
         argv = ["hf", "generate", "--model", str(folder), "--prompt", "hi", "--load-state", str(state)]
         assert says in refused(argv, capsys, f"--load-state {state}", folder)
 

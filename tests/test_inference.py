@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -543,7 +544,8 @@ def test_generate_cli_reads_a_document_once_and_answers_from_the_saved_state(
     data = {"tokenizer_fingerprint": tok.fingerprint}
     save_checkpoint(other, 2, model, {"model": model.config.to_dict(), "data": data, "train": {}}, tok, {})
     assert main(["generate", "--checkpoint", str(other), "--k", "2", *question]) == 2
-    assert "saved for other weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --load-state {state} was saved for other weights") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -558,6 +560,8 @@ def test_generate_cli_reads_a_document_once_and_answers_from_the_saved_state(
         (["--temperature", "nan"], "error: --temperature must be a finite number >= 0"),
         (["--top-p", "0"], r"error: --top-p must be in \(0, 1\]"),
         (["--load-state", "{missing}"], "error: --load-state .* does not exist"),
+        (["--load-state", "{text}"], r"error: --load-state .*notes\.txt is not a readable safetensors file"),
+        (["--load-state", "{weights}"], "error: --load-state .* is not a saved landmark stream state"),
         (["--save-state", "{missing}/x/state.st"], "error: --save-state .*: its folder does not exist"),
     ],
 )
@@ -567,7 +571,11 @@ def test_generate_cli_errors(tiny_checkpoints, tmp_path, capsys, extra, message)
     from landmark.cli import main
 
     runs, _ = tiny_checkpoints
-    extra = [e.format(full=runs["full"], missing=tmp_path / "nothing") for e in extra]
+    (tmp_path / "notes.txt").write_text("not a state")
+    weights = next(Path(runs["landmark"]).rglob("model.safetensors"))  # a safetensors file, not a state
+    places = {"full": runs["full"], "missing": tmp_path / "nothing", "text": tmp_path / "notes.txt",
+              "weights": weights}  # fmt: skip
+    extra = [e.format(**places) for e in extra]
     assert main(["generate", "--checkpoint", str(runs["landmark"]), "--prompt", "hi", *extra]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err

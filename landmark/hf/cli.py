@@ -30,7 +30,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from landmark.config import DEFAULT_BLOCK_SIZE
-from landmark.files import check_not_input, os_error_line, safetensors_metadata
+from landmark.files import check_not_input, os_error_line
 from landmark.hf import checks
 from landmark.hf.checks import clear_staging, loading, publish
 from landmark.hf.convert import convert, unsupported_config
@@ -38,7 +38,7 @@ from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta
 from landmark.hf.finetune import DEPENDENT_SETTINGS, FINETUNE_RULES, FinetuneConfig, finetune
 from landmark.hf.generate import generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
-from landmark.inference.cache import STATE_FORMAT, StateFiles
+from landmark.inference.cache import StateFileError, StateFiles, check_state_header
 from landmark.inference.generate import Sampling
 from landmark.inference.options import (
     Reading,
@@ -317,9 +317,7 @@ def _check_hf_folder(model: Path) -> None:
 def _check_load_state(path: Path, model: Path) -> None:
     """``--load-state``, before the model is loaded (seconds): a saved state at all, and one of a model
     with this model's layers and block size (the weights' fingerprint is compared once it is loaded)."""
-    meta = safetensors_metadata(path)
-    if meta is None or meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"--load-state {path} is not a saved state (no {STATE_FORMAT} header)")
+    meta = check_state_header(path)  # a saved state at all: check_retrieval_arguments said so first
     try:
         config = json.loads(_config_file(model).read_text(encoding="utf-8"))
         saved = {"n_layers": int(meta["n_layers"]), "block_size": int(meta["block_size"])}
@@ -379,15 +377,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             positions = len(tokenizer(args.prompt)["input_ids"]) + args.max_new_tokens
             note_k_above_blocks(args.k, positions, block)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
-    text, _ = generate(
-        model.eval(),
-        tokenizer,
-        args.prompt,
-        args.max_new_tokens,
-        sampling=sampling,
-        reading=reading,
-        state=state,
-    )
+    try:
+        text, _ = generate(
+            model.eval(), tokenizer, args.prompt, args.max_new_tokens, sampling=sampling, reading=reading,
+            state=state,
+        )  # fmt: skip
+    except StateFileError as err:  # saved for another model or batch size: found when loading it
+        raise ValueError(f"--load-state {err}") from None
     print(args.prompt + text)
     return 0
 

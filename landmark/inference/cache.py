@@ -57,6 +57,28 @@ STATE_TENSORS = (*BLOCK_TENSORS, "tail_k", "tail_v", "count", "tail_len")  # per
 SCALE_TENSORS = ("key_scale", "value_scale")  # per layer, in a state whose blocks are stored as int8
 
 
+class StateFileError(ValueError):
+    """A saved stream state that cannot be loaded here (missing, not a state, damaged, or saved for other
+    weights, settings or batch size); the message starts with the file's path."""
+
+
+def check_state_header(path: str | Path) -> dict[str, str]:
+    """The metadata of a saved stream state, from its header alone (before any model is loaded).
+
+    Raises:
+        StateFileError: ``path`` is missing, not a safetensors file, or not a saved landmark stream state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StateFileError(f"{path}: no saved state there")
+    meta = safetensors_metadata(path)
+    if meta is None:
+        raise StateFileError(f"{path} is not a readable safetensors file (a state written by --save-state)")
+    if meta.get("format") != STATE_FORMAT:
+        raise StateFileError(f"{path} is not a saved landmark stream state (format {meta.get('format')!r})")
+    return meta
+
+
 def check_state_tensors(tensors: dict[str, Tensor], n_layers: int, block_size: int) -> None:
     """A saved state's tensors as :meth:`RetrievalCache.save` writes them: every one present, no other,
     shapes and dtypes consistent across layers, counts and lengths in range. A ValueError names the
@@ -477,43 +499,37 @@ class RetrievalCache:
             batch, dtype: when given, the streams and dtype the state must have.
 
         Raises:
-            ValueError: the file is missing or not a saved state, or it was saved for other weights or
+            StateFileError: the file is missing or not a saved state, or it was saved for other weights or
                 another block size, RoPE base, layer count, batch size or dtype (the message says which).
         """
 
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no saved state at {path}")
         if any(st is not None and bool((st.length > 0).any()) for st in self.layers):
             raise ValueError("load needs a cache that has read nothing yet (a new session)")
+        meta = check_state_header(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != STATE_FORMAT:
-                    raise ValueError(
-                        f"{path} is not a saved landmark stream state (format {meta.get('format')!r})"
-                    )
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
         except SafetensorError as err:
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+            raise StateFileError(f"{path} is not a readable safetensors file: {err}") from None
         if meta.get("model") != model_id:
-            raise ValueError(
+            raise StateFileError(
                 f"{path} was saved for other weights (fingerprint {meta.get('model')}; this model's is "
                 f"{model_id}): read the document again with this model"
             )
         want = {"n_layers": self.n_layers, "block_size": self.block_size, "rope_base": self.rope_base}
         for key, value in want.items():
             if meta.get(key) != str(value):
-                raise ValueError(f"{path} was saved with {key} = {meta.get(key)}; this model has {value}")
+                raise StateFileError(f"{path} was saved with {key} = {meta.get(key)}; this model has {value}")
         try:
             check_state_tensors(tensors, self.n_layers, self.block_size)
         except ValueError as err:
-            raise ValueError(f"{path} is a damaged saved state: {err}") from None
+            raise StateFileError(f"{path} is a damaged saved state: {err}") from None
         tail = tensors["layer0.tail_k"]
         if batch is not None and tail.shape[0] != batch:
-            raise ValueError(f"{path} holds {tail.shape[0]} streams; this session has {batch}")
+            raise StateFileError(f"{path} holds {tail.shape[0]} streams; this session has {batch}")
         if dtype is not None and tail.dtype != dtype:
-            raise ValueError(f"{path} was saved in {tail.dtype}; the model runs in {dtype}")
+            raise StateFileError(f"{path} was saved in {tail.dtype}; the model runs in {dtype}")
         device = device if device is not None else "cpu"
         self.layers = [None] * self.n_layers
         self.prepare(tail.shape[0], tail.shape[1], tail.shape[3], tail.dtype, device)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.files import os_error_line, os_error_text, path_problem
-from landmark.inference.cache import StateFiles
+from landmark.inference.cache import StateFileError, StateFiles
 from landmark.inference.generate import BlockBytes, Hooks, Sampling, check_generation_memory, generate
 from landmark.inference.options import (
     Reading,
@@ -174,7 +174,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             state=StateFiles(args.load_state, args.save_state, args.overwrite),
             retrieval=reading.retrieval, **reading.cache_kwargs(),
         )  # fmt: skip
-    except ValueError as err:  # a saved state of another model or batch size, found when loading it
+    except StateFileError as err:  # a saved state of another model or batch size, found when loading it
+        print(f"error: --load-state {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk while saving the state (written atomically: nothing partial)

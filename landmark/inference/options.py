@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from landmark.files import path_problem
-from landmark.inference.cache import DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, check_state_destination
+from landmark.inference.cache import (
+    DEFAULT_CHUNK_LEN,
+    MAX_CHUNK_LEN,
+    StateFileError,
+    check_state_destination,
+    check_state_header,
+)
 from landmark.inference.kernel import KERNELS
 from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, MAX_K, SEARCHES, RetrievalConfig
 from landmark.ops.support import triton_runs_on
@@ -221,6 +227,11 @@ def _check_state_arguments(args: argparse.Namespace, ks: list[int]) -> None:
     if load is not None and not Path(load).is_file():
         problem = path_problem(Path(load), folder=False) or "is not a regular file"
         raise ValueError(f"--load-state {load} {problem}")
+    if load is not None:
+        try:
+            check_state_header(load)  # from its header: before the model is loaded
+        except StateFileError as err:
+            raise ValueError(f"--load-state {err}") from None
     save = getattr(args, "save_state", None)
     if (load or save) and 0 in ks:
         raise ValueError("--save-state/--load-state need retrieval (--k >= 1)")
