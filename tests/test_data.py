@@ -414,6 +414,18 @@ def test_tokenize_split_leaves_no_partial_file(tmp_path, bpe, monkeypatch):
         load_split(out, "train")
 
 
+def test_prepare_writes_nothing_for_a_corpus_with_a_file_that_is_not_utf8(tmp_path):
+    """A bad file in the validation split was found after the tokenizer and the train split were
+    written: every document is decoded before anything is written."""
+    root = make_folder(tmp_path / "c", n_docs=6)
+    validation = read_corpus(root).splits["validation"][0]
+    validation.path.write_bytes(b"fine text then \xff bad")
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError, match=r"is not valid UTF-8 \(bad byte at offset 15\)"):
+        prepare_data(root, out, vocab_size=300, progress=False)
+    assert not out.exists()
+
+
 def test_whitespace_only_split_is_an_error(tmp_path, bpe):
     (tmp_path / "a.txt").write_text("  \n\n")
     st = (tmp_path / "a.txt").stat()

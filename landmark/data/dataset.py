@@ -206,6 +206,23 @@ def load_split(folder: str | Path, split: str) -> TokenSplit:
     return TokenSplit(tokens, np.asarray(meta["doc_starts"], dtype=np.int64), meta["documents"], meta)
 
 
+def _check_documents(corpus: Corpus, folder: Path) -> None:
+    """Every document of the splits ``folder`` has not tokenized yet decodes as UTF-8, before anything is
+    written (a bad file found while tokenizing the last split left the first ones behind).
+
+    Raises:
+        CorpusError: naming the first file that is not UTF-8 and the offset of its bad byte.
+    """
+    for name, docs in corpus.splits.items():
+        try:
+            recorded = json.loads((folder / f"{name}.json").read_text(encoding="utf-8")).get("corpus")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != corpus.fingerprint(name):  # documents read before were decoded then
+            for doc in docs:
+                doc.read_text()
+
+
 def _cached_split(folder: Path, split: str, tokenizer: Tokenizer, corpus_fp: str) -> TokenSplit | None:
     try:
         cached = load_split(folder, split)
@@ -317,6 +334,7 @@ def prepare_data(
         folder = default_prepared_folder(corpus, tokenizer, vocab_size)
         check_prepared_folder(folder)
     folder = Path(folder)
+    _check_documents(corpus, folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer == "bpe":
         tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
