@@ -122,6 +122,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} is a file: give a folder for the report")
     _check_conflicts(args, given)
     for option, lengths in (
+        ("--ppl-lengths", args.ppl_lengths),
         ("--passkey-lengths", args.passkey_lengths),
         ("--base-lengths", args.base_lengths),
     ):

@@ -235,6 +235,8 @@ EVAL_CASES = [
     # memory that certainly cannot fit (a MemoryError from numpy before)
     ([*PASSKEY, "--trials", "1000000000000"], "--trials 1000000000000: holding the keys"),
     ([*PASSKEY, "--lengths", "1000000000000"], "--lengths 1000000000000: a prompt of that many tokens"),
+    ([*PPL[:9], "1000000000000"], "--lengths 1000000000000: a prompt of that many tokens"),
+    ([*QUICK[:7], "64", "1000000000000"], "--ppl-lengths 1000000000000: a prompt of that many tokens"),
     # results among the files of a model, a run or prepared data that the command does not read
     ([*PPL[:7], "{full}", *PPL[8:]], "holds a model: write the results to another folder"),
     ([*PASSKEY[:5], "{data}", *PASSKEY[6:]], "holds prepared data: write the results"),

@@ -41,6 +41,7 @@ from landmark.eval.passkey import (
     PasskeyGrid,
     PasskeyTask,
     check_passkey_cells,
+    check_prompt_memory,
     evaluate_passkey,
     passkey_report,
     plot_passkey,
@@ -156,6 +157,7 @@ def _ppl_inputs(args: argparse.Namespace):
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1; got {args.max_tokens}")
+    check_prompt_memory(args.lengths)  # before any data is prepared
     if args.corpus is not None and not Path(args.corpus).is_dir():
         raise ValueError(f"--corpus {args.corpus}: no such folder (a folder of .txt documents)")
     if args.corpus is not None and args.data is not None:
