@@ -168,3 +168,12 @@ def test_a_block_folder_that_is_a_file_is_refused(tmp_path):
         RetrievalConfig(k=2, block_folder=str(a_file))
     assert a_file.read_text() == "keep me"
     assert RetrievalConfig(k=2, block_folder=str(tmp_path / "new")).block_folder == str(tmp_path / "new")
+
+
+def test_the_cpp_kernel_and_compile_exclude_each_other():
+    """compile=True took torch.compile'd stages and silently left the C++ kernel asked for unused."""
+    from landmark.inference import RetrievalConfig
+
+    with pytest.raises(ValueError, match='kernel="cpp" and compile exclude each other'):
+        RetrievalConfig(k=2, kernel="cpp", compile=True)
+    assert RetrievalConfig(k=2, kernel="torch", compile=True).compile

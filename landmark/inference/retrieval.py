@@ -144,6 +144,11 @@ class RetrievalConfig:
         problem = None if self.block_folder is None else path_problem(Path(self.block_folder), folder=True)
         if problem not in (None, "does not exist"):  # a missing folder is made
             raise ValueError(f"block_folder {self.block_folder} {problem}")
+        if self.kernel == "cpp" and self.compile:
+            raise ValueError(
+                'compile=True runs torch.compile\'d stages in place of the C++ kernel: kernel="cpp" and '
+                "compile exclude each other"
+            )
         if self.kernel in ("graph", "triton") and self.search != "exact":
             raise ValueError(
                 f'kernel="{self.kernel}" scans every landmark: search must be "exact"; got {self.search!r}'
