@@ -210,6 +210,7 @@ EVAL_CASES = [
     ([*PPL, "--model", "x={root}/missing"], "--model"),
     (["eval", "ppl", "--data", "{data}", "--out", "{out}"], "--model"),
     ([*PPL[:4], "--data", "{root}/missing", "--out", "{out}"], "--data"),
+    ([*PPL[:4], "--data", "{full}", "--out", "{out}"], "holds no prepared data"),  # a checkpoint
     ([*PPL, "--split", "nonesuch"], "--split"),
     *[
         (["eval", "ppl", "--model", f"lm={{{name}}}", "--data", "{data}", "--out", "{out}"], "--model")

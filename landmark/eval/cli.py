@@ -48,6 +48,7 @@ from landmark.eval.passkey import (
 )
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
 from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-eval
+from landmark.files import models_held
 from landmark.hf.checks import option_name
 from landmark.hf.data import tokenize_corpus
 from landmark.hf.delta import base_mismatch
@@ -116,6 +117,8 @@ def _split_tokens(args: argparse.Namespace, tokenizer):
         folder, option = Path(args.data), "--data"
         if not folder.is_dir():
             raise ValueError(f"--data {folder}: no such folder (a folder written by `landmark prepare`)")
+        if models_held(folder) != "prepared data":
+            raise ValueError(f"--data {folder} holds no prepared data (a folder `landmark prepare` writes)")
     try:
         split = load_split(folder, args.split)
     except FileNotFoundError:
