@@ -157,6 +157,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
     except PreparedFolderError as err:
         raise ConfigError(f"--out {err}") from None
+    except CorpusError as err:  # missing, empty, a file that is not UTF-8
+        raise ConfigError(f"--corpus: {err}") from None
     print(f"prepared data in {data.folder}")
     print(f"  tokenizer: {data.folder / 'tokenizer.json'} ({data.tokenizer!r})")
     for name, split in data.splits.items():

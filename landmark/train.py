@@ -56,7 +56,7 @@ from landmark.checkpoint import (
     open_checkpoint,
     save_checkpoint,
 )
-from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
+from landmark.data import Batch, CorpusError, PreparedData, WindowSampler, bundled_books, prepare_data
 from landmark.data.dataset import PreparedFolderError
 from landmark.data.passkey import BookHaystack, PasskeyMixSampler
 from landmark.files import (
@@ -221,6 +221,8 @@ def _prepare(cfg: RunConfig, progress: bool) -> PreparedData:
         )
     except PreparedFolderError as err:
         raise ConfigError(f"data.prepared_dir: {err}") from None
+    except CorpusError as err:  # missing, empty, a file that is not UTF-8
+        raise ConfigError(f"data.corpus: {err}") from None
 
 
 def _sampler(tokens: np.ndarray, mc: ModelConfig, batch_size: int, seed: int, rank: int, what: str):

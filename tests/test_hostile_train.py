@@ -234,6 +234,7 @@ def test_a_larger_model_vocab_pads_the_embedding(env, tmp_path, capsys):
         (["--vocab-size", "100000000000"], "--vocab-size must be between 258"),
         (["--tokenizer", "gpt2", "--gpt2-dir", "/nonexistent/gpt2"], "--gpt2-dir: /nonexistent/gpt2 lacks"),
         (["--out", "FILE"], "is a file: pass a folder"),
+        (["--corpus", "/nonexistent/corpus"], "--corpus: corpus folder /nonexistent/corpus does not exist"),
     ],
 )
 def test_prepare_checks_its_options_first(env, tmp_path, capsys, extra, needle):
