@@ -219,8 +219,8 @@ def test_eval_ruler_refuses_missing_models_data_and_file_out(folders, tmp_path, 
     assert "--model names lists a more than once" in error(
         "--model", f"a={folders['lm']}", "--model", f"a={folders['base']}"
     )
-    assert "run `landmark eval prepare-ruler`" in error(
-        "--model", f"a={folders['lm']}", "--ruler-data", str(tmp_path)
+    assert error("--model", f"a={folders['lm']}", "--ruler-data", str(tmp_path)).startswith(
+        f"error: --ruler-data {tmp_path}: RULER's inputs are not prepared there: run `landmark eval "
     )
     (tmp_path / "file").write_text("x")
     assert "is a file" in error("--model", f"a={folders['lm']}", "--out", str(tmp_path / "file"))

@@ -127,7 +127,8 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
 
     if not is_prepared(args.ruler_data):
         raise ValueError(
-            f"RULER's inputs are not prepared in {args.ruler_data}: run `landmark eval prepare-ruler`"
+            f"--ruler-data {args.ruler_data}: RULER's inputs are not prepared there: run `landmark eval "
+            "prepare-ruler` (with --out there), or give the folder it wrote"
         )
 
 
