@@ -144,6 +144,20 @@ def test_a_temperature_near_zero_samples_the_best_token():
             assert torch.equal(token, logits.argmax(dim=-1))
 
 
+def test_a_huge_temperature_samples_without_nan():
+    """A temperature of 1e308 (inf in float32) made -inf / inf = nan for a masked token: torch.multinomial
+    raised. It samples (nearly uniformly) and never a masked token."""
+    import torch
+
+    from landmark.inference.generate import sample_next
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = float("-inf")  # a masked token (the landmark)
+    for top_p in (1.0, 0.5):
+        token = sample_next(logits, 1e308, top_p, torch.Generator().manual_seed(1))
+        assert token.shape == (2,) and bool((token != 7).all())
+
+
 def test_a_top_p_near_zero_samples_the_best_token():
     """top_p=1e-300 compared as 0 in float32: the nucleus kept no token and torch.multinomial raised. The
     best token is always in the nucleus."""

@@ -132,8 +132,9 @@ def sample_next(
         return logits.argmax(dim=-1)
     logits = logits.float()
     # the best logit subtracted first: a tiny temperature gives -inf to the others, not inf - inf
-    # (and no temperature below float32's smallest normal number, which would round to 0 and give 0 / 0)
-    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    # (and no temperature below float32's smallest normal number, which would round to 0 and give 0 / 0,
+    # nor above its largest, which would round to inf and give -inf / inf = nan for a masked token)
+    temperature = min(max(temperature, torch.finfo(torch.float32).tiny), torch.finfo(torch.float32).max)
     probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
