@@ -32,6 +32,7 @@ from torch import nn
 from landmark.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from landmark.files import os_error_of, path_problem, staged_folder
 from landmark.model import GPT, ModelConfig
+from landmark.resources import check_device
 
 FORMAT = "landmark-checkpoint-v1"
 CHECKPOINTS = "checkpoints"
@@ -225,11 +226,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a run or checkpoint folder (str or Path); got {path!r}")
     path = Path(path)
-    if not isinstance(device, torch.device):
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device {device!r} is not a device: expected cpu, cuda or cuda:N") from None
+    check_device(device, "device")  # one torch knows and this machine has
+    device = torch.device(device)
     problem = path_problem(path, folder=True)
     if problem not in (None, "does not exist", "is a file, not a folder"):
         raise CheckpointError(

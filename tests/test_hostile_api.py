@@ -191,3 +191,25 @@ def test_the_cpp_kernel_and_compile_exclude_each_other():
     with pytest.raises(ValueError, match='kernel="cpp" and compile exclude each other'):
         RetrievalConfig(k=2, kernel="cpp", compile=True)
     assert RetrievalConfig(k=2, kernel="torch", compile=True).compile
+
+
+def test_api_arguments_of_the_wrong_kind_are_named():
+    """A tensor for generate's prompts (a RuntimeError "Boolean value of Tensor ... is ambiguous"), a
+    device this machine lacks for load_model (torch's AssertionError), a 1-D tensor for chunked_nll (an
+    unpacking error naming nothing): each names its argument."""
+    import torch
+
+    from landmark.inference import chunked_nll, generate
+
+    model, tok, _ = load_model(SMALL)
+    ids = torch.tensor([tok.encode("the sea and the ship")])
+    with pytest.raises(TypeError, match=r"prompts must be a list of token-id lists .*got Tensor"):
+        generate(model, ids, 2)
+    with pytest.raises(TypeError, match=r"prompts must be a list of token-id lists .*got str"):
+        generate(model, "the sea", 2)
+    with pytest.raises(ValueError, match=r"device cuda:99: (this torch has no CUDA device|only \d+ CUDA)"):
+        load_model(SMALL, device="cuda:99")  # a device this machine lacks
+    with pytest.raises(
+        ValueError, match=r"tokens must be a \(batch, length\) tensor of token ids; got \(5,\)"
+    ):
+        chunked_nll(model, ids[0], torch.tensor([5]), k=4)

@@ -272,8 +272,13 @@ def generate_with(
 
 
 def _check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """Every prompt id is an integer token of the model's vocabulary (an id out of range would index past
-    the embedding): a one-line ValueError naming the prompt and the id."""
+    """``prompts`` is a non-empty list of token-id lists, and every id is an integer token of the model's
+    vocabulary (an id out of range would index past the embedding): a one-line TypeError or ValueError
+    naming the prompt and the id."""
+    if isinstance(prompts, Tensor | str | bytes) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of token-id lists (per row); got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
     for row, prompt in enumerate(prompts):
         try:
             ids = [operator.index(token) for token in prompt]
@@ -313,8 +318,6 @@ def generate(
     Returns:
         The generated token ids of each row.
     """
-    if not prompts:
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
     _check_token_ids(prompts, model.config.vocab_size)
     session = InferenceSession(model, len(prompts), **session_kwargs)  # no memory allocated yet
     _check_memory(session, prompts, max_new_tokens, certain=not hooks.stop_ids)

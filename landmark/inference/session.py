@@ -280,7 +280,7 @@ def chunked_logits(
         logits (B, n, vocab) at the regular tokens (logits[:, t] predicts token t + 1), and the loss or
         None.
     """
-    batch, n = tokens.shape
+    batch, n = _batch_shape(tokens)
     lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
     bs, lm = model.config.block_size, model.config.landmark_id
     stream = rows_with_landmarks(tokens, lengths, bs, lm)  # (B, n') right-padded
@@ -327,13 +327,21 @@ def chunked_nll(
         (nll_sum, count): (B,) float64 sums of -log p(token t+1 | tokens <= t) and (B,) numbers of
         scored tokens (length - 1 per row).
     """
-    batch, n = tokens.shape
+    batch, n = _batch_shape(tokens)
     lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
     stream, stream_len, targets = landmark_stream(
         tokens, lengths, model.config.block_size, model.config.landmark_id
     )
     session = InferenceSession(model, batch, **session_kwargs)
     return sum_nll(session.iter_feed(stream, stream_len), targets), (lengths - 1).clamp_min(0)
+
+
+def _batch_shape(tokens: Tensor) -> tuple[int, int]:
+    """(B, n) of a batch of token rows; anything else is a ValueError naming ``tokens``."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a (batch, length) tensor of token ids; got {shape}")
+    return tokens.shape[0], tokens.shape[1]
 
 
 def landmark_stream(
@@ -347,7 +355,7 @@ def landmark_stream(
         next regular token; -100 at landmarks, at padding and at each row's last regular token.
     """
 
-    batch, n = tokens.shape
+    batch, n = _batch_shape(tokens)
     lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
     bs = block_size
     stream = rows_with_landmarks(tokens, lengths, bs, landmark_id)
