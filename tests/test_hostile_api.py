@@ -213,3 +213,32 @@ def test_api_arguments_of_the_wrong_kind_are_named():
         ValueError, match=r"tokens must be a \(batch, length\) tensor of token ids; got \(5,\)"
     ):
         chunked_nll(model, ids[0], torch.tensor([5]), k=4)
+
+
+def test_a_state_never_replaces_weights_even_with_overwrite(tmp_path):
+    """save_state(..., overwrite=True) onto a checkpoint's model.safetensors replaced the weights with a
+    stream state (the run no longer loaded): a safetensors file that is not a saved state is never
+    replaced; another file is, with overwrite."""
+    import shutil
+
+    import torch
+
+    from landmark.inference import generate
+    from landmark.inference.cache import StateFiles
+
+    run = tmp_path / "run"
+    shutil.copytree(SMALL, run)
+    weights = next(run.rglob("model.safetensors"))
+    before = weights.read_bytes()
+    model, tok, _ = load_model(run)
+    session = InferenceSession(model, 1)
+    session.read(torch.tensor([tok.encode("the sea and the ship")]))
+    with pytest.raises(ValueError, match=r"holds tensors that are not a saved state .* even with overwrite"):
+        session.save_state(weights, overwrite=True)
+    with pytest.raises(ValueError, match="holds tensors that are not a saved state"):
+        generate(model, [tok.encode("the sea")], 1, k=2, state=StateFiles(save=weights, overwrite=True))
+    assert weights.read_bytes() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("replace me")
+    session.save_state(notes, overwrite=True)
+    assert notes.read_bytes()[:8] != b"replace "

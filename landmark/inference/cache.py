@@ -165,8 +165,15 @@ def check_state_destination(
     path: str | Path, overwrite: bool = False, reads=(), option: str = "save_state"
 ) -> Path:
     """Where a state may be saved, checked before any work (:func:`landmark.files.check_output_file`):
-    not a folder, not a file the run reads, and an existing file only if it is a saved state already
-    (or ``overwrite``). One-line ValueErrors naming ``option``."""
+    not a folder, not a file the run reads, never a safetensors file that is not a saved state (a
+    model's weights, a delta: the Python API does not know which files its model came from), and any
+    other existing file only if it is a saved state already (or ``overwrite``). One-line ValueErrors
+    naming ``option``."""
+    if Path(path).is_file() and not is_saved_state(path) and safetensors_metadata(path) is not None:
+        raise ValueError(
+            f"{option} {path} holds tensors that are not a saved state (a model's weights or a delta?): it "
+            "is never replaced, even with overwrite; give a new file name"
+        )
     return check_output_file(
         path, option, kind="a saved state", is_kind=is_saved_state, reads=reads, overwrite=overwrite
     )
