@@ -169,14 +169,15 @@ def check_state_destination(
     model's weights, a delta: the Python API does not know which files its model came from), and any
     other existing file only if it is a saved state already (or ``overwrite``). One-line ValueErrors
     naming ``option``."""
-    if Path(path).is_file() and not is_saved_state(path) and safetensors_metadata(path) is not None:
+    path = check_output_file(
+        path, option, kind="a saved state", is_kind=is_saved_state, reads=reads, overwrite=overwrite
+    )  # (stat errors named first)
+    if path.is_file() and not is_saved_state(path) and safetensors_metadata(path) is not None:
         raise ValueError(
             f"{option} {path} holds tensors that are not a saved state (a model's weights or a delta?): it "
             "is never replaced, even with overwrite; give a new file name"
         )
-    return check_output_file(
-        path, option, kind="a saved state", is_kind=is_saved_state, reads=reads, overwrite=overwrite
-    )
+    return path
 
 
 class _Layer:
