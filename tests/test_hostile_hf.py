@@ -316,6 +316,23 @@ def test_landmark_string_in_text_is_plain_text(landmark_model):
     assert torch.equal(text_ids, id_ids) and lid not in text_ids.tolist()
 
 
+def test_hf_api_refuses_what_it_cannot_honour(landmark_model):
+    """``generate(model, tok, 123, 3)`` generated from the token 123 (an int taken for ids);
+    ``max_new_tokens=10**12`` ran until killed; ``forward_cached`` through a retrieval cache read ids
+    without landmarks and answered (blocks without an address). Each is refused, naming the argument."""
+    model, tok = landmark_model
+    with pytest.raises(TypeError, match="prompt must be text or"):
+        lhf.generate(model, tok, 123, 3)
+    with pytest.raises(ValueError, match="max_new_tokens=1000000000000: holding the ids generated"):
+        lhf.generate(model, tok, "hi", 10**12)
+    bs = model.config.landmark_block_size
+    cache = lhf.LandmarkRetrievalCache(model, k=2)
+    ids = torch.arange(1, 2 * bs + 3)[None]  # no landmark where the stream needs one
+    with pytest.raises(ValueError, match=f"row 0, stream position {bs - 1}: landmarks must sit"):
+        lhf.forward_cached(model, ids, cache)
+    assert cache.get_seq_length() == 0
+
+
 def test_landmark_id_lookup_fast_and_slow_paths_agree(landmark_model):
     """The landmark id comes from the fast tokenizer's backend (one lookup, not a copy of the vocabulary:
     encoding passkey samples was ~1 s each before); a tokenizer without a backend uses its vocabulary."""

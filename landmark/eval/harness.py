@@ -310,7 +310,9 @@ class LandmarkLM(TemplateLM):
             here = wanted[(wanted >= c0) & (wanted < c0 + chunk.shape[1])] - c0
             keep = chunk.shape[1] - int(here.min()) if here.numel() else 1
             with using_threads():
-                logits = forward_cached(model, chunk, cache, logits_to_keep=keep).logits[0]
+                logits = forward_cached(
+                    model, chunk, cache, check_landmarks=False, logits_to_keep=keep
+                ).logits[0]
             if here.numel():
                 rows.append(logits[here - (chunk.shape[1] - keep)].cpu())
         return torch.cat(rows)

@@ -31,6 +31,7 @@ from landmark.inference.generate import (
     Landmarks,
     Sampling,
     TokenCallback,
+    check_generation_memory,
     generate_with,
     in_order,
     report_memory,
@@ -71,7 +72,9 @@ def hf_reader(model: Any, cache: Any, chunk_len: int = DEFAULT_CHUNK_LEN, thread
                 chunk = ids[:, c0 : min(n, c0 + chunk_len)].to(device)
                 extra = {} if unrotated is None else {"position_ids": unrotated(chunk.shape[1], device)}
                 with using_threads(threads):
-                    logits = forward_cached(model, chunk, cache, logits_to_keep=1, **extra).logits
+                    logits = forward_cached(
+                        model, chunk, cache, check_landmarks=False, logits_to_keep=1, **extra
+                    ).logits
                 bar.update(chunk.shape[1])
         return logits[:, -1]
 
@@ -110,6 +113,10 @@ def prompt_ids(model: Any, tokenizer: Any, prompt: str | Tensor, continuation: b
     if isinstance(prompt, str):
         raw = encode_text(tokenizer, prompt, add_special_tokens=not continuation)
     else:
+        if not isinstance(prompt, Tensor | list | tuple) or (
+            isinstance(prompt, Tensor) and prompt.dim() == 0
+        ):
+            raise TypeError(f"prompt must be text or (n,) token ids; got {type(prompt).__name__} {prompt!r}")
         ids = torch.as_tensor(prompt)
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"prompt: token ids must be integers; got dtype {ids.dtype}")
@@ -166,6 +173,8 @@ def generate(
     retrieves = reading is not None and reading.k != 0
     chunk_len = reading.chunk_len if reading is not None else DEFAULT_CHUNK_LEN
     raw = prompt_ids(model, tokenizer, prompt, continuation=state.load is not None)
+    if isinstance(max_new_tokens, int) and max_new_tokens > 0:  # (anything else: generate_with names it)
+        check_generation_memory([len(raw)], max_new_tokens)  # the ids it returns, at least
     if not retrieves and (state.load is not None or state.save is not None):
         raise ValueError("saved states are states of the retrieval cache: pass reading=Reading(k=...)")
     check_whole_context(reading)

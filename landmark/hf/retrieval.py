@@ -59,7 +59,7 @@ from transformers.cache_utils import CacheLayerMixin
 from landmark.fingerprint import weights_fingerprint
 from landmark.hf.attention import ATTN_IMPLEMENTATION, route_attention
 from landmark.hf.convert import landmark_token_id
-from landmark.inference.cache import CacheOptions, RetrievalCache
+from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
 from landmark.model import apply_rope, rope_angles
@@ -74,7 +74,9 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def forward_cached(model: Any, input_ids: Tensor, cache: Cache, **kwargs: Any) -> Any:
+def forward_cached(
+    model: Any, input_ids: Tensor, cache: Cache, *, check_landmarks: bool = True, **kwargs: Any
+) -> Any:
     """``model(input_ids, <cache keyword>=cache, use_cache=True, **kwargs)``: one forward that reads and
     extends ``cache``, whatever this transformers version calls the argument (``cache`` from 5.2x on,
     ``past_key_values`` before; an unknown keyword is silently dropped into ``**kwargs`` by the model,
@@ -84,14 +86,22 @@ def forward_cached(model: Any, input_ids: Tensor, cache: Cache, **kwargs: Any) -
     Args:
         model: a causal LM; input_ids: (B, T) on the model's device; cache: a ``Cache`` (a
             :class:`LandmarkRetrievalCache` or a ``DynamicCache``); kwargs: further forward arguments.
+        check_landmarks: with a retrieval cache, check that ``input_ids`` hold the landmarks where the
+            stream needs them (:meth:`LandmarkRetrievalCache.check_landmarks`; on a GPU it costs one host
+            synchronisation per forward); False for ids built by the library (``landmark_stream``,
+            ``generate``).
 
     Returns:
         The model's output (``.logits``: (B, T or logits_to_keep, vocab)).
 
     Raises:
+        ValueError: ``cache`` retrieves and ``input_ids`` lack a landmark where the stream needs one (or
+            hold one elsewhere): insert them (``landmark.hf.generate`` does).
         RuntimeError: the forward did not extend ``cache`` (the model does not use it).
     """
     before = cache.get_seq_length()
+    if check_landmarks and isinstance(cache, LandmarkRetrievalCache):
+        cache.check_landmarks(input_ids)
     out = model(input_ids=input_ids, use_cache=True, **{_cache_keyword(type(model)): cache}, **kwargs)
     if cache.get_seq_length() != before + input_ids.shape[1]:
         raise RuntimeError(
@@ -242,6 +252,7 @@ class LandmarkRetrievalCache(Cache):
             )
         self.rope_base = rope_theta(config)
         self.block_size = int(block_size)
+        self.landmark_id = int(config.landmark_token_id)
         cache_options, retrieval_fields = CacheOptions.pick(options)
         self.retrieval = retrieval_config(retrieval, **retrieval_fields)
         self.stream = RetrievalCache(
@@ -254,6 +265,15 @@ class LandmarkRetrievalCache(Cache):
     @property
     def stats(self):
         return self.stream.stats
+
+    def check_landmarks(self, input_ids: Tensor) -> None:
+        """The landmark token sits exactly at the stream positions ``p % block_size == block_size - 1`` of
+        ``input_ids`` (B, T), which continue this cache: a ValueError naming the row and position else
+        (without landmarks retrieval reads blocks with no address and answers silently wrong)."""
+        batch, t = input_ids.shape
+        start = torch.full((batch,), self.get_seq_length())
+        check_landmark_positions(input_ids.cpu(), torch.full((batch,), t), start, self.block_size,
+                                 self.landmark_id)  # fmt: skip
 
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
