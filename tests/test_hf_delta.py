@@ -229,6 +229,9 @@ def test_load_refusals(runs, tmp_path):
     edits = [
         ("lora", "r", "thirty-two"), ("lora", "r", 0), ("lora", "scaling", True), ("lora", "alpha", "64"),
         ("landmark", "block_size", 1.5), ("landmark", "token_id", -1), ("base", "fingerprint", 7),
+        # numbers that load but change the model: a scaling not finite or not alpha / r
+        ("lora", "scaling", float("nan")), ("lora", "scaling", 1e30), ("lora", "alpha", float("inf")),
+        ("lora", "scaling", good["lora"]["scaling"] / 2),
     ]  # fmt: skip
     for section, key, value in edits:  # a hand-edited delta.json is refused before anything is loaded
         meta = json.loads(json.dumps(good))
@@ -236,6 +239,12 @@ def test_load_refusals(runs, tmp_path):
         (out / delta.META_FILE).write_text(json.dumps(meta))
         with pytest.raises(ValueError, match=r"cannot read delta\.json"):
             lhf.load_pretrained(out, base=runs["base"])
+    meta = json.loads(json.dumps(good))  # another rank than the tensors', scaling kept alpha / r
+    meta["lora"]["r"] = 2 * good["lora"]["r"]
+    meta["lora"]["alpha"] = meta["lora"]["scaling"] * meta["lora"]["r"]
+    (out / delta.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"records lora.r = {2 * R}, its LoRA tensors have rank {R}"):
+        lhf.load_pretrained(out, base=runs["base"])
     (out / delta.META_FILE).write_text(json.dumps(good))
     (out / delta.TENSOR_FILE).unlink()
     with pytest.raises(ValueError, match=r"delta\.safetensors is missing"):

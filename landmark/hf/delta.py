@@ -30,6 +30,7 @@ it is missing.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -496,21 +497,27 @@ def read_meta(path: Path) -> dict[str, Any]:
         ) from None
     if not (path / TENSOR_FILE).is_file():
         raise ValueError(f"delta {path}: {TENSOR_FILE} is missing")
-    _check_tensor_header(path / TENSOR_FILE)
+    _check_tensor_header(path / TENSOR_FILE, meta["lora"]["r"])
     return meta
 
 
-def _check_tensor_header(file: Path) -> None:
+def _check_tensor_header(file: Path, rank: int) -> None:
     """``delta.safetensors`` has a readable header whose tensors the file covers (a truncated or damaged
-    file is refused from its header, before the base model is looked for or loaded: seconds)."""
+    file is refused from its header, before the base model is looked for or loaded: seconds), and its
+    LoRA tensors have the rank ``delta.json`` records (``lora.r``)."""
     try:
-        with safe_open(file, "pt"):
-            pass
+        with safe_open(file, "pt") as f:
+            ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith(".lora_A")}  # noqa: SIM118
     except (OSError, SafetensorError) as err:
         detail = " ".join(str(err).split()) or type(err).__name__
         raise ValueError(
             f"delta {file.parent}: {TENSOR_FILE} is damaged ({detail}): export the delta again"
         ) from None
+    if ranks and ranks != {rank}:
+        raise ValueError(
+            f"delta {file.parent}: {META_FILE} records lora.r = {rank}, its LoRA tensors have rank "
+            f"{', '.join(map(str, sorted(ranks)))}: export the delta again"
+        )
 
 
 def base_mismatch(folder: Path, base_config: dict[str, Any]) -> str | None:
@@ -562,6 +569,14 @@ def _check_meta_types(meta: dict[str, Any]) -> None:
             raise ValueError(f"{section}.{key} = {value!r} is not a {getattr(kind, '__name__', 'number')}")
     if meta["lora"]["r"] < 1 or meta["landmark"]["block_size"] < 2 or meta["landmark"]["token_id"] < 0:
         raise ValueError("lora.r >= 1, landmark.block_size >= 2 and landmark.token_id >= 0 are required")
+    r, alpha, scaling = meta["lora"]["r"], meta["lora"]["alpha"], meta["lora"]["scaling"]
+    if not (math.isfinite(alpha) and math.isfinite(scaling) and scaling > 0):
+        raise ValueError(f"lora.alpha = {alpha!r} and lora.scaling = {scaling!r} must be finite, scaling > 0")
+    if not any(math.isclose(scaling, alpha / d, rel_tol=1e-6) for d in (r, math.sqrt(r))):
+        raise ValueError(
+            f"lora.scaling = {scaling} is neither lora.alpha / lora.r ({alpha / r:g}) nor alpha / sqrt(r) "
+            "(rsLoRA)"
+        )
 
 
 def resolve_base(meta: dict[str, Any], base: str | Path | None) -> Path:
