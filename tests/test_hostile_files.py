@@ -41,7 +41,7 @@ def env(tmp_path_factory) -> dict:
     tok = Tokenizer.train(["the sea and the ship and the whale at night " * 40], vocab_size=280)
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, seq_len=64,
+        vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=16, seq_len=64,
         block_size=BS, attention="landmark", landmark_id=tok.landmark_id,
     )  # fmt: skip
     config = {"model": cfg.to_dict(), "data": {"tokenizer_fingerprint": tok.fingerprint}, "train": {}}
@@ -336,6 +336,9 @@ STATE_EDITS = {
     "values in another dtype": lambda t: t.update({"layer0.values": t["layer0.values"].double()}),
     # bytes overwritten in the middle of the file (0xff... is a NaN in float32): no empty answer, no traceback
     "keys not finite": lambda t: t.update({"layer0.keys": t["layer0.keys"].fill_(float("nan"))}),
+    # layers that disagree, a length that is not whole blocks plus the tail (each loaded and answered)
+    "layers of other counts": lambda t: t.update({"layer1.count": t["layer1.count"] - 1}),
+    "length off the blocks": lambda t: t.update(length=t["length"] + 1),
 }
 
 
@@ -345,6 +348,16 @@ def test_an_edited_saved_state_is_refused_in_one_line(env, tmp_path, capsys, wha
     err = _refused(env | {"root": tmp_path}, capsys, "damaged saved state",
                    lambda: _generate(env, "--load-state", str(edited), "--prompt", "the whale"))  # fmt: skip
     assert str(edited) in err
+
+
+def test_a_saved_state_of_impossible_length_is_refused_in_one_line(env, tmp_path, capsys):
+    """A length of 10**15 positions (whole blocks) made the reading reserve a block memory of 16 PB: a
+    traceback from the allocator. The block memory is checked against the machine's memory first."""
+    edited = _edited_state(env["state"], tmp_path / "edited.safetensors",
+                           lambda t: t.update(length=t["length"] + 10**15 // BS * BS))  # fmt: skip
+    err = _refused(env | {"root": tmp_path}, capsys, "blocks per stream: the block memory of one layer needs",
+                   lambda: _generate(env, "--load-state", str(edited), "--prompt", "the whale"))  # fmt: skip
+    assert "this machine has" in err or "has" in err
 
 
 # ------------------------------------------------------------------------------- a full disk, odd files

@@ -94,6 +94,11 @@ def check_state_tensors(tensors: dict[str, Tensor], n_layers: int, block_size: i
     for i in range(n_layers):
         _check_layer_state({name: tensors[f"layer{i}.{name}"] for name in per_layer},
                            f"layer {i}", (batch, heads, dim), block_size, length)  # fmt: skip
+        for name in ("count", "tail_len"):  # every layer read the same positions
+            same = torch.equal(tensors[f"layer{i}.{name}"], tensors[f"layer0.{name}"])
+            _need(same, f"layer {i}: {name} differs from layer 0's (every layer reads the same positions)")
+    tail_len = tensors["layer0.tail_len"]
+    _need(bool(((length - tail_len) % block_size == 0).all()), "length is not whole blocks plus the tail")
 
 
 def _check_layer_state(t: dict[str, Tensor], where: str, bhd: tuple, block_size: int, length: Tensor) -> None:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from landmark.model import apply_rope, rope_angles
+from landmark.resources import check_fits
 
 if TYPE_CHECKING:
     from landmark.inference.search import LandmarkIndex
@@ -131,6 +132,11 @@ class BlockMemory:
     def _allocate(self, capacity: int) -> None:
         """Grow the storage to ``capacity`` blocks, keeping every row's blocks in logical order."""
         b, h, d, n = self.batch, self.kv_heads, self.head_dim, self.block_size - 1
+        if self.storage_folder is None:  # (a mapped file takes disk, not memory)
+            item = torch.empty(0, dtype=self.storage_dtype).element_size()
+            contents = b * h * capacity * (2 * n + 1) * d * item  # keys (n + 1 slots) and values (n)
+            check_fits(contents, f"{capacity:,} blocks per stream", "the block memory of one layer",
+                       self.storage_device)  # fmt: skip
         lk = torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
         new = BlockStore(
             self._zeros((b, h, capacity, d, n + 1), self.storage_dtype),
