@@ -32,7 +32,7 @@ from landmark.inference.cache import (
     check_state_destination,
     check_state_header,
 )
-from landmark.inference.kernel import KERNELS
+from landmark.inference.kernel import KERNELS, KernelUnavailableError, kernel_module
 from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, MAX_K, SEARCHES, RetrievalConfig
 from landmark.ops.support import triton_runs_on
 from landmark.resources import check_device
@@ -205,6 +205,12 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--block-folder {args.block_folder} {problem}")
     if args.kernel == "triton" and "device" in args:
         _check_triton_device(args.device)
+    if args.kernel == "cpp":  # built (or found built) now, before the model is loaded
+        try:
+            kernel_module(required=True)
+        except KernelUnavailableError as err:
+            reason = err.__cause__ or err
+            raise ValueError(f"--kernel cpp: {reason}: use --kernel auto (the eager path)") from None
     if args.search == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ValueError('--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"')
     _check_state_arguments(args, ks)
