@@ -568,6 +568,18 @@ def test_kernel_triton_on_the_cpu_needs_the_interpreter(env, capsys, monkeypatch
         generate(model, [list(range(3, 3 + 3 * BS))], 2, kernel="triton", k=2)
 
 
+def test_kernel_cpp_that_cannot_be_built_is_one_line(env, capsys, monkeypatch):
+    """``--kernel cpp`` where the C++ kernel cannot be built (LANDMARK_KERNEL=0, an unwritable
+    TORCH_EXTENSIONS_DIR): one line before the model loads (a KernelUnavailableError traceback before)."""
+    from landmark.inference import kernel
+
+    monkeypatch.setattr(
+        kernel, "_build", lambda: kernel.KernelUnavailableError("LANDMARK_KERNEL=0 (simulated)")
+    )
+    _refused(env, _fill([*GENERATE, "--kernel", "cpp"], env), "--kernel cpp: LANDMARK_KERNEL=0 (simulated)",
+             capsys, monkeypatch)  # fmt: skip
+
+
 def test_ctrl_c_is_one_line_and_exit_130(env, capsys, monkeypatch):
     """Ctrl-C during any command: "interrupted" (with how to resume, for training), exit 130, no
     traceback; outputs are written atomically, so nothing half-written stays."""
