@@ -28,6 +28,7 @@ can fail runs before the first byte is written into the run folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -483,8 +484,9 @@ RESUME_DATA_KEYS = ("tokenizer", "corpus")  # data settings a resumed run keeps 
 
 def _check_resume_data(cfg: RunConfig, resume: bool) -> None:
     """Resuming with other data settings (tokenizer, corpus, BPE vocabulary) is refused before any data
-    is prepared: preparing first would rewrite a shared ``data.prepared_dir`` for a run that then stops."""
-    latest = latest_checkpoint(Path(cfg.train.out_dir)) if resume else None
+    is prepared: preparing first would rewrite a shared ``data.prepared_dir`` for a run that then stops;
+    so is an out_dir this run may not write into (:func:`_check_out_dir`)."""
+    latest = _check_out_dir(Path(cfg.train.out_dir), resume)
     saved = open_checkpoint(latest).config.get("data") if latest is not None else None
     if not isinstance(saved, dict):  # nothing to resume, or a damaged config (refused by _resume_checks)
         return
@@ -511,24 +513,7 @@ def _foreign_run_files(out_dir: Path) -> list[str]:
 def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | None:
     """The checkpoint to resume from (None: start afresh). Refuses to overwrite a run without
     ``resume``, and to resume a checkpoint of another model or tokenizer."""
-    held = [name for name in ("model.safetensors", "delta.safetensors") if (out_dir / name).exists()]
-    if held:  # the run's config.json and metrics.jsonl would land beside another model's weights
-        raise ConfigError(
-            f"train.out_dir {out_dir} holds a model ({held[0]}): it is a checkpoint or model folder, not a "
-            "run folder; choose another train.out_dir"
-        )
-    foreign = _foreign_run_files(out_dir)
-    if foreign:
-        raise ConfigError(
-            f"train.out_dir {out_dir} holds {' and '.join(foreign)} that no run of this library wrote: "
-            "choose another train.out_dir (a run writes these two files)"
-        )
-    latest = latest_checkpoint(out_dir)
-    if latest is not None and not resume:
-        raise ConfigError(
-            f"{out_dir} already holds checkpoints ({latest.name}): pass --resume to continue that run, "
-            "or choose another train.out_dir"
-        )
+    latest = _check_out_dir(out_dir, resume)
     if latest is None:
         return None
     checkpoint = open_checkpoint(latest)
@@ -553,6 +538,30 @@ def _resume_checks(out_dir: Path, resume: bool, data: _Data) -> Checkpoint | Non
             f"({saved_tok} != {tok.fingerprint}): use the run's [data] settings"
         )
     return checkpoint
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
+    """``train.out_dir`` may receive this run: not a checkpoint's or a model's folder, no run files
+    another program wrote, no checkpoints unless ``resume``. The latest checkpoint (None: none)."""
+    held = [name for name in ("model.safetensors", "delta.safetensors") if (out_dir / name).exists()]
+    if held:  # the run's config.json and metrics.jsonl would land beside another model's weights
+        raise ConfigError(
+            f"train.out_dir {out_dir} holds a model ({held[0]}): it is a checkpoint or model folder, not a "
+            "run folder; choose another train.out_dir"
+        )
+    foreign = _foreign_run_files(out_dir)
+    if foreign:
+        raise ConfigError(
+            f"train.out_dir {out_dir} holds {' and '.join(foreign)} that no run of this library wrote: "
+            "choose another train.out_dir (a run writes these two files)"
+        )
+    latest = latest_checkpoint(out_dir)
+    if latest is not None and not resume:
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints ({latest.name}): pass --resume to continue that run, "
+            "or choose another train.out_dir"
+        )
+    return latest
 
 
 def _resolved_config(cfg: RunConfig, data: _Data, d: _Dist) -> dict[str, Any]:
@@ -639,6 +648,9 @@ def _open_run_folder(run: _Run, lock: RunLock) -> None:
     config.json and metrics.jsonl without the lines logged after the checkpoint resumed from."""
     out_dir, metrics_path = run.out_dir, run.out_dir / METRICS_FILE
     try:
+        for path in (out_dir / RUN_CONFIG_FILE, metrics_path):  # before either is written
+            if path.exists() and not path.is_file():
+                raise IsADirectoryError(errno.EISDIR, f"{path.name} is not a file", str(path))
         if not lock.held:
             out_dir.mkdir(parents=True, exist_ok=True)
             _hold(lock)

@@ -492,6 +492,31 @@ def test_a_held_folder_is_refused_and_left_alone(env, finished, tmp_path, capsys
     assert latest_checkpoint(run).name == "step_00000003"
 
 
+def test_a_run_file_that_is_a_folder_changes_nothing(env, finished, tmp_path, capsys):
+    """metrics.jsonl replaced by a folder: --resume refused (its config.json was rewritten first, with
+    the new max_steps and out_dir); nothing in the run changes."""
+    run = copy_run(finished, tmp_path)
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    before = snapshot(run)
+    rc = main(args_for(env, run, "train.max_steps=3", resume=True))
+    one_error_line(rc, capsys.readouterr().err, "metrics.jsonl is not a file")
+    assert snapshot(run) == before
+
+
+def test_a_run_that_may_not_start_leaves_the_prepared_data_alone(env, finished, tmp_path, capsys):
+    """A new run (no --resume) into a folder holding checkpoints, with another corpus: refused, but the
+    shared data.prepared_dir was prepared again from that corpus first."""
+    from corpus_helpers import write_corpus
+
+    run = copy_run(finished, tmp_path)
+    other = write_corpus(tmp_path / "other-corpus", n_docs=6, seed=3)
+    before = snapshot(run, env["prepared"])
+    rc = main(args_for(env, run, f"data.corpus={json.dumps(str(other))}"))
+    one_error_line(rc, capsys.readouterr().err, "already holds checkpoints")
+    assert snapshot(run, env["prepared"]) == before
+
+
 def test_a_checkpoint_folder_is_not_a_run_folder(env, finished, tmp_path, capsys):
     """train.out_dir pointing at a checkpoint (or any folder holding a model's weights): refused before
     anything is written, with or without --resume (its config.json was replaced by the new run's)."""
