@@ -408,6 +408,8 @@ def _train(cfg: RunConfig, resume: bool) -> TrainResult:
     lock = RunLock(Path(cfg.train.out_dir))
     run = None
     try:
+        if not d.on and lock.folder.is_dir():  # another run holding the folder is said first (torchrun:
+            _hold(lock)  # process 0 takes the hold in _setup, the others agreeing then)
         _agree(d, lambda: _check_resume_data(cfg, resume))  # before the data folder is touched
         # Process 0 prepares the data (trains the tokenizer, tokenises) while the others wait.
         prepared = _agree(
