@@ -399,6 +399,24 @@ def test_prepare_redoes_what_the_corpus_change_touches(tmp_path, bpe):
     assert second.fingerprint != first.fingerprint
 
 
+def test_prepare_redoes_an_edit_that_keeps_the_size_and_the_modification_time(tmp_path, bpe):
+    """A document rewritten with the same number of bytes and its modification time set back (touch -r)
+    was served from the cache: the change time, which no program can set back, is in the key."""
+    import os
+
+    root = make_folder(tmp_path / "c", n_docs=6)
+    out = tmp_path / "prepared"
+    before = prepare_data(root, out, tokenizer=bpe, progress=False)
+    doc = root / before.splits["train"].documents[0]
+    st = doc.stat()
+    text = doc.read_text(encoding="utf-8")
+    doc.write_text(text[::-1], encoding="utf-8")  # the same bytes, reversed: same size
+    os.utime(doc, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert doc.stat().st_size == st.st_size and doc.stat().st_mtime_ns == st.st_mtime_ns
+    after = prepare_data(root, out, tokenizer=bpe, progress=False)
+    assert not np.array_equal(after.splits["train"].tokens, before.splits["train"].tokens)
+
+
 def test_tokenize_split_leaves_no_partial_file(tmp_path, bpe, monkeypatch):
     root = make_folder(tmp_path / "c", n_docs=5)
     (root / "zz_bad.txt").write_bytes(b"fine text then \xff bad")

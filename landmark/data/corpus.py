@@ -52,6 +52,9 @@ class Document:
     path: Path
     size: int  # bytes
     mtime_ns: int
+    # the inode's change time: any write changes it, and unlike the modification time no program can
+    # set it back (an edit that keeps the size and restores the mtime changes it)
+    ctime_ns: int = 0
 
     def read_text(self) -> str:
         """The document's text.
@@ -78,10 +81,11 @@ class Corpus:
     splits: dict[str, list[Document]]
 
     def fingerprint(self, split: str) -> str:
-        """A short hash of a split's document names, sizes and modification times (the cache key)."""
+        """A short hash of a split's document names, sizes, modification and change times (the cache
+        key: a document written since is read again, whatever its size and modification time say)."""
         h = hashlib.sha256()
         for doc in self.splits[split]:
-            h.update(f"{doc.name}\0{doc.size}\0{doc.mtime_ns}\n".encode())
+            h.update(f"{doc.name}\0{doc.size}\0{doc.mtime_ns}\0{doc.ctime_ns}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -125,7 +129,9 @@ def _list_documents(folder: Path, root: Path) -> list[Document]:
     for p in paths:
         st = p.stat()
         if st.st_size > 0:
-            docs.append(Document(p.relative_to(root).as_posix(), p, st.st_size, st.st_mtime_ns))
+            docs.append(
+                Document(p.relative_to(root).as_posix(), p, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            )
     if not docs:
         raise CorpusError(f"all {len(paths)} .txt files under {folder} are empty: add some text")
     docs.sort(key=lambda d: d.name)
