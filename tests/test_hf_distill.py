@@ -3,7 +3,9 @@ batch, the KL term, and a tiny fine-tune that stays closer to its base with it t
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -15,6 +17,7 @@ pytest.importorskip("transformers")
 from hf_helpers import make_tokenizer, write_tiny
 
 from landmark.cli import main
+from landmark.hf import finetune as finetune_module
 from landmark.hf.collator import IGNORE_INDEX
 from landmark.hf.convert import LANDMARK_TOKEN
 from landmark.hf.distill import DistillCollator, distillation_kl
@@ -94,6 +97,8 @@ def test_a_distilled_finetune_stays_closer_to_its_base(tmp_path, monkeypatch, ca
         (["--distill", "{root}/missing"], "--distill"),
         (["--distill", "{model}", "--distill-weight", "0"], "--distill-weight"),
         (["--distill", "{model}", "--distill-weight", "nan"], "--distill-weight"),
+        # a landmark model as the teacher: said after the model was loaded, with a staging file left
+        (["--distill", "{landmark}"], "is a landmark model: give the base model it was made from"),
     ],
 )
 def test_distill_options_are_checked_before_any_work(tmp_path, monkeypatch, capsys, extra, says):
@@ -114,8 +119,13 @@ def test_distill_options_are_checked_before_any_work(tmp_path, monkeypatch, caps
         "64",
     ]
     capsys.readouterr()  # what writing the tiny model printed
-    argv += [a.format(root=tmp_path, model=model_dir) for a in extra]
+    landmark = tmp_path / "landmark-model"  # the tiny model's files, marked as a landmark model
+    shutil.copytree(model_dir, landmark)
+    config = json.loads((landmark / "config.json").read_text())
+    (landmark / "config.json").write_text(json.dumps({**config, "landmark_token_id": 3}))
+    monkeypatch.setattr(finetune_module, "_load_model", lambda cfg: pytest.fail("the model was loaded"))
+    argv += [a.format(root=tmp_path, model=model_dir, landmark=landmark) for a in extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))

@@ -165,6 +165,25 @@ def test_finetune_refuses_an_existing_out_without_overwrite(tiny, home, capsys):
     refused(finetune_argv(model, corpus, home / "file", "--steps", "1"), capsys, "--out", home)
 
 
+def test_finetune_into_a_staging_folder_in_use_is_refused_before_loading(tiny, home, capsys, monkeypatch):
+    """Another live fine-tune holds ``--out``'s staging folder: refused before the model is loaded (the
+    SmolLM2 load took 6-10 s before the refusal)."""
+    from landmark.files import RunLock
+    from landmark.hf import finetune as finetune_module
+
+    model, corpus = tiny
+    out = home / "out"
+    staging = finetune_module.staging_folder(out)
+    staging.mkdir()
+    lock = RunLock(staging)
+    lock.acquire()
+    monkeypatch.setattr(finetune_module, "_load_model", lambda cfg: pytest.fail("the model was loaded"))
+    try:
+        refused(finetune_argv(model, corpus, out, "--steps", "1"), capsys, f"{staging} is in use", home)
+    finally:
+        lock.release()
+
+
 def damage(folder: Path, kind: str) -> None:
     """Damage a copy of a model folder in one of several ways."""
     if kind == "truncated-weights":

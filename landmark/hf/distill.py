@@ -81,6 +81,22 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, teacher_inde
     return (teacher.exp() * (teacher - student)).sum()
 
 
+def check_teacher_folder(folder: str | Path) -> Path:
+    """``--distill``'s folder as a Path: a model folder, and not a landmark model (the teacher is the
+    base model, read with its own attention). Checked from its files, before any model is loaded.
+
+    Raises:
+        ValueError: naming ``--distill``.
+    """
+    try:
+        folder = check_model_folder(folder, "--distill")
+    except ValueError as err:
+        raise for_option(err, "--distill") from None
+    if read_config(folder).get("landmark_token_id") is not None:
+        raise ValueError(f"--distill {folder} is a landmark model: give the base model it was made from")
+    return folder
+
+
 def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dtype: Any = None) -> Any:
     """The frozen base model of ``folder`` (its own attention), checked against the student.
 
@@ -91,13 +107,8 @@ def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dt
     """
     transformers = require("transformers")
 
-    try:
-        folder = check_model_folder(folder, "--distill")
-    except ValueError as err:
-        raise for_option(err, "--distill") from None
+    folder = check_teacher_folder(folder)
     config = read_config(folder)
-    if config.get("landmark_token_id") is not None:
-        raise ValueError(f"--distill {folder} is a landmark model: give the base model it was made from")
     limit = int(config.get("max_position_embeddings") or 0)
     if limit and max_tokens > limit:
         raise ValueError(

@@ -61,7 +61,7 @@ from landmark.hf.collator import LandmarkCollator, regular_tokens_per_window
 from landmark.hf.convert import convert, unsupported_config
 from landmark.hf.data import TokenWindows, tokenize_corpus
 from landmark.hf.delta import load_pretrained, read_meta, set_lora, start_from_delta
-from landmark.hf.distill import DistillCollator, distilling_trainer_class, load_teacher
+from landmark.hf.distill import DistillCollator, check_teacher_folder, distilling_trainer_class, load_teacher
 from landmark.hf.passkey import PasskeyMixWindows, check_passkey_windows
 from landmark.optional import require
 from landmark.resources import BFLOAT16, check_fits, processes_sharing_memory
@@ -199,7 +199,7 @@ class FinetuneConfig:
         self._check_window(config, delta_block)
         self._check_memory(config)
         if self.distill is not None:
-            check_model_folder(self.distill, "--distill")
+            check_teacher_folder(self.distill)
         self._check_corpus()
         check_out_folder(self.out, self.overwrite, "--out")
         reads = [(self.model, "--model"), (self.distill, "--distill"), (self.init_delta, "--init-delta")]
@@ -283,6 +283,10 @@ class FinetuneConfig:
         in RESUMABLE_CHANGES aside). Without: it holds no checkpoint (an interrupted run is never
         silently thrown away)."""
         staging = staging_folder(self.out)
+        if staging.is_dir():  # another live fine-tune into it is said before any model is loaded
+            probe = RunLock(staging, option="--out")
+            probe.acquire()
+            probe.release()
         checkpoint = last_checkpoint(staging)
         if not self.resume:
             if checkpoint is not None:
