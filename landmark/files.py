@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -150,6 +151,14 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+@functools.cache
+def _umask() -> int:
+    """This process's file mode creation mask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` to produce the file at a temporary path, then rename it onto ``path``.
 
@@ -166,6 +175,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = temporary_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() gives (safetensors writes 0600)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)

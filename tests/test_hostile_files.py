@@ -186,6 +186,22 @@ def test_api_generate_checks_the_state_file_before_reading(env, tmp_path):
     assert calls == [] and doc.read_text() == "keep me"
 
 
+def test_written_files_get_the_mode_open_gives(tmp_path):
+    """Weights, deltas and saved states came out 0600 (safetensors' own mode) beside 0644 files: every
+    file the atomic writer makes gets 0666 minus the umask, as open() gives."""
+    import stat
+
+    from safetensors.torch import save_file
+
+    from landmark import files
+
+    atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
+    write_json_atomic(tmp_path / "c.json", {"a": 1})
+    for name in ("w.safetensors", "c.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~files._umask()
+    assert files._umask() == os.umask(files._umask())  # the mask read is the process's (and kept)
+
+
 def test_atomic_write_leaves_the_destination_and_no_temporary_file_on_failure(tmp_path):
     path = tmp_path / "out.json"
     write_json_atomic(path, {"a": 1})
