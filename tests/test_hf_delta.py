@@ -218,6 +218,22 @@ def test_a_missing_smollm2_base_is_prepared(runs, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_hf_generate_reads_a_delta_over_another_base_with_base(runs, tmp_path, capsys):
+    """A delta made over a model that is not the packaged SmolLM2: the error told to "pass base=", which
+    the command line had no option for; ``--base`` gives it (and goes with a delta only)."""
+    out = tmp_path / "delta"
+    assert export(runs["attention"], out) == 0
+    capsys.readouterr()
+    ask = ["hf", "generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main(ask) == 2
+    assert "(hf generate --base)" in error_line(capsys)
+    assert main([*ask, "--base", str(runs["base"])]) == 0
+    capsys.readouterr()
+    assert main(["hf", "generate", "--model", str(runs["attention"]), "--base", str(runs["base"]),
+                 "--prompt", "hi"]) == 2  # fmt: skip
+    assert "--base is the base of a delta" in error_line(capsys)
+
+
 def test_load_refusals(runs, tmp_path):
     out = tmp_path / "delta"
     assert export(runs["attention"], out) == 0

@@ -223,13 +223,17 @@ def _check_generate(args: argparse.Namespace) -> None:
             f"--model {args.model}: the folder does not exist (a local model folder is expected; "
             "nothing is downloaded)"
         )
-    check_save_state(args, _model_files(Path(args.model)))  # an output onto an input: said first
+    check_save_state(args, _model_files(Path(args.model), args.base))  # an output onto an input: first
     _check_hf_folder(Path(args.model))
     if (Path(args.model) / META_FILE).is_file():  # a delta: its files, before the base is looked for
         try:
             read_meta(Path(args.model))
         except ValueError as err:
             raise ValueError(f"--model: {err}") from None
+    if args.base is not None:
+        if not (Path(args.model) / META_FILE).is_file():
+            raise ValueError(f"--base is the base of a delta; --model {args.model} is not a delta folder")
+        checks.check_model_folder(args.base, "--base")
     block = _saved_block_size(Path(args.model))
     if args.k and block is not None:
         check_chunk_len(args, block)
@@ -334,12 +338,13 @@ def _check_load_state(path: Path, model: Path) -> None:
             )
 
 
-def _model_files(folder: Path) -> list[tuple[Path, str]]:
-    """The folders ``hf generate --model`` reads: the model's, and a delta's packaged base model."""
+def _model_files(folder: Path, base: str | None = None) -> list[tuple[Path, str]]:
+    """The folders ``hf generate --model`` reads: the model's, and a delta's base model (``--base``, else
+    the packaged one)."""
 
     reads = [(folder, "a file of --model")]
-    if (folder / META_FILE).is_file():  # a delta is rebuilt over the packaged base (load_pretrained)
-        reads.append((default_smollm2_dir(), "a file of the delta's base model"))
+    if (folder / META_FILE).is_file():  # a delta is rebuilt over its base (load_pretrained)
+        reads.append((Path(base) if base else default_smollm2_dir(), "a file of the delta's base model"))
     return reads
 
 
@@ -364,7 +369,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _offline()
     try:
-        model, tokenizer = load_pretrained(args.model)
+        model, tokenizer = load_pretrained(args.model, base=args.base)
     except ValueError as err:
         raise ValueError(f"--model: {err}") from None
     model = model.to(resolve_device(args.device))
@@ -582,6 +587,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="continue a prompt with a landmark model (whole context, or top-k retrieval with --k)",
     )
     p.add_argument("--model", required=True, help="a folder saved by `landmark hf finetune` or `convert`")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="a delta's base model folder (default: the base the delta records, the packaged SmolLM2)",
+    )
     p.add_argument("--prompt", required=True)
     add_sampling_arguments(p, max_new_tokens=32, temperature=0.0, top_p=1.0)
     p.add_argument("--seed", type=int, default=0)

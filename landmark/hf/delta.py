@@ -589,7 +589,7 @@ def resolve_base(meta: dict[str, Any], base: str | Path | None) -> Path:
         raise ValueError(
             f"this delta was made over {expected.get('name')} (weights fingerprint "
             f"{expected['fingerprint']}), not over the packaged {smollm2.MODEL_NAME}: "
-            "pass base=<that model's folder>"
+            "pass base=<that model's folder> (hf generate --base)"
         )
     folder = smollm2.default_smollm2_dir()
     if not smollm2.is_prepared(folder):
