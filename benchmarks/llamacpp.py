@@ -22,10 +22,13 @@ tokens llama.cpp runs the base model beyond its trained window). Ratios are llam
 in the same run, on CPU time (what other work on a shared machine inflates least) and on wall time. Each
 measurement runs in its own process, ``--threads`` threads on both sides (default 1).
 
-llama-cpp-python is an optional benchmark dependency, compiled from source by pip (most of an hour
-on two busy cores). Build the wheel once, outside git, and install it from there::
+llama-cpp-python is an optional benchmark dependency, compiled from source by pip. Build the wheel
+once, outside git, and install it from there (about 8 minutes on two cores without llama.cpp's
+examples, tools and tests, which are most of the build; with them, most of an hour)::
 
-    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv/bin/pip wheel --no-deps -w cache/wheels "llama-cpp-python==0.3.36"
+    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF" \
+        .venv/bin/pip wheel --no-deps -w cache/wheels "llama-cpp-python==0.3.36"
     .venv/bin/pip install cache/wheels/llama_cpp_python-0.3.36-*.whl
 
 Usage::
