@@ -557,6 +557,9 @@ def test_an_evaluation_with_a_k_above_the_blocks_of_its_lengths_says_so(env, cap
 def test_kernel_triton_on_the_cpu_needs_the_interpreter(env, capsys, monkeypatch):
     """``--kernel triton`` where no CUDA device reads and the interpreter is off: one line before the model
     loads (a RuntimeError "0 active drivers" from triton inside the first forward before)."""
+    import landmark.inference.triton_retrieval  # noqa: F401 - imported with the interpreter on: triton
+    # makes its kernels interpreted or compiled at import, and later tests run them through the interpreter
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     argv = [*GENERATE, "--kernel", "triton", "--device", "cpu"]
     _refused(env, _fill(argv, env), "--kernel triton runs on a CUDA GPU; the model reads on cpu", capsys,
@@ -602,12 +605,14 @@ def test_ctrl_c_is_one_line_and_exit_130(env, capsys, monkeypatch):
 @pytest.mark.parametrize("delay", [0.2, 1.0])
 def test_ctrl_c_while_the_command_starts_is_one_line(delay):
     """Ctrl-C in the first second, while the command imports torch (before any command runs), ends as
-    Ctrl-C during a command does: "interrupted", exit 130, no traceback."""
+    Ctrl-C during a command does: "interrupted", exit 130, no traceback. (The child gets SIGINT's default
+    action back: a job started in the background, as CI may be, inherits SIGINT ignored.)"""
     import signal
     import time
 
+    default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 - a background job (CI)
     proc = subprocess.Popen([sys.executable, "-m", "landmark", "demo"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default)  # fmt: skip
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -21,7 +21,7 @@ def triton_runs_on(device: torch.device | str) -> bool:
 
 def triton_unsupported_reason(q: Tensor, block_size: int) -> str | None:
     """None if the fused Triton kernel can run on these inputs, else a sentence saying why not."""
-    if not triton_runs_on(q.device):
+    if not triton_runs_on("cuda" if q.is_cuda else "cpu"):
         return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU)"
     if block_size not in TRITON_BLOCK_SIZES:
         return f"block_size must be one of {TRITON_BLOCK_SIZES} for the Triton kernel; got {block_size}"
