@@ -25,7 +25,8 @@ from landmark.cli import main
 from landmark.hf import delta, smollm2
 
 FINETUNE = ["--block-size", "8", "--max-length", "64", "--steps", "3", "--batch-size", "2", "--lr", "1e-2"]
-FINETUNE += ["--warmup-steps", "1", "--logging-steps", "3", "--lora-alpha", "8"]
+FINETUNE += ["--warmup-steps", "1", "--logging-steps", "3"]
+LORA = ["--lora-alpha", "8"]  # with every --lora-r R (a full fine-tune refuses it)
 R = 4  # LoRA rank of the tiny runs
 
 
@@ -41,8 +42,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             model, corpus = write_tiny(root / ("tied" if tie else "untied"), tie=tie)
             folders["base-tied" if tie else "base"] = model
         for name, base, extra in (
-            ("attention", "base", ["--lora-r", str(R), "--lora-targets", "attention"]),
-            ("all", "base-tied", ["--lora-r", str(R), "--lora-targets", "all"]),
+            ("attention", "base", ["--lora-r", str(R), *LORA, "--lora-targets", "attention"]),
+            ("all", "base-tied", ["--lora-r", str(R), *LORA, "--lora-targets", "all"]),
             ("full", "base", []),
         ):
             out = root / name
@@ -326,7 +327,7 @@ def test_init_delta_starts_where_the_delta_left_off(runs, tmp_path, monkeypatch)
     corpus = runs["base-tied"].parent / "corpus"
     cont = tmp_path / "continued"
     argv = ["hf", "finetune", "--model", str(runs["base-tied"]), "--corpus", str(corpus), "--out", str(cont)]
-    extra = ["--lora-r", str(R), "--lora-targets", "all", "--init-delta", str(out)]
+    extra = ["--lora-r", str(R), *LORA, "--lora-targets", "all", "--init-delta", str(out)]
     assert main([*argv, *FINETUNE, *extra]) == 0
     summary = json.loads((cont / "landmark-finetune.json").read_text())
     assert summary["config"]["init_delta"] == str(out)
@@ -382,13 +383,13 @@ def test_init_delta_refusals(runs, tmp_path, capsys):
         "--init-delta",
         str(out),
     ]
-    good = ["--lora-r", str(R), "--lora-targets", "all"]
+    good = ["--lora-r", str(R), *LORA, "--lora-targets", "all"]
     cases = [
         (
-            ["--model", str(runs["base-tied"]), "--lora-r", "8", "--lora-targets", "all"],
+            ["--model", str(runs["base-tied"]), "--lora-r", "8", *LORA, "--lora-targets", "all"],
             "--lora-r must match",
         ),
-        (["--model", str(runs["base-tied"]), "--lora-r", str(R)], "--lora-targets must match"),
+        (["--model", str(runs["base-tied"]), "--lora-r", str(R), *LORA], "--lora-targets must match"),
         (["--model", str(runs["all"]), *good], "already a landmark model"),
         (["--model", str(runs["base"]), *good], "is not the base of delta"),
         (

@@ -659,6 +659,7 @@ IGNORED = [
     (["--lora-dropout", "0.1"], "--lora-dropout", "--lora-r > 0"),
     (["--lora-targets", "all"], "--lora-targets", "--lora-r > 0"),
     (["--lora-targets", "attention"], "--lora-targets", "--lora-r > 0"),  # its default, given: refused too
+    (["--lora-alpha", "16"], "--lora-alpha", "--lora-r > 0"),
     (["--passkey-near-gap", "4"], "--passkey-near-gap", "--passkey-near > 0"),
     (["--distill-weight", "2"], "--distill-weight", "--distill BASE"),
     (["--distill-weight", "1"], "--distill-weight", "--distill BASE"),
@@ -685,6 +686,7 @@ def test_finetune_config_refuses_settings_that_would_be_ignored(tiny, home):
     for setting, option in (
         ({"lora_dropout": 0.1}, "--lora-dropout"),
         ({"lora_targets": "all"}, "--lora-targets"),
+        ({"lora_alpha": 7}, "--lora-alpha"),
         ({"passkey_near_gap": 4}, "--passkey-near-gap"),
         ({"distill_weight": 2.0}, "--distill-weight"),
     ):

@@ -464,7 +464,7 @@ def _finetune_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 16; LoRA only)")
     p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0; LoRA only)")
     p.add_argument(
         "--lora-targets",

@@ -80,6 +80,7 @@ RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite", "ste
 DEPENDENT_SETTINGS = {
     "lora_dropout": ("lora_r", "--lora-r > 0 (LoRA; --lora-r 0 is a full fine-tune)"),
     "lora_targets": ("lora_r", "--lora-r > 0 (LoRA; --lora-r 0 is a full fine-tune)"),
+    "lora_alpha": ("lora_r", "--lora-r > 0 (LoRA; --lora-r 0 is a full fine-tune)"),
     "passkey_near_gap": ("passkey_near", "--passkey-near > 0 (the near keys it spaces)"),
     "distill_weight": ("distill", "--distill BASE (the KL term it weighs)"),
 }
