@@ -371,22 +371,23 @@ def _check_paths(cfg: RunConfig) -> None:
             f"train.out_dir {t.out_dir} is inside data.corpus {corpus}, which the run reads: choose "
             "another train.out_dir"
         )
-    _check_out_dir_apart_from_prepared_data(Path(t.out_dir))
+    _check_out_dir_apart(Path(t.out_dir))
 
 
-def _check_out_dir_apart_from_prepared_data(out_dir: Path) -> None:
+def _check_out_dir_apart(out_dir: Path) -> None:
     """``train.out_dir`` is not inside the cache of prepared data (where ``data.prepared_dir`` defaults
-    to) nor inside any folder of prepared data: the run's files would turn it into a foreign folder that
-    ``prepare`` then refuses."""
+    to) nor inside a folder of prepared data, a model, a checkpoint or another training run: the run's
+    files would land among theirs (and turn prepared data into a folder ``prepare`` refuses)."""
     if is_within(out_dir, cache_root() / "prepared"):
         raise ConfigError(
             f"train.out_dir {out_dir} is inside the cache of prepared data ({cache_root() / 'prepared'}): "
             "choose another train.out_dir"
         )
     for folder in Path(os.path.abspath(out_dir)).parents:
-        if models_held(folder) == "prepared data":
+        held = models_held(folder)
+        if held is not None:
             raise ConfigError(
-                f"train.out_dir {out_dir} is inside {folder}, a folder of prepared data: choose another "
+                f"train.out_dir {out_dir} is inside {folder}, which holds {held}: choose another "
                 "train.out_dir"
             )
 

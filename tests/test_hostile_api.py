@@ -144,6 +144,20 @@ def test_a_temperature_near_zero_samples_the_best_token():
             assert torch.equal(token, logits.argmax(dim=-1))
 
 
+def test_nan_scores_are_refused_not_sampled():
+    """Weights with bytes overwritten gave NaN logits: sampling raised torch's "probability tensor
+    contains inf, nan" (a traceback) and greedy decoding returned an arbitrary token."""
+    import torch
+
+    from landmark.inference.generate import sample_next
+
+    logits = torch.randn(2, 50)
+    logits[1, 3] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"not numbers \(NaN\): its weights may be damaged"):
+            sample_next(logits, temperature, 1.0, torch.Generator().manual_seed(0))
+
+
 def test_a_huge_temperature_samples_without_nan():
     """A temperature of 1e308 (inf in float32) made -inf / inf = nan for a masked token: torch.multinomial
     raised. It samples (nearly uniformly) and never a masked token."""

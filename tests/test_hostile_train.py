@@ -159,7 +159,9 @@ BAD_VALUES = [
     ('data.prepared_dir="FILE"', "is a file, not a folder"),
     ('train.out_dir="PREPARED"', "is inside data.prepared_dir"),
     ('train.out_dir="CACHED"', "is inside the cache of prepared data"),  # data.prepared_dir's default
-    ('train.out_dir="OTHER_PREPARED"', ", a folder of prepared data: choose another train.out_dir"),
+    ('train.out_dir="OTHER_PREPARED"', ", which holds prepared data: choose another train.out_dir"),
+    ('train.out_dir="IN_CHECKPOINT"', ", which holds a model: choose another train.out_dir"),
+    ('train.out_dir="IN_RUN"', ", which holds a training run: choose another train.out_dir"),
     ('data.prepared_dir="CORPUS"', "is inside data.corpus"),
 ]
 
@@ -175,7 +177,8 @@ def test_bad_value_is_one_line_and_writes_nothing(env, finished, tmp_path, capsy
     (other / "train.bin").write_bytes(b"")
     places = {"LOOP": loop, "FILE": TINY, "PREPARED": env["prepared"], "CORPUS": env["corpus"],
               "CACHED": tmp_path / "cache" / "prepared" / "books-bpe512" / "run",
-              "OTHER_PREPARED": other / "run"}  # fmt: skip
+              "OTHER_PREPARED": other / "run", "IN_CHECKPOINT": latest_checkpoint(finished) / "run",
+              "IN_RUN": finished / "sub" / "run"}  # fmt: skip
     for name, path in places.items():
         override = override.replace(f'"{name}"', json.dumps(str(path)))
     fresh = tmp_path / "fresh"

@@ -127,7 +127,13 @@ NO_STATE = StateFiles()  # the default: read the prompts, save nothing
 def sample_next(
     logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> Tensor:
-    """(B, vocab) logits -> (B,) token ids: greedy when temperature == 0, else temperature + nucleus."""
+    """(B, vocab) logits -> (B,) token ids: greedy when temperature == 0, else temperature + nucleus.
+
+    Raises:
+        ValueError: the logits hold NaN (the model's weights are damaged: nothing can be chosen).
+    """
+    if bool(torch.isnan(logits).any()):
+        raise ValueError("the model's next-token scores are not numbers (NaN): its weights may be damaged")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
