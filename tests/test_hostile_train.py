@@ -527,7 +527,7 @@ def test_a_checkpoint_folder_is_not_a_run_folder(env, finished, tmp_path, capsys
     before = snapshot(checkpoint)
     for resume in (False, True):
         rc = main(args_for(env, checkpoint, resume=resume))
-        one_error_line(rc, capsys.readouterr().err, "holds a model (model.safetensors): it is a checkpoint")
+        one_error_line(rc, capsys.readouterr().err, "which holds a training run: choose another")
     assert snapshot(checkpoint) == before
 
 
