@@ -159,6 +159,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {err}") from None
     except CorpusError as err:  # missing, empty, a file that is not UTF-8
         raise ConfigError(f"--corpus: {err}") from None
+    except ValueError as err:  # damaged GPT-2 BPE files (the other options are checked above)
+        raise ConfigError(f"--gpt2-dir: {err}") from None
     print(f"prepared data in {data.folder}")
     print(f"  tokenizer: {data.folder / 'tokenizer.json'} ({data.tokenizer!r})")
     for name, split in data.splits.items():

