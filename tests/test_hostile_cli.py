@@ -211,6 +211,8 @@ EVAL_CASES = [
     (["eval", "ppl", "--data", "{data}", "--out", "{out}"], "--model"),
     ([*PPL[:4], "--data", "{root}/missing", "--out", "{out}"], "--data"),
     ([*PPL[:4], "--data", "{full}", "--out", "{out}"], "holds no prepared data"),  # a checkpoint
+    # a split the corpus lacks: said before the corpus is prepared (it was prepared first, 9-15 s)
+    ([*PPL[:4], "--corpus", "{root}/corpus", "--out", "{out}", "--split", "nope"], "--split 'nope': the"),
     ([*PPL, "--split", "nonesuch"], "--split"),
     *[
         (["eval", "ppl", "--model", f"lm={{{name}}}", "--data", "{data}", "--out", "{out}"], "--model")

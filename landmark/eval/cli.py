@@ -111,7 +111,10 @@ def _split_tokens(args: argparse.Namespace, tokenizer):
     models'."""
 
     if args.data is None:
-        folder = prepare_data(args.corpus, tokenizer=tokenizer, progress=True).folder
+        corpus = read_corpus(args.corpus if args.corpus is not None else bundled_books())
+        if args.split not in corpus.splits:  # before anything is prepared
+            raise ValueError(f"--split {args.split!r}: the corpus has the splits {sorted(corpus.splits)}")
+        folder = prepare_data(corpus, tokenizer=tokenizer, progress=True).folder
         option = "--split"
     else:
         folder, option = Path(args.data), "--data"
