@@ -217,7 +217,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises:
         ConfigError: a missing or malformed file, an unknown section or key, a value of the wrong type,
             or an inconsistent model (e.g. block_size not dividing seq_len).
+        TypeError: ``overrides`` is a string, not a list of them.
     """
+    if isinstance(overrides, str | bytes):
+        raise TypeError(f"overrides must be a list of 'section.key=value' strings; got {overrides!r}")
     cfg = RunConfig()
     if path is not None:
         path = Path(path)

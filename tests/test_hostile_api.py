@@ -256,3 +256,36 @@ def test_a_state_never_replaces_weights_even_with_overwrite(tmp_path):
     notes.write_text("replace me")
     session.save_state(notes, overwrite=True)
     assert notes.read_bytes()[:8] != b"replace "
+
+
+def test_more_api_arguments_of_the_wrong_kind_are_named(tmp_path):
+    """insert_landmarks of a list (AttributeError) or of float "ids" (accepted); generate's sampling as a
+    string (AttributeError); chunked_logits of float tokens (accepted) and chunked_nll's lengths as a
+    list (AttributeError); load_config's overrides as one string (a message about 't'); a
+    LandmarkCollator whose windows hold no landmark (accepted): each names its argument."""
+    import torch
+
+    from landmark.data.landmarks import insert_landmarks
+    from landmark.inference import chunked_logits, chunked_nll, generate
+    from landmark.train_config import load_config
+
+    with pytest.raises(TypeError, match="tokens must be a"):
+        insert_landmarks([[1, 2, 3]], 4, 5)
+    with pytest.raises(TypeError, match="tokens must hold integer token ids"):
+        insert_landmarks(torch.tensor([[1.5, 2.0, 3.0]]), 4, 5)
+    model, tok, _ = load_model(SMALL)
+    ids = torch.tensor([tok.encode("the sea and the ship and the whale")])
+    with pytest.raises(TypeError, match="sampling must be a Sampling"):
+        generate(model, [ids[0].tolist()], 2, sampling="greedy")
+    with pytest.raises(ValueError, match="tokens must hold integer token ids"):
+        chunked_logits(model, ids.float(), torch.tensor([ids.shape[1]]), k=4)
+    nll, count = chunked_nll(model, ids, [ids.shape[1]], k=4)  # a list of lengths is taken as a tensor
+    assert count.tolist() == [ids.shape[1] - 1] and torch.isfinite(nll).all()
+    with pytest.raises(TypeError, match=r"overrides must be a list of 'section\.key=value' strings"):
+        load_config(None, "train.lr=1")
+    from hf_helpers import make_tokenizer
+
+    import landmark.hf as lhf
+
+    with pytest.raises(ValueError, match="max_length must be an int of at least one block"):
+        lhf.LandmarkCollator(make_tokenizer(), block_size=16, max_length=8)

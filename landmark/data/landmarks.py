@@ -36,6 +36,10 @@ def insert_landmarks(tokens: Tensor, block_size: int, landmark_id: int) -> Tenso
         does not.
     """
     _check_block_size(block_size)
+    if not isinstance(tokens, Tensor) or tokens.dim() == 0:
+        raise TypeError(f"tokens must be a (..., n) tensor of token ids; got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must hold integer token ids; got {tokens.dtype}")
     r = block_size - 1
     n = tokens.shape[-1]
     full = (n // r) * r

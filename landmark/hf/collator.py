@@ -62,8 +62,11 @@ class LandmarkCollator:
     def __init__(self, tokenizer: Any, block_size: int, max_length: int) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
             raise ValueError(f"block_size must be an int >= 2; got {block_size!r}")
-        if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < block_size:
+            raise ValueError(
+                f"max_length must be an int of at least one block ({block_size} positions: a window "
+                f"without a landmark teaches nothing); got {max_length!r}"
+            )
         landmark_id = tokenizer.get_vocab().get(LANDMARK_TOKEN)
         if landmark_id is None:
             raise ValueError(

@@ -241,6 +241,8 @@ def generate_with(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a Sampling (Sampling() is greedy); got {sampling!r}")
     (block_size, landmark_id, start), (stop_ids, on_token, after_prompt) = landmarks, hooks
     stream, lengths = prompt_streams(prompts, block_size, landmark_id, start)
     logits = read(stream, lengths)  # (B, vocab)

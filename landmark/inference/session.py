@@ -281,7 +281,7 @@ def chunked_logits(
         None.
     """
     batch, n = _batch_shape(tokens)
-    lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
+    lengths = torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
     bs, lm = model.config.block_size, model.config.landmark_id
     stream = rows_with_landmarks(tokens, lengths, bs, lm)  # (B, n') right-padded
     stream_len = lengths + lengths // (bs - 1)
@@ -328,7 +328,7 @@ def chunked_nll(
         scored tokens (length - 1 per row).
     """
     batch, n = _batch_shape(tokens)
-    lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
+    lengths = torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
     stream, stream_len, targets = landmark_stream(
         tokens, lengths, model.config.block_size, model.config.landmark_id
     )
@@ -337,10 +337,12 @@ def chunked_nll(
 
 
 def _batch_shape(tokens: Tensor) -> tuple[int, int]:
-    """(B, n) of a batch of token rows; anything else is a ValueError naming ``tokens``."""
+    """(B, n) of a batch of integer token rows; anything else is a ValueError naming ``tokens``."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be a (batch, length) tensor of token ids; got {shape}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must hold integer token ids; got {tokens.dtype}")
     return tokens.shape[0], tokens.shape[1]
 
 
@@ -356,7 +358,7 @@ def landmark_stream(
     """
 
     batch, n = _batch_shape(tokens)
-    lengths = torch.full((batch,), n) if lengths is None else lengths.cpu().long()
+    lengths = torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
     bs = block_size
     stream = rows_with_landmarks(tokens, lengths, bs, landmark_id)
     stream_len = lengths + lengths // (bs - 1)
