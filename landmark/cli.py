@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from landmark import __version__, landmark_attention, landmark_weights
 from landmark.checkpoint import CheckpointError
@@ -266,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: every output is written atomically, so nothing half-written is left
         trains = args.command == "train" or getattr(args, "hf_command", None) == "finetune"
         hint = " (--resume continues from the last checkpoint)" if trains else ""
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open redraws after the message
+            bar.close()
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

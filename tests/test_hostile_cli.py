@@ -621,6 +621,24 @@ def test_ctrl_c_while_the_command_starts_is_one_line(delay):
     assert (proc.returncode, err.strip()) == (130, "interrupted")
 
 
+def test_ctrl_c_after_the_command_is_ignored(monkeypatch, capsys):
+    """Once the command returned, Ctrl-C is ignored: during the interpreter's shutdown (torch loaded: a
+    second or so) Python no longer handles it, and a finished evaluation died of it with exit -2 and no
+    message, its results already written."""
+    import signal
+
+    import landmark.__main__ as entry
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["landmark"])  # no command: the help, exit 2
+    try:
+        assert entry.main() == 2
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    capsys.readouterr()
+
+
 def test_import_landmark_is_light():
     """`import landmark` loads no torch (what lets the command answer Ctrl-C while torch loads), and the
     operations still come from it on first use."""
