@@ -21,7 +21,7 @@ from tqdm import tqdm
 from landmark import __version__, landmark_attention, landmark_weights
 from landmark.checkpoint import CheckpointError
 from landmark.data import CorpusError, bundled_books, prepare_data
-from landmark.data.dataset import PreparedFolderError
+from landmark.data.dataset import prepare_error_line
 from landmark.eval.cli import add_eval_parser
 from landmark.files import is_within, os_error_line, path_problem
 from landmark.hf.cli import add_hf_parser
@@ -156,12 +156,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     corpus = bundled_books() if args.corpus == "bundled" else args.corpus
     try:
         data = prepare_data(corpus, args.out, args.tokenizer, args.vocab_size, args.gpt2_dir)
-    except PreparedFolderError as err:
-        raise ConfigError(f"--out {err}") from None
-    except CorpusError as err:  # missing, empty, a file that is not UTF-8
-        raise ConfigError(f"--corpus: {err}") from None
-    except ValueError as err:  # damaged GPT-2 BPE files (the other options are checked above)
-        raise ConfigError(f"--gpt2-dir: {err}") from None
+    except ValueError as err:  # a foreign --out, a bad corpus, damaged GPT-2 BPE files
+        prefixes = {"folder": "--out ", "corpus": "--corpus: ", "gpt2_dir": "--gpt2-dir: "}
+        raise ConfigError(prepare_error_line(err, prefixes)) from None
     print(f"prepared data in {data.folder}")
     print(f"  tokenizer: {data.folder / 'tokenizer.json'} ({data.tokenizer!r})")
     for name, split in data.splits.items():

@@ -57,8 +57,8 @@ from landmark.checkpoint import (
     open_checkpoint,
     save_checkpoint,
 )
-from landmark.data import Batch, CorpusError, PreparedData, WindowSampler, bundled_books, prepare_data
-from landmark.data.dataset import PreparedFolderError
+from landmark.data import Batch, PreparedData, WindowSampler, bundled_books, prepare_data
+from landmark.data.dataset import prepare_error_line
 from landmark.data.passkey import BookHaystack, PasskeyMixSampler
 from landmark.files import (
     FolderInUseError,
@@ -220,12 +220,9 @@ def _prepare(cfg: RunConfig, progress: bool) -> PreparedData:
             gpt2_dir=dc.gpt2_dir or None,
             progress=progress,
         )
-    except PreparedFolderError as err:
-        raise ConfigError(f"data.prepared_dir: {err}") from None
-    except CorpusError as err:  # missing, empty, a file that is not UTF-8
-        raise ConfigError(f"data.corpus: {err}") from None
-    except ValueError as err:  # damaged GPT-2 BPE files (the other settings are validated before)
-        raise ConfigError(f"data.gpt2_dir: {err}") from None
+    except ValueError as err:  # a foreign prepared_dir, a bad corpus, damaged GPT-2 BPE files
+        prefixes = {"folder": "data.prepared_dir: ", "corpus": "data.corpus: ", "gpt2_dir": "data.gpt2_dir: "}
+        raise ConfigError(prepare_error_line(err, prefixes)) from None
 
 
 def _sampler(tokens: np.ndarray, mc: ModelConfig, batch_size: int, seed: int, rank: int, what: str):

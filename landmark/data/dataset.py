@@ -282,6 +282,16 @@ class PreparedFolderError(CorpusError):
     written there."""
 
 
+def prepare_error_line(err: ValueError, prefixes: dict[str, str]) -> str:
+    """A ValueError of :func:`prepare_data` as one line naming the caller's option behind it: ``prefixes``
+    maps ``"folder"``, ``"corpus"`` and ``"gpt2_dir"`` to what the caller puts before the message
+    (``"--out "``, ``"data.corpus: "``, ...). A PreparedFolderError is about the folder, a CorpusError
+    about the corpus, any other about the GPT-2 BPE files (the callers check the other settings first)."""
+    if isinstance(err, PreparedFolderError):
+        return prefixes["folder"] + str(err)
+    return prefixes["corpus" if isinstance(err, CorpusError) else "gpt2_dir"] + str(err)
+
+
 def check_prepared_folder(folder: Path) -> None:
     """``folder`` may receive prepared data: it does not exist, or holds nothing but prepared data (a
     tokenizer and token arrays); a model's or a checkpoint's folder, or any other file, is a CorpusError

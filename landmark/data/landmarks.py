@@ -22,6 +22,11 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be an int >= 2 (regular tokens + 1 landmark); got {block_size!r}")
 
 
+def holds_integer_ids(t: Tensor) -> bool:
+    """Whether a tensor's dtype can hold token ids: an integer type (not floating, complex or bool)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def insert_landmarks(tokens: Tensor, block_size: int, landmark_id: int) -> Tensor:
     """Insert ``landmark_id`` after every ``block_size - 1`` tokens along the last dimension.
 
@@ -38,7 +43,7 @@ def insert_landmarks(tokens: Tensor, block_size: int, landmark_id: int) -> Tenso
     _check_block_size(block_size)
     if not isinstance(tokens, Tensor) or tokens.dim() == 0:
         raise TypeError(f"tokens must be a (..., n) tensor of token ids; got {type(tokens).__name__}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+    if not holds_integer_ids(tokens):
         raise TypeError(f"tokens must hold integer token ids; got {tokens.dtype}")
     r = block_size - 1
     n = tokens.shape[-1]

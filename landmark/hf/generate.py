@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from landmark.data.landmarks import holds_integer_ids
 from landmark.hf.convert import encode_text, landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, StateFiles
 from landmark.inference.generate import (
@@ -118,7 +119,7 @@ def prompt_ids(model: Any, tokenizer: Any, prompt: str | Tensor, continuation: b
         ):
             raise TypeError(f"prompt must be text or (n,) token ids; got {type(prompt).__name__} {prompt!r}")
         ids = torch.as_tensor(prompt)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        if not holds_integer_ids(ids):
             raise ValueError(f"prompt: token ids must be integers; got dtype {ids.dtype}")
         raw = ids.flatten().tolist()
         vocab = int(model.get_input_embeddings().weight.shape[0])

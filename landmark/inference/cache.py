@@ -177,7 +177,8 @@ def check_state_destination(
     path = check_output_file(
         path, option, kind="a saved state", is_kind=is_saved_state, reads=reads, overwrite=overwrite
     )  # (stat errors named first)
-    if path.is_file() and not is_saved_state(path) and safetensors_metadata(path) is not None:
+    meta = safetensors_metadata(path) if path.is_file() else None
+    if meta is not None and meta.get("format") != STATE_FORMAT:
         raise ValueError(
             f"{option} {path} holds tensors that are not a saved state (a model's weights or a delta?): it "
             "is never replaced, even with overwrite; give a new file name"

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from landmark.config import MAX_THREADS
-from landmark.data.landmarks import insert_landmarks, landmark_targets
+from landmark.data.landmarks import holds_integer_ids, insert_landmarks, landmark_targets
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
@@ -221,7 +221,7 @@ class InferenceSession:
         ids = torch.as_tensor(ids).to(self.device)
         if ids.dim() != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must have shape ({self.batch_size}, length); got {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        if not holds_integer_ids(ids):
             raise ValueError(f"ids must be integer token ids; got {ids.dtype}")
         lengths = (
             torch.full((self.batch_size,), ids.shape[1]) if lengths is None else self._lengths(lengths, ids)
@@ -280,8 +280,7 @@ def chunked_logits(
         logits (B, n, vocab) at the regular tokens (logits[:, t] predicts token t + 1), and the loss or
         None.
     """
-    batch, n = _batch_shape(tokens)
-    lengths = torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
+    batch, n, lengths = _rows(tokens, lengths)
     bs, lm = model.config.block_size, model.config.landmark_id
     stream = rows_with_landmarks(tokens, lengths, bs, lm)  # (B, n') right-padded
     stream_len = lengths + lengths // (bs - 1)
@@ -327,8 +326,7 @@ def chunked_nll(
         (nll_sum, count): (B,) float64 sums of -log p(token t+1 | tokens <= t) and (B,) numbers of
         scored tokens (length - 1 per row).
     """
-    batch, n = _batch_shape(tokens)
-    lengths = torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
+    batch, _, lengths = _rows(tokens, lengths)
     stream, stream_len, targets = landmark_stream(
         tokens, lengths, model.config.block_size, model.config.landmark_id
     )
@@ -336,14 +334,16 @@ def chunked_nll(
     return sum_nll(session.iter_feed(stream, stream_len), targets), (lengths - 1).clamp_min(0)
 
 
-def _batch_shape(tokens: Tensor) -> tuple[int, int]:
-    """(B, n) of a batch of integer token rows; anything else is a ValueError naming ``tokens``."""
+def _rows(tokens: Tensor, lengths: Tensor | None) -> tuple[int, int, Tensor]:
+    """(B, n, lengths) of a batch of integer token rows, right-padded, with ``lengths`` (B,) real tokens
+    per row (default n; a list is taken too); anything else is a ValueError naming ``tokens``."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be a (batch, length) tensor of token ids; got {shape}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+    if not holds_integer_ids(tokens):
         raise ValueError(f"tokens must hold integer token ids; got {tokens.dtype}")
-    return tokens.shape[0], tokens.shape[1]
+    batch, n = tokens.shape
+    return batch, n, torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
 
 
 def landmark_stream(
@@ -357,8 +357,7 @@ def landmark_stream(
         next regular token; -100 at landmarks, at padding and at each row's last regular token.
     """
 
-    batch, n = _batch_shape(tokens)
-    lengths = torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
+    _, _, lengths = _rows(tokens, lengths)
     bs = block_size
     stream = rows_with_landmarks(tokens, lengths, bs, landmark_id)
     stream_len = lengths + lengths // (bs - 1)
