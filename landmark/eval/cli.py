@@ -56,6 +56,7 @@ from landmark.hf.smollm2 import default_smollm2_dir
 from landmark.inference.options import (
     add_device_argument,
     add_retrieval_arguments,
+    add_weights_argument,
     check_chunk_len,
     check_distinct,
     note_k_above_blocks,
@@ -79,7 +80,7 @@ def _models_help() -> str:
 def _load(args: argparse.Namespace):
     """The ``--model`` checkpoints, checked against ``--lengths`` and ``--chunk-len``."""
 
-    models = load_models(args.model, resolve_device(args.device))
+    models = load_models(args.model, resolve_device(args.device), args.weights)
     check_lengths(args.lengths, models)
     if not any(m.retrieves for m in models):
         _check_no_retrieval_options(args)
@@ -311,7 +312,8 @@ def _base_check_inputs(args: argparse.Namespace):
     limit = int(getattr(base.model.config, "max_position_embeddings", 0) or 0)
     if limit and args.window_len > limit:
         raise ValueError(f"--window-len {args.window_len} exceeds the base model's window ({limit})")
-    models = [load_hf(name, path.removeprefix(HF_PREFIX), device) for name, path in specs]
+    models = [load_hf(name, path.removeprefix(HF_PREFIX), device, weights=args.weights)
+              for name, path in specs]  # fmt: skip
     for m in models:
         if m.retrieves:
             check_chunk_len(args, m.block_size, repr(m.name))
@@ -377,6 +379,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-size", type=int, default=4, help="windows evaluated together (>= 1)")
     q.add_argument("--out", default="runs/eval-ppl", help="output folder (and result cache)")
     add_device_argument(q)
+    add_weights_argument(q)
     add_retrieval_arguments(q, multiple=True)
     q.set_defaults(func=cmd_eval_ppl)
 
@@ -403,6 +406,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    "books)")  # fmt: skip
     q.add_argument("--out", default="runs/eval-passkey", help="output folder (and result cache)")
     add_device_argument(q)
+    add_weights_argument(q)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_passkey)
 
@@ -419,6 +423,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--corpus", default=None, help="corpus folder (default: the bundled books)")
     q.add_argument("--out", default="runs/base-check", help="output folder (and result cache)")
     add_device_argument(q)
+    add_weights_argument(q)
     add_retrieval_arguments(q)
     q.set_defaults(func=cmd_eval_base_check)
 

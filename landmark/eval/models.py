@@ -41,6 +41,7 @@ from landmark.inference import chunked_nll, generate
 from landmark.inference.options import Reading
 from landmark.inference.session import landmark_stream, sum_nll
 from landmark.inference.threads import using_threads
+from landmark.inference.weights import compact_weights
 from landmark.model import ATTENTION_KINDS
 from landmark.optional import require
 
@@ -242,10 +243,11 @@ def parse_model_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
-def load_models(specs: list[str], device: str = "cpu") -> list[ModelUnderTest]:
+def load_models(specs: list[str], device: str = "cpu", weights: str = "model") -> list[ModelUnderTest]:
     """Load every ``NAME=PATH`` (a run or checkpoint folder) or ``NAME=hf:FOLDER`` (a Hugging Face model
-    folder); a one-line ValueError naming ``--model`` for no model, a name given twice, a missing or
-    damaged folder or an unknown model kind."""
+    folder), its linear layers' weights as ``weights`` says (``compact_weights``); a one-line ValueError
+    naming ``--model`` for no model, a name given twice, a missing or damaged folder or an unknown model
+    kind."""
     if not specs:
         raise ValueError("give at least one --model NAME=PATH (a training run folder or checkpoint)")
     named = [parse_model_arg(spec) for spec in specs]
@@ -256,14 +258,15 @@ def load_models(specs: list[str], device: str = "cpu") -> list[ModelUnderTest]:
     out = []
     for name, path in named:
         if path.startswith(HF_PREFIX):
-            out.append(load_hf(name, path.removeprefix(HF_PREFIX), device))
+            out.append(load_hf(name, path.removeprefix(HF_PREFIX), device, weights=weights))
         else:
-            out.append(load_gpt(name, path, device))
+            out.append(load_gpt(name, path, device, weights=weights))
     return out
 
 
-def load_gpt(name: str, path: str, device: str = "cpu") -> GPTUnderTest:
-    """The library's checkpoint at ``path`` (a run or checkpoint folder)."""
+def load_gpt(name: str, path: str, device: str = "cpu", weights: str = "model") -> GPTUnderTest:
+    """The library's checkpoint at ``path`` (a run or checkpoint folder), its linear layers' weights as
+    ``weights`` says."""
 
     try:
         model, tokenizer, _ = load_model(path, device=device)
@@ -273,14 +276,17 @@ def load_gpt(name: str, path: str, device: str = "cpu") -> GPTUnderTest:
         raise ValueError(
             f"--model {name}: unknown model kind {model.config.attention!r}; known: {ATTENTION_KINDS}"
         )
-    return GPTUnderTest(name, path, model.eval(), tokenizer)
+    return GPTUnderTest(name, path, compact_weights(model.eval(), weights), tokenizer)
 
 
-def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) -> HFUnderTest:
+def load_hf(
+    name: str, path: str, device: str = "cpu", base: str | None = None, weights: str = "model"
+) -> HFUnderTest:
     """The Hugging Face model folder at ``path``: a landmark-converted model (its config has
     ``landmark_token_id``; or a folder without config.json, such as a delta folder) through
     ``landmark.hf.load_pretrained``, any other with its own attention; ``base``: a delta folder's base
-    (default: the one the delta names). Errors name ``--model NAME``."""
+    (default: the one the delta names); ``weights``: the linear layers' weights (``compact_weights``).
+    Errors name ``--model NAME``."""
     option = f"--model {name}"
     folder = Path(path)
     try:
@@ -299,7 +305,7 @@ def load_hf(name: str, path: str, device: str = "cpu", base: str | None = None) 
                 model, tokenizer = load_pretrained(folder, base=base)
     except ValueError as err:
         raise for_option(err, option) from None
-    return HFUnderTest(name, str(folder), model.to(device).eval(), tokenizer)
+    return HFUnderTest(name, str(folder), compact_weights(model.to(device).eval(), weights), tokenizer)
 
 
 @contextmanager

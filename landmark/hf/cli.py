@@ -46,6 +46,7 @@ from landmark.inference.options import (
     add_retrieval_arguments,
     add_sampling_arguments,
     add_state_arguments,
+    add_weights_argument,
     check_chunk_len,
     check_device,
     check_retrieval_arguments,
@@ -55,6 +56,7 @@ from landmark.inference.options import (
     note_k_above_blocks,
     resolve_device,
 )
+from landmark.inference.weights import compact_weights
 from landmark.optional import require
 from landmark.resources import BFLOAT16, INT64, check_fits
 
@@ -372,7 +374,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, tokenizer = load_pretrained(args.model, base=args.base)
     except ValueError as err:
         raise ValueError(f"--model: {err}") from None
-    model = model.to(resolve_device(args.device))
+    model = compact_weights(model.to(resolve_device(args.device)), args.weights)
     reading, state = Reading(k=0, chunk_len=args.chunk_len), StateFiles()  # --k 0: the whole context
     if args.k:
         reading = Reading.from_args(args)
@@ -598,6 +600,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     add_retrieval_arguments(p, k_zero="exact landmark attention over the whole context")
     add_state_arguments(p)
     add_device_argument(p)
+    add_weights_argument(p)
     p.set_defaults(func=cmd_generate)
 
 

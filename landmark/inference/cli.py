@@ -22,6 +22,7 @@ from landmark.inference.options import (
     add_retrieval_arguments,
     add_sampling_arguments,
     add_state_arguments,
+    add_weights_argument,
     check_chunk_len,
     check_device,
     check_retrieval_arguments,
@@ -31,6 +32,7 @@ from landmark.inference.options import (
     note_k_above_blocks,
     resolve_device,
 )
+from landmark.inference.weights import compact_weights
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +65,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch.compile the decode steps' retrieval attention (measured slower on CPU; see docs)",
     )
     add_device_argument(p)
+    add_weights_argument(p)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=cmd_generate)
 
@@ -144,6 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model, tokenizer, _ = load_model(args.checkpoint, device=device)
         except CheckpointError as err:
             raise CheckpointError(f"--checkpoint {err}") from None
+        compact_weights(model, args.weights)
         cfg = model.config
         if cfg.attention != "landmark":
             raise ValueError(

@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from landmark.inference.step import LayerInputs, Step
 
 KERNELS = ("auto", "cpp", "graph", "torch", "triton")
-_SOURCE = Path(__file__).with_name("csrc") / "retrieval.cpp"
-_VERSION = 3  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("retrieval.cpp", "int8_linear.cpp"))
+_VERSION = 4  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -79,8 +79,9 @@ def _build():
         if built.is_file():  # built before: loaded as it is, without the build lock
             return _import_built(name, built)
         _clear_stale_lock(folder / "lock")
-        return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
-                                  verbose=False)  # fmt: skip
+        sources = [str(p) for p in _SOURCES]
+        flags = ["-O3", "-march=native"]
+        return cpp_extension.load(name=name, sources=sources, extra_cflags=flags, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the eager path still works
         return KernelUnavailableError(f"{type(err).__name__}: {err}")
 
@@ -121,7 +122,7 @@ def _cpu_tag() -> str:
             flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         flags += platform.processor()
-    return hashlib.sha1(flags.encode() + _SOURCE.read_bytes()).hexdigest()[:8]
+    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:8]
 
 
 def kernel_module(required: bool = False):

@@ -34,6 +34,7 @@ from landmark.inference.cache import (
 )
 from landmark.inference.kernel import KERNELS, KernelUnavailableError, kernel_module
 from landmark.inference.retrieval import BLOCK_DTYPES, GRANULARITIES, MAX_K, SEARCHES, RetrievalConfig
+from landmark.inference.weights import WEIGHTS
 from landmark.ops.support import triton_runs_on
 from landmark.resources import check_device
 
@@ -162,6 +163,18 @@ def check_distinct(option: str, values: list) -> None:
         raise ValueError(
             f"{option} lists {', '.join(map(str, repeated))} more than once; give each value once"
         )
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights``: how the model's linear layers hold their weights (``compact_weights``)."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="model",
+        help="the linear layers' weights: as the model holds them (default), or int8 with a scale per "
+        "group of 32 inputs (28%% of float32's bytes; decoding on a CPU about 2x faster; answers may "
+        "change slightly, docs/inference.md)",
+    )
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

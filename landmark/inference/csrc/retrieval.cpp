@@ -829,7 +829,10 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
   return {out, selected};
 }
 
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor bias);  // int8_linear.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retrieval_step", &retrieval_step,
         "Fused landmark retrieval attention of one layer for a prefill chunk or a decode step (CPU, float32)");
+  m.def("int8_linear", &int8_linear, "A linear layer with int8 weights and a scale per group (CPU, float32)");
 }
