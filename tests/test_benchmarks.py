@@ -473,13 +473,23 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
     the llama.cpp rows are measured where llama-cpp-python is installed, else marked unavailable (it is
     an optional benchmark dependency, built from source)."""
     out = tmp_path / "llamacpp.json"
-    argv = ["--smoke", "--model", str(tiny_hf["lm"]), "--systems", "landmark", "llama.cpp q8_0"]
+    argv = [
+        "--smoke",
+        "--model",
+        str(tiny_hf["lm"]),
+        "--systems",
+        "landmark",
+        "landmark int8",
+        "llama.cpp q8_0",
+    ]
     argv += ["--k", "2", "--chunk-len", "64", "--out", str(out)]
     argv += ["--tokenizer", str(tiny_hf["lm"])]  # llama.cpp reads the same ids (valid in its vocabulary)
     bench("llamacpp").main(argv)
     record = read_json(out)
     assert Reading(**record["meta"]["reading"]) == Reading(k=2, chunk_len=64)
-    ours, theirs = record["rows"]
+    ours, int8, theirs = record["rows"]
+    assert int8["system"] == "landmark int8" and int8["key"] == ours["key"]
+    assert positive(int8["prompt_cpu_s"]) and positive(int8["decode_cpu_ms_per_token"])
     assert Reading(**ours["reading"]) == Reading(k=2, chunk_len=64)
     assert ours["system"] == "landmark" and ours["length"] == 256 and ours["new_tokens"] == 4
     assert (
@@ -494,8 +504,12 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
         assert record["ratios"] == []
     else:
         assert positive(theirs["prompt_s"]) and theirs["key"] == ours["key"]  # the same prompt
-        (ratio,) = record["ratios"]
+        ratio, ratio_int8 = record["ratios"]
         assert ratio["against"] == "llama.cpp q8_0" and positive(ratio["reading_x"])
+        assert (ratio["ours"], ratio_int8["ours"]) == ("landmark", "landmark int8")
+        assert ratio_int8["decoding_cpu_x"] == pytest.approx(
+            theirs["decode_cpu_ms_per_token"] / int8["decode_cpu_ms_per_token"]
+        )
         assert ratio["reading_cpu_x"] == pytest.approx(theirs["prompt_cpu_s"] / ours["prompt_cpu_s"])
 
 
