@@ -1,4 +1,5 @@
-"""The fused C++ retrieval kernel for the CPU (``csrc/retrieval.cpp``), compiled on first use.
+"""The fused C++ retrieval kernel for the CPU (``csrc/retrieval.cpp``), compiled on first use; the same
+extension holds the int8 linear layer of ``landmark.inference.weights`` (``csrc/int8_linear.cpp``).
 
 Retrieval attention in eager PyTorch runs a few hundred tensor operations per layer and step
 (rotations, the landmark scan, top-k, gathering the k blocks of every query row and head, the grouped

@@ -28,6 +28,7 @@ from landmark.inference.memory import quantize
 
 WEIGHTS = ("model", "int8")  # --weights: the model's own weights, or int8 with a scale per group
 INT8_GROUP = 32  # input features sharing one scale (llama.cpp's q8_0 blocks)
+QUANTIZE_ROWS = 4096  # output features quantized at once (a vocabulary-sized head: 9 MB of temporaries)
 KERNEL_MAX_ROWS = 8  # up to this many rows (decoding) go through the C++ kernel; more: F.linear
 
 
@@ -36,8 +37,10 @@ def quantize_int8(weight: Tensor, group: int = INT8_GROUP) -> tuple[Tensor, Tens
     ``group`` input features, scale = max |w| / 127 and q = round(w / scale), as the int8 block memory
     quantizes its blocks (``memory.quantize``; a group of zeros gets scale 0)."""
     out_features, in_features = weight.shape
-    q, scale = quantize(weight.detach().reshape(out_features, in_features // group, group), (-1,))
-    return q.reshape(out_features, in_features), scale.contiguous()
+    groups = weight.detach().reshape(out_features, in_features // group, group)
+    parts = [quantize(rows, (-1,)) for rows in groups.split(QUANTIZE_ROWS)]  # bounded temporaries
+    q, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return q.reshape(out_features, in_features), scale
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -104,11 +107,20 @@ def compact_weights(model: nn.Module, weights: str = "int8") -> nn.Module:
         raise ValueError(f"weights must be one of {WEIGHTS}; got {weights!r}")
     if weights == "model":
         return model
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.in_features % INT8_GROUP == 0:
-                setattr(parent, name, Int8Linear.from_linear(child))
+    names = [name for name, m in model.named_modules() if _convertible(m)]
+    for name in names:  # one layer at a time: its float weights are freed before the next is converted
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, Int8Linear.from_linear(getattr(parent, child_name)))
+    if names:  # the weights left (embeddings, norms) may be views of a memory-mapped weights file, which
+        for tensor in (*model.parameters(), *model.buffers()):  # stays resident while any view lives
+            if tensor.dtype.is_floating_point:
+                tensor.data = tensor.data.clone()
     return model
+
+
+def _convertible(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.in_features % INT8_GROUP == 0
 
 
 def weights_of(model: nn.Module) -> str:
