@@ -205,6 +205,52 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def extrapolate(rows: list[dict], length: int) -> list[dict]:
+    """llama.cpp's reading and decoding at ``length`` tokens, where it was not run, from its rows of this
+    run, against each of our systems measured at ``length``: a fit and a bound.
+
+    * fit: reading CPU seconds ``a n + b n^2`` (weights, then attention over the context) and decoding CPU
+      ms per token ``c + d n``, least squares over its measured lengths (two at least);
+    * lower bound: from its longest measured length L, reading ``floor(length / L) * t(L)`` (each further
+      span of L tokens attends to at least as many keys as the first) and decoding ``>= t(L)`` (a
+      token's attention never gets cheaper with a longer context).
+    """
+    ours = {r["system"]: r for r in rows if r["system"] in OURS and r["length"] == length and "prompt_s" in r}
+    out = []
+    for system in dict.fromkeys(r["system"] for r in rows if r["system"] not in OURS):
+        measured = [r for r in rows if r["system"] == system and "prompt_cpu_s" in r and r["length"] < length]
+        if len(measured) < 2:
+            continue
+        theirs = _fit_and_bound(sorted(measured, key=lambda r: r["length"]), length)
+        for name, mine in ours.items():
+            row = {"length": length, "against": system, "ours": name, **theirs}
+            for kind in ("fit", "bound"):
+                row[f"reading_cpu_x_{kind}"] = theirs[f"reading_cpu_s_{kind}"] / mine["prompt_cpu_s"]
+                decoding = theirs[f"decoding_cpu_ms_{kind}"]
+                row[f"decoding_cpu_x_{kind}"] = decoding / mine["decode_cpu_ms_per_token"]
+            out.append(row)
+    return out
+
+
+def _fit_and_bound(measured: list[dict], length: int) -> dict:
+    """The fit and the bound of :func:`extrapolate` at ``length`` from rows sorted by length."""
+    import numpy as np
+
+    n = np.array([r["length"] for r in measured], dtype=float)
+    reading = [r["prompt_cpu_s"] for r in measured]
+    decoding = [r["decode_cpu_ms_per_token"] for r in measured]
+    (a, b), *_ = np.linalg.lstsq(np.stack([n, n**2], 1), reading, rcond=None)
+    (c, d), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), decoding, rcond=None)
+    last = measured[-1]
+    return {
+        "measured_lengths": [int(x) for x in n],
+        "reading_cpu_s_fit": float(a * length + b * length**2),
+        "decoding_cpu_ms_fit": float(c + d * length),
+        "reading_cpu_s_bound": (length // last["length"]) * last["prompt_cpu_s"],
+        "decoding_cpu_ms_bound": last["decode_cpu_ms_per_token"],
+    }
+
+
 def table(rows: list[dict], speedups: list[dict]) -> str:
     lines = ["| system | tokens | prompt s | prompt CPU s | decode ms/token | decode CPU ms/token "
              "| peak RSS MB | key found |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -243,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--extrapolate-to", type=int, default=None, metavar="N", help="also measure our systems "
+                   "at N tokens and set them against llama.cpp's time at N, fitted and bounded from its "
+                   "rows of this run (it is not run at N)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the prompt")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="toy sizes, measured in this process (a test)")
@@ -266,9 +315,19 @@ def main(argv: list[str] | None = None) -> None:
             row = run_one(system, length, args, reading)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    speedups = ratios(rows)
+    beyond = args.extrapolate_to
+    for system in [s for s in args.systems if s in OURS] if beyond else []:
+        row = run_one(system, beyond, args, reading)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    speedups, extrapolated = ratios(rows), extrapolate(rows, beyond) if beyond else []
     print(table(rows, speedups))
-    write_results(args.out, {"rows": rows, "ratios": speedups}, command=command_line(__file__, given),
+    for e in extrapolated:
+        print(f"at {e['length']} tokens, {e['against']} (not run: fitted / bounded) / {e['ours']}: reading "
+              f"{e['reading_cpu_x_fit']:.1f}x / {e['reading_cpu_x_bound']:.1f}x, decoding "
+              f"{e['decoding_cpu_x_fit']:.1f}x / {e['decoding_cpu_x_bound']:.1f}x (CPU time)")  # fmt: skip
+    results = {"rows": rows, "ratios": speedups, "extrapolated": extrapolated}
+    write_results(args.out, results, command=command_line(__file__, given),
                   reading=dataclasses.asdict(reading), threads=args.threads, depth=DEPTH,
                   seed=SEED)  # fmt: skip
     if any("error" in r for r in rows):

@@ -482,12 +482,14 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
         "landmark int8",
         "llama.cpp q8_0",
     ]
-    argv += ["--k", "2", "--chunk-len", "64", "--out", str(out)]
+    argv += ["--k", "2", "--chunk-len", "64", "--out", str(out), "--extrapolate-to", "320"]
     argv += ["--tokenizer", str(tiny_hf["lm"])]  # llama.cpp reads the same ids (valid in its vocabulary)
     bench("llamacpp").main(argv)
     record = read_json(out)
     assert Reading(**record["meta"]["reading"]) == Reading(k=2, chunk_len=64)
-    ours, int8, theirs = record["rows"]
+    ours, int8, theirs, *beyond = record["rows"]
+    assert [(r["system"], r["length"]) for r in beyond] == [("landmark", 320), ("landmark int8", 320)]
+    assert record["extrapolated"] == []  # llama.cpp ran at one length: nothing to fit
     assert int8["system"] == "landmark int8" and int8["key"] == ours["key"]
     assert positive(int8["prompt_cpu_s"]) and positive(int8["decode_cpu_ms_per_token"])
     assert Reading(**ours["reading"]) == Reading(k=2, chunk_len=64)
@@ -511,6 +513,31 @@ def test_llamacpp_smoke(tiny_hf, tmp_path):
             theirs["decode_cpu_ms_per_token"] / int8["decode_cpu_ms_per_token"]
         )
         assert ratio["reading_cpu_x"] == pytest.approx(theirs["prompt_cpu_s"] / ours["prompt_cpu_s"])
+
+
+def test_llamacpp_extrapolation_fits_and_bounds_its_rows():
+    """llamacpp.py --extrapolate-to: llama.cpp's time where it was not run, from the run's rows: an exact
+    fit of reading a n + b n^2 and decoding c + d n on such data, and the bounds from the longest row."""
+    llamacpp = bench("llamacpp")
+    rows = [{"system": "landmark int8", "length": 4000, "prompt_s": 9.0, "prompt_cpu_s": 8.0,
+             "decode_cpu_ms_per_token": 2.0}]  # fmt: skip
+    for n in (100, 300, 1000):
+        reading, decoding = 0.5 * n + 0.01 * n**2, 3.0 + 0.2 * n
+        rows.append({"system": "llama.cpp f16", "length": n, "prompt_s": 1.0, "prompt_cpu_s": reading,
+                     "decode_cpu_ms_per_token": decoding})  # fmt: skip
+    rows.append({"system": "llama.cpp q8_0", "length": 1000, "error": ["failed"]})  # one row: no fit
+    (e,) = llamacpp.extrapolate(rows, 4000)
+    assert (e["against"], e["ours"], e["measured_lengths"]) == (
+        "llama.cpp f16",
+        "landmark int8",
+        [100, 300, 1000],
+    )
+    assert e["reading_cpu_s_fit"] == pytest.approx(0.5 * 4000 + 0.01 * 4000**2)
+    assert e["decoding_cpu_ms_fit"] == pytest.approx(3.0 + 0.2 * 4000)
+    assert e["reading_cpu_s_bound"] == 4 * (0.5 * 1000 + 0.01 * 1000**2)
+    assert e["decoding_cpu_ms_bound"] == pytest.approx(3.0 + 0.2 * 1000)
+    assert e["reading_cpu_x_fit"] == pytest.approx(e["reading_cpu_s_fit"] / 8.0)
+    assert e["decoding_cpu_x_bound"] == pytest.approx(e["decoding_cpu_ms_bound"] / 2.0)
 
 
 def test_superblock_bounds_smoke(tiny_hf, tmp_path):
