@@ -7,13 +7,11 @@ Transformer to use one landmark token per block as that block's address.
 ``landmark`` command can answer Ctrl-C while torch loads with one line.
 """
 
-from typing import Any
-
 __version__ = "0.1.0"
 __all__ = ["__version__", "landmark_attention", "landmark_attention_reference", "landmark_weights"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """``landmark.landmark_attention`` and the other operations of ``__all__``, from :mod:`landmark.ops`."""
     if name in __all__:
         from landmark import ops
