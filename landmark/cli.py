@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,12 +22,15 @@ from tqdm import tqdm
 from landmark import __version__, landmark_attention, landmark_weights
 from landmark.checkpoint import CheckpointError
 from landmark.data import CorpusError, bundled_books, prepare_data
+from landmark.data.books import CACHE_ENV
 from landmark.data.dataset import prepare_error_line
 from landmark.eval.cli import add_eval_parser
 from landmark.files import is_within, os_error_line, path_problem
 from landmark.hf.cli import add_hf_parser
 from landmark.inference.cli import add_generate_parser
+from landmark.inference.kernel import KERNEL_ENV
 from landmark.inference.options import check_seed
+from landmark.inference.threads import inference_threads
 from landmark.ops.support import triton_unsupported_reason
 from landmark.plot import plot_metrics
 from landmark.quickstart import add_quickstart_parser
@@ -180,8 +184,53 @@ def cmd_plot_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store``, refusing an option given twice (argparse keeps the last value silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault(_GIVEN, set())
+        if option_string is not None and self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} is given more than once: give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+_GIVEN = "_options_given"  # the namespace attribute where _StoreOnce notes the options seen
+
+
+class Parser(argparse.ArgumentParser):
+    """The command line's parser: every valued option (``store``) may be given once; its subcommands'
+    parsers are of this class too (argparse makes them with the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.__dict__.pop(_GIVEN, None)
+        return parsed
+
+
+def environment_problem() -> str | None:
+    """What is wrong with the environment variables the library reads (``LANDMARK_THREADS``,
+    ``LANDMARK_KERNEL``, ``LANDMARK_CACHE``), in one line, or None; checked before any command runs."""
+    try:
+        inference_threads()
+    except ValueError as err:
+        return str(err)
+    kernel = os.environ.get(KERNEL_ENV)
+    if kernel not in (None, "", "0", "1"):
+        return f"{KERNEL_ENV} must be 0 (the C++ kernels off) or 1; got {kernel!r}"
+    cache = os.environ.get(CACHE_ENV)
+    if cache and os.path.exists(os.path.expanduser(cache)) and not os.path.isdir(os.path.expanduser(cache)):
+        return f"{CACHE_ENV}={cache} is a file: it must name a folder (created if missing)"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="landmark", description="Landmark Attention: random-access, effectively unlimited context."
     )
     parser.add_argument("--version", action="version", version=f"landmark-attention {__version__}")
@@ -251,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    problem = environment_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     try:

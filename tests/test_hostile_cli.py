@@ -682,3 +682,51 @@ def test_import_landmark_is_light():
         import landmark
 
         landmark.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--checkpoint", "x", "--prompt", "hi", "--k", "2", "--k", "3"],
+        ["eval", "ppl", "--model", "a=x", "--k", "2", "3", "--k", "4"],
+        ["hf", "generate", "--model", "x", "--prompt", "hi", "--temperature", "0", "--temperature", "1"],
+        ["train", "a.toml", "--set", "train.lr=1", "--set", "train.lr=2", "--set", "x=1", "--kernel", "a"],
+    ],
+)
+def test_a_valued_option_given_twice_is_refused(argv, capsys):
+    """argparse keeps the last of a repeated option silently (``--k 2 --k 3`` read with k=3): refused,
+    before anything runs. Options meant to repeat (``--model``, ``--set``, ``--prompt``) still do."""
+    from landmark.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    if argv[0] == "train":  # --set repeats; the unknown option is what is refused
+        assert "given more than once" not in err and "unrecognized arguments: --kernel a" in err
+    else:
+        assert err.strip().splitlines()[-1].endswith("is given more than once: give it once")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LANDMARK_THREADS", "-2", "LANDMARK_THREADS must be an integer in [1, 1024]; got '-2'"),
+        ("LANDMARK_KERNEL", "banana", "LANDMARK_KERNEL must be 0 (the C++ kernels off) or 1; got 'banana'"),
+        ("LANDMARK_CACHE", "FILE", "is a file: it must name a folder (created if missing)"),
+    ],
+)
+def test_bad_environment_variables_are_refused_before_any_command(name, value, message, tmp_path, monkeypatch,
+                                                                   capsys):  # fmt: skip
+    """LANDMARK_KERNEL=banana ran silently; LANDMARK_CACHE naming a file failed with EEXIST not naming
+    it; hf generate checked LANDMARK_THREADS after loading the model (14 s): one line, before anything."""
+    from landmark.cli import main
+
+    if value == "FILE":
+        value = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr("landmark.hf.cli.load_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["hf", "generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.endswith(message) and "\n" not in err

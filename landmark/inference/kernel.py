@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from landmark.inference.step import LayerInputs, Step
 
 KERNELS = ("auto", "cpp", "graph", "torch", "triton")
+KERNEL_ENV = "LANDMARK_KERNEL"  # "0": the C++ kernels are not used (the eager paths run instead)
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("retrieval.cpp", "int8_linear.cpp"))
 _VERSION = 4  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
 
@@ -69,8 +70,8 @@ class KernelUnavailableError(RuntimeError):
 @functools.cache
 def _build():
     """The compiled extension module, or the exception that prevented it."""
-    if os.environ.get("LANDMARK_KERNEL", "1") == "0":
-        return KernelUnavailableError("LANDMARK_KERNEL=0 in the environment")
+    if os.environ.get(KERNEL_ENV, "1") == "0":
+        return KernelUnavailableError(f"{KERNEL_ENV}=0 in the environment")
     try:
         import torch.utils.cpp_extension as cpp_extension  # imported only to build: it pulls in setuptools
 
