@@ -15,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from argv_helpers import last_wins
 
 pytest.importorskip("transformers")
 
@@ -230,7 +231,7 @@ def test_teacher_forced_scoring_agrees_with_greedy_generation(said):
 )
 def test_eval_passkey_hf_refuses(folders, tmp_path, cache_dir, capsys, extra, message):
     extra = [a.format(root=folders["root"], corpus=folders["corpus"]) for a in extra]
-    argv = [*PASSKEY, "--model", f"a=hf:{folders['lm']}", "--out", str(tmp_path / "out"), *extra]
+    argv = last_wins([*PASSKEY, "--model", f"a=hf:{folders['lm']}", "--out", str(tmp_path / "out"), *extra])
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -313,3 +314,29 @@ def test_retrieval_trace_answers_as_eval_passkey_does(folders, tmp_path, cache_d
     monkeypatch.setattr(sys, "argv", ["retrieval_trace.py", "--plot", *traces, "--png", str(png)])
     trace.main()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_result_cells_follow_the_landmark_block_size(folders, tmp_path, cache_dir):
+    """The block size a landmark model reads with is in its config.json (a delta's in delta.json), not in
+    its weights: edited, the passkey and perplexity cells of the earlier size were reused. Every cell key
+    of a landmark model holds its block size and landmark id; a plain model's keys do not change."""
+    import shutil
+
+    lm = tmp_path / "lm"
+    shutil.copytree(folders["lm"], lm)
+    passkey = [*PASSKEY[:4], "--depths", "0", "--trials", "1", "--chunk-len", "16", "--model", f"a=hf:{lm}"]
+    ppl = ["eval", "ppl", "--model", f"a=hf:{lm}", "--corpus", str(folders["corpus"]), "--lengths", "64",
+           "--max-tokens", "64", "--k", "1", "--chunk-len", "16"]  # fmt: skip
+    runs = [([*passkey, "--out", str(tmp_path / "pk")], tmp_path / "pk"),
+            ([*ppl, "--out", str(tmp_path / "ppl")], tmp_path / "ppl")]  # fmt: skip
+    for argv, _ in runs:
+        assert main(argv) == 0
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "landmark_block_size": 16}), encoding="utf-8")
+    for argv, out in runs:
+        assert main(argv) == 0
+        keys = [json.loads(p.read_text())["key"] for p in (out / "cells").glob("*.json")]
+        assert sorted(k["landmark"]["block_size"] for k in keys) == [BS, 16], out
+        assert {k["landmark"]["token_id"] for k in keys} == {config["landmark_token_id"]}
+    (m,) = load_models([f"b=hf:{folders['base']}"])
+    assert m.landmark_key() == {}

@@ -289,3 +289,30 @@ def test_more_api_arguments_of_the_wrong_kind_are_named(tmp_path):
 
     with pytest.raises(ValueError, match="max_length must be an int of at least one block"):
         lhf.LandmarkCollator(make_tokenizer(), block_size=16, max_length=8)
+
+
+@pytest.mark.parametrize("stop_ids", ["abc", [1.5], [[1, 2]], 3, [True]])
+def test_stop_ids_that_are_not_token_ids_are_named(stop_ids):
+    """``Hooks(stop_ids='abc')`` failed with torch's "too many dimensions 'str'"."""
+    from landmark.inference import generate
+    from landmark.inference.generate import Hooks
+
+    model, tokenizer, _ = load_model(SMALL)
+    with pytest.raises(ValueError, match=r"Hooks\.stop_ids must be a sequence of integer token ids"):
+        generate(model, [tokenizer.encode("The whale " * 20)], 2, hooks=Hooks(stop_ids=stop_ids))
+    assert generate(model, [tokenizer.encode("The whale")], 2, hooks=Hooks(stop_ids=[]))  # none: fine
+
+
+@pytest.mark.parametrize("lengths", [[3.5], [[3]], [3, 3]])
+def test_chunked_nll_lengths_must_be_one_integer_per_row(lengths):
+    """Float lengths were truncated silently (3.5 read as 3)."""
+    import torch
+
+    from landmark.inference import chunked_nll
+
+    model, tokenizer, _ = load_model(SMALL)
+    tokens = torch.tensor([tokenizer.encode("The whale " * 20)])
+    with pytest.raises(ValueError, match=r"lengths must be \(1,\) integers"):
+        chunked_nll(model, tokens, torch.tensor(lengths), k=4)
+    _, count = chunked_nll(model, tokens, [3], k=4)
+    assert count.tolist() == [2]

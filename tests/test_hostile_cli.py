@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from argv_helpers import last_wins
 
 from landmark.checkpoint import CheckpointError, load_model, save_checkpoint
 from landmark.cli import main
@@ -157,7 +158,7 @@ def _refused(env: dict, argv: list[str], names: str, capsys, monkeypatch) -> str
 
 def _fill(argv: list[str], env: dict) -> list[str]:
     """The case's arguments with ``{name}`` replaced by the fixture's paths."""
-    return [a.format(**{k: v for k, v in env.items() if isinstance(v, Path)}) for a in argv]
+    return last_wins([a.format(**{k: v for k, v in env.items() if isinstance(v, Path)}) for a in argv])
 
 
 def _case_id(argv: list[str]) -> str:
@@ -605,11 +606,11 @@ def test_ctrl_c_is_one_line_and_exit_130(env, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "interrupted (--resume continues from the last checkpoint)"
 
 
-GENERATE = ["generate", "--checkpoint", "checkpoints/passkey-landmark", "--prompt", "hi"]
+START_GENERATE = ["generate", "--checkpoint", "checkpoints/passkey-landmark", "--prompt", "hi"]
 
 
-@pytest.mark.parametrize(("delay", "command"), [(0.2, ["demo"]), (1.0, ["demo"]), (0.28, GENERATE),
-                                                (0.34, GENERATE), (0.6, GENERATE)])  # fmt: skip
+@pytest.mark.parametrize(("delay", "command"), [(0.2, ["demo"]), (1.0, ["demo"]), (0.28, START_GENERATE),
+                                                (0.34, START_GENERATE), (0.6, START_GENERATE)])  # fmt: skip
 def test_ctrl_c_while_the_command_starts_is_one_line(delay, command):
     """Ctrl-C in the first second, while the command imports torch (before any command runs), ends as
     Ctrl-C during a command does: "interrupted", exit 130, no traceback (generate at 0.34 s aborted in

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from argv_helpers import last_wins
 from safetensors import SafetensorError
 
 from landmark import checkpoint as checkpoint_module
@@ -251,12 +252,14 @@ def test_prepare_checks_its_options_first(env, tmp_path, capsys, extra, needle):
     (damaged / "encoder.json").write_text("{bad")
     (damaged / "vocab.bpe").write_text("#version")
     extra = [{"FILE": str(a_file), "DAMAGED_GPT2": str(damaged)}.get(e, e) for e in extra]
-    args = [
-        "prepare",
-        "--corpus",
-        str(env["root"] / "corpus"),
-        *(extra if "--out" in extra else [*extra, "--out", str(out)]),
-    ]
+    args = last_wins(
+        [
+            "prepare",
+            "--corpus",
+            str(env["root"] / "corpus"),
+            *(extra if "--out" in extra else [*extra, "--out", str(out)]),
+        ]
+    )
     before = snapshot(tmp_path)
     one_error_line(main(args), capsys.readouterr().err, needle)
     assert snapshot(tmp_path) == before and not out.exists()

@@ -576,7 +576,8 @@ def test_generate_cli_errors(tiny_checkpoints, tmp_path, capsys, extra, message)
     places = {"full": runs["full"], "missing": tmp_path / "nothing", "text": tmp_path / "notes.txt",
               "weights": weights}  # fmt: skip
     extra = [e.format(**places) for e in extra]
-    assert main(["generate", "--checkpoint", str(runs["landmark"]), "--prompt", "hi", *extra]) == 2
+    base = [] if "--checkpoint" in extra else ["--checkpoint", str(runs["landmark"])]
+    assert main(["generate", *base, "--prompt", "hi", *extra]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from landmark.data.landmarks import holds_integer_ids
 from landmark.inference.cache import RetrievalCache, StateFiles
 from landmark.inference.session import InferenceSession
 from landmark.model import GPT, ModelConfig
@@ -214,6 +215,20 @@ class Hooks(NamedTuple):
 NO_HOOKS = Hooks()
 
 
+def _stop_tensor(stop_ids: Sequence[int]) -> Tensor:
+    """``Hooks.stop_ids`` as a (S,) int64 tensor; anything but a sequence of integer ids is a ValueError
+    naming it."""
+    try:
+        ids = None if isinstance(stop_ids, str) else torch.as_tensor(list(stop_ids))
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is not None and ids.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    if ids is None or ids.dim() != 1 or not holds_integer_ids(ids):
+        raise ValueError(f"Hooks.stop_ids must be a sequence of integer token ids; got {stop_ids!r}")
+    return ids.long()
+
+
 @torch.no_grad()
 def generate_with(
     read: Reader,
@@ -244,13 +259,13 @@ def generate_with(
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a Sampling (Sampling() is greedy); got {sampling!r}")
     (block_size, landmark_id, start), (stop_ids, on_token, after_prompt) = landmarks, hooks
+    stop = _stop_tensor(stop_ids)
     stream, lengths = prompt_streams(prompts, block_size, landmark_id, start)
     logits = read(stream, lengths)  # (B, vocab)
     positions = lengths + (torch.tensor(list(start), dtype=torch.long) if start is not None else 0)
     if after_prompt is not None:
         after_prompt()
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    stop = torch.tensor(list(stop_ids), dtype=torch.long)
     batch = len(prompts)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)

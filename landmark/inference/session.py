@@ -343,7 +343,13 @@ def _rows(tokens: Tensor, lengths: Tensor | None) -> tuple[int, int, Tensor]:
     if not holds_integer_ids(tokens):
         raise ValueError(f"tokens must hold integer token ids; got {tokens.dtype}")
     batch, n = tokens.shape
-    return batch, n, torch.full((batch,), n) if lengths is None else torch.as_tensor(lengths).cpu().long()
+    if lengths is None:
+        return batch, n, torch.full((batch,), n)
+    as_tensor = torch.as_tensor(lengths).cpu()
+    if not holds_integer_ids(as_tensor) or as_tensor.shape != (batch,):
+        raise ValueError(f"lengths must be ({batch},) integers (real tokens per row); got "
+                         f"{tuple(as_tensor.shape)} {as_tensor.dtype}")  # fmt: skip
+    return batch, n, as_tensor.long()
 
 
 def landmark_stream(
