@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _x(row: dict[str, Any], x: str) -> float:
+def _x(row: dict[str, Any], x: str) -> Any:
     if x == "minutes":
-        return row.get("elapsed_s", 0.0) / 60
-    return row["tokens"] if x == "tokens" else row["step"]
+        elapsed = row.get("elapsed_s", 0.0)
+        return elapsed / 60 if _finite(elapsed) else None
+    return row.get("tokens") if x == "tokens" else row.get("step")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _points(rows: list[dict[str, Any]], x: str, key: str) -> list[tuple[float, float]]:
+    """(x, ``key``) of the rows where both are finite numbers (a NaN loss or a damaged line is left out)."""
+    pairs = ((_x(r, x), r.get(key)) for r in rows)
+    return [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
 
 
 def plot_metrics(
@@ -80,14 +92,14 @@ def plot_metrics(
         raise ValueError(f"--labels gives {len(labels)} name(s) for {len(runs)} run(s): give one per run")
     labels = list(labels) if labels is not None else [Path(r).name or str(r) for r in runs]
     metrics = [read_metrics(run) for run in runs]
-    empty = [str(run) for run, rows in zip(runs, metrics) if not rows]
+    curves = [(_points(rows, x, "loss"), _points(rows, x, "val_loss")) for rows in metrics]
+    empty = [str(run) for run, (train, val) in zip(runs, curves) if not train and not val]
     if empty:
-        raise ValueError(f"no metrics to plot in {', '.join(empty)} (metrics.jsonl has no rows yet)")
+        raise ValueError(f"no metrics to plot in {', '.join(empty)} (metrics.jsonl has no row with a finite "
+                         f"{x} and loss yet)")  # fmt: skip
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for i, (rows, label) in enumerate(zip(metrics, labels)):
+    for i, ((train, val), label) in enumerate(zip(curves, labels)):
         color = f"C{i}"
-        train = [(_x(r, x), r["loss"]) for r in rows if "loss" in r]
-        val = [(_x(r, x), r["val_loss"]) for r in rows if "val_loss" in r]
         if train:
             ax.plot(*zip(*train), color=color, label=f"{label} train")
         if val:

@@ -252,6 +252,9 @@ def runs(tmp_path) -> dict:
     rows = [{"step": s, "tokens": 100 * s, "loss": 5.0 / s} for s in range(1, 5)]
     out = {"root": tmp_path, "a": _metrics_run(tmp_path / "a", rows), "b": _metrics_run(tmp_path / "b", rows)}
     out["empty"] = _metrics_run(tmp_path / "empty", [])
+    out["unusable"] = tmp_path / "unusable"  # no row with a finite step and loss: a blank plot was written
+    out["unusable"].mkdir()
+    (out["unusable"] / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": "x", "loss": 1e999}\n')
     out["notes"] = tmp_path / "notes.png"
     out["notes"].write_text("not an image")
     return out
@@ -263,6 +266,7 @@ def runs(tmp_path) -> dict:
         (["{a}", "{b}", "--labels", "one", "--out", "{root}/x.png"], "--labels gives 1 name(s) for 2 run(s)"),
         (["{a}", "--labels", "one", "two", "--out", "{root}/x.png"], "--labels gives 2 name(s) for 1 run(s)"),
         (["{a}", "{empty}", "--out", "{root}/x.png"], "no metrics to plot"),
+        (["{unusable}", "--out", "{root}/x.png"], "no metrics to plot in"),
         (["{a}", "--out", "{root}/noext"], "--out"),
         (["{a}", "--out", "{root}/a/metrics.jsonl"], "--out"),
         (["{a}", "--out", "{a}"], "--out"),
