@@ -370,6 +370,22 @@ def test_an_edited_saved_state_is_refused_in_one_line(env, tmp_path, capsys, wha
     assert str(edited) in err
 
 
+@pytest.mark.parametrize(("key", "value"), [("batch", "abc"), ("batch", "2"), ("head_dim", "-1"),
+                                          ("kv_heads", "zzz"), ("dtype", "torch.float64")])  # fmt: skip
+def test_a_saved_state_whose_header_disagrees_with_its_tensors_is_refused(env, tmp_path, capsys, key, value):
+    """The header's batch, kv heads, head dim and dtype were not checked: an edited one loaded."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(env["state"]), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata={**meta, key: value})
+    err = _refused(env | {"root": tmp_path}, capsys, f"its header says {key} = {value!r}",
+                   lambda: _generate(env, "--load-state", str(edited), "--prompt", "the whale"))  # fmt: skip
+    assert str(edited) in err
+
+
 def test_a_saved_state_of_impossible_length_is_refused_in_one_line(env, tmp_path, capsys):
     """A length of 10**15 positions (whole blocks) made the reading reserve a block memory of 16 PB: a
     traceback from the allocator. The block memory is checked against the machine's memory first."""

@@ -540,6 +540,12 @@ class RetrievalCache:
         except ValueError as err:
             raise StateFileError(f"{path} is a damaged saved state: {err}") from None
         tail = tensors["layer0.tail_k"]
+        described = {"batch": tail.shape[0], "kv_heads": tail.shape[1], "head_dim": tail.shape[3],
+                     "dtype": tail.dtype}  # fmt: skip
+        for key, value in described.items():  # the header describes the tensors it holds
+            if meta.get(key) != str(value):
+                raise StateFileError(f"{path} is a damaged saved state: its header says {key} = "
+                                     f"{meta.get(key)!r}, its tensors {value}")  # fmt: skip
         if batch is not None and tail.shape[0] != batch:
             raise StateFileError(f"{path} holds {tail.shape[0]} streams; this session has {batch}")
         if dtype is not None and tail.dtype != dtype:
