@@ -646,3 +646,20 @@ def test_resume_with_nothing_to_resume_says_a_new_run_starts(env, tmp_path, caps
     assert main(args_for(env, tmp_path / "new", "train.max_steps=1", resume=True)) == 0
     err = capsys.readouterr().err
     assert "note: --resume:" in err and "holds no checkpoint yet: a new run starts" in err
+
+
+def test_prepare_interrupted_before_writing_leaves_no_empty_folder(env, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the tokenizer trains left an empty --out folder behind."""
+    import landmark.data.dataset as dataset
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "_bpe_tokenizer", interrupted)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--corpus", str(env["root"] / "corpus"), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+    assert not out.exists()
+    out.mkdir()  # a folder that was there before is kept
+    assert main(["prepare", "--corpus", str(env["root"] / "corpus"), "--out", str(out)]) == 130
+    assert out.is_dir()

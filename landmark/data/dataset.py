@@ -351,10 +351,23 @@ def prepare_data(
         tok = tokenizer
     elif tokenizer != "bpe":
         raise ValueError(f"tokenizer must be 'bpe', 'gpt2' or a Tokenizer; got {tokenizer!r}")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe":
-        tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
-    if tokenizer != "bpe" and not _has_tokenizer(folder, tok):
+    try:
+        if tokenizer == "bpe":
+            tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
+        return PreparedData(folder, tok, _prepared_splits(corpus, folder, tok, tokenizer == "bpe", progress))
+    except BaseException:  # an error or Ctrl-C before anything was written: no empty folder is left
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _prepared_splits(
+    corpus: Corpus, folder: Path, tok: Tokenizer, trained_here: bool, progress: bool
+) -> dict[str, TokenSplit]:
+    """Every split of ``corpus`` tokenized into ``folder`` (reused where cached), the tokenizer saved."""
+    if not trained_here and not _has_tokenizer(folder, tok):
         (folder / "tokenizer.source.json").unlink(missing_ok=True)  # not a BPE trained here any more
         tok.save(folder)
     splits = {}
@@ -364,4 +377,4 @@ def prepare_data(
         if cached is None:
             cached = tokenize_split(docs, tok, folder / f"{name}.bin", fp, progress)
         splits[name] = cached
-    return PreparedData(folder, tok, splits)
+    return splits
