@@ -227,6 +227,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         problem = path_problem(path)
         if problem is not None and problem != "does not exist":
             raise ConfigError(f"config file {path} {problem}: pass a TOML file such as configs/tiny.toml")
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: pass a TOML file such as configs/tiny.toml")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass a TOML file such as configs/tiny.toml")
         try:

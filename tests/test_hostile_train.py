@@ -663,3 +663,11 @@ def test_prepare_interrupted_before_writing_leaves_no_empty_folder(env, tmp_path
     out.mkdir()  # a folder that was there before is kept
     assert main(["prepare", "--corpus", str(env["root"] / "corpus"), "--out", str(out)]) == 130
     assert out.is_dir()
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_such(tmp_path, capsys):
+    """`landmark train FOLDER` said "config file FOLDER not found"."""
+    assert main(["train", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: config file {tmp_path} is a folder: pass a TOML file such as configs/tiny.toml"
+    )
