@@ -14,10 +14,11 @@ def last_wins(argv: list[str]) -> list[str]:
         if i == len(argv) or argv[i].startswith("--"):
             spans.append(argv[start:i])
             start = i
+    names = [span[0].split("=", 1)[0] for span in spans]  # --option=value: the option's name
     kept = []
     for i, span in enumerate(spans):
-        name = span[0]
-        later = any(s[0] == name for s in spans[i + 1 :])
+        name = names[i]
+        later = name in names[i + 1 :]
         if not (name.startswith("--") and name not in REPEATABLE and later):
             kept.extend(span)
     return kept

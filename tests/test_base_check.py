@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from argv_helpers import last_wins
 
 pytest.importorskip("transformers")
 
@@ -122,7 +123,7 @@ def test_cli_refuses_bad_arguments(folders, tmp_path, monkeypatch, capsys, extra
     monkeypatch.setenv("LANDMARK_CACHE", str(tmp_path / "cache"))
     argv = ["eval", "base-check", "--model", f"lm=hf:{folders['lm']}", "--base", str(folders["base"]),
             "--corpus", str(folders["corpus"]), "--out", str(tmp_path / "out")]  # fmt: skip
-    argv += [a.format(lm=folders["lm"]) for a in extra]
+    argv = last_wins(argv + [a.format(lm=folders["lm"]) for a in extra])
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1, err

@@ -58,6 +58,7 @@ def test_eval_passkey_runs_both_hf_kinds_and_reads_its_cache(folders, tmp_path, 
         "--out",
         str(out),
     ]
+    args = last_wins(args)
     assert main(args) == 0
     results = json.loads((out / "passkey.json").read_text())["results"]
     assert [(r["model"], r["kind"]) for r in results] == [("a", "hf-landmark")] * 2 + [("b", "hf")] * 2
@@ -78,10 +79,10 @@ def test_eval_passkey_runs_both_hf_kinds_and_reads_its_cache(folders, tmp_path, 
     # another task is another cell: never read from the paper task's cache
     monkeypatch.undo()
     monkeypatch.setenv("LANDMARK_CACHE", str(cache_dir))
-    multikey = [*args, "--task", "multikey", "--keys", "2", "--lengths", "300", "--depths", "0"]
+    multikey = last_wins([*args, "--task", "multikey", "--keys", "2", "--lengths", "300", "--depths", "0"])
     assert main(multikey) == 0
     assert len(list((out / "cells").glob("*.json"))) == 6
-    books = [*args, "--haystack", "books", "--corpus", str(folders["corpus"]), "--depths", "0"]
+    books = last_wins([*args, "--haystack", "books", "--corpus", str(folders["corpus"]), "--depths", "0"])
     assert main(books) == 0
     assert len(list((out / "cells").glob("*.json"))) == 8
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from argv_helpers import last_wins
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -300,7 +301,7 @@ def test_quickstart_with_a_delta_and_its_base_beside(runs, tmp_path, monkeypatch
         (["--hf-model", str(tmp_path / "none")], "--hf-model"),
         (["--base-lengths", "100"], "--base-lengths"),
     ):
-        assert main([*argv, "--out", str(tmp_path / "qs2"), *bad]) == 2
+        assert main(last_wins([*argv, "--out", str(tmp_path / "qs2"), *bad])) == 2
         assert name in error_line(capsys)
         assert not (tmp_path / "qs2").exists()
 
@@ -399,7 +400,7 @@ def test_init_delta_refusals(runs, tmp_path, capsys):
     ]
     before = files_under(tmp_path)
     for extra, message in cases:
-        assert main([*base, *extra]) == 2, extra  # (a later --block-size overrides FINETUNE's)
+        assert main(last_wins([*base, *extra])) == 2, extra  # (a later --block-size replaces FINETUNE's)
         assert message in error_line(capsys)
     assert files_under(tmp_path) == before
     (out / delta.META_FILE).write_text("{")

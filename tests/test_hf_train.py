@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from argv_helpers import last_wins
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -162,11 +163,11 @@ def test_a_stopped_run_finishes_where_it_stopped(tiny, tmp_path, capsys):
     capsys.readouterr()
     ahead = checkpoint.with_name("checkpoint-3")  # as a run stopped after 3 steps would leave it
     checkpoint.rename(ahead)
-    assert main([*args, "--resume", "--steps", "2"]) == 2
+    assert main(last_wins([*args, "--resume", "--steps", "2"])) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --steps 2: the interrupted run has done 3 steps") and "--steps 3" in err
     ahead.rename(checkpoint)
-    assert main([*args, "--resume", "--steps", "1"]) == 0
+    assert main(last_wins([*args, "--resume", "--steps", "1"])) == 0
     finished = summary(out)
     assert finished["steps_done"] == 1 and finished["tokens_per_s"] is None and not checkpoint.parent.exists()
     published = load_file(out / "model.safetensors")

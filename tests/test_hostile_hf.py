@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from argv_helpers import last_wins
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -122,18 +123,20 @@ def refused(argv: list[str], capsys, names: str, *roots: Path) -> str:
 
 
 def finetune_argv(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "hf",
-        "finetune",
-        "--model",
-        str(model),
-        "--corpus",
-        str(corpus),
-        "--out",
-        str(out),
-        *TINY,
-        *extra,
-    ]
+    return last_wins(
+        [
+            "hf",
+            "finetune",
+            "--model",
+            str(model),
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            *TINY,
+            *extra,
+        ]
+    )
 
 
 # ---- hf finetune -------------------------------------------------------------------------------------
@@ -818,3 +821,186 @@ def test_base_check_refuses_a_base_the_model_was_not_made_from(
     argv[3] = f"a=hf:{lm_folder}"
     with pytest.raises(Loaded):
         main([*argv, f"hf:{tiny[0]}"])
+
+
+# ---- a third round: interrupted saves, edited files, impossible configs --------------------------------
+
+
+def test_resume_skips_a_checkpoint_stopped_while_saving(tiny, home, capsys):
+    """Ctrl-C while the Trainer wrote checkpoint-2 left it with the adapter alone (no trainer_state.json):
+    --resume took it and failed (ENOENT). The newest complete checkpoint is resumed from, the other one
+    named on stderr and removed; with no complete one, --resume is refused naming the incomplete ones."""
+    model, corpus = tiny
+    out, staging = home / "out", home / ".out.partial"
+    argv = finetune_argv(model, corpus, out, "--steps", "3", "--save-steps", "1", "--lora-r", "2")
+    assert main([*argv, "--max-minutes", "0.00001"]) == 0  # stopped after step 1: checkpoint-1
+    complete, partial = staging / "checkpoint-1", staging / "checkpoint-2"
+    partial.mkdir()
+    for name in ("README.md", "adapter_model.safetensors"):
+        shutil.copy(complete / name, partial / name)
+    assert finetune_module.last_checkpoint(staging) == complete
+    assert [c.name for c, _ in finetune_module.incomplete_checkpoints(staging)] == ["checkpoint-2"]
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "checkpoint-2" in line]
+    assert len(notes) == 1 and "incomplete" in notes[0] and "resuming from checkpoint-1" in notes[0]
+    assert f"resuming from {complete}" in captured.out
+    assert json.loads((out / "landmark-finetune.json").read_text())["steps_done"] == 3
+
+    staging.mkdir()  # only a half-written checkpoint: nothing to resume, said so
+    (staging / "finetune-run.json").write_text("{}", encoding="utf-8")
+    (staging / "checkpoint-1").mkdir()
+    (staging / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1', encoding="utf-8")
+    argv = finetune_argv(model, corpus, home / "out2", "--steps", "3", "--save-steps", "1", "--resume")
+    staging.rename(home / ".out2.partial")
+    line = refused(argv, capsys, "--resume: no interrupted fine-tune to continue", home)
+    assert "checkpoint-1" in line and "without --resume" in line
+
+
+# config.json values transformers refuses (StrictDataclassClassValidationError) or builds a broken model from
+BAD_CONFIGS = {
+    "heads-7": ({"num_attention_heads": 7}, "not a multiple of num_attention_heads 7"),
+    "layers--1": ({"num_hidden_layers": -1}, "num_hidden_layers -1"),
+    "kv-heads-3": ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+    "vocab-text": ({"vocab_size": "big"}, "vocab_size 'big'"),
+}
+
+
+def edited_config(source: Path, folder: Path, **changes) -> Path:
+    """A copy of the model folder ``source`` at ``folder`` with ``changes`` made in its config.json."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("kind", BAD_CONFIGS)
+def test_config_values_transformers_refuses_are_refused_before_loading(
+    tiny, lm_folder, home, capsys, monkeypatch, kind
+):
+    """num_attention_heads 7 (of a hidden size 64) ended convert, finetune and eval in a traceback
+    (StrictDataclassClassValidationError); num_hidden_layers -1 was converted into a model without
+    layers. Each command refuses the folder in one line naming it and config.json, before loading."""
+    from landmark.eval import models as eval_models
+
+    changes, says = BAD_CONFIGS[kind]
+    model, corpus = tiny
+    bad = edited_config(model, home / "bad", **changes)
+    monkeypatch.setattr(hf_cli, "require", never("transformers was imported"))
+    monkeypatch.setattr(finetune_module, "_load_model", never("the model was loaded"))
+    monkeypatch.setattr(eval_models, "require", never("transformers was imported"))
+    monkeypatch.setattr(eval_models, "load_pretrained", never("the model was loaded"))
+    for argv in (
+        ["hf", "convert", "--model", str(bad), "--out", str(home / "out")],
+        finetune_argv(bad, corpus, home / "out", "--steps", "1"),
+        ["eval", "passkey", "--model", f"a=hf:{bad}", "--lengths", "64", "--out", str(home / "e")],
+    ):
+        line = refused(argv, capsys, f"{bad}: config.json has", home)
+        assert says in line, line
+    landmark = edited_config(lm_folder, home / "bad-lm", **changes)
+    monkeypatch.setattr(hf_cli, "load_pretrained", never("the model was loaded"))
+    argv = ["hf", "generate", "--model", str(landmark), "--prompt", "hi", "--max-new-tokens", "1"]
+    assert says in refused(argv, capsys, f"--model {landmark}: config.json has", home)
+
+
+def test_config_validation_errors_of_transformers_are_one_line(home):
+    """What transformers' config validation raises (not a ValueError) reads as a loading error naming
+    the folder."""
+    import transformers
+
+    from landmark.hf.checks import loading
+
+    says = r"^--model m: cannot load the model: The hidden size \(64\) is not a multiple"
+    with pytest.raises(ValueError, match=says), loading("m", "--model"):
+        transformers.LlamaConfig(hidden_size=64, num_attention_heads=7)
+
+
+def test_a_damaged_tokenizer_json_is_named_before_loading(tiny, home, capsys, monkeypatch):
+    """tokenizer.json cut short: `hf convert` loaded the weights first and then said only "Expecting ','
+    delimiter"; refused at once, naming the file."""
+    bad = home / "bad"
+    shutil.copytree(tiny[0], bad)
+    (bad / "tokenizer.json").write_text('{"version":"1.0","truncation":null', encoding="utf-8")
+    monkeypatch.setattr(hf_cli, "require", never("transformers was imported"))
+    argv = ["hf", "convert", "--model", str(bad), "--out", str(home / "out")]
+    assert "tokenizer.json is not valid JSON" in refused(argv, capsys, f"--model {bad}", home)
+
+
+def test_export_delta_refuses_a_recorded_base_that_is_not_a_path(lm_folder, home, capsys, monkeypatch):
+    """landmark-finetune.json with "model": 12345 ended in a TypeError traceback: one line naming the file
+    and the field."""
+    run = fake_run(lm_folder, home, json.dumps({"config": {"model": 12345}}))
+    monkeypatch.setattr(hf_cli, "export_delta", never("the export began"))
+    argv = ["hf", "export-delta", "--run", str(run), "--out", str(home / "e")]
+    line = refused(argv, capsys, f"--run {run}: landmark-finetune.json has config.model = 12345", home)
+    assert "--base" in line
+
+
+def test_base_check_refuses_a_model_without_landmarks(tiny, home, capsys, monkeypatch):
+    """`eval base-check --model v=hf:<a plain model>` ran the whole check: refused before any model is
+    loaded (the check compares a landmark model with its base)."""
+    from landmark.eval import cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "load_hf", never("a model was loaded"))
+    argv = ["eval", "base-check", "--model", f"v=hf:{tiny[0]}", "--base", f"hf:{tiny[0]}", "--windows", "1",
+            "--window-len", "64", "--out", str(home / "out")]  # fmt: skip
+    refused(argv, capsys, "--model v is not a landmark model (or delta)", home)
+
+
+def tiny_delta(folder: Path, targets: list[str]) -> Path:
+    """A delta folder whose tensors hold LoRA (r 2) for q_proj and up_proj of one layer, with ``targets``
+    recorded in its delta.json."""
+    folder.mkdir()
+    tensors = {}
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"):
+        tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = torch.zeros(2, 64), torch.zeros(64, 2)
+    tensors["model.embed_tokens.weight.landmark_row"] = torch.zeros(64)
+    save_file(tensors, folder / "delta.safetensors")
+    meta = {"format": "landmark-lora-delta", "version": 1, "base": {"name": "model", "fingerprint": "f"},
+            "landmark": {"token": "<landmark>", "token_id": 320, "block_size": 8},
+            "lora": {"r": 2, "alpha": 4, "scaling": 2.0, "targets": targets}}  # fmt: skip
+    (folder / "delta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def test_a_delta_whose_targets_are_not_its_tensors_is_refused(home, capsys, monkeypatch):
+    """delta.json's lora.targets edited to ["q_proj"] over tensors for more projections was accepted
+    (every module applied): the targets must be the module kinds the tensors hold, else one line naming
+    delta.json, before the base is looked for."""
+    from landmark.hf import delta as delta_module
+
+    good = tiny_delta(home / "good", ["q_proj", "up_proj"])
+    assert delta_module.read_meta(good)["lora"]["targets"] == ["q_proj", "up_proj"]
+    monkeypatch.setattr(delta_module, "resolve_base", never("the base was looked for"))
+    for name, targets in (
+        ("fewer", ["q_proj"]),
+        ("more", ["q_proj", "up_proj", "v_proj"]),
+        ("text", "q_proj"),
+    ):
+        folder = tiny_delta(home / name, targets)
+        with pytest.raises(ValueError, match=r"delta\.json records lora\.targets"):
+            lhf.load_pretrained(folder)
+        argv = ["hf", "generate", "--model", str(folder), "--prompt", "hi"]
+        line = refused(argv, capsys, "delta.json records lora.targets", home)
+        assert "['q_proj', 'up_proj']" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [("k=-3", "k=-3 must be an integer >= 1"), ("chunk_len=0", "chunk_len=0"),
+     ("granularity=row", "granularity=row must be one of"), ("kk=4", "unknown arguments ['kk']")],
+)  # fmt: skip
+def test_lm_eval_model_args_are_checked_before_lm_eval_starts(
+    lm_folder, home, capsys, monkeypatch, args, says
+):
+    """`eval lm-eval --model landmark --model_args pretrained=...,k=-3` was refused only after lm_eval had
+    built its tasks (about 20 s): the values are checked with the folder, before lm_eval is run."""
+    from landmark.eval import ruler
+
+    pytest.importorskip("lm_eval")
+    monkeypatch.setattr(ruler, "_harness", never("lm_eval was started"))
+    argv = ["eval", "lm-eval", "--model", "landmark", "--model_args", f"pretrained={lm_folder},{args}",
+            "--tasks", "niah_single_1"]  # fmt: skip
+    refused(argv, capsys, says, home)
+    ruler.check_lm_eval_model(["--model", "landmark", "--model_args", f"pretrained={lm_folder},k=4"])

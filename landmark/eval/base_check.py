@@ -262,7 +262,8 @@ def run_base_check(
 ) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """The chat check of the base and every model, and the prose check of every model against the base;
     each model's results are cached (``cache``: a :class:`landmark.eval.common.CellCache`) by its
-    weights, the prompts, the held-out tokens and the reading, so an interrupted check resumes.
+    weights (with a landmark model's block size and landmark id), the prompts, the held-out tokens and the
+    reading, so an interrupted check resumes.
 
     Returns:
         (chat rows, prose rows), the base's chat rows first.
@@ -272,7 +273,12 @@ def run_base_check(
     tokens = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
     chat, prose = [], []
     for m in [base, *models]:
-        setting = {"weights": m.fingerprint(), "kind": m.kind, "new_tokens": CHAT_NEW_TOKENS}
+        setting = {
+            "weights": m.fingerprint(),
+            "kind": m.kind,
+            "new_tokens": CHAT_NEW_TOKENS,
+            **m.landmark_key(),
+        }
         if m.retrieves:
             setting |= {"k": reading.k, "granularity": reading.granularity, "chunk_len": reading.chunk_len,
                         "options": cache_key_options(reading.options, m.kind)}  # fmt: skip

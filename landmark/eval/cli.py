@@ -290,6 +290,21 @@ def _check_made_from_base(specs: list[tuple[str, str]], base: str) -> None:
             )
 
 
+def _plain_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a Hugging Face model without landmarks, as its files tell before it is
+    loaded: a readable config.json with no landmark setting (``landmark_token_id``,
+    ``landmark_block_size``) and no delta.json (a folder that is neither is left to loading, which says
+    what it is)."""
+    if (folder / "delta.json").is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    keys = ("landmark_token_id", "landmark_block_size")
+    return isinstance(config, dict) and all(config.get(key) is None for key in keys)
+
+
 def _base_check_inputs(args: argparse.Namespace):
     """``(models, base, windows)`` of ``eval base-check``, every argument checked before any work."""
 
@@ -301,6 +316,12 @@ def _base_check_inputs(args: argparse.Namespace):
         raise ValueError("give at least one --model NAME=hf:FOLDER (a landmark model to check)")
     if any(not path.startswith(HF_PREFIX) for _, path in specs):
         raise ValueError("--model: base-check compares Hugging Face models (NAME=hf:FOLDER)")
+    for name, path in specs:
+        if _plain_model(Path(path.removeprefix(HF_PREFIX))):
+            raise ValueError(
+                f"--model {name} is not a landmark model (or delta): base-check compares a landmark model "
+                "with the base it was made from"
+            )
     device = resolve_device(args.device)
     if args.base is None:
         args.base = str(default_smollm2_dir())

@@ -40,7 +40,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 from tqdm import tqdm
 
-from landmark.eval.models import LM_EVAL_MODEL, HFUnderTest, load_hf
+from landmark.eval.models import LM_EVAL_MODEL, MODEL_ARGS, SESSION_OPTIONS, HFUnderTest, load_hf
 from landmark.eval.ruler_data import use_prepared_ruler
 from landmark.hf.convert import encode_text
 from landmark.hf.generate import hf_reader
@@ -55,9 +55,6 @@ from landmark.optional import require
 MODEL_NAME = LM_EVAL_MODEL  # lm_eval --model landmark
 LANDMARK_MAX_LENGTH = 1 << 24  # a landmark model's default max_length: any document in one window
 DEFAULT_MAX_GEN_TOKS = 256  # as lm_eval's HFLM
-SESSION_OPTIONS = ("search", "kernel", "memory_device", "max_blocks")  # further retrieval options
-MODEL_ARGS = ("pretrained", "base", "tokenizer", "k", "granularity", "chunk_len", "device", "max_length",
-              "max_gen_toks", "add_bos_token", "batch_size", "max_batch_size")  # fmt: skip
 
 
 @dataclass(frozen=True)

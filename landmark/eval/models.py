@@ -47,6 +47,10 @@ from landmark.optional import require
 
 HF_PREFIX = "hf:"  # --model NAME=hf:PATH: a Hugging Face model folder
 LM_EVAL_MODEL = "landmark"  # lm_eval --model landmark (registered by landmark.eval.harness)
+# its --model_args: the retrieval cache's options, and the others (landmark.eval.harness.LandmarkLM)
+SESSION_OPTIONS = ("search", "kernel", "memory_device", "max_blocks")
+MODEL_ARGS = ("pretrained", "base", "tokenizer", "k", "granularity", "chunk_len", "device", "max_length",
+              "max_gen_toks", "add_bos_token", "batch_size", "max_batch_size")  # fmt: skip
 RETRIEVAL_KINDS = ("landmark", "hf-landmark")  # read with top-k retrieval (--k, --granularity, ...)
 KINDS = (*ATTENTION_KINDS, "hf-landmark", "hf")
 
@@ -83,11 +87,24 @@ class ModelUnderTest:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    @property
+    def landmark_id(self) -> int | None:
+        """The landmark token's id; None for a model without landmarks."""
+        raise NotImplementedError
+
     def fingerprint(self) -> str:
         """The weights' fingerprint (cache keys), computed once."""
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
+
+    def landmark_key(self) -> dict[str, Any]:
+        """What a result cell's cache key adds for a landmark model: its block size and landmark token id,
+        which the weights' fingerprint does not cover (a delta's delta.json sets them); {} for the other
+        models (their keys unchanged)."""
+        if not self.retrieves:
+            return {}
+        return {"landmark": {"block_size": self.block_size, "token_id": self.landmark_id}}
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, reading: Reading) -> list[list[int]]:
         """B prompts (regular tokens) -> B greedy continuations of ``max_new_tokens`` read with retrieval."""
@@ -115,6 +132,10 @@ class GPTUnderTest(ModelUnderTest):
     @property
     def block_size(self) -> int:
         return self.model.config.block_size if self.kind == "landmark" else 1
+
+    @property
+    def landmark_id(self) -> int | None:
+        return int(self.model.config.landmark_id) if self.kind == "landmark" else None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, reading: Reading) -> list[list[int]]:

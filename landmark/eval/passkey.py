@@ -375,8 +375,8 @@ def evaluate_passkey(
 def _cell_key(
     m: ModelUnderTest, cell: tuple[int, float], grid: PasskeyGrid, reading: Reading, task: PasskeyTask
 ) -> dict:
-    """The cache key of a (length, depth) cell: the weights, the model kind, the cell, the retrieval of
-    landmark models and (other than the paper's task) the task."""
+    """The cache key of a (length, depth) cell: the weights, the model kind, the cell, the retrieval and
+    the block size and landmark id of landmark models and (other than the paper's task) the task."""
     n, d = cell
     key = {
         "eval": "passkey", "weights": m.fingerprint(), "kind": m.kind, "length": n,
@@ -385,6 +385,7 @@ def _cell_key(
         "granularity": reading.granularity if m.retrieves else None,
         "chunk_len": reading.chunk_len if m.retrieves else None,
         "options": cache_key_options(reading.options, m.kind),
+        **m.landmark_key(),
     }  # fmt: skip
     fields = task.cache_fields()
     return key if fields is None else key | {"task": fields}

@@ -105,7 +105,7 @@ def evaluate_perplexity(
             "granularity": s.granularity, "length": n, "max_tokens": max_tokens,
             "chunk_len": reading.chunk_len,
             "content": windows_fingerprint(eval_windows(tokens, n, max_tokens)),
-            "options": cache_key_options(reading.options, s.kind),
+            "options": cache_key_options(reading.options, s.kind), **m.landmark_key(),
         }  # fmt: skip
         cached = cache.get(key)
         if cached is None:

@@ -33,7 +33,7 @@ from landmark.eval.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from landmark.eval.models import HF_PREFIX, LM_EVAL_MODEL, parse_model_arg
+from landmark.eval.models import HF_PREFIX, LM_EVAL_MODEL, MODEL_ARGS, SESSION_OPTIONS, parse_model_arg
 from landmark.eval.ruler_data import (
     default_ruler_dir,
     is_prepared,
@@ -42,7 +42,7 @@ from landmark.eval.ruler_data import (
     use_prepared_ruler,
 )
 from landmark.files import first_line
-from landmark.hf.checks import TOKENIZER_FILES
+from landmark.hf.checks import TOKENIZER_FILES, check_model_folder
 from landmark.inference.options import (
     Reading,
     add_device_argument,
@@ -51,6 +51,7 @@ from landmark.inference.options import (
     check_distinct,
     resolve_device,
 )
+from landmark.inference.retrieval import GRANULARITIES, SEARCHES
 from landmark.optional import pyplot, require
 from landmark.resources import INT64, check_fits
 
@@ -65,6 +66,9 @@ MIN_LENGTH = 1024  # RULER's templates and answers need room
 DEFAULT_LIMIT = 5
 LM_EVAL_SEED, NUMPY_SEED = 0, 1234  # lm_eval.simple_evaluate's default seeds
 ANSWER_CHARS = 200  # characters of each answer kept in the results
+# lm-eval's --model_args of --model landmark checked before lm_eval builds its tasks: integers >= 1, choices
+MODEL_ARG_COUNTS = ("k", "chunk_len", "max_length", "max_gen_toks", "max_blocks")
+MODEL_ARG_CHOICES = {"granularity": GRANULARITIES, "search": SEARCHES}
 
 
 def _lm_eval_version() -> str:
@@ -182,6 +186,7 @@ def cell_key(task: str, length: int, name: str, lm: Any, args: argparse.Namespac
         "task": task, "length": length, "limit": args.limit, "chat_template": args.chat_template,
         "max_gen_toks": args.max_gen_toks,
         "lm_eval": _lm_eval_version(), "model": lm.under_test.fingerprint(), "tokenizer": _tokenizer_id(lm),
+        **lm.under_test.landmark_key(),
         "reading": None if not lm.retrieves else {
             "k": reading.k, "granularity": reading.granularity, "chunk_len": reading.chunk_len,
             "options": cache_key_options(reading.options, "hf-landmark"),
@@ -370,11 +375,14 @@ def _lm_eval_option(argv: list[str], name: str) -> str | None:
 
 
 def check_lm_eval_model(argv: list[str]) -> None:
-    """``--model landmark``'s ``pretrained=`` folder exists, checked before lm_eval starts: it builds
-    its tasks (seconds to minutes) before it loads the model. ``--model_args`` as ``k=v,...`` or JSON.
+    """``--model landmark``'s ``pretrained=`` folder exists (its config.json values sound) and its other
+    ``--model_args`` are known and in range (:func:`_check_model_args`), checked before lm_eval starts:
+    it builds its tasks (seconds to minutes) before it loads the model. ``--model_args`` as ``k=v,...`` or
+    JSON.
 
     Raises:
-        ValueError: ``--model_args pretrained=FOLDER: the folder does not exist ...``.
+        ValueError: ``--model_args pretrained=FOLDER: the folder does not exist ...``, ``--model_args k=-3
+            must be an integer >= 1``.
     """
     if _lm_eval_option(argv, "--model") != LM_EVAL_MODEL:
         return
@@ -397,6 +405,32 @@ def check_lm_eval_model(argv: list[str]) -> None:
             f"--model_args pretrained={folder}: the folder does not exist (a local model folder is expected; "
             "nothing is downloaded)"
         )
+    _check_model_args(pairs)
+    folder = Path(str(folder))
+    if (folder / "config.json").is_file() and not (folder / "delta.json").is_file():
+        check_model_folder(folder, "--model_args pretrained")  # its files and config.json values
+
+
+def _check_model_args(pairs: dict[str, Any]) -> None:
+    """``--model_args`` of ``--model landmark``: known names, counts that are integers >= 1 and choices
+    from their lists (values as lm_eval reads them: ``k=4`` or JSON; ``None`` unchecked); a one-line
+    ValueError naming the first bad one."""
+    unknown = sorted(set(pairs) - set(MODEL_ARGS) - set(SESSION_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"--model_args: unknown arguments {unknown} for --model {LM_EVAL_MODEL}; known: "
+            f"{', '.join(MODEL_ARGS + SESSION_OPTIONS)}"
+        )
+    for name, value in pairs.items():
+        text = str(value).strip().strip("'\"")
+        if text.lower() == "none":
+            continue
+        if name in MODEL_ARG_COUNTS and not (text.isdigit() and int(text) >= 1):
+            raise ValueError(f"--model_args {name}={value} must be an integer >= 1")
+        if name in MODEL_ARG_CHOICES and text not in MODEL_ARG_CHOICES[name]:
+            raise ValueError(
+                f"--model_args {name}={value} must be one of {', '.join(MODEL_ARG_CHOICES[name])}"
+            )
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:

@@ -4,9 +4,11 @@
   integers, finite numbers; nan and inf refused), one-line ``ValueError`` exceptions naming the option.
 * :func:`check_model_folder`: a local model folder (``config.json``, weights, a tokenizer) that exists,
   checked before anything is loaded: nothing is ever downloaded, so a missing folder is a mistake to
-  report in one line (transformers would say "Repo id must be in the form ...").
+  report in one line (transformers would say "Repo id must be in the form ..."); its JSON files parse,
+  and its ``config.json`` sizes are ones transformers accepts (:func:`config_problem`).
 * :func:`loading`: turns the errors of ``from_pretrained`` on a damaged folder (truncated weights,
-  invalid JSON, mismatched shapes) into one-line ``ValueError`` exceptions.
+  invalid JSON, mismatched shapes, a config transformers' validation refuses) into one-line
+  ``ValueError`` exceptions.
 * :func:`shape_mismatch`: whether a landmark model's ``config.json`` can be that of a conversion of a
   base model's (the same shape, the vocabulary + the landmark token), read before either is loaded.
 * :func:`check_out_folder`, :func:`staging_folder`, :func:`publish`: a command refuses an existing,
@@ -36,6 +38,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json")  # parsed when present, before loading
+# config.json sizes that must be positive integers where given (LLaMA-family names)
+CONFIG_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                "intermediate_size", "vocab_size")  # fmt: skip
 STAGING_SUFFIX = ".partial"  # <parent>/.<name>.partial: written while a command runs
 
 DEFAULT_NAME = "model folder"  # how messages name a model folder outside the command line
@@ -106,14 +112,45 @@ def check_model_folder(path: str | Path, name: str = DEFAULT_NAME, files: bool =
         )
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(f"{name} {path} is not a model folder (it has no config.json)")
-    try:
-        json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{name} {path}: config.json is not valid JSON ({first_line(err)})") from None
+    config = _read_json(path, "config.json", name)
+    problem = config_problem(config)
+    if problem is not None:
+        raise ValueError(f"{name} {path}: config.json {problem}")
     for kind, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)) if files else ():
         if not any((path / f).is_file() for f in names):
             raise ValueError(f"{name} {path} is not a model folder (no {kind}: none of {', '.join(names)})")
+    for file in TOKENIZER_JSON_FILES:
+        if (path / file).is_file():
+            _read_json(path, file, name)
     return path
+
+
+def _read_json(path: Path, file: str, name: str) -> Any:
+    """The JSON of ``path / file``; a one-line ValueError naming the folder and the file if it does not
+    parse."""
+    try:
+        return json.loads((path / file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{name} {path}: {file} is not valid JSON ({first_line(err)})") from None
+
+
+def config_problem(config: Any) -> str | None:
+    """What in a ``config.json`` (parsed) transformers would refuse or build a broken model from: a size
+    of CONFIG_SIZES given but not a positive integer, a hidden size not split evenly into attention
+    heads, attention heads not split evenly into key/value heads; None when there is nothing wrong."""
+    if not isinstance(config, dict):
+        return "is not a JSON object"
+    for key in CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and not int_range(1)[0](value):
+            return f"has {key} {value!r}: it must be a positive integer"
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        return f"has hidden_size {hidden}, not a multiple of num_attention_heads {heads}"
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        return f"has num_attention_heads {heads}, not a multiple of num_key_value_heads {kv_heads}"
+    return None
 
 
 def read_config(path: str | Path) -> dict:
@@ -162,8 +199,20 @@ def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
 
     try:
         yield
-    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+    except (OSError, RuntimeError, ValueError, SafetensorError, *_config_errors()) as err:
+        if isinstance(err, _config_errors()) and err.__cause__ is not None:
+            err = err.__cause__  # "Class validation error for validator ...": the validator's own error
         raise ValueError(f"{name} {path}: cannot load the model: {first_line(err)}") from None
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's strict-dataclass validation errors (raised by transformers' configs for values
+    they refuse; not ValueErrors), or none where huggingface_hub is not installed."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
 
 
 def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> Path:

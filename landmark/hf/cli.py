@@ -302,13 +302,15 @@ def _attention_sizes(model: Path) -> tuple[int, int, int] | None:
 
 def _check_hf_folder(model: Path) -> None:
     """A folder whose config.json is not a Hugging Face model's (a run folder of `landmark train`, say)
-    is refused from that file, before transformers loads anything (seconds)."""
+    is refused from that file, before transformers loads anything (seconds); so is a config.json whose
+    values transformers refuses, or a damaged tokenizer.json (:func:`checks.check_model_folder`; the
+    weights and tokenizer files are looked for when the model is loaded, after the other options)."""
     if (model / META_FILE).is_file():
         return  # a delta: rebuilt over its packaged base
     try:
         config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return  # missing or damaged: loading it says so
+        config = None  # missing or damaged: check_model_folder says so
     if isinstance(config, dict) and "model_type" not in config:
         hint = (
             " (a run folder of `landmark train`: use `landmark generate --checkpoint`)"
@@ -318,6 +320,7 @@ def _check_hf_folder(model: Path) -> None:
         raise ValueError(
             f"--model {model} is not a Hugging Face model folder: its config.json has no model_type{hint}"
         )
+    checks.check_model_folder(model, "--model", files=False)
 
 
 def _check_load_state(path: Path, model: Path) -> None:

@@ -160,7 +160,7 @@ def check_export(
         )
     settings = _run_settings(run, strict=True)
     if base is None:
-        base = settings.get("model") or smollm2.default_smollm2_dir()
+        base = _recorded_base(run, settings) or smollm2.default_smollm2_dir()
     base = check_model_folder(base, "--base")
     check_not_input(out, [(run, "--run"), (base, "--base")])
     base_config = read_config(base)
@@ -262,6 +262,7 @@ def load_base(folder: Path, name: str) -> tuple[Any, Any, dict[str, Any]]:
     ``delta.json``: folder name, weights fingerprint, vocabulary size, architecture, source package."""
     transformers = require("transformers")
 
+    folder = check_model_folder(folder, name)  # its files and config.json values, before loading
     with loading(folder, name):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, local_files_only=True
@@ -497,26 +498,39 @@ def read_meta(path: Path) -> dict[str, Any]:
         ) from None
     if not (path / TENSOR_FILE).is_file():
         raise ValueError(f"delta {path}: {TENSOR_FILE} is missing")
-    _check_tensor_header(path / TENSOR_FILE, meta["lora"]["r"])
+    _check_tensor_header(path / TENSOR_FILE, meta["lora"])
     return meta
 
 
-def _check_tensor_header(file: Path, rank: int) -> None:
+def _check_tensor_header(file: Path, lora: dict[str, Any]) -> None:
     """``delta.safetensors`` has a readable header whose tensors the file covers (a truncated or damaged
     file is refused from its header, before the base model is looked for or loaded: seconds), and its
-    LoRA tensors have the rank ``delta.json`` records (``lora.r``)."""
+    LoRA tensors have the rank and the targets ``delta.json`` records (``lora.r``, ``lora.targets``)."""
     try:
         with safe_open(file, "pt") as f:
-            ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith(".lora_A")}  # noqa: SIM118
+            names = [key for key in f.keys() if key.endswith(".lora_A")]  # noqa: SIM118 (no __iter__)
+            ranks = {f.get_slice(key).get_shape()[0] for key in names}
     except (OSError, SafetensorError) as err:
         detail = " ".join(str(err).split()) or type(err).__name__
         raise ValueError(
             f"delta {file.parent}: {TENSOR_FILE} is damaged ({detail}): export the delta again"
         ) from None
+    rank = lora["r"]
     if ranks and ranks != {rank}:
         raise ValueError(
             f"delta {file.parent}: {META_FILE} records lora.r = {rank}, its LoRA tensors have rank "
             f"{', '.join(map(str, sorted(ranks)))}: export the delta again"
+        )
+    kinds = sorted({key[: -len(".lora_A")].rsplit(".", 1)[-1] for key in names})
+    targets = lora.get("targets")
+    if (
+        not isinstance(targets, list)
+        or not all(isinstance(t, str) for t in targets)
+        or sorted(targets) != kinds
+    ):
+        raise ValueError(
+            f"delta {file.parent}: {META_FILE} records lora.targets = {targets!r}, its LoRA tensors are "
+            f"for {kinds}: export the delta again"
         )
 
 
@@ -614,6 +628,18 @@ def _run_settings(run: Path, strict: bool = False) -> dict[str, Any]:
             f"--run {run}: {FINETUNE_SUMMARY_FILE} is damaged ({type(err).__name__}: {detail}); it records "
             "the run's base model and settings, which the delta keeps: restore the file"
         ) from None
+
+
+def _recorded_base(run: Path, settings: dict[str, Any]) -> str | None:
+    """The base model folder a run's ``landmark-finetune.json`` records (``config.model``; None when it
+    records none); a ValueError naming the file and the field when that is not a folder path."""
+    model = settings.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(
+            f"--run {run}: {FINETUNE_SUMMARY_FILE} has config.model = {model!r}, not a folder path (the "
+            "run's base model): restore the file, or give the base with --base"
+        )
+    return model
 
 
 def _earlier_stages(settings: dict[str, Any]) -> list[dict[str, Any]]:

@@ -28,7 +28,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
@@ -72,6 +74,12 @@ LORA_TARGET_SETS = {
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 RUN_FILE = "finetune-run.json"  # in the staging folder: the settings an interrupted run resumes with
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a Trainer checkpoint folder: checkpoint-<step>
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
+# a checkpoint's weights: the LoRA adapter, a whole model (one file, sharded), FSDP's own files
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+                      "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                      "pytorch_model_fsdp*")  # fmt: skip
 # settings a resumed run may change: how long this call runs, what is printed, and the steps it ends at
 # (no fewer than it has done: --steps <steps done> finishes a run stopped by --max-minutes where it is)
 RESUMABLE_CHANGES = ("resume", "max_minutes", "logging_steps", "overwrite", "steps")
@@ -298,8 +306,15 @@ class FinetuneConfig:
             return
         run_file = staging / RUN_FILE
         if checkpoint is None or not run_file.is_file():
+            partial = incomplete_checkpoints(staging)
+            left = (
+                f": it left only incomplete checkpoints ({', '.join(c.name for c, _ in partial)}); run "
+                "without --resume to start again"
+                if partial
+                else ""
+            )
             raise ValueError(
-                f"--resume: no interrupted fine-tune to continue for --out {self.out} ({staging})"
+                f"--resume: no interrupted fine-tune to continue for --out {self.out} ({staging}){left}"
             )
         try:
             saved = json.loads(run_file.read_text(encoding="utf-8"))
@@ -528,7 +543,24 @@ def _start_run(cfg: FinetuneConfig, model: Any, tokenizer: Any) -> _Run:
             for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             write_json_atomic(staging / RUN_FILE, asdict(cfg))
+        else:
+            _drop_incomplete_checkpoints(staging)
     return run
+
+
+def _drop_incomplete_checkpoints(staging: Path) -> None:
+    """Remove the checkpoints a run killed while saving left half-written (said on stderr, one line
+    each): the resume starts from the last complete one, and the Trainer's rotation (it keeps the newest)
+    must never keep a half-written one in its place."""
+    resumed = last_checkpoint(staging)
+    for checkpoint, problem in incomplete_checkpoints(staging):
+        print(
+            f"note: skipping {checkpoint.name} in {staging}: incomplete ({problem}; the run was stopped "
+            f"while saving it); resuming from {resumed.name if resumed else 'the start'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _training_arguments(cfg: FinetuneConfig, model: Any, staging: Path) -> Any:
@@ -743,16 +775,40 @@ def _trainer(run: _Run, model: Any, tokenizer: Any, **kw: Any) -> Any:
 
 
 def last_checkpoint(staging: Path) -> Path | None:
-    """The Trainer checkpoint with the most steps in ``staging`` (``checkpoint-<step>``), or None
-    (transformers' own ``get_last_checkpoint``, for a folder that may not exist). A folder without any
-    ``checkpoint-*`` entry is answered without importing transformers (seconds): ``--resume`` with
-    nothing to resume is refused at once."""
+    """The complete Trainer checkpoint (:func:`checkpoint_problem`) with the most steps in ``staging``
+    (``checkpoint-<step>``), or None (also for a folder that does not exist). Read from the folders alone,
+    without importing transformers (seconds): ``--resume`` with nothing to resume is refused at once."""
+    complete = [c for c in _checkpoints(staging) if checkpoint_problem(c) is None]
+    return complete[-1] if complete else None
+
+
+def incomplete_checkpoints(staging: Path) -> list[tuple[Path, str]]:
+    """``(folder, what it lacks)`` of every checkpoint in ``staging`` that is not complete (a run stopped
+    while the Trainer was writing it), by step."""
+    found = [(c, checkpoint_problem(c)) for c in _checkpoints(staging)]
+    return [(c, problem) for c, problem in found if problem is not None]
+
+
+def _checkpoints(staging: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of ``staging``, by step."""
     staging = Path(staging)
-    if not staging.is_dir() or not any(staging.glob("checkpoint-*")):
-        return None
-    trainer_utils = require("transformers.trainer_utils")
-    found = trainer_utils.get_last_checkpoint(str(staging))
-    return Path(found) if found else None
+    if not staging.is_dir():
+        return []
+    found = [p for p in staging.iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_dir()]
+    return sorted(found, key=steps_done)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What a Trainer checkpoint folder lacks to be resumed from: a readable ``trainer_state.json`` (written
+    after the weights, optimizer and schedule) or a weights file; None when it is complete."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {TRAINER_STATE}"
+    if not any(any(checkpoint.glob(name)) for name in CHECKPOINT_WEIGHTS):
+        return f"no weights ({', '.join(CHECKPOINT_WEIGHTS[:3])}, ...)"
+    return None
 
 
 def _step_timer() -> Any:
