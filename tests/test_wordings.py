@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
+from argv_helpers import last_wins
 
 from landmark.data import Tokenizer
 from landmark.data import wordings as W
@@ -323,7 +324,7 @@ def test_eval_passkey_held_out_wordings_end_to_end(tiny_hf, tmp_path, monkeypatc
     assert len(cells) == 4 and all(c["task"]["wording"] == "held-out" for c in cells)
     # all: another cell per (model, length, depth); the held-out families' table comes first
     multikey = ["--wording", "all", "--trials", "6", "--task", "multikey", "--keys", "2", "--lengths", "400"]
-    assert main([*args, *multikey]) == 0
+    assert main(last_wins([*args, *multikey])) == 0
     report = (out / "passkey.md").read_text()
     assert report.index("**Held-out wording families**") < report.index("**Training wording families**")
     printed = capsys.readouterr().out

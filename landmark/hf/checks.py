@@ -199,20 +199,21 @@ def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
 
     try:
         yield
-    except (OSError, RuntimeError, ValueError, SafetensorError, *_config_errors()) as err:
-        if isinstance(err, _config_errors()) and err.__cause__ is not None:
+    except Exception as err:
+        if not isinstance(err, OSError | RuntimeError | ValueError | SafetensorError) and not _config_error(
+            err
+        ):
+            raise
+        if _config_error(err) and err.__cause__ is not None:
             err = err.__cause__  # "Class validation error for validator ...": the validator's own error
         raise ValueError(f"{name} {path}: cannot load the model: {first_line(err)}") from None
 
 
-def _config_errors() -> tuple[type[Exception], ...]:
-    """huggingface_hub's strict-dataclass validation errors (raised by transformers' configs for values
-    they refuse; not ValueErrors), or none where huggingface_hub is not installed."""
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:
-        return ()
-    return (StrictDataclassError,)
+def _config_error(err: Exception) -> bool:
+    """Whether ``err`` is huggingface_hub's strict-dataclass validation error (raised by transformers'
+    configs for values they refuse; not a ValueError), recognised by its class name so that this module
+    does not import huggingface_hub."""
+    return any(c.__name__ == "StrictDataclassError" for c in type(err).__mro__)
 
 
 def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> Path:
