@@ -200,9 +200,8 @@ def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        if not isinstance(err, OSError | RuntimeError | ValueError | SafetensorError) and not _config_error(
-            err
-        ):
+        loading_error = isinstance(err, OSError | RuntimeError | ValueError | SafetensorError)
+        if not loading_error and not _config_error(err):
             raise
         if _config_error(err) and err.__cause__ is not None:
             err = err.__cause__  # "Class validation error for validator ...": the validator's own error
