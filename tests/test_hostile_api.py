@@ -316,3 +316,25 @@ def test_chunked_nll_lengths_must_be_one_integer_per_row(lengths):
         chunked_nll(model, tokens, torch.tensor(lengths), k=4)
     _, count = chunked_nll(model, tokens, [3], k=4)
     assert count.tolist() == [2]
+
+
+def test_paths_and_tokenizers_of_the_wrong_kind_are_named(tmp_path):
+    """``load_pretrained(12345)``, ``StateFiles(save=5)`` and ``generate(model, None, ...)`` failed inside
+    pathlib and convert.py with messages that named no argument."""
+    from hf_helpers import converted
+
+    import landmark.hf as lhf
+    from landmark.inference.cache import StateFiles
+    from landmark.inference.options import Reading
+
+    with pytest.raises(TypeError, match="path must be a folder path"):
+        lhf.load_pretrained(12345)
+    with pytest.raises(TypeError, match="base must be a folder path"):
+        lhf.load_pretrained(tmp_path, base=3)
+    with pytest.raises(TypeError, match=r"StateFiles\.save must be a file path"):
+        StateFiles(save=5)
+    with pytest.raises(TypeError, match=r"StateFiles\.load must be a file path"):
+        StateFiles(load=["a"])
+    model, _ = converted()
+    with pytest.raises(TypeError, match="tokenizer must be the model's tokenizer"):
+        lhf.generate(model, None, "text", 2, reading=Reading(k=4))

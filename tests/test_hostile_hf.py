@@ -1004,3 +1004,12 @@ def test_lm_eval_model_args_are_checked_before_lm_eval_starts(
             "--tasks", "niah_single_1"]  # fmt: skip
     refused(argv, capsys, says, home)
     ruler.check_lm_eval_model(["--model", "landmark", "--model_args", f"pretrained={lm_folder},k=4"])
+
+
+def test_hf_generate_names_a_file_given_as_the_model_folder(capsys):
+    """`hf generate --model FOLDER/delta.json` said the folder does not exist."""
+    from landmark.cli import main
+
+    model = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-landmark" / "delta.json"
+    assert main(["hf", "generate", "--model", str(model), "--prompt", "hi"]) == 2
+    assert f"--model {model}: is a file, not a folder" in capsys.readouterr().err

@@ -221,9 +221,9 @@ def _check_generate(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty")
     check_utf8(args.prompt, "--prompt")
     if not Path(args.model).is_dir():
+        what = "is a file, not a folder" if Path(args.model).exists() else "the folder does not exist"
         raise ValueError(
-            f"--model {args.model}: the folder does not exist (a local model folder is expected; "
-            "nothing is downloaded)"
+            f"--model {args.model}: {what} (a local model folder is expected; nothing is downloaded)"
         )
     check_save_state(args, _model_files(Path(args.model), args.base))  # an output onto an input: first
     _check_hf_folder(Path(args.model))

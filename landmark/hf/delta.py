@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,6 +382,9 @@ def load_pretrained(path: str | Path, base: str | Path | None = None, **kwargs: 
         ValueError: as :func:`landmark.hf.convert.load_converted` and :func:`load_delta`; ``base=`` for a
             folder that is not a delta, or other keyword arguments for a delta.
     """
+    for name, value in (("path", path), ("base", base)):
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise TypeError(f"{name} must be a folder path (str or Path); got {value!r}")
     if is_delta(path):
         other = sorted(set(kwargs) - {"dtype"})
         if other:

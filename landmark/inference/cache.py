@@ -25,6 +25,7 @@ inside ``retrieval_attention`` (the "stingy" mapping), so they never exceed a fe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,12 @@ class StateFiles:
     load: str | Path | None = None
     save: str | Path | None = None
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("load", "save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise TypeError(f"StateFiles.{name} must be a file path (str or Path) or None; got {value!r}")
 
     def check(self) -> None:
         """Refuse, before any work, a ``save`` destination that would lose data (ValueError)."""
