@@ -33,7 +33,10 @@ def reading_argv(reading: Reading) -> list[str]:
     if reading.compile:
         raise ValueError("compile is not a command-line option: pass a reading with compile=False")
     argv = ["--k", str(reading.k), "--granularity", reading.granularity, "--search", reading.search,
-            "--kernel", reading.kernel, "--chunk-len", str(reading.chunk_len)]  # fmt: skip
+            "--kernel", reading.kernel, "--chunk-len", str(reading.chunk_len), "--block-dtype",
+            reading.block_dtype]  # fmt: skip
+    if reading.block_folder is not None:
+        argv += ["--block-folder", str(reading.block_folder)]
     if reading.memory_device is not None:
         argv += ["--memory-device", str(reading.memory_device)]
     if reading.max_blocks is not None:

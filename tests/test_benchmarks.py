@@ -151,7 +151,7 @@ def test_results_json_writes_whole_files(tmp_path, monkeypatch):
     ]
 
 
-def test_reading_args_round_trip(capsys):
+def test_reading_args_round_trip(capsys, tmp_path):
     """reading_args: a reading turned into options parses back into itself (what the worker processes
     get); values the library refuses are the parser's usage error before any work."""
     import argparse
@@ -165,12 +165,13 @@ def test_reading_args_round_trip(capsys):
     readings = [
         Reading(),
         Reading(k=3, granularity="head", chunk_len=128, kernel="torch", memory_device="cpu", max_blocks=5),
+        Reading(block_dtype="int8", block_folder=str(tmp_path)),  # (the workers read float32 blocks)
     ]
     for reading in readings:
         args = parser.parse_args(ra.reading_argv(reading))
         assert ra.parse_reading(parser, args, block_size=64) == reading
     assert ra.reading_argv(Reading()) == shlex.split(
-        "--k 4 --granularity token_head --search exact --kernel auto --chunk-len 256"
+        "--k 4 --granularity token_head --search exact --kernel auto --chunk-len 256 --block-dtype model"
     )
     with pytest.raises(ValueError, match="compile"):
         ra.reading_argv(dataclasses.replace(Reading(), compile=True))
