@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -22,3 +23,14 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """:func:`weights_fingerprint` and the model's configuration (``model.config``: RoPE base, block size,
+    ...; for a Hugging Face config its own fields, not where it was loaded from): an evaluation of a
+    model whose config.json changed is not served from the cells of the old one."""
+    config = getattr(model, "config", None)
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else {}
+    kept = {k: v for k, v in as_dict.items() if not k.startswith("_") and k != "transformers_version"}
+    text = weights_fingerprint(model) + json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

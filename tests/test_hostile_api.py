@@ -338,3 +338,21 @@ def test_paths_and_tokenizers_of_the_wrong_kind_are_named(tmp_path):
     model, _ = converted()
     with pytest.raises(TypeError, match="tokenizer must be the model's tokenizer"):
         lhf.generate(model, None, "text", 2, reading=Reading(k=4))
+
+
+def test_evaluation_cells_follow_the_model_config(tmp_path):
+    """A checkpoint whose config.json changed (its RoPE base) was served the old model's cached cells:
+    the cells' model fingerprint covers the configuration as well as the weights."""
+    import json
+    import shutil
+
+    from landmark.eval.models import load_gpt
+
+    copy = tmp_path / "pk"
+    shutil.copytree(SMALL, copy)
+    before = load_gpt("a", str(copy)).fingerprint()
+    assert before == load_gpt("b", SMALL).fingerprint()  # where the model lies does not matter
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["rope_base"] = 500.0
+    (copy / "config.json").write_text(json.dumps(config))
+    assert load_gpt("a", str(copy)).fingerprint() != before

@@ -237,6 +237,9 @@ EVAL_CASES = [
     ([*PPL[:6], "--out", "{lm}/results"], "/results is inside --model "),
     ([*PPL[:6], "--out", "{data}"], " is --data "),
     ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
+    # bounded search selects per query row and head (a traceback after the first cells before)
+    ([*PPL, "--granularity", "token_head", "head", "--search", "bounded"], "--search bounded selects"),
+    ([*PASSKEY, "--granularity", "token", "--search", "bounded"], "--search bounded selects"),
     # memory that certainly cannot fit (a MemoryError from numpy before)
     ([*PASSKEY, "--trials", "1000000000000"], "--trials 1000000000000: holding the keys"),
     ([*PASSKEY, "--lengths", "1000000000000"], "--lengths 1000000000000: a prompt of that many tokens"),

@@ -209,3 +209,19 @@ def test_generate_cli_takes_weights_int8(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--prompt", "x", "--weights", "int4"])
     assert "--weights: invalid choice" in capsys.readouterr().err
+
+
+def test_kernels_turned_off_on_purpose_are_not_warned_about(monkeypatch, recwarn):
+    """LANDMARK_KERNEL=0 printed a raw UserWarning (with its source line) naming the retrieval kernel;
+    the int8 layers then compute through F.linear, as the test above checks."""
+    monkeypatch.setenv("LANDMARK_KERNEL", "0")
+    kernel_mod._build.cache_clear()
+    try:
+        assert kernel_mod.kernel_module() is None
+        layer = Int8Linear.from_linear(linear(64, 9, bias=False))
+        x = torch.randn(1, 64)
+        assert (layer(x).double() - reference(layer, x)).abs().max() < 1e-5
+    finally:
+        monkeypatch.delenv("LANDMARK_KERNEL")
+        kernel_mod._build.cache_clear()
+    assert not [w for w in recwarn if "kernels are unavailable" in str(w.message)]

@@ -47,7 +47,7 @@ class CellCache:
 
     def __init__(self, folder: Path):
         self.folder = folder / "cells"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # made with the first cell: an evaluation stopped before it leaves no empty folders
 
     def _path(self, key: dict[str, Any]) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -69,6 +69,7 @@ class CellCache:
             return None
 
     def put(self, key: dict[str, Any], result: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self._path(key), {"key": key, "result": result})
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 import landmark.hf
 from landmark.checkpoint import CheckpointError, load_model
-from landmark.fingerprint import weights_fingerprint
+from landmark.fingerprint import model_fingerprint
 from landmark.hf.checks import check_model_folder, for_option, loading, read_config
 from landmark.hf.delta import load_pretrained
 from landmark.hf.generate import generate as hf_generate
@@ -93,9 +93,9 @@ class ModelUnderTest:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """The weights' fingerprint (cache keys), computed once."""
+        """The weights' and the configuration's fingerprint (cache keys), computed once."""
         if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
+            self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
     def landmark_key(self) -> dict[str, Any]:

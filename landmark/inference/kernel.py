@@ -135,7 +135,8 @@ def kernel_module(required: bool = False):
             raise KernelUnavailableError(
                 f'kernel="cpp" but the C++ retrieval kernel could not be built: {mod}'
             ) from mod
-        _warn_once(str(mod))
+        if os.environ.get(KERNEL_ENV) != "0":  # (turned off on purpose: nothing to warn about)
+            _warn_once(str(mod))
         return None
     return mod
 
@@ -143,7 +144,7 @@ def kernel_module(required: bool = False):
 @functools.cache
 def _warn_once(reason: str) -> None:
     warnings.warn(
-        f"landmark: C++ retrieval kernel unavailable, using the eager path ({reason})", stacklevel=3
+        f"landmark: the C++ kernels are unavailable, using the eager paths ({reason})", stacklevel=3
     )
 
 

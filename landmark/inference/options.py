@@ -205,6 +205,10 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--k must be at most {MAX_K:,} (blocks retrieved per query); got {max(ks)}")
     check_distinct("--k", ks)
     check_distinct("--granularity", option_values(args.granularity))
+    other = [g for g in option_values(args.granularity) if g != "token_head"]
+    if args.search == "bounded" and other:
+        raise ValueError(f"--search bounded selects per query row and head: it needs --granularity "
+                         f"token_head; got {other[0]}")  # fmt: skip
     if args.max_blocks is not None and args.max_blocks < 1:
         raise ValueError(f"--max-blocks must be >= 1; got {args.max_blocks}")
     if not 1 <= args.chunk_len <= MAX_CHUNK_LEN:
