@@ -38,7 +38,7 @@ def check_device(value: str | torch.device | None, option: str = "--device") -> 
         device = torch.device(value)
     except (RuntimeError, ValueError, TypeError):
         raise ValueError(f"{option} {value!r} is not a device: expected cpu, cuda or cuda:N") from None
-    if device.type not in DEVICE_TYPES:
+    if device.type not in DEVICE_TYPES or (device.type == "cpu" and device.index not in (None, 0)):
         raise ValueError(f"{option} {value!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -245,8 +245,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 )
             for key, value in table.items():
                 _set(cfg, section, key, value, str(path))
+    given: set[tuple[str, str]] = set()
     for text in overrides:
         section, key, value = parse_override(text)
+        if (section, key) in given:
+            raise ConfigError(f"--set {section}.{key} is given more than once: give it once")
+        given.add((section, key))
         _set(cfg, section, key, value, "--set")
     validate(cfg)
     return cfg

@@ -356,3 +356,21 @@ def test_evaluation_cells_follow_the_model_config(tmp_path):
     config["model"]["rope_base"] = 500.0
     (copy / "config.json").write_text(json.dumps(config))
     assert load_gpt("a", str(copy)).fingerprint() != before
+
+
+def test_negative_stop_ids_and_lengths_beyond_the_tokens_are_named():
+    """A stop id of -5 (no token can match it) was taken; a length of 100 for 5 tokens was reported as
+    101 (the count with landmarks)."""
+    import torch
+
+    from landmark.inference import chunked_nll, generate
+    from landmark.inference.generate import Hooks
+
+    model, tokenizer, _ = load_model(SMALL)
+    with pytest.raises(ValueError, match=r"integer token ids \(>= 0\)"):
+        generate(model, [tokenizer.encode("The whale")], 2, hooks=Hooks(stop_ids=(-5,)))
+    tokens = torch.tensor([tokenizer.encode("The whale is white")[:5]])
+    with pytest.raises(
+        ValueError, match=r"lengths must lie in \[0, 5\] \(real tokens per row\); got \[100\]"
+    ):
+        chunked_nll(model, tokens, torch.tensor([100]), k=4)

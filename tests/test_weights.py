@@ -225,3 +225,12 @@ def test_kernels_turned_off_on_purpose_are_not_warned_about(monkeypatch, recwarn
         monkeypatch.delenv("LANDMARK_KERNEL")
         kernel_mod._build.cache_clear()
     assert not [w for w in recwarn if "kernels are unavailable" in str(w.message)]
+
+
+def test_compact_weights_names_what_it_cannot_convert():
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module; got NoneType"):
+        compact_weights(None)
+    with pytest.raises(TypeError, match="got str"):
+        compact_weights("checkpoints/passkey-landmark")
+    with pytest.raises(ValueError, match=r"single linear layer: use Int8Linear\.from_linear"):
+        compact_weights(nn.Linear(64, 5))

@@ -107,7 +107,8 @@ def read_corpus(root: str | Path, validation_fraction: float = VALIDATION_FRACTI
     """
     root = Path(root)
     if not root.is_dir():
-        raise CorpusError(f"corpus folder {root} does not exist: pass a folder of .txt documents")
+        what = "is a file" if root.exists() else "does not exist"
+        raise CorpusError(f"corpus folder {root} {what}: pass a folder of .txt documents")
     if (root / "train").is_dir() and (root / "validation").is_dir():
         present = [s for s in PG19_SPLITS if (root / s).is_dir()]
         splits = {s: _list_documents(root / s, root) for s in present}

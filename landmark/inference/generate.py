@@ -224,8 +224,8 @@ def _stop_tensor(stop_ids: Sequence[int]) -> Tensor:
         ids = None
     if ids is not None and ids.numel() == 0:
         return torch.empty(0, dtype=torch.long)
-    if ids is None or ids.dim() != 1 or not holds_integer_ids(ids):
-        raise ValueError(f"Hooks.stop_ids must be a sequence of integer token ids; got {stop_ids!r}")
+    if ids is None or ids.dim() != 1 or not holds_integer_ids(ids) or bool((ids < 0).any()):
+        raise ValueError(f"Hooks.stop_ids must be a sequence of integer token ids (>= 0); got {stop_ids!r}")
     return ids.long()
 
 

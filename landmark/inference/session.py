@@ -349,6 +349,8 @@ def _rows(tokens: Tensor, lengths: Tensor | None) -> tuple[int, int, Tensor]:
     if not holds_integer_ids(as_tensor) or as_tensor.shape != (batch,):
         raise ValueError(f"lengths must be ({batch},) integers (real tokens per row); got "
                          f"{tuple(as_tensor.shape)} {as_tensor.dtype}")  # fmt: skip
+    if bool((as_tensor < 0).any()) or bool((as_tensor > n).any()):
+        raise ValueError(f"lengths must lie in [0, {n}] (real tokens per row); got {as_tensor.tolist()}")
     return batch, n, as_tensor.long()
 
 

@@ -105,6 +105,10 @@ def compact_weights(model: nn.Module, weights: str = "int8") -> nn.Module:
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}; got {weights!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if _convertible(model) and weights == "int8":  # no parent to put the int8 layer in: in place fails
+        raise ValueError("model is a single linear layer: use Int8Linear.from_linear(layer) for one layer")
     if weights == "model":
         return model
     names = [name for name, m in model.named_modules() if _convertible(m)]
