@@ -22,6 +22,7 @@ SMALL = os.path.join(REPO, "checkpoints", "passkey-landmark")
         (3.5, "is not a device"),
         ("meta", "expected cpu, cuda or cuda:N"),
         ("cuda", "no CUDA device"),
+        ("cpu:5", "expected cpu, cuda or cuda:N"),
     ],
 )
 def test_an_unknown_memory_device_is_a_value_error(device, message):

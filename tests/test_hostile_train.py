@@ -671,3 +671,15 @@ def test_a_folder_given_as_the_config_file_is_named_as_such(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: config file {tmp_path} is a folder: pass a TOML file such as configs/tiny.toml"
     )
+
+
+def test_one_set_key_given_twice_and_a_corpus_file_are_named(env, tmp_path, capsys):
+    """`--set train.max_steps=2 --set train.max_steps=3` ran 3 steps in silence; `prepare --corpus FILE`
+    said the folder does not exist."""
+    argv = ["train", str(TINY), "--set", "train.max_steps=2", "--set", "train.max_steps=3"]
+    assert main(argv) == 2
+    assert "--set train.max_steps is given more than once" in capsys.readouterr().err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("words")
+    assert main(["prepare", "--corpus", str(a_file), "--out", str(tmp_path / "p")]) == 2
+    assert f"corpus folder {a_file} is a file" in capsys.readouterr().err
