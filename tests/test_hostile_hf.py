@@ -1013,3 +1013,28 @@ def test_hf_generate_names_a_file_given_as_the_model_folder(capsys):
     model = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-landmark" / "delta.json"
     assert main(["hf", "generate", "--model", str(model), "--prompt", "hi"]) == 2
     assert f"--model {model}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_model_folder_whose_weights_lack_tensors_is_refused(tmp_path):
+    """A converted model whose model.safetensors lost a tensor (or holds an int8 model's q/scale
+    tensors, saved after compact_weights) ran on weights transformers initialised at random."""
+    from hf_helpers import converted
+    from safetensors.torch import load_file, save_file
+
+    import landmark.hf as lhf
+    from landmark.inference.weights import compact_weights
+
+    model, tok = converted()
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    lhf.load_pretrained(folder)  # intact: loads
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"its weights do not match its config\.json: 1 missing "
+                                         r"\(model\.layers\.0\.self_attn\.q_proj\.weight\)"):  # fmt: skip
+        lhf.load_pretrained(folder)
+    compact_weights(model).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"missing .* unexpected"):
+        lhf.load_pretrained(folder)

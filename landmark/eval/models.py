@@ -33,7 +33,7 @@ from torch import Tensor
 import landmark.hf
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.fingerprint import model_fingerprint
-from landmark.hf.checks import check_model_folder, for_option, loading, read_config
+from landmark.hf.checks import check_model_folder, for_option, load_causal_lm, loading, read_config
 from landmark.hf.delta import load_pretrained
 from landmark.hf.generate import generate as hf_generate
 from landmark.hf.passkey import HFTokenEncoder
@@ -320,7 +320,7 @@ def load_hf(
                 transformers = require("transformers")
 
                 with loading(folder):
-                    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+                    model = load_causal_lm(folder)
                     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
             else:  # landmark-converted, or not a model folder at all: load_pretrained says which
                 model, tokenizer = load_pretrained(folder, base=base)

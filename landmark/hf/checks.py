@@ -30,6 +30,7 @@ from typing import Any
 from safetensors import SafetensorError  # a dependency of transformers
 
 from landmark.files import first_line, replace_folder
+from landmark.optional import require
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -206,6 +207,24 @@ def loading(path: str | Path, name: str = DEFAULT_NAME) -> Iterator[None]:
         if _config_error(err) and err.__cause__ is not None:
             err = err.__cause__  # "Class validation error for validator ...": the validator's own error
         raise ValueError(f"{name} {path}: cannot load the model: {first_line(err)}") from None
+
+
+KEY_KINDS = ("missing", "unexpected", "mismatched")  # weights transformers reports as not matching
+
+
+def load_causal_lm(folder: str | Path, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)``, refusing (a
+    ValueError) weights that do not match the config: tensors missing (transformers would initialise them
+    at random and run), unexpected or of other shapes. Call it inside :func:`loading`."""
+    transformers = require("transformers")
+    kwargs = {"local_files_only": True, **kwargs, "output_loading_info": True}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    wrong = {kind: sorted(map(str, info.get(f"{kind}_keys") or ())) for kind in KEY_KINDS}
+    if any(wrong.values()):
+        said = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
+                         for kind, keys in wrong.items() if keys)  # fmt: skip
+        raise ValueError(f"its weights do not match its config.json: {said}")
+    return model
 
 
 def _config_error(err: Exception) -> bool:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.files import check_not_input, os_error_line
 from landmark.hf import checks
-from landmark.hf.checks import clear_staging, loading, publish
+from landmark.hf.checks import clear_staging, load_causal_lm, loading, publish
 from landmark.hf.convert import convert, unsupported_config
 from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained, read_meta
 from landmark.hf.finetune import DEPENDENT_SETTINGS, FINETUNE_RULES, FinetuneConfig, finetune
@@ -129,7 +129,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     _offline()
     with loading(args.model, "--model"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+        model = load_causal_lm(args.model)
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     try:
         model, tokenizer = convert(model, tokenizer, args.block_size)

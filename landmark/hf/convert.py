@@ -23,7 +23,7 @@ from torch import nn
 
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.hf.attention import ATTN_IMPLEMENTATION, register
-from landmark.hf.checks import check_model_folder, loading
+from landmark.hf.checks import check_model_folder, load_causal_lm, loading
 from landmark.optional import require
 
 LANDMARK_TOKEN = "<landmark>"  # the landmark's token string, added as a special token
@@ -154,9 +154,7 @@ def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     register()
     kwargs.setdefault("local_files_only", True)
     with loading(path):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
-        )
+        model = load_causal_lm(path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     token_id = _tokenizer_landmark_id(tokenizer)
     if token_id != config.landmark_token_id:

@@ -50,6 +50,7 @@ from landmark.hf.checks import (
     check_out_folder,
     clear_staging,
     for_option,
+    load_causal_lm,
     loading,
     publish,
     read_config,
@@ -265,9 +266,7 @@ def load_base(folder: Path, name: str) -> tuple[Any, Any, dict[str, Any]]:
 
     folder = check_model_folder(folder, name)  # its files and config.json values, before loading
     with loading(folder, name):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=True
-        )
+        model = load_causal_lm(folder, dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     source_file = folder / smollm2.SOURCE_FILE
     identity = {

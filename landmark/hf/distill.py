@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from landmark.hf.checks import check_model_folder, for_option, loading, read_config
+from landmark.hf.checks import check_model_folder, for_option, load_causal_lm, loading, read_config
 from landmark.hf.collator import IGNORE_INDEX, LandmarkCollator
 from landmark.optional import require
 
@@ -117,9 +117,7 @@ def load_teacher(folder: str | Path, student_tokenizer: Any, max_tokens: int, dt
         )
     with loading(folder):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dtype
-        )
+        teacher = load_causal_lm(folder, dtype=dtype)
     student = student_tokenizer.get_vocab()
     if any(student.get(token) != i for token, i in tokenizer.get_vocab().items()):
         raise ValueError(f"--distill {folder}: its tokenizer is not the fine-tuned model's base tokenizer")

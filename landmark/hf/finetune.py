@@ -52,6 +52,7 @@ from landmark.hf.checks import (
     check_within_positions,
     for_option,
     int_range,
+    load_causal_lm,
     loading,
     option_name,
     publish,
@@ -449,7 +450,7 @@ def load_for_finetune(path: str | Path, block_size: int | None = None) -> tuple[
             model, tokenizer = convert(model, tokenizer, block_size)
         return model, tokenizer
     with loading(path):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model = load_causal_lm(path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return convert(model, tokenizer, block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
 
