@@ -300,6 +300,12 @@ def check_tokenizer(ckpt: Checkpoint, model_config: ModelConfig, tokenizer: Toke
         )
     if tokenizer.landmark_id != model_config.landmark_id and model_config.attention == "landmark":
         raise CheckpointError(f"{ckpt.path}: tokenizer.json does not match config.json (landmark_id)")
+    trained = data.get("block_size")  # the blocks the training data's landmarks were laid out in
+    if model_config.attention == "landmark" and data.get("landmarks") and trained != model_config.block_size:
+        raise CheckpointError(
+            f"{ckpt.path / CONFIG_FILE}: model.block_size {model_config.block_size} is not the block size "
+            f"the model was trained with (data.block_size {trained})"
+        )
     if model_config.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(
             f"{ckpt.path}: model.vocab_size {model_config.vocab_size} in config.json is smaller than the "

@@ -375,3 +375,20 @@ def test_negative_stop_ids_and_lengths_beyond_the_tokens_are_named():
         ValueError, match=r"lengths must lie in \[0, 5\] \(real tokens per row\); got \[100\]"
     ):
         chunked_nll(model, tokens, torch.tensor([100]), k=4)
+
+
+def test_a_checkpoint_whose_block_size_is_not_its_training_data_s_is_refused(tmp_path):
+    """model.block_size edited to 32 (its data was laid out in blocks of 64) loaded and answered nonsense."""
+    import json
+    import shutil
+
+    from landmark.checkpoint import CheckpointError
+
+    copy = tmp_path / "pk"
+    shutil.copytree(SMALL, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["block_size"] = 32
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.block_size 32 is not the block size the model was "
+                                              r"trained with \(data\.block_size 64\)"):  # fmt: skip
+        load_model(copy)
