@@ -734,3 +734,16 @@ def test_bad_environment_variables_are_refused_before_any_command(name, value, m
     assert main(["hf", "generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and err.endswith(message) and "\n" not in err
+
+
+def test_evaluation_results_never_land_in_a_delta_s_base_model(capsys):
+    """`eval passkey --model a=hf:DELTA --out BASE/o` wrote its cells inside the base model the delta is
+    rebuilt over (an --out inside the delta itself was refused)."""
+    from landmark.cli import main
+    from landmark.hf.smollm2 import default_smollm2_dir
+
+    out = default_smollm2_dir() / "results"
+    delta = REPO / "checkpoints" / "smollm2-landmark"
+    argv = ["eval", "passkey", "--model", f"a=hf:{delta}", "--lengths", "1024", "--out", str(out)]
+    assert main(argv) == 2
+    assert "is inside a delta's base model" in capsys.readouterr().err and not out.exists()

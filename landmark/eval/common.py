@@ -25,6 +25,8 @@ from landmark.files import (  # noqa: F401 - the writers
     write_text_atomic,
 )
 from landmark.fingerprint import weights_fingerprint
+from landmark.hf.delta import is_delta
+from landmark.hf.smollm2 import default_smollm2_dir
 from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
 
 __all__ = [
@@ -121,4 +123,6 @@ def input_folders(args: Any) -> list[tuple[str, str]]:
         value = getattr(args, name, None)
         if value and value != "bundled":
             found.append((str(value).removeprefix(HF_PREFIX), f"--{name}"))
+    if getattr(args, "base", None) is None and any(is_delta(folder) for folder, _ in found):
+        found.append((str(default_smollm2_dir()), "a delta's base model"))  # what a delta is rebuilt over
     return found
