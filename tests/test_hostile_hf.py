@@ -1038,3 +1038,13 @@ def test_a_model_folder_whose_weights_lack_tensors_is_refused(tmp_path):
     compact_weights(model).save_pretrained(folder)
     with pytest.raises(ValueError, match=r"missing .* unexpected"):
         lhf.load_pretrained(folder)
+
+
+def test_distill_from_a_checkpoint_of_landmark_train_is_refused_before_loading(tiny, home, capsys):
+    """`--distill` of a `landmark train` checkpoint (not a Hugging Face folder) was refused after loading
+    the model and cutting the windows, naming no option, with a staging folder left."""
+    model, corpus = tiny
+    small = Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-landmark"
+    argv = finetune_argv(model, corpus, home / "out", "--distill", str(small))
+    line = refused(argv, capsys, "--distill", home, model)
+    assert line == f"error: --distill {small}: config.json has no model_type: not a Hugging Face model folder"

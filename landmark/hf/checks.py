@@ -141,6 +141,8 @@ def config_problem(config: Any) -> str | None:
     heads, attention heads not split evenly into key/value heads; None when there is nothing wrong."""
     if not isinstance(config, dict):
         return "is not a JSON object"
+    if not isinstance(config.get("model_type"), str):  # (a checkpoint of landmark train has none)
+        return "has no model_type: not a Hugging Face model folder"
     for key in CONFIG_SIZES:
         value = config.get(key)
         if value is not None and not int_range(1)[0](value):
@@ -280,4 +282,6 @@ def for_option(err: ValueError, option: str) -> ValueError:
     text = str(err)
     if text.startswith(DEFAULT_NAME + " "):
         return ValueError(option + text[len(DEFAULT_NAME) :])
+    if text.startswith(option + " "):  # named already
+        return ValueError(text)
     return ValueError(f"{option}: {text}")
