@@ -95,6 +95,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--train-minutes must be a number > 0; got {args.train_minutes}")
     if args.train and args.checkpoint:
         raise ValueError("--train and --checkpoint exclude each other: train a model or evaluate one")
+    for option, folder in (("--checkpoint", args.checkpoint), ("--base", args.base)):
+        if folder is not None and not Path(folder).is_dir():
+            what = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise ValueError(f"{option} {folder} {what}")
     check_distinct("--ppl-lengths", args.ppl_lengths)
     check_distinct("--passkey-lengths", args.passkey_lengths)
     check_distinct("--base-lengths", args.base_lengths)
@@ -294,8 +298,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         _check_options(args)
-        hf, base = _load_hf(args)
-        source, m, tokens = _model_and_tokens(args)
+        if args.checkpoint or (SHIPPED.is_dir() and not args.train):  # the small model first: seconds
+            source, m, tokens = _model_and_tokens(args)
+            hf, base = _load_hf(args)
+        else:  # (a model trained on the spot: after the SmolLM2 options are known to be good)
+            hf, base = _load_hf(args)
+            source, m, tokens = _model_and_tokens(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

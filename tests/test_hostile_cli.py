@@ -747,3 +747,21 @@ def test_evaluation_results_never_land_in_a_delta_s_base_model(capsys):
     argv = ["eval", "passkey", "--model", f"a=hf:{delta}", "--lengths", "1024", "--out", str(out)]
     assert main(argv) == 2
     assert "is inside a delta's base model" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--checkpoint", "nope"], "error: --checkpoint nope does not exist"),
+        (["--base", "nope"], "error: --base nope does not exist"),
+        (["--ppl-lengths", "0", "512"], "error: --ppl-lengths: [0] shorter than one block"),
+    ],
+)
+def test_quickstart_checks_its_options_before_loading_smollm2(extra, says, tmp_path, capsys, monkeypatch):
+    """These were said after loading the SmolLM2 model (7-8 s), and a missing --base was blamed on
+    --hf-model."""
+    from landmark.cli import main
+
+    monkeypatch.setattr("landmark.quickstart.load_hf", lambda *a, **k: pytest.fail("loaded SmolLM2"))
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), *extra]) == 2
+    assert capsys.readouterr().err.strip().startswith(says) and not (tmp_path / "qs").exists()
