@@ -66,7 +66,9 @@ def _cache(tmp_path, monkeypatch):
 
 def args_for(env: dict, out: Path, *extra: str, resume: bool = False) -> list[str]:
     args = ["train", str(TINY)]
-    for o in [*env["overrides"], f"train.out_dir={json.dumps(str(out))}", *extra]:
+    overrides = {o.split("=", 1)[0]: o for o in [*env["overrides"], f"train.out_dir={json.dumps(str(out))}"]}
+    overrides |= {o.split("=", 1)[0]: o for o in extra}  # a case's value replaces the base's (given once)
+    for o in overrides.values():
         args += ["--set", o]
     return [*args, "--resume"] if resume else args
 
