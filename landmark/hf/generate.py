@@ -173,9 +173,10 @@ def generate(
 
     retrieves = reading is not None and reading.k != 0
     chunk_len = reading.chunk_len if reading is not None else DEFAULT_CHUNK_LEN
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+    if isinstance(prompt, str) and not callable(tokenizer):  # (token ids need none)
         raise TypeError(
-            f"tokenizer must be the model's tokenizer (load_pretrained returns it); got {tokenizer!r}"
+            f"tokenizer must be the model's tokenizer for a text prompt (load_pretrained returns it); got "
+            f"{tokenizer!r}"
         )
     raw = prompt_ids(model, tokenizer, prompt, continuation=state.load is not None)
     if isinstance(max_new_tokens, int) and max_new_tokens > 0:  # (anything else: generate_with names it)
