@@ -51,7 +51,7 @@ from landmark.eval.ruler import add_ruler_parsers  # ruler, prepare-ruler, lm-ev
 from landmark.files import models_held
 from landmark.hf.checks import option_name
 from landmark.hf.data import tokenize_corpus
-from landmark.hf.delta import base_mismatch
+from landmark.hf.delta import base_mismatch, is_delta
 from landmark.hf.smollm2 import default_smollm2_dir
 from landmark.inference.options import (
     add_device_argument,
@@ -295,7 +295,7 @@ def _plain_model(folder: Path) -> bool:
     loaded: a readable config.json with no landmark setting (``landmark_token_id``,
     ``landmark_block_size``) and no delta.json (a folder that is neither is left to loading, which says
     what it is)."""
-    if (folder / "delta.json").is_file():
+    if is_delta(folder):
         return False
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

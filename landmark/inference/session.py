@@ -239,17 +239,7 @@ class InferenceSession:
 
     def _lengths(self, lengths: Tensor, ids: Tensor) -> Tensor:
         """``lengths`` checked: (B,) integers in [0, ids.shape[1]] (never clamped in silence)."""
-        lengths = torch.as_tensor(lengths)
-        if lengths.shape != (self.batch_size,) or lengths.is_floating_point() or lengths.is_complex():
-            raise ValueError(
-                f"lengths must be ({self.batch_size},) integers; got {tuple(lengths.shape)} {lengths.dtype}"
-            )
-        lengths = lengths.cpu().long()
-        if bool((lengths < 0).any()) or bool((lengths > ids.shape[1]).any()):
-            raise ValueError(
-                f"lengths must lie in [0, {ids.shape[1]}] (the positions given); got {lengths.tolist()}"
-            )
-        return lengths
+        return checked_lengths(lengths, self.batch_size, ids.shape[1], "the positions given")
 
     def _forward(self, ids: Tensor, lengths: Tensor, logits_at: Tensor | None = None):
         self.stats.steps += 1
@@ -345,13 +335,19 @@ def _rows(tokens: Tensor, lengths: Tensor | None) -> tuple[int, int, Tensor]:
     batch, n = tokens.shape
     if lengths is None:
         return batch, n, torch.full((batch,), n)
+    return batch, n, checked_lengths(lengths, batch, n, "real tokens per row")
+
+
+def checked_lengths(lengths: Tensor | list[int], batch: int, n: int, what: str) -> Tensor:
+    """``lengths`` as (batch,) int64 on the CPU: integers in [0, n]; else a ValueError naming
+    ``lengths`` (``what`` they count, in the message)."""
     as_tensor = torch.as_tensor(lengths).cpu()
-    if not holds_integer_ids(as_tensor) or as_tensor.shape != (batch,):
-        raise ValueError(f"lengths must be ({batch},) integers (real tokens per row); got "
-                         f"{tuple(as_tensor.shape)} {as_tensor.dtype}")  # fmt: skip
+    if as_tensor.shape != (batch,) or not holds_integer_ids(as_tensor):
+        raise ValueError(f"lengths must be ({batch},) integers ({what}); got {tuple(as_tensor.shape)} "
+                         f"{as_tensor.dtype}")  # fmt: skip
     if bool((as_tensor < 0).any()) or bool((as_tensor > n).any()):
-        raise ValueError(f"lengths must lie in [0, {n}] (real tokens per row); got {as_tensor.tolist()}")
-    return batch, n, as_tensor.long()
+        raise ValueError(f"lengths must lie in [0, {n}] ({what}); got {as_tensor.tolist()}")
+    return as_tensor.long()
 
 
 def landmark_stream(
