@@ -25,7 +25,7 @@ from landmark.data import CorpusError, bundled_books, prepare_data
 from landmark.data.books import CACHE_ENV
 from landmark.data.dataset import prepare_error_line
 from landmark.eval.cli import add_eval_parser
-from landmark.files import is_within, os_error_line, path_problem
+from landmark.files import is_within, os_error_line, os_error_text, path_problem
 from landmark.hf.cli import add_hf_parser
 from landmark.inference.cli import add_generate_parser
 from landmark.inference.kernel import KERNEL_ENV
@@ -229,6 +229,15 @@ def environment_problem() -> str | None:
     return None
 
 
+def cache_error_line(err: OSError) -> str | None:
+    """A failed read or write inside the cache folder ``$LANDMARK_CACHE`` names (one that cannot be
+    created, say), in one line naming the variable; None for any other path."""
+    cache = os.environ.get(CACHE_ENV)
+    if not cache or err.filename is None or not is_within(str(err.filename), os.path.expanduser(cache)):
+        return None
+    return f"{CACHE_ENV}={cache} (the cache folder): cannot use {err.filename}: {os_error_text(err)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="landmark", description="Landmark Attention: random-access, effectively unlimited context."
@@ -308,11 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, CorpusError, TrainingError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:  # a file that cannot be read or written (permissions, a full disk): one line
-        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        plain = isinstance(err, FileNotFoundError) and err.errno is None  # a message of the library's own
+        print(f"error: {err if plain else cache_error_line(err) or os_error_line(err)}", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError, CorpusError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: every output is written atomically, so nothing half-written is left
         trains = args.command == "train" or getattr(args, "hf_command", None) == "finetune"

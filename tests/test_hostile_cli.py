@@ -736,6 +736,42 @@ def test_bad_environment_variables_are_refused_before_any_command(name, value, m
     assert err.startswith("error: ") and err.endswith(message) and "\n" not in err
 
 
+@pytest.mark.parametrize("cache", ["/proc/landmark-nope", "FILE/cache"])
+def test_a_cache_folder_that_cannot_be_made_is_named_by_its_variable(cache, tmp_path, monkeypatch, capsys):
+    """LANDMARK_CACHE=/proc/nope ended in "[Errno 2] No such file or directory: '/proc/nope'", not
+    saying which setting named that folder."""
+    from landmark.cli import main
+
+    if cache.startswith("FILE"):
+        (tmp_path / "FILE").write_text("x")
+        cache = str(tmp_path / cache)
+    monkeypatch.setenv("LANDMARK_CACHE", cache)
+    assert main(["quickstart"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: LANDMARK_CACHE={cache} (the cache folder): cannot use ")
+    assert "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["hf generate", "eval passkey", "generate"])
+def test_a_block_folder_is_never_made_inside_a_model_the_command_reads(command, tmp_path, capsys):
+    """`hf generate --model DELTA --block-folder BASE/blk` made its memory folder among the files of the
+    delta's base model (and left it there): refused before anything is loaded or made."""
+    from landmark.cli import main
+    from landmark.hf.smollm2 import default_smollm2_dir
+
+    delta = REPO / "checkpoints" / "smollm2-landmark"
+    inside = default_smollm2_dir() / "blk" if command != "generate" else tmp_path / "blk"
+    argv = {
+        "hf generate": ["hf", "generate", "--model", str(delta), "--prompt", "hi"],
+        "eval passkey": ["eval", "passkey", "--model", f"a=hf:{delta}", "--out", str(tmp_path / "o")],
+        "generate": ["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"],
+    }[command]
+    assert main([*argv, "--block-folder", str(inside)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --block-folder {inside} is inside ") and "\n" not in err
+    assert not inside.exists()
+
+
 def test_evaluation_results_never_land_in_a_delta_s_base_model(capsys):
     """`eval passkey --model a=hf:DELTA --out BASE/o` wrote its cells inside the base model the delta is
     rebuilt over (an --out inside the delta itself was refused)."""

@@ -36,6 +36,8 @@ from landmark.hf.convert import encode_text
 from landmark.hf.generate import prompt_ids
 from landmark.inference import cache as cache_module
 
+REPO = Path(__file__).resolve().parents[1]
+
 # One window of the tiny model: block size 8, 32 positions, a few windows of the small corpus.
 TINY = ["--block-size", "8", "--max-length", "32", "--batch-size", "1", "--warmup-steps", "0"]
 
@@ -774,6 +776,23 @@ def test_export_delta_compares_the_base_config_before_loading(
 
     check_export(run, None, home / "e12", False)  # the recorded base: its shape is the run's
     check_export(run, tiny[0], home / "e12", False)
+
+
+@pytest.mark.parametrize("base", ["landmark", "delta", "checkpoint"])
+def test_export_delta_refuses_a_base_that_is_not_a_plain_model_before_loading(
+    base, tiny, lm_folder, home, capsys, monkeypatch
+):
+    """--base a landmark model (converted, a delta or a `landmark train` checkpoint): it was refused only
+    once the export had loaded it; now from its files, before the export begins."""
+    run = fake_run(lm_folder, home, json.dumps({"config": {"model": str(tiny[0])}}))
+    folder = {
+        "landmark": lm_folder,
+        "delta": REPO / "checkpoints" / "smollm2-landmark",
+        "checkpoint": REPO / "checkpoints" / "passkey-landmark",
+    }[base]
+    monkeypatch.setattr(hf_cli, "export_delta", never("the export began"))
+    argv = ["hf", "export-delta", "--run", str(run), "--out", str(home / "e"), "--base", str(folder)]
+    refused(argv, capsys, f"--base {folder}", home)
 
 
 def test_a_truncated_delta_is_refused_before_the_base_is_loaded(home, capsys, monkeypatch):

@@ -27,7 +27,12 @@ from landmark.files import (  # noqa: F401 - the writers
 from landmark.fingerprint import weights_fingerprint
 from landmark.hf.delta import is_delta
 from landmark.hf.smollm2 import default_smollm2_dir
-from landmark.inference.options import check_device, check_distinct, check_retrieval_arguments
+from landmark.inference.options import (
+    check_block_folder,
+    check_device,
+    check_distinct,
+    check_retrieval_arguments,
+)
 
 __all__ = [
     "CellCache",
@@ -111,6 +116,7 @@ def check_common_arguments(args: Any) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
     check_not_input(out, input_folders(args), parents_ok=True)
+    check_block_folder(args, input_folders(args))
     check_results_folder(out)
 
 

@@ -47,6 +47,7 @@ from landmark.inference.options import (
     add_sampling_arguments,
     add_state_arguments,
     add_weights_argument,
+    check_block_folder,
     check_chunk_len,
     check_device,
     check_retrieval_arguments,
@@ -226,6 +227,7 @@ def _check_generate(args: argparse.Namespace) -> None:
             f"--model {args.model}: {what} (a local model folder is expected; nothing is downloaded)"
         )
     check_save_state(args, _model_files(Path(args.model), args.base))  # an output onto an input: first
+    check_block_folder(args, _model_files(Path(args.model), args.base))
     _check_hf_folder(Path(args.model))
     if (Path(args.model) / META_FILE).is_file():  # a delta: its files, before the base is looked for
         try:

@@ -23,6 +23,7 @@ from landmark.inference.options import (
     add_sampling_arguments,
     add_state_arguments,
     add_weights_argument,
+    check_block_folder,
     check_chunk_len,
     check_device,
     check_retrieval_arguments,
@@ -101,9 +102,9 @@ def _check(args: argparse.Namespace) -> None:
     check_device(args.device, "--device")
     if args.batch_lines and args.prompt_file is None:
         raise ValueError("--batch-lines goes with --prompt-file")
-    check_save_state(
-        args, [(args.checkpoint, "a file of --checkpoint"), (args.prompt_file, "the --prompt-file")]
-    )
+    reads = [(args.checkpoint, "a file of --checkpoint"), (args.prompt_file, "the --prompt-file")]
+    check_save_state(args, reads)
+    check_block_folder(args, reads)
 
 
 class _Stream:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from landmark.files import path_problem
+from landmark.files import check_not_input, path_problem
 from landmark.inference.cache import (
     DEFAULT_CHUNK_LEN,
     MAX_CHUNK_LEN,
@@ -274,6 +274,14 @@ def check_save_state(args: argparse.Namespace, reads: list[tuple[str | Path | No
         (getattr(args, "block_folder", None), "--block-folder"),
     ]
     check_state_destination(args.save_state, args.overwrite, reads, option="--save-state")
+
+
+def check_block_folder(args: argparse.Namespace, reads: list[tuple[str | Path | None, str]]) -> None:
+    """``--block-folder`` never lies inside a folder the command reads (``reads``: (folder, option), a
+    delta's base model included): its memory files would be made among a model's files. Call before
+    any work."""
+    if getattr(args, "block_folder", None) is not None:
+        check_not_input(args.block_folder, reads, "--block-folder", parents_ok=True)
 
 
 def check_chunk_len(args: argparse.Namespace, block_size: int, model: str = "the model") -> None:
