@@ -103,8 +103,9 @@ def compare(args: argparse.Namespace) -> None:
             modules.append(kernel.kernel_module(required=True))
             continue
         tag = hashlib.sha1(Path(src).read_bytes()).hexdigest()[:8]
+        others = [str(p) for p in kernel.SOURCES[1:]]  # the extension's other sources (it binds them)
         modules.append(
-            load(name=f"kernel_replay_{tag}", sources=[src], extra_cflags=["-O3", "-march=native"])
+            load(name=f"kernel_replay_{tag}", sources=[src, *others], extra_cflags=["-O3", "-march=native"])
         )
     best = [float("inf")] * len(modules)
     first: list[list] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,11 +140,17 @@ def test_the_cpu_kernel_reads_compact_blocks_like_the_reference(block_dtype, gra
         assert max((a - b).abs().max() for a, b in zip(ref, ours)) < 1e-5
 
 
-@pytest.mark.parametrize("block_dtype", ["model", "int8"])
-def test_a_memory_mapped_block_folder_reads_like_memory_and_leaves_nothing(tmp_path, block_dtype):
+@pytest.mark.parametrize(
+    ("block_dtype", "release_every"), [("model", 16), ("int8", 16), ("int8", 1), ("model", 3)]
+)
+def test_a_memory_mapped_block_folder_reads_like_memory_and_leaves_nothing(
+    tmp_path, block_dtype, release_every, monkeypatch
+):
     """Block contents in memory-mapped files of ``block_folder``: the same outputs as in memory (through
-    the memory's growth, a wrapped ring, the kernel and the reference); the files are unlinked at once,
-    so the folder is empty, and the memory says what lives on disk."""
+    the memory's growth, a wrapped ring, the kernel and the reference, with the pages handed back to the
+    page cache after every write or every few); the files are unlinked at once, so the folder is empty,
+    and the memory says what lives on disk."""
+    monkeypatch.setattr("landmark.inference.memory.RELEASE_EVERY_WRITES", release_every)
     folder = tmp_path / "blocks"
     for kernel in ("torch", "auto"):
         ref, _ = read(kernel, block_dtype)
@@ -159,6 +166,38 @@ def test_a_memory_mapped_block_folder_reads_like_memory_and_leaves_nothing(tmp_p
         assert list(folder.iterdir()) == []
         sizes = cache.memories[0].nbytes()
         assert sizes["disk"] > 0 and sizes["ram"] == cache.memories[0].landmark_keys.numel() * 4
+
+
+def resident_mb() -> float:
+    """This process's resident memory (VmRSS), MB."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_a_memory_mapped_block_memory_hands_its_pages_back_and_keeps_them(tmp_path):
+    """Writing 64 MB of blocks (keys and values) into a mapped memory makes them resident in this
+    process; release_pages drops them from the process (its resident memory falls by most of that) and
+    the blocks read back unchanged from the page cache (the contents of a shared file mapping are kept)."""
+    from landmark.inference.memory import release_pages
+
+    shape = (1, 2, 64, 64)  # batch, kv heads, block size, head dim: 16 KB of float32 keys per block and head
+    memory = BlockMemory(shape, rope_base=BASE, dtype=torch.float32, device="cpu",
+                         options=MemoryOptions(storage_folder=tmp_path))  # fmt: skip
+    memory.reserve(1024)
+    keys, values = torch.randn(2, 2, 1024, 64, 64, generator=torch.Generator().manual_seed(0))
+    for start in range(0, 1024, 256):  # (fewer writes than RELEASE_EVERY_WRITES: nothing released yet)
+        memory.append(0, keys[:, start : start + 256], values[:, start : start + 256])
+    before = memory.logical_blocks()
+    resident = resident_mb()
+    for t in memory.blocks:
+        if t is not None:
+            release_pages(t)
+    assert resident - resident_mb() > 0.75 * 64  # most of the 32 MB of keys and 32 MB of values
+    after = memory.logical_blocks()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    torch.testing.assert_close(memory.raw_keys(after["keys"][0]), keys)  # (the offsets' rotation undone)
+    assert torch.equal(after["values"][0], values[:, :, :-1])
 
 
 def test_generate_with_a_block_folder_says_where_the_memory_went(tmp_path, capsys):

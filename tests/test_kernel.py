@@ -94,6 +94,7 @@ def test_kernel_matches_eager_decode_step(batch, heads, kv_heads, dim, bs, n, k)
         (6, 2, 20, 8, [3, 11], 4, 70),  # GQA; row 0 holds fewer blocks than k; dim not a multiple of 16
         (3, 3, 8, 5, [0, 9], 2, 23),  # an empty memory next to a full one; odd block size
         (8, 2, 64, 64, [70, 66], 4, 130),  # the shipped models' block size, several tiles
+        (6, 2, 20, 8, [300, 129], 4, 40),  # old landmarks over several panels of the scan, a ragged last
     ],
 )
 def test_kernel_matches_eager_prefill_chunk(heads, kv_heads, dim, bs, counts, k, rows):
@@ -230,14 +231,15 @@ def test_kernel_breaks_ties_among_duplicated_landmarks_like_eager():
         assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
 
 
-def test_kernel_orders_nearly_tied_landmarks_like_eager():
+@pytest.mark.parametrize("n", [90, 301])
+def test_kernel_orders_nearly_tied_landmarks_like_eager(n):
     """Landmark keys that differ only in their last digits (a converted model's first layer): every old
     block is a candidate of the float scan, and the kernel's exact scores order them as the eager
-    path's float64 scores do."""
-    memory = random_memory(1, 2, 8, 16, 90, seed=7)
+    path's float64 scores do (within one panel of the scan's copy of the keys, and across three)."""
+    memory = random_memory(1, 2, 8, 16, n, seed=7)
     g = torch.Generator().manual_seed(8)
     key = memory.landmark_keys[:, :, :1].clone()
-    memory.landmark_keys[:, :, :90] = key * (1 + 1e-5 * torch.randn(1, 2, 90, 16, generator=g))
+    memory.landmark_keys[:, :, :n] = key * (1 + 1e-5 * torch.randn(1, 2, n, 16, generator=g))
     for rows in (6, 33):
         tails, q_len = torch.tensor([3]), torch.full((1,), rows)
         q, lk, lv, local_len = random_step(1, 4, 2, 16, rows, tails, q_len, rows)

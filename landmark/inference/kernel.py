@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 KERNELS = ("auto", "cpp", "graph", "torch", "triton")
 KERNEL_ENV = "LANDMARK_KERNEL"  # "0": the C++ kernels are not used (the eager paths run instead)
-_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("retrieval.cpp", "int8_linear.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("retrieval.cpp", "int8_linear.cpp"))
 _VERSION = 4  # bump when the C++ source changes incompatibly (the build cache is keyed by the name)
 
 
@@ -81,7 +81,7 @@ def _build():
         if built.is_file():  # built before: loaded as it is, without the build lock
             return _import_built(name, built)
         _clear_stale_lock(folder / "lock")
-        sources = [str(p) for p in _SOURCES]
+        sources = [str(p) for p in SOURCES]
         flags = ["-O3", "-march=native"]
         return cpp_extension.load(name=name, sources=sources, extra_cflags=flags, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the eager path still works
@@ -124,7 +124,7 @@ def _cpu_tag() -> str:
             flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         flags += platform.processor()
-    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:8]
+    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:8]
 
 
 def kernel_module(required: bool = False):

@@ -30,10 +30,14 @@ it and tells it how many of the row's blocks have been evicted so far (blocks ar
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import math
+import mmap
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,35 @@ from landmark.resources import check_fits
 
 if TYPE_CHECKING:
     from landmark.inference.search import LandmarkIndex
+
+
+# A memory-mapped block memory hands the pages it touched back to the OS page cache every this many
+# writes (one write per chunk read, or per block completed while generating): the process then keeps
+# resident only what recent steps wrote and read, not every page it ever touched.
+RELEASE_EVERY_WRITES = 16
+
+
+def release_pages(tensor: Tensor) -> None:
+    """Unmap the resident pages of a tensor mapped from a shared file (``torch.from_file(shared=True)``)
+    from this process: the data stays in the file and the page cache and is mapped back on the next
+    access (``madvise(MADV_DONTNEED)``, which keeps the contents of shared file mappings). Linux only;
+    elsewhere nothing is done."""
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = storage.data_ptr() + storage.nbytes() - start
+    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.MADV_DONTNEED) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"madvise: {os.strerror(code)}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, with ``madvise``'s argument types declared."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
 
 
 class MemoryFullError(ValueError):
@@ -125,7 +158,7 @@ class BlockMemory:
         self.start = [0] * batch  # ring-buffer start per row
         self.evicted = [0] * batch  # blocks evicted so far per row (sequence number of logical block 0)
         self.index = index
-        self.capacity = 0
+        self.capacity = self._writes = 0
         self.landmark_keys = self.keys = self.values = self.key_scale = self.value_scale = None
         self._allocate(min(16, max_blocks or 16))
 
@@ -153,6 +186,7 @@ class BlockMemory:
             self.start = [0] * b
         self.landmark_keys, self.capacity = lk, capacity
         self.keys, self.values, self.key_scale, self.value_scale = new
+        self.release_pages()  # (the copy touched every page of the new files)
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A zero tensor for block contents: on the storage device, or mapped from a new file in the
@@ -264,6 +298,18 @@ class BlockMemory:
             rows, slots = rows.to(self.storage_device), slots.to(self.storage_device)
             keys, values = keys.to(self.storage_device), values.to(self.storage_device)
         store_blocks(self.blocks, (rows, slots), keys, values, self.offset_angles(keys.device))
+        if self.storage_folder is not None:
+            self._writes += 1
+            if self._writes % RELEASE_EVERY_WRITES == 0:
+                self.release_pages()
+
+    def release_pages(self) -> None:
+        """Hand the block contents' resident pages back to the page cache (a storage folder only; see
+        :func:`release_pages`): the process's resident memory then holds only what later steps touch."""
+        if self.storage_folder is not None:
+            for t in self.blocks:
+                if t is not None:
+                    release_pages(t)
 
     def offset_angles(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin (block_size, D/2) of the in-block offsets, on ``device``."""

@@ -56,6 +56,7 @@ typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 constexpr int64_t kHalf = kLanes / 2;
 typedef double vdouble __attribute__((vector_size(kHalf * sizeof(double))));
 typedef float vfloat_half __attribute__((vector_size(kHalf * sizeof(float))));
+constexpr int64_t kPanel = 8 * kLanes;  // landmark keys per panel of the scan's copy (see scan_landmarks)
 constexpr int64_t kManyCandidates = 16;  // more scan candidates than this: exact scores by vectors
 
 inline vfloat load(const float* p) {
@@ -389,16 +390,35 @@ inline void exact_scores8(const double* q64, const float* lt, int64_t stride, in
   std::memcpy(out, &a, sizeof(a));
 }
 
-// The float scan of the old blocks' landmark keys for nq <= 4 queries: scans[j][i] for i < stride
-// (whole vectors; lanes past the old blocks are unused). lt: (D, stride) float keys, key-major,
-// stride a multiple of kLanes (zero padding).
-inline void scan_landmarks(const float* const* q, int64_t nq, const float* lt, int64_t stride, int64_t dim,
+// The scan's copy of the old landmark keys is a sequence of panels of kPanel keys, each key-major
+// ((D, kPanel) floats, zero padding after the last key): the scan then reads one contiguous run of
+// memory per panel, where a plain key-major copy (D, n) would read D rows n floats apart at once (as
+// many streams as dimensions, and as many pages: slow once the keys outgrow the caches).
+inline int64_t panel_length(int64_t n) { return (n + kPanel - 1) / kPanel * kPanel; }
+
+// The first number of key i of a panel copy; its dimension d lies d * kPanel floats further.
+inline const float* panel_key(const float* lt, int64_t i, int64_t dim) {
+  return lt + (i / kPanel) * dim * kPanel + i % kPanel;
+}
+
+// The float scan of the old blocks' landmark keys for nq <= 4 queries: scans[j][i] for i < n, a
+// multiple of kPanel (lanes past the old blocks are unused). lt: the keys in panels (panel_key). Every
+// score is the same sequence of operations in its own lane (a sum over d in order), so equal keys get
+// equal scores.
+inline void scan_landmarks(const float* const* q, int64_t nq, const float* lt, int64_t n, int64_t dim,
                            float* const* scans) {
-  if (nq == 4) {
-    scores_key_major_n<4>(q, lt, stride, stride, dim, scans);
-  } else {
-    if (nq >= 2) scores_key_major_n<2>(q, lt, stride, stride, dim, scans);
-    if (nq % 2) scores_key_major_n<1>(q + nq - 1, lt, stride, stride, dim, scans + nq - 1);
+  for (int64_t t0 = 0; t0 < n; t0 += kPanel) {
+    const float* panel = lt + t0 * dim;
+    float* o[4];
+    for (int64_t j = 0; j < nq; ++j) o[j] = scans[j] + t0;
+    if (nq == 4) {
+      score_group<4, 4>(q, panel, kPanel, dim, o);
+      for (int64_t j = 0; j < 4; ++j) o[j] += 4 * kLanes;
+      score_group<4, 4>(q, panel + 4 * kLanes, kPanel, dim, o);
+      continue;
+    }
+    if (nq >= 2) score_group<2, 8>(q, panel, kPanel, dim, o);
+    if (nq % 2) score_group<1, 8>(q + nq - 1, panel, kPanel, dim, o + nq - 1);
   }
 }
 
@@ -436,9 +456,8 @@ int64_t all_or_recent(const double* q64, int64_t n_old, int64_t k, int64_t dim, 
 // top-k of the candidates equals the top-k of all the exact scores, ties included (equal keys: equal
 // float scores, all candidates or none).
 template <typename KeyOf>
-int64_t old_candidates(const float* q, const double* q64, const float* scan, const float* lt, int64_t stride,
-                       int64_t n_old, int64_t k, int64_t dim, float max_key, KeyOf key, int64_t* cand,
-                       float* cand_score) {
+int64_t old_candidates(const float* q, const double* q64, const float* scan, const float* lt, int64_t n_old,
+                       int64_t k, int64_t dim, float max_key, KeyOf key, int64_t* cand, float* cand_score) {
   const int64_t kk = std::min(k, n_old);
   const float minus_inf = -std::numeric_limits<float>::infinity();
   vfloat lane_max = splat(minus_inf);
@@ -475,7 +494,7 @@ int64_t old_candidates(const float* q, const double* q64, const float* scan, con
     for (int64_t j = 0; j < m; ++j) {
       if (cand[j] / kHalf != group) {
         group = cand[j] / kHalf;
-        exact_scores8(q64, lt + group * kHalf, stride, dim, exact);
+        exact_scores8(q64, panel_key(lt, group * kHalf, dim), kPanel, dim, exact);
       }
       cand_score[j] = static_cast<float>(exact[cand[j] % kHalf]);
     }
@@ -628,7 +647,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
       // their largest magnitude (for the float scan's error bound); made once for consecutive tasks of
       // one (row, kv head)
-      const int64_t lt_stride = row_stride(n_old);
+      const int64_t lt_len = panel_length(n_old);
       const bool direct = rows <= 2;  // a decode step: score the landmarks where they are stored
       if (!given && n_old > 0 && !direct && lt_of != bk) {
         lt_of = bk;
@@ -637,10 +656,11 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
         for (int64_t i = 1; i < n_old && same_keys; ++i)
           same_keys = std::memcmp(lm + phys(i) * D, first_key, D * sizeof(float)) == 0;
         if (!same_keys) {
-          lt.assign(D * lt_stride, 0.f);
+          lt.assign(D * lt_len, 0.f);
           for (int64_t i = 0; i < n_old; ++i) {
             const float* src = lm + phys(i) * D;
-            for (int64_t d = 0; d < D; ++d) lt[d * lt_stride + i] = src[d];
+            float* dst = lt.data() + (panel_key(lt.data(), i, D) - lt.data());
+            for (int64_t d = 0; d < D; ++d) dst[d * kPanel] = src[d];
           }
           // the old keys are at most two runs of slots (the ring buffer may wrap around)
           const int64_t run = std::min(n_old, cap - first[b] % cap);
@@ -664,8 +684,8 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       }
       q_att.resize(Q * (ke + 1) * D);
       q_lm.resize(Q * (ke + 1) * D);
-      lm_scores.resize(std::max<int64_t>(lt_stride + ke, 1));
-      scan.resize(std::max<int64_t>(4 * lt_stride, 1));
+      lm_scores.resize(std::max<int64_t>(lt_len + ke, 1));
+      scan.resize(std::max<int64_t>(4 * lt_len, 1));
       cand.resize(std::max<int64_t>(n, 1));
       sel.assign(Q * std::max<int64_t>(K, 1), -1);
       n_sel.assign(Q, 0);
@@ -694,10 +714,10 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
         float* scans_of[4];
         const float* lm_query[4];
         for (int64_t j = 0; j < nq; ++j) {
-          scans_of[j] = scan.data() + j * lt_stride;
+          scans_of[j] = scan.data() + j * lt_len;
           lm_query[j] = q_lm.data() + (q0 + j) * (ke + 1) * D;
         }
-        if (scans) scan_landmarks(lm_query, nq, lt.data(), lt_stride, D, scans_of);
+        if (scans) scan_landmarks(lm_query, nq, lt.data(), lt_len, D, scans_of);
         for (int64_t qi = q0; qi < q0 + nq; ++qi) {
           const int64_t row = (b * H + kv * G + qi / rows) * C + c0 + qi % rows;
           int64_t* qsel = sel.data() + qi * K;
@@ -717,7 +737,7 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
               m = all_or_recent(q_lm64.data(), n_old, ke, D, same_keys, [&](int64_t i) { return lm + phys(i) * D; },
                                 cand.data(), lm_scores.data());
             } else if (n_old > 0) {
-              m = old_candidates(ql, q_lm64.data(), scan.data() + (qi - q0) * lt_stride, lt.data(), lt_stride, n_old,
+              m = old_candidates(ql, q_lm64.data(), scan.data() + (qi - q0) * lt_len, lt.data(), n_old,
                                  ke, D, max_key, [&](int64_t i) { return lm + phys(i) * D; }, cand.data(),
                                  lm_scores.data());
             }
