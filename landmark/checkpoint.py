@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -67,8 +68,20 @@ class Checkpoint:
         return ModelConfig.from_dict(saved)
 
     def load_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """The training state written with the checkpoint (optimizer, step, RNG, counters)."""
-        return torch.load(self.path / STATE_FILE, map_location=map_location, weights_only=True)
+        """The training state written with the checkpoint (optimizer, step, RNG, counters).
+
+        Raises:
+            CheckpointError: the file is missing, truncated or not a training state (naming it).
+        """
+        path = self.path / STATE_FILE
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            raise CheckpointError(
+                f"{path} cannot be read ({detail}): the checkpoint {self.path} is damaged: delete that "
+                "folder to resume from the checkpoint before it, or start again"
+            ) from None
 
     def load_weights(self, model: nn.Module) -> None:
         """Copy the saved weights into ``model`` (strict: the parameter names and shapes must match)."""
@@ -229,7 +242,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     check_device(device, "device")  # one torch knows and this machine has
     device = torch.device(device)
     problem = path_problem(path, folder=True)
-    if problem not in (None, "does not exist", "is a file, not a folder"):
+    if problem == "does not exist":  # (not "removed while loading": it never was there)
+        raise CheckpointError(
+            f"{path} does not exist: pass the run's out_dir or one of its checkpoints/step_* folders"
+        )
+    if problem not in (None, "is a file, not a folder"):
         raise CheckpointError(
             f"{path} {problem}: pass the run's out_dir or one of its checkpoints/step_* folders"
         )

@@ -86,12 +86,44 @@ def os_error_text(err: OSError) -> str:
     return reason
 
 
+KERNEL_FILE_SYSTEMS = ("proc", "sysfs", "cgroup", "cgroup2", "debugfs", "securityfs", "configfs")
+
+
+def _mount_refusing_folders(folder: Path) -> str | None:
+    """``"a read-only file system (/mnt)"`` or ``"the proc file system (/proc)"`` where ``folder`` lies on
+    a mount that takes no new folders, from ``/proc/self/mounts`` (Linux); None elsewhere or if unknown."""
+    try:
+        lines = Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines()
+        real = os.path.realpath(folder)
+    except (OSError, UnicodeDecodeError):
+        return None
+    best = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and (
+            best is None or len(point) > len(best[0])
+        ):
+            best = (point, fields[2], fields[3].split(","))
+    if best is None:
+        return None
+    point, kind, options = best
+    if kind in KERNEL_FILE_SYSTEMS:
+        return f"the {kind} file system ({point})"
+    if "ro" in options:
+        return f"a read-only file system ({point})"
+    return None
+
+
 def path_problem(path: Path, *, folder: bool | None = None, writable: bool = False) -> str | None:
     """What is wrong with ``path`` as an input or output, or None: ``"does not exist"``, ``"is a
     symbolic link loop"``, ``"cannot be accessed (Permission denied)"``, ``"is a file, not a folder"`` /
     ``"is a folder, not a file"`` (``folder``: what it must be), ``"cannot be read (Permission
     denied)"``, and with ``writable`` ``"is not writable"`` / ``"cannot be created: X is not writable"``
-    (a missing path: the nearest existing folder above it must be writable). Never raises."""
+    (a missing path: the nearest existing folder above it must be writable, and not on a read-only or
+    kernel file system such as /proc). Never raises."""
     try:
         os.stat(path)
     except OSError as err:
@@ -114,6 +146,9 @@ def path_problem(path: Path, *, folder: bool | None = None, writable: bool = Fal
             return f"cannot be created: {above} is a file"
         if not os.access(above, os.W_OK | os.X_OK):
             return f"cannot be created: {above} is not writable"
+        mount = _mount_refusing_folders(above)  # (root passes os.access even there)
+        if mount is not None:
+            return f"cannot be created: {above} is on {mount}"
         return None
     is_dir = os.path.isdir(path)
     if not os.path.lexists(path):  # removed since (another process pruning it)
@@ -459,13 +494,47 @@ def models_held(folder: str | Path) -> str | None:
     return None
 
 
-def check_results_folder(out: str | Path, name: str = "--out") -> None:
-    """A folder that receives results beside what it holds (the evaluations, the quickstart) holds no
-    model, training run or prepared data: results would land among their files.
+RESULTS_RECORD = ".landmark-results"  # in a results folder: the names the library wrote there, a line each
+
+
+def results_written(out: str | Path) -> set[str]:
+    """The names of the files and folders the library wrote into the results folder ``out`` (its
+    :data:`RESULTS_RECORD`); empty where there is none."""
+    try:
+        return set((Path(out) / RESULTS_RECORD).read_text(encoding="utf-8").split("\n")) - {""}
+    except (OSError, UnicodeDecodeError):
+        return set()
+
+
+def record_results(out: str | Path, names: Iterable[str]) -> None:
+    """Add ``names`` to the record of what the library wrote into ``out`` (made if missing): call when
+    first writing them, so that a later run may replace them and an interrupted one resume."""
+    written = results_written(out)
+    if not set(names) <= written:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(out) / RESULTS_RECORD, "".join(f"{n}\n" for n in sorted(written | set(names))))
+
+
+def check_results_folder(out: str | Path, outputs: Iterable[str] = (), name: str = "--out") -> None:
+    """A folder that receives results beside what it holds (the evaluations, the quickstart): one that
+    can be made or written, holding no model, training run or prepared data (results would land among
+    their files), and none of the command's ``outputs`` (file or folder names) unless the library wrote
+    it there (:func:`record_results`): a user's own file of that name would be replaced.
 
     Raises:
-        ValueError: ``--out X holds a model: write the results to another folder``.
+        ValueError: ``--out X holds a model: write the results to another folder``, ``--out X holds
+            report.md, which landmark did not write: ...``, ``--out X is a symbolic link loop``.
     """
+    problem = path_problem(Path(out), folder=True, writable=True)
+    if problem is not None:
+        raise ValueError(f"{name} {out} {problem}")
     held = models_held(out)
     if held is not None:
         raise ValueError(f"{name} {out} holds {held}: write the results to another folder")
+    ours = results_written(out)
+    for output in outputs:
+        if os.path.lexists(Path(out) / output) and output not in ours:
+            raise ValueError(
+                f"{name} {out} holds {output}, which landmark did not write there (this command writes "
+                f"it): choose another folder, or move the file away"
+            )

@@ -47,7 +47,7 @@ from landmark.eval.passkey import (
     plot_passkey,
 )
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
-from landmark.files import check_not_input, check_results_folder, write_text_atomic
+from landmark.files import check_not_input, check_results_folder, record_results, write_text_atomic
 from landmark.hf.delta import is_delta, read_meta, resolve_base
 from landmark.inference.options import (
     Reading,
@@ -71,10 +71,13 @@ WORDINGS = ["paper", "held-out"]
 TRAIN_MINUTES = 12.0  # the budget of --train
 MIN_PASSKEY_LENGTH = 256  # below this no passkey prompt fits (checked exactly once the model is loaded)
 SEED = 0  # passkey keys
+# what the quickstart writes into --out (a user's own file of one of these names there is refused)
+OUTPUTS = ("report.md", "perplexity.png", "passkey.png", "base.log", "base", "model", "cells")
 
 
 def _train_on_the_spot(out: Path, minutes: float) -> Path:
 
+    record_results(out, OUTPUTS)
     run = out / "model"
     overrides = [f"train.out_dir={json.dumps(str(run))}", f"train.max_minutes={minutes}",
                  "train.max_steps=400", "train.eval_every=50", "train.ckpt_every=50"]  # fmt: skip
@@ -134,7 +137,7 @@ def _check_options(args: argparse.Namespace) -> None:
     inputs = [(args.checkpoint, "--checkpoint"), (args.base, "--base")]
     inputs += [] if args.no_hf else [(args.hf_model, "--hf-model")]
     check_not_input(out, inputs, parents_ok=True)
-    check_results_folder(out)
+    check_results_folder(out, OUTPUTS)
 
 
 # options whose default is filled in after the check of what was given (None: not given)
@@ -308,6 +311,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out, cfg = Path(args.out), m.model.config
+    record_results(out, OUTPUTS)
     base_proc = _start_base(args, base) if hf is not None else None
     print(
         f"quickstart: small model {m.path} ({source}): {m.model.num_parameters() / 1e6:.1f}M parameters, "

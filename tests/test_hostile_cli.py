@@ -801,3 +801,99 @@ def test_quickstart_checks_its_options_before_loading_smollm2(extra, says, tmp_p
     monkeypatch.setattr("landmark.quickstart.load_hf", lambda *a, **k: pytest.fail("loaded SmolLM2"))
     assert main(["quickstart", "--out", str(tmp_path / "qs"), *extra]) == 2
     assert capsys.readouterr().err.strip().startswith(says) and not (tmp_path / "qs").exists()
+
+
+# ---- outputs the library did not write, messages ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "mine"),
+    [
+        (PPL, "perplexity.md"),
+        (PPL, "perplexity.json"),
+        (PASSKEY, "passkey.png"),
+        (PASSKEY, "cells"),
+        (QUICK, "report.md"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v[0] + " " + v[1],
+)
+def test_a_user_s_file_in_out_is_never_replaced(env, base, mine, capsys, monkeypatch, tmp_path_factory):
+    """`eval ppl --out myout` replaced the user's myout/perplexity.md (and quickstart their report.md;
+    a file named cells failed with EEXIST after every cell was computed): refused before any work."""
+    out = env["root"] / "mine"
+    out.mkdir(exist_ok=True)
+    for p in out.iterdir():
+        p.unlink()
+    (out / mine).write_text("my notes\n")
+    argv = last_wins([*_fill(base, env), "--out", str(out)])
+    line = _refused(env, argv, f"--out {out} holds {mine}, which landmark did not write there", capsys,
+                    monkeypatch)  # fmt: skip
+    assert "\n" not in line
+
+
+def test_results_written_by_the_library_are_replaced_by_its_next_run(env, capsys, monkeypatch, tmp_path):
+    """The record of what an evaluation wrote (.landmark-results) lets the next run into the same --out
+    replace its own files and reuse its cells."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(env["cache"]))
+    argv = last_wins([*_fill(PPL, env), "--out", str(tmp_path / "r")])
+    assert main(argv) == 0
+    from landmark.files import RESULTS_RECORD
+
+    written = (tmp_path / "r" / RESULTS_RECORD).read_text().split()
+    assert written == ["cells", "perplexity.json", "perplexity.md", "perplexity.png"]
+    assert main(argv) == 0
+
+
+def test_prepare_refuses_an_out_holding_a_lone_array(env, capsys, monkeypatch):
+    """`prepare --out myprep` replaced a user's myprep/train.bin (a .bin with no tokenizer or description
+    beside it is not prepared data)."""
+    out = env["root"] / "myprep"
+    out.mkdir(exist_ok=True)
+    (out / "train.bin").write_bytes(b"mine")
+    argv = ["prepare", "--corpus", str(env["root"] / "corpus"), "--out", str(out), "--vocab-size", "300"]
+    _refused(env, argv, "holds train.bin, not prepared data", capsys, monkeypatch)
+
+
+def test_a_checkpoint_that_never_existed_is_not_said_to_be_removed(env, capsys, monkeypatch):
+    """`generate --checkpoint RUN/checkpoints/step_99` (no such step) said "removed while loading (a run is
+    training into RUN): try again"."""
+    missing = env["lm"] / "checkpoints" / "step_00000099"
+    argv = last_wins([*_fill(GENERATE, env), "--checkpoint", str(missing)])
+    line = _refused(env, argv, "does not exist", capsys, monkeypatch)
+    assert "removed while loading" not in line
+
+
+@pytest.mark.parametrize("command", ["generate", "hf generate"])
+def test_a_seed_with_greedy_decoding_is_refused(env, command, capsys, monkeypatch):
+    """--seed at temperature 0 was accepted and ignored (as --top-p is refused there)."""
+    hf = ["hf", "generate", "--model", str(env["hf"]), "--prompt", "hi"]
+    argv = [*(_fill(GENERATE, env) if command == "generate" else hf), "--temperature", "0", "--seed", "5"]
+    _refused(env, argv, "--seed 5 seeds sampling, and --temperature 0 is greedy", capsys, monkeypatch)
+
+
+def test_a_state_saved_with_other_weights_names_the_weights_option(env, capsys, monkeypatch, tmp_path):
+    """A state read with the model's weights, loaded with --weights int8: "saved for other weights ...
+    read the document again", not saying that --weights was the difference. From its header, at once."""
+    from safetensors.torch import save_file
+
+    from landmark.inference.cache import STATE_FORMAT
+
+    state = tmp_path / "s.st"
+    save_file({"length": torch.zeros(1, dtype=torch.long)}, str(state),
+              metadata={"format": STATE_FORMAT, "model": "x", "weights": "model"})  # fmt: skip
+    argv = [*_fill(GENERATE, env), "--load-state", str(state), "--weights", "int8"]
+    says = "was saved with --weights model; this run has --weights int8"
+    line = _refused(env, argv, says, capsys, monkeypatch)
+    assert line.endswith("give --weights model")
+
+
+def test_a_truncated_training_state_names_its_file(env, tmp_path):
+    """A truncated optimizer state in the latest checkpoint: `train --resume` said only "Invalid argument
+    (EINVAL)"."""
+    from landmark.checkpoint import STATE_FILE, CheckpointError, open_checkpoint
+
+    ckpt = tmp_path / "step"
+    shutil.copytree(env["lm"], ckpt)
+    (ckpt / STATE_FILE).write_bytes((ckpt / STATE_FILE).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"{STATE_FILE} cannot be read .* damaged: delete that folder"):
+        open_checkpoint(ckpt).load_state()

@@ -1067,3 +1067,138 @@ def test_distill_from_a_checkpoint_of_landmark_train_is_refused_before_loading(t
     argv = finetune_argv(model, corpus, home / "out", "--distill", str(small))
     line = refused(argv, capsys, "--distill", home, model)
     assert line == f"error: --distill {small}: config.json has no model_type: not a Hugging Face model folder"
+
+
+# ---- outputs that cannot be made, refusals after loading, messages --------------------------------------
+
+
+@pytest.fixture
+def loop(home) -> Path:
+    """A symbolic link loop (a -> b -> a)."""
+    (home / "b").symlink_to(home / "a")
+    (home / "a").symlink_to(home / "b")
+    return home / "a"
+
+
+@pytest.mark.parametrize("where", ["loop", "beneath a file", "/proc"])
+@pytest.mark.parametrize("command", ["convert", "finetune", "export-delta"])
+def test_an_out_that_cannot_be_made_is_refused_before_loading(
+    command, where, tiny, lm_folder, home, loop, capsys, monkeypatch
+):
+    """--out a symbolic link loop crashed with RuntimeError; --out beneath a file or in /proc was said
+    after the model loaded, naming a staging folder, not --out. One line naming --out, at once."""
+    (home / "file").write_text("x")
+    out = {"loop": loop, "beneath a file": home / "file" / "sub", "/proc": Path("/proc/landmark-nope/x")}[
+        where
+    ]
+    monkeypatch.setattr("landmark.hf.checks.load_causal_lm", never("a model was loaded"))
+    model, corpus = tiny
+    argv = {
+        "convert": ["hf", "convert", "--model", str(model), "--out", str(out)],
+        "finetune": finetune_argv(model, corpus, out),
+        "export-delta": [
+            "hf",
+            "export-delta",
+            "--run",
+            str(fake_run(lm_folder, home, "{}")),
+            "--out",
+            str(out),
+        ],
+    }[command]
+    refused(argv, capsys, f"--out {out}", model)
+
+
+def test_a_refused_finetune_leaves_no_staging_folder(tiny, home, capsys):
+    """A corpus of two words is refused once the model is loaded (its token stream is shorter than a
+    window): the staging folder made for the run, with its settings file, was left behind."""
+    model, _ = tiny
+    corpus = home / "words"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello")
+    (corpus / "b.txt").write_text("world")
+    assert main(finetune_argv(model, corpus, home / "ft")) == 2
+    assert "shorter than one window" in capsys.readouterr().err
+    assert not [p.name for p in home.iterdir() if p.name.startswith(".ft")]
+
+
+def test_passkey_windows_are_checked_before_the_model_loads(tiny, home, capsys, monkeypatch):
+    """--passkey-fraction 1 with windows too short for a passkey sample: said after loading the model;
+    now from the tokenizer alone."""
+    model, corpus = tiny
+    monkeypatch.setattr(finetune_module, "load_for_finetune", never("the model was loaded"))
+    argv = finetune_argv(model, corpus, home / "ft", "--passkey-fraction", "1")
+    refused(argv, capsys, "--max-length", model)
+
+
+def test_an_interrupted_conversion_leaves_nothing(tiny, home, monkeypatch, capsys):
+    """Ctrl-C while `hf convert` wrote its 538 MB left a hidden staging folder (a conversion has nothing
+    to resume)."""
+    from transformers import PreTrainedTokenizerBase
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
+    argv = ["hf", "convert", "--model", str(tiny[0]), "--out", str(home / "cv"), "--block-size", "8"]
+    assert main(argv) == 130
+    assert [p.name for p in home.iterdir() if "cv" in p.name] == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
+        ({"attention_dropout": 0.1}, "attention_dropout 0.1"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings 0"),
+    ],
+)
+def test_convert_refuses_what_retrieval_cannot_read_before_loading(
+    tiny, home, capsys, monkeypatch, edit, says
+):
+    """A RoPE-scaled model was converted (and failed only when generating); attention dropout was
+    refused after loading; max_position_embeddings 0 blamed --block-size: from config.json, at once."""
+    model = home / "m"
+    shutil.copytree(tiny[0], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **edit}))
+    monkeypatch.setattr("landmark.hf.checks.load_causal_lm", never("the model was loaded"))
+    line = refused(["hf", "convert", "--model", str(model), "--out", str(home / "cv")], capsys, "--model")
+    assert says in line
+
+
+@pytest.mark.parametrize(("meta", "says"), [("[1, 2]", "not an object"), ('{"base": null}', "format")])
+def test_a_damaged_delta_json_is_said_in_words(lm_folder, home, capsys, meta, says):
+    """delta.json holding a list, or "base": null, leaked Python's AttributeError/TypeError text."""
+    delta = home / "delta"
+    shutil.copytree(REPO / "checkpoints" / "smollm2-landmark", delta)
+    (delta / "delta.json").write_text(meta)
+    line = refused(["hf", "generate", "--model", str(delta), "--prompt", "hi"], capsys, "delta.json")
+    assert says in line and "object has no attribute" not in line and "subscriptable" not in line
+
+
+def test_base_null_in_an_otherwise_valid_delta_json_is_named(home):
+    from landmark.hf.delta import read_meta
+
+    delta = home / "delta"
+    shutil.copytree(REPO / "checkpoints" / "smollm2-landmark", delta)
+    meta = json.loads((delta / "delta.json").read_text())
+    (delta / "delta.json").write_text(json.dumps({**meta, "base": None}))
+    with pytest.raises(ValueError, match=r"base = None is not a JSON object"):
+        read_meta(delta)
+
+
+def test_a_finished_resume_with_no_logged_loss_writes_no_nan(home):
+    """--resume --steps <done> of a run that logged no loss wrote "train_loss": NaN (not JSON)."""
+    checkpoint = home / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": []}))
+
+    class Trainer:
+        state = type("State", (), {"global_step": 0})()
+
+        def _load_from_checkpoint(self, folder):
+            self.loaded = folder
+
+    trainer = Trainer()
+    assert finetune_module._finish_at(trainer, checkpoint) is None
+    assert trainer.state.global_step == 5

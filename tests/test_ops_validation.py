@@ -48,6 +48,14 @@ def test_mismatched_head_dim():
         landmark_attention(q, k, v, 4)
 
 
+def test_the_wrong_one_of_k_and_v_is_named():
+    """q and v of head_dim 16, k of 8: k is wrong (it was v that the message blamed)."""
+    q, _, v = qkv(head_dim=16)
+    _, k, _ = qkv(head_dim=8)
+    with pytest.raises(ValueError, match=r"k must have the head_dim of q"):
+        landmark_attention(q, k, v, 4)
+
+
 def test_v_shape_differs_from_k():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"v must have the shape of k .* got \(1, 2, 7, 16\)"):

@@ -302,7 +302,11 @@ def check_prepared_folder(folder: Path) -> None:
     foreign = sorted(p.name for p in folder.iterdir() if not ours.fullmatch(p.name) or p.is_dir())
     arrays = {p.stem for p in folder.glob("*.bin")}
     meta = [p.name for p in folder.glob("*.json") if p.name not in PREPARED_FILES and p.stem not in arrays]
-    foreign = sorted(foreign + meta)
+    # arrays without a tokenizer or their descriptions beside them are not ours (prepare writes the
+    # tokenizer first, then each array and its description)
+    prepared = (folder / "tokenizer.json").is_file()
+    lone = [f"{stem}.bin" for stem in arrays if not prepared and not (folder / f"{stem}.json").is_file()]
+    foreign = sorted(foreign + meta + lone)
     if foreign:
         raise PreparedFolderError(
             f"{folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, not prepared data "

@@ -33,6 +33,8 @@ from landmark.eval.common import (
     check_common_arguments,
     check_lengths,
     load_models,
+    record_results,
+    result_files,
     write_json_atomic,
     write_text_atomic,
 )
@@ -67,6 +69,7 @@ from landmark.inference.options import (
 PPL_LENGTHS = [512, 2048, 4096, 8192, 16384]
 PASSKEY_LENGTHS = [1024, 4096, 8192, 32768]
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+BASE_CHECK_FILES = ("base_check.md", "base_check.json")
 
 
 def _models_help() -> str:
@@ -159,7 +162,7 @@ def _model_tokens(args: argparse.Namespace, m):
 def _ppl_inputs(args: argparse.Namespace):
     """Checked models and tokens of ``eval ppl``; a ValueError names the first bad argument."""
 
-    check_common_arguments(args)
+    check_common_arguments(args, result_files("perplexity"))
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.max_tokens < 1:
@@ -212,7 +215,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 def _passkey_inputs(args: argparse.Namespace):
     """Checked models and task of ``eval passkey``; a ValueError names the first bad argument."""
 
-    check_common_arguments(args)
+    check_common_arguments(args, result_files("passkey"))
     check_distinct("--depths", args.depths)
     task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus, args.wording)
     task.check()  # before the models are loaded
@@ -308,7 +311,7 @@ def _plain_model(folder: Path) -> bool:
 def _base_check_inputs(args: argparse.Namespace):
     """``(models, base, windows)`` of ``eval base-check``, every argument checked before any work."""
 
-    check_common_arguments(args)
+    check_common_arguments(args, BASE_CHECK_FILES)
     if args.windows < 1 or args.window_len < 64:
         raise ValueError("--windows must be >= 1 and --window-len >= 64 tokens")
     specs = [parse_model_arg(spec) for spec in args.model]
@@ -359,6 +362,7 @@ def cmd_eval_base_check(args: argparse.Namespace) -> int:
         f"read with top-{args.k} retrieval (granularity {args.granularity}); the base with its own attention."
     )
     text = f"# Beside the base model\n\n{setting}\n\n{summary}\n\n## Answers\n\n{answers}\n"
+    record_results(out, BASE_CHECK_FILES)
     write_text_atomic(out / "base_check.md", text)
     record = {"args": vars(args) | {"func": None}, "prompts": chat_prompts_record(), "chat": chat,
               "prose": prose}  # fmt: skip
@@ -375,6 +379,7 @@ def _write(
     every cell), ``<name>.png``; print them."""
 
     intro = f"{setting}\n\n" if setting else ""
+    record_results(out, result_files(name))
     write_text_atomic(out / f"{name}.md", f"# {title}\n\n{intro}{table}\n")
     write_json_atomic(out / f"{name}.json", {"args": vars(args) | {"func": None}, "results": results})
     plot(results, out / f"{name}.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from landmark.eval.models import (
 from landmark.files import (  # noqa: F401 - the writers
     check_not_input,
     check_results_folder,
+    record_results,
     write_json_atomic,
     write_text_atomic,
 )
@@ -49,11 +51,19 @@ __all__ = [
 DEFAULT_OPTIONS = {k: v for k, v in sorted(Reading().options.items()) if k != "memory_device"}
 
 
+CELLS = "cells"  # the cell cache's folder in a results folder
+
+
+def result_files(name: str) -> tuple[str, str, str]:
+    """The files an evaluation writes into its results folder: ``<name>.md``, ``.json`` and ``.png``."""
+    return f"{name}.md", f"{name}.json", f"{name}.png"
+
+
 class CellCache:
     """One JSON file per finished result cell, so an interrupted evaluation resumes where it stopped."""
 
     def __init__(self, folder: Path):
-        self.folder = folder / "cells"
+        self.folder = folder / CELLS
         # made with the first cell: an evaluation stopped before it leaves no empty folders
 
     def _path(self, key: dict[str, Any]) -> Path:
@@ -76,7 +86,9 @@ class CellCache:
             return None
 
     def put(self, key: dict[str, Any], result: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():
+            record_results(self.folder.parent, [self.folder.name])
+            self.folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self._path(key), {"key": key, "result": result})
 
 
@@ -103,10 +115,11 @@ def check_lengths(lengths: list[int], models: list[ModelUnderTest], what: str = 
             )
 
 
-def check_common_arguments(args: Any) -> None:
+def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
     """Checks every evaluation command shares, before any model is loaded: the retrieval options,
-    ``--device``, ``--out`` (a folder, not a file) and ``--lengths`` (no value twice) where the command
-    has them."""
+    ``--device``, ``--out`` (a folder, not a file, where none of the command's ``outputs`` is a file
+    the library did not write; the cell cache's folder is added here) and ``--lengths`` (no value
+    twice) where the command has them."""
 
     check_retrieval_arguments(args)
     check_device(args.device, "--device")
@@ -117,7 +130,7 @@ def check_common_arguments(args: Any) -> None:
         raise ValueError(f"--out {out} is a file: give a folder for the results")
     check_not_input(out, input_folders(args), parents_ok=True)
     check_block_folder(args, input_folders(args))
-    check_results_folder(out)
+    check_results_folder(out, [*outputs, CELLS])
 
 
 def input_folders(args: Any) -> list[tuple[str, str]]:

@@ -30,6 +30,8 @@ from landmark.eval.common import (
     CellCache,
     cache_key_options,
     check_common_arguments,
+    record_results,
+    result_files,
     write_json_atomic,
     write_text_atomic,
 )
@@ -116,7 +118,7 @@ def check_ruler_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--limit must be >= 1; got {args.limit}")
     if args.max_gen_toks is not None and args.max_gen_toks < 1:
         raise ValueError(f"--max-gen-toks must be >= 1; got {args.max_gen_toks}")
-    check_common_arguments(args)
+    check_common_arguments(args, result_files("ruler"))
     parse_models(args.model)
     if args.tokenizer is not None:
         folder = Path(args.tokenizer)
@@ -342,6 +344,7 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
         "with their own attention."
     )
     table = ruler_table(results)
+    record_results(out, result_files("ruler"))
     write_text_atomic(out / "ruler.md", f"# RULER by task and length\n\n{setting}\n\n{table}\n")
     write_json_atomic(out / "ruler.json", {"args": vars(args) | {"func": None}, "setting": setting,
                                            "seconds": round(time.perf_counter() - start, 1),

@@ -29,7 +29,7 @@ from typing import Any
 
 from safetensors import SafetensorError  # a dependency of transformers
 
-from landmark.files import first_line, replace_folder
+from landmark.files import first_line, path_problem, replace_folder
 from landmark.optional import require
 
 WEIGHT_FILES = (
@@ -42,7 +42,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json")  # parsed when present, before loading
 # config.json sizes that must be positive integers where given (LLaMA-family names)
 CONFIG_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-                "intermediate_size", "vocab_size")  # fmt: skip
+                "intermediate_size", "vocab_size", "max_position_embeddings")  # fmt: skip
 STAGING_SUFFIX = ".partial"  # <parent>/.<name>.partial: written while a command runs
 
 DEFAULT_NAME = "model folder"  # how messages name a model folder outside the command line
@@ -244,6 +244,9 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
             pass ``--overwrite``).
     """
     out = Path(out)
+    problem = path_problem(out, folder=True, writable=True)  # a loop, a path that cannot be made
+    if problem is not None and problem != "is a file, not a folder":
+        raise ValueError(f"{name} {out} {problem}")
     if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(out.resolve()):
         raise ValueError(f"{name} {out} is the current folder or holds it: give a new folder to write")
     if out.exists() and not out.is_dir():

@@ -137,8 +137,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as err:  # an unsupported model: name the option
         raise ValueError(f"--model: {err}") from None
     staging = clear_staging(args.out)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    except BaseException:  # a full disk, Ctrl-C: a conversion has nothing to resume, so nothing is left
+        clear_staging(args.out)
+        raise
     publish(args.out)
     print(
         f"saved a landmark {type(model).__name__} to {args.out}: landmark token id "
@@ -388,7 +392,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.load_state is None and block is not None and tokenizer is not None:
             positions = len(tokenizer(args.prompt)["input_ids"]) + args.max_new_tokens
             note_k_above_blocks(args.k, positions, block)
-    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    sampling = Sampling(args.temperature, args.top_p, 0 if args.seed is None else args.seed)
     try:
         text, _ = generate(
             model.eval(), tokenizer, args.prompt, args.max_new_tokens, sampling=sampling, reading=reading,
@@ -601,7 +605,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", required=True)
     add_sampling_arguments(p, max_new_tokens=32, temperature=0.0, top_p=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, with --temperature > 0 (default 0)")
     add_retrieval_arguments(p, k_zero="exact landmark attention over the whole context")
     add_state_arguments(p)
     add_device_argument(p)

@@ -103,11 +103,38 @@ def convert(model: Any, tokenizer: Any, block_size: int = DEFAULT_BLOCK_SIZE) ->
     return model, tokenizer
 
 
+def _rope_or_dropout_problem(config: Mapping[str, Any]) -> str | None:
+    """A ``config.json``'s RoPE variant that retrieval cannot re-position (scaled, partial), or attention
+    dropout, which landmark attention does not implement; None for neither."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    if not isinstance(params, Mapping) or not isinstance(scaling, Mapping):
+        return "its config.json has rope_parameters/rope_scaling that are not JSON objects"
+    types = [d.get(key) for d in (params, scaling) for key in ("rope_type", "type")]
+    rope_type = next((t for t in types if t not in (None, "default")), None)
+    if rope_type is not None:
+        return (
+            f"its config.json sets rope_type {rope_type!r}: retrieval re-positions blocks by rotating their "
+            "keys again, which only plain RoPE allows (rope_type 'default'); use a model without RoPE scaling"
+        )
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0, 1):
+        return f"its config.json sets partial_rotary_factor {partial}: retrieval needs RoPE over whole heads"
+    dropout = config.get("attention_dropout", 0.0)
+    if dropout not in (None, 0, 0.0):
+        return f"its config.json sets attention_dropout {dropout}: landmark attention has no dropout"
+    return None
+
+
 def unsupported_config(config: Mapping[str, Any]) -> str | None:
     """Why the model of a ``config.json`` (as a dict) cannot be converted, read before it is loaded: a
-    ``model_type`` or ``architectures`` outside the supported ones (None: supported, or not said)."""
+    ``model_type`` or ``architectures`` outside the supported ones, a RoPE that retrieval cannot
+    re-position, attention dropout (None: supported, or not said)."""
     if not isinstance(config, Mapping):
         return "its config.json is not a JSON object"
+    problem = _rope_or_dropout_problem(config)
+    if problem is not None:
+        return problem
     model_type, names = config.get("model_type"), config.get("architectures")
     names = names if isinstance(names, list) and names else None
     known = model_type is None or (isinstance(model_type, str) and model_type in SUPPORTED_MODEL_TYPES)

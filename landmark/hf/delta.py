@@ -306,7 +306,8 @@ def rebuild(
     if model.config.landmark_token_id != landmark["token_id"]:
         raise ValueError(
             f"the base tokenizer puts {LANDMARK_TOKEN} at id {model.config.landmark_token_id}, the delta "
-            f"at {landmark['token_id']}: not the delta's base"
+            f"(delta.json landmark.token_id) at {landmark['token_id']}: either the base is not the delta's, "
+            "or its delta.json was edited"
         )
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, value in tensors.items():
@@ -492,6 +493,8 @@ def read_meta(path: Path) -> dict[str, Any]:
     """``delta.json`` of a delta folder, checked (format, version, the fields :func:`load_delta` reads)."""
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"it holds a JSON {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
         _check_meta_types(meta)
@@ -581,6 +584,10 @@ def _check_meta_types(meta: dict[str, Any]) -> None:
     """Every field of :data:`META_TYPES` present with its type (booleans are not numbers), the numbers
     in range; a ValueError naming the first that is not."""
     for (section, key), kind in META_TYPES.items():
+        if not isinstance(meta.get(section), dict):
+            raise ValueError(f"{section} = {meta.get(section)!r} is not a JSON object")
+        if key not in meta[section]:
+            raise ValueError(f"{section}.{key} is missing")
         value = meta[section][key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ValueError(f"{section}.{key} = {value!r} is not a {getattr(kind, '__name__', 'number')}")

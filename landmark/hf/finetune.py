@@ -329,9 +329,10 @@ class FinetuneConfig:
             name = changed[0]
             option = option_name(name)
             may = ", ".join(option_name(c) for c in RESUMABLE_CHANGES if c not in ("resume", "overwrite"))
+            shown = lambda v: "its default (not given)" if v is None else repr(v)  # noqa: E731
             raise ValueError(
-                f"--resume: the interrupted run used {option} {saved.get(name)!r}; this call "
-                f"gives {mine[name]!r} (resume with the run's settings; only {may} may change)"
+                f"--resume: the interrupted run used {option} {shown(saved.get(name))}; this call "
+                f"gives {shown(mine[name])} (resume with the run's settings; only {may} may change)"
             )
         done = steps_done(checkpoint)
         if self.steps < done:
@@ -492,9 +493,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         eval losses before/after when ``eval_windows > 0``, time, parameter counts.
     """
     cfg.check()
-    model, tokenizer, delta_lora = _load_model(cfg)
-    run = _start_run(cfg, model, tokenizer)
-    train_set, eval_set, corpus_tokens = _windows(run, tokenizer)
+    lock, made = _hold_staging(cfg)
+    try:
+        _check_passkey_windows_early(cfg)
+        model, tokenizer, delta_lora = _load_model(cfg)
+        run = _start_run(cfg, model, tokenizer, lock)
+        train_set, eval_set, corpus_tokens = _windows(run, tokenizer)
+    except BaseException:  # refused or stopped before training: nothing of this run is left behind
+        _let_go(cfg, lock, made)
+        raise
     model = _trainable(model, cfg, delta_lora)
     _announce(run, model, len(train_set), corpus_tokens)
     timer = _step_timer()
@@ -526,9 +533,60 @@ def _load_model(cfg: FinetuneConfig) -> tuple[Any, Any, Any]:
         raise for_option(err, "--model") from None
 
 
-def _start_run(cfg: FinetuneConfig, model: Any, tokenizer: Any) -> _Run:
-    """The run's training arguments and window geometry; process 0 holds the staging folder (clearing
-    what a killed run left unless ``--resume``) and records the settings a resume continues with."""
+def _hold_staging(cfg: FinetuneConfig) -> tuple[RunLock | None, bool]:
+    """Process 0 makes (if missing) and holds the staging folder before the model is loaded, so that a
+    second fine-tune into the same ``--out`` is refused at once: (the hold, whether the folder was made
+    here); (None, False) in the other processes of a torchrun job."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None, False
+    staging = staging_folder(Path(cfg.out))
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.mkdir()
+        made = True
+    except FileExistsError:
+        made = False
+    lock = RunLock(staging, option="--out")
+    try:
+        lock.acquire()
+    except BaseException:
+        if made:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return lock, made
+
+
+def _let_go(cfg: FinetuneConfig, lock: RunLock | None, made: bool) -> None:
+    """After a refusal or a stop before training (process 0): remove the staging folder when it holds
+    nothing to resume (a new run: only its settings), and let it go."""
+    if lock is None:
+        return
+    if made or not cfg.resume:
+        shutil.rmtree(lock.folder, ignore_errors=True)
+    lock.release()
+
+
+def _check_passkey_windows_early(cfg: FinetuneConfig) -> None:
+    """Passkey samples fit the windows, checked with the tokenizer alone before the model is loaded
+    (with ``--init-delta`` the delta's block size is known once it is read: checked then)."""
+    if not cfg.passkey_fraction or cfg.init_delta is not None:
+        return
+    transformers = require("transformers")
+    try:
+        config = json.loads((Path(cfg.model) / "config.json").read_text(encoding="utf-8"))
+        with loading(Path(cfg.model)):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError):
+        return  # an unreadable model folder: loading it says so
+    block, _ = cfg._run_block_size(config if isinstance(config, dict) else {}, None)
+    raw_tokens = regular_tokens_per_window(cfg.max_length, block) + 1
+    check_passkey_windows(tokenizer, raw_tokens, block, cfg.passkey_mix())
+
+
+def _start_run(cfg: FinetuneConfig, model: Any, tokenizer: Any, lock: RunLock | None) -> _Run:
+    """The run's training arguments and window geometry; process 0 (holding the staging folder:
+    ``lock``) clears what a killed run left unless ``--resume`` and records the settings a resume
+    continues with."""
     block_size = int(model.config.landmark_block_size)
     raw_tokens = regular_tokens_per_window(cfg.max_length, block_size) + 1
     if cfg.passkey_fraction:
@@ -537,9 +595,7 @@ def _start_run(cfg: FinetuneConfig, model: Any, tokenizer: Any) -> _Run:
     staging = staging_folder(out)
     run = _Run(cfg, out, staging, _training_arguments(cfg, model, staging), block_size, raw_tokens)
     if run.main:
-        staging.mkdir(parents=True, exist_ok=True)
-        run.lock = RunLock(staging, option="--out")
-        run.lock.acquire()  # before touching what may be another live run's folder
+        run.lock = lock  # held before the model was loaded
         if not cfg.resume:
             for leftover in staging.iterdir():  # what a killed run left (no checkpoint: checked)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -679,7 +735,8 @@ def _train(run: _Run, trainer: Any, timer: Any, evaluate: bool) -> dict[str, Any
         resume = str(checkpoint) if checkpoint is not None else None
         train_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     summary["train_seconds"] = round(time.perf_counter() - start, 1)
-    summary["train_loss"] = train_loss
+    # (None: no loss was logged, or it is not a number; strict JSON has no NaN)
+    summary["train_loss"] = train_loss if train_loss is not None and math.isfinite(train_loss) else None
     summary["steps_done"] = trainer.state.global_step
     summary["tokens_seen"] = trainer.state.global_step * run.step_tokens
     # no throughput for a run finished at its checkpoint: this call trained nothing
@@ -703,14 +760,15 @@ def steps_done(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
-def _finish_at(trainer: Any, checkpoint: Path) -> float:
+def _finish_at(trainer: Any, checkpoint: Path) -> float | None:
     """A run resumed with ``--steps`` equal to the steps it has done: its checkpoint's weights, no further
-    step. Returns the mean of the training losses the run logged (the Trainer's own mean is lost)."""
+    step. Returns the mean of the training losses the run logged (the Trainer's own mean is lost), None
+    where it logged none."""
     trainer._load_from_checkpoint(str(checkpoint))
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     trainer.state.global_step = int(state["global_step"])
     losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
-    return sum(losses) / len(losses) if losses else float("nan")
+    return sum(losses) / len(losses) if losses else None
 
 
 def _stop_early(run: _Run, trainer: Any, summary: dict[str, Any]) -> dict[str, Any]:
@@ -747,7 +805,8 @@ def _publish(run: _Run, trainer: Any, tokenizer: Any, summary: dict[str, Any]) -
     trainer.accelerator.wait_for_everyone()
     if run.main:
         line = f"saved to {run.out} (load with landmark.hf.load_pretrained); "
-        line += f"train loss {summary['train_loss']:.4f}"
+        loss = summary["train_loss"]
+        line += "train loss not logged" if loss is None else f"train loss {loss:.4f}"
         if summary["tokens_per_s"] is not None:
             line += f", {summary['tokens_per_s']:,.0f} tokens/s"
         if "eval_loss_after" in summary:

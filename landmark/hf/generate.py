@@ -37,7 +37,7 @@ from landmark.inference.generate import (
     in_order,
     report_memory,
 )
-from landmark.inference.options import Reading
+from landmark.inference.options import Reading, check_utf8
 from landmark.inference.session import reading_progress
 from landmark.inference.threads import inference_threads, using_threads
 from landmark.optional import require
@@ -112,6 +112,7 @@ def prompt_ids(model: Any, tokenizer: Any, prompt: str | Tensor, continuation: b
     """
     landmark_id = landmark_token_id(model)
     if isinstance(prompt, str):
+        check_utf8(prompt, "prompt")  # (a lone surrogate: the tokenizer's TypeError named nothing)
         raw = encode_text(tokenizer, prompt, add_special_tokens=not continuation)
     else:
         if not isinstance(prompt, Tensor | list | tuple) or (

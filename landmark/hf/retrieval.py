@@ -62,6 +62,7 @@ from landmark.hf.convert import landmark_token_id
 from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig
 from landmark.inference.session import retrieval_config
+from landmark.inference.weights import weights_of
 from landmark.model import apply_rope, rope_angles
 
 _UNROTATED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()  # zero position ids
@@ -357,13 +358,13 @@ class LandmarkRetrievalCache(Cache):
         atomic), tied to ``model``'s weights: see :meth:`landmark.inference.RetrievalCache.save` (an
         existing file other than a saved state is refused unless ``overwrite``)."""
 
-        self.stream.save(path, weights_fingerprint(model), overwrite=overwrite)
+        self.stream.save(path, weights_fingerprint(model), overwrite=overwrite, weights=weights_of(model))
 
     def load_state(self, path: Any, model: Any) -> None:
         """Continue from a state saved by :meth:`save_state` for the same weights (this cache must be new)."""
 
         device = model.get_input_embeddings().weight.device
-        self.stream.load(path, weights_fingerprint(model), device)
+        self.stream.load(path, weights_fingerprint(model), device, weights=weights_of(model))
 
     def reset(self) -> None:
         """Forget every stream (the cache can then serve a new batch)."""

@@ -468,7 +468,9 @@ class RetrievalCache:
 
     # -- read once, ask many: the state on disk -----------------------------------------------------
 
-    def save(self, path: str | Path, model_id: str, *, overwrite: bool = False) -> None:
+    def save(
+        self, path: str | Path, model_id: str, *, overwrite: bool = False, weights: str = "model"
+    ) -> None:
         """Write every layer's state (block memory in logical order, tail, lengths) to ``path``
         (safetensors, written to a temporary file and renamed: never half-written).
 
@@ -499,6 +501,7 @@ class RetrievalCache:
         meta = {
             "format": STATE_FORMAT,
             "model": model_id,
+            "weights": weights,
             **{key: str(value) for key, value in self._geometry(first).items()},
         }
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -512,6 +515,7 @@ class RetrievalCache:
         *,
         batch: int | None = None,
         dtype: torch.dtype | None = None,
+        weights: str = "model",
     ) -> None:
         """Restore a state written by ``save`` into this cache, which must not have read anything yet;
         it is changed only once the file has passed every check.
@@ -533,6 +537,12 @@ class RetrievalCache:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
         except SafetensorError as err:
             raise StateFileError(f"{path} is not a readable safetensors file: {err}") from None
+        saved = meta.get("weights", "model")
+        if saved != weights:  # (the fingerprints differ too: say why)
+            raise StateFileError(
+                f"{path} was saved by the model with {saved} weights; this one has {weights} weights "
+                f"(--weights {saved} reads it)"
+            )
         if meta.get("model") != model_id:
             raise StateFileError(
                 f"{path} was saved for other weights (fingerprint {meta.get('model')}; this model's is "

@@ -383,7 +383,8 @@ class BlockMemory:
             raise ValueError("saved block counts do not match the saved blocks")
         if self.max_blocks is not None and max(count, default=0) > self.max_blocks:
             raise ValueError(
-                f"the saved state holds {max(count)} blocks per row; max_blocks is {self.max_blocks}"
+                f"the saved state holds {max(count)} blocks per row; max_blocks (--max-blocks) is "
+                f"{self.max_blocks}: load it with max_blocks of at least {max(count)}"
             )
         if any(self.count):
             raise ValueError("restore needs an empty memory")

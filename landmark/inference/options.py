@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -227,7 +228,13 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
             kernel_module(required=True)
         except KernelUnavailableError as err:
             reason = err.__cause__ or err
-            raise ValueError(f"--kernel cpp: {reason}: use --kernel auto (the eager path)") from None
+            folder = os.environ.get("TORCH_EXTENSIONS_DIR")
+            where = (
+                f" (the build folder TORCH_EXTENSIONS_DIR={folder})"
+                if folder and isinstance(reason, OSError)
+                else ""
+            )
+            raise ValueError(f"--kernel cpp: {reason}{where}: use --kernel auto (the eager path)") from None
     if args.search == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ValueError('--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"')
     _check_state_arguments(args, ks)
@@ -252,9 +259,13 @@ def _check_state_arguments(args: argparse.Namespace, ks: list[int]) -> None:
         raise ValueError(f"--load-state {load} {problem}")
     if load is not None:
         try:
-            check_state_header(load)  # from its header: before the model is loaded
+            meta = check_state_header(load)  # from its header: before the model is loaded
         except StateFileError as err:
             raise ValueError(f"--load-state {err}") from None
+        saved, weights = meta.get("weights", "model"), getattr(args, "weights", "model")
+        if saved != weights:
+            raise ValueError(f"--load-state {load} was saved with --weights {saved}; this run has --weights "
+                             f"{weights}: give --weights {saved}")  # fmt: skip
     save = getattr(args, "save_state", None)
     if (load or save) and 0 in ks:
         raise ValueError("--save-state/--load-state need retrieval (--k >= 1)")
@@ -281,7 +292,8 @@ def check_block_folder(args: argparse.Namespace, reads: list[tuple[str | Path | 
     delta's base model included): its memory files would be made among a model's files. Call before
     any work."""
     if getattr(args, "block_folder", None) is not None:
-        check_not_input(args.block_folder, reads, "--block-folder", parents_ok=True)
+        folders = [(folder, option.removeprefix("a file of ")) for folder, option in reads]
+        check_not_input(args.block_folder, folders, "--block-folder", parents_ok=True)
 
 
 def check_chunk_len(args: argparse.Namespace, block_size: int, model: str = "the model") -> None:
@@ -302,8 +314,8 @@ def note_k_above_blocks(k: int, positions: int, block_size: int) -> None:
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    """``--max-new-tokens`` >= 1, a finite ``--temperature`` >= 0, ``--top-p`` in (0, 1] and only where
-    sampling (temperature > 0); ``--top-p`` not given takes the command's default."""
+    """``--max-new-tokens`` >= 1, a finite ``--temperature`` >= 0, ``--top-p`` in (0, 1] and ``--seed``
+    only where sampling (temperature > 0); ``--top-p`` not given takes the command's default."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -314,6 +326,10 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
     if top_p is not None and top_p < 1 and args.temperature == 0:
         raise ValueError(f"--top-p {top_p} samples, and --temperature 0 is greedy: give --temperature > 0, "
                          "or drop --top-p")  # fmt: skip
+    seed = getattr(args, "seed", None)
+    if seed is not None and args.temperature == 0:
+        raise ValueError(f"--seed {seed} seeds sampling, and --temperature 0 is greedy: give --temperature "
+                         "> 0, or drop --seed")  # fmt: skip
     if top_p is None:  # greedy keeps every token
         args.top_p = getattr(args, "default_top_p", 1.0) if args.temperature > 0 else 1.0
     check_seed(getattr(args, "seed", None))

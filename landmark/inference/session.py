@@ -29,6 +29,7 @@ from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
 from landmark.inference.threads import inference_threads, using_threads
+from landmark.inference.weights import weights_of
 from landmark.model import GPT
 from landmark.resources import check_fits
 
@@ -199,7 +200,7 @@ class InferenceSession:
             ValueError: ``path`` is a folder or an existing file other than a saved state (pass
                 ``overwrite=True`` to replace such a file); nothing is written then.
         """
-        self.cache.save(path, self._model_id(), overwrite=overwrite)
+        self.cache.save(path, self._model_id(), overwrite=overwrite, weights=weights_of(self.model))
 
     def load_state(self, path: str | Path) -> None:
         """Continue the streams saved in ``path`` (this session must not have read anything yet).
@@ -210,7 +211,8 @@ class InferenceSession:
         if bool((self.length > 0).any()):
             raise ValueError("load_state needs a new session (this one has read something already)")
         dtype = next(self.model.parameters()).dtype
-        self.cache.load(path, self._model_id(), self.device, batch=self.batch_size, dtype=dtype)
+        self.cache.load(path, self._model_id(), self.device, batch=self.batch_size, dtype=dtype,
+                        weights=weights_of(self.model))  # fmt: skip
 
     def _model_id(self) -> str:
         if self._fingerprint is None:

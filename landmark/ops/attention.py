@@ -114,16 +114,16 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float 
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}); got {t.device}")
     batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    expected = f"({batch}, kv_heads, k_len, {head_dim})"
+    if k.shape[0] != batch:  # (k against q first: v is then checked against a k known to fit)
+        raise ValueError(f"k must have the batch size of q: expected {expected}; got {tuple(k.shape)}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k must have the head_dim of q: expected {expected}; got {tuple(k.shape)}")
     if k.shape != v.shape:
         raise ValueError(
             f"v must have the shape of k {_SHAPES['k']} = {tuple(k.shape)}; got {tuple(v.shape)}"
         )
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    expected = f"({batch}, kv_heads, k_len, {head_dim})"
-    if k.shape[0] != batch:
-        raise ValueError(f"k must have the batch size of q: expected {expected}; got {tuple(k.shape)}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"k must have the head_dim of q: expected {expected}; got {tuple(k.shape)}")
     if kv_heads < 1 or heads % kv_heads != 0:
         raise ValueError(
             f"k has {kv_heads} kv_heads, which must divide the {heads} heads of q (grouped-query attention)"
