@@ -1150,6 +1150,7 @@ def test_an_interrupted_conversion_leaves_nothing(tiny, home, monkeypatch, capsy
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
         ({"attention_dropout": 0.1}, "attention_dropout 0.1"),
         ({"max_position_embeddings": 0}, "max_position_embeddings 0"),
+        ({"vocab_size": 7}, "gives vocab_size 7"),  # (transformers printed a load report, then failed)
     ],
 )
 def test_convert_refuses_what_retrieval_cannot_read_before_loading(

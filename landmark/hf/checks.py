@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError  # a dependency of transformers
+from safetensors import SafetensorError, safe_open  # a dependency of transformers
 
 from landmark.files import first_line, path_problem, replace_folder
 from landmark.optional import require
@@ -153,6 +153,32 @@ def config_problem(config: Any) -> str | None:
         return f"has hidden_size {hidden}, not a multiple of num_attention_heads {heads}"
     if heads is not None and kv_heads is not None and heads % kv_heads:
         return f"has num_attention_heads {heads}, not a multiple of num_key_value_heads {kv_heads}"
+    return None
+
+
+EMBEDDING = "model.embed_tokens.weight"  # the input embedding of a LLaMA-family checkpoint
+
+
+def embedding_problem(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """Whether the input embedding in ``folder/model.safetensors`` (its header alone) has the shape
+    config.json gives it, (vocab_size, hidden_size); a mismatch in words, None if it fits or cannot be
+    told (another file layout, a name not found: loading checks the rest)."""
+    file = folder / "model.safetensors"
+    want = (config.get("vocab_size"), config.get("hidden_size"))
+    if not file.is_file() or None in want:
+        return None
+    try:
+        with safe_open(str(file), "pt") as f:
+            if EMBEDDING not in f.keys():  # noqa: SIM118 (no __contains__)
+                return None
+            shape = tuple(f.get_slice(EMBEDDING).get_shape())
+    except (OSError, SafetensorError):
+        return None  # a damaged file: loading says so
+    if shape != want:
+        return (
+            f"config.json gives vocab_size {want[0]} and hidden_size {want[1]}, but its weights hold an "
+            f"embedding of {shape[0]} x {shape[1]}: the config.json does not belong to these weights"
+        )
     return None
 
 

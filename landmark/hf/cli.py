@@ -103,6 +103,9 @@ def _check_convert_args(args: argparse.Namespace) -> None:
     checks.check_options(vars(args), {"block_size": checks.int_range(2)})
     config = checks.read_config(checks.check_model_folder(args.model, "--model"))
     _check_convertible(args.model, config)
+    problem = checks.embedding_problem(Path(args.model), config)
+    if problem is not None:
+        raise ValueError(f"--model {args.model}: {problem}")
     checks.check_within_positions(config, {"block_size": args.block_size})
     checks.check_out_folder(args.out, args.overwrite, "--out")
     check_not_input(args.out, [(args.model, "--model")])
