@@ -499,11 +499,15 @@ RESULTS_RECORD = ".landmark-results"  # in a results folder: the names the libra
 
 def results_written(out: str | Path) -> set[str]:
     """The names of the files and folders the library wrote into the results folder ``out`` (its
-    :data:`RESULTS_RECORD`); empty where there is none."""
+    :data:`RESULTS_RECORD`); without one, everything in a folder holding the evaluations' ``cells``
+    cache (results written before the record was kept), else nothing."""
     try:
         return set((Path(out) / RESULTS_RECORD).read_text(encoding="utf-8").split("\n")) - {""}
     except (OSError, UnicodeDecodeError):
-        return set()
+        pass
+    if (Path(out) / "cells").is_dir():  # results of a version that kept no record: the folder is ours
+        return {p.name for p in Path(out).iterdir()}
+    return set()
 
 
 def record_results(out: str | Path, names: Iterable[str]) -> None:

@@ -897,3 +897,16 @@ def test_a_truncated_training_state_names_its_file(env, tmp_path):
     (ckpt / STATE_FILE).write_bytes((ckpt / STATE_FILE).read_bytes()[:100])
     with pytest.raises(CheckpointError, match=rf"{STATE_FILE} cannot be read .* damaged: delete that folder"):
         open_checkpoint(ckpt).load_state()
+
+
+def test_results_of_a_version_without_the_record_are_still_the_library_s(tmp_path):
+    """A results folder written before the record was kept (its cells cache beside the outputs) is taken
+    as the library's: rerunning into it works as it did."""
+    from landmark.files import check_results_folder
+
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "perplexity.md").write_text("# Perplexity\n")
+    check_results_folder(tmp_path, ["perplexity.md", "perplexity.json", "cells"])
+    (tmp_path / "cells").rmdir()
+    with pytest.raises(ValueError, match="holds perplexity.md, which landmark did not write there"):
+        check_results_folder(tmp_path, ["perplexity.md", "perplexity.json", "cells"])
