@@ -293,7 +293,7 @@ class FinetuneConfig:
         in RESUMABLE_CHANGES aside). Without: it holds no checkpoint (an interrupted run is never
         silently thrown away)."""
         staging = staging_folder(self.out)
-        if staging.is_dir():  # another live fine-tune into it is said before any model is loaded
+        if staging.is_dir() and _main_process():  # another live fine-tune into it: said before loading
             probe = RunLock(staging, option="--out")
             probe.acquire()
             probe.release()
@@ -533,11 +533,17 @@ def _load_model(cfg: FinetuneConfig) -> tuple[Any, Any, Any]:
         raise for_option(err, "--model") from None
 
 
+def _main_process() -> bool:
+    """Process 0 of a torchrun job (``RANK``), or a process on its own: the one that holds the folder
+    (the others would find it held by process 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _hold_staging(cfg: FinetuneConfig) -> tuple[RunLock | None, bool]:
     """Process 0 makes (if missing) and holds the staging folder before the model is loaded, so that a
     second fine-tune into the same ``--out`` is refused at once: (the hold, whether the folder was made
     here); (None, False) in the other processes of a torchrun job."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _main_process():
         return None, False
     staging = staging_folder(Path(cfg.out))
     staging.parent.mkdir(parents=True, exist_ok=True)
