@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import time
@@ -68,20 +67,8 @@ class Checkpoint:
         return ModelConfig.from_dict(saved)
 
     def load_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """The training state written with the checkpoint (optimizer, step, RNG, counters).
-
-        Raises:
-            CheckpointError: the file is missing, truncated or not a training state (naming it).
-        """
-        path = self.path / STATE_FILE
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-            detail = " ".join(str(err).split())[:200] or type(err).__name__
-            raise CheckpointError(
-                f"{path} cannot be read ({detail}): the checkpoint {self.path} is damaged: delete that "
-                "folder to resume from the checkpoint before it, or start again"
-            ) from None
+        """The training state written with the checkpoint (optimizer, step, RNG, counters)."""
+        return torch.load(self.path / STATE_FILE, map_location=map_location, weights_only=True)
 
     def load_weights(self, model: nn.Module) -> None:
         """Copy the saved weights into ``model`` (strict: the parameter names and shapes must match)."""
@@ -242,10 +229,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     check_device(device, "device")  # one torch knows and this machine has
     device = torch.device(device)
     problem = path_problem(path, folder=True)
-    if problem == "does not exist":  # (not "removed while loading": it never was there)
-        raise CheckpointError(
-            f"{path} does not exist: pass the run's out_dir or one of its checkpoints/step_* folders"
-        )
+    if problem == "does not exist":
+        raise CheckpointError(_missing_checkpoint(path))
     if problem not in (None, "is a file, not a folder"):
         raise CheckpointError(
             f"{path} {problem}: pass the run's out_dir or one of its checkpoints/step_* folders"
@@ -272,6 +257,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
                     "try again"
                 ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _missing_checkpoint(path: Path) -> str:
+    """Why ``path`` cannot be loaded when it does not exist: a checkpoint of a run that holds others (a
+    training run prunes its older checkpoints as it goes, perhaps a moment ago), or nothing at all."""
+    run = path.parent.parent
+    latest = latest_checkpoint(run) if path.parent.name == CHECKPOINTS and path.parent.is_dir() else None
+    if latest is not None:
+        return (
+            f"checkpoint {path.name} of {run} is gone (a training run prunes its older checkpoints as it "
+            f"goes); the run holds {latest.name} now: pass {run} for its latest checkpoint"
+        )
+    return f"{path} does not exist: pass the run's out_dir or one of its checkpoints/step_* folders"
 
 
 def _load_parts(ckpt: Checkpoint) -> tuple[GPT, Tokenizer]:

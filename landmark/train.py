@@ -291,11 +291,9 @@ def _latest_text(out_dir: Path) -> str:
 
 def _write_error(what: str, out_dir: Path, err: OSError) -> TrainingError:
     """The one-line error for a write into the run folder that failed (a full disk, a lost mount)."""
-    latest = latest_checkpoint(out_dir)
-    then = "continue with --resume" if latest else "run again"
     return TrainingError(
         f"could not write {what} into {out_dir}: {os_error_text(err)}; {_latest_text(out_dir)}: free space "
-        f"(or fix the folder), then {then}"
+        "(or fix the folder), then continue with --resume"
     )
 
 

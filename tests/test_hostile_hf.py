@@ -97,12 +97,15 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under ``roots``: path -> (size, mtime in ns)."""
+    """Every file and folder under ``roots``: path -> (size, mtime in ns). The roots' own modification
+    times are left out: a fine-tune holds its staging folder (made in the root) while it loads the model,
+    and removes it again when the model is refused, which leaves the root as it was but for its time."""
     seen = {}
     for root in roots:
         for path in [root, *root.rglob("*")] if root.exists() else []:
             stat = path.stat()
-            seen[str(path)] = (stat.st_size if path.is_file() else -1, stat.st_mtime_ns)
+            when = 0 if path == root else stat.st_mtime_ns
+            seen[str(path)] = (stat.st_size if path.is_file() else -1, when)
     return seen
 
 
@@ -1203,3 +1206,21 @@ def test_a_finished_resume_with_no_logged_loss_writes_no_nan(home):
     trainer = Trainer()
     assert finetune_module._finish_at(trainer, checkpoint) is None
     assert trainer.state.global_step == 5
+
+
+@pytest.mark.parametrize("cut", ["optimizer.pt", "model.safetensors", None])
+def test_a_checkpoint_with_a_truncated_file_is_not_resumed_from(home, cut):
+    """A truncated optimizer.pt in the newest checkpoint: --resume failed with "Invalid argument (EINVAL)"
+    naming nothing. Such a checkpoint counts as incomplete (the one before it is resumed, with a note)."""
+    from landmark.hf.finetune import checkpoint_problem
+
+    checkpoint = home / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    save_file({"w": torch.zeros(64)}, str(checkpoint / "model.safetensors"))
+    torch.save({"state": torch.zeros(64)}, checkpoint / "optimizer.pt")
+    if cut is not None:
+        data = (checkpoint / cut).read_bytes()
+        (checkpoint / cut).write_bytes(data[: len(data) // 2])
+    problem = checkpoint_problem(checkpoint)
+    assert problem == (None if cut is None else f"a damaged {cut} (cut short?)")

@@ -555,7 +555,7 @@ def test_generate_cli_reads_a_document_once_and_answers_from_the_saved_state(
         (["--chunk-len", "4"], r"error: --chunk-len \(4\) must be at least one block \(8\)"),
         (["--max-blocks", "0"], "error: --max-blocks must be >= 1"),
         (["--checkpoint", "{full}"], "error: .* holds a model with attention='full'"),
-        (["--checkpoint", "{missing}"], "error: .* is neither a checkpoint folder nor a run folder"),
+        (["--checkpoint", "{missing}"], "error: .* does not exist: pass the run.s out_dir"),
         (["--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),
         (["--temperature", "nan"], "error: --temperature must be a finite number >= 0"),
         (["--top-p", "0"], r"error: --top-p must be in \(0, 1\]"),

@@ -32,12 +32,14 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from landmark.config import DEFAULT_BLOCK_SIZE, FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER, MAX_GRAD_ACCUM
 from landmark.data import CorpusError, read_corpus
@@ -493,9 +495,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         eval losses before/after when ``eval_windows > 0``, time, parameter counts.
     """
     cfg.check()
+    _check_passkey_windows_early(cfg)
     lock, made = _hold_staging(cfg)
     try:
-        _check_passkey_windows_early(cfg)
         model, tokenizer, delta_lora = _load_model(cfg)
         run = _start_run(cfg, model, tokenizer, lock)
         train_set, eval_set, corpus_tokens = _windows(run, tokenizer)
@@ -866,7 +868,9 @@ def _checkpoints(staging: Path) -> list[Path]:
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """What a Trainer checkpoint folder lacks to be resumed from: a readable ``trainer_state.json`` (written
-    after the weights, optimizer and schedule) or a weights file; None when it is complete."""
+    after the weights, optimizer and schedule), a weights file, whole ``.pt``/``.pth`` and ``.safetensors``
+    files (from their directory and header: a truncated optimizer state failed the resume with "Invalid
+    argument"); None when it is complete."""
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
         int(state["global_step"])
@@ -874,6 +878,15 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         return f"no readable {TRAINER_STATE}"
     if not any(any(checkpoint.glob(name)) for name in CHECKPOINT_WEIGHTS):
         return f"no weights ({', '.join(CHECKPOINT_WEIGHTS[:3])}, ...)"
+    for file in sorted(checkpoint.rglob("*.pt")) + sorted(checkpoint.rglob("*.pth")):  # optimizer, schedule
+        if not zipfile.is_zipfile(file):  # (torch.save writes a zip archive; a cut one has no directory)
+            return f"a damaged {file.relative_to(checkpoint)} (cut short?)"
+    for file in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):  # (checks that the file holds every tensor its header lists)
+                pass
+        except (OSError, SafetensorError):
+            return f"a damaged {file.relative_to(checkpoint)} (cut short?)"
     return None
 
 
