@@ -214,7 +214,7 @@ def test_checkpoint_round_trip_is_bit_identical(reference, tmp_path):
     a, b = model.state_dict(), reloaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert param_checksum(model) == param_checksum(reloaded)
-    with pytest.raises(CheckpointError, match="does not exist: pass the run.s out_dir"):
+    with pytest.raises(CheckpointError, match=r"does not exist: pass the run.s out_dir"):
         load_model(tmp_path / "nothing")
 
 
