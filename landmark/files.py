@@ -494,36 +494,56 @@ def models_held(folder: str | Path) -> str | None:
     return None
 
 
-RESULTS_RECORD = ".landmark-results"  # in a results folder: the names the library wrote there, a line each
+RESULTS_RECORD = ".landmark-results"  # in a results folder: a line per name the library wrote there
+SHARED = "-"  # the record's writer of a name every command may share (the cells cache)
+
+
+def results_owners(out: str | Path) -> dict[str, str | None]:
+    """The files and folders the library wrote into the results folder ``out``, each with the command
+    that wrote it (None: any, a shared cache or a name recorded without one), from its
+    :data:`RESULTS_RECORD`; without a record, everything in a folder holding the evaluations' ``cells``
+    cache (results written before the record was kept); else nothing."""
+    try:
+        lines = (Path(out) / RESULTS_RECORD).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = None
+    if lines is not None:
+        owners = {}
+        for line in filter(None, lines):
+            name, _, command = line.partition("\t")
+            owners[name] = None if command in ("", SHARED) else command
+        return owners
+    if (Path(out) / "cells").is_dir():
+        return {p.name: None for p in Path(out).iterdir()}
+    return {}
 
 
 def results_written(out: str | Path) -> set[str]:
-    """The names of the files and folders the library wrote into the results folder ``out`` (its
-    :data:`RESULTS_RECORD`); without one, everything in a folder holding the evaluations' ``cells``
-    cache (results written before the record was kept), else nothing."""
-    try:
-        return set((Path(out) / RESULTS_RECORD).read_text(encoding="utf-8").split("\n")) - {""}
-    except (OSError, UnicodeDecodeError):
-        pass
-    if (Path(out) / "cells").is_dir():  # results of a version that kept no record: the folder is ours
-        return {p.name for p in Path(out).iterdir()}
-    return set()
+    """The names :func:`results_owners` finds in ``out``."""
+    return set(results_owners(out))
 
 
-def record_results(out: str | Path, names: Iterable[str]) -> None:
-    """Add ``names`` to the record of what the library wrote into ``out`` (made if missing): call when
-    first writing them, so that a later run may replace them and an interrupted one resume."""
-    written = results_written(out)
-    if not set(names) <= written:
+def record_results(out: str | Path, names: Iterable[str], command: str | None = None) -> None:
+    """Add ``names`` (written by ``command``; None: shared by every command) to the record of what the
+    library wrote into ``out`` (made if missing): call when first writing them, so that a later run may
+    replace them and an interrupted one resume."""
+    owners = results_owners(out)
+    new = {name: command for name in names if name not in owners or owners[name] != command}
+    if new:
         Path(out).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(out) / RESULTS_RECORD, "".join(f"{n}\n" for n in sorted(written | set(names))))
+        owners.update(new)
+        lines = "".join(f"{n}\t{c or SHARED}\n" for n, c in sorted(owners.items()))
+        write_text_atomic(Path(out) / RESULTS_RECORD, lines)
 
 
-def check_results_folder(out: str | Path, outputs: Iterable[str] = (), name: str = "--out") -> None:
+def check_results_folder(
+    out: str | Path, outputs: Iterable[str] = (), name: str = "--out", command: str | None = None
+) -> None:
     """A folder that receives results beside what it holds (the evaluations, the quickstart): one that
     can be made or written, holding no model, training run or prepared data (results would land among
     their files), and none of the command's ``outputs`` (file or folder names) unless the library wrote
-    it there (:func:`record_results`): a user's own file of that name would be replaced.
+    it there (:func:`record_results`), by this ``command`` where it says: a user's own file, or another
+    command's result beside its table, would be replaced.
 
     Raises:
         ValueError: ``--out X holds a model: write the results to another folder``, ``--out X holds
@@ -535,10 +555,18 @@ def check_results_folder(out: str | Path, outputs: Iterable[str] = (), name: str
     held = models_held(out)
     if held is not None:
         raise ValueError(f"{name} {out} holds {held}: write the results to another folder")
-    ours = results_written(out)
+    owners = results_owners(out)
     for output in outputs:
-        if os.path.lexists(Path(out) / output) and output not in ours:
+        if not os.path.lexists(Path(out) / output):
+            continue
+        if output not in owners:
             raise ValueError(
                 f"{name} {out} holds {output}, which landmark did not write there (this command writes "
                 f"it): choose another folder, or move the file away"
+            )
+        writer = owners[output]
+        if command is not None and writer is not None and writer != command:
+            raise ValueError(
+                f"{name} {out} holds {output} from `landmark {writer}`, which this command would replace "
+                f"beside that command's other results: choose another folder"
             )

@@ -77,7 +77,7 @@ OUTPUTS = ("report.md", "perplexity.png", "passkey.png", "base.log", "base", "mo
 
 def _train_on_the_spot(out: Path, minutes: float) -> Path:
 
-    record_results(out, OUTPUTS)
+    record_results(out, OUTPUTS, "quickstart")
     run = out / "model"
     overrides = [f"train.out_dir={json.dumps(str(run))}", f"train.max_minutes={minutes}",
                  "train.max_steps=400", "train.eval_every=50", "train.ckpt_every=50"]  # fmt: skip
@@ -137,7 +137,7 @@ def _check_options(args: argparse.Namespace) -> None:
     inputs = [(args.checkpoint, "--checkpoint"), (args.base, "--base")]
     inputs += [] if args.no_hf else [(args.hf_model, "--hf-model")]
     check_not_input(out, inputs, parents_ok=True)
-    check_results_folder(out, OUTPUTS)
+    check_results_folder(out, OUTPUTS, command="quickstart")
 
 
 # options whose default is filled in after the check of what was given (None: not given)
@@ -311,7 +311,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out, cfg = Path(args.out), m.model.config
-    record_results(out, OUTPUTS)
+    record_results(out, OUTPUTS, "quickstart")
     base_proc = _start_base(args, base) if hf is not None else None
     print(
         f"quickstart: small model {m.path} ({source}): {m.model.num_parameters() / 1e6:.1f}M parameters, "

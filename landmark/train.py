@@ -65,6 +65,7 @@ from landmark.files import (
     RunLock,
     first_line,
     os_error_text,
+    results_written,
     write_json_atomic,
     write_text_atomic,
 )
@@ -549,6 +550,12 @@ def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
         raise ConfigError(
             f"train.out_dir {out_dir} holds a model ({held[0]}): it is a checkpoint or model folder, not a "
             "run folder; choose another train.out_dir"
+        )
+    results = sorted(results_written(out_dir))
+    if results:  # a run's files would land among an evaluation's (which then refuses the folder)
+        raise ConfigError(
+            f"train.out_dir {out_dir} holds results of an evaluation or a quickstart "
+            f"({', '.join(results[:3])}{', ...' if len(results) > 3 else ''}): choose another train.out_dir"
         )
     foreign = _foreign_run_files(out_dir)
     if foreign:

@@ -837,11 +837,27 @@ def test_results_written_by_the_library_are_replaced_by_its_next_run(env, capsys
     monkeypatch.setenv("LANDMARK_CACHE", str(env["cache"]))
     argv = last_wins([*_fill(PPL, env), "--out", str(tmp_path / "r")])
     assert main(argv) == 0
-    from landmark.files import RESULTS_RECORD
+    from landmark.files import results_owners
 
-    written = (tmp_path / "r" / RESULTS_RECORD).read_text().split()
-    assert written == ["cells", "perplexity.json", "perplexity.md", "perplexity.png"]
+    owners = results_owners(tmp_path / "r")
+    assert owners.pop("cells") is None
+    assert owners == dict.fromkeys(["perplexity.json", "perplexity.md", "perplexity.png"], "eval ppl")
     assert main(argv) == 0
+
+
+def test_one_command_never_replaces_another_s_result_in_a_shared_folder(tmp_path):
+    """quickstart into a folder `eval ppl` wrote replaced its perplexity.png alone: the plot then showed
+    other lengths than the table beside it. A name another command wrote is refused."""
+    from landmark.files import check_results_folder, record_results
+
+    record_results(tmp_path, ["perplexity.md", "perplexity.png"], "eval ppl")
+    record_results(tmp_path, ["cells"])
+    for name in ("perplexity.md", "perplexity.png"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "cells").mkdir()
+    check_results_folder(tmp_path, ["perplexity.md", "perplexity.png", "cells"], command="eval ppl")
+    with pytest.raises(ValueError, match=r"holds perplexity\.png from `landmark eval ppl`, which this"):
+        check_results_folder(tmp_path, ["report.md", "perplexity.png", "cells"], command="quickstart")
 
 
 def test_prepare_refuses_an_out_holding_a_lone_array(env, capsys, monkeypatch):
@@ -901,3 +917,15 @@ def test_results_of_a_version_without_the_record_are_still_the_library_s(tmp_pat
     (tmp_path / "cells").rmdir()
     with pytest.raises(ValueError, match=r"holds perplexity\.md, which landmark did not write there"):
         check_results_folder(tmp_path, ["perplexity.md", "perplexity.json", "cells"])
+
+
+def test_a_training_run_is_refused_in_a_results_folder(tmp_path):
+    """`train --set train.out_dir=RESULTS` wrote config.json, metrics.jsonl and checkpoints among an
+    evaluation's results (which then refused its own folder as a training run)."""
+    from landmark.files import record_results
+    from landmark.train import _check_out_dir
+    from landmark.train_config import ConfigError
+
+    record_results(tmp_path, ["perplexity.md"], "eval ppl")
+    with pytest.raises(ConfigError, match=r"holds results of an evaluation or a quickstart \(perplexity"):
+        _check_out_dir(tmp_path, resume=False)

@@ -32,6 +32,7 @@ from landmark.eval.common import (
     CellCache,
     check_common_arguments,
     check_lengths,
+    eval_command,
     load_models,
     record_results,
     result_files,
@@ -362,7 +363,7 @@ def cmd_eval_base_check(args: argparse.Namespace) -> int:
         f"read with top-{args.k} retrieval (granularity {args.granularity}); the base with its own attention."
     )
     text = f"# Beside the base model\n\n{setting}\n\n{summary}\n\n## Answers\n\n{answers}\n"
-    record_results(out, BASE_CHECK_FILES)
+    record_results(out, BASE_CHECK_FILES, eval_command(args))
     write_text_atomic(out / "base_check.md", text)
     record = {"args": vars(args) | {"func": None}, "prompts": chat_prompts_record(), "chat": chat,
               "prose": prose}  # fmt: skip
@@ -379,7 +380,7 @@ def _write(
     every cell), ``<name>.png``; print them."""
 
     intro = f"{setting}\n\n" if setting else ""
-    record_results(out, result_files(name))
+    record_results(out, result_files(name), eval_command(args))
     write_text_atomic(out / f"{name}.md", f"# {title}\n\n{intro}{table}\n")
     write_json_atomic(out / f"{name}.json", {"args": vars(args) | {"func": None}, "results": results})
     plot(results, out / f"{name}.png")

@@ -54,6 +54,11 @@ DEFAULT_OPTIONS = {k: v for k, v in sorted(Reading().options.items()) if k != "m
 CELLS = "cells"  # the cell cache's folder in a results folder
 
 
+def eval_command(args: Any) -> str:
+    """``"eval ppl"``, ``"eval passkey"``, ...: the command whose results a folder records."""
+    return f"eval {args.eval_command}"
+
+
 def result_files(name: str) -> tuple[str, str, str]:
     """The files an evaluation writes into its results folder: ``<name>.md``, ``.json`` and ``.png``."""
     return f"{name}.md", f"{name}.json", f"{name}.png"
@@ -130,7 +135,7 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
         raise ValueError(f"--out {out} is a file: give a folder for the results")
     check_not_input(out, input_folders(args), parents_ok=True)
     check_block_folder(args, input_folders(args))
-    check_results_folder(out, [*outputs, CELLS])
+    check_results_folder(out, [*outputs, CELLS], command=eval_command(args))
 
 
 def input_folders(args: Any) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from landmark.eval.common import (
     CellCache,
     cache_key_options,
     check_common_arguments,
+    eval_command,
     record_results,
     result_files,
     write_json_atomic,
@@ -344,7 +345,7 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
         "with their own attention."
     )
     table = ruler_table(results)
-    record_results(out, result_files("ruler"))
+    record_results(out, result_files("ruler"), eval_command(args))
     write_text_atomic(out / "ruler.md", f"# RULER by task and length\n\n{setting}\n\n{table}\n")
     write_json_atomic(out / "ruler.json", {"args": vars(args) | {"func": None}, "setting": setting,
                                            "seconds": round(time.perf_counter() - start, 1),
