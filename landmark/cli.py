@@ -229,6 +229,14 @@ def environment_problem() -> str | None:
     return None
 
 
+def _finetune_checkpoint(out: str) -> bool:
+    """Whether ``hf finetune --out OUT`` left a checkpoint to resume from."""
+    from landmark.hf.checks import staging_folder
+    from landmark.hf.finetune import last_checkpoint
+
+    return last_checkpoint(staging_folder(out)) is not None
+
+
 def cache_error_line(err: OSError) -> str | None:
     """A failed read or write inside the cache folder ``$LANDMARK_CACHE`` names (one that cannot be
     created, say), in one line naming the variable; None for any other path."""
@@ -327,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: every output is written atomically, so nothing half-written is left
         trains = args.command == "train" or getattr(args, "hf_command", None) == "finetune"
         hint = " (--resume continues from the last checkpoint)" if trains else ""
+        if getattr(args, "hf_command", None) == "finetune" and not _finetune_checkpoint(args.out):
+            hint = " (no checkpoint was saved yet: run the command again, without --resume)"
         for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open redraws after the message
             bar.close()
         print(f"interrupted{hint}", file=sys.stderr)

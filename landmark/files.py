@@ -162,18 +162,25 @@ def path_problem(path: Path, *, folder: bool | None = None, writable: bool = Fal
         return "cannot be read (Permission denied)" if os.path.lexists(path) else "does not exist"
     if writable and not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):
         return "is not writable"
+    mount = _mount_refusing_folders(Path(path)) if writable else None
+    if mount is not None:
+        return f"is not writable: it is on {mount}"
     return None
 
 
 def os_error_line(err: OSError, options: Iterable[tuple[str | Path | None, str]] = ()) -> str:
     """A failed read or write in one line: ``--save-state F: No space left on device (ENOSPC); ...``.
-    The file is named by its option where ``options`` ((path, option) pairs) holds it; a full disk adds
-    that the atomic writers left nothing partial behind."""
+    The file is named by its option where ``options`` ((path, option) pairs) holds it or a folder it lies
+    in; a full disk adds that the atomic writers left nothing partial behind."""
     where = None if err.filename is None else str(err.filename)
     label = where
     for path, option in options:
-        if path is not None and where is not None and os.path.abspath(str(path)) == os.path.abspath(where):
+        if path is None or where is None or label != where:
+            continue
+        if os.path.abspath(str(path)) == os.path.abspath(where):
             label = f"{option} {path}"
+        elif os.path.abspath(where).startswith(os.path.abspath(str(path)).rstrip("/") + "/"):
+            label = f"{option} {path} ({where})"  # a file the command makes inside the option's folder
     text = f"{label}: {os_error_text(err)}" if label else os_error_text(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         text += "; nothing partial was written (an earlier file there is intact): free space, then run again"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from landmark.files import atomic_write, check_output_file, os_error_text
+from landmark.files import atomic_write, check_output_file, os_error_text, path_problem
 from landmark.optional import pyplot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,8 +42,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _x(row: dict[str, Any], x: str) -> Any:
-    if x == "minutes":
-        elapsed = row.get("elapsed_s", 0.0)
+    if x == "minutes":  # (a row without its time is left out, not drawn at minute 0)
+        elapsed = row.get("elapsed_s")
         return elapsed / 60 if _finite(elapsed) else None
     return row.get("tokens") if x == "tokens" else row.get("step")
 
@@ -91,6 +91,8 @@ def plot_metrics(
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"--labels gives {len(labels)} name(s) for {len(runs)} run(s): give one per run")
     labels = list(labels) if labels is not None else [Path(r).name or str(r) for r in runs]
+    labels = [printable(label) for label in labels]  # (names of bytes that are not UTF-8 failed matplotlib)
+    title = printable(title) if title else title
     metrics = [read_metrics(run) for run in runs]
     curves = [(_points(rows, x, "loss"), _points(rows, x, "val_loss")) for rows in metrics]
     empty = [str(run) for run, (train, val) in zip(runs, curves) if not train and not val]
@@ -118,6 +120,15 @@ def plot_metrics(
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with bytes that were not UTF-8 (kept by Python as lone surrogates in arguments and file
+    names) shown as the replacement character."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate no byte stands for
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def is_png(path: Path) -> bool:
     """Whether ``path`` starts with the PNG signature."""
     try:
@@ -131,6 +142,9 @@ def check_plot_out(out: str | Path, overwrite: bool = False) -> Path:
     """``--out`` of ``plot-metrics``: a ``.png`` file name whose folder exists; an existing file only if
     it is a PNG (or ``overwrite``). One-line ValueErrors, before anything is read or written."""
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: the plot is a PNG; give a file name ending in .png")
+    if out.suffix.lower() != ".png" or out.stem == "":  # (".png" alone is a hidden file's name, no suffix)
+        raise ValueError(f"--out {out}: the plot is a PNG; give a file name ending in .png, such as loss.png")
+    problem = path_problem(out.parent if str(out.parent) else Path("."), folder=True, writable=True)
+    if problem is not None:
+        raise ValueError(f"--out {out}: its folder {out.parent} {problem}")
     return check_output_file(out, "--out", kind="a PNG image", is_kind=is_png, overwrite=overwrite)

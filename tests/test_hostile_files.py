@@ -272,6 +272,9 @@ def runs(tmp_path) -> dict:
         (["{a}", "--out", "{a}"], "--out"),
         (["{a}", "--out", "{root}/missing/x.png"], "its folder does not exist"),
         (["{a}", "--out", "{notes}"], "exists and is not a PNG image"),
+        (["{a}", "--out", "/proc/p.png"], "--out /proc/p.png: its folder /proc is not writable"),
+        (["{a}", "--out", "{root}/.png"], "such as loss.png"),
+        (["{a}", "--x", "minutes", "--out", "{root}/x.png"], "no metrics to plot"),  # rows with no time
     ],
     ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None,
 )
@@ -279,6 +282,15 @@ def test_plot_metrics_refuses(runs, capsys, extra, says):
     args = [a.format(**{k: v for k, v in runs.items()}) for a in extra]
     err = _refused(runs, capsys, says, lambda: main(["plot-metrics", *args]))
     assert says in err
+
+
+def test_plot_metrics_draws_names_that_are_not_utf8(runs, capsys):
+    """A --title or --labels of bytes that are not UTF-8 (Python keeps them as lone surrogates) ended in
+    matplotlib's TypeError: shown with the replacement character."""
+    out = runs["root"] / "odd.png"
+    argv = ["plot-metrics", str(runs["a"]), "--title", "a\udcffb", "--labels", "c\udcffd", "--out", str(out)]
+    assert main(argv) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
 
 
 def test_plot_metrics_writes_a_png_and_replaces_only_its_own_kind(runs, capsys):

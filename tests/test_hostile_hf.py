@@ -1120,7 +1120,9 @@ def test_a_refused_finetune_leaves_no_staging_folder(tiny, home, capsys):
     (corpus / "a.txt").write_text("hello")
     (corpus / "b.txt").write_text("world")
     assert main(finetune_argv(model, corpus, home / "ft")) == 2
-    assert "shorter than one window" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "shorter than one window" in err and f"--corpus {corpus}: its train split" in err
+    assert "--max-length" in err
     assert not [p.name for p in home.iterdir() if p.name.startswith(".ft")]
 
 
@@ -1187,7 +1189,7 @@ def test_base_null_in_an_otherwise_valid_delta_json_is_named(home):
     shutil.copytree(REPO / "checkpoints" / "smollm2-landmark", delta)
     meta = json.loads((delta / "delta.json").read_text())
     (delta / "delta.json").write_text(json.dumps({**meta, "base": None}))
-    with pytest.raises(ValueError, match=r"base = None is not a JSON object"):
+    with pytest.raises(ValueError, match=r"base = null is not a JSON object"):
         read_meta(delta)
 
 

@@ -229,6 +229,11 @@ def test_bad_input_errors():
         generate(model, [[1, LM, 2]], 3)
     with pytest.raises(ValueError, match=r"top_p=0\.5 samples, and temperature=0 is greedy"):
         Sampling(temperature=0, top_p=0.5)
+    for seed in ("x", 1.5, True):  # (torch's manual_seed failed later, naming nothing)
+        with pytest.raises(TypeError, match="seed must be an int or None"):
+            Sampling(temperature=1.0, seed=seed)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63 - 1\]"):
+        Sampling(temperature=1.0, seed=-1)
 
 
 @pytest.mark.parametrize("granularity", ["token_head", "token", "head"])

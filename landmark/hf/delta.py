@@ -585,7 +585,7 @@ def _check_meta_types(meta: dict[str, Any]) -> None:
     in range; a ValueError naming the first that is not."""
     for (section, key), kind in META_TYPES.items():
         if not isinstance(meta.get(section), dict):
-            raise ValueError(f"{section} = {meta.get(section)!r} is not a JSON object")
+            raise ValueError(f"{section} = {json.dumps(meta.get(section))} is not a JSON object")
         if key not in meta[section]:
             raise ValueError(f"{section}.{key} is missing")
         value = meta[section][key]

@@ -675,7 +675,12 @@ def _windows(run: _Run, tokenizer: Any) -> tuple[Any, Any, int]:
             if cfg.eval_windows
             else None
         )
-    train_set = TokenWindows(train_tokens, raw_tokens, limit=cfg.max_windows)
+    try:
+        train_set = TokenWindows(train_tokens, raw_tokens, limit=cfg.max_windows)
+    except ValueError as err:  # name what the user can change
+        corpus = cfg.corpus or "the bundled books"
+        raise ValueError(f"--corpus {corpus}: its train split: {err}: give more text, or a shorter "
+                         "--max-length") from None  # fmt: skip
     if cfg.passkey_fraction:
         haystack = BookHaystack(cfg.corpus, split="train") if cfg.passkey_books else None
         train_set = PasskeyMixWindows(
@@ -687,9 +692,13 @@ def _windows(run: _Run, tokenizer: Any) -> tuple[Any, Any, int]:
             seed=cfg.seed,
             haystack=haystack,
         )
-    eval_set = (
-        TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
-    )
+    try:
+        eval_set = (
+            TokenWindows(eval_tokens, raw_tokens, limit=cfg.eval_windows) if eval_tokens is not None else None
+        )
+    except ValueError as err:
+        raise ValueError(f"--corpus {cfg.corpus or 'the bundled books'}: its validation split: {err}: give "
+                         "more text, a shorter --max-length, or --eval-windows 0") from None  # fmt: skip
     return train_set, eval_set, len(train_tokens)
 
 

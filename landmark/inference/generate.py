@@ -55,6 +55,10 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
         if self.temperature == 0 and self.top_p < 1:
             raise ValueError(f"top_p={self.top_p} samples, and temperature=0 is greedy: set temperature > 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None (random); got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed <= 2**63 - 1:
+            raise ValueError(f"seed must be in [0, 2**63 - 1]; got {self.seed}")
 
 
 GREEDY = Sampling()  # the default: the most likely token

@@ -229,11 +229,7 @@ def check_retrieval_arguments(args: argparse.Namespace) -> None:
         except KernelUnavailableError as err:
             reason = err.__cause__ or err
             folder = os.environ.get("TORCH_EXTENSIONS_DIR")
-            where = (
-                f" (the build folder TORCH_EXTENSIONS_DIR={folder})"
-                if folder and isinstance(reason, OSError)
-                else ""
-            )
+            where = f" (the build folder: TORCH_EXTENSIONS_DIR={folder})" if folder else ""
             raise ValueError(f"--kernel cpp: {reason}{where}: use --kernel auto (the eager path)") from None
     if args.search == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ValueError('--search faiss needs faiss-cpu: pip install "landmark-attention[faiss]"')
