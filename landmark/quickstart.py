@@ -208,9 +208,8 @@ def _load_hf(args: argparse.Namespace):
     try:
         m = load_hf("smollm2-landmark", args.hf_model, base=args.base)
     except ValueError as err:
-        raise ValueError(
-            str(err).replace("--model smollm2-landmark", f"--hf-model {args.hf_model}")
-        ) from None
+        said = str(err).replace(f"--model smollm2-landmark {args.hf_model}", f"--hf-model {args.hf_model}")
+        raise ValueError(said.replace("--model smollm2-landmark", f"--hf-model {args.hf_model}")) from None
     check_chunk_len(args, m.block_size, "the SmolLM2 landmark model")
     for wording in args.wordings:
         task = PasskeyTask(wording=wording)

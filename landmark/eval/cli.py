@@ -35,6 +35,7 @@ from landmark.eval.common import (
     eval_command,
     load_models,
     record_results,
+    recorded_args,
     result_files,
     write_json_atomic,
     write_text_atomic,
@@ -331,7 +332,11 @@ def _base_check_inputs(args: argparse.Namespace):
         args.base = str(default_smollm2_dir())
     _check_made_from_base(specs, args.base)  # before the prose request extracts the bundled books
     _check_prose_request(args, Path(args.base.removeprefix(HF_PREFIX)))
-    base = load_hf("base", args.base.removeprefix(HF_PREFIX), device)
+    folder = args.base.removeprefix(HF_PREFIX)
+    try:
+        base = load_hf("base", folder, device)
+    except ValueError as err:  # (load_hf names its model "--model base PATH")
+        raise ValueError(str(err).replace(f"--model base {folder}", f"--base {args.base}")) from None
     if base.retrieves:
         raise ValueError(f"--base {args.base} is a landmark model: give the model it was made from")
     limit = int(getattr(base.model.config, "max_position_embeddings", 0) or 0)
@@ -365,7 +370,7 @@ def cmd_eval_base_check(args: argparse.Namespace) -> int:
     text = f"# Beside the base model\n\n{setting}\n\n{summary}\n\n## Answers\n\n{answers}\n"
     record_results(out, BASE_CHECK_FILES, eval_command(args))
     write_text_atomic(out / "base_check.md", text)
-    record = {"args": vars(args) | {"func": None}, "prompts": chat_prompts_record(), "chat": chat,
+    record = {"args": recorded_args(args), "prompts": chat_prompts_record(), "chat": chat,
               "prose": prose}  # fmt: skip
     write_json_atomic(out / "base_check.json", record)
     print(f"{setting}\n\n{summary}")
@@ -382,7 +387,7 @@ def _write(
     intro = f"{setting}\n\n" if setting else ""
     record_results(out, result_files(name), eval_command(args))
     write_text_atomic(out / f"{name}.md", f"# {title}\n\n{intro}{table}\n")
-    write_json_atomic(out / f"{name}.json", {"args": vars(args) | {"func": None}, "results": results})
+    write_json_atomic(out / f"{name}.json", {"args": recorded_args(args), "results": results})
     plot(results, out / f"{name}.png")
     print(intro + table)
     print(f"\nwrote {out / f'{name}.md'}, {out / f'{name}.json'}, {out / f'{name}.png'}")

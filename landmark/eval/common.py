@@ -54,6 +54,12 @@ DEFAULT_OPTIONS = {k: v for k, v in sorted(Reading().options.items()) if k != "m
 CELLS = "cells"  # the cell cache's folder in a results folder
 
 
+def recorded_args(args: Any) -> dict[str, Any]:
+    """The command's options as a results file records them: the parser's internal fields (the
+    function to run, ``_``-prefixed notes) left out."""
+    return {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
+
+
 def eval_command(args: Any) -> str:
     """``"eval ppl"``, ``"eval passkey"``, ...: the command whose results a folder records."""
     return f"eval {args.eval_command}"

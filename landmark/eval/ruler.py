@@ -32,6 +32,7 @@ from landmark.eval.common import (
     check_common_arguments,
     eval_command,
     record_results,
+    recorded_args,
     result_files,
     write_json_atomic,
     write_text_atomic,
@@ -347,7 +348,7 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     table = ruler_table(results)
     record_results(out, result_files("ruler"), eval_command(args))
     write_text_atomic(out / "ruler.md", f"# RULER by task and length\n\n{setting}\n\n{table}\n")
-    write_json_atomic(out / "ruler.json", {"args": vars(args) | {"func": None}, "setting": setting,
+    write_json_atomic(out / "ruler.json", {"args": recorded_args(args), "setting": setting,
                                            "seconds": round(time.perf_counter() - start, 1),
                                            "results": results})  # fmt: skip
     plot_ruler(results, out / "ruler.png")

@@ -197,6 +197,9 @@ def resolve_device(value: str | None) -> str:
 
 def check_retrieval_arguments(args: argparse.Namespace) -> None:
     """One-line ValueErrors for values the parser cannot check (before any work is done)."""
+    if getattr(args, "compile", False) and args.kernel == "cpp":
+        raise ValueError("--compile runs torch.compile'd stages in place of the C++ kernel, which --kernel "
+                         "cpp asks for: give one of them")  # fmt: skip
     ks = option_values(args.k)
     k_zero = getattr(args, "_k_zero", False)
     bad = [k for k in ks if k < 0 or (k == 0 and not k_zero)]
