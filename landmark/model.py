@@ -94,8 +94,8 @@ class ModelConfig:
     def value_checks(self) -> list[tuple[bool, str, Any]]:
         """(ok, "<field> must be <expected>", value) for every field with a range: sizes >= 1, a finite
         positive RoPE base, dropout in [0, 1), a known attention implementation."""
-        checks = [(_is_int(getattr(self, k)) and getattr(self, k) >= 1, f"{k} must be >= 1", getattr(self, k))
-                  for k in MODEL_SIZES]  # fmt: skip
+        checks = [(_is_int(getattr(self, k)) and getattr(self, k) >= 1, f"{k} must be an integer >= 1",
+                   getattr(self, k)) for k in MODEL_SIZES]  # fmt: skip
         real = is_finite_real
         checks += [
             (real(self.rope_base) and self.rope_base > 0, "rope_base must be > 0", self.rope_base),

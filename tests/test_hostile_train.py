@@ -122,14 +122,14 @@ BAD_VALUES = [
     ("model.rope_base=inf", "model.rope_base must be > 0 and finite"),
     ("model.dropout=1.5", "model.dropout must be in [0, 1); got 1.5"),
     ("model.dropout=-0.1", "model.dropout must be in [0, 1); got -0.1"),
-    ("model.n_embd=0", "model.n_embd must be >= 1; got 0"),
-    ("model.n_embd=-64", "model.n_embd must be >= 1; got -64"),
-    ("model.n_layer=0", "model.n_layer must be >= 1; got 0"),
-    ("model.n_head=0", "model.n_head must be >= 1; got 0"),
-    ("model.n_kv_head=0", "model.n_kv_head must be >= 1; got 0"),
-    ("model.mlp_ratio=0", "model.mlp_ratio must be >= 1; got 0"),
-    ("model.seq_len=0", "model.seq_len must be >= 1; got 0"),
-    ("model.vocab_size=0", "model.vocab_size must be >= 1"),
+    ("model.n_embd=0", "model.n_embd must be an integer >= 1; got 0"),
+    ("model.n_embd=-64", "model.n_embd must be an integer >= 1; got -64"),
+    ("model.n_layer=0", "model.n_layer must be an integer >= 1; got 0"),
+    ("model.n_head=0", "model.n_head must be an integer >= 1; got 0"),
+    ("model.n_kv_head=0", "model.n_kv_head must be an integer >= 1; got 0"),
+    ("model.mlp_ratio=0", "model.mlp_ratio must be an integer >= 1; got 0"),
+    ("model.seq_len=0", "model.seq_len must be an integer >= 1; got 0"),
+    ("model.vocab_size=0", "model.vocab_size must be an integer >= 1"),
     ("model.n_head=3", "error: model.n_head (3) must divide n_embd (64)"),
     ("model.n_embd=12", "head_dim = n_embd / n_head must be even"),
     ("model.n_kv_head=3", "error: model.n_kv_head (3) must divide n_head (4)"),
@@ -298,7 +298,7 @@ DAMAGES = [
     ("truncated state", [], ["step_00000002/state.pt cannot be loaded", "damaged"]),
     ("config not JSON", [], ["config.json is not valid JSON"]),
     ("shapes", ["model.n_embd=32"], ["model.safetensors cannot be loaded", "size mismatch"]),
-    ("zero heads", ["model.n_head=0"], ["model.n_head must be >= 1"]),  # the run's own config: refused first
+    ("zero heads", ["model.n_head=0"], ["model.n_head must be an integer >= 1"]),  # the run's own config: refused first
     ("zero heads", [], ["config.json: invalid model settings"]),
 ]
 

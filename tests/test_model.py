@@ -128,9 +128,9 @@ def test_config_errors_are_one_line():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("n_embd", 0, "n_embd must be >= 1; got 0"),
-        ("n_layer", 2.0, "n_layer must be >= 1; got 2.0"),  # not an integer
-        ("vocab_size", -1, "vocab_size must be >= 1"),
+        ("n_embd", 0, "n_embd must be an integer >= 1; got 0"),
+        ("n_layer", 2.0, "n_layer must be an integer >= 1; got 2.0"),  # not an integer
+        ("vocab_size", -1, "vocab_size must be an integer >= 1"),
         ("rope_base", float("inf"), "rope_base must be > 0 and finite; got inf"),
         ("rope_base", -1.0, "rope_base must be > 0; got -1.0"),
         ("dropout", 1.0, r"dropout must be in \[0, 1\); got 1.0"),
