@@ -26,7 +26,9 @@ from landmark.data.books import CACHE_ENV
 from landmark.data.dataset import prepare_error_line
 from landmark.eval.cli import add_eval_parser
 from landmark.files import is_within, os_error_line, os_error_text, path_problem
+from landmark.hf.checks import staging_folder
 from landmark.hf.cli import add_hf_parser
+from landmark.hf.finetune import last_checkpoint
 from landmark.inference.cli import add_generate_parser
 from landmark.inference.kernel import KERNEL_ENV
 from landmark.inference.options import check_seed
@@ -231,9 +233,6 @@ def environment_problem() -> str | None:
 
 def _finetune_checkpoint(out: str) -> bool:
     """Whether ``hf finetune --out OUT`` left a checkpoint to resume from."""
-    from landmark.hf.checks import staging_folder
-    from landmark.hf.finetune import last_checkpoint
-
     return last_checkpoint(staging_folder(out)) is not None
 
 
