@@ -324,6 +324,9 @@ def check_output_file(
         raise ValueError(f"{option} {path}: its folder does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: its folder {folder} is not writable")
+    mount = _mount_refusing_folders(folder)  # (root passes os.access even there)
+    if mount is not None:
+        raise ValueError(f"{option} {path}: its folder {folder} is not writable: it is on {mount}")
     what = _read_by(path, reads)
     if what is not None:
         raise ValueError(f"{option} {path} is {what}, which this command reads: write to another file")
@@ -502,6 +505,7 @@ def models_held(folder: str | Path) -> str | None:
 
 
 RESULTS_RECORD = ".landmark-results"  # in a results folder: a line per name the library wrote there
+CELLS = "cells"  # the evaluations' cell cache in a results folder
 SHARED = "-"  # the record's writer of a name every command may share (the cells cache)
 
 
@@ -520,14 +524,9 @@ def results_owners(out: str | Path) -> dict[str, str | None]:
             name, _, command = line.partition("\t")
             owners[name] = None if command in ("", SHARED) else command
         return owners
-    if (Path(out) / "cells").is_dir():
+    if (Path(out) / CELLS).is_dir():
         return {p.name: None for p in Path(out).iterdir()}
     return {}
-
-
-def results_written(out: str | Path) -> set[str]:
-    """The names :func:`results_owners` finds in ``out``."""
-    return set(results_owners(out))
 
 
 def record_results(out: str | Path, names: Iterable[str], command: str | None = None) -> None:

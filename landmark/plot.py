@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from landmark.files import atomic_write, check_output_file, os_error_text, path_problem
+from landmark.files import atomic_write, check_output_file, os_error_text
 from landmark.optional import pyplot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -142,9 +142,6 @@ def check_plot_out(out: str | Path, overwrite: bool = False) -> Path:
     """``--out`` of ``plot-metrics``: a ``.png`` file name whose folder exists; an existing file only if
     it is a PNG (or ``overwrite``). One-line ValueErrors, before anything is read or written."""
     out = Path(out)
-    if out.suffix.lower() != ".png" or out.stem == "":  # (".png" alone is a hidden file's name, no suffix)
+    if out.suffix.lower() != ".png":  # (".png" alone is a hidden file's name, without a suffix)
         raise ValueError(f"--out {out}: the plot is a PNG; give a file name ending in .png, such as loss.png")
-    problem = path_problem(out.parent if str(out.parent) else Path("."), folder=True, writable=True)
-    if problem is not None:
-        raise ValueError(f"--out {out}: its folder {out.parent} {problem}")
     return check_output_file(out, "--out", kind="a PNG image", is_kind=is_png, overwrite=overwrite)

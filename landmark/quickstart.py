@@ -47,7 +47,7 @@ from landmark.eval.passkey import (
     plot_passkey,
 )
 from landmark.eval.perplexity import evaluate_perplexity, perplexity_table, plot_perplexity
-from landmark.files import check_not_input, check_results_folder, record_results, write_text_atomic
+from landmark.files import CELLS, check_not_input, check_results_folder, record_results, write_text_atomic
 from landmark.hf.delta import is_delta, read_meta, resolve_base
 from landmark.inference.options import (
     Reading,
@@ -72,7 +72,7 @@ TRAIN_MINUTES = 12.0  # the budget of --train
 MIN_PASSKEY_LENGTH = 256  # below this no passkey prompt fits (checked exactly once the model is loaded)
 SEED = 0  # passkey keys
 # what the quickstart writes into --out (a user's own file of one of these names there is refused)
-OUTPUTS = ("report.md", "perplexity.png", "passkey.png", "base.log", "base", "model", "cells")
+OUTPUTS = ("report.md", "perplexity.png", "passkey.png", "base.log", "base", "model", CELLS)
 
 
 def _train_on_the_spot(out: Path, minutes: float) -> Path:

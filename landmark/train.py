@@ -65,7 +65,7 @@ from landmark.files import (
     RunLock,
     first_line,
     os_error_text,
-    results_written,
+    results_owners,
     write_json_atomic,
     write_text_atomic,
 )
@@ -551,7 +551,7 @@ def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
             f"train.out_dir {out_dir} holds a model ({held[0]}): it is a checkpoint or model folder, not a "
             "run folder; choose another train.out_dir"
         )
-    results = sorted(results_written(out_dir))
+    results = sorted(results_owners(out_dir))
     if results:  # a run's files would land among an evaluation's (which then refuses the folder)
         raise ConfigError(
             f"train.out_dir {out_dir} holds results of an evaluation or a quickstart "

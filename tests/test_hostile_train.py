@@ -298,7 +298,8 @@ DAMAGES = [
     ("truncated state", [], ["step_00000002/state.pt cannot be loaded", "damaged"]),
     ("config not JSON", [], ["config.json is not valid JSON"]),
     ("shapes", ["model.n_embd=32"], ["model.safetensors cannot be loaded", "size mismatch"]),
-    ("zero heads", ["model.n_head=0"], ["model.n_head must be an integer >= 1"]),  # the run's own config: refused first
+    # the run's own config: refused first
+    ("zero heads", ["model.n_head=0"], ["model.n_head must be an integer >= 1"]),
     ("zero heads", [], ["config.json: invalid model settings"]),
 ]
 

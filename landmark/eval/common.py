@@ -20,6 +20,7 @@ from landmark.eval.models import (
     parse_model_arg,
 )
 from landmark.files import (  # noqa: F401 - the writers
+    CELLS,
     check_not_input,
     check_results_folder,
     record_results,
@@ -49,9 +50,6 @@ __all__ = [
 
 # the default reading's options that change results (where the memory lives does not)
 DEFAULT_OPTIONS = {k: v for k, v in sorted(Reading().options.items()) if k != "memory_device"}
-
-
-CELLS = "cells"  # the cell cache's folder in a results folder
 
 
 def recorded_args(args: Any) -> dict[str, Any]:
@@ -139,8 +137,9 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
-    check_not_input(out, input_folders(args), parents_ok=True)
-    check_block_folder(args, input_folders(args))
+    reads = input_folders(args)
+    check_not_input(out, reads, parents_ok=True)
+    check_block_folder(args, reads)
     check_results_folder(out, [*outputs, CELLS], command=eval_command(args))
 
 

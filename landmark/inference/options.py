@@ -331,7 +331,7 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
                          "> 0, or drop --seed")  # fmt: skip
     if top_p is None:  # greedy keeps every token
         args.top_p = getattr(args, "default_top_p", 1.0) if args.temperature > 0 else 1.0
-    check_seed(getattr(args, "seed", None))
+    check_seed(seed)
 
 
 def check_utf8(text: str, option: str) -> str:
