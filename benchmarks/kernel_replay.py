@@ -11,7 +11,8 @@ the selections are identical.
   ``--chunk-len`` 256, ``--k`` 4, ``--granularity`` token_head; but ``--kernel`` cpp: the calls to
   capture are the kernel's); the kernel's inputs of the last ``--calls`` calls (the last chunks, every
   layer) are saved with ``torch.save`` beside the reading (large: the block memory of every call; about
-  3 GB for 12 calls at 128k tokens).
+  3 GB for 12 calls at 128k tokens). With ``--old-blocks N``: no read, but two chunks of one layer of
+  SmolLM2's layout against N random old blocks (the scan at lengths no read here reaches).
 * ``compare``: builds each given source (``torch.utils.cpp_extension``, ``-O3 -march=native``) and
   replays the captured calls. ``@library`` as a source is the kernel the library itself built and uses
   (``landmark.inference.kernel``; no build here). Its JSON records the capture's reading.
@@ -23,6 +24,7 @@ Usage::
     python benchmarks/kernel_replay.py compare /tmp/calls_8k.pt /tmp/old.cpp \
         landmark/inference/csrc/retrieval.cpp
     python benchmarks/kernel_replay.py compare /tmp/calls_8k.pt @library /tmp/new.cpp  # the library's first
+    python benchmarks/kernel_replay.py capture --old-blocks 16384 --block-dtype int8 --out /tmp/calls_1m.pt
 """
 
 from __future__ import annotations
@@ -85,6 +87,63 @@ def capture(args: argparse.Namespace, reading) -> None:
     print(f"saved the last {len(calls)} kernel calls of a {args.length}-token read to {args.out}")
 
 
+SYNTHETIC_LAYOUT = {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 64}  # SmolLM2-135M's layer
+
+
+def capture_synthetic(args: argparse.Namespace, reading) -> None:
+    """Save the kernel inputs of two chunks (``--chunk-len`` rows) of one layer of SmolLM2's layout read
+    against ``args.old_blocks`` random old blocks (the scan's cost at a length no read reaches here:
+    16,384 blocks are a million tokens): ``{"reading": ..., "length": blocks x block size, "calls":
+    [...]}``."""
+    import torch
+
+    from landmark.inference import kernel
+    from landmark.inference.cache import CacheOptions, RetrievalCache
+
+    torch.set_num_threads(1)
+    h, kv, d, bs = (SYNTHETIC_LAYOUT[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    g = torch.Generator().manual_seed(0)
+    cache = RetrievalCache(1, block_size=bs, rope_base=100000.0, retrieval=reading.retrieval,
+                           options=CacheOptions(reading.chunk_len))  # fmt: skip
+
+    def chunk():
+        rows = reading.chunk_len
+        q, k, v = torch.randn(1, h, rows, d, generator=g), *torch.randn(2, 1, kv, rows, d, generator=g)
+        return cache.attend(0, q, k, v)
+
+    chunk()  # makes the layer's memory
+    memory = cache.memories[0]
+    memory.reserve(args.old_blocks + 2 * reading.chunk_len // bs + 1)
+    for start in range(0, args.old_blocks, 1024):
+        m = min(1024, args.old_blocks - start)
+        memory.append(0, *torch.randn(2, kv, m, bs, d, generator=g))
+    calls: list[tuple] = []
+
+    class Recorder:  # the compiled module, keeping the inputs of every call
+        def __init__(self, module):
+            self.module = module
+
+        def retrieval_step(self, *inputs):
+            calls.append(tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs))
+            return self.module.retrieval_step(*inputs)
+
+    original = kernel.kernel_plan
+    kernel.kernel_plan = lambda module, *a, **k: original(Recorder(module), *a, **k)
+    try:
+        with torch.no_grad():
+            chunk(), chunk()
+    finally:
+        kernel.kernel_plan = original
+    if not calls:
+        raise SystemExit(f"capture: the chunks made no kernel calls (--kernel {reading.kernel})")
+    length = args.old_blocks * bs
+    torch.save({"reading": dataclasses.asdict(reading), "length": length, "calls": calls}, args.out)
+    print(
+        f"saved {len(calls)} kernel calls of chunks against {args.old_blocks:,} random old blocks to "
+        f"{args.out}"
+    )
+
+
 def compare(args: argparse.Namespace) -> None:
     """Replay the captured calls against every source; print a table, write JSON."""
     import torch
@@ -144,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         "--calls", type=int, default=36, help="keep the last N calls (default 36: 9 chunks x 4 layers)"
     )
     p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "passkey-landmark"))
+    p.add_argument(
+        "--old-blocks",
+        type=int,
+        default=None,
+        help="instead of a read: two chunks of one layer of SmolLM2's layout against N random old blocks",
+    )
     p.add_argument("--out", required=True, help="the file of captured calls (torch.save)")
     add_retrieval_arguments(p)
     # --kernel cpp, not the library's auto: a read without the kernel has nothing to capture
@@ -162,7 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
     args.command = command_line(__file__, argv)
-    if args.cmd == "capture":
+    if args.cmd == "capture" and args.old_blocks is not None:
+        if args.old_blocks < 1:
+            capture_parser.error("--old-blocks must be >= 1")
+        capture_synthetic(
+            args, parse_reading(capture_parser, args, block_size=SYNTHETIC_LAYOUT["block_size"])
+        )
+    elif args.cmd == "capture":
         if args.length < 1 or args.calls < 1:
             capture_parser.error("--length and --calls must be >= 1")
         from prefill import checkpoint_block_size

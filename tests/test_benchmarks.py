@@ -407,6 +407,21 @@ def test_kernel_replay_capture_and_compare(tmp_path):
 
 
 @pytest.mark.slow
+def test_kernel_replay_captures_chunks_against_random_old_blocks(tmp_path):
+    """kernel_replay.py capture --old-blocks: two chunks of one layer of SmolLM2's layout against N random
+    old blocks (int8), replayed against the library's kernel: the same outputs and selections."""
+    replay = bench("kernel_replay")
+    calls = tmp_path / "calls.pt"
+    replay.main(["capture", "--old-blocks", "130", "--block-dtype", "int8", "--out", str(calls)])
+    captured = torch.load(calls)
+    assert captured["length"] == 130 * 64 and len(captured["calls"]) == 2
+    assert Reading(**captured["reading"]) == Reading(kernel="cpp", block_dtype="int8")
+    out = tmp_path / "replay.json"
+    replay.main(["compare", str(calls), "@library", "@library", "--repeats", "1", "--out", str(out)])
+    rows = read_json(out)["results"]
+    assert all(r["max_diff"] == 0.0 and r["same_selection"] and positive(r["best_cpu_s"]) for r in rows)
+
+
 def test_kernel_replay_builds_a_source(tmp_path):
     """kernel_replay.py compare with a source file: built here (the compiler: slow the first time), the
     same selections as the library's kernel built from the same file."""
