@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -638,9 +639,11 @@ def _restore(
     except CheckpointError:
         raise
     except Exception as err:  # torch.load and load_state_dict raise several kinds
-        raise CheckpointError(
-            f"{where / STATE_FILE} cannot be loaded ({first_line(err)}): the file is damaged or missing"
-        ) from None
+        path = where / STATE_FILE
+        if path.is_file() and not zipfile.is_zipfile(path):  # (a torch.save zip cut short has no directory)
+            raise CheckpointError(f"{path} is cut short or damaged (not a whole torch archive)") from None
+        reason = first_line(err)
+        raise CheckpointError(f"{path} cannot be loaded ({reason}): the file is damaged or missing") from None
 
 
 def _hold(lock: RunLock) -> None:

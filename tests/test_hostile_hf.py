@@ -414,10 +414,11 @@ def test_hf_generate_command_reads_the_string_as_text(landmark_model, home, caps
     tok.save_pretrained(folder)
     prompt = "Call me <landmark> Ishmael"
     argv = ["hf", "generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "3", "--k", "0"]
+    want = lhf.generate(model, tok, prompt, 3)[0] + "\n"  # the continuation only, not the prompt again
     assert main(argv) == 0
-    assert capsys.readouterr().out.startswith(prompt)
+    assert capsys.readouterr().out == want
     assert main([*argv, "--device", "cpu"]) == 0  # named explicitly: the same text
-    assert capsys.readouterr().out.startswith(prompt)
+    assert capsys.readouterr().out == want
 
 
 @pytest.mark.parametrize("device", ["cuda:99", "abacus"])

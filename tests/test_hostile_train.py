@@ -295,7 +295,7 @@ DAMAGES = [
     ("truncated weights", [], ["step_00000002/model.safetensors cannot be loaded", "damaged"]),
     ("missing weights", [], ["step_00000002 is incomplete: model.safetensors missing"]),
     ("missing state", [], ["step_00000002/state.pt cannot be loaded", "missing"]),
-    ("truncated state", [], ["step_00000002/state.pt cannot be loaded", "damaged"]),
+    ("truncated state", [], ["step_00000002/state.pt is cut short or damaged (not a whole torch archive)"]),
     ("config not JSON", [], ["config.json is not valid JSON"]),
     ("shapes", ["model.n_embd=32"], ["model.safetensors cannot be loaded", "size mismatch"]),
     # the run's own config: refused first

@@ -403,7 +403,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except StateFileError as err:  # saved for another model or batch size: found when loading it
         raise ValueError(f"--load-state {err}") from None
-    print(args.prompt + text)
+    print(text)  # the continuation only, as `landmark generate` (a long prompt is not printed back)
     return 0
 
 
