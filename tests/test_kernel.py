@@ -95,6 +95,10 @@ def test_kernel_matches_eager_decode_step(batch, heads, kv_heads, dim, bs, n, k)
         (3, 3, 8, 5, [0, 9], 2, 23),  # an empty memory next to a full one; odd block size
         (8, 2, 64, 64, [70, 66], 4, 130),  # the shipped models' block size, several tiles
         (6, 2, 20, 8, [300, 129], 4, 40),  # old landmarks over several panels of the scan, a ragged last
+        # the scan takes six queries at a time: tiles of 7, 10 and 22 queries leave 1, 4 and 4 over
+        (2, 2, 16, 8, [150, 150], 3, 39),
+        (4, 2, 16, 8, [150, 140], 4, 43),
+        (3, 3, 16, 8, [150, 140], 4, 42),
     ],
 )
 def test_kernel_matches_eager_prefill_chunk(heads, kv_heads, dim, bs, counts, k, rows):
