@@ -71,6 +71,9 @@ def random_step(batch, heads, kv_heads, dim, rows, tails, q_len, seed):
         (3, 6, 3, 16, 5, 9, 4),  # odd block size, three rows
         (2, 4, 1, 6, 7, 5, 5),  # n == k (every block selected), head_dim below the vector width
         (1, 4, 4, 32, 16, 40, 1),  # k = 1
+        # 64 old blocks or more: the float scan where the keys are stored, then the exact candidates
+        (2, 6, 2, 24, 8, 150, 4),  # head_dim not a multiple of the vector width
+        (1, 8, 1, 16, 4, 97, 3),  # eight query heads on one kv head: scans of six queries and the rest
     ],
 )
 def test_kernel_matches_eager_decode_step(batch, heads, kv_heads, dim, bs, n, k):
@@ -139,6 +142,18 @@ def test_kernel_reads_a_wrapped_ring_buffer():
     q, lk, lv, local_len = random_step(2, 4, 2, 16, 40, tails, q_len, 5)
     out, _ = both(q, lk, lv, local_len, tails, q_len, memory, 3, 8, 16)
     assert (out["cpp"] - out["torch"]).abs().max() < 2e-5
+
+
+def test_kernel_decodes_over_a_wrapped_ring_buffer_of_many_blocks():
+    """A decode step's scan where the keys are stored, over the two runs of slots of an evicting memory."""
+    memory = random_memory(2, 2, 8, 16, [130, 100], seed=9, max_blocks=90)
+    assert any(memory.start)
+    for rows in (1, 2):
+        tails, q_len = torch.tensor([3, 5]), torch.full((2,), rows)
+        q, lk, lv, local_len = random_step(2, 6, 2, 16, rows, tails, q_len, rows)
+        out, stats = both(q, lk, lv, local_len, tails, q_len, memory, 4, 8, 16)
+        assert (out["cpp"] - out["torch"]).abs().max() < 2e-5, rows
+        assert stats["cpp"] == stats["torch"]
 
 
 def reference_selection(q, q_start, memory, k, bs):
@@ -228,27 +243,31 @@ def test_kernel_breaks_ties_among_duplicated_landmarks_like_eager():
     memory = random_memory(2, 2, 8, 8, 70, seed=6)
     for row in range(2):  # blocks 40..69 repeat the landmark keys of blocks 3..32
         memory.landmark_keys[row, :, 40:70] = memory.landmark_keys[row, :, 3:33]
-    for rows in (5, 19):
+    for rows in (1, 2, 5, 19):  # decode steps (the scan where the keys are stored) and prefill chunks
         tails, q_len = torch.tensor([1, 4]), torch.full((2,), rows)
         q, lk, lv, local_len = random_step(2, 4, 2, 8, rows, tails, q_len, rows)
         out, _ = both(q, lk, lv, local_len, tails, q_len, memory, 3, 8, 8)
         assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
 
 
-@pytest.mark.parametrize("n", [90, 301])
-def test_kernel_orders_nearly_tied_landmarks_like_eager(n):
+@pytest.mark.parametrize("n, spread", [(90, 1e-5), (301, 1e-5), (120, 3e-7)])
+def test_kernel_orders_nearly_tied_landmarks_like_eager(n, spread):
     """Landmark keys that differ only in their last digits (a converted model's first layer): every old
     block is a candidate of the float scan, and the kernel's exact scores order them as the eager
     path's float64 scores do (within one panel of the scan's copy of the keys, and across three)."""
     memory = random_memory(1, 2, 8, 16, n, seed=7)
     g = torch.Generator().manual_seed(8)
     key = memory.landmark_keys[:, :, :1].clone()
-    memory.landmark_keys[:, :, :n] = key * (1 + 1e-5 * torch.randn(1, 2, n, 16, generator=g))
-    for rows in (6, 33):
+    # (3e-7: the float scan's rounding is larger than the gaps between scores: only its error bound
+    # keeps the best blocks among the candidates)
+    memory.landmark_keys[:, :, :n] = key * (1 + spread * torch.randn(1, 2, n, 16, generator=g))
+    for rows in (1, 6, 33):
         tails, q_len = torch.tensor([3]), torch.full((1,), rows)
         q, lk, lv, local_len = random_step(1, 4, 2, 16, rows, tails, q_len, rows)
         out, _ = both(q, lk, lv, local_len, tails, q_len, memory, 4, 8, 16)
         assert (out["cpp"] - out["torch"]).abs().max() < 1e-5, rows
+    if spread < 1e-6:  # (gaps below float resolution: the outputs above are the check)
+        return
     expected, margin = reference_selection(q, tails, memory, 4, 8)
     _, selected = inference_helpers.kernel_step(q, lk, lv, local_len, tails, q_len, memory, 4, 16**-0.5)
     clear = margin > 1e-6
@@ -338,6 +357,17 @@ def test_kernel_survives_nan_landmark_keys():
     memory = random_memory(1, 2, 8, 8, 5, seed=5)
     memory.landmark_keys[0, :, 1:4] = float("nan")  # 2 finite landmark scores, k = 4
     for rows in (1, 5):
+        q = torch.randn(1, 4, rows, 8)
+        lk, lv = torch.randn(1, 2, 2 + rows, 8), torch.randn(1, 2, 2 + rows, 8)
+        retrieval = RetrievalConfig(k=4, kernel="cpp")
+        q_len = torch.full((1,), rows)
+        out = inference_helpers.attend(
+            q, lk, lv, torch.tensor([2 + rows]), torch.tensor([2]), q_len, memory, retrieval, 8, BASE, 0.3
+        )
+        assert torch.isfinite(out).all()
+    memory = random_memory(1, 2, 8, 8, 80, seed=5)  # a decode step's float scan over NaN keys
+    memory.landmark_keys[0, :, 3:78] = float("nan")
+    for rows in (1, 2):
         q = torch.randn(1, 4, rows, 8)
         lk, lv = torch.randn(1, 2, 2 + rows, 8), torch.randn(1, 2, 2 + rows, 8)
         retrieval = RetrievalConfig(k=4, kernel="cpp")

@@ -62,7 +62,8 @@ typedef double vdouble __attribute__((vector_size(kHalf * sizeof(double))));
 typedef float vfloat_half __attribute__((vector_size(kHalf * sizeof(float))));
 constexpr int64_t kPanel = 8 * kLanes;  // landmark keys per panel of the scan's copy (see scan_landmarks)
 constexpr int64_t kScanQueries = 6;  // queries per float scan of the old landmark keys (see scan_landmarks)
-constexpr int64_t kManyCandidates = 16;  // more scan candidates than this: exact scores by vectors
+constexpr int64_t kManyCandidates = 16;
+constexpr int64_t kRowScanMin = 64;  // old blocks from which a decode step scans in float first (see row_scores)  // more scan candidates than this: exact scores by vectors
 
 inline vfloat load(const float* p) {
   vfloat v;
@@ -403,6 +404,60 @@ inline void exact_scores8(const double* q64, const float* lt, int64_t stride, in
   std::memcpy(out, &a, sizeof(a));
 }
 
+// The sum of a vector's lanes, pairwise: halves added as vectors (lanes l and l + kHalf, then l and
+// l + kHalf / 2 of those), the last four lanes as scalars.
+inline float lane_sum(vfloat a) {
+  vfloat_half lo, hi;
+  std::memcpy(&lo, &a, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof(lo), sizeof(hi));
+  const vfloat_half h = lo + hi;
+  typedef float vfloat_quarter __attribute__((vector_size(kHalf / 2 * sizeof(float))));
+  vfloat_quarter l2, h2;
+  std::memcpy(&l2, &h, sizeof(l2));
+  std::memcpy(&h2, reinterpret_cast<const char*>(&h) + sizeof(l2), sizeof(h2));
+  const vfloat_quarter q = l2 + h2;
+  float x[kHalf / 2];
+  std::memcpy(x, &q, sizeof(x));
+  float sum = 0.f;
+  for (int64_t w = kHalf / 4; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) x[l] += x[l + w];
+  sum = x[0];
+  return sum;
+}
+
+// Float scores out[j][i] = q_j . key_i of nq <= kScanQueries queries and n keys stored one after another
+// (dim floats each): a decode step's scan of the landmark keys where they are stored, every key read
+// once for all the queries (at a million tokens the keys outgrow the caches: the scan is a pass over
+// memory). Raises *max_key to the keys' largest magnitude. Every score is the same sequence of
+// operations (vectors over d, then lane_sum), so equal keys get equal scores; the float scan's error
+// bound (old_candidates) holds for any order of the sum.
+inline void row_scores(const float* const* q, int64_t nq, const float* keys, int64_t n, int64_t dim,
+                       float* const* out, float* max_key) {
+  const int64_t dv = dim / kLanes * kLanes;
+  vfloat mx{};
+  float mx_tail = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* key = keys + i * dim;
+    vfloat a[kScanQueries] = {};
+    for (int64_t d = 0; d < dv; d += kLanes) {
+      const vfloat k = load(key + d);
+      const vfloat ak = k < 0.f ? -k : k;
+      mx = ak > mx ? ak : mx;
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < kScanQueries; ++j)
+        if (j < nq) a[j] += load(q[j] + d) * k;
+    }
+    for (int64_t j = 0; j < nq; ++j) {
+      float sum = lane_sum(a[j]);
+      for (int64_t d = dv; d < dim; ++d) sum += q[j][d] * key[d];
+      out[j][i] = sum;
+    }
+    for (int64_t d = dv; d < dim; ++d) mx_tail = std::max(mx_tail, std::fabs(key[d]));
+  }
+  for (int64_t l = 0; l < kLanes; ++l) mx_tail = std::max(mx_tail, mx[l]);
+  *max_key = std::max(*max_key, mx_tail);
+}
+
 // The scan's copy of the old landmark keys is a sequence of panels of kPanel keys, each key-major
 // ((D, kPanel) floats, zero padding after the last key): the scan then reads one contiguous run of
 // memory per panel, where a plain key-major copy (D, n) would read D rows n floats apart at once (as
@@ -468,7 +523,8 @@ int64_t all_or_recent(const double* q64, int64_t n_old, int64_t k, int64_t dim, 
 // The old blocks that can be among the top k, from their float scan scores, and their landmark scores
 // as the eager path defines them (retrieval._landmark_scores: summed in double, rounded to float):
 // writes the candidates' indices (ascending) to cand and their exact scores to cand_score, returns
-// their count. The float scan (sum over d in order, one lane per key) errs by at most
+// their count; lt: the keys in panels, for exact scores eight at a time (nullptr: one by one). The float
+// scan (a sum over d in any order of depth at most D + 1) errs by at most
 // bound = 2 (D + 1) 2^-24 sum_d |q_d| max|key|. A lower bound of the k-th best float score is the k-th
 // best of the lanes' maxima (k distinct scores); every block whose exact score reaches the k-th best
 // exact score has a float score within 2 bound (+ the float rounding) of it, so only those candidates
@@ -510,7 +566,7 @@ int64_t old_candidates(const float* q, const double* q64, const float* scan, con
   // the exact scores: one by one for a few candidates; eight keys per vector for many (nearly tied
   // landmarks: a converted model's first layer, whose un-rotated keys differ by rounding). One method
   // for all the candidates of a query, so that equal keys keep equal scores.
-  if (m <= kManyCandidates) {
+  if (m <= kManyCandidates || lt == nullptr) {
     for (int64_t j = 0; j < m; ++j) cand_score[j] = landmark_score4(q64, key(cand[j]), dim);
   } else {
     double exact[kHalf];
@@ -649,12 +705,13 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
 
   at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> q_lm64(D);
-    std::vector<float> lt, scan, qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, groups, weight;
+    std::vector<float> lt, scan, row_scan, qs(D), lkt, q_lm, q_att, lm_scores, mem, loc_scores, acc, groups, weight;
     std::vector<float> best(std::max<int64_t>(K, 1));
     std::vector<int64_t> sel, n_sel, cand;
     std::vector<std::pair<int64_t, int64_t>> uses;  // (block, query * K + rank), sorted by block
     std::vector<float> rot(D), block_buf(D * bs);  // one block's keys or values, converted to float32
-    int64_t lt_of = -1, lkt_of = -1, rotated = 0;  // whose keys lt and lkt hold (b * Hkv + kv); lkt's count
+    // whose keys lt, lkt, same_keys and max_key describe (b * Hkv + kv); lkt's count
+    int64_t lt_of = -1, lkt_of = -1, keys_of = -1, rotated = 0;
     float max_key = 0.f;
     bool same_keys = false;  // all old landmark keys bitwise equal
     for (int64_t task = begin; task < end; ++task) {
@@ -668,27 +725,29 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
       const float* lm = lmp + bk * cap * D;
       const BlockStore kb = key_store.at(bk * cap, bs * D);  // this row and kv head's slots
       const BlockStore vb = value_store.at(bk * cap, (bs - 1) * D);
-      // the old blocks' landmark keys, key-major (the scan of every query of the tile reads them), and
-      // their largest magnitude (for the float scan's error bound); made once for consecutive tasks of
-      // one (row, kv head)
+      // whether the old blocks' landmark keys are all equal, and their largest magnitude (for the float
+      // scan's error bound): once for consecutive tasks of one (row, kv head). The old keys are at most
+      // two runs of slots (the ring buffer may wrap around): `run` keys from phys(0), then from slot 0.
       const int64_t lt_len = panel_length(n_old);
       const bool direct = rows <= 2;  // a decode step: score the landmarks where they are stored
-      if (!given && n_old > 0 && !direct && lt_of != bk) {
-        lt_of = bk;
+      const int64_t run = std::min(n_old, cap - first[b] % cap);
+      if (!given && n_old > 0 && keys_of != bk) {
+        keys_of = bk;
         const float* first_key = lm + phys(0) * D;
         same_keys = true;
         for (int64_t i = 1; i < n_old && same_keys; ++i)
           same_keys = std::memcmp(lm + phys(i) * D, first_key, D * sizeof(float)) == 0;
-        if (!same_keys) {
-          lt.assign(D * lt_len, 0.f);
-          for (int64_t i = 0; i < n_old; ++i) {
-            const float* src = lm + phys(i) * D;
-            float* dst = lt.data() + (panel_key(lt.data(), i, D) - lt.data());
-            for (int64_t d = 0; d < D; ++d) dst[d * kPanel] = src[d];
-          }
-          // the old keys are at most two runs of slots (the ring buffer may wrap around)
-          const int64_t run = std::min(n_old, cap - first[b] % cap);
+        if (!direct)  // (a decode step's scan finds it as it goes)
           max_key = std::max(max_abs(lm + phys(0) * D, run * D), max_abs(lm, (n_old - run) * D));
+      }
+      // their key-major copy in panels (the scan of every query of the tile reads it)
+      if (!given && n_old > 0 && !direct && !same_keys && lt_of != bk) {
+        lt_of = bk;
+        lt.assign(D * lt_len, 0.f);
+        for (int64_t i = 0; i < n_old; ++i) {
+          const float* src = lm + phys(i) * D;
+          float* dst = lt.data() + (panel_key(lt.data(), i, D) - lt.data());
+          for (int64_t d = 0; d < D; ++d) dst[d * kPanel] = src[d];
         }
       }
       // the local keys any query of the tile sees, rotated to their positions, key-major; consecutive
@@ -732,6 +791,27 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
           for (int64_t j = 0; j <= ke; ++j)
             rotate(qs.data(), q_pos - j * bs - (bs - 1), cos_t, sin_t, half, q_lm.data() + (qi * (ke + 1) + j) * D);
       }
+      // a decode step's float scan of many old blocks, every query's, each key read once for up to
+      // kScanQueries queries (the rows of row_scan: whole vectors, as old_candidates reads them)
+      const bool row_scans = selects && direct && !same_keys && n_old >= kRowScanMin;
+      const int64_t row_len = round_up(n_old);
+      row_scan.resize(row_scans ? Q * row_len : 1);
+      if (row_scans) {
+        max_key = 0.f;
+        for (int64_t q0 = 0; q0 < Q; q0 += kScanQueries) {
+          const int64_t nq = std::min(kScanQueries, Q - q0);
+          const float* qq[kScanQueries];
+          float* oo[kScanQueries];
+          float* oo2[kScanQueries];
+          for (int64_t j = 0; j < nq; ++j) {
+            qq[j] = q_lm.data() + (q0 + j) * (ke + 1) * D;
+            oo[j] = row_scan.data() + (q0 + j) * row_len;
+            oo2[j] = oo[j] + run;
+          }
+          row_scores(qq, nq, lm + phys(0) * D, run, D, oo, &max_key);
+          row_scores(qq, nq, lm, n_old - run, D, oo2, &max_key);
+        }
+      }
       // 2. the selection, kScanQueries queries at a time (one float scan of the landmark keys for them)
       for (int64_t q0 = 0; q0 < Q; q0 += kScanQueries) {
         const int64_t nq = std::min<int64_t>(kScanQueries, Q - q0);
@@ -757,9 +837,12 @@ std::vector<torch::Tensor> retrieval_step(torch::Tensor q, torch::Tensor q_start
             std::copy(ql, ql + D, q_lm64.begin());
             // the candidates (old blocks that can win, then the recent ones) and their exact scores
             int64_t m = 0;
-            if (n_old > 0 && (direct || same_keys)) {
-              m = all_or_recent(q_lm64.data(), n_old, ke, D, same_keys, [&](int64_t i) { return lm + phys(i) * D; },
-                                cand.data(), lm_scores.data());
+            const auto key = [&](int64_t i) { return lm + phys(i) * D; };
+            if (n_old > 0 && (same_keys || (direct && n_old < kRowScanMin))) {
+              m = all_or_recent(q_lm64.data(), n_old, ke, D, same_keys, key, cand.data(), lm_scores.data());
+            } else if (n_old > 0 && direct) {  // many old blocks: the float scan where they are stored
+              m = old_candidates(ql, q_lm64.data(), row_scan.data() + qi * row_len, nullptr, n_old, ke, D,
+                                 max_key, key, cand.data(), lm_scores.data());
             } else if (n_old > 0) {
               m = old_candidates(ql, q_lm64.data(), scan.data() + (qi - q0) * lt_len, lt.data(), n_old,
                                  ke, D, max_key, [&](int64_t i) { return lm + phys(i) * D; }, cand.data(),
