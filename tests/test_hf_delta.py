@@ -190,8 +190,14 @@ def test_export_refuses_bad_folders_and_writes_nothing(runs, tmp_path, capsys):
         assert export(Path(run), Path(out), *extra) == 2
         assert error_line(capsys).startswith(f"error: {option}")
     assert files_under(tmp_path) == before
-    assert export(runs["attention"], existing, "--overwrite") == 0
-    assert files_under(existing) == {delta.META_FILE, delta.TENSOR_FILE}
+    # --overwrite replaces a delta or a model, never a folder of something else
+    assert export(runs["attention"], existing, "--overwrite") == 2
+    assert "not a Hugging Face model or a delta" in error_line(capsys)
+    assert files_under(tmp_path) == before
+    assert export(runs["attention"], tmp_path / "d") == 0
+    (tmp_path / "d" / "stale.txt").write_text("old")
+    assert export(runs["attention"], tmp_path / "d", "--overwrite") == 0
+    assert files_under(tmp_path / "d") == {delta.META_FILE, delta.TENSOR_FILE}
 
 
 def test_a_missing_smollm2_base_is_prepared(runs, tmp_path, monkeypatch):

@@ -264,10 +264,10 @@ def test_finetune_refuses_fsdp_and_lora_together(tiny, home, capsys):
 
 
 def test_finetune_overwrite_replaces_out_without_stale_files(tiny, home, capsys):
-    """--overwrite: the new model replaces the folder whole (a stale file of the old one is gone)."""
+    """--overwrite: the new model replaces an old one whole (a stale file of the old one is gone)."""
     model, corpus = tiny
     out = home / "out"
-    out.mkdir()
+    shutil.copytree(model, out)  # an earlier model
     (out / "stale.txt").write_text("old run", encoding="utf-8")
     argv = finetune_argv(model, corpus, out, "--steps", "1", "--max-windows", "2", "--overwrite")
     assert main(argv) == 0
@@ -309,6 +309,22 @@ def test_convert_refuses_an_existing_out_and_overwrites_when_told(tiny, home, ca
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "config.json").read_text())["landmark_block_size"] == 16
     assert [p.name for p in home.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("held", ["documents", "a training run"])
+def test_convert_overwrite_replaces_only_a_model(tiny, home, capsys, held):
+    """--overwrite replaces a model or a delta, never a folder of documents or a training run (whose
+    config.json is not a Hugging Face one)."""
+    model, _ = tiny
+    out = home / "out"
+    out.mkdir()
+    if held == "documents":
+        (out / "notes.txt").write_text("mine", encoding="utf-8")
+    else:
+        (out / "config.json").write_text(json.dumps({"format": 1, "model": {}}), encoding="utf-8")
+        (out / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    argv = ["hf", "convert", "--model", str(model), "--out", str(out), "--block-size", "8", "--overwrite"]
+    assert "not a Hugging Face model or a delta" in refused(argv, capsys, "--out", home)
 
 
 def test_prepare_smollm2_refuses_a_foreign_folder(home, capsys):

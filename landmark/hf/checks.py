@@ -267,7 +267,7 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
 
     Raises:
         ValueError: ``out`` is a file, or a non-empty folder without ``overwrite`` (the message says to
-            pass ``--overwrite``).
+            pass ``--overwrite``), or a non-empty folder that is no model or delta (never replaced).
     """
     out = Path(out)
     problem = path_problem(out, folder=True, writable=True)  # a loop, a path that cannot be made
@@ -282,7 +282,25 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
             f"{name} {out} already exists and is not empty: pass --overwrite to replace it, or choose "
             "another folder"
         )
+    if out.is_dir() and any(out.iterdir()) and not _model_or_delta(out):
+        held = sorted(p.name for p in out.iterdir())
+        raise ValueError(
+            f"{name} {out} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}, not a Hugging Face "
+            "model or a delta: --overwrite replaces only those; choose another folder"
+        )
     return out
+
+
+def _model_or_delta(folder: Path) -> bool:
+    """Whether ``folder`` is what the Hugging Face commands write (so that ``--overwrite`` may replace
+    it): a model (a config.json with a ``model_type``) or a delta (a delta.json)."""
+    if (folder / "delta.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def staging_folder(out: str | Path) -> Path:

@@ -107,8 +107,8 @@ def _check_convert_args(args: argparse.Namespace) -> None:
     if problem is not None:
         raise ValueError(f"--model {args.model}: {problem}")
     checks.check_within_positions(config, {"block_size": args.block_size})
+    check_not_input(args.out, [(args.model, "--model")])  # (the more telling refusal first)
     checks.check_out_folder(args.out, args.overwrite, "--out")
-    check_not_input(args.out, [(args.model, "--model")])
 
 
 def _check_convertible(model: str, config: dict) -> None:
@@ -441,7 +441,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="positions per block, landmark included"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a model or a delta (else refused)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -464,7 +464,7 @@ def _finetune_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace --out if it exists (else refused), once training ends",
+        help="replace an existing --out that holds a model or a delta (else refused), once training ends",
     )
     p.add_argument("--corpus", default=None, help="corpus folder of .txt files (default: the bundled books)")
     p.add_argument("--block-size", type=int, default=None, help="default: the model's, else 64")
@@ -590,7 +590,7 @@ def _add_export_delta(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base", default=None, help="the unconverted base model folder (default: the run's --model)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a model or a delta (else refused)")
     p.set_defaults(func=cmd_export_delta)
 
 

@@ -213,9 +213,9 @@ class FinetuneConfig:
         if self.distill is not None:
             check_teacher_folder(self.distill)
         self._check_corpus()
-        check_out_folder(self.out, self.overwrite, "--out")
         reads = [(self.model, "--model"), (self.distill, "--distill"), (self.init_delta, "--init-delta")]
-        check_not_input(self.out, [*reads, (self.corpus, "--corpus")])
+        check_not_input(self.out, [*reads, (self.corpus, "--corpus")])  # (the more telling refusal first)
+        check_out_folder(self.out, self.overwrite, "--out")
         self._check_resume()
 
     def check_dependent(self, given: Iterable[str] | None = None) -> None:
