@@ -441,7 +441,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="positions per block, landmark included"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a model or a delta (else refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that holds a model or a delta (else refused)",
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -590,7 +594,11 @@ def _add_export_delta(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base", default=None, help="the unconverted base model folder (default: the run's --model)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a model or a delta (else refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that holds a model or a delta (else refused)",
+    )
     p.set_defaults(func=cmd_export_delta)
 
 
