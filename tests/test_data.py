@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -378,6 +380,22 @@ def test_a_damaged_tokenizer_is_trained_again_with_a_warning(corpus_dir, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {out / 'tokenizer.json'} is damaged (") and "training it again" in err
     assert again.tokenizer.fingerprint == tok.fingerprint == Tokenizer.load(out).fingerprint
+
+
+def test_prepare_removes_the_temporary_arrays_of_killed_preparations(corpus_dir, tmp_path):
+    """A preparation killed while writing leaves ``.<split>.bin.tmp<pid>``: the next one removes it, but
+    keeps the temporary array of a preparation that still runs (its process is alive)."""
+    out = tmp_path / "prepared"
+    prepare_data(corpus_dir, out, vocab_size=300, progress=False)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = out / f".train.bin.tmp{int(child.stdout)}"  # a process that has ended
+    alive = out / f".validation.bin.tmp{os.getpid()}"
+    dead.write_bytes(b"\0" * 64)
+    alive.write_bytes(b"\0" * 64)
+    prepare_data(corpus_dir, out, vocab_size=300, progress=False)
+    assert not dead.exists() and alive.exists()
 
 
 def test_prepare_redoes_what_the_corpus_change_touches(tmp_path, bpe):

@@ -357,6 +357,7 @@ def prepare_data(
         raise ValueError(f"tokenizer must be 'bpe', 'gpt2' or a Tokenizer; got {tokenizer!r}")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(folder)
     try:
         if tokenizer == "bpe":
             tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
@@ -365,6 +366,21 @@ def prepare_data(
         if created and not any(folder.iterdir()):
             folder.rmdir()
         raise
+
+
+def _remove_dead_temporaries(folder: Path) -> None:
+    """Remove the temporary arrays (``.<split>.bin.tmp<pid>``) of preparations that were killed: those
+    whose process no longer runs (a preparation running beside this one keeps its own)."""
+    for tmp in folder.glob(".*.tmp*"):
+        found = re.fullmatch(r"\.[^/]+\.tmp(\d+)", tmp.name)
+        if found is None or not tmp.is_file():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)  # (signal 0: only whether the process exists)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OverflowError, ValueError):  # another user's process, or no pid
+            pass
 
 
 def _prepared_splits(
