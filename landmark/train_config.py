@@ -229,10 +229,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file {path} {problem}: pass a TOML file such as configs/tiny.toml")
         if path.is_dir():
             raise ConfigError(f"config file {path} is a folder: pass a TOML file such as configs/tiny.toml")
+        if path.exists() and not path.is_file():
+            raise ConfigError(
+                f"config file {path} is not a regular file: pass a TOML file such as configs/tiny.toml"
+            )
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass a TOML file such as configs/tiny.toml")
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        try:  # (utf-8-sig: a byte-order mark some editors write is not TOML, and is dropped)
+            doc = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
         except OSError as err:
@@ -252,8 +256,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"--set {section}.{key} is given more than once: give it once")
         given.add((section, key))
         _set(cfg, section, key, value, "--set")
+    _expand_home(cfg)
     validate(cfg)
     return cfg
+
+
+PATH_KEYS = (("data", "corpus"), ("data", "gpt2_dir"), ("data", "prepared_dir"), ("train", "out_dir"))
+
+
+def _expand_home(cfg: RunConfig) -> None:
+    """``~`` and ``~user`` at the start of a path setting mean the home folder, as in a shell (which does
+    not expand them in a TOML file, nor after ``=`` in ``--set key=~/x``): never a folder named ``~``."""
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(getattr(cfg, section), key, os.path.expanduser(value))
 
 
 def _fail_first(checks: list[tuple[bool, str, Any]]) -> None:

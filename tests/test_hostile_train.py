@@ -225,6 +225,26 @@ def test_the_python_api_checks_the_same(env, tmp_path):
     assert not out.exists()
 
 
+def test_a_home_path_means_the_home_folder(tmp_path, monkeypatch):
+    """``--set train.out_dir=~/x`` (the shell leaves ``~`` after ``=``) and ``~`` in a TOML file: the
+    home folder, never a folder named ``~`` under the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\nprepared_dir = "~/prepared"\n', encoding="utf-8")
+    cfg = load_config(config, ["train.out_dir=~/runs/a"])
+    assert cfg.train.out_dir == str(tmp_path / "home" / "runs" / "a")
+    assert cfg.data.prepared_dir == str(tmp_path / "home" / "prepared")
+
+
+def test_config_files_that_are_not_plain_toml(tmp_path):
+    """A byte-order mark (some editors write one) is read past; /dev/null is no config file."""
+    config = tmp_path / "c.toml"
+    config.write_bytes("\ufeff[train]\nlr = 0.002\n".encode())
+    assert load_config(config).train.lr == 0.002
+    with pytest.raises(ConfigError, match=r"^config file /dev/null is not a regular file"):
+        load_config("/dev/null")
+
+
 def test_a_larger_model_vocab_pads_the_embedding(env, tmp_path, capsys):
     """model.vocab_size above the tokenizer's is padding, and accepted (it was refused by a placeholder)."""
     out = tmp_path / "run"
