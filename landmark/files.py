@@ -294,7 +294,9 @@ def check_output_file(
 
     Args:
         path: the file the command will write.
-        option: the option that named it (``--save-state``), for the message.
+        option: the option that named it (``--save-state``), or the Python argument (``save_state``),
+            for the message; a command-line option (``-...``) is told ``--overwrite``, an argument
+            ``overwrite=True``.
         kind: what the command writes (``"a saved state"``), for the message.
         is_kind: whether an existing file is already that kind of output (it may then be replaced).
         reads: (file or folder, description) of everything the run reads; a folder covers every file
@@ -331,8 +333,9 @@ def check_output_file(
     if what is not None:
         raise ValueError(f"{option} {path} is {what}, which this command reads: write to another file")
     if path.exists() and not overwrite and not is_kind(path):
+        flag = "--overwrite" if option.startswith("-") else "overwrite=True"
         raise ValueError(
-            f"{option} {path} exists and is not {kind}: give a new file name, or --overwrite to replace it"
+            f"{option} {path} exists and is not {kind}: give a new file name, or {flag} to replace it"
         )
     return path
 

@@ -219,9 +219,9 @@ class Hooks(NamedTuple):
 NO_HOOKS = Hooks()
 
 
-def _stop_tensor(stop_ids: Sequence[int]) -> Tensor:
-    """``Hooks.stop_ids`` as a (S,) int64 tensor; anything but a sequence of integer ids is a ValueError
-    naming it."""
+def _stop_tensor(stop_ids: Sequence[int], vocab_size: int | None = None) -> Tensor:
+    """``Hooks.stop_ids`` as a (S,) int64 tensor; anything but a sequence of integer ids (in
+    ``[0, vocab_size)`` when given: the model's tokens) is a ValueError naming it."""
     try:
         ids = None if isinstance(stop_ids, str) else torch.as_tensor(list(stop_ids))
     except (TypeError, ValueError, RuntimeError):
@@ -230,6 +230,12 @@ def _stop_tensor(stop_ids: Sequence[int]) -> Tensor:
         return torch.empty(0, dtype=torch.long)
     if ids is None or ids.dim() != 1 or not holds_integer_ids(ids) or bool((ids < 0).any()):
         raise ValueError(f"Hooks.stop_ids must be a sequence of integer token ids (>= 0); got {stop_ids!r}")
+    if vocab_size is not None and bool((ids >= vocab_size).any()):
+        bad = int(ids[ids >= vocab_size][0])
+        raise ValueError(
+            f"Hooks.stop_ids must be token ids of this model, in [0, {vocab_size}); got {bad}, which it "
+            "never generates"
+        )
     return ids.long()
 
 
@@ -334,11 +340,11 @@ def generate(
         max_new_tokens: tokens to generate per prompt (>= 1).
         sampling: greedy (the default) or ``Sampling(temperature, top_p, seed)``.
         hooks: ``Hooks(stop_ids, on_token, after_prompt)``: stop a row when it generates one of
-            ``stop_ids`` (e.g. the tokenizer's ``eot_id``; it is kept in the output); call
-            ``on_token(row, token)`` for every generated token as soon as it exists (streaming output);
-            call ``after_prompt()`` once the prompts are read.
-        state: read once, ask many (:class:`landmark.inference.cache.StateFiles`): continue a saved
-            state (``load``), save the state once the prompts are read (``save``).
+            ``stop_ids`` (token ids in [0, vocab_size), e.g. the tokenizer's ``eot_id``; it is kept in the
+            output); call ``on_token(row, token)`` for every generated token as soon as it exists
+            (streaming output); call ``after_prompt()`` once the prompts are read.
+        state: read once, ask many (:class:`landmark.inference.cache.StateFiles`, never a bare path):
+            continue a saved state (``load``), save the state once the prompts are read (``save``).
         **session_kwargs: ``InferenceSession`` options (retrieval or its fields k, granularity, ...;
             chunk_len, memory_device, ...).
 
@@ -346,6 +352,14 @@ def generate(
         The generated token ids of each row.
     """
     _check_token_ids(prompts, model.config.vocab_size)
+    if not isinstance(hooks, Hooks):
+        raise TypeError(f"hooks must be a Hooks(stop_ids=..., on_token=..., after_prompt=...); got {hooks!r}")
+    _stop_tensor(hooks.stop_ids, model.config.vocab_size)
+    if not isinstance(state, StateFiles):
+        raise TypeError(
+            "state must be a StateFiles(load=..., save=...) (landmark.inference.cache.StateFiles), not a "
+            f"bare path; got {state!r}"
+        )
     session = InferenceSession(model, len(prompts), **session_kwargs)  # no memory allocated yet
     _check_memory(session, prompts, max_new_tokens, certain=not hooks.stop_ids)
     state.check()

@@ -155,14 +155,24 @@ class InferenceSession:
 
         Returns:
             (B, C, vocab) logits (padding positions are garbage).
+
+        Raises:
+            ValueError: ``ids`` without positions (C = 0), ids that are not token ids of the model,
+                landmarks out of place, bad ``lengths``; the session is then unchanged.
         """
-        return torch.cat([logits for _, logits in self.iter_feed(ids, lengths)], dim=1)
+        ids, lengths = self._check(ids, lengths, empty=False)
+        return torch.cat([logits for _, logits in self._chunks(ids, lengths)], dim=1)
 
     @torch.no_grad()
     def iter_feed(self, ids: Tensor, lengths: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
         """Like ``feed``, but yields ``(c0, logits)`` chunk by chunk (logits of positions c0..c0+len-1),
-        so that long inputs never hold all their logits at once."""
+        so that long inputs never hold all their logits at once. ``ids`` without positions (C = 0) yield
+        nothing."""
         ids, lengths = self._check(ids, lengths)
+        yield from self._chunks(ids, lengths)
+
+    def _chunks(self, ids: Tensor, lengths: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """``(c0, logits)`` of checked ``ids`` and ``lengths``, chunk by chunk."""
         for c0 in range(0, ids.shape[1], self.chunk_len):
             c1 = min(ids.shape[1], c0 + self.chunk_len)
             part = (lengths - c0).clamp(0, c1 - c0)
@@ -174,9 +184,10 @@ class InferenceSession:
         position, (B, vocab): reading a prompt. Only one logits row per stream and chunk is computed,
         so memory stays the block memory plus one chunk whatever the input length.
 
-        Arguments as in ``feed``; the logits of a row without new positions are undefined.
+        Arguments as in ``feed`` (``ids`` with at least one position); the logits of a row without new
+        positions are undefined.
         """
-        ids, lengths = self._check(ids, lengths)
+        ids, lengths = self._check(ids, lengths, empty=False)
         self.cache.reserve(int((self.length + lengths).max()) // self.config.block_size)  # one allocation
         last = (lengths - 1).clamp_min(0)
         out = None
@@ -219,10 +230,16 @@ class InferenceSession:
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
-    def _check(self, ids: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _check(self, ids: Tensor, lengths: Tensor | None, empty: bool = True) -> tuple[Tensor, Tensor]:
+        """``ids`` and ``lengths`` checked (nothing read yet); ``empty``: ids may have no positions."""
         ids = torch.as_tensor(ids).to(self.device)
         if ids.dim() != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must have shape ({self.batch_size}, length); got {tuple(ids.shape)}")
+        if not empty and ids.shape[1] == 0:
+            raise ValueError(
+                f"ids must hold at least one position: shape ({self.batch_size}, length >= 1); "
+                f"got {tuple(ids.shape)}"
+            )
         if not holds_integer_ids(ids):
             raise ValueError(f"ids must be integer token ids; got {ids.dtype}")
         lengths = (
@@ -271,8 +288,17 @@ def chunked_logits(
     Returns:
         logits (B, n, vocab) at the regular tokens (logits[:, t] predicts token t + 1), and the loss or
         None.
+
+    Raises:
+        TypeError: ``targets`` that is not a bool.
+        ValueError: ``tokens`` that are not a (B, n >= 1) batch of token ids without landmarks, bad
+            ``lengths``.
     """
+    if not isinstance(targets, bool):
+        raise TypeError(f"targets must be a bool (True: also return the loss); got {_short(targets)}")
     batch, n, lengths = _rows(tokens, lengths)
+    if n == 0:
+        raise ValueError(f"tokens must hold at least one token: shape ({batch}, n >= 1); got ({batch}, 0)")
     bs, lm = model.config.block_size, model.config.landmark_id
     stream = rows_with_landmarks(tokens, lengths, bs, lm)  # (B, n') right-padded
     stream_len = lengths + lengths // (bs - 1)
@@ -290,7 +316,16 @@ def chunked_logits(
 
 
 def rows_with_landmarks(tokens: Tensor, lengths: Tensor, block_size: int, landmark_id: int) -> Tensor:
-    """(B, n) right-padded tokens -> (B, n') streams with landmarks, right-padded, row by row."""
+    """(B, n) right-padded tokens -> (B, n') streams with landmarks, right-padded, row by row. Real tokens
+    that are the landmark id are a ValueError naming ``tokens`` (they are regular tokens)."""
+    real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    found = (tokens.cpu() == landmark_id) & real
+    if bool(found.any()):
+        b, t = (int(x) for x in found.nonzero()[0])
+        raise ValueError(
+            f"tokens must not contain the landmark token id {landmark_id} (row {b}, token {t}): pass the "
+            "regular tokens only, without landmarks; they are inserted here"
+        )
     rows = [
         insert_landmarks(tokens[b, : int(lengths[b])], block_size, landmark_id)
         for b in range(tokens.shape[0])
@@ -324,6 +359,14 @@ def chunked_nll(
     )
     session = InferenceSession(model, batch, **session_kwargs)
     return sum_nll(session.iter_feed(stream, stream_len), targets), (lengths - 1).clamp_min(0)
+
+
+def _short(value: object) -> str:
+    """``repr(value)`` for a message: a tensor by its kind and shape, anything else cut at 60 characters."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _rows(tokens: Tensor, lengths: Tensor | None) -> tuple[int, int, Tensor]:

@@ -15,7 +15,7 @@ Both backwards recompute what they need from (q, k, v) tile by tile; the Triton 
 
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from landmark.ops.reference import landmark_attention_reference
 from landmark.ops.support import triton_unsupported_reason
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+MAX_SCALE = 1e6  # the largest score scale taken (1 / sqrt(head_dim) is the usual one; 1e308 gave NaN)
 _SHAPES = {
     "q": "(batch, heads, q_len, head_dim)",
     "k": "(batch, kv_heads, k_len, head_dim)",
@@ -53,7 +54,8 @@ def landmark_attention(
         block_size: positions per block, landmark included: key position ``p`` is a landmark iff
             ``p % block_size == block_size - 1`` (64 = 63 tokens + 1 landmark; the paper's 50 + 1 is 51).
             The last block may be partial.
-        scale: score scale; default ``1 / sqrt(head_dim)``.
+        scale: score scale, a positive finite number at most ``MAX_SCALE`` (1e6; a larger one overflows
+            the scores into NaN outputs); default ``1 / sqrt(head_dim)``.
         impl: ``"auto"`` (Triton on CUDA when the shape is supported, else blockwise), ``"reference"``
             (dense, O(len^2) memory), ``"blockwise"`` (exact, O(len x block) memory) or ``"triton"``.
 
@@ -73,9 +75,14 @@ def landmark_attention(
         half types are accumulated in float32). Differentiable in q, k and v.
 
     Raises:
-        TypeError: non-tensor or non-floating inputs, mixed dtypes, a non-integer ``block_size``.
+        TypeError: non-tensor or non-floating inputs, mixed dtypes, a non-integer ``block_size``, a
+            ``scale`` that is not a number (a bool included).
         ValueError: wrong ranks or mismatched shapes, ``kv_heads`` not dividing ``heads``,
-            ``q_len > k_len``, ``block_size < 2``, mixed devices, an unknown or unusable ``impl``.
+            ``q_len > k_len``, ``block_size < 2``, a ``scale`` not in (0, 1e6], mixed devices, an unknown
+            or unusable ``impl``.
+
+    The checks read shapes, dtypes and devices only, never the data: meta and fake tensors (torch.compile
+    tracing, ``FakeTensorMode``) give an output of the right shape.
     """
     check_inputs(q, k, v, block_size, scale)
     if impl not in IMPLEMENTATIONS:
@@ -140,8 +147,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float 
         )
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2 (at least one token plus the landmark); got {block_size}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None; got {scale!r}")
+    if scale is None:
+        return
+    bound = f"scale must be a positive finite number at most {MAX_SCALE:g} or None"
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{bound}; got {scale!r}")
+    if not 0 < scale <= MAX_SCALE:  # (NaN compares False; a huge int never becomes a float here)
+        raise ValueError(f"{bound} (larger scales overflow the scores); got {scale!r}")
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
