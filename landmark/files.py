@@ -123,7 +123,9 @@ def path_problem(path: Path, *, folder: bool | None = None, writable: bool = Fal
     ``"is a folder, not a file"`` (``folder``: what it must be), ``"cannot be read (Permission
     denied)"``, and with ``writable`` ``"is not writable"`` / ``"cannot be created: X is not writable"``
     (a missing path: the nearest existing folder above it must be writable, and not on a read-only or
-    kernel file system such as /proc). Never raises."""
+    kernel file system such as /proc); ``"holds a NUL character, which no path can"``. Never raises."""
+    if "\0" in os.fspath(path):  # (os.stat would raise a ValueError)
+        return "holds a NUL character, which no path can"
     try:
         os.stat(path)
     except OSError as err:
