@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tqdm import tqdm
@@ -213,6 +214,12 @@ class Parser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         parsed.__dict__.pop(_GIVEN, None)
         return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr, ``error: <message> (landmark <command> --help)``, and exit status 2 (argparse
+        prints its whole usage first)."""
+        print(f"error: {' '.join(message.split())} ({self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def environment_problem() -> str | None:
