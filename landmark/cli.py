@@ -32,7 +32,7 @@ from landmark.hf.cli import add_hf_parser
 from landmark.hf.finetune import last_checkpoint
 from landmark.inference.cli import add_generate_parser
 from landmark.inference.kernel import KERNEL_ENV
-from landmark.inference.options import check_seed
+from landmark.inference.options import check_distinct, check_seed
 from landmark.inference.threads import inference_threads
 from landmark.ops.support import triton_unsupported_reason
 from landmark.plot import plot_metrics
@@ -96,6 +96,7 @@ def _check_demo(args: argparse.Namespace) -> None:
     ):
         if value < (2 if option == "--block-size" else 1):
             raise ValueError(f"{option} must be >= {2 if option == '--block-size' else 1}; got {value}")
+    check_distinct("--seqs", args.seqs)
     bad = [n for n in args.seqs if n < 1]
     if bad:
         raise ValueError(f"--seqs must be lengths >= 1; got {bad[0]}")

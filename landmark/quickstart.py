@@ -106,6 +106,7 @@ def _check_options(args: argparse.Namespace) -> None:
     check_distinct("--passkey-lengths", args.passkey_lengths)
     check_distinct("--base-lengths", args.base_lengths)
     check_distinct("--depths", args.depths)
+    args.depths = [d + 0.0 for d in args.depths]  # (-0.0 is depth 0: its cells were labelled "-0%")
     check_distinct("--wordings", args.wordings)
     for option, lengths in (
         ("--passkey-lengths", args.passkey_lengths),

@@ -155,6 +155,17 @@ def _refused(env: dict, argv: list[str], names: str, capsys, monkeypatch) -> str
     return errors[0]
 
 
+def test_a_depth_of_minus_zero_is_depth_zero(env, tmp_path, capsys, monkeypatch):
+    """``--depths -0.0`` is depth 0 (its column was labelled "depth -0%")."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(env["cache"]))
+    out = tmp_path / "eval"
+    argv = [a.format(lm=env["lm"], out=out) for a in PASSKEY[:-1]]
+    code, err = _run([*argv, "-0.0", "--trials", "1"], capsys)
+    assert code == 0, err
+    table = (out / "passkey.md").read_text(encoding="utf-8")
+    assert "-0%" not in table and "0%" in table
+
+
 def _fill(argv: list[str], env: dict) -> list[str]:
     """The case's arguments with ``{name}`` replaced by the fixture's paths."""
     return last_wins([a.format(**{k: v for k, v in env.items() if isinstance(v, Path)}) for a in argv])
@@ -341,6 +352,7 @@ DEMO_CASES = [
     (["demo", "--max-reference-seq", "-1"], "--max-reference-seq"),
     (["demo", "--seqs", "100000", "--max-reference-seq", "100000"], "--max-reference-seq"),
     (["demo", "--seed", str(2**64)], "--seed"),
+    (["demo", "--seqs", "64", "64"], "--seqs lists 64 more than once"),
 ]
 
 

@@ -275,6 +275,7 @@ def runs(tmp_path) -> dict:
         (["{a}", "--out", "/proc/p.png"], "--out /proc/p.png: its folder /proc is not writable"),
         (["{a}", "--out", "{root}/.png"], "such as loss.png"),
         (["{a}", "--x", "minutes", "--out", "{root}/x.png"], "no metrics to plot"),  # rows with no time
+        (["{a}", "{a}/", "--out", "{root}/x.png"], "is given more than once"),  # two curves, one name
     ],
     ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None,
 )

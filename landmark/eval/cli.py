@@ -219,6 +219,7 @@ def _passkey_inputs(args: argparse.Namespace):
 
     check_common_arguments(args, result_files("passkey"))
     check_distinct("--depths", args.depths)
+    args.depths = [d + 0.0 for d in args.depths]  # (-0.0 is depth 0: its cells were labelled "-0%")
     task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus, args.wording)
     task.check()  # before the models are loaded
     models = _load(args)
