@@ -20,6 +20,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a metrics file: pass runs written by `landmark train`")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass run folders written by `landmark train`")
     try:

@@ -168,7 +168,8 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     else:  # pragma: no cover - every field has one of the types above
         ok = True
     if not ok:
-        kind = "a list of 2 numbers" if isinstance(default, list) else f"a {type(default).__name__}"
+        names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+        kind = "a list of 2 numbers" if isinstance(default, list) else names.get(type(default).__name__, "?")
         raise ConfigError(f"{where} must be {kind} (like {default!r}); got {value!r}")
     return value
 

@@ -255,6 +255,8 @@ def runs(tmp_path) -> dict:
     out["unusable"] = tmp_path / "unusable"  # no row with a finite step and loss: a blank plot was written
     out["unusable"].mkdir()
     (out["unusable"] / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": "x", "loss": 1e999}\n')
+    out["jsonl_folder"] = tmp_path / "jsonl_folder"  # a run whose metrics.jsonl is a folder
+    (out["jsonl_folder"] / "metrics.jsonl").mkdir(parents=True)
     out["notes"] = tmp_path / "notes.png"
     out["notes"].write_text("not an image")
     return out
@@ -276,6 +278,7 @@ def runs(tmp_path) -> dict:
         (["{a}", "--out", "{root}/.png"], "such as loss.png"),
         (["{a}", "--x", "minutes", "--out", "{root}/x.png"], "no metrics to plot"),  # rows with no time
         (["{a}", "{a}/", "--out", "{root}/x.png"], "is given more than once"),  # two curves, one name
+        (["{jsonl_folder}", "--out", "{root}/x.png"], "metrics.jsonl is a folder, not a metrics file"),
     ],
     ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None,
 )

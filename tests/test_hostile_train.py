@@ -166,6 +166,7 @@ BAD_VALUES = [
     ('train.out_dir="IN_CHECKPOINT"', ", which holds a model: choose another train.out_dir"),
     ('train.out_dir="IN_RUN"', ", which holds a training run: choose another train.out_dir"),
     ('data.prepared_dir="CORPUS"', "is inside data.corpus"),
+    ("train.max_steps=4.0", "train.max_steps must be an integer (like"),
     # a NUL character, which no path holds (os.stat raised a ValueError: a traceback)
     ('train.out_dir="runs/a\\u0000b"', "holds a NUL character, which no path can"),
     ('data.corpus="c\\u0000d"', "holds a NUL character"),

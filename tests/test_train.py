@@ -113,7 +113,7 @@ def test_tiny_preset_and_overrides_parse():
         (["optim.lr=1"], r"unknown section \[optim\] in --set; valid sections: model, data, train"),
         (["model.n_layers=2"], r"unknown key model\.n_layers .* valid \[model\] keys: vocab_size, n_layer"),
         (["model.landmark_id=3"], r"model\.landmark_id .* is set from the tokenizer"),
-        (["train.lr=fast"], r"train\.lr must be a float .*; got 'fast'"),
+        (["train.lr=fast"], r"train\.lr must be a number .*; got 'fast'"),
         (["model.block_size=48"], r"block_size \(48\) must divide seq_len \(128\)"),
         (["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         (["data.tokenizer=word"], r"data\.tokenizer must be 'bpe' or 'gpt2'"),

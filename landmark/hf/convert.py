@@ -174,8 +174,8 @@ def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     missing = [a for a in ("landmark_token_id", "landmark_block_size") if getattr(config, a, None) is None]
     if missing:
         raise ValueError(
-            f"{path} is not a landmark model (its config lacks {', '.join(missing)}): convert it first with "
-            "landmark.hf.convert(model, tokenizer, block_size) and save_pretrained"
+            f"{path} is not a landmark model (its config lacks {', '.join(missing)}): convert it first "
+            "(`landmark hf convert --model DIR --out DIR`, or landmark.hf.convert and save_pretrained)"
         )
     check_model_folder(path)  # weights and tokenizer
     register()

@@ -113,7 +113,9 @@ def _check_layer_state(t: dict[str, Tensor], where: str, bhd: tuple, block_size:
     known = stored in (lk.dtype, *STORAGE_DTYPES) and (stored == torch.int8) == scaled
     _need(
         t["values"].dtype == stored and known,
-        f"{where}: keys and values must share a storage dtype (int8 with scales)",
+        f"{where}: keys and values must share one storage dtype, the landmark keys' or one of "
+        f"{', '.join(str(d).removeprefix('torch.') for d in STORAGE_DTYPES)} "
+        f"(int8 with scales); got {stored} and {t['values'].dtype}",
     )
     shapes = {
         "landmark_keys": (batch, heads, n, dim),
