@@ -8,6 +8,7 @@ included, compared by listing, bytes and modification time before and after). Ch
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from landmark.cli import main
 from landmark.data import prepare_data
 from landmark.data.tokenizer import Tokenizer
 from landmark.eval import cli as eval_cli
+from landmark.inference import cli as inference_cli
 from landmark.model import GPT, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -941,3 +943,12 @@ def test_a_training_run_is_refused_in_a_results_folder(tmp_path):
     record_results(tmp_path, ["perplexity.md"], "eval ppl")
     with pytest.raises(ConfigError, match=r"holds results of an evaluation or a quickstart \(perplexity"):
         _check_out_dir(tmp_path, resume=False)
+
+
+def test_a_prompt_file_s_byte_order_mark_is_not_text(tmp_path):
+    """``--prompt-file`` with ``--batch-lines``: a byte-order mark (some editors write one) is not part of
+    the first prompt (it was: another token count than the same line without it)."""
+    doc = tmp_path / "prompts.txt"
+    doc.write_bytes("\ufeffhello\nworld\n".encode())
+    args = argparse.Namespace(prompt=None, prompt_file=str(doc), batch_lines=True)
+    assert inference_cli._prompts(args) == ["hello", "world"]

@@ -76,7 +76,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         return [check_utf8(p, "--prompt") for p in args.prompt]
     if args.prompt_file == "-":
         try:
-            text = sys.stdin.buffer.read().decode("utf-8")
+            text = sys.stdin.buffer.read().decode("utf-8-sig")  # (a byte-order mark is not text)
         except UnicodeDecodeError:
             raise ValueError("--prompt-file -: standard input is not UTF-8 text") from None
     else:
@@ -85,7 +85,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
             problem = path_problem(path, folder=False) or "is not a regular file"
             raise ValueError(f"--prompt-file {path} {problem}")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
         except UnicodeDecodeError:
             raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
         except OSError as err:
