@@ -249,6 +249,8 @@ EVAL_CASES = [
     ([*PPL[:6], "--out", "{lm}/results"], "/results is inside --model "),
     ([*PPL[:6], "--out", "{data}"], " is --data "),
     ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
+    ([*PASSKEY[:5], "{cache}", *PASSKEY[6:]], "is inside the data cache"),  # --out the cache itself
+    ([*PASSKEY[:5], "{cache}/prepared", *PASSKEY[6:]], "is inside the data cache"),
     # bounded search selects per query row and head (a traceback after the first cells before)
     ([*PPL, "--granularity", "token_head", "head", "--search", "bounded"], "--search bounded selects"),
     ([*PASSKEY, "--granularity", "token", "--search", "bounded"], "--search bounded selects"),

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from landmark.data.books import cache_root
 from landmark.eval.models import (
     HF_PREFIX,
     RETRIEVAL_KINDS,
@@ -23,6 +24,7 @@ from landmark.files import (  # noqa: F401 - the writers
     CELLS,
     check_not_input,
     check_results_folder,
+    is_within,
     record_results,
     write_json_atomic,
     write_text_atomic,
@@ -137,6 +139,8 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
+    if is_within(out, cache_root()):  # (the library's own data: prepared tokens, models, books)
+        raise ValueError(f"--out {out} is inside the data cache {cache_root()}: write the results elsewhere")
     reads = input_folders(args)
     check_not_input(out, reads, parents_ok=True)
     check_block_folder(args, reads)
