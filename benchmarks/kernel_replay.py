@@ -12,7 +12,8 @@ the selections are identical.
   capture are the kernel's); the kernel's inputs of the last ``--calls`` calls (the last chunks, every
   layer) are saved with ``torch.save`` beside the reading (large: the block memory of every call; about
   3 GB for 12 calls at 128k tokens). With ``--old-blocks N``: no read, but two chunks of one layer of
-  SmolLM2's layout against N random old blocks (the scan at lengths no read here reaches).
+  SmolLM2's layout against N random old blocks (the scan at lengths no read here reaches); with
+  ``--decode-steps S``, S decode steps of one position each instead.
 * ``compare``: builds each given source (``torch.utils.cpp_extension``, ``-O3 -march=native``) and
   replays the captured calls. ``@library`` as a source is the kernel the library itself built and uses
   (``landmark.inference.kernel``; no build here). Its JSON records the capture's reading.
@@ -25,6 +26,7 @@ Usage::
         landmark/inference/csrc/retrieval.cpp
     python benchmarks/kernel_replay.py compare /tmp/calls_8k.pt @library /tmp/new.cpp  # the library's first
     python benchmarks/kernel_replay.py capture --old-blocks 16384 --block-dtype int8 --out /tmp/calls_1m.pt
+    python benchmarks/kernel_replay.py capture --old-blocks 16384 --decode-steps 20 --out /tmp/decode_1m.pt
 """
 
 from __future__ import annotations
@@ -106,8 +108,7 @@ def capture_synthetic(args: argparse.Namespace, reading) -> None:
     cache = RetrievalCache(1, block_size=bs, rope_base=100000.0, retrieval=reading.retrieval,
                            options=CacheOptions(reading.chunk_len))  # fmt: skip
 
-    def chunk():
-        rows = reading.chunk_len
+    def chunk(rows: int = reading.chunk_len):
         q, k, v = torch.randn(1, h, rows, d, generator=g), *torch.randn(2, 1, kv, rows, d, generator=g)
         return cache.attend(0, q, k, v)
 
@@ -131,17 +132,16 @@ def capture_synthetic(args: argparse.Namespace, reading) -> None:
     kernel.kernel_plan = lambda module, *a, **k: original(Recorder(module), *a, **k)
     try:
         with torch.no_grad():
-            chunk(), chunk()
+            for _ in range(args.decode_steps or 2):  # decode steps (a position each), or two chunks
+                chunk(1 if args.decode_steps else reading.chunk_len)
     finally:
         kernel.kernel_plan = original
     if not calls:
         raise SystemExit(f"capture: the chunks made no kernel calls (--kernel {reading.kernel})")
     length = args.old_blocks * bs
     torch.save({"reading": dataclasses.asdict(reading), "length": length, "calls": calls}, args.out)
-    print(
-        f"saved {len(calls)} kernel calls of chunks against {args.old_blocks:,} random old blocks to "
-        f"{args.out}"
-    )
+    steps = f"{args.decode_steps} decode steps" if args.decode_steps else "chunks"
+    print(f"saved {len(calls)} kernel calls of {steps} against {args.old_blocks:,} random blocks: {args.out}")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="instead of a read: two chunks of one layer of SmolLM2's layout against N random old blocks",
     )
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=0,
+        help="with --old-blocks: that many decode steps (one position each) instead of the two chunks",
+    )
     p.add_argument("--out", required=True, help="the file of captured calls (torch.save)")
     add_retrieval_arguments(p)
     # --kernel cpp, not the library's auto: a read without the kernel has nothing to capture
@@ -230,10 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "capture" and args.old_blocks is not None:
         if args.old_blocks < 1:
             capture_parser.error("--old-blocks must be >= 1")
+        if args.decode_steps < 0:
+            capture_parser.error("--decode-steps must be >= 0")
         capture_synthetic(
             args, parse_reading(capture_parser, args, block_size=SYNTHETIC_LAYOUT["block_size"])
         )
     elif args.cmd == "capture":
+        if args.decode_steps:
+            capture_parser.error("--decode-steps goes with --old-blocks")
         if args.length < 1 or args.calls < 1:
             capture_parser.error("--length and --calls must be >= 1")
         from prefill import checkpoint_block_size

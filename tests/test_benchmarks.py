@@ -422,6 +422,21 @@ def test_kernel_replay_captures_chunks_against_random_old_blocks(tmp_path):
     assert all(r["max_diff"] == 0.0 and r["same_selection"] and positive(r["best_cpu_s"]) for r in rows)
 
 
+def test_kernel_replay_captures_decode_steps_against_random_old_blocks(tmp_path):
+    """kernel_replay.py capture --old-blocks N --decode-steps S: S decode steps (one query row each) of
+    one layer against N random old blocks, enough for the decode step's float scan."""
+    replay = bench("kernel_replay")
+    calls = tmp_path / "calls.pt"
+    replay.main(["capture", "--old-blocks", "100", "--decode-steps", "3", "--out", str(calls)])
+    captured = torch.load(calls)
+    assert len(captured["calls"]) == 3 and all(c[0].shape[2] == 1 for c in captured["calls"])  # q: 1 row
+    out = tmp_path / "replay.json"
+    replay.main(["compare", str(calls), "@library", "--repeats", "1", "--out", str(out)])
+    assert positive(read_json(out)["results"][0]["best_cpu_s"])
+    with pytest.raises(SystemExit):
+        replay.main(["capture", "--decode-steps", "3", "--out", str(calls)])  # not without --old-blocks
+
+
 def test_kernel_replay_builds_a_source(tmp_path):
     """kernel_replay.py compare with a source file: built here (the compiler: slow the first time), the
     same selections as the library's kernel built from the same file."""
