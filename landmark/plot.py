@@ -92,14 +92,15 @@ def plot_metrics(
         raise ValueError(f"x must be one of {sorted(X_AXES)}; got {x!r}")
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"--labels gives {len(labels)} name(s) for {len(runs)} run(s): give one per run")
-    seen: dict[Path, str | Path] = {}
-    for run in runs:  # one run twice: two curves under one name
-        if Path(run).resolve() in seen:
-            raise ValueError(
-                f"run {run} is given more than once (also as {seen[Path(run).resolve()]}): give it once"
-            )
-        seen[Path(run).resolve()] = run
+    given = labels is not None
     labels = list(labels) if labels is not None else [Path(r).name or str(r) for r in runs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # two curves under one name
+        raise ValueError(
+            f"--labels lists {repeated[0]!r} more than once: give each run its own name"
+            if given
+            else f"two runs are named {repeated[0]!r} in the legend: give --labels, one name per run"
+        )
     labels = [printable(label) for label in labels]  # (names of bytes that are not UTF-8 failed matplotlib)
     title = printable(title) if title else title
     metrics = [read_metrics(run) for run in runs]

@@ -277,7 +277,8 @@ def runs(tmp_path) -> dict:
         (["{a}", "--out", "/proc/p.png"], "--out /proc/p.png: its folder /proc is not writable"),
         (["{a}", "--out", "{root}/.png"], "such as loss.png"),
         (["{a}", "--x", "minutes", "--out", "{root}/x.png"], "no metrics to plot"),  # rows with no time
-        (["{a}", "{a}/", "--out", "{root}/x.png"], "is given more than once"),  # two curves, one name
+        (["{a}", "{a}/", "--out", "{root}/x.png"], "two runs are named 'a' in the legend"),  # one name
+        (["{a}", "{b}", "--labels", "x", "x", "--out", "{root}/x.png"], "--labels lists 'x' more than once"),
         (["{jsonl_folder}", "--out", "{root}/x.png"], "metrics.jsonl is a folder, not a metrics file"),
     ],
     ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None,

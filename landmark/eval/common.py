@@ -139,11 +139,11 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
-    if is_within(out, cache_root()):  # (the library's own data: prepared tokens, models, books)
-        raise ValueError(f"--out {out} is inside the data cache {cache_root()}: write the results elsewhere")
     reads = input_folders(args)
     check_not_input(out, reads, parents_ok=True)
     check_block_folder(args, reads)
+    if is_within(out, cache_root()):  # (the library's own data: prepared tokens, models, books)
+        raise ValueError(f"--out {out} is inside the data cache {cache_root()}: write the results elsewhere")
     check_results_folder(out, [*outputs, CELLS], command=eval_command(args))
 
 
