@@ -26,7 +26,14 @@ from landmark.data import CorpusError, bundled_books, prepare_data
 from landmark.data.books import CACHE_ENV
 from landmark.data.dataset import prepare_error_line
 from landmark.eval.cli import add_eval_parser
-from landmark.files import is_within, os_error_line, os_error_text, path_problem
+from landmark.files import (
+    is_within,
+    missing_folders,
+    os_error_line,
+    os_error_text,
+    path_problem,
+    remove_empty_folders,
+)
 from landmark.hf.checks import staging_folder
 from landmark.hf.cli import add_hf_parser
 from landmark.hf.finetune import last_checkpoint
@@ -330,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
+    made = missing_folders(getattr(args, "block_folder", None))  # (the block memory's files are unlinked)
     try:
         return args.func(args)
     except OSError as err:  # a file that cannot be read or written (permissions, a full disk): one line
@@ -348,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.close()
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        remove_empty_folders(made)  # the --block-folder the command made, once nothing is left in it
 
 
 if __name__ == "__main__":

@@ -70,6 +70,29 @@ def os_error_of(err: BaseException) -> OSError | None:
     return None
 
 
+def missing_folders(path: str | Path | None) -> list[Path]:
+    """``path`` and the folders above it that do not exist yet, the outermost first ([] for None or an
+    existing path): what a ``mkdir(parents=True)`` of it would make."""
+    missing: list[Path] = []
+    if path is None or "\0" in os.fspath(path):
+        return missing
+    folder = Path(os.path.abspath(path))
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (outermost first, as :func:`missing_folders` lists them) that exist and
+    are empty, the innermost first; a folder holding anything stays, and so do those above it."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, gone, or not ours to remove
+            return
+
+
 def first_line(err: BaseException) -> str:
     """The telling line of an error's message, for a one-line error: a ``size mismatch`` line if any
     (torch's state-dict errors), else the first non-empty one (the type's name if none), at most 200

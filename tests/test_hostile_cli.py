@@ -954,3 +954,16 @@ def test_a_prompt_file_s_byte_order_mark_is_not_text(tmp_path):
     doc.write_bytes("\ufeffhello\nworld\n".encode())
     args = argparse.Namespace(prompt=None, prompt_file=str(doc), batch_lines=True)
     assert inference_cli._prompts(args) == ["hello", "world"]
+
+
+def test_the_block_folder_a_command_made_is_removed_after(env, tmp_path, capsys, monkeypatch):
+    """``--block-folder a/b/c`` that did not exist: made for the run, and the folders it made removed
+    after (the memory's files are unlinked as soon as they are mapped); an existing folder stays."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(env["cache"]))
+    argv = ["generate", "--checkpoint", str(env["lm"]), "--prompt", "the sea " * 40, "--max-new-tokens", "2"]
+    code, err = _run([*argv, "--block-folder", str(tmp_path / "a" / "b" / "c")], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "mine").mkdir()
+    code, err = _run([*argv, "--block-folder", str(tmp_path / "mine" / "blocks")], capsys)
+    assert code == 0 and (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "blocks").exists()
