@@ -55,6 +55,7 @@ from landmark.inference.options import (
     check_chunk_len,
     check_distinct,
     check_retrieval_arguments,
+    without_negative_zero,
 )
 from landmark.train import train
 from landmark.train_config import load_config
@@ -106,7 +107,7 @@ def _check_options(args: argparse.Namespace) -> None:
     check_distinct("--passkey-lengths", args.passkey_lengths)
     check_distinct("--base-lengths", args.base_lengths)
     check_distinct("--depths", args.depths)
-    args.depths = [d + 0.0 for d in args.depths]  # (-0.0 is depth 0: its cells were labelled "-0%")
+    args.depths = without_negative_zero(args.depths)
     check_distinct("--wordings", args.wordings)
     for option, lengths in (
         ("--passkey-lengths", args.passkey_lengths),

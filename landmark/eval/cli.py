@@ -66,6 +66,7 @@ from landmark.inference.options import (
     note_k_above_blocks,
     option_values,
     resolve_device,
+    without_negative_zero,
 )
 
 PPL_LENGTHS = [512, 2048, 4096, 8192, 16384]
@@ -219,7 +220,7 @@ def _passkey_inputs(args: argparse.Namespace):
 
     check_common_arguments(args, result_files("passkey"))
     check_distinct("--depths", args.depths)
-    args.depths = [d + 0.0 for d in args.depths]  # (-0.0 is depth 0: its cells were labelled "-0%")
+    args.depths = without_negative_zero(args.depths)
     task = PasskeyTask(args.task, args.haystack, args.keys, args.corpus, args.wording)
     task.check()  # before the models are loaded
     models = _load(args)

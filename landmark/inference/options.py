@@ -166,6 +166,11 @@ def check_distinct(option: str, values: list) -> None:
         )
 
 
+def without_negative_zero(values: list[float]) -> list[float]:
+    """``values`` with -0.0 as 0.0 (``--depths -0.0`` is depth 0; its cells were labelled "-0%")."""
+    return [v + 0.0 for v in values]
+
+
 def add_weights_argument(parser: argparse.ArgumentParser) -> None:
     """``--weights``: how the model's linear layers hold their weights (``compact_weights``)."""
     parser.add_argument(
