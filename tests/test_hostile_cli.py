@@ -967,3 +967,23 @@ def test_the_block_folder_a_command_made_is_removed_after(env, tmp_path, capsys,
     (tmp_path / "mine").mkdir()
     code, err = _run([*argv, "--block-folder", str(tmp_path / "mine" / "blocks")], capsys)
     assert code == 0 and (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "blocks").exists()
+
+
+@pytest.mark.parametrize("command", ["ppl", "passkey"])
+def test_an_evaluation_plot_replaces_a_link(env, tmp_path, capsys, monkeypatch, command):
+    """A symbolic link where the evaluation writes its plot (from an earlier run, or planted): replaced
+    by the new plot; the file it pointed to is untouched (the plot was written through the link)."""
+    monkeypatch.setenv("LANDMARK_CACHE", str(env["cache"]))
+    out, precious = tmp_path / "eval", tmp_path / "precious.txt"
+    precious.write_text("mine", encoding="utf-8")
+    out.mkdir()
+    argv = [a.format(lm=env["lm"], data=env["data"], out=out) for a in (PPL if command == "ppl" else PASSKEY)]
+    code, err = _run([*argv, *(["--trials", "1"] if command == "passkey" else [])], capsys)
+    assert code == 0, err
+    png = out / ("perplexity.png" if command == "ppl" else "passkey.png")
+    png.unlink()
+    png.symlink_to(precious)
+    code, err = _run([*argv, *(["--trials", "1"] if command == "passkey" else [])], capsys)
+    assert code == 0, err
+    assert precious.read_text(encoding="utf-8") == "mine"
+    assert not png.is_symlink() and png.read_bytes()[:4] == b"\x89PNG"

@@ -45,7 +45,7 @@ from landmark.eval.ruler_data import (
     ruler_environment,
     use_prepared_ruler,
 )
-from landmark.files import first_line
+from landmark.files import atomic_write, first_line
 from landmark.hf.checks import TOKENIZER_FILES, check_model_folder
 from landmark.inference.options import (
     Reading,
@@ -318,10 +318,10 @@ def plot_ruler(results: list[dict], path: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 # --- commands -------------------------------------------------------------------------------------------
