@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from landmark.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from landmark.files import os_error_of, path_problem, staged_folder
+from landmark.files import note_sources, os_error_of, path_problem, staged_folder
 from landmark.model import GPT, ModelConfig
 from landmark.resources import check_device
 
@@ -246,6 +246,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
             ckpt = open_checkpoint(chosen if chosen is not None else path)
             model, tokenizer = _load_parts(ckpt)
             check_tokenizer(ckpt, model.config, tokenizer)
+            note_sources(model, ckpt.path, path)  # (the run folder too, when one was given)
             return model.to(device).eval(), tokenizer, ckpt.config
         except (CheckpointError, OSError):
             if chosen is None or chosen.is_dir():

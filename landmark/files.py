@@ -70,6 +70,22 @@ def os_error_of(err: BaseException) -> OSError | None:
     return None
 
 
+SOURCES_ATTRIBUTE = "landmark_sources"  # where the loaders note the folders a model was read from
+
+
+def note_sources(model: Any, *folders: str | Path | None) -> Any:
+    """Note on ``model`` the folders it was read from (its checkpoint; a delta and its base), so that an
+    output of the Python API never replaces one of their files (:func:`model_sources`); returns it."""
+    setattr(model, SOURCES_ATTRIBUTE, tuple(Path(f) for f in folders if f is not None))
+    return model
+
+
+def model_sources(model: Any) -> list[tuple[Path, str]]:
+    """(folder, description) of the folders ``model`` was read from, as ``reads`` of
+    :func:`check_output_file` ([] for a model no loader of the library made)."""
+    return [(f, f"a file of {f}, the model's") for f in getattr(model, SOURCES_ATTRIBUTE, ())]
+
+
 def missing_folders(path: str | Path | None) -> list[Path]:
     """``path`` and the folders above it that do not exist yet, the outermost first ([] for None or an
     existing path): what a ``mkdir(parents=True)`` of it would make."""

@@ -24,6 +24,8 @@ from hf_helpers import make_model, write_tiny
 import landmark.hf as lhf
 from landmark.cli import main
 from landmark.hf import delta, smollm2
+from landmark.inference.cache import StateFiles
+from landmark.inference.options import Reading
 
 FINETUNE = ["--block-size", "8", "--max-length", "64", "--steps", "3", "--batch-size", "2", "--lr", "1e-2"]
 FINETUNE += ["--warmup-steps", "1", "--logging-steps", "3"]
@@ -167,6 +169,30 @@ def test_a_base_with_other_weights_is_refused(runs, tmp_path, capsys):
     fingerprint = json.loads((out / delta.META_FILE).read_text())["base"]["fingerprint"]
     with pytest.raises(ValueError, match=f"expected model with weights fingerprint {fingerprint}"):
         lhf.load_pretrained(out, base=other)
+
+
+def test_api_states_never_replace_a_delta_or_its_base(runs, tmp_path):
+    """``landmark.hf.generate(..., state=StateFiles(save=<the delta's file>, overwrite=True))`` with the
+    model loaded from that delta: refused (the delta was destroyed); so are the base's files. Wrong types
+    of reading, state and on_token name the argument."""
+    out = tmp_path / "delta"
+    assert export(runs["attention"], out) == 0
+    model, tok = lhf.load_pretrained(out, base=runs["base"])
+    before = files_under(tmp_path)
+    for target in (out / delta.META_FILE, runs["base"] / "config.json"):
+        state = StateFiles(save=target, overwrite=True)
+        with pytest.raises(ValueError, match=r"is a file of .*, the model's"):
+            lhf.generate(model, tok, "hello", 1, reading=Reading(k=2), state=state)
+    assert files_under(tmp_path) == before
+    for kwargs, name in (
+        ({"reading": "x"}, "reading"),
+        ({"state": "x"}, "state"),
+        ({"on_token": "x"}, "on_token"),
+    ):
+        with pytest.raises(TypeError, match=rf"^{name} must be"):
+            lhf.generate(model, tok, "hello", 1, **kwargs)
+    with pytest.raises(TypeError, match=r"^path must be a folder path"):
+        lhf.load_pretrained(None)
 
 
 def test_export_refuses_bad_folders_and_writes_nothing(runs, tmp_path, capsys):

@@ -248,11 +248,16 @@ def test_a_state_never_replaces_weights_even_with_overwrite(tmp_path):
     model, tok, _ = load_model(run)
     session = InferenceSession(model, 1)
     session.read(torch.tensor([tok.encode("the sea and the ship")]))
+    with pytest.raises(ValueError, match=r"is a file of .*, the model's, which this command reads"):
+        session.save_state(weights, overwrite=True)  # (the loaders note the model's folders)
+    other = tmp_path / "other"  # the weights of a model this session did not load
+    shutil.copytree(SMALL, other)
+    others = next(other.rglob("model.safetensors"))
     with pytest.raises(ValueError, match=r"holds tensors that are not a saved state .* even with overwrite"):
-        session.save_state(weights, overwrite=True)
+        session.save_state(others, overwrite=True)
     with pytest.raises(ValueError, match="holds tensors that are not a saved state"):
-        generate(model, [tok.encode("the sea")], 1, k=2, state=StateFiles(save=weights, overwrite=True))
-    assert weights.read_bytes() == before
+        generate(model, [tok.encode("the sea")], 1, k=2, state=StateFiles(save=others, overwrite=True))
+    assert weights.read_bytes() == before and others.read_bytes() == before
     notes = tmp_path / "notes.txt"
     notes.write_text("replace me")
     session.save_state(notes, overwrite=True)

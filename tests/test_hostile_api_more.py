@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 
 import pytest
 import torch
@@ -152,3 +153,29 @@ def test_chunked_nll_of_tokens_holding_landmarks_says_to_pass_tokens_without_the
     assert "use insert_landmarks" not in str(raised.value)
     with pytest.raises(ValueError, match=r"^tokens must not contain the landmark token id"):
         chunked_logits(model, ids, k=4)
+
+
+def test_api_states_never_replace_the_files_the_model_was_loaded_from(tmp_path):
+    """``save_state(..., overwrite=True)`` onto a file of the checkpoint the model was loaded from (its
+    tokenizer.json): refused, as the command line refuses it; a new file in that folder is allowed."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(SMALL, folder)
+    model, tok, _ = load_model(folder)
+    before = (folder / "tokenizer.json").read_bytes()
+    session = InferenceSession(model, 1)
+    session.read(torch.tensor([tok.encode(TEXT * 4)]))
+    with pytest.raises(ValueError, match=r"^save_state .*tokenizer\.json is a file of .*, the model's"):
+        session.save_state(folder / "tokenizer.json", overwrite=True)
+    assert (folder / "tokenizer.json").read_bytes() == before
+    ids = [tok.encode(TEXT)]
+    with pytest.raises(ValueError, match=r"config\.json is a file of"):
+        generate(model, ids, 1, state=StateFiles(save=folder / "config.json", overwrite=True))
+    with pytest.raises(TypeError, match=r"^save_state must be a file path"):
+        session.save_state(None)
+
+
+def test_api_hooks_hold_functions(small):
+    model, tok = small
+    for hooks in (Hooks(on_token="x"), Hooks(after_prompt=5)):
+        with pytest.raises(TypeError, match=r"^Hooks\.(on_token|after_prompt) must be a function"):
+            generate(model, [tok.encode(TEXT)], 1, hooks=hooks)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from landmark.config import DEFAULT_BLOCK_SIZE
+from landmark.files import note_sources
 from landmark.hf.attention import ATTN_IMPLEMENTATION, register
 from landmark.hf.checks import check_model_folder, load_causal_lm, loading
 from landmark.optional import require
@@ -190,7 +191,7 @@ def load_converted(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
             f"{LANDMARK_TOKEN} is {'missing' if token_id is None else token_id}"
         )
     _check_block_size(config.landmark_block_size, config)
-    return model, tokenizer
+    return note_sources(model, path), tokenizer
 
 
 def landmark_token_id(model_or_config: Any) -> int:

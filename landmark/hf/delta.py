@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from landmark.config import FINETUNE_SUMMARY_FILE, LORA_ADAPTER_FOLDER
-from landmark.files import check_not_input
+from landmark.files import check_not_input, note_sources
 from landmark.fingerprint import weights_fingerprint
 from landmark.hf import smollm2
 from landmark.hf.checks import (
@@ -383,7 +383,7 @@ def load_pretrained(path: str | Path, base: str | Path | None = None, **kwargs: 
             folder that is not a delta, or other keyword arguments for a delta.
     """
     for name, value in (("path", path), ("base", base)):
-        if value is not None and not isinstance(value, str | os.PathLike):
+        if (value is not None or name == "path") and not isinstance(value, str | os.PathLike):
             raise TypeError(f"{name} must be a folder path (str or Path); got {value!r}")
     if is_delta(path):
         other = sorted(set(kwargs) - {"dtype"})
@@ -414,8 +414,10 @@ def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = No
     """
     path = Path(path)
     meta = read_meta(path)
-    model, tokenizer, tensors = _base_and_tensors(path, meta, resolve_base(meta, base))
+    base = resolve_base(meta, base)
+    model, tokenizer, tensors = _base_and_tensors(path, meta, base)
     model, tokenizer = rebuild(model, tokenizer, tensors, float(meta["lora"]["scaling"]), meta["landmark"])
+    note_sources(model, path, base)
     return (model if dtype is None else model.to(dtype)), tokenizer
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from landmark.data.landmarks import holds_integer_ids
+from landmark.files import model_sources
 from landmark.hf.convert import encode_text, landmark_token_id
 from landmark.inference.cache import DEFAULT_CHUNK_LEN, StateFiles
 from landmark.inference.generate import (
@@ -171,6 +172,12 @@ def generate(
         ``(text, ids)``: the decoded new tokens, and (num_new,) int64 ids of the new regular tokens.
     """
     transformers = require("transformers")
+    if reading is not None and not isinstance(reading, Reading):
+        raise TypeError(f"reading must be a Reading(k=...) or None; got {reading!r}")
+    if not isinstance(state, StateFiles):
+        raise TypeError(f"state must be a StateFiles(load=..., save=...), not a bare path; got {state!r}")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be a function on_token(row, token) or None; got {on_token!r}")
 
     retrieves = reading is not None and reading.k != 0
     chunk_len = reading.chunk_len if reading is not None else DEFAULT_CHUNK_LEN
@@ -185,7 +192,7 @@ def generate(
     if not retrieves and (state.load is not None or state.save is not None):
         raise ValueError("saved states are states of the retrieval cache: pass reading=Reading(k=...)")
     check_whole_context(reading)
-    state.check()
+    state.check(model_sources(model))
     if retrieves:
         retrieval_cache = _retrieval_module().LandmarkRetrievalCache
         cache = retrieval_cache(model, reading.retrieval, **reading.cache_kwargs())

@@ -169,10 +169,11 @@ class StateFiles:
             if value is not None and not isinstance(value, str | os.PathLike):
                 raise TypeError(f"StateFiles.{name} must be a file path (str or Path) or None; got {value!r}")
 
-    def check(self) -> None:
-        """Refuse, before any work, a ``save`` destination that would lose data (ValueError)."""
+    def check(self, reads=()) -> None:
+        """Refuse, before any work, a ``save`` destination that would lose data (ValueError); ``reads``:
+        (file or folder, description) of what else the run reads (the model's folders)."""
         if self.save is not None:
-            check_state_destination(self.save, self.overwrite, [(self.load, "the load_state file")])
+            check_state_destination(self.save, self.overwrite, [(self.load, "the load_state file"), *reads])
 
 
 def check_state_destination(
@@ -181,8 +182,11 @@ def check_state_destination(
     """Where a state may be saved, checked before any work (:func:`landmark.files.check_output_file`):
     not a folder, not a file the run reads, never a safetensors file that is not a saved state (a
     model's weights, a delta: the Python API does not know which files its model came from), and any
-    other existing file only if it is a saved state already (or ``overwrite``). One-line ValueErrors
-    naming ``option``."""
+    other existing file only if it is a saved state already (or ``overwrite``); never a file of the
+    folders in ``reads`` (the loaders note a model's folders: :func:`landmark.files.model_sources`).
+    One-line ValueErrors naming ``option``."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{option} must be a file path (str or Path); got {path!r}")
     path = check_output_file(
         path, option, kind="a saved state", is_kind=is_saved_state, reads=reads, overwrite=overwrite
     )  # (stat errors named first)
@@ -471,7 +475,7 @@ class RetrievalCache:
     # -- read once, ask many: the state on disk -----------------------------------------------------
 
     def save(
-        self, path: str | Path, model_id: str, *, overwrite: bool = False, weights: str = "model"
+        self, path: str | Path, model_id: str, *, overwrite: bool = False, weights: str = "model", reads=()
     ) -> None:
         """Write every layer's state (block memory in logical order, tail, lengths) to ``path``
         (safetensors, written to a temporary file and renamed: never half-written).
@@ -481,13 +485,15 @@ class RetrievalCache:
                 refuses a state saved for other weights.
             overwrite: replace an existing file that is not a saved state (an earlier state is always
                 replaced).
+            reads: (file or folder, description) of what the run reads (the model's folders): never
+                replaced, even with ``overwrite``.
 
         Raises:
             ValueError: ``path`` is a folder, its folder is missing, or it is an existing file other
                 than a saved state (without ``overwrite``); nothing is written then.
         """
 
-        path = check_state_destination(path, overwrite)
+        path = check_state_destination(path, overwrite, reads)
         states = self._filled_states("save")
         first = states[0]
         if len({tuple(st.length.tolist()) for st in states}) != 1:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from landmark.data.landmarks import holds_integer_ids
+from landmark.files import model_sources
 from landmark.inference.cache import RetrievalCache, StateFiles
 from landmark.inference.session import InferenceSession
 from landmark.model import GPT, ModelConfig
@@ -354,6 +355,9 @@ def generate(
     _check_token_ids(prompts, model.config.vocab_size)
     if not isinstance(hooks, Hooks):
         raise TypeError(f"hooks must be a Hooks(stop_ids=..., on_token=..., after_prompt=...); got {hooks!r}")
+    for name in ("on_token", "after_prompt"):
+        if getattr(hooks, name) is not None and not callable(getattr(hooks, name)):
+            raise TypeError(f"Hooks.{name} must be a function or None; got {getattr(hooks, name)!r}")
     _stop_tensor(hooks.stop_ids, model.config.vocab_size)
     if not isinstance(state, StateFiles):
         raise TypeError(
@@ -362,7 +366,7 @@ def generate(
         )
     session = InferenceSession(model, len(prompts), **session_kwargs)  # no memory allocated yet
     _check_memory(session, prompts, max_new_tokens, certain=not hooks.stop_ids)
-    state.check()
+    state.check(model_sources(model))
     if state.load is not None:
         session.load_state(state.load)
     cfg = model.config

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from landmark.config import MAX_THREADS
 from landmark.data.landmarks import holds_integer_ids, insert_landmarks, landmark_targets
+from landmark.files import model_sources
 from landmark.fingerprint import weights_fingerprint
 from landmark.inference.cache import CacheOptions, RetrievalCache, check_landmark_positions
 from landmark.inference.retrieval import RetrievalConfig, StepStats
@@ -211,7 +212,8 @@ class InferenceSession:
             ValueError: ``path`` is a folder or an existing file other than a saved state (pass
                 ``overwrite=True`` to replace such a file); nothing is written then.
         """
-        self.cache.save(path, self._model_id(), overwrite=overwrite, weights=weights_of(self.model))
+        self.cache.save(path, self._model_id(), overwrite=overwrite, weights=weights_of(self.model),
+                        reads=model_sources(self.model))  # fmt: skip
 
     def load_state(self, path: str | Path) -> None:
         """Continue the streams saved in ``path`` (this session must not have read anything yet).
