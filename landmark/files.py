@@ -105,8 +105,9 @@ def remove_empty_folders(folders: list[Path]) -> None:
     for folder in reversed(folders):
         try:
             folder.rmdir()
-        except OSError:  # not empty, gone, or not ours to remove
-            return
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENAMETOOLONG):  # (never made: go on above it)
+                return  # not empty, or not ours to remove
 
 
 def first_line(err: BaseException) -> str:

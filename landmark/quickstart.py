@@ -35,6 +35,7 @@ from pathlib import Path
 from landmark.checkpoint import CheckpointError, load_model
 from landmark.config import DEFAULT_BLOCK_SIZE
 from landmark.data import load_split, prepare_data
+from landmark.data.books import check_outside_cache
 from landmark.eval.common import CellCache, GPTUnderTest, check_lengths
 from landmark.eval.models import load_hf
 from landmark.eval.passkey import (
@@ -139,6 +140,7 @@ def _check_options(args: argparse.Namespace) -> None:
     inputs = [(args.checkpoint, "--checkpoint"), (args.base, "--base")]
     inputs += [] if args.no_hf else [(args.hf_model, "--hf-model")]
     check_not_input(out, inputs, parents_ok=True)
+    check_outside_cache(out)
     check_results_folder(out, OUTPUTS, command="quickstart")
 
 

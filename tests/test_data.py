@@ -551,3 +551,12 @@ def test_two_tokenizers_of_one_kind_never_share_a_prepared_folder(tmp_path, monk
     assert a.folder != b.folder
     assert Tokenizer.load(a.folder).fingerprint == first.fingerprint
     assert Tokenizer.load(b.folder).fingerprint == second.fingerprint
+
+
+def test_prepare_into_a_name_too_long_leaves_no_folder(corpus_dir, tmp_path):
+    """``--out p/<300 bytes>``: refused by the file system (ENAMETOOLONG) after ``p`` was made; no folder
+    is left (``p`` was)."""
+    out = tmp_path / "p" / ("é" * 200)
+    with pytest.raises(OSError):
+        prepare_data(corpus_dir, out, vocab_size=300, progress=False)
+    assert not (tmp_path / "p").exists()

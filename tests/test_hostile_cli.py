@@ -251,6 +251,7 @@ EVAL_CASES = [
     ([*PASSKEY, "--depths", "0.5", "0.5"], "--depths"),
     ([*PASSKEY[:5], "{cache}", *PASSKEY[6:]], "is inside the data cache"),  # --out the cache itself
     ([*PASSKEY[:5], "{cache}/prepared", *PASSKEY[6:]], "is inside the data cache"),
+    ([*QUICK, "--out", "{cache}"], "is inside the data cache"),
     # bounded search selects per query row and head (a traceback after the first cells before)
     ([*PPL, "--granularity", "token_head", "head", "--search", "bounded"], "--search bounded selects"),
     ([*PASSKEY, "--granularity", "token", "--search", "bounded"], "--search bounded selects"),

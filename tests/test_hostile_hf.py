@@ -328,6 +328,16 @@ def test_convert_overwrite_replaces_only_a_model(tiny, home, capsys, held):
     assert "not a Hugging Face model or a delta" in refused(argv, capsys, "--out", home)
 
 
+def test_hf_outputs_never_go_into_the_data_cache(tiny, home, capsys):
+    """``hf convert --out $LANDMARK_CACHE/models/SmolLM2-...`` replaced the prepared base every delta
+    loads by default: the cache is refused as an output (prepare-smollm2 alone writes there)."""
+    model, _ = tiny
+    (home / "cache" / "models").mkdir(parents=True)
+    out = home / "cache" / "models" / "SmolLM2-135M-Instruct"
+    argv = ["hf", "convert", "--model", str(model), "--out", str(out), "--block-size", "8", "--overwrite"]
+    refused(argv, capsys, "is inside the data cache", home)
+
+
 def test_a_damaged_prepared_smollm2_is_prepared_again(tmp_path, monkeypatch):
     """A prepared folder whose weights were cut short is not "already prepared": it is prepared again
     (said), and left as it was while the conversion has not succeeded."""

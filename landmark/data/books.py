@@ -11,7 +11,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from landmark.files import staged_folder
+from landmark.files import is_within, staged_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOKS_ARCHIVE = REPO_ROOT / "data" / "books.tar.xz"
@@ -26,6 +26,13 @@ def cache_root() -> Path:
     """
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else REPO_ROOT / "cache"
+
+
+def check_outside_cache(out: str | Path, name: str = "--out") -> None:
+    """Refuse (ValueError naming ``name``) an output folder inside the data cache (:func:`cache_root`:
+    the library's prepared data, models and books), which no command writes results or models into."""
+    if is_within(out, cache_root()):
+        raise ValueError(f"{name} {out} is inside the data cache {cache_root()}: write it elsewhere")
 
 
 def bundled_books(cache: str | Path | None = None, archive: str | Path = BOOKS_ARCHIVE) -> Path:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from landmark.data.books import bundled_books, cache_root
 from landmark.data.corpus import Corpus, CorpusError, Document, read_corpus
 from landmark.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
-from landmark.files import first_line, write_json_atomic
+from landmark.files import first_line, missing_folders, remove_empty_folders, write_json_atomic
 
 FORMAT = "landmark-tokens-v1"
 BATCH_CHARS = 1 << 21  # text tokenised per call to the (multi-threaded) batch encoder
@@ -355,16 +355,19 @@ def prepare_data(
         tok = tokenizer
     elif tokenizer != "bpe":
         raise ValueError(f"tokenizer must be 'bpe', 'gpt2' or a Tokenizer; got {tokenizer!r}")
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    made = missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # (a name too long for the file system: the folders above it were made)
+        remove_empty_folders(made)
+        raise
     _remove_dead_temporaries(folder)
     try:
         if tokenizer == "bpe":
             tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
         return PreparedData(folder, tok, _prepared_splits(corpus, folder, tok, tokenizer == "bpe", progress))
     except BaseException:  # an error or Ctrl-C before anything was written: no empty folder is left
-        if created and not any(folder.iterdir()):
-            folder.rmdir()
+        remove_empty_folders(made)
         raise
 
 

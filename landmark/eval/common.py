@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from landmark.data.books import cache_root
+from landmark.data.books import check_outside_cache
 from landmark.eval.models import (
     HF_PREFIX,
     RETRIEVAL_KINDS,
@@ -24,7 +24,6 @@ from landmark.files import (  # noqa: F401 - the writers
     CELLS,
     check_not_input,
     check_results_folder,
-    is_within,
     record_results,
     write_json_atomic,
     write_text_atomic,
@@ -142,8 +141,7 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
     reads = input_folders(args)
     check_not_input(out, reads, parents_ok=True)
     check_block_folder(args, reads)
-    if is_within(out, cache_root()):  # (the library's own data: prepared tokens, models, books)
-        raise ValueError(f"--out {out} is inside the data cache {cache_root()}: write the results elsewhere")
+    check_outside_cache(out)
     check_results_folder(out, [*outputs, CELLS], command=eval_command(args))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open  # a dependency of transformers
 
+from landmark.data.books import check_outside_cache
 from landmark.files import first_line, path_problem, replace_folder
 from landmark.optional import require
 
@@ -277,6 +278,7 @@ def check_out_folder(out: str | Path, overwrite: bool, name: str = "--out") -> P
         raise ValueError(f"{name} {out} is the current folder or holds it: give a new folder to write")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name} {out} is a file, not a folder")
+    check_outside_cache(out, name)  # (hf prepare-smollm2 alone writes its model there)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(
             f"{name} {out} already exists and is not empty: pass --overwrite to replace it, or choose "
