@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,6 +140,16 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the results")
     reads = input_folders(args)
+    for spec in getattr(args, "model", None) or []:  # (before transformers is imported to load them)
+        name, _, given = spec.partition("=")
+        folder = given.removeprefix(HF_PREFIX)
+        if not folder:
+            raise ValueError(f"--model {spec}: give a folder after the name ({name}=FOLDER)")
+        if not os.path.lexists(folder):
+            raise ValueError(
+                f"--model {name} {folder} is not a folder: it does not exist (a local model folder is "
+                "expected; nothing is downloaded)"
+            )
     check_not_input(out, reads, parents_ok=True)
     check_block_folder(args, reads)
     check_outside_cache(out)

@@ -384,8 +384,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _offline()
     try:
         model, tokenizer = load_pretrained(args.model, base=args.base)
-    except ValueError as err:
-        raise ValueError(f"--model: {err}") from None
+    except ValueError as err:  # (a base that is not the delta's: --base is what to change)
+        option = "--base" if args.base is not None and str(err).startswith("base ") else "--model"
+        raise ValueError(f"{option}: {err}") from None
     model = compact_weights(model.to(resolve_device(args.device)), args.weights)
     reading, state = Reading(k=0, chunk_len=args.chunk_len), StateFiles()  # --k 0: the whole context
     if args.k:
