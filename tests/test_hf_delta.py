@@ -193,6 +193,8 @@ def test_api_states_never_replace_a_delta_or_its_base(runs, tmp_path):
             lhf.generate(model, tok, "hello", 1, **kwargs)
     with pytest.raises(TypeError, match=r"^path must be a folder path"):
         lhf.load_pretrained(None)
+    with pytest.raises(TypeError, match=r"^dtype must be a torch\.dtype"):
+        lhf.load_pretrained(out, base=runs["base"], dtype="bfloat16")
 
 
 def test_export_refuses_bad_folders_and_writes_nothing(runs, tmp_path, capsys):

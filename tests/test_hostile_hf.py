@@ -408,6 +408,8 @@ def test_hf_api_refuses_what_it_cannot_honour(landmark_model):
     ids = torch.arange(1, 2 * bs + 3)[None]  # no landmark where the stream needs one
     with pytest.raises(ValueError, match=f"row 0, stream position {bs - 1}: landmarks must sit"):
         lhf.forward_cached(model, ids, cache)
+    with pytest.raises(ValueError, match=r"^input_ids must be a \(B, T\) tensor .*got \(1, 0\)"):
+        lhf.forward_cached(model, torch.zeros(1, 0, dtype=torch.long), cache)  # (a reshape error)
     assert cache.get_seq_length() == 0
 
 

@@ -412,6 +412,8 @@ def load_delta(path: str | Path, base: str | Path | None = None, dtype: Any = No
         ValueError: a damaged delta folder, a base whose weights fingerprint is not the one recorded
             (the message names the expected base), no base given for a delta not made over SmolLM2.
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (such as torch.bfloat16) or None; got {dtype!r}")
     path = Path(path)
     meta = read_meta(path)
     base = resolve_base(meta, base)

@@ -100,6 +100,9 @@ def forward_cached(
             hold one elsewhere): insert them (``landmark.hf.generate`` does).
         RuntimeError: the forward did not extend ``cache`` (the model does not use it).
     """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (B, T) tensor of token ids with T >= 1; got {shape}")
     before = cache.get_seq_length()
     if check_landmarks and isinstance(cache, LandmarkRetrievalCache):
         cache.check_landmarks(input_ids)
