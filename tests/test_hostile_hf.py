@@ -362,6 +362,26 @@ def test_a_damaged_prepared_smollm2_is_prepared_again(tmp_path, monkeypatch):
     assert "preparing it again" in lines[0] and snapshot(folder) == before
 
 
+def test_a_prepared_smollm2_with_other_weights_is_prepared_again(tiny, tmp_path, monkeypatch):
+    """Bytes of the weights changed in place (the file whole, the size kept): the fingerprint of the
+    loaded weights is not the prepared model's, so the folder is prepared again (it was "already
+    prepared", and every delta then refused its base)."""
+    model, _ = tiny
+    folder = tmp_path / "smollm2"
+    shutil.copytree(model, folder)
+    (folder / smollm2.SOURCE_FILE).write_text("{}", encoding="utf-8")
+    assert smollm2.is_prepared(folder)
+
+    def no_package(*args, **kwargs):
+        raise FileNotFoundError("no GGUF")
+
+    monkeypatch.setattr(smollm2, "find_gguf", no_package)
+    lines: list[str] = []
+    with pytest.raises(FileNotFoundError, match="no GGUF"):
+        smollm2.prepare_smollm2(folder, log=lines.append)
+    assert "holds other weights (fingerprint" in lines[0] and "preparing it again" in lines[0]
+
+
 def test_prepare_smollm2_refuses_a_foreign_folder(home, capsys):
     out = home / "mine"
     out.mkdir()

