@@ -23,6 +23,7 @@ from hf_helpers import BS, benchmark_module, converted, make_model, make_tokeniz
 
 from landmark.cli import main
 from landmark.data.passkey import PasskeyPrompts, first_integer
+from landmark.eval import cli as eval_cli
 from landmark.eval.models import HFUnderTest, Reading, load_models
 from landmark.eval.passkey import PasskeyTask, cell_trials, teacher_forced_correct
 
@@ -341,3 +342,14 @@ def test_result_cells_follow_the_landmark_block_size(folders, tmp_path, cache_di
         assert {k["landmark"]["token_id"] for k in keys} == {config["landmark_token_id"]}
     (m,) = load_models([f"b=hf:{folders['base']}"])
     assert m.landmark_key() == {}
+
+
+def test_retrieval_options_for_plain_models_are_refused_before_loading(
+    folders, tmp_path, cache_dir, capsys, monkeypatch
+):
+    """``--k 2`` with only Hugging Face models without landmarks: refused from their config.json, before
+    transformers loads them (5 s later before)."""
+    monkeypatch.setattr(eval_cli, "load_models", lambda *a, **k: pytest.fail("loaded the models"))
+    argv = [*PASSKEY, "--model", f"b=hf:{folders['base']}", "--out", str(tmp_path / "out"), "--k", "2"]
+    assert main(argv) == 2
+    assert "--k is a retrieval option, and no --model here reads with retrieval" in capsys.readouterr().err

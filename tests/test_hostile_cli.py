@@ -252,7 +252,8 @@ EVAL_CASES = [
     ([*PASSKEY[:5], "{cache}", *PASSKEY[6:]], "is inside the data cache"),  # --out the cache itself
     ([*PASSKEY[:5], "{cache}/prepared", *PASSKEY[6:]], "is inside the data cache"),
     ([*QUICK, "--out", "{cache}"], "is inside the data cache"),
-    (["eval", "ppl", "--model", "a=", "--data", "{data}", "--out", "{out}"], "give a folder after the name"),
+    (["eval", "ppl", "--model", "a=", "--data", "{data}", "--out", "{out}"], "--model must be NAME=PATH"),
+    (["eval", "ppl", "--model", "{root}/none", "--data", "{data}", "--out", "{out}"], "--model none"),  # PATH
     (["eval", "base-check", "--model", "lm=hf:{root}/none", "--out", "{out}"], "--model lm"),  # not loaded
     # bounded search selects per query row and head (a traceback after the first cells before)
     ([*PPL, "--granularity", "token_head", "head", "--search", "bounded"], "--search bounded selects"),

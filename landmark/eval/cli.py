@@ -86,6 +86,8 @@ def _models_help() -> str:
 def _load(args: argparse.Namespace):
     """The ``--model`` checkpoints, checked against ``--lengths`` and ``--chunk-len``."""
 
+    if all(_plain_hf_model(spec) for spec in args.model or [None]):  # (before loading them: seconds)
+        _check_no_retrieval_options(args)
     models = load_models(args.model, resolve_device(args.device), args.weights)
     check_lengths(args.lengths, models)
     if not any(m.retrieves for m in models):
@@ -96,6 +98,15 @@ def _load(args: argparse.Namespace):
             for k in option_values(args.k):
                 note_k_above_blocks(k, max(args.lengths), m.block_size)
     return models
+
+
+def _plain_hf_model(spec: str | None) -> bool:
+    """Whether ``--model spec`` is, by its files, a Hugging Face model without landmarks (read with its
+    own attention: no retrieval option applies); False when unsure (loading it will tell)."""
+    if spec is None:
+        return False
+    path = parse_model_arg(spec)[1]
+    return path.startswith(HF_PREFIX) and _plain_model(Path(path.removeprefix(HF_PREFIX)))
 
 
 def _check_no_retrieval_options(args: argparse.Namespace) -> None:

@@ -141,10 +141,8 @@ def check_common_arguments(args: Any, outputs: Iterable[str] = ()) -> None:
         raise ValueError(f"--out {out} is a file: give a folder for the results")
     reads = input_folders(args)
     for spec in getattr(args, "model", None) or []:  # (before transformers is imported to load them)
-        name, _, given = spec.partition("=")
+        name, given = parse_model_arg(spec)  # (NAME=PATH, NAME=hf:FOLDER or PATH)
         folder = given.removeprefix(HF_PREFIX)
-        if not folder:
-            raise ValueError(f"--model {spec}: give a folder after the name ({name}=FOLDER)")
         if not os.path.lexists(folder):
             raise ValueError(
                 f"--model {name} {folder} is not a folder: it does not exist (a local model folder is "
