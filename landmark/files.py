@@ -110,6 +110,14 @@ def remove_empty_folders(folders: list[Path]) -> None:
                 return  # not empty, or not ours to remove
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes (255 where it does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def first_line(err: BaseException) -> str:
     """The telling line of an error's message, for a one-line error: a ``size mismatch`` line if any
     (torch's state-dict errors), else the first non-empty one (the type's name if none), at most 200
@@ -188,6 +196,10 @@ def path_problem(path: Path, *, folder: bool | None = None, writable: bool = Fal
             return f"cannot be created: {above} is a file"
         if not os.access(above, os.W_OK | os.X_OK):
             return f"cannot be created: {above} is not writable"
+        limit = _name_max(above)  # (the names still to be made: the system says so only once one is)
+        to_make = Path(os.path.abspath(path)).relative_to(above).parts
+        if any(len(os.fsencode(name)) > limit for name in to_make):
+            return f"cannot be created: a name in it is longer than the {limit} bytes a name can have there"
         mount = _mount_refusing_folders(above)  # (root passes os.access even there)
         if mount is not None:
             return f"cannot be created: {above} is on {mount}"

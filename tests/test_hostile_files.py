@@ -22,7 +22,13 @@ from landmark.checkpoint import save_checkpoint
 from landmark.cli import main
 from landmark.data.landmarks import insert_landmarks
 from landmark.data.tokenizer import Tokenizer
-from landmark.files import atomic_write, check_output_file, safetensors_metadata, write_json_atomic
+from landmark.files import (
+    atomic_write,
+    check_output_file,
+    path_problem,
+    safetensors_metadata,
+    write_json_atomic,
+)
 from landmark.inference import InferenceSession
 from landmark.inference import cache as cache_module
 from landmark.inference.cache import STATE_FORMAT, StateFiles, is_saved_state
@@ -510,3 +516,12 @@ def test_generate_refuses_a_fifo_for_save_state_even_with_overwrite(env, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: --save-state") and "not a regular file" in err and err.count("\n") == 1
     assert fifo.exists() and not fifo.is_file()
+
+
+def test_a_name_longer_than_the_file_system_takes_is_said_before_any_folder_is_made(tmp_path):
+    """``p/<200 x é>`` (400 bytes): the system refuses the name only once ``p`` is made; path_problem
+    says so first, naming the limit, so a refused command leaves no ``p`` behind."""
+    out = tmp_path / "p" / ("é" * 200)
+    assert "longer than the 255 bytes" in path_problem(out, folder=True, writable=True)
+    assert path_problem(tmp_path / "p" / ("é" * 100), folder=True, writable=True) is None  # 200 bytes
+    assert not (tmp_path / "p").exists()
