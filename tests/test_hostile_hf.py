@@ -1300,3 +1300,13 @@ def test_a_checkpoint_with_a_truncated_file_is_not_resumed_from(home, cut):
         (checkpoint / cut).write_bytes(data[: len(data) // 2])
     problem = checkpoint_problem(checkpoint)
     assert problem == (None if cut is None else f"a damaged {cut} (cut short?)")
+
+
+def test_prepare_smollm2_without_out_names_the_default_folder(home):
+    """No ``--out`` given: a foreign default folder is named as such (the message spoke of an --out the
+    user never gave)."""
+    folder = smollm2.default_smollm2_dir()
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^the default folder \(--out not given\) .* holds no prepared"):
+        smollm2.check_destination(None)

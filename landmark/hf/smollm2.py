@@ -126,26 +126,27 @@ def check_destination(out: str | Path | None) -> Path:
         ValueError: ``out`` is a file, or a non-empty folder that does not hold a prepared model (it is
             never replaced: it may be someone's files), or it cannot be created or written.
     """
+    name = "--out" if out is not None else "the default folder (--out not given)"
     out = Path(out) if out is not None else default_smollm2_dir()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise ValueError(f"{name} {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not _holds_prepared_files(out):
         raise ValueError(
-            f"--out {out} already exists, is not empty and holds no prepared {MODEL_NAME}: choose another "
-            "folder or empty it"
+            f"{name} {out} already exists, is not empty and holds no prepared {MODEL_NAME}: choose another "
+            "folder (--out) or empty it"
         )
     if not _holds_prepared_files(out):
-        _check_writable(out)
+        _check_writable(out, name)
     return out
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, name: str = "--out") -> None:
     """``out`` (or the nearest folder above it that exists: the model is staged beside ``out``) takes a
     new folder: asked of the permissions (:func:`landmark.files.path_problem`), then tried with an empty
     folder removed at once (root passes the permission check where no folder can be made, in /proc)."""
     problem = path_problem(out, folder=True, writable=True)
     if problem is not None:
-        raise ValueError(f"--out {out} {problem}")
+        raise ValueError(f"{name} {out} {problem}")
     above = Path(os.path.abspath(out)).parent
     while not above.is_dir() and above != above.parent:
         above = above.parent
@@ -153,7 +154,7 @@ def _check_writable(out: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}-", dir=above))
     except OSError as err:
         why = err.strerror or type(err).__name__
-        raise ValueError(f"--out {out} cannot be created: {above} takes no new folder ({why})") from None
+        raise ValueError(f"{name} {out} cannot be created: {above} takes no new folder ({why})") from None
 
 
 def prepare_smollm2(
