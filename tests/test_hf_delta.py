@@ -171,7 +171,7 @@ def test_a_base_with_other_weights_is_refused(runs, tmp_path, capsys):
         lhf.load_pretrained(out, base=other)
 
 
-def test_api_states_never_replace_a_delta_or_its_base(runs, tmp_path):
+def test_api_states_never_replace_a_delta_or_its_base(runs, tmp_path, capsys):
     """``landmark.hf.generate(..., state=StateFiles(save=<the delta's file>, overwrite=True))`` with the
     model loaded from that delta: refused (the delta was destroyed); so are the base's files. Wrong types
     of reading, state and on_token name the argument."""
@@ -193,6 +193,8 @@ def test_api_states_never_replace_a_delta_or_its_base(runs, tmp_path):
             lhf.generate(model, tok, "hello", 1, **kwargs)
     with pytest.raises(TypeError, match=r"^path must be a folder path"):
         lhf.load_pretrained(None)
+    assert main(["hf", "convert", "--model", str(out), "--out", str(tmp_path / "c")]) == 2
+    assert "is a delta (a landmark model stored as changes to its base)" in error_line(capsys)
     with pytest.raises(TypeError, match=r"^dtype must be a torch\.dtype"):
         lhf.load_pretrained(out, base=runs["base"], dtype="bfloat16")
 

@@ -34,7 +34,15 @@ from landmark.files import check_not_input, os_error_line
 from landmark.hf import checks
 from landmark.hf.checks import clear_staging, load_causal_lm, loading, publish
 from landmark.hf.convert import convert, unsupported_config
-from landmark.hf.delta import META_FILE, TENSOR_FILE, check_export, export_delta, load_pretrained, read_meta
+from landmark.hf.delta import (
+    META_FILE,
+    TENSOR_FILE,
+    check_export,
+    export_delta,
+    is_delta,
+    load_pretrained,
+    read_meta,
+)
 from landmark.hf.finetune import DEPENDENT_SETTINGS, FINETUNE_RULES, FinetuneConfig, finetune
 from landmark.hf.generate import generate
 from landmark.hf.smollm2 import check_destination, default_smollm2_dir, is_prepared, prepare_smollm2
@@ -101,6 +109,11 @@ def _check_convert_args(args: argparse.Namespace) -> None:
     """``hf convert``'s options, before anything is loaded: block size, model folder, output folder."""
 
     checks.check_options(vars(args), {"block_size": checks.int_range(2)})
+    if is_delta(args.model):
+        raise ValueError(
+            f"--model {args.model} is a delta (a landmark model stored as changes to its base): there is "
+            f"nothing to convert; use it as it is (landmark hf generate --model {args.model})"
+        )
     config = checks.read_config(checks.check_model_folder(args.model, "--model"))
     _check_convertible(args.model, config)
     problem = checks.embedding_problem(Path(args.model), config)
