@@ -247,7 +247,14 @@ def load_causal_lm(folder: str | Path, **kwargs: Any) -> Any:
     at random and run), unexpected or of other shapes. Call it inside :func:`loading`."""
     transformers = require("transformers")
     kwargs = {"local_files_only": True, **kwargs, "output_loading_info": True}
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    bars = transformers.utils.logging  # (its "Loading weights" bar: under a second, and it stood above
+    shown = bars.is_progress_bar_enabled()  # the one-line error of a model refused once loaded)
+    bars.disable_progress_bar()
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    finally:
+        if shown:
+            bars.enable_progress_bar()
     wrong = {kind: sorted(map(str, info.get(f"{kind}_keys") or ())) for kind in KEY_KINDS}
     if any(wrong.values()):
         said = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
