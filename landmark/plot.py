@@ -123,11 +123,17 @@ def plot_metrics(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    save_png(fig, out)
     return out
+
+
+def save_png(fig: Any, path: str | Path, **savefig: Any) -> None:
+    """Write a matplotlib figure to ``path`` as a PNG through the one atomic writer (a temporary file
+    renamed onto ``path``: a symbolic link there is replaced, never written through), then close it."""
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig))
+    finally:
+        pyplot().close(fig)
 
 
 def printable(text: str) -> str:

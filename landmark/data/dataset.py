@@ -34,6 +34,7 @@ from landmark.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 from landmark.files import first_line, missing_folders, remove_empty_folders, write_json_atomic
 
 FORMAT = "landmark-tokens-v1"
+TEMPORARY_ARRAY = re.compile(r"\.[^/]+\.tmp(\d+)")  # .<split>.bin.tmp<pid>: an array being written
 BATCH_CHARS = 1 << 21  # text tokenised per call to the (multi-threaded) batch encoder
 PIECE_CHARS = 1 << 16  # long documents are cut into pieces of about this size for parallelism
 # A cut between "X\n" and "Y" (X, Y not whitespace) never changes byte-level BPE tokens: GPT-2's
@@ -140,7 +141,7 @@ def tokenize_split(
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     meta_path = path.with_suffix(".json")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # (TEMPORARY_ARRAY)
     doc_starts, names, offset = [], [], 0
     try:
         with (
@@ -298,7 +299,7 @@ def check_prepared_folder(folder: Path) -> None:
     naming what it holds (a PreparedFolderError: preparing there would replace its tokenizer.json)."""
     if not folder.is_dir():
         return
-    ours = re.compile(r"(tokenizer(\.source)?\.json|[^/]+\.(bin|json)|\.[^/]+\.tmp\d+)")
+    ours = re.compile(rf"(tokenizer(\.source)?\.json|[^/]+\.(bin|json)|{TEMPORARY_ARRAY.pattern})")
     foreign = sorted(p.name for p in folder.iterdir() if not ours.fullmatch(p.name) or p.is_dir())
     arrays = {p.stem for p in folder.glob("*.bin")}
     meta = [p.name for p in folder.glob("*.json") if p.name not in PREPARED_FILES and p.stem not in arrays]
@@ -358,15 +359,11 @@ def prepare_data(
     made = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # (a name too long for the file system: the folders above it were made)
-        remove_empty_folders(made)
-        raise
-    _remove_dead_temporaries(folder)
-    try:
+        _remove_dead_temporaries(folder)
         if tokenizer == "bpe":
             tok = _bpe_tokenizer(corpus, folder, vocab_size, progress)
         return PreparedData(folder, tok, _prepared_splits(corpus, folder, tok, tokenizer == "bpe", progress))
-    except BaseException:  # an error or Ctrl-C before anything was written: no empty folder is left
+    except BaseException:  # an error or Ctrl-C before anything was written: no empty folder made is left
         remove_empty_folders(made)
         raise
 
@@ -375,7 +372,7 @@ def _remove_dead_temporaries(folder: Path) -> None:
     """Remove the temporary arrays (``.<split>.bin.tmp<pid>``) of preparations that were killed: those
     whose process no longer runs (a preparation running beside this one keeps its own)."""
     for tmp in folder.glob(".*.tmp*"):
-        found = re.fullmatch(r"\.[^/]+\.tmp(\d+)", tmp.name)
+        found = TEMPORARY_ARRAY.fullmatch(tmp.name)
         if found is None or not tmp.is_file():
             continue
         try:

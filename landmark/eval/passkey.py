@@ -52,8 +52,8 @@ from landmark.data.passkey import (
 from landmark.data.wordings import KINDS, PAPER, PAPER_KIND, WORDING_SETS, Wording, draw_wording, held_out
 from landmark.data.wordings import fingerprint as wording_fingerprint
 from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
-from landmark.files import atomic_write
 from landmark.optional import pyplot
+from landmark.plot import save_png
 from landmark.resources import INT64, check_fits
 
 NEEDLE_STREAM, HAYSTACK_STREAM, WORDING_STREAM = 1, 2, 3  # random streams of a trial, besides its key
@@ -505,7 +505,4 @@ def plot_passkey(results: list[dict], path) -> None:
             ax.set_ylabel("context length (tokens)")
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    try:  # (a temporary file renamed onto path: a link at path is replaced, never written through)
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=120, bbox_inches="tight")

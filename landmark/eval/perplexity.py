@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from landmark.eval.common import CellCache, ModelUnderTest, Reading, cache_key_options
 from landmark.eval.models import RETRIEVAL_KINDS
-from landmark.files import atomic_write
 from landmark.optional import pyplot
+from landmark.plot import save_png
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,4 @@ def plot_perplexity(results: list[dict], path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:  # (a temporary file renamed onto path: a link at path is replaced, never written through)
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=120)

@@ -45,7 +45,7 @@ from landmark.eval.ruler_data import (
     ruler_environment,
     use_prepared_ruler,
 )
-from landmark.files import atomic_write, first_line
+from landmark.files import first_line
 from landmark.hf.checks import TOKENIZER_FILES, check_model_folder
 from landmark.inference.options import (
     Reading,
@@ -57,6 +57,7 @@ from landmark.inference.options import (
 )
 from landmark.inference.retrieval import GRANULARITIES, SEARCHES
 from landmark.optional import pyplot, require
+from landmark.plot import save_png
 from landmark.resources import INT64, check_fits
 
 # RULER's tasks that lm_eval 0.4.13 generates without a network (qa_squad, qa_hotpot download data)
@@ -318,10 +319,7 @@ def plot_ruler(results: list[dict], path: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 # --- commands -------------------------------------------------------------------------------------------

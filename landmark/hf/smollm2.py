@@ -182,12 +182,11 @@ def prepare_smollm2(
         RuntimeError: the copied model does not reproduce the GGUF model's logits.
     """
     out = check_destination(out)
-    damaged = damage(out) if _holds_prepared_files(out) else None
+    # a prepared folder: its files cut short, or (whole) bytes changed in place, which loading tells
+    damaged = (damage(out) or _other_weights(out)) if _holds_prepared_files(out) else None
     if damaged is None and _holds_prepared_files(out):
-        damaged = _other_weights(out)  # (whole files whose bytes changed: loading them tells)
-        if damaged is None:
-            log(f"{MODEL_NAME} is already prepared in {out}")
-            return out
+        log(f"{MODEL_NAME} is already prepared in {out}")
+        return out
     if damaged is not None:
         log(f"{out} holds a damaged {MODEL_NAME} ({damaged}): preparing it again")
     if importlib.util.find_spec("gguf") is None:
